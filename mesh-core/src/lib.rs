@@ -1,0 +1,27 @@
+//! The shared vocabulary of the mesh workspace.
+//!
+//! - [`Identity`]: a validated SPIFFE ID with Istio's accessors.
+//! - [`ResponseFlags`]: Envoy's response flags (`UH`, `UO`, `UT`, …).
+//! - [`error`]: [`BoxError`], [`is_caused_by`] and the leaf errors every layer recognises.
+//! - [`Outcome`]: the one classification of an upstream outcome that retry, outlier
+//!   detection and telemetry all read.
+//! - [`body`]: body type aliases; [`Endpoint`]: an upstream instance with labels and identity.
+//! - [`config`]: Istio's configuration resources (VirtualService, DestinationRule,
+//!   PeerAuthentication, AuthorizationPolicy, Gateway, ServiceEntry), loaded from YAML
+//!   with located errors and validated with Istio's rules.
+//!
+//! Nothing here depends on another crate of the workspace; the layer crates depend on this one.
+
+pub mod body;
+pub mod endpoint;
+pub mod error;
+pub mod flags;
+pub mod identity;
+pub mod outcome;
+
+pub use body::BoxBody;
+pub use endpoint::{Endpoint, Labels};
+pub use error::{BoxError, find_cause, is_caused_by};
+pub use flags::ResponseFlags;
+pub use identity::{Identity, IdentityError};
+pub use outcome::Outcome;
