@@ -5,6 +5,8 @@
 //! - [`error`]: [`BoxError`], [`is_caused_by`] and the leaf errors every layer recognises.
 //! - [`Outcome`]: the one classification of an upstream outcome that retry, outlier
 //!   detection and telemetry all read.
+//! - [`extensions`]: facts one layer leaves for another in request/response extensions
+//!   ([`PeerIdentity`], [`ConnectionSecurity`], response flags, [`UpstreamHost`]).
 //! - [`body`]: body type aliases; [`Endpoint`]: an upstream instance with labels and identity.
 //! - [`config`]: Istio's configuration resources (VirtualService, DestinationRule,
 //!   PeerAuthentication, AuthorizationPolicy, Gateway, ServiceEntry), loaded from YAML
@@ -15,6 +17,7 @@
 pub mod body;
 pub mod endpoint;
 pub mod error;
+pub mod extensions;
 pub mod flags;
 pub mod identity;
 pub mod outcome;
@@ -22,6 +25,7 @@ pub mod outcome;
 pub use body::BoxBody;
 pub use endpoint::{Endpoint, Labels};
 pub use error::{BoxError, find_cause, is_caused_by};
+pub use extensions::{ConnectionInfo, ConnectionSecurity, PeerIdentity, UpstreamHost};
 pub use flags::ResponseFlags;
 pub use identity::{Identity, IdentityError};
 pub use outcome::Outcome;

@@ -1,0 +1,83 @@
+//! Request and response extensions that carry facts from one layer to another.
+//!
+//! Layer crates never depend on each other; what one layer learns and another needs
+//! (the peer's identity, the response flags, the upstream host) travels in the
+//! request's or response's `http::Extensions` as one of these types.
+
+use std::net::SocketAddr;
+
+use crate::flags::ResponseFlags;
+use crate::identity::Identity;
+
+/// The verified identity of the peer of the connection a request arrived on.
+///
+/// Inserted once per connection by the TLS accept path; absent on plaintext connections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIdentity(pub Identity);
+
+/// Istio's `connection_security_policy` of the connection a request arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ConnectionSecurity {
+    /// Both ends presented SPIFFE certificates.
+    MutualTls,
+    /// Plaintext.
+    None,
+    /// Not determinable (always so on the outbound, `reporter="source"` side).
+    #[default]
+    Unknown,
+}
+
+impl ConnectionSecurity {
+    /// The label value Istio uses: `mutual_tls`, `none` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MutualTls => "mutual_tls",
+            Self::None => "none",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Connection facts of the downstream connection a request arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// Our local address the peer connected to.
+    pub local: SocketAddr,
+    /// Whether the connection is mutual TLS.
+    pub security: ConnectionSecurity,
+}
+
+/// The upstream address that produced a response (Envoy's `%UPSTREAM_HOST%`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamHost(pub SocketAddr);
+
+/// Adds `flags` to the [`ResponseFlags`] carried in `extensions` (creating them if absent).
+pub fn add_response_flags(extensions: &mut http::Extensions, flags: ResponseFlags) {
+    match extensions.get_mut::<ResponseFlags>() {
+        Some(have) => have.insert(flags),
+        None => {
+            extensions.insert(flags);
+        }
+    }
+}
+
+/// The [`ResponseFlags`] carried in `extensions`, empty when none were added.
+pub fn response_flags(extensions: &http::Extensions) -> ResponseFlags {
+    extensions.get::<ResponseFlags>().copied().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_accumulate_in_extensions() {
+        let mut ext = http::Extensions::new();
+        assert!(response_flags(&ext).is_empty());
+        add_response_flags(&mut ext, ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+        add_response_flags(&mut ext, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        assert_eq!(response_flags(&ext).to_string(), "UT,URX");
+    }
+}
