@@ -51,11 +51,11 @@ use mesh_core::Identity;
 use notify::{EventKind, RecursiveMode, Watcher};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::SignatureScheme;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -407,24 +407,27 @@ impl CertStore {
     /// tokio's, so tests can drive them with a paused clock.
     pub fn spawn_issuer(self: &Arc<Self>, mut issuer: BuiltInIssuer) -> SourceHandle {
         let store = self.clone();
+        // The first period counts from now (the current SVID was just issued), not from
+        // whenever the task is first polled.
+        let mut deadline = tokio::time::Instant::now() + issuer.rotation_delay();
         let task = tokio::spawn(async move {
-            let mut delay = issuer.rotation_delay();
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep_until(deadline) => {}
                     () = store.rotate.notified() => {}
                 }
                 let result = issuer
                     .issue()
                     .map_err(StoreError::from)
                     .and_then(|svid| store.install_cert(svid.chain_der().to_vec(), svid.key_der()));
-                delay = match result {
+                let delay = match result {
                     Ok(_) => issuer.rotation_delay(),
                     Err(e) => {
                         tracing::warn!(error = %e, "certificate rotation failed; retrying");
                         ISSUE_RETRY.min(issuer.ttl / 10)
                     }
                 };
+                deadline = tokio::time::Instant::now() + delay;
             }
         });
         SourceHandle {
@@ -568,7 +571,10 @@ mod tests {
         let err = store
             .install_cert(a.chain_der().to_vec(), b.key_der())
             .unwrap_err();
-        assert!(matches!(err, StoreError::Svid(SvidError::KeyMismatch(_))), "{err}");
+        assert!(
+            matches!(err, StoreError::Svid(SvidError::KeyMismatch(_))),
+            "{err}"
+        );
         assert_eq!(store.serial(), *a.serial());
         assert!(matches!(events.try_recv(), Ok(StoreEvent::Rejected { .. })));
     }

@@ -1,5 +1,7 @@
 //! Real mTLS handshakes over loopback: who is accepted, who is refused, and why.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::sync::Arc;
@@ -7,8 +9,8 @@ use std::sync::Arc;
 use mesh_core::Identity;
 use mesh_tls::verify::rustls_error;
 use mesh_tls::{
-    AcceptError, CertStore, CertificateAuthority, ClientTls, LeafSpec, PeerAuthMode,
-    SecureNaming, SvidError, SvidFiles, svid_error,
+    AcceptError, CertStore, CertificateAuthority, ClientTls, LeafSpec, PeerAuthMode, SecureNaming,
+    SvidError, SvidFiles, svid_error,
 };
 use rustls::{CertificateError, HandshakeKind};
 use support::*;
@@ -20,7 +22,9 @@ fn ca() -> CertificateAuthority {
 /// The SVID reason the server gave for refusing a handshake.
 fn reason(err: &AcceptError) -> &SvidError {
     match err {
-        AcceptError::Handshake(io) => svid_error(io).unwrap_or_else(|| panic!("no SVID reason in {io}")),
+        AcceptError::Handshake(io) => {
+            svid_error(io).unwrap_or_else(|| panic!("no SVID reason in {io}"))
+        }
         other => panic!("expected a handshake failure, got {other}"),
     }
 }
@@ -30,7 +34,10 @@ async fn refused_client_cert(spec: LeafSpec) -> AcceptError {
     let mut server = start_server(store(&ca, "prod", "payment"), PeerAuthMode::Strict).await;
     let bad = ca.issue_with(&spec).unwrap();
     let result = raw_request(&raw_client(&ca, Some(&bad)), server.addr).await;
-    assert!(result.is_err(), "request with a bad certificate succeeded: {result:?}");
+    assert!(
+        result.is_err(),
+        "request with a bad certificate succeeded: {result:?}"
+    );
     server.next_error().await
 }
 
@@ -58,7 +65,11 @@ async fn valid_mtls_sees_both_identities() {
 async fn strict_refuses_a_client_without_certificate() {
     let ca = ca();
     let mut server = start_server(store(&ca, "prod", "payment"), PeerAuthMode::Strict).await;
-    assert!(raw_request(&raw_client(&ca, None), server.addr).await.is_err());
+    assert!(
+        raw_request(&raw_client(&ca, None), server.addr)
+            .await
+            .is_err()
+    );
     let err = server.next_error().await;
     let AcceptError::Handshake(io) = &err else {
         panic!("{err}")
@@ -95,7 +106,10 @@ async fn client_from_another_trust_domain_is_refused() {
 #[tokio::test]
 async fn our_ca_signing_another_trust_domain_is_refused() {
     let err = refused_client_cert(LeafSpec::workload("other.local", "prod", "orders")).await;
-    assert!(matches!(reason(&err), SvidError::UntrustedDomain(_)), "{err}");
+    assert!(
+        matches!(reason(&err), SvidError::UntrustedDomain(_)),
+        "{err}"
+    );
     assert!(err.to_string().contains("other.local"), "{err}");
 }
 
@@ -105,7 +119,11 @@ async fn client_with_another_ca_of_the_same_domain_is_refused_by_the_chain_check
     let impostor = CertificateAuthority::new(TD).unwrap();
     let mut server = start_server(store(&ca, "prod", "payment"), PeerAuthMode::Strict).await;
     let bad = impostor.issue("prod", "orders").unwrap();
-    assert!(raw_request(&raw_client(&ca, Some(&bad)), server.addr).await.is_err());
+    assert!(
+        raw_request(&raw_client(&ca, Some(&bad)), server.addr)
+            .await
+            .is_err()
+    );
     let err = server.next_error().await;
     let AcceptError::Handshake(io) = &err else {
         panic!("{err}")
@@ -124,9 +142,13 @@ async fn client_with_another_ca_of_the_same_domain_is_refused_by_the_chain_check
 #[tokio::test]
 async fn two_uri_sans_are_refused() {
     let mut spec = LeafSpec::workload(TD, "prod", "orders");
-    spec.uri_sans.push("spiffe://cluster.local/ns/prod/sa/admin".into());
+    spec.uri_sans
+        .push("spiffe://cluster.local/ns/prod/sa/admin".into());
     let err = refused_client_cert(spec).await;
-    assert!(matches!(reason(&err), SvidError::MultipleUriSans(2)), "{err}");
+    assert!(
+        matches!(reason(&err), SvidError::MultipleUriSans(2)),
+        "{err}"
+    );
     assert!(err.to_string().contains("2 URI SANs"), "{err}");
 }
 
@@ -164,7 +186,10 @@ async fn email_only_extended_key_usage_is_refused() {
     let mut spec = LeafSpec::workload(TD, "prod", "orders");
     spec.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::EmailProtection];
     let err = refused_client_cert(spec).await;
-    assert!(matches!(reason(&err), SvidError::ExtendedKeyUsage(_)), "{err}");
+    assert!(
+        matches!(reason(&err), SvidError::ExtendedKeyUsage(_)),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -205,9 +230,12 @@ async fn tls12_client_gets_mtls_too() {
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(client_store.clone());
     tls12.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let body = raw_request(&tokio_rustls::TlsConnector::from(Arc::new(tls12)), server.addr)
-        .await
-        .unwrap();
+    let body = raw_request(
+        &tokio_rustls::TlsConnector::from(Arc::new(tls12)),
+        server.addr,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         body,
         "peer=spiffe://cluster.local/ns/prod/sa/orders;security=mutual_tls"

@@ -5,6 +5,8 @@
 //! to their SPIFFE ID, and curl is pointed at 127.0.0.1 with `--resolve`. That keeps
 //! full server verification on (`--cacert`, no `-k`).
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::process::Output;
@@ -28,7 +30,10 @@ impl Setup {
             .unwrap();
         let server = start_server(CertStore::from_issued(&server_svid).unwrap(), mode).await;
         let dir = tempfile::tempdir().unwrap();
-        ca.issue("prod", "orders").unwrap().write_dir(dir.path()).unwrap();
+        ca.issue("prod", "orders")
+            .unwrap()
+            .write_dir(dir.path())
+            .unwrap();
         Self { server, dir }
     }
 
@@ -81,7 +86,10 @@ impl Setup {
     async fn s_client(&self, with_cert: bool) -> Output {
         let mut cmd = Command::new("openssl");
         cmd.arg("s_client")
-            .args(["-connect", &format!("127.0.0.1:{}", self.server.addr.port())])
+            .args([
+                "-connect",
+                &format!("127.0.0.1:{}", self.server.addr.port()),
+            ])
             .args(["-servername", HOST, "-verify_return_error"])
             .args(["-CAfile", &self.file("root-cert.pem")]);
         if with_cert {
@@ -100,10 +108,11 @@ impl Setup {
             let req = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
             stdin.write_all(req.as_bytes()).await.unwrap();
             // Dropping stdin would make s_client close at once; keep it open until exit.
-            let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
-                .await
-                .expect("openssl s_client exits")
-                .unwrap();
+            let out =
+                tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+                    .await
+                    .expect("openssl s_client exits")
+                    .unwrap();
             drop(stdin);
             out
         }
@@ -135,7 +144,10 @@ async fn plain_curl_is_refused_by_strict() {
     let mut s = Setup::new(PeerAuthMode::Strict).await;
     let out = s.curl_plain().await;
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(matches!(s.server.next_error().await, AcceptError::PlaintextRefused));
+    assert!(matches!(
+        s.server.next_error().await,
+        AcceptError::PlaintextRefused
+    ));
 }
 
 #[tokio::test]
@@ -186,7 +198,10 @@ async fn permissive_serves_mtls_and_plaintext() {
     );
     let plain = s.curl_plain().await;
     assert!(plain.status.success(), "{}", text(&plain));
-    assert_eq!(String::from_utf8_lossy(&plain.stdout), "peer=-;security=none");
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "peer=-;security=none"
+    );
 }
 
 #[tokio::test]
@@ -197,7 +212,10 @@ async fn permissive_still_refuses_tls_without_client_certificate() {
         .curl(&["--cacert", &ca, "--resolve", &s.resolve(), &s.https_url()])
         .await;
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(matches!(s.server.next_error().await, AcceptError::Handshake(_)));
+    assert!(matches!(
+        s.server.next_error().await,
+        AcceptError::Handshake(_)
+    ));
 }
 
 #[tokio::test]
@@ -205,7 +223,10 @@ async fn disable_serves_plaintext_only() {
     let s = Setup::new(PeerAuthMode::Disable).await;
     let plain = s.curl_plain().await;
     assert!(plain.status.success(), "{}", text(&plain));
-    assert_eq!(String::from_utf8_lossy(&plain.stdout), "peer=-;security=none");
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "peer=-;security=none"
+    );
     let tls = s.curl_mtls().await;
     assert!(!tls.status.success(), "{}", text(&tls));
 }

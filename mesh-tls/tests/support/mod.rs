@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: a tiny hyper app behind the accept path,
 //! an mTLS HTTP client, and raw rustls clients for certificates the store would refuse.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -108,7 +108,9 @@ pub struct MtlsConn {
 impl MtlsConn {
     pub async fn get(&mut self) -> Result<String, hyper::Error> {
         self.sender.ready().await?;
-        let req = http::Request::get("/").body(Full::new(Bytes::new())).unwrap();
+        let req = http::Request::get("/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         let res = self.sender.send_request(req).await?;
         assert_eq!(res.status(), 200);
         let body = res.into_body().collect().await?.to_bytes();
@@ -124,9 +126,10 @@ pub async fn connect(
     let tcp = TcpStream::connect(addr).await?;
     let (tls, server) = client.connect(tcp, "mesh.test", expected).await?;
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-        .await
-        .map_err(std::io::Error::other)?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(std::io::Error::other)?;
     tokio::spawn(conn);
     Ok(MtlsConn {
         sender,
