@@ -5,3 +5,5 @@
 //! of the peer identity into request extensions, `PeerAuthentication` modes (STRICT,
 //! PERMISSIVE, DISABLE), a certificate store with rotation, a small certificate
 //! authority for development and tests, and the `AuthorizationPolicy` layer.
+
+pub mod authz;
