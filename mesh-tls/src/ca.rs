@@ -40,8 +40,8 @@ use std::time::{Duration, SystemTime};
 use mesh_core::{Identity, IdentityError};
 use rand::Rng;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -182,8 +182,8 @@ impl CertificateAuthority {
             .map_err(|e| invalid(&cert_path, e.to_string()))?
             .swap_remove(0);
         let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(&key_path, e.to_string()))?;
-        let (_, x509) = X509Certificate::from_der(&cert_der)
-            .map_err(|e| invalid(&cert_path, e.to_string()))?;
+        let (_, x509) =
+            X509Certificate::from_der(&cert_der).map_err(|e| invalid(&cert_path, e.to_string()))?;
         if !x509.is_ca() {
             return Err(invalid(&cert_path, "certificate is not a CA".into()));
         }
@@ -263,7 +263,10 @@ impl CertificateAuthority {
         service_account: &str,
         ttl: Duration,
     ) -> Result<IssuedSvid, CaError> {
-        for (what, value) in [("namespace", namespace), ("service account", service_account)] {
+        for (what, value) in [
+            ("namespace", namespace),
+            ("service account", service_account),
+        ] {
             if value.is_empty() || value.contains('/') {
                 return Err(CaError::Name {
                     what,
@@ -305,10 +308,7 @@ impl CertificateAuthority {
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
         let cert = params.signed_by(&key, &self.issuer)?;
-        let identity = spec
-            .uri_sans
-            .first()
-            .and_then(|u| Identity::parse(u).ok());
+        let identity = spec.uri_sans.first().and_then(|u| Identity::parse(u).ok());
         Ok(IssuedSvid {
             identity,
             serial: Serial::from(serial.to_bytes().as_slice()),

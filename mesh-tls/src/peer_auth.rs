@@ -279,8 +279,8 @@ impl WorkloadPeerAuthentication {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
     use MtlsMode::*;
+    use std::time::{Duration, UNIX_EPOCH};
 
     const ROOT: &str = "istio-system";
 
@@ -295,7 +295,11 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
-    fn resolve(policies: Vec<PeerAuthenticationPolicy>, ns: &str, l: &Labels) -> WorkloadPeerAuthentication {
+    fn resolve(
+        policies: Vec<PeerAuthenticationPolicy>,
+        ns: &str,
+        l: &Labels,
+    ) -> WorkloadPeerAuthentication {
         PeerAuthentication::compile(ROOT, policies).for_workload(ns, l)
     }
 
@@ -312,7 +316,10 @@ mod tests {
         let ns = PeerAuthenticationPolicy::new("prod", "ns", Permissive);
         let wl = PeerAuthenticationPolicy::new("prod", "wl", Disable)
             .with_selector(labels(&[("app", "orders")]));
-        assert_eq!(resolve(vec![mesh.clone()], "prod", &app).mode(1), PeerAuthMode::Strict);
+        assert_eq!(
+            resolve(vec![mesh.clone()], "prod", &app).mode(1),
+            PeerAuthMode::Strict
+        );
         assert_eq!(
             resolve(vec![mesh.clone(), ns.clone()], "prod", &app).mode(1),
             PeerAuthMode::Permissive
@@ -323,10 +330,18 @@ mod tests {
         );
         // The workload policy does not apply to other workloads or namespaces.
         assert_eq!(
-            resolve(vec![mesh.clone(), ns, wl.clone()], "prod", &labels(&[("app", "x")])).mode(1),
+            resolve(
+                vec![mesh.clone(), ns, wl.clone()],
+                "prod",
+                &labels(&[("app", "x")])
+            )
+            .mode(1),
             PeerAuthMode::Permissive
         );
-        assert_eq!(resolve(vec![mesh, wl], "staging", &app).mode(1), PeerAuthMode::Strict);
+        assert_eq!(
+            resolve(vec![mesh, wl], "staging", &app).mode(1),
+            PeerAuthMode::Strict
+        );
     }
 
     #[test]
@@ -337,26 +352,40 @@ mod tests {
             PeerAuthenticationPolicy::new("prod", "ns", Unset),
             PeerAuthenticationPolicy::new("prod", "wl", Unset).with_selector(app.clone()),
         ];
-        assert_eq!(resolve(policies, "prod", &app).mode(1), PeerAuthMode::Strict);
+        assert_eq!(
+            resolve(policies, "prod", &app).mode(1),
+            PeerAuthMode::Strict
+        );
         let only_unset = vec![PeerAuthenticationPolicy::new(ROOT, "mesh", Unset)];
-        assert_eq!(resolve(only_unset, "prod", &app).mode(1), PeerAuthMode::Permissive);
+        assert_eq!(
+            resolve(only_unset, "prod", &app).mode(1),
+            PeerAuthMode::Permissive
+        );
     }
 
     #[test]
     fn selector_in_root_namespace_is_ignored() {
         let app = labels(&[("app", "orders")]);
-        let policies = vec![
-            PeerAuthenticationPolicy::new(ROOT, "sel", Disable).with_selector(app.clone()),
-        ];
-        assert_eq!(resolve(policies.clone(), "prod", &app).mode(1), PeerAuthMode::Permissive);
-        assert_eq!(resolve(policies, ROOT, &app).mode(1), PeerAuthMode::Permissive);
+        let policies =
+            vec![PeerAuthenticationPolicy::new(ROOT, "sel", Disable).with_selector(app.clone())];
+        assert_eq!(
+            resolve(policies.clone(), "prod", &app).mode(1),
+            PeerAuthMode::Permissive
+        );
+        assert_eq!(
+            resolve(policies, ROOT, &app).mode(1),
+            PeerAuthMode::Permissive
+        );
     }
 
     #[test]
     fn empty_match_labels_means_namespace_wide() {
         let policies =
             vec![PeerAuthenticationPolicy::new("prod", "ns", Strict).with_selector(Labels::new())];
-        assert_eq!(resolve(policies, "prod", &labels(&[("a", "b")])).mode(1), PeerAuthMode::Strict);
+        assert_eq!(
+            resolve(policies, "prod", &labels(&[("a", "b")])).mode(1),
+            PeerAuthMode::Strict
+        );
     }
 
     #[test]
@@ -368,7 +397,10 @@ mod tests {
             resolve(vec![newer.clone(), older.clone()], "prod", &app).mode(1),
             PeerAuthMode::Strict
         );
-        assert_eq!(resolve(vec![older, newer], "prod", &app).mode(1), PeerAuthMode::Strict);
+        assert_eq!(
+            resolve(vec![older, newer], "prod", &app).mode(1),
+            PeerAuthMode::Strict
+        );
 
         let wl_newer = PeerAuthenticationPolicy::new("prod", "w1", Disable)
             .with_selector(app.clone())
@@ -376,12 +408,18 @@ mod tests {
         let wl_older = PeerAuthenticationPolicy::new("prod", "w2", Permissive)
             .with_selector(labels(&[("app", "orders")]))
             .created_at(at(10));
-        assert_eq!(resolve(vec![wl_newer, wl_older], "prod", &app).mode(1), PeerAuthMode::Permissive);
+        assert_eq!(
+            resolve(vec![wl_newer, wl_older], "prod", &app).mode(1),
+            PeerAuthMode::Permissive
+        );
 
         // Equal timestamps: configuration order decides, then name.
         let first = PeerAuthenticationPolicy::new(ROOT, "b", Strict).with_sequence(1);
         let second = PeerAuthenticationPolicy::new(ROOT, "a", Disable).with_sequence(2);
-        assert_eq!(resolve(vec![second, first], "prod", &app).mode(1), PeerAuthMode::Strict);
+        assert_eq!(
+            resolve(vec![second, first], "prod", &app).mode(1),
+            PeerAuthMode::Strict
+        );
     }
 
     #[test]

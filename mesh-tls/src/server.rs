@@ -103,8 +103,7 @@ pub struct ServerTls {
 impl ServerTls {
     /// Server configs serving `store`'s SVID and verifying clients against its bundle.
     pub fn new(store: Arc<CertStore>) -> Self {
-        let verifier =
-            SpiffeClientVerifier::new(store.bundle_handle(), store.provider().clone());
+        let verifier = SpiffeClientVerifier::new(store.bundle_handle(), store.provider().clone());
         Self { store, verifier }
     }
 
@@ -209,9 +208,12 @@ impl InboundAcceptor {
     ) -> Result<AcceptedConnection, AcceptError> {
         let remote = tcp.peer_addr().map_err(AcceptError::Io)?;
         let local = tcp.local_addr().map_err(AcceptError::Io)?;
-        tokio::time::timeout(self.handshake_timeout, self.accept_inner(tcp, mode, remote, local))
-            .await
-            .map_err(|_| AcceptError::Timeout)?
+        tokio::time::timeout(
+            self.handshake_timeout,
+            self.accept_inner(tcp, mode, remote, local),
+        )
+        .await
+        .map_err(|_| AcceptError::Timeout)?
     }
 
     async fn accept_inner(

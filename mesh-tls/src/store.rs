@@ -51,11 +51,11 @@ use mesh_core::Identity;
 use notify::{EventKind, RecursiveMode, Watcher};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::SignatureScheme;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -568,7 +568,10 @@ mod tests {
         let err = store
             .install_cert(a.chain_der().to_vec(), b.key_der())
             .unwrap_err();
-        assert!(matches!(err, StoreError::Svid(SvidError::KeyMismatch(_))), "{err}");
+        assert!(
+            matches!(err, StoreError::Svid(SvidError::KeyMismatch(_))),
+            "{err}"
+        );
         assert_eq!(store.serial(), *a.serial());
         assert!(matches!(events.try_recv(), Ok(StoreEvent::Rejected { .. })));
     }

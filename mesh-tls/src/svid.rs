@@ -171,7 +171,9 @@ pub enum SvidError {
     #[error("certificate is not valid before {} (unix seconds)", unix_secs(.0))]
     NotYetValid(SystemTime),
     /// The server's identity is not one the destination may have (secure naming).
-    #[error("server identity {got} is not among the identities expected for this destination: {expected}")]
+    #[error(
+        "server identity {got} is not among the identities expected for this destination: {expected}"
+    )]
     UnexpectedServer {
         /// What the server presented.
         got: Identity,
@@ -419,7 +421,8 @@ mod tests {
     fn valid_workload_leaf_yields_its_identity_and_serial() {
         let ca = ca();
         let svid = ca.issue("production", "order-service").unwrap();
-        let leaf = check_leaf(svid.leaf_der(), PeerRole::Server, TD, Some(UnixTime::now())).unwrap();
+        let leaf =
+            check_leaf(svid.leaf_der(), PeerRole::Server, TD, Some(UnixTime::now())).unwrap();
         assert_eq!(
             leaf.identity.as_str(),
             "spiffe://cluster.local/ns/production/sa/order-service"
@@ -435,7 +438,10 @@ mod tests {
         let mut spec = LeafSpec::workload("cluster.local", "ns1", "a");
         spec.uri_sans
             .push("spiffe://cluster.local/ns/ns1/sa/b".into());
-        assert!(matches!(check(&ca, spec), Err(SvidError::MultipleUriSans(2))));
+        assert!(matches!(
+            check(&ca, spec),
+            Err(SvidError::MultipleUriSans(2))
+        ));
     }
 
     #[test]
@@ -482,7 +488,10 @@ mod tests {
 
         let mut spec = LeafSpec::workload("cluster.local", "ns1", "a");
         spec.key_usages = vec![rcgen::KeyUsagePurpose::KeyEncipherment];
-        assert!(matches!(check(&ca, spec), Err(SvidError::NoDigitalSignature)));
+        assert!(matches!(
+            check(&ca, spec),
+            Err(SvidError::NoDigitalSignature)
+        ));
 
         let mut spec = LeafSpec::workload("cluster.local", "ns1", "a");
         spec.key_usages.clear();
@@ -552,8 +561,8 @@ mod tests {
         let provider = rustls::crypto::ring::default_provider();
         assert!(files.certified_key(&provider).is_ok());
 
-        let mismatched = SvidFiles::from_pem(a.cert_chain_pem(), b.key_pem(), a.root_cert_pem())
-            .unwrap();
+        let mismatched =
+            SvidFiles::from_pem(a.cert_chain_pem(), b.key_pem(), a.root_cert_pem()).unwrap();
         assert!(matches!(
             mismatched.certified_key(&provider),
             Err(SvidError::KeyMismatch(_))

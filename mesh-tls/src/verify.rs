@@ -483,7 +483,10 @@ mod tests {
         let naming = SecureNaming::only(a.clone());
         assert!(naming.check(&a).is_ok());
         let err = naming.check(&b).unwrap_err();
-        assert!(err.to_string().contains("spiffe://cluster.local/ns/p/sa/payment"));
+        assert!(
+            err.to_string()
+                .contains("spiffe://cluster.local/ns/p/sa/payment")
+        );
         assert!(SecureNaming::AnyTrusted.check(&b).is_ok());
     }
 

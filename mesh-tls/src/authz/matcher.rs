@@ -332,18 +332,30 @@ fn header_matches(headers: &HeaderMap, name: &HeaderName, ms: &[StrMatch]) -> Tr
             Err(_) => Tri::Unknown,
         };
     };
-    // Duplicates are joined with ", " (RFC 9110 §5.3) so the whole field is matched.
+    // Duplicates are joined with ", " (RFC 9110 §5.3) and the whole field is matched.
+    // A backend may read only one of the lines, so when a single line matches but the
+    // joined field does not, the result is unknown: a DENY still applies and an ALLOW
+    // (or a notValues exclusion) does not.
     let mut joined = String::new();
+    let mut line_matches = false;
     for v in [first, second].into_iter().chain(values) {
         let Ok(v) = v.to_str() else {
             return Tri::Unknown;
         };
+        let v = trim_ows(v);
+        line_matches |= ms.iter().any(|m| m.matches(v));
         if !joined.is_empty() {
             joined.push_str(", ");
         }
-        joined.push_str(trim_ows(v));
+        joined.push_str(v);
     }
-    Tri::from_bool(ms.iter().any(|m| m.matches(&joined)))
+    if ms.iter().any(|m| m.matches(&joined)) {
+        Tri::True
+    } else if line_matches {
+        Tri::Unknown
+    } else {
+        Tri::False
+    }
 }
 
 impl Pred {

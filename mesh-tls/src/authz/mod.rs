@@ -54,7 +54,9 @@
 //!   strips them instead. Istio passes them through.
 //! - **Hosts** also match without their port and trailing dot (SECURITY.md), so
 //!   `DENY hosts: [secret.com]` also denies `Host: secret.com:80`.
-//! - **Duplicate headers** are joined with `", "` (RFC 9110) before matching.
+//! - **Duplicate headers** are joined with `", "` (RFC 9110) before matching; when one
+//!   line alone would match but the joined field does not, the result is unknown (a DENY
+//!   applies, an ALLOW does not), since a backend may read only one of the lines.
 //! - Policies with `targetRefs` and trust-domain aliases are not applied; TCP (non-HTTP)
 //!   authorization is not provided by this layer.
 //!
