@@ -71,6 +71,41 @@ pub fn response_flags(extensions: &http::Extensions) -> ResponseFlags {
         .unwrap_or_default()
 }
 
+/// The authorization decision for a request, left by the AuthorizationPolicy layer in the
+/// request extensions (seen by inner layers) and the response extensions (seen by outer
+/// layers such as telemetry and the access log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzDecision {
+    /// Whether the request was allowed.
+    pub allowed: bool,
+    /// The policy rule that decided: the DENY rule that denied or the ALLOW rule that
+    /// allowed. `None` when no ALLOW policy applies (allowed) or none matched (denied).
+    pub policy: Option<MatchedPolicy>,
+    /// The first AUDIT rule that matched: the request is marked for auditing.
+    pub audit: Option<MatchedPolicy>,
+    /// What the dry-run policies alone (`istio.io/dry-run: "true"`) would have decided,
+    /// when any apply; never enforced.
+    pub dry_run: Option<DryRunDecision>,
+}
+
+/// A policy rule named in an [`AuthzDecision`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MatchedPolicy {
+    /// `<namespace>/<name>` of the policy.
+    pub name: std::sync::Arc<str>,
+    /// Index of the matching rule in the policy's `rules`.
+    pub rule: usize,
+}
+
+/// The shadow result of dry-run policies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRunDecision {
+    /// Whether the dry-run policies would allow the request.
+    pub allowed: bool,
+    /// The dry-run rule that decided, as in [`AuthzDecision::policy`].
+    pub policy: Option<MatchedPolicy>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

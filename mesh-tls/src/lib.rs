@@ -20,6 +20,8 @@
 //! - [`store`]: the certificate store behind the rustls resolvers, fed by a watched
 //!   directory or the built-in issuer, with forced rotation.
 //! - [`ca`]: a small certificate authority for development and tests.
+//! - [`authz`]: the AuthorizationPolicy layer (Istio's evaluation rules, path
+//!   canonicalization safe against known bypasses).
 //!
 //! # Where we differ from Istio
 //!
@@ -52,6 +54,7 @@
 //! # }
 //! ```
 
+pub mod authz;
 pub mod ca;
 pub mod client;
 pub mod peer_auth;
@@ -65,6 +68,7 @@ use std::sync::Arc;
 use rustls::SupportedProtocolVersion;
 use rustls::crypto::CryptoProvider;
 
+pub use authz::{AuthzLayer, PolicySet};
 pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec};
 pub use client::ClientTls;
 pub use peer_auth::{

@@ -1,0 +1,1063 @@
+//! The compiled policy set and its evaluation.
+//!
+//! Compilation validates every value once (CIDRs, ports, header names, URI templates) and
+//! turns Istio's string forms into [`StrMatch`]es, so a decision does no parsing, no regex
+//! and no allocation (except for joining a header that was sent more than once).
+//!
+//! Evaluation uses three-valued logic: an attribute the proxy cannot know (JWT-based
+//! attributes, connection facts absent from the request, the TLS server name, a header
+//! value that is not valid text) is *unknown*, and a predicate on it is unknown too; `and`,
+//! `or` and `not` follow Kleene's rules. An ALLOW rule matches only when it is *true*;
+//! a DENY or AUDIT rule matches when it is true *or unknown*. So an unknowable attribute
+//! can only ever narrow what is allowed and widen what is denied.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use http::header::HeaderName;
+use ipnet::IpNet;
+use mesh_core::Identity;
+use mesh_core::extensions::{AuthzDecision, ConnectionInfo, DryRunDecision, MatchedPolicy};
+
+use super::policy::{Action, Condition, Operation, Policy, Rule, Source, Workload};
+
+/// The TLS server name (SNI) of the connection, for `connection.sni` conditions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServerName<'a> {
+    /// The connection's SNI, or `None` when the connection has none (e.g. plaintext).
+    Known(Option<&'a str>),
+    /// Not known to this layer: `connection.sni` conditions evaluate as unknown.
+    #[default]
+    Unknown,
+}
+
+/// What a decision looks at: a borrowed view of the request and its connection.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestAttributes<'a> {
+    /// The HTTP method (upper case).
+    pub method: &'a str,
+    /// The canonical path, without query or fragment.
+    pub path: &'a str,
+    /// The `Host` header or the `:authority`, as sent.
+    pub host: Option<&'a str>,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+    /// The verified peer identity; `None` for plaintext callers.
+    pub peer: Option<&'a Identity>,
+    /// The downstream connection (source and destination addresses).
+    pub connection: Option<&'a ConnectionInfo>,
+    /// The original client address (`remote.ip`, `remoteIpBlocks`), derived from
+    /// `X-Forwarded-For` and the number of trusted proxies; the peer address when `None`.
+    pub remote_ip: Option<IpAddr>,
+    /// The TLS server name.
+    pub server_name: ServerName<'a>,
+}
+
+/// An AuthorizationPolicy that cannot be compiled; the whole policy set is rejected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("AuthorizationPolicy {policy}: {field}: {message}")]
+pub struct PolicyError {
+    /// `<namespace>/<name>` of the policy.
+    pub policy: String,
+    /// Where in the spec, e.g. `rules[0].from[1].source.ipBlocks[2]`.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tri {
+    False,
+    True,
+    Unknown,
+}
+
+impl Tri {
+    fn from_bool(b: bool) -> Self {
+        if b { Tri::True } else { Tri::False }
+    }
+    fn and(self, other: Tri) -> Tri {
+        match (self, other) {
+            (Tri::False, _) | (_, Tri::False) => Tri::False,
+            (Tri::True, Tri::True) => Tri::True,
+            _ => Tri::Unknown,
+        }
+    }
+    fn or(self, other: Tri) -> Tri {
+        match (self, other) {
+            (Tri::True, _) | (_, Tri::True) => Tri::True,
+            (Tri::False, Tri::False) => Tri::False,
+            _ => Tri::Unknown,
+        }
+    }
+    fn not(self) -> Tri {
+        match self {
+            Tri::True => Tri::False,
+            Tri::False => Tri::True,
+            Tri::Unknown => Tri::Unknown,
+        }
+    }
+}
+
+/// One of Istio's four string forms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StrMatch {
+    /// `abc`
+    Exact(Box<str>),
+    /// `abc*`: starts with `abc` (including `abc` itself).
+    Prefix(Box<str>),
+    /// `*abc`: ends with `abc` (including `abc` itself).
+    Suffix(Box<str>),
+    /// `*`: any non-empty value.
+    Presence,
+}
+
+impl StrMatch {
+    pub(crate) fn parse(v: &str) -> Self {
+        if v == "*" {
+            StrMatch::Presence
+        } else if let Some(suffix) = v.strip_prefix('*') {
+            StrMatch::Suffix(suffix.into())
+        } else if let Some(prefix) = v.strip_suffix('*') {
+            StrMatch::Prefix(prefix.into())
+        } else {
+            StrMatch::Exact(v.into())
+        }
+    }
+
+    pub(crate) fn matches(&self, s: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => s == &**e,
+            StrMatch::Prefix(p) => s.starts_with(&**p),
+            StrMatch::Suffix(x) => s.ends_with(&**x),
+            StrMatch::Presence => !s.is_empty(),
+        }
+    }
+
+    fn matches_ignore_case(&self, s: &str) -> bool {
+        let s = s.as_bytes();
+        match self {
+            StrMatch::Exact(e) => s.eq_ignore_ascii_case(e.as_bytes()),
+            StrMatch::Prefix(p) => {
+                s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            StrMatch::Suffix(x) => {
+                s.len() >= x.len() && s[s.len() - x.len()..].eq_ignore_ascii_case(x.as_bytes())
+            }
+            StrMatch::Presence => !s.is_empty(),
+        }
+    }
+}
+
+/// A namespace pattern: `*` anywhere stands for any run of characters (Istio compiles
+/// namespaces to a regex where `*` becomes `.*`); everything else is literal.
+#[derive(Clone, Debug)]
+struct Glob(Box<[Box<str>]>);
+
+impl Glob {
+    fn parse(v: &str) -> Self {
+        Glob(v.split('*').map(Into::into).collect())
+    }
+
+    fn matches(&self, s: &str) -> bool {
+        let parts = &self.0;
+        let (first, rest) = match parts.split_first() {
+            Some(x) => x,
+            None => return s.is_empty(),
+        };
+        if rest.is_empty() {
+            return s == &**first;
+        }
+        let Some(mut s) = s.strip_prefix(&**first) else {
+            return false;
+        };
+        let (last, middle) = match rest.split_last() {
+            Some(x) => x,
+            None => return false,
+        };
+        for part in middle {
+            match s.find(&**part) {
+                Some(i) => s = &s[i + part.len()..],
+                None => return false,
+            }
+        }
+        s.ends_with(&**last)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Segment {
+    Literal(Box<str>),
+    /// `{*}`: exactly one non-empty segment.
+    One,
+    /// `{**}`: the rest of the path, zero or more segments (last only).
+    Rest,
+}
+
+#[derive(Clone, Debug)]
+enum PathMatch {
+    Str(StrMatch),
+    Template(Box<[Segment]>),
+}
+
+impl PathMatch {
+    fn parse(v: &str) -> Result<Self, String> {
+        if !(v.contains("{*}") || v.contains("{**}")) {
+            return Ok(PathMatch::Str(StrMatch::parse(v)));
+        }
+        let Some(rest) = v.strip_prefix('/') else {
+            return Err(format!("URI template `{v}` must start with `/`"));
+        };
+        let raw: Vec<&str> = rest.split('/').collect();
+        let mut segments = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            segments.push(match *s {
+                "{*}" => Segment::One,
+                "{**}" if i + 1 == raw.len() => Segment::Rest,
+                "{**}" => {
+                    return Err(format!(
+                        "URI template `{v}`: `{{**}}` must be the last segment"
+                    ));
+                }
+                lit if lit.contains('{') || lit.contains('}') => {
+                    return Err(format!(
+                        "URI template `{v}`: `{{*}}` and `{{**}}` must be whole path segments"
+                    ));
+                }
+                lit => Segment::Literal(lit.into()),
+            });
+        }
+        Ok(PathMatch::Template(segments.into()))
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Str(m) => m.matches(path),
+            PathMatch::Template(template) => {
+                let Some(rest) = path.strip_prefix('/') else {
+                    return false;
+                };
+                let mut segments = rest.split('/');
+                for t in template.iter() {
+                    match t {
+                        Segment::Rest => return segments.next().is_some(),
+                        Segment::One => match segments.next() {
+                            Some(s) if !s.is_empty() => {}
+                            _ => return false,
+                        },
+                        Segment::Literal(l) => {
+                            if segments.next() != Some(&**l) {
+                                return false;
+                            }
+                        }
+                    }
+                }
+                segments.next().is_none()
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Field {
+    Principal(Box<[StrMatch]>),
+    Namespace(Box<[Glob]>),
+    ServiceAccount(Box<[(Box<str>, Box<str>)]>),
+    SourceIp(Box<[IpNet]>),
+    RemoteIp(Box<[IpNet]>),
+    DestinationIp(Box<[IpNet]>),
+    Port(Box<[u16]>),
+    Host(Box<[StrMatch]>),
+    Method(Box<[StrMatch]>),
+    Path(Box<[PathMatch]>),
+    Header(HeaderName, Box<[StrMatch]>),
+    Sni(Box<[StrMatch]>),
+    /// An attribute this proxy cannot evaluate (JWT-based).
+    Unknowable,
+}
+
+#[derive(Clone, Debug)]
+struct Pred {
+    field: Field,
+    negate: bool,
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack sockets) compare as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn ip_in(nets: &[IpNet], ip: Option<IpAddr>) -> Tri {
+    match ip {
+        Some(ip) => {
+            let ip = canonical_ip(ip);
+            Tri::from_bool(nets.iter().any(|n| n.contains(&ip)))
+        }
+        None => Tri::Unknown,
+    }
+}
+
+/// The host without a port and without a trailing dot.
+fn bare_host(host: &str) -> &str {
+    let host = if host.starts_with('[') {
+        match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        }
+    } else {
+        match host.rfind(':') {
+            Some(i) if host[..i].find(':').is_none() => &host[..i],
+            _ => host,
+        }
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
+fn header_matches(headers: &HeaderMap, name: &HeaderName, ms: &[StrMatch]) -> Tri {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Tri::False;
+    };
+    let Some(second) = values.next() else {
+        return match first.to_str() {
+            Ok(v) => Tri::from_bool(ms.iter().any(|m| m.matches(trim_ows(v)))),
+            Err(_) => Tri::Unknown,
+        };
+    };
+    // Duplicates are joined with ", " (RFC 9110 §5.3) and the whole field is matched.
+    // A backend may read only one of the lines, so when a single line matches but the
+    // joined field does not, the result is unknown: a DENY still applies and an ALLOW
+    // (or a notValues exclusion) does not.
+    let mut joined = String::new();
+    let mut line_matches = false;
+    for v in [first, second].into_iter().chain(values) {
+        let Ok(v) = v.to_str() else {
+            return Tri::Unknown;
+        };
+        let v = trim_ows(v);
+        line_matches |= ms.iter().any(|m| m.matches(v));
+        if !joined.is_empty() {
+            joined.push_str(", ");
+        }
+        joined.push_str(v);
+    }
+    if ms.iter().any(|m| m.matches(&joined)) {
+        Tri::True
+    } else if line_matches {
+        Tri::Unknown
+    } else {
+        Tri::False
+    }
+}
+
+impl Pred {
+    fn eval(&self, a: &RequestAttributes<'_>) -> Tri {
+        let hit = match &self.field {
+            Field::Principal(ms) => match a.peer {
+                Some(id) => Tri::from_bool(ms.iter().any(|m| m.matches(id.principal()))),
+                None => Tri::False,
+            },
+            Field::Namespace(gs) => match a.peer.and_then(Identity::namespace) {
+                Some(ns) => Tri::from_bool(gs.iter().any(|g| g.matches(ns))),
+                None => Tri::False,
+            },
+            Field::ServiceAccount(sas) => {
+                match a
+                    .peer
+                    .and_then(|p| Some((p.namespace()?, p.service_account()?)))
+                {
+                    Some((ns, sa)) => {
+                        Tri::from_bool(sas.iter().any(|(n, s)| &**n == ns && &**s == sa))
+                    }
+                    None => Tri::False,
+                }
+            }
+            Field::SourceIp(nets) => ip_in(nets, a.connection.map(|c| c.remote.ip())),
+            Field::RemoteIp(nets) => ip_in(
+                nets,
+                a.remote_ip.or_else(|| a.connection.map(|c| c.remote.ip())),
+            ),
+            Field::DestinationIp(nets) => ip_in(nets, a.connection.map(|c| c.local.ip())),
+            Field::Port(ports) => match a.connection {
+                Some(c) => Tri::from_bool(ports.contains(&c.local.port())),
+                None => Tri::Unknown,
+            },
+            Field::Host(ms) => match a.host {
+                Some(h) => {
+                    let bare = bare_host(h);
+                    Tri::from_bool(
+                        ms.iter()
+                            .any(|m| m.matches_ignore_case(h) || m.matches_ignore_case(bare)),
+                    )
+                }
+                None => Tri::False,
+            },
+            Field::Method(ms) => Tri::from_bool(ms.iter().any(|m| m.matches(a.method))),
+            Field::Path(ps) => Tri::from_bool(ps.iter().any(|p| p.matches(a.path))),
+            Field::Header(name, ms) => header_matches(a.headers, name, ms),
+            Field::Sni(ms) => match a.server_name {
+                ServerName::Known(Some(sni)) => {
+                    Tri::from_bool(ms.iter().any(|m| m.matches_ignore_case(sni)))
+                }
+                ServerName::Known(None) => Tri::False,
+                ServerName::Unknown => Tri::Unknown,
+            },
+            Field::Unknowable => Tri::Unknown,
+        };
+        if self.negate { hit.not() } else { hit }
+    }
+}
+
+fn all(preds: &[Pred], a: &RequestAttributes<'_>) -> Tri {
+    let mut acc = Tri::True;
+    for p in preds {
+        acc = acc.and(p.eval(a));
+        if acc == Tri::False {
+            break;
+        }
+    }
+    acc
+}
+
+fn any_entry(entries: &[Box<[Pred]>], a: &RequestAttributes<'_>) -> Tri {
+    if entries.is_empty() {
+        return Tri::True;
+    }
+    let mut acc = Tri::False;
+    for e in entries {
+        acc = acc.or(all(e, a));
+        if acc == Tri::True {
+            break;
+        }
+    }
+    acc
+}
+
+#[derive(Clone, Debug)]
+struct CompiledRule {
+    /// Empty: any source.
+    from: Box<[Box<[Pred]>]>,
+    /// Empty: any operation.
+    to: Box<[Box<[Pred]>]>,
+    when: Box<[Pred]>,
+}
+
+impl CompiledRule {
+    fn eval(&self, a: &RequestAttributes<'_>) -> Tri {
+        let mut r = all(&self.when, a);
+        if r != Tri::False {
+            r = r.and(any_entry(&self.to, a));
+        }
+        if r != Tri::False {
+            r = r.and(any_entry(&self.from, a));
+        }
+        r
+    }
+}
+
+#[derive(Clone, Debug)]
+struct CompiledPolicy {
+    name: Arc<str>,
+    rules: Box<[CompiledRule]>,
+}
+
+impl CompiledPolicy {
+    /// The first matching rule. `unknown_matches`: DENY/AUDIT semantics.
+    fn first_match(
+        &self,
+        a: &RequestAttributes<'_>,
+        unknown_matches: bool,
+    ) -> Option<MatchedPolicy> {
+        self.rules
+            .iter()
+            .position(|r| match r.eval(a) {
+                Tri::True => true,
+                Tri::Unknown => unknown_matches,
+                Tri::False => false,
+            })
+            .map(|rule| MatchedPolicy {
+                name: self.name.clone(),
+                rule,
+            })
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Engine {
+    deny: Vec<CompiledPolicy>,
+    audit: Vec<CompiledPolicy>,
+    allow: Vec<CompiledPolicy>,
+}
+
+impl Engine {
+    fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.audit.is_empty() && self.allow.is_empty()
+    }
+
+    fn push(&mut self, action: Action, policy: CompiledPolicy) {
+        match action {
+            Action::Allow => self.allow.push(policy),
+            Action::Deny => self.deny.push(policy),
+            Action::Audit => self.audit.push(policy),
+            // Rejected before compilation.
+            Action::Custom => {}
+        }
+    }
+
+    fn audit(&self, a: &RequestAttributes<'_>) -> Option<MatchedPolicy> {
+        self.audit.iter().find_map(|p| p.first_match(a, true))
+    }
+
+    /// CUSTOM (none) → DENY → ALLOW (AP-02).
+    fn decide(&self, a: &RequestAttributes<'_>) -> (bool, Option<MatchedPolicy>) {
+        if let Some(m) = self.deny.iter().find_map(|p| p.first_match(a, true)) {
+            return (false, Some(m));
+        }
+        if self.allow.is_empty() {
+            return (true, None);
+        }
+        match self.allow.iter().find_map(|p| p.first_match(a, false)) {
+            Some(m) => (true, Some(m)),
+            None => (false, None),
+        }
+    }
+}
+
+/// The compiled AuthorizationPolicies that apply to one workload.
+///
+/// Cheap to evaluate, immutable; swap a new one into an [`AuthzLayer`] on reload.
+///
+/// [`AuthzLayer`]: super::AuthzLayer
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    enforced: Engine,
+    dry_run: Engine,
+    warnings: Vec<String>,
+}
+
+impl PolicySet {
+    /// A set without policies: every request is allowed.
+    pub fn allow_all() -> Self {
+        Self::default()
+    }
+
+    /// Validates and compiles `policies`, all of which apply (no scope filtering).
+    ///
+    /// Fails on the first invalid policy: an unsupported `CUSTOM` action, a DENY or
+    /// AUDIT without rules, `from: []`/`to: []`, a source or operation without fields,
+    /// an empty value, an invalid IP/CIDR, port or header name, a bad URI template,
+    /// `serviceAccounts` combined with `principals`/`namespaces`, a condition without
+    /// values or with an unknown key.
+    pub fn compile<'a>(
+        policies: impl IntoIterator<Item = &'a Policy>,
+    ) -> Result<Self, PolicyError> {
+        let mut set = Self::default();
+        for policy in policies {
+            let compiled = compile_policy(policy, &mut set.warnings)?;
+            if policy.dry_run {
+                set.dry_run.push(policy.action, compiled);
+            } else {
+                set.enforced.push(policy.action, compiled);
+            }
+        }
+        for w in &set.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(set)
+    }
+
+    /// Compiles the policies of `policies` that apply to `workload` (see
+    /// [`Workload::is_selected_by`]); the others are not validated.
+    pub fn for_workload<'a>(
+        policies: impl IntoIterator<Item = &'a Policy>,
+        workload: &Workload,
+    ) -> Result<Self, PolicyError> {
+        Self::compile(policies.into_iter().filter(|p| workload.is_selected_by(p)))
+    }
+
+    /// Warnings from compilation (JWT-based attributes that are evaluated as unknown).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Number of enforced policies (dry-run ones excluded).
+    pub fn len(&self) -> usize {
+        self.enforced.deny.len() + self.enforced.audit.len() + self.enforced.allow.len()
+    }
+
+    /// Whether no policy (enforced or dry-run) applies.
+    pub fn is_empty(&self) -> bool {
+        self.enforced.is_empty() && self.dry_run.is_empty()
+    }
+
+    /// Decides a request. Never allocates, except to join a repeated header that a
+    /// `request.headers[...]` condition inspects.
+    pub fn evaluate(&self, attrs: &RequestAttributes<'_>) -> AuthzDecision {
+        let (allowed, policy) = self.enforced.decide(attrs);
+        let audit = self.enforced.audit(attrs);
+        let dry_run = if self.dry_run.is_empty() {
+            None
+        } else {
+            let (allowed, policy) = self.dry_run.decide(attrs);
+            Some(DryRunDecision { allowed, policy })
+        };
+        AuthzDecision {
+            allowed,
+            policy,
+            audit,
+            dry_run,
+        }
+    }
+}
+
+struct Ctx<'p> {
+    policy: &'p Policy,
+    name: String,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> PolicyError {
+        PolicyError {
+            policy: self.name.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn compile_policy(
+    policy: &Policy,
+    warnings: &mut Vec<String>,
+) -> Result<CompiledPolicy, PolicyError> {
+    let cx = Ctx {
+        policy,
+        name: policy.full_name(),
+    };
+    let rules: &[Rule] = policy.rules.as_deref().unwrap_or(&[]);
+    match policy.action {
+        Action::Custom => {
+            return Err(cx.err(
+                "action",
+                "CUSTOM (ext-authz) is not supported by this proxy; use ALLOW, DENY or AUDIT",
+            ));
+        }
+        Action::Deny | Action::Audit if rules.is_empty() => {
+            return Err(cx.err(
+                "rules",
+                format!(
+                    "a {} policy needs at least one rule; add an empty rule `{{}}` to match every request",
+                    policy.action.as_istio()
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let mut compiled = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        compiled.push(compile_rule(&cx, rule, &format!("rules[{i}]"), warnings)?);
+    }
+    Ok(CompiledPolicy {
+        name: cx.name.clone().into(),
+        rules: compiled.into(),
+    })
+}
+
+fn compile_rule(
+    cx: &Ctx<'_>,
+    rule: &Rule,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<CompiledRule, PolicyError> {
+    let from = match &rule.from {
+        None => Vec::new(),
+        Some(v) if v.is_empty() => {
+            return Err(cx.err(
+                format!("{at}.from"),
+                "`from` must not be empty; omit it to match any source",
+            ));
+        }
+        Some(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, s)| compile_source(cx, s, &format!("{at}.from[{i}].source"), warnings))
+            .collect::<Result<_, _>>()?,
+    };
+    let to = match &rule.to {
+        None => Vec::new(),
+        Some(v) if v.is_empty() => {
+            return Err(cx.err(
+                format!("{at}.to"),
+                "`to` must not be empty; omit it to match any operation",
+            ));
+        }
+        Some(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, o)| compile_operation(cx, o, &format!("{at}.to[{i}].operation")))
+            .collect::<Result<_, _>>()?,
+    };
+    let mut when = Vec::new();
+    for (i, c) in rule.when.iter().enumerate() {
+        compile_condition(cx, c, &format!("{at}.when[{i}]"), &mut when, warnings)?;
+    }
+    Ok(CompiledRule {
+        from: from.into(),
+        to: to.into(),
+        when: when.into(),
+    })
+}
+
+fn values<T>(
+    cx: &Ctx<'_>,
+    at: &str,
+    vals: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Box<[T]>, PolicyError> {
+    vals.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if v.is_empty() {
+                return Err(cx.err(format!("{at}[{i}]"), "empty values are not allowed"));
+            }
+            parse(v).map_err(|m| cx.err(format!("{at}[{i}]"), m))
+        })
+        .collect()
+}
+
+fn str_match(v: &str) -> Result<StrMatch, String> {
+    Ok(StrMatch::parse(v))
+}
+
+fn ip_net(v: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Ok(IpNet::from(canonical_ip(ip)));
+    }
+    match v.parse::<IpNet>() {
+        Ok(net) => Ok(net.trunc()),
+        Err(_) => Err(format!("`{v}` is not an IP address or CIDR range")),
+    }
+}
+
+fn port(v: &str) -> Result<u16, String> {
+    v.parse::<u16>()
+        .map_err(|_| format!("`{v}` is not a port number (0-65535)"))
+}
+
+fn host(v: &str) -> Result<StrMatch, String> {
+    Ok(StrMatch::parse(&v.to_ascii_lowercase()))
+}
+
+struct PredBuilder<'c, 'p> {
+    cx: &'c Ctx<'p>,
+    at: &'c str,
+    preds: Vec<Pred>,
+}
+
+impl PredBuilder<'_, '_> {
+    fn add<T>(
+        &mut self,
+        name: &str,
+        vals: &[String],
+        negate: bool,
+        parse: impl Fn(&str) -> Result<T, String>,
+        field: impl FnOnce(Box<[T]>) -> Field,
+    ) -> Result<(), PolicyError> {
+        if vals.is_empty() {
+            return Ok(());
+        }
+        let parsed = values(self.cx, &format!("{}.{name}", self.at), vals, parse)?;
+        self.preds.push(Pred {
+            field: field(parsed),
+            negate,
+        });
+        Ok(())
+    }
+}
+
+fn jwt_warning(cx: &Ctx<'_>, at: &str, warnings: &mut Vec<String>) {
+    warnings.push(format!(
+        "AuthorizationPolicy {}: {at}: JWT-based attributes need RequestAuthentication, which this proxy does not support; \
+         they are treated as unknown (an ALLOW rule never matches through them, a DENY rule matches as if they did)",
+        cx.name
+    ));
+}
+
+fn compile_source(
+    cx: &Ctx<'_>,
+    s: &Source,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Box<[Pred]>, PolicyError> {
+    if (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty())
+        && (!s.principals.is_empty()
+            || !s.not_principals.is_empty()
+            || !s.namespaces.is_empty()
+            || !s.not_namespaces.is_empty())
+    {
+        return Err(cx.err(
+            at,
+            "`serviceAccounts` cannot be combined with `principals` or `namespaces`",
+        ));
+    }
+    let policy_ns = cx.policy.namespace.clone();
+    let service_account = move |v: &str| -> Result<(Box<str>, Box<str>), String> {
+        if v.contains('*') {
+            return Err(format!("service account `{v}`: wildcards are not allowed"));
+        }
+        let (ns, sa) = match v.split_once('/') {
+            Some((ns, sa)) => (ns, sa),
+            None => (policy_ns.as_str(), v),
+        };
+        if ns.is_empty() || sa.is_empty() || sa.contains('/') {
+            return Err(format!(
+                "service account `{v}` must be `<namespace>/<name>` or `<name>`"
+            ));
+        }
+        Ok((ns.into(), sa.into()))
+    };
+    for list in [&s.service_accounts, &s.not_service_accounts] {
+        if list.len() > 16 {
+            return Err(cx.err(at, "at most 16 `serviceAccounts` are allowed"));
+        }
+    }
+    let mut b = PredBuilder {
+        cx,
+        at,
+        preds: Vec::new(),
+    };
+    add_pair(
+        &mut b,
+        "principals",
+        &s.principals,
+        &s.not_principals,
+        str_match,
+        Field::Principal,
+    )?;
+    add_pair(
+        &mut b,
+        "requestPrincipals",
+        &s.request_principals,
+        &s.not_request_principals,
+        |_| Ok(()),
+        |_| Field::Unknowable,
+    )?;
+    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+        jwt_warning(cx, &format!("{at}.requestPrincipals"), warnings);
+    }
+    add_pair(
+        &mut b,
+        "namespaces",
+        &s.namespaces,
+        &s.not_namespaces,
+        |v| Ok(Glob::parse(v)),
+        Field::Namespace,
+    )?;
+    add_pair(
+        &mut b,
+        "serviceAccounts",
+        &s.service_accounts,
+        &s.not_service_accounts,
+        service_account,
+        Field::ServiceAccount,
+    )?;
+    add_pair(
+        &mut b,
+        "ipBlocks",
+        &s.ip_blocks,
+        &s.not_ip_blocks,
+        ip_net,
+        Field::SourceIp,
+    )?;
+    add_pair(
+        &mut b,
+        "remoteIpBlocks",
+        &s.remote_ip_blocks,
+        &s.not_remote_ip_blocks,
+        ip_net,
+        Field::RemoteIp,
+    )?;
+    if b.preds.is_empty() {
+        return Err(cx.err(at, "a source must set at least one field"));
+    }
+    Ok(b.preds.into())
+}
+
+/// Adds `field` (positive) and `notField` (negated) predicates.
+fn add_pair<T>(
+    b: &mut PredBuilder<'_, '_>,
+    name: &str,
+    vals: &[String],
+    not_vals: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+    field: impl Fn(Box<[T]>) -> Field,
+) -> Result<(), PolicyError> {
+    b.add(name, vals, false, &parse, &field)?;
+    let mut not_name = String::from("not");
+    let mut chars = name.chars();
+    if let Some(c) = chars.next() {
+        not_name.push(c.to_ascii_uppercase());
+        not_name.push_str(chars.as_str());
+    }
+    b.add(&not_name, not_vals, true, &parse, &field)
+}
+
+fn compile_operation(cx: &Ctx<'_>, o: &Operation, at: &str) -> Result<Box<[Pred]>, PolicyError> {
+    let mut b = PredBuilder {
+        cx,
+        at,
+        preds: Vec::new(),
+    };
+    add_pair(&mut b, "hosts", &o.hosts, &o.not_hosts, host, Field::Host)?;
+    add_pair(&mut b, "ports", &o.ports, &o.not_ports, port, Field::Port)?;
+    add_pair(
+        &mut b,
+        "methods",
+        &o.methods,
+        &o.not_methods,
+        str_match,
+        Field::Method,
+    )?;
+    add_pair(
+        &mut b,
+        "paths",
+        &o.paths,
+        &o.not_paths,
+        PathMatch::parse,
+        Field::Path,
+    )?;
+    if b.preds.is_empty() {
+        return Err(cx.err(at, "an operation must set at least one field"));
+    }
+    Ok(b.preds.into())
+}
+
+fn compile_condition(
+    cx: &Ctx<'_>,
+    c: &Condition,
+    at: &str,
+    out: &mut Vec<Pred>,
+    warnings: &mut Vec<String>,
+) -> Result<(), PolicyError> {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err(cx.err(
+            at,
+            format!("condition `{}` needs `values` or `notValues`", c.key),
+        ));
+    }
+    let key = c.key.as_str();
+    let mut b = PredBuilder {
+        cx,
+        at,
+        preds: Vec::new(),
+    };
+    let (v, nv) = (&c.values, &c.not_values);
+    if let Some(name) = key
+        .strip_prefix("request.headers[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            cx.err(
+                format!("{at}.key"),
+                format!("`{name}` is not a valid header name"),
+            )
+        })?;
+        add_pair(&mut b, "values", v, nv, str_match, move |m| {
+            Field::Header(header.clone(), m)
+        })?;
+    } else if key.starts_with("request.auth.") {
+        add_pair(&mut b, "values", v, nv, |_| Ok(()), |_| Field::Unknowable)?;
+        jwt_warning(cx, &format!("{at} ({key})"), warnings);
+    } else {
+        match key {
+            "source.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::SourceIp)?,
+            "remote.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::RemoteIp)?,
+            "destination.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::DestinationIp)?,
+            "destination.port" => add_pair(&mut b, "values", v, nv, port, Field::Port)?,
+            "source.principal" => add_pair(&mut b, "values", v, nv, str_match, Field::Principal)?,
+            "source.namespace" => add_pair(
+                &mut b,
+                "values",
+                v,
+                nv,
+                |s| Ok(Glob::parse(s)),
+                Field::Namespace,
+            )?,
+            "connection.sni" => add_pair(&mut b, "values", v, nv, host, Field::Sni)?,
+            _ => {
+                return Err(cx.err(
+                    format!("{at}.key"),
+                    format!(
+                        "unsupported condition key `{key}`; supported: request.headers[<name>], source.ip, remote.ip, \
+                         source.namespace, source.principal, destination.ip, destination.port, connection.sni, request.auth.*"
+                    ),
+                ));
+            }
+        }
+    }
+    out.extend(b.preds);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_forms() {
+        let m = StrMatch::parse;
+        assert!(m("abc").matches("abc") && !m("abc").matches("abcd"));
+        assert!(m("abc*").matches("abc") && m("abc*").matches("abcd") && !m("abc*").matches("ab"));
+        assert!(
+            m("*abc").matches("abc") && m("*abc").matches("xabc") && !m("*abc").matches("abcx")
+        );
+        assert!(m("*").matches("x") && !m("*").matches(""));
+        assert!(m("a*c").matches("a*c") && !m("a*c").matches("abc"));
+        assert!(m("cert-manager.io").matches("cert-manager.io"));
+        assert!(!m("cert-manager.io").matches("cert-manager-io"));
+        assert!(m("secret.com").matches_ignore_case("Secret.COM"));
+        assert!(m("*.com").matches_ignore_case("A.COM"));
+    }
+
+    #[test]
+    fn globs_and_templates() {
+        let g = Glob::parse;
+        assert!(g("prod").matches("prod") && !g("prod").matches("prod1"));
+        assert!(g("prod*").matches("prod-eu") && g("*-eu").matches("prod-eu"));
+        assert!(g("p*-*u").matches("prod-eu") && !g("p*-*x").matches("prod-eu"));
+        let t = |p: &str| PathMatch::parse(p).unwrap();
+        assert!(t("/foo/{*}").matches("/foo/bar") && !t("/foo/{*}").matches("/foo/bar/baz"));
+        assert!(!t("/foo/{*}").matches("/foo/") && !t("/foo/{*}").matches("/foo"));
+        assert!(t("/foo/{**}").matches("/foo/bar/baz") && t("/foo/{**}").matches("/foo/"));
+        assert!(!t("/foo/{**}").matches("/foo") && !t("/foo/{**}").matches("/foobar"));
+        assert!(t("/{*}/x/{**}").matches("/a/x/b/c") && !t("/{*}/x/{**}").matches("/a/y/b"));
+        assert!(t("/admin/{*}").matches("/admin/*x"));
+        assert!(PathMatch::parse("/foo/{**}/bar").is_err());
+        assert!(PathMatch::parse("/foo{*}").is_err());
+    }
+
+    #[test]
+    fn bare_host_strips_port_and_trailing_dot() {
+        assert_eq!(bare_host("a.com:80"), "a.com");
+        assert_eq!(bare_host("a.com."), "a.com");
+        assert_eq!(bare_host("[::1]:8080"), "[::1]");
+        assert_eq!(bare_host("::1"), "::1");
+    }
+
+    #[test]
+    fn kleene_logic() {
+        use Tri::*;
+        assert_eq!(Unknown.and(False), False);
+        assert_eq!(Unknown.and(True), Unknown);
+        assert_eq!(Unknown.or(True), True);
+        assert_eq!(Unknown.or(False), Unknown);
+        assert_eq!(Unknown.not(), Unknown);
+    }
+}

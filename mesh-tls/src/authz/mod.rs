@@ -1,0 +1,125 @@
+//! AuthorizationPolicy: Istio's authorization semantics as a Tower layer.
+//!
+//! [`AuthzLayer`] decides every inbound HTTP request against the [`PolicySet`] that
+//! applies to the workload and answers `403 Forbidden` with the body
+//! `RBAC: access denied` without calling the inner service when the request is denied.
+//!
+//! # Behaviour
+//!
+//! - **Evaluation** (ISTIO.md AP-02): CUSTOM (unsupported, rejected at compilation) →
+//!   DENY (any matching DENY policy denies) → ALLOW (no ALLOW policy: allow; an ALLOW
+//!   policy matches: allow; otherwise deny). AUDIT policies never change the outcome;
+//!   the first matching AUDIT rule is reported. `spec: {}` (ALLOW, no rules) denies
+//!   everything, `rules: [{}]` allows everything, DENY/AUDIT without rules is rejected.
+//!   Dry-run policies (`istio.io/dry-run`) are evaluated on their own and reported in
+//!   [`AuthzDecision::dry_run`], never enforced.
+//! - **Rules** (AP-10, AP-11): one `from` AND one `to` AND every `when`; fields inside a
+//!   source/operation are ANDed, values ORed, `not*` fields must match none.
+//! - **Strings** (AP-20..AP-22): exact, `prefix*`, `*suffix`, `*` (non-empty); a `*`
+//!   elsewhere and every `.` are literal, so `serviceAccounts` and principals match
+//!   literally (CVE-2026-39350). Principals are the peer's SPIFFE ID without
+//!   `spiffe://`; namespaces are read from an Istio-form ID (`…/ns/<ns>/sa/<sa>`), where
+//!   a `*` anywhere in a namespace value matches any run of characters. Hosts and SNI
+//!   are case-insensitive; a host value matches either the host as sent or the host
+//!   without port and trailing dot. Paths are case-sensitive and support URI templates
+//!   (`{*}` one segment, `{**}` the rest).
+//! - **Peer identity** comes from the [`PeerIdentity`] request extension (set by the TLS
+//!   accept path) and addresses from [`ConnectionInfo`] (`ipBlocks`/`source.ip` use the
+//!   peer address, `ports`/`destination.*` the local address). Plaintext callers have no
+//!   principal, so `principals: ["*"]` excludes them.
+//! - **Path canonicalization** ([`canonicalize`]): applied once, before matching, and the
+//!   request URI is rewritten to the canonical path (query kept) so the inner service
+//!   receives exactly what was authorized. Malformed escapes, `%00`, control bytes and
+//!   (by default) `;` path parameters are answered with 400.
+//! - **Malformed requests** (AP-44): a method with lower-case letters, a repeated or
+//!   non-ASCII `Host` are answered with 400 (whitespace in header names is rejected by
+//!   hyper before any layer runs).
+//!
+//! # Choices that differ from Istio
+//!
+//! - **JWT attributes.** There is no RequestAuthentication, so `requestPrincipals`,
+//!   `notRequestPrincipals` and `request.auth.*` conditions are *unknown*, not absent.
+//!   Evaluation is three-valued: an ALLOW rule matches only if it matches whatever the
+//!   unknown values are, a DENY/AUDIT rule matches unless it fails whatever they are.
+//!   So `ALLOW requestPrincipals: [x]` never matches, `DENY notRequestPrincipals: ["*"]`
+//!   denies every request in its scope (no request carries a verified JWT), and neither
+//!   `ALLOW notRequestPrincipals` nor `DENY requestPrincipals` can open access to a JWT
+//!   holder that Istio would have refused. Compilation records a warning for each.
+//!   The same rule covers a missing [`ConnectionInfo`] (IP and port fields), a
+//!   `connection.sni` condition on a TLS connection (the SNI is not carried in the
+//!   request) and header values that are not valid text (obs-text, CVE-2026-73552).
+//! - **Unknown condition keys** (including `experimental.envoy.filters.*`) are rejected
+//!   instead of ignored: an unsupported field fails closed (CVE-2022-21679).
+//! - **`;` path parameters** are rejected with 400 by default; [`PathParameters::Strip`]
+//!   strips them instead. Istio passes them through.
+//! - **Hosts** also match without their port and trailing dot (SECURITY.md), so
+//!   `DENY hosts: [secret.com]` also denies `Host: secret.com:80`.
+//! - **Duplicate headers** are joined with `", "` (RFC 9110) before matching; when one
+//!   line alone would match but the joined field does not, the result is unknown (a DENY
+//!   applies, an ALLOW does not), since a backend may read only one of the lines.
+//! - Policies with `targetRefs` and trust-domain aliases are not applied; TCP (non-HTTP)
+//!   authorization is not provided by this layer.
+//!
+//! # Layer placement
+//!
+//! Inbound, inside the per-connection service that inserts [`PeerIdentity`] and
+//! [`ConnectionInfo`], outside telemetry's inner parts and the application. The decision
+//! is inserted into the request extensions (for inner layers) and the response
+//! extensions (for telemetry and the access log) as [`AuthzDecision`].
+//!
+//! # Errors
+//!
+//! The layer adds no error type: denials are `403` responses, malformed requests `400`
+//! responses, and the inner service's errors pass through. [`PolicySet::compile`]
+//! returns a [`PolicyError`] naming the policy, the field and the problem.
+//!
+//! # Fuzzing
+//!
+//! The `fuzz/` crate (cargo-fuzz) has `authz_canonicalize` and `authz_match`:
+//! `cargo +nightly fuzz run authz_canonicalize` and `cargo +nightly fuzz run authz_match`
+//! from the repository root.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_tls::authz::{Action, AuthzLayer, Operation, Policy, PolicySet, Rule, Source};
+//! use tower::ServiceBuilder;
+//!
+//! let policy = Policy::new("production", "payment-policy", Action::Allow, vec![Rule {
+//!     from: Some(vec![Source {
+//!         principals: vec!["cluster.local/ns/production/sa/order-service".into()],
+//!         ..Source::default()
+//!     }]),
+//!     to: Some(vec![Operation {
+//!         methods: vec!["POST".into()],
+//!         paths: vec!["/api/v1/payments".into(), "/api/v1/payments/*".into()],
+//!         ..Operation::default()
+//!     }]),
+//!     when: vec![],
+//! }]);
+//! let layer = AuthzLayer::new(PolicySet::compile([&policy]).unwrap());
+//! let handle = layer.handle(); // handle.store(new_set) on reload
+//! let service = ServiceBuilder::new().layer(layer).service_fn(|_req: http::Request<()>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+//! });
+//! # let _ = (service, handle);
+//! ```
+//!
+//! [`PeerIdentity`]: mesh_core::PeerIdentity
+//! [`ConnectionInfo`]: mesh_core::ConnectionInfo
+//! [`AuthzDecision`]: mesh_core::AuthzDecision
+//! [`AuthzDecision::dry_run`]: mesh_core::AuthzDecision::dry_run
+//! [`PathParameters::Strip`]: normalize::PathParameters::Strip
+
+mod layer;
+mod matcher;
+pub mod normalize;
+mod policy;
+
+pub use layer::{Authz, AuthzBody, AuthzLayer, DENIED_BODY, PolicyHandle, ResponseFuture};
+pub use matcher::{PolicyError, PolicySet, RequestAttributes, ServerName};
+pub use mesh_core::extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
+pub use normalize::{
+    Canonical, NormalizeOptions, PathError, PathNormalization, PathParameters, canonicalize,
+};
+pub use policy::{Action, Condition, Operation, Policy, Rule, Source, Workload};

@@ -1,0 +1,206 @@
+//! AuthorizationPolicy as plain Rust values, buildable in code, and their scope.
+//!
+//! These mirror Istio's `security.istio.io/v1 AuthorizationPolicy` field by field, with
+//! Istio's string forms (`prefix*`, `*suffix`, `*`). [`PolicySet::compile`] validates and
+//! compiles them into the matcher the layer evaluates.
+//!
+//! [`PolicySet::compile`]: super::PolicySet::compile
+
+use std::collections::BTreeMap;
+
+/// `spec.action`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Allow matching requests (the default when `action` is omitted).
+    #[default]
+    Allow,
+    /// Deny matching requests.
+    Deny,
+    /// Mark matching requests for auditing; never affects allow/deny.
+    Audit,
+    /// Delegate to an extension provider (ext-authz). Not supported: rejected at compilation.
+    Custom,
+}
+
+impl Action {
+    /// Parses Istio's names (`ALLOW`, `DENY`, `AUDIT`, `CUSTOM`).
+    pub fn from_istio(name: &str) -> Option<Self> {
+        Some(match name {
+            "ALLOW" => Self::Allow,
+            "DENY" => Self::Deny,
+            "AUDIT" => Self::Audit,
+            "CUSTOM" => Self::Custom,
+            _ => return None,
+        })
+    }
+
+    /// Istio's name of the action.
+    pub fn as_istio(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::Deny => "DENY",
+            Self::Audit => "AUDIT",
+            Self::Custom => "CUSTOM",
+        }
+    }
+}
+
+/// One AuthorizationPolicy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `spec.selector.matchLabels`; `None` applies to every workload of the namespace (or
+    /// of the mesh, in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.action`.
+    pub action: Action,
+    /// `spec.rules`. `None` (omitted) and `Some(vec![])` are the same: no rules, so an
+    /// ALLOW policy matches nothing (`spec: {}` denies all) and a DENY policy is rejected.
+    pub rules: Option<Vec<Rule>>,
+    /// The `istio.io/dry-run: "true"` annotation: evaluated, reported, never enforced.
+    pub dry_run: bool,
+    /// Whether `spec.targetRefs` is set; such policies target gateways and services and
+    /// are not applied to workloads by [`Workload`] scope.
+    pub has_target_refs: bool,
+}
+
+impl Policy {
+    /// A policy `namespace/name` with `action` and `rules`, no selector.
+    pub fn new(namespace: &str, name: &str, action: Action, rules: Vec<Rule>) -> Self {
+        Self {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            action,
+            rules: Some(rules),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the workload selector.
+    pub fn with_selector<K: Into<String>, V: Into<String>>(
+        mut self,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.selector = Some(
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    /// `<namespace>/<name>`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One entry of `spec.rules`: matches when one `from` AND one `to` AND every `when` match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// `from[].source`; `None` matches any source. `Some(vec![])` is rejected.
+    pub from: Option<Vec<Source>>,
+    /// `to[].operation`; `None` matches any operation. `Some(vec![])` is rejected.
+    pub to: Option<Vec<Operation>>,
+    /// `when`: all must match.
+    pub when: Vec<Condition>,
+}
+
+/// `rules[].from[].source`: every set field must match.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    pub ip_blocks: Vec<String>,
+    pub not_ip_blocks: Vec<String>,
+    pub remote_ip_blocks: Vec<String>,
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+/// `rules[].to[].operation`: every set field must match.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operation {
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub ports: Vec<String>,
+    pub not_ports: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+}
+
+/// `rules[].when[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Condition {
+    /// The attribute, e.g. `request.headers[x-user]`, `source.ip`, `destination.port`.
+    pub key: String,
+    /// Matches when the attribute matches one of these (when non-empty).
+    pub values: Vec<String>,
+    /// Matches only when the attribute matches none of these.
+    pub not_values: Vec<String>,
+}
+
+impl Condition {
+    /// A condition `key in values`.
+    pub fn values(key: &str, values: &[&str]) -> Self {
+        Self {
+            key: key.to_owned(),
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+            not_values: Vec::new(),
+        }
+    }
+
+    /// A condition `key not in not_values`.
+    pub fn not_values(key: &str, not_values: &[&str]) -> Self {
+        Self {
+            key: key.to_owned(),
+            values: Vec::new(),
+            not_values: not_values.iter().map(|v| (*v).to_owned()).collect(),
+        }
+    }
+}
+
+/// The workload whose inbound traffic a policy set protects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The workload's labels.
+    pub labels: BTreeMap<String, String>,
+    /// MeshConfig `rootNamespace` (Istio's default is `istio-system`).
+    pub root_namespace: String,
+}
+
+impl Workload {
+    /// Whether `policy` applies to this workload (AP-03): a root-namespace policy without
+    /// selector applies mesh-wide, a root-namespace policy with selector to matching
+    /// workloads of every namespace, any other policy to its own namespace's workloads
+    /// (all of them, or those its selector matches). Policies with `targetRefs` target
+    /// gateways and services, not workloads, and never apply here.
+    pub fn is_selected_by(&self, policy: &Policy) -> bool {
+        if policy.has_target_refs {
+            return false;
+        }
+        let namespace_ok =
+            policy.namespace == self.root_namespace || policy.namespace == self.namespace;
+        namespace_ok
+            && policy.selector.as_ref().is_none_or(|selector| {
+                selector
+                    .iter()
+                    .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
+            })
+    }
+}
