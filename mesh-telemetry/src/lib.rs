@@ -7,6 +7,7 @@
 
 pub mod latency;
 pub mod metrics;
+pub mod trace;
 
 pub use latency::{LatencyHandle, LatencyStats, LatencySummary};
 pub use metrics::{

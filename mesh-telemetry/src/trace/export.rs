@@ -1,0 +1,1 @@
+//! Span export (placeholder replaced below).
