@@ -5,6 +5,7 @@
 //! latency percentiles, B3 and W3C trace-context propagation with sampling,
 //! OpenTelemetry span export and the access log.
 
+pub mod access_log;
 pub mod latency;
 pub mod metrics;
 pub mod trace;
