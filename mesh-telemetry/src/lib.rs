@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod latency;
+pub mod layer;
 pub mod metrics;
 pub mod trace;
 
@@ -15,4 +16,8 @@ pub use metrics::{
     DestinationMetrics, DestinationService, IstioMetrics, MetricsHandle, MetricsRegistry,
     ProxyMetrics, Reporter, RequestFacts, Series, TcpMetrics, Workload, classify_error,
     status_for,
+};
+pub use layer::{
+    RequestBody, ResponseBody, ResponseFuture, Target, Telemetry, TelemetryBuilder,
+    TelemetryLayer, TelemetryService,
 };
