@@ -59,6 +59,9 @@ pub struct UpstreamHost(pub SocketAddr);
 pub struct RoutePolicy {
     /// The route's `timeout` (the outer deadline); `None` when unset or `0s` (disabled).
     pub timeout: Option<std::time::Duration>,
+    /// The route's `retries` block as configured; `None` when the route has none (the
+    /// retry layer then applies Istio's default policy, VS-51).
+    pub retries: Option<std::sync::Arc<crate::config::HttpRetry>>,
     /// The route's name, for logs.
     pub route_name: Option<std::sync::Arc<str>>,
 }

@@ -79,6 +79,7 @@
 //! # }
 //! ```
 
+pub mod compile;
 pub mod fault;
 pub mod headers;
 pub mod matcher;
@@ -90,6 +91,7 @@ pub mod subset;
 pub mod table;
 pub mod weighted;
 
+pub use compile::{CompileOptions, Listener};
 pub use fault::{AbortStatus, FaultPolicy, Percent};
 pub use headers::{HeaderOps, Headers};
 pub use matcher::{HeaderMatch, QueryParamMatch, RequestView, RouteMatch, StringMatch, UriMatch};
