@@ -240,7 +240,6 @@ impl SourceMap {
     }
 
     /// All paths written in the document, in document order.
-    #[allow(dead_code)]
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.path.as_str())
     }
