@@ -212,7 +212,6 @@ impl SourceMap {
     }
 
     /// True when `path` is written in the document.
-    #[allow(dead_code)]
     pub fn contains(&self, path: &str) -> bool {
         self.entries.iter().any(|e| e.path == path)
     }
@@ -237,6 +236,15 @@ impl SourceMap {
             .filter(|e| e.value <= pos)
             .max_by_key(|e| e.value)
             .map(|e| (e.path.as_str(), false))
+    }
+
+    /// The deepest value starting exactly at `pos`.
+    pub fn value_path_at(&self, pos: Pos) -> Option<&str> {
+        self.entries
+            .iter()
+            .filter(|e| e.value == pos)
+            .min_by_key(|e| e.path.len())
+            .map(|e| e.path.as_str())
     }
 
     /// All paths written in the document, in document order.

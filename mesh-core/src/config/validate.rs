@@ -366,7 +366,8 @@ fn check_percent(ctx: &mut Ctx<'_>, path: &str, value: f64) {
 fn check_regex(ctx: &mut Ctx<'_>, path: &str, pattern: &str) {
     if let Err(e) = regex::Regex::new(pattern) {
         let detail = e.to_string();
-        let last = detail.lines().last().unwrap_or_default().trim().to_owned();
+        let last = detail.lines().last().unwrap_or_default().trim();
+        let last = last.strip_prefix("error: ").unwrap_or(last).to_owned();
         ctx.error(
             path,
             format!("regex `{pattern}` does not compile ({last}); use RE2 syntax (no backreferences or lookaround)"),
