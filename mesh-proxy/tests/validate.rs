@@ -19,7 +19,7 @@ fn fixtures(rel: &str) -> PathBuf {
 
 fn stdout_lines(o: &Output) -> Vec<String> {
     String::from_utf8(o.stdout.clone())
-        .unwrap()
+        .expect("output is UTF-8")
         .lines()
         .map(str::to_owned)
         .collect()
