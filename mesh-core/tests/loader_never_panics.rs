@@ -161,7 +161,7 @@ fn alias_bombs_are_stopped_with_a_located_error() {
         let prev = format!("*a{}", i - 1);
         bomb.push_str(&format!(
             "a{i}: &a{i} [{}]\n",
-            vec![prev.as_str(); 10].join(", ")
+            [prev.as_str(); 10].join(", ")
         ));
     }
     let doc = format!(
