@@ -182,6 +182,9 @@ fn peer_authentications_are_ordered_oldest_first_with_load_order_as_tiebreak() {
         pa("older", Some("2023-01-01T00:00:00Z")),
         pa("no-time-2", None),
         pa("older-twin", Some("2023-01-01T00:00:00Z")),
+        // 2022-12-31T23:00:00Z: older than all, although its text sorts later.
+        pa("oldest-by-offset", Some("2023-01-01T02:00:00+03:00")),
+        pa("fraction-later", Some("2023-01-01T00:00:00.5Z")),
     ]
     .concat();
     let (config, report) = load(&yaml);
@@ -192,23 +195,31 @@ fn peer_authentications_are_ordered_oldest_first_with_load_order_as_tiebreak() {
         .collect();
     assert_eq!(
         order,
-        ["older", "older-twin", "newer", "no-time-1", "no-time-2"]
+        [
+            "oldest-by-offset",
+            "older",
+            "older-twin",
+            "fraction-later",
+            "newer",
+            "no-time-1",
+            "no-time-2"
+        ]
     );
-    // Four of the five namespace-wide policies are ignored, and each says so.
+    // Six of the seven namespace-wide policies are ignored, and each says so.
     let ignored: Vec<&str> = report
         .warnings()
         .filter(|w| {
             w.message
-                .contains("only the oldest (PeerAuthentication/prod/older) applies")
+                .contains("only the oldest (PeerAuthentication/prod/oldest-by-offset) applies")
         })
         .map(|w| w.resource.as_deref().unwrap())
         .collect();
-    assert_eq!(ignored.len(), 4, "{ignored:?}");
+    assert_eq!(ignored.len(), 6, "{ignored:?}");
     assert_eq!(
         config
             .peer_authentications_for("prod", &Labels::new())
             .len(),
-        5
+        7
     );
 }
 

@@ -142,8 +142,7 @@ impl MeshConfig {
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
             }
         }
-        c.peer_authentications
-            .sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        c.peer_authentications.sort_by_key(|p| p.age_key());
         c.index();
         Ok(c)
     }

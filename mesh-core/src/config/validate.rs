@@ -221,7 +221,7 @@ pub(crate) fn validate_all(report: &mut LoadReport) {
         }
         let age = |i: &usize| match &report.resources[*i] {
             AnyResource::PeerAuthentication(pa) => pa.age_key(),
-            _ => (true, "", usize::MAX),
+            _ => (None, usize::MAX),
         };
         let oldest = idx.iter().min_by(|a, b| age(a).cmp(&age(b))).copied();
         for &i in &idx {
@@ -455,7 +455,7 @@ fn metadata(ctx: &mut Ctx<'_>, m: &Metadata) {
         );
     }
     if let Some(ts) = &m.creation_timestamp
-        && !is_rfc3339(ts)
+        && super::resource::parse_rfc3339(ts).is_none()
     {
         ctx.error(
             "metadata.creationTimestamp",
@@ -463,42 +463,6 @@ fn metadata(ctx: &mut Ctx<'_>, m: &Metadata) {
         );
     }
     check_labels(ctx, "metadata.labels", &m.labels);
-}
-
-fn is_rfc3339(s: &str) -> bool {
-    let b = s.as_bytes();
-    let digits =
-        |r: std::ops::Range<usize>| r.clone().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
-    if b.len() < 20
-        || !digits(0..4)
-        || b[4] != b'-'
-        || !digits(5..7)
-        || b[7] != b'-'
-        || !digits(8..10)
-        || !(b[10] == b'T' || b[10] == b't')
-        || !digits(11..13)
-        || b[13] != b':'
-        || !digits(14..16)
-        || b[16] != b':'
-        || !digits(17..19)
-    {
-        return false;
-    }
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if n == 0 {
-            return false;
-        }
-        rest = &frac[n..];
-    }
-    rest == "Z"
-        || rest == "z"
-        || (rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && rest.as_bytes()[3] == b':'
-            && rest[1..3].bytes().all(|c| c.is_ascii_digit())
-            && rest[4..6].bytes().all(|c| c.is_ascii_digit()))
 }
 
 // ---------------------------------------------------------------------------------------
