@@ -443,3 +443,34 @@ spec:
     );
     assert!(report.error_at(1, "spec", "no such resource").is_none());
 }
+
+#[test]
+fn a_kubernetes_configmap_mount_loads_each_file_once() {
+    // kubelet's layout: files are symlinks through `..data` to a timestamped directory.
+    let root = std::env::temp_dir().join(format!("mesh-config-mount-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let stamped = root.join("..2026_01_01_00_00_00.000000001");
+    std::fs::create_dir_all(&stamped).unwrap();
+    std::fs::write(
+        stamped.join("peer-authentication.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: prod}\nspec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_01_01_00_00_00.000000001", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink(
+        "..data/peer-authentication.yaml",
+        root.join("peer-authentication.yaml"),
+    )
+    .unwrap();
+
+    let report = load_paths(&[&root], &LoadOptions::default());
+    assert!(report.diagnostics.is_empty(), "{:?}", report.diagnostics);
+    assert_eq!(report.resources.len(), 1);
+    assert!(
+        report.resources[0]
+            .origin()
+            .file
+            .ends_with("peer-authentication.yaml")
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
