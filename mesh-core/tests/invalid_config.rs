@@ -1093,6 +1093,28 @@ spec:
             "bad.yaml:10:7: error: document 1, DestinationRule/prod/r, spec.trafficPolicy.tls.privateKey: MUTUAL needs privateKey (or credentialName)",
         ],
     },
+    Case {
+        name: "authority_rewritten_twice_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: r
+  namespace: prod
+spec:
+  hosts: [r]
+  http:
+  - rewrite:
+      authority: a.example.com
+    headers:
+      request:
+        set: {host: b.example.com}
+    route:
+    - destination: {host: r}
+"##,
+        errors: &[
+            "bad.yaml:13:15: error: document 1, VirtualService/prod/r, spec.http[0].headers.request.set.host: the authority is already rewritten at spec.http[0].rewrite.authority; rewrite it in one place only",
+        ],
+    },
 ];
 
 #[test]

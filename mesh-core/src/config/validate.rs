@@ -827,6 +827,7 @@ fn http_route(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
     if let Some(h) = &r.headers {
         headers(ctx, &at("headers"), h);
     }
+    authority_rewrites(ctx, path, r);
     if let Some(c) = &r.cors_policy {
         for (j, o) in c.allow_origins.iter().enumerate() {
             string_match(
@@ -845,6 +846,53 @@ fn http_route(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
         && d.name.is_empty()
     {
         ctx.error(&p(&at("delegate"), "name"), "delegate name is required");
+    }
+}
+
+/// The authority may be rewritten in one place only (VS-83): `rewrite.authority`, or a
+/// `host`/`:authority` header set or added at route level or on each destination.
+fn authority_rewrites(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
+    fn authority_ops(base: &str, h: &Headers) -> Vec<String> {
+        let Some(req) = &h.request else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (op, map) in [("set", &req.set), ("add", &req.add)] {
+            for name in map.keys() {
+                if name.eq_ignore_ascii_case("host") || name == ":authority" {
+                    out.push(p(&p(&p(base, "request"), op), name));
+                }
+            }
+        }
+        out
+    }
+    let mut places = Vec::new();
+    if r.rewrite.as_ref().is_some_and(|rw| rw.authority.is_some()) {
+        places.push(p(&p(path, "rewrite"), "authority"));
+    }
+    if let Some(h) = &r.headers {
+        places.extend(authority_ops(&p(path, "headers"), h));
+    }
+    let route_level = places.len();
+    for (j, d) in r.route.iter().enumerate() {
+        if let Some(h) = &d.headers {
+            let found = authority_ops(&p(&pi(path, "route", j), "headers"), h);
+            // One per destination is fine on its own; with a route-level one it is not.
+            if route_level > 0 || found.len() > 1 {
+                places.extend(found);
+            }
+        }
+    }
+    if places.len() > 1 {
+        for extra in &places[1..] {
+            ctx.error_at_key(
+                extra,
+                format!(
+                    "the authority is already rewritten at {}; rewrite it in one place only",
+                    places[0]
+                ),
+            );
+        }
     }
 }
 
