@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
@@ -97,18 +98,21 @@ impl fmt::Display for Kind {
 /// Unknown metadata fields are an error (a misspelled `namespace` must not silently move a
 /// policy to the default namespace); standard Kubernetes fields such as `uid`,
 /// `resourceVersion`, `generation` or `managedFields` are accepted and ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
-#[serde(from = "RawMetadata")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(from = "RawMetadata", rename_all = "camelCase")]
 pub struct Metadata {
     /// Resource name (required).
     pub name: String,
     /// Namespace; filled with the load's default namespace when absent.
     pub namespace: String,
     /// Labels.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
     /// Annotations.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: Labels,
     /// RFC 3339 creation time (`2024-01-02T03:04:05Z`), used to order PeerAuthentications.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
 }
 
@@ -428,6 +432,20 @@ impl AnyResource {
     }
 }
 
+/// Serializes as the Kubernetes resource it was loaded from (`apiVersion`, `kind`,
+/// `metadata`, `spec`), for configuration dumps; loading the output gives the same
+/// resource back.
+impl Serialize for AnyResource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("apiVersion", self.api_version())?;
+        m.serialize_entry("kind", self.kind().as_str())?;
+        m.serialize_entry("metadata", self.metadata())?;
+        each!(self, r => m.serialize_entry("spec", &r.spec))?;
+        m.end()
+    }
+}
+
 /// Qualifies a short host with a namespace, the way Istio reads hosts in Kubernetes:
 /// a name without dots (`reviews`) becomes `reviews.<namespace>.svc.cluster.local`;
 /// names with dots, wildcards (`*`, `*.example.com`) and IP addresses stay as written.
@@ -447,7 +465,7 @@ pub fn qualify_host(host: &str, namespace: &str) -> String {
 }
 
 /// A percentage in [0, 100] (`{value: 12.5}`).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Percent {
     /// The percentage.
@@ -455,7 +473,7 @@ pub struct Percent {
 }
 
 /// A port selector (`{number: 8080}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PortSelector {
     /// Port number.
@@ -463,7 +481,7 @@ pub struct PortSelector {
 }
 
 /// The security workload selector (`matchLabels`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct WorkloadSelector {
     /// Labels the workload must carry.
@@ -491,6 +509,20 @@ pub enum StringMatch {
     Regex(String),
     /// `{}`: the value is present (any value).
     Present,
+}
+
+impl Serialize for StringMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (key, value) = match self {
+            StringMatch::Exact(v) => ("exact", v),
+            StringMatch::Prefix(v) => ("prefix", v),
+            StringMatch::Regex(v) => ("regex", v),
+            StringMatch::Present => return s.serialize_map(Some(0))?.end(),
+        };
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(key, value)?;
+        m.end()
+    }
 }
 
 impl<'de> Deserialize<'de> for StringMatch {
