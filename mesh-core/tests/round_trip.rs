@@ -71,3 +71,25 @@ spec:
 "
     );
 }
+
+#[test]
+fn a_whole_configuration_dumps_to_yaml_that_loads_into_the_same_snapshot() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let options = LoadOptions::default();
+    let (config, _) =
+        mesh_core::config::MeshConfig::load(&[fixtures.join("all-fields")], &options).unwrap();
+    let dump = config.to_yaml().unwrap();
+    let (again, _) =
+        mesh_core::config::MeshConfig::from_yaml_str("dump.yaml", &dump, &options).unwrap();
+    assert_eq!(
+        again.virtual_services()[0].spec,
+        config.virtual_services()[0].spec
+    );
+    assert_eq!(
+        again.destination_rules()[0].spec,
+        config.destination_rules()[0].spec
+    );
+    assert_eq!(again.service_entries().len(), 3);
+    assert_eq!(again.authorization_policies().len(), 3);
+    assert_eq!(again.to_yaml().unwrap(), dump, "dumping is stable");
+}

@@ -121,8 +121,8 @@ pub use load::{LoadOptions, LoadReport, load_paths, load_str};
 pub use peer_authentication::*;
 pub use resource::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, Metadata, Origin,
-    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, StringMatch, VirtualService,
-    WorkloadSelector, qualify_host,
+    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, Spec, StringMatch,
+    VirtualService, WorkloadSelector, qualify_host,
 };
 pub use service_entry::*;
 pub use snapshot::MeshConfig;

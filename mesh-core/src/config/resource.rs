@@ -432,17 +432,49 @@ impl AnyResource {
     }
 }
 
+/// A spec type and its kind.
+pub trait Spec {
+    /// The kind whose `spec` this is.
+    const KIND: Kind;
+}
+
+impl Spec for VirtualServiceSpec {
+    const KIND: Kind = Kind::VirtualService;
+}
+impl Spec for DestinationRuleSpec {
+    const KIND: Kind = Kind::DestinationRule;
+}
+impl Spec for GatewaySpec {
+    const KIND: Kind = Kind::Gateway;
+}
+impl Spec for ServiceEntrySpec {
+    const KIND: Kind = Kind::ServiceEntry;
+}
+impl Spec for PeerAuthenticationSpec {
+    const KIND: Kind = Kind::PeerAuthentication;
+}
+impl Spec for AuthorizationPolicySpec {
+    const KIND: Kind = Kind::AuthorizationPolicy;
+}
+
+/// Serializes as the Kubernetes resource (`apiVersion`, `kind`, `metadata`, `spec`).
+impl<S: Spec + Serialize> Serialize for Resource<S> {
+    fn serialize<Ser: Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("apiVersion", &self.api_version)?;
+        m.serialize_entry("kind", S::KIND.as_str())?;
+        m.serialize_entry("metadata", &self.metadata)?;
+        m.serialize_entry("spec", &self.spec)?;
+        m.end()
+    }
+}
+
 /// Serializes as the Kubernetes resource it was loaded from (`apiVersion`, `kind`,
 /// `metadata`, `spec`), for configuration dumps; loading the output gives the same
 /// resource back.
 impl Serialize for AnyResource {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(4))?;
-        m.serialize_entry("apiVersion", self.api_version())?;
-        m.serialize_entry("kind", self.kind().as_str())?;
-        m.serialize_entry("metadata", self.metadata())?;
-        each!(self, r => m.serialize_entry("spec", &r.spec))?;
-        m.end()
+        each!(self, r => r.serialize(s))
     }
 }
 
