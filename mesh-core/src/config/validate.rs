@@ -908,6 +908,12 @@ fn http_match(ctx: &mut Ctx<'_>, path: &str, m: &HttpMatchRequest) {
     ] {
         if let Some(sm) = sm {
             string_match(ctx, &p(path, field), sm, field, false);
+            if matches!(sm, StringMatch::Exact(v) if v.is_empty()) {
+                ctx.error(
+                    &p(&p(path, field), "exact"),
+                    format!("{field}: an empty exact match never matches; give a value or remove the match"),
+                );
+            }
         }
     }
     for (field, map) in [
@@ -917,8 +923,16 @@ fn http_match(ctx: &mut Ctx<'_>, path: &str, m: &HttpMatchRequest) {
         for (name, sm) in map {
             let hp = p(&p(path, field), name);
             header_name(ctx, &hp, name, true);
-            if !matches!(sm, StringMatch::Regex(r) if r == "*") {
-                string_match_regex_only(ctx, &hp, sm);
+            match sm {
+                // `regex: "*"` is Istio's spelling of presence, not a regex (VS-14).
+                StringMatch::Regex(r) if r == "*" => {}
+                StringMatch::Prefix(v) if v.is_empty() => ctx.error(
+                    &p(&hp, "prefix"),
+                    format!(
+                        "{field}: an empty prefix is not allowed; use `{{}}` to match any value"
+                    ),
+                ),
+                _ => string_match_regex_only(ctx, &hp, sm),
             }
         }
     }
