@@ -24,6 +24,25 @@
 //!   is the single table [`NOT_ENFORCED`].
 //! - Short hosts are qualified with the resource's namespace ([`qualify_host`]);
 //!   `metadata.namespace` absent means [`LoadOptions::default_namespace`].
+//! - A path is a file or a directory; a directory contributes its `.yaml`/`.yml` files
+//!   (not recursively), sorted by name. Documents are split on `---` lines; documents
+//!   holding only comments are not counted.
+//! - When the same `Kind/namespace/name` is defined twice, the later definition replaces
+//!   the earlier one (as `kubectl apply` would) and the load warns.
+//! - Cross-resource checks are warnings: a route to a subset no DestinationRule defines
+//!   (it would fail with 503 `NC`), a gateway that is not defined, several namespace-wide
+//!   PeerAuthentications (only the oldest applies).
+//! - Resources serialize back to Istio YAML with unset fields left out
+//!   ([`MeshConfig::to_yaml`], for `/config_dump`); loading the dump gives the same
+//!   resources.
+//!
+//! # Layer placement
+//!
+//! None: this is data, read when configuration is loaded or reloaded, never per request.
+//! The behaviour crates convert these types into their own validated policies (routing
+//! tables, retry and outlier policies, mTLS modes, authorization matchers) and the proxy
+//! swaps the compiled tables atomically. [`LoadReport::error_at`] lets those conversions
+//! report errors located like the loader's.
 //!
 //! # Errors
 //!
@@ -41,6 +60,15 @@
 //!   be at least 1ms with millisecond precision, as in Istio.
 //! - `AuthorizationPolicy` with `action: CUSTOM` is rejected: external authorization
 //!   providers are not supported, and a policy that cannot be enforced must not load.
+//! - Exact `principals` (and `source.principal` conditions) must be Istio workload
+//!   identities without the scheme (`<trust-domain>/ns/<ns>/sa/<sa>`); Istio accepts any
+//!   string, but anything else can never match a peer, which silently breaks ALLOW rules
+//!   and, worse, DENY rules. `spiffe://` in a principal is rejected with the fix.
+//! - Condition keys must be attributes Istio knows (Istio ignores unknown keys, which
+//!   would silently widen a DENY); `request.auth.*` keys load with a warning because
+//!   request authentication (JWT) is not supported.
+//! - An empty `StringMatch` (`{}`) is only accepted where Istio gives it a meaning
+//!   (presence of a header or query parameter); elsewhere (`uri: {}`) it is an error.
 //! - Regexes must compile with the `regex` crate (RE2 syntax without backreferences), the
 //!   same class as Envoy's RE2.
 //!
@@ -65,10 +93,18 @@
 //!       weight: 10
 //! "#;
 //! let (config, report) = MeshConfig::from_yaml_str("reviews.yaml", yaml, &LoadOptions::default()).unwrap();
-//! assert!(report.warnings().next().is_none());
+//! // No DestinationRule defines the subsets: that loads, with a warning.
+//! assert!(report.warnings().any(|w| w.message.starts_with("subset `v1` of reviews.production.svc.cluster.local")));
 //! let vs = config.virtual_services_for_host("reviews.production.svc.cluster.local");
 //! assert_eq!(vs[0].spec.http[0].route[1].weight, Some(10));
 //!
+//! let bad = yaml.replace("weight: 10", "weight: -1");
+//! let errors = MeshConfig::from_yaml_str("reviews.yaml", &bad, &LoadOptions::default()).unwrap_err();
+//! assert_eq!(
+//!     errors[0].to_string(),
+//!     "reviews.yaml:14:15: error: document 1, VirtualService/production/reviews, \
+//!      spec.http[0].route[1].weight: weight -1 is negative; weights must be 0 or more",
+//! );
 //! ```
 
 mod authorization_policy;
@@ -95,8 +131,8 @@ pub use load::{LoadOptions, LoadReport, load_paths, load_str};
 pub use peer_authentication::*;
 pub use resource::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, Metadata, Origin,
-    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, StringMatch, VirtualService,
-    WorkloadSelector, qualify_host,
+    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, Spec, StringMatch,
+    VirtualService, WorkloadSelector, qualify_host,
 };
 pub use service_entry::*;
 pub use snapshot::MeshConfig;
