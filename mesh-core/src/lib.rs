@@ -15,6 +15,7 @@
 //! Nothing here depends on another crate of the workspace; the layer crates depend on this one.
 
 pub mod body;
+pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod extensions;

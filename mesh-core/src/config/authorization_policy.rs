@@ -1,0 +1,158 @@
+//! `AuthorizationPolicy` (`security.istio.io`): ALLOW/DENY/AUDIT/CUSTOM rules over
+//! sources, operations and conditions. Field names follow istio/api
+//! `authorization_policy.proto`.
+
+use serde::Deserialize;
+
+use super::WorkloadSelector;
+
+/// The `spec` of an AuthorizationPolicy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthorizationPolicySpec {
+    /// Workloads this applies to; absent means the namespace (mesh in the root namespace).
+    pub selector: Option<WorkloadSelector>,
+    /// Deprecated single target reference.
+    pub target_ref: Option<PolicyTargetReference>,
+    /// Gateways or services this applies to (instead of `selector`).
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// Rules, ORed. No rules: ALLOW matches nothing (deny all); DENY is invalid.
+    pub rules: Vec<Rule>,
+    /// Action (default ALLOW).
+    pub action: Option<Action>,
+    /// Extension provider for CUSTOM.
+    pub provider: Option<ExtensionProvider>,
+}
+
+/// Policy actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    /// Allow matching requests.
+    #[default]
+    Allow,
+    /// Deny matching requests.
+    Deny,
+    /// Mark matching requests for audit.
+    Audit,
+    /// Delegate to an extension provider.
+    Custom,
+}
+
+/// A reference to a Gateway API resource or Service.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PolicyTargetReference {
+    /// API group.
+    pub group: Option<String>,
+    /// Kind.
+    pub kind: String,
+    /// Name.
+    pub name: String,
+    /// Namespace (must be the policy's own).
+    pub namespace: Option<String>,
+}
+
+/// The extension provider of a CUSTOM policy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ExtensionProvider {
+    /// Provider name from MeshConfig.
+    pub name: String,
+}
+
+/// One rule: any `from` AND any `to` AND all `when`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Rule {
+    /// Sources (ORed); `None` means any, `Some([])` is invalid.
+    pub from: Option<Vec<RuleFrom>>,
+    /// Operations (ORed); `None` means any, `Some([])` is invalid.
+    pub to: Option<Vec<RuleTo>>,
+    /// Conditions (ANDed).
+    pub when: Vec<Condition>,
+}
+
+/// A `from` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RuleFrom {
+    /// The source.
+    pub source: Option<Source>,
+}
+
+/// A `to` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RuleTo {
+    /// The operation.
+    pub operation: Option<Operation>,
+}
+
+/// Who sends the request. Set fields are ANDed, values within one field ORed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Source {
+    /// Peer identities (`<trust-domain>/ns/<ns>/sa/<sa>`).
+    pub principals: Vec<String>,
+    /// Peer identities that must not match.
+    pub not_principals: Vec<String>,
+    /// JWT `iss/sub` principals.
+    pub request_principals: Vec<String>,
+    /// JWT principals that must not match.
+    pub not_request_principals: Vec<String>,
+    /// Peer namespaces.
+    pub namespaces: Vec<String>,
+    /// Peer namespaces that must not match.
+    pub not_namespaces: Vec<String>,
+    /// Source IPs/CIDRs.
+    pub ip_blocks: Vec<String>,
+    /// Source IPs/CIDRs that must not match.
+    pub not_ip_blocks: Vec<String>,
+    /// Original client IPs/CIDRs.
+    pub remote_ip_blocks: Vec<String>,
+    /// Original client IPs/CIDRs that must not match.
+    pub not_remote_ip_blocks: Vec<String>,
+    /// Service accounts (`ns/sa` or `sa`).
+    pub service_accounts: Vec<String>,
+    /// Service accounts that must not match.
+    pub not_service_accounts: Vec<String>,
+    /// Peer trust domains.
+    pub trust_domains: Vec<String>,
+    /// Peer trust domains that must not match.
+    pub not_trust_domains: Vec<String>,
+}
+
+/// What the request does. Set fields are ANDed, values within one field ORed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Operation {
+    /// Hosts (case-insensitive).
+    pub hosts: Vec<String>,
+    /// Hosts that must not match.
+    pub not_hosts: Vec<String>,
+    /// Destination ports.
+    pub ports: Vec<String>,
+    /// Destination ports that must not match.
+    pub not_ports: Vec<String>,
+    /// HTTP methods.
+    pub methods: Vec<String>,
+    /// HTTP methods that must not match.
+    pub not_methods: Vec<String>,
+    /// Paths (with `{*}`/`{**}` templates).
+    pub paths: Vec<String>,
+    /// Paths that must not match.
+    pub not_paths: Vec<String>,
+}
+
+/// A `when` condition.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Condition {
+    /// Attribute name, e.g. `request.headers[x-token]`, `source.ip`.
+    pub key: String,
+    /// Accepted values.
+    pub values: Vec<String>,
+    /// Rejected values.
+    pub not_values: Vec<String>,
+}

@@ -1,0 +1,625 @@
+//! The resource envelope (`apiVersion`, `kind`, `metadata`, `spec`) and the small types
+//! shared by several kinds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use super::{
+    AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
+    ServiceEntrySpec, VirtualServiceSpec,
+};
+
+/// Labels (or any string-to-string map) in a stable order.
+pub type Labels = BTreeMap<String, String>;
+
+/// The Istio kinds this crate understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `networking.istio.io` VirtualService.
+    VirtualService,
+    /// `networking.istio.io` DestinationRule.
+    DestinationRule,
+    /// `networking.istio.io` Gateway.
+    Gateway,
+    /// `networking.istio.io` ServiceEntry.
+    ServiceEntry,
+    /// `security.istio.io` PeerAuthentication.
+    PeerAuthentication,
+    /// `security.istio.io` AuthorizationPolicy.
+    AuthorizationPolicy,
+}
+
+const NETWORKING_VERSIONS: &[&str] = &[
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+const SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+
+/// Istio kinds that exist but that this crate does not load (skipped with a warning).
+const OTHER_ISTIO_GROUPS: &[&str] = &[
+    "networking.istio.io/",
+    "security.istio.io/",
+    "telemetry.istio.io/",
+    "extensions.istio.io/",
+    "install.istio.io/",
+];
+
+impl Kind {
+    /// All kinds.
+    pub const ALL: [Kind; 6] = [
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::Gateway,
+        Kind::ServiceEntry,
+        Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
+    ];
+
+    /// The kind's name as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+
+    /// Parses a kind name.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The `apiVersion`s Istio serves for this kind.
+    pub fn api_versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy => SECURITY_VERSIONS,
+            _ => NETWORKING_VERSIONS,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Kubernetes object metadata.
+///
+/// Unknown metadata fields are an error (a misspelled `namespace` must not silently move a
+/// policy to the default namespace); standard Kubernetes fields such as `uid`,
+/// `resourceVersion`, `generation` or `managedFields` are accepted and ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(from = "RawMetadata")]
+pub struct Metadata {
+    /// Resource name (required).
+    pub name: String,
+    /// Namespace; filled with the load's default namespace when absent.
+    pub namespace: String,
+    /// Labels.
+    pub labels: Labels,
+    /// Annotations.
+    pub annotations: Labels,
+    /// RFC 3339 creation time (`2024-01-02T03:04:05Z`), used to order PeerAuthentications.
+    pub creation_timestamp: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct RawMetadata {
+    name: String,
+    namespace: String,
+    labels: Labels,
+    annotations: Labels,
+    creation_timestamp: Option<String>,
+    // Standard Kubernetes metadata, tolerated and ignored.
+    uid: IgnoredAny,
+    resource_version: IgnoredAny,
+    generation: IgnoredAny,
+    generate_name: IgnoredAny,
+    managed_fields: IgnoredAny,
+    owner_references: IgnoredAny,
+    finalizers: IgnoredAny,
+    deletion_timestamp: IgnoredAny,
+    deletion_grace_period_seconds: IgnoredAny,
+    self_link: IgnoredAny,
+    cluster_name: IgnoredAny,
+}
+
+impl From<RawMetadata> for Metadata {
+    fn from(r: RawMetadata) -> Self {
+        Metadata {
+            name: r.name,
+            namespace: r.namespace,
+            labels: r.labels,
+            annotations: r.annotations,
+            creation_timestamp: r.creation_timestamp,
+        }
+    }
+}
+
+/// Where a resource was loaded from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+pub struct Origin {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based index of the document within the file (non-empty documents only).
+    pub document: usize,
+    /// 0-based position in the whole load (files sorted, documents in order); the
+    /// tiebreak when creation timestamps are equal or absent.
+    pub seq: usize,
+}
+
+/// One loaded resource: envelope plus typed `spec`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource<S> {
+    /// The `apiVersion` it was written with.
+    pub api_version: String,
+    /// Metadata (namespace always filled in).
+    pub metadata: Metadata,
+    /// The typed spec.
+    pub spec: S,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+impl<S> Resource<S> {
+    /// The resource name.
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    /// The resource namespace.
+    pub fn namespace(&self) -> &str {
+        &self.metadata.namespace
+    }
+
+    /// Qualifies a host written in this resource with its namespace (see [`qualify_host`]).
+    pub fn qualify(&self, host: &str) -> String {
+        qualify_host(host, &self.metadata.namespace)
+    }
+
+    /// Ordering key for "oldest wins": creation timestamp (absent sorts last), then load order.
+    pub fn age_key(&self) -> (bool, &str, usize) {
+        match &self.metadata.creation_timestamp {
+            Some(ts) => (false, ts.as_str(), self.origin.seq),
+            None => (true, "", self.origin.seq),
+        }
+    }
+}
+
+/// A VirtualService resource.
+pub type VirtualService = Resource<VirtualServiceSpec>;
+/// A DestinationRule resource.
+pub type DestinationRule = Resource<DestinationRuleSpec>;
+/// A Gateway resource.
+pub type Gateway = Resource<GatewaySpec>;
+/// A ServiceEntry resource.
+pub type ServiceEntry = Resource<ServiceEntrySpec>;
+/// A PeerAuthentication resource.
+pub type PeerAuthentication = Resource<PeerAuthenticationSpec>;
+/// An AuthorizationPolicy resource.
+pub type AuthorizationPolicy = Resource<AuthorizationPolicySpec>;
+
+/// Any of the supported resources.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum AnyResource {
+    /// A VirtualService.
+    VirtualService(VirtualService),
+    /// A DestinationRule.
+    DestinationRule(DestinationRule),
+    /// A Gateway.
+    Gateway(Gateway),
+    /// A ServiceEntry.
+    ServiceEntry(ServiceEntry),
+    /// A PeerAuthentication.
+    PeerAuthentication(PeerAuthentication),
+    /// An AuthorizationPolicy.
+    AuthorizationPolicy(AuthorizationPolicy),
+}
+
+macro_rules! each {
+    ($self:expr, $r:ident => $e:expr) => {
+        match $self {
+            AnyResource::VirtualService($r) => $e,
+            AnyResource::DestinationRule($r) => $e,
+            AnyResource::Gateway($r) => $e,
+            AnyResource::ServiceEntry($r) => $e,
+            AnyResource::PeerAuthentication($r) => $e,
+            AnyResource::AuthorizationPolicy($r) => $e,
+        }
+    };
+}
+
+impl AnyResource {
+    /// The kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            AnyResource::VirtualService(_) => Kind::VirtualService,
+            AnyResource::DestinationRule(_) => Kind::DestinationRule,
+            AnyResource::Gateway(_) => Kind::Gateway,
+            AnyResource::ServiceEntry(_) => Kind::ServiceEntry,
+            AnyResource::PeerAuthentication(_) => Kind::PeerAuthentication,
+            AnyResource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+        }
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        each!(self, r => &r.metadata)
+    }
+
+    /// The metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        each!(self, r => &mut r.metadata)
+    }
+
+    /// The `apiVersion`.
+    pub fn api_version(&self) -> &str {
+        each!(self, r => &r.api_version)
+    }
+
+    /// Where it came from.
+    pub fn origin(&self) -> &Origin {
+        each!(self, r => &r.origin)
+    }
+
+    /// Where it came from, mutably.
+    pub fn origin_mut(&mut self) -> &mut Origin {
+        each!(self, r => &mut r.origin)
+    }
+
+    /// `Kind/namespace/name`, the way diagnostics name a resource.
+    pub fn display_name(&self) -> String {
+        let m = self.metadata();
+        format!("{}/{}/{}", self.kind(), m.namespace, m.name)
+    }
+
+    /// A one-line summary (`VirtualService production/order-service: 2 http routes`).
+    pub fn summary(&self) -> String {
+        fn plural(n: usize, what: &str) -> String {
+            format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+        }
+        let m = self.metadata();
+        let detail = match self {
+            AnyResource::VirtualService(r) => {
+                let s = &r.spec;
+                let mut parts = Vec::new();
+                if !s.http.is_empty() || (s.tcp.is_empty() && s.tls.is_empty()) {
+                    parts.push(plural(s.http.len(), "http route"));
+                }
+                if !s.tcp.is_empty() {
+                    parts.push(plural(s.tcp.len(), "tcp route"));
+                }
+                if !s.tls.is_empty() {
+                    parts.push(plural(s.tls.len(), "tls route"));
+                }
+                parts.join(", ")
+            }
+            AnyResource::DestinationRule(r) => {
+                format!(
+                    "host {}, {}",
+                    r.spec.host,
+                    plural(r.spec.subsets.len(), "subset")
+                )
+            }
+            AnyResource::Gateway(r) => plural(r.spec.servers.len(), "server"),
+            AnyResource::ServiceEntry(r) => format!(
+                "{}, {}",
+                plural(r.spec.hosts.len(), "host"),
+                plural(r.spec.endpoints.len(), "endpoint")
+            ),
+            AnyResource::PeerAuthentication(r) => {
+                let mode = r
+                    .spec
+                    .mtls
+                    .as_ref()
+                    .and_then(|m| m.mode)
+                    .map_or("UNSET".to_owned(), |m| format!("{m:?}").to_uppercase());
+                let scope = if r.spec.selector.is_some() {
+                    "workload"
+                } else {
+                    "namespace"
+                };
+                format!("mode {mode}, {scope} scope")
+            }
+            AnyResource::AuthorizationPolicy(r) => {
+                let action = format!("{:?}", r.spec.action.unwrap_or_default()).to_uppercase();
+                format!("{action}, {}", plural(r.spec.rules.len(), "rule"))
+            }
+        };
+        format!("{} {}/{}: {}", self.kind(), m.namespace, m.name, detail)
+    }
+}
+
+/// Qualifies a short host with a namespace, the way Istio reads hosts in Kubernetes:
+/// a name without dots (`reviews`) becomes `reviews.<namespace>.svc.cluster.local`;
+/// names with dots, wildcards (`*`, `*.example.com`) and IP addresses stay as written.
+///
+/// ```
+/// use mesh_core::config::qualify_host;
+/// assert_eq!(qualify_host("order-service", "production"), "order-service.production.svc.cluster.local");
+/// assert_eq!(qualify_host("api.example.com", "production"), "api.example.com");
+/// assert_eq!(qualify_host("*", "production"), "*");
+/// ```
+pub fn qualify_host(host: &str, namespace: &str) -> String {
+    if host.is_empty() || host.contains('.') || host.contains('*') || host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}.{namespace}.svc.cluster.local")
+    }
+}
+
+/// A percentage in [0, 100] (`{value: 12.5}`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Percent {
+    /// The percentage.
+    pub value: f64,
+}
+
+/// A port selector (`{number: 8080}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortSelector {
+    /// Port number.
+    pub number: u32,
+}
+
+/// The security workload selector (`matchLabels`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WorkloadSelector {
+    /// Labels the workload must carry.
+    pub match_labels: Labels,
+}
+
+impl WorkloadSelector {
+    /// True when every selector label is present with the same value in `labels`.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    }
+}
+
+/// Istio's `StringMatch` one-of, plus the presence form `{}` (or an empty value) that
+/// Istio accepts for header and query-parameter matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StringMatch {
+    /// Exact, case-sensitive.
+    Exact(String),
+    /// Raw string prefix.
+    Prefix(String),
+    /// RE2 regex, matched against the whole value.
+    Regex(String),
+    /// `{}`: the value is present (any value).
+    Present,
+}
+
+impl<'de> Deserialize<'de> for StringMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            exact: Option<String>,
+            prefix: Option<String>,
+            regex: Option<String>,
+        }
+        let f = Option::<Fields>::deserialize(d)?.unwrap_or_default();
+        match (f.exact, f.prefix, f.regex) {
+            (None, None, None) => Ok(StringMatch::Present),
+            (Some(v), None, None) => Ok(StringMatch::Exact(v)),
+            (None, Some(v), None) => Ok(StringMatch::Prefix(v)),
+            (None, None, Some(v)) => Ok(StringMatch::Regex(v)),
+            _ => Err(de::Error::custom(
+                "a string match sets exactly one of `exact`, `prefix`, `regex`",
+            )),
+        }
+    }
+}
+
+/// One parsed YAML document: one of ours, or something to skip.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Document {
+    Istio(AnyResource),
+    Other {
+        api_version: Option<String>,
+        kind: Option<String>,
+        name: Option<String>,
+    },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ForeignMetadata {
+    name: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(DocumentVisitor)
+    }
+}
+
+struct DocumentVisitor;
+
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Vs(VirtualServiceSpec),
+    Dr(DestinationRuleSpec),
+    Gw(GatewaySpec),
+    Se(ServiceEntrySpec),
+    Pa(PeerAuthenticationSpec),
+    Ap(AuthorizationPolicySpec),
+}
+
+impl<'de> Visitor<'de> for DocumentVisitor {
+    type Value = Document;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a Kubernetes resource: a mapping with apiVersion, kind, metadata and spec")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+        let mut api_version: Option<String> = None;
+        let mut kind_name: Option<String> = None;
+        let mut kind: Option<Kind> = None;
+        let mut metadata: Option<Metadata> = None;
+        let mut foreign_name: Option<String> = None;
+        let mut spec: Option<Parsed> = None;
+        // `foreign` once we know the document is not one of ours: the rest is skipped.
+        let mut foreign = false;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "apiVersion" => {
+                    let v: String = map.next_value()?;
+                    if let Some(k) = kind {
+                        if is_istio_group(&v) {
+                            check_api_version(k, &v).map_err(de::Error::custom)?;
+                        } else {
+                            // e.g. a Gateway API `Gateway`: not ours.
+                            kind = None;
+                            foreign = true;
+                        }
+                    }
+                    api_version = Some(v);
+                }
+                "kind" => {
+                    let v: String = map.next_value()?;
+                    kind = Kind::from_name(&v);
+                    match (kind, &api_version) {
+                        (Some(k), Some(av)) => {
+                            // A kind name of ours under a foreign group (e.g. a Gateway
+                            // API `Gateway`) is not ours.
+                            if is_istio_group(av) {
+                                check_api_version(k, av).map_err(de::Error::custom)?;
+                            } else {
+                                kind = None;
+                                foreign = true;
+                            }
+                        }
+                        (None, _) => foreign = true,
+                        (Some(_), None) => {}
+                    }
+                    kind_name = Some(v);
+                }
+                "metadata" if !foreign => {
+                    metadata = Some(map.next_value()?);
+                }
+                "metadata" => {
+                    foreign_name = map.next_value::<ForeignMetadata>()?.name;
+                }
+                "spec" if foreign => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                "spec" => {
+                    let Some(k) = kind else {
+                        return Err(de::Error::custom(
+                            "`spec` appears before `kind`; write apiVersion and kind first, \
+                             then metadata and spec",
+                        ));
+                    };
+                    spec = Some(match k {
+                        Kind::VirtualService => Parsed::Vs(map.next_value()?),
+                        Kind::DestinationRule => Parsed::Dr(map.next_value()?),
+                        Kind::Gateway => Parsed::Gw(map.next_value()?),
+                        Kind::ServiceEntry => Parsed::Se(map.next_value()?),
+                        Kind::PeerAuthentication => Parsed::Pa(map.next_value()?),
+                        Kind::AuthorizationPolicy => Parsed::Ap(map.next_value()?),
+                    });
+                }
+                "status" => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                _ if foreign => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                other => {
+                    return Err(de::Error::custom(format_args!(
+                        "unknown field `{other}`, expected one of `apiVersion`, `kind`, \
+                         `metadata`, `spec`, `status`"
+                    )));
+                }
+            }
+        }
+        let Some(kind) = kind else {
+            if kind_name.is_none() {
+                return Err(de::Error::custom(
+                    "missing field `kind`; every document needs apiVersion and kind",
+                ));
+            }
+            return Ok(Document::Other {
+                api_version,
+                kind: kind_name,
+                name: foreign_name.or(metadata.map(|m| m.name)),
+            });
+        };
+        let Some(api_version) = api_version else {
+            return Err(de::Error::custom(format_args!(
+                "missing field `apiVersion`; {kind} is served as {}",
+                kind.api_versions().join(", ")
+            )));
+        };
+        let Some(metadata) = metadata else {
+            return Err(de::Error::custom(
+                "missing field `metadata`; a resource needs at least `metadata.name`",
+            ));
+        };
+        let spec = spec.unwrap_or(match kind {
+            Kind::VirtualService => Parsed::Vs(Default::default()),
+            Kind::DestinationRule => Parsed::Dr(Default::default()),
+            Kind::Gateway => Parsed::Gw(Default::default()),
+            Kind::ServiceEntry => Parsed::Se(Default::default()),
+            Kind::PeerAuthentication => Parsed::Pa(Default::default()),
+            Kind::AuthorizationPolicy => Parsed::Ap(Default::default()),
+        });
+        fn r<S>(api_version: String, metadata: Metadata, spec: S) -> Resource<S> {
+            Resource {
+                api_version,
+                metadata,
+                spec,
+                origin: Origin::default(),
+            }
+        }
+        Ok(Document::Istio(match spec {
+            Parsed::Vs(s) => AnyResource::VirtualService(r(api_version, metadata, s)),
+            Parsed::Dr(s) => AnyResource::DestinationRule(r(api_version, metadata, s)),
+            Parsed::Gw(s) => AnyResource::Gateway(r(api_version, metadata, s)),
+            Parsed::Se(s) => AnyResource::ServiceEntry(r(api_version, metadata, s)),
+            Parsed::Pa(s) => AnyResource::PeerAuthentication(r(api_version, metadata, s)),
+            Parsed::Ap(s) => AnyResource::AuthorizationPolicy(r(api_version, metadata, s)),
+        }))
+    }
+}
+
+fn is_istio_group(api_version: &str) -> bool {
+    OTHER_ISTIO_GROUPS
+        .iter()
+        .any(|g| api_version.starts_with(g))
+}
+
+pub(crate) fn is_other_istio(api_version: Option<&str>) -> bool {
+    api_version.is_some_and(is_istio_group)
+}
+
+fn check_api_version(kind: Kind, api_version: &str) -> Result<(), String> {
+    if kind.api_versions().contains(&api_version) {
+        Ok(())
+    } else {
+        Err(format!(
+            "apiVersion `{api_version}` is not served for {kind}; expected one of {}",
+            kind.api_versions().join(", ")
+        ))
+    }
+}

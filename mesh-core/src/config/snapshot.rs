@@ -1,0 +1,431 @@
+//! [`MeshConfig`]: the indexed snapshot of one load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use super::diagnostic::Diagnostic;
+use super::load::{LoadOptions, LoadReport, load_paths, load_str};
+use super::{
+    AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
+    ServiceEntry, Subset, VirtualService,
+};
+
+/// All resources of one successful load, indexed by host, by namespace and by workload
+/// selector, with a content version.
+///
+/// Hosts in the indexes are qualified ([`super::qualify_host`]) with the namespace of the
+/// resource that names them. When the same `Kind/namespace/name` is defined twice, the later
+/// definition replaces the earlier one (as `kubectl apply` would) and the load warns.
+#[derive(Debug, Clone, Default)]
+pub struct MeshConfig {
+    version: u64,
+    root_namespace: String,
+    virtual_services: Vec<VirtualService>,
+    destination_rules: Vec<DestinationRule>,
+    gateways: Vec<Gateway>,
+    service_entries: Vec<ServiceEntry>,
+    /// Oldest first (creation timestamp, then load order).
+    peer_authentications: Vec<PeerAuthentication>,
+    authorization_policies: Vec<AuthorizationPolicy>,
+    vs_by_host: HashMap<String, Vec<usize>>,
+    dr_by_host: HashMap<String, Vec<usize>>,
+    se_by_host: HashMap<String, Vec<usize>>,
+    by_namespace: BTreeMap<String, NamespaceIndex>,
+}
+
+/// Indices of the resources of one namespace.
+#[derive(Debug, Clone, Default)]
+struct NamespaceIndex {
+    virtual_services: Vec<usize>,
+    destination_rules: Vec<usize>,
+    gateways: Vec<usize>,
+    service_entries: Vec<usize>,
+    peer_authentications: Vec<usize>,
+    authorization_policies: Vec<usize>,
+}
+
+impl MeshConfig {
+    /// Loads and validates `paths`; on success the snapshot and the report (with warnings
+    /// and notes), otherwise every error.
+    pub fn load<P: AsRef<Path>>(
+        paths: &[P],
+        options: &LoadOptions,
+    ) -> Result<(MeshConfig, LoadReport), Vec<Diagnostic>> {
+        let report = load_paths(paths, options);
+        let config = MeshConfig::from_report(&report, options)?;
+        Ok((config, report))
+    }
+
+    /// Like [`MeshConfig::load`] for YAML text named `name` in diagnostics.
+    pub fn from_yaml_str(
+        name: impl Into<std::path::PathBuf>,
+        yaml: &str,
+        options: &LoadOptions,
+    ) -> Result<(MeshConfig, LoadReport), Vec<Diagnostic>> {
+        let report = load_str(name, yaml, options);
+        let config = MeshConfig::from_report(&report, options)?;
+        Ok((config, report))
+    }
+
+    /// Builds the snapshot of a report; fails with the report's errors if it has any.
+    pub fn from_report(
+        report: &LoadReport,
+        options: &LoadOptions,
+    ) -> Result<MeshConfig, Vec<Diagnostic>> {
+        if report.has_errors() {
+            return Err(report.errors().cloned().collect());
+        }
+        // Later definitions of the same Kind/namespace/name replace earlier ones.
+        let mut last: HashMap<(Kind, &str, &str), usize> = HashMap::new();
+        for (i, r) in report.resources.iter().enumerate() {
+            let m = r.metadata();
+            last.insert((r.kind(), &m.namespace, &m.name), i);
+        }
+        let mut c = MeshConfig {
+            version: report.version,
+            root_namespace: options.root_namespace.clone(),
+            ..MeshConfig::default()
+        };
+        for (i, r) in report.resources.iter().enumerate() {
+            let m = r.metadata();
+            if last.get(&(r.kind(), m.namespace.as_str(), m.name.as_str())) != Some(&i) {
+                continue;
+            }
+            match r.clone() {
+                AnyResource::VirtualService(v) => c.virtual_services.push(v),
+                AnyResource::DestinationRule(v) => c.destination_rules.push(v),
+                AnyResource::Gateway(v) => c.gateways.push(v),
+                AnyResource::ServiceEntry(v) => c.service_entries.push(v),
+                AnyResource::PeerAuthentication(v) => c.peer_authentications.push(v),
+                AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
+            }
+        }
+        c.peer_authentications
+            .sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        c.index();
+        Ok(c)
+    }
+
+    fn index(&mut self) {
+        for (i, vs) in self.virtual_services.iter().enumerate() {
+            for h in &vs.spec.hosts {
+                self.vs_by_host.entry(vs.qualify(h)).or_default().push(i);
+            }
+            self.by_namespace
+                .entry(vs.metadata.namespace.clone())
+                .or_default()
+                .virtual_services
+                .push(i);
+        }
+        for (i, dr) in self.destination_rules.iter().enumerate() {
+            self.dr_by_host
+                .entry(dr.qualify(&dr.spec.host))
+                .or_default()
+                .push(i);
+            self.by_namespace
+                .entry(dr.metadata.namespace.clone())
+                .or_default()
+                .destination_rules
+                .push(i);
+        }
+        for (i, se) in self.service_entries.iter().enumerate() {
+            for h in &se.spec.hosts {
+                self.se_by_host.entry(se.qualify(h)).or_default().push(i);
+            }
+            self.by_namespace
+                .entry(se.metadata.namespace.clone())
+                .or_default()
+                .service_entries
+                .push(i);
+        }
+        for (i, g) in self.gateways.iter().enumerate() {
+            self.by_namespace
+                .entry(g.metadata.namespace.clone())
+                .or_default()
+                .gateways
+                .push(i);
+        }
+        for (i, p) in self.peer_authentications.iter().enumerate() {
+            self.by_namespace
+                .entry(p.metadata.namespace.clone())
+                .or_default()
+                .peer_authentications
+                .push(i);
+        }
+        for (i, p) in self.authorization_policies.iter().enumerate() {
+            self.by_namespace
+                .entry(p.metadata.namespace.clone())
+                .or_default()
+                .authorization_policies
+                .push(i);
+        }
+    }
+
+    /// Content version of the load (a hash of the documents' text).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The root namespace (mesh-wide policies), from [`LoadOptions::root_namespace`].
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// All VirtualServices, in load order.
+    pub fn virtual_services(&self) -> &[VirtualService] {
+        &self.virtual_services
+    }
+
+    /// All DestinationRules, in load order.
+    pub fn destination_rules(&self) -> &[DestinationRule] {
+        &self.destination_rules
+    }
+
+    /// All Gateways, in load order.
+    pub fn gateways(&self) -> &[Gateway] {
+        &self.gateways
+    }
+
+    /// All ServiceEntries, in load order.
+    pub fn service_entries(&self) -> &[ServiceEntry] {
+        &self.service_entries
+    }
+
+    /// All PeerAuthentications, OLDEST FIRST (creation timestamp, then load order), which
+    /// is the order "oldest wins" needs (ISTIO.md PA-04).
+    pub fn peer_authentications(&self) -> &[PeerAuthentication] {
+        &self.peer_authentications
+    }
+
+    /// All AuthorizationPolicies, in load order.
+    pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
+        &self.authorization_policies
+    }
+
+    /// Namespaces that have at least one resource.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.by_namespace.keys().map(String::as_str)
+    }
+
+    /// VirtualServices whose hosts cover `host` (a qualified name such as
+    /// `reviews.default.svc.cluster.local`, or an external name): exact host matches first,
+    /// then wildcard hosts (`*.example.com`, `*`) from the most to the least specific.
+    /// Gateway binding (`spec.gateways`) is not considered here.
+    pub fn virtual_services_for_host(&self, host: &str) -> Vec<&VirtualService> {
+        self.lookup_host(&self.vs_by_host, host)
+            .into_iter()
+            .map(|i| &self.virtual_services[i])
+            .collect()
+    }
+
+    /// VirtualServices bound to the gateway `namespace/name` (listed in `spec.gateways`,
+    /// with unqualified names read in the VirtualService's namespace).
+    pub fn virtual_services_for_gateway(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<&VirtualService> {
+        self.virtual_services
+            .iter()
+            .filter(|vs| {
+                vs.spec.gateways.iter().any(|g| match g.split_once('/') {
+                    Some((ns, n)) => ns == namespace && n == name,
+                    None => g == name && vs.metadata.namespace == namespace,
+                })
+            })
+            .collect()
+    }
+
+    /// VirtualServices that apply to sidecars (`gateways` empty or containing `mesh`).
+    pub fn mesh_virtual_services(&self) -> impl Iterator<Item = &VirtualService> {
+        self.virtual_services.iter().filter(|vs| {
+            vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh")
+        })
+    }
+
+    /// The DestinationRule that applies to traffic from `client_namespace` to `host`:
+    /// among rules for the host (exact before wildcard, most specific wildcard first), one in
+    /// the client's namespace wins, then one in the host's own namespace, then one in the
+    /// root namespace, then the first loaded.
+    pub fn destination_rule_for(
+        &self,
+        host: &str,
+        client_namespace: &str,
+    ) -> Option<&DestinationRule> {
+        let candidates = self.lookup_host(&self.dr_by_host, host);
+        let host_ns = host_namespace(host);
+        let pick = |ns: &str| {
+            candidates
+                .iter()
+                .copied()
+                .find(|&i| self.destination_rules[i].metadata.namespace == ns)
+        };
+        pick(client_namespace)
+            .or_else(|| host_ns.and_then(pick))
+            .or_else(|| pick(&self.root_namespace))
+            .or_else(|| candidates.first().copied())
+            .map(|i| &self.destination_rules[i])
+    }
+
+    /// The subset `name` of `host` as seen from `client_namespace`.
+    pub fn subset(&self, host: &str, client_namespace: &str, name: &str) -> Option<&Subset> {
+        self.destination_rule_for(host, client_namespace)?
+            .spec
+            .subsets
+            .iter()
+            .find(|s| s.name == name)
+    }
+
+    /// ServiceEntries that declare `host`.
+    pub fn service_entries_for_host(&self, host: &str) -> Vec<&ServiceEntry> {
+        self.lookup_host(&self.se_by_host, host)
+            .into_iter()
+            .map(|i| &self.service_entries[i])
+            .collect()
+    }
+
+    /// The gateway `namespace/name`.
+    pub fn gateway(&self, namespace: &str, name: &str) -> Option<&Gateway> {
+        self.by_namespace
+            .get(namespace)?
+            .gateways
+            .iter()
+            .map(|&i| &self.gateways[i])
+            .find(|g| g.metadata.name == name)
+    }
+
+    /// Gateways whose selector matches a gateway proxy's labels.
+    pub fn gateways_for_labels(&self, labels: &Labels) -> Vec<&Gateway> {
+        self.gateways
+            .iter()
+            .filter(|g| {
+                g.spec
+                    .selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect()
+    }
+
+    /// PeerAuthentications that may apply to a workload, oldest first: mesh-wide ones (root
+    /// namespace, no selector), namespace-wide ones, and those whose selector matches
+    /// `labels`. Resolution by scope (PA-03) is the caller's.
+    pub fn peer_authentications_for(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+    ) -> Vec<&PeerAuthentication> {
+        self.peer_authentications
+            .iter()
+            .filter(|p| {
+                let ns = p.metadata.namespace.as_str();
+                match &p.spec.selector {
+                    None => ns == self.root_namespace || ns == namespace,
+                    // Selector policies in the root namespace are ignored (PA-02).
+                    Some(sel) => {
+                        ns == namespace && ns != self.root_namespace && sel.matches(labels)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// AuthorizationPolicies that apply to a workload in `namespace` with `labels`:
+    /// policies of that namespace without selector or whose selector matches, and policies
+    /// of the root namespace (mesh-wide, or selecting by labels in every namespace).
+    /// Policies bound with `targetRefs` are not included.
+    pub fn authorization_policies_for(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+    ) -> Vec<&AuthorizationPolicy> {
+        let mut out = Vec::new();
+        let mut scan = |ns: &str| {
+            if let Some(idx) = self.by_namespace.get(ns) {
+                for &i in &idx.authorization_policies {
+                    let p = &self.authorization_policies[i];
+                    let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
+                    let selected = p.spec.selector.as_ref().is_none_or(|s| s.matches(labels));
+                    if !targeted && selected {
+                        out.push(p);
+                    }
+                }
+            }
+        };
+        scan(namespace);
+        if namespace != self.root_namespace {
+            scan(&self.root_namespace);
+        }
+        out
+    }
+
+    /// Resources of `namespace`, by kind.
+    pub fn count_in_namespace(&self, namespace: &str, kind: Kind) -> usize {
+        self.by_namespace.get(namespace).map_or(0, |n| match kind {
+            Kind::VirtualService => n.virtual_services.len(),
+            Kind::DestinationRule => n.destination_rules.len(),
+            Kind::Gateway => n.gateways.len(),
+            Kind::ServiceEntry => n.service_entries.len(),
+            Kind::PeerAuthentication => n.peer_authentications.len(),
+            Kind::AuthorizationPolicy => n.authorization_policies.len(),
+        })
+    }
+
+    /// VirtualServices of `namespace`.
+    pub fn virtual_services_in(&self, namespace: &str) -> Vec<&VirtualService> {
+        self.by_namespace.get(namespace).map_or_else(Vec::new, |n| {
+            n.virtual_services
+                .iter()
+                .map(|&i| &self.virtual_services[i])
+                .collect()
+        })
+    }
+
+    /// DestinationRules of `namespace`.
+    pub fn destination_rules_in(&self, namespace: &str) -> Vec<&DestinationRule> {
+        self.by_namespace.get(namespace).map_or_else(Vec::new, |n| {
+            n.destination_rules
+                .iter()
+                .map(|&i| &self.destination_rules[i])
+                .collect()
+        })
+    }
+
+    fn lookup_host(&self, index: &HashMap<String, Vec<usize>>, host: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = index.get(host).cloned().unwrap_or_default();
+        let mut wild: Vec<(&str, &Vec<usize>)> = index
+            .iter()
+            .filter(|(pattern, _)| pattern.as_str() != host && wildcard_covers(pattern, host))
+            .map(|(p, v)| (p.as_str(), v))
+            .collect();
+        // Most specific (longest) wildcard first; ties by name for a stable order.
+        wild.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(b.0)));
+        for (_, v) in wild {
+            for &i in v {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `*` covers every host; `*.example.com` covers `a.example.com` and `a.b.example.com`
+/// but not `example.com`.
+fn wildcard_covers(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => false,
+    }
+}
+
+/// The namespace of `name.namespace.svc.cluster.local`.
+fn host_namespace(host: &str) -> Option<&str> {
+    let rest = host.strip_suffix(".svc.cluster.local")?;
+    let (_, ns) = rest.split_once('.')?;
+    (!ns.contains('.')).then_some(ns)
+}
