@@ -3,6 +3,8 @@
 //! byte for byte on a real socket to a hyper server; every case asserts the status and
 //! the exact target the application received (or that it received nothing).
 
+#![allow(clippy::unwrap_used)]
+
 mod authz_support;
 
 use authz_support::Server;

@@ -4,6 +4,8 @@
 //! "Only order-service can call payment-service, only `POST /api/v1/payments` and
 //! `/api/v1/payments/*`."
 
+#![allow(clippy::unwrap_used)]
+
 mod authz_support;
 
 use authz_support::Server;

@@ -2,7 +2,7 @@
 //! PeerAuthentication accept path (mTLS or plaintext), hyper, the [`AuthzLayer`], and an
 //! application that records what it received.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
