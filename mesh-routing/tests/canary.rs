@@ -1,6 +1,8 @@
 //! The article's canary deployment: 95/5 split, `x-canary: true` to v2, and the progressive
 //! rollout's switch to 100 % v2 without disturbing requests in flight.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::convert::Infallible;

@@ -1,6 +1,8 @@
 //! Table-driven tests of every match field (ISTIO.md §1.2), of host lookup and of the
 //! precedence rules (§1.1), through the real compilation path from YAML.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use support::{config, decide, request, routing};
