@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod ca;
+
 /// The mesh proxy.
 #[derive(Parser, Debug)]
 #[command(name = "mesh-proxy", version, about)]
@@ -18,6 +20,8 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<std::path::PathBuf>,
     },
+    /// Development certificate authority: create a root, issue and rotate workload SVIDs.
+    Ca(ca::CaCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,5 +31,6 @@ fn main() -> std::process::ExitCode {
             let _ = paths;
             std::process::ExitCode::SUCCESS
         }
+        Command::Ca(cmd) => ca::run(cmd),
     }
 }

@@ -263,6 +263,17 @@ impl CertificateAuthority {
         service_account: &str,
         ttl: Duration,
     ) -> Result<IssuedSvid, CaError> {
+        self.issue_with(&self.workload_spec(namespace, service_account, ttl)?)
+    }
+
+    /// The [`LeafSpec`] of a valid SVID for `ns/<namespace>/sa/<service_account>`, valid
+    /// for `ttl` from now, after checking the names; add DNS SANs before issuing.
+    pub fn workload_spec(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: Duration,
+    ) -> Result<LeafSpec, CaError> {
         for (what, value) in [
             ("namespace", namespace),
             ("service account", service_account),
@@ -275,9 +286,7 @@ impl CertificateAuthority {
             }
         }
         Identity::from_istio(&self.trust_domain, namespace, service_account)?;
-        self.issue_with(
-            &LeafSpec::workload(&self.trust_domain, namespace, service_account).with_ttl(ttl),
-        )
+        Ok(LeafSpec::workload(&self.trust_domain, namespace, service_account).with_ttl(ttl))
     }
 
     /// Issues a certificate exactly as `spec` says, valid or not.

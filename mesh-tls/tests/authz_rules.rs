@@ -4,6 +4,8 @@
 //! `GET /` on `payment.production.svc` from `cluster.local/ns/production/sa/order-service`
 //! at 10.1.2.3 to 10.9.9.9:8080 over mTLS.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;

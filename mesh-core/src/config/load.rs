@@ -240,7 +240,7 @@ impl<'a> Loader<'a> {
             }
             Err(e) => {
                 let resource = resource_name(&source, &self.options.default_namespace);
-                let d = deserialize_error(&e, &source, Diagnostic { resource, ..base });
+                let d = deserialize_error(&e, &source, first_line, Diagnostic { resource, ..base });
                 self.report.diagnostics.push(d);
             }
         }
@@ -266,9 +266,15 @@ fn resource_name(source: &SourceMap, default_namespace: &str) -> Option<String> 
 }
 
 /// Turns a serde-saphyr error into a located diagnostic with a field path.
-fn deserialize_error(e: &serde_saphyr::Error, source: &SourceMap, base: Diagnostic) -> Diagnostic {
+fn deserialize_error(
+    e: &serde_saphyr::Error,
+    source: &SourceMap,
+    first_line: usize,
+    base: Diagnostic,
+) -> Diagnostic {
     let e = e.without_snippet();
-    let shift = source.value("").map_or(0, |p| p.line.saturating_sub(1));
+    // serde-saphyr counts lines from the start of the document's text.
+    let shift = first_line.saturating_sub(1);
     let (message, location) = match e {
         serde_saphyr::Error::Message { msg, location } => (msg.clone(), Some(*location)),
         other => (strip_location(&other.to_string()), other.location()),
@@ -277,18 +283,47 @@ fn deserialize_error(e: &serde_saphyr::Error, source: &SourceMap, base: Diagnost
         line: l.line() as usize + shift,
         column: l.column() as usize,
     });
-    let found = pos.and_then(|p| source.path_at(p));
+    // "expected a sequence/mapping" is about the value at that position, not the first key
+    // inside it.
+    let about_value = message.starts_with("expected sequence start")
+        || message.starts_with("expected mapping start");
+    let found = pos.and_then(|p| {
+        if about_value {
+            source.value_path_at(p).map(|v| (v, false))
+        } else {
+            source.path_at(p)
+        }
+    });
     let at_key = found.is_some_and(|(_, key)| key);
     let mut path = found.map(|(p, _)| p.to_owned());
-    if pos.is_none() {
-        // Errors raised by the envelope itself carry no position: point at the field.
-        let at = if message.contains("`spec` appears before `kind`") {
-            "spec"
+    let mut message = message;
+    if message.contains("`spec` appears before `kind`") && !source.contains("kind") {
+        message = "missing field `kind`; every document needs apiVersion and kind".to_owned();
+    }
+    // Errors raised by the envelope itself: point at the field they are about.
+    let envelope_field = if message.contains("`spec` appears before `kind`") {
+        Some("spec")
+    } else if message.starts_with("apiVersion `") {
+        Some("apiVersion")
+    } else if message.starts_with("missing field `kind`") || pos.is_none() {
+        Some("")
+    } else {
+        None
+    };
+    if let Some(at) = envelope_field {
+        pos = if at == "apiVersion" {
+            source.value(at)
         } else {
-            ""
+            source.key(at)
         };
-        pos = source.key(at);
         path = Some(at.to_owned());
+    }
+    if location.is_none_or(|l| l.line() == 0)
+        && let Some(field) = between(&message, "unknown field `", "`")
+        && source.contains(field)
+    {
+        pos = source.key(field);
+        path = Some(field.to_owned());
     }
     // serde names a missing field in its message; point the path at it.
     if let (Some(p), Some(field)) = (&mut path, between(&message, "missing field `", "`")) {
@@ -355,10 +390,8 @@ fn improve_message(m: &str, value: Option<&str>) -> String {
         }
         "invalid f64" | "invalid f32" => number("a valid number"),
         "invalid bool" => number("a boolean; expected true or false"),
-        "expected mapping start"
-        | "invalid type: sequence, expected a Kubernetes resource: a mapping with apiVersion, kind, metadata and spec" => {
-            "expected a mapping here".to_owned()
-        }
+        "expected mapping start" => "expected a mapping (`key: value` lines) here".to_owned(),
+        "expected sequence start" => "expected a list (`- item` lines or `[a, b]`) here".to_owned(),
         _ => m.to_owned(),
     }
 }

@@ -263,6 +263,7 @@ impl PathMatch {
 enum Field {
     Principal(Box<[StrMatch]>),
     Namespace(Box<[Glob]>),
+    TrustDomain(Box<[StrMatch]>),
     ServiceAccount(Box<[(Box<str>, Box<str>)]>),
     SourceIp(Box<[IpNet]>),
     RemoteIp(Box<[IpNet]>),
@@ -367,6 +368,10 @@ impl Pred {
             },
             Field::Namespace(gs) => match a.peer.and_then(Identity::namespace) {
                 Some(ns) => Tri::from_bool(gs.iter().any(|g| g.matches(ns))),
+                None => Tri::False,
+            },
+            Field::TrustDomain(ms) => match a.peer {
+                Some(id) => Tri::from_bool(ms.iter().any(|m| m.matches(id.trust_domain()))),
                 None => Tri::False,
             },
             Field::ServiceAccount(sas) => {
@@ -867,6 +872,14 @@ fn compile_source(
         &s.not_service_accounts,
         service_account,
         Field::ServiceAccount,
+    )?;
+    add_pair(
+        &mut b,
+        "trustDomains",
+        &s.trust_domains,
+        &s.not_trust_domains,
+        str_match,
+        Field::TrustDomain,
     )?;
     add_pair(
         &mut b,
