@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod ca;
+mod validate;
 
 /// The mesh proxy.
 #[derive(Parser, Debug)]
@@ -15,11 +16,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load and validate Istio configuration files or directories.
-    Validate {
-        /// Files or directories of Istio YAML.
-        #[arg(required = true)]
-        paths: Vec<std::path::PathBuf>,
-    },
+    Validate(validate::Args),
     /// Development certificate authority: create a root, issue and rotate workload SVIDs.
     Ca(ca::CaCommand),
 }
@@ -27,10 +24,11 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { paths } => {
-            let _ = paths;
-            std::process::ExitCode::SUCCESS
-        }
+        Command::Validate(args) => validate::run(&args, &mut std::io::stdout().lock())
+            .unwrap_or_else(|e| {
+                eprintln!("mesh-proxy: {e}");
+                std::process::ExitCode::FAILURE
+            }),
         Command::Ca(cmd) => ca::run(cmd),
     }
 }

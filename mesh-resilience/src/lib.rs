@@ -64,12 +64,14 @@
 pub mod balance;
 pub mod body;
 pub mod deadline;
+pub mod istio;
 pub mod limit;
 pub mod outlier;
 pub mod retry;
 
 pub use balance::{Balance, LbPolicy, PreviousHosts};
 pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
+pub use istio::UnsupportedLb;
 pub use limit::{PoolLimitLayer, PoolLimits, RetryGate};
 pub use outlier::{OutlierConfig, OutlierDetector};
 pub use retry::{Backoff, RetriesExhausted, RetryBudget, RetryLayer, RetryOn, RetryPolicy};

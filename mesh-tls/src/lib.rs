@@ -58,6 +58,7 @@ pub mod authz;
 pub mod ca;
 pub mod client;
 pub mod peer_auth;
+pub mod peer_auth_istio;
 pub mod server;
 pub mod store;
 pub mod svid;

@@ -278,3 +278,22 @@ async fn store_refuses_files_whose_key_does_not_match() {
     let err = CertStore::new(files).unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let ca = ca();
+    let acceptor = mesh_tls::InboundAcceptor::new(store(&ca, "prod", "payment"))
+        .with_handshake_timeout(std::time::Duration::from_secs(10));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let err = acceptor
+        .accept(tcp, PeerAuthMode::Permissive)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AcceptError::Timeout), "{err}");
+    assert_eq!(started.elapsed(), std::time::Duration::from_secs(10));
+}

@@ -379,6 +379,11 @@ fn strip_location(s: &str) -> String {
 /// Rewrites terse messages into "what is wrong, what is allowed".
 fn improve_message(m: &str, value: Option<&str>) -> String {
     let m = m.trim();
+    if m.starts_with("budget breached") {
+        return "the document exceeds the parser's limits (too many nodes, or aliases that \
+                expand too far) and is rejected"
+            .to_owned();
+    }
     let shown = value
         .map(|v| format!("`{v}`"))
         .unwrap_or_else(|| "the value".to_owned());

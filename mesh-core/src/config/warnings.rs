@@ -304,10 +304,11 @@ pub(crate) fn not_enforced_warnings(kind: Kind, source: &SourceMap) -> Vec<(Stri
         .collect();
     let mut out: Vec<(String, String)> = Vec::new();
     for path in source.paths() {
-        if out
-            .iter()
-            .any(|(reported, _)| path.starts_with(reported.as_str()) && path != reported)
-        {
+        let inside = |reported: &str| {
+            path.strip_prefix(reported)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        };
+        if out.iter().any(|(reported, _)| inside(reported)) {
             continue;
         }
         let norm = normalize(path);
