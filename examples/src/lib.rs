@@ -5,6 +5,8 @@
 //! The [`proxyless`] module is the composition both programs use: an inbound server and
 //! an outbound client assembled from the layer crates and configured from Istio YAML.
 
+pub mod demo;
 pub mod embedded;
+pub mod local;
 pub mod proxyless;
 pub mod scenario;

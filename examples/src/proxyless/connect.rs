@@ -167,9 +167,21 @@ impl tower::Service<Request<BoxBody>> for EndpointService {
 
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
         let address = self.endpoint.address;
+        // The connector always dials this endpoint; the URI keeps the logical authority
+        // (HTTP/2 sends it as `:authority`, HTTP/1.1 as `Host`).
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| address.to_string());
         if !req.headers().contains_key(http::header::HOST)
-            && let Some(authority) = req.uri().authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+            && let Ok(v) = HeaderValue::from_str(&authority)
         {
             req.headers_mut().insert(http::header::HOST, v);
         }
@@ -180,10 +192,13 @@ impl tower::Service<Request<BoxBody>> for EndpointService {
             .to_owned();
         let uri = Uri::builder()
             .scheme("http")
-            .authority(address.to_string())
+            .authority(authority)
             .path_and_query(path)
             .build();
         let client = self.client.clone();
+        // The pool picks HTTP/2 or HTTP/1.1 by ALPN; an HTTP/2 request from downstream
+        // must still be sendable on an HTTP/1.1 connection.
+        *req.version_mut() = http::Version::HTTP_11;
         Box::pin(async move {
             *req.uri_mut() = uri?;
             match client.request(req).await {

@@ -94,6 +94,7 @@ pub fn serve(
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            let _ = tcp.set_nodelay(true);
             let port = tcp.local_addr().map_or(0, |a: SocketAddr| a.port());
             let mode = policy.peer_auth.load().mode(port);
             let acceptor = acceptor.clone();

@@ -60,6 +60,16 @@ impl Outbound {
             },
             ..CompileOptions::default()
         };
+        Self::with_options(config, options, tls, telemetry)
+    }
+
+    /// Like [`Outbound::new`] for any listener (a gateway's, for instance).
+    pub fn with_options(
+        config: &MeshConfig,
+        options: CompileOptions,
+        tls: mesh_tls::ClientTls,
+        telemetry: Telemetry,
+    ) -> Result<Self, BoxError> {
         let routing = compile(config, &options)?;
         let make: MakeFn = Box::new(move |target: &Arc<Target>| destination(target, &tls));
         Ok(Self {

@@ -1,0 +1,59 @@
+//! The `sidecar` demo, run as a user runs it (short mode): every step's expectation
+//! holds and the output tells the story.
+
+#![allow(clippy::unwrap_used)]
+
+#[test]
+fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .arg("--short")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("FAILED"), "{stdout}");
+    assert!(stdout.contains("All 19 expectations held."), "{stdout}");
+
+    // Each step printed what happened.
+    for want in [
+        "caller seen: spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway",
+        "caller seen: spiffe://cluster.local/ns/production/sa/order-service",
+        "plaintext HTTP to payment-service's sidecar: connection closed, no answer",
+        "istio-ingressgateway POST /api/v1/payments -> 403 Forbidden",
+        "order-service        GET  /api/v1/payments -> 403 Forbidden",
+        "order-service        POST /api/v1/payments -> 200 OK",
+        "canary-order-service.yaml rewritten: v1 80 / v2 20, reloaded",
+        "canary-order-service.yaml rewritten: v1 0 / v2 100, reloaded",
+        "rollout 100%: 100.0% measured to v2",
+        "success rate 100.0%",
+        "order-service-v1       -> payment-service",
+        "Server payment-service:8080/*",
+        "a new handshake presents serial",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+    // The summary has one row per expectation, all ok.
+    let rows = stdout
+        .lines()
+        .skip_while(|l| *l != "Summary")
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<u8>().is_ok())
+        })
+        .count();
+    assert_eq!(rows, 19, "{stdout}");
+}
+
+#[test]
+fn sidecar_demo_rejects_unknown_arguments() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
