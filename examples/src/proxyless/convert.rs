@@ -117,3 +117,86 @@ pub fn labels(app: &str, version: &str) -> BTreeMap<String, String> {
         ("version".to_owned(), version.to_owned()),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::config::LoadOptions;
+    use mesh_tls::PeerAuthMode;
+
+    fn config(yaml: &str) -> MeshConfig {
+        MeshConfig::from_yaml_str("t.yaml", yaml, &LoadOptions::default())
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn route_without_retries_gets_istio_default_policy() {
+        assert_eq!(retry_policy(None).unwrap(), RetryPolicy::istio_default());
+    }
+
+    #[test]
+    fn route_retries_map_field_for_field() {
+        let c = config(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: p}\nspec:\n  hosts: [p]\n  http:\n  - retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"gateway-error,503\", backoff: 50ms, retryIgnorePreviousHosts: false}\n    route: [{destination: {host: p}}]\n",
+        );
+        let r = c.virtual_services()[0].spec.http[0].retries.as_ref();
+        let p = retry_policy(r).unwrap();
+        assert_eq!(p.attempts, 3);
+        assert_eq!(p.per_try_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(p.retry_on, RetryOn::parse("gateway-error,503").unwrap());
+        assert_eq!(p.backoff, Backoff::new(Duration::from_millis(50)));
+        assert!(!p.retry_ignore_previous_hosts);
+    }
+
+    #[test]
+    fn zero_max_ejection_percent_keeps_envoys_default() {
+        let o = config::OutlierDetection {
+            max_ejection_percent: Some(0),
+            consecutive_5xx_errors: Some(7),
+            ..Default::default()
+        };
+        let c = outlier_config(&o);
+        assert_eq!(c.max_ejection_percent, 10);
+        assert_eq!(c.consecutive_5xx_errors, 7);
+        assert_eq!(c.interval, OutlierConfig::default().interval);
+    }
+
+    #[test]
+    fn deprecated_consecutive_errors_counts_gateway_errors() {
+        let o = config::OutlierDetection {
+            consecutive_errors: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(outlier_config(&o).consecutive_gateway_errors, 4);
+    }
+
+    #[test]
+    fn load_balancer_defaults_to_least_request() {
+        assert_eq!(lb_policy(None), LbPolicy::LeastRequest);
+        let rr = config::LoadBalancerSettings {
+            simple: Some(config::SimpleLb::RoundRobin),
+            ..Default::default()
+        };
+        assert_eq!(lb_policy(Some(&rr)), LbPolicy::RoundRobin);
+    }
+
+    #[test]
+    fn workload_peer_authentication_overrides_namespace_strict() {
+        let c = config(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: prod}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: legacy, namespace: prod}\nspec:\n  selector: {matchLabels: {app: legacy}}\n  mtls: {mode: PERMISSIVE}\n  portLevelMtls: {9090: {mode: DISABLE}}\n",
+        );
+        let pa = peer_authentication(&c);
+        assert_eq!(
+            pa.for_workload("prod", &labels("orders", "v1")).mode(8080),
+            PeerAuthMode::Strict
+        );
+        let legacy = pa.for_workload("prod", &labels("legacy", "v1"));
+        assert_eq!(legacy.mode(8080), PeerAuthMode::Permissive);
+        assert_eq!(legacy.mode(9090), PeerAuthMode::Disable);
+        assert_eq!(
+            pa.for_workload("other", &labels("x", "v1")).mode(8080),
+            PeerAuthMode::Permissive
+        );
+    }
+}
