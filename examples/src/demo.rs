@@ -1146,17 +1146,16 @@ pub async fn run(options: Options) -> Result<Vec<(usize, Check)>, BoxError> {
     }
     if options.keep_running {
         println!(
-            "\nEverything stays up. Gateway: https://{} (SNI/Host api.example.com; root certificate below)",
+            "\nEverything stays up. Gateway: https://{} (SNI and Host api.example.com)",
             world.gateway.address
         );
-        println!(
-            "  curl --cacert root-cert.pem --resolve api.example.com:{}:127.0.0.1 -X POST https://api.example.com:{}/api/v1/orders",
-            world.gateway.address.port(),
-            world.gateway.address.port()
-        );
-        let root = world.config_dir.join("..").join("root-cert.pem");
+        let root = world._scratch.path().join("root-cert.pem");
         std::fs::write(&root, world.ca.root_pem())?;
-        println!("  root certificate: {}", root.display());
+        let port = world.gateway.address.port();
+        println!(
+            "  curl -s --cacert {} --resolve api.example.com:{port}:127.0.0.1 -X POST https://api.example.com:{port}/api/v1/orders",
+            root.display()
+        );
         for (name, addr) in world.admin_urls() {
             println!("  {name:<28} admin http://{addr}/metrics  http://{addr}/stats");
         }

@@ -57,3 +57,58 @@ fn sidecar_demo_rejects_unknown_arguments() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn keep_running_serves_the_printed_curl_command_and_admin_urls() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["--short", "--keep-running"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("Press Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let curl = printed
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .cloned();
+    let admin = printed
+        .iter()
+        .find(|l| l.trim_start().starts_with("payment-service-a"))
+        .and_then(|l| l.split_whitespace().find(|w| w.ends_with("/metrics")))
+        .map(str::to_owned);
+    let run = |args: Vec<String>| {
+        std::process::Command::new("curl")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let order = curl
+        .as_ref()
+        .map(|c| run(c.split_whitespace().skip(1).map(str::to_owned).collect()));
+    let metrics = admin.as_ref().map(|u| run(vec!["-s".into(), u.clone()]));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let order = order.unwrap_or_else(|| panic!("no curl command in {printed:#?}"));
+    let body = String::from_utf8_lossy(&order.stdout);
+    assert!(order.status.success(), "{body}");
+    assert!(body.contains("\"service\":\"order-service\""), "{body}");
+    assert!(body.contains("\"payment_status\":200"), "{body}");
+    let metrics = metrics.unwrap_or_else(|| panic!("no admin URL in {printed:#?}"));
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_requests_total{reporter=\"destination\"")),
+        "{text}"
+    );
+}
