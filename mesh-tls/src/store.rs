@@ -29,6 +29,17 @@
 //! `root-cert.pem` (or call [`CertStore::set_trust_roots`] with both); both are trusted
 //! until the old one is removed.
 //!
+//! # Layer placement
+//!
+//! Not a layer: one store per workload, shared by the inbound [`ServerTls`](crate::ServerTls)
+//! and the outbound [`ClientTls`](crate::ClientTls).
+//!
+//! # Errors
+//!
+//! [`StoreError`] from [`CertStore::install`] and friends says why an update was refused
+//! (key mismatch, not an SVID, does not chain to the bundle, unusable bundle); the
+//! background sources log it and publish [`StoreEvent::Rejected`].
+//!
 //! # Example
 //!
 //! ```

@@ -205,6 +205,11 @@ async fn wrong_server_identity_fails_secure_naming() {
         .expect("secure naming must fail the handshake");
     match svid_error(&err) {
         Some(SvidError::UnexpectedServer { got, expected }) => {
+            assert!(
+                err.to_string()
+                    .contains("is not among the identities expected"),
+                "{err}"
+            );
             assert_eq!(got.service_account(), Some("evil"));
             assert_eq!(expected, "spiffe://cluster.local/ns/prod/sa/payment");
         }
