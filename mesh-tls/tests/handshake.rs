@@ -350,8 +350,7 @@ async fn client_refuses_a_server_certificate_that_is_not_an_svid() {
         let err = client
             .connect(tcp, "mesh.test", &SecureNaming::AnyTrusted)
             .await
-            .err()
-            .expect("the client must refuse the server");
+            .expect_err("the client must refuse the server");
         assert!(svid_error(&err).is_some(), "{err}");
         assert!(err.to_string().contains(want), "want {want:?} in {err}");
     }
