@@ -22,7 +22,7 @@
 //!   the SVID when half of its lifetime has passed, with ±1 % jitter (Istio's
 //!   `SECRET_GRACE_PERIOD_RATIO=0.5`, `SECRET_GRACE_PERIOD_RATIO_JITTER=0.01`).
 //!
-//! [`CertStore::rotate_now`] forces a rotation at once (a compromised workload): the
+//! Run one source per store. [`CertStore::rotate_now`] forces a rotation at once (a compromised workload): the
 //! issuer mints a new key and certificate, the file source re-reads its directory.
 //!
 //! Trust-bundle rotation with overlap: put both the old and the new root in

@@ -355,3 +355,25 @@ async fn client_refuses_a_server_certificate_that_is_not_an_svid() {
         assert!(err.to_string().contains(want), "want {want:?} in {err}");
     }
 }
+
+#[tokio::test]
+async fn trust_domain_alias_admits_the_other_domain() {
+    let ca = ca();
+    let other = CertificateAuthority::new("other.local").unwrap();
+    // The server trusts both roots and, as an alias (Istio's trustDomainAliases),
+    // the other trust domain.
+    let mut files = ca.issue("prod", "payment").unwrap().files();
+    files.roots.push(other.root_der().clone());
+    let server_store = CertStore::with_aliases(files, vec!["other.local".into()]).unwrap();
+    let server = start_server(server_store, PeerAuthMode::Strict).await;
+    let mut client_files = other.issue("legacy", "orders").unwrap().files();
+    client_files.roots.push(ca.root_der().clone());
+    let client = ClientTls::new(CertStore::with_aliases(client_files, vec![TD.into()]).unwrap());
+    let mut conn = connect(&client, server.addr, &SecureNaming::AnyTrusted)
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.get().await.unwrap(),
+        "peer=spiffe://other.local/ns/legacy/sa/orders;security=mutual_tls"
+    );
+}
