@@ -20,7 +20,7 @@ use tower_service::Service;
 
 use super::budget::RetryBudget;
 use super::policy::RetryPolicy;
-use super::replay::{Buffering, Prepared, Replay};
+use super::replay::{Buffering, Prepared, Replay, Start};
 use super::{ATTEMPT_COUNT, RetriesExhausted};
 use crate::balance::{EndpointFailed, PreviousHosts};
 use crate::deadline::{AttemptDeadline, RequestDeadline};
@@ -28,6 +28,10 @@ use crate::limit::{RetryGate, RetryPermit};
 
 /// Response future of [`Retry`](super::Retry).
 #[pin_project(project = ResponseFutureProj)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the attempts live inline so a request costs no extra allocation"
+)]
 pub enum ResponseFuture<S, F> {
     /// Retries disabled: the inner future as is.
     Passthrough {
@@ -134,9 +138,9 @@ impl<S, F> Attempts<S, F> {
         let deadline = head.extensions.get::<RequestDeadline>().copied();
         let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
         let (body, phase) = match Buffering::start(body, policy.replay_limit) {
-            Ok(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
-            Ok(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
-            Err(buffering) => (Body::Buffering(buffering), Phase::Buffering),
+            Start::Done(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
+            Start::Done(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
+            Start::Read(buffering) => (Body::Buffering(buffering), Phase::Buffering),
         };
         Self {
             service,
@@ -207,11 +211,11 @@ where
                         Poll::Ready(r) => r,
                         Poll::Pending => {
                             // Reading the request body counts against the deadline too.
-                            if let Some(d) = this.deadline {
-                                if this.timer.is_none() {
-                                    this.timer.set(Some(sleep_until(d.at)));
-                                    *this.timer_kind = Timer::Deadline;
-                                }
+                            if let Some(d) = this.deadline
+                                && this.timer.is_none()
+                            {
+                                this.timer.set(Some(sleep_until(d.at)));
+                                *this.timer_kind = Timer::Deadline;
                             }
                             if let Some(t) = this.timer.as_mut().as_pin_mut() {
                                 ready!(t.poll(cx));
@@ -429,10 +433,10 @@ fn decide<RB>(
         Ok(res) => res.extensions().get::<UpstreamHost>().map(|h| h.0),
         Err(e) => find_cause::<EndpointFailed>(e.as_ref()).map(EndpointFailed::address),
     };
-    if let Some(host) = host {
-        if !tried.contains(&host) {
-            tried.push(host);
-        }
+    if let Some(host) = host
+        && !tried.contains(&host)
+    {
+        tried.push(host);
     }
     Decision::Retry
 }
