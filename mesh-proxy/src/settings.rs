@@ -66,6 +66,9 @@ pub struct Settings {
     /// What happens to hosts the registry does not know.
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Seed for weighted route picks (reproducible demos and tests); random when absent.
+    #[serde(default)]
+    pub random_seed: Option<u64>,
     /// Ingress gateway settings (only for `mesh-proxy gateway`).
     #[serde(default)]
     pub gateway: Option<GatewaySettings>,

@@ -49,7 +49,10 @@ impl Sidecar {
             replay_limit: limits.max_retry_body_bytes,
             destinations: destinations.clone(),
         };
-        let router = RouterHandle::new(make, compiled.routing);
+        let router = match settings.random_seed {
+            Some(seed) => RouterHandle::with_seed(make, compiled.routing, seed),
+            None => RouterHandle::new(make, compiled.routing),
+        };
         let authz = PolicyHandle::new(compiled.policies);
         let peer_auth = Arc::new(ArcSwap::from_pointee(compiled.peer_auth));
         let active = Arc::new(ArcSwap::from_pointee(Active {
