@@ -7,18 +7,21 @@
 //!   (telemetry, VirtualService routing, deadline, retries, balancing with outlier
 //!   detection, pooled mTLS connections), configured from Istio YAML.
 //! - [`embedded`]: the proxyless scenario behind the `embedded` program.
-//! - [`local`]: a sidecar and an ingress gateway assembled in-process from [`proxyless`]
-//!   for the loopback demo; [`demo`]: the story the `sidecar` program tells.
+//! - [`demo`]: the story the `sidecar` program tells, with `mesh-proxy` sidecars and an
+//!   ingress gateway started in-process ([`mesh_proxy::Sidecar`], [`mesh_proxy::Gateway`]).
 //! - [`scenario`]: a development CA writing Istio's SVID files, service replicas, and
 //!   the generated ServiceEntry that places them on loopback.
 //!
 //! # Where the demo differs from a deployment
 //!
-//! - The demo's sidecars run in one process, built from [`proxyless`]; each still has
-//!   its own certificate store, listeners, outlier detectors and telemetry, and every
-//!   hop between them is a real mTLS connection on loopback.
+//! - All proxies and applications run in one process on 127.0.0.1; each proxy still
+//!   has its own listeners, certificate, outlier detectors and telemetry, every hop is
+//!   a real connection, and the demo reads what it reports from the admin servers.
 //! - Endpoints come from one generated ServiceEntry (the only YAML the demo adds to the
-//!   article's); a gateway reports `destination_service` by the request's authority.
+//!   article's), since there is no Kubernetes to discover them.
+//! - The article's resources carry no namespace; the demo loads them as `production`,
+//!   and runs the ingress gateway in `production` too, so its Gateway and
+//!   VirtualServices are found where the gateway looks for them.
 //!
 //! # Embedding a layer
 //!
@@ -72,6 +75,5 @@
 
 pub mod demo;
 pub mod embedded;
-pub mod local;
 pub mod proxyless;
 pub mod scenario;

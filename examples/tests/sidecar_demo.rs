@@ -20,19 +20,20 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
 
     // Each step printed what happened.
     for want in [
-        "caller seen: spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway",
-        "caller seen: spiffe://cluster.local/ns/production/sa/order-service",
+        "spiffe://cluster.local/ns/production/sa/istio-ingressgateway -> spiffe://cluster.local/ns/production/sa/order-service  (mutual_tls)",
+        "spiffe://cluster.local/ns/production/sa/order-service -> spiffe://cluster.local/ns/production/sa/payment-service  (mutual_tls)",
         "plaintext HTTP to payment-service's sidecar: connection closed, no answer",
         "istio-ingressgateway POST /api/v1/payments -> 403 Forbidden",
-        "order-service        GET  /api/v1/payments -> 403 Forbidden",
+        "order-service        GET  /api/v1/payments -> 403 Forbidden RBAC: access denied",
         "order-service        POST /api/v1/payments -> 200 OK",
-        "canary-order-service.yaml rewritten: v1 80 / v2 20, reloaded",
-        "canary-order-service.yaml rewritten: v1 0 / v2 100, reloaded",
+        "canary-order-service.yaml rewritten: v1 80 / v2 20; all 6 proxies reloaded",
+        "canary-order-service.yaml rewritten: v1 0 / v2 100; all 6 proxies reloaded",
         "rollout 100%: 100.0% measured to v2",
         "success rate 100.0%",
+        "ejected by: order-service-v1, order-service-v2",
         "order-service-v1       -> payment-service",
-        "Server payment-service:8080/*",
-        "a new handshake presents serial",
+        "SERVER  payment-service:8080/*",
+        "a new handshake to payment-service presents serial",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
@@ -83,8 +84,8 @@ fn keep_running_serves_the_printed_curl_command_and_admin_urls() {
         .cloned();
     let admin = printed
         .iter()
-        .find(|l| l.trim_start().starts_with("payment-service-a"))
-        .and_then(|l| l.split_whitespace().find(|w| w.ends_with("/metrics")))
+        .filter(|l| l.trim_start().starts_with("payment-service-a"))
+        .find_map(|l| l.split_whitespace().find(|w| w.ends_with("/metrics")))
         .map(str::to_owned);
     let run = |args: Vec<String>| {
         std::process::Command::new("curl")
