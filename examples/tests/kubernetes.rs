@@ -236,3 +236,95 @@ fn svid_secret_mounted_by_the_kubelet_loads_as_the_workload_identity() {
         "spiffe://cluster.local/ns/production/sa/payment-service"
     );
 }
+
+/// Swaps a kubelet-style mount to new contents the way the kubelet does: a new
+/// timestamped directory, then an atomic rename of a fresh `..data` symlink.
+fn kubelet_update(dir: &Path, files: &BTreeMap<String, String>) {
+    let stamp = dir.join("..2026_11_27_04_00_00.000000002");
+    std::fs::create_dir_all(&stamp).unwrap();
+    for (k, v) in files {
+        std::fs::write(stamp.join(k), v).unwrap();
+    }
+    std::os::unix::fs::symlink(stamp.file_name().unwrap(), dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+}
+
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test]
+async fn sidecar_starts_from_the_manifests_mounted_by_the_kubelet_and_follows_configmap_updates() {
+    let docs = manifests();
+    let scratch = tempfile::tempdir().unwrap();
+    let (config_mount, certs_mount) = (scratch.path().join("config"), scratch.path().join("certs"));
+    std::fs::create_dir_all(&config_mount).unwrap();
+    std::fs::create_dir_all(&certs_mount).unwrap();
+
+    let istio = string_map(&find(&docs, "ConfigMap", "mesh-istio-config")["data"]);
+    kubelet_mount(&config_mount, &istio);
+    let ca = DevCa::new(&scratch.path().join("ca")).unwrap();
+    let issued = ca.write_svid("production", "payment-service").unwrap();
+    let svid: BTreeMap<String, String> = SVID_FILES
+        .iter()
+        .map(|f| {
+            (
+                (*f).to_owned(),
+                std::fs::read_to_string(issued.join(f)).unwrap(),
+            )
+        })
+        .collect();
+    kubelet_mount(&certs_mount, &svid);
+
+    // The manifest's settings, with the pod's mount points mapped to the scratch mounts
+    // and the listeners moved to free loopback ports.
+    let text = find(&docs, "ConfigMap", "payment-service-sidecar")["data"]["sidecar.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("/etc/istio/config", &config_mount.display().to_string())
+        .replace("/etc/certs", &certs_mount.display().to_string())
+        .replace("0.0.0.0:15006", "127.0.0.1:0")
+        .replace("127.0.0.1:15001", "127.0.0.1:0")
+        .replace("127.0.0.1:15000", "127.0.0.1:0")
+        .replace("path: \"-\"", "path: \"/dev/null\"");
+    let settings = mesh_proxy::Settings::from_yaml("sidecar.yaml", &text).unwrap();
+    let proxy = mesh_proxy::Sidecar::start(settings).await.unwrap();
+    let admin = proxy.address("admin").unwrap();
+
+    let certs = admin_get(admin, "/certs").await;
+    assert_eq!(
+        certs["identity"],
+        "spiffe://cluster.local/ns/production/sa/payment-service"
+    );
+    let dump = admin_get(admin, "/config_dump").await;
+    assert_eq!(dump["resources"].as_array().unwrap().len(), 5, "{dump}");
+
+    // `kubectl apply` of a changed ConfigMap: the kubelet swaps `..data`.
+    let mut changed = istio.clone();
+    changed.insert(
+        "payment-service-resilience.yaml".into(),
+        istio["payment-service-resilience.yaml"].replace("attempts: 3", "attempts: 2"),
+    );
+    kubelet_update(&config_mount, &changed);
+    let before = dump["version"].clone();
+    let mut reloaded = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if admin_get(admin, "/config_dump").await["version"] != before {
+            reloaded = true;
+            break;
+        }
+    }
+    proxy.shutdown();
+    assert!(reloaded, "the sidecar did not follow the ConfigMap update");
+}
