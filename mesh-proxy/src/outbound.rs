@@ -224,7 +224,7 @@ impl Destinations {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, d| d.target.strong_count() > 0);
         let mut v: Vec<_> = map.values().cloned().collect();
-        v.sort_by(|a, b| a.key.to_string().cmp(&b.key.to_string()));
+        v.sort_by_key(|d| d.key.to_string());
         v
     }
 }

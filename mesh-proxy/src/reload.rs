@@ -112,8 +112,6 @@ pub struct Reloadable {
     pub active: Arc<ArcSwap<Active>>,
     /// `mesh_config_reloads_total` and `mesh_config_reload_failures_total`.
     pub metrics: ProxyMetrics,
-    /// Hooks run after a successful swap (the gateway rebuilds its servers).
-    pub on_swap: Arc<dyn Fn(&Arc<MeshConfig>) + Send + Sync>,
 }
 
 impl Reloadable {
@@ -128,7 +126,6 @@ impl Reloadable {
                 self.router.update(c.routing);
                 self.authz.store(c.policies);
                 self.peer_auth.store(Arc::new(c.peer_auth));
-                (self.on_swap)(&c.config);
                 self.active.store(Arc::new(Active {
                     version,
                     loaded_at: SystemTime::now(),
