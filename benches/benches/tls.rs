@@ -93,6 +93,16 @@ fn handshakes(c: &mut Criterion) {
         })
     });
 
+    // The per-connection part of "mesh" alone: building the two recording configs.
+    group.bench_function("mesh_config_build_only", |b| {
+        b.iter(|| {
+            black_box((
+                server_tls.config(Some(PeerSlot::new())),
+                client_tls.config(&expected, Some(PeerSlot::new())),
+            ))
+        })
+    });
+
     // Plain rustls mTLS: webpki verifiers, DNS name check, same certificates and keys.
     let provider = mesh_tls::provider();
     let mut roots = RootCertStore::empty();

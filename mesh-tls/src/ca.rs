@@ -23,6 +23,11 @@
 //! `key.pem` and `root-cert.pem`, each through a temporary file and a rename so a
 //! watching proxy never reads half a file.
 //!
+//! # Errors
+//!
+//! [`CaError`]: an invalid trust domain, namespace or service account, an rcgen
+//! failure, unreadable or inconsistent CA files, or an I/O error writing PEM files.
+//!
 //! # Example
 //!
 //! ```

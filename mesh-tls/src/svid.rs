@@ -29,6 +29,12 @@
 //! [`SvidFiles::certified_key`] checks that the key matches the leaf before the
 //! pair is used.
 //!
+//! # Errors
+//!
+//! [`SvidError`] names the rule a certificate breaks (`2 URI SANs`, `is a CA`,
+//! `trust domain "other.local" ... not trusted`, `expired at ...`), or the file and
+//! PEM problem when loading, or a key that does not match the certificate.
+//!
 //! # Example
 //!
 //! ```
