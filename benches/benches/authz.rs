@@ -39,18 +39,35 @@ fn article() -> Policy {
 /// ipBlocks, hosts, methods, a URI template, ports and a header condition. Only the last
 /// rule of the last policy matches, so a decision evaluates all 1000 rules.
 fn hundred_by_ten() -> Vec<Policy> {
+    hundred_by_ten_with(false)
+}
+
+/// The same set with prefix principals (`cluster.local/ns/ns<p>/*`), which the principal
+/// index cannot narrow: every rule is evaluated.
+fn hundred_by_ten_unindexed() -> Vec<Policy> {
+    hundred_by_ten_with(true)
+}
+
+fn hundred_by_ten_with(prefix: bool) -> Vec<Policy> {
     (0..100)
         .map(|p| {
-            let action = if p % 10 == 0 { Action::Deny } else { Action::Allow };
+            let action = if p % 10 == 0 {
+                Action::Deny
+            } else {
+                Action::Allow
+            };
             let rules = (0..10)
                 .map(|r| {
                     let last = p == 99 && r == 9;
                     Rule {
                         from: Some(vec![Source {
-                            principals: vec![if last {
-                                "cluster.local/ns/production/sa/order-service".into()
-                            } else {
-                                format!("cluster.local/ns/ns{p}/sa/sa{r}")
+                            principals: vec![match (last, prefix) {
+                                (true, false) => {
+                                    "cluster.local/ns/production/sa/order-service".into()
+                                }
+                                (true, true) => "cluster.local/ns/production/*".into(),
+                                (false, false) => format!("cluster.local/ns/ns{p}/sa/sa{r}"),
+                                (false, true) => format!("cluster.local/ns/ns{p}/*"),
                             }],
                             namespaces: vec!["prod*".into()],
                             ip_blocks: vec!["10.0.0.0/8".into()],
@@ -59,10 +76,7 @@ fn hundred_by_ten() -> Vec<Policy> {
                         to: Some(vec![Operation {
                             hosts: vec!["*.svc".into(), "payment".into()],
                             methods: vec!["POST".into(), "PUT".into()],
-                            paths: vec![
-                                format!("/api/v{r}/{{*}}/x"),
-                                "/api/v1/payments/*".into(),
-                            ],
+                            paths: vec![format!("/api/v{r}/{{*}}/x"), "/api/v1/payments/*".into()],
                             ports: vec!["8080".into()],
                             ..Operation::default()
                         }]),
@@ -81,8 +95,8 @@ fn hundred_by_ten() -> Vec<Policy> {
 fn decisions(c: &mut Criterion) {
     let mut headers = HeaderMap::new();
     headers.insert("x-tenant", http::HeaderValue::from_static("acme"));
-    let peer = Identity::parse("spiffe://cluster.local/ns/production/sa/order-service")
-        .expect("valid id");
+    let peer =
+        Identity::parse("spiffe://cluster.local/ns/production/sa/order-service").expect("valid id");
     let info = ConnectionInfo {
         remote: "10.1.2.3:40000".parse().expect("addr"),
         local: "10.9.9.9:8080".parse().expect("addr"),
@@ -116,6 +130,10 @@ fn decisions(c: &mut Criterion) {
     });
     c.bench_function("authz/100x10/deny_no_match", |b| {
         b.iter(|| black_box(&big).evaluate(black_box(&deny)).allowed)
+    });
+    let unindexed = PolicySet::compile(&hundred_by_ten_unindexed()).expect("compiles");
+    c.bench_function("authz/100x10_unindexed/allow_last_rule", |b| {
+        b.iter(|| black_box(&unindexed).evaluate(black_box(&allow)).allowed)
     });
     c.bench_function("authz/100x10/compile", |b| {
         b.iter(|| PolicySet::compile(black_box(&policies)).expect("compiles"))
