@@ -11,6 +11,7 @@
 //! a DENY or AUDIT rule matches when it is true *or unknown*. So an unknowable attribute
 //! can only ever narrow what is allowed and widen what is denied.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -360,13 +361,12 @@ fn header_matches(headers: &HeaderMap, name: &HeaderName, ms: &[StrMatch]) -> Tr
     }
 }
 
-/// Facts derived from the request once per decision, shared by every rule.
+/// Facts derived from the request at most once per decision, shared by every rule.
 struct Facts<'a> {
     a: &'a RequestAttributes<'a>,
     principal: Option<&'a str>,
-    namespace: Option<&'a str>,
-    service_account: Option<&'a str>,
-    bare_host: Option<&'a str>,
+    istio: OnceCell<Option<(&'a str, &'a str)>>,
+    bare_host: OnceCell<Option<&'a str>>,
 }
 
 impl<'a> Facts<'a> {
@@ -374,12 +374,52 @@ impl<'a> Facts<'a> {
         Facts {
             a,
             principal: a.peer.map(Identity::principal),
-            namespace: a.peer.and_then(Identity::namespace),
-            service_account: a.peer.and_then(Identity::service_account),
-            bare_host: a.host.map(bare_host),
+            istio: OnceCell::new(),
+            bare_host: OnceCell::new(),
         }
     }
+
+    /// Namespace and service account of an Istio-form peer ID.
+    fn istio(&self) -> Option<(&'a str, &'a str)> {
+        *self.istio.get_or_init(|| {
+            let peer = self.a.peer?;
+            Some((peer.namespace()?, peer.service_account()?))
+        })
+    }
+
+    fn namespace(&self) -> Option<&'a str> {
+        self.istio().map(|(ns, _)| ns)
+    }
+
+    fn bare_host(&self) -> Option<&'a str> {
+        *self.bare_host.get_or_init(|| self.a.host.map(bare_host))
+    }
 }
+
+/// FNV-1a: principals come from verified certificates, so a simple fast hash is enough
+/// for the rule index.
+#[derive(Clone, Copy, Debug, Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvBuild = std::hash::BuildHasherDefault<Fnv>;
 
 impl Field {
     /// Evaluation order inside a source or operation: cheap and selective first.
@@ -408,7 +448,7 @@ impl Pred {
                 Some(p) => Tri::from_bool(ms.iter().any(|m| m.matches(p))),
                 None => Tri::False,
             },
-            Field::Namespace(gs) => match f.namespace {
+            Field::Namespace(gs) => match f.namespace() {
                 Some(ns) => Tri::from_bool(gs.iter().any(|g| g.matches(ns))),
                 None => Tri::False,
             },
@@ -416,11 +456,9 @@ impl Pred {
                 Some(id) => Tri::from_bool(ms.iter().any(|m| m.matches(id.trust_domain()))),
                 None => Tri::False,
             },
-            Field::ServiceAccount(sas) => match (f.namespace, f.service_account) {
-                (Some(ns), Some(sa)) => {
-                    Tri::from_bool(sas.iter().any(|(n, s)| &**n == ns && &**s == sa))
-                }
-                _ => Tri::False,
+            Field::ServiceAccount(sas) => match f.istio() {
+                Some((ns, sa)) => Tri::from_bool(sas.iter().any(|(n, s)| &**n == ns && &**s == sa)),
+                None => Tri::False,
             },
             Field::SourceIp(nets) => ip_in(nets, a.connection.map(|c| c.remote.ip())),
             Field::RemoteIp(nets) => ip_in(
@@ -432,7 +470,7 @@ impl Pred {
                 Some(c) => Tri::from_bool(ports.contains(&c.local.port())),
                 None => Tri::Unknown,
             },
-            Field::Host(ms) => match (a.host, f.bare_host) {
+            Field::Host(ms) => match (a.host, f.bare_host()) {
                 (Some(h), Some(bare)) => Tri::from_bool(
                     ms.iter()
                         .any(|m| m.matches_ignore_case(h) || m.matches_ignore_case(bare)),
@@ -543,7 +581,7 @@ type RuleRef = (u32, u32);
 #[derive(Clone, Debug, Default)]
 struct ActionList {
     policies: Vec<CompiledPolicy>,
-    by_principal: HashMap<Box<str>, Vec<RuleRef>>,
+    by_principal: HashMap<Box<str>, Vec<RuleRef>, FnvBuild>,
     unindexed: Vec<RuleRef>,
 }
 
@@ -570,10 +608,12 @@ impl ActionList {
     /// The first rule, in declaration order, that matches. `unknown_matches`: DENY and
     /// AUDIT semantics.
     fn first_match(&self, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
-        let indexed: &[RuleRef] = f
-            .principal
-            .and_then(|p| self.by_principal.get(p))
-            .map_or(&[], Vec::as_slice);
+        let indexed: &[RuleRef] = match f.principal {
+            Some(p) if !self.by_principal.is_empty() => {
+                self.by_principal.get(p).map_or(&[], Vec::as_slice)
+            }
+            _ => &[],
+        };
         let (mut i, mut j) = (0, 0);
         loop {
             let next = match (indexed.get(i), self.unindexed.get(j)) {
