@@ -66,7 +66,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -176,12 +176,15 @@ struct Shared<S> {
     update: Mutex<()>,
     detector: Option<Arc<OutlierDetector>>,
     cursor: AtomicUsize,
+    /// Seeds the random generator of each clone, so clones never share a sequence.
+    clones: AtomicU64,
 }
 
 /// A load balancer over the endpoints of one destination. Clones share the endpoints,
 /// their state and the outlier detector; each clone has its own random generator.
 pub struct Balance<S> {
     shared: Arc<Shared<S>>,
+    seed: u64,
     rng: SmallRng,
 }
 
@@ -198,10 +201,11 @@ impl<S> fmt::Debug for Balance<S> {
 impl<S> Clone for Balance<S> {
     /// The clone shares everything but the random generator, which is reseeded.
     fn clone(&self) -> Self {
-        let mut parent = self.rng.clone();
+        let n = self.shared.clones.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: self.shared.clone(),
-            rng: SmallRng::seed_from_u64(parent.next_u64() ^ 0x9e37_79b9_7f4a_7c15),
+            seed: self.seed,
+            rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
         }
     }
 }
@@ -214,6 +218,7 @@ impl<S> Balance<S> {
         outlier: Option<OutlierConfig>,
         make: impl Fn(&Endpoint) -> S + Send + Sync + 'static,
     ) -> Self {
+        let seed = rand::rng().next_u64();
         Self {
             shared: Arc::new(Shared {
                 lb,
@@ -222,14 +227,17 @@ impl<S> Balance<S> {
                 update: Mutex::new(()),
                 detector: outlier.map(|c| Arc::new(OutlierDetector::new(c))),
                 cursor: AtomicUsize::new(0),
+                clones: AtomicU64::new(1),
             }),
-            rng: SmallRng::from_rng(&mut rand::rng()),
+            seed,
+            rng: SmallRng::seed_from_u64(seed),
         }
     }
 
-    /// Fixes the random generator (tests, benches).
+    /// Fixes the random generator (tests, benches); clones derive theirs from it.
     #[must_use]
     pub fn with_rng_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
         self.rng = SmallRng::seed_from_u64(seed);
         self
     }
@@ -314,6 +322,19 @@ impl<S> Balance<S> {
         self.shared.set.store(Arc::new(next));
     }
 
+    /// The endpoint the next request would go to: runs due outlier sweeps and picks as
+    /// [`call`](Service::call) does, without sending anything (diagnostics, benches).
+    /// `None` means the request would get [`NoHealthyUpstream`].
+    pub fn choose(&mut self, previous: Option<&PreviousHosts>) -> Option<SocketAddr> {
+        if let Some(d) = &self.shared.detector
+            && d.is_active()
+        {
+            d.sweep_if_due(Instant::now());
+        }
+        let set = self.shared.set.load();
+        self.pick(&set, previous).map(|i| set[i].endpoint.address)
+    }
+
     /// Picks an endpoint for a request that already went to `previous`.
     fn pick(&mut self, set: &[Arc<Entry<S>>], previous: Option<&PreviousHosts>) -> Option<usize> {
         let panic = self.shared.detector.as_ref().is_some_and(|d| d.in_panic());
@@ -362,7 +383,9 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let detector = self.shared.detector.clone();
-        if let Some(d) = &detector {
+        if let Some(d) = &detector
+            && d.is_active()
+        {
             d.sweep_if_due(Instant::now());
         }
         let set = self.shared.set.load();
