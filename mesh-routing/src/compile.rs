@@ -8,7 +8,9 @@
 //!   gateway (`name` in their own namespace or `namespace/name`), with their hosts narrowed
 //!   to the gateway servers' hosts (`*.example.com` covers `dev.example.com`, not
 //!   `example.com`). A match block with its own `gateways` is kept only if that list names
-//!   the listener; a route whose blocks are all dropped is dropped.
+//!   the listener; a route whose blocks are all dropped is dropped. On the mesh listener,
+//!   blocks whose `sourceLabels` or `sourceNamespace` do not describe this proxy's workload
+//!   ([`CompileOptions::workload_labels`], [`Naming::namespace`]) are dropped the same way.
 //! - Hosts and destination hosts are qualified with the VirtualService's namespace (VS-01).
 //! - Weights (VS-30..VS-33), faults (VS-70..VS-72, omitted percentage = 0 %), headers
 //!   (VS-83: `host`/`:authority` become an authority rewrite, other pseudo-headers are
@@ -68,6 +70,9 @@ pub struct CompileOptions {
     pub listener: Listener,
     /// Trust domain of `serviceAccount` identities (`cluster.local`).
     pub trust_domain: String,
+    /// Labels of the workload this sidecar serves: match blocks with `sourceLabels` apply
+    /// only when they are all among these (VS-06).
+    pub workload_labels: mesh_core::Labels,
 }
 
 impl Default for CompileOptions {
@@ -76,6 +81,7 @@ impl Default for CompileOptions {
             naming: Naming::default(),
             listener: Listener::Mesh,
             trust_domain: "cluster.local".into(),
+            workload_labels: mesh_core::Labels::new(),
         }
     }
 }
@@ -561,6 +567,18 @@ fn compile_virtual_service(
         for m in &r.matches {
             // VS-06: a block's own `gateways` overrides the top-level list.
             if !m.gateways.is_empty() && !binds(&m.gateways, namespace, &options.listener) {
+                continue;
+            }
+            // VS-06: source selectors choose proxies, and only on the mesh listener.
+            if options.listener == Listener::Mesh
+                && (!m
+                    .source_labels
+                    .iter()
+                    .all(|(k, v)| options.workload_labels.get(k) == Some(v))
+                    || m.source_namespace
+                        .as_ref()
+                        .is_some_and(|ns| *ns != options.naming.namespace))
+            {
                 continue;
             }
             matches.push(ctx.route_match(m)?);

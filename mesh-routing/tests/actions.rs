@@ -726,3 +726,37 @@ spec:
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[test]
+fn source_labels_and_namespace_select_the_proxy_not_the_request() {
+    let cfg = config(&format!(
+        "{REGISTRY}\n---\n{}",
+        vs(r#"  - name: from-frontend
+    match: [{sourceLabels: {app: frontend}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: from-ns-batch
+    match: [{sourceNamespace: batch}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: rest
+    route: [{destination: {host: web, subset: v1}}]
+"#)
+    ));
+    let frontend = CompileOptions {
+        workload_labels: [
+            ("app".to_owned(), "frontend".to_owned()),
+            ("version".to_owned(), "v3".to_owned()),
+        ]
+        .into(),
+        ..CompileOptions::default()
+    };
+    let t = Routing::compile(&cfg, &frontend).unwrap().table;
+    assert_eq!(route_name(&t, "http://web/"), "from-frontend");
+    let t = Routing::compile(&cfg, &CompileOptions::default())
+        .unwrap()
+        .table;
+    assert_eq!(route_name(&t, "http://web/"), "rest");
+    let mut batch = CompileOptions::default();
+    batch.naming.namespace = "batch".into();
+    let t = Routing::compile(&cfg, &batch).unwrap().table;
+    assert_eq!(route_name(&t, "http://web.default/"), "from-ns-batch");
+}
