@@ -24,6 +24,31 @@
 //! Every translation problem is collected as a [`CompileError`] naming the VirtualService;
 //! configuration that passed `mesh-core` validation compiles. `delegate` routes are not
 //! supported and are reported as errors.
+//!
+//! # Example
+//!
+//! ```
+//! use http::Request;
+//! use mesh_core::config::{LoadOptions, MeshConfig};
+//! use mesh_routing::{CompileOptions, RequestView, Routing};
+//!
+//! let yaml = r#"
+//! apiVersion: networking.istio.io/v1
+//! kind: VirtualService
+//! metadata: {name: reviews, namespace: default}
+//! spec:
+//!   hosts: [reviews]
+//!   http:
+//!   - match: [{headers: {end-user: {exact: jason}}}]
+//!     route: [{destination: {host: reviews, subset: v2}}]
+//!   - route: [{destination: {host: reviews, subset: v1}}]
+//! "#;
+//! let (config, _) = MeshConfig::from_yaml_str("reviews.yaml", yaml, &LoadOptions::default()).unwrap();
+//! let routing = Routing::compile(&config, &CompileOptions::default()).unwrap();
+//! let req = Request::get("http://reviews:9080/").header("end-user", "jason").body(()).unwrap();
+//! let selected = routing.table.select(&RequestView::from_request(&req, None)).unwrap();
+//! assert!(selected.matched.is_some());
+//! ```
 
 use std::collections::HashMap;
 use std::sync::Arc;

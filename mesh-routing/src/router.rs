@@ -36,6 +36,12 @@
 //! The router's `poll_ready` is always ready: the destination is only known in `call`, so
 //! the chosen destination service is driven to readiness inside the response future
 //! (destination services should be cheap to clone, e.g. behind a buffer).
+//!
+//! Note for servers: when a router (or its response future) ends up inside a spawned
+//! connection future, rustc may fail to prove `Send` for the future over the `dyn Error`
+//! inside the request body type ("implementation of `Service` is not general enough").
+//! Boxing the response future (`Box::pin(router.call(req))` as a `dyn Future + Send`) or
+//! the service (`BoxCloneSyncService`) avoids it.
 
 use std::collections::HashMap;
 use std::future::Future;
