@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod validate;
+
 /// The mesh proxy.
 #[derive(Parser, Debug)]
 #[command(name = "mesh-proxy", version, about)]
@@ -13,19 +15,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load and validate Istio configuration files or directories.
-    Validate {
-        /// Files or directories of Istio YAML.
-        #[arg(required = true)]
-        paths: Vec<std::path::PathBuf>,
-    },
+    Validate(validate::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { paths } => {
-            let _ = paths;
-            std::process::ExitCode::SUCCESS
-        }
-    }
+    let result = match cli.command {
+        Command::Validate(args) => validate::run(&args, &mut std::io::stdout().lock()),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("mesh-proxy: {e}");
+        std::process::ExitCode::FAILURE
+    })
 }

@@ -67,6 +67,36 @@ impl LoadReport {
         self.of(Severity::Note)
     }
 
+    /// `line:column` of `path` (e.g. `spec.http[0].timeout`) in the document of
+    /// `resources[index]`; for a path that is not written, its nearest written ancestor.
+    pub fn location_of(&self, index: usize, path: &str) -> Option<(usize, usize)> {
+        let pos = self.sources.get(index)?.value(path)?;
+        Some((pos.line, pos.column))
+    }
+
+    /// A located error about `path` of `resources[index]`, for checks made outside this
+    /// crate (for example a behaviour crate's `TryFrom` of a spec), so that they report
+    /// like the loader does.
+    pub fn error_at(
+        &self,
+        index: usize,
+        path: &str,
+        message: impl Into<String>,
+    ) -> Option<Diagnostic> {
+        let r = self.resources.get(index)?;
+        let pos = self.location_of(index, path);
+        Some(Diagnostic {
+            severity: Severity::Error,
+            file: r.origin().file.clone(),
+            document: Some(r.origin().document),
+            resource: Some(r.display_name()),
+            path: (!path.is_empty()).then(|| path.to_owned()),
+            line: pos.map(|p| p.0),
+            column: pos.map(|p| p.1),
+            message: message.into(),
+        })
+    }
+
     fn of(&self, s: Severity) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics.iter().filter(move |d| d.severity == s)
     }
@@ -240,7 +270,7 @@ impl<'a> Loader<'a> {
             }
             Err(e) => {
                 let resource = resource_name(&source, &self.options.default_namespace);
-                let d = deserialize_error(&e, &source, Diagnostic { resource, ..base });
+                let d = deserialize_error(&e, &source, first_line, Diagnostic { resource, ..base });
                 self.report.diagnostics.push(d);
             }
         }
@@ -266,9 +296,15 @@ fn resource_name(source: &SourceMap, default_namespace: &str) -> Option<String> 
 }
 
 /// Turns a serde-saphyr error into a located diagnostic with a field path.
-fn deserialize_error(e: &serde_saphyr::Error, source: &SourceMap, base: Diagnostic) -> Diagnostic {
+fn deserialize_error(
+    e: &serde_saphyr::Error,
+    source: &SourceMap,
+    first_line: usize,
+    base: Diagnostic,
+) -> Diagnostic {
     let e = e.without_snippet();
-    let shift = source.value("").map_or(0, |p| p.line.saturating_sub(1));
+    // serde-saphyr counts lines from the start of the document's text.
+    let shift = first_line.saturating_sub(1);
     let (message, location) = match e {
         serde_saphyr::Error::Message { msg, location } => (msg.clone(), Some(*location)),
         other => (strip_location(&other.to_string()), other.location()),
@@ -277,18 +313,47 @@ fn deserialize_error(e: &serde_saphyr::Error, source: &SourceMap, base: Diagnost
         line: l.line() as usize + shift,
         column: l.column() as usize,
     });
-    let found = pos.and_then(|p| source.path_at(p));
+    // "expected a sequence/mapping" is about the value at that position, not the first key
+    // inside it.
+    let about_value = message.starts_with("expected sequence start")
+        || message.starts_with("expected mapping start");
+    let found = pos.and_then(|p| {
+        if about_value {
+            source.value_path_at(p).map(|v| (v, false))
+        } else {
+            source.path_at(p)
+        }
+    });
     let at_key = found.is_some_and(|(_, key)| key);
     let mut path = found.map(|(p, _)| p.to_owned());
-    if pos.is_none() {
-        // Errors raised by the envelope itself carry no position: point at the field.
-        let at = if message.contains("`spec` appears before `kind`") {
-            "spec"
+    let mut message = message;
+    if message.contains("`spec` appears before `kind`") && !source.contains("kind") {
+        message = "missing field `kind`; every document needs apiVersion and kind".to_owned();
+    }
+    // Errors raised by the envelope itself: point at the field they are about.
+    let envelope_field = if message.contains("`spec` appears before `kind`") {
+        Some("spec")
+    } else if message.starts_with("apiVersion `") {
+        Some("apiVersion")
+    } else if message.starts_with("missing field `kind`") || pos.is_none() {
+        Some("")
+    } else {
+        None
+    };
+    if let Some(at) = envelope_field {
+        pos = if at == "apiVersion" {
+            source.value(at)
         } else {
-            ""
+            source.key(at)
         };
-        pos = source.key(at);
         path = Some(at.to_owned());
+    }
+    if location.is_none_or(|l| l.line() == 0)
+        && let Some(field) = between(&message, "unknown field `", "`")
+        && source.contains(field)
+    {
+        pos = source.key(field);
+        path = Some(field.to_owned());
     }
     // serde names a missing field in its message; point the path at it.
     if let (Some(p), Some(field)) = (&mut path, between(&message, "missing field `", "`")) {
@@ -344,6 +409,11 @@ fn strip_location(s: &str) -> String {
 /// Rewrites terse messages into "what is wrong, what is allowed".
 fn improve_message(m: &str, value: Option<&str>) -> String {
     let m = m.trim();
+    if m.starts_with("budget breached") {
+        return "the document exceeds the parser's limits (too many nodes, or aliases that \
+                expand too far) and is rejected"
+            .to_owned();
+    }
     let shown = value
         .map(|v| format!("`{v}`"))
         .unwrap_or_else(|| "the value".to_owned());
@@ -355,10 +425,8 @@ fn improve_message(m: &str, value: Option<&str>) -> String {
         }
         "invalid f64" | "invalid f32" => number("a valid number"),
         "invalid bool" => number("a boolean; expected true or false"),
-        "expected mapping start"
-        | "invalid type: sequence, expected a Kubernetes resource: a mapping with apiVersion, kind, metadata and spec" => {
-            "expected a mapping here".to_owned()
-        }
+        "expected mapping start" => "expected a mapping (`key: value` lines) here".to_owned(),
+        "expected sequence start" => "expected a list (`- item` lines or `[a, b]`) here".to_owned(),
         _ => m.to_owned(),
     }
 }

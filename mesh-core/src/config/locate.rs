@@ -212,7 +212,6 @@ impl SourceMap {
     }
 
     /// True when `path` is written in the document.
-    #[allow(dead_code)]
     pub fn contains(&self, path: &str) -> bool {
         self.entries.iter().any(|e| e.path == path)
     }
@@ -239,8 +238,16 @@ impl SourceMap {
             .map(|e| (e.path.as_str(), false))
     }
 
+    /// The deepest value starting exactly at `pos`.
+    pub fn value_path_at(&self, pos: Pos) -> Option<&str> {
+        self.entries
+            .iter()
+            .filter(|e| e.value == pos)
+            .min_by_key(|e| e.path.len())
+            .map(|e| e.path.as_str())
+    }
+
     /// All paths written in the document, in document order.
-    #[allow(dead_code)]
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.path.as_str())
     }

@@ -65,10 +65,18 @@
 //!       weight: 10
 //! "#;
 //! let (config, report) = MeshConfig::from_yaml_str("reviews.yaml", yaml, &LoadOptions::default()).unwrap();
-//! assert!(report.warnings().next().is_none());
+//! // No DestinationRule defines the subsets: that loads, with a warning.
+//! assert!(report.warnings().any(|w| w.message.starts_with("subset `v1` of reviews.production.svc.cluster.local")));
 //! let vs = config.virtual_services_for_host("reviews.production.svc.cluster.local");
 //! assert_eq!(vs[0].spec.http[0].route[1].weight, Some(10));
 //!
+//! let bad = yaml.replace("weight: 10", "weight: -1");
+//! let errors = MeshConfig::from_yaml_str("reviews.yaml", &bad, &LoadOptions::default()).unwrap_err();
+//! assert_eq!(
+//!     errors[0].to_string(),
+//!     "reviews.yaml:14:15: error: document 1, VirtualService/production/reviews, \
+//!      spec.http[0].route[1].weight: weight -1 is negative; weights must be 0 or more",
+//! );
 //! ```
 
 mod authorization_policy;

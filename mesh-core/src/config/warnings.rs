@@ -1,18 +1,353 @@
-//! The table of fields that are parsed but not enforced.
+//! The single table of fields that are parsed but not enforced.
+//!
+//! Every field of Istio's API is known to the loader, so configuration written for Istio
+//! loads; but a field the proxy does not act on must not look as if it works. Each entry
+//! here turns into a warning wherever the field is written. Work that implements a field
+//! removes its line.
 
 use super::Kind;
+use super::locate::SourceMap;
 
 /// A field that the loader accepts but the proxy does not act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotEnforced {
     /// The kind.
     pub kind: Kind,
-    /// Path pattern: `.`-separated segments, `[]` for any index or map key, `**` for any
-    /// number of segments.
+    /// Path pattern: `.`-separated segments; `[]` after a name matches any index or map
+    /// key; `**` matches any number of segments.
     pub pattern: &'static str,
     /// What happens instead.
     pub effect: &'static str,
 }
 
-/// Fields parsed but not enforced.
-pub const NOT_ENFORCED: &[NotEnforced] = &[];
+const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnforced {
+    NotEnforced {
+        kind,
+        pattern,
+        effect,
+    }
+}
+
+use Kind::{
+    AuthorizationPolicy as AP, DestinationRule as DR, Gateway as GW, ServiceEntry as SE,
+    VirtualService as VS,
+};
+
+/// Fields parsed but not enforced by the proxy.
+pub const NOT_ENFORCED: &[NotEnforced] = &[
+    ne(
+        VS,
+        "spec.exportTo",
+        "visibility is not restricted; every namespace sees it",
+    ),
+    ne(VS, "spec.tls", "TLS (SNI) routes are not applied"),
+    ne(VS, "spec.tcp", "TCP routes are not applied"),
+    ne(
+        VS,
+        "spec.http[].delegate",
+        "delegation is not supported; the route matches nothing",
+    ),
+    ne(
+        VS,
+        "spec.http[].corsPolicy",
+        "CORS headers are not added and preflights are forwarded",
+    ),
+    ne(VS, "spec.http[].mirror", "traffic is not mirrored"),
+    ne(VS, "spec.http[].mirrors", "traffic is not mirrored"),
+    ne(VS, "spec.http[].mirrorPercent", "traffic is not mirrored"),
+    ne(
+        VS,
+        "spec.http[].mirrorPercentage",
+        "traffic is not mirrored",
+    ),
+    ne(
+        VS,
+        "spec.http[].match[].sourceLabels",
+        "the match applies to every client",
+    ),
+    ne(
+        VS,
+        "spec.http[].match[].sourceNamespace",
+        "the match applies to every client",
+    ),
+    ne(
+        VS,
+        "spec.http[].match[].gateways",
+        "the match applies wherever the VirtualService does",
+    ),
+    ne(
+        VS,
+        "spec.http[].match[].statPrefix",
+        "no separate statistics are kept",
+    ),
+    ne(
+        VS,
+        "spec.http[].retries.retryRemoteLocalities",
+        "localities are not considered",
+    ),
+    ne(
+        DR,
+        "spec.exportTo",
+        "visibility is not restricted; every namespace sees it",
+    ),
+    ne(
+        DR,
+        "spec.workloadSelector",
+        "the rule applies to every client",
+    ),
+    ne(
+        DR,
+        "spec.**.loadBalancer.consistentHash",
+        "requests are balanced without affinity",
+    ),
+    ne(
+        DR,
+        "spec.**.loadBalancer.localityLbSetting",
+        "localities are not considered",
+    ),
+    ne(
+        DR,
+        "spec.**.loadBalancer.warmup",
+        "new endpoints get full traffic at once",
+    ),
+    ne(
+        DR,
+        "spec.**.loadBalancer.warmupDurationSecs",
+        "new endpoints get full traffic at once",
+    ),
+    ne(
+        DR,
+        "spec.**.tls",
+        "upstream TLS follows the mesh's automatic mTLS, not this setting",
+    ),
+    ne(DR, "spec.**.tunnel", "traffic is not tunnelled"),
+    ne(
+        DR,
+        "spec.**.proxyProtocol",
+        "no PROXY protocol header is sent",
+    ),
+    ne(
+        DR,
+        "spec.**.retryBudget",
+        "retries are limited by attempts only",
+    ),
+    ne(
+        DR,
+        "spec.**.connectionPool.tcp.tcpKeepalive",
+        "operating-system keep-alive defaults apply",
+    ),
+    ne(
+        DR,
+        "spec.**.connectionPool.tcp.maxConnectionDuration",
+        "connections are not closed by age",
+    ),
+    ne(
+        DR,
+        "spec.**.connectionPool.http.h2UpgradePolicy",
+        "upstream HTTP version is not changed",
+    ),
+    ne(
+        DR,
+        "spec.**.connectionPool.http.useClientProtocol",
+        "upstream HTTP version is not changed",
+    ),
+    ne(
+        DR,
+        "spec.**.connectionPool.http.maxConcurrentStreams",
+        "HTTP/2 stream limits are not set",
+    ),
+    ne(
+        DR,
+        "spec.**.outlierDetection.splitExternalLocalOriginErrors",
+        "local-origin failures count as 5xx",
+    ),
+    ne(
+        DR,
+        "spec.**.outlierDetection.consecutiveLocalOriginFailures",
+        "local-origin failures count as 5xx",
+    ),
+    ne(
+        DR,
+        "spec.**.outlierDetection.outlierDetectionHttpErrorCodes",
+        "only 5xx responses count as errors",
+    ),
+    ne(
+        GW,
+        "spec.servers[].bind",
+        "the server listens on all addresses",
+    ),
+    ne(
+        GW,
+        "spec.servers[].defaultEndpoint",
+        "traffic is routed by VirtualServices only",
+    ),
+    ne(
+        GW,
+        "spec.servers[].tls.verifyCertificateSpki",
+        "client certificates are not pinned",
+    ),
+    ne(
+        GW,
+        "spec.servers[].tls.verifyCertificateHash",
+        "client certificates are not pinned",
+    ),
+    ne(
+        GW,
+        "spec.servers[].tls.cipherSuites",
+        "the TLS library's default cipher suites apply",
+    ),
+    ne(
+        GW,
+        "spec.servers[].tls.caCrl",
+        "revocation lists are not checked",
+    ),
+    ne(
+        SE,
+        "spec.exportTo",
+        "visibility is not restricted; every namespace sees it",
+    ),
+    ne(
+        SE,
+        "spec.workloadSelector",
+        "no endpoints are selected by labels; list endpoints",
+    ),
+    ne(SE, "spec.addresses", "no virtual IP is intercepted"),
+    ne(
+        SE,
+        "spec.endpoints[].network",
+        "all endpoints are treated as reachable",
+    ),
+    ne(
+        SE,
+        "spec.endpoints[].locality",
+        "localities are not considered",
+    ),
+    ne(
+        AP,
+        "spec.rules[].from[].source.requestPrincipals",
+        "JWT authentication is not supported: this never matches",
+    ),
+    ne(
+        AP,
+        "spec.rules[].from[].source.notRequestPrincipals",
+        "JWT authentication is not supported: every request lacks a request principal",
+    ),
+    ne(
+        AP,
+        "spec.rules[].from[].source.remoteIpBlocks",
+        "the original client address is not known; this never matches",
+    ),
+    ne(
+        AP,
+        "spec.rules[].from[].source.notRemoteIpBlocks",
+        "the original client address is not known",
+    ),
+    ne(
+        AP,
+        "spec.targetRef",
+        "target references are not supported; the policy selects no workload",
+    ),
+    ne(
+        AP,
+        "spec.targetRefs",
+        "target references are not supported; the policy selects no workload",
+    ),
+];
+
+/// Normalizes a concrete path to pattern form: indices and map keys become `[]`.
+fn normalize(path: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut chars = path.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '.' => out.push(std::mem::take(&mut cur)),
+            '[' => {
+                // Skip to the matching `]`, honouring quoted keys.
+                let mut quoted = false;
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' if quoted => {
+                            chars.next();
+                        }
+                        '"' => quoted = !quoted,
+                        ']' if !quoted => break,
+                        _ => {}
+                    }
+                }
+                cur.push_str("[]");
+            }
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn matches(pattern: &[&str], path: &[String]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((&"**", rest)) => (0..=path.len()).any(|i| matches(rest, &path[i..])),
+        Some((seg, rest)) => path
+            .split_first()
+            .is_some_and(|(p, tail)| p == seg && matches(rest, tail)),
+    }
+}
+
+/// Warnings for every not-enforced field written in a document: `(path, message)`.
+/// A field is reported once, at its top (not again for its children).
+pub(crate) fn not_enforced_warnings(kind: Kind, source: &SourceMap) -> Vec<(String, String)> {
+    let rules: Vec<(&NotEnforced, Vec<&str>)> = NOT_ENFORCED
+        .iter()
+        .filter(|n| n.kind == kind)
+        .map(|n| (n, n.pattern.split('.').collect()))
+        .collect();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for path in source.paths() {
+        let inside = |reported: &str| {
+            path.strip_prefix(reported)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        };
+        if out.iter().any(|(reported, _)| inside(reported)) {
+            continue;
+        }
+        let norm = normalize(path);
+        if let Some((n, _)) = rules.iter().find(|(_, pat)| matches(pat, &norm)) {
+            out.push((
+                path.to_owned(),
+                format!(
+                    "`{}` is parsed but not enforced: {}",
+                    n.pattern.rsplit('.').next().unwrap_or(n.pattern),
+                    n.effect
+                ),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_indices_keys_and_deep_paths() {
+        let m =
+            |pat: &str, path: &str| matches(&pat.split('.').collect::<Vec<_>>(), &normalize(path));
+        assert!(m("spec.http[].corsPolicy", "spec.http[3].corsPolicy"));
+        assert!(!m(
+            "spec.http[].corsPolicy",
+            "spec.http[3].corsPolicy.maxAge"
+        ));
+        assert!(m("spec.**.tls", "spec.trafficPolicy.tls"));
+        assert!(m(
+            "spec.**.tls",
+            "spec.subsets[1].trafficPolicy.portLevelSettings[0].tls"
+        ));
+        assert!(!m("spec.**.tls", "spec.subsets[1].trafficPolicy"));
+        assert_eq!(
+            normalize("a[\"x.y]\"].b"),
+            vec!["a[]".to_owned(), "b".to_owned()]
+        );
+    }
+}
