@@ -801,3 +801,38 @@ spec:
             .all(|e| e.address.ip().is_loopback() && e.address.port() == 6379)
     );
 }
+
+#[test]
+fn periodic_dns_refresh_resolves_at_once_and_keeps_running() {
+    let cfg = config(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.internal]
+  resolution: DNS
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  endpoints: [{address: localhost}]
+"#,
+    );
+    // Made outside a runtime, so only the refresher can resolve.
+    let handle = RouterHandle::with_seed(Recorder::default().make(), routing(&cfg), 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let task = handle.spawn_dns_refresh(Duration::from_secs(30));
+        let target = handle.snapshot().target(0).cloned().unwrap();
+        for _ in 0..400 {
+            if !target.endpoints().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!target.endpoints().is_empty());
+        assert!(!task.is_finished());
+        task.abort();
+    });
+}
