@@ -430,6 +430,7 @@ fn authority<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
 }
 
+/// Header lines (`name: value\r\n`) plus the blank line, as HTTP/1.1 frames them.
 fn header_block_len(headers: &HeaderMap) -> u64 {
     headers
         .iter()
@@ -582,6 +583,11 @@ where
         let (mut parts, body) = req.into_parts();
         let shared = &self.shared;
         let telemetry = &shared.telemetry.shared;
+        // Wire size of what the downstream sent, before we add any header.
+        let request_header_bytes = (parts.method.as_str().len()
+            + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + 12) as u64
+            + header_block_len(&parts.headers);
         let request_id = trace::ensure_request_id(&mut parts.headers, &mut self.rng);
         let hop = telemetry.propagator.propagate(&mut parts.headers, &mut self.rng);
         let probe = Request::from_parts(parts, ());
@@ -601,8 +607,6 @@ where
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let request_header_bytes = (parts.method.as_str().len() + path.len() + 12) as u64
-            + header_block_len(&parts.headers);
         let captured = (telemetry.access_log.is_some() || (hop.sampled && telemetry.spans.is_some()))
             .then(|| {
                 let get = |n: &str| parts.headers.get(n).cloned();
@@ -744,7 +748,8 @@ where
                 pending.upstream_host = res.extensions().get::<UpstreamHost>().map(|u| u.0);
                 pending.upstream_service_time =
                     res.headers().get("x-envoy-upstream-service-time").cloned();
-                pending.response_header_bytes = (13
+                // `HTTP/1.1 200 OK\r\n`
+                pending.response_header_bytes = (15
                     + status.canonical_reason().map_or(0, str::len))
                     as u64
                     + header_block_len(res.headers());
