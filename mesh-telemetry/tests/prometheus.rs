@@ -133,8 +133,17 @@ async fn promtool_accepts_the_exposition() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "promtool check metrics failed:\n{report}\n---\n{text}");
-    assert!(report.trim().is_empty(), "promtool lint findings:\n{report}");
+    // promtool exits non-zero on lint findings too. Istio's own metric name keeps its
+    // unit (`..._milliseconds`), which the naming lint flags; that one finding is expected
+    // (a real Istio sidecar's exposition gets it as well). Anything else fails.
+    const ISTIO_NAME_LINT: &str =
+        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    let findings: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        findings.iter().all(|l| *l == ISTIO_NAME_LINT),
+        "promtool check metrics reported:\n{report}\n---\n{text}"
+    );
+    assert!(out.status.success() || findings == [ISTIO_NAME_LINT], "{report}");
 }
 
 #[tokio::test]
@@ -163,6 +172,8 @@ async fn promtool_rejects_a_broken_exposition() {
         .expect("promtool finished")
         .unwrap();
     assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(report.contains("error while linting"), "{report}");
 }
 
 async fn free_port() -> u16 {
