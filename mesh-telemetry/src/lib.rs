@@ -12,12 +12,11 @@ pub mod metrics;
 pub mod trace;
 
 pub use latency::{LatencyHandle, LatencyStats, LatencySummary};
+pub use layer::{
+    RequestBody, ResponseBody, ResponseFuture, Target, Telemetry, TelemetryBuilder, TelemetryLayer,
+    TelemetryService,
+};
 pub use metrics::{
     DestinationMetrics, DestinationService, IstioMetrics, MetricsHandle, MetricsRegistry,
-    ProxyMetrics, Reporter, RequestFacts, Series, TcpMetrics, Workload, classify_error,
-    status_for,
-};
-pub use layer::{
-    RequestBody, ResponseBody, ResponseFuture, Target, Telemetry, TelemetryBuilder,
-    TelemetryLayer, TelemetryService,
+    ProxyMetrics, Reporter, RequestFacts, Series, TcpMetrics, Workload, classify_error, status_for,
 };

@@ -1,6 +1,8 @@
 //! The layer behind a real hyper server on 127.0.0.1:0, called by a real HTTP client:
 //! metrics, `/stats` percentiles and the access log as an operator sees them.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::convert::Infallible;
@@ -30,7 +32,8 @@ async fn app(req: Req) -> Result<Response<BoxBody>, Infallible> {
     let fault = req.uri().path() == "/fault";
     let n = req.into_body().collect().await.unwrap().to_bytes().len();
     let mut res = Response::new(body::full(format!("got {n} bytes")));
-    res.extensions_mut().insert(UpstreamHost("127.0.0.1:9080".parse().unwrap()));
+    res.extensions_mut()
+        .insert(UpstreamHost("127.0.0.1:9080".parse().unwrap()));
     if fault {
         *res.status_mut() = StatusCode::IM_A_TEAPOT;
         add_response_flags(res.extensions_mut(), ResponseFlags::FAULT_INJECTED);
@@ -71,10 +74,17 @@ async fn served_requests_are_counted_logged_and_summarised() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
     let metrics = MetricsRegistry::new();
-    let log = AccessLog::file(&path, Format::Text, metrics.proxy().access_log_dropped.clone())
-        .await
-        .unwrap();
-    let t = Telemetry::builder(reviews()).metrics(metrics).access_log(log.clone()).build();
+    let log = AccessLog::file(
+        &path,
+        Format::Text,
+        metrics.proxy().access_log_dropped.clone(),
+    )
+    .await
+    .unwrap();
+    let t = Telemetry::builder(reviews())
+        .metrics(metrics)
+        .access_log(log.clone())
+        .build();
     let addr = serve_inbound(&t).await;
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -86,7 +96,10 @@ async fn served_requests_are_counted_logged_and_summarised() {
             .unwrap();
         let res = client.request(req).await.unwrap();
         assert_eq!(res.status(), 200);
-        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "got 10 bytes");
+        assert_eq!(
+            res.into_body().collect().await.unwrap().to_bytes(),
+            "got 10 bytes"
+        );
     }
     let req = Request::get(format!("http://{addr}/fault"))
         .header("user-agent", "evil\" 200 \"\tx")
@@ -101,17 +114,36 @@ async fn served_requests_are_counted_logged_and_summarised() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let samples = loop {
         let samples = parse(&t.encode_metrics());
-        if select(&samples, "istio_requests_total", &[]).iter().map(|s| s.value).sum::<f64>() >= 4.0 {
+        if select(&samples, "istio_requests_total", &[])
+            .iter()
+            .map(|s| s.value)
+            .sum::<f64>()
+            >= 4.0
+        {
             break samples;
         }
-        assert!(tokio::time::Instant::now() < deadline, "records did not arrive");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "records did not arrive"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let ok = [("response_code", "200"), ("reporter", "destination"), ("connection_security_policy", "none")];
+    let ok = [
+        ("response_code", "200"),
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+    ];
     assert_eq!(one(&samples, "istio_requests_total", &ok), 3.0);
-    assert_eq!(one(&samples, "istio_request_duration_milliseconds_count", &ok), 3.0);
     assert_eq!(
-        one(&samples, "istio_requests_total", &[("response_code", "418"), ("response_flags", "FI")]),
+        one(&samples, "istio_request_duration_milliseconds_count", &ok),
+        3.0
+    );
+    assert_eq!(
+        one(
+            &samples,
+            "istio_requests_total",
+            &[("response_code", "418"), ("response_flags", "FI")]
+        ),
         1.0
     );
     // The request counter saw every body byte hyper delivered (3 × 10).
@@ -120,10 +152,17 @@ async fn served_requests_are_counted_logged_and_summarised() {
 
     let stats = t.latency().snapshot();
     assert_eq!(stats.len(), 1);
-    assert_eq!(stats[0].destination, "inbound|reviews.default.svc.cluster.local");
+    assert_eq!(
+        stats[0].destination,
+        "inbound|reviews.default.svc.cluster.local"
+    );
     assert_eq!(stats[0].count, 4);
     assert!(stats[0].p50 <= stats[0].p99 && stats[0].p99 <= stats[0].max);
-    assert!(t.latency().render_text().starts_with("inbound|reviews.default.svc.cluster.local count=4 p50="));
+    assert!(
+        t.latency()
+            .render_text()
+            .starts_with("inbound|reviews.default.svc.cluster.local count=4 p50=")
+    );
 
     log.flush().await;
     let text = std::fs::read_to_string(&path).unwrap();
@@ -140,6 +179,15 @@ async fn served_requests_are_counted_logged_and_summarised() {
     );
     let fault = lines.iter().find(|l| l.contains(" 418 FI ")).unwrap();
     assert!(fault.contains("\"evil\\\" 200 \\\"\\x09x\""), "{fault}");
-    let generated = fault.split("\\x09x\" \"").nth(1).unwrap().split('"').next().unwrap();
-    assert!(uuid::Uuid::parse_str(generated).is_ok(), "x-request-id generated: {fault}");
+    let generated = fault
+        .split("\\x09x\" \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    assert!(
+        uuid::Uuid::parse_str(generated).is_ok(),
+        "x-request-id generated: {fault}"
+    );
 }

@@ -1,5 +1,7 @@
 //! Requests through `TelemetryLayer`, asserting the exact series it produces.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::collections::BTreeMap;
@@ -41,7 +43,10 @@ fn expected_outbound(code: &str, flags: &str) -> BTreeMap<String, String> {
         ("reporter", "source"),
         ("source_workload", "productpage-v1"),
         ("source_workload_namespace", "default"),
-        ("source_principal", "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+        ),
         ("source_app", "productpage"),
         ("source_version", "v1"),
         ("source_canonical_service", "productpage"),
@@ -49,7 +54,10 @@ fn expected_outbound(code: &str, flags: &str) -> BTreeMap<String, String> {
         ("source_cluster", "unknown"),
         ("destination_workload", "reviews-v2"),
         ("destination_workload_namespace", "default"),
-        ("destination_principal", "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+        ),
         ("destination_app", "reviews"),
         ("destination_version", "v2"),
         ("destination_service", "reviews.default.svc.cluster.local"),
@@ -81,7 +89,10 @@ fn default_bounds() -> Vec<f64> {
 
 /// Cumulative count expected for one observation of `value` at each default bound.
 fn one_observation(value: f64) -> Vec<f64> {
-    default_bounds().into_iter().map(|le| f64::from(u8::from(value <= le))).collect()
+    default_bounds()
+        .into_iter()
+        .map(|le| f64::from(u8::from(value <= le)))
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -106,9 +117,19 @@ async fn success_records_every_istio_label_and_exact_buckets() {
     let d = buckets(&samples, "istio_request_duration_milliseconds", &want);
     assert_eq!(bounds_of(&d), default_bounds(), "Envoy's default bounds");
     let counts: Vec<f64> = d.iter().map(|x| x.1).collect();
-    assert_eq!(counts, one_observation(30.0), "30 ms lands in le=50, not le=25");
-    assert_eq!(one(&samples, "istio_request_duration_milliseconds_sum", &want), 30.0);
-    assert_eq!(one(&samples, "istio_request_duration_milliseconds_count", &want), 1.0);
+    assert_eq!(
+        counts,
+        one_observation(30.0),
+        "30 ms lands in le=50, not le=25"
+    );
+    assert_eq!(
+        one(&samples, "istio_request_duration_milliseconds_sum", &want),
+        30.0
+    );
+    assert_eq!(
+        one(&samples, "istio_request_duration_milliseconds_count", &want),
+        1.0
+    );
 
     // Request: "GET /reviews/0 HTTP/1.1\r\n" (25) + "host: reviews:9080\r\n" (20) + "\r\n" (2)
     // + 5 body bytes = 52. Response: "HTTP/1.1 200 OK\r\n" (17) + "\r\n" (2) + 11 = 30.
@@ -116,9 +137,15 @@ async fn success_records_every_istio_label_and_exact_buckets() {
     assert_eq!(one(&samples, "istio_response_bytes_sum", &want), 30.0);
     let rb = buckets(&samples, "istio_request_bytes", &want);
     assert_eq!(bounds_of(&rb), default_bounds());
-    assert_eq!(rb.iter().map(|x| x.1).collect::<Vec<_>>(), one_observation(52.0));
+    assert_eq!(
+        rb.iter().map(|x| x.1).collect::<Vec<_>>(),
+        one_observation(52.0)
+    );
     let sb = buckets(&samples, "istio_response_bytes", &want);
-    assert_eq!(sb.iter().map(|x| x.1).collect::<Vec<_>>(), one_observation(30.0));
+    assert_eq!(
+        sb.iter().map(|x| x.1).collect::<Vec<_>>(),
+        one_observation(30.0)
+    );
 
     let stats = t.latency().snapshot();
     assert_eq!(stats.len(), 1);
@@ -135,14 +162,24 @@ async fn overflow_is_recorded_as_503_uo_and_the_error_passes_through() {
         Err::<Response<BoxBody>, BoxError>(Box::new(Overflow))
     }));
     let err = svc.oneshot(get("/")).await.unwrap_err();
-    assert!(err.downcast_ref::<Overflow>().is_some(), "error unchanged: {err}");
+    assert!(
+        err.downcast_ref::<Overflow>().is_some(),
+        "error unchanged: {err}"
+    );
     let samples = parse(&t.encode_metrics());
     let s = select(&samples, "istio_requests_total", &[]);
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].labels, expected_outbound("503", "UO"));
     assert_eq!(s[0].value, 1.0);
     // No response was sent by the service: only the request side has bytes.
-    assert_eq!(one(&samples, "istio_response_bytes_sum", &[("response_code", "503")]), 0.0);
+    assert_eq!(
+        one(
+            &samples,
+            "istio_response_bytes_sum",
+            &[("response_code", "503")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -158,10 +195,21 @@ async fn deadline_is_recorded_as_504_ut_with_its_duration() {
         select(&samples, "istio_requests_total", &[])[0].labels,
         expected_outbound("504", "UT")
     );
-    let d = buckets(&samples, "istio_request_duration_milliseconds", &[("response_code", "504")]);
-    assert_eq!(d.iter().map(|x| x.1).collect::<Vec<_>>(), one_observation(2000.0));
+    let d = buckets(
+        &samples,
+        "istio_request_duration_milliseconds",
+        &[("response_code", "504")],
+    );
     assert_eq!(
-        one(&samples, "istio_request_duration_milliseconds_sum", &[("response_flags", "UT")]),
+        d.iter().map(|x| x.1).collect::<Vec<_>>(),
+        one_observation(2000.0)
+    );
+    assert_eq!(
+        one(
+            &samples,
+            "istio_request_duration_milliseconds_sum",
+            &[("response_flags", "UT")]
+        ),
         2000.0
     );
 }
@@ -198,7 +246,8 @@ async fn retried_timeout_flags_join_like_envoy() {
             res.extensions_mut(),
             ResponseFlags::UPSTREAM_REQUEST_TIMEOUT | ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
         );
-        res.extensions_mut().insert(UpstreamHost("10.0.0.7:9080".parse().unwrap()));
+        res.extensions_mut()
+            .insert(UpstreamHost("10.0.0.7:9080".parse().unwrap()));
         Ok::<_, Infallible>(res)
     }));
     let res = svc.oneshot(get("/")).await.unwrap();
@@ -217,7 +266,8 @@ async fn inbound_reads_the_peer_identity_and_mutual_tls() {
     let svc = TelemetryLayer::inbound(&t, reviews_service()).layer(tower::service_fn(
         |_req: Req| async move { Ok::<_, Infallible>(Response::new(body::full("ok"))) },
     ));
-    let peer = Identity::parse("spiffe://cluster.local/ns/frontend/sa/bookinfo-productpage").unwrap();
+    let peer =
+        Identity::parse("spiffe://cluster.local/ns/frontend/sa/bookinfo-productpage").unwrap();
     let mut req = get("/");
     req.extensions_mut().insert(PeerIdentity(peer));
     req.extensions_mut().insert(ConnectionInfo {
@@ -238,17 +288,34 @@ async fn inbound_reads_the_peer_identity_and_mutual_tls() {
     body_bytes(res.into_body()).await;
 
     let samples = parse(&t.encode_metrics());
-    let mtls = select(&samples, "istio_requests_total", &[("connection_security_policy", "mutual_tls")]);
+    let mtls = select(
+        &samples,
+        "istio_requests_total",
+        &[("connection_security_policy", "mutual_tls")],
+    );
     assert_eq!(mtls.len(), 1);
     let l = &mtls[0].labels;
     assert_eq!(l["reporter"], "destination");
-    assert_eq!(l["source_principal"], "spiffe://cluster.local/ns/frontend/sa/bookinfo-productpage");
+    assert_eq!(
+        l["source_principal"],
+        "spiffe://cluster.local/ns/frontend/sa/bookinfo-productpage"
+    );
     assert_eq!(l["source_workload_namespace"], "frontend");
     assert_eq!(l["source_workload"], "unknown");
     assert_eq!(l["destination_workload"], "reviews-v2");
-    assert_eq!(l["destination_principal"], "spiffe://cluster.local/ns/default/sa/bookinfo-reviews");
-    assert_eq!(l["destination_service"], "reviews.default.svc.cluster.local");
-    let plain = select(&samples, "istio_requests_total", &[("connection_security_policy", "none")]);
+    assert_eq!(
+        l["destination_principal"],
+        "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    );
+    assert_eq!(
+        l["destination_service"],
+        "reviews.default.svc.cluster.local"
+    );
+    let plain = select(
+        &samples,
+        "istio_requests_total",
+        &[("connection_security_policy", "none")],
+    );
     assert_eq!(plain.len(), 1);
     assert_eq!(plain[0].labels["source_principal"], "unknown");
 }
@@ -334,7 +401,10 @@ async fn next_hop_sees_a_child_span_and_a_request_id() {
     assert_ne!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
     assert_eq!(h["x-b3-sampled"], "1");
     let tp = h["traceparent"].to_str().unwrap();
-    assert!(tp.starts_with("00-463ac35c9f6413ad48485a3953bb6124-") && tp.ends_with("-01"), "{tp}");
+    assert!(
+        tp.starts_with("00-463ac35c9f6413ad48485a3953bb6124-") && tp.ends_with("-01"),
+        "{tp}"
+    );
     let id = uuid::Uuid::parse_str(h["x-request-id"].to_str().unwrap()).unwrap();
     assert_eq!(id.get_version_num(), 4);
     respond.send_response(Response::new(body::empty()));
@@ -358,7 +428,14 @@ async fn readiness_is_forwarded_and_errors_are_boxed() {
     let err = fut.await.unwrap().unwrap_err();
     assert!(mesh_core::is_caused_by::<Overflow>(err.as_ref()));
     let samples = parse(&t.encode_metrics());
-    assert_eq!(one(&samples, "istio_requests_total", &[("response_flags", "UO")]), 1.0);
+    assert_eq!(
+        one(
+            &samples,
+            "istio_requests_total",
+            &[("response_flags", "UO")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -368,8 +445,15 @@ async fn authority_targets_are_bounded() {
     let svc = layer.layer(tower::service_fn(|_req: Req| async move {
         Ok::<_, Infallible>(Response::new(body::empty()))
     }));
-    for host in ["a.ns.svc.cluster.local", "b.ns.svc.cluster.local", "c.example", "d.example"] {
-        let req = Request::get(format!("http://{host}/x")).body(body::empty()).unwrap();
+    for host in [
+        "a.ns.svc.cluster.local",
+        "b.ns.svc.cluster.local",
+        "c.example",
+        "d.example",
+    ] {
+        let req = Request::get(format!("http://{host}/x"))
+            .body(body::empty())
+            .unwrap();
         drop(svc.clone().oneshot(req).await.unwrap());
     }
     let samples = parse(&t.encode_metrics());
@@ -381,7 +465,11 @@ async fn authority_targets_are_bounded() {
     assert!(services.contains(&("a.ns.svc.cluster.local", 1.0)));
     assert!(services.contains(&("b.ns.svc.cluster.local", 1.0)));
     assert!(services.contains(&("unknown", 2.0)));
-    let a = select(&samples, "istio_requests_total", &[("destination_service", "a.ns.svc.cluster.local")]);
+    let a = select(
+        &samples,
+        "istio_requests_total",
+        &[("destination_service", "a.ns.svc.cluster.local")],
+    );
     assert_eq!(a[0].labels["destination_service_name"], "a");
     assert_eq!(a[0].labels["destination_service_namespace"], "ns");
 }
@@ -398,12 +486,20 @@ async fn destination_service_from_authority_cannot_inject_into_the_exposition() 
         .body(body::empty());
     // `http` refuses the newline; a quote still reaches the label and must be escaped.
     assert!(req.is_err());
-    let req = Request::get("/").header("host", "ev\"il\\").body(body::empty()).unwrap();
+    let req = Request::get("/")
+        .header("host", "ev\"il\\")
+        .body(body::empty())
+        .unwrap();
     drop(svc.oneshot(req).await.unwrap());
     let text = t.encode_metrics();
     let samples = parse(&text);
     assert_eq!(
-        select(&samples, "istio_requests_total", &[("destination_service", "ev\"il\\")]).len(),
+        select(
+            &samples,
+            "istio_requests_total",
+            &[("destination_service", "ev\"il\\")]
+        )
+        .len(),
         1,
         "{text}"
     );

@@ -4,6 +4,8 @@
 //! Both need Debian's `prometheus` package (`promtool` and `prometheus`). When a binary is
 //! absent the test says so and returns; nothing else makes them skip.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::process::Stdio;
@@ -52,7 +54,10 @@ async fn traffic(t: &Telemetry, ok: usize) {
         },
     ));
     for path in std::iter::repeat_n("/ok", ok).chain(["/fault", "/overflow"]) {
-        let req = Request::get(path).header("host", "reviews:9080").body(body::full("x")).unwrap();
+        let req = Request::get(path)
+            .header("host", "reviews:9080")
+            .body(body::full("x"))
+            .unwrap();
         if let Ok(res) = svc.clone().oneshot(req).await {
             body_bytes(res.into_body()).await;
         }
@@ -72,7 +77,10 @@ async fn traffic(t: &Telemetry, ok: usize) {
     let p = m.proxy();
     p.config_reloaded();
     p.config_reload_failed();
-    p.set_certificate_expiry("spiffe://cluster.local/ns/default/sa/bookinfo-productpage", 1_900_000_000);
+    p.set_certificate_expiry(
+        "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+        1_900_000_000,
+    );
     let d = p.destination("outbound|9080|v2|reviews.default.svc.cluster.local");
     d.ejections.inc();
     d.ejection_overflows.inc();
@@ -111,7 +119,10 @@ async fn promtool_accepts_the_exposition() {
         "mesh_active_connections",
         "mesh_trace_spans_dropped_total",
     ] {
-        assert!(text.contains(&format!("\n{family}{{")) || text.contains(&format!("\n{family} ")), "{family} missing");
+        assert!(
+            text.contains(&format!("\n{family}{{")) || text.contains(&format!("\n{family} ")),
+            "{family} missing"
+        );
     }
     let mut child = tokio::process::Command::new(promtool)
         .args(["check", "metrics"])
@@ -143,7 +154,10 @@ async fn promtool_accepts_the_exposition() {
         findings.iter().all(|l| *l == ISTIO_NAME_LINT),
         "promtool check metrics reported:\n{report}\n---\n{text}"
     );
-    assert!(out.status.success() || findings == [ISTIO_NAME_LINT], "{report}");
+    assert!(
+        out.status.success() || findings == [ISTIO_NAME_LINT],
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -163,7 +177,9 @@ async fn promtool_rejects_a_broken_exposition() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin
-        .write_all(b"# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source} 1\n")
+        .write_all(
+            b"# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source} 1\n",
+        )
         .await
         .unwrap();
     drop(stdin);
@@ -187,7 +203,9 @@ async fn prometheus_server_scrapes_istio_requests_total() {
         eprintln!("SKIPPED: prometheus not found on PATH (install Debian's `prometheus` package)");
         return;
     };
-    let t = Telemetry::builder(productpage()).metrics(MetricsRegistry::new()).build();
+    let t = Telemetry::builder(productpage())
+        .metrics(MetricsRegistry::new())
+        .build();
     traffic(&t, 7).await;
 
     // The metrics endpoint, as the admin server would serve it.
@@ -222,7 +240,10 @@ async fn prometheus_server_scrapes_istio_requests_total() {
     let port = free_port().await;
     let mut child = tokio::process::Command::new(prometheus)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -230,8 +251,7 @@ async fn prometheus_server_scrapes_istio_requests_total() {
         .spawn()
         .unwrap();
 
-    let client: Client<_, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let query = format!(
         "http://127.0.0.1:{port}/api/v1/query?query=istio_requests_total%7Bresponse_code%3D%22200%22%7D"
     );
@@ -247,7 +267,10 @@ async fn prometheus_server_scrapes_istio_requests_total() {
         if let Ok(res) = client.get(query.parse().unwrap()).await {
             let body = res.into_body().collect().await.unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+            if v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
                 break v;
             }
         }
@@ -256,7 +279,10 @@ async fn prometheus_server_scrapes_istio_requests_total() {
     let series = &result["data"]["result"][0];
     assert_eq!(series["metric"]["__name__"], "istio_requests_total");
     assert_eq!(series["metric"]["reporter"], "source");
-    assert_eq!(series["metric"]["destination_service"], "reviews.default.svc.cluster.local");
+    assert_eq!(
+        series["metric"]["destination_service"],
+        "reviews.default.svc.cluster.local"
+    );
     assert_eq!(
         series["metric"]["source_principal"],
         "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"

@@ -65,7 +65,11 @@ impl HopContext {
     pub fn trace_id_hex(&self) -> String {
         let mut buf = [0u8; 32];
         write_hex(self.trace_id, &mut buf);
-        let s = if self.trace_id_64 { &buf[16..] } else { &buf[..] };
+        let s = if self.trace_id_64 {
+            &buf[16..]
+        } else {
+            &buf[..]
+        };
         String::from_utf8_lossy(s).into_owned()
     }
 }
@@ -337,8 +341,9 @@ pub(crate) fn parse_hex_u64(s: &[u8], upper_ok: bool) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;
     }
-    s.iter()
-        .try_fold(0u64, |acc, b| Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?)))
+    s.iter().try_fold(0u64, |acc, b| {
+        Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?))
+    })
 }
 
 /// Parses exactly 32 hex digits.
@@ -385,7 +390,11 @@ mod tests {
         ]);
         let p = Propagator {
             sampler: Sampler::percent(0.0),
-            formats: Formats { b3_multi: true, b3_single: false, w3c: false },
+            formats: Formats {
+                b3_multi: true,
+                b3_single: false,
+                w3c: false,
+            },
         };
         let ctx = p.propagate(&mut h, &mut rng);
         assert!(ctx.sampled, "incoming accept wins over 0 % sampling");
@@ -434,20 +443,29 @@ mod tests {
         assert_eq!(parts[2], "d");
         assert_eq!(parts[3], "e457b5a2e4d86bd1");
         assert_eq!(h["x-b3-flags"], "1");
-        assert!(h.get("x-b3-sampled").is_none(), "debug is not sent with sampled");
+        assert!(
+            h.get("x-b3-sampled").is_none(),
+            "debug is not sent with sampled"
+        );
     }
 
     #[test]
     fn w3c_hop_keeps_tracestate_and_sets_new_parent_id() {
         let mut rng = SmallRng::seed_from_u64(4);
         let mut h = headers(&[
-            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            ),
             ("tracestate", "congo=t61rcWkgMzE"),
         ]);
         let ctx = Propagator::with_sampling(100.0).propagate(&mut h, &mut rng);
         assert!(!ctx.sampled, "incoming not-sampled flag wins over 100 %");
         let tp = h["traceparent"].to_str().unwrap();
-        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
         assert!(tp.ends_with("-00"));
         assert_eq!(&tp[36..52], format!("{:016x}", ctx.span_id));
         assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
@@ -458,13 +476,19 @@ mod tests {
     fn invalid_context_starts_a_new_trace() {
         let mut rng = SmallRng::seed_from_u64(5);
         let mut h = headers(&[
-            ("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            (
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
             ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb612"),
             ("x-b3-spanid", "a2fb4a1d1a96d312"),
         ]);
         let ctx = Propagator::with_sampling(0.0).propagate(&mut h, &mut rng);
         assert_eq!(ctx.parent_span_id, None);
-        assert!(!ctx.trace_id_64 && ctx.trace_id >> 64 != 0, "new 128-bit id");
+        assert!(
+            !ctx.trace_id_64 && ctx.trace_id >> 64 != 0,
+            "new 128-bit id"
+        );
         assert!(!ctx.sampled);
         assert!(h.get("x-b3-parentspanid").is_none());
         assert_eq!(h["x-b3-traceid"].len(), 32);
@@ -478,7 +502,11 @@ mod tests {
         assert!(!ctx.sampled && ctx.parent_span_id.is_none());
         assert_eq!(h["x-b3-sampled"], "0");
         let mut h = headers(&[("x-b3-sampled", "1")]);
-        assert!(Propagator::with_sampling(0.0).propagate(&mut h, &mut rng).sampled);
+        assert!(
+            Propagator::with_sampling(0.0)
+                .propagate(&mut h, &mut rng)
+                .sampled
+        );
     }
 
     #[test]

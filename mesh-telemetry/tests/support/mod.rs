@@ -1,5 +1,5 @@
 //! Test helpers: a Prometheus text parser, fixtures and a loopback hyper server.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -70,7 +70,11 @@ pub fn parse(text: &str) -> Vec<Sample> {
             rest = &rest[end..];
         }
         let value = rest.trim().parse().expect("sample value");
-        out.push(Sample { name, labels, value });
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
     }
     out
 }
@@ -80,7 +84,10 @@ pub fn select<'a>(samples: &'a [Sample], name: &str, want: &[(&str, &str)]) -> V
     samples
         .iter()
         .filter(|s| s.name == name)
-        .filter(|s| want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|s| {
+            want.iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
         .collect()
 }
 
@@ -97,7 +104,11 @@ pub fn buckets(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Vec<(f6
         .into_iter()
         .map(|s| {
             let le = s.labels["le"].as_str();
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().expect("le") };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le")
+            };
             (le, s.value)
         })
         .collect();
@@ -137,7 +148,9 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
