@@ -10,8 +10,10 @@
 //! Sampling (TR-06, TR-07): an incoming decision (`x-b3-sampled`, `x-b3-flags`, the `b3`
 //! sampling state, the `traceparent` sampled flag) is honoured; otherwise the
 //! [`Sampler`]'s percentage decides with the caller's random number generator (so tests
-//! fix the seed). The default is Istio's 1 %; values outside 0–100 fall back to 1 %.
-//! Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit ids.
+//! fix the seed); a request carrying `x-client-trace-id` is always sampled, as Envoy's
+//! 100 % client sampling in Istio does. The default is Istio's 1 %; values outside 0–100
+//! fall back to 1 %. Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit
+//! ids.
 //!
 //! `x-request-id` (TR-01) is kept when present and generated as a UUID v4 when absent.
 //! We choose the random sampler over Envoy's request-id-derived decision (Istio's
@@ -27,6 +29,8 @@ use rand::Rng;
 
 /// `x-request-id`.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-client-trace-id`: a client asking for its request to be traced.
+pub static CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 
 /// What the incoming headers said.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -253,7 +257,12 @@ impl Propagator {
 
     /// Rewrites `headers` for the next hop and returns this hop's context.
     pub fn propagate<R: Rng + ?Sized>(&self, headers: &mut HeaderMap, rng: &mut R) -> HopContext {
-        let (incoming, source) = extract_with_source(headers);
+        let (mut incoming, source) = extract_with_source(headers);
+        // Envoy's client sampling (100 % in Istio): a client-supplied trace id forces a
+        // sampled trace unless a decision already travels with the request (TR-07).
+        if incoming.sampled.is_none() && headers.contains_key(&CLIENT_TRACE_ID) {
+            incoming.sampled = Some(true);
+        }
         let ctx = next_hop(incoming, &self.sampler, rng);
         let mut formats = self.formats;
         match source {
@@ -507,6 +516,16 @@ mod tests {
                 .propagate(&mut h, &mut rng)
                 .sampled
         );
+    }
+
+    #[test]
+    fn client_trace_id_forces_sampling_but_not_over_a_decision() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let p = Propagator::with_sampling(0.0);
+        let mut h = headers(&[("x-client-trace-id", "abc")]);
+        assert!(p.propagate(&mut h, &mut rng).sampled);
+        let mut h = headers(&[("x-client-trace-id", "abc"), ("x-b3-sampled", "0")]);
+        assert!(!p.propagate(&mut h, &mut rng).sampled);
     }
 
     #[test]
