@@ -76,6 +76,7 @@ pub fn compile(settings: &Settings, listener: &Listener) -> Result<Compiled, Vec
         },
         listener: listener.clone(),
         trust_domain: settings.trust_domain.clone(),
+        workload_labels: settings.workload.labels.clone(),
     };
     let routing = Routing::compile(&config, &compile_options)
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
