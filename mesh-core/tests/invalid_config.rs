@@ -1022,6 +1022,77 @@ spec:
             "bad.yaml:9:13: error: document 1, Gateway/prod/r, spec.servers[0].hosts[0]: `Prod` is not a valid namespace in host `Prod/api.example.com`; expected `*`, `.` or a namespace",
         ],
     },
+    Case {
+        name: "path_template_with_double_star_in_the_middle_is_rejected",
+        yaml: r##"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: r
+  namespace: prod
+spec:
+  rules:
+  - to:
+    - operation:
+        paths: ["/files/{**}/meta"]
+"##,
+        errors: &[
+            "bad.yaml:10:17: error: document 1, AuthorizationPolicy/prod/r, spec.rules[0].to[0].operation.paths[0]: path template `/files/{**}/meta`: `{**}` must be the last segment",
+        ],
+    },
+    Case {
+        name: "service_account_with_wildcard_is_rejected",
+        yaml: r##"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: r
+  namespace: prod
+spec:
+  rules:
+  - from:
+    - source:
+        serviceAccounts: ["prod/*"]
+"##,
+        errors: &[
+            "bad.yaml:10:27: error: document 1, AuthorizationPolicy/prod/r, spec.rules[0].from[0].source.serviceAccounts[0]: service account `prod/*` contains `*`; wildcards are not allowed in serviceAccounts",
+        ],
+    },
+    Case {
+        name: "redirect_code_that_is_not_3xx_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: r
+  namespace: prod
+spec:
+  hosts: [r]
+  http:
+  - redirect:
+      uri: /new
+      redirectCode: 200
+"##,
+        errors: &[
+            "bad.yaml:11:21: error: document 1, VirtualService/prod/r, spec.http[0].redirect.redirectCode: redirect code 200 is not a redirect; use a 3xx code (301, 302, 303, 307, 308)",
+        ],
+    },
+    Case {
+        name: "mutual_tls_client_without_certificate_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: r
+  namespace: prod
+spec:
+  host: r
+  trafficPolicy:
+    tls:
+      mode: MUTUAL
+      caCertificates: /etc/ca.pem
+"##,
+        errors: &[
+            "bad.yaml:10:7: error: document 1, DestinationRule/prod/r, spec.trafficPolicy.tls.clientCertificate: MUTUAL needs clientCertificate (or credentialName)",
+            "bad.yaml:10:7: error: document 1, DestinationRule/prod/r, spec.trafficPolicy.tls.privateKey: MUTUAL needs privateKey (or credentialName)",
+        ],
+    },
 ];
 
 #[test]

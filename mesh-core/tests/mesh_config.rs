@@ -404,3 +404,31 @@ status:
         Some("2024-02-03T04:05:06Z")
     );
 }
+
+#[test]
+fn checks_outside_the_loader_can_report_located_errors() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: prod}
+spec:
+  hosts: [r]
+  http:
+  - timeout: 30s
+    route:
+    - destination: {host: r}
+";
+    let report = load_str("vs.yaml", yaml, &LoadOptions::default());
+    assert_eq!(report.location_of(0, "spec.http[0].timeout"), Some((7, 14)));
+    let e = report
+        .error_at(
+            0,
+            "spec.http[0].retries",
+            "example: retries are required here",
+        )
+        .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "vs.yaml:7:5: error: document 1, VirtualService/prod/r, spec.http[0].retries: example: retries are required here"
+    );
+    assert!(report.error_at(1, "spec", "no such resource").is_none());
+}

@@ -225,7 +225,6 @@ impl Gateway {
             ))),
             active: active.clone(),
             metrics: common.telemetry.metrics().proxy().clone(),
-            on_swap: Arc::new(|_| {}),
         };
         let mut keep = common.keep;
         let mut background = Vec::new();

@@ -224,7 +224,7 @@ impl Destinations {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, d| d.target.strong_count() > 0);
         let mut v: Vec<_> = map.values().cloned().collect();
-        v.sort_by(|a, b| a.key.to_string().cmp(&b.key.to_string()));
+        v.sort_by_key(|d| d.key.to_string());
         v
     }
 }
@@ -523,5 +523,53 @@ impl Service<Request<BoxBody>> for AppClient {
             res.extensions_mut().insert(UpstreamHost(app));
             Ok(res.map(body::boxed))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: Option<&str>) -> Request<BoxBody> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(http::header::HOST, h);
+        }
+        b.body(body::empty()).unwrap()
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_over_host() {
+        let mut r = req("http://payment-service:8080/pay?x=1", Some("evil.example"));
+        prepare(&mut r).unwrap();
+        assert_eq!(r.headers()[http::header::HOST], "payment-service:8080");
+        assert_eq!(r.uri(), "/pay?x=1");
+        assert_eq!(request_host(&r).as_deref(), Some("payment-service"));
+    }
+
+    #[test]
+    fn origin_form_uses_host_without_port_and_trailing_dot() {
+        let r = req("/pay", Some("Payment-Service.:80"));
+        assert_eq!(request_host(&r).as_deref(), Some("payment-service"));
+    }
+
+    #[test]
+    fn missing_or_duplicate_host_is_a_bad_request() {
+        let mut r = req("/pay", None);
+        assert!(prepare(&mut r).is_err());
+        let mut r = req("/pay", Some("a"));
+        r.headers_mut()
+            .append(http::header::HOST, http::HeaderValue::from_static("b"));
+        assert!(prepare(&mut r).is_err());
+    }
+
+    #[test]
+    fn absolute_uri_for_the_client_keeps_path_and_host() {
+        let mut r = req("/pay?x=1", Some("payment-service"));
+        absolute(&mut r, "127.0.0.1:1");
+        assert_eq!(r.uri(), "http://payment-service/pay?x=1");
+        let mut r = req("/", None);
+        absolute(&mut r, "127.0.0.1:1");
+        assert_eq!(r.uri(), "http://127.0.0.1:1/");
     }
 }

@@ -76,6 +76,7 @@ pub fn compile(settings: &Settings, listener: &Listener) -> Result<Compiled, Vec
         },
         listener: listener.clone(),
         trust_domain: settings.trust_domain.clone(),
+        workload_labels: settings.workload.labels.clone(),
     };
     let routing = Routing::compile(&config, &compile_options)
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
@@ -112,8 +113,6 @@ pub struct Reloadable {
     pub active: Arc<ArcSwap<Active>>,
     /// `mesh_config_reloads_total` and `mesh_config_reload_failures_total`.
     pub metrics: ProxyMetrics,
-    /// Hooks run after a successful swap (the gateway rebuilds its servers).
-    pub on_swap: Arc<dyn Fn(&Arc<MeshConfig>) + Send + Sync>,
 }
 
 impl Reloadable {
@@ -128,7 +127,6 @@ impl Reloadable {
                 self.router.update(c.routing);
                 self.authz.store(c.policies);
                 self.peer_auth.store(Arc::new(c.peer_auth));
-                (self.on_swap)(&c.config);
                 self.active.store(Arc::new(Active {
                     version,
                     loaded_at: SystemTime::now(),

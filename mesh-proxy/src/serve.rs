@@ -225,13 +225,16 @@ impl<S> Sanitize<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for Sanitize<S>
 where
-    S: tower::Service<http::Request<B>, Error = BoxError>,
+    S: tower::Service<
+            http::Request<B>,
+            Response = http::Response<mesh_core::body::BoxBody>,
+            Error = BoxError,
+        >,
     S::Future: Send + 'static,
-    S::Response: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<mesh_core::body::BoxBody>;
     type Error = BoxError;
-    type Future = futures_util::future::BoxFuture<'static, Result<S::Response, BoxError>>;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
 
     fn poll_ready(
         &mut self,
@@ -243,7 +246,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         if has_underscore_header(req.headers()) {
             return Box::pin(async {
-                Err(Box::new(crate::respond::BadRequest("header name with underscore")) as BoxError)
+                Ok(crate::respond::bad_request("header name with underscore"))
             });
         }
         if self.strip_untrusted {

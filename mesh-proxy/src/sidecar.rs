@@ -68,7 +68,6 @@ impl Sidecar {
             peer_auth: peer_auth.clone(),
             active: active.clone(),
             metrics: common.telemetry.metrics().proxy().clone(),
-            on_swap: Arc::new(|_| {}),
         };
         let mut keep = common.keep;
         let mut background = Vec::new();

@@ -2,6 +2,9 @@
 //! change by editing the file under continuous load, then an invalid edit that changes
 //! nothing.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::sync::Arc;

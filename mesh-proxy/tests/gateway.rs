@@ -1,6 +1,9 @@
 //! The article's ingress gateway with real processes and curl: HTTPS with SNI to
 //! order-service and payment-service, unknown SNI refused, HTTP redirected to HTTPS.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use support::*;

@@ -1,5 +1,8 @@
 //! Process lifecycle: graceful shutdown on SIGTERM and certificate rotation under load.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::sync::Arc;

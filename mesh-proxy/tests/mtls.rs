@@ -2,6 +2,9 @@
 //! payment-service's sidecar over mTLS; STRICT refuses plaintext; AuthorizationPolicy
 //! allows only order-service's POSTs.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use support::*;

@@ -1,6 +1,9 @@
 //! Retries and outlier ejection with real processes: failing replicas are retried away
 //! and ejected, capped by maxEjectionPercent, while the caller sees only successes.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use support::*;

@@ -688,8 +688,8 @@ fn gateway_tables_have_no_default_routes() {
     assert_eq!(route_name(&mesh, "http://web/"), "default");
 }
 
-#[tokio::test]
-async fn dns_service_entry_endpoints_are_resolved_by_refresh() {
+#[test]
+fn dns_service_entry_endpoints_are_resolved_by_refresh() {
     let cfg = config(
         r#"
 apiVersion: networking.istio.io/v1
@@ -704,25 +704,135 @@ spec:
 "#,
     );
     let rec = Recorder::default();
+    // Made outside a runtime: nothing resolves until a refresh.
     let handle = RouterHandle::with_seed(rec.make(), routing(&cfg), 1);
-    let mut router = handle.router();
-    let err = send(&mut router, request("GET", "http://db.internal:5432/", &[]))
-        .await
-        .unwrap_err();
-    assert!(
-        mesh_core::is_caused_by::<NoHealthyUpstream>(err.as_ref()),
-        "nothing resolved yet"
-    );
-    handle.refresh_dns().await;
-    let target = handle.snapshot().target(0).cloned().unwrap();
-    assert!(
-        target
-            .endpoints()
-            .iter()
-            .all(|e| e.address.ip().is_loopback() && e.address.port() == 5432)
-    );
-    let res = send(&mut router, request("GET", "http://db.internal:5432/", &[]))
-        .await
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .unwrap();
-    assert_eq!(res.status(), 200);
+    rt.block_on(async {
+        let mut router = handle.router();
+        let err = send(&mut router, request("GET", "http://db.internal:5432/", &[]))
+            .await
+            .unwrap_err();
+        assert!(
+            mesh_core::is_caused_by::<NoHealthyUpstream>(err.as_ref()),
+            "nothing resolved yet"
+        );
+        handle.refresh_dns().await;
+        let target = handle.snapshot().target(0).cloned().unwrap();
+        let eps = target.endpoints();
+        assert!(!eps.is_empty());
+        assert!(
+            eps.iter()
+                .all(|e| e.address.ip().is_loopback() && e.address.port() == 5432)
+        );
+        let res = send(&mut router, request("GET", "http://db.internal:5432/", &[]))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    });
+}
+
+#[test]
+fn source_labels_and_namespace_select_the_proxy_not_the_request() {
+    let cfg = config(&format!(
+        "{REGISTRY}\n---\n{}",
+        vs(r#"  - name: from-frontend
+    match: [{sourceLabels: {app: frontend}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: from-ns-batch
+    match: [{sourceNamespace: batch}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: rest
+    route: [{destination: {host: web, subset: v1}}]
+"#)
+    ));
+    let frontend = CompileOptions {
+        workload_labels: [
+            ("app".to_owned(), "frontend".to_owned()),
+            ("version".to_owned(), "v3".to_owned()),
+        ]
+        .into(),
+        ..CompileOptions::default()
+    };
+    let t = Routing::compile(&cfg, &frontend).unwrap().table;
+    assert_eq!(route_name(&t, "http://web/"), "from-frontend");
+    let t = Routing::compile(&cfg, &CompileOptions::default())
+        .unwrap()
+        .table;
+    assert_eq!(route_name(&t, "http://web/"), "rest");
+    let mut batch = CompileOptions::default();
+    batch.naming.namespace = "batch".into();
+    let t = Routing::compile(&cfg, &batch).unwrap().table;
+    assert_eq!(route_name(&t, "http://web.default/"), "from-ns-batch");
+}
+
+#[tokio::test]
+async fn new_dns_destinations_resolve_in_the_background_after_an_update() {
+    let cfg = config(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cache, namespace: default}
+spec:
+  hosts: [cache.internal]
+  resolution: DNS
+  ports: [{number: 6379, name: tcp-redis, protocol: TCP}]
+  endpoints: [{address: localhost}]
+"#,
+    );
+    let handle = RouterHandle::with_seed(Recorder::default().make(), Routing::default(), 1);
+    handle.update(routing(&cfg));
+    let target = handle.snapshot().target(0).cloned().unwrap();
+    for _ in 0..200 {
+        if !target.endpoints().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let eps = target.endpoints();
+    assert!(
+        !eps.is_empty(),
+        "the host itself is resolved when no endpoints are listed"
+    );
+    assert!(
+        eps.iter()
+            .all(|e| e.address.ip().is_loopback() && e.address.port() == 6379)
+    );
+}
+
+#[test]
+fn periodic_dns_refresh_resolves_at_once_and_keeps_running() {
+    let cfg = config(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.internal]
+  resolution: DNS
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  endpoints: [{address: localhost}]
+"#,
+    );
+    // Made outside a runtime, so only the refresher can resolve.
+    let handle = RouterHandle::with_seed(Recorder::default().make(), routing(&cfg), 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let task = handle.spawn_dns_refresh(Duration::from_secs(30));
+        let target = handle.snapshot().target(0).cloned().unwrap();
+        for _ in 0..400 {
+            if !target.endpoints().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!target.endpoints().is_empty());
+        assert!(!task.is_finished());
+        task.abort();
+    });
 }

@@ -237,7 +237,10 @@ impl Telemetry {
                 &Workload::unknown(),
                 service,
             ),
-            latency: self.shared.latency.handle(&format!("inbound|{}", service.host)),
+            latency: self
+                .shared
+                .latency
+                .handle(&format!("inbound|{}", service.host)),
         }
     }
 }
@@ -266,7 +269,12 @@ impl ByAuthority {
         if host.is_empty() {
             return self.unknown.clone();
         }
-        if let Some(t) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(host) {
+        if let Some(t) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+        {
             return t.clone();
         }
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -336,7 +344,8 @@ impl TelemetryLayer {
     /// Outbound side for any destination, resolved from the request authority with at
     /// most `limit` distinct destinations (further ones are `unknown`).
     pub fn outbound_by_authority(telemetry: &Telemetry, limit: usize) -> Self {
-        let unknown = telemetry.outbound_target(&DestinationService::default(), &Workload::unknown());
+        let unknown =
+            telemetry.outbound_target(&DestinationService::default(), &Workload::unknown());
         Self::with(
             telemetry,
             Targets::ByAuthority(ByAuthority {
@@ -424,12 +433,14 @@ impl<S: std::fmt::Debug> std::fmt::Debug for TelemetryService<S> {
 }
 
 fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
+/// Header lines (`name: value\r\n`) plus the blank line, as HTTP/1.1 frames them.
 fn header_block_len(headers: &HeaderMap) -> u64 {
     headers
         .iter()
@@ -528,7 +539,10 @@ impl Pending {
                 ("response_flags", self.flags.to_string()),
                 ("request_size", request_body.to_string()),
                 ("response_size", response_body_bytes.to_string()),
-                ("upstream_cluster", self.target.metrics.destination_service().to_owned()),
+                (
+                    "upstream_cluster",
+                    self.target.metrics.destination_service().to_owned(),
+                ),
                 ("istio.canonical_service", w.canonical_service.clone()),
                 ("istio.namespace", w.namespace.clone()),
                 (
@@ -537,7 +551,10 @@ impl Pending {
                 ),
             ];
             if let Some(ua) = &c.user_agent {
-                attributes.push(("user_agent", String::from_utf8_lossy(ua.as_bytes()).into_owned()));
+                attributes.push((
+                    "user_agent",
+                    String::from_utf8_lossy(ua.as_bytes()).into_owned(),
+                ));
             }
             if let Some(up) = self.upstream_host {
                 attributes.push(("upstream_host", up.to_string()));
@@ -582,8 +599,15 @@ where
         let (mut parts, body) = req.into_parts();
         let shared = &self.shared;
         let telemetry = &shared.telemetry.shared;
+        // Wire size of what the downstream sent, before we add any header.
+        let request_header_bytes = (parts.method.as_str().len()
+            + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + 12) as u64
+            + header_block_len(&parts.headers);
         let request_id = trace::ensure_request_id(&mut parts.headers, &mut self.rng);
-        let hop = telemetry.propagator.propagate(&mut parts.headers, &mut self.rng);
+        let hop = telemetry
+            .propagator
+            .propagate(&mut parts.headers, &mut self.rng);
         let probe = Request::from_parts(parts, ());
         let target = match &shared.targets {
             Targets::Fixed(t) => t.clone(),
@@ -601,29 +625,28 @@ where
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let request_header_bytes = (parts.method.as_str().len() + path.len() + 12) as u64
-            + header_block_len(&parts.headers);
-        let captured = (telemetry.access_log.is_some() || (hop.sampled && telemetry.spans.is_some()))
-            .then(|| {
-                let get = |n: &str| parts.headers.get(n).cloned();
-                Box::new(Captured {
-                    method: parts.method.clone(),
-                    path: path.to_owned(),
-                    version: parts.version,
-                    authority: parts
-                        .uri
-                        .authority()
-                        .map(|a| a.as_str().to_owned())
-                        .or_else(|| {
-                            parts
-                                .headers
-                                .get(http::header::HOST)
-                                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
-                        }),
-                    user_agent: get("user-agent"),
-                    forwarded_for: get("x-forwarded-for"),
-                })
-            });
+        let captured = (telemetry.access_log.is_some()
+            || (hop.sampled && telemetry.spans.is_some()))
+        .then(|| {
+            let get = |n: &str| parts.headers.get(n).cloned();
+            Box::new(Captured {
+                method: parts.method.clone(),
+                path: path.to_owned(),
+                version: parts.version,
+                authority: parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().to_owned())
+                    .or_else(|| {
+                        parts
+                            .headers
+                            .get(http::header::HOST)
+                            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                    }),
+                user_agent: get("user-agent"),
+                forwarded_for: get("x-forwarded-for"),
+            })
+        });
         let counter = Arc::new(AtomicU64::new(0));
         let req = Request::from_parts(
             parts,
@@ -688,7 +711,8 @@ impl<B: Body> Body for RequestBody<B> {
         if let Some(Ok(f)) = &frame
             && let Some(d) = f.data_ref()
         {
-            this.bytes.fetch_add(d.remaining() as u64, Ordering::Relaxed);
+            this.bytes
+                .fetch_add(d.remaining() as u64, Ordering::Relaxed);
         }
         Poll::Ready(frame)
     }
@@ -729,7 +753,11 @@ where
         let result = ready!(this.inner.poll(cx));
         let Some(mut pending) = this.pending.take() else {
             // Polled after completion: the inner future decides what that means.
-            return Poll::Ready(result.map(|r| r.map(ResponseBody::detached)).map_err(Into::into));
+            return Poll::Ready(
+                result
+                    .map(|r| r.map(ResponseBody::detached))
+                    .map_err(Into::into),
+            );
         };
         match result {
             Ok(res) => {
@@ -744,8 +772,8 @@ where
                 pending.upstream_host = res.extensions().get::<UpstreamHost>().map(|u| u.0);
                 pending.upstream_service_time =
                     res.headers().get("x-envoy-upstream-service-time").cloned();
-                pending.response_header_bytes = (13
-                    + status.canonical_reason().map_or(0, str::len))
+                // `HTTP/1.1 200 OK\r\n`
+                pending.response_header_bytes = (15 + status.canonical_reason().map_or(0, str::len))
                     as u64
                     + header_block_len(res.headers());
                 Poll::Ready(Ok(res.map(|body| ResponseBody {

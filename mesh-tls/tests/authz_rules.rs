@@ -611,6 +611,76 @@ fn cases() -> Vec<Case> {
             r(),
             false,
         ),
+        // --- principal index: declaration order and unindexable rules are kept
+        Case {
+            by: Some("production/p#1"),
+            ..case(
+                "first matching rule wins across indexed and unindexed rules",
+                vec![policy(
+                    "p",
+                    Allow,
+                    vec![
+                        from(principals(&["cluster.local/ns/x/sa/y"])),
+                        from(principals(&["cluster.local/ns/production/*"])),
+                        from(principals(&[
+                            "cluster.local/ns/production/sa/order-service",
+                        ])),
+                    ],
+                )],
+                r(),
+                true,
+            )
+        },
+        Case {
+            by: Some("production/a#0"),
+            ..case(
+                "an exact principal rule declared first is reported first",
+                vec![
+                    policy(
+                        "a",
+                        Allow,
+                        vec![from(principals(&[
+                            "cluster.local/ns/production/sa/order-service",
+                        ]))],
+                    ),
+                    policy("b", Allow, vec![from(principals(&["*"]))]),
+                ],
+                r(),
+                true,
+            )
+        },
+        case(
+            "a from entry without principals keeps the rule unindexed",
+            vec![policy(
+                "p",
+                Allow,
+                vec![Rule {
+                    from: Some(vec![
+                        principals(&["cluster.local/ns/x/sa/y"]),
+                        Source {
+                            namespaces: s(&["production"]),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Rule::default()
+                }],
+            )],
+            r(),
+            true,
+        ),
+        case(
+            "notPrincipals rules are not indexed",
+            vec![policy(
+                "d",
+                Deny,
+                vec![from(Source {
+                    not_principals: s(&["cluster.local/ns/x/sa/y"]),
+                    ..Default::default()
+                })],
+            )],
+            r(),
+            false,
+        ),
         // --- IP blocks (AP-13)
         case(
             "ipBlocks CIDR matches the peer address",

@@ -67,6 +67,36 @@ impl LoadReport {
         self.of(Severity::Note)
     }
 
+    /// `line:column` of `path` (e.g. `spec.http[0].timeout`) in the document of
+    /// `resources[index]`; for a path that is not written, its nearest written ancestor.
+    pub fn location_of(&self, index: usize, path: &str) -> Option<(usize, usize)> {
+        let pos = self.sources.get(index)?.value(path)?;
+        Some((pos.line, pos.column))
+    }
+
+    /// A located error about `path` of `resources[index]`, for checks made outside this
+    /// crate (for example a behaviour crate's `TryFrom` of a spec), so that they report
+    /// like the loader does.
+    pub fn error_at(
+        &self,
+        index: usize,
+        path: &str,
+        message: impl Into<String>,
+    ) -> Option<Diagnostic> {
+        let r = self.resources.get(index)?;
+        let pos = self.location_of(index, path);
+        Some(Diagnostic {
+            severity: Severity::Error,
+            file: r.origin().file.clone(),
+            document: Some(r.origin().document),
+            resource: Some(r.display_name()),
+            path: (!path.is_empty()).then(|| path.to_owned()),
+            line: pos.map(|p| p.0),
+            column: pos.map(|p| p.1),
+            message: message.into(),
+        })
+    }
+
     fn of(&self, s: Severity) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics.iter().filter(move |d| d.severity == s)
     }

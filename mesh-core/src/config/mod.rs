@@ -25,6 +25,15 @@
 //! - Short hosts are qualified with the resource's namespace ([`qualify_host`]);
 //!   `metadata.namespace` absent means [`LoadOptions::default_namespace`].
 //!
+//! - A path is a file or a directory; a directory contributes its `.yaml`/`.yml` files
+//!   (not recursively), sorted by name. Documents are split on `---` lines; documents
+//!   holding only comments are not counted.
+//! - When the same `Kind/namespace/name` is defined twice, the later definition replaces
+//!   the earlier one (as `kubectl apply` would) and the load warns.
+//! - Cross-resource checks are warnings: a route to a subset no DestinationRule defines
+//!   (it would fail with 503 `NC`), a gateway that is not defined, several namespace-wide
+//!   PeerAuthentications (only the oldest applies).
+//!
 //! # Errors
 //!
 //! Every [`Diagnostic`] names the file, the document (1-based, counting non-empty documents),
@@ -41,6 +50,15 @@
 //!   be at least 1ms with millisecond precision, as in Istio.
 //! - `AuthorizationPolicy` with `action: CUSTOM` is rejected: external authorization
 //!   providers are not supported, and a policy that cannot be enforced must not load.
+//! - Exact `principals` (and `source.principal` conditions) must be Istio workload
+//!   identities without the scheme (`<trust-domain>/ns/<ns>/sa/<sa>`); Istio accepts any
+//!   string, but anything else can never match a peer, which silently breaks ALLOW rules
+//!   and, worse, DENY rules. `spiffe://` in a principal is rejected with the fix.
+//! - Condition keys must be attributes Istio knows (Istio ignores unknown keys, which
+//!   would silently widen a DENY); `request.auth.*` keys load with a warning because
+//!   request authentication (JWT) is not supported.
+//! - An empty `StringMatch` (`{}`) is only accepted where Istio gives it a meaning
+//!   (presence of a header or query parameter); elsewhere (`uri: {}`) it is an error.
 //! - Regexes must compile with the `regex` crate (RE2 syntax without backreferences), the
 //!   same class as Envoy's RE2.
 //!

@@ -27,10 +27,52 @@ pub struct MeshConfig {
     /// Oldest first (creation timestamp, then load order).
     peer_authentications: Vec<PeerAuthentication>,
     authorization_policies: Vec<AuthorizationPolicy>,
-    vs_by_host: HashMap<String, Vec<usize>>,
-    dr_by_host: HashMap<String, Vec<usize>>,
-    se_by_host: HashMap<String, Vec<usize>>,
+    vs_by_host: HostIndex,
+    dr_by_host: HostIndex,
+    se_by_host: HostIndex,
     by_namespace: BTreeMap<String, NamespaceIndex>,
+}
+
+/// Resources by qualified host: exact names in a map, wildcard patterns (`*`,
+/// `*.example.com`) in a list ordered from the most to the least specific.
+#[derive(Debug, Clone, Default)]
+struct HostIndex {
+    exact: HashMap<String, Vec<usize>>,
+    wildcards: Vec<(String, Vec<usize>)>,
+}
+
+impl HostIndex {
+    fn insert(&mut self, host: String, i: usize) {
+        if host.starts_with('*') {
+            match self.wildcards.iter_mut().find(|(h, _)| *h == host) {
+                Some((_, v)) => v.push(i),
+                None => self.wildcards.push((host, vec![i])),
+            }
+        } else {
+            self.exact.entry(host).or_default().push(i);
+        }
+    }
+
+    fn finish(&mut self) {
+        // Most specific (longest) wildcard first; ties by name for a stable order.
+        self.wildcards
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+    }
+
+    /// Exact matches first, then covering wildcards, without repeats.
+    fn lookup(&self, host: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = self.exact.get(host).cloned().unwrap_or_default();
+        for (pattern, v) in &self.wildcards {
+            if pattern == host || wildcard_covers(pattern, host) {
+                for &i in v {
+                    if !out.contains(&i) {
+                        out.push(i);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Indices of the resources of one namespace.
@@ -109,7 +151,7 @@ impl MeshConfig {
     fn index(&mut self) {
         for (i, vs) in self.virtual_services.iter().enumerate() {
             for h in &vs.spec.hosts {
-                self.vs_by_host.entry(vs.qualify(h)).or_default().push(i);
+                self.vs_by_host.insert(vs.qualify(h), i);
             }
             self.by_namespace
                 .entry(vs.metadata.namespace.clone())
@@ -118,10 +160,7 @@ impl MeshConfig {
                 .push(i);
         }
         for (i, dr) in self.destination_rules.iter().enumerate() {
-            self.dr_by_host
-                .entry(dr.qualify(&dr.spec.host))
-                .or_default()
-                .push(i);
+            self.dr_by_host.insert(dr.qualify(&dr.spec.host), i);
             self.by_namespace
                 .entry(dr.metadata.namespace.clone())
                 .or_default()
@@ -130,7 +169,7 @@ impl MeshConfig {
         }
         for (i, se) in self.service_entries.iter().enumerate() {
             for h in &se.spec.hosts {
-                self.se_by_host.entry(se.qualify(h)).or_default().push(i);
+                self.se_by_host.insert(se.qualify(h), i);
             }
             self.by_namespace
                 .entry(se.metadata.namespace.clone())
@@ -138,6 +177,9 @@ impl MeshConfig {
                 .service_entries
                 .push(i);
         }
+        self.vs_by_host.finish();
+        self.dr_by_host.finish();
+        self.se_by_host.finish();
         for (i, g) in self.gateways.iter().enumerate() {
             self.by_namespace
                 .entry(g.metadata.namespace.clone())
@@ -391,23 +433,8 @@ impl MeshConfig {
         })
     }
 
-    fn lookup_host(&self, index: &HashMap<String, Vec<usize>>, host: &str) -> Vec<usize> {
-        let mut out: Vec<usize> = index.get(host).cloned().unwrap_or_default();
-        let mut wild: Vec<(&str, &Vec<usize>)> = index
-            .iter()
-            .filter(|(pattern, _)| pattern.as_str() != host && wildcard_covers(pattern, host))
-            .map(|(p, v)| (p.as_str(), v))
-            .collect();
-        // Most specific (longest) wildcard first; ties by name for a stable order.
-        wild.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(b.0)));
-        for (_, v) in wild {
-            for &i in v {
-                if !out.contains(&i) {
-                    out.push(i);
-                }
-            }
-        }
-        out
+    fn lookup_host(&self, index: &HostIndex, host: &str) -> Vec<usize> {
+        index.lookup(host)
     }
 }
 

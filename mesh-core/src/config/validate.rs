@@ -1492,9 +1492,6 @@ fn gateway(ctx: &mut Ctx<'_>, gw: &Gateway) {
 
 fn server_tls(ctx: &mut Ctx<'_>, path: &str, tls: &ServerTlsSettings, secure: bool) {
     let mode = tls.mode.unwrap_or(ServerTlsMode::Passthrough);
-    if tls.https_redirect && !secure {
-        // httpsRedirect on the plain HTTP server is the intended use; nothing else to check.
-    }
     if tls.credential_name.is_some() && !tls.credential_names.is_empty() {
         ctx.error(
             &p(path, "credentialNames"),
@@ -1823,7 +1820,7 @@ fn authorization_policy(ctx: &mut Ctx<'_>, ap: &AuthorizationPolicy) {
                 let fp = pi(&rp, "from", j);
                 match &f.source {
                     None => ctx.error(&fp, "a `from` entry needs a source"),
-                    Some(src) => source(ctx, &p(&fp, "source"), src, &ap.metadata.namespace),
+                    Some(src) => source(ctx, &p(&fp, "source"), src),
                 }
             }
         }
@@ -1942,7 +1939,7 @@ fn check_service_account(v: &str) -> Result<(), String> {
     }
 }
 
-fn source(ctx: &mut Ctx<'_>, path: &str, s: &Source, _namespace: &str) {
+fn source(ctx: &mut Ctx<'_>, path: &str, s: &Source) {
     let all: [(&str, &Vec<String>); 14] = [
         ("principals", &s.principals),
         ("notPrincipals", &s.not_principals),
@@ -2083,7 +2080,7 @@ fn check_path_value(v: &str) -> Result<(), String> {
                 ));
             }
         }
-        if v.contains("*}") && (v.ends_with('*') && !v.ends_with("}")) {
+        if v.starts_with('*') || (v.ends_with('*') && !v.ends_with("}")) {
             return Err(format!(
                 "path template `{v}` cannot be combined with a `*` prefix or suffix match"
             ));

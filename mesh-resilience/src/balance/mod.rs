@@ -322,6 +322,19 @@ impl<S> Balance<S> {
         self.shared.set.store(Arc::new(next));
     }
 
+    /// The endpoint the next request would go to: runs due outlier sweeps and picks as
+    /// [`call`](Service::call) does, without sending anything (diagnostics, benches).
+    /// `None` means the request would get [`NoHealthyUpstream`].
+    pub fn choose(&mut self, previous: Option<&PreviousHosts>) -> Option<SocketAddr> {
+        if let Some(d) = &self.shared.detector
+            && d.is_active()
+        {
+            d.sweep_if_due(Instant::now());
+        }
+        let set = self.shared.set.load();
+        self.pick(&set, previous).map(|i| set[i].endpoint.address)
+    }
+
     /// Picks an endpoint for a request that already went to `previous`.
     fn pick(&mut self, set: &[Arc<Entry<S>>], previous: Option<&PreviousHosts>) -> Option<usize> {
         let panic = self.shared.detector.as_ref().is_some_and(|d| d.in_panic());
@@ -370,7 +383,9 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let detector = self.shared.detector.clone();
-        if let Some(d) = &detector {
+        if let Some(d) = &detector
+            && d.is_active()
+        {
             d.sweep_if_due(Instant::now());
         }
         let set = self.shared.set.load();

@@ -26,6 +26,9 @@ pub struct OutlierDetector {
     ejected: AtomicUsize,
     ejections: AtomicU64,
     overflows: AtomicU64,
+    /// Hosts whose ejection multiplier is above 0 (ejected or still decaying). While it
+    /// is 0 a sweep would change nothing, so none runs and no clock is read.
+    active: AtomicUsize,
     registry: Mutex<Registry>,
 }
 
@@ -117,6 +120,7 @@ impl OutlierDetector {
             ejected: AtomicUsize::new(0),
             ejections: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
         }
     }
 
@@ -143,6 +147,9 @@ impl OutlierDetector {
             self.total.fetch_sub(1, Ordering::AcqRel);
             if host.0.ejected.swap(false, Ordering::AcqRel) {
                 self.ejected.fetch_sub(1, Ordering::AcqRel);
+            }
+            if lock(&host.0.ejection).multiplier > 0 {
+                self.active.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
@@ -211,7 +218,7 @@ impl OutlierDetector {
 
     /// Ejects `host` at `now` unless it is ejected already or the cap forbids it (DR-36).
     fn eject(&self, host: &HostHealth, now: Instant) -> bool {
-        let _reg = lock(&self.registry);
+        let mut reg = lock(&self.registry);
         let h = &host.0;
         if h.ejected.load(Ordering::Acquire) {
             return false;
@@ -221,7 +228,23 @@ impl OutlierDetector {
             self.overflows.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        if self.active.load(Ordering::Acquire) == 0 && reg.next_sweep <= now {
+            // Sweeps were skipped while nothing was active (they would have been no-ops):
+            // move the schedule to the first sweep after now.
+            let interval = self.config.interval;
+            let behind =
+                now.saturating_duration_since(reg.next_sweep).as_nanos() / interval.as_nanos();
+            reg.next_sweep +=
+                interval.saturating_mul(u32::try_from(behind + 1).unwrap_or(u32::MAX));
+            self.next_sweep_ms.store(
+                millis(reg.next_sweep.saturating_duration_since(self.epoch)),
+                Ordering::Release,
+            );
+        }
         let mut e = lock(&h.ejection);
+        if e.multiplier == 0 {
+            self.active.fetch_add(1, Ordering::AcqRel);
+        }
         // The multiplier grows while k × base < max + base (DR-34), so the ejection time
         // goes base, 2 × base, … and stays at the cap.
         let base = self.config.base_ejection_time;
@@ -235,6 +258,12 @@ impl OutlierDetector {
         self.ejections.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(multiplier = e.multiplier, "outlier ejected");
         true
+    }
+
+    /// Whether any host is ejected or has a decaying multiplier, i.e. whether a sweep
+    /// could change anything. Callers skip reading the clock when it is false.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
     }
 
     /// Runs every interval sweep that fell due up to `now` (DR-34, DR-35). Cheap when none is due.
@@ -286,6 +315,9 @@ impl OutlierDetector {
                     .is_none_or(|u| at >= u + self.config.interval)
                 {
                     e.multiplier -= 1;
+                    if e.multiplier == 0 {
+                        self.active.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             }
         }
@@ -451,6 +483,28 @@ mod tests {
         // Counters were reset on un-ejection: four more errors do not eject.
         fail(&d, &hosts[0], 4);
         assert!(!hosts[0].is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_skipped_while_idle_keep_the_interval_grid() {
+        let (d, hosts) = detector(all_ejectable(), 2);
+        assert!(!d.is_active());
+        // Nothing happens for a long time: no sweep needs to run.
+        tokio::time::advance(Duration::from_secs(100_005)).await;
+        fail(&d, &hosts[0], 5);
+        assert!(d.is_active());
+        // Ejected at 100 005 s for 30 s: back at the sweep of 100 040 s, not earlier.
+        tokio::time::advance(Duration::from_secs(34)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(hosts[0].is_ejected());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(!hosts[0].is_ejected());
+        // The multiplier decays one interval later and the detector goes idle again.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        d.sweep_if_due(Instant::now());
+        assert_eq!(hosts[0].ejection_multiplier(), 0);
+        assert!(!d.is_active());
     }
 
     #[tokio::test(start_paused = true)]

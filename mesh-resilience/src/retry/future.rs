@@ -120,6 +120,9 @@ pub struct Attempts<S, F> {
     seed: u64,
     #[pin]
     call: Option<F>,
+    /// When the current timer fires; the `Sleep` itself is armed only once something
+    /// has to wait, so an attempt answered at once costs no timer.
+    timer_at: Option<Instant>,
     #[pin]
     timer: Option<Sleep>,
     timer_kind: Timer,
@@ -134,7 +137,12 @@ impl<S, F> Attempts<S, F> {
         gate: Option<RetryGate>,
         seed: u64,
     ) -> Self {
-        let (head, body) = req.into_parts();
+        let (mut head, body) = req.into_parts();
+        if policy.include_attempt_count {
+            // Present before the head is copied, so later attempts replace it in place.
+            head.headers
+                .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
+        }
         let deadline = head.extensions.get::<RequestDeadline>().copied();
         let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
         let (body, phase) = match Buffering::start(body, policy.replay_limit) {
@@ -158,10 +166,40 @@ impl<S, F> Attempts<S, F> {
             tried: Vec::new(),
             seed,
             call: None,
+            timer_at: None,
             timer: None,
             timer_kind: Timer::PerTry,
         }
     }
+}
+
+/// Sets the timer to fire at `at` (the `Sleep` is created when first polled).
+fn arm(timer_at: &mut Option<Instant>, mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
+    *timer_at = Some(at);
+    if timer.is_some() {
+        timer.set(None);
+    }
+}
+
+/// Removes the timer.
+fn disarm(timer_at: &mut Option<Instant>, mut timer: Pin<&mut Option<Sleep>>) {
+    *timer_at = None;
+    if timer.is_some() {
+        timer.set(None);
+    }
+}
+
+/// Polls the timer, creating its `Sleep` on first use; `None` when no timer is set.
+fn poll_timer(
+    timer_at: Option<Instant>,
+    mut timer: Pin<&mut Option<Sleep>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<()>> {
+    let at = timer_at?;
+    if timer.is_none() {
+        timer.set(Some(sleep_until(at)));
+    }
+    timer.as_pin_mut().map(|t| t.poll(cx))
 }
 
 /// A copy of the request head for one attempt.
@@ -212,20 +250,20 @@ where
                         Poll::Pending => {
                             // Reading the request body counts against the deadline too.
                             if let Some(d) = this.deadline
-                                && this.timer.is_none()
+                                && this.timer_at.is_none()
                             {
-                                this.timer.set(Some(sleep_until(d.at)));
+                                arm(this.timer_at, this.timer.as_mut(), d.at);
                                 *this.timer_kind = Timer::Deadline;
                             }
-                            if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                                ready!(t.poll(cx));
+                            if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                                ready!(t);
                                 *this.phase = Phase::Done;
                                 return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                             }
                             return Poll::Pending;
                         }
                     };
-                    this.timer.set(None);
+                    disarm(this.timer_at, this.timer.as_mut());
                     *this.body = match prepared {
                         Ok(Prepared::Replayable(r)) => Body::Replay(r),
                         Ok(Prepared::Once(b)) => Body::Once(Some(b)),
@@ -246,8 +284,9 @@ where
                                 return Poll::Ready(Err(e.into()));
                             }
                             Poll::Pending => {
-                                if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                                    ready!(t.poll(cx));
+                                if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx)
+                                {
+                                    ready!(t);
                                     *this.phase = Phase::Done;
                                     return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                                 }
@@ -263,7 +302,7 @@ where
                         Body::Buffering(_) => mesh_core::body::empty(),
                     };
                     let mut req = attempt_request(this.head, body);
-                    if this.policy.include_attempt_count {
+                    if this.policy.include_attempt_count && *this.attempt > 1 {
                         req.headers_mut()
                             .insert(ATTEMPT_COUNT, attempt_header(*this.attempt));
                     }
@@ -286,10 +325,10 @@ where
                     };
                     match timer {
                         Some((at, kind)) => {
-                            this.timer.set(Some(sleep_until(at)));
+                            arm(this.timer_at, this.timer.as_mut(), at);
                             *this.timer_kind = kind;
                         }
-                        None => this.timer.set(None),
+                        None => disarm(this.timer_at, this.timer.as_mut()),
                     }
                     let fut = this.service.call(req);
                     this.call.set(Some(fut));
@@ -303,22 +342,24 @@ where
                     let result = match fut.poll(cx) {
                         // The attempt goes first: an answer ready at the deadline wins.
                         Poll::Ready(r) => r.map_err(Into::into),
-                        Poll::Pending => match this.timer.as_mut().as_pin_mut() {
-                            Some(t) => {
-                                ready!(t.poll(cx));
-                                // Dropping the attempt resets the upstream stream.
-                                this.call.set(None);
-                                if *this.timer_kind == Timer::Deadline {
-                                    *this.phase = Phase::Done;
-                                    return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                        Poll::Pending => {
+                            match poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                                Some(t) => {
+                                    ready!(t);
+                                    // Dropping the attempt resets the upstream stream.
+                                    this.call.set(None);
+                                    if *this.timer_kind == Timer::Deadline {
+                                        *this.phase = Phase::Done;
+                                        return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                                    }
+                                    Err(Box::new(PerTryTimeout) as BoxError)
                                 }
-                                Err(Box::new(PerTryTimeout) as BoxError)
+                                None => return Poll::Pending,
                             }
-                            None => return Poll::Pending,
-                        },
+                        }
                     };
                     this.call.set(None);
-                    this.timer.set(None);
+                    disarm(this.timer_at, this.timer.as_mut());
                     let decision = decide(
                         result,
                         this.policy,
@@ -343,24 +384,24 @@ where
                                 Some(d) if d.at <= end => (d.at, Timer::Deadline),
                                 _ => (end, Timer::Backoff),
                             };
-                            this.timer.set(Some(sleep_until(at)));
+                            arm(this.timer_at, this.timer.as_mut(), at);
                             *this.timer_kind = kind;
                             *this.phase = Phase::Backoff;
                         }
                     }
                 }
                 Phase::Backoff => {
-                    if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                        ready!(t.poll(cx));
+                    if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                        ready!(t);
                     }
-                    this.timer.set(None);
+                    disarm(this.timer_at, this.timer.as_mut());
                     if *this.timer_kind == Timer::Deadline {
                         *this.phase = Phase::Done;
                         return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                     }
                     if let Some(d) = this.deadline {
                         // Keep the deadline armed while waiting for readiness.
-                        this.timer.set(Some(sleep_until(d.at)));
+                        arm(this.timer_at, this.timer.as_mut(), d.at);
                         *this.timer_kind = Timer::Deadline;
                     }
                     *this.phase = Phase::Dispatch;

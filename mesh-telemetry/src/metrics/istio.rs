@@ -29,8 +29,8 @@ use prometheus_client::registry::Registry;
 
 /// Envoy's default histogram boundaries, used by every Istio histogram (TM-07).
 pub const DEFAULT_BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 /// Default bound on the series one [`MetricsHandle`] may create.
@@ -593,7 +593,10 @@ impl std::fmt::Debug for MetricsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsHandle")
             .field("reporter", &self.inner.reporter)
-            .field("destination_service", &self.inner.base.destination_service.0)
+            .field(
+                "destination_service",
+                &self.inner.base.destination_service.0,
+            )
             .finish()
     }
 }
@@ -617,7 +620,9 @@ impl MetricsHandle {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.with_series(facts, |s| s.record(duration_ms, request_bytes, response_bytes));
+        self.with_series(facts, |s| {
+            s.record(duration_ms, request_bytes, response_bytes)
+        });
     }
 
     /// Runs `f` with the series selected by `facts`, creating it on first use.

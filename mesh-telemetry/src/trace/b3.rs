@@ -200,7 +200,11 @@ mod tests {
         let i = extract_multi(&h).unwrap();
         assert_eq!(
             i.ids,
-            Some((0x463ac35c9f6413ad48485a3953bb6124, false, 0xa2fb4a1d1a96d312))
+            Some((
+                0x463ac35c9f6413ad48485a3953bb6124,
+                false,
+                0xa2fb4a1d1a96d312
+            ))
         );
         assert_eq!(i.sampled, Some(true));
         let h = map(&[
@@ -251,15 +255,22 @@ mod tests {
         .unwrap();
         assert_eq!(
             i.ids,
-            Some((0x80f198ee56343ba864fe8b2a57d3eff7, false, 0xe457b5a2e4d86bd1))
+            Some((
+                0x80f198ee56343ba864fe8b2a57d3eff7,
+                false,
+                0xe457b5a2e4d86bd1
+            ))
         );
         assert_eq!(i.sampled, Some(true));
         let i = extract_single(&map(&[("b3", "e457b5a2e4d86bd1-e457b5a2e4d86bd1-d")])).unwrap();
         assert!(i.debug && i.ids.unwrap().1);
         let i = extract_single(&map(&[("b3", "0")])).unwrap();
         assert_eq!((i.ids, i.sampled), (None, Some(false)));
-        let i = extract_single(&map(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1")]))
-            .unwrap();
+        let i = extract_single(&map(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1",
+        )]))
+        .unwrap();
         assert_eq!(i.sampled, None);
         for bad in [
             "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-x",

@@ -10,8 +10,10 @@
 //! Sampling (TR-06, TR-07): an incoming decision (`x-b3-sampled`, `x-b3-flags`, the `b3`
 //! sampling state, the `traceparent` sampled flag) is honoured; otherwise the
 //! [`Sampler`]'s percentage decides with the caller's random number generator (so tests
-//! fix the seed). The default is Istio's 1 %; values outside 0–100 fall back to 1 %.
-//! Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit ids.
+//! fix the seed); a request carrying `x-client-trace-id` is always sampled, as Envoy's
+//! 100 % client sampling in Istio does. The default is Istio's 1 %; values outside 0–100
+//! fall back to 1 %. Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit
+//! ids.
 //!
 //! `x-request-id` (TR-01) is kept when present and generated as a UUID v4 when absent.
 //! We choose the random sampler over Envoy's request-id-derived decision (Istio's
@@ -27,6 +29,8 @@ use rand::Rng;
 
 /// `x-request-id`.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-client-trace-id`: a client asking for its request to be traced.
+pub static CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 
 /// What the incoming headers said.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -65,7 +69,11 @@ impl HopContext {
     pub fn trace_id_hex(&self) -> String {
         let mut buf = [0u8; 32];
         write_hex(self.trace_id, &mut buf);
-        let s = if self.trace_id_64 { &buf[16..] } else { &buf[..] };
+        let s = if self.trace_id_64 {
+            &buf[16..]
+        } else {
+            &buf[..]
+        };
         String::from_utf8_lossy(s).into_owned()
     }
 }
@@ -249,7 +257,12 @@ impl Propagator {
 
     /// Rewrites `headers` for the next hop and returns this hop's context.
     pub fn propagate<R: Rng + ?Sized>(&self, headers: &mut HeaderMap, rng: &mut R) -> HopContext {
-        let (incoming, source) = extract_with_source(headers);
+        let (mut incoming, source) = extract_with_source(headers);
+        // Envoy's client sampling (100 % in Istio): a client-supplied trace id forces a
+        // sampled trace unless a decision already travels with the request (TR-07).
+        if incoming.sampled.is_none() && headers.contains_key(&CLIENT_TRACE_ID) {
+            incoming.sampled = Some(true);
+        }
         let ctx = next_hop(incoming, &self.sampler, rng);
         let mut formats = self.formats;
         match source {
@@ -337,8 +350,9 @@ pub(crate) fn parse_hex_u64(s: &[u8], upper_ok: bool) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;
     }
-    s.iter()
-        .try_fold(0u64, |acc, b| Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?)))
+    s.iter().try_fold(0u64, |acc, b| {
+        Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?))
+    })
 }
 
 /// Parses exactly 32 hex digits.
@@ -385,7 +399,11 @@ mod tests {
         ]);
         let p = Propagator {
             sampler: Sampler::percent(0.0),
-            formats: Formats { b3_multi: true, b3_single: false, w3c: false },
+            formats: Formats {
+                b3_multi: true,
+                b3_single: false,
+                w3c: false,
+            },
         };
         let ctx = p.propagate(&mut h, &mut rng);
         assert!(ctx.sampled, "incoming accept wins over 0 % sampling");
@@ -434,20 +452,29 @@ mod tests {
         assert_eq!(parts[2], "d");
         assert_eq!(parts[3], "e457b5a2e4d86bd1");
         assert_eq!(h["x-b3-flags"], "1");
-        assert!(h.get("x-b3-sampled").is_none(), "debug is not sent with sampled");
+        assert!(
+            h.get("x-b3-sampled").is_none(),
+            "debug is not sent with sampled"
+        );
     }
 
     #[test]
     fn w3c_hop_keeps_tracestate_and_sets_new_parent_id() {
         let mut rng = SmallRng::seed_from_u64(4);
         let mut h = headers(&[
-            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            ),
             ("tracestate", "congo=t61rcWkgMzE"),
         ]);
         let ctx = Propagator::with_sampling(100.0).propagate(&mut h, &mut rng);
         assert!(!ctx.sampled, "incoming not-sampled flag wins over 100 %");
         let tp = h["traceparent"].to_str().unwrap();
-        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
         assert!(tp.ends_with("-00"));
         assert_eq!(&tp[36..52], format!("{:016x}", ctx.span_id));
         assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
@@ -458,13 +485,19 @@ mod tests {
     fn invalid_context_starts_a_new_trace() {
         let mut rng = SmallRng::seed_from_u64(5);
         let mut h = headers(&[
-            ("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            (
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
             ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb612"),
             ("x-b3-spanid", "a2fb4a1d1a96d312"),
         ]);
         let ctx = Propagator::with_sampling(0.0).propagate(&mut h, &mut rng);
         assert_eq!(ctx.parent_span_id, None);
-        assert!(!ctx.trace_id_64 && ctx.trace_id >> 64 != 0, "new 128-bit id");
+        assert!(
+            !ctx.trace_id_64 && ctx.trace_id >> 64 != 0,
+            "new 128-bit id"
+        );
         assert!(!ctx.sampled);
         assert!(h.get("x-b3-parentspanid").is_none());
         assert_eq!(h["x-b3-traceid"].len(), 32);
@@ -478,7 +511,21 @@ mod tests {
         assert!(!ctx.sampled && ctx.parent_span_id.is_none());
         assert_eq!(h["x-b3-sampled"], "0");
         let mut h = headers(&[("x-b3-sampled", "1")]);
-        assert!(Propagator::with_sampling(0.0).propagate(&mut h, &mut rng).sampled);
+        assert!(
+            Propagator::with_sampling(0.0)
+                .propagate(&mut h, &mut rng)
+                .sampled
+        );
+    }
+
+    #[test]
+    fn client_trace_id_forces_sampling_but_not_over_a_decision() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let p = Propagator::with_sampling(0.0);
+        let mut h = headers(&[("x-client-trace-id", "abc")]);
+        assert!(p.propagate(&mut h, &mut rng).sampled);
+        let mut h = headers(&[("x-client-trace-id", "abc"), ("x-b3-sampled", "0")]);
+        assert!(!p.propagate(&mut h, &mut rng).sampled);
     }
 
     #[test]

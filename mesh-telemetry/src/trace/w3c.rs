@@ -75,11 +75,18 @@ mod tests {
         let i = extract(&h).unwrap();
         assert_eq!(
             i.ids,
-            Some((0x4bf92f3577b34da6a3ce929d0e0e4736, false, 0x00f067aa0ba902b7))
+            Some((
+                0x4bf92f3577b34da6a3ce929d0e0e4736,
+                false,
+                0x00f067aa0ba902b7
+            ))
         );
         assert_eq!(i.sampled, Some(true));
         assert_eq!(i.tracestate.unwrap(), "congo=t61rcWkgMzE");
-        let i = extract(&tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")).unwrap();
+        let i = extract(&tp(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ))
+        .unwrap();
         assert_eq!(i.sampled, Some(false));
     }
 
@@ -101,7 +108,10 @@ mod tests {
 
     #[test]
     fn future_versions_are_read_by_their_prefix() {
-        let i = extract(&tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what")).unwrap();
+        let i = extract(&tp(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what",
+        ))
+        .unwrap();
         assert_eq!(i.ids.unwrap().2, 0x00f067aa0ba902b7);
     }
 }
