@@ -35,7 +35,7 @@ use tower::util::BoxCloneSyncService;
 
 use crate::embedded::Check;
 use crate::proxyless::connect::MeshConn;
-use crate::scenario::{EntryEndpoint, service_entry_yaml};
+use crate::scenario::{EntryEndpoint, service_entry_yaml, within};
 
 /// How much traffic each step sends.
 #[derive(Clone, Copy, Debug)]
@@ -714,14 +714,6 @@ where
         progress.bar(label, out.len(), n);
     }
     out
-}
-
-/// Whether `hits` out of `n` is within 4.5 standard deviations of `percent`.
-fn within(hits: usize, n: usize, percent: f64) -> bool {
-    let p = percent / 100.0;
-    let mean = n as f64 * p;
-    let sd = (n as f64 * p * (1.0 - p)).sqrt();
-    (hits as f64 - mean).abs() <= 4.5 * sd + 1.0
 }
 
 fn ok_count(replies: &[Reply]) -> usize {

@@ -213,7 +213,7 @@ pub async fn run(requests: usize) -> Result<Vec<Check>, BoxError> {
     check(
         &mut checks,
         "weighted subsets 90/10",
-        requests < 50 || (3.0..=20.0).contains(&share),
+        crate::scenario::within(v2, requests, 10.0),
         format!("{share:.1}% of payments went to v2"),
     );
     let failing_hits = failing.hits.load(Ordering::Relaxed);

@@ -217,3 +217,12 @@ pub fn service_entry_yaml(
     }
     y
 }
+
+/// Whether `hits` out of `n` is within 4.5 standard deviations (plus one) of `percent`:
+/// a bound a correct weighted split misses about once in a hundred thousand runs.
+pub fn within(hits: usize, n: usize, percent: f64) -> bool {
+    let p = percent / 100.0;
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (hits as f64 - mean).abs() <= 4.5 * sd + 1.0
+}
