@@ -752,7 +752,19 @@ pub async fn run(options: Options) -> Result<Vec<(usize, Check)>, BoxError> {
         "Starting a CA (SVIDs live {SVID_LIFETIME}), order-service v1+v2, payment-service x2, web-frontend,\n\
          a mesh-proxy sidecar for each and a mesh-proxy ingress gateway (TLS, api.example.com)"
     );
-    let world = build_world().await?;
+    // Ports are chosen before the proxies bind them (the ServiceEntry must name them);
+    // if another process takes one in between, start over with fresh ports.
+    let mut attempt = 0;
+    let world = loop {
+        attempt += 1;
+        match build_world().await {
+            Ok(w) => break w,
+            Err(e) if attempt < 3 && e.to_string().to_lowercase().contains("address") => {
+                eprintln!("starting again: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let mut story = Story {
         checks: Vec::new(),
         step: 0,
