@@ -234,10 +234,12 @@ impl Destinations {
 pub struct MakeDest {
     /// Client TLS (the workload's SVID).
     pub tls: ClientTls,
-    /// Trust domain for endpoints without identities.
+    /// Upstream connect plus handshake timeout.
     pub connect_timeout: Duration,
     /// Replay limit for retried request bodies.
     pub replay_limit: usize,
+    /// Idle timeout of pooled upstream connections when no DestinationRule sets one.
+    pub idle_timeout: Duration,
     /// Where the destinations are listed for the admin server.
     pub destinations: Destinations,
 }
@@ -267,7 +269,15 @@ impl MakeDestination for MakeDest {
         let tls = self.tls.clone();
         let connect_timeout = self.connect_timeout;
         let server_name: Arc<str> = target.key.host.clone();
-        let idle = limits.idle_timeout;
+        let dr_idle = policy.connection_pool.as_ref().is_some_and(|cp| {
+            cp.tcp.as_ref().is_some_and(|t| t.idle_timeout.is_some())
+                || cp.http.as_ref().is_some_and(|h| h.idle_timeout.is_some())
+        });
+        let idle = if dr_idle {
+            limits.idle_timeout
+        } else {
+            self.idle_timeout
+        };
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
             let naming = if ep.identities.is_empty() {
                 SecureNaming::AnyTrusted

@@ -47,6 +47,7 @@ impl Sidecar {
             tls: ClientTls::new(common.store.clone()),
             connect_timeout: limits.connect_timeout.as_std(),
             replay_limit: limits.max_retry_body_bytes,
+            idle_timeout: limits.idle_timeout.as_std(),
             destinations: destinations.clone(),
         };
         let router = match settings.random_seed {
