@@ -15,14 +15,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::{ProxyHandle, Settings, Sidecar};
 
 async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"paid"))))
-                });
+                let svc =
+                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"paid"),
+                        )))
+                    });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
@@ -58,12 +63,18 @@ async fn mesh(dir: &std::path::Path, app: SocketAddr) -> (ProxyHandle, ProxyHand
         .expect("write ca");
     std::fs::create_dir_all(dir.join("istio")).expect("config dir");
     std::fs::write(dir.join("istio/mesh.yaml"), service_entry(1)).expect("config");
-    let payment = Sidecar::start(settings(dir, "payment-service", app)).await.expect("payment");
+    let payment = Sidecar::start(settings(dir, "payment-service", app))
+        .await
+        .expect("payment");
     let inbound = payment.address("inbound").expect("inbound");
     std::fs::write(dir.join("istio/mesh.yaml"), service_entry(inbound.port())).expect("config");
-    let order = Sidecar::start(settings(dir, "order-service", "127.0.0.1:9".parse().expect("addr")))
-        .await
-        .expect("order");
+    let order = Sidecar::start(settings(
+        dir,
+        "order-service",
+        "127.0.0.1:9".parse().expect("addr"),
+    ))
+    .await
+    .expect("order");
     (payment, order)
 }
 
@@ -99,7 +110,8 @@ fn end_to_end(c: &mut Criterion) {
         b.to_async(&rt).iter(|| request(app, "payment-service"));
     });
     g.bench_function("through_two_sidecars_mtls", |b| {
-        b.to_async(&rt).iter(|| request(outbound, "payment-service"));
+        b.to_async(&rt)
+            .iter(|| request(outbound, "payment-service"));
     });
     g.finish();
     rt.block_on(async {
