@@ -32,6 +32,21 @@ fn credentials(world: &World) -> (std::path::PathBuf, std::path::PathBuf) {
     std::fs::write(cred.join("tls.key"), key.serialize_pem()).unwrap();
     let ca_file = world.path("edge-ca.pem");
     std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    // MUTUAL: the same server certificate, clients must chain to the edge CA.
+    let mtls = dir.join("api-mtls-cert");
+    std::fs::create_dir_all(&mtls).unwrap();
+    std::fs::write(mtls.join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(mtls.join("tls.key"), key.serialize_pem()).unwrap();
+    std::fs::write(mtls.join("ca.crt"), ca_cert.pem()).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "partner");
+    client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client.signed_by(&client_key, &issuer).unwrap();
+    std::fs::write(world.path("client.crt"), client.pem()).unwrap();
+    std::fs::write(world.path("client.key"), client_key.serialize_pem()).unwrap();
     (dir, ca_file)
 }
 
@@ -51,6 +66,11 @@ spec:
   - port: {number: 80, name: http, protocol: HTTP}
     tls:
       httpsRedirect: true
+    hosts: [api.example.com]
+  - port: {number: 8443, name: https-partner, protocol: HTTPS}
+    tls:
+      mode: MUTUAL
+      credentialName: api-mtls-cert
     hosts: [api.example.com]
 ---
 apiVersion: networking.istio.io/v1
@@ -117,12 +137,12 @@ async fn gateway_routes_by_sni_host_and_path_and_redirects_http() {
     }
     let (creds, edge_ca) = credentials(&world);
     let gw_ports = Ports::new();
-    let (https, http) = (free_port(), free_port());
+    let (https, http, partner) = (free_port(), free_port(), free_port());
     let settings = format!(
         "workload: {{namespace: production, serviceAccount: istio-ingressgateway, labels: {{istio: ingress}}}}\n\
          configDir: {config}\nsvid: {{caDir: {ca}}}\n\
          listeners: {{admin: 127.0.0.1:{admin}}}\n\
-         gateway:\n  name: api-gateway\n  credentialsDir: {creds}\n  ports:\n    443: 127.0.0.1:{https}\n    80: 127.0.0.1:{http}\n",
+         gateway:\n  name: api-gateway\n  credentialsDir: {creds}\n  ports:\n    443: 127.0.0.1:{https}\n    80: 127.0.0.1:{http}\n    8443: 127.0.0.1:{partner}\n",
         config = config.display(),
         ca = world.ca_dir.display(),
         admin = gw_ports.admin,
@@ -181,6 +201,28 @@ async fn gateway_routes_by_sni_host_and_path_and_redirects_http() {
     ])
     .await;
     assert_eq!(out, "301 https://api.example.com/api/v1/orders?id=7");
-    assert_eq!(order_app.hits(), 1);
+
+    // MUTUAL: a client certificate from the configured CA is required.
+    let resolve = format!("api.example.com:{partner}:127.0.0.1");
+    let url = format!("https://api.example.com:{partner}/api/v1/orders");
+    let (cert, key) = (world.path("client.crt"), world.path("client.key"));
+    let (code, out, err) = curl(&[
+        "--cacert",
+        &cacert,
+        "--resolve",
+        &resolve,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "-w",
+        "\n%{http_code}",
+        &url,
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "orders\n200"), "{err}");
+    let (code, out, _) = curl(&["--cacert", &cacert, "--resolve", &resolve, &url]).await;
+    assert_ne!(code, 0, "no client certificate was accepted: {out}");
+    assert_eq!(order_app.hits(), 2);
     assert_eq!(payment_app.hits(), 1);
 }
