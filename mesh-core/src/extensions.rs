@@ -53,6 +53,19 @@ pub struct ConnectionInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamHost(pub SocketAddr);
 
+/// The policies of the route a request matched, left by the router for the layers that
+/// enforce them (the deadline and retry layers read it; absent means "no route policy").
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutePolicy {
+    /// The route's `timeout` (the outer deadline); `None` when unset or `0s` (disabled).
+    pub timeout: Option<std::time::Duration>,
+    /// The route's `retries` block as configured; `None` when the route has none (the
+    /// retry layer then applies Istio's default policy, VS-51).
+    pub retries: Option<std::sync::Arc<crate::config::HttpRetry>>,
+    /// The route's name, for logs.
+    pub route_name: Option<std::sync::Arc<str>>,
+}
+
 /// Adds `flags` to the [`ResponseFlags`] carried in `extensions` (creating them if absent).
 pub fn add_response_flags(extensions: &mut http::Extensions, flags: ResponseFlags) {
     match extensions.get_mut::<ResponseFlags>() {

@@ -1,6 +1,75 @@
-//! Reliability as Tower layers.
+//! Reliability as Tower layers: the route's deadline, retries, outlier detection with the
+//! max-ejection cap, load balancing that skips ejected endpoints, and connection-pool
+//! limits, with Istio's semantics (see each module).
 //!
-//! This crate owns: the per-request outer deadline (VirtualService `timeout`), retries
-//! (`attempts`, `perTryTimeout`, `retryOn`, jittered back-off, budgets, replayable
-//! bodies), outlier detection with the max-ejection cap, load balancing that skips
-//! ejected endpoints, and connection-pool limits.
+//! A typical outbound stack, outermost first:
+//!
+//! ```text
+//! DeadlineLayer (route timeout)            deadline::RequestDeadline set once per request
+//!   -> RetryLayer (route retries)          attempts, perTryTimeout, retryOn, back-off, budget
+//!     -> PoolLimitLayer (destination)      maxConnections / pending / maxRequests -> Overflow
+//!       -> Balance (destination)           LEAST_REQUEST / ROUND_ROBIN / RANDOM, outlier detection
+//!         -> endpoint service              made per mesh_core::Endpoint by the caller
+//! ```
+//!
+//! The layers talk through request and response extensions: the deadline
+//! ([`deadline::RequestDeadline`]), the per-attempt deadline
+//! ([`deadline::AttemptDeadline`]), the hosts already tried
+//! ([`balance::PreviousHosts`]), the host that answered ([`mesh_core::UpstreamHost`])
+//! and the response flags (`URX`, `UO`). Every layer classifies outcomes with the one
+//! [`mesh_core::Outcome`] and returns the leaf errors of [`mesh_core::error`]
+//! (`DeadlineExceeded`, `PerTryTimeout`, `Overflow`, `NoHealthyUpstream`); turning them
+//! into HTTP responses is the proxy's job.
+//!
+//! Where we choose differently from Istio/Envoy:
+//!
+//! - Retries are decided on the response head; Envoy does the same, but we also never
+//!   honour the `x-envoy-retry-*` request headers (VS-66).
+//! - Previous-host avoidance filters tried endpoints out deterministically instead of
+//!   re-picking at random up to 5 times.
+//! - Outlier sweeps run lazily when the balancer picks, replaying every sweep that fell
+//!   due, instead of on a background timer; the result is the same.
+//! - Pool limits are counted per proxy per destination (DR-21); connection-level settings
+//!   (`maxRequestsPerConnection`, `idleTimeout`, `maxConnections` over HTTP/2) are carried
+//!   in [`limit::PoolLimits`] for the connector to apply.
+//! - The retry budget is Linkerd's (ratio of requests plus a floor per second over a
+//!   window), not Envoy's concurrency-based budget.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use mesh_core::{BoxBody, Endpoint};
+//! use mesh_resilience::{Balance, DeadlineLayer, LbPolicy, OutlierConfig, PoolLimitLayer,
+//!     PoolLimits, RetryLayer, RetryPolicy};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let balance = Balance::new(LbPolicy::LeastRequest, Some(OutlierConfig::default()), |_ep: &Endpoint| {
+//!     service_fn(|_req: http::Request<BoxBody>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(mesh_core::body::empty()))
+//!     })
+//! });
+//! balance.update([Endpoint::new("10.0.0.1:8080".parse().unwrap())]);
+//! let svc = ServiceBuilder::new()
+//!     .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
+//!     .layer(RetryLayer::new(RetryPolicy::istio_default()))
+//!     .layer(PoolLimitLayer::new(PoolLimits::default()))
+//!     .service(balance);
+//! let res = svc.oneshot(http::Request::new(mesh_core::body::empty())).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! # }
+//! ```
+
+pub mod balance;
+pub mod body;
+pub mod deadline;
+pub mod limit;
+pub mod outlier;
+pub mod retry;
+
+pub use balance::{Balance, LbPolicy, PreviousHosts};
+pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
+pub use limit::{PoolLimitLayer, PoolLimits, RetryGate};
+pub use outlier::{OutlierConfig, OutlierDetector};
+pub use retry::{Backoff, RetriesExhausted, RetryBudget, RetryLayer, RetryOn, RetryPolicy};

@@ -159,7 +159,7 @@ pub enum AcceptError {
     #[error("plaintext connection refused: PeerAuthentication mode is STRICT")]
     PlaintextRefused,
     /// The TLS handshake failed (no, invalid or untrusted client certificate, ...).
-    #[error("TLS handshake failed: {0}")]
+    #[error("TLS handshake failed: {}", crate::verify::describe(.0))]
     Handshake(#[source] io::Error),
     /// Detection or handshake took longer than the handshake timeout.
     #[error("TLS handshake timed out")]

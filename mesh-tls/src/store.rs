@@ -407,24 +407,27 @@ impl CertStore {
     /// tokio's, so tests can drive them with a paused clock.
     pub fn spawn_issuer(self: &Arc<Self>, mut issuer: BuiltInIssuer) -> SourceHandle {
         let store = self.clone();
+        // The first period counts from now (the current SVID was just issued), not from
+        // whenever the task is first polled.
+        let mut deadline = tokio::time::Instant::now() + issuer.rotation_delay();
         let task = tokio::spawn(async move {
-            let mut delay = issuer.rotation_delay();
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep_until(deadline) => {}
                     () = store.rotate.notified() => {}
                 }
                 let result = issuer
                     .issue()
                     .map_err(StoreError::from)
                     .and_then(|svid| store.install_cert(svid.chain_der().to_vec(), svid.key_der()));
-                delay = match result {
+                let delay = match result {
                     Ok(_) => issuer.rotation_delay(),
                     Err(e) => {
                         tracing::warn!(error = %e, "certificate rotation failed; retrying");
                         ISSUE_RETRY.min(issuer.ttl / 10)
                     }
                 };
+                deadline = tokio::time::Instant::now() + delay;
             }
         });
         SourceHandle {

@@ -198,6 +198,15 @@ pub fn svid_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a SvidError
     err.source().and_then(svid_error)
 }
 
+/// A handshake error in words: the [`SvidError`] when there is one (rustls shows it
+/// only as `Other(..)`), otherwise the error itself.
+pub fn describe(err: &(dyn StdError + 'static)) -> String {
+    match svid_error(err) {
+        Some(reason) => format!("invalid peer certificate: {reason}"),
+        None => err.to_string(),
+    }
+}
+
 /// Finds the rustls error that failed a handshake inside an I/O error or a `source()` chain.
 pub fn rustls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
     if let Some(e) = err.downcast_ref::<rustls::Error>() {

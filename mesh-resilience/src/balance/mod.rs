@@ -1,0 +1,535 @@
+//! Load balancing over a destination's endpoints, skipping ejected ones (ISTIO.md §2.2,
+//! DR-39, DR-40, ECOSYSTEM.md §5.3).
+//!
+//! [`Balance`] owns the endpoint set of one destination (host + subset), a per-endpoint
+//! service made by a factory (`Fn(&Endpoint) -> S`, so the proxy plugs in its mTLS
+//! connector), the in-flight count of each endpoint, and optionally an
+//! [`OutlierDetector`]. Per request it:
+//!
+//! 1. runs the outlier sweeps that fell due;
+//! 2. picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
+//!    the default; `ROUND_ROBIN`; `RANDOM`) among the endpoints that are not ejected
+//!    (all of them in panic mode) and, for a retry, not already tried
+//!    ([`PreviousHosts`]) when another is available;
+//! 3. waits for that endpoint's service to be ready, calls it, and races the call
+//!    against the attempt's deadline ([`AttemptDeadline`], [`RequestDeadline`]);
+//! 4. classifies the result once ([`Outcome`]) and records it for outlier detection;
+//! 5. tags the response with [`UpstreamHost`] and errors with [`EndpointFailed`], and
+//!    keeps the endpoint's in-flight count until the response body ends.
+//!
+//! Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
+//! would, ECOSYSTEM.md §5.3). Endpoints are replaced at runtime with
+//! [`Balance::update`]; endpoints that stay keep their service, in-flight count and
+//! outlier state. The balancer picks per request in `call` (it must see the request to
+//! avoid previous hosts), so its own `poll_ready` is always ready and the chosen
+//! endpoint's readiness is awaited in the response future.
+//!
+//! Our choice: previous-host avoidance filters the tried endpoints out of the candidates
+//! (deterministic), where Envoy re-picks up to 5 times at random.
+//!
+//! # Layer placement
+//!
+//! Per destination, inside retry and pool limits: `retry -> pool limit -> Balance -> endpoint`.
+//!
+//! # Errors
+//!
+//! [`NoHealthyUpstream`] when there is no endpoint or every endpoint is ejected without
+//! panic mode (503 `UH`); [`PerTryTimeout`] / [`DeadlineExceeded`] when the attempt's
+//! deadline passes; endpoint errors wrapped in [`EndpointFailed`].
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_core::Endpoint;
+//! use mesh_resilience::balance::{Balance, LbPolicy};
+//! use mesh_resilience::outlier::OutlierConfig;
+//! use tower::{ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let balance = Balance::new(LbPolicy::LeastRequest, Some(OutlierConfig::default()), |ep: &Endpoint| {
+//!     let addr = ep.address;
+//!     service_fn(move |_req: http::Request<()>| async move {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(addr.to_string()))
+//!     })
+//! });
+//! balance.update([Endpoint::new("10.0.0.1:8080".parse().unwrap())]);
+//! let res = balance.clone().oneshot(http::Request::new(())).await.unwrap();
+//! assert_eq!(res.into_body().into_inner(), "10.0.0.1:8080");
+//! # }
+//! ```
+
+mod p2c;
+mod round_robin;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use arc_swap::ArcSwap;
+use mesh_core::error::{DeadlineExceeded, NoHealthyUpstream, PerTryTimeout};
+use mesh_core::{BoxError, Endpoint, Outcome, UpstreamHost};
+use pin_project::pin_project;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower_service::Service;
+
+use crate::body::{GuardBody, guard_response};
+use crate::deadline::{AttemptDeadline, RequestDeadline};
+use crate::outlier::{HostHealth, OutlierConfig, OutlierDetector};
+
+/// The load-balancing algorithm (DestinationRule `loadBalancer.simple`, DR-10).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LbPolicy {
+    /// `LEAST_REQUEST` (and its deprecated alias `LEAST_CONN`): power of two choices on
+    /// requests in flight. Istio's default.
+    #[default]
+    LeastRequest,
+    /// `ROUND_ROBIN`.
+    RoundRobin,
+    /// `RANDOM`.
+    Random,
+}
+
+/// The endpoints earlier attempts of this request went to; the retry layer sets it and
+/// the balancer avoids them when another endpoint is available (VS-63).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreviousHosts(pub Vec<SocketAddr>);
+
+/// An error of the endpoint at `address`; the cause is the [`source`](std::error::Error::source).
+///
+/// It displays as its cause, so the text the caller sees does not change.
+pub struct EndpointFailed {
+    address: SocketAddr,
+    source: BoxError,
+}
+
+impl EndpointFailed {
+    /// The endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl fmt::Debug for EndpointFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointFailed")
+            .field("address", &self.address)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for EndpointFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl std::error::Error for EndpointFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+/// Keeps an endpoint's in-flight count until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Entry<S> {
+    endpoint: Endpoint,
+    service: S,
+    in_flight: Arc<AtomicUsize>,
+    health: Option<HostHealth>,
+}
+
+impl<S> Entry<S> {
+    fn is_ejected(&self) -> bool {
+        self.health.as_ref().is_some_and(HostHealth::is_ejected)
+    }
+}
+
+type MakeEndpoint<S> = Box<dyn Fn(&Endpoint) -> S + Send + Sync>;
+
+struct Shared<S> {
+    lb: LbPolicy,
+    make: MakeEndpoint<S>,
+    set: ArcSwap<Vec<Arc<Entry<S>>>>,
+    update: Mutex<()>,
+    detector: Option<Arc<OutlierDetector>>,
+    cursor: AtomicUsize,
+}
+
+/// A load balancer over the endpoints of one destination. Clones share the endpoints,
+/// their state and the outlier detector; each clone has its own random generator.
+pub struct Balance<S> {
+    shared: Arc<Shared<S>>,
+    rng: SmallRng,
+}
+
+impl<S> fmt::Debug for Balance<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("lb", &self.shared.lb)
+            .field("endpoints", &self.shared.set.load().len())
+            .field("detector", &self.shared.detector)
+            .finish()
+    }
+}
+
+impl<S> Clone for Balance<S> {
+    /// The clone shares everything but the random generator, which is reseeded.
+    fn clone(&self) -> Self {
+        let mut parent = self.rng.clone();
+        Self {
+            shared: self.shared.clone(),
+            rng: SmallRng::seed_from_u64(parent.next_u64() ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+}
+
+impl<S> Balance<S> {
+    /// A balancer with no endpoints yet. `outlier: None` disables outlier detection
+    /// (Istio without `outlierDetection`). `make` builds the service of each endpoint.
+    pub fn new(
+        lb: LbPolicy,
+        outlier: Option<OutlierConfig>,
+        make: impl Fn(&Endpoint) -> S + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                lb,
+                make: Box::new(make),
+                set: ArcSwap::from_pointee(Vec::new()),
+                update: Mutex::new(()),
+                detector: outlier.map(|c| Arc::new(OutlierDetector::new(c))),
+                cursor: AtomicUsize::new(0),
+            }),
+            rng: SmallRng::from_rng(&mut rand::rng()),
+        }
+    }
+
+    /// Fixes the random generator (tests, benches).
+    #[must_use]
+    pub fn with_rng_seed(mut self, seed: u64) -> Self {
+        self.rng = SmallRng::seed_from_u64(seed);
+        self
+    }
+
+    /// The outlier detector, when enabled.
+    pub fn detector(&self) -> Option<&Arc<OutlierDetector>> {
+        self.shared.detector.as_ref()
+    }
+
+    /// The load-balancing policy.
+    pub fn lb_policy(&self) -> LbPolicy {
+        self.shared.lb
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.shared
+            .set
+            .load()
+            .iter()
+            .map(|e| e.endpoint.clone())
+            .collect()
+    }
+
+    /// Whether the endpoint at `address` is ejected now.
+    pub fn is_ejected(&self, address: SocketAddr) -> bool {
+        self.shared
+            .set
+            .load()
+            .iter()
+            .any(|e| e.endpoint.address == address && e.is_ejected())
+    }
+
+    /// Requests in flight to the endpoint at `address` (until their bodies end).
+    pub fn in_flight(&self, address: SocketAddr) -> usize {
+        self.shared
+            .set
+            .load()
+            .iter()
+            .find(|e| e.endpoint.address == address)
+            .map_or(0, |e| e.in_flight.load(Ordering::Acquire))
+    }
+
+    /// Replaces the endpoint set. Endpoints that stay (same address and metadata) keep
+    /// their service, in-flight count and outlier state; an endpoint whose labels or
+    /// identity changed gets a new service but keeps its outlier state; removed endpoints
+    /// leave the outlier detector's total. Duplicate addresses are ignored.
+    pub fn update(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
+        let _serialized = self.shared.update.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.shared.set.load_full();
+        let mut by_addr: HashMap<SocketAddr, &Arc<Entry<S>>> =
+            old.iter().map(|e| (e.endpoint.address, e)).collect();
+        let mut next: Vec<Arc<Entry<S>>> = Vec::new();
+        for ep in endpoints {
+            if next.iter().any(|e| e.endpoint.address == ep.address) {
+                continue;
+            }
+            let entry = match by_addr.remove(&ep.address) {
+                Some(kept) if kept.endpoint == ep => kept.clone(),
+                Some(changed) => Arc::new(Entry {
+                    service: (self.shared.make)(&ep),
+                    endpoint: ep,
+                    in_flight: changed.in_flight.clone(),
+                    health: changed.health.clone(),
+                }),
+                None => Arc::new(Entry {
+                    service: (self.shared.make)(&ep),
+                    endpoint: ep,
+                    in_flight: Arc::new(AtomicUsize::new(0)),
+                    health: self.shared.detector.as_ref().map(|d| d.register()),
+                }),
+            };
+            next.push(entry);
+        }
+        if let Some(d) = &self.shared.detector {
+            for gone in by_addr.values() {
+                if let Some(h) = &gone.health {
+                    d.deregister(h);
+                }
+            }
+        }
+        self.shared.set.store(Arc::new(next));
+    }
+
+    /// Picks an endpoint for a request that already went to `previous`.
+    fn pick(&mut self, set: &[Arc<Entry<S>>], previous: Option<&PreviousHosts>) -> Option<usize> {
+        let panic = self.shared.detector.as_ref().is_some_and(|d| d.in_panic());
+        let healthy = |i: usize| panic || !set[i].is_ejected();
+        let previous = previous.map(|p| p.0.as_slice()).unwrap_or_default();
+        if !previous.is_empty() {
+            let fresh = |i: usize| healthy(i) && !previous.contains(&set[i].endpoint.address);
+            if let Some(i) = self.pick_among(set, &fresh) {
+                return Some(i);
+            }
+        }
+        self.pick_among(set, &healthy)
+    }
+
+    fn pick_among(
+        &mut self,
+        set: &[Arc<Entry<S>>],
+        eligible: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = set.len();
+        match self.shared.lb {
+            LbPolicy::LeastRequest => p2c::pick(n, &mut self.rng, eligible, &|i| {
+                set[i].in_flight.load(Ordering::Relaxed)
+            }),
+            LbPolicy::RoundRobin => round_robin::pick(n, &self.shared.cursor, eligible),
+            LbPolicy::Random => round_robin::pick_random(n, &mut self.rng, eligible),
+        }
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for Balance<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body,
+{
+    type Response = http::Response<GuardBody<RB, InFlight>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, http::Request<B>, S::Future>;
+
+    /// Always ready: the endpoint is chosen per request and its readiness is awaited in
+    /// the response future.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let detector = self.shared.detector.clone();
+        if let Some(d) = &detector {
+            d.sweep_if_due(Instant::now());
+        }
+        let set = self.shared.set.load();
+        let Some(i) = self.pick(&set, req.extensions().get::<PreviousHosts>()) else {
+            return ResponseFuture::failed(Box::new(NoHealthyUpstream));
+        };
+        let entry = &set[i];
+        let request_deadline = RequestDeadline::of(&req).map(|d| d.at);
+        let attempt_deadline = req.extensions().get::<AttemptDeadline>().map(|d| d.0);
+        let (timer, timer_is_request_deadline) = match (attempt_deadline, request_deadline) {
+            (Some(a), Some(r)) => (Some(a.min(r)), r <= a),
+            (Some(a), None) => (Some(a), false),
+            (None, Some(r)) => (Some(r), true),
+            (None, None) => (None, false),
+        };
+        ResponseFuture {
+            state: State::Ready {
+                service: entry.service.clone(),
+                request: Some(req),
+            },
+            address: entry.endpoint.address,
+            in_flight: Some(InFlight::new(&entry.in_flight)),
+            health: entry.health.clone().zip(detector),
+            timer: timer.map(sleep_until),
+            timer_is_request_deadline,
+        }
+    }
+}
+
+/// Response future of [`Balance`].
+#[pin_project]
+pub struct ResponseFuture<S, Req, F> {
+    #[pin]
+    state: State<S, Req, F>,
+    address: SocketAddr,
+    in_flight: Option<InFlight>,
+    health: Option<(HostHealth, Arc<OutlierDetector>)>,
+    #[pin]
+    timer: Option<Sleep>,
+    timer_is_request_deadline: bool,
+}
+
+#[pin_project(project = StateProj)]
+enum State<S, Req, F> {
+    Failed(Option<BoxError>),
+    Ready {
+        service: S,
+        request: Option<Req>,
+    },
+    Calling {
+        #[pin]
+        fut: F,
+    },
+}
+
+impl<S, Req, F> ResponseFuture<S, Req, F> {
+    fn failed(err: BoxError) -> Self {
+        Self {
+            state: State::Failed(Some(err)),
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            in_flight: None,
+            health: None,
+            timer: None,
+            timer_is_request_deadline: false,
+        }
+    }
+}
+
+impl<S, Req, F> fmt::Debug for ResponseFuture<S, Req, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, RB> Future for ResponseFuture<S, Req, S::Future>
+where
+    S: Service<Req, Response = http::Response<RB>>,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body,
+{
+    type Output = Result<http::Response<GuardBody<RB, InFlight>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let address = *this.address;
+        let mut timed_out = false;
+        loop {
+            let result = match this.state.as_mut().project() {
+                StateProj::Failed(err) => {
+                    return Poll::Ready(Err(err
+                        .take()
+                        .unwrap_or_else(|| "balancer future polled after completion".into())));
+                }
+                StateProj::Ready { service, request } => {
+                    let ready = match service.poll_ready(cx) {
+                        Poll::Ready(r) => r.map_err(Into::into),
+                        Poll::Pending => match this.timer.as_mut().as_pin_mut() {
+                            Some(t) => {
+                                ready!(t.poll(cx));
+                                timed_out = true;
+                                Err(timeout_error(*this.timer_is_request_deadline))
+                            }
+                            None => return Poll::Pending,
+                        },
+                    };
+                    match ready {
+                        Ok(()) => {
+                            let Some(req) = request.take() else {
+                                return Poll::Ready(Err(
+                                    "balancer future polled after completion".into()
+                                ));
+                            };
+                            let fut = service.call(req);
+                            this.state.set(State::Calling { fut });
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                StateProj::Calling { fut } => match fut.poll(cx) {
+                    Poll::Ready(r) => r.map_err(Into::into),
+                    Poll::Pending => match this.timer.as_mut().as_pin_mut() {
+                        Some(t) => {
+                            ready!(t.poll(cx));
+                            // The attempt is dropped below: the upstream stream is reset.
+                            timed_out = true;
+                            Err(timeout_error(*this.timer_is_request_deadline))
+                        }
+                        None => return Poll::Pending,
+                    },
+                },
+            };
+            this.state.set(State::Failed(None));
+            let outcome = match &result {
+                Ok(res) => Outcome::from_response(res),
+                Err(e) => Outcome::from_error(e),
+            };
+            if let Some((health, detector)) = this.health.take() {
+                // A route-deadline expiry is charged to the endpoint like a per-try timeout
+                // (Envoy records a local-origin timeout for both).
+                let recorded = if timed_out {
+                    Outcome::PerTryTimeout
+                } else {
+                    outcome
+                };
+                detector.record(&health, &recorded);
+            }
+            return Poll::Ready(match result {
+                Ok(mut res) => {
+                    res.extensions_mut().insert(UpstreamHost(address));
+                    Ok(guard_response(res, this.in_flight.take()))
+                }
+                Err(source) => Err(Box::new(EndpointFailed { address, source })),
+            });
+        }
+    }
+}
+
+fn timeout_error(request_deadline: bool) -> BoxError {
+    if request_deadline {
+        Box::new(DeadlineExceeded)
+    } else {
+        Box::new(PerTryTimeout)
+    }
+}
+
+#[cfg(test)]
+mod tests;

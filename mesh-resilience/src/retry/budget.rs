@@ -1,0 +1,137 @@
+//! A retry budget: retries may add at most `ratio` × the requests of the last `ttl`, plus
+//! a floor of `min_retries_per_second` (Linkerd's budget; Istio's `retryBudget` plays the
+//! same role). It bounds amplification when a whole service fails: with the default 20 %
+//! a failing service sees at most ~1.2× its normal load from this proxy, not `1 + attempts`×.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+const SLOTS: usize = 10;
+
+/// A shared retry budget; put it in an `Arc` and hand it to every retry layer that should
+/// draw from it.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min_per_second: u32,
+    ttl: Duration,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    slot_len: Duration,
+    current: usize,
+    current_start: Instant,
+    requests: [u64; SLOTS],
+    retries: [u64; SLOTS],
+}
+
+impl Window {
+    /// Moves the window forward to `now`, clearing slots that fell out of it.
+    fn advance(&mut self, now: Instant) {
+        let mut steps = 0;
+        while now.saturating_duration_since(self.current_start) >= self.slot_len {
+            self.current = (self.current + 1) % SLOTS;
+            self.requests[self.current] = 0;
+            self.retries[self.current] = 0;
+            self.current_start += self.slot_len;
+            steps += 1;
+            if steps >= SLOTS {
+                // Everything is stale; jump straight to now.
+                self.current_start = now;
+                break;
+            }
+        }
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::new(0.2, 10, Duration::from_secs(10))
+    }
+}
+
+impl RetryBudget {
+    /// A budget allowing `ratio` retries per request (e.g. `0.2`) over a window of `ttl`,
+    /// plus `min_per_second` retries per second regardless of traffic.
+    pub fn new(ratio: f64, min_per_second: u32, ttl: Duration) -> Self {
+        let ttl = ttl.max(Duration::from_millis(SLOTS as u64));
+        Self {
+            ratio: if ratio.is_finite() {
+                ratio.max(0.0)
+            } else {
+                0.0
+            },
+            min_per_second,
+            ttl,
+            window: Mutex::new(Window {
+                slot_len: ttl / SLOTS as u32,
+                current: 0,
+                current_start: Instant::now(),
+                requests: [0; SLOTS],
+                retries: [0; SLOTS],
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one original request (never call it for retries).
+    pub fn deposit(&self) {
+        let mut w = self.lock();
+        w.advance(Instant::now());
+        let c = w.current;
+        w.requests[c] += 1;
+    }
+
+    /// Takes one retry from the budget; `false` when the budget is spent.
+    pub fn try_withdraw(&self) -> bool {
+        let mut w = self.lock();
+        w.advance(Instant::now());
+        let requests: u64 = w.requests.iter().sum();
+        let retries: u64 = w.retries.iter().sum();
+        let floor = f64::from(self.min_per_second) * self.ttl.as_secs_f64();
+        let allowed = floor + self.ratio * requests as f64;
+        if (retries + 1) as f64 <= allowed {
+            let c = w.current;
+            w.retries[c] += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_bounds_retries_to_ratio_plus_floor() {
+        let b = RetryBudget::new(0.2, 1, Duration::from_secs(10));
+        for _ in 0..100 {
+            b.deposit();
+        }
+        // 20 % of 100 requests plus 1/s over 10 s.
+        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        assert_eq!(granted, 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_refills_as_the_window_slides() {
+        let b = RetryBudget::new(0.0, 1, Duration::from_secs(10));
+        assert_eq!((0..20).filter(|_| b.try_withdraw()).count(), 10);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            !b.try_withdraw(),
+            "the spent retries are still in the window"
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!((0..20).filter(|_| b.try_withdraw()).count(), 10);
+    }
+}

@@ -1,0 +1,438 @@
+//! The retry state machine: buffer the body, then attempt, classify, back off, repeat.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::HeaderValue;
+use mesh_core::error::{DeadlineExceeded, PerTryTimeout};
+use mesh_core::extensions::add_response_flags;
+use mesh_core::{BoxBody, BoxError, Outcome, ResponseFlags, UpstreamHost, find_cause};
+use pin_project::pin_project;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower_service::Service;
+
+use super::budget::RetryBudget;
+use super::policy::RetryPolicy;
+use super::replay::{Buffering, Prepared, Replay};
+use super::{ATTEMPT_COUNT, RetriesExhausted};
+use crate::balance::{EndpointFailed, PreviousHosts};
+use crate::deadline::{AttemptDeadline, RequestDeadline};
+use crate::limit::{RetryGate, RetryPermit};
+
+/// Response future of [`Retry`](super::Retry).
+#[pin_project(project = ResponseFutureProj)]
+pub enum ResponseFuture<S, F> {
+    /// Retries disabled: the inner future as is.
+    Passthrough {
+        /// The inner future.
+        #[pin]
+        fut: F,
+    },
+    /// Attempts under the retry policy.
+    Retrying {
+        /// The state machine.
+        #[pin]
+        inner: Attempts<S, F>,
+    },
+}
+
+impl<S, F> fmt::Debug for ResponseFuture<S, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Passthrough { .. } => f.write_str("ResponseFuture::Passthrough"),
+            Self::Retrying { inner } => f
+                .debug_struct("ResponseFuture::Retrying")
+                .field("attempt", &inner.attempt)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<S, F, RB, E> Future for ResponseFuture<S, F>
+where
+    S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Future = F, Error = E>,
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<http::Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Passthrough { fut } => fut.poll(cx).map_err(Into::into),
+            ResponseFutureProj::Retrying { inner } => inner.poll(cx),
+        }
+    }
+}
+
+enum Body {
+    Buffering(Buffering),
+    Replay(Replay),
+    Once(Option<BoxBody>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Buffering,
+    Dispatch,
+    Calling,
+    Backoff,
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// The per-try timeout ends the attempt.
+    PerTry,
+    /// The request's deadline ends the attempt or the back-off.
+    Deadline,
+    /// The back-off ends.
+    Backoff,
+}
+
+/// The attempts of one request.
+#[pin_project]
+pub struct Attempts<S, F> {
+    service: S,
+    service_ready: bool,
+    policy: Arc<RetryPolicy>,
+    budget: Option<Arc<RetryBudget>>,
+    gate: Option<RetryGate>,
+    retry_permit: Option<RetryPermit>,
+    head: http::request::Parts,
+    body: Body,
+    phase: Phase,
+    /// Attempts started so far.
+    attempt: u32,
+    deadline: Option<RequestDeadline>,
+    per_try: Option<Duration>,
+    tried: Vec<SocketAddr>,
+    seed: u64,
+    #[pin]
+    call: Option<F>,
+    #[pin]
+    timer: Option<Sleep>,
+    timer_kind: Timer,
+}
+
+impl<S, F> Attempts<S, F> {
+    pub(crate) fn new(
+        service: S,
+        req: http::Request<BoxBody>,
+        policy: Arc<RetryPolicy>,
+        budget: Option<Arc<RetryBudget>>,
+        gate: Option<RetryGate>,
+        seed: u64,
+    ) -> Self {
+        let (head, body) = req.into_parts();
+        let deadline = head.extensions.get::<RequestDeadline>().copied();
+        let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
+        let (body, phase) = match Buffering::start(body, policy.replay_limit) {
+            Ok(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
+            Ok(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
+            Err(buffering) => (Body::Buffering(buffering), Phase::Buffering),
+        };
+        Self {
+            service,
+            service_ready: true,
+            policy,
+            budget,
+            gate,
+            retry_permit: None,
+            head,
+            body,
+            phase,
+            attempt: 0,
+            deadline,
+            per_try,
+            tried: Vec::new(),
+            seed,
+            call: None,
+            timer: None,
+            timer_kind: Timer::PerTry,
+        }
+    }
+}
+
+/// A copy of the request head for one attempt.
+fn attempt_request(head: &http::request::Parts, body: BoxBody) -> http::Request<BoxBody> {
+    let mut req = http::Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    *req.extensions_mut() = head.extensions.clone();
+    req
+}
+
+fn attempt_header(n: u32) -> HeaderValue {
+    match n {
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n),
+    }
+}
+
+enum Decision<T> {
+    Return(T),
+    Retry,
+}
+
+impl<S, F, RB, E> Attempts<S, F>
+where
+    S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Future = F, Error = E>,
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    pub(crate) fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<http::Response<RB>, BoxError>> {
+        let mut this = self.project();
+        loop {
+            match *this.phase {
+                Phase::Buffering => {
+                    let Body::Buffering(b) = this.body else {
+                        *this.phase = Phase::Dispatch;
+                        continue;
+                    };
+                    let prepared = match b.poll_prepare(cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => {
+                            // Reading the request body counts against the deadline too.
+                            if let Some(d) = this.deadline {
+                                if this.timer.is_none() {
+                                    this.timer.set(Some(sleep_until(d.at)));
+                                    *this.timer_kind = Timer::Deadline;
+                                }
+                            }
+                            if let Some(t) = this.timer.as_mut().as_pin_mut() {
+                                ready!(t.poll(cx));
+                                *this.phase = Phase::Done;
+                                return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    this.timer.set(None);
+                    *this.body = match prepared {
+                        Ok(Prepared::Replayable(r)) => Body::Replay(r),
+                        Ok(Prepared::Once(b)) => Body::Once(Some(b)),
+                        Err(e) => {
+                            *this.phase = Phase::Done;
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    *this.phase = Phase::Dispatch;
+                }
+                Phase::Dispatch => {
+                    if !*this.service_ready {
+                        // Waiting for readiness is bounded by the deadline.
+                        match this.service.poll_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => {
+                                *this.phase = Phase::Done;
+                                return Poll::Ready(Err(e.into()));
+                            }
+                            Poll::Pending => {
+                                if let Some(t) = this.timer.as_mut().as_pin_mut() {
+                                    ready!(t.poll(cx));
+                                    *this.phase = Phase::Done;
+                                    return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                                }
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                    *this.service_ready = false;
+                    *this.attempt += 1;
+                    let body = match this.body {
+                        Body::Replay(r) => r.body(),
+                        Body::Once(b) => b.take().unwrap_or_else(mesh_core::body::empty),
+                        Body::Buffering(_) => mesh_core::body::empty(),
+                    };
+                    let mut req = attempt_request(this.head, body);
+                    if this.policy.include_attempt_count {
+                        req.headers_mut()
+                            .insert(ATTEMPT_COUNT, attempt_header(*this.attempt));
+                    }
+                    if this.policy.retry_ignore_previous_hosts && !this.tried.is_empty() {
+                        req.extensions_mut()
+                            .insert(PreviousHosts(this.tried.clone()));
+                    }
+                    let now = Instant::now();
+                    let per_try_end = this.per_try.map(|p| now + p);
+                    if let Some(end) = per_try_end {
+                        let clipped = this.deadline.map_or(end, |d| d.clip(end));
+                        req.extensions_mut().insert(AttemptDeadline(clipped));
+                    }
+                    // The attempt's timer: per-try timeout clipped to the deadline.
+                    let timer = match (per_try_end, *this.deadline) {
+                        (Some(p), Some(d)) if d.at <= p => Some((d.at, Timer::Deadline)),
+                        (Some(p), _) => Some((p, Timer::PerTry)),
+                        (None, Some(d)) => Some((d.at, Timer::Deadline)),
+                        (None, None) => None,
+                    };
+                    match timer {
+                        Some((at, kind)) => {
+                            this.timer.set(Some(sleep_until(at)));
+                            *this.timer_kind = kind;
+                        }
+                        None => this.timer.set(None),
+                    }
+                    let fut = this.service.call(req);
+                    this.call.set(Some(fut));
+                    *this.phase = Phase::Calling;
+                }
+                Phase::Calling => {
+                    let Some(fut) = this.call.as_mut().as_pin_mut() else {
+                        *this.phase = Phase::Done;
+                        continue;
+                    };
+                    let result = match fut.poll(cx) {
+                        // The attempt goes first: an answer ready at the deadline wins.
+                        Poll::Ready(r) => r.map_err(Into::into),
+                        Poll::Pending => match this.timer.as_mut().as_pin_mut() {
+                            Some(t) => {
+                                ready!(t.poll(cx));
+                                // Dropping the attempt resets the upstream stream.
+                                this.call.set(None);
+                                if *this.timer_kind == Timer::Deadline {
+                                    *this.phase = Phase::Done;
+                                    return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                                }
+                                Err(Box::new(PerTryTimeout) as BoxError)
+                            }
+                            None => return Poll::Pending,
+                        },
+                    };
+                    this.call.set(None);
+                    this.timer.set(None);
+                    let decision = decide(
+                        result,
+                        this.policy,
+                        this.body,
+                        *this.attempt,
+                        this.budget.as_deref(),
+                        this.gate.as_ref(),
+                        this.retry_permit,
+                        this.tried,
+                    );
+                    match decision {
+                        Decision::Return(r) => {
+                            *this.phase = Phase::Done;
+                            return Poll::Ready(r);
+                        }
+                        Decision::Retry => {
+                            let mut rng =
+                                SmallRng::seed_from_u64(*this.seed ^ u64::from(*this.attempt));
+                            let wait = this.policy.backoff.delay(*this.attempt, &mut rng);
+                            let end = Instant::now() + wait;
+                            let (at, kind) = match this.deadline {
+                                Some(d) if d.at <= end => (d.at, Timer::Deadline),
+                                _ => (end, Timer::Backoff),
+                            };
+                            this.timer.set(Some(sleep_until(at)));
+                            *this.timer_kind = kind;
+                            *this.phase = Phase::Backoff;
+                        }
+                    }
+                }
+                Phase::Backoff => {
+                    if let Some(t) = this.timer.as_mut().as_pin_mut() {
+                        ready!(t.poll(cx));
+                    }
+                    this.timer.set(None);
+                    if *this.timer_kind == Timer::Deadline {
+                        *this.phase = Phase::Done;
+                        return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                    }
+                    if let Some(d) = this.deadline {
+                        // Keep the deadline armed while waiting for readiness.
+                        this.timer.set(Some(sleep_until(d.at)));
+                        *this.timer_kind = Timer::Deadline;
+                    }
+                    *this.phase = Phase::Dispatch;
+                }
+                Phase::Done => {
+                    return Poll::Ready(Err("retry future polled after completion".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Decides what to do with the result of attempt number `attempt`.
+#[allow(clippy::too_many_arguments)]
+fn decide<RB>(
+    mut result: Result<http::Response<RB>, BoxError>,
+    policy: &RetryPolicy,
+    body: &Body,
+    attempt: u32,
+    budget: Option<&RetryBudget>,
+    gate: Option<&RetryGate>,
+    retry_permit: &mut Option<RetryPermit>,
+    tried: &mut Vec<SocketAddr>,
+) -> Decision<Result<http::Response<RB>, BoxError>> {
+    let outcome = match &result {
+        Ok(res) => Outcome::from_response(res),
+        Err(e) => Outcome::from_error(e),
+    };
+    let headers = result.as_ref().ok().map(http::Response::headers);
+    if !policy.should_retry(&outcome, headers) {
+        return Decision::Return(result);
+    }
+    if !matches!(body, Body::Replay(_)) {
+        // The body was too large to keep: the request cannot be replayed (VS-67).
+        return Decision::Return(result);
+    }
+    if attempt > policy.attempts {
+        // Retries exhausted: the caller gets the last upstream answer, flagged URX (VS-62).
+        return Decision::Return(match result {
+            Ok(mut res) => {
+                add_response_flags(
+                    res.extensions_mut(),
+                    ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
+                );
+                Ok(res)
+            }
+            Err(source) => Err(Box::new(RetriesExhausted {
+                attempts: attempt,
+                source,
+            })),
+        });
+    }
+    if let Some(gate) = gate {
+        match gate.try_acquire() {
+            Some(permit) => *retry_permit = Some(permit),
+            None => {
+                // maxRetries reached: the retry is skipped and flagged UO (VS-64).
+                if let Ok(res) = &mut result {
+                    add_response_flags(res.extensions_mut(), ResponseFlags::UPSTREAM_OVERFLOW);
+                }
+                return Decision::Return(result);
+            }
+        }
+    }
+    if budget.is_some_and(|b| !b.try_withdraw()) {
+        *retry_permit = None;
+        return Decision::Return(result);
+    }
+    let host = match &result {
+        Ok(res) => res.extensions().get::<UpstreamHost>().map(|h| h.0),
+        Err(e) => find_cause::<EndpointFailed>(e.as_ref()).map(EndpointFailed::address),
+    };
+    if let Some(host) = host {
+        if !tried.contains(&host) {
+            tried.push(host);
+        }
+    }
+    Decision::Retry
+}

@@ -1,0 +1,147 @@
+//! [`RetryLayer`] and the [`Retry`] service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::HeaderValue;
+use mesh_core::{BoxBody, BoxError};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::ATTEMPT_COUNT;
+use super::budget::RetryBudget;
+use super::future::{Attempts, ResponseFuture};
+use super::policy::RetryPolicy;
+use crate::limit::RetryGate;
+
+/// Retries requests per a [`RetryPolicy`]. Cheap to clone (the policy is in an `Arc`).
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    policy: Arc<RetryPolicy>,
+    budget: Option<Arc<RetryBudget>>,
+    gate: Option<RetryGate>,
+    seed: Option<u64>,
+}
+
+impl RetryLayer {
+    /// A layer applying `policy`.
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self {
+            policy: Arc::new(policy),
+            budget: None,
+            gate: None,
+            seed: None,
+        }
+    }
+
+    /// Draws retries from a shared budget.
+    #[must_use]
+    pub fn with_budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Bounds concurrent retries with the destination's `maxRetries` gate.
+    #[must_use]
+    pub fn with_retry_gate(mut self, gate: RetryGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Fixes the back-off jitter's random generator (tests, benches).
+    #[must_use]
+    pub fn with_rng_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+            budget: self.budget.clone(),
+            gate: self.gate.clone(),
+            rng: match self.seed {
+                Some(seed) => SmallRng::seed_from_u64(seed),
+                None => SmallRng::from_rng(&mut rand::rng()),
+            },
+        }
+    }
+}
+
+/// The service produced by [`RetryLayer`].
+#[derive(Debug)]
+pub struct Retry<S> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    budget: Option<Arc<RetryBudget>>,
+    gate: Option<RetryGate>,
+    rng: SmallRng,
+}
+
+impl<S: Clone> Clone for Retry<S> {
+    /// The clone gets its own, reseeded random generator.
+    fn clone(&self) -> Self {
+        let mut parent = self.rng.clone();
+        Self {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            budget: self.budget.clone(),
+            gate: self.gate.clone(),
+            rng: SmallRng::seed_from_u64(parent.next_u64() ^ 0x2545_f491_4f6c_dd1d),
+        }
+    }
+}
+
+impl<S, RB> Service<http::Request<BoxBody>> for Retry<S>
+where
+    S: Service<http::Request<BoxBody>, Response = http::Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: http::Request<BoxBody>) -> Self::Future {
+        if !self.policy.is_enabled() {
+            if self.policy.include_attempt_count {
+                req.headers_mut()
+                    .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
+            }
+            return ResponseFuture::Passthrough {
+                fut: self.inner.call(req),
+            };
+        }
+        if let Some(budget) = &self.budget {
+            budget.deposit();
+        }
+        // The ready service goes into the future; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::Retrying {
+            inner: Attempts::new(
+                service,
+                req,
+                self.policy.clone(),
+                self.budget.clone(),
+                self.gate.clone(),
+                self.rng.next_u64(),
+            ),
+        }
+    }
+}

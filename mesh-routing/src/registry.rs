@@ -1,0 +1,343 @@
+//! The service registry: which hosts exist, their ports, and their endpoints.
+//!
+//! A sidecar outside Kubernetes learns services from `ServiceEntry` resources:
+//! `resolution: STATIC` lists IP endpoints inline (address, per-port-name ports, labels,
+//! `serviceAccount` turned into the SPIFFE identity the endpoint must present);
+//! `resolution: DNS` names hosts that are resolved with the system resolver, again and
+//! again (see [`crate::RouterHandle::spawn_dns_refresh`]). Services can also be added in
+//! code.
+//!
+//! # Errors
+//!
+//! Lookups do not fail: an unknown host is `None`, a host without matching endpoints an
+//! empty list; the router turns those into `NC` and `UH`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_core::{Endpoint, Identity, Labels};
+
+/// How a service's endpoints are found (`ServiceEntry.resolution`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Resolution {
+    /// Endpoint addresses are IPs.
+    #[default]
+    Static,
+    /// Endpoint addresses (or, without endpoints, the hosts) are DNS names resolved periodically.
+    Dns,
+    /// No endpoints: traffic goes to the address the client dialled (not supported by the router).
+    None,
+}
+
+/// A port of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The service port number.
+    pub number: u16,
+    /// The port name; endpoints map names to their own port numbers.
+    pub name: String,
+    /// `targetPort`: the endpoint port when an endpoint does not name one.
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    /// A port whose endpoints listen on the same number.
+    pub fn new(number: u16, name: impl Into<String>) -> Self {
+        Self {
+            number,
+            name: name.into(),
+            target_port: None,
+        }
+    }
+}
+
+/// One instance of a service as configured (`ServiceEntry.endpoints[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    /// An IP address, or a DNS name for `resolution: DNS`.
+    pub address: String,
+    /// Port name → port number on this instance.
+    pub ports: BTreeMap<String, u16>,
+    /// The instance's labels.
+    pub labels: Labels,
+    /// The identities the instance presents (from `serviceAccount`).
+    pub identities: Vec<Identity>,
+}
+
+impl WorkloadEntry {
+    /// An instance at `address` without labels.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            ports: BTreeMap::new(),
+            labels: Labels::new(),
+            identities: Vec::new(),
+        }
+    }
+
+    /// Sets the labels.
+    #[must_use]
+    pub fn with_labels<K: Into<String>, V: Into<String>>(
+        mut self,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.labels = labels
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self
+    }
+
+    /// Maps port `name` to `number` on this instance.
+    #[must_use]
+    pub fn with_port(mut self, name: impl Into<String>, number: u16) -> Self {
+        self.ports.insert(name.into(), number);
+        self
+    }
+
+    /// Sets the identity the instance presents.
+    #[must_use]
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identities = vec![identity];
+        self
+    }
+
+    fn port_for(&self, port: &ServicePort) -> u16 {
+        self.ports
+            .get(&port.name)
+            .copied()
+            .or(port.target_port)
+            .unwrap_or(port.number)
+    }
+
+    fn endpoint(&self, ip: IpAddr, port: &ServicePort) -> Endpoint {
+        let mut ep = Endpoint::new(SocketAddr::new(ip, self.port_for(port)))
+            .with_labels(self.labels.clone());
+        ep.identities = Arc::from(self.identities.clone());
+        ep
+    }
+}
+
+/// A service: its hosts, ports and instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Fully qualified host names.
+    pub hosts: Vec<String>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Instances.
+    pub endpoints: Vec<WorkloadEntry>,
+    /// How instances are found.
+    pub resolution: Resolution,
+}
+
+impl Service {
+    /// The port numbered `number`, if the service has it.
+    pub fn port(&self, number: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+
+    /// The statically known endpoints on `port` whose labels contain `selector`.
+    ///
+    /// DNS-named instances are left out: they appear once resolved.
+    pub fn static_endpoints(&self, port: &ServicePort, selector: &Labels) -> Vec<Endpoint> {
+        self.endpoints
+            .iter()
+            .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .filter_map(|w| {
+                let ip: IpAddr = w.address.parse().ok()?;
+                Some(w.endpoint(ip, port))
+            })
+            .collect()
+    }
+
+    /// Resolves every instance (DNS names with the system resolver) on `port` whose labels
+    /// contain `selector`. Instances that fail to resolve are skipped.
+    pub async fn resolve_endpoints(&self, port: &ServicePort, selector: &Labels) -> Vec<Endpoint> {
+        let mut out = Vec::new();
+        let selected: Vec<&WorkloadEntry> = self
+            .endpoints
+            .iter()
+            .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .collect();
+        // A DNS service without instances resolves its own hosts.
+        let fallback: Vec<WorkloadEntry> = if self.endpoints.is_empty() && selector.is_empty() {
+            self.hosts
+                .iter()
+                .filter(|h| !h.starts_with('*'))
+                .map(WorkloadEntry::new)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for w in selected.into_iter().chain(fallback.iter()) {
+            if let Ok(ip) = w.address.parse::<IpAddr>() {
+                out.push(w.endpoint(ip, port));
+                continue;
+            }
+            let target = (w.address.as_str(), w.port_for(port));
+            match tokio::net::lookup_host(target).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        let ep = w.endpoint(addr.ip(), port);
+                        if !out.contains(&ep) {
+                            out.push(ep);
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(address = %w.address, %err, "DNS resolution failed");
+                }
+            }
+        }
+        out
+    }
+}
+
+/// All known services, by fully qualified host.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    services: HashMap<String, Arc<Service>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) `service` under each of its hosts.
+    pub fn insert(&mut self, service: Service) {
+        let service = Arc::new(service);
+        for host in &service.hosts {
+            self.services.insert(host.clone(), Arc::clone(&service));
+        }
+    }
+
+    /// Adds a static service with one port and `endpoints` (a shorthand for code).
+    pub fn insert_static(
+        &mut self,
+        host: impl Into<String>,
+        port: ServicePort,
+        endpoints: Vec<WorkloadEntry>,
+    ) {
+        self.insert(Service {
+            hosts: vec![host.into()],
+            ports: vec![port],
+            endpoints,
+            resolution: Resolution::Static,
+        });
+    }
+
+    /// The service for `host`: exact host first, then the longest wildcard (`*.example.com`).
+    pub fn service(&self, host: &str) -> Option<&Arc<Service>> {
+        if let Some(s) = self.services.get(host) {
+            return Some(s);
+        }
+        let mut rest = host;
+        while let Some((_, tail)) = rest.split_once('.') {
+            if let Some(s) = self.services.get(&format!("*.{tail}")) {
+                return Some(s);
+            }
+            rest = tail;
+        }
+        self.services.get("*")
+    }
+
+    /// Whether `host` is known.
+    pub fn contains(&self, host: &str) -> bool {
+        self.service(host).is_some()
+    }
+
+    /// Every host.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order_service() -> Service {
+        Service {
+            hosts: vec!["order-service.default.svc.cluster.local".into()],
+            ports: vec![ServicePort::new(8080, "http")],
+            endpoints: vec![
+                WorkloadEntry::new("10.0.0.1").with_labels([("version", "v1")]),
+                WorkloadEntry::new("10.0.0.2")
+                    .with_labels([("version", "v2")])
+                    .with_port("http", 9090)
+                    .with_identity(
+                        Identity::from_istio("cluster.local", "default", "order").unwrap(),
+                    ),
+            ],
+            resolution: Resolution::Static,
+        }
+    }
+
+    #[test]
+    fn static_endpoints_follow_labels_and_port_names() {
+        let svc = order_service();
+        let port = svc.port(8080).unwrap();
+        let all = svc.static_endpoints(port, &Labels::new());
+        assert_eq!(all.len(), 2);
+        let v2 = svc.static_endpoints(port, &Labels::from([("version".into(), "v2".into())]));
+        assert_eq!(v2.len(), 1);
+        assert_eq!(v2[0].address, "10.0.0.2:9090".parse().unwrap());
+        assert_eq!(
+            v2[0].identities[0].as_str(),
+            "spiffe://cluster.local/ns/default/sa/order"
+        );
+        let v1 = svc.static_endpoints(port, &Labels::from([("version".into(), "v1".into())]));
+        assert_eq!(v1[0].address, "10.0.0.1:8080".parse().unwrap());
+        let none = svc.static_endpoints(port, &Labels::from([("version".into(), "v9".into())]));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn wildcard_hosts_are_found_by_longest_suffix() {
+        let mut reg = Registry::new();
+        reg.insert(Service {
+            hosts: vec!["*.example.com".into()],
+            ..Service::default()
+        });
+        reg.insert(Service {
+            hosts: vec!["*.api.example.com".into()],
+            ports: vec![ServicePort::new(1, "x")],
+            ..Service::default()
+        });
+        assert!(reg.service("a.example.com").unwrap().ports.is_empty());
+        assert_eq!(reg.service("v1.api.example.com").unwrap().ports.len(), 1);
+        assert!(reg.service("example.com").is_none());
+    }
+
+    #[tokio::test]
+    async fn dns_service_resolves_its_instances_with_the_system_resolver() {
+        let svc = Service {
+            hosts: vec!["db.internal".into()],
+            ports: vec![ServicePort::new(5432, "tcp")],
+            endpoints: vec![
+                WorkloadEntry::new("localhost").with_labels([("role", "primary")]),
+                WorkloadEntry::new("no-such-host.invalid"),
+            ],
+            resolution: Resolution::Dns,
+        };
+        let eps = svc
+            .resolve_endpoints(
+                &svc.ports[0],
+                &Labels::from([("role".into(), "primary".into())]),
+            )
+            .await;
+        assert!(!eps.is_empty());
+        assert!(
+            eps.iter()
+                .all(|e| e.address.ip().is_loopback() && e.address.port() == 5432)
+        );
+        assert_eq!(
+            eps[0].labels.get("role").map(String::as_str),
+            Some("primary")
+        );
+    }
+}

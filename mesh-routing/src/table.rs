@@ -1,0 +1,405 @@
+//! Route tables: the compiled, immutable routing of one listener (the sidecar's `mesh`
+//! or one gateway).
+//!
+//! A [`RouteTable`] maps a request's host to a [`VirtualHost`] (exact name, then the
+//! longest wildcard `*.suffix`, then `*`) and walks its routes in order: the first
+//! [`Route`] with a matching block wins (VS-03/VS-04). A host with routes but no matching
+//! route, or a host nobody configured, is [`NoRoute`] (404 `NR`, VS-05).
+//!
+//! Host names are fully qualified at compile time (VS-01: short names with the
+//! VirtualService's namespace, then `.svc.<domain>`); the short forms a client may send
+//! (`reviews`, `reviews.ns`, `reviews.ns.svc`) are indexed as aliases, so a lookup never
+//! allocates.
+//!
+//! # Errors
+//!
+//! Selection returns [`NoRoute`]. Compilation errors are [`CompileError`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::error::NoRoute;
+
+use crate::fault::{FaultPolicy, Percent};
+use crate::headers::Headers;
+use crate::matcher::{MatchError, RequestView, RouteMatch};
+use crate::rewrite::{DirectResponse, Redirect, Rewrite};
+use crate::weighted::{WeightError, Weighted};
+
+/// The configuration cannot be compiled into a table.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CompileError {
+    /// A matcher or rewrite regex is invalid.
+    #[error("{resource}: {source}")]
+    Match {
+        /// `namespace/name` of the VirtualService.
+        resource: String,
+        /// The matcher error.
+        #[source]
+        source: MatchError,
+    },
+    /// The route's weights do not form a distribution.
+    #[error("{resource}: {source}")]
+    Weights {
+        /// `namespace/name` of the VirtualService.
+        resource: String,
+        /// The weight error.
+        #[source]
+        source: WeightError,
+    },
+    /// A field has a value the router cannot use.
+    #[error("{resource}: {message}")]
+    Invalid {
+        /// `namespace/name` of the VirtualService.
+        resource: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A destination as a route names it: host, optional subset, optional port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestinationKey {
+    /// Fully qualified host.
+    pub host: Arc<str>,
+    /// DestinationRule subset.
+    pub subset: Option<Arc<str>>,
+    /// Port; `None` means the service's (first) port.
+    pub port: Option<u16>,
+}
+
+impl DestinationKey {
+    /// A key for `host` (already qualified) with optional subset and port.
+    pub fn new(host: &str, subset: Option<&str>, port: Option<u16>) -> Self {
+        Self {
+            host: Arc::from(host),
+            subset: subset.map(Arc::from),
+            port,
+        }
+    }
+}
+
+impl std::fmt::Display for DestinationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Envoy's cluster naming: outbound|port|subset|host.
+        write!(
+            f,
+            "outbound|{}|{}|{}",
+            self.port.map(|p| p.to_string()).unwrap_or_default(),
+            self.subset.as_deref().unwrap_or(""),
+            self.host
+        )
+    }
+}
+
+/// One weighted destination of a route, compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteTarget {
+    /// Index into [`RouteTable::destinations`].
+    pub destination: usize,
+    /// Destination-level header operations (applied after the route's).
+    pub headers: Arc<Headers>,
+}
+
+/// A mirror destination.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    /// Index into [`RouteTable::destinations`].
+    pub destination: usize,
+    /// Share of requests copied.
+    pub percent: Percent,
+}
+
+/// What a route does with a matching request.
+#[derive(Clone, Debug)]
+pub enum RouteAction {
+    /// Forward to one of the weighted destinations.
+    Forward(Weighted<RouteTarget>),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer with a fixed response.
+    Direct(DirectResponse),
+}
+
+/// One HTTP route, compiled.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// The route's `name`.
+    pub name: Option<String>,
+    /// Match blocks, ORed; empty matches everything.
+    pub matches: Vec<RouteMatch>,
+    /// What to do.
+    pub action: RouteAction,
+    /// Path and authority rewrite before forwarding.
+    pub rewrite: Rewrite,
+    /// Fault injection.
+    pub fault: FaultPolicy,
+    /// Route-level header operations.
+    pub headers: Arc<Headers>,
+    /// Mirrors.
+    pub mirrors: Vec<Mirror>,
+    /// The route's policies for the resilience layers.
+    pub policy: Arc<mesh_core::extensions::RoutePolicy>,
+}
+
+impl Route {
+    /// The first block that matches `req`: `Some(None)` for a route without blocks.
+    pub fn matching_block(&self, req: &RequestView<'_>) -> Option<Option<&RouteMatch>> {
+        if self.matches.is_empty() {
+            return Some(None);
+        }
+        self.matches.iter().find(|m| m.matches(req)).map(Some)
+    }
+}
+
+/// The routes of one set of hosts (one VirtualService as seen by one listener).
+#[derive(Clone, Debug)]
+pub struct VirtualHost {
+    /// `namespace/name` of the VirtualService (or the host for a default route).
+    pub name: String,
+    /// Hosts (qualified) this virtual host answers.
+    pub hosts: Vec<String>,
+    /// Routes, in order.
+    pub routes: Vec<Route>,
+}
+
+/// The route chosen for a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Selected<'a> {
+    /// The virtual host.
+    pub virtual_host: &'a VirtualHost,
+    /// The route.
+    pub route: &'a Route,
+    /// The block that matched (`None` for a route without blocks).
+    pub matched: Option<&'a RouteMatch>,
+}
+
+/// How short host names are qualified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Naming {
+    /// The namespace of the proxy (short names a client sends are qualified with it).
+    pub namespace: String,
+    /// The cluster domain, `cluster.local` by default.
+    pub domain: String,
+}
+
+impl Default for Naming {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            domain: "cluster.local".into(),
+        }
+    }
+}
+
+impl Naming {
+    /// Qualifies `host` as written in a resource of `namespace` (VS-01): a name without a
+    /// dot becomes `host.namespace.svc.<domain>`; wildcards, IPs and dotted names stay.
+    pub fn qualify(&self, host: &str, namespace: &str) -> String {
+        if host == "*" || host.starts_with("*.") || host.contains('.') || host.contains(':') {
+            host.to_ascii_lowercase()
+        } else {
+            format!(
+                "{}.{namespace}.svc.{}",
+                host.to_ascii_lowercase(),
+                self.domain
+            )
+        }
+    }
+
+    /// The short forms of a qualified Kubernetes host a client of this proxy may send.
+    fn aliases(&self, fqdn: &str) -> Vec<String> {
+        let suffix = format!(".svc.{}", self.domain);
+        let Some(base) = fqdn.strip_suffix(&suffix) else {
+            return Vec::new();
+        };
+        let Some((name, ns)) = base.split_once('.') else {
+            return Vec::new();
+        };
+        if ns.contains('.') {
+            return Vec::new();
+        }
+        let mut out = vec![format!("{name}.{ns}"), format!("{name}.{ns}.svc")];
+        if ns == self.namespace {
+            out.push(name.to_owned());
+        }
+        out
+    }
+}
+
+/// The compiled routing of one listener; immutable, shared as an `Arc`.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    exact: HashMap<String, usize>,
+    /// `(suffix including the dot, index)`, longest suffix first.
+    wildcards: Vec<(String, usize)>,
+    catch_all: Option<usize>,
+    virtual_hosts: Vec<VirtualHost>,
+    destinations: Vec<DestinationKey>,
+    naming: Naming,
+}
+
+impl RouteTable {
+    /// A table builder qualifying names with `naming`.
+    pub fn builder(naming: Naming) -> TableBuilder {
+        TableBuilder {
+            table: RouteTable {
+                naming,
+                ..RouteTable::default()
+            },
+            dest_index: HashMap::new(),
+        }
+    }
+
+    /// How names are qualified.
+    pub fn naming(&self) -> &Naming {
+        &self.naming
+    }
+
+    /// Every destination some route (or mirror) names; routes refer to them by index.
+    pub fn destinations(&self) -> &[DestinationKey] {
+        &self.destinations
+    }
+
+    /// The virtual hosts.
+    pub fn virtual_hosts(&self) -> &[VirtualHost] {
+        &self.virtual_hosts
+    }
+
+    /// The virtual host answering `host` (no port), case-insensitively.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        let idx = self.exact.get(host).copied().or_else(|| {
+            self.wildcards
+                .iter()
+                .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+                .map(|(_, i)| *i)
+                .or(self.catch_all)
+        })?;
+        self.virtual_hosts.get(idx)
+    }
+
+    /// The route for `req`: first virtual host, then first matching route.
+    pub fn select<'a>(&'a self, req: &RequestView<'_>) -> Result<Selected<'a>, NoRoute> {
+        let vh = self.virtual_host(req.host).ok_or(NoRoute)?;
+        for route in &vh.routes {
+            if let Some(matched) = route.matching_block(req) {
+                return Ok(Selected {
+                    virtual_host: vh,
+                    route,
+                    matched,
+                });
+            }
+        }
+        Err(NoRoute)
+    }
+}
+
+/// Builds a [`RouteTable`] from virtual hosts made in code or compiled from configuration.
+#[derive(Debug)]
+pub struct TableBuilder {
+    table: RouteTable,
+    dest_index: HashMap<DestinationKey, usize>,
+}
+
+impl TableBuilder {
+    /// The index of `key` in the table's destinations, adding it if new.
+    pub fn destination(&mut self, key: DestinationKey) -> usize {
+        if let Some(&i) = self.dest_index.get(&key) {
+            return i;
+        }
+        let i = self.table.destinations.len();
+        self.table.destinations.push(key.clone());
+        self.dest_index.insert(key, i);
+        i
+    }
+
+    /// How names are qualified.
+    pub fn naming(&self) -> &Naming {
+        &self.table.naming
+    }
+
+    /// Whether some virtual host already answers exactly `host`.
+    pub fn has_host(&self, host: &str) -> bool {
+        self.table.exact.contains_key(host)
+            || (host == "*" && self.table.catch_all.is_some())
+            || self
+                .table
+                .wildcards
+                .iter()
+                .any(|(s, _)| host.strip_prefix('*') == Some(s.as_str()))
+    }
+
+    /// Adds a virtual host. A host already taken by an earlier virtual host stays with
+    /// it (Istio keeps the oldest VirtualService for a host); that host is skipped here.
+    pub fn virtual_host(&mut self, vh: VirtualHost) -> &mut Self {
+        let idx = self.table.virtual_hosts.len();
+        let mut claimed = false;
+        for host in &vh.hosts {
+            if host == "*" {
+                if self.table.catch_all.is_none() {
+                    self.table.catch_all = Some(idx);
+                    claimed = true;
+                }
+            } else if let Some(suffix) = host.strip_prefix('*') {
+                if !self.table.wildcards.iter().any(|(s, _)| s == suffix) {
+                    self.table.wildcards.push((suffix.to_owned(), idx));
+                    claimed = true;
+                }
+            } else {
+                let mut names = vec![host.clone()];
+                names.extend(self.table.naming.aliases(host));
+                for name in names {
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        self.table.exact.entry(name)
+                    {
+                        e.insert(idx);
+                        claimed = true;
+                    }
+                }
+            }
+        }
+        if claimed {
+            self.table.virtual_hosts.push(vh);
+        }
+        self
+    }
+
+    /// The finished table.
+    pub fn build(mut self) -> RouteTable {
+        self.table
+            .wildcards
+            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        self.table
+    }
+}
+
+/// A route forwarding everything to one destination (Istio's default route for a known
+/// service without a VirtualService).
+pub fn default_route(destination: usize) -> Route {
+    Route {
+        name: Some("default".into()),
+        matches: Vec::new(),
+        action: RouteAction::Forward(Weighted::single(RouteTarget {
+            destination,
+            headers: Arc::default(),
+        })),
+        rewrite: Rewrite::default(),
+        fault: FaultPolicy::default(),
+        headers: Arc::default(),
+        mirrors: Vec::new(),
+        policy: Arc::default(),
+    }
+}
+
+/// A route's timeout as a duration; `0s` disables it (VS-40).
+pub fn effective_timeout(timeout: Option<Duration>) -> Option<Duration> {
+    timeout.filter(|d| !d.is_zero())
+}

@@ -1,0 +1,791 @@
+//! Istio's standard metrics: exact names, types, label names and buckets (ISTIO.md §6.1).
+//!
+//! Labels that depend on the route or endpoint (workloads, services, principals known from
+//! configuration) are resolved once into a [`MetricsHandle`] when the route or endpoint is
+//! built. Per request only a handful of small values remain (status, flags, gRPC status,
+//! connection security, the peer's SPIFFE identity); the handle maps them through a small
+//! cache to pre-created series, so the hot path is one read-locked lookup plus atomic
+//! increments.
+//!
+//! # Cardinality bound
+//!
+//! Values that come from requests can never grow the series without limit: each handle
+//! creates at most [`IstioMetrics::series_limit`] series (default
+//! [`DEFAULT_SERIES_LIMIT`]) and remembers at most as many peer identities. Past the limit,
+//! the request-derived labels (`response_code`, `grpc_response_status`, `response_flags`,
+//! `connection_security_policy` and the peer's principal and namespace) collapse to
+//! `unknown` in one overflow series, which keeps counting. Paths never become labels.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use mesh_core::{ConnectionSecurity, Identity, ResponseFlags};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Envoy's default histogram boundaries, used by every Istio histogram (TM-07).
+pub const DEFAULT_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Default bound on the series one [`MetricsHandle`] may create.
+pub const DEFAULT_SERIES_LIMIT: usize = 256;
+
+const UNKNOWN: &str = "unknown";
+
+/// A label value: a cheaply cloned shared string.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Value(Arc<str>);
+
+impl Value {
+    fn new(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+
+    fn or_unknown(s: &str) -> Self {
+        Self::new(if s.is_empty() { UNKNOWN } else { s })
+    }
+}
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+/// Who reports a metric (TM-02).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The client side: the outbound sidecar or a gateway.
+    Source,
+    /// The server side: the inbound sidecar.
+    Destination,
+}
+
+impl Reporter {
+    /// The label value: `source` or `destination`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+/// What is known about one side of a request: the labels Istio reads from the workload's
+/// metadata. Empty strings render as `unknown` (TM-03).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Workload name (`reviews-v1`).
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// `app` label.
+    pub app: String,
+    /// `version` label.
+    pub version: String,
+    /// `service.istio.io/canonical-name`.
+    pub canonical_service: String,
+    /// `service.istio.io/canonical-revision`; `latest` when unset.
+    pub canonical_revision: String,
+    /// Cluster id.
+    pub cluster: String,
+    /// The workload's SPIFFE identity, rendered with its `spiffe://` scheme.
+    pub principal: Option<Identity>,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            namespace: String::new(),
+            app: String::new(),
+            version: String::new(),
+            canonical_service: String::new(),
+            canonical_revision: "latest".into(),
+            cluster: String::new(),
+            principal: None,
+        }
+    }
+}
+
+impl Workload {
+    /// A workload whose labels are all `unknown`.
+    pub fn unknown() -> Self {
+        Self::default()
+    }
+
+    /// A workload with a name and namespace; `app` and the canonical service default to
+    /// the name, as Istio does for workloads without those labels.
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
+        let name = name.into();
+        Self {
+            app: name.clone(),
+            canonical_service: name.clone(),
+            name,
+            namespace: namespace.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets `app` (and the canonical service, which follows it).
+    #[must_use]
+    pub fn with_app(mut self, app: impl Into<String>) -> Self {
+        self.app = app.into();
+        self.canonical_service = self.app.clone();
+        self
+    }
+
+    /// Sets `version` (and the canonical revision, which follows it).
+    #[must_use]
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self.canonical_revision = self.version.clone();
+        self
+    }
+
+    /// Sets the cluster id.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: impl Into<String>) -> Self {
+        self.cluster = cluster.into();
+        self
+    }
+
+    /// Sets the SPIFFE identity.
+    #[must_use]
+    pub fn with_principal(mut self, principal: Identity) -> Self {
+        self.principal = Some(principal);
+        self
+    }
+}
+
+/// The destination service of a request (TM-06).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestinationService {
+    /// FQDN (`reviews.default.svc.cluster.local`).
+    pub host: String,
+    /// Short name (`reviews`).
+    pub name: String,
+    /// Namespace of the service.
+    pub namespace: String,
+}
+
+impl DestinationService {
+    /// Derives the short name (first DNS label) and, for `<name>.<ns>.svc…` hosts, the
+    /// namespace from a host name; a `:port` suffix is ignored.
+    pub fn from_host(host: &str) -> Self {
+        let bare = match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let mut labels = bare.split('.');
+        let name = labels.next().unwrap_or_default().to_owned();
+        let ns = labels.next().unwrap_or_default();
+        let namespace = if labels.next() == Some("svc") {
+            ns.to_owned()
+        } else {
+            String::new()
+        };
+        Self {
+            host: bare.to_owned(),
+            name,
+            namespace,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HttpLabels {
+    reporter: Value,
+    source_workload: Value,
+    source_workload_namespace: Value,
+    source_principal: Value,
+    source_app: Value,
+    source_version: Value,
+    source_canonical_service: Value,
+    source_canonical_revision: Value,
+    source_cluster: Value,
+    destination_workload: Value,
+    destination_workload_namespace: Value,
+    destination_principal: Value,
+    destination_app: Value,
+    destination_version: Value,
+    destination_service: Value,
+    destination_service_name: Value,
+    destination_service_namespace: Value,
+    destination_canonical_service: Value,
+    destination_canonical_revision: Value,
+    destination_cluster: Value,
+    request_protocol: Value,
+    response_code: Value,
+    grpc_response_status: Value,
+    response_flags: Value,
+    connection_security_policy: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TcpLabels {
+    reporter: Value,
+    source_workload: Value,
+    source_workload_namespace: Value,
+    source_principal: Value,
+    source_app: Value,
+    source_version: Value,
+    source_canonical_service: Value,
+    source_canonical_revision: Value,
+    source_cluster: Value,
+    destination_workload: Value,
+    destination_workload_namespace: Value,
+    destination_principal: Value,
+    destination_app: Value,
+    destination_version: Value,
+    destination_service: Value,
+    destination_service_name: Value,
+    destination_service_namespace: Value,
+    destination_canonical_service: Value,
+    destination_canonical_revision: Value,
+    destination_cluster: Value,
+    request_protocol: Value,
+    response_flags: Value,
+    connection_security_policy: Value,
+}
+
+struct Side {
+    workload: Value,
+    namespace: Value,
+    principal: Value,
+    app: Value,
+    version: Value,
+    canonical_service: Value,
+    canonical_revision: Value,
+    cluster: Value,
+}
+
+impl Side {
+    fn of(w: &Workload) -> Self {
+        Self {
+            workload: Value::or_unknown(&w.name),
+            namespace: Value::or_unknown(&w.namespace),
+            principal: w
+                .principal
+                .as_ref()
+                .map_or_else(|| Value::new(UNKNOWN), |p| Value::new(p.as_str())),
+            app: Value::or_unknown(&w.app),
+            version: Value::or_unknown(&w.version),
+            canonical_service: Value::or_unknown(&w.canonical_service),
+            canonical_revision: Value::new(if w.canonical_revision.is_empty() {
+                "latest"
+            } else {
+                &w.canonical_revision
+            }),
+            cluster: Value::or_unknown(&w.cluster),
+        }
+    }
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(DEFAULT_BUCKETS)
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The Istio metric families, registered once in a [`Registry`]; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct IstioMetrics {
+    requests: Family<HttpLabels, Counter>,
+    duration: HistogramFamily<HttpLabels>,
+    request_bytes: HistogramFamily<HttpLabels>,
+    response_bytes: HistogramFamily<HttpLabels>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    series_limit: usize,
+}
+
+impl IstioMetrics {
+    /// Registers the Istio families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let this = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(histogram),
+            request_bytes: Family::new_with_constructor(histogram),
+            response_bytes: Family::new_with_constructor(histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            series_limit: DEFAULT_SERIES_LIMIT,
+        };
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "istio_requests",
+            "Requests handled by the proxy, counted at stream end",
+            this.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration from the first request byte to the end of the response",
+            this.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request size: header block and body bytes received from downstream",
+            this.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response size: header block and body bytes sent to downstream",
+            this.response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            this.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            this.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to downstream on TCP connections",
+            this.tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from downstream on TCP connections",
+            this.tcp_received.clone(),
+        );
+        this
+    }
+
+    /// Sets the bound on series per handle (at least 1).
+    #[must_use]
+    pub fn with_series_limit(mut self, limit: usize) -> Self {
+        self.series_limit = limit.max(1);
+        self
+    }
+
+    /// The bound on series per handle.
+    pub fn series_limit(&self) -> usize {
+        self.series_limit
+    }
+
+    /// Resolves the labels of one route or endpoint.
+    ///
+    /// `local` is this proxy's workload, `peer` the other side as far as configuration
+    /// knows it, `service` the destination service. For [`Reporter::Source`] the local
+    /// workload is the source; for [`Reporter::Destination`] it is the destination, and
+    /// the source principal and namespace come from each request's verified peer identity.
+    pub fn handle(
+        &self,
+        reporter: Reporter,
+        local: &Workload,
+        peer: &Workload,
+        service: &DestinationService,
+    ) -> MetricsHandle {
+        let (src, dst) = match reporter {
+            Reporter::Source => (Side::of(local), Side::of(peer)),
+            Reporter::Destination => (Side::of(peer), Side::of(local)),
+        };
+        let base = HttpLabels {
+            reporter: Value::new(reporter.as_str()),
+            source_workload: src.workload,
+            source_workload_namespace: src.namespace,
+            source_principal: src.principal,
+            source_app: src.app,
+            source_version: src.version,
+            source_canonical_service: src.canonical_service,
+            source_canonical_revision: src.canonical_revision,
+            source_cluster: src.cluster,
+            destination_workload: dst.workload,
+            destination_workload_namespace: dst.namespace,
+            destination_principal: dst.principal,
+            destination_app: dst.app,
+            destination_version: dst.version,
+            destination_service: Value::or_unknown(&service.host),
+            destination_service_name: Value::or_unknown(&service.name),
+            destination_service_namespace: Value::or_unknown(&service.namespace),
+            destination_canonical_service: dst.canonical_service,
+            destination_canonical_revision: dst.canonical_revision,
+            destination_cluster: dst.cluster,
+            request_protocol: Value::new("http"),
+            response_code: Value::new("0"),
+            grpc_response_status: Value::new(""),
+            response_flags: Value::new("-"),
+            connection_security_policy: Value::new(UNKNOWN),
+        };
+        MetricsHandle {
+            inner: Arc::new(HandleInner {
+                metrics: self.clone(),
+                reporter,
+                base,
+                cache: RwLock::default(),
+                peers: RwLock::default(),
+                overflow: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Resolves the TCP metric handles of one connection target.
+    pub fn tcp(
+        &self,
+        reporter: Reporter,
+        local: &Workload,
+        peer: &Workload,
+        service: &DestinationService,
+        security: ConnectionSecurity,
+    ) -> TcpMetrics {
+        let h = self.handle(reporter, local, peer, service);
+        let b = &h.inner.base;
+        let security = match reporter {
+            Reporter::Source => ConnectionSecurity::Unknown,
+            Reporter::Destination => security,
+        };
+        let labels = TcpLabels {
+            reporter: b.reporter.clone(),
+            source_workload: b.source_workload.clone(),
+            source_workload_namespace: b.source_workload_namespace.clone(),
+            source_principal: b.source_principal.clone(),
+            source_app: b.source_app.clone(),
+            source_version: b.source_version.clone(),
+            source_canonical_service: b.source_canonical_service.clone(),
+            source_canonical_revision: b.source_canonical_revision.clone(),
+            source_cluster: b.source_cluster.clone(),
+            destination_workload: b.destination_workload.clone(),
+            destination_workload_namespace: b.destination_workload_namespace.clone(),
+            destination_principal: b.destination_principal.clone(),
+            destination_app: b.destination_app.clone(),
+            destination_version: b.destination_version.clone(),
+            destination_service: b.destination_service.clone(),
+            destination_service_name: b.destination_service_name.clone(),
+            destination_service_namespace: b.destination_service_namespace.clone(),
+            destination_canonical_service: b.destination_canonical_service.clone(),
+            destination_canonical_revision: b.destination_canonical_revision.clone(),
+            destination_cluster: b.destination_cluster.clone(),
+            request_protocol: Value::new("tcp"),
+            response_flags: Value::new("-"),
+            connection_security_policy: Value::new(security.as_str()),
+        };
+        TcpMetrics {
+            opened: self.tcp_opened.get_or_create_owned(&labels),
+            closed: self.tcp_closed.get_or_create_owned(&labels),
+            sent: self.tcp_sent.get_or_create_owned(&labels),
+            received: self.tcp_received.get_or_create_owned(&labels),
+        }
+    }
+}
+
+/// Pre-resolved TCP counters for one connection target.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    opened: Counter,
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl TcpMetrics {
+    /// A connection opened.
+    pub fn opened(&self) {
+        self.opened.inc();
+    }
+
+    /// A connection closed.
+    pub fn closed(&self) {
+        self.closed.inc();
+    }
+
+    /// `n` bytes were sent to downstream.
+    pub fn sent(&self, n: u64) {
+        self.sent.inc_by(n);
+    }
+
+    /// `n` bytes were received from downstream.
+    pub fn received(&self, n: u64) {
+        self.received.inc_by(n);
+    }
+}
+
+/// The request-derived facts that select a series within a [`MetricsHandle`].
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    /// Final status sent downstream, `0` when no response was sent.
+    pub response_code: u16,
+    /// gRPC status, for gRPC requests.
+    pub grpc_status: Option<u16>,
+    /// Envoy response flags.
+    pub flags: ResponseFlags,
+    /// Security of the downstream connection (ignored for `reporter="source"`: TM-05).
+    pub security: ConnectionSecurity,
+    /// Whether the request is gRPC (`request_protocol="grpc"`).
+    pub grpc: bool,
+    /// The verified peer identity (the source on the inbound side).
+    pub peer: Option<&'a Identity>,
+}
+
+impl Default for RequestFacts<'_> {
+    fn default() -> Self {
+        Self {
+            response_code: 200,
+            grpc_status: None,
+            flags: ResponseFlags::NONE,
+            security: ConnectionSecurity::Unknown,
+            grpc: false,
+            peer: None,
+        }
+    }
+}
+
+/// The four request series of one label set.
+#[derive(Clone, Debug)]
+pub struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Series {
+    /// Records one finished request.
+    pub fn record(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration_ms);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    code: u16,
+    grpc_status: Option<u16>,
+    flags: ResponseFlags,
+    security: ConnectionSecurity,
+    grpc: bool,
+    // 0: no peer identity; otherwise 1 + index into the interned peers.
+    peer: u32,
+}
+
+struct HandleInner {
+    metrics: IstioMetrics,
+    reporter: Reporter,
+    base: HttpLabels,
+    cache: RwLock<HashMap<Key, Series>>,
+    peers: RwLock<HashMap<Identity, u32>>,
+    overflow: OnceLock<Series>,
+}
+
+/// The pre-resolved metrics of one route or endpoint; cheap to clone.
+#[derive(Clone)]
+pub struct MetricsHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for MetricsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsHandle")
+            .field("reporter", &self.inner.reporter)
+            .field("destination_service", &self.inner.base.destination_service.0)
+            .finish()
+    }
+}
+
+impl MetricsHandle {
+    /// The reporter of this handle.
+    pub fn reporter(&self) -> Reporter {
+        self.inner.reporter
+    }
+
+    /// The `destination_service` label of this handle.
+    pub fn destination_service(&self) -> &str {
+        &self.inner.base.destination_service.0
+    }
+
+    /// Records one finished request.
+    pub fn record(
+        &self,
+        facts: &RequestFacts<'_>,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.with_series(facts, |s| s.record(duration_ms, request_bytes, response_bytes));
+    }
+
+    /// Runs `f` with the series selected by `facts`, creating it on first use.
+    pub fn with_series<R>(&self, facts: &RequestFacts<'_>, f: impl FnOnce(&Series) -> R) -> R {
+        let key = self.key(facts);
+        {
+            let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = cache.get(&key) {
+                return f(s);
+            }
+        }
+        let series = self.create(key, facts);
+        f(&series)
+    }
+
+    fn key(&self, facts: &RequestFacts<'_>) -> Key {
+        let inbound = self.inner.reporter == Reporter::Destination;
+        let peer = match facts.peer {
+            Some(id) if inbound => self.peer_index(id),
+            _ => 0,
+        };
+        Key {
+            code: facts.response_code,
+            grpc_status: facts.grpc_status,
+            flags: facts.flags,
+            security: if inbound {
+                facts.security
+            } else {
+                ConnectionSecurity::Unknown
+            },
+            grpc: facts.grpc,
+            peer,
+        }
+    }
+
+    fn peer_index(&self, id: &Identity) -> u32 {
+        {
+            let peers = self.inner.peers.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = peers.get(id) {
+                return *i;
+            }
+        }
+        let mut peers = self.inner.peers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = peers.get(id) {
+            return *i;
+        }
+        if peers.len() >= self.inner.metrics.series_limit {
+            // Past the bound, further identities are not remembered: `unknown`.
+            return u32::MAX;
+        }
+        let i = u32::try_from(peers.len() + 1).unwrap_or(u32::MAX);
+        peers.insert(id.clone(), i);
+        i
+    }
+
+    fn create(&self, key: Key, facts: &RequestFacts<'_>) -> Series {
+        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&key) {
+            return s.clone();
+        }
+        if cache.len() >= self.inner.metrics.series_limit {
+            return self
+                .inner
+                .overflow
+                .get_or_init(|| self.resolve(&self.overflow_labels()))
+                .clone();
+        }
+        let mut labels = self.inner.base.clone();
+        let mut code = String::with_capacity(3);
+        let _ = write!(code, "{}", key.code);
+        labels.response_code = Value::new(&code);
+        labels.grpc_response_status = match key.grpc_status {
+            Some(s) => Value::new(&s.to_string()),
+            None => Value::new(""),
+        };
+        labels.response_flags = Value::new(&key.flags.to_string());
+        labels.connection_security_policy = Value::new(key.security.as_str());
+        if key.grpc {
+            labels.request_protocol = Value::new("grpc");
+        }
+        if key.peer == u32::MAX {
+            labels.source_principal = Value::new(UNKNOWN);
+            labels.source_workload_namespace = Value::new(UNKNOWN);
+        } else if let Some(id) = facts.peer.filter(|_| key.peer != 0) {
+            labels.source_principal = Value::new(id.as_str());
+            labels.source_workload_namespace = Value::or_unknown(id.namespace().unwrap_or(""));
+        }
+        let series = self.resolve(&labels);
+        cache.insert(key, series.clone());
+        series
+    }
+
+    fn overflow_labels(&self) -> HttpLabels {
+        let mut labels = self.inner.base.clone();
+        labels.response_code = Value::new(UNKNOWN);
+        labels.grpc_response_status = Value::new(UNKNOWN);
+        labels.response_flags = Value::new(UNKNOWN);
+        labels.connection_security_policy = Value::new(UNKNOWN);
+        if self.inner.reporter == Reporter::Destination {
+            labels.source_principal = Value::new(UNKNOWN);
+            labels.source_workload_namespace = Value::new(UNKNOWN);
+        }
+        labels
+    }
+
+    fn resolve(&self, labels: &HttpLabels) -> Series {
+        let m = &self.inner.metrics;
+        Series {
+            requests: m.requests.get_or_create_owned(labels),
+            duration: m.duration.get_or_create_owned(labels),
+            request_bytes: m.request_bytes.get_or_create_owned(labels),
+            response_bytes: m.response_bytes.get_or_create_owned(labels),
+        }
+    }
+
+    /// How many series this handle has created (the overflow series excluded).
+    pub fn series_count(&self) -> usize {
+        self.inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_service_from_host() {
+        let s = DestinationService::from_host("reviews.default.svc.cluster.local:9080");
+        assert_eq!(s.host, "reviews.default.svc.cluster.local");
+        assert_eq!(s.name, "reviews");
+        assert_eq!(s.namespace, "default");
+        let s = DestinationService::from_host("example.com");
+        assert_eq!((s.name.as_str(), s.namespace.as_str()), ("example", ""));
+    }
+
+    #[test]
+    fn series_are_bounded_per_handle() {
+        let mut reg = Registry::default();
+        let m = IstioMetrics::register(&mut reg).with_series_limit(3);
+        let h = m.handle(
+            Reporter::Source,
+            &Workload::new("a", "ns"),
+            &Workload::unknown(),
+            &DestinationService::from_host("b.ns.svc.cluster.local"),
+        );
+        for code in 200..300u16 {
+            let facts = RequestFacts {
+                response_code: code,
+                ..RequestFacts::default()
+            };
+            h.record(&facts, 1.0, 0, 0);
+        }
+        assert_eq!(h.series_count(), 3);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        let overflow = lines
+            .iter()
+            .find(|l| l.contains("response_code=\"unknown\""))
+            .expect("overflow series");
+        assert!(overflow.ends_with(" 97"), "{overflow}");
+    }
+}

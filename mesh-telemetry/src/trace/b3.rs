@@ -1,0 +1,274 @@
+//! Zipkin B3 propagation: the multi-header form (`x-b3-traceid`, `x-b3-spanid`,
+//! `x-b3-parentspanid`, `x-b3-sampled`, `x-b3-flags`) and the single `b3` header
+//! (ISTIO.md TR-02, TR-03).
+//!
+//! Readers are lenient where the B3 specification allows (`true`/`false` sampling values,
+//! upper-case hex); anything malformed (wrong lengths, non-hex, all-zero ids) yields no
+//! context, so the hop starts a new trace.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{Incoming, parse_hex_u64, parse_hex_u128, write_hex};
+
+/// `x-b3-traceid`.
+pub static TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+/// `x-b3-spanid`.
+pub static SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+/// `x-b3-parentspanid`.
+pub static PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+/// `x-b3-sampled`.
+pub static SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+/// `x-b3-flags`.
+pub static FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+/// `b3` (single header).
+pub static SINGLE: HeaderName = HeaderName::from_static("b3");
+
+fn trace_id(s: &[u8]) -> Option<(u128, bool)> {
+    let id = match s.len() {
+        16 => parse_hex_u64(s, true).map(u128::from)?,
+        32 => parse_hex_u128(s, true)?,
+        _ => return None,
+    };
+    (id != 0).then_some((id, s.len() == 16))
+}
+
+fn span_id(s: &[u8]) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    parse_hex_u64(s, true).filter(|id| *id != 0)
+}
+
+/// Extracts the multi-header form; `None` when no `x-b3-*` header is present.
+pub fn extract_multi(headers: &HeaderMap) -> Option<Incoming> {
+    let sampled = headers.get(&SAMPLED).map(|v| match v.as_bytes() {
+        b"1" | b"true" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    });
+    let debug = headers.get(&FLAGS).is_some_and(|v| v.as_bytes() == b"1");
+    let tid = headers.get(&TRACE_ID);
+    let sid = headers.get(&SPAN_ID);
+    if tid.is_none() && sid.is_none() && sampled.is_none() && !debug {
+        return None;
+    }
+    let ids = match (tid, sid) {
+        (Some(t), Some(s)) => match (trace_id(t.as_bytes()), span_id(s.as_bytes())) {
+            (Some((t, short)), Some(s)) => Some((t, short, s)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let sampled = sampled.flatten();
+    Some(Incoming {
+        ids,
+        sampled: if debug { Some(true) } else { sampled },
+        debug,
+        tracestate: None,
+    })
+}
+
+/// Extracts the single `b3` header; `None` when absent or malformed.
+pub fn extract_single(headers: &HeaderMap) -> Option<Incoming> {
+    let v = headers.get(&SINGLE)?.as_bytes();
+    let state = |s: &[u8]| match s {
+        b"1" => Some((Some(true), false)),
+        b"0" => Some((Some(false), false)),
+        b"d" => Some((Some(true), true)),
+        _ => None,
+    };
+    let mut parts = v.split(|b| *b == b'-');
+    let first = parts.next()?;
+    let Some(second) = parts.next() else {
+        // Only a sampling decision: `b3: 0`, `b3: 1`, `b3: d`.
+        let (sampled, debug) = state(first)?;
+        return Some(Incoming {
+            ids: None,
+            sampled,
+            debug,
+            tracestate: None,
+        });
+    };
+    let (t, short) = trace_id(first)?;
+    let s = span_id(second)?;
+    let (sampled, debug) = match parts.next() {
+        Some(st) => state(st)?,
+        None => (None, false),
+    };
+    if let Some(parent) = parts.next() {
+        span_id(parent)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Incoming {
+        ids: Some((t, short, s)),
+        sampled,
+        debug,
+        tracestate: None,
+    })
+}
+
+fn trace_hex(trace_id: u128, short: bool, buf: &mut [u8; 32]) -> &[u8] {
+    write_hex(trace_id, buf);
+    if short { &buf[16..] } else { &buf[..] }
+}
+
+fn value(bytes: &[u8]) -> HeaderValue {
+    // Hex digits and '-' are always valid header bytes.
+    HeaderValue::from_bytes(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Writes the multi-header form of `ctx`.
+pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    let mut buf = [0u8; 32];
+    headers.insert(
+        TRACE_ID.clone(),
+        value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf)),
+    );
+    write_hex(u128::from(ctx.span_id), &mut buf);
+    headers.insert(SPAN_ID.clone(), value(&buf[16..]));
+    if let Some(parent) = ctx.parent_span_id {
+        write_hex(u128::from(parent), &mut buf);
+        headers.insert(PARENT_SPAN_ID.clone(), value(&buf[16..]));
+    }
+    if ctx.debug {
+        // Debug implies accept; B3 says not to also send x-b3-sampled.
+        headers.insert(FLAGS.clone(), HeaderValue::from_static("1"));
+    } else {
+        headers.insert(
+            SAMPLED.clone(),
+            HeaderValue::from_static(if ctx.sampled { "1" } else { "0" }),
+        );
+    }
+}
+
+/// Writes the single `b3` header of `ctx`.
+pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    let mut out = [0u8; 32 + 1 + 16 + 2 + 1 + 16];
+    let mut buf = [0u8; 32];
+    let t = trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf);
+    let mut n = t.len();
+    out[..n].copy_from_slice(t);
+    out[n] = b'-';
+    n += 1;
+    write_hex(u128::from(ctx.span_id), &mut buf);
+    out[n..n + 16].copy_from_slice(&buf[16..]);
+    n += 16;
+    out[n] = b'-';
+    out[n + 1] = if ctx.debug {
+        b'd'
+    } else if ctx.sampled {
+        b'1'
+    } else {
+        b'0'
+    };
+    n += 2;
+    if let Some(parent) = ctx.parent_span_id {
+        out[n] = b'-';
+        n += 1;
+        write_hex(u128::from(parent), &mut buf);
+        out[n..n + 16].copy_from_slice(&buf[16..]);
+        n += 16;
+    }
+    headers.insert(SINGLE.clone(), value(&out[..n]));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn multi_reads_128_and_64_bit_ids() {
+        let h = map(&[
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-parentspanid", "0020000000000001"),
+            ("x-b3-sampled", "1"),
+        ]);
+        let i = extract_multi(&h).unwrap();
+        assert_eq!(
+            i.ids,
+            Some((0x463ac35c9f6413ad48485a3953bb6124, false, 0xa2fb4a1d1a96d312))
+        );
+        assert_eq!(i.sampled, Some(true));
+        let h = map(&[
+            ("x-b3-traceid", "48485A3953BB6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "false"),
+        ]);
+        let i = extract_multi(&h).unwrap();
+        assert_eq!(i.ids, Some((0x48485a3953bb6124, true, 0xa2fb4a1d1a96d312)));
+        assert_eq!(i.sampled, Some(false));
+    }
+
+    #[test]
+    fn multi_first_value_wins_and_flags_mean_debug() {
+        let h = map(&[
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-traceid", "0000000000000000000000000000000a"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-flags", "1"),
+        ]);
+        let i = extract_multi(&h).unwrap();
+        assert_eq!(i.ids.unwrap().0, 0x463ac35c9f6413ad48485a3953bb6124);
+        assert!(i.debug);
+        assert_eq!(i.sampled, Some(true));
+    }
+
+    #[test]
+    fn malformed_multi_ids_are_ignored() {
+        for (t, s) in [
+            ("00000000000000000000000000000000", "a2fb4a1d1a96d312"),
+            ("463ac35c9f6413ad48485a3953bb612", "a2fb4a1d1a96d312"),
+            ("463ac35c9f6413ad48485a3953bb6124", "0000000000000000"),
+            ("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d31"),
+            ("463ac35c9f6413ad48485a3953bb612g", "a2fb4a1d1a96d312"),
+        ] {
+            let i = extract_multi(&map(&[("x-b3-traceid", t), ("x-b3-spanid", s)])).unwrap();
+            assert_eq!(i.ids, None, "{t} {s}");
+        }
+        assert!(extract_multi(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn single_header_forms() {
+        let i = extract_single(&map(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+        )]))
+        .unwrap();
+        assert_eq!(
+            i.ids,
+            Some((0x80f198ee56343ba864fe8b2a57d3eff7, false, 0xe457b5a2e4d86bd1))
+        );
+        assert_eq!(i.sampled, Some(true));
+        let i = extract_single(&map(&[("b3", "e457b5a2e4d86bd1-e457b5a2e4d86bd1-d")])).unwrap();
+        assert!(i.debug && i.ids.unwrap().1);
+        let i = extract_single(&map(&[("b3", "0")])).unwrap();
+        assert_eq!((i.ids, i.sampled), (None, Some(false)));
+        let i = extract_single(&map(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1")]))
+            .unwrap();
+        assert_eq!(i.sampled, None);
+        for bad in [
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-x",
+            "80f198ee56343ba864fe8b2a57d3eff7",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90-extra",
+            "80f198ee56343ba864fe8b2a57d3eff7-0000000000000000-1",
+            "2",
+        ] {
+            assert!(extract_single(&map(&[("b3", bad)])).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! Trace context: extraction, a new span per hop, sampling, injection, `x-request-id`.
+//!
+//! Each hop through the proxy is one span: [`Propagator::propagate`] reads the incoming
+//! context (single `b3` header first, then the `x-b3-*` headers, then W3C `traceparent`;
+//! a malformed header is skipped), creates a new span id whose parent is the incoming span
+//! (ISTIO.md TR-04: no shared span context between client and server spans), decides
+//! sampling, removes every incoming trace header and writes the new context in the
+//! configured [`Formats`] plus the format the request came with.
+//!
+//! Sampling (TR-06, TR-07): an incoming decision (`x-b3-sampled`, `x-b3-flags`, the `b3`
+//! sampling state, the `traceparent` sampled flag) is honoured; otherwise the
+//! [`Sampler`]'s percentage decides with the caller's random number generator (so tests
+//! fix the seed). The default is Istio's 1 %; values outside 0–100 fall back to 1 %.
+//! Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit ids.
+//!
+//! `x-request-id` (TR-01) is kept when present and generated as a UUID v4 when absent.
+//! We choose the random sampler over Envoy's request-id-derived decision (Istio's
+//! `useRequestIdForTraceSampling`): the decision is made once, here, and travels in the
+//! trace headers.
+
+pub mod b3;
+pub mod export;
+pub mod w3c;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use rand::Rng;
+
+/// `x-request-id`.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What the incoming headers said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Incoming {
+    /// `(trace id, trace id is 64-bit, span id)` when a valid context was present.
+    pub ids: Option<(u128, bool, u64)>,
+    /// The incoming sampling decision.
+    pub sampled: Option<bool>,
+    /// Debug (B3 `x-b3-flags: 1` or `b3: …-d`).
+    pub debug: bool,
+    /// W3C `tracestate`, propagated unchanged.
+    pub tracestate: Option<HeaderValue>,
+}
+
+/// The span of this hop: what is injected downstream and exported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HopContext {
+    /// Trace id (for 64-bit ids the high half is zero).
+    pub trace_id: u128,
+    /// Whether the trace id is the 64-bit form (rendered with 16 hex digits in B3).
+    pub trace_id_64: bool,
+    /// This hop's span id.
+    pub span_id: u64,
+    /// The incoming span, parent of this hop's span; `None` for a new trace.
+    pub parent_span_id: Option<u64>,
+    /// Whether the trace is sampled (exported).
+    pub sampled: bool,
+    /// Debug sampling.
+    pub debug: bool,
+    /// W3C `tracestate`.
+    pub tracestate: Option<HeaderValue>,
+}
+
+impl HopContext {
+    /// The trace id as lower-hex (16 or 32 digits).
+    pub fn trace_id_hex(&self) -> String {
+        let mut buf = [0u8; 32];
+        write_hex(self.trace_id, &mut buf);
+        let s = if self.trace_id_64 { &buf[16..] } else { &buf[..] };
+        String::from_utf8_lossy(s).into_owned()
+    }
+}
+
+/// Sampling percentage with 0.01 % precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sampler {
+    per_10k: u32,
+}
+
+impl Default for Sampler {
+    /// Istio's default: 1 %.
+    fn default() -> Self {
+        Self { per_10k: 100 }
+    }
+}
+
+impl Sampler {
+    /// Samples `percent` % of new traces; values that are not within 0–100 fall back to
+    /// 1 % (Istio treats out-of-range values so).
+    pub fn percent(percent: f64) -> Self {
+        if !(0.0..=100.0).contains(&percent) {
+            return Self::default();
+        }
+        Self {
+            per_10k: (percent * 100.0).round() as u32,
+        }
+    }
+
+    /// The percentage.
+    pub fn as_percent(&self) -> f64 {
+        f64::from(self.per_10k) / 100.0
+    }
+
+    /// A random decision.
+    pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> bool {
+        rng.random_range(0..10_000u32) < self.per_10k
+    }
+}
+
+/// Which header formats to write downstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Formats {
+    /// `x-b3-*` headers.
+    pub b3_multi: bool,
+    /// The single `b3` header.
+    pub b3_single: bool,
+    /// W3C `traceparent`/`tracestate`.
+    pub w3c: bool,
+}
+
+impl Default for Formats {
+    /// B3 multi-header (Istio's Zipkin default) and W3C (its OpenTelemetry provider).
+    fn default() -> Self {
+        Self {
+            b3_multi: true,
+            b3_single: false,
+            w3c: true,
+        }
+    }
+}
+
+/// Which format carried the incoming context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    None,
+    B3Single,
+    B3Multi,
+    W3c,
+}
+
+/// Reads the incoming context. Returns an empty [`Incoming`] when no valid one is present.
+pub fn extract(headers: &HeaderMap) -> Incoming {
+    extract_with_source(headers).0
+}
+
+fn extract_with_source(headers: &HeaderMap) -> (Incoming, Source) {
+    let mut decision_only: Option<(Incoming, Source)> = None;
+    for (found, source) in [
+        (b3::extract_single(headers), Source::B3Single),
+        (b3::extract_multi(headers), Source::B3Multi),
+        (w3c::extract(headers), Source::W3c),
+    ] {
+        if let Some(i) = found {
+            if i.ids.is_some() {
+                return (i, source);
+            }
+            decision_only.get_or_insert((i, source));
+        }
+    }
+    decision_only.unwrap_or((Incoming::default(), Source::None))
+}
+
+fn nonzero_u64<R: Rng + ?Sized>(rng: &mut R) -> u64 {
+    loop {
+        let v = rng.random::<u64>();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// The context of this hop: a new span under the incoming one, or a new trace.
+pub fn next_hop<R: Rng + ?Sized>(incoming: Incoming, sampler: &Sampler, rng: &mut R) -> HopContext {
+    let sampled = match incoming.sampled {
+        Some(d) => d || incoming.debug,
+        None => incoming.debug || sampler.sample(rng),
+    };
+    let span_id = nonzero_u64(rng);
+    match incoming.ids {
+        Some((trace_id, short, parent)) => HopContext {
+            trace_id,
+            trace_id_64: short,
+            span_id,
+            parent_span_id: Some(parent),
+            sampled,
+            debug: incoming.debug,
+            tracestate: incoming.tracestate,
+        },
+        None => {
+            let trace_id = (u128::from(nonzero_u64(rng)) << 64) | u128::from(rng.random::<u64>());
+            HopContext {
+                trace_id,
+                trace_id_64: false,
+                span_id,
+                parent_span_id: None,
+                sampled,
+                debug: incoming.debug,
+                tracestate: None,
+            }
+        }
+    }
+}
+
+/// Removes every trace-context header (before injecting the new context).
+pub fn clear(headers: &mut HeaderMap) {
+    for name in [
+        &b3::TRACE_ID,
+        &b3::SPAN_ID,
+        &b3::PARENT_SPAN_ID,
+        &b3::SAMPLED,
+        &b3::FLAGS,
+        &b3::SINGLE,
+        &w3c::TRACEPARENT,
+        &w3c::TRACESTATE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Writes `ctx` in `formats`.
+pub fn inject(ctx: &HopContext, formats: Formats, headers: &mut HeaderMap) {
+    if formats.b3_multi {
+        b3::inject_multi(ctx, headers);
+    }
+    if formats.b3_single {
+        b3::inject_single(ctx, headers);
+    }
+    if formats.w3c {
+        w3c::inject(ctx, headers);
+    }
+}
+
+/// Extract, new span per hop, sample, inject: the per-request trace step of the layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Propagator {
+    /// The sampling percentage for requests without a decision.
+    pub sampler: Sampler,
+    /// Formats written downstream (the incoming format is always written too).
+    pub formats: Formats,
+}
+
+impl Propagator {
+    /// A propagator sampling `percent` % of new traces with the default formats.
+    pub fn with_sampling(percent: f64) -> Self {
+        Self {
+            sampler: Sampler::percent(percent),
+            formats: Formats::default(),
+        }
+    }
+
+    /// Rewrites `headers` for the next hop and returns this hop's context.
+    pub fn propagate<R: Rng + ?Sized>(&self, headers: &mut HeaderMap, rng: &mut R) -> HopContext {
+        let (incoming, source) = extract_with_source(headers);
+        let ctx = next_hop(incoming, &self.sampler, rng);
+        let mut formats = self.formats;
+        match source {
+            Source::B3Single => formats.b3_single = true,
+            Source::B3Multi => formats.b3_multi = true,
+            Source::W3c => formats.w3c = true,
+            Source::None => {}
+        }
+        clear(headers);
+        inject(&ctx, formats, headers);
+        ctx
+    }
+}
+
+/// Returns the request's `x-request-id`, inserting a new UUID v4 when absent or empty.
+pub fn ensure_request_id<R: Rng + ?Sized>(headers: &mut HeaderMap, rng: &mut R) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID).filter(|v| !v.is_empty()) {
+        return v.clone();
+    }
+    let v = new_request_id(rng);
+    headers.insert(REQUEST_ID.clone(), v.clone());
+    v
+}
+
+/// A new UUID v4 from `rng`, as a header value.
+pub fn new_request_id<R: Rng + ?Sized>(rng: &mut R) -> HeaderValue {
+    let bytes: [u8; 16] = rng.random();
+    let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let s = id.hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Forwards the trace headers of an incoming request onto an outgoing one: the
+/// application-side "interceptor" that keeps a trace connected across a service.
+///
+/// Copies `x-request-id`, the `x-b3-*` headers, `b3`, `traceparent`, `tracestate` and
+/// `x-ot-span-context` (the headers Istio asks applications to propagate).
+///
+/// ```
+/// use http::Request;
+/// let incoming = Request::builder()
+///     .header("x-request-id", "abc")
+///     .header("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124")
+///     .header("x-b3-spanid", "a2fb4a1d1a96d312")
+///     .header("x-b3-sampled", "1")
+///     .body(())
+///     .unwrap();
+/// let mut outgoing = Request::builder().uri("http://ratings:9080/").body(()).unwrap();
+/// mesh_telemetry::trace::forward_trace_headers(incoming.headers(), outgoing.headers_mut());
+/// assert_eq!(outgoing.headers()["x-b3-spanid"], "a2fb4a1d1a96d312");
+/// assert_eq!(outgoing.headers()["x-request-id"], "abc");
+/// ```
+pub fn forward_trace_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    static OT: HeaderName = HeaderName::from_static("x-ot-span-context");
+    for name in [
+        &REQUEST_ID,
+        &b3::TRACE_ID,
+        &b3::SPAN_ID,
+        &b3::PARENT_SPAN_ID,
+        &b3::SAMPLED,
+        &b3::FLAGS,
+        &b3::SINGLE,
+        &w3c::TRACEPARENT,
+        &w3c::TRACESTATE,
+        &OT,
+    ] {
+        if let Some(v) = from.get(name) {
+            to.insert(name.clone(), v.clone());
+        }
+    }
+}
+
+pub(crate) fn hex_val(b: u8, upper_ok: bool) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' if upper_ok => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Parses up to 16 hex digits.
+pub(crate) fn parse_hex_u64(s: &[u8], upper_ok: bool) -> Option<u64> {
+    if s.is_empty() || s.len() > 16 {
+        return None;
+    }
+    s.iter()
+        .try_fold(0u64, |acc, b| Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?)))
+}
+
+/// Parses exactly 32 hex digits.
+pub(crate) fn parse_hex_u128(s: &[u8], upper_ok: bool) -> Option<u128> {
+    if s.len() != 32 {
+        return None;
+    }
+    let hi = parse_hex_u64(&s[..16], upper_ok)?;
+    let lo = parse_hex_u64(&s[16..], upper_ok)?;
+    Some((u128::from(hi) << 64) | u128::from(lo))
+}
+
+/// Writes `v` as 32 lower-hex digits.
+pub(crate) fn write_hex(mut v: u128, buf: &mut [u8; 32]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in buf.iter_mut().rev() {
+        *slot = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn b3_multi_hop_keeps_trace_and_parents_the_incoming_span() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut h = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-parentspanid", "0020000000000001"),
+            ("x-b3-sampled", "1"),
+        ]);
+        let p = Propagator {
+            sampler: Sampler::percent(0.0),
+            formats: Formats { b3_multi: true, b3_single: false, w3c: false },
+        };
+        let ctx = p.propagate(&mut h, &mut rng);
+        assert!(ctx.sampled, "incoming accept wins over 0 % sampling");
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        assert_ne!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
+        assert_eq!(h["x-b3-spanid"].len(), 16);
+        assert_eq!(
+            u64::from_str_radix(h["x-b3-spanid"].to_str().unwrap(), 16).unwrap(),
+            ctx.span_id
+        );
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert!(h.get("traceparent").is_none());
+    }
+
+    #[test]
+    fn b3_64_bit_trace_ids_stay_64_bit() {
+        let mut rng = SmallRng::seed_from_u64(2);
+        let mut h = headers(&[
+            ("x-b3-traceid", "48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ]);
+        let ctx = Propagator::default().propagate(&mut h, &mut rng);
+        assert!(ctx.trace_id_64);
+        assert_eq!(h["x-b3-traceid"], "48485a3953bb6124");
+        // W3C needs 32 digits: the 64-bit id is left-padded.
+        assert_eq!(
+            &h["traceparent"].to_str().unwrap()[..35],
+            "00-000000000000000048485a3953bb6124"
+        );
+    }
+
+    #[test]
+    fn b3_single_is_preferred_and_answered_in_kind() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut h = headers(&[
+            ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-d"),
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ]);
+        let ctx = Propagator::default().propagate(&mut h, &mut rng);
+        assert!(ctx.debug && ctx.sampled);
+        let b3 = h["b3"].to_str().unwrap().to_owned();
+        let parts: Vec<&str> = b3.split('-').collect();
+        assert_eq!(parts[0], "80f198ee56343ba864fe8b2a57d3eff7");
+        assert_eq!(parts[2], "d");
+        assert_eq!(parts[3], "e457b5a2e4d86bd1");
+        assert_eq!(h["x-b3-flags"], "1");
+        assert!(h.get("x-b3-sampled").is_none(), "debug is not sent with sampled");
+    }
+
+    #[test]
+    fn w3c_hop_keeps_tracestate_and_sets_new_parent_id() {
+        let mut rng = SmallRng::seed_from_u64(4);
+        let mut h = headers(&[
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            ("tracestate", "congo=t61rcWkgMzE"),
+        ]);
+        let ctx = Propagator::with_sampling(100.0).propagate(&mut h, &mut rng);
+        assert!(!ctx.sampled, "incoming not-sampled flag wins over 100 %");
+        let tp = h["traceparent"].to_str().unwrap();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+        assert!(tp.ends_with("-00"));
+        assert_eq!(&tp[36..52], format!("{:016x}", ctx.span_id));
+        assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
+        assert_eq!(h["x-b3-parentspanid"], "00f067aa0ba902b7");
+    }
+
+    #[test]
+    fn invalid_context_starts_a_new_trace() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut h = headers(&[
+            ("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb612"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ]);
+        let ctx = Propagator::with_sampling(0.0).propagate(&mut h, &mut rng);
+        assert_eq!(ctx.parent_span_id, None);
+        assert!(!ctx.trace_id_64 && ctx.trace_id >> 64 != 0, "new 128-bit id");
+        assert!(!ctx.sampled);
+        assert!(h.get("x-b3-parentspanid").is_none());
+        assert_eq!(h["x-b3-traceid"].len(), 32);
+    }
+
+    #[test]
+    fn decision_only_headers_are_honoured() {
+        let mut rng = SmallRng::seed_from_u64(6);
+        let mut h = headers(&[("b3", "0")]);
+        let ctx = Propagator::with_sampling(100.0).propagate(&mut h, &mut rng);
+        assert!(!ctx.sampled && ctx.parent_span_id.is_none());
+        assert_eq!(h["x-b3-sampled"], "0");
+        let mut h = headers(&[("x-b3-sampled", "1")]);
+        assert!(Propagator::with_sampling(0.0).propagate(&mut h, &mut rng).sampled);
+    }
+
+    #[test]
+    fn sampler_bounds_and_precision() {
+        assert_eq!(Sampler::default().as_percent(), 1.0);
+        assert_eq!(Sampler::percent(150.0).as_percent(), 1.0);
+        assert_eq!(Sampler::percent(-1.0).as_percent(), 1.0);
+        assert_eq!(Sampler::percent(f64::NAN).as_percent(), 1.0);
+        assert_eq!(Sampler::percent(0.01).as_percent(), 0.01);
+        let mut rng = SmallRng::seed_from_u64(7);
+        assert!((0..10_000).all(|_| Sampler::percent(100.0).sample(&mut rng)));
+        assert!((0..10_000).all(|_| !Sampler::percent(0.0).sample(&mut rng)));
+    }
+
+    /// The sampled count of n Bernoulli(p) trials lies within 4.5 standard deviations of
+    /// n·p (a bound a correct sampler fails with probability < 1e-5; the seed is fixed).
+    #[test]
+    fn sampling_percentages_within_statistical_bound() {
+        let n = 100_000u32;
+        for (pct, seed) in [(1.0, 11u64), (10.0, 12), (50.0, 13), (0.25, 14)] {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let p = Propagator::with_sampling(pct);
+            let mut sampled = 0u32;
+            for _ in 0..n {
+                let mut h = HeaderMap::new();
+                sampled += u32::from(p.propagate(&mut h, &mut rng).sampled);
+            }
+            let prob = pct / 100.0;
+            let mean = f64::from(n) * prob;
+            let sd = (f64::from(n) * prob * (1.0 - prob)).sqrt();
+            assert!(
+                (f64::from(sampled) - mean).abs() <= 4.5 * sd,
+                "{pct} %: {sampled} sampled of {n}, expected {mean} ± {}",
+                4.5 * sd
+            );
+        }
+    }
+
+    #[test]
+    fn request_id_is_generated_only_when_absent() {
+        let mut rng = SmallRng::seed_from_u64(8);
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h, &mut rng);
+        let parsed = uuid::Uuid::parse_str(id.to_str().unwrap()).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(h["x-request-id"], id);
+        let mut h = headers(&[("x-request-id", "keep-me")]);
+        assert_eq!(ensure_request_id(&mut h, &mut rng), "keep-me");
+    }
+}
