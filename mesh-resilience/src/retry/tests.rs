@@ -497,6 +497,21 @@ async fn readiness_is_forwarded_and_the_ready_service_is_used() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn capacity_is_reserved_once_and_moves_with_the_request() {
+    let (inner, mut handle) = mock::pair::<http::Request<BoxBody>, http::Response<BoxBody>>();
+    let mut svc = mock::Spawn::new(RetryLayer::new(policy(1, "503")).layer(inner));
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    assert_ready_ok!(svc.poll_ready(), "polling again reuses the reservation");
+    let fut = tokio::spawn(svc.call(get()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(http::Response::new(mesh_core::body::empty()));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+    // The ready service went with the request; the one left behind must get its own.
+    assert_pending!(svc.poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
 async fn retries_avoid_the_endpoint_that_just_failed() {
     let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
     let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
