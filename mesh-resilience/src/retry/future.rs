@@ -76,7 +76,8 @@ where
 }
 
 enum Body {
-    Buffering(Buffering),
+    /// Boxed: only bodies that must be read pay for the buffering state.
+    Buffering(Box<Buffering>),
     Replay(Replay),
     Once(Option<BoxBody>),
 }
@@ -148,7 +149,7 @@ impl<S, F> Attempts<S, F> {
         let (body, phase) = match Buffering::start(body, policy.replay_limit) {
             Start::Done(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
             Start::Done(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
-            Start::Read(buffering) => (Body::Buffering(buffering), Phase::Buffering),
+            Start::Read(buffering) => (Body::Buffering(Box::new(buffering)), Phase::Buffering),
         };
         Self {
             service,
