@@ -20,8 +20,8 @@ use super::config::OutlierConfig;
 pub struct OutlierDetector {
     config: OutlierConfig,
     epoch: Instant,
-    /// Milliseconds since `epoch` of the next sweep (a lock-free "is a sweep due?").
-    next_sweep_ms: AtomicU64,
+    /// Nanoseconds since `epoch` of the next sweep (a lock-free "is a sweep due?").
+    next_sweep_ns: AtomicU64,
     total: AtomicUsize,
     ejected: AtomicUsize,
     ejections: AtomicU64,
@@ -99,17 +99,20 @@ fn clear(counter: &AtomicU32) {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+/// Nanoseconds as u64 (no division, unlike milliseconds: this is on the pick path).
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
 }
 
 impl OutlierDetector {
     /// A detector with `config`; the first sweep is one `interval` from now.
     pub fn new(config: OutlierConfig) -> Self {
         let epoch = Instant::now();
-        let interval = config.interval.max(Duration::from_millis(1));
+        let interval = config.interval.max(Duration::from_nanos(1));
         Self {
-            next_sweep_ms: AtomicU64::new(millis(interval)),
+            next_sweep_ns: AtomicU64::new(nanos(interval)),
             registry: Mutex::new(Registry {
                 hosts: Vec::new(),
                 next_sweep: epoch + interval,
@@ -236,8 +239,8 @@ impl OutlierDetector {
                 now.saturating_duration_since(reg.next_sweep).as_nanos() / interval.as_nanos();
             reg.next_sweep +=
                 interval.saturating_mul(u32::try_from(behind + 1).unwrap_or(u32::MAX));
-            self.next_sweep_ms.store(
-                millis(reg.next_sweep.saturating_duration_since(self.epoch)),
+            self.next_sweep_ns.store(
+                nanos(reg.next_sweep.saturating_duration_since(self.epoch)),
                 Ordering::Release,
             );
         }
@@ -268,8 +271,8 @@ impl OutlierDetector {
 
     /// Runs every interval sweep that fell due up to `now` (DR-34, DR-35). Cheap when none is due.
     pub fn sweep_if_due(&self, now: Instant) {
-        let now_ms = millis(now.saturating_duration_since(self.epoch));
-        if now_ms < self.next_sweep_ms.load(Ordering::Acquire) {
+        let now_ns = nanos(now.saturating_duration_since(self.epoch));
+        if now_ns < self.next_sweep_ns.load(Ordering::Acquire) {
             return;
         }
         let mut reg = lock(&self.registry);
@@ -286,8 +289,8 @@ impl OutlierDetector {
             }
         }
         reg.next_sweep = at;
-        self.next_sweep_ms.store(
-            millis(at.saturating_duration_since(self.epoch)),
+        self.next_sweep_ns.store(
+            nanos(at.saturating_duration_since(self.epoch)),
             Ordering::Release,
         );
     }
