@@ -357,3 +357,36 @@ async fn ten_endpoints_with_default_cap_eject_exactly_one() {
         "50 % of 3 hosts is 1"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn least_request_with_equal_loads_is_uniform_chi_square() {
+    let (b, _, _) = scripted(LbPolicy::LeastRequest, None);
+    b.update(endpoints(4));
+    let mut counts: HashMap<SocketAddr, f64> = HashMap::new();
+    for _ in 0..4000 {
+        *counts.entry(hit(&b).await.unwrap()).or_default() += 1.0;
+    }
+    let expected = 1000.0;
+    let chi2: f64 = counts
+        .values()
+        .map(|c| (c - expected).powi(2) / expected)
+        .sum();
+    assert!(chi2 < 16.27, "chi-square {chi2}, counts {counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_stays_even_over_the_endpoints_left_after_an_ejection() {
+    let (b, script, _) = scripted(LbPolicy::RoundRobin, Some(eject_all_allowed()));
+    b.update(endpoints(4));
+    script.lock().unwrap().insert(addr(1), 503);
+    while !b.is_ejected(addr(1)) {
+        let _ = hit(&b).await;
+    }
+    script.lock().unwrap().clear();
+    let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+    for _ in 0..30 {
+        *counts.entry(hit(&b).await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|&c| c == 10), "{counts:?}");
+}
