@@ -311,8 +311,8 @@ where
                         req.extensions_mut()
                             .insert(PreviousHosts(this.tried.clone()));
                     }
-                    let now = Instant::now();
-                    let per_try_end = this.per_try.map(|p| now + p);
+                    // The clock is read only when a per-try timeout applies.
+                    let per_try_end = this.per_try.map(|p| Instant::now() + p);
                     if let Some(end) = per_try_end {
                         let clipped = this.deadline.map_or(end, |d| d.clip(end));
                         req.extensions_mut().insert(AttemptDeadline(clipped));
@@ -380,6 +380,11 @@ where
                             let mut rng =
                                 SmallRng::seed_from_u64(*this.seed ^ u64::from(*this.attempt));
                             let wait = this.policy.backoff.delay(*this.attempt, &mut rng);
+                            if wait.is_zero() && this.deadline.is_none() {
+                                // No wait drawn: retry at once.
+                                *this.phase = Phase::Dispatch;
+                                continue;
+                            }
                             let end = Instant::now() + wait;
                             let (at, kind) = match this.deadline {
                                 Some(d) if d.at <= end => (d.at, Timer::Deadline),
