@@ -606,5 +606,40 @@ mod tests {
                 prop_assert_eq!(flagged, d.ejected_count());
             }
         }
+
+        #[test]
+        fn bookkeeping_stays_consistent_through_ejections_and_sweeps(
+            ops in proptest::collection::vec((0usize..6, 0u8..3, 0u64..40), 0..300),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cfg = OutlierConfig {
+                    consecutive_5xx_errors: 2,
+                    max_ejection_percent: 50,
+                    ..OutlierConfig::default()
+                };
+                let (d, hosts) = detector(cfg, 6);
+                for (i, op, secs) in ops {
+                    match op {
+                        0 => { d.record(&hosts[i], &resp(503)); }
+                        1 => { d.record(&hosts[i], &resp(200)); }
+                        _ => {
+                            tokio::time::advance(Duration::from_secs(secs)).await;
+                            d.sweep_if_due(Instant::now());
+                        }
+                    }
+                    let ejected = hosts.iter().filter(|h| h.is_ejected()).count();
+                    prop_assert_eq!(ejected, d.ejected_count());
+                    prop_assert!(ejected <= 3);
+                    let decaying = hosts.iter().any(|h| h.ejection_multiplier() > 0);
+                    prop_assert_eq!(d.is_active(), decaying);
+                }
+                Ok(())
+            })?;
+        }
     }
 }
