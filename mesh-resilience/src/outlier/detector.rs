@@ -222,6 +222,11 @@ impl OutlierDetector {
     /// Ejects `host` at `now` unless it is ejected already or the cap forbids it (DR-36).
     fn eject(&self, host: &HostHealth, now: Instant) -> bool {
         let mut reg = lock(&self.registry);
+        if reg.next_sweep <= now {
+            // Sweeps run lazily: replay those that fell due before this ejection, so the
+            // host's state, the cap and the multiplier are those a timer would give.
+            self.sweep_locked(&mut reg, now);
+        }
         let h = &host.0;
         if h.ejected.load(Ordering::Acquire) {
             return false;
@@ -230,19 +235,6 @@ impl OutlierDetector {
         if !self.config.may_eject(self.ejected_count(), total) {
             self.overflows.fetch_add(1, Ordering::Relaxed);
             return false;
-        }
-        if self.active.load(Ordering::Acquire) == 0 && reg.next_sweep <= now {
-            // Sweeps were skipped while nothing was active (they would have been no-ops):
-            // move the schedule to the first sweep after now.
-            let interval = self.config.interval;
-            let behind =
-                now.saturating_duration_since(reg.next_sweep).as_nanos() / interval.as_nanos();
-            reg.next_sweep +=
-                interval.saturating_mul(u32::try_from(behind + 1).unwrap_or(u32::MAX));
-            self.next_sweep_ns.store(
-                nanos(reg.next_sweep.saturating_duration_since(self.epoch)),
-                Ordering::Release,
-            );
         }
         let mut e = lock(&h.ejection);
         if e.multiplier == 0 {
@@ -275,11 +267,15 @@ impl OutlierDetector {
         if now_ns < self.next_sweep_ns.load(Ordering::Acquire) {
             return;
         }
-        let mut reg = lock(&self.registry);
+        self.sweep_locked(&mut lock(&self.registry), now);
+    }
+
+    /// Runs every sweep due up to `now` with the registry locked.
+    fn sweep_locked(&self, reg: &mut Registry, now: Instant) {
         let interval = self.config.interval;
         let mut at = reg.next_sweep;
         while at <= now {
-            let quiet = self.sweep_at(&reg, at);
+            let quiet = self.sweep_at(reg, at);
             at += interval;
             if quiet && at <= now {
                 // Nothing is ejected and every multiplier is 0: later sweeps change nothing.
@@ -508,6 +504,28 @@ mod tests {
         d.sweep_if_due(Instant::now());
         assert_eq!(hosts[0].ejection_multiplier(), 0);
         assert!(!d.is_active());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_first_replays_the_sweeps_that_fell_due() {
+        let (d, hosts) = detector(all_ejectable(), 2);
+        fail(&d, &hosts[0], 5);
+        assert_eq!(hosts[0].ejection_multiplier(), 1);
+        // No sweep runs for 100 s: with a timer, the host came back at t=30 and its
+        // multiplier decayed at t=40, so these errors eject it anew for the base time.
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert!(hosts[0].is_ejected(), "nothing swept yet");
+        fail(&d, &hosts[0], 4);
+        assert!(d.record(&hosts[0], &Outcome::ConnectFailure));
+        assert_eq!(hosts[0].ejection_multiplier(), 1);
+        assert_eq!((d.ejected_count(), d.ejections_total()), (1, 2));
+        // Ejected at t=100 for 30 s: back at the sweep of t=130.
+        tokio::time::advance(Duration::from_secs(29)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(hosts[0].is_ejected());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(!hosts[0].is_ejected());
     }
 
     #[tokio::test(start_paused = true)]
