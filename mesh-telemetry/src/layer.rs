@@ -308,13 +308,14 @@ struct LayerShared {
 /// Records Istio metrics, latency, traces and access logs for the wrapped service.
 #[derive(Clone)]
 pub struct TelemetryLayer {
-    shared: Arc<LayerShared>,
+    // `None`: disabled, requests pass through untouched.
+    shared: Option<Arc<LayerShared>>,
 }
 
 impl std::fmt::Debug for TelemetryLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TelemetryLayer")
-            .field("kind", &self.shared.kind)
+            .field("kind", &self.shared.as_ref().map(|s| s.kind))
             .finish_non_exhaustive()
     }
 }
@@ -325,14 +326,20 @@ pub const DEFAULT_AUTHORITY_LIMIT: usize = 1024;
 impl TelemetryLayer {
     fn with(telemetry: &Telemetry, targets: Targets, kind: SpanKind) -> Self {
         Self {
-            shared: Arc::new(LayerShared {
+            shared: Some(Arc::new(LayerShared {
                 telemetry: telemetry.clone(),
                 targets,
                 kind,
                 seed: rand::rng().random(),
                 clones: AtomicU64::new(0),
-            }),
+            })),
         }
+    }
+
+    /// A layer that records nothing and leaves requests untouched (telemetry turned off):
+    /// no headers are added and nothing is allocated per request.
+    pub fn disabled() -> Self {
+        Self { shared: None }
     }
 
     /// Outbound side of one route to `service` (`reporter="source"`).
@@ -372,7 +379,9 @@ impl TelemetryLayer {
     /// Fixes the seed of the services' random number generators (ids, sampling).
     #[must_use]
     pub fn with_seed(self, seed: u64) -> Self {
-        let s = &self.shared;
+        let Some(s) = &self.shared else {
+            return self;
+        };
         let targets = match &s.targets {
             Targets::Fixed(t) => Targets::Fixed(t.clone()),
             Targets::ByAuthority(b) => Targets::ByAuthority(ByAuthority {
@@ -383,13 +392,13 @@ impl TelemetryLayer {
             }),
         };
         Self {
-            shared: Arc::new(LayerShared {
+            shared: Some(Arc::new(LayerShared {
                 telemetry: s.telemetry.clone(),
                 targets,
                 kind: s.kind,
                 seed,
                 clones: AtomicU64::new(0),
-            }),
+            })),
         }
     }
 }
@@ -405,15 +414,18 @@ impl<S> Layer<S> for TelemetryLayer {
 /// The service of [`TelemetryLayer`].
 pub struct TelemetryService<S> {
     inner: S,
-    shared: Arc<LayerShared>,
+    shared: Option<Arc<LayerShared>>,
     rng: SmallRng,
 }
 
 impl<S> TelemetryService<S> {
-    fn new(inner: S, shared: Arc<LayerShared>) -> Self {
-        // Each service gets its own stream: seed, then the clone counter.
-        let n = shared.clones.fetch_add(1, Ordering::Relaxed);
-        let rng = SmallRng::seed_from_u64(shared.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    fn new(inner: S, shared: Option<Arc<LayerShared>>) -> Self {
+        // Each service gets its own stream: the layer's seed mixed with a clone counter.
+        let seed = shared.as_ref().map_or(0, |s| {
+            let n = s.clones.fetch_add(1, Ordering::Relaxed);
+            s.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        let rng = SmallRng::seed_from_u64(seed);
         Self { inner, shared, rng }
     }
 }
@@ -594,10 +606,18 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let Some(shared) = &self.shared else {
+            // Disabled: pass through, nothing recorded, nothing allocated.
+            return ResponseFuture {
+                inner: self
+                    .inner
+                    .call(req.map(|inner| RequestBody { inner, bytes: None })),
+                pending: None,
+            };
+        };
         let start = Instant::now();
         let start_wall = SystemTime::now();
         let (mut parts, body) = req.into_parts();
-        let shared = &self.shared;
         let telemetry = &shared.telemetry.shared;
         // Wire size of what the downstream sent, before we add any header.
         let request_header_bytes = (parts.method.as_str().len()
@@ -652,7 +672,7 @@ where
             parts,
             RequestBody {
                 inner: body,
-                bytes: counter.clone(),
+                bytes: Some(counter.clone()),
             },
         );
         let pending = Pending {
@@ -688,7 +708,7 @@ where
 pub struct RequestBody<B> {
     #[pin]
     inner: B,
-    bytes: Arc<AtomicU64>,
+    bytes: Option<Arc<AtomicU64>>,
 }
 
 impl<B> RequestBody<B> {
@@ -710,9 +730,9 @@ impl<B: Body> Body for RequestBody<B> {
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(f)) = &frame
             && let Some(d) = f.data_ref()
+            && let Some(bytes) = this.bytes
         {
-            this.bytes
-                .fetch_add(d.remaining() as u64, Ordering::Relaxed);
+            bytes.fetch_add(d.remaining() as u64, Ordering::Relaxed);
         }
         Poll::Ready(frame)
     }
@@ -752,7 +772,7 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let Some(mut pending) = this.pending.take() else {
-            // Polled after completion: the inner future decides what that means.
+            // Disabled layer: the response passes through.
             return Poll::Ready(
                 result
                     .map(|r| r.map(ResponseBody::detached))

@@ -504,3 +504,18 @@ async fn destination_service_from_authority_cannot_inject_into_the_exposition() 
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn disabled_layer_passes_through_untouched() {
+    let svc = TelemetryLayer::disabled()
+        .with_seed(3)
+        .layer(tower::service_fn(|req: Req| async move {
+            assert!(req.headers().get("x-request-id").is_none());
+            assert!(req.headers().get("x-b3-traceid").is_none());
+            assert!(req.headers().get("traceparent").is_none());
+            let got = req.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, Infallible>(Response::new(body::full(got)))
+        }));
+    let res = svc.oneshot(get("/")).await.unwrap();
+    assert_eq!(body_bytes(res.into_body()).await, "hello");
+}
