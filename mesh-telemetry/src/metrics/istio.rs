@@ -763,6 +763,51 @@ mod tests {
     }
 
     #[test]
+    fn tcp_series_have_tcp_labels_and_unknown_defaults() {
+        let mut reg = Registry::default();
+        let m = IstioMetrics::register(&mut reg);
+        let tcp = m.tcp(
+            Reporter::Destination,
+            &Workload::new("db", "data"),
+            &Workload::unknown(),
+            &DestinationService::from_host("db.data.svc.cluster.local"),
+            ConnectionSecurity::MutualTls,
+        );
+        tcp.opened();
+        tcp.sent(100);
+        tcp.received(40);
+        tcp.closed();
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_sent_bytes_total{"))
+            .unwrap();
+        assert!(line.ends_with("} 100"), "{line}");
+        for label in [
+            "reporter=\"destination\"",
+            "request_protocol=\"tcp\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "source_workload=\"unknown\"",
+            "source_canonical_revision=\"latest\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_workload=\"db\"",
+            "destination_service_namespace=\"data\"",
+            "response_flags=\"-\"",
+        ] {
+            assert!(line.contains(label), "{label} in {line}");
+        }
+        assert!(!line.contains("response_code"));
+        for l in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            assert!(out.lines().any(|x| x.starts_with(l)), "{l}");
+        }
+    }
+
+    #[test]
     fn series_are_bounded_per_handle() {
         let mut reg = Registry::default();
         let m = IstioMetrics::register(&mut reg).with_series_limit(3);
