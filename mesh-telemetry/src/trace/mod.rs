@@ -22,6 +22,7 @@
 
 pub mod b3;
 pub mod export;
+pub mod forward;
 pub mod w3c;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -297,7 +298,8 @@ pub fn new_request_id<R: Rng + ?Sized>(rng: &mut R) -> HeaderValue {
 }
 
 /// Forwards the trace headers of an incoming request onto an outgoing one: the
-/// application-side "interceptor" that keeps a trace connected across a service.
+/// application-side "interceptor" that keeps a trace connected across a service (see
+/// [`forward`] for the same as a pair of layers).
 ///
 /// Copies `x-request-id`, the `x-b3-*` headers, `b3`, `traceparent`, `tracestate` and
 /// `x-ot-span-context` (the headers Istio asks applications to propagate).
