@@ -9,9 +9,10 @@
 //! When the response head arrives, its status, `grpc-status`, the [`ResponseFlags`] that
 //! inner layers left in the response extensions and the [`UpstreamHost`] are noted, and
 //! the response body is wrapped. When that body ends (or trailers arrive, or it errors,
-//! or the client goes away: flag `DC`), one record is written: Istio metrics through the
-//! target's pre-resolved [`MetricsHandle`], the HdrHistogram of the destination, the
-//! access log and, if sampled, a span to the export queue. None of these waits.
+//! or the client goes away: flag `DC`, and `response_code="0"` when that happens before the
+//! response head), one record is written: Istio metrics through the target's pre-resolved
+//! [`MetricsHandle`], the HdrHistogram of the destination, the access log and, if sampled,
+//! a span to the export queue. None of these waits.
 //!
 //! An error from the inner service is classified once ([`crate::classify_error`] over
 //! mesh-core's [`mesh_core::Outcome`]): the record carries the status the proxy will answer
@@ -747,7 +748,7 @@ impl<B: Body> Body for RequestBody<B> {
 }
 
 /// The future of [`TelemetryService`].
-#[pin_project]
+#[pin_project(PinnedDrop)]
 pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
@@ -811,6 +812,19 @@ where
                 pending.finish(0);
                 Poll::Ready(Err(e))
             }
+        }
+    }
+}
+
+#[pinned_drop]
+impl<F> PinnedDrop for ResponseFuture<F> {
+    fn drop(self: Pin<&mut Self>) {
+        // Dropped before the response head: the downstream went away while we waited.
+        // Envoy records such requests with `response_code="0"` and `DC` (TM-04).
+        if let Some(mut p) = self.project().pending.take() {
+            p.status = 0;
+            p.flags |= ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
+            p.finish(0);
         }
     }
 }
