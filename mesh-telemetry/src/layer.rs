@@ -464,6 +464,7 @@ fn header_block_len(headers: &HeaderMap) -> u64 {
 
 /// What the access log and the span need from the request (captured only when used).
 struct Captured {
+    start_wall: SystemTime,
     method: http::Method,
     path: String,
     version: http::Version,
@@ -476,7 +477,6 @@ struct Pending {
     layer: Arc<LayerShared>,
     target: Target,
     start: Instant,
-    start_wall: SystemTime,
     hop: HopContext,
     request_id: HeaderValue,
     grpc: bool,
@@ -523,7 +523,7 @@ impl Pending {
         };
         if let Some(log) = &telemetry.access_log {
             log.log(&AccessEntry {
-                start: self.start_wall,
+                start: c.start_wall,
                 method: c.method.clone(),
                 path: c.path.clone(),
                 protocol: c.version,
@@ -582,7 +582,7 @@ impl Pending {
                 parent_span_id: self.hop.parent_span_id,
                 name: format!("{host}/*"),
                 kind: self.layer.kind,
-                start: self.start_wall,
+                start: c.start_wall,
                 duration: elapsed,
                 attributes,
                 error: self.status >= 500 || self.status == 0,
@@ -617,7 +617,6 @@ where
             };
         };
         let start = Instant::now();
-        let start_wall = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         let telemetry = &shared.telemetry.shared;
         // Wire size of what the downstream sent, before we add any header.
@@ -651,6 +650,8 @@ where
         .then(|| {
             let get = |n: &str| parts.headers.get(n).cloned();
             Box::new(Captured {
+                // Wall time only for the log line and the span; durations use `start`.
+                start_wall: SystemTime::now(),
                 method: parts.method.clone(),
                 path: path.to_owned(),
                 version: parts.version,
@@ -680,7 +681,6 @@ where
             layer: shared.clone(),
             target,
             start,
-            start_wall,
             hop,
             request_id,
             grpc,

@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
 
 /// `x-b3-traceid`.
 pub static TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -40,15 +40,15 @@ fn span_id(s: &[u8]) -> Option<u64> {
 }
 
 /// Extracts the multi-header form; `None` when no `x-b3-*` header is present.
-pub fn extract_multi(headers: &HeaderMap) -> Option<Incoming> {
-    let sampled = headers.get(&SAMPLED).map(|v| match v.as_bytes() {
+pub fn extract_multi<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
+    let sampled = headers.value(&SAMPLED).map(|v| match v.as_bytes() {
         b"1" | b"true" => Some(true),
         b"0" | b"false" => Some(false),
         _ => None,
     });
-    let debug = headers.get(&FLAGS).is_some_and(|v| v.as_bytes() == b"1");
-    let tid = headers.get(&TRACE_ID);
-    let sid = headers.get(&SPAN_ID);
+    let debug = headers.value(&FLAGS).is_some_and(|v| v.as_bytes() == b"1");
+    let tid = headers.value(&TRACE_ID);
+    let sid = headers.value(&SPAN_ID);
     if tid.is_none() && sid.is_none() && sampled.is_none() && !debug {
         return None;
     }
@@ -69,8 +69,8 @@ pub fn extract_multi(headers: &HeaderMap) -> Option<Incoming> {
 }
 
 /// Extracts the single `b3` header; `None` when absent or malformed.
-pub fn extract_single(headers: &HeaderMap) -> Option<Incoming> {
-    let v = headers.get(&SINGLE)?.as_bytes();
+pub fn extract_single<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
+    let v = headers.value(&SINGLE)?.as_bytes();
     let state = |s: &[u8]| match s {
         b"1" => Some((Some(true), false)),
         b"0" => Some((Some(false), false)),
