@@ -637,6 +637,48 @@ impl Series {
     }
 }
 
+/// A multiply-rotate hasher for the small, bounded series cache: SipHash's flood
+/// resistance buys nothing for at most `series_limit` keys and costs most of a lookup.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.add(u64::from(*b));
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.add(u64::from(v));
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.add(u64::from(v));
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.add(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.add(v as u64);
+    }
+    fn write_isize(&mut self, v: isize) {
+        self.add(v as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     code: u16,
@@ -652,8 +694,8 @@ struct HandleInner {
     metrics: IstioMetrics,
     reporter: Reporter,
     base: HttpLabels,
-    cache: RwLock<HashMap<Key, Series>>,
-    peers: RwLock<HashMap<Identity, u32>>,
+    cache: RwLock<KeyMap<Series>>,
+    peers: RwLock<HashMap<Identity, u32, std::hash::BuildHasherDefault<KeyHasher>>>,
     overflow: OnceLock<Series>,
 }
 

@@ -117,6 +117,9 @@ pub struct Incoming {
     pub debug: bool,
     /// W3C `tracestate`, propagated unchanged.
     pub tracestate: Option<HeaderValue>,
+    /// The incoming `x-b3-traceid` and `x-b3-spanid` values when already canonical
+    /// (lower-hex): injection reuses them instead of encoding and allocating again.
+    pub b3_values: Option<(HeaderValue, HeaderValue)>,
 }
 
 /// The span of this hop: what is injected downstream and exported.
@@ -136,6 +139,8 @@ pub struct HopContext {
     pub debug: bool,
     /// W3C `tracestate`.
     pub tracestate: Option<HeaderValue>,
+    /// The incoming trace id and parent span id as canonical B3 header values, if any.
+    pub b3_values: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl HopContext {
@@ -266,6 +271,7 @@ pub fn next_hop<R: Rng + ?Sized>(incoming: Incoming, sampler: &Sampler, rng: &mu
             sampled,
             debug: incoming.debug,
             tracestate: incoming.tracestate,
+            b3_values: incoming.b3_values,
         },
         None => {
             let trace_id = (u128::from(nonzero_u64(rng)) << 64) | u128::from(rng.random::<u64>());
@@ -277,6 +283,7 @@ pub fn next_hop<R: Rng + ?Sized>(incoming: Incoming, sampler: &Sampler, rng: &mu
                 sampled,
                 debug: incoming.debug,
                 tracestate: None,
+                b3_values: None,
             }
         }
     }
@@ -533,6 +540,18 @@ mod tests {
             &h["traceparent"].to_str().unwrap()[..35],
             "00-000000000000000048485a3953bb6124"
         );
+    }
+
+    #[test]
+    fn upper_case_b3_ids_are_forwarded_in_lower_case() {
+        let mut rng = SmallRng::seed_from_u64(12);
+        let mut h = headers(&[
+            ("x-b3-traceid", "463AC35C9F6413AD48485A3953BB6124"),
+            ("x-b3-spanid", "A2FB4A1D1A96D312"),
+        ]);
+        Propagator::default().propagate(&mut h, &mut rng);
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
     }
 
     #[test]

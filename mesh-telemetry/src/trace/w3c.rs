@@ -36,6 +36,7 @@ pub fn extract<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
         sampled: Some(flags & 1 == 1),
         debug: false,
         tracestate: headers.value(&TRACESTATE).cloned(),
+        b3_values: None,
     })
 }
 
