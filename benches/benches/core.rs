@@ -10,7 +10,9 @@ fn identity(c: &mut Criterion) {
         b.iter(|| Identity::parse(black_box(s)))
     });
     let id = Identity::parse(s).expect("valid id");
-    c.bench_function("identity/namespace", |b| b.iter(|| black_box(&id).namespace()));
+    c.bench_function("identity/namespace", |b| {
+        b.iter(|| black_box(&id).namespace())
+    });
 }
 
 fn outcome(c: &mut Criterion) {
