@@ -238,6 +238,8 @@ where
                     tracing::debug!(error = %e, "upgraded connection ended");
                 }
             });
+        } else {
+            strip_hop_by_hop(res.headers_mut());
         }
         res.extensions_mut().insert(UpstreamHost(address));
         Ok(res.map(body::boxed))
@@ -262,6 +264,7 @@ impl Service<Request<BoxBody>> for Upstream {
         let fut = self.client.request(req);
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
+            strip_hop_by_hop(res.headers_mut());
             res.extensions_mut().insert(UpstreamHost(address));
             Ok(res.map(body::boxed))
         })
@@ -550,7 +553,8 @@ impl Service<Request<BoxBody>> for Outbound {
                 absolute(&mut req, &host);
                 let fut = self.passthrough.request(req);
                 Box::pin(async move {
-                    let res = fut.await.map_err(upstream_error)?;
+                    let mut res = fut.await.map_err(upstream_error)?;
+                    strip_hop_by_hop(res.headers_mut());
                     Ok(res.map(body::boxed))
                 })
             }
@@ -607,6 +611,7 @@ impl Service<Request<BoxBody>> for AppClient {
         let fut = self.client.request(req);
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
+            strip_hop_by_hop(res.headers_mut());
             res.extensions_mut().insert(UpstreamHost(app));
             Ok(res.map(body::boxed))
         })

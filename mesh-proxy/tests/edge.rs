@@ -266,3 +266,55 @@ async fn websocket_upgrade_is_tunnelled_through_both_sidecars() {
         assert_eq!(buf, msg);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_answered_with_200_stays_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("plain")).await;
+    let (pp, op) = (Ports::new(), Ports::new());
+    let se = service_entry("chat-service", 80, &[(pp.inbound, "v1", "chat-service")]);
+    let config = world.write_config("istio", "mesh.yaml", &se);
+    let s = sidecar_settings(
+        &world,
+        "chat-service",
+        &labels(&[("app", "chat-service")]),
+        &config,
+        pp,
+        app.addr,
+        "",
+    );
+    let _chat = Proxy::start(&world, "sidecar", "chat-service", &s, pp).await;
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        op,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(order.outbound())
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: chat-service\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\
+          GET /again HTTP/1.1\r\nHost: chat-service\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut all = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_to_string(&mut all),
+    )
+    .await
+    .expect("both answers")
+    .unwrap();
+    // Two ordinary HTTP responses on one connection: no tunnel was set up.
+    assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 2, "{all}");
+    assert_eq!(all.matches("plain").count(), 2, "{all}");
+    assert_eq!(app.hits(), 2);
+}
