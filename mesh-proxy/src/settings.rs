@@ -342,6 +342,19 @@ fn locate(text: &str, path: &str) -> Option<(u64, u64)> {
     Some((line, col))
 }
 
+/// The parser's message without its own location prefix and source snippet (the
+/// position is printed once, in front).
+fn parse_message(full: &str) -> String {
+    let first = full.lines().next().unwrap_or(full);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.split_once(": ") {
+        Some((loc, rest)) if loc.starts_with("line ") && loc.contains(" column ") => {
+            rest.to_owned()
+        }
+        _ => first.to_owned(),
+    }
+}
+
 impl Settings {
     /// Reads and validates the settings file at `path`.
     pub fn load(path: &Path) -> Result<Self, Vec<SettingsError>> {
@@ -366,7 +379,7 @@ impl Settings {
                 file: file.to_path_buf(),
                 position: e.location().map(|l| (l.line(), l.column())),
                 path: None,
-                message: e.to_string(),
+                message: parse_message(&e.to_string()),
             }]
         })?;
         let errors: Vec<SettingsError> = s
@@ -530,8 +543,10 @@ mod tests {
         let errs = Settings::from_yaml("s.yaml", text).unwrap_err();
         assert_eq!(errs.len(), 1);
         let shown = errs[0].to_string();
-        assert!(shown.starts_with("s.yaml:6:"), "{shown}");
-        assert!(shown.contains("outbund"), "{shown}");
+        assert_eq!(
+            shown,
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin"
+        );
     }
 
     #[test]
