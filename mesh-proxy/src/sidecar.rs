@@ -69,6 +69,7 @@ impl Sidecar {
             peer_auth: peer_auth.clone(),
             active: active.clone(),
             metrics: common.telemetry.metrics().proxy().clone(),
+            on_swap: Arc::default(),
         };
         let mut keep = common.keep;
         let mut background = Vec::new();

@@ -50,6 +50,34 @@ fn credentials(world: &World) -> (std::path::PathBuf, std::path::PathBuf) {
     (dir, ca_file)
 }
 
+/// Replaces `credentials/api-tls-cert` with a certificate from a new CA, file by file
+/// through renames as a Secret update would; returns the new CA's PEM file.
+fn rotate_credentials(world: &World, creds: &std::path::Path) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edge test CA 2");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["api.example.com".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "api.example.com");
+    let leaf = leaf.signed_by(&key, &issuer).unwrap();
+    let dir = creds.join("api-tls-cert");
+    for (name, text) in [("tls.key", key.serialize_pem()), ("tls.crt", leaf.pem())] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+    let ca_file = world.path("edge-ca-2.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    ca_file
+}
+
 const GATEWAY: &str = "apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata:
@@ -225,4 +253,27 @@ async fn gateway_routes_by_sni_host_and_path_and_redirects_http() {
     assert_ne!(code, 0, "no client certificate was accepted: {out}");
     assert_eq!(order_app.hits(), 2);
     assert_eq!(payment_app.hits(), 1);
+
+    // The credential files are replaced: new handshakes present the new certificate.
+    let new_ca = rotate_credentials(&world, &creds);
+    let new_ca = new_ca.display().to_string();
+    let resolve = format!("api.example.com:{https}:127.0.0.1");
+    let url = format!("https://api.example.com:{https}/api/v1/orders");
+    let mut rotated = false;
+    for _ in 0..200 {
+        let (code, out, _) = curl(&["--cacert", &new_ca, "--resolve", &resolve, &url]).await;
+        if code == 0 {
+            assert_eq!(out, "orders");
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(
+        rotated,
+        "the new credential was not served:\n{}",
+        gw.output()
+    );
+    let (code, _, _) = curl(&["--cacert", &cacert, "--resolve", &resolve, &url]).await;
+    assert_eq!(code, 60, "the old certificate is no longer served");
 }
