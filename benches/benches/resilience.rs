@@ -174,6 +174,19 @@ fn p2c(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("resilience/balance_100_endpoints_10_ejected");
     g.bench_function("p2c_pick", |b| b.iter(|| black_box(balance.choose(None))));
+    g.bench_function("clock_read", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()))
+    });
+    let mut plain = Balance::new(LbPolicy::LeastRequest, None, |_ep: &Endpoint| {
+        service_fn(|_req: http::Request<()>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+        })
+    })
+    .with_rng_seed(3);
+    plain.update((0..100).map(|i| Endpoint::new(addr(i))));
+    g.bench_function("p2c_pick_without_outlier_detection", |b| {
+        b.iter(|| black_box(plain.choose(None)))
+    });
     g.bench_function("p2c_call", |b| {
         b.iter(|| black_box(now(balance.call(http::Request::new(()))).expect("ok")))
     });

@@ -9,9 +9,9 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::{ConnectionSecurity, Identity, ResponseFlags};
-use mesh_telemetry::trace::Propagator;
+use mesh_telemetry::trace::{Formats, Propagator};
 use mesh_telemetry::{
-    DestinationService, LatencyStats, MetricsRegistry, RequestBody, RequestFacts, Reporter,
+    DestinationService, LatencyStats, MetricsRegistry, Reporter, RequestBody, RequestFacts,
     Telemetry, TelemetryLayer, Workload,
 };
 use rand::SeedableRng;
@@ -23,7 +23,9 @@ fn workloads() -> (Workload, Workload, DestinationService) {
     (
         Workload::new("productpage-v1", "default")
             .with_version("v1")
-            .with_principal(id("spiffe://cluster.local/ns/default/sa/bookinfo-productpage")),
+            .with_principal(id(
+                "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+            )),
         Workload::new("reviews-v2", "default")
             .with_version("v2")
             .with_principal(id("spiffe://cluster.local/ns/default/sa/bookinfo-reviews")),
@@ -38,10 +40,19 @@ fn metrics(c: &mut Criterion) {
     let facts = RequestFacts::default();
     out.record(&facts, 1.0, 1, 1);
     c.bench_function("telemetry/metrics/record_outbound_pre_resolved", |b| {
-        b.iter(|| out.record(black_box(&facts), black_box(12.5), black_box(310), black_box(820)))
+        b.iter(|| {
+            out.record(
+                black_box(&facts),
+                black_box(12.5),
+                black_box(310),
+                black_box(820),
+            )
+        })
     });
 
-    let inbound = reg.istio().handle(Reporter::Destination, &local, &peer, &svc);
+    let inbound = reg
+        .istio()
+        .handle(Reporter::Destination, &local, &peer, &svc);
     let caller = Identity::parse("spiffe://cluster.local/ns/frontend/sa/web").expect("id");
     let facts = RequestFacts {
         response_code: 503,
@@ -52,7 +63,14 @@ fn metrics(c: &mut Criterion) {
     };
     inbound.record(&facts, 1.0, 1, 1);
     c.bench_function("telemetry/metrics/record_inbound_with_peer_identity", |b| {
-        b.iter(|| inbound.record(black_box(&facts), black_box(12.5), black_box(310), black_box(820)))
+        b.iter(|| {
+            inbound.record(
+                black_box(&facts),
+                black_box(12.5),
+                black_box(310),
+                black_box(820),
+            )
+        })
     });
 
     for _ in 0..64 {
@@ -74,9 +92,10 @@ fn histograms(c: &mut Criterion) {
     let handle = reg.istio().handle(Reporter::Source, &local, &peer, &svc);
     handle.with_series(&RequestFacts::default(), |series| {
         let series = series.clone();
-        c.bench_function("telemetry/metrics/series_record_counter_and_3_histograms", |b| {
-            b.iter(|| series.record(black_box(12.5), black_box(310), black_box(820)))
-        });
+        c.bench_function(
+            "telemetry/metrics/series_record_counter_and_3_histograms",
+            |b| b.iter(|| series.record(black_box(12.5), black_box(310), black_box(820))),
+        );
     });
 }
 
@@ -106,7 +125,10 @@ fn propagation(c: &mut Criterion) {
         (
             "b3_single",
             headers(&[
-                ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"),
+                (
+                    "b3",
+                    "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+                ),
                 ("host", "reviews:9080"),
                 ("user-agent", "curl/8.5.0"),
             ]),
@@ -114,12 +136,18 @@ fn propagation(c: &mut Criterion) {
         (
             "w3c",
             headers(&[
-                ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
                 ("host", "reviews:9080"),
                 ("user-agent", "curl/8.5.0"),
             ]),
         ),
-        ("none", headers(&[("host", "reviews:9080"), ("user-agent", "curl/8.5.0")])),
+        (
+            "none",
+            headers(&[("host", "reviews:9080"), ("user-agent", "curl/8.5.0")]),
+        ),
     ];
     for (name, incoming) in cases {
         c.bench_function(&format!("telemetry/trace/extract_and_inject_{name}"), |b| {
@@ -130,11 +158,32 @@ fn propagation(c: &mut Criterion) {
             )
         });
     }
+    // Istio's Zipkin setup: B3 multi-header only.
+    let b3_only = Propagator {
+        formats: Formats {
+            b3_multi: true,
+            b3_single: false,
+            w3c: false,
+        },
+        ..Propagator::default()
+    };
     let incoming = headers(&[
         ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
         ("x-b3-spanid", "a2fb4a1d1a96d312"),
         ("x-b3-sampled", "1"),
+        ("host", "reviews:9080"),
+        ("user-agent", "curl/8.5.0"),
     ]);
+    c.bench_function(
+        "telemetry/trace/extract_and_inject_b3_multi_only_b3_out",
+        |b| {
+            b.iter_batched_ref(
+                || incoming.clone(),
+                |h| black_box(b3_only.propagate(h, &mut rng)),
+                BatchSize::SmallInput,
+            )
+        },
+    );
     c.bench_function("telemetry/trace/extract_only_b3_multi", |b| {
         b.iter(|| black_box(mesh_telemetry::trace::extract(black_box(&incoming))))
     });
@@ -150,7 +199,9 @@ fn layer(c: &mut Criterion) {
     let inner = tower::service_fn(|_req: Request<RequestBody<BoxBody>>| async {
         Ok::<_, Infallible>(Response::new(body::full("ok")))
     });
-    let with = TelemetryLayer::outbound(&t, svc, peer).with_seed(1).layer(inner);
+    let with = TelemetryLayer::outbound(&t, svc, peer)
+        .with_seed(1)
+        .layer(inner);
     c.bench_function("telemetry/layer/request_through_layer", |b| {
         b.to_async(&rt).iter(|| {
             let svc = with.clone();
@@ -160,7 +211,9 @@ fn layer(c: &mut Criterion) {
                     .body(body::empty())
                     .expect("request");
                 let res = svc.oneshot(req).await.expect("response");
-                http_body_util::BodyExt::collect(res.into_body()).await.expect("body");
+                http_body_util::BodyExt::collect(res.into_body())
+                    .await
+                    .expect("body");
             }
         })
     });
@@ -174,7 +227,9 @@ fn layer(c: &mut Criterion) {
                 .body(body::empty())
                 .expect("request");
             let res = inner.oneshot(req).await.expect("response");
-            http_body_util::BodyExt::collect(res.into_body()).await.expect("body");
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body");
         })
     });
 }

@@ -172,7 +172,14 @@ fuzz_target!(|input: Input| {
     let allowed = allow.evaluate(&attrs);
     let denied = deny.evaluate(&attrs);
     if allowed.allowed && allowed.policy.is_some() {
-        assert!(!denied.allowed, "ALLOW matched but DENY with the same rules did not");
+        assert!(
+            !denied.allowed,
+            "ALLOW matched but DENY with the same rules did not"
+        );
     }
-    assert_eq!(allow.evaluate(&attrs), allowed, "decisions are deterministic");
+    assert_eq!(
+        allow.evaluate(&attrs),
+        allowed,
+        "decisions are deterministic"
+    );
 });

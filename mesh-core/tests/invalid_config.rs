@@ -1093,6 +1093,50 @@ spec:
             "bad.yaml:10:7: error: document 1, DestinationRule/prod/r, spec.trafficPolicy.tls.privateKey: MUTUAL needs privateKey (or credentialName)",
         ],
     },
+    Case {
+        name: "authority_rewritten_twice_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: r
+  namespace: prod
+spec:
+  hosts: [r]
+  http:
+  - rewrite:
+      authority: a.example.com
+    headers:
+      request:
+        set: {host: b.example.com}
+    route:
+    - destination: {host: r}
+"##,
+        errors: &[
+            "bad.yaml:13:15: error: document 1, VirtualService/prod/r, spec.http[0].headers.request.set.host: the authority is already rewritten at spec.http[0].rewrite.authority; rewrite it in one place only",
+        ],
+    },
+    Case {
+        name: "empty_header_prefix_and_empty_authority_exact_are_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: r
+  namespace: prod
+spec:
+  hosts: [r]
+  http:
+  - match:
+    - headers:
+        x-user: {prefix: ""}
+      authority: {exact: ""}
+    route:
+    - destination: {host: r}
+"##,
+        errors: &[
+            "bad.yaml:12:26: error: document 1, VirtualService/prod/r, spec.http[0].match[0].authority.exact: authority: an empty exact match never matches; give a value or remove the match",
+            "bad.yaml:11:26: error: document 1, VirtualService/prod/r, spec.http[0].match[0].headers[\"x-user\"].prefix: headers: an empty prefix is not allowed; use `{}` to match any value",
+        ],
+    },
 ];
 
 #[test]

@@ -182,6 +182,9 @@ fn peer_authentications_are_ordered_oldest_first_with_load_order_as_tiebreak() {
         pa("older", Some("2023-01-01T00:00:00Z")),
         pa("no-time-2", None),
         pa("older-twin", Some("2023-01-01T00:00:00Z")),
+        // 2022-12-31T23:00:00Z: older than all, although its text sorts later.
+        pa("oldest-by-offset", Some("2023-01-01T02:00:00+03:00")),
+        pa("fraction-later", Some("2023-01-01T00:00:00.5Z")),
     ]
     .concat();
     let (config, report) = load(&yaml);
@@ -192,23 +195,31 @@ fn peer_authentications_are_ordered_oldest_first_with_load_order_as_tiebreak() {
         .collect();
     assert_eq!(
         order,
-        ["older", "older-twin", "newer", "no-time-1", "no-time-2"]
+        [
+            "oldest-by-offset",
+            "older",
+            "older-twin",
+            "fraction-later",
+            "newer",
+            "no-time-1",
+            "no-time-2"
+        ]
     );
-    // Four of the five namespace-wide policies are ignored, and each says so.
+    // Six of the seven namespace-wide policies are ignored, and each says so.
     let ignored: Vec<&str> = report
         .warnings()
         .filter(|w| {
             w.message
-                .contains("only the oldest (PeerAuthentication/prod/older) applies")
+                .contains("only the oldest (PeerAuthentication/prod/oldest-by-offset) applies")
         })
         .map(|w| w.resource.as_deref().unwrap())
         .collect();
-    assert_eq!(ignored.len(), 4, "{ignored:?}");
+    assert_eq!(ignored.len(), 6, "{ignored:?}");
     assert_eq!(
         config
             .peer_authentications_for("prod", &Labels::new())
             .len(),
-        5
+        7
     );
 }
 
@@ -431,4 +442,35 @@ spec:
         "vs.yaml:7:5: error: document 1, VirtualService/prod/r, spec.http[0].retries: example: retries are required here"
     );
     assert!(report.error_at(1, "spec", "no such resource").is_none());
+}
+
+#[test]
+fn a_kubernetes_configmap_mount_loads_each_file_once() {
+    // kubelet's layout: files are symlinks through `..data` to a timestamped directory.
+    let root = std::env::temp_dir().join(format!("mesh-config-mount-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let stamped = root.join("..2026_01_01_00_00_00.000000001");
+    std::fs::create_dir_all(&stamped).unwrap();
+    std::fs::write(
+        stamped.join("peer-authentication.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: prod}\nspec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_01_01_00_00_00.000000001", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink(
+        "..data/peer-authentication.yaml",
+        root.join("peer-authentication.yaml"),
+    )
+    .unwrap();
+
+    let report = load_paths(&[&root], &LoadOptions::default());
+    assert!(report.diagnostics.is_empty(), "{:?}", report.diagnostics);
+    assert_eq!(report.resources.len(), 1);
+    assert!(
+        report.resources[0]
+            .origin()
+            .file
+            .ends_with("peer-authentication.yaml")
+    );
+    std::fs::remove_dir_all(&root).unwrap();
 }

@@ -21,7 +21,9 @@
 //!
 //! # Choices that differ from Istio
 //!
-//! The Gateway's servers are read at start; a reload updates routes, not listeners.
+//! Listening ports are fixed at start: a reload updates routes, server hosts, TLS modes
+//! and credentials (also when the credential files change), but a new port needs a
+//! restart.
 //! `PASSTHROUGH`, `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and `OPTIONAL_MUTUAL` are refused
 //! at start. The credential lookup is not scoped by namespace: the directory is the
 //! scope (one directory per gateway).
@@ -37,7 +39,7 @@ use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use mesh_core::body::BoxBody;
-use mesh_core::config::{Server, ServerTlsMode};
+use mesh_core::config::{MeshConfig, Server, ServerTlsMode};
 use mesh_core::error::BoxError;
 use mesh_core::extensions::ConnectionSecurity;
 use mesh_routing::{Listener, Router, RouterHandle};
@@ -139,7 +141,7 @@ fn credential_config(
 #[derive(Clone)]
 struct GatewayRoutes {
     router: Router<DestService>,
-    redirect_hosts: Arc<Vec<String>>,
+    redirect_hosts: Arc<ArcSwap<Vec<String>>>,
 }
 
 impl Service<Request<BoxBody>> for GatewayRoutes {
@@ -156,7 +158,7 @@ impl Service<Request<BoxBody>> for GatewayRoutes {
             return Box::pin(async move { Err(Box::new(e) as BoxError) });
         }
         let host = request_host(&req).unwrap_or_default();
-        if self.redirect_hosts.iter().any(|p| covers(p, &host)) {
+        if self.redirect_hosts.load().iter().any(|p| covers(p, &host)) {
             let pq = req
                 .uri()
                 .path_and_query()
@@ -166,6 +168,155 @@ impl Service<Request<BoxBody>> for GatewayRoutes {
         }
         Box::pin(self.router.call(req))
     }
+}
+
+/// What one port serves: HTTPS servers (selected by SNI) or plain HTTP with the hosts
+/// that are redirected to HTTPS.
+struct PortPlan {
+    tls: Vec<TlsServer>,
+    redirect: Vec<String>,
+}
+
+/// The swappable state of one listening port.
+#[derive(Clone)]
+struct PortState {
+    tls: Arc<ArcSwap<Vec<TlsServer>>>,
+    redirect: Arc<ArcSwap<Vec<String>>>,
+}
+
+/// Builds the per-port plan of a Gateway resource, loading its credentials.
+fn plan(
+    resource: &mesh_core::config::Gateway,
+    credentials: &Path,
+) -> Result<BTreeMap<u16, PortPlan>, StartError> {
+    let gw = format!(
+        "Gateway {}/{}",
+        resource.metadata.namespace, resource.metadata.name
+    );
+    let mut by_port: BTreeMap<u16, Vec<&Server>> = BTreeMap::new();
+    for server in &resource.spec.servers {
+        if let Some(port) = server
+            .port
+            .as_ref()
+            .and_then(|p| u16::try_from(p.number).ok())
+        {
+            by_port.entry(port).or_default().push(server);
+        }
+    }
+    let mut plans = BTreeMap::new();
+    for (port, servers) in by_port {
+        let mut plan = PortPlan {
+            tls: Vec::new(),
+            redirect: Vec::new(),
+        };
+        for s in servers {
+            let protocol = s
+                .port
+                .as_ref()
+                .map(|p| p.protocol.to_ascii_uppercase())
+                .unwrap_or_default();
+            match &s.tls {
+                Some(tls) if tls.https_redirect && protocol == "HTTP" => {
+                    plan.redirect.extend(s.hosts.iter().cloned());
+                }
+                Some(tls) if protocol == "HTTPS" => {
+                    let mutual = match tls.mode {
+                        Some(ServerTlsMode::Simple) | None => false,
+                        Some(ServerTlsMode::Mutual) => true,
+                        Some(other) => {
+                            return Err(StartError::Other(format!(
+                                "{gw}: TLS mode {other:?} is not supported"
+                            )));
+                        }
+                    };
+                    let name = tls.credential_name.clone().ok_or_else(|| {
+                        StartError::Other(format!(
+                            "{gw}: HTTPS server on port {port} needs credentialName"
+                        ))
+                    })?;
+                    plan.tls.push(TlsServer {
+                        hosts: s.hosts.clone(),
+                        config: credential_config(credentials, &name, mutual)?,
+                    });
+                }
+                _ => {}
+            }
+        }
+        plans.insert(port, plan);
+    }
+    Ok(plans)
+}
+
+/// Re-plans the gateway's servers from a configuration and swaps them into the ports.
+#[derive(Clone)]
+struct Rebuild {
+    namespace: String,
+    name: String,
+    credentials: std::path::PathBuf,
+    ports: Arc<BTreeMap<u16, PortState>>,
+}
+
+impl Rebuild {
+    fn apply(&self, config: &MeshConfig) {
+        let Some(resource) = config.gateway(&self.namespace, &self.name) else {
+            tracing::error!(gateway = %self.name, "Gateway removed from the configuration; keeping its servers");
+            return;
+        };
+        match plan(resource, &self.credentials) {
+            Ok(plans) => {
+                for (port, plan) in plans {
+                    match self.ports.get(&port) {
+                        Some(state) => {
+                            state.tls.store(Arc::new(plan.tls));
+                            state.redirect.store(Arc::new(plan.redirect));
+                        }
+                        None => tracing::warn!(port, "new Gateway port needs a restart to listen"),
+                    }
+                }
+                tracing::info!(gateway = %self.name, "gateway servers and credentials reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "gateway servers not reloaded; keeping the previous ones")
+            }
+        }
+    }
+}
+
+/// Watches the credentials directory (recursively: one directory per credential,
+/// Kubernetes symlink swaps included) and re-plans the servers on change.
+fn watch_credentials(
+    rebuild: Rebuild,
+    active: Arc<ArcSwap<Active>>,
+    stop: CancellationToken,
+) -> Result<(tokio::task::JoinHandle<()>, Box<dyn std::any::Any + Send>), notify::Error> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res
+            && !matches!(event.kind, EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&rebuild.credentials, RecursiveMode::Recursive)?;
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                event = rx.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {}
+                    let config = active.load().config.clone();
+                    let rebuild = rebuild.clone();
+                    let _ = tokio::task::spawn_blocking(move || rebuild.apply(&config)).await;
+                }
+            }
+        }
+    });
+    Ok((task, Box::new(watcher)))
 }
 
 impl Gateway {
@@ -204,6 +355,7 @@ impl Gateway {
             tls: ClientTls::new(common.store.clone()),
             connect_timeout: limits.connect_timeout.as_std(),
             replay_limit: limits.max_retry_body_bytes,
+            idle_timeout: limits.idle_timeout.as_std(),
             destinations: destinations.clone(),
         };
         let router = match settings.random_seed {
@@ -215,6 +367,7 @@ impl Gateway {
             loaded_at: SystemTime::now(),
             config: compiled.config,
         }));
+        let on_swap: reload::SwapHook = Arc::default();
         let reloadable = Reloadable {
             settings: settings.clone(),
             listener,
@@ -225,6 +378,7 @@ impl Gateway {
             ))),
             active: active.clone(),
             metrics: common.telemetry.metrics().proxy().clone(),
+            on_swap: on_swap.clone(),
         };
         let mut keep = common.keep;
         let mut background = Vec::new();
@@ -234,65 +388,24 @@ impl Gateway {
         background.push(watch_task);
         keep.push(watcher);
 
-        let mut by_port: BTreeMap<u16, Vec<Server>> = BTreeMap::new();
-        for server in &resource.spec.servers {
-            let Some(port) = server
-                .port
-                .as_ref()
-                .and_then(|p| u16::try_from(p.number).ok())
-            else {
-                continue;
-            };
-            by_port.entry(port).or_default().push(server.clone());
-        }
-        let builder = Arc::new(serve::builder(limits));
-        let drain = limits.drain_timeout.as_std();
-        let handshake_timeout = limits.header_read_timeout.as_std();
         let credentials = gw
             .credentials_dir
             .as_ref()
             .map(|d| settings.resolve(d))
             .unwrap_or_default();
+        let plans = plan(&resource, &credentials)?;
+        let builder = Arc::new(serve::builder(limits));
+        let drain = limits.drain_timeout.as_std();
+        let handshake_timeout = limits.header_read_timeout.as_std();
         let mut listeners = JoinSet::new();
         let mut addresses = Vec::new();
-        for (port, servers) in by_port {
-            let mut tls_servers = Vec::new();
-            let mut redirect_hosts = Vec::new();
-            for s in &servers {
-                let protocol = s
-                    .port
-                    .as_ref()
-                    .map(|p| p.protocol.to_ascii_uppercase())
-                    .unwrap_or_default();
-                match &s.tls {
-                    Some(tls) if tls.https_redirect && protocol == "HTTP" => {
-                        redirect_hosts.extend(s.hosts.iter().cloned());
-                    }
-                    Some(tls) if protocol == "HTTPS" => {
-                        let mutual = match tls.mode {
-                            Some(ServerTlsMode::Simple) | None => false,
-                            Some(ServerTlsMode::Mutual) => true,
-                            Some(other) => {
-                                return Err(StartError::Other(format!(
-                                    "Gateway {namespace}/{}: TLS mode {other:?} is not supported",
-                                    gw.name
-                                )));
-                            }
-                        };
-                        let name = tls.credential_name.clone().ok_or_else(|| {
-                            StartError::Other(format!(
-                                "Gateway {namespace}/{}: HTTPS server on port {port} needs credentialName",
-                                gw.name
-                            ))
-                        })?;
-                        tls_servers.push(TlsServer {
-                            hosts: s.hosts.clone(),
-                            config: credential_config(&credentials, &name, mutual)?,
-                        });
-                    }
-                    _ => {}
-                }
-            }
+        let mut ports: BTreeMap<u16, PortState> = BTreeMap::new();
+        for (port, plan) in plans {
+            let state = PortState {
+                tls: Arc::new(ArcSwap::from_pointee(plan.tls)),
+                redirect: Arc::new(ArcSwap::from_pointee(plan.redirect)),
+            };
+            ports.insert(port, state.clone());
             let addr = gw
                 .ports
                 .get(&port)
@@ -302,7 +415,7 @@ impl Gateway {
             addresses.push((format!("gateway:{port}"), local(&tcp)?));
             let routes = GatewayRoutes {
                 router: router.router(),
-                redirect_hosts: Arc::new(redirect_hosts),
+                redirect_hosts: state.redirect.clone(),
             };
             let svc: HttpService = tower::util::BoxCloneSyncService::new(Sanitize::new(
                 ServiceBuilder::new()
@@ -315,35 +428,29 @@ impl Gateway {
                     .service(Respond::new(routes)),
                 true,
             ));
-            if tls_servers.is_empty() {
-                listeners.spawn(serve::run(
-                    tcp,
-                    builder.clone(),
-                    token.clone(),
-                    drain,
-                    move |tcp, remote| {
-                        let svc = svc.clone();
-                        async move {
-                            let local = tcp.local_addr().ok()?;
-                            Some((
-                                Box::new(tcp) as Box<dyn Io>,
-                                inbound::per_connection(
-                                    svc,
-                                    ConnectionContext::plaintext(remote, local),
-                                ),
-                            ))
-                        }
-                    },
-                ));
-            } else {
-                let servers = Arc::new(tls_servers);
-                listeners.spawn(serve::run(tcp, builder.clone(), token.clone(), drain, move |tcp, remote| {
+            let tls = state.tls.clone();
+            listeners.spawn(serve::run(
+                tcp,
+                builder.clone(),
+                token.clone(),
+                drain,
+                move |tcp, remote| {
                     let svc = svc.clone();
-                    let servers = servers.clone();
+                    let servers = tls.load_full();
                     async move {
                         let local = tcp.local_addr().ok()?;
+                        if servers.is_empty() {
+                            let ctx = ConnectionContext::plaintext(remote, local);
+                            return Some((
+                                Box::new(tcp) as Box<dyn Io>,
+                                inbound::per_connection(svc, ctx),
+                            ));
+                        }
                         let accept = async {
-                            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await.ok()?;
+                            let start =
+                                LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                                    .await
+                                    .ok()?;
                             let sni = start.client_hello().server_name().map(str::to_owned);
                             let Some(server) = select(&servers, sni.as_deref()) else {
                                 tracing::debug!(?sni, %remote, "no gateway server for this SNI");
@@ -351,14 +458,38 @@ impl Gateway {
                             };
                             start.into_stream(server.config.clone()).await.ok()
                         };
-                        let stream = tokio::time::timeout(handshake_timeout, accept).await.ok()??;
+                        let stream = tokio::time::timeout(handshake_timeout, accept)
+                            .await
+                            .ok()??;
                         let mut ctx = ConnectionContext::plaintext(remote, local);
                         ctx.info.security = ConnectionSecurity::Unknown;
                         ctx.alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                        Some((Box::new(stream) as Box<dyn Io>, inbound::per_connection(svc, ctx)))
+                        Some((
+                            Box::new(stream) as Box<dyn Io>,
+                            inbound::per_connection(svc, ctx),
+                        ))
                     }
-                }));
-            }
+                },
+            ));
+        }
+        // Gateway servers and credentials follow the configuration and the credential
+        // files; listeners (ports) are fixed at start.
+        let rebuild = Rebuild {
+            namespace: namespace.clone(),
+            name: gw.name.clone(),
+            credentials: credentials.clone(),
+            ports: Arc::new(ports),
+        };
+        {
+            let rebuild = rebuild.clone();
+            *on_swap.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Box::new(move |config: &MeshConfig| rebuild.apply(config)));
+        }
+        if credentials.is_dir() {
+            let (task, watcher) = watch_credentials(rebuild, active.clone(), token.clone())
+                .map_err(|e| StartError::Other(format!("watching credentialsDir: {e}")))?;
+            background.push(task);
+            keep.push(watcher);
         }
 
         let admin_listener = runtime::bind(settings.listeners.admin).await?;

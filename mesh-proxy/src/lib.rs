@@ -23,9 +23,11 @@
 //! - Outbound metrics are keyed by the request authority (bounded), not by the
 //!   resolved destination service.
 //! - `REGISTRY_ONLY` answers 502 with flag `NR` for hosts the route table does not know.
-//! - WebSocket/Upgrade requests are not tunnelled yet: `Upgrade` is stripped except for
-//!   WebSocket, and a `101` from the application is passed on only when the client side
-//!   supports it.
+//! - Only WebSocket upgrades are forwarded (over an HTTP/1.1 mTLS connection between
+//!   the sidecars, since h2 cannot carry them); other `Upgrade` values, `h2c` included,
+//!   are removed. Only a `101` answer switches protocols; upgrades are not retried.
+//! - The h2 connection between sidecars is chosen by ALPN whatever `h2UpgradePolicy`
+//!   says.
 //!
 //! # Example
 //!

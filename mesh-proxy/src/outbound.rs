@@ -103,6 +103,8 @@ pub struct MeshConnector {
     tls: ClientTls,
     naming: SecureNaming,
     connect_timeout: Duration,
+    /// Offer only `http/1.1` in ALPN (for Upgrade requests, which h2 cannot carry).
+    h1_only: bool,
 }
 
 impl Service<Uri> for MeshConnector {
@@ -120,9 +122,25 @@ impl Service<Uri> for MeshConnector {
             let connect = async {
                 let tcp = TcpStream::connect(this.address).await?;
                 let _ = tcp.set_nodelay(true);
-                this.tls.connect(tcp, &this.server_name, &this.naming).await
+                if this.h1_only {
+                    // Secure naming is enforced by the verifier inside the config.
+                    let mut config = (*this.tls.config(&this.naming, None)).clone();
+                    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    let name = rustls_pki_types::ServerName::try_from(this.server_name.to_string())
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+                        .connect(name, tcp)
+                        .await?;
+                    Ok((stream, ()))
+                } else {
+                    let (stream, _leaf) = this
+                        .tls
+                        .connect(tcp, &this.server_name, &this.naming)
+                        .await?;
+                    Ok::<_, std::io::Error>((stream, ()))
+                }
             };
-            let (stream, _leaf) = tokio::time::timeout(this.connect_timeout, connect)
+            let (stream, ()) = tokio::time::timeout(this.connect_timeout, connect)
                 .await
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
@@ -174,11 +192,58 @@ fn absolute(req: &mut Request<BoxBody>, fallback: &str) {
     }
 }
 
-/// The service of one endpoint: a connection pool over mTLS.
+/// The service of one endpoint: a connection pool over mTLS (h2 when the peer offers
+/// it), and an HTTP/1.1 pool for Upgrade requests.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<MeshConnector, BoxBody>,
+    upgrades: Client<MeshConnector, BoxBody>,
     address: SocketAddr,
+}
+
+/// Whether `req` asks for a WebSocket upgrade (the only Upgrade that is forwarded).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= http::Version::HTTP_11
+        && req
+            .headers()
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Sends an Upgrade request with `client`; when (and only when) the answer is `101`,
+/// splices the downstream and upstream connections together.
+fn forward_upgrade<C>(
+    client: &Client<C, BoxBody>,
+    mut req: Request<BoxBody>,
+    address: SocketAddr,
+) -> BoxFuture<'static, Result<Response<BoxBody>, BoxError>>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let downstream = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let fut = client.request(req);
+    Box::pin(async move {
+        let mut res = fut.await.map_err(upstream_error)?;
+        if res.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            && let Some(downstream) = downstream
+        {
+            let upstream = hyper::upgrade::on(&mut res);
+            tokio::spawn(async move {
+                let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
+                    return;
+                };
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+            });
+        } else {
+            strip_hop_by_hop(res.headers_mut());
+        }
+        res.extensions_mut().insert(UpstreamHost(address));
+        Ok(res.map(body::boxed))
+    })
 }
 
 impl Service<Request<BoxBody>> for Upstream {
@@ -193,9 +258,13 @@ impl Service<Request<BoxBody>> for Upstream {
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
         let address = self.address;
         absolute(&mut req, &address.to_string());
+        if is_upgrade(&req) {
+            return forward_upgrade(&self.upgrades, req, address);
+        }
         let fut = self.client.request(req);
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
+            strip_hop_by_hop(res.headers_mut());
             res.extensions_mut().insert(UpstreamHost(address));
             Ok(res.map(body::boxed))
         })
@@ -234,10 +303,12 @@ impl Destinations {
 pub struct MakeDest {
     /// Client TLS (the workload's SVID).
     pub tls: ClientTls,
-    /// Trust domain for endpoints without identities.
+    /// Upstream connect plus handshake timeout.
     pub connect_timeout: Duration,
     /// Replay limit for retried request bodies.
     pub replay_limit: usize,
+    /// Idle timeout of pooled upstream connections when no DestinationRule sets one.
+    pub idle_timeout: Duration,
     /// Where the destinations are listed for the admin server.
     pub destinations: Destinations,
 }
@@ -267,7 +338,15 @@ impl MakeDestination for MakeDest {
         let tls = self.tls.clone();
         let connect_timeout = self.connect_timeout;
         let server_name: Arc<str> = target.key.host.clone();
-        let idle = limits.idle_timeout;
+        let dr_idle = policy.connection_pool.as_ref().is_some_and(|cp| {
+            cp.tcp.as_ref().is_some_and(|t| t.idle_timeout.is_some())
+                || cp.http.as_ref().is_some_and(|h| h.idle_timeout.is_some())
+        });
+        let idle = if dr_idle {
+            limits.idle_timeout
+        } else {
+            self.idle_timeout
+        };
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
             let naming = if ep.identities.is_empty() {
                 SecureNaming::AnyTrusted
@@ -280,14 +359,22 @@ impl MakeDestination for MakeDest {
                 tls: tls.clone(),
                 naming,
                 connect_timeout,
+                h1_only: false,
             };
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(idle)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
-                .build(connector);
+                .build(connector.clone());
+            let upgrades = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(MeshConnector {
+                    h1_only: true,
+                    ..connector
+                });
             Upstream {
                 client,
+                upgrades,
                 address: ep.address,
             }
         });
@@ -466,7 +553,8 @@ impl Service<Request<BoxBody>> for Outbound {
                 absolute(&mut req, &host);
                 let fut = self.passthrough.request(req);
                 Box::pin(async move {
-                    let res = fut.await.map_err(upstream_error)?;
+                    let mut res = fut.await.map_err(upstream_error)?;
+                    strip_hop_by_hop(res.headers_mut());
                     Ok(res.map(body::boxed))
                 })
             }
@@ -517,9 +605,13 @@ impl Service<Request<BoxBody>> for AppClient {
         }
         // The application speaks HTTP/1.1; h2 from the peer sidecar is translated.
         *req.version_mut() = http::Version::HTTP_11;
+        if is_upgrade(&req) {
+            return forward_upgrade(&self.client, req, app);
+        }
         let fut = self.client.request(req);
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
+            strip_hop_by_hop(res.headers_mut());
             res.extensions_mut().insert(UpstreamHost(app));
             Ok(res.map(body::boxed))
         })

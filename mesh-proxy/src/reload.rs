@@ -113,7 +113,12 @@ pub struct Reloadable {
     pub active: Arc<ArcSwap<Active>>,
     /// `mesh_config_reloads_total` and `mesh_config_reload_failures_total`.
     pub metrics: ProxyMetrics,
+    /// Run after a successful swap (the gateway re-plans its servers).
+    pub on_swap: SwapHook,
 }
+
+/// A function run with the new configuration after a successful reload.
+pub type SwapHook = Arc<std::sync::Mutex<Option<Box<dyn Fn(&MeshConfig) + Send + Sync>>>>;
 
 impl Reloadable {
     /// Loads, validates and compiles the directory; swaps it in only if all succeeded.
@@ -127,6 +132,9 @@ impl Reloadable {
                 self.router.update(c.routing);
                 self.authz.store(c.policies);
                 self.peer_auth.store(Arc::new(c.peer_auth));
+                if let Some(hook) = &*self.on_swap.lock().unwrap_or_else(|e| e.into_inner()) {
+                    hook(&c.config);
+                }
                 self.active.store(Arc::new(Active {
                     version,
                     loaded_at: SystemTime::now(),

@@ -1,13 +1,50 @@
 //! The proxy's own settings file (YAML): who the workload is, where its configuration
 //! and certificates are, its listeners, telemetry and limits.
 //!
-//! Every field has a default except `workload.namespace`/`workload.serviceAccount`
-//! (sidecar) and `configDir`; unknown fields are errors. Errors name the file, the line
-//! and column when known, the field path and what is allowed:
+//! Unknown fields are errors. Errors name the file, the line and column when known, the
+//! field path and what is allowed:
 //!
 //! ```text
-//! sidecar.yaml:7:12: error: listeners.outbound: invalid socket address "localhost"; expected IP:PORT
+//! sidecar.yaml:6:3: error: tracing.sampling: 150 is not a percentage (0 to 100)
 //! ```
+//!
+//! | field | default | meaning |
+//! |---|---|---|
+//! | `workload.namespace` | required | the workload's namespace; also the default namespace of resources without one |
+//! | `workload.serviceAccount` | required | identity `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>` |
+//! | `workload.labels` | `{}` | pod labels: select PeerAuthentication, AuthorizationPolicy, `sourceLabels`; `app`/`version` fill metric labels |
+//! | `workload.name` | `app` label, else the service account | `*_workload` metric labels |
+//! | `workload.serviceHost` | `<app>.<namespace>.svc.cluster.local` | `destination_service` of inbound metrics |
+//! | `trustDomain` | `cluster.local` | SPIFFE trust domain |
+//! | `configDir` | required | directory of Istio YAML, watched; relative to the settings file |
+//! | `svid.certDir` | – | `cert-chain.pem`, `key.pem`, `root-cert.pem`, watched (Kubernetes symlink swaps included) |
+//! | `svid.caDir` | – | a CA from `mesh-proxy ca init`: the built-in issuer mints the SVID and rotates it at half-life |
+//! | `svid.lifetime` | `24h` | lifetime of SVIDs from the built-in issuer |
+//! | `listeners.inbound` | `0.0.0.0:15006` | mTLS listener for peers |
+//! | `listeners.app` | `127.0.0.1:8080` | the application inbound traffic goes to |
+//! | `listeners.outbound` | `127.0.0.1:15001` | plain HTTP from the application (origin-form with Host, or proxy absolute-form) |
+//! | `listeners.admin` | `127.0.0.1:15000` | admin server |
+//! | `tracing.sampling` | `1` | percentage of new traces sampled |
+//! | `tracing.otlp` / `tracing.zipkin` | – | collector URL (one of them) |
+//! | `accessLog.path` | – (off) | `-` for stdout, or a file to append to |
+//! | `accessLog.format` | `TEXT` | `TEXT` (Envoy's default format) or `JSON` |
+//! | `pathNormalization` | `BASE` | `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES` |
+//! | `limits.maxRequestHeaderBytes` | `61440` | request head size; 431 above |
+//! | `limits.maxHeaders` | `100` | request header count; 431 above |
+//! | `limits.headerReadTimeout` | `10s` | time to read a request head (and the TLS handshake) |
+//! | `limits.idleTimeout` | `1h` | idle pooled upstream connections are closed after this (unless a DestinationRule sets `idleTimeout`) |
+//! | `limits.http2MaxConcurrentStreams` | `100` | per downstream HTTP/2 connection |
+//! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM |
+//! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
+//! | `limits.connectTimeout` | `10s` | upstream connect + handshake |
+//! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts through (plain HTTP); `REGISTRY_ONLY` answers 502 |
+//! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
+//! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
+//! | `gateway.namespace` | `workload.namespace` | its namespace |
+//! | `gateway.credentialsDir` | – | one directory per `credentialName`: `tls.crt`, `tls.key`, `ca.crt` (MUTUAL) |
+//! | `gateway.ports` | `0.0.0.0:<port>` | where each Gateway server port listens, e.g. `443: 0.0.0.0:8443` |
+//!
+//! Durations use Istio's syntax (`250ms`, `5s`, `1h`).
 //!
 //! # Example
 //!
@@ -176,7 +213,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// Time to read a request head (default 10s).
     pub header_read_timeout: IstioDuration,
-    /// Idle downstream connections are closed after this (default 1h).
+    /// Idle pooled upstream connections are closed after this unless a DestinationRule
+    /// sets `connectionPool` `idleTimeout` (default 1h).
     pub idle_timeout: IstioDuration,
     /// HTTP/2 max concurrent streams per connection (default 100).
     pub http2_max_concurrent_streams: u32,
@@ -304,6 +342,19 @@ fn locate(text: &str, path: &str) -> Option<(u64, u64)> {
     Some((line, col))
 }
 
+/// The parser's message without its own location prefix and source snippet (the
+/// position is printed once, in front).
+fn parse_message(full: &str) -> String {
+    let first = full.lines().next().unwrap_or(full);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.split_once(": ") {
+        Some((loc, rest)) if loc.starts_with("line ") && loc.contains(" column ") => {
+            rest.to_owned()
+        }
+        _ => first.to_owned(),
+    }
+}
+
 impl Settings {
     /// Reads and validates the settings file at `path`.
     pub fn load(path: &Path) -> Result<Self, Vec<SettingsError>> {
@@ -328,7 +379,7 @@ impl Settings {
                 file: file.to_path_buf(),
                 position: e.location().map(|l| (l.line(), l.column())),
                 path: None,
-                message: e.to_string(),
+                message: parse_message(&e.to_string()),
             }]
         })?;
         let errors: Vec<SettingsError> = s
@@ -492,8 +543,10 @@ mod tests {
         let errs = Settings::from_yaml("s.yaml", text).unwrap_err();
         assert_eq!(errs.len(), 1);
         let shown = errs[0].to_string();
-        assert!(shown.starts_with("s.yaml:6:"), "{shown}");
-        assert!(shown.contains("outbund"), "{shown}");
+        assert_eq!(
+            shown,
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin"
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ impl Sidecar {
             tls: ClientTls::new(common.store.clone()),
             connect_timeout: limits.connect_timeout.as_std(),
             replay_limit: limits.max_retry_body_bytes,
+            idle_timeout: limits.idle_timeout.as_std(),
             destinations: destinations.clone(),
         };
         let router = match settings.random_seed {
@@ -68,6 +69,7 @@ impl Sidecar {
             peer_auth: peer_auth.clone(),
             active: active.clone(),
             metrics: common.telemetry.metrics().proxy().clone(),
+            on_swap: Arc::default(),
         };
         let mut keep = common.keep;
         let mut background = Vec::new();

@@ -201,3 +201,120 @@ async fn peers_speak_h2_and_forged_identity_headers_never_reach_the_app() {
     assert!(log.contains("\"GET /pay HTTP/2\" 200"), "{log}");
     drop(payment);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_is_tunnelled_through_both_sidecars() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::new();
+    let app = App::start(Behaviour::Echo).await;
+    let (pp, op) = (Ports::new(), Ports::new());
+    let se = service_entry("chat-service", 80, &[(pp.inbound, "v1", "chat-service")]);
+    let config = world.write_config("istio", "mesh.yaml", &se);
+    let s = sidecar_settings(
+        &world,
+        "chat-service",
+        &labels(&[("app", "chat-service")]),
+        &config,
+        pp,
+        app.addr,
+        "",
+    );
+    let _chat = Proxy::start(&world, "sidecar", "chat-service", &s, pp).await;
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        op,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(order.outbound())
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: chat-service\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut byte))
+            .await
+            .expect("response head")
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 101"),
+        "{head}\n{}",
+        order.output()
+    );
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"ping"[..], b"second frame"] {
+        tcp.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_exact(&mut buf))
+            .await
+            .expect("echo")
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_answered_with_200_stays_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("plain")).await;
+    let (pp, op) = (Ports::new(), Ports::new());
+    let se = service_entry("chat-service", 80, &[(pp.inbound, "v1", "chat-service")]);
+    let config = world.write_config("istio", "mesh.yaml", &se);
+    let s = sidecar_settings(
+        &world,
+        "chat-service",
+        &labels(&[("app", "chat-service")]),
+        &config,
+        pp,
+        app.addr,
+        "",
+    );
+    let _chat = Proxy::start(&world, "sidecar", "chat-service", &s, pp).await;
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        op,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(order.outbound())
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: chat-service\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\
+          GET /again HTTP/1.1\r\nHost: chat-service\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut all = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_to_string(&mut all),
+    )
+    .await
+    .expect("both answers")
+    .unwrap();
+    // Two ordinary HTTP responses on one connection: no tunnel was set up.
+    assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 2, "{all}");
+    assert_eq!(all.matches("plain").count(), 2, "{all}");
+    assert_eq!(app.hits(), 2);
+}

@@ -56,6 +56,33 @@ async fn sidecars_start_in_process_and_shut_down_through_the_handle() {
         Ok((200, "paid".to_owned()))
     );
 
+    // The admin API of the calling sidecar.
+    let admin = order.address("admin").unwrap();
+    let get = |path: &'static str| async move { admin_get(admin.port(), path).await.unwrap() };
+    let (status, stats) = get("/stats").await;
+    assert_eq!(status, 200);
+    assert!(stats.contains("payment-service"), "{stats}");
+    let (_, certs) = get("/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(
+        certs["identity"],
+        "spiffe://cluster.local/ns/production/sa/order-service"
+    );
+    let (_, dump) = get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["resources"][0]["kind"], "ServiceEntry");
+    assert_eq!(dump["resources"][0]["name"], "payment-service");
+    let (_, clusters) = get("/clusters").await;
+    assert!(
+        clusters.contains(&format!("::{inbound}::health_flags::healthy")),
+        "{clusters}"
+    );
+    assert_eq!(get("/nothing").await.0, 404);
+    let (status, _) = send(admin, "DELETE", "localhost", "/certs", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 405);
+
     order.shutdown();
     order.wait().await;
     assert!(tokio::net::TcpStream::connect(outbound).await.is_err());

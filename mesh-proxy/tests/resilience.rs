@@ -139,6 +139,29 @@ async fn failing_replicas_are_retried_away_and_at_most_half_ejected() {
             .any(|l| l.starts_with("mesh_outlier_ejections_overflow_total{") && !l.ends_with(" 0")),
         "the third failing host hit the cap: {metrics}"
     );
+    // A reload that keeps the destination keeps its outlier state.
+    let before = caller.admin("/config_dump").await;
+    world.write_config(
+        "istio",
+        "other.yaml",
+        &service_entry("fraud-service", 80, &[(1, "v1", "fraud-service")]),
+    );
+    let mut reloaded = false;
+    for _ in 0..200 {
+        if caller.admin("/config_dump").await != before {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(reloaded, "{}", caller.output());
+    let text = caller.admin("/clusters").await;
+    assert_eq!(
+        text.matches("health_flags::/failed_outlier_check").count(),
+        2,
+        "{text}"
+    );
+
     // Every 503 the caller never saw was a retried attempt.
     let bad_hits: usize = bad.iter().map(App::hits).sum();
     assert!(bad_hits >= 3, "each failing replica was tried: {bad_hits}");

@@ -241,6 +241,10 @@ pub const QUEUE_CAPACITY: usize = 4096;
 
 impl AccessLog {
     /// Writes to any async writer (spawns the writer task on the current runtime).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn` does).
     pub fn to_writer<W>(writer: W, format: Format, dropped: Counter) -> Self
     where
         W: AsyncWrite + Unpin + Send + 'static,

@@ -191,3 +191,88 @@ async fn served_requests_are_counted_logged_and_summarised() {
         "x-request-id generated: {fault}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_forwards_the_hop_context_to_its_downstream_call() {
+    use mesh_telemetry::trace::forward::{CaptureTraceHeadersLayer, ForwardTraceHeadersLayer};
+
+    // The downstream service reports the trace headers it received.
+    let downstream = serve(|req: Request<hyper::body::Incoming>| async move {
+        let h = req.headers();
+        let get = |n: &str| {
+            h.get(n)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let report = format!(
+            "{} {} {} {}",
+            get("x-b3-traceid"),
+            get("x-b3-spanid"),
+            get("x-b3-sampled"),
+            get("x-request-id")
+        );
+        Response::new(Full::new(Bytes::from(report)))
+    })
+    .await;
+
+    // The application behind the sidecar's inbound layer: it calls `downstream` with an
+    // HTTP client wrapped in the forwarding layer, and returns what downstream saw plus the
+    // span id the sidecar gave the application.
+    let t = Telemetry::builder(reviews()).sampling(0.0).build();
+    let client = ForwardTraceHeadersLayer
+        .layer(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    let app = tower::ServiceBuilder::new()
+        .layer(TelemetryLayer::inbound(&t, reviews_service()))
+        .layer(CaptureTraceHeadersLayer)
+        .service_fn(move |req: Req| {
+            let client = client.clone();
+            async move {
+                let my_span = req.headers()["x-b3-spanid"].to_str().unwrap().to_owned();
+                let out = Request::get(format!("http://{downstream}/ratings"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let res = client.oneshot(out).await.unwrap();
+                let seen = res.into_body().collect().await.unwrap().to_bytes();
+                let text = format!("{my_span} | {}", String::from_utf8_lossy(&seen));
+                Ok::<_, Infallible>(Response::new(body::full(text)))
+            }
+        });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let app = app.clone();
+            let conn = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app))
+                .into_owned();
+            // Coerced to `dyn Future + Send` here, where the types are concrete: rustc's
+            // generic `Send` check inside `tokio::spawn` gives up on `BoxError` bounds.
+            let conn: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                Box::pin(conn);
+            tokio::spawn(conn);
+        }
+    });
+
+    let caller: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(format!("http://{addr}/reviews/1"))
+        .header("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124")
+        .header("x-b3-spanid", "a2fb4a1d1a96d312")
+        .header("x-b3-sampled", "1")
+        .header("x-request-id", "req-77")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = caller.request(req).await.unwrap();
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (app_span, seen) = text.split_once(" | ").unwrap();
+    assert_ne!(
+        app_span, "a2fb4a1d1a96d312",
+        "the sidecar started a new span"
+    );
+    assert_eq!(
+        seen,
+        format!("463ac35c9f6413ad48485a3953bb6124 {app_span} 1 req-77"),
+        "downstream is called inside the same trace, under the hop's span"
+    );
+}

@@ -504,3 +504,39 @@ async fn destination_service_from_authority_cannot_inject_into_the_exposition() 
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn disabled_layer_passes_through_untouched() {
+    let svc = TelemetryLayer::disabled()
+        .with_seed(3)
+        .layer(tower::service_fn(|req: Req| async move {
+            assert!(req.headers().get("x-request-id").is_none());
+            assert!(req.headers().get("x-b3-traceid").is_none());
+            assert!(req.headers().get("traceparent").is_none());
+            let got = req.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, Infallible>(Response::new(body::full(got)))
+        }));
+    let res = svc.oneshot(get("/")).await.unwrap();
+    assert_eq!(body_bytes(res.into_body()).await, "hello");
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_abandoned_before_the_response_is_recorded_as_0_dc() {
+    let t = telemetry();
+    let svc = outbound(&t).layer(tower::service_fn(|_req: Req| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, Infallible>(Response::new(body::empty()))
+    }));
+    let abandoned = tokio::time::timeout(Duration::from_millis(250), svc.oneshot(get("/"))).await;
+    assert!(abandoned.is_err(), "the client gave up first");
+    let samples = parse(&t.encode_metrics());
+    assert_eq!(
+        select(&samples, "istio_requests_total", &[])[0].labels,
+        expected_outbound("0", "DC")
+    );
+    assert_eq!(
+        one(&samples, "istio_request_duration_milliseconds_sum", &[]),
+        250.0
+    );
+    assert_eq!(one(&samples, "istio_response_bytes_sum", &[]), 0.0);
+}

@@ -427,6 +427,9 @@ fn improve_message(m: &str, value: Option<&str>) -> String {
         "invalid bool" => number("a boolean; expected true or false"),
         "expected mapping start" => "expected a mapping (`key: value` lines) here".to_owned(),
         "expected sequence start" => "expected a list (`- item` lines or `[a, b]`) here".to_owned(),
+        _ if m.starts_with("expected ") && m.ends_with(" scalar") => {
+            format!("expected a single value here, not a list or mapping ({m})")
+        }
         _ => m.to_owned(),
     }
 }

@@ -24,7 +24,6 @@
 //!   is the single table [`NOT_ENFORCED`].
 //! - Short hosts are qualified with the resource's namespace ([`qualify_host`]);
 //!   `metadata.namespace` absent means [`LoadOptions::default_namespace`].
-//!
 //! - A path is a file or a directory; a directory contributes its `.yaml`/`.yml` files
 //!   (not recursively), sorted by name. Documents are split on `---` lines; documents
 //!   holding only comments are not counted.
@@ -33,6 +32,17 @@
 //! - Cross-resource checks are warnings: a route to a subset no DestinationRule defines
 //!   (it would fail with 503 `NC`), a gateway that is not defined, several namespace-wide
 //!   PeerAuthentications (only the oldest applies).
+//! - Resources serialize back to Istio YAML with unset fields left out
+//!   ([`MeshConfig::to_yaml`], for `/config_dump`); loading the dump gives the same
+//!   resources.
+//!
+//! # Layer placement
+//!
+//! None: this is data, read when configuration is loaded or reloaded, never per request.
+//! The behaviour crates convert these types into their own validated policies (routing
+//! tables, retry and outlier policies, mTLS modes, authorization matchers) and the proxy
+//! swaps the compiled tables atomically. [`LoadReport::error_at`] lets those conversions
+//! report errors located like the loader's.
 //!
 //! # Errors
 //!
@@ -121,8 +131,8 @@ pub use load::{LoadOptions, LoadReport, load_paths, load_str};
 pub use peer_authentication::*;
 pub use resource::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, Metadata, Origin,
-    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, StringMatch, VirtualService,
-    WorkloadSelector, qualify_host,
+    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, Spec, StringMatch,
+    VirtualService, WorkloadSelector, qualify_host,
 };
 pub use service_entry::*;
 pub use snapshot::MeshConfig;

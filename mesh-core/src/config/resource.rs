@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
@@ -97,18 +98,21 @@ impl fmt::Display for Kind {
 /// Unknown metadata fields are an error (a misspelled `namespace` must not silently move a
 /// policy to the default namespace); standard Kubernetes fields such as `uid`,
 /// `resourceVersion`, `generation` or `managedFields` are accepted and ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
-#[serde(from = "RawMetadata")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(from = "RawMetadata", rename_all = "camelCase")]
 pub struct Metadata {
     /// Resource name (required).
     pub name: String,
     /// Namespace; filled with the load's default namespace when absent.
     pub namespace: String,
     /// Labels.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
     /// Annotations.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: Labels,
     /// RFC 3339 creation time (`2024-01-02T03:04:05Z`), used to order PeerAuthentications.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
 }
 
@@ -187,12 +191,99 @@ impl<S> Resource<S> {
         qualify_host(host, &self.metadata.namespace)
     }
 
-    /// Ordering key for "oldest wins": creation timestamp (absent sorts last), then load order.
-    pub fn age_key(&self) -> (bool, &str, usize) {
-        match &self.metadata.creation_timestamp {
-            Some(ts) => (false, ts.as_str(), self.origin.seq),
-            None => (true, "", self.origin.seq),
+    /// Ordering key for "oldest wins": creation time (absent or unparsable sorts last),
+    /// then load order.
+    pub fn age_key(&self) -> (Option<(i64, u32)>, usize) {
+        // `None` must sort after every time: map it to the largest key.
+        let time = self.metadata.creation_time().or(Some((i64::MAX, u32::MAX)));
+        (time, self.origin.seq)
+    }
+}
+
+impl Metadata {
+    /// `creationTimestamp` as seconds since the Unix epoch and nanoseconds, if it is a
+    /// valid RFC 3339 time (`2024-05-01T12:00:00Z`, `2024-05-01T14:00:00.5+02:00`).
+    pub fn creation_time(&self) -> Option<(i64, u32)> {
+        parse_rfc3339(self.creation_timestamp.as_deref()?)
+    }
+}
+
+/// Parses an RFC 3339 date-time into (Unix seconds, nanoseconds).
+pub(crate) fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        if t.bytes().all(|c| c.is_ascii_digit()) {
+            t.parse().ok()
+        } else {
+            None
         }
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut nanos: u32 = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return None;
+        }
+        let digits = &frac[..n.min(9)];
+        nanos = digits.parse::<u32>().ok()? * 10u32.pow(9 - digits.len() as u32);
+        rest = &frac[n..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            if rest.len() != 6 || rest.as_bytes()[3] != b':' {
+                return None;
+            }
+            let (h, m) = (num_in(rest, 1..3)?, num_in(rest, 4..6)?);
+            sign * (h * 3600 + m * 60)
+        }
+    };
+    // Days from the civil date (proleptic Gregorian), after H. Hinnant's algorithm.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((
+        days * 86_400 + hour * 3600 + minute * 60 + second - offset,
+        nanos,
+    ))
+}
+
+fn num_in(s: &str, r: std::ops::Range<usize>) -> Option<i64> {
+    let t = s.get(r)?;
+    if t.bytes().all(|c| c.is_ascii_digit()) {
+        t.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -341,6 +432,52 @@ impl AnyResource {
     }
 }
 
+/// A spec type and its kind.
+pub trait Spec {
+    /// The kind whose `spec` this is.
+    const KIND: Kind;
+}
+
+impl Spec for VirtualServiceSpec {
+    const KIND: Kind = Kind::VirtualService;
+}
+impl Spec for DestinationRuleSpec {
+    const KIND: Kind = Kind::DestinationRule;
+}
+impl Spec for GatewaySpec {
+    const KIND: Kind = Kind::Gateway;
+}
+impl Spec for ServiceEntrySpec {
+    const KIND: Kind = Kind::ServiceEntry;
+}
+impl Spec for PeerAuthenticationSpec {
+    const KIND: Kind = Kind::PeerAuthentication;
+}
+impl Spec for AuthorizationPolicySpec {
+    const KIND: Kind = Kind::AuthorizationPolicy;
+}
+
+/// Serializes as the Kubernetes resource (`apiVersion`, `kind`, `metadata`, `spec`).
+impl<S: Spec + Serialize> Serialize for Resource<S> {
+    fn serialize<Ser: Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("apiVersion", &self.api_version)?;
+        m.serialize_entry("kind", S::KIND.as_str())?;
+        m.serialize_entry("metadata", &self.metadata)?;
+        m.serialize_entry("spec", &self.spec)?;
+        m.end()
+    }
+}
+
+/// Serializes as the Kubernetes resource it was loaded from (`apiVersion`, `kind`,
+/// `metadata`, `spec`), for configuration dumps; loading the output gives the same
+/// resource back.
+impl Serialize for AnyResource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        each!(self, r => r.serialize(s))
+    }
+}
+
 /// Qualifies a short host with a namespace, the way Istio reads hosts in Kubernetes:
 /// a name without dots (`reviews`) becomes `reviews.<namespace>.svc.cluster.local`;
 /// names with dots, wildcards (`*`, `*.example.com`) and IP addresses stay as written.
@@ -360,7 +497,7 @@ pub fn qualify_host(host: &str, namespace: &str) -> String {
 }
 
 /// A percentage in [0, 100] (`{value: 12.5}`).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Percent {
     /// The percentage.
@@ -368,7 +505,7 @@ pub struct Percent {
 }
 
 /// A port selector (`{number: 8080}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PortSelector {
     /// Port number.
@@ -376,7 +513,7 @@ pub struct PortSelector {
 }
 
 /// The security workload selector (`matchLabels`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct WorkloadSelector {
     /// Labels the workload must carry.
@@ -404,6 +541,20 @@ pub enum StringMatch {
     Regex(String),
     /// `{}`: the value is present (any value).
     Present,
+}
+
+impl Serialize for StringMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (key, value) = match self {
+            StringMatch::Exact(v) => ("exact", v),
+            StringMatch::Prefix(v) => ("prefix", v),
+            StringMatch::Regex(v) => ("regex", v),
+            StringMatch::Present => return s.serialize_map(Some(0))?.end(),
+        };
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(key, value)?;
+        m.end()
+    }
 }
 
 impl<'de> Deserialize<'de> for StringMatch {
@@ -621,5 +772,30 @@ fn check_api_version(kind: Kind, api_version: &str) -> Result<(), String> {
             "apiVersion `{api_version}` is not served for {kind}; expected one of {}",
             kind.api_versions().join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_times_compare_by_instant_not_by_text() {
+        let t = |s: &str| parse_rfc3339(s).unwrap();
+        assert_eq!(t("1970-01-01T00:00:00Z"), (0, 0));
+        assert_eq!(t("2024-05-01T12:00:00Z"), (1_714_564_800, 0));
+        assert_eq!(t("2024-05-01T14:00:00+02:00"), t("2024-05-01T12:00:00Z"));
+        assert!(t("2024-05-01T12:00:00.5Z") > t("2024-05-01T12:00:00Z"));
+        assert!(t("2024-05-01T12:00:00Z") < t("2024-05-01T11:00:00-02:00"));
+        assert_eq!(t("2000-02-29T00:00:00Z").0, 951_782_400);
+        for bad in [
+            "yesterday",
+            "2024-13-01T00:00:00Z",
+            "2024-05-01T12:00:00",
+            "2024-05-01T12:00:00+0200",
+            "2024-05-01T12:00:00.Z",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -142,8 +142,7 @@ impl MeshConfig {
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
             }
         }
-        c.peer_authentications
-            .sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        c.peer_authentications.sort_by_key(|p| p.age_key());
         c.index();
         Ok(c)
     }
@@ -201,6 +200,31 @@ impl MeshConfig {
                 .authorization_policies
                 .push(i);
         }
+    }
+
+    /// Every resource as a multi-document Istio YAML stream (for `/config_dump`); loading
+    /// it gives the same resources back.
+    pub fn to_yaml(&self) -> Result<String, serde_saphyr::SerializeError> {
+        fn push<T: serde::Serialize>(
+            out: &mut String,
+            items: &[T],
+        ) -> Result<(), serde_saphyr::SerializeError> {
+            for item in items {
+                if !out.is_empty() {
+                    out.push_str("---\n");
+                }
+                out.push_str(&serde_saphyr::to_string(item)?);
+            }
+            Ok(())
+        }
+        let mut out = String::new();
+        push(&mut out, &self.gateways)?;
+        push(&mut out, &self.virtual_services)?;
+        push(&mut out, &self.destination_rules)?;
+        push(&mut out, &self.service_entries)?;
+        push(&mut out, &self.peer_authentications)?;
+        push(&mut out, &self.authorization_policies)?;
+        Ok(out)
     }
 
     /// Content version of the load (a hash of the documents' text).

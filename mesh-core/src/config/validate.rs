@@ -221,7 +221,7 @@ pub(crate) fn validate_all(report: &mut LoadReport) {
         }
         let age = |i: &usize| match &report.resources[*i] {
             AnyResource::PeerAuthentication(pa) => pa.age_key(),
-            _ => (true, "", usize::MAX),
+            _ => (None, usize::MAX),
         };
         let oldest = idx.iter().min_by(|a, b| age(a).cmp(&age(b))).copied();
         for &i in &idx {
@@ -455,7 +455,7 @@ fn metadata(ctx: &mut Ctx<'_>, m: &Metadata) {
         );
     }
     if let Some(ts) = &m.creation_timestamp
-        && !is_rfc3339(ts)
+        && super::resource::parse_rfc3339(ts).is_none()
     {
         ctx.error(
             "metadata.creationTimestamp",
@@ -463,42 +463,6 @@ fn metadata(ctx: &mut Ctx<'_>, m: &Metadata) {
         );
     }
     check_labels(ctx, "metadata.labels", &m.labels);
-}
-
-fn is_rfc3339(s: &str) -> bool {
-    let b = s.as_bytes();
-    let digits =
-        |r: std::ops::Range<usize>| r.clone().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
-    if b.len() < 20
-        || !digits(0..4)
-        || b[4] != b'-'
-        || !digits(5..7)
-        || b[7] != b'-'
-        || !digits(8..10)
-        || !(b[10] == b'T' || b[10] == b't')
-        || !digits(11..13)
-        || b[13] != b':'
-        || !digits(14..16)
-        || b[16] != b':'
-        || !digits(17..19)
-    {
-        return false;
-    }
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if n == 0 {
-            return false;
-        }
-        rest = &frac[n..];
-    }
-    rest == "Z"
-        || rest == "z"
-        || (rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && rest.as_bytes()[3] == b':'
-            && rest[1..3].bytes().all(|c| c.is_ascii_digit())
-            && rest[4..6].bytes().all(|c| c.is_ascii_digit()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -863,6 +827,7 @@ fn http_route(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
     if let Some(h) = &r.headers {
         headers(ctx, &at("headers"), h);
     }
+    authority_rewrites(ctx, path, r);
     if let Some(c) = &r.cors_policy {
         for (j, o) in c.allow_origins.iter().enumerate() {
             string_match(
@@ -884,6 +849,53 @@ fn http_route(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
     }
 }
 
+/// The authority may be rewritten in one place only (VS-83): `rewrite.authority`, or a
+/// `host`/`:authority` header set or added at route level or on each destination.
+fn authority_rewrites(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
+    fn authority_ops(base: &str, h: &Headers) -> Vec<String> {
+        let Some(req) = &h.request else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (op, map) in [("set", &req.set), ("add", &req.add)] {
+            for name in map.keys() {
+                if name.eq_ignore_ascii_case("host") || name == ":authority" {
+                    out.push(p(&p(&p(base, "request"), op), name));
+                }
+            }
+        }
+        out
+    }
+    let mut places = Vec::new();
+    if r.rewrite.as_ref().is_some_and(|rw| rw.authority.is_some()) {
+        places.push(p(&p(path, "rewrite"), "authority"));
+    }
+    if let Some(h) = &r.headers {
+        places.extend(authority_ops(&p(path, "headers"), h));
+    }
+    let route_level = places.len();
+    for (j, d) in r.route.iter().enumerate() {
+        if let Some(h) = &d.headers {
+            let found = authority_ops(&p(&pi(path, "route", j), "headers"), h);
+            // One per destination is fine on its own; with a route-level one it is not.
+            if route_level > 0 || found.len() > 1 {
+                places.extend(found);
+            }
+        }
+    }
+    if places.len() > 1 {
+        for extra in &places[1..] {
+            ctx.error_at_key(
+                extra,
+                format!(
+                    "the authority is already rewritten at {}; rewrite it in one place only",
+                    places[0]
+                ),
+            );
+        }
+    }
+}
+
 fn http_match(ctx: &mut Ctx<'_>, path: &str, m: &HttpMatchRequest) {
     if let Some(u) = &m.uri {
         // `uri` may be an empty prefix (matches everything), unlike the others (VS-20).
@@ -896,6 +908,12 @@ fn http_match(ctx: &mut Ctx<'_>, path: &str, m: &HttpMatchRequest) {
     ] {
         if let Some(sm) = sm {
             string_match(ctx, &p(path, field), sm, field, false);
+            if matches!(sm, StringMatch::Exact(v) if v.is_empty()) {
+                ctx.error(
+                    &p(&p(path, field), "exact"),
+                    format!("{field}: an empty exact match never matches; give a value or remove the match"),
+                );
+            }
         }
     }
     for (field, map) in [
@@ -905,8 +923,16 @@ fn http_match(ctx: &mut Ctx<'_>, path: &str, m: &HttpMatchRequest) {
         for (name, sm) in map {
             let hp = p(&p(path, field), name);
             header_name(ctx, &hp, name, true);
-            if !matches!(sm, StringMatch::Regex(r) if r == "*") {
-                string_match_regex_only(ctx, &hp, sm);
+            match sm {
+                // `regex: "*"` is Istio's spelling of presence, not a regex (VS-14).
+                StringMatch::Regex(r) if r == "*" => {}
+                StringMatch::Prefix(v) if v.is_empty() => ctx.error(
+                    &p(&hp, "prefix"),
+                    format!(
+                        "{field}: an empty prefix is not allowed; use `{{}}` to match any value"
+                    ),
+                ),
+                _ => string_match_regex_only(ctx, &hp, sm),
             }
         }
     }

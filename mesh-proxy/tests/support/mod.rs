@@ -67,6 +67,8 @@ pub enum Behaviour {
     Status(u16, &'static str),
     /// 200 after this delay.
     Slow(Duration, &'static str),
+    /// `101 Switching Protocols` to a WebSocket upgrade, then echoes bytes.
+    Echo,
 }
 
 /// A hyper test application on 127.0.0.1:0.
@@ -99,11 +101,27 @@ impl App {
                 let h = h.clone();
                 let lh = lh.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         let b = b.clone();
                         h.fetch_add(1, Ordering::SeqCst);
                         lh.lock().unwrap().push(req.headers().clone());
+                        let upgrade =
+                            matches!(b, Behaviour::Echo).then(|| hyper::upgrade::on(&mut req));
                         async move {
+                            if let Some(upgrade) = upgrade {
+                                tokio::spawn(async move {
+                                    let io = upgrade.await.expect("upgrade");
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                });
+                                let res = Response::builder()
+                                    .status(101)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "websocket")
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap();
+                                return Ok::<_, std::convert::Infallible>(res);
+                            }
                             let _ = req.into_body().collect().await;
                             let (status, body) = match b {
                                 Behaviour::Ok(s) => (200, s),
@@ -112,6 +130,7 @@ impl App {
                                     tokio::time::sleep(d).await;
                                     (200, s)
                                 }
+                                Behaviour::Echo => (200, "no upgrade"),
                             };
                             let mut res = Response::new(Full::new(Bytes::from(body)));
                             *res.status_mut() = StatusCode::from_u16(status).unwrap();
@@ -119,7 +138,7 @@ impl App {
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                         .await;
                 });
             }

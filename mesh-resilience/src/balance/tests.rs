@@ -357,3 +357,112 @@ async fn ten_endpoints_with_default_cap_eject_exactly_one() {
         "50 % of 3 hosts is 1"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn least_request_with_equal_loads_is_uniform_chi_square() {
+    let (b, _, _) = scripted(LbPolicy::LeastRequest, None);
+    b.update(endpoints(4));
+    let mut counts: HashMap<SocketAddr, f64> = HashMap::new();
+    for _ in 0..4000 {
+        *counts.entry(hit(&b).await.unwrap()).or_default() += 1.0;
+    }
+    let expected = 1000.0;
+    let chi2: f64 = counts
+        .values()
+        .map(|c| (c - expected).powi(2) / expected)
+        .sum();
+    assert!(chi2 < 16.27, "chi-square {chi2}, counts {counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_stays_even_over_the_endpoints_left_after_an_ejection() {
+    let (b, script, _) = scripted(LbPolicy::RoundRobin, Some(eject_all_allowed()));
+    b.update(endpoints(4));
+    script.lock().unwrap().insert(addr(1), 503);
+    while !b.is_ejected(addr(1)) {
+        let _ = hit(&b).await;
+    }
+    script.lock().unwrap().clear();
+    let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+    for _ in 0..30 {
+        *counts.entry(hit(&b).await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|&c| c == 10), "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pick_meeting_an_ejected_endpoint_replays_due_sweeps_first() {
+    let (mut b, script, _) = scripted(LbPolicy::LeastRequest, Some(eject_all_allowed()));
+    b.update(endpoints(2));
+    script.lock().unwrap().insert(addr(2), 503);
+    while b.detector().unwrap().ejected_count() != 1 {
+        let _ = hit(&b).await;
+    }
+    let ejected_at = Instant::now();
+    script.lock().unwrap().clear();
+    // Both endpoints are looked at by every pick among two, so every pick catches up.
+    tokio::time::advance(Duration::from_secs(29)).await;
+    for _ in 0..20 {
+        assert_eq!(b.choose(None), Some(addr(1)));
+    }
+    // Back at the first sweep after the 30 s ejection time, on the very first pick.
+    tokio::time::advance(Duration::from_secs(40) - (Instant::now() - ejected_at)).await;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(b.choose(None).unwrap());
+    }
+    assert!(seen.contains(&addr(2)), "{seen:?}");
+    assert!(!b.is_ejected(addr(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn picks_that_meet_no_ejected_endpoint_leave_sweeps_pending_without_changing_picks() {
+    // Two balancers with the same seed over the same 100 endpoints and the same ejected
+    // one: one replays the due sweep before every pick (as a timer would), the other
+    // lazily. Their picks must be identical, before and after the ejection time.
+    let cfg = OutlierConfig {
+        max_ejection_percent: 10,
+        ..OutlierConfig::default()
+    };
+    let make = || {
+        let (mut b, script, _) = scripted(LbPolicy::LeastRequest, Some(cfg.clone()));
+        b = b.with_rng_seed(11);
+        b.update(endpoints(100));
+        script.lock().unwrap().insert(addr(7), 503);
+        (b, script)
+    };
+    let (mut lazy, s1) = make();
+    let (mut eager, s2) = make();
+    for b in [&lazy, &eager] {
+        let d = b.detector().unwrap();
+        for _ in 0..5 {
+            d.record(
+                &b.shared.set.load()[6].health.clone().unwrap(),
+                &mesh_core::Outcome::Response {
+                    status: 503,
+                    grpc_status: None,
+                },
+            );
+        }
+        assert_eq!(d.ejected_count(), 1);
+    }
+    s1.lock().unwrap().clear();
+    s2.lock().unwrap().clear();
+    let mut lazy_reads = 0;
+    for step in 0..60 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let d = eager.detector().unwrap().clone();
+        d.sweep_if_due(Instant::now());
+        for _ in 0..50 {
+            assert_eq!(lazy.choose(None), eager.choose(None), "at {step} s");
+        }
+        if lazy.detector().unwrap().ejected_count() == 0 {
+            lazy_reads += 1;
+        }
+    }
+    // The ejection ended (at the sweep of t=30) for both.
+    assert_eq!(eager.detector().unwrap().ejected_count(), 0);
+    assert!(lazy_reads > 0);
+    assert!(!lazy.is_ejected(addr(7)));
+}

@@ -76,7 +76,8 @@ where
 }
 
 enum Body {
-    Buffering(Buffering),
+    /// Boxed: only bodies that must be read pay for the buffering state.
+    Buffering(Box<Buffering>),
     Replay(Replay),
     Once(Option<BoxBody>),
 }
@@ -148,7 +149,7 @@ impl<S, F> Attempts<S, F> {
         let (body, phase) = match Buffering::start(body, policy.replay_limit) {
             Start::Done(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
             Start::Done(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
-            Start::Read(buffering) => (Body::Buffering(buffering), Phase::Buffering),
+            Start::Read(buffering) => (Body::Buffering(Box::new(buffering)), Phase::Buffering),
         };
         Self {
             service,
@@ -310,8 +311,8 @@ where
                         req.extensions_mut()
                             .insert(PreviousHosts(this.tried.clone()));
                     }
-                    let now = Instant::now();
-                    let per_try_end = this.per_try.map(|p| now + p);
+                    // The clock is read only when a per-try timeout applies.
+                    let per_try_end = this.per_try.map(|p| Instant::now() + p);
                     if let Some(end) = per_try_end {
                         let clipped = this.deadline.map_or(end, |d| d.clip(end));
                         req.extensions_mut().insert(AttemptDeadline(clipped));
@@ -379,6 +380,11 @@ where
                             let mut rng =
                                 SmallRng::seed_from_u64(*this.seed ^ u64::from(*this.attempt));
                             let wait = this.policy.backoff.delay(*this.attempt, &mut rng);
+                            if wait.is_zero() && this.deadline.is_none() {
+                                // No wait drawn: retry at once.
+                                *this.phase = Phase::Dispatch;
+                                continue;
+                            }
                             let end = Instant::now() + wait;
                             let (at, kind) = match this.deadline {
                                 Some(d) if d.at <= end => (d.at, Timer::Deadline),

@@ -18,8 +18,8 @@ pub mod istio;
 pub mod prometheus;
 
 pub use istio::{
-    DEFAULT_BUCKETS, DestinationService, IstioMetrics, MetricsHandle, Reporter, RequestFacts,
-    Series, TcpMetrics, Workload,
+    DEFAULT_BUCKETS, DestinationService, EnvoyHistogram, IstioMetrics, MetricsHandle, Reporter,
+    RequestFacts, Series, TcpMetrics, Workload,
 };
 pub use prometheus::{DestinationMetrics, MetricsRegistry, ProxyMetrics};
 

@@ -130,6 +130,10 @@ impl std::fmt::Debug for Msg {
 
 impl SpanQueue {
     /// Spawns the export task on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn` does).
     pub fn spawn(
         exporter: impl ExportSpans,
         config: ExportConfig,

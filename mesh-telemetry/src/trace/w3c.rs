@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
 
 /// `traceparent`.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -16,8 +16,8 @@ pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Extracts `traceparent` (and `tracestate`); `None` when absent or invalid.
-pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
-    let v = headers.get(&TRACEPARENT)?.as_bytes();
+pub fn extract<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
+    let v = headers.value(&TRACEPARENT)?.as_bytes();
     if v.len() < 55 {
         return None;
     }
@@ -35,7 +35,8 @@ pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
         ids: Some((trace_id, false, parent)),
         sampled: Some(flags & 1 == 1),
         debug: false,
-        tracestate: headers.get(&TRACESTATE).cloned(),
+        tracestate: headers.value(&TRACESTATE).cloned(),
+        b3_values: None,
     })
 }
 

@@ -396,30 +396,31 @@ impl<'a> Facts<'a> {
     }
 }
 
-/// FNV-1a: principals come from verified certificates, so a simple fast hash is enough
-/// for the rule index.
+/// The rule index hashes a principal by its length and last 16 bytes, where principals
+/// of one trust domain differ (`…/sa/<name>`): a constant-time hash, and collisions only
+/// cost a string comparison. Principals come from verified certificates.
 #[derive(Clone, Copy, Debug, Default)]
-struct Fnv(u64);
+struct TailHash(u64);
 
-impl std::hash::Hasher for Fnv {
+impl std::hash::Hasher for TailHash {
     fn finish(&self) -> u64 {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+        let tail = &bytes[bytes.len().saturating_sub(16)..];
+        let mut h = self.0 ^ (bytes.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for chunk in tail.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(29);
         }
         self.0 = h;
     }
 }
 
-type FnvBuild = std::hash::BuildHasherDefault<Fnv>;
+type IndexHasher = std::hash::BuildHasherDefault<TailHash>;
 
 impl Field {
     /// Evaluation order inside a source or operation: cheap and selective first.
@@ -581,7 +582,7 @@ type RuleRef = (u32, u32);
 #[derive(Clone, Debug, Default)]
 struct ActionList {
     policies: Vec<CompiledPolicy>,
-    by_principal: HashMap<Box<str>, Vec<RuleRef>, FnvBuild>,
+    by_principal: HashMap<Box<str>, Vec<RuleRef>, IndexHasher>,
     unindexed: Vec<RuleRef>,
 }
 
