@@ -105,7 +105,7 @@ fn istio_config_map_loads_and_compiles_when_mounted_by_the_kubelet() {
     let labels = BTreeMap::from([("app".to_owned(), "payment-service".to_owned())]);
     let authz = PolicySet::from_config(&config, "production", &labels).unwrap();
     assert_eq!(authz.len(), 1);
-    let pa = examples::proxyless::convert::peer_authentication(&config);
+    let pa = mesh_tls::PeerAuthentication::from_config(&config);
     assert_eq!(
         pa.for_workload("production", &labels).mode(15006),
         PeerAuthMode::Strict

@@ -13,14 +13,14 @@ use mesh_core::error::BoxError;
 use mesh_telemetry::{DestinationService, RequestBody, Telemetry, TelemetryLayer};
 use mesh_tls::authz::PolicyHandle;
 use mesh_tls::{
-    AuthzLayer, InboundAcceptor, PolicySet, WorkloadPeerAuthentication, serve_connection,
+    AuthzLayer, InboundAcceptor, PeerAuthentication, PolicySet, WorkloadPeerAuthentication,
+    serve_connection,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
-use super::convert;
 use super::outbound::{box_request, box_response};
 
 type InboundService =
@@ -71,7 +71,7 @@ fn compile(
     workload: &WorkloadId,
 ) -> Result<(WorkloadPeerAuthentication, PolicySet), BoxError> {
     let pa =
-        convert::peer_authentication(config).for_workload(&workload.namespace, &workload.labels);
+        PeerAuthentication::from_config(config).for_workload(&workload.namespace, &workload.labels);
     let set = PolicySet::from_config(config, &workload.namespace, &workload.labels)?;
     Ok((pa, set))
 }

@@ -5,7 +5,7 @@
 //!   then the application.
 //! - [`outbound`]: telemetry, VirtualService routing, route deadline and retries,
 //!   balancing with outlier detection, pooled mTLS connections per endpoint.
-//! - [`convert`]: Istio config to the layers' policy types.
+//! - [`convert`]: workload labels.
 //! - [`connect`]: the per-endpoint client.
 
 pub mod connect;

@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -17,14 +16,13 @@ use mesh_core::config::MeshConfig;
 use mesh_core::error::BoxError;
 use mesh_core::extensions::RoutePolicy;
 use mesh_resilience::deadline::Deadline;
-use mesh_resilience::{Balance, RetryLayer};
+use mesh_resilience::{Balance, LbPolicy, OutlierConfig, RetryLayer, RetryPolicy};
 use mesh_routing::{CompileOptions, Naming, RouterHandle, Routing, Target};
 use mesh_telemetry::{RequestBody, ResponseBody, Telemetry, TelemetryLayer};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::connect::EndpointService;
-use super::convert;
 
 /// The service of one destination (host, subset, port).
 pub type DestinationService = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
@@ -104,11 +102,6 @@ impl Outbound {
     }
 }
 
-fn seed_base() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(0u8)
-}
-
 /// Boxes a response body.
 pub(crate) fn box_response<B>(res: Response<B>) -> Response<BoxBody>
 where
@@ -138,11 +131,13 @@ fn compile(config: &MeshConfig, options: &CompileOptions) -> Result<Routing, Box
 /// DestinationRule has it) over one pooled client per endpoint.
 fn destination(target: &Arc<Target>, tls: &mesh_tls::ClientTls) -> DestinationService {
     let policy = target.policy();
-    let outlier = policy
-        .outlier_detection
+    let outlier = policy.outlier_detection.as_ref().map(OutlierConfig::from);
+    // An unsupported algorithm (consistent hashing) falls back to LEAST_REQUEST.
+    let lb = policy
+        .load_balancer
         .as_ref()
-        .map(convert::outlier_config);
-    let lb = convert::lb_policy(policy.load_balancer.as_ref());
+        .and_then(|lb| LbPolicy::try_from(lb).ok())
+        .unwrap_or_default();
     let tls = tls.clone();
     let sni = target.key.host.clone();
     let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
@@ -153,7 +148,6 @@ fn destination(target: &Arc<Target>, tls: &mesh_tls::ClientTls) -> DestinationSe
     BoxCloneSyncService::new(Destination {
         target: Arc::clone(target),
         balance,
-        seeds: Arc::new(AtomicU64::new(seed_base())),
         synced: Arc::new(Mutex::new(endpoints)),
     })
 }
@@ -163,7 +157,6 @@ fn destination(target: &Arc<Target>, tls: &mesh_tls::ClientTls) -> DestinationSe
 struct Destination {
     target: Arc<Target>,
     balance: Balance<EndpointService>,
-    seeds: Arc<AtomicU64>,
     synced: Arc<Mutex<Arc<Vec<Endpoint>>>>,
 }
 
@@ -195,13 +188,8 @@ impl Service<Request<BoxBody>> for Destination {
             .get::<RoutePolicy>()
             .cloned()
             .unwrap_or_default();
-        // Each request's balancer gets its own seed: clones of one balancer that is never
-        // called itself would otherwise all draw the same endpoints.
-        let seed = self
-            .seeds
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let balance = self.balance.clone().with_rng_seed(seed);
-        let retry = match convert::retry_policy(route.retries.as_deref()) {
+        let balance = self.balance.clone();
+        let retry = match RetryPolicy::from_route(route.retries.as_deref(), route.timeout) {
             Ok(r) => r,
             Err(e) => return Box::pin(std::future::ready(Err(BoxError::from(e)))),
         };
