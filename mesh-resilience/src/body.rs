@@ -77,3 +77,54 @@ pub(crate) fn guard_response<B: Body, G>(
     };
     res.map(|b| GuardBody::new(b, guard))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use mesh_core::BoxError;
+
+    use super::*;
+
+    fn stream(frames: Vec<Result<Frame<Bytes>, BoxError>>) -> mesh_core::BoxBody {
+        mesh_core::body::boxed(StreamBody::new(futures_util::stream::iter(frames)))
+    }
+
+    #[tokio::test]
+    async fn guard_is_released_at_the_end_of_the_stream_not_before() {
+        let guard = Arc::new(());
+        let mut body = GuardBody::new(
+            stream(vec![Ok(Frame::data(Bytes::from_static(b"a")))]),
+            Some(guard.clone()),
+        );
+        assert!(body.frame().await.is_some());
+        assert_eq!(Arc::strong_count(&guard), 2, "held while the body streams");
+        assert!(body.frame().await.is_none());
+        assert_eq!(Arc::strong_count(&guard), 1);
+    }
+
+    #[tokio::test]
+    async fn guard_is_released_on_error_and_on_drop() {
+        let guard = Arc::new(());
+        let mut body = GuardBody::new(stream(vec![Err("boom".into())]), Some(guard.clone()));
+        assert!(body.frame().await.is_some_and(|f| f.is_err()));
+        assert_eq!(Arc::strong_count(&guard), 1);
+
+        let body = GuardBody::new(stream(vec![]), Some(guard.clone()));
+        drop(body);
+        assert_eq!(Arc::strong_count(&guard), 1);
+    }
+
+    #[test]
+    fn a_complete_response_releases_at_once() {
+        let guard = Arc::new(());
+        let res = guard_response(
+            http::Response::new(mesh_core::body::empty()),
+            Some(guard.clone()),
+        );
+        assert!(!res.body().is_guarded());
+        assert_eq!(Arc::strong_count(&guard), 1);
+    }
+}

@@ -166,7 +166,8 @@ where
         req.extensions_mut().insert(deadline);
         ResponseFuture::Timed {
             fut: self.inner.call(req),
-            sleep: sleep_until(deadline.at),
+            at: deadline.at,
+            sleep: None,
         }
     }
 }
@@ -186,9 +187,12 @@ pub enum ResponseFuture<F> {
         /// The inner future.
         #[pin]
         fut: F,
-        /// Fires at the deadline.
+        /// The deadline.
+        at: Instant,
+        /// Fires at the deadline; armed only once the inner future has to wait, so an
+        /// answer that is ready at once costs no timer.
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
     },
 }
 
@@ -202,12 +206,17 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             ResponseFutureProj::Passthrough { fut } => fut.poll(cx).map_err(Into::into),
-            ResponseFutureProj::Timed { fut, sleep } => {
+            ResponseFutureProj::Timed { fut, at, mut sleep } => {
                 // The inner future goes first: an answer that is ready at the deadline wins.
                 if let Poll::Ready(out) = fut.poll(cx) {
                     return Poll::Ready(out.map_err(Into::into));
                 }
-                ready!(sleep.poll(cx));
+                if sleep.is_none() {
+                    sleep.set(Some(sleep_until(*at)));
+                }
+                if let Some(sleep) = sleep.as_pin_mut() {
+                    ready!(sleep.poll(cx));
+                }
                 Poll::Ready(Err(Box::new(DeadlineExceeded)))
             }
         }

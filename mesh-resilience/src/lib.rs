@@ -64,12 +64,23 @@
 pub mod balance;
 pub mod body;
 pub mod deadline;
+pub mod istio;
 pub mod limit;
 pub mod outlier;
 pub mod retry;
 
 pub use balance::{Balance, LbPolicy, PreviousHosts};
 pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
+pub use istio::UnsupportedLb;
 pub use limit::{PoolLimitLayer, PoolLimits, RetryGate};
 pub use outlier::{OutlierConfig, OutlierDetector};
 pub use retry::{Backoff, RetriesExhausted, RetryBudget, RetryLayer, RetryOn, RetryPolicy};
+
+/// Derives the seed of the `n`-th clone from a base seed (splitmix64), so that clones of
+/// a seeded service get distinct, reproducible random sequences.
+pub(crate) fn mix_seed(base: u64, n: u64) -> u64 {
+    let mut z = base ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

@@ -8,7 +8,9 @@
 //!   gateway (`name` in their own namespace or `namespace/name`), with their hosts narrowed
 //!   to the gateway servers' hosts (`*.example.com` covers `dev.example.com`, not
 //!   `example.com`). A match block with its own `gateways` is kept only if that list names
-//!   the listener; a route whose blocks are all dropped is dropped.
+//!   the listener; a route whose blocks are all dropped is dropped. On the mesh listener,
+//!   blocks whose `sourceLabels` or `sourceNamespace` do not describe this proxy's workload
+//!   ([`CompileOptions::workload_labels`], [`Naming::namespace`]) are dropped the same way.
 //! - Hosts and destination hosts are qualified with the VirtualService's namespace (VS-01).
 //! - Weights (VS-30..VS-33), faults (VS-70..VS-72, omitted percentage = 0 %), headers
 //!   (VS-83: `host`/`:authority` become an authority rewrite, other pseudo-headers are
@@ -22,6 +24,31 @@
 //! Every translation problem is collected as a [`CompileError`] naming the VirtualService;
 //! configuration that passed `mesh-core` validation compiles. `delegate` routes are not
 //! supported and are reported as errors.
+//!
+//! # Example
+//!
+//! ```
+//! use http::Request;
+//! use mesh_core::config::{LoadOptions, MeshConfig};
+//! use mesh_routing::{CompileOptions, RequestView, Routing};
+//!
+//! let yaml = r#"
+//! apiVersion: networking.istio.io/v1
+//! kind: VirtualService
+//! metadata: {name: reviews, namespace: default}
+//! spec:
+//!   hosts: [reviews]
+//!   http:
+//!   - match: [{headers: {end-user: {exact: jason}}}]
+//!     route: [{destination: {host: reviews, subset: v2}}]
+//!   - route: [{destination: {host: reviews, subset: v1}}]
+//! "#;
+//! let (config, _) = MeshConfig::from_yaml_str("reviews.yaml", yaml, &LoadOptions::default()).unwrap();
+//! let routing = Routing::compile(&config, &CompileOptions::default()).unwrap();
+//! let req = Request::get("http://reviews:9080/").header("end-user", "jason").body(()).unwrap();
+//! let selected = routing.table.select(&RequestView::from_request(&req, None)).unwrap();
+//! assert!(selected.matched.is_some());
+//! ```
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,6 +95,9 @@ pub struct CompileOptions {
     pub listener: Listener,
     /// Trust domain of `serviceAccount` identities (`cluster.local`).
     pub trust_domain: String,
+    /// Labels of the workload this sidecar serves: match blocks with `sourceLabels` apply
+    /// only when they are all among these (VS-06).
+    pub workload_labels: mesh_core::Labels,
 }
 
 impl Default for CompileOptions {
@@ -76,6 +106,7 @@ impl Default for CompileOptions {
             naming: Naming::default(),
             listener: Listener::Mesh,
             trust_domain: "cluster.local".into(),
+            workload_labels: mesh_core::Labels::new(),
         }
     }
 }
@@ -561,6 +592,18 @@ fn compile_virtual_service(
         for m in &r.matches {
             // VS-06: a block's own `gateways` overrides the top-level list.
             if !m.gateways.is_empty() && !binds(&m.gateways, namespace, &options.listener) {
+                continue;
+            }
+            // VS-06: source selectors choose proxies, and only on the mesh listener.
+            if options.listener == Listener::Mesh
+                && (!m
+                    .source_labels
+                    .iter()
+                    .all(|(k, v)| options.workload_labels.get(k) == Some(v))
+                    || m.source_namespace
+                        .as_ref()
+                        .is_some_and(|ns| *ns != options.naming.namespace))
+            {
                 continue;
             }
             matches.push(ctx.route_match(m)?);

@@ -9,6 +9,25 @@
 //!
 //! Faults are per route, so the [`Router`](crate::Router) applies them after the route is
 //! chosen and before the destination service (with its retries) is called.
+//!
+//! # Errors
+//!
+//! None: an abort is a response ([`abort_response`]), not an error.
+//!
+//! # Example
+//!
+//! ```
+//! use http::StatusCode;
+//! use mesh_routing::{AbortStatus, FaultPolicy, Percent};
+//! use rand::{SeedableRng, rngs::SmallRng};
+//!
+//! let fault = FaultPolicy {
+//!     delay: None,
+//!     abort: Some((AbortStatus::Http(StatusCode::SERVICE_UNAVAILABLE), Percent::from_percent(100.0))),
+//! };
+//! let decision = fault.decide(&mut SmallRng::seed_from_u64(1));
+//! assert_eq!(decision.abort, Some(AbortStatus::Http(StatusCode::SERVICE_UNAVAILABLE)));
+//! ```
 
 use std::time::Duration;
 

@@ -9,6 +9,23 @@
 //! # Errors
 //!
 //! Building a matcher fails with [`MatchError`] for an invalid regex.
+//!
+//! # Example
+//!
+//! ```
+//! use http::Request;
+//! use mesh_routing::{HeaderMatch, RequestView, RouteMatch, StringMatch, UriMatch};
+//!
+//! let block = RouteMatch {
+//!     uri: Some(UriMatch { matcher: StringMatch::prefix("/api"), ignore_case: false }),
+//!     headers: vec![HeaderMatch::new("x-canary".parse().unwrap(), Some(StringMatch::exact("true")))],
+//!     ..RouteMatch::default()
+//! };
+//! let req = Request::get("http://shop/apiv2").header("x-canary", "true").body(()).unwrap();
+//! assert!(block.matches(&RequestView::from_request(&req, None)));
+//! // Regexes match whole values only.
+//! assert!(!StringMatch::regex(r"\d+").unwrap().matches("a123"));
+//! ```
 
 use http::{HeaderMap, HeaderName, Method};
 use regex::Regex;

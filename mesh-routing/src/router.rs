@@ -36,6 +36,12 @@
 //! The router's `poll_ready` is always ready: the destination is only known in `call`, so
 //! the chosen destination service is driven to readiness inside the response future
 //! (destination services should be cheap to clone, e.g. behind a buffer).
+//!
+//! Note for servers: when a router (or its response future) ends up inside a spawned
+//! connection future, rustc may fail to prove `Send` for the future over the `dyn Error`
+//! inside the request body type ("implementation of `Service` is not general enough").
+//! Boxing the response future (`Box::pin(router.call(req))` as a `dyn Future + Send`) or
+//! the service (`BoxCloneSyncService`) avoids it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -267,6 +273,7 @@ where
             dns: Vec::new(),
         };
         let snapshot = Self::build(&mut cache, routing);
+        resolve_new_dns_targets(&cache.dns);
         Self {
             shared: Arc::new(ArcSwap::from_pointee(snapshot)),
             cache: Arc::new(Mutex::new(cache)),
@@ -334,6 +341,7 @@ where
             Err(poisoned) => poisoned.into_inner(),
         };
         let snapshot = Self::build(&mut cache, routing);
+        resolve_new_dns_targets(&cache.dns);
         self.shared.store(Arc::new(snapshot));
     }
 
@@ -354,21 +362,15 @@ where
     }
 
     /// Resolves the DNS names of every `resolution: DNS` destination now and stores the
-    /// answers. Names that fail to resolve keep their previous endpoints.
+    /// answers. Names that fail to resolve keep their previous endpoints. New DNS
+    /// destinations are also resolved in the background right after [`update`](Self::update)
+    /// when a tokio runtime is running.
     pub async fn refresh_dns(&self) {
         let jobs = match self.cache.lock() {
             Ok(guard) => guard.dns.clone(),
             Err(poisoned) => poisoned.into_inner().dns.clone(),
         };
-        for job in jobs {
-            let eps = job
-                .service
-                .resolve_endpoints(&job.port, &job.selector)
-                .await;
-            if !eps.is_empty() || job.service.endpoints.is_empty() {
-                job.target.endpoints.store(Arc::new(eps));
-            }
-        }
+        resolve_jobs(jobs).await;
     }
 
     /// Spawns a task that calls [`refresh_dns`](Self::refresh_dns) now and then every `every`.
@@ -385,6 +387,36 @@ where
                 handle.refresh_dns().await;
             }
         })
+    }
+}
+
+/// Resolves `jobs` and stores the answers; a name that resolves to nothing keeps its
+/// previous endpoints (a DNS outage must not empty a destination).
+async fn resolve_jobs(jobs: Vec<DnsJob>) {
+    for job in jobs {
+        let eps = job
+            .service
+            .resolve_endpoints(&job.port, &job.selector)
+            .await;
+        if !eps.is_empty() {
+            job.target.endpoints.store(Arc::new(eps));
+        }
+    }
+}
+
+/// Starts resolving DNS destinations that have no endpoints yet (new ones), when running
+/// inside a tokio runtime; otherwise they wait for [`RouterHandle::refresh_dns`].
+fn resolve_new_dns_targets(jobs: &[DnsJob]) {
+    let fresh: Vec<DnsJob> = jobs
+        .iter()
+        .filter(|j| !j.target.has_endpoints())
+        .cloned()
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(resolve_jobs(fresh));
     }
 }
 

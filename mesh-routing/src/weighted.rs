@@ -9,6 +9,20 @@
 //!
 //! [`Weighted::new`] fails with [`WeightError`] for no destinations or, with more than
 //! one, a zero total.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_routing::Weighted;
+//! use rand::{SeedableRng, rngs::SmallRng};
+//!
+//! let split = Weighted::new(vec![("v1", 95), ("v2", 5)]).unwrap();
+//! let mut rng = SmallRng::seed_from_u64(7);
+//! let v2 = (0..10_000).filter(|_| *split.pick(&mut rng) == "v2").count();
+//! assert!((400..600).contains(&v2));
+//! // With several destinations, weight 0 receives nothing.
+//! assert_eq!(Weighted::new(vec![("v1", 0), ("v2", 100)]).unwrap().items(), &["v2"]);
+//! ```
 
 use rand::Rng;
 

@@ -151,7 +151,12 @@ impl AccessEntry {
             self.bytes_sent,
             self.duration.as_millis()
         );
-        field(&mut out, self.upstream_service_time.as_ref().map(HeaderValue::as_bytes));
+        field(
+            &mut out,
+            self.upstream_service_time
+                .as_ref()
+                .map(HeaderValue::as_bytes),
+        );
         for v in [
             self.forwarded_for.as_ref().map(HeaderValue::as_bytes),
             self.user_agent.as_ref().map(HeaderValue::as_bytes),
@@ -176,7 +181,9 @@ impl AccessEntry {
     /// The entry as one JSON object, with a trailing newline.
     pub fn to_json(&self) -> String {
         let s = |v: Option<&[u8]>| match v {
-            Some(b) if !b.is_empty() => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+            Some(b) if !b.is_empty() => {
+                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+            }
             _ => serde_json::Value::Null,
         };
         let v = serde_json::json!({
@@ -234,6 +241,10 @@ pub const QUEUE_CAPACITY: usize = 4096;
 
 impl AccessLog {
     /// Writes to any async writer (spawns the writer task on the current runtime).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn` does).
     pub fn to_writer<W>(writer: W, format: Format, dropped: Counter) -> Self
     where
         W: AsyncWrite + Unpin + Send + 'static,
@@ -260,7 +271,11 @@ impl AccessLog {
             }
             let _ = w.flush().await;
         });
-        Self { tx, format, dropped }
+        Self {
+            tx,
+            format,
+            dropped,
+        }
     }
 
     /// Writes to standard output.
@@ -269,7 +284,11 @@ impl AccessLog {
     }
 
     /// Appends to a file, creating it if needed.
-    pub async fn file(path: impl AsRef<Path>, format: Format, dropped: Counter) -> std::io::Result<Self> {
+    pub async fn file(
+        path: impl AsRef<Path>,
+        format: Format,
+        dropped: Counter,
+    ) -> std::io::Result<Self> {
         let f = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -280,7 +299,11 @@ impl AccessLog {
 
     /// Queues one entry without waiting; a full queue drops it (counted).
     pub fn log(&self, entry: &AccessEntry) {
-        if self.tx.try_send(Msg::Line(entry.render(self.format))).is_err() {
+        if self
+            .tx
+            .try_send(Msg::Line(entry.render(self.format)))
+            .is_err()
+        {
             self.dropped.inc();
         }
     }
@@ -312,7 +335,9 @@ mod tests {
             upstream_service_time: None,
             forwarded_for: None,
             user_agent: Some(HeaderValue::from_static("curl/8.5.0")),
-            request_id: Some(HeaderValue::from_static("4f1c5e9e-4c37-4a4e-9c3e-2d1a8b6f1f11")),
+            request_id: Some(HeaderValue::from_static(
+                "4f1c5e9e-4c37-4a4e-9c3e-2d1a8b6f1f11",
+            )),
             authority: Some("reviews:9080".into()),
             upstream_host: Some("10.0.0.7:9080".parse().unwrap()),
         }
@@ -343,7 +368,10 @@ mod tests {
         let line = e.to_text();
         assert_eq!(line.matches('\n').count(), 1);
         assert!(line.contains("\"x\\\" 200 \\\"\\x09fake\\xFF\""), "{line}");
-        assert!(line.contains("/a\\x0D\\x0A[2016-04-15T20:17:00.310Z] \\x1B[31m HTTP/1.1"), "{line}");
+        assert!(
+            line.contains("/a\\x0D\\x0A[2016-04-15T20:17:00.310Z] \\x1B[31m HTTP/1.1"),
+            "{line}"
+        );
         assert!(line.contains("\"evil\\\\host\""), "{line}");
         assert!(!line.bytes().any(|b| b < 0x20 && b != b'\n'));
         let json = e.to_json();

@@ -96,7 +96,10 @@ impl LatencyStats {
 
     /// Percentiles of every destination, sorted by name.
     pub fn snapshot(&self) -> Vec<LatencySummary> {
-        let map = self.by_destination.read().unwrap_or_else(|e| e.into_inner());
+        let map = self
+            .by_destination
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         map.iter()
             .map(|(name, h)| {
                 let h = h.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +155,13 @@ mod tests {
         let a = &snap[0];
         assert_eq!((a.destination.as_str(), a.count), ("a", 1000));
         // 3 significant digits: within 0.1 % of the exact order statistic.
-        for (got, want) in [(a.p50, 500.0), (a.p90, 900.0), (a.p99, 990.0), (a.p999, 999.0), (a.max, 1000.0)] {
+        for (got, want) in [
+            (a.p50, 500.0),
+            (a.p90, 900.0),
+            (a.p99, 990.0),
+            (a.p999, 999.0),
+            (a.max, 1000.0),
+        ] {
             assert!((got - want).abs() <= want * 0.001, "{got} vs {want}");
         }
         assert_eq!(snap[1].max, 0.25);

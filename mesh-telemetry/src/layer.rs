@@ -9,9 +9,10 @@
 //! When the response head arrives, its status, `grpc-status`, the [`ResponseFlags`] that
 //! inner layers left in the response extensions and the [`UpstreamHost`] are noted, and
 //! the response body is wrapped. When that body ends (or trailers arrive, or it errors,
-//! or the client goes away: flag `DC`), one record is written: Istio metrics through the
-//! target's pre-resolved [`MetricsHandle`], the HdrHistogram of the destination, the
-//! access log and, if sampled, a span to the export queue. None of these waits.
+//! or the client goes away: flag `DC`, and `response_code="0"` when that happens before the
+//! response head), one record is written: Istio metrics through the target's pre-resolved
+//! [`MetricsHandle`], the HdrHistogram of the destination, the access log and, if sampled,
+//! a span to the export queue. None of these waits.
 //!
 //! An error from the inner service is classified once ([`crate::classify_error`] over
 //! mesh-core's [`mesh_core::Outcome`]): the record carries the status the proxy will answer
@@ -237,7 +238,10 @@ impl Telemetry {
                 &Workload::unknown(),
                 service,
             ),
-            latency: self.shared.latency.handle(&format!("inbound|{}", service.host)),
+            latency: self
+                .shared
+                .latency
+                .handle(&format!("inbound|{}", service.host)),
         }
     }
 }
@@ -266,7 +270,12 @@ impl ByAuthority {
         if host.is_empty() {
             return self.unknown.clone();
         }
-        if let Some(t) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(host) {
+        if let Some(t) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+        {
             return t.clone();
         }
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -300,13 +309,14 @@ struct LayerShared {
 /// Records Istio metrics, latency, traces and access logs for the wrapped service.
 #[derive(Clone)]
 pub struct TelemetryLayer {
-    shared: Arc<LayerShared>,
+    // `None`: disabled, requests pass through untouched.
+    shared: Option<Arc<LayerShared>>,
 }
 
 impl std::fmt::Debug for TelemetryLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TelemetryLayer")
-            .field("kind", &self.shared.kind)
+            .field("kind", &self.shared.as_ref().map(|s| s.kind))
             .finish_non_exhaustive()
     }
 }
@@ -317,14 +327,20 @@ pub const DEFAULT_AUTHORITY_LIMIT: usize = 1024;
 impl TelemetryLayer {
     fn with(telemetry: &Telemetry, targets: Targets, kind: SpanKind) -> Self {
         Self {
-            shared: Arc::new(LayerShared {
+            shared: Some(Arc::new(LayerShared {
                 telemetry: telemetry.clone(),
                 targets,
                 kind,
                 seed: rand::rng().random(),
                 clones: AtomicU64::new(0),
-            }),
+            })),
         }
+    }
+
+    /// A layer that records nothing and leaves requests untouched (telemetry turned off):
+    /// no headers are added and nothing is allocated per request.
+    pub fn disabled() -> Self {
+        Self { shared: None }
     }
 
     /// Outbound side of one route to `service` (`reporter="source"`).
@@ -336,7 +352,8 @@ impl TelemetryLayer {
     /// Outbound side for any destination, resolved from the request authority with at
     /// most `limit` distinct destinations (further ones are `unknown`).
     pub fn outbound_by_authority(telemetry: &Telemetry, limit: usize) -> Self {
-        let unknown = telemetry.outbound_target(&DestinationService::default(), &Workload::unknown());
+        let unknown =
+            telemetry.outbound_target(&DestinationService::default(), &Workload::unknown());
         Self::with(
             telemetry,
             Targets::ByAuthority(ByAuthority {
@@ -363,7 +380,9 @@ impl TelemetryLayer {
     /// Fixes the seed of the services' random number generators (ids, sampling).
     #[must_use]
     pub fn with_seed(self, seed: u64) -> Self {
-        let s = &self.shared;
+        let Some(s) = &self.shared else {
+            return self;
+        };
         let targets = match &s.targets {
             Targets::Fixed(t) => Targets::Fixed(t.clone()),
             Targets::ByAuthority(b) => Targets::ByAuthority(ByAuthority {
@@ -374,13 +393,13 @@ impl TelemetryLayer {
             }),
         };
         Self {
-            shared: Arc::new(LayerShared {
+            shared: Some(Arc::new(LayerShared {
                 telemetry: s.telemetry.clone(),
                 targets,
                 kind: s.kind,
                 seed,
                 clones: AtomicU64::new(0),
-            }),
+            })),
         }
     }
 }
@@ -396,15 +415,18 @@ impl<S> Layer<S> for TelemetryLayer {
 /// The service of [`TelemetryLayer`].
 pub struct TelemetryService<S> {
     inner: S,
-    shared: Arc<LayerShared>,
+    shared: Option<Arc<LayerShared>>,
     rng: SmallRng,
 }
 
 impl<S> TelemetryService<S> {
-    fn new(inner: S, shared: Arc<LayerShared>) -> Self {
-        // Each service gets its own stream: seed, then the clone counter.
-        let n = shared.clones.fetch_add(1, Ordering::Relaxed);
-        let rng = SmallRng::seed_from_u64(shared.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    fn new(inner: S, shared: Option<Arc<LayerShared>>) -> Self {
+        // Each service gets its own stream: the layer's seed mixed with a clone counter.
+        let seed = shared.as_ref().map_or(0, |s| {
+            let n = s.clones.fetch_add(1, Ordering::Relaxed);
+            s.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        let rng = SmallRng::seed_from_u64(seed);
         Self { inner, shared, rng }
     }
 }
@@ -424,12 +446,14 @@ impl<S: std::fmt::Debug> std::fmt::Debug for TelemetryService<S> {
 }
 
 fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
+/// Header lines (`name: value\r\n`) plus the blank line, as HTTP/1.1 frames them.
 fn header_block_len(headers: &HeaderMap) -> u64 {
     headers
         .iter()
@@ -440,6 +464,7 @@ fn header_block_len(headers: &HeaderMap) -> u64 {
 
 /// What the access log and the span need from the request (captured only when used).
 struct Captured {
+    start_wall: SystemTime,
     method: http::Method,
     path: String,
     version: http::Version,
@@ -452,7 +477,6 @@ struct Pending {
     layer: Arc<LayerShared>,
     target: Target,
     start: Instant,
-    start_wall: SystemTime,
     hop: HopContext,
     request_id: HeaderValue,
     grpc: bool,
@@ -499,7 +523,7 @@ impl Pending {
         };
         if let Some(log) = &telemetry.access_log {
             log.log(&AccessEntry {
-                start: self.start_wall,
+                start: c.start_wall,
                 method: c.method.clone(),
                 path: c.path.clone(),
                 protocol: c.version,
@@ -528,7 +552,10 @@ impl Pending {
                 ("response_flags", self.flags.to_string()),
                 ("request_size", request_body.to_string()),
                 ("response_size", response_body_bytes.to_string()),
-                ("upstream_cluster", self.target.metrics.destination_service().to_owned()),
+                (
+                    "upstream_cluster",
+                    self.target.metrics.destination_service().to_owned(),
+                ),
                 ("istio.canonical_service", w.canonical_service.clone()),
                 ("istio.namespace", w.namespace.clone()),
                 (
@@ -537,7 +564,10 @@ impl Pending {
                 ),
             ];
             if let Some(ua) = &c.user_agent {
-                attributes.push(("user_agent", String::from_utf8_lossy(ua.as_bytes()).into_owned()));
+                attributes.push((
+                    "user_agent",
+                    String::from_utf8_lossy(ua.as_bytes()).into_owned(),
+                ));
             }
             if let Some(up) = self.upstream_host {
                 attributes.push(("upstream_host", up.to_string()));
@@ -552,7 +582,7 @@ impl Pending {
                 parent_span_id: self.hop.parent_span_id,
                 name: format!("{host}/*"),
                 kind: self.layer.kind,
-                start: self.start_wall,
+                start: c.start_wall,
                 duration: elapsed,
                 attributes,
                 error: self.status >= 500 || self.status == 0,
@@ -577,13 +607,27 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let Some(shared) = &self.shared else {
+            // Disabled: pass through, nothing recorded, nothing allocated.
+            return ResponseFuture {
+                inner: self
+                    .inner
+                    .call(req.map(|inner| RequestBody { inner, bytes: None })),
+                pending: None,
+            };
+        };
         let start = Instant::now();
-        let start_wall = SystemTime::now();
         let (mut parts, body) = req.into_parts();
-        let shared = &self.shared;
         let telemetry = &shared.telemetry.shared;
+        // Wire size of what the downstream sent, before we add any header.
+        let request_header_bytes = (parts.method.as_str().len()
+            + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + 12) as u64
+            + header_block_len(&parts.headers);
         let request_id = trace::ensure_request_id(&mut parts.headers, &mut self.rng);
-        let hop = telemetry.propagator.propagate(&mut parts.headers, &mut self.rng);
+        let hop = telemetry
+            .propagator
+            .propagate(&mut parts.headers, &mut self.rng);
         let probe = Request::from_parts(parts, ());
         let target = match &shared.targets {
             Targets::Fixed(t) => t.clone(),
@@ -601,42 +645,42 @@ where
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let request_header_bytes = (parts.method.as_str().len() + path.len() + 12) as u64
-            + header_block_len(&parts.headers);
-        let captured = (telemetry.access_log.is_some() || (hop.sampled && telemetry.spans.is_some()))
-            .then(|| {
-                let get = |n: &str| parts.headers.get(n).cloned();
-                Box::new(Captured {
-                    method: parts.method.clone(),
-                    path: path.to_owned(),
-                    version: parts.version,
-                    authority: parts
-                        .uri
-                        .authority()
-                        .map(|a| a.as_str().to_owned())
-                        .or_else(|| {
-                            parts
-                                .headers
-                                .get(http::header::HOST)
-                                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
-                        }),
-                    user_agent: get("user-agent"),
-                    forwarded_for: get("x-forwarded-for"),
-                })
-            });
+        let captured = (telemetry.access_log.is_some()
+            || (hop.sampled && telemetry.spans.is_some()))
+        .then(|| {
+            let get = |n: &str| parts.headers.get(n).cloned();
+            Box::new(Captured {
+                // Wall time only for the log line and the span; durations use `start`.
+                start_wall: SystemTime::now(),
+                method: parts.method.clone(),
+                path: path.to_owned(),
+                version: parts.version,
+                authority: parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().to_owned())
+                    .or_else(|| {
+                        parts
+                            .headers
+                            .get(http::header::HOST)
+                            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                    }),
+                user_agent: get("user-agent"),
+                forwarded_for: get("x-forwarded-for"),
+            })
+        });
         let counter = Arc::new(AtomicU64::new(0));
         let req = Request::from_parts(
             parts,
             RequestBody {
                 inner: body,
-                bytes: counter.clone(),
+                bytes: Some(counter.clone()),
             },
         );
         let pending = Pending {
             layer: shared.clone(),
             target,
             start,
-            start_wall,
             hop,
             request_id,
             grpc,
@@ -665,7 +709,7 @@ where
 pub struct RequestBody<B> {
     #[pin]
     inner: B,
-    bytes: Arc<AtomicU64>,
+    bytes: Option<Arc<AtomicU64>>,
 }
 
 impl<B> RequestBody<B> {
@@ -687,8 +731,9 @@ impl<B: Body> Body for RequestBody<B> {
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(f)) = &frame
             && let Some(d) = f.data_ref()
+            && let Some(bytes) = this.bytes
         {
-            this.bytes.fetch_add(d.remaining() as u64, Ordering::Relaxed);
+            bytes.fetch_add(d.remaining() as u64, Ordering::Relaxed);
         }
         Poll::Ready(frame)
     }
@@ -703,7 +748,7 @@ impl<B: Body> Body for RequestBody<B> {
 }
 
 /// The future of [`TelemetryService`].
-#[pin_project]
+#[pin_project(PinnedDrop)]
 pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
@@ -728,8 +773,12 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let Some(mut pending) = this.pending.take() else {
-            // Polled after completion: the inner future decides what that means.
-            return Poll::Ready(result.map(|r| r.map(ResponseBody::detached)).map_err(Into::into));
+            // Disabled layer: the response passes through.
+            return Poll::Ready(
+                result
+                    .map(|r| r.map(ResponseBody::detached))
+                    .map_err(Into::into),
+            );
         };
         match result {
             Ok(res) => {
@@ -744,8 +793,8 @@ where
                 pending.upstream_host = res.extensions().get::<UpstreamHost>().map(|u| u.0);
                 pending.upstream_service_time =
                     res.headers().get("x-envoy-upstream-service-time").cloned();
-                pending.response_header_bytes = (13
-                    + status.canonical_reason().map_or(0, str::len))
+                // `HTTP/1.1 200 OK\r\n`
+                pending.response_header_bytes = (15 + status.canonical_reason().map_or(0, str::len))
                     as u64
                     + header_block_len(res.headers());
                 Poll::Ready(Ok(res.map(|body| ResponseBody {
@@ -763,6 +812,19 @@ where
                 pending.finish(0);
                 Poll::Ready(Err(e))
             }
+        }
+    }
+}
+
+#[pinned_drop]
+impl<F> PinnedDrop for ResponseFuture<F> {
+    fn drop(self: Pin<&mut Self>) {
+        // Dropped before the response head: the downstream went away while we waited.
+        // Envoy records such requests with `response_code="0"` and `DC` (TM-04).
+        if let Some(mut p) = self.project().pending.take() {
+            p.status = 0;
+            p.flags |= ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
+            p.finish(0);
         }
     }
 }

@@ -23,6 +23,11 @@
 //! `key.pem` and `root-cert.pem`, each through a temporary file and a rename so a
 //! watching proxy never reads half a file.
 //!
+//! # Errors
+//!
+//! [`CaError`]: an invalid trust domain, namespace or service account, an rcgen
+//! failure, unreadable or inconsistent CA files, or an I/O error writing PEM files.
+//!
 //! # Example
 //!
 //! ```
@@ -263,6 +268,17 @@ impl CertificateAuthority {
         service_account: &str,
         ttl: Duration,
     ) -> Result<IssuedSvid, CaError> {
+        self.issue_with(&self.workload_spec(namespace, service_account, ttl)?)
+    }
+
+    /// The [`LeafSpec`] of a valid SVID for `ns/<namespace>/sa/<service_account>`, valid
+    /// for `ttl` from now, after checking the names; add DNS SANs before issuing.
+    pub fn workload_spec(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: Duration,
+    ) -> Result<LeafSpec, CaError> {
         for (what, value) in [
             ("namespace", namespace),
             ("service account", service_account),
@@ -275,9 +291,7 @@ impl CertificateAuthority {
             }
         }
         Identity::from_istio(&self.trust_domain, namespace, service_account)?;
-        self.issue_with(
-            &LeafSpec::workload(&self.trust_domain, namespace, service_account).with_ttl(ttl),
-        )
+        Ok(LeafSpec::workload(&self.trust_domain, namespace, service_account).with_ttl(ttl))
     }
 
     /// Issues a certificate exactly as `spec` says, valid or not.

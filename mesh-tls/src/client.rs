@@ -17,9 +17,9 @@
 //!
 //! # Errors
 //!
-//! `connect` returns the I/O error of tokio-rustls; [`svid_error`](crate::verify::svid_error)
-//! finds the reason a server certificate was refused (e.g. `UnexpectedServer` for a
-//! secure-naming mismatch).
+//! `connect` returns an I/O error wrapping a [`HandshakeError`] whose message says why
+//! the server was refused; [`svid_error`](crate::verify::svid_error) finds the
+//! [`SvidError`](crate::SvidError) (e.g. `UnexpectedServer` for a secure-naming mismatch).
 //!
 //! # Example
 //!
@@ -49,7 +49,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::store::CertStore;
 use crate::svid::SvidLeaf;
-use crate::verify::{PeerSlot, SecureNaming, SpiffeServerVerifier};
+use crate::verify::{HandshakeError, PeerSlot, SecureNaming, SpiffeServerVerifier};
 
 /// Builds client configs for outbound mTLS from a [`CertStore`].
 #[derive(Clone, Debug)]
@@ -107,7 +107,10 @@ impl ClientTls {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let slot = PeerSlot::new();
         let config = self.config(expected, Some(slot.clone()));
-        let stream = TlsConnector::from(config).connect(name, io).await?;
+        let stream = TlsConnector::from(config)
+            .connect(name, io)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), HandshakeError(e)))?;
         let leaf = slot.get().cloned().ok_or_else(|| {
             std::io::Error::other("handshake completed without verifying the server")
         })?;

@@ -32,6 +32,9 @@
 //! - The SPIFFE checks apply to server certificates too (clients reject a CA leaf or
 //!   two URI SANs from a server), and secure naming compares SPIFFE IDs, never DNS
 //!   names.
+//! - PERMISSIVE treats every connection that opens with a TLS handshake record as an
+//!   mTLS attempt (and requires a valid client SVID); Istio routes TLS without its
+//!   `istio-peer-exchange`/`istio` ALPN to the plaintext filter chain as opaque TCP.
 //! - STRICT refuses plaintext by peeking at the first byte (a TLS handshake record
 //!   starts with `0x16`) and closing the connection, rather than failing a TLS parse.
 //!
@@ -58,6 +61,7 @@ pub mod authz;
 pub mod ca;
 pub mod client;
 pub mod peer_auth;
+pub mod peer_auth_istio;
 pub mod server;
 pub mod store;
 pub mod svid;

@@ -27,6 +27,12 @@
 //! Not a layer: the inbound listener looks the mode up per accepted connection and
 //! passes it to [`InboundAcceptor::accept`](crate::InboundAcceptor::accept).
 //!
+//! # Errors
+//!
+//! None: policies arrive validated (by `mesh_core::config`); compiling cannot fail.
+//! A selector policy in the root namespace and `portLevelMtls` without a selector are
+//! ignored, as Istio does.
+//!
 //! # Example
 //!
 //! ```

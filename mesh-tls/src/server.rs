@@ -479,6 +479,61 @@ mod tests {
         assert_eq!(remote_seen, Some(remote));
     }
 
+    fn mtls_context() -> ConnectionContext {
+        let id = mesh_core::Identity::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        ConnectionContext {
+            peer: Some(PeerIdentity(id)),
+            peer_serial: None,
+            info: ConnectionInfo {
+                remote: "10.0.0.1:1234".parse().unwrap(),
+                local: "10.0.0.2:80".parse().unwrap(),
+                security: ConnectionSecurity::MutualTls,
+            },
+            alpn: Some(b"h2".to_vec()),
+        }
+    }
+
+    #[tokio::test]
+    async fn readiness_is_forwarded_and_every_request_gets_the_identity() {
+        let (mock, mut handle) = tower_test::mock::pair::<http::Request<()>, ()>();
+        let mut svc = tower_test::mock::Spawn::new(
+            ConnectionExtensionsLayer::new(mtls_context()).layer(mock),
+        );
+        handle.allow(0);
+        assert!(svc.poll_ready().is_pending());
+        handle.allow(2);
+        for _ in 0..2 {
+            assert!(svc.poll_ready().is_ready());
+            let fut = svc.call(http::Request::new(()));
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.extensions()
+                    .get::<PeerIdentity>()
+                    .map(|p| p.0.principal()),
+                Some("cluster.local/ns/a/sa/b")
+            );
+            assert_eq!(
+                req.extensions().get::<ConnectionSecurity>(),
+                Some(&ConnectionSecurity::MutualTls)
+            );
+            send.send_response(());
+            fut.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn inner_errors_pass_through_unchanged() {
+        let (mock, mut handle) = tower_test::mock::pair::<http::Request<()>, ()>();
+        let mut svc = ConnectionExtensionsLayer::new(mtls_context()).layer(mock);
+        handle.allow(1);
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        let fut = svc.call(http::Request::new(()));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error(std::io::Error::other("app failed"));
+        let err = fut.await.unwrap_err();
+        assert_eq!(err.to_string(), "app failed");
+    }
+
     // A tiny service_fn so the unit test needs no extra dependency.
     fn tower_service_fn<F, R>(f: F) -> FnSvc<F>
     where

@@ -22,12 +22,23 @@
 //!   the SVID when half of its lifetime has passed, with ±1 % jitter (Istio's
 //!   `SECRET_GRACE_PERIOD_RATIO=0.5`, `SECRET_GRACE_PERIOD_RATIO_JITTER=0.01`).
 //!
-//! [`CertStore::rotate_now`] forces a rotation at once (a compromised workload): the
+//! Run one source per store. [`CertStore::rotate_now`] forces a rotation at once (a compromised workload): the
 //! issuer mints a new key and certificate, the file source re-reads its directory.
 //!
 //! Trust-bundle rotation with overlap: put both the old and the new root in
 //! `root-cert.pem` (or call [`CertStore::set_trust_roots`] with both); both are trusted
 //! until the old one is removed.
+//!
+//! # Layer placement
+//!
+//! Not a layer: one store per workload, shared by the inbound [`ServerTls`](crate::ServerTls)
+//! and the outbound [`ClientTls`](crate::ClientTls).
+//!
+//! # Errors
+//!
+//! [`StoreError`] from [`CertStore::install`] and friends says why an update was refused
+//! (key mismatch, not an SVID, does not chain to the bundle, unusable bundle); the
+//! background sources log it and publish [`StoreEvent::Rejected`].
 //!
 //! # Example
 //!

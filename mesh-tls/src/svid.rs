@@ -29,6 +29,12 @@
 //! [`SvidFiles::certified_key`] checks that the key matches the leaf before the
 //! pair is used.
 //!
+//! # Errors
+//!
+//! [`SvidError`] names the rule a certificate breaks (`2 URI SANs`, `is a CA`,
+//! `trust domain "other.local" ... not trusted`, `expired at ...`), or the file and
+//! PEM problem when loading, or a key that does not match the certificate.
+//!
 //! # Example
 //!
 //! ```
@@ -567,6 +573,35 @@ mod tests {
             mismatched.certified_key(&provider),
             Err(SvidError::KeyMismatch(_))
         ));
+    }
+
+    proptest::proptest! {
+        // Fuzz-style: any byte string, and a valid certificate with bytes flipped, is
+        // either rejected with an error or yields a valid workload identity; never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = check_leaf(&bytes, PeerRole::Client, TD, None);
+        }
+
+        #[test]
+        fn corrupted_certificates_never_panic(
+            flips in proptest::collection::vec((0usize..2048, 1u8..=255), 1..8),
+        ) {
+            let der = CORRUPT_BASE.with(|d| d.clone());
+            let mut der = der;
+            for (pos, x) in flips {
+                let i = pos % der.len();
+                der[i] ^= x;
+            }
+            if let Ok(leaf) = check_leaf(&der, PeerRole::Client, TD, None) {
+                proptest::prop_assert!(leaf.identity.is_workload());
+                proptest::prop_assert_eq!(leaf.identity.trust_domain(), "cluster.local");
+            }
+        }
+    }
+
+    thread_local! {
+        static CORRUPT_BASE: Vec<u8> = ca().issue("ns1", "a").unwrap().leaf_der().to_vec();
     }
 
     #[test]

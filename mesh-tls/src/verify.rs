@@ -207,6 +207,23 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
     }
 }
 
+/// A failed TLS handshake whose message says why in words (see [`describe`]); the
+/// original error is its `source()`.
+#[derive(Debug)]
+pub struct HandshakeError(pub std::io::Error);
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TLS handshake failed: {}", describe(&self.0))
+    }
+}
+
+impl StdError for HandshakeError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
+    }
+}
+
 /// Finds the rustls error that failed a handshake inside an I/O error or a `source()` chain.
 pub fn rustls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
     if let Some(e) = err.downcast_ref::<rustls::Error>() {

@@ -4,6 +4,8 @@
 //! `GET /` on `payment.production.svc` from `cluster.local/ns/production/sa/order-service`
 //! at 10.1.2.3 to 10.9.9.9:8080 over mTLS.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
@@ -605,6 +607,76 @@ fn cases() -> Vec<Case> {
                     "request.auth.claims[groups]",
                     &["admin"],
                 ))],
+            )],
+            r(),
+            false,
+        ),
+        // --- principal index: declaration order and unindexable rules are kept
+        Case {
+            by: Some("production/p#1"),
+            ..case(
+                "first matching rule wins across indexed and unindexed rules",
+                vec![policy(
+                    "p",
+                    Allow,
+                    vec![
+                        from(principals(&["cluster.local/ns/x/sa/y"])),
+                        from(principals(&["cluster.local/ns/production/*"])),
+                        from(principals(&[
+                            "cluster.local/ns/production/sa/order-service",
+                        ])),
+                    ],
+                )],
+                r(),
+                true,
+            )
+        },
+        Case {
+            by: Some("production/a#0"),
+            ..case(
+                "an exact principal rule declared first is reported first",
+                vec![
+                    policy(
+                        "a",
+                        Allow,
+                        vec![from(principals(&[
+                            "cluster.local/ns/production/sa/order-service",
+                        ]))],
+                    ),
+                    policy("b", Allow, vec![from(principals(&["*"]))]),
+                ],
+                r(),
+                true,
+            )
+        },
+        case(
+            "a from entry without principals keeps the rule unindexed",
+            vec![policy(
+                "p",
+                Allow,
+                vec![Rule {
+                    from: Some(vec![
+                        principals(&["cluster.local/ns/x/sa/y"]),
+                        Source {
+                            namespaces: s(&["production"]),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Rule::default()
+                }],
+            )],
+            r(),
+            true,
+        ),
+        case(
+            "notPrincipals rules are not indexed",
+            vec![policy(
+                "d",
+                Deny,
+                vec![from(Source {
+                    not_principals: s(&["cluster.local/ns/x/sa/y"]),
+                    ..Default::default()
+                })],
             )],
             r(),
             false,

@@ -205,6 +205,11 @@ async fn wrong_server_identity_fails_secure_naming() {
         .expect("secure naming must fail the handshake");
     match svid_error(&err) {
         Some(SvidError::UnexpectedServer { got, expected }) => {
+            assert!(
+                err.to_string()
+                    .contains("is not among the identities expected"),
+                "{err}"
+            );
             assert_eq!(got.service_account(), Some("evil"));
             assert_eq!(expected, "spiffe://cluster.local/ns/prod/sa/payment");
         }
@@ -277,4 +282,98 @@ async fn store_refuses_files_whose_key_does_not_match() {
     let files = SvidFiles::from_pem(a.cert_chain_pem(), b.key_pem(), a.root_cert_pem()).unwrap();
     let err = CertStore::new(files).unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let ca = ca();
+    let acceptor = mesh_tls::InboundAcceptor::new(store(&ca, "prod", "payment"))
+        .with_handshake_timeout(std::time::Duration::from_secs(10));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let err = acceptor
+        .accept(tcp, PeerAuthMode::Permissive)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AcceptError::Timeout), "{err}");
+    assert_eq!(started.elapsed(), std::time::Duration::from_secs(10));
+}
+
+/// A server presenting a certificate that breaks the SVID rules, built with plain rustls
+/// because the store would refuse to serve it.
+async fn bad_server(ca: &CertificateAuthority, spec: LeafSpec) -> std::net::SocketAddr {
+    let svid = ca.issue_with(&spec).unwrap();
+    let good = store(ca, "prod", "payment");
+    let verifier =
+        mesh_tls::verify::SpiffeClientVerifier::new(good.bundle_handle(), good.provider().clone());
+    let config = rustls::ServerConfig::builder_with_provider(good.provider().clone())
+        .with_protocol_versions(mesh_tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(svid.chain_der().to_vec(), svid.key_der())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_certificate_that_is_not_an_svid() {
+    let ca = ca();
+    let client = ClientTls::new(store(&ca, "prod", "orders"));
+
+    let mut two = LeafSpec::workload(TD, "prod", "payment");
+    two.uri_sans
+        .push("spiffe://cluster.local/ns/prod/sa/admin".into());
+    let mut ca_leaf = LeafSpec::workload(TD, "prod", "payment");
+    ca_leaf.is_ca = true;
+    let mut client_only = LeafSpec::workload(TD, "prod", "payment");
+    client_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+
+    for (spec, want) in [
+        (two, "2 URI SANs"),
+        (ca_leaf, "is a CA"),
+        (client_only, "lacks id-kp-serverAuth"),
+    ] {
+        let addr = bad_server(&ca, spec).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let err = client
+            .connect(tcp, "mesh.test", &SecureNaming::AnyTrusted)
+            .await
+            .expect_err("the client must refuse the server");
+        assert!(svid_error(&err).is_some(), "{err}");
+        assert!(err.to_string().contains(want), "want {want:?} in {err}");
+    }
+}
+
+#[tokio::test]
+async fn trust_domain_alias_admits_the_other_domain() {
+    let ca = ca();
+    let other = CertificateAuthority::new("other.local").unwrap();
+    // The server trusts both roots and, as an alias (Istio's trustDomainAliases),
+    // the other trust domain.
+    let mut files = ca.issue("prod", "payment").unwrap().files();
+    files.roots.push(other.root_der().clone());
+    let server_store = CertStore::with_aliases(files, vec!["other.local".into()]).unwrap();
+    let server = start_server(server_store, PeerAuthMode::Strict).await;
+    let mut client_files = other.issue("legacy", "orders").unwrap().files();
+    client_files.roots.push(ca.root_der().clone());
+    let client = ClientTls::new(CertStore::with_aliases(client_files, vec![TD.into()]).unwrap());
+    let mut conn = connect(&client, server.addr, &SecureNaming::AnyTrusted)
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.get().await.unwrap(),
+        "peer=spiffe://other.local/ns/legacy/sa/orders;security=mutual_tls"
+    );
 }

@@ -230,3 +230,50 @@ async fn disable_serves_plaintext_only() {
     let tls = s.curl_mtls().await;
     assert!(!tls.status.success(), "{}", text(&tls));
 }
+
+#[tokio::test]
+async fn port_level_mtls_decides_per_connection() {
+    use mesh_tls::{MtlsMode, PeerAuthentication, PeerAuthenticationPolicy};
+    use std::sync::Arc;
+
+    let ca = CertificateAuthority::new(TD).unwrap();
+    let store = support::store(&ca, "prod", "payment");
+    let strict_port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open = open_port.local_addr().unwrap().port();
+    // Mesh-wide STRICT; the payment workload opens one port for plaintext health checks.
+    let labels: mesh_core::Labels = [("app".to_owned(), "payment".to_owned())].into();
+    let compiled = PeerAuthentication::compile(
+        "istio-system",
+        vec![
+            PeerAuthenticationPolicy::new("istio-system", "default", MtlsMode::Strict),
+            PeerAuthenticationPolicy::new("prod", "payment", MtlsMode::Unset)
+                .with_selector(labels.clone())
+                .with_port(open, MtlsMode::Disable),
+        ],
+    );
+    let policy = Arc::new(compiled.for_workload("prod", &labels));
+    let mut strict = start_server_on(strict_port, store.clone(), policy.clone());
+    let open_server = start_server_on(open_port, store, policy);
+
+    let plain = |port: u16| async move {
+        Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .await
+            .unwrap()
+    };
+    let refused = plain(strict.addr.port()).await;
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(matches!(
+        strict.next_error().await,
+        AcceptError::PlaintextRefused
+    ));
+    let served = plain(open_server.addr.port()).await;
+    assert!(served.status.success(), "{}", text(&served));
+    assert_eq!(
+        String::from_utf8_lossy(&served.stdout),
+        "peer=-;security=none"
+    );
+}

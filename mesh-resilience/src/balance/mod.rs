@@ -61,12 +61,13 @@
 mod p2c;
 mod round_robin;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -176,12 +177,15 @@ struct Shared<S> {
     update: Mutex<()>,
     detector: Option<Arc<OutlierDetector>>,
     cursor: AtomicUsize,
+    /// Seeds the random generator of each clone, so clones never share a sequence.
+    clones: AtomicU64,
 }
 
 /// A load balancer over the endpoints of one destination. Clones share the endpoints,
 /// their state and the outlier detector; each clone has its own random generator.
 pub struct Balance<S> {
     shared: Arc<Shared<S>>,
+    seed: u64,
     rng: SmallRng,
 }
 
@@ -198,10 +202,11 @@ impl<S> fmt::Debug for Balance<S> {
 impl<S> Clone for Balance<S> {
     /// The clone shares everything but the random generator, which is reseeded.
     fn clone(&self) -> Self {
-        let mut parent = self.rng.clone();
+        let n = self.shared.clones.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: self.shared.clone(),
-            rng: SmallRng::seed_from_u64(parent.next_u64() ^ 0x9e37_79b9_7f4a_7c15),
+            seed: self.seed,
+            rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
         }
     }
 }
@@ -214,6 +219,7 @@ impl<S> Balance<S> {
         outlier: Option<OutlierConfig>,
         make: impl Fn(&Endpoint) -> S + Send + Sync + 'static,
     ) -> Self {
+        let seed = rand::rng().next_u64();
         Self {
             shared: Arc::new(Shared {
                 lb,
@@ -222,14 +228,17 @@ impl<S> Balance<S> {
                 update: Mutex::new(()),
                 detector: outlier.map(|c| Arc::new(OutlierDetector::new(c))),
                 cursor: AtomicUsize::new(0),
+                clones: AtomicU64::new(1),
             }),
-            rng: SmallRng::from_rng(&mut rand::rng()),
+            seed,
+            rng: SmallRng::seed_from_u64(seed),
         }
     }
 
-    /// Fixes the random generator (tests, benches).
+    /// Fixes the random generator (tests, benches); clones derive theirs from it.
     #[must_use]
     pub fn with_rng_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
         self.rng = SmallRng::seed_from_u64(seed);
         self
     }
@@ -256,6 +265,11 @@ impl<S> Balance<S> {
 
     /// Whether the endpoint at `address` is ejected now.
     pub fn is_ejected(&self, address: SocketAddr) -> bool {
+        if let Some(d) = &self.shared.detector
+            && d.is_active()
+        {
+            d.sweep_if_due(Instant::now());
+        }
         self.shared
             .set
             .load()
@@ -314,33 +328,71 @@ impl<S> Balance<S> {
         self.shared.set.store(Arc::new(next));
     }
 
+    /// The endpoint the next request would go to: runs due outlier sweeps and picks as
+    /// [`call`](Service::call) does, without sending anything (diagnostics, benches).
+    /// `None` means the request would get [`NoHealthyUpstream`].
+    pub fn choose(&mut self, previous: Option<&PreviousHosts>) -> Option<SocketAddr> {
+        let set = self.shared.set.load();
+        self.pick(&set, previous).map(|i| set[i].endpoint.address)
+    }
+
     /// Picks an endpoint for a request that already went to `previous`.
+    ///
+    /// Outlier sweeps that fell due are replayed only when the pick looks at an ejected
+    /// endpoint (or in panic mode): a sweep only un-ejects endpoints (and decays
+    /// multipliers, which no pick reads), so with the same random draws a pick that
+    /// meets no ejected endpoint is the one it would be after the sweep. Most picks thus
+    /// read no clock, and every pick is still the one a timer-driven sweep would give.
     fn pick(&mut self, set: &[Arc<Entry<S>>], previous: Option<&PreviousHosts>) -> Option<usize> {
-        let panic = self.shared.detector.as_ref().is_some_and(|d| d.in_panic());
-        let healthy = |i: usize| panic || !set[i].is_ejected();
+        let Self { shared, rng, .. } = self;
+        let detector = shared.detector.as_deref();
+        let caught_up = Cell::new(detector.is_none());
+        let catch_up = || {
+            if !caught_up.replace(true)
+                && let Some(d) = detector
+            {
+                d.sweep_if_due(Instant::now());
+            }
+        };
+        let mut panic = detector.is_some_and(OutlierDetector::in_panic);
+        if panic {
+            // A due sweep may end panic mode: catch up before relying on it.
+            catch_up();
+            panic = detector.is_some_and(OutlierDetector::in_panic);
+        }
+        let healthy = |i: usize| {
+            panic
+                || !set[i].is_ejected()
+                || (!caught_up.get() && {
+                    catch_up();
+                    !set[i].is_ejected()
+                })
+        };
         let previous = previous.map(|p| p.0.as_slice()).unwrap_or_default();
         if !previous.is_empty() {
             let fresh = |i: usize| healthy(i) && !previous.contains(&set[i].endpoint.address);
-            if let Some(i) = self.pick_among(set, &fresh) {
+            if let Some(i) = pick_among(shared, rng, set, &fresh) {
                 return Some(i);
             }
         }
-        self.pick_among(set, &healthy)
+        pick_among(shared, rng, set, &healthy)
     }
+}
 
-    fn pick_among(
-        &mut self,
-        set: &[Arc<Entry<S>>],
-        eligible: &impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let n = set.len();
-        match self.shared.lb {
-            LbPolicy::LeastRequest => p2c::pick(n, &mut self.rng, eligible, &|i| {
-                set[i].in_flight.load(Ordering::Relaxed)
-            }),
-            LbPolicy::RoundRobin => round_robin::pick(n, &self.shared.cursor, eligible),
-            LbPolicy::Random => round_robin::pick_random(n, &mut self.rng, eligible),
-        }
+/// Picks among the `eligible` endpoints of `set` with the balancer's policy.
+fn pick_among<S>(
+    shared: &Shared<S>,
+    rng: &mut SmallRng,
+    set: &[Arc<Entry<S>>],
+    eligible: &impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let n = set.len();
+    match shared.lb {
+        LbPolicy::LeastRequest => p2c::pick(n, rng, eligible, &|i| {
+            set[i].in_flight.load(Ordering::Relaxed)
+        }),
+        LbPolicy::RoundRobin => round_robin::pick(n, &shared.cursor, eligible),
+        LbPolicy::Random => round_robin::pick_random(n, rng, eligible),
     }
 }
 
@@ -362,9 +414,6 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let detector = self.shared.detector.clone();
-        if let Some(d) = &detector {
-            d.sweep_if_due(Instant::now());
-        }
         let set = self.shared.set.load();
         let Some(i) = self.pick(&set, req.extensions().get::<PreviousHosts>()) else {
             return ResponseFuture::failed(Box::new(NoHealthyUpstream));

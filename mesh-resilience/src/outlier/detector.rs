@@ -20,12 +20,15 @@ use super::config::OutlierConfig;
 pub struct OutlierDetector {
     config: OutlierConfig,
     epoch: Instant,
-    /// Milliseconds since `epoch` of the next sweep (a lock-free "is a sweep due?").
-    next_sweep_ms: AtomicU64,
+    /// Nanoseconds since `epoch` of the next sweep (a lock-free "is a sweep due?").
+    next_sweep_ns: AtomicU64,
     total: AtomicUsize,
     ejected: AtomicUsize,
     ejections: AtomicU64,
     overflows: AtomicU64,
+    /// Hosts whose ejection multiplier is above 0 (ejected or still decaying). While it
+    /// is 0 a sweep would change nothing, so none runs and no clock is read.
+    active: AtomicUsize,
     registry: Mutex<Registry>,
 }
 
@@ -96,17 +99,20 @@ fn clear(counter: &AtomicU32) {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+/// Nanoseconds as u64 (no division, unlike milliseconds: this is on the pick path).
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
 }
 
 impl OutlierDetector {
     /// A detector with `config`; the first sweep is one `interval` from now.
     pub fn new(config: OutlierConfig) -> Self {
         let epoch = Instant::now();
-        let interval = config.interval.max(Duration::from_millis(1));
+        let interval = config.interval.max(Duration::from_nanos(1));
         Self {
-            next_sweep_ms: AtomicU64::new(millis(interval)),
+            next_sweep_ns: AtomicU64::new(nanos(interval)),
             registry: Mutex::new(Registry {
                 hosts: Vec::new(),
                 next_sweep: epoch + interval,
@@ -117,6 +123,7 @@ impl OutlierDetector {
             ejected: AtomicUsize::new(0),
             ejections: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
         }
     }
 
@@ -143,6 +150,9 @@ impl OutlierDetector {
             self.total.fetch_sub(1, Ordering::AcqRel);
             if host.0.ejected.swap(false, Ordering::AcqRel) {
                 self.ejected.fetch_sub(1, Ordering::AcqRel);
+            }
+            if lock(&host.0.ejection).multiplier > 0 {
+                self.active.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
@@ -211,7 +221,12 @@ impl OutlierDetector {
 
     /// Ejects `host` at `now` unless it is ejected already or the cap forbids it (DR-36).
     fn eject(&self, host: &HostHealth, now: Instant) -> bool {
-        let _reg = lock(&self.registry);
+        let mut reg = lock(&self.registry);
+        if reg.next_sweep <= now {
+            // Sweeps run lazily: replay those that fell due before this ejection, so the
+            // host's state, the cap and the multiplier are those a timer would give.
+            self.sweep_locked(&mut reg, now);
+        }
         let h = &host.0;
         if h.ejected.load(Ordering::Acquire) {
             return false;
@@ -222,6 +237,9 @@ impl OutlierDetector {
             return false;
         }
         let mut e = lock(&h.ejection);
+        if e.multiplier == 0 {
+            self.active.fetch_add(1, Ordering::AcqRel);
+        }
         // The multiplier grows while k × base < max + base (DR-34), so the ejection time
         // goes base, 2 × base, … and stays at the cap.
         let base = self.config.base_ejection_time;
@@ -237,17 +255,27 @@ impl OutlierDetector {
         true
     }
 
+    /// Whether any host is ejected or has a decaying multiplier, i.e. whether a sweep
+    /// could change anything. Callers skip reading the clock when it is false.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+
     /// Runs every interval sweep that fell due up to `now` (DR-34, DR-35). Cheap when none is due.
     pub fn sweep_if_due(&self, now: Instant) {
-        let now_ms = millis(now.saturating_duration_since(self.epoch));
-        if now_ms < self.next_sweep_ms.load(Ordering::Acquire) {
+        let now_ns = nanos(now.saturating_duration_since(self.epoch));
+        if now_ns < self.next_sweep_ns.load(Ordering::Acquire) {
             return;
         }
-        let mut reg = lock(&self.registry);
+        self.sweep_locked(&mut lock(&self.registry), now);
+    }
+
+    /// Runs every sweep due up to `now` with the registry locked.
+    fn sweep_locked(&self, reg: &mut Registry, now: Instant) {
         let interval = self.config.interval;
         let mut at = reg.next_sweep;
         while at <= now {
-            let quiet = self.sweep_at(&reg, at);
+            let quiet = self.sweep_at(reg, at);
             at += interval;
             if quiet && at <= now {
                 // Nothing is ejected and every multiplier is 0: later sweeps change nothing.
@@ -257,8 +285,8 @@ impl OutlierDetector {
             }
         }
         reg.next_sweep = at;
-        self.next_sweep_ms.store(
-            millis(at.saturating_duration_since(self.epoch)),
+        self.next_sweep_ns.store(
+            nanos(at.saturating_duration_since(self.epoch)),
             Ordering::Release,
         );
     }
@@ -286,6 +314,9 @@ impl OutlierDetector {
                     .is_none_or(|u| at >= u + self.config.interval)
                 {
                     e.multiplier -= 1;
+                    if e.multiplier == 0 {
+                        self.active.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             }
         }
@@ -454,6 +485,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn sweeps_skipped_while_idle_keep_the_interval_grid() {
+        let (d, hosts) = detector(all_ejectable(), 2);
+        assert!(!d.is_active());
+        // Nothing happens for a long time: no sweep needs to run.
+        tokio::time::advance(Duration::from_secs(100_005)).await;
+        fail(&d, &hosts[0], 5);
+        assert!(d.is_active());
+        // Ejected at 100 005 s for 30 s: back at the sweep of 100 040 s, not earlier.
+        tokio::time::advance(Duration::from_secs(34)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(hosts[0].is_ejected());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(!hosts[0].is_ejected());
+        // The multiplier decays one interval later and the detector goes idle again.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        d.sweep_if_due(Instant::now());
+        assert_eq!(hosts[0].ejection_multiplier(), 0);
+        assert!(!d.is_active());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_first_replays_the_sweeps_that_fell_due() {
+        let (d, hosts) = detector(all_ejectable(), 2);
+        fail(&d, &hosts[0], 5);
+        assert_eq!(hosts[0].ejection_multiplier(), 1);
+        // No sweep runs for 100 s: with a timer, the host came back at t=30 and its
+        // multiplier decayed at t=40, so these errors eject it anew for the base time.
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert!(hosts[0].is_ejected(), "nothing swept yet");
+        fail(&d, &hosts[0], 4);
+        assert!(d.record(&hosts[0], &Outcome::ConnectFailure));
+        assert_eq!(hosts[0].ejection_multiplier(), 1);
+        assert_eq!((d.ejected_count(), d.ejections_total()), (1, 2));
+        // Ejected at t=100 for 30 s: back at the sweep of t=130.
+        tokio::time::advance(Duration::from_secs(29)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(hosts[0].is_ejected());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.sweep_if_due(Instant::now());
+        assert!(!hosts[0].is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_healthy_host_recovers_its_base_ejection_time() {
         let (d, hosts) = detector(all_ejectable(), 1);
         let h = &hosts[0];
@@ -548,6 +623,41 @@ mod tests {
                 let flagged = hosts.iter().filter(|h| h.is_ejected()).count();
                 prop_assert_eq!(flagged, d.ejected_count());
             }
+        }
+
+        #[test]
+        fn bookkeeping_stays_consistent_through_ejections_and_sweeps(
+            ops in proptest::collection::vec((0usize..6, 0u8..3, 0u64..40), 0..300),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cfg = OutlierConfig {
+                    consecutive_5xx_errors: 2,
+                    max_ejection_percent: 50,
+                    ..OutlierConfig::default()
+                };
+                let (d, hosts) = detector(cfg, 6);
+                for (i, op, secs) in ops {
+                    match op {
+                        0 => { d.record(&hosts[i], &resp(503)); }
+                        1 => { d.record(&hosts[i], &resp(200)); }
+                        _ => {
+                            tokio::time::advance(Duration::from_secs(secs)).await;
+                            d.sweep_if_due(Instant::now());
+                        }
+                    }
+                    let ejected = hosts.iter().filter(|h| h.is_ejected()).count();
+                    prop_assert_eq!(ejected, d.ejected_count());
+                    prop_assert!(ejected <= 3);
+                    let decaying = hosts.iter().any(|h| h.ejection_multiplier() > 0);
+                    prop_assert_eq!(d.is_active(), decaying);
+                }
+                Ok(())
+            })?;
         }
     }
 }

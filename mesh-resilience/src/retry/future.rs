@@ -20,7 +20,7 @@ use tower_service::Service;
 
 use super::budget::RetryBudget;
 use super::policy::RetryPolicy;
-use super::replay::{Buffering, Prepared, Replay};
+use super::replay::{Buffering, Prepared, Replay, Start};
 use super::{ATTEMPT_COUNT, RetriesExhausted};
 use crate::balance::{EndpointFailed, PreviousHosts};
 use crate::deadline::{AttemptDeadline, RequestDeadline};
@@ -28,6 +28,10 @@ use crate::limit::{RetryGate, RetryPermit};
 
 /// Response future of [`Retry`](super::Retry).
 #[pin_project(project = ResponseFutureProj)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the attempts live inline so a request costs no extra allocation"
+)]
 pub enum ResponseFuture<S, F> {
     /// Retries disabled: the inner future as is.
     Passthrough {
@@ -72,7 +76,8 @@ where
 }
 
 enum Body {
-    Buffering(Buffering),
+    /// Boxed: only bodies that must be read pay for the buffering state.
+    Buffering(Box<Buffering>),
     Replay(Replay),
     Once(Option<BoxBody>),
 }
@@ -116,6 +121,9 @@ pub struct Attempts<S, F> {
     seed: u64,
     #[pin]
     call: Option<F>,
+    /// When the current timer fires; the `Sleep` itself is armed only once something
+    /// has to wait, so an attempt answered at once costs no timer.
+    timer_at: Option<Instant>,
     #[pin]
     timer: Option<Sleep>,
     timer_kind: Timer,
@@ -130,13 +138,18 @@ impl<S, F> Attempts<S, F> {
         gate: Option<RetryGate>,
         seed: u64,
     ) -> Self {
-        let (head, body) = req.into_parts();
+        let (mut head, body) = req.into_parts();
+        if policy.include_attempt_count {
+            // Present before the head is copied, so later attempts replace it in place.
+            head.headers
+                .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
+        }
         let deadline = head.extensions.get::<RequestDeadline>().copied();
         let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
         let (body, phase) = match Buffering::start(body, policy.replay_limit) {
-            Ok(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
-            Ok(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
-            Err(buffering) => (Body::Buffering(buffering), Phase::Buffering),
+            Start::Done(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
+            Start::Done(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
+            Start::Read(buffering) => (Body::Buffering(Box::new(buffering)), Phase::Buffering),
         };
         Self {
             service,
@@ -154,10 +167,40 @@ impl<S, F> Attempts<S, F> {
             tried: Vec::new(),
             seed,
             call: None,
+            timer_at: None,
             timer: None,
             timer_kind: Timer::PerTry,
         }
     }
+}
+
+/// Sets the timer to fire at `at` (the `Sleep` is created when first polled).
+fn arm(timer_at: &mut Option<Instant>, mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
+    *timer_at = Some(at);
+    if timer.is_some() {
+        timer.set(None);
+    }
+}
+
+/// Removes the timer.
+fn disarm(timer_at: &mut Option<Instant>, mut timer: Pin<&mut Option<Sleep>>) {
+    *timer_at = None;
+    if timer.is_some() {
+        timer.set(None);
+    }
+}
+
+/// Polls the timer, creating its `Sleep` on first use; `None` when no timer is set.
+fn poll_timer(
+    timer_at: Option<Instant>,
+    mut timer: Pin<&mut Option<Sleep>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<()>> {
+    let at = timer_at?;
+    if timer.is_none() {
+        timer.set(Some(sleep_until(at)));
+    }
+    timer.as_pin_mut().map(|t| t.poll(cx))
 }
 
 /// A copy of the request head for one attempt.
@@ -207,21 +250,21 @@ where
                         Poll::Ready(r) => r,
                         Poll::Pending => {
                             // Reading the request body counts against the deadline too.
-                            if let Some(d) = this.deadline {
-                                if this.timer.is_none() {
-                                    this.timer.set(Some(sleep_until(d.at)));
-                                    *this.timer_kind = Timer::Deadline;
-                                }
+                            if let Some(d) = this.deadline
+                                && this.timer_at.is_none()
+                            {
+                                arm(this.timer_at, this.timer.as_mut(), d.at);
+                                *this.timer_kind = Timer::Deadline;
                             }
-                            if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                                ready!(t.poll(cx));
+                            if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                                ready!(t);
                                 *this.phase = Phase::Done;
                                 return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                             }
                             return Poll::Pending;
                         }
                     };
-                    this.timer.set(None);
+                    disarm(this.timer_at, this.timer.as_mut());
                     *this.body = match prepared {
                         Ok(Prepared::Replayable(r)) => Body::Replay(r),
                         Ok(Prepared::Once(b)) => Body::Once(Some(b)),
@@ -242,8 +285,9 @@ where
                                 return Poll::Ready(Err(e.into()));
                             }
                             Poll::Pending => {
-                                if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                                    ready!(t.poll(cx));
+                                if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx)
+                                {
+                                    ready!(t);
                                     *this.phase = Phase::Done;
                                     return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                                 }
@@ -259,7 +303,7 @@ where
                         Body::Buffering(_) => mesh_core::body::empty(),
                     };
                     let mut req = attempt_request(this.head, body);
-                    if this.policy.include_attempt_count {
+                    if this.policy.include_attempt_count && *this.attempt > 1 {
                         req.headers_mut()
                             .insert(ATTEMPT_COUNT, attempt_header(*this.attempt));
                     }
@@ -267,8 +311,8 @@ where
                         req.extensions_mut()
                             .insert(PreviousHosts(this.tried.clone()));
                     }
-                    let now = Instant::now();
-                    let per_try_end = this.per_try.map(|p| now + p);
+                    // The clock is read only when a per-try timeout applies.
+                    let per_try_end = this.per_try.map(|p| Instant::now() + p);
                     if let Some(end) = per_try_end {
                         let clipped = this.deadline.map_or(end, |d| d.clip(end));
                         req.extensions_mut().insert(AttemptDeadline(clipped));
@@ -282,10 +326,10 @@ where
                     };
                     match timer {
                         Some((at, kind)) => {
-                            this.timer.set(Some(sleep_until(at)));
+                            arm(this.timer_at, this.timer.as_mut(), at);
                             *this.timer_kind = kind;
                         }
-                        None => this.timer.set(None),
+                        None => disarm(this.timer_at, this.timer.as_mut()),
                     }
                     let fut = this.service.call(req);
                     this.call.set(Some(fut));
@@ -299,22 +343,24 @@ where
                     let result = match fut.poll(cx) {
                         // The attempt goes first: an answer ready at the deadline wins.
                         Poll::Ready(r) => r.map_err(Into::into),
-                        Poll::Pending => match this.timer.as_mut().as_pin_mut() {
-                            Some(t) => {
-                                ready!(t.poll(cx));
-                                // Dropping the attempt resets the upstream stream.
-                                this.call.set(None);
-                                if *this.timer_kind == Timer::Deadline {
-                                    *this.phase = Phase::Done;
-                                    return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                        Poll::Pending => {
+                            match poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                                Some(t) => {
+                                    ready!(t);
+                                    // Dropping the attempt resets the upstream stream.
+                                    this.call.set(None);
+                                    if *this.timer_kind == Timer::Deadline {
+                                        *this.phase = Phase::Done;
+                                        return Poll::Ready(Err(Box::new(DeadlineExceeded)));
+                                    }
+                                    Err(Box::new(PerTryTimeout) as BoxError)
                                 }
-                                Err(Box::new(PerTryTimeout) as BoxError)
+                                None => return Poll::Pending,
                             }
-                            None => return Poll::Pending,
-                        },
+                        }
                     };
                     this.call.set(None);
-                    this.timer.set(None);
+                    disarm(this.timer_at, this.timer.as_mut());
                     let decision = decide(
                         result,
                         this.policy,
@@ -334,29 +380,34 @@ where
                             let mut rng =
                                 SmallRng::seed_from_u64(*this.seed ^ u64::from(*this.attempt));
                             let wait = this.policy.backoff.delay(*this.attempt, &mut rng);
+                            if wait.is_zero() && this.deadline.is_none() {
+                                // No wait drawn: retry at once.
+                                *this.phase = Phase::Dispatch;
+                                continue;
+                            }
                             let end = Instant::now() + wait;
                             let (at, kind) = match this.deadline {
                                 Some(d) if d.at <= end => (d.at, Timer::Deadline),
                                 _ => (end, Timer::Backoff),
                             };
-                            this.timer.set(Some(sleep_until(at)));
+                            arm(this.timer_at, this.timer.as_mut(), at);
                             *this.timer_kind = kind;
                             *this.phase = Phase::Backoff;
                         }
                     }
                 }
                 Phase::Backoff => {
-                    if let Some(t) = this.timer.as_mut().as_pin_mut() {
-                        ready!(t.poll(cx));
+                    if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                        ready!(t);
                     }
-                    this.timer.set(None);
+                    disarm(this.timer_at, this.timer.as_mut());
                     if *this.timer_kind == Timer::Deadline {
                         *this.phase = Phase::Done;
                         return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                     }
                     if let Some(d) = this.deadline {
                         // Keep the deadline armed while waiting for readiness.
-                        this.timer.set(Some(sleep_until(d.at)));
+                        arm(this.timer_at, this.timer.as_mut(), d.at);
                         *this.timer_kind = Timer::Deadline;
                     }
                     *this.phase = Phase::Dispatch;
@@ -429,10 +480,10 @@ fn decide<RB>(
         Ok(res) => res.extensions().get::<UpstreamHost>().map(|h| h.0),
         Err(e) => find_cause::<EndpointFailed>(e.as_ref()).map(EndpointFailed::address),
     };
-    if let Some(host) = host {
-        if !tried.contains(&host) {
-            tried.push(host);
-        }
+    if let Some(host) = host
+        && !tried.contains(&host)
+    {
+        tried.push(host);
     }
     Decision::Retry
 }

@@ -1,6 +1,7 @@
 //! [`RetryLayer`] and the [`Retry`] service.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use http::HeaderValue;
@@ -67,15 +68,15 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let seed = self.seed.unwrap_or_else(|| rand::rng().next_u64());
         Retry {
             inner,
             policy: self.policy.clone(),
             budget: self.budget.clone(),
             gate: self.gate.clone(),
-            rng: match self.seed {
-                Some(seed) => SmallRng::seed_from_u64(seed),
-                None => SmallRng::from_rng(&mut rand::rng()),
-            },
+            seed,
+            clones: Arc::new(AtomicU64::new(1)),
+            rng: SmallRng::seed_from_u64(seed),
         }
     }
 }
@@ -87,19 +88,24 @@ pub struct Retry<S> {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<RetryBudget>>,
     gate: Option<RetryGate>,
+    seed: u64,
+    /// Seeds each clone's generator, so clones never share a jitter sequence.
+    clones: Arc<AtomicU64>,
     rng: SmallRng,
 }
 
 impl<S: Clone> Clone for Retry<S> {
     /// The clone gets its own, reseeded random generator.
     fn clone(&self) -> Self {
-        let mut parent = self.rng.clone();
+        let n = self.clones.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
             budget: self.budget.clone(),
             gate: self.gate.clone(),
-            rng: SmallRng::seed_from_u64(parent.next_u64() ^ 0x2545_f491_4f6c_dd1d),
+            seed: self.seed,
+            clones: self.clones.clone(),
+            rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
         }
     }
 }

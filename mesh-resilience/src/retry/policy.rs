@@ -12,6 +12,9 @@ use super::backoff::Backoff;
 /// Default cap on the request body kept for replay (Linkerd's and our default: 64 KiB).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
+/// Envoy's header marking a response rate-limited by an Envoy.
+const RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+
 /// Istio's default `retryOn` (VS-51): no HTTP status is retried.
 pub const ISTIO_DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
@@ -154,18 +157,21 @@ impl RetryOn {
             } => {
                 let empty = http::HeaderMap::new();
                 let headers = headers.unwrap_or(&empty);
-                // A rate-limited response is retried only under `envoy-ratelimited`.
-                if headers.contains_key("x-envoy-ratelimited") {
-                    return self.any(Self::ENVOY_RATELIMITED);
+                let rate_limited = || headers.contains_key(&RATELIMITED);
+                if self.any(Self::ENVOY_RATELIMITED) && rate_limited() {
+                    return true;
                 }
-                (self.any(Self::FIVE_XX) && (500..600).contains(&status))
+                let matched = (self.any(Self::FIVE_XX) && (500..600).contains(&status))
                     || (self.any(Self::GATEWAY_ERROR) && matches!(status, 502..=504))
                     || (self.any(Self::RETRIABLE_4XX) && status == 409)
                     || (self.any(Self::RETRIABLE_STATUS_CODES)
                         && self.status_codes.contains(&status))
                     || (self.any(Self::RETRIABLE_HEADERS)
                         && retriable_headers.iter().any(|h| headers.contains_key(h)))
-                    || grpc_status.is_some_and(|g| self.matches_grpc(g))
+                    || grpc_status.is_some_and(|g| self.matches_grpc(g));
+                // A rate-limited response is retried only under `envoy-ratelimited`; the
+                // header is looked up only when something else would retry.
+                matched && !rate_limited()
             }
             // A per-try timeout is a local reset: only `5xx`, `gateway-error` and `reset`
             // retry it (VS-57).

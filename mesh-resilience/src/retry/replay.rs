@@ -22,6 +22,14 @@ pub(crate) enum Prepared {
     Once(BoxBody),
 }
 
+/// How buffering starts: decided at once, or the body must be read.
+pub(crate) enum Start {
+    /// Decided without reading (empty body, or known to exceed the cap).
+    Done(Prepared),
+    /// The body must be read.
+    Read(Buffering),
+}
+
 /// A buffered body that can be turned into a fresh [`BoxBody`] for each attempt.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Replay {
@@ -52,16 +60,16 @@ pub(crate) struct Buffering {
 
 impl Buffering {
     /// Starts buffering `body`, or decides at once when its size is known.
-    pub(crate) fn start(body: BoxBody, limit: usize) -> Result<Prepared, Self> {
+    pub(crate) fn start(body: BoxBody, limit: usize) -> Start {
         if body.is_end_stream() {
-            return Ok(Prepared::Replayable(Replay::default()));
+            return Start::Done(Prepared::Replayable(Replay::default()));
         }
         let hint = body.size_hint();
         if hint.lower() > limit as u64 {
             // Known in advance to be too large (content-length over the cap).
-            return Ok(Prepared::Once(body));
+            return Start::Done(Prepared::Once(body));
         }
-        Err(Self {
+        Start::Read(Self {
             body: Some(body),
             buf: BytesMut::new(),
             trailers: None,
@@ -198,8 +206,8 @@ mod tests {
 
     async fn prepare(body: BoxBody, limit: usize) -> Prepared {
         match Buffering::start(body, limit) {
-            Ok(p) => p,
-            Err(mut b) => std::future::poll_fn(|cx| b.poll_prepare(cx)).await.unwrap(),
+            Start::Done(p) => p,
+            Start::Read(mut b) => std::future::poll_fn(|cx| b.poll_prepare(cx)).await.unwrap(),
         }
     }
 
@@ -221,7 +229,10 @@ mod tests {
         };
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdef");
         let known = mesh_core::body::full(vec![0u8; 10]);
-        assert!(matches!(Buffering::start(known, 9), Ok(Prepared::Once(_))));
+        assert!(matches!(
+            Buffering::start(known, 9),
+            Start::Done(Prepared::Once(_))
+        ));
     }
 
     #[tokio::test]

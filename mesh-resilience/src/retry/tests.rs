@@ -497,6 +497,21 @@ async fn readiness_is_forwarded_and_the_ready_service_is_used() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn capacity_is_reserved_once_and_moves_with_the_request() {
+    let (inner, mut handle) = mock::pair::<http::Request<BoxBody>, http::Response<BoxBody>>();
+    let mut svc = mock::Spawn::new(RetryLayer::new(policy(1, "503")).layer(inner));
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    assert_ready_ok!(svc.poll_ready(), "polling again reuses the reservation");
+    let fut = tokio::spawn(svc.call(get()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(http::Response::new(mesh_core::body::empty()));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+    // The ready service went with the request; the one left behind must get its own.
+    assert_pending!(svc.poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
 async fn retries_avoid_the_endpoint_that_just_failed() {
     let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
     let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
@@ -591,4 +606,54 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_body_slower_than_the_deadline_ends_in_deadline_exceeded() {
+    let (up, svc) = upstream(&[Act::Status(200)]);
+    let svc = RetryLayer::new(policy(2, "5xx")).layer(svc);
+    let never_ends = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, BoxError>>();
+    let mut req = http::Request::new(mesh_core::body::boxed(http_body_util::StreamBody::new(
+        never_ends,
+    )));
+    req.extensions_mut()
+        .insert(RequestDeadline::after(Duration::from_secs(1)));
+    let start = Instant::now();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    assert_eq!(up.attempts(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_readiness_before_a_retry_is_bounded_by_the_deadline() {
+    let (inner, mut handle) = mock::pair::<http::Request<BoxBody>, http::Response<BoxBody>>();
+    let mut svc = mock::Spawn::new(RetryLayer::new(policy(3, "503")).layer(inner));
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let mut req = get();
+    req.extensions_mut()
+        .insert(RequestDeadline::after(Duration::from_secs(2)));
+    let start = Instant::now();
+    let fut = tokio::spawn(svc.call(req));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(
+        http::Response::builder()
+            .status(503)
+            .body(mesh_core::body::empty())
+            .unwrap(),
+    );
+    // No capacity for the retry: it waits, but not past the deadline.
+    let err = fut.await.unwrap().unwrap_err();
+    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_count_can_be_turned_off() {
+    let mut p = policy(1, "503");
+    p.include_attempt_count = false;
+    let (up, res) = run(p, &[Act::Status(503), Act::Status(200)]).await;
+    assert_eq!(res.unwrap().status(), 200);
+    assert_eq!(up.attempt_headers(), ["", ""]);
 }

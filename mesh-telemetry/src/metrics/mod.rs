@@ -18,8 +18,8 @@ pub mod istio;
 pub mod prometheus;
 
 pub use istio::{
-    DestinationService, IstioMetrics, MetricsHandle, Reporter, RequestFacts, Series, TcpMetrics,
-    Workload, DEFAULT_BUCKETS,
+    DEFAULT_BUCKETS, DestinationService, EnvoyHistogram, IstioMetrics, MetricsHandle, Reporter,
+    RequestFacts, Series, TcpMetrics, Workload,
 };
 pub use prometheus::{DestinationMetrics, MetricsRegistry, ProxyMetrics};
 

@@ -179,11 +179,7 @@ impl ProxyMetrics {
             "Requests refused by connection-pool limits (UO)",
             this.pool_overflows.clone(),
         );
-        registry.register(
-            "mesh_retries",
-            "Retry attempts sent",
-            this.retries.clone(),
-        );
+        registry.register("mesh_retries", "Retry attempts sent", this.retries.clone());
         registry.register(
             "mesh_active_connections",
             "Open downstream connections",
@@ -293,7 +289,10 @@ mod tests {
             "mesh_retries_total{destination=\"reviews|v1\"} 3",
             "mesh_active_connections{listener=\"inbound\"} 5",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

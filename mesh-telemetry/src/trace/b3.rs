@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
 
 /// `x-b3-traceid`.
 pub static TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -40,18 +40,23 @@ fn span_id(s: &[u8]) -> Option<u64> {
 }
 
 /// Extracts the multi-header form; `None` when no `x-b3-*` header is present.
-pub fn extract_multi(headers: &HeaderMap) -> Option<Incoming> {
-    let sampled = headers.get(&SAMPLED).map(|v| match v.as_bytes() {
+pub fn extract_multi<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
+    let sampled = headers.value(&SAMPLED).map(|v| match v.as_bytes() {
         b"1" | b"true" => Some(true),
         b"0" | b"false" => Some(false),
         _ => None,
     });
-    let debug = headers.get(&FLAGS).is_some_and(|v| v.as_bytes() == b"1");
-    let tid = headers.get(&TRACE_ID);
-    let sid = headers.get(&SPAN_ID);
+    let debug = headers.value(&FLAGS).is_some_and(|v| v.as_bytes() == b"1");
+    let tid = headers.value(&TRACE_ID);
+    let sid = headers.value(&SPAN_ID);
     if tid.is_none() && sid.is_none() && sampled.is_none() && !debug {
         return None;
     }
+    let canonical = |v: &HeaderValue| {
+        v.as_bytes()
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     let ids = match (tid, sid) {
         (Some(t), Some(s)) => match (trace_id(t.as_bytes()), span_id(s.as_bytes())) {
             (Some((t, short)), Some(s)) => Some((t, short, s)),
@@ -60,17 +65,22 @@ pub fn extract_multi(headers: &HeaderMap) -> Option<Incoming> {
         _ => None,
     };
     let sampled = sampled.flatten();
+    let b3_values = match (ids, tid, sid) {
+        (Some(_), Some(t), Some(s)) if canonical(t) && canonical(s) => Some((t.clone(), s.clone())),
+        _ => None,
+    };
     Some(Incoming {
         ids,
         sampled: if debug { Some(true) } else { sampled },
         debug,
         tracestate: None,
+        b3_values,
     })
 }
 
 /// Extracts the single `b3` header; `None` when absent or malformed.
-pub fn extract_single(headers: &HeaderMap) -> Option<Incoming> {
-    let v = headers.get(&SINGLE)?.as_bytes();
+pub fn extract_single<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
+    let v = headers.value(&SINGLE)?.as_bytes();
     let state = |s: &[u8]| match s {
         b"1" => Some((Some(true), false)),
         b"0" => Some((Some(false), false)),
@@ -87,6 +97,7 @@ pub fn extract_single(headers: &HeaderMap) -> Option<Incoming> {
             sampled,
             debug,
             tracestate: None,
+            b3_values: None,
         });
     };
     let (t, short) = trace_id(first)?;
@@ -106,6 +117,7 @@ pub fn extract_single(headers: &HeaderMap) -> Option<Incoming> {
         sampled,
         debug,
         tracestate: None,
+        b3_values: None,
     })
 }
 
@@ -122,16 +134,25 @@ fn value(bytes: &[u8]) -> HeaderValue {
 /// Writes the multi-header form of `ctx`.
 pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
     let mut buf = [0u8; 32];
-    headers.insert(
-        TRACE_ID.clone(),
-        value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf)),
-    );
+    match &ctx.b3_values {
+        // Same trace, and the incoming span is our parent: reuse the incoming values.
+        Some((trace, parent)) => {
+            headers.insert(TRACE_ID.clone(), trace.clone());
+            headers.insert(PARENT_SPAN_ID.clone(), parent.clone());
+        }
+        None => {
+            headers.insert(
+                TRACE_ID.clone(),
+                value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf)),
+            );
+            if let Some(parent) = ctx.parent_span_id {
+                write_hex(u128::from(parent), &mut buf);
+                headers.insert(PARENT_SPAN_ID.clone(), value(&buf[16..]));
+            }
+        }
+    }
     write_hex(u128::from(ctx.span_id), &mut buf);
     headers.insert(SPAN_ID.clone(), value(&buf[16..]));
-    if let Some(parent) = ctx.parent_span_id {
-        write_hex(u128::from(parent), &mut buf);
-        headers.insert(PARENT_SPAN_ID.clone(), value(&buf[16..]));
-    }
     if ctx.debug {
         // Debug implies accept; B3 says not to also send x-b3-sampled.
         headers.insert(FLAGS.clone(), HeaderValue::from_static("1"));
@@ -200,7 +221,11 @@ mod tests {
         let i = extract_multi(&h).unwrap();
         assert_eq!(
             i.ids,
-            Some((0x463ac35c9f6413ad48485a3953bb6124, false, 0xa2fb4a1d1a96d312))
+            Some((
+                0x463ac35c9f6413ad48485a3953bb6124,
+                false,
+                0xa2fb4a1d1a96d312
+            ))
         );
         assert_eq!(i.sampled, Some(true));
         let h = map(&[
@@ -251,15 +276,22 @@ mod tests {
         .unwrap();
         assert_eq!(
             i.ids,
-            Some((0x80f198ee56343ba864fe8b2a57d3eff7, false, 0xe457b5a2e4d86bd1))
+            Some((
+                0x80f198ee56343ba864fe8b2a57d3eff7,
+                false,
+                0xe457b5a2e4d86bd1
+            ))
         );
         assert_eq!(i.sampled, Some(true));
         let i = extract_single(&map(&[("b3", "e457b5a2e4d86bd1-e457b5a2e4d86bd1-d")])).unwrap();
         assert!(i.debug && i.ids.unwrap().1);
         let i = extract_single(&map(&[("b3", "0")])).unwrap();
         assert_eq!((i.ids, i.sampled), (None, Some(false)));
-        let i = extract_single(&map(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1")]))
-            .unwrap();
+        let i = extract_single(&map(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1",
+        )]))
+        .unwrap();
         assert_eq!(i.sampled, None);
         for bad in [
             "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-x",

@@ -130,6 +130,10 @@ impl std::fmt::Debug for Msg {
 
 impl SpanQueue {
     /// Spawns the export task on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn` does).
     pub fn spawn(
         exporter: impl ExportSpans,
         config: ExportConfig,
@@ -248,8 +252,12 @@ impl std::fmt::Debug for OtlpExporter {
 impl OtlpExporter {
     /// An exporter posting to `endpoint` (the full URL, e.g.
     /// `http://otel-collector:4318/v1/traces`), naming the resource `service_name`.
-    pub fn new(endpoint: &str, service_name: &str, timeout: Duration) -> Result<Self, ExporterError> {
-        use opentelemetry_otlp::{WithExportConfig, Protocol};
+    pub fn new(
+        endpoint: &str,
+        service_name: &str,
+        timeout: Duration,
+    ) -> Result<Self, ExporterError> {
+        use opentelemetry_otlp::{Protocol, WithExportConfig};
         use opentelemetry_sdk::trace::SpanExporter as _;
         let endpoint = if endpoint.contains("://") {
             endpoint.to_owned()
@@ -350,7 +358,9 @@ impl ZipkinExporter {
         } else {
             format!("http://{address}/api/v2/spans")
         };
-        let uri: http::Uri = url.parse().map_err(|_| ExporterError::Address(url.clone()))?;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| ExporterError::Address(url.clone()))?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);

@@ -10,8 +10,10 @@
 //! Sampling (TR-06, TR-07): an incoming decision (`x-b3-sampled`, `x-b3-flags`, the `b3`
 //! sampling state, the `traceparent` sampled flag) is honoured; otherwise the
 //! [`Sampler`]'s percentage decides with the caller's random number generator (so tests
-//! fix the seed). The default is Istio's 1 %; values outside 0–100 fall back to 1 %.
-//! Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit ids.
+//! fix the seed); a request carrying `x-client-trace-id` is always sampled, as Envoy's
+//! 100 % client sampling in Istio does. The default is Istio's 1 %; values outside 0–100
+//! fall back to 1 %. Incoming 64-bit B3 trace ids are preserved; new traces get 128-bit
+//! ids.
 //!
 //! `x-request-id` (TR-01) is kept when present and generated as a UUID v4 when absent.
 //! We choose the random sampler over Envoy's request-id-derived decision (Istio's
@@ -20,6 +22,7 @@
 
 pub mod b3;
 pub mod export;
+pub mod forward;
 pub mod w3c;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -27,6 +30,81 @@ use rand::Rng;
 
 /// `x-request-id`.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-client-trace-id`: a client asking for its request to be traced.
+pub static CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
+
+/// Header lookup for the extractors: a [`HeaderMap`], or the trace headers picked out of
+/// one in a single pass ([`TraceHeaderScan`]).
+pub trait Lookup {
+    /// The first value of `name`.
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue>;
+}
+
+impl Lookup for HeaderMap {
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.get(name)
+    }
+}
+
+const SCANNED: usize = 9;
+
+fn scanned_names() -> [&'static HeaderName; SCANNED] {
+    [
+        &b3::SINGLE,
+        &b3::TRACE_ID,
+        &b3::SPAN_ID,
+        &b3::PARENT_SPAN_ID,
+        &b3::SAMPLED,
+        &b3::FLAGS,
+        &w3c::TRACEPARENT,
+        &w3c::TRACESTATE,
+        &CLIENT_TRACE_ID,
+    ]
+}
+
+/// The first value of every trace header, found by one walk over the map instead of one
+/// hash lookup per name.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceHeaderScan<'a> {
+    values: [Option<&'a HeaderValue>; SCANNED],
+}
+
+impl<'a> TraceHeaderScan<'a> {
+    /// Scans `headers`.
+    pub fn new(headers: &'a HeaderMap) -> Self {
+        let mut values = [None; SCANNED];
+        for (name, value) in headers {
+            let i = match name.as_str() {
+                "b3" => 0,
+                "x-b3-traceid" => 1,
+                "x-b3-spanid" => 2,
+                "x-b3-parentspanid" => 3,
+                "x-b3-sampled" => 4,
+                "x-b3-flags" => 5,
+                "traceparent" => 6,
+                "tracestate" => 7,
+                "x-client-trace-id" => 8,
+                _ => continue,
+            };
+            // The first value wins (TR-02).
+            values[i].get_or_insert(value);
+        }
+        Self { values }
+    }
+
+    fn present(&self, i: usize) -> bool {
+        self.values[i].is_some()
+    }
+}
+
+impl Lookup for TraceHeaderScan<'_> {
+    fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        scanned_names()
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| self.values[i])
+    }
+}
 
 /// What the incoming headers said.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,6 +117,9 @@ pub struct Incoming {
     pub debug: bool,
     /// W3C `tracestate`, propagated unchanged.
     pub tracestate: Option<HeaderValue>,
+    /// The incoming `x-b3-traceid` and `x-b3-spanid` values when already canonical
+    /// (lower-hex): injection reuses them instead of encoding and allocating again.
+    pub b3_values: Option<(HeaderValue, HeaderValue)>,
 }
 
 /// The span of this hop: what is injected downstream and exported.
@@ -58,6 +139,8 @@ pub struct HopContext {
     pub debug: bool,
     /// W3C `tracestate`.
     pub tracestate: Option<HeaderValue>,
+    /// The incoming trace id and parent span id as canonical B3 header values, if any.
+    pub b3_values: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl HopContext {
@@ -65,7 +148,11 @@ impl HopContext {
     pub fn trace_id_hex(&self) -> String {
         let mut buf = [0u8; 32];
         write_hex(self.trace_id, &mut buf);
-        let s = if self.trace_id_64 { &buf[16..] } else { &buf[..] };
+        let s = if self.trace_id_64 {
+            &buf[16..]
+        } else {
+            &buf[..]
+        };
         String::from_utf8_lossy(s).into_owned()
     }
 }
@@ -139,10 +226,10 @@ enum Source {
 
 /// Reads the incoming context. Returns an empty [`Incoming`] when no valid one is present.
 pub fn extract(headers: &HeaderMap) -> Incoming {
-    extract_with_source(headers).0
+    extract_with_source(&TraceHeaderScan::new(headers)).0
 }
 
-fn extract_with_source(headers: &HeaderMap) -> (Incoming, Source) {
+fn extract_with_source<L: Lookup + ?Sized>(headers: &L) -> (Incoming, Source) {
     let mut decision_only: Option<(Incoming, Source)> = None;
     for (found, source) in [
         (b3::extract_single(headers), Source::B3Single),
@@ -184,6 +271,7 @@ pub fn next_hop<R: Rng + ?Sized>(incoming: Incoming, sampler: &Sampler, rng: &mu
             sampled,
             debug: incoming.debug,
             tracestate: incoming.tracestate,
+            b3_values: incoming.b3_values,
         },
         None => {
             let trace_id = (u128::from(nonzero_u64(rng)) << 64) | u128::from(rng.random::<u64>());
@@ -195,6 +283,7 @@ pub fn next_hop<R: Rng + ?Sized>(incoming: Incoming, sampler: &Sampler, rng: &mu
                 sampled,
                 debug: incoming.debug,
                 tracestate: None,
+                b3_values: None,
             }
         }
     }
@@ -249,7 +338,19 @@ impl Propagator {
 
     /// Rewrites `headers` for the next hop and returns this hop's context.
     pub fn propagate<R: Rng + ?Sized>(&self, headers: &mut HeaderMap, rng: &mut R) -> HopContext {
-        let (incoming, source) = extract_with_source(headers);
+        let scan = TraceHeaderScan::new(headers);
+        let (mut incoming, source) = extract_with_source(&scan);
+        // Envoy's client sampling (100 % in Istio): a client-supplied trace id forces a
+        // sampled trace unless a decision already travels with the request (TR-07).
+        if incoming.sampled.is_none() && scan.present(8) {
+            incoming.sampled = Some(true);
+        }
+        // Which incoming trace headers exist (indices of `scanned_names`, the client
+        // trace id excluded: it is not ours to rewrite).
+        let mut present = [false; 8];
+        for (i, p) in present.iter_mut().enumerate() {
+            *p = scan.present(i);
+        }
         let ctx = next_hop(incoming, &self.sampler, rng);
         let mut formats = self.formats;
         match source {
@@ -258,7 +359,24 @@ impl Propagator {
             Source::W3c => formats.w3c = true,
             Source::None => {}
         }
-        clear(headers);
+        // Remove the incoming headers the injection will not overwrite; `insert` replaces
+        // the others (all their values) anyway.
+        let written = [
+            formats.b3_single,
+            formats.b3_multi,
+            formats.b3_multi,
+            formats.b3_multi && ctx.parent_span_id.is_some(),
+            formats.b3_multi && !ctx.debug,
+            formats.b3_multi && ctx.debug,
+            formats.w3c,
+            formats.w3c && ctx.tracestate.is_some(),
+        ];
+        let names = scanned_names();
+        for i in 0..present.len() {
+            if present[i] && !written[i] {
+                headers.remove(names[i]);
+            }
+        }
         inject(&ctx, formats, headers);
         ctx
     }
@@ -284,7 +402,8 @@ pub fn new_request_id<R: Rng + ?Sized>(rng: &mut R) -> HeaderValue {
 }
 
 /// Forwards the trace headers of an incoming request onto an outgoing one: the
-/// application-side "interceptor" that keeps a trace connected across a service.
+/// application-side "interceptor" that keeps a trace connected across a service (see
+/// [`forward`] for the same as a pair of layers).
 ///
 /// Copies `x-request-id`, the `x-b3-*` headers, `b3`, `traceparent`, `tracestate` and
 /// `x-ot-span-context` (the headers Istio asks applications to propagate).
@@ -337,8 +456,9 @@ pub(crate) fn parse_hex_u64(s: &[u8], upper_ok: bool) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;
     }
-    s.iter()
-        .try_fold(0u64, |acc, b| Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?)))
+    s.iter().try_fold(0u64, |acc, b| {
+        Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?))
+    })
 }
 
 /// Parses exactly 32 hex digits.
@@ -385,7 +505,11 @@ mod tests {
         ]);
         let p = Propagator {
             sampler: Sampler::percent(0.0),
-            formats: Formats { b3_multi: true, b3_single: false, w3c: false },
+            formats: Formats {
+                b3_multi: true,
+                b3_single: false,
+                w3c: false,
+            },
         };
         let ctx = p.propagate(&mut h, &mut rng);
         assert!(ctx.sampled, "incoming accept wins over 0 % sampling");
@@ -419,6 +543,18 @@ mod tests {
     }
 
     #[test]
+    fn upper_case_b3_ids_are_forwarded_in_lower_case() {
+        let mut rng = SmallRng::seed_from_u64(12);
+        let mut h = headers(&[
+            ("x-b3-traceid", "463AC35C9F6413AD48485A3953BB6124"),
+            ("x-b3-spanid", "A2FB4A1D1A96D312"),
+        ]);
+        Propagator::default().propagate(&mut h, &mut rng);
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+    }
+
+    #[test]
     fn b3_single_is_preferred_and_answered_in_kind() {
         let mut rng = SmallRng::seed_from_u64(3);
         let mut h = headers(&[
@@ -434,20 +570,29 @@ mod tests {
         assert_eq!(parts[2], "d");
         assert_eq!(parts[3], "e457b5a2e4d86bd1");
         assert_eq!(h["x-b3-flags"], "1");
-        assert!(h.get("x-b3-sampled").is_none(), "debug is not sent with sampled");
+        assert!(
+            h.get("x-b3-sampled").is_none(),
+            "debug is not sent with sampled"
+        );
     }
 
     #[test]
     fn w3c_hop_keeps_tracestate_and_sets_new_parent_id() {
         let mut rng = SmallRng::seed_from_u64(4);
         let mut h = headers(&[
-            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            ),
             ("tracestate", "congo=t61rcWkgMzE"),
         ]);
         let ctx = Propagator::with_sampling(100.0).propagate(&mut h, &mut rng);
         assert!(!ctx.sampled, "incoming not-sampled flag wins over 100 %");
         let tp = h["traceparent"].to_str().unwrap();
-        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
         assert!(tp.ends_with("-00"));
         assert_eq!(&tp[36..52], format!("{:016x}", ctx.span_id));
         assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
@@ -458,16 +603,56 @@ mod tests {
     fn invalid_context_starts_a_new_trace() {
         let mut rng = SmallRng::seed_from_u64(5);
         let mut h = headers(&[
-            ("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            (
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
             ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb612"),
             ("x-b3-spanid", "a2fb4a1d1a96d312"),
         ]);
         let ctx = Propagator::with_sampling(0.0).propagate(&mut h, &mut rng);
         assert_eq!(ctx.parent_span_id, None);
-        assert!(!ctx.trace_id_64 && ctx.trace_id >> 64 != 0, "new 128-bit id");
+        assert!(
+            !ctx.trace_id_64 && ctx.trace_id >> 64 != 0,
+            "new 128-bit id"
+        );
         assert!(!ctx.sampled);
         assert!(h.get("x-b3-parentspanid").is_none());
         assert_eq!(h["x-b3-traceid"].len(), 32);
+    }
+
+    #[test]
+    fn stale_incoming_headers_do_not_survive_the_hop() {
+        let mut rng = SmallRng::seed_from_u64(10);
+        let mut h = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("x-b3-traceid", "bad"),
+            ("x-b3-flags", "1"),
+            ("b3", "not-valid"),
+            ("x-client-trace-id", "keep"),
+        ]);
+        let p = Propagator {
+            sampler: Sampler::percent(0.0),
+            formats: Formats {
+                b3_multi: true,
+                b3_single: false,
+                w3c: true,
+            },
+        };
+        let ctx = p.propagate(&mut h, &mut rng);
+        assert!(!ctx.debug && ctx.sampled);
+        assert!(
+            h.get("x-b3-flags").is_none(),
+            "the debug flag came with an ignored context"
+        );
+        assert!(h.get("b3").is_none());
+        assert_eq!(h["x-b3-traceid"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert_eq!(h["x-client-trace-id"], "keep");
+        assert!(h.get("tracestate").is_none());
     }
 
     #[test]
@@ -478,7 +663,21 @@ mod tests {
         assert!(!ctx.sampled && ctx.parent_span_id.is_none());
         assert_eq!(h["x-b3-sampled"], "0");
         let mut h = headers(&[("x-b3-sampled", "1")]);
-        assert!(Propagator::with_sampling(0.0).propagate(&mut h, &mut rng).sampled);
+        assert!(
+            Propagator::with_sampling(0.0)
+                .propagate(&mut h, &mut rng)
+                .sampled
+        );
+    }
+
+    #[test]
+    fn client_trace_id_forces_sampling_but_not_over_a_decision() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let p = Propagator::with_sampling(0.0);
+        let mut h = headers(&[("x-client-trace-id", "abc")]);
+        assert!(p.propagate(&mut h, &mut rng).sampled);
+        let mut h = headers(&[("x-client-trace-id", "abc"), ("x-b3-sampled", "0")]);
+        assert!(!p.propagate(&mut h, &mut rng).sampled);
     }
 
     #[test]

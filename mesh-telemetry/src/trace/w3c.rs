@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
 
 /// `traceparent`.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -16,8 +16,8 @@ pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Extracts `traceparent` (and `tracestate`); `None` when absent or invalid.
-pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
-    let v = headers.get(&TRACEPARENT)?.as_bytes();
+pub fn extract<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
+    let v = headers.value(&TRACEPARENT)?.as_bytes();
     if v.len() < 55 {
         return None;
     }
@@ -35,7 +35,8 @@ pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
         ids: Some((trace_id, false, parent)),
         sampled: Some(flags & 1 == 1),
         debug: false,
-        tracestate: headers.get(&TRACESTATE).cloned(),
+        tracestate: headers.value(&TRACESTATE).cloned(),
+        b3_values: None,
     })
 }
 
@@ -75,11 +76,18 @@ mod tests {
         let i = extract(&h).unwrap();
         assert_eq!(
             i.ids,
-            Some((0x4bf92f3577b34da6a3ce929d0e0e4736, false, 0x00f067aa0ba902b7))
+            Some((
+                0x4bf92f3577b34da6a3ce929d0e0e4736,
+                false,
+                0x00f067aa0ba902b7
+            ))
         );
         assert_eq!(i.sampled, Some(true));
         assert_eq!(i.tracestate.unwrap(), "congo=t61rcWkgMzE");
-        let i = extract(&tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")).unwrap();
+        let i = extract(&tp(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ))
+        .unwrap();
         assert_eq!(i.sampled, Some(false));
     }
 
@@ -101,7 +109,10 @@ mod tests {
 
     #[test]
     fn future_versions_are_read_by_their_prefix() {
-        let i = extract(&tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what")).unwrap();
+        let i = extract(&tp(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what",
+        ))
+        .unwrap();
         assert_eq!(i.ids.unwrap().2, 0x00f067aa0ba902b7);
     }
 }

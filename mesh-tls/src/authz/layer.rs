@@ -356,3 +356,133 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{Action, Operation, Policy, Rule};
+    use tokio_test::{assert_pending, assert_ready_ok};
+    use tower_test::mock;
+
+    fn deny_admin() -> PolicySet {
+        let p = Policy::new(
+            "ns",
+            "deny-admin",
+            Action::Deny,
+            vec![Rule {
+                to: Some(vec![Operation {
+                    paths: vec!["/admin".into()],
+                    ..Operation::default()
+                }]),
+                ..Rule::default()
+            }],
+        );
+        PolicySet::compile([&p]).unwrap()
+    }
+
+    type Mock = mock::Mock<Request<()>, Response<http_body_util::Empty<Bytes>>>;
+    type Handle = mock::Handle<Request<()>, Response<http_body_util::Empty<Bytes>>>;
+
+    fn service(set: PolicySet) -> (mock::Spawn<Authz<Mock>>, Handle) {
+        let (mock, handle) = mock::pair();
+        (mock::Spawn::new(AuthzLayer::new(set).layer(mock)), handle)
+    }
+
+    fn get(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn readiness_is_forwarded() {
+        let (mut svc, mut handle) = service(deny_admin());
+        handle.allow(0);
+        assert_pending!(svc.poll_ready());
+        handle.allow(1);
+        assert_ready_ok!(svc.poll_ready());
+    }
+
+    #[tokio::test]
+    async fn denied_requests_never_reach_the_inner_service() {
+        let (mut svc, mut handle) = service(deny_admin());
+        handle.allow(1);
+        assert_ready_ok!(svc.poll_ready());
+        let res = svc.call(get("/admin")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let decision = res.extensions().get::<AuthzDecision>().unwrap();
+        assert!(!decision.allowed);
+        assert_eq!(&*decision.policy.as_ref().unwrap().name, "ns/deny-admin");
+        assert_eq!(res.headers()[CONTENT_TYPE], "text/plain");
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap();
+        assert_eq!(body.to_bytes(), DENIED_BODY.as_bytes());
+        assert!(handle.poll_request().is_pending());
+    }
+
+    #[tokio::test]
+    async fn allowed_requests_carry_the_decision_both_ways() {
+        let (mut svc, mut handle) = service(deny_admin());
+        handle.allow(1);
+        assert_ready_ok!(svc.poll_ready());
+        let fut = svc.call(get("/public/./x?q=1"));
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.uri(), "/public/x?q=1");
+        assert!(req.extensions().get::<AuthzDecision>().unwrap().allowed);
+        send.send_response(Response::new(http_body_util::Empty::new()));
+        let res = fut.await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.extensions().get::<AuthzDecision>().unwrap().allowed);
+    }
+
+    #[tokio::test]
+    async fn inner_errors_pass_through() {
+        let (mut svc, mut handle) = service(PolicySet::allow_all());
+        handle.allow(1);
+        assert_ready_ok!(svc.poll_ready());
+        let fut = svc.call(get("/"));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error(std::io::Error::other("boom"));
+        let err = fut.await.unwrap_err();
+        assert_eq!(err.to_string(), "boom");
+    }
+
+    #[tokio::test]
+    async fn without_policies_requests_pass_unchanged() {
+        let (mut svc, mut handle) = service(PolicySet::allow_all());
+        handle.allow(1);
+        assert_ready_ok!(svc.poll_ready());
+        let fut = svc.call(Request::post("http://example.com/a/b?x").body(()).unwrap());
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.uri(), "http://example.com/a/b?x");
+        send.send_response(Response::new(http_body_util::Empty::new()));
+        assert_eq!(fut.await.unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn malformed_paths_and_methods_are_answered_with_400() {
+        let (mut svc, mut handle) = service(PolicySet::allow_all());
+        for req in [
+            get("/a;b"),
+            get("/a%zz"),
+            Request::builder().method("get").uri("/").body(()).unwrap(),
+        ] {
+            handle.allow(1);
+            assert_ready_ok!(svc.poll_ready());
+            let res = svc.call(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        }
+        assert!(handle.poll_request().is_pending());
+    }
+
+    #[test]
+    fn forwarded_client_counts_trusted_hops_from_the_right() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "1.1.1.1, 2.2.2.2".parse().unwrap());
+        h.append("x-forwarded-for", "3.3.3.3".parse().unwrap());
+        assert_eq!(forwarded_client(&h, 0), None);
+        assert_eq!(forwarded_client(&h, 1), Some("3.3.3.3".parse().unwrap()));
+        assert_eq!(forwarded_client(&h, 2), Some("2.2.2.2".parse().unwrap()));
+        assert_eq!(forwarded_client(&h, 3), Some("1.1.1.1".parse().unwrap()));
+        assert_eq!(forwarded_client(&h, 4), None);
+    }
+}

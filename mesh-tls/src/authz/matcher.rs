@@ -11,6 +11,8 @@
 //! a DENY or AUDIT rule matches when it is true *or unknown*. So an unknowable attribute
 //! can only ever narrow what is allowed and widen what is denied.
 
+use std::cell::OnceCell;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -263,6 +265,7 @@ impl PathMatch {
 enum Field {
     Principal(Box<[StrMatch]>),
     Namespace(Box<[Glob]>),
+    TrustDomain(Box<[StrMatch]>),
     ServiceAccount(Box<[(Box<str>, Box<str>)]>),
     SourceIp(Box<[IpNet]>),
     RemoteIp(Box<[IpNet]>),
@@ -358,28 +361,106 @@ fn header_matches(headers: &HeaderMap, name: &HeaderName, ms: &[StrMatch]) -> Tr
     }
 }
 
+/// Facts derived from the request at most once per decision, shared by every rule.
+struct Facts<'a> {
+    a: &'a RequestAttributes<'a>,
+    principal: Option<&'a str>,
+    istio: OnceCell<Option<(&'a str, &'a str)>>,
+    bare_host: OnceCell<Option<&'a str>>,
+}
+
+impl<'a> Facts<'a> {
+    fn new(a: &'a RequestAttributes<'a>) -> Self {
+        Facts {
+            a,
+            principal: a.peer.map(Identity::principal),
+            istio: OnceCell::new(),
+            bare_host: OnceCell::new(),
+        }
+    }
+
+    /// Namespace and service account of an Istio-form peer ID.
+    fn istio(&self) -> Option<(&'a str, &'a str)> {
+        *self.istio.get_or_init(|| {
+            let peer = self.a.peer?;
+            Some((peer.namespace()?, peer.service_account()?))
+        })
+    }
+
+    fn namespace(&self) -> Option<&'a str> {
+        self.istio().map(|(ns, _)| ns)
+    }
+
+    fn bare_host(&self) -> Option<&'a str> {
+        *self.bare_host.get_or_init(|| self.a.host.map(bare_host))
+    }
+}
+
+/// The rule index hashes a principal by its length and last 16 bytes, where principals
+/// of one trust domain differ (`…/sa/<name>`): a constant-time hash, and collisions only
+/// cost a string comparison. Principals come from verified certificates.
+#[derive(Clone, Copy, Debug, Default)]
+struct TailHash(u64);
+
+impl std::hash::Hasher for TailHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let tail = &bytes[bytes.len().saturating_sub(16)..];
+        let mut h = self.0 ^ (bytes.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for chunk in tail.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(29);
+        }
+        self.0 = h;
+    }
+}
+
+type IndexHasher = std::hash::BuildHasherDefault<TailHash>;
+
+impl Field {
+    /// Evaluation order inside a source or operation: cheap and selective first.
+    fn cost(&self) -> u8 {
+        match self {
+            Field::Method(_) => 0,
+            Field::Port(_) => 1,
+            Field::Principal(_) => 2,
+            Field::ServiceAccount(_) => 3,
+            Field::TrustDomain(_) => 4,
+            Field::SourceIp(_) | Field::DestinationIp(_) | Field::RemoteIp(_) => 5,
+            Field::Path(_) => 6,
+            Field::Namespace(_) => 7,
+            Field::Host(_) | Field::Sni(_) => 8,
+            Field::Header(..) => 9,
+            Field::Unknowable => 10,
+        }
+    }
+}
+
 impl Pred {
-    fn eval(&self, a: &RequestAttributes<'_>) -> Tri {
+    fn eval(&self, f: &Facts<'_>) -> Tri {
+        let a = f.a;
         let hit = match &self.field {
-            Field::Principal(ms) => match a.peer {
-                Some(id) => Tri::from_bool(ms.iter().any(|m| m.matches(id.principal()))),
+            Field::Principal(ms) => match f.principal {
+                Some(p) => Tri::from_bool(ms.iter().any(|m| m.matches(p))),
                 None => Tri::False,
             },
-            Field::Namespace(gs) => match a.peer.and_then(Identity::namespace) {
+            Field::Namespace(gs) => match f.namespace() {
                 Some(ns) => Tri::from_bool(gs.iter().any(|g| g.matches(ns))),
                 None => Tri::False,
             },
-            Field::ServiceAccount(sas) => {
-                match a
-                    .peer
-                    .and_then(|p| Some((p.namespace()?, p.service_account()?)))
-                {
-                    Some((ns, sa)) => {
-                        Tri::from_bool(sas.iter().any(|(n, s)| &**n == ns && &**s == sa))
-                    }
-                    None => Tri::False,
-                }
-            }
+            Field::TrustDomain(ms) => match a.peer {
+                Some(id) => Tri::from_bool(ms.iter().any(|m| m.matches(id.trust_domain()))),
+                None => Tri::False,
+            },
+            Field::ServiceAccount(sas) => match f.istio() {
+                Some((ns, sa)) => Tri::from_bool(sas.iter().any(|(n, s)| &**n == ns && &**s == sa)),
+                None => Tri::False,
+            },
             Field::SourceIp(nets) => ip_in(nets, a.connection.map(|c| c.remote.ip())),
             Field::RemoteIp(nets) => ip_in(
                 nets,
@@ -390,15 +471,12 @@ impl Pred {
                 Some(c) => Tri::from_bool(ports.contains(&c.local.port())),
                 None => Tri::Unknown,
             },
-            Field::Host(ms) => match a.host {
-                Some(h) => {
-                    let bare = bare_host(h);
-                    Tri::from_bool(
-                        ms.iter()
-                            .any(|m| m.matches_ignore_case(h) || m.matches_ignore_case(bare)),
-                    )
-                }
-                None => Tri::False,
+            Field::Host(ms) => match (a.host, f.bare_host()) {
+                (Some(h), Some(bare)) => Tri::from_bool(
+                    ms.iter()
+                        .any(|m| m.matches_ignore_case(h) || m.matches_ignore_case(bare)),
+                ),
+                _ => Tri::False,
             },
             Field::Method(ms) => Tri::from_bool(ms.iter().any(|m| m.matches(a.method))),
             Field::Path(ps) => Tri::from_bool(ps.iter().any(|p| p.matches(a.path))),
@@ -416,10 +494,10 @@ impl Pred {
     }
 }
 
-fn all(preds: &[Pred], a: &RequestAttributes<'_>) -> Tri {
+fn all(preds: &[Pred], f: &Facts<'_>) -> Tri {
     let mut acc = Tri::True;
     for p in preds {
-        acc = acc.and(p.eval(a));
+        acc = acc.and(p.eval(f));
         if acc == Tri::False {
             break;
         }
@@ -427,13 +505,13 @@ fn all(preds: &[Pred], a: &RequestAttributes<'_>) -> Tri {
     acc
 }
 
-fn any_entry(entries: &[Box<[Pred]>], a: &RequestAttributes<'_>) -> Tri {
+fn any_entry(entries: &[Box<[Pred]>], f: &Facts<'_>) -> Tri {
     if entries.is_empty() {
         return Tri::True;
     }
     let mut acc = Tri::False;
     for e in entries {
-        acc = acc.or(all(e, a));
+        acc = acc.or(all(e, f));
         if acc == Tri::True {
             break;
         }
@@ -451,15 +529,42 @@ struct CompiledRule {
 }
 
 impl CompiledRule {
-    fn eval(&self, a: &RequestAttributes<'_>) -> Tri {
-        let mut r = all(&self.when, a);
+    /// `from`, `to` and `when` are ANDed, so their order is free: sources (usually an
+    /// exact principal) first, then operations, then conditions (header look-ups).
+    fn eval(&self, f: &Facts<'_>) -> Tri {
+        let mut r = any_entry(&self.from, f);
         if r != Tri::False {
-            r = r.and(any_entry(&self.to, a));
+            r = r.and(any_entry(&self.to, f));
         }
         if r != Tri::False {
-            r = r.and(any_entry(&self.from, a));
+            r = r.and(all(&self.when, f));
         }
         r
+    }
+
+    /// The exact principals one of which the peer must have for this rule to be true or
+    /// unknown: every `from` entry requires a positive `principals` of exact values.
+    /// `None` when the rule cannot be narrowed so.
+    fn required_principals(&self) -> Option<Vec<&str>> {
+        if self.from.is_empty() {
+            return None;
+        }
+        let mut keys = Vec::new();
+        for entry in self.from.iter() {
+            let exact = entry.iter().find_map(|p| match &p.field {
+                Field::Principal(ms)
+                    if !p.negate && ms.iter().all(|m| matches!(m, StrMatch::Exact(_))) =>
+                {
+                    Some(ms)
+                }
+                _ => None,
+            })?;
+            keys.extend(exact.iter().filter_map(|m| match m {
+                StrMatch::Exact(e) => Some(&**e),
+                _ => None,
+            }));
+        }
+        Some(keys)
     }
 }
 
@@ -469,37 +574,96 @@ struct CompiledPolicy {
     rules: Box<[CompiledRule]>,
 }
 
-impl CompiledPolicy {
-    /// The first matching rule. `unknown_matches`: DENY/AUDIT semantics.
-    fn first_match(
-        &self,
-        a: &RequestAttributes<'_>,
-        unknown_matches: bool,
-    ) -> Option<MatchedPolicy> {
-        self.rules
-            .iter()
-            .position(|r| match r.eval(a) {
+/// `(policy, rule)` indices in declaration order.
+type RuleRef = (u32, u32);
+
+/// The policies of one action, with rules indexed by the exact principal they require,
+/// so a decision evaluates only the rules that can apply to the peer.
+#[derive(Clone, Debug, Default)]
+struct ActionList {
+    policies: Vec<CompiledPolicy>,
+    by_principal: HashMap<Box<str>, Vec<RuleRef>, IndexHasher>,
+    unindexed: Vec<RuleRef>,
+}
+
+impl ActionList {
+    fn push(&mut self, policy: CompiledPolicy) {
+        let p = u32::try_from(self.policies.len()).unwrap_or(u32::MAX);
+        for (r, rule) in policy.rules.iter().enumerate() {
+            let at = (p, u32::try_from(r).unwrap_or(u32::MAX));
+            match rule.required_principals() {
+                Some(keys) => {
+                    for key in keys {
+                        let refs = self.by_principal.entry(key.into()).or_default();
+                        if refs.last() != Some(&at) {
+                            refs.push(at);
+                        }
+                    }
+                }
+                None => self.unindexed.push(at),
+            }
+        }
+        self.policies.push(policy);
+    }
+
+    /// The first rule, in declaration order, that matches. `unknown_matches`: DENY and
+    /// AUDIT semantics.
+    fn first_match(&self, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
+        let indexed: &[RuleRef] = match f.principal {
+            Some(p) if !self.by_principal.is_empty() => {
+                self.by_principal.get(p).map_or(&[], Vec::as_slice)
+            }
+            _ => &[],
+        };
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let next = match (indexed.get(i), self.unindexed.get(j)) {
+                (Some(x), Some(y)) if x < y => {
+                    i += 1;
+                    *x
+                }
+                (_, Some(y)) => {
+                    j += 1;
+                    *y
+                }
+                (Some(x), None) => {
+                    i += 1;
+                    *x
+                }
+                (None, None) => return None,
+            };
+            let policy = &self.policies[next.0 as usize];
+            let matched = match policy.rules[next.1 as usize].eval(f) {
                 Tri::True => true,
                 Tri::Unknown => unknown_matches,
                 Tri::False => false,
-            })
-            .map(|rule| MatchedPolicy {
-                name: self.name.clone(),
-                rule,
-            })
+            };
+            if matched {
+                return Some(MatchedPolicy {
+                    name: policy.name.clone(),
+                    rule: next.1 as usize,
+                });
+            }
+        }
     }
 }
 
 #[derive(Clone, Debug, Default)]
 struct Engine {
-    deny: Vec<CompiledPolicy>,
-    audit: Vec<CompiledPolicy>,
-    allow: Vec<CompiledPolicy>,
+    deny: ActionList,
+    audit: ActionList,
+    allow: ActionList,
 }
 
 impl Engine {
     fn is_empty(&self) -> bool {
-        self.deny.is_empty() && self.audit.is_empty() && self.allow.is_empty()
+        self.deny.policies.is_empty()
+            && self.audit.policies.is_empty()
+            && self.allow.policies.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.deny.policies.len() + self.audit.policies.len() + self.allow.policies.len()
     }
 
     fn push(&mut self, action: Action, policy: CompiledPolicy) {
@@ -512,19 +676,19 @@ impl Engine {
         }
     }
 
-    fn audit(&self, a: &RequestAttributes<'_>) -> Option<MatchedPolicy> {
-        self.audit.iter().find_map(|p| p.first_match(a, true))
+    fn audit(&self, f: &Facts<'_>) -> Option<MatchedPolicy> {
+        self.audit.first_match(f, true)
     }
 
     /// CUSTOM (none) → DENY → ALLOW (AP-02).
-    fn decide(&self, a: &RequestAttributes<'_>) -> (bool, Option<MatchedPolicy>) {
-        if let Some(m) = self.deny.iter().find_map(|p| p.first_match(a, true)) {
+    fn decide(&self, f: &Facts<'_>) -> (bool, Option<MatchedPolicy>) {
+        if let Some(m) = self.deny.first_match(f, true) {
             return (false, Some(m));
         }
-        if self.allow.is_empty() {
+        if self.allow.policies.is_empty() {
             return (true, None);
         }
-        match self.allow.iter().find_map(|p| p.first_match(a, false)) {
+        match self.allow.first_match(f, false) {
             Some(m) => (true, Some(m)),
             None => (false, None),
         }
@@ -590,7 +754,7 @@ impl PolicySet {
 
     /// Number of enforced policies (dry-run ones excluded).
     pub fn len(&self) -> usize {
-        self.enforced.deny.len() + self.enforced.audit.len() + self.enforced.allow.len()
+        self.enforced.len()
     }
 
     /// Whether no policy (enforced or dry-run) applies.
@@ -601,12 +765,13 @@ impl PolicySet {
     /// Decides a request. Never allocates, except to join a repeated header that a
     /// `request.headers[...]` condition inspects.
     pub fn evaluate(&self, attrs: &RequestAttributes<'_>) -> AuthzDecision {
-        let (allowed, policy) = self.enforced.decide(attrs);
-        let audit = self.enforced.audit(attrs);
+        let facts = Facts::new(attrs);
+        let (allowed, policy) = self.enforced.decide(&facts);
+        let audit = self.enforced.audit(&facts);
         let dry_run = if self.dry_run.is_empty() {
             None
         } else {
-            let (allowed, policy) = self.dry_run.decide(attrs);
+            let (allowed, policy) = self.dry_run.decide(&facts);
             Some(DryRunDecision { allowed, policy })
         };
         AuthzDecision {
@@ -708,6 +873,7 @@ fn compile_rule(
     for (i, c) in rule.when.iter().enumerate() {
         compile_condition(cx, c, &format!("{at}.when[{i}]"), &mut when, warnings)?;
     }
+    when.sort_by_key(|p| p.field.cost());
     Ok(CompiledRule {
         from: from.into(),
         to: to.into(),
@@ -870,6 +1036,14 @@ fn compile_source(
     )?;
     add_pair(
         &mut b,
+        "trustDomains",
+        &s.trust_domains,
+        &s.not_trust_domains,
+        str_match,
+        Field::TrustDomain,
+    )?;
+    add_pair(
+        &mut b,
         "ipBlocks",
         &s.ip_blocks,
         &s.not_ip_blocks,
@@ -887,6 +1061,7 @@ fn compile_source(
     if b.preds.is_empty() {
         return Err(cx.err(at, "a source must set at least one field"));
     }
+    b.preds.sort_by_key(|p| p.field.cost());
     Ok(b.preds.into())
 }
 
@@ -936,6 +1111,7 @@ fn compile_operation(cx: &Ctx<'_>, o: &Operation, at: &str) -> Result<Box<[Pred]
     if b.preds.is_empty() {
         return Err(cx.err(at, "an operation must set at least one field"));
     }
+    b.preds.sort_by_key(|p| p.field.cost());
     Ok(b.preds.into())
 }
 

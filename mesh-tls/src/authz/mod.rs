@@ -75,9 +75,13 @@
 //!
 //! # Fuzzing
 //!
-//! The `fuzz/` crate (cargo-fuzz) has `authz_canonicalize` and `authz_match`:
-//! `cargo +nightly fuzz run authz_canonicalize` and `cargo +nightly fuzz run authz_match`
-//! from the repository root.
+//! The `fuzz/` crate (cargo-fuzz, outside the workspace) has two targets:
+//! `authz_canonicalize` (canonicalization never panics; accepted output is stable and
+//! free of fragments, parameters, dot segments) and `authz_match` (compilation and
+//! evaluation never panic; a rule set that matches as ALLOW also matches as DENY).
+//! Run them from the repository root with `cargo +nightly fuzz run authz_canonicalize`
+//! and `cargo +nightly fuzz run authz_match` (`cargo install cargo-fuzz` first); on
+//! stable, `cargo check --manifest-path fuzz/Cargo.toml` at least type-checks them.
 //!
 //! # Example
 //!

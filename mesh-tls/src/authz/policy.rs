@@ -8,6 +8,10 @@
 
 use std::collections::BTreeMap;
 
+use mesh_core::config;
+
+use super::matcher::{PolicyError, PolicySet};
+
 /// `spec.action`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -126,6 +130,8 @@ pub struct Source {
     pub not_ip_blocks: Vec<String>,
     pub remote_ip_blocks: Vec<String>,
     pub not_remote_ip_blocks: Vec<String>,
+    pub trust_domains: Vec<String>,
+    pub not_trust_domains: Vec<String>,
 }
 
 /// `rules[].to[].operation`: every set field must match.
@@ -202,5 +208,169 @@ impl Workload {
                     .iter()
                     .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
             })
+    }
+}
+
+/// The annotation that makes a policy dry-run (AP-07).
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+impl From<config::Action> for Action {
+    fn from(a: config::Action) -> Self {
+        match a {
+            config::Action::Allow => Action::Allow,
+            config::Action::Deny => Action::Deny,
+            config::Action::Audit => Action::Audit,
+            config::Action::Custom => Action::Custom,
+        }
+    }
+}
+
+impl From<&config::Source> for Source {
+    fn from(s: &config::Source) -> Self {
+        Source {
+            principals: s.principals.clone(),
+            not_principals: s.not_principals.clone(),
+            request_principals: s.request_principals.clone(),
+            not_request_principals: s.not_request_principals.clone(),
+            namespaces: s.namespaces.clone(),
+            not_namespaces: s.not_namespaces.clone(),
+            service_accounts: s.service_accounts.clone(),
+            not_service_accounts: s.not_service_accounts.clone(),
+            ip_blocks: s.ip_blocks.clone(),
+            not_ip_blocks: s.not_ip_blocks.clone(),
+            remote_ip_blocks: s.remote_ip_blocks.clone(),
+            not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+            trust_domains: s.trust_domains.clone(),
+            not_trust_domains: s.not_trust_domains.clone(),
+        }
+    }
+}
+
+impl From<&config::Operation> for Operation {
+    fn from(o: &config::Operation) -> Self {
+        Operation {
+            hosts: o.hosts.clone(),
+            not_hosts: o.not_hosts.clone(),
+            ports: o.ports.clone(),
+            not_ports: o.not_ports.clone(),
+            methods: o.methods.clone(),
+            not_methods: o.not_methods.clone(),
+            paths: o.paths.clone(),
+            not_paths: o.not_paths.clone(),
+        }
+    }
+}
+
+impl From<&config::Condition> for Condition {
+    fn from(c: &config::Condition) -> Self {
+        Condition {
+            key: c.key.clone(),
+            values: c.values.clone(),
+            not_values: c.not_values.clone(),
+        }
+    }
+}
+
+impl TryFrom<&config::AuthorizationPolicy> for Policy {
+    type Error = PolicyError;
+
+    /// Converts a loaded AuthorizationPolicy. Fails on a `from`/`to` entry without
+    /// `source`/`operation`; everything else is checked by [`PolicySet::compile`].
+    fn try_from(r: &config::AuthorizationPolicy) -> Result<Self, PolicyError> {
+        let name = format!("{}/{}", r.metadata.namespace, r.metadata.name);
+        let err = |field: String, message: &str| PolicyError {
+            policy: name.clone(),
+            field,
+            message: message.to_owned(),
+        };
+        let mut rules = Vec::with_capacity(r.spec.rules.len());
+        for (i, rule) in r.spec.rules.iter().enumerate() {
+            let from = match &rule.from {
+                None => None,
+                Some(entries) => Some(
+                    entries
+                        .iter()
+                        .enumerate()
+                        .map(|(j, f)| {
+                            f.source.as_ref().map(Source::from).ok_or_else(|| {
+                                err(
+                                    format!("rules[{i}].from[{j}]"),
+                                    "a `from` entry needs a `source`",
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            let to = match &rule.to {
+                None => None,
+                Some(entries) => Some(
+                    entries
+                        .iter()
+                        .enumerate()
+                        .map(|(j, t)| {
+                            t.operation.as_ref().map(Operation::from).ok_or_else(|| {
+                                err(
+                                    format!("rules[{i}].to[{j}]"),
+                                    "a `to` entry needs an `operation`",
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            rules.push(Rule {
+                from,
+                to,
+                when: rule.when.iter().map(Condition::from).collect(),
+            });
+        }
+        Ok(Policy {
+            name: r.metadata.name.clone(),
+            namespace: r.metadata.namespace.clone(),
+            selector: r.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            action: r.spec.action.unwrap_or_default().into(),
+            rules: Some(rules),
+            dry_run: r
+                .metadata
+                .annotations
+                .get(DRY_RUN_ANNOTATION)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            has_target_refs: !r.spec.target_refs.is_empty() || r.spec.target_ref.is_some(),
+        })
+    }
+}
+
+impl Workload {
+    /// The workload `namespace` with `labels`, in `config`'s root namespace.
+    pub fn in_config(
+        config: &config::MeshConfig,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Self {
+        Workload {
+            namespace: namespace.to_owned(),
+            labels: labels.clone(),
+            root_namespace: config.root_namespace().to_owned(),
+        }
+    }
+}
+
+impl PolicySet {
+    /// Compiles the AuthorizationPolicies of a loaded configuration that apply to the
+    /// workload in `namespace` with `labels` (root-namespace, namespace and selector
+    /// scope; `targetRefs` policies excluded).
+    pub fn from_config(
+        config: &config::MeshConfig,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Self, PolicyError> {
+        let workload = Workload::in_config(config, namespace, labels);
+        let policies = config
+            .authorization_policies_for(namespace, labels)
+            .into_iter()
+            .map(Policy::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        PolicySet::for_workload(&policies, &workload)
     }
 }

@@ -16,7 +16,7 @@ use mesh_core::{ConnectionSecurity, PeerIdentity};
 use mesh_tls::verify::{SpiffeServerVerifier, TrustBundle};
 use mesh_tls::{
     AcceptError, CertStore, CertificateAuthority, ClientTls, InboundAcceptor, IssuedSvid,
-    PeerAuthMode, SecureNaming, SvidLeaf, serve_connection,
+    PeerAuthMode, SecureNaming, SvidLeaf, WorkloadPeerAuthentication, serve_connection,
 };
 use rustls::ClientConfig;
 use rustls::client::Resumption;
@@ -69,6 +69,17 @@ async fn app(req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>
 
 pub async fn start_server(store: Arc<CertStore>, mode: PeerAuthMode) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let policy = Arc::new(WorkloadPeerAuthentication::uniform(mode));
+    start_server_on(listener, store, policy)
+}
+
+/// Serves `listener`, looking up each connection's mode in `policy` by the local port,
+/// as the inbound listener does.
+pub fn start_server_on(
+    listener: TcpListener,
+    store: Arc<CertStore>,
+    policy: Arc<WorkloadPeerAuthentication>,
+) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let acceptor = InboundAcceptor::new(store.clone());
     let (tx, errors) = mpsc::unbounded_channel();
@@ -77,6 +88,7 @@ pub async fn start_server(store: Arc<CertStore>, mode: PeerAuthMode) -> TestServ
             let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let mode = policy.mode(tcp.local_addr().unwrap().port());
             tokio::spawn(async move {
                 match acceptor.accept(tcp, mode).await {
                     Ok(conn) => {

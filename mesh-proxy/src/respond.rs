@@ -1,0 +1,314 @@
+//! The one place where errors become HTTP responses: Istio's status codes, body texts,
+//! headers and response flags.
+//!
+//! | cause (leaf error in the chain)          | status | body                                   | flag |
+//! |------------------------------------------|--------|----------------------------------------|------|
+//! | `NoRoute`                                | 404    | empty                                  | NR   |
+//! | `ClusterNotFound`                        | 503    | empty                                  | NC   |
+//! | `NoHealthyUpstream`                      | 503    | `no healthy upstream`                  | UH   |
+//! | `DeadlineExceeded`, `PerTryTimeout`      | 504    | `upstream request timeout`             | UT   |
+//! | `Overflow` (+ `x-envoy-overloaded: true`)| 503    | `upstream connect error or disconnect/reset before headers. reset reason: overflow` | UO |
+//! | `ConnectFailure`                         | 503    | `… reset reason: connection failure`   | UF   |
+//! | `UpstreamReset`                          | 503    | `… reset reason: <reason>`             | UC/UR|
+//! | host unknown under `REGISTRY_ONLY`       | 502    | empty                                  | NR   |
+//! | malformed request                        | 400    | `Bad Request`                          | DPE  |
+//! | anything else                            | 500    | empty                                  | -    |
+//!
+//! Authorization denials (403 `RBAC: access denied`) are answered by the authorization
+//! layer itself with the same body. Oversized heads (431) and bodies (413) are answered
+//! by the HTTP codec or [`payload_too_large`].
+//!
+//! The flags are put in the response extensions so that the telemetry layer, when it
+//! sits outside, records them.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_core::error::{BoxError, NoHealthyUpstream};
+//! let err: BoxError = Box::new(NoHealthyUpstream);
+//! let res = mesh_proxy::respond::error_response(&err);
+//! assert_eq!(res.status(), 503);
+//! ```
+
+use http::{HeaderValue, Response, StatusCode, header};
+use mesh_core::body::{self, BoxBody};
+use mesh_core::error::{
+    BoxError, ClusterNotFound, ConnectFailure, NoRoute, UpstreamReset, find_cause, is_caused_by,
+};
+use mesh_core::extensions::add_response_flags;
+use mesh_core::{Outcome, ResponseFlags};
+
+/// Body of an overflow (`UO`) answer.
+pub const OVERFLOW_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
+fn reply(status: StatusCode, text: String, flags: ResponseFlags) -> Response<BoxBody> {
+    let has_body = !text.is_empty();
+    let mut res = Response::new(if has_body {
+        body::full(text)
+    } else {
+        body::empty()
+    });
+    *res.status_mut() = status;
+    if has_body {
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    add_response_flags(res.extensions_mut(), flags);
+    res
+}
+
+/// The response for an error from the proxy's stacks.
+pub fn error_response(err: &BoxError) -> Response<BoxBody> {
+    let e: &(dyn std::error::Error + 'static) = err.as_ref();
+    if is_caused_by::<NoRoute>(e) {
+        return reply(
+            StatusCode::NOT_FOUND,
+            String::new(),
+            ResponseFlags::NO_ROUTE_FOUND,
+        );
+    }
+    if is_caused_by::<ClusterNotFound>(e) {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            String::new(),
+            ResponseFlags::NO_CLUSTER_FOUND,
+        );
+    }
+    if let Some(bad) = find_cause::<BadRequest>(e) {
+        return bad_request(bad.0);
+    }
+    let outcome = Outcome::from_error(err);
+    let flags = outcome.response_flags();
+    match outcome {
+        Outcome::Overflow => {
+            let mut res = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                OVERFLOW_BODY.into(),
+                ResponseFlags::UPSTREAM_OVERFLOW,
+            );
+            res.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            res
+        }
+        Outcome::DeadlineExceeded | Outcome::PerTryTimeout => reply(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout".into(),
+            flags,
+        ),
+        Outcome::NoHealthyUpstream => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream".into(),
+            flags,
+        ),
+        Outcome::ConnectFailure => {
+            let text = find_cause::<ConnectFailure>(e)
+                .map_or_else(|| ConnectFailure::bare().to_string(), ToString::to_string);
+            reply(StatusCode::SERVICE_UNAVAILABLE, text, flags)
+        }
+        Outcome::Reset { .. } => {
+            let text = find_cause::<UpstreamReset>(e)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            reply(StatusCode::SERVICE_UNAVAILABLE, text, flags)
+        }
+        Outcome::Response { .. } | Outcome::LocalError => {
+            tracing::debug!(error = %err, "local error");
+            reply(StatusCode::INTERNAL_SERVER_ERROR, String::new(), flags)
+        }
+    }
+}
+
+/// A request the proxy refuses as malformed (answered 400, flag `DPE`).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("bad request: {0}")]
+pub struct BadRequest(pub &'static str);
+
+/// 400 for a malformed request.
+pub fn bad_request(why: &'static str) -> Response<BoxBody> {
+    tracing::debug!(reason = why, "bad request");
+    let mut res = reply(
+        StatusCode::BAD_REQUEST,
+        "Bad Request".into(),
+        ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+    );
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
+}
+
+/// 413 for a body over the configured limit.
+pub fn payload_too_large() -> Response<BoxBody> {
+    reply(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Payload Too Large".into(),
+        ResponseFlags::NONE,
+    )
+}
+
+/// 502 for a host the registry does not know under `outboundTrafficPolicy: REGISTRY_ONLY`
+/// (Istio's `BlackHoleCluster`).
+pub fn registry_only() -> Response<BoxBody> {
+    reply(
+        StatusCode::BAD_GATEWAY,
+        String::new(),
+        ResponseFlags::NO_ROUTE_FOUND,
+    )
+}
+
+/// 301 to the HTTPS URL of the request (Gateway `httpsRedirect`).
+pub fn https_redirect(host: &str, path_and_query: &str) -> Response<BoxBody> {
+    let mut res = reply(
+        StatusCode::MOVED_PERMANENTLY,
+        String::new(),
+        ResponseFlags::NONE,
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path_and_query}")) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use mesh_core::error::{
+        DeadlineExceeded, NoHealthyUpstream, Overflow, PerTryTimeout, ResetReason,
+    };
+
+    async fn text(res: Response<BoxBody>) -> String {
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn flags(res: &Response<BoxBody>) -> String {
+        mesh_core::extensions::response_flags(res.extensions()).to_string()
+    }
+
+    #[tokio::test]
+    async fn each_error_gets_istios_status_body_and_flag() {
+        let cases: Vec<(BoxError, u16, &str, &str)> = vec![
+            (Box::new(NoRoute), 404, "", "NR"),
+            (Box::new(ClusterNotFound("x".into())), 503, "", "NC"),
+            (
+                Box::new(NoHealthyUpstream),
+                503,
+                "no healthy upstream",
+                "UH",
+            ),
+            (
+                Box::new(DeadlineExceeded),
+                504,
+                "upstream request timeout",
+                "UT",
+            ),
+            (
+                Box::new(PerTryTimeout),
+                504,
+                "upstream request timeout",
+                "UT",
+            ),
+            (Box::new(Overflow), 503, OVERFLOW_BODY, "UO"),
+            (
+                Box::new(ConnectFailure::bare()),
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                "UF",
+            ),
+            (
+                Box::new(UpstreamReset::new(
+                    ResetReason::ConnectionTermination,
+                    true,
+                    None,
+                )),
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                "UC",
+            ),
+            (
+                Box::new(BadRequest("missing host")),
+                400,
+                "Bad Request",
+                "DPE",
+            ),
+        ];
+        for (err, status, body, flag) in cases {
+            let res = error_response(&err);
+            assert_eq!(res.status(), status, "{err}");
+            assert_eq!(flags(&res), flag, "{err}");
+            assert_eq!(text(res).await, body);
+        }
+    }
+
+    #[test]
+    fn overflow_sets_overloaded_header() {
+        let res = error_response(&(Box::new(Overflow) as BoxError));
+        assert_eq!(res.headers()["x-envoy-overloaded"], "true");
+    }
+
+    #[tokio::test]
+    async fn registry_only_is_502_and_redirect_is_301() {
+        let res = registry_only();
+        assert_eq!(res.status(), 502);
+        let res = https_redirect("api.example.com", "/a?b=1");
+        assert_eq!(res.status(), 301);
+        assert_eq!(res.headers()["location"], "https://api.example.com/a?b=1");
+    }
+
+    #[test]
+    fn unknown_local_error_is_500() {
+        let err: BoxError = "boom".into();
+        assert_eq!(error_response(&err).status(), 500);
+    }
+}
+
+/// Turns errors of the inner service into responses (see [`error_response`]); placed
+/// inside the telemetry layer so that the recorded status is the one sent.
+#[derive(Clone, Debug)]
+pub struct Respond<S> {
+    inner: S,
+}
+
+impl<S> Respond<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S, Req> tower::Service<Req> for Respond<S>
+where
+    S: tower::Service<Req, Response = Response<BoxBody>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        // A service that cannot become ready is answered per request instead.
+        match self.inner.poll_ready(cx) {
+            std::task::Poll::Ready(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::warn!(error = %e, "service failed");
+                std::task::Poll::Ready(Err(e))
+            }
+            other => other.map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(res) => Ok(res),
+                Err(e) => Ok(error_response(&e.into())),
+            }
+        })
+    }
+}

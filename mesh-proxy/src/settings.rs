@@ -1,0 +1,594 @@
+//! The proxy's own settings file (YAML): who the workload is, where its configuration
+//! and certificates are, its listeners, telemetry and limits.
+//!
+//! Unknown fields are errors. Errors name the file, the line and column when known, the
+//! field path and what is allowed:
+//!
+//! ```text
+//! sidecar.yaml:6:3: error: tracing.sampling: 150 is not a percentage (0 to 100)
+//! ```
+//!
+//! | field | default | meaning |
+//! |---|---|---|
+//! | `workload.namespace` | required | the workload's namespace; also the default namespace of resources without one |
+//! | `workload.serviceAccount` | required | identity `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>` |
+//! | `workload.labels` | `{}` | pod labels: select PeerAuthentication, AuthorizationPolicy, `sourceLabels`; `app`/`version` fill metric labels |
+//! | `workload.name` | `app` label, else the service account | `*_workload` metric labels |
+//! | `workload.serviceHost` | `<app>.<namespace>.svc.cluster.local` | `destination_service` of inbound metrics |
+//! | `trustDomain` | `cluster.local` | SPIFFE trust domain |
+//! | `configDir` | required | directory of Istio YAML, watched; relative to the settings file |
+//! | `svid.certDir` | – | `cert-chain.pem`, `key.pem`, `root-cert.pem`, watched (Kubernetes symlink swaps included) |
+//! | `svid.caDir` | – | a CA from `mesh-proxy ca init`: the built-in issuer mints the SVID and rotates it at half-life |
+//! | `svid.lifetime` | `24h` | lifetime of SVIDs from the built-in issuer |
+//! | `listeners.inbound` | `0.0.0.0:15006` | mTLS listener for peers |
+//! | `listeners.app` | `127.0.0.1:8080` | the application inbound traffic goes to |
+//! | `listeners.outbound` | `127.0.0.1:15001` | plain HTTP from the application (origin-form with Host, or proxy absolute-form) |
+//! | `listeners.admin` | `127.0.0.1:15000` | admin server |
+//! | `tracing.sampling` | `1` | percentage of new traces sampled |
+//! | `tracing.otlp` / `tracing.zipkin` | – | collector URL (one of them) |
+//! | `accessLog.path` | – (off) | `-` for stdout, or a file to append to |
+//! | `accessLog.format` | `TEXT` | `TEXT` (Envoy's default format) or `JSON` |
+//! | `pathNormalization` | `BASE` | `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES` |
+//! | `limits.maxRequestHeaderBytes` | `61440` | request head size; 431 above |
+//! | `limits.maxHeaders` | `100` | request header count; 431 above |
+//! | `limits.headerReadTimeout` | `10s` | time to read a request head (and the TLS handshake) |
+//! | `limits.idleTimeout` | `1h` | idle pooled upstream connections are closed after this (unless a DestinationRule sets `idleTimeout`) |
+//! | `limits.http2MaxConcurrentStreams` | `100` | per downstream HTTP/2 connection |
+//! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM |
+//! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
+//! | `limits.connectTimeout` | `10s` | upstream connect + handshake |
+//! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts through (plain HTTP); `REGISTRY_ONLY` answers 502 |
+//! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
+//! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
+//! | `gateway.namespace` | `workload.namespace` | its namespace |
+//! | `gateway.credentialsDir` | – | one directory per `credentialName`: `tls.crt`, `tls.key`, `ca.crt` (MUTUAL) |
+//! | `gateway.ports` | `0.0.0.0:<port>` | where each Gateway server port listens, e.g. `443: 0.0.0.0:8443` |
+//!
+//! Durations use Istio's syntax (`250ms`, `5s`, `1h`).
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_proxy::settings::Settings;
+//!
+//! let yaml = "workload: {namespace: default, serviceAccount: order-service}\nconfigDir: istio\n";
+//! let s = Settings::from_yaml("sidecar.yaml", yaml).unwrap();
+//! assert_eq!(s.listeners.outbound.port(), 15001);
+//! assert_eq!(s.identity().unwrap().as_str(), "spiffe://cluster.local/ns/default/sa/order-service");
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_core::Identity;
+use mesh_core::config::Duration as IstioDuration;
+use serde::Deserialize;
+
+/// The whole settings file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// Who this proxy speaks for.
+    #[serde(default)]
+    pub workload: WorkloadSettings,
+    /// SPIFFE trust domain (default `cluster.local`).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Directory of Istio YAML (VirtualService, DestinationRule, ServiceEntry,
+    /// PeerAuthentication, AuthorizationPolicy, Gateway). Relative paths are relative to
+    /// the settings file. Watched for changes.
+    pub config_dir: PathBuf,
+    /// Where the workload certificate comes from.
+    #[serde(default)]
+    pub svid: SvidSettings,
+    /// Listener addresses.
+    #[serde(default)]
+    pub listeners: Listeners,
+    /// Tracing.
+    #[serde(default)]
+    pub tracing: TracingSettings,
+    /// Access log.
+    #[serde(default)]
+    pub access_log: AccessLogSettings,
+    /// Path normalization before routing and authorization: `BASE` (default), `NONE`,
+    /// `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`.
+    #[serde(default = "default_normalization")]
+    pub path_normalization: String,
+    /// Limits (SECURITY.md defaults).
+    #[serde(default)]
+    pub limits: Limits,
+    /// What happens to hosts the registry does not know.
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Seed for weighted route picks (reproducible demos and tests); random when absent.
+    #[serde(default)]
+    pub random_seed: Option<u64>,
+    /// Ingress gateway settings (only for `mesh-proxy gateway`).
+    #[serde(default)]
+    pub gateway: Option<GatewaySettings>,
+    /// Directory the settings file is in (relative paths resolve against it).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `workload`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WorkloadSettings {
+    /// Workload name for metrics (`workload` labels); default: the `app` label, else the
+    /// service account.
+    pub name: Option<String>,
+    /// Kubernetes namespace (required).
+    pub namespace: String,
+    /// Service account (required): the identity is
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>`.
+    pub service_account: String,
+    /// Pod labels: select PeerAuthentication/AuthorizationPolicy and fill `app`/`version`.
+    pub labels: BTreeMap<String, String>,
+    /// The local service's host for inbound metrics; default `<app>.<ns>.svc.cluster.local`.
+    pub service_host: Option<String>,
+}
+
+/// `svid`: either `certDir` or `caDir`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SvidSettings {
+    /// Directory with `cert-chain.pem`, `key.pem`, `root-cert.pem` (Istio's layout),
+    /// watched for changes (Kubernetes symlink swaps included).
+    pub cert_dir: Option<PathBuf>,
+    /// Directory of a CA made by `mesh-proxy ca init`: the built-in issuer mints the SVID
+    /// and rotates it at half-life.
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of SVIDs from the built-in issuer (default `24h`).
+    pub lifetime: Option<IstioDuration>,
+}
+
+/// `listeners`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Listeners {
+    /// Inbound mTLS listener (default `0.0.0.0:15006`).
+    pub inbound: SocketAddr,
+    /// The application's address that inbound traffic goes to (default `127.0.0.1:8080`).
+    pub app: SocketAddr,
+    /// Outbound listener the application sends plain HTTP to (default `127.0.0.1:15001`).
+    pub outbound: SocketAddr,
+    /// Admin server (default `127.0.0.1:15000`).
+    pub admin: SocketAddr,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            inbound: SocketAddr::from(([0, 0, 0, 0], 15006)),
+            app: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+        }
+    }
+}
+
+/// `tracing`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// Percentage of new traces sampled, 0..=100 (default 1, Istio's default).
+    pub sampling: f64,
+    /// OTLP/HTTP collector URL (`http://host:4318/v1/traces`).
+    pub otlp: Option<String>,
+    /// Zipkin v2 collector URL (`http://host:9411/api/v2/spans`).
+    pub zipkin: Option<String>,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self {
+            sampling: 1.0,
+            otlp: None,
+            zipkin: None,
+        }
+    }
+}
+
+/// `accessLog`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AccessLogSettings {
+    /// `-` for standard output, or a file path to append to; absent: no access log.
+    pub path: Option<String>,
+    /// `TEXT` (Envoy's default format, default) or `JSON`.
+    pub format: Option<String>,
+}
+
+/// `limits`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Maximum request header bytes (default 61440 = 60 KiB; 431 above).
+    pub max_request_header_bytes: usize,
+    /// Maximum number of request headers (default 100; 431 above).
+    pub max_headers: usize,
+    /// Time to read a request head (default 10s).
+    pub header_read_timeout: IstioDuration,
+    /// Idle pooled upstream connections are closed after this unless a DestinationRule
+    /// sets `connectionPool` `idleTimeout` (default 1h).
+    pub idle_timeout: IstioDuration,
+    /// HTTP/2 max concurrent streams per connection (default 100).
+    pub http2_max_concurrent_streams: u32,
+    /// Drain deadline on SIGTERM (default 5s).
+    pub drain_timeout: IstioDuration,
+    /// Request bodies up to this size are buffered for retries (default 65536).
+    pub max_retry_body_bytes: usize,
+    /// Upstream connect timeout (default 10s, Envoy's).
+    pub connect_timeout: IstioDuration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_header_bytes: 60 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10).into(),
+            idle_timeout: Duration::from_secs(3600).into(),
+            http2_max_concurrent_streams: 100,
+            drain_timeout: Duration::from_secs(5).into(),
+            max_retry_body_bytes: 64 * 1024,
+            connect_timeout: Duration::from_secs(10).into(),
+        }
+    }
+}
+
+/// `outboundTrafficPolicy`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutboundTrafficPolicy {
+    /// `ALLOW_ANY` (default) or `REGISTRY_ONLY`.
+    pub mode: OutboundMode,
+}
+
+/// Istio's `outboundTrafficPolicy.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    /// Unknown hosts are passed through as plain HTTP.
+    #[default]
+    AllowAny,
+    /// Unknown hosts get 502.
+    RegistryOnly,
+}
+
+/// `gateway`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// The Gateway resource this proxy implements, `name` …
+    pub name: String,
+    /// … in `namespace` (default: `workload.namespace`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Directory with one subdirectory per `credentialName` holding `tls.crt`, `tls.key`
+    /// and (for MUTUAL) `ca.crt`.
+    #[serde(default)]
+    pub credentials_dir: Option<PathBuf>,
+    /// Where each Gateway server port listens: `443: 0.0.0.0:8443`. Ports not listed
+    /// listen on `0.0.0.0:<port>`.
+    #[serde(default)]
+    pub ports: HashMap<u16, SocketAddr>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+fn default_normalization() -> String {
+    "BASE".into()
+}
+
+/// A settings error, located.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingsError {
+    /// The settings file.
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub position: Option<(u64, u64)>,
+    /// Field path, when known.
+    pub path: Option<String>,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((l, c)) = self.position {
+            write!(f, ":{l}:{c}")?;
+        }
+        f.write_str(": error: ")?;
+        if let Some(p) = &self.path {
+            write!(f, "{p}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// Finds the line and column of the key `path` (dotted) in `text`: each key is searched
+/// after the previous one, which is exact for the block style settings files use.
+fn locate(text: &str, path: &str) -> Option<(u64, u64)> {
+    let mut from = 0usize;
+    let mut found = None;
+    for key in path.split('.') {
+        let rest = &text[from..];
+        let idx = rest
+            .match_indices(key)
+            .find(|(i, _)| {
+                let after = &rest[i + key.len()..];
+                let before_ok =
+                    *i == 0 || matches!(rest.as_bytes()[i - 1], b' ' | b'\n' | b'{' | b',' | b'\t');
+                before_ok && after.starts_with(':')
+            })
+            .map(|(i, _)| i)?;
+        from += idx;
+        found = Some(from);
+        from += key.len();
+    }
+    let at = found?;
+    let line = text[..at].matches('\n').count() as u64 + 1;
+    let col = (at - text[..at].rfind('\n').map_or(0, |n| n + 1)) as u64 + 1;
+    Some((line, col))
+}
+
+/// The parser's message without its own location prefix and source snippet (the
+/// position is printed once, in front).
+fn parse_message(full: &str) -> String {
+    let first = full.lines().next().unwrap_or(full);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.split_once(": ") {
+        Some((loc, rest)) if loc.starts_with("line ") && loc.contains(" column ") => {
+            rest.to_owned()
+        }
+        _ => first.to_owned(),
+    }
+}
+
+impl Settings {
+    /// Reads and validates the settings file at `path`.
+    pub fn load(path: &Path) -> Result<Self, Vec<SettingsError>> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![SettingsError {
+                file: path.to_path_buf(),
+                position: None,
+                path: None,
+                message: format!("cannot read: {e}"),
+            }]
+        })?;
+        let mut s = Self::from_yaml(path, &text)?;
+        s.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(s)
+    }
+
+    /// Parses and validates settings text named `file` in errors.
+    pub fn from_yaml(file: impl AsRef<Path>, text: &str) -> Result<Self, Vec<SettingsError>> {
+        let file = file.as_ref();
+        let s: Settings = serde_saphyr::from_str(text).map_err(|e| {
+            vec![SettingsError {
+                file: file.to_path_buf(),
+                position: e.location().map(|l| (l.line(), l.column())),
+                path: None,
+                message: parse_message(&e.to_string()),
+            }]
+        })?;
+        let errors: Vec<SettingsError> = s
+            .problems()
+            .into_iter()
+            .map(|(path, message)| SettingsError {
+                file: file.to_path_buf(),
+                position: locate(text, path),
+                path: Some(path.to_owned()),
+                message,
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(s)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        if self.workload.namespace.is_empty() {
+            p.push((
+                "workload.namespace",
+                "required: the workload's namespace".into(),
+            ));
+        }
+        if self.workload.service_account.is_empty() {
+            p.push((
+                "workload.serviceAccount",
+                "required: the workload's service account".into(),
+            ));
+        }
+        if !self.workload.namespace.is_empty()
+            && !self.workload.service_account.is_empty()
+            && let Err(e) = self.identity()
+        {
+            p.push(("workload", format!("does not make a SPIFFE ID: {e}")));
+        }
+        if self.config_dir.as_os_str().is_empty() {
+            p.push(("configDir", "required: the directory of Istio YAML".into()));
+        }
+        if self.svid.cert_dir.is_some() && self.svid.ca_dir.is_some() {
+            p.push((
+                "svid",
+                "set either certDir or caDir (built-in issuer), not both".into(),
+            ));
+        }
+        if self
+            .svid
+            .lifetime
+            .is_some_and(|l| l.as_std() < Duration::from_secs(2))
+        {
+            p.push(("svid.lifetime", "must be at least 2s".into()));
+        }
+        if !(0.0..=100.0).contains(&self.tracing.sampling) {
+            p.push((
+                "tracing.sampling",
+                format!("{} is not a percentage (0 to 100)", self.tracing.sampling),
+            ));
+        }
+        if self.tracing.otlp.is_some() && self.tracing.zipkin.is_some() {
+            p.push(("tracing", "set either otlp or zipkin, not both".into()));
+        }
+        if let Some(f) = &self.access_log.format
+            && !matches!(f.as_str(), "TEXT" | "JSON")
+        {
+            p.push(("accessLog.format", format!("{f:?}: expected TEXT or JSON")));
+        }
+        if mesh_tls::authz::PathNormalization::from_istio(&self.path_normalization).is_none() {
+            p.push((
+                "pathNormalization",
+                format!(
+                    "{:?}: expected BASE, NONE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES",
+                    self.path_normalization
+                ),
+            ));
+        }
+        if self.limits.max_headers == 0 {
+            p.push(("limits.maxHeaders", "must be at least 1".into()));
+        }
+        if self.limits.max_request_header_bytes < 1024 {
+            p.push((
+                "limits.maxRequestHeaderBytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        if self.limits.http2_max_concurrent_streams == 0 {
+            p.push((
+                "limits.http2MaxConcurrentStreams",
+                "must be at least 1".into(),
+            ));
+        }
+        p
+    }
+
+    /// The workload's SPIFFE identity.
+    pub fn identity(&self) -> Result<Identity, mesh_core::IdentityError> {
+        Identity::from_istio(
+            &self.trust_domain,
+            &self.workload.namespace,
+            &self.workload.service_account,
+        )
+    }
+
+    /// `path` resolved against the settings file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The workload name used in metrics.
+    pub fn workload_name(&self) -> String {
+        self.workload
+            .name
+            .clone()
+            .or_else(|| self.workload.labels.get("app").cloned())
+            .unwrap_or_else(|| self.workload.service_account.clone())
+    }
+
+    /// The local service's host for inbound metrics.
+    pub fn service_host(&self) -> String {
+        self.workload.service_host.clone().unwrap_or_else(|| {
+            let app = self
+                .workload
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| self.workload.service_account.clone());
+            format!("{app}.{}.svc.cluster.local", self.workload.namespace)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str =
+        "workload: {namespace: default, serviceAccount: order-service}\nconfigDir: istio\n";
+
+    #[test]
+    fn defaults_follow_istio_ports_and_security_limits() {
+        let s = Settings::from_yaml("s.yaml", MIN).unwrap();
+        assert_eq!(s.listeners.inbound.port(), 15006);
+        assert_eq!(s.listeners.outbound.port(), 15001);
+        assert_eq!(s.listeners.admin.port(), 15000);
+        assert_eq!(s.limits.max_request_header_bytes, 60 * 1024);
+        assert_eq!(s.limits.max_headers, 100);
+        assert_eq!(s.limits.drain_timeout.as_std(), Duration::from_secs(5));
+        assert_eq!(s.outbound_traffic_policy.mode, OutboundMode::AllowAny);
+        assert_eq!(s.tracing.sampling, 1.0);
+    }
+
+    #[test]
+    fn unknown_field_is_located() {
+        let text = "workload:\n  namespace: default\n  serviceAccount: a\nconfigDir: x\nlisteners:\n  outbund: 127.0.0.1:1\n";
+        let errs = Settings::from_yaml("s.yaml", text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let shown = errs[0].to_string();
+        assert_eq!(
+            shown,
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_field_and_line() {
+        let text = "workload:\n  namespace: default\n  serviceAccount: a\nconfigDir: x\ntracing:\n  sampling: 150\npathNormalization: WEIRD\n";
+        let errs = Settings::from_yaml("s.yaml", text).unwrap_err();
+        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "s.yaml:6:3: error: tracing.sampling: 150 is not a percentage (0 to 100)",
+                "s.yaml:7:1: error: pathNormalization: \"WEIRD\": expected BASE, NONE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES",
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_identity_and_both_svid_sources_are_errors() {
+        let text = "configDir: x\nsvid: {certDir: a, caDir: b}\n";
+        let errs = Settings::from_yaml("s.yaml", text).unwrap_err();
+        let paths: Vec<_> = errs.iter().filter_map(|e| e.path.as_deref()).collect();
+        assert_eq!(
+            paths,
+            vec!["workload.namespace", "workload.serviceAccount", "svid"]
+        );
+    }
+
+    #[test]
+    fn registry_only_and_durations_parse() {
+        let text = format!(
+            "{MIN}outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\nlimits: {{drainTimeout: 250ms}}\nsvid: {{caDir: ca, lifetime: 1h}}\n"
+        );
+        let s = Settings::from_yaml("s.yaml", &text).unwrap();
+        assert_eq!(s.outbound_traffic_policy.mode, OutboundMode::RegistryOnly);
+        assert_eq!(s.limits.drain_timeout.as_std(), Duration::from_millis(250));
+        assert_eq!(s.svid.lifetime.unwrap().as_std(), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn invalid_address_is_an_error() {
+        let text = format!("{MIN}listeners:\n  outbound: localhost\n");
+        let errs = Settings::from_yaml("s.yaml", &text).unwrap_err();
+        assert!(errs[0].to_string().starts_with("s.yaml:"), "{}", errs[0]);
+    }
+}

@@ -1,0 +1,87 @@
+//! Graceful shutdown: the handle a started proxy returns, and the signals that stop it.
+//!
+//! [`ProxyHandle::shutdown`] (or SIGTERM/SIGINT in the binary) stops every listener
+//! accepting at once, drains in-flight requests until the drain deadline, force-closes
+//! what is left, flushes the span export queue and the access log, and then
+//! [`ProxyHandle::wait`] returns.
+
+use std::net::SocketAddr;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A running proxy (sidecar or gateway).
+pub struct ProxyHandle {
+    pub(crate) token: CancellationToken,
+    pub(crate) listeners: JoinSet<()>,
+    pub(crate) background: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) flush: Vec<futures_util::future::BoxFuture<'static, ()>>,
+    pub(crate) keep: Vec<Box<dyn std::any::Any + Send>>,
+    /// The addresses the listeners are bound to, by name (`inbound`, `outbound`,
+    /// `admin`, `gateway:<port>`).
+    pub addresses: Vec<(String, SocketAddr)>,
+}
+
+impl std::fmt::Debug for ProxyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle")
+            .field("addresses", &self.addresses)
+            .field("shutting_down", &self.token.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyHandle {
+    /// The bound address of listener `name`.
+    pub fn address(&self, name: &str) -> Option<SocketAddr> {
+        self.addresses
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// A token that is cancelled when shutdown starts.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Starts the graceful shutdown.
+    pub fn shutdown(&self) {
+        self.token.cancel();
+    }
+
+    /// Waits until every listener has drained, then flushes spans and logs.
+    pub async fn wait(mut self) {
+        while self.listeners.join_next().await.is_some() {}
+        for f in self.flush.drain(..) {
+            f.await;
+        }
+        for task in &self.background {
+            task.abort();
+        }
+        drop(self.keep);
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,154 @@
+//! Configuration reload with real processes: a Kubernetes-style atomic `..data` symlink
+//! swap is picked up, and SIGHUP reloads without stopping the proxy.
+
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+fn route_to(host: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: order-service, namespace: production}}
+spec:
+  hosts: [order-service]
+  http:
+  - route:
+    - destination: {{host: {host}}}
+"
+    )
+}
+
+/// Publishes `files` the way the kubelet updates a ConfigMap volume: a new timestamped
+/// directory, a `..data_tmp` symlink to it renamed over `..data`.
+fn publish(dir: &Path, generation: u32, files: &[(&str, String)]) {
+    let data = dir.join(format!("..gen_{generation}"));
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).unwrap();
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new("..data").join(name), &link).unwrap();
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(format!("..gen_{generation}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_symlink_swap_and_sighup_reload() {
+    let world = World::new();
+    let (a1, a2) = (
+        App::start(Behaviour::Ok("one")).await,
+        App::start(Behaviour::Ok("two")).await,
+    );
+    let (p1, p2, caller_ports) = (Ports::new(), Ports::new(), Ports::new());
+    let services = format!(
+        "{}---\n{}---\n{}",
+        service_entry("order-service", 80, &[(p1.inbound, "v1", "order-service")]),
+        service_entry("order-one", 80, &[(p1.inbound, "v1", "order-service")]),
+        service_entry("order-two", 80, &[(p2.inbound, "v1", "order-service")]),
+    );
+    let dir = world.path("configmap");
+    publish(
+        &dir,
+        1,
+        &[
+            ("services.yaml", services.clone()),
+            ("routes.yaml", route_to("order-one")),
+        ],
+    );
+    let mut replicas = Vec::new();
+    for (name, ports, app) in [("one", p1, a1.addr), ("two", p2, a2.addr)] {
+        let s = sidecar_settings(
+            &world,
+            "order-service",
+            &labels(&[("app", "order-service")]),
+            &dir,
+            ports,
+            app,
+            "",
+        );
+        replicas.push(Proxy::start(&world, "sidecar", name, &s, ports).await);
+    }
+    let s = sidecar_settings(
+        &world,
+        "api-service",
+        &labels(&[("app", "api-service")]),
+        &dir,
+        caller_ports,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let caller = Proxy::start(&world, "sidecar", "api-service", &s, caller_ports).await;
+    let client = Client::new(caller.outbound());
+    assert_eq!(
+        client
+            .request("GET", "order-service", "/", &[])
+            .await
+            .unwrap(),
+        (200, "one".into())
+    );
+
+    publish(
+        &dir,
+        2,
+        &[
+            ("services.yaml", services),
+            ("routes.yaml", route_to("order-two")),
+        ],
+    );
+    let mut switched = false;
+    for _ in 0..200 {
+        if client
+            .request("GET", "order-service", "/", &[])
+            .await
+            .unwrap()
+            == (200, "two".into())
+        {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        switched,
+        "the symlink swap was not picked up:\n{}",
+        caller.output()
+    );
+
+    // SIGHUP reloads (and does not kill the process, which is its default action).
+    let pid = caller.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut logged = false;
+    for _ in 0..200 {
+        if caller.output().contains("SIGHUP: reloading configuration") {
+            logged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(logged, "{}", caller.output());
+    assert_eq!(
+        client
+            .request("GET", "order-service", "/", &[])
+            .await
+            .unwrap(),
+        (200, "two".into())
+    );
+}

@@ -1,0 +1,358 @@
+//! Conversions from Istio's configuration types ([`mesh_core::config`]) into this crate's
+//! policies: [`RetryPolicy`] from `HTTPRetry` and the route timeout, [`OutlierConfig`]
+//! from `outlierDetection`, [`PoolLimits`] from `connectionPool` and [`LbPolicy`] from
+//! `loadBalancer`.
+//!
+//! # Behaviour
+//!
+//! - Retries (VS-50..VS-58): `attempts <= 0` disables retries; `retryOn` is parsed with
+//!   Istio's rules (numeric codes become retriable status codes); absent `retryOn` is the
+//!   default condition set; `perTryTimeout` of zero, or at least the route timeout, is
+//!   ignored; `backoff` sets the base interval. A route without `retries` gets
+//!   [`RetryPolicy::istio_default`].
+//! - Outlier detection: unset integers keep Istio's defaults; `maxEjectionPercent: 0` is
+//!   Envoy's 10 (Istio leaves the default in place); the deprecated `consecutiveErrors`
+//!   counts gateway errors, as Istio translates it, when `consecutiveGatewayErrors` is
+//!   absent.
+//! - Pool limits (DR-20): zero or negative integers mean "not set".
+//! - Load balancing (DR-10): `LEAST_CONN` and `UNSPECIFIED` are `LEAST_REQUEST`;
+//!   `PASSTHROUGH` and `consistentHash` are not supported and fall back to
+//!   `LEAST_REQUEST` with an error the caller may report.
+//!
+//! # Errors
+//!
+//! An unknown `retryOn` token is a [`RetryOnError`]; an unsupported load-balancer setting
+//! is an [`UnsupportedLb`].
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_core::config::HttpRetry;
+//! use mesh_resilience::RetryPolicy;
+//!
+//! let retry = HttpRetry { attempts: 3, retry_on: Some("5xx,503".into()), ..HttpRetry::default() };
+//! let policy = RetryPolicy::try_from(&retry).unwrap();
+//! assert_eq!(policy.attempts, 3);
+//! assert_eq!(policy.retry_on.status_codes(), &[503]);
+//! ```
+
+use std::time::Duration;
+
+use mesh_core::config::{
+    ConnectionPoolSettings, HttpRetry, LoadBalancerSettings, OutlierDetection, SimpleLb,
+};
+
+use crate::balance::LbPolicy;
+use crate::limit::PoolLimits;
+use crate::outlier::OutlierConfig;
+use crate::retry::{Backoff, RetryOn, RetryOnError, RetryPolicy};
+
+/// A `loadBalancer` setting this crate does not implement.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("loadBalancer {0} is not supported; LEAST_REQUEST is used instead")]
+pub struct UnsupportedLb(pub &'static str);
+
+impl TryFrom<&HttpRetry> for RetryPolicy {
+    type Error = RetryOnError;
+
+    /// The route's `retries` without a route timeout (see [`RetryPolicy::from_route`]).
+    fn try_from(retry: &HttpRetry) -> Result<Self, Self::Error> {
+        RetryPolicy::from_route(Some(retry), None)
+    }
+}
+
+impl RetryPolicy {
+    /// The retry policy of a route with `retries` (`None`: Istio's default, VS-51) and
+    /// route `timeout` (`None` or zero: none), applying VS-50..VS-58.
+    pub fn from_route(
+        retries: Option<&HttpRetry>,
+        timeout: Option<Duration>,
+    ) -> Result<Self, RetryOnError> {
+        let Some(retry) = retries else {
+            return Ok(RetryPolicy::istio_default());
+        };
+        if retry.attempts <= 0 {
+            return Ok(RetryPolicy::disabled());
+        }
+        let attempts = u32::try_from(retry.attempts).unwrap_or(0);
+        let mut policy = RetryPolicy::with_attempts(attempts);
+        if let Some(on) = retry.retry_on.as_deref() {
+            policy.retry_on = RetryOn::parse(on)?;
+        }
+        let per_try = retry.per_try_timeout.map(|d| d.as_std());
+        let route = timeout.filter(|t| !t.is_zero());
+        policy = policy.per_try_timeout(per_try);
+        policy.per_try_timeout = policy.effective_per_try_timeout(route);
+        if let Some(base) = retry.backoff.map(|d| d.as_std()).filter(|d| !d.is_zero()) {
+            policy.backoff = Backoff::new(base);
+        }
+        if let Some(ignore) = retry.retry_ignore_previous_hosts {
+            policy.retry_ignore_previous_hosts = ignore;
+        }
+        Ok(policy)
+    }
+}
+
+fn positive_u32(v: Option<i32>) -> Option<u32> {
+    v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0)
+}
+
+impl From<&OutlierDetection> for OutlierConfig {
+    fn from(od: &OutlierDetection) -> Self {
+        let mut c = OutlierConfig::default();
+        if let Some(n) = od.consecutive_5xx_errors {
+            c.consecutive_5xx_errors = n;
+        }
+        match (od.consecutive_gateway_errors, od.consecutive_errors) {
+            (Some(n), _) => c.consecutive_gateway_errors = n,
+            (None, Some(n)) => {
+                // Istio maps the deprecated field to gateway errors and, unless the
+                // 5xx field is set, disables the 5xx counter.
+                c.consecutive_gateway_errors = u32::try_from(n).unwrap_or(0);
+                if od.consecutive_5xx_errors.is_none() {
+                    c.consecutive_5xx_errors = 0;
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(split) = od.split_external_local_origin_errors {
+            c.split_external_local_origin_errors = split;
+        }
+        if let Some(n) = od.consecutive_local_origin_failures {
+            c.consecutive_local_origin_failures = n;
+        }
+        if let Some(d) = od.interval.map(|d| d.as_std()).filter(|d| !d.is_zero()) {
+            c.interval = d;
+        }
+        if let Some(d) = od
+            .base_ejection_time
+            .map(|d| d.as_std())
+            .filter(|d| !d.is_zero())
+        {
+            c.base_ejection_time = d;
+        }
+        if let Some(p) = positive_u32(od.max_ejection_percent) {
+            c.max_ejection_percent = p.min(100);
+        }
+        if let Some(p) = positive_u32(od.min_health_percent) {
+            c.min_health_percent = p.min(100);
+        }
+        c
+    }
+}
+
+impl From<&ConnectionPoolSettings> for PoolLimits {
+    fn from(cp: &ConnectionPoolSettings) -> Self {
+        let mut l = PoolLimits::default();
+        if let Some(tcp) = &cp.tcp {
+            if let Some(n) = positive_u32(tcp.max_connections) {
+                l.max_connections = n;
+            }
+            if let Some(d) = tcp
+                .idle_timeout
+                .map(|d| d.as_std())
+                .filter(|d| !d.is_zero())
+            {
+                l.idle_timeout = d;
+            }
+        }
+        if let Some(http) = &cp.http {
+            if let Some(n) = positive_u32(http.http1_max_pending_requests) {
+                l.http1_max_pending_requests = n;
+            }
+            if let Some(n) = positive_u32(http.http2_max_requests) {
+                l.http2_max_requests = n;
+            }
+            if let Some(n) = positive_u32(http.max_requests_per_connection) {
+                l.max_requests_per_connection = n;
+            }
+            if let Some(n) = positive_u32(http.max_retries) {
+                l.max_retries = n;
+            }
+            if let Some(d) = http
+                .idle_timeout
+                .map(|d| d.as_std())
+                .filter(|d| !d.is_zero())
+            {
+                l.idle_timeout = d;
+            }
+        }
+        l
+    }
+}
+
+impl TryFrom<&LoadBalancerSettings> for LbPolicy {
+    type Error = UnsupportedLb;
+
+    fn try_from(lb: &LoadBalancerSettings) -> Result<Self, Self::Error> {
+        if lb.consistent_hash.is_some() {
+            return Err(UnsupportedLb("consistentHash"));
+        }
+        match lb.simple {
+            None | Some(SimpleLb::Unspecified | SimpleLb::LeastConn | SimpleLb::LeastRequest) => {
+                Ok(LbPolicy::LeastRequest)
+            }
+            Some(SimpleLb::RoundRobin) => Ok(LbPolicy::RoundRobin),
+            Some(SimpleLb::Random) => Ok(LbPolicy::Random),
+            Some(SimpleLb::Passthrough) => Err(UnsupportedLb("PASSTHROUGH")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::config::{ConsistentHashLb, HttpSettings, TcpSettings};
+
+    fn d(ms: u64) -> Option<mesh_core::config::Duration> {
+        Some(Duration::from_millis(ms).into())
+    }
+
+    #[test]
+    fn route_without_retries_gets_istio_default() {
+        let p = RetryPolicy::from_route(None, None).unwrap();
+        assert_eq!(p, RetryPolicy::istio_default());
+    }
+
+    #[test]
+    fn zero_or_negative_attempts_disable_retries() {
+        for attempts in [0, -1] {
+            let r = HttpRetry {
+                attempts,
+                ..HttpRetry::default()
+            };
+            assert!(!RetryPolicy::try_from(&r).unwrap().is_enabled());
+        }
+    }
+
+    #[test]
+    fn numeric_retry_on_tokens_become_status_codes() {
+        let r = HttpRetry {
+            attempts: 3,
+            retry_on: Some("503, reset".into()),
+            ..HttpRetry::default()
+        };
+        let p = RetryPolicy::try_from(&r).unwrap();
+        assert_eq!(p.attempts, 3);
+        assert_eq!(p.retry_on.status_codes(), &[503]);
+        assert!(p.retry_on.contains(RetryOn::RESET));
+    }
+
+    #[test]
+    fn unknown_retry_on_token_is_an_error() {
+        let r = HttpRetry {
+            attempts: 1,
+            retry_on: Some("sometimes".into()),
+            ..HttpRetry::default()
+        };
+        assert_eq!(
+            RetryPolicy::try_from(&r),
+            Err(RetryOnError("sometimes".into()))
+        );
+    }
+
+    #[test]
+    fn per_try_timeout_at_least_route_timeout_is_ignored() {
+        let r = HttpRetry {
+            attempts: 2,
+            per_try_timeout: d(2000),
+            ..HttpRetry::default()
+        };
+        let p = RetryPolicy::from_route(Some(&r), Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(p.per_try_timeout, None);
+        let p = RetryPolicy::from_route(Some(&r), Some(Duration::from_secs(3))).unwrap();
+        assert_eq!(p.per_try_timeout, Some(Duration::from_secs(2)));
+        let p = RetryPolicy::from_route(Some(&r), Some(Duration::ZERO)).unwrap();
+        assert_eq!(p.per_try_timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn backoff_and_previous_hosts_are_taken_over() {
+        let r = HttpRetry {
+            attempts: 2,
+            backoff: d(100),
+            retry_ignore_previous_hosts: Some(false),
+            ..HttpRetry::default()
+        };
+        let p = RetryPolicy::try_from(&r).unwrap();
+        assert_eq!(p.backoff, Backoff::new(Duration::from_millis(100)));
+        assert!(!p.retry_ignore_previous_hosts);
+    }
+
+    #[test]
+    fn outlier_zero_max_ejection_percent_keeps_envoy_default() {
+        let od = OutlierDetection {
+            max_ejection_percent: Some(0),
+            ..OutlierDetection::default()
+        };
+        assert_eq!(OutlierConfig::from(&od).max_ejection_percent, 10);
+        let od = OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            interval: d(1000),
+            base_ejection_time: d(30_000),
+            max_ejection_percent: Some(50),
+            ..OutlierDetection::default()
+        };
+        let c = OutlierConfig::from(&od);
+        assert_eq!(c.consecutive_5xx_errors, 1);
+        assert_eq!(c.interval, Duration::from_secs(1));
+        assert_eq!(c.max_ejection_percent, 50);
+        assert_eq!(c.max_ejected(4), 2);
+    }
+
+    #[test]
+    fn deprecated_consecutive_errors_counts_gateway_errors() {
+        let od = OutlierDetection {
+            consecutive_errors: Some(3),
+            ..OutlierDetection::default()
+        };
+        let c = OutlierConfig::from(&od);
+        assert_eq!(c.consecutive_gateway_errors, 3);
+        assert_eq!(c.consecutive_5xx_errors, 0);
+    }
+
+    #[test]
+    fn pool_zero_values_mean_unset() {
+        let cp = ConnectionPoolSettings {
+            tcp: Some(TcpSettings {
+                max_connections: Some(0),
+                ..TcpSettings::default()
+            }),
+            http: Some(HttpSettings {
+                http1_max_pending_requests: Some(1),
+                max_retries: Some(0),
+                ..HttpSettings::default()
+            }),
+        };
+        let l = PoolLimits::from(&cp);
+        assert_eq!(l.max_connections, PoolLimits::default().max_connections);
+        assert_eq!(l.http1_max_pending_requests, 1);
+        assert_eq!(l.max_retries, PoolLimits::default().max_retries);
+    }
+
+    #[test]
+    fn lb_names_map_to_policies() {
+        let lb = |simple| LoadBalancerSettings {
+            simple: Some(simple),
+            ..LoadBalancerSettings::default()
+        };
+        assert_eq!(
+            LbPolicy::try_from(&lb(SimpleLb::RoundRobin)),
+            Ok(LbPolicy::RoundRobin)
+        );
+        assert_eq!(
+            LbPolicy::try_from(&lb(SimpleLb::LeastConn)),
+            Ok(LbPolicy::LeastRequest)
+        );
+        assert_eq!(
+            LbPolicy::try_from(&lb(SimpleLb::Random)),
+            Ok(LbPolicy::Random)
+        );
+        assert!(LbPolicy::try_from(&lb(SimpleLb::Passthrough)).is_err());
+        let hash = LoadBalancerSettings {
+            consistent_hash: Some(ConsistentHashLb::default()),
+            ..LoadBalancerSettings::default()
+        };
+        assert!(LbPolicy::try_from(&hash).is_err());
+    }
+}
