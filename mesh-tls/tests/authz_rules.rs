@@ -1565,6 +1565,7 @@ fn workload_scope_follows_namespace_root_and_selector() {
         namespace: "production".into(),
         labels: [("app".to_owned(), "payment".to_owned())].into(),
         root_namespace: "istio-system".into(),
+        ..Workload::default()
     };
     let mesh_wide = Policy::new("istio-system", "mesh", Action::Allow, vec![]);
     let root_selector = Policy::new("istio-system", "root-sel", Action::Allow, vec![])
@@ -1598,4 +1599,68 @@ fn workload_scope_follows_namespace_root_and_selector() {
     );
     let set = PolicySet::for_workload([&broken, &allow_get], &workload).unwrap();
     assert_eq!(set.len(), 1);
+}
+
+#[test]
+fn trust_domain_aliases_make_principals_equivalent() {
+    let workload = |aliases: &[&str]| Workload {
+        namespace: "production".into(),
+        root_namespace: "istio-system".into(),
+        trust_domain: "new.local".into(),
+        trust_domain_aliases: s(aliases),
+        ..Workload::default()
+    };
+    let allow_old = policy(
+        "p",
+        Action::Allow,
+        vec![from(principals(&[
+            "old.local/ns/production/sa/order-service",
+        ]))],
+    );
+    let deny_new = policy(
+        "d",
+        Action::Deny,
+        vec![when(Condition::values(
+            "source.principal",
+            &["new.local/ns/production/sa/intruder"],
+        ))],
+    );
+    let check = |aliases: &[&str], peer: &'static str| {
+        let set = PolicySet::for_workload([&allow_old, &deny_new], &workload(aliases)).unwrap();
+        let headers = HeaderMap::new();
+        let id = Identity::parse(peer).unwrap();
+        set.evaluate(&RequestAttributes {
+            method: "GET",
+            path: "/",
+            host: None,
+            headers: &headers,
+            peer: Some(&id),
+            connection: None,
+            remote_ip: None,
+            server_name: ServerName::Unknown,
+        })
+        .allowed
+    };
+    // Without aliases the policy written for old.local does not admit new.local.
+    assert!(!check(
+        &[],
+        "spiffe://new.local/ns/production/sa/order-service"
+    ));
+    assert!(check(
+        &["old.local"],
+        "spiffe://new.local/ns/production/sa/order-service"
+    ));
+    assert!(check(
+        &["old.local"],
+        "spiffe://old.local/ns/production/sa/order-service"
+    ));
+    assert!(!check(
+        &["old.local"],
+        "spiffe://other.local/ns/production/sa/order-service"
+    ));
+    // The DENY written for new.local also covers the alias.
+    assert!(!check(
+        &["old.local"],
+        "spiffe://old.local/ns/production/sa/intruder"
+    ));
 }

@@ -723,9 +723,16 @@ impl PolicySet {
     pub fn compile<'a>(
         policies: impl IntoIterator<Item = &'a Policy>,
     ) -> Result<Self, PolicyError> {
+        Self::compile_with_domains(policies, &[])
+    }
+
+    fn compile_with_domains<'a>(
+        policies: impl IntoIterator<Item = &'a Policy>,
+        domains: &[String],
+    ) -> Result<Self, PolicyError> {
         let mut set = Self::default();
         for policy in policies {
-            let compiled = compile_policy(policy, &mut set.warnings)?;
+            let compiled = compile_policy(policy, domains, &mut set.warnings)?;
             if policy.dry_run {
                 set.dry_run.push(policy.action, compiled);
             } else {
@@ -739,12 +746,24 @@ impl PolicySet {
     }
 
     /// Compiles the policies of `policies` that apply to `workload` (see
-    /// [`Workload::is_selected_by`]); the others are not validated.
+    /// [`Workload::is_selected_by`]); the others are not validated. With
+    /// [`Workload::trust_domain_aliases`], principals written in the workload's trust
+    /// domain or an alias also match the same workload identity in the others (AP-24).
     pub fn for_workload<'a>(
         policies: impl IntoIterator<Item = &'a Policy>,
         workload: &Workload,
     ) -> Result<Self, PolicyError> {
-        Self::compile(policies.into_iter().filter(|p| workload.is_selected_by(p)))
+        let domains: Vec<String> = if workload.trust_domain_aliases.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(workload.trust_domain.clone())
+                .chain(workload.trust_domain_aliases.iter().cloned())
+                .collect()
+        };
+        Self::compile_with_domains(
+            policies.into_iter().filter(|p| workload.is_selected_by(p)),
+            &domains,
+        )
     }
 
     /// Warnings from compilation (JWT-based attributes that are evaluated as unknown).
@@ -786,9 +805,33 @@ impl PolicySet {
 struct Ctx<'p> {
     policy: &'p Policy,
     name: String,
+    /// The local trust domain followed by its aliases; empty without aliases.
+    domains: &'p [String],
 }
 
 impl Ctx<'_> {
+    /// `values` plus, for every principal in the local trust domain or one of its
+    /// aliases, the same principal in each of the others (AP-24). Added after the
+    /// originals so error indices keep naming the written values.
+    fn with_aliases<'v>(&self, values: &'v [String]) -> std::borrow::Cow<'v, [String]> {
+        if self.domains.is_empty() {
+            return std::borrow::Cow::Borrowed(values);
+        }
+        let mut out = values.to_vec();
+        for v in values {
+            let Some((td, rest)) = v.split_once('/') else {
+                continue;
+            };
+            if !rest.starts_with("ns/") || !self.domains.iter().any(|d| d == td) {
+                continue;
+            }
+            for d in self.domains.iter().filter(|d| *d != td) {
+                out.push(format!("{d}/{rest}"));
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
     fn err(&self, field: impl Into<String>, message: impl Into<String>) -> PolicyError {
         PolicyError {
             policy: self.name.clone(),
@@ -800,11 +843,13 @@ impl Ctx<'_> {
 
 fn compile_policy(
     policy: &Policy,
+    domains: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<CompiledPolicy, PolicyError> {
     let cx = Ctx {
         policy,
         name: policy.full_name(),
+        domains,
     };
     let rules: &[Rule] = policy.rules.as_deref().unwrap_or(&[]);
     match policy.action {
@@ -1002,8 +1047,8 @@ fn compile_source(
     add_pair(
         &mut b,
         "principals",
-        &s.principals,
-        &s.not_principals,
+        &cx.with_aliases(&s.principals),
+        &cx.with_aliases(&s.not_principals),
         str_match,
         Field::Principal,
     )?;
@@ -1157,7 +1202,14 @@ fn compile_condition(
             "remote.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::RemoteIp)?,
             "destination.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::DestinationIp)?,
             "destination.port" => add_pair(&mut b, "values", v, nv, port, Field::Port)?,
-            "source.principal" => add_pair(&mut b, "values", v, nv, str_match, Field::Principal)?,
+            "source.principal" => add_pair(
+                &mut b,
+                "values",
+                &cx.with_aliases(v),
+                &cx.with_aliases(nv),
+                str_match,
+                Field::Principal,
+            )?,
             "source.namespace" => add_pair(
                 &mut b,
                 "values",
