@@ -1664,3 +1664,60 @@ fn trust_domain_aliases_make_principals_equivalent() {
         "spiffe://old.local/ns/production/sa/intruder"
     ));
 }
+
+#[test]
+fn tcp_connections_treat_http_fields_as_unknown() {
+    let peer = Identity::parse("spiffe://cluster.local/ns/production/sa/order-service").unwrap();
+    let info = ConnectionInfo {
+        remote: "10.1.2.3:40000".parse().unwrap(),
+        local: "10.9.9.9:5432".parse().unwrap(),
+        security: ConnectionSecurity::MutualTls,
+    };
+    let tcp = |policies: &[Policy]| {
+        PolicySet::compile(policies)
+            .unwrap()
+            .evaluate_connection(Some(&peer), &info, ServerName::Unknown)
+            .allowed
+    };
+    let allow_post = policy(
+        "p",
+        Action::Allow,
+        vec![Rule {
+            from: Some(vec![principals(&["*"])]),
+            to: Some(vec![Operation {
+                methods: s(&["POST"]),
+                ..Default::default()
+            }]),
+            when: vec![],
+        }],
+    );
+    let allow_port = policy(
+        "p",
+        Action::Allow,
+        vec![Rule {
+            from: Some(vec![principals(&["*"])]),
+            to: Some(vec![Operation {
+                ports: s(&["5432"]),
+                ..Default::default()
+            }]),
+            when: vec![],
+        }],
+    );
+    let deny_paths = policy("d", Action::Deny, vec![to(paths(&["/admin"]))]);
+    let deny_paths_scoped = policy(
+        "d",
+        Action::Deny,
+        vec![to(Operation {
+            paths: s(&["/admin"]),
+            ports: s(&["8080"]),
+            ..Default::default()
+        })],
+    );
+    // AP-30: an ALLOW rule needing HTTP fields never matches a TCP connection.
+    assert!(!tcp(&[allow_post]));
+    assert!(tcp(&[allow_port.clone()]));
+    // A DENY with only HTTP fields denies every TCP connection in scope...
+    assert!(!tcp(&[allow_port.clone(), deny_paths]));
+    // ...unless scoped to another port.
+    assert!(tcp(&[allow_port, deny_paths_scoped]));
+}

@@ -364,15 +364,18 @@ fn header_matches(headers: &HeaderMap, name: &HeaderName, ms: &[StrMatch]) -> Tr
 /// Facts derived from the request at most once per decision, shared by every rule.
 struct Facts<'a> {
     a: &'a RequestAttributes<'a>,
+    /// False on a TCP connection: HTTP-only attributes are unknown.
+    http: bool,
     principal: Option<&'a str>,
     istio: OnceCell<Option<(&'a str, &'a str)>>,
     bare_host: OnceCell<Option<&'a str>>,
 }
 
 impl<'a> Facts<'a> {
-    fn new(a: &'a RequestAttributes<'a>) -> Self {
+    fn new(a: &'a RequestAttributes<'a>, http: bool) -> Self {
         Facts {
             a,
+            http,
             principal: a.peer.map(Identity::principal),
             istio: OnceCell::new(),
             bare_host: OnceCell::new(),
@@ -444,6 +447,13 @@ impl Field {
 impl Pred {
     fn eval(&self, f: &Facts<'_>) -> Tri {
         let a = f.a;
+        let http_only = matches!(
+            self.field,
+            Field::Host(_) | Field::Method(_) | Field::Path(_) | Field::Header(..)
+        );
+        if http_only && !f.http {
+            return Tri::Unknown;
+        }
         let hit = match &self.field {
             Field::Principal(ms) => match f.principal {
                 Some(p) => Tri::from_bool(ms.iter().any(|m| m.matches(p))),
@@ -784,13 +794,41 @@ impl PolicySet {
     /// Decides a request. Never allocates, except to join a repeated header that a
     /// `request.headers[...]` condition inspects.
     pub fn evaluate(&self, attrs: &RequestAttributes<'_>) -> AuthzDecision {
-        let facts = Facts::new(attrs);
-        let (allowed, policy) = self.enforced.decide(&facts);
-        let audit = self.enforced.audit(&facts);
+        self.decide_facts(&Facts::new(attrs, true))
+    }
+
+    /// Decides a TCP (non-HTTP) connection (AP-30): the HTTP-only attributes (`hosts`,
+    /// `methods`, `paths`, `request.headers`, JWT attributes) are unknown, so an ALLOW
+    /// rule never matches through them and a DENY rule applies as if they matched
+    /// (a DENY with only `paths` denies every connection in its scope; scope DENY rules
+    /// with `ports`).
+    pub fn evaluate_connection(
+        &self,
+        peer: Option<&Identity>,
+        connection: &ConnectionInfo,
+        server_name: ServerName<'_>,
+    ) -> AuthzDecision {
+        let headers = HeaderMap::new();
+        let attrs = RequestAttributes {
+            method: "",
+            path: "",
+            host: None,
+            headers: &headers,
+            peer,
+            connection: Some(connection),
+            remote_ip: None,
+            server_name,
+        };
+        self.decide_facts(&Facts::new(&attrs, false))
+    }
+
+    fn decide_facts(&self, facts: &Facts<'_>) -> AuthzDecision {
+        let (allowed, policy) = self.enforced.decide(facts);
+        let audit = self.enforced.audit(facts);
         let dry_run = if self.dry_run.is_empty() {
             None
         } else {
-            let (allowed, policy) = self.dry_run.decide(&facts);
+            let (allowed, policy) = self.dry_run.decide(facts);
             Some(DryRunDecision { allowed, policy })
         };
         AuthzDecision {
