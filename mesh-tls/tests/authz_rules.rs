@@ -1715,7 +1715,7 @@ fn tcp_connections_treat_http_fields_as_unknown() {
     );
     // AP-30: an ALLOW rule needing HTTP fields never matches a TCP connection.
     assert!(!tcp(&[allow_post]));
-    assert!(tcp(&[allow_port.clone()]));
+    assert!(tcp(std::slice::from_ref(&allow_port)));
     // A DENY with only HTTP fields denies every TCP connection in scope...
     assert!(!tcp(&[allow_port.clone(), deny_paths]));
     // ...unless scoped to another port.
