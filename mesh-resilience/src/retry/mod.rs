@@ -67,6 +67,7 @@
 pub mod backoff;
 pub mod budget;
 mod future;
+mod head;
 mod layer;
 pub mod policy;
 mod replay;
