@@ -377,6 +377,12 @@ impl Propagator {
                 headers.remove(names[i]);
             }
         }
+        // One growth of the map instead of one per inserted header.
+        headers.reserve(
+            usize::from(formats.b3_multi) * 4
+                + usize::from(formats.b3_single)
+                + usize::from(formats.w3c) * 2,
+        );
         inject(&ctx, formats, headers);
         ctx
     }
