@@ -20,6 +20,7 @@ pub mod endpoint;
 pub mod error;
 pub mod extensions;
 pub mod flags;
+pub mod grpc;
 pub mod identity;
 pub mod outcome;
 

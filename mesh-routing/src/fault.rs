@@ -149,28 +149,7 @@ pub fn abort_response(status: AbortStatus) -> Response<BoxBody> {
 }
 
 /// The numeric code of a gRPC status name (`UNAVAILABLE` → 14).
-pub fn grpc_code(name: &str) -> Option<u32> {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    NAMES.iter().position(|n| *n == name).map(|i| i as u32)
-}
+pub use mesh_core::grpc::status_code as grpc_code;
 
 #[cfg(test)]
 mod tests {

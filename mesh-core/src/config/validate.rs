@@ -487,26 +487,6 @@ const RETRY_ON: &[&str] = &[
     "unavailable",
 ];
 
-const GRPC_STATUS: &[&str] = &[
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 fn virtual_service(ctx: &mut Ctx<'_>, vs: &VirtualService) {
     let s = &vs.spec;
     let applies_to_mesh = s.gateways.is_empty() || s.gateways.iter().any(|g| g == "mesh");
@@ -1105,13 +1085,13 @@ fn fault(ctx: &mut Ctx<'_>, path: &str, f: &HttpFaultInjection) {
             );
         }
         if let Some(g) = &a.grpc_status
-            && !GRPC_STATUS.contains(&g.as_str())
+            && crate::grpc::status_code(g).is_none()
         {
             ctx.error(
                 &p(&ap, "grpcStatus"),
                 format!(
                     "`{g}` is not a gRPC status name; expected one of {}",
-                    GRPC_STATUS.join(", ")
+                    crate::grpc::STATUS_NAMES.join(", ")
                 ),
             );
         }
