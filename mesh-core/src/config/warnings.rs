@@ -52,29 +52,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         "spec.http[].corsPolicy",
         "CORS headers are not added and preflights are forwarded",
     ),
-    ne(VS, "spec.http[].mirror", "traffic is not mirrored"),
-    ne(VS, "spec.http[].mirrors", "traffic is not mirrored"),
-    ne(VS, "spec.http[].mirrorPercent", "traffic is not mirrored"),
-    ne(
-        VS,
-        "spec.http[].mirrorPercentage",
-        "traffic is not mirrored",
-    ),
-    ne(
-        VS,
-        "spec.http[].match[].sourceLabels",
-        "the match applies to every client",
-    ),
-    ne(
-        VS,
-        "spec.http[].match[].sourceNamespace",
-        "the match applies to every client",
-    ),
-    ne(
-        VS,
-        "spec.http[].match[].gateways",
-        "the match applies wherever the VirtualService does",
-    ),
     ne(
         VS,
         "spec.http[].match[].statPrefix",
