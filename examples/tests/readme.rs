@@ -1,4 +1,4 @@
-//! The README draft stays true to the code: its embedding example is the doc test of
+//! The README stays true to the code: its embedding example is the doc test of
 //! this crate, it lists every field that is parsed but not enforced, and the commands
 //! it names exist.
 
@@ -33,14 +33,14 @@ fn doctest_example(lib: &str) -> String {
 
 #[test]
 fn readme_embedding_example_is_the_crate_doc_test() {
-    let readme = read("../README.draft.md");
+    let readme = read("../README.md");
     let lib = read("src/lib.rs");
     assert_eq!(readme_example(&readme), doctest_example(&lib));
 }
 
 #[test]
 fn readme_lists_every_field_that_is_not_enforced() {
-    let readme = read("../README.draft.md");
+    let readme = read("../README.md");
     for n in mesh_core::config::NOT_ENFORCED {
         assert!(
             readme.contains(&format!("`{}`", n.pattern)),
@@ -57,7 +57,7 @@ fn readme_lists_every_field_that_is_not_enforced() {
 
 #[test]
 fn readme_commands_name_existing_targets() {
-    let readme = read("../README.draft.md");
+    let readme = read("../README.md");
     for cmd in [
         "cargo run --release -p examples --bin sidecar",
         "cargo test --workspace",
@@ -157,7 +157,7 @@ fn readme_settings_reference_matches_the_proxy_parser() {
     let mut keys = Vec::new();
     leaf_keys("", &value, &mut keys);
 
-    let readme = read("../README.draft.md");
+    let readme = read("../README.md");
     let table: Vec<&str> = readme
         .lines()
         .skip_while(|l| !l.starts_with("### Settings reference"))
