@@ -59,7 +59,7 @@ fn readme_lists_every_field_that_is_not_enforced() {
 fn readme_commands_name_existing_targets() {
     let readme = read("../README.md");
     for cmd in [
-        "cargo run --release -p examples --bin sidecar",
+        "cargo run -p examples --bin sidecar",
         "cargo test --workspace",
         "cargo run -p examples --bin embedded",
         "cargo bench -p benches",
