@@ -566,19 +566,24 @@ impl Service<Request<BoxBody>> for Outbound {
 #[derive(Clone)]
 pub struct AppClient {
     client: Client<HttpConnector, BoxBody>,
+    upgrades: Client<HttpConnector, BoxBody>,
     app: SocketAddr,
+    h2: bool,
 }
 
 impl AppClient {
-    /// A client for the application at `app`.
-    pub fn new(app: SocketAddr) -> Self {
+    /// A client for the application at `app`, speaking h2 with prior knowledge when `h2`.
+    pub fn new(app: SocketAddr, h2: bool) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         Self {
             client: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .build(http),
+                .http2_only(h2)
+                .build(http.clone()),
+            upgrades: Client::builder(TokioExecutor::new()).build(http),
             app,
+            h2,
         }
     }
 }
@@ -603,11 +608,16 @@ impl Service<Request<BoxBody>> for AppClient {
         if let Ok(uri) = format!("http://{app}{pq}").parse() {
             *req.uri_mut() = uri;
         }
-        // The application speaks HTTP/1.1; h2 from the peer sidecar is translated.
-        *req.version_mut() = http::Version::HTTP_11;
         if is_upgrade(&req) {
-            return forward_upgrade(&self.client, req, app);
+            *req.version_mut() = http::Version::HTTP_11;
+            return forward_upgrade(&self.upgrades, req, app);
         }
+        // The request is translated to the application's protocol.
+        *req.version_mut() = if self.h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         let fut = self.client.request(req);
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;

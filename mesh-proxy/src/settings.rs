@@ -24,6 +24,7 @@
 //! | `listeners.app` | `127.0.0.1:8080` | the application inbound traffic goes to |
 //! | `listeners.outbound` | `127.0.0.1:15001` | plain HTTP from the application (origin-form with Host, or proxy absolute-form) |
 //! | `listeners.admin` | `127.0.0.1:15000` | admin server |
+//! | `listeners.appProtocol` | `HTTP` | `HTTP` (HTTP/1.1) or `HTTP2` (h2 prior knowledge, gRPC) towards the application |
 //! | `tracing.sampling` | `1` | percentage of new traces sampled |
 //! | `tracing.otlp` / `tracing.zipkin` | – | collector URL (one of them) |
 //! | `accessLog.path` | – (off) | `-` for stdout, or a file to append to |
@@ -158,6 +159,20 @@ pub struct Listeners {
     pub outbound: SocketAddr,
     /// Admin server (default `127.0.0.1:15000`).
     pub admin: SocketAddr,
+    /// Protocol the application speaks: `HTTP` (HTTP/1.1, default) or `HTTP2` (h2 with
+    /// prior knowledge, e.g. gRPC servers).
+    pub app_protocol: AppProtocol,
+}
+
+/// `listeners.appProtocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
 }
 
 impl Default for Listeners {
@@ -167,6 +182,7 @@ impl Default for Listeners {
             app: SocketAddr::from(([127, 0, 0, 1], 8080)),
             outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            app_protocol: AppProtocol::Http,
         }
     }
 }
@@ -545,7 +561,7 @@ mod tests {
         let shown = errs[0].to_string();
         assert_eq!(
             shown,
-            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin"
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol"
         );
     }
 

@@ -128,6 +128,7 @@ impl Sidecar {
             authz,
             normalization,
             settings.listeners.app,
+            settings.listeners.app_protocol == crate::settings::AppProtocol::Http2,
         );
         let acceptor = InboundAcceptor::new(common.store.clone())
             .with_handshake_timeout(limits.header_read_timeout.as_std());
