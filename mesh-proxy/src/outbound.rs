@@ -42,7 +42,7 @@ use mesh_resilience::{
     Balance, DeadlineLayer, LbPolicy, OutlierConfig, PoolLimitLayer, PoolLimits, RetryLayer,
     RetryPolicy,
 };
-use mesh_routing::{DestinationKey, MakeDestination, Router, RouterHandle, Target};
+use mesh_routing::{DestinationKey, MakeDestination, ResolvedPolicy, Router, RouterHandle, Target};
 use mesh_tls::{ClientTls, SecureNaming};
 use tokio::net::TcpStream;
 use tower::{Layer, Service, ServiceExt};
@@ -313,10 +313,18 @@ pub struct MakeDest {
     pub destinations: Destinations,
 }
 
-impl MakeDestination for MakeDest {
-    type Service = DestService;
+/// The parts of a destination built from its traffic policy.
+#[derive(Clone)]
+struct Built {
+    policy: Arc<ResolvedPolicy>,
+    endpoints: Arc<Vec<Endpoint>>,
+    balance: Balance<Upstream>,
+    pool: PoolLimitLayer,
+}
 
-    fn make(&self, target: &Arc<Target>) -> DestService {
+impl MakeDest {
+    /// Balancer and pool limits for `target` under its current policy.
+    fn build(&self, target: &Arc<Target>) -> Built {
         let policy = target.policy();
         let lb = policy
             .load_balancer
@@ -394,24 +402,37 @@ impl MakeDestination for MakeDest {
                     target: Arc::downgrade(target),
                 },
             );
-        DestService {
-            target: target.clone(),
-            seen: Arc::new(Mutex::new(endpoints)),
+        Built {
+            policy,
+            endpoints,
             balance,
             pool,
-            replay_limit: self.replay_limit,
+        }
+    }
+}
+
+impl MakeDestination for MakeDest {
+    type Service = DestService;
+
+    fn make(&self, target: &Arc<Target>) -> DestService {
+        DestService {
+            target: target.clone(),
+            built: Arc::new(Mutex::new(self.build(target))),
+            make: self.clone(),
         }
     }
 }
 
 /// One destination: deadline and retries from the route, pool limits, balancer.
+///
+/// New endpoints (reloads, DNS) are handed to the balancer, which keeps the state of
+/// endpoints that remain. A changed traffic policy (load balancer, outlier detection,
+/// connection pool) rebuilds the balancer and the pool limits: their state starts over.
 #[derive(Clone)]
 pub struct DestService {
     target: Arc<Target>,
-    seen: Arc<Mutex<Arc<Vec<Endpoint>>>>,
-    balance: Balance<Upstream>,
-    pool: PoolLimitLayer,
-    replay_limit: usize,
+    built: Arc<Mutex<Built>>,
+    make: MakeDest,
 }
 
 impl Service<Request<BoxBody>> for DestService {
@@ -424,15 +445,23 @@ impl Service<Request<BoxBody>> for DestService {
     }
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
-        // Endpoints are published through the target on reloads and DNS refreshes.
-        let now = self.target.endpoints();
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if !Arc::ptr_eq(&seen, &now) {
-                self.balance.update(now.iter().cloned());
-                *seen = now;
+        // Endpoints and policy are published through the target on reloads and DNS
+        // refreshes.
+        let (balance, pool) = {
+            let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+            let policy = self.target.policy();
+            if !Arc::ptr_eq(&built.policy, &policy) && *built.policy != *policy {
+                tracing::info!(destination = %self.target.key, "traffic policy changed");
+                *built = self.make.build(&self.target);
             }
-        }
+            built.policy = policy;
+            let now = self.target.endpoints();
+            if !Arc::ptr_eq(&built.endpoints, &now) {
+                built.balance.update(now.iter().cloned());
+                built.endpoints = now;
+            }
+            (built.balance.clone(), built.pool.clone())
+        };
         let route = req
             .extensions()
             .get::<RoutePolicy>()
@@ -443,11 +472,11 @@ impl Service<Request<BoxBody>> for DestService {
                 tracing::warn!("{e}; using the default retry policy");
                 RetryPolicy::istio_default()
             })
-            .replay_limit(self.replay_limit);
+            .replay_limit(self.make.replay_limit);
         let svc = DeadlineLayer::new(route.timeout).layer(
             RetryLayer::new(retry)
-                .with_retry_gate(self.pool.retry_gate())
-                .layer(self.pool.layer(self.balance.clone())),
+                .with_retry_gate(pool.retry_gate())
+                .layer(pool.layer(balance)),
         );
         Box::pin(
             svc.oneshot(req)
