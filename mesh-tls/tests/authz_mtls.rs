@@ -40,6 +40,7 @@ fn payment_workload() -> Workload {
         namespace: "production".into(),
         labels: [("app".to_owned(), "payment-service".to_owned())].into(),
         root_namespace: "istio-system".into(),
+        ..Workload::default()
     }
 }
 

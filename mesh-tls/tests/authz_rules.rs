@@ -1565,6 +1565,7 @@ fn workload_scope_follows_namespace_root_and_selector() {
         namespace: "production".into(),
         labels: [("app".to_owned(), "payment".to_owned())].into(),
         root_namespace: "istio-system".into(),
+        ..Workload::default()
     };
     let mesh_wide = Policy::new("istio-system", "mesh", Action::Allow, vec![]);
     let root_selector = Policy::new("istio-system", "root-sel", Action::Allow, vec![])
@@ -1598,4 +1599,125 @@ fn workload_scope_follows_namespace_root_and_selector() {
     );
     let set = PolicySet::for_workload([&broken, &allow_get], &workload).unwrap();
     assert_eq!(set.len(), 1);
+}
+
+#[test]
+fn trust_domain_aliases_make_principals_equivalent() {
+    let workload = |aliases: &[&str]| Workload {
+        namespace: "production".into(),
+        root_namespace: "istio-system".into(),
+        trust_domain: "new.local".into(),
+        trust_domain_aliases: s(aliases),
+        ..Workload::default()
+    };
+    let allow_old = policy(
+        "p",
+        Action::Allow,
+        vec![from(principals(&[
+            "old.local/ns/production/sa/order-service",
+        ]))],
+    );
+    let deny_new = policy(
+        "d",
+        Action::Deny,
+        vec![when(Condition::values(
+            "source.principal",
+            &["new.local/ns/production/sa/intruder"],
+        ))],
+    );
+    let check = |aliases: &[&str], peer: &'static str| {
+        let set = PolicySet::for_workload([&allow_old, &deny_new], &workload(aliases)).unwrap();
+        let headers = HeaderMap::new();
+        let id = Identity::parse(peer).unwrap();
+        set.evaluate(&RequestAttributes {
+            method: "GET",
+            path: "/",
+            host: None,
+            headers: &headers,
+            peer: Some(&id),
+            connection: None,
+            remote_ip: None,
+            server_name: ServerName::Unknown,
+        })
+        .allowed
+    };
+    // Without aliases the policy written for old.local does not admit new.local.
+    assert!(!check(
+        &[],
+        "spiffe://new.local/ns/production/sa/order-service"
+    ));
+    assert!(check(
+        &["old.local"],
+        "spiffe://new.local/ns/production/sa/order-service"
+    ));
+    assert!(check(
+        &["old.local"],
+        "spiffe://old.local/ns/production/sa/order-service"
+    ));
+    assert!(!check(
+        &["old.local"],
+        "spiffe://other.local/ns/production/sa/order-service"
+    ));
+    // The DENY written for new.local also covers the alias.
+    assert!(!check(
+        &["old.local"],
+        "spiffe://old.local/ns/production/sa/intruder"
+    ));
+}
+
+#[test]
+fn tcp_connections_treat_http_fields_as_unknown() {
+    let peer = Identity::parse("spiffe://cluster.local/ns/production/sa/order-service").unwrap();
+    let info = ConnectionInfo {
+        remote: "10.1.2.3:40000".parse().unwrap(),
+        local: "10.9.9.9:5432".parse().unwrap(),
+        security: ConnectionSecurity::MutualTls,
+    };
+    let tcp = |policies: &[Policy]| {
+        PolicySet::compile(policies)
+            .unwrap()
+            .evaluate_connection(Some(&peer), &info, ServerName::Unknown)
+            .allowed
+    };
+    let allow_post = policy(
+        "p",
+        Action::Allow,
+        vec![Rule {
+            from: Some(vec![principals(&["*"])]),
+            to: Some(vec![Operation {
+                methods: s(&["POST"]),
+                ..Default::default()
+            }]),
+            when: vec![],
+        }],
+    );
+    let allow_port = policy(
+        "p",
+        Action::Allow,
+        vec![Rule {
+            from: Some(vec![principals(&["*"])]),
+            to: Some(vec![Operation {
+                ports: s(&["5432"]),
+                ..Default::default()
+            }]),
+            when: vec![],
+        }],
+    );
+    let deny_paths = policy("d", Action::Deny, vec![to(paths(&["/admin"]))]);
+    let deny_paths_scoped = policy(
+        "d",
+        Action::Deny,
+        vec![to(Operation {
+            paths: s(&["/admin"]),
+            ports: s(&["8080"]),
+            ..Default::default()
+        })],
+    );
+    // AP-30: an ALLOW rule needing HTTP fields never matches a TCP connection.
+    assert!(!tcp(&[allow_post]));
+    assert!(tcp(std::slice::from_ref(&allow_port)));
+    // A DENY with only HTTP fields denies every TCP connection in scope...
+    assert!(!tcp(&[allow_port.clone(), deny_paths]));
+    // ...unless scoped to another port.
+    assert!(tcp(&[allow_port, deny_paths_scoped]));
 }

@@ -364,15 +364,18 @@ fn header_matches(headers: &HeaderMap, name: &HeaderName, ms: &[StrMatch]) -> Tr
 /// Facts derived from the request at most once per decision, shared by every rule.
 struct Facts<'a> {
     a: &'a RequestAttributes<'a>,
+    /// False on a TCP connection: HTTP-only attributes are unknown.
+    http: bool,
     principal: Option<&'a str>,
     istio: OnceCell<Option<(&'a str, &'a str)>>,
     bare_host: OnceCell<Option<&'a str>>,
 }
 
 impl<'a> Facts<'a> {
-    fn new(a: &'a RequestAttributes<'a>) -> Self {
+    fn new(a: &'a RequestAttributes<'a>, http: bool) -> Self {
         Facts {
             a,
+            http,
             principal: a.peer.map(Identity::principal),
             istio: OnceCell::new(),
             bare_host: OnceCell::new(),
@@ -444,6 +447,13 @@ impl Field {
 impl Pred {
     fn eval(&self, f: &Facts<'_>) -> Tri {
         let a = f.a;
+        let http_only = matches!(
+            self.field,
+            Field::Host(_) | Field::Method(_) | Field::Path(_) | Field::Header(..)
+        );
+        if http_only && !f.http {
+            return Tri::Unknown;
+        }
         let hit = match &self.field {
             Field::Principal(ms) => match f.principal {
                 Some(p) => Tri::from_bool(ms.iter().any(|m| m.matches(p))),
@@ -723,9 +733,16 @@ impl PolicySet {
     pub fn compile<'a>(
         policies: impl IntoIterator<Item = &'a Policy>,
     ) -> Result<Self, PolicyError> {
+        Self::compile_with_domains(policies, &[])
+    }
+
+    fn compile_with_domains<'a>(
+        policies: impl IntoIterator<Item = &'a Policy>,
+        domains: &[String],
+    ) -> Result<Self, PolicyError> {
         let mut set = Self::default();
         for policy in policies {
-            let compiled = compile_policy(policy, &mut set.warnings)?;
+            let compiled = compile_policy(policy, domains, &mut set.warnings)?;
             if policy.dry_run {
                 set.dry_run.push(policy.action, compiled);
             } else {
@@ -739,12 +756,24 @@ impl PolicySet {
     }
 
     /// Compiles the policies of `policies` that apply to `workload` (see
-    /// [`Workload::is_selected_by`]); the others are not validated.
+    /// [`Workload::is_selected_by`]); the others are not validated. With
+    /// [`Workload::trust_domain_aliases`], principals written in the workload's trust
+    /// domain or an alias also match the same workload identity in the others (AP-24).
     pub fn for_workload<'a>(
         policies: impl IntoIterator<Item = &'a Policy>,
         workload: &Workload,
     ) -> Result<Self, PolicyError> {
-        Self::compile(policies.into_iter().filter(|p| workload.is_selected_by(p)))
+        let domains: Vec<String> = if workload.trust_domain_aliases.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(workload.trust_domain.clone())
+                .chain(workload.trust_domain_aliases.iter().cloned())
+                .collect()
+        };
+        Self::compile_with_domains(
+            policies.into_iter().filter(|p| workload.is_selected_by(p)),
+            &domains,
+        )
     }
 
     /// Warnings from compilation (JWT-based attributes that are evaluated as unknown).
@@ -765,13 +794,41 @@ impl PolicySet {
     /// Decides a request. Never allocates, except to join a repeated header that a
     /// `request.headers[...]` condition inspects.
     pub fn evaluate(&self, attrs: &RequestAttributes<'_>) -> AuthzDecision {
-        let facts = Facts::new(attrs);
-        let (allowed, policy) = self.enforced.decide(&facts);
-        let audit = self.enforced.audit(&facts);
+        self.decide_facts(&Facts::new(attrs, true))
+    }
+
+    /// Decides a TCP (non-HTTP) connection (AP-30): the HTTP-only attributes (`hosts`,
+    /// `methods`, `paths`, `request.headers`, JWT attributes) are unknown, so an ALLOW
+    /// rule never matches through them and a DENY rule applies as if they matched
+    /// (a DENY with only `paths` denies every connection in its scope; scope DENY rules
+    /// with `ports`).
+    pub fn evaluate_connection(
+        &self,
+        peer: Option<&Identity>,
+        connection: &ConnectionInfo,
+        server_name: ServerName<'_>,
+    ) -> AuthzDecision {
+        let headers = HeaderMap::new();
+        let attrs = RequestAttributes {
+            method: "",
+            path: "",
+            host: None,
+            headers: &headers,
+            peer,
+            connection: Some(connection),
+            remote_ip: None,
+            server_name,
+        };
+        self.decide_facts(&Facts::new(&attrs, false))
+    }
+
+    fn decide_facts(&self, facts: &Facts<'_>) -> AuthzDecision {
+        let (allowed, policy) = self.enforced.decide(facts);
+        let audit = self.enforced.audit(facts);
         let dry_run = if self.dry_run.is_empty() {
             None
         } else {
-            let (allowed, policy) = self.dry_run.decide(&facts);
+            let (allowed, policy) = self.dry_run.decide(facts);
             Some(DryRunDecision { allowed, policy })
         };
         AuthzDecision {
@@ -786,9 +843,33 @@ impl PolicySet {
 struct Ctx<'p> {
     policy: &'p Policy,
     name: String,
+    /// The local trust domain followed by its aliases; empty without aliases.
+    domains: &'p [String],
 }
 
 impl Ctx<'_> {
+    /// `values` plus, for every principal in the local trust domain or one of its
+    /// aliases, the same principal in each of the others (AP-24). Added after the
+    /// originals so error indices keep naming the written values.
+    fn with_aliases<'v>(&self, values: &'v [String]) -> std::borrow::Cow<'v, [String]> {
+        if self.domains.is_empty() {
+            return std::borrow::Cow::Borrowed(values);
+        }
+        let mut out = values.to_vec();
+        for v in values {
+            let Some((td, rest)) = v.split_once('/') else {
+                continue;
+            };
+            if !rest.starts_with("ns/") || !self.domains.iter().any(|d| d == td) {
+                continue;
+            }
+            for d in self.domains.iter().filter(|d| *d != td) {
+                out.push(format!("{d}/{rest}"));
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
     fn err(&self, field: impl Into<String>, message: impl Into<String>) -> PolicyError {
         PolicyError {
             policy: self.name.clone(),
@@ -800,11 +881,13 @@ impl Ctx<'_> {
 
 fn compile_policy(
     policy: &Policy,
+    domains: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<CompiledPolicy, PolicyError> {
     let cx = Ctx {
         policy,
         name: policy.full_name(),
+        domains,
     };
     let rules: &[Rule] = policy.rules.as_deref().unwrap_or(&[]);
     match policy.action {
@@ -1002,8 +1085,8 @@ fn compile_source(
     add_pair(
         &mut b,
         "principals",
-        &s.principals,
-        &s.not_principals,
+        &cx.with_aliases(&s.principals),
+        &cx.with_aliases(&s.not_principals),
         str_match,
         Field::Principal,
     )?;
@@ -1157,7 +1240,14 @@ fn compile_condition(
             "remote.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::RemoteIp)?,
             "destination.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::DestinationIp)?,
             "destination.port" => add_pair(&mut b, "values", v, nv, port, Field::Port)?,
-            "source.principal" => add_pair(&mut b, "values", v, nv, str_match, Field::Principal)?,
+            "source.principal" => add_pair(
+                &mut b,
+                "values",
+                &cx.with_aliases(v),
+                &cx.with_aliases(nv),
+                str_match,
+                Field::Principal,
+            )?,
             "source.namespace" => add_pair(
                 &mut b,
                 "values",

@@ -188,6 +188,11 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// MeshConfig `rootNamespace` (Istio's default is `istio-system`).
     pub root_namespace: String,
+    /// MeshConfig `trustDomain` (e.g. `cluster.local`); used with the aliases.
+    pub trust_domain: String,
+    /// MeshConfig `trustDomainAliases`: principals in these domains and in
+    /// `trust_domain` are equivalent (AP-24).
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl Workload {
@@ -352,6 +357,7 @@ impl Workload {
             namespace: namespace.to_owned(),
             labels: labels.clone(),
             root_namespace: config.root_namespace().to_owned(),
+            ..Workload::default()
         }
     }
 }
