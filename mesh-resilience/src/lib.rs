@@ -27,8 +27,13 @@
 //!   honour the `x-envoy-retry-*` request headers (VS-66).
 //! - Previous-host avoidance filters tried endpoints out deterministically instead of
 //!   re-picking at random up to 5 times.
-//! - Outlier sweeps run lazily when the balancer picks, replaying every sweep that fell
-//!   due, instead of on a background timer; the result is the same.
+//! - Outlier sweeps run lazily instead of on a background timer: a pick that meets an
+//!   ejected endpoint (or runs in panic mode), an ejection, or
+//!   [`Balance::is_ejected`] replays every sweep that fell due, at its own time on the
+//!   interval grid. Sweeps only un-eject and decay, so every pick and every ejection is
+//!   the one a timer would give, and most picks read no clock.
+//! - The retry layer sends the first attempt with the caller's own request head and keeps
+//!   a copy for replay in pooled storage (see [`retry`]).
 //! - Pool limits are counted per proxy per destination (DR-21); connection-level settings
 //!   (`maxRequestsPerConnection`, `idleTimeout`, `maxConnections` over HTTP/2) are carried
 //!   in [`limit::PoolLimits`] for the connector to apply.

@@ -13,9 +13,12 @@ use super::config::OutlierConfig;
 /// Detects and ejects outlier hosts of one destination. Share it in an `Arc`.
 ///
 /// Recording an outcome is lock-free unless it crosses a threshold. Sweeps run lazily:
-/// whoever picks hosts (the balancer) calls [`sweep_if_due`](Self::sweep_if_due), which
-/// replays every sweep that fell due since the last one, so the result is the same as
-/// with a timer firing every `interval`, without a background task.
+/// whoever picks hosts (the balancer, when a pick meets an ejected host) calls
+/// [`sweep_if_due`](Self::sweep_if_due), which replays every sweep that fell due since
+/// the last one, and an ejection does the same first; so the result is the same as with
+/// a timer firing every `interval`, without a background task. Until then,
+/// [`HostHealth::is_ejected`] and [`ejected_count`](Self::ejected_count) may still show
+/// an ejection whose sweep is due.
 #[derive(Debug)]
 pub struct OutlierDetector {
     config: OutlierConfig,

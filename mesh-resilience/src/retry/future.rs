@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
 use super::budget::RetryBudget;
+use super::head::ReplayHead;
 use super::policy::RetryPolicy;
 use super::replay::{Buffering, Prepared, Replay, Start};
 use super::{ATTEMPT_COUNT, RetriesExhausted};
@@ -110,7 +111,10 @@ pub struct Attempts<S, F> {
     budget: Option<Arc<RetryBudget>>,
     gate: Option<RetryGate>,
     retry_permit: Option<RetryPermit>,
-    head: http::request::Parts,
+    /// The caller's head, sent with the first attempt.
+    first: Option<http::request::Parts>,
+    /// A copy of it for later attempts, made only when the body can be replayed.
+    replay: Option<ReplayHead>,
     body: Body,
     phase: Phase,
     /// Attempts started so far.
@@ -158,7 +162,8 @@ impl<S, F> Attempts<S, F> {
             budget,
             gate,
             retry_permit: None,
-            head,
+            first: Some(head),
+            replay: None,
             body,
             phase,
             attempt: 0,
@@ -201,17 +206,6 @@ fn poll_timer(
         timer.set(Some(sleep_until(at)));
     }
     timer.as_pin_mut().map(|t| t.poll(cx))
-}
-
-/// A copy of the request head for one attempt.
-fn attempt_request(head: &http::request::Parts, body: BoxBody) -> http::Request<BoxBody> {
-    let mut req = http::Request::new(body);
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    *req.extensions_mut() = head.extensions.clone();
-    req
 }
 
 fn attempt_header(n: u32) -> HeaderValue {
@@ -302,7 +296,24 @@ where
                         Body::Once(b) => b.take().unwrap_or_else(mesh_core::body::empty),
                         Body::Buffering(_) => mesh_core::body::empty(),
                     };
-                    let mut req = attempt_request(this.head, body);
+                    let mut req = match this.first.take() {
+                        Some(head) => {
+                            if matches!(this.body, Body::Replay(_)) {
+                                // Kept only when a retry could send it again.
+                                *this.replay = Some(ReplayHead::copy(&head));
+                            }
+                            http::Request::from_parts(head, body)
+                        }
+                        None => match this.replay {
+                            Some(head) => head.request(body, *this.deadline),
+                            None => {
+                                *this.phase = Phase::Done;
+                                return Poll::Ready(Err(
+                                    "retry without a replayable request".into()
+                                ));
+                            }
+                        },
+                    };
                     if this.policy.include_attempt_count && *this.attempt > 1 {
                         req.headers_mut()
                             .insert(ATTEMPT_COUNT, attempt_header(*this.attempt));

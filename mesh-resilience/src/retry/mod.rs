@@ -15,6 +15,13 @@
 //! - Back-off is fully jittered exponential ([`Backoff`], VS-59).
 //! - When retries are exhausted the caller gets the last upstream response with flag
 //!   `URX` (VS-62), or the last error wrapped in [`RetriesExhausted`].
+//! - The first attempt goes with the caller's own request head; a copy is kept for later
+//!   attempts only when the body is replayable, as a flat header list in per-thread
+//!   pooled storage, leaving out the [`RequestDeadline`](crate::deadline::RequestDeadline)
+//!   when it is the only extension (it is put back on each retry). A bodiless request
+//!   answered at once thus costs no allocation in this layer, except that the first
+//!   copy of a header name parsed from the wire shares its bytes (one allocation per
+//!   such name, made by the `bytes` crate), and other extensions are cloned.
 //! - Request bodies are buffered eagerly up to
 //!   [`replay_limit`](RetryPolicy::replay_limit) (64 KiB); larger bodies go once,
 //!   unretried (VS-67).
@@ -67,6 +74,7 @@
 pub mod backoff;
 pub mod budget;
 mod future;
+mod head;
 mod layer;
 pub mod policy;
 mod replay;
