@@ -16,6 +16,23 @@
 //! Lines go through a bounded queue to one writer task; when the writer falls behind,
 //! entries are dropped and counted (`mesh_access_log_dropped_total`) rather than slowing
 //! requests.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_telemetry::access_log::{AccessLog, Format};
+//! use mesh_telemetry::{MetricsRegistry, Telemetry, Workload};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let metrics = MetricsRegistry::new();
+//! let log = AccessLog::stdout(Format::Text, metrics.proxy().access_log_dropped.clone());
+//! let telemetry = Telemetry::builder(Workload::new("reviews-v1", "default"))
+//!     .metrics(metrics)
+//!     .access_log(log)
+//!     .build();
+//! # drop(telemetry);
+//! # }
+//! ```
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

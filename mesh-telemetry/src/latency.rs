@@ -5,6 +5,23 @@
 //! digits) behind a mutex held only for the record. [`LatencyStats::handle`] resolves a
 //! destination once, so recording is a lock plus an array increment. Values past one hour
 //! are clamped to the maximum rather than dropped.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use mesh_telemetry::LatencyStats;
+//!
+//! let stats = LatencyStats::new();
+//! let reviews = stats.handle("reviews.default.svc.cluster.local");
+//! for ms in 1..=100 {
+//!     reviews.record(Duration::from_millis(ms));
+//! }
+//! let summary = &stats.snapshot()[0];
+//! assert_eq!(summary.count, 100);
+//! assert!((summary.p99 - 99.0).abs() < 0.1);
+//! print!("{}", stats.render_text()); // the `/stats` view
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

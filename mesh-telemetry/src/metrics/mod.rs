@@ -13,6 +13,33 @@
 //! Errors from inner layers carry no status; [`status_for`] maps the shared
 //! [`Outcome`] classification to the status the proxy answers with, which is the
 //! `response_code` label Istio records for locally generated replies.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_core::ResponseFlags;
+//! use mesh_telemetry::{DestinationService, MetricsRegistry, Reporter, RequestFacts, Workload};
+//!
+//! let registry = MetricsRegistry::new();
+//! // When the route is built: resolve its labels once.
+//! let handle = registry.istio().handle(
+//!     Reporter::Source,
+//!     &Workload::new("productpage-v1", "default"),
+//!     &Workload::unknown(),
+//!     &DestinationService::from_host("reviews.default.svc.cluster.local"),
+//! );
+//! // Per request: only increments.
+//! let facts = RequestFacts {
+//!     response_code: 503,
+//!     flags: ResponseFlags::UPSTREAM_OVERFLOW,
+//!     ..RequestFacts::default()
+//! };
+//! handle.record(&facts, 0.8, 120, 91);
+//! let text = registry.encode();
+//! assert!(text.contains("response_code=\"503\""));
+//! assert!(text.contains("response_flags=\"UO\""));
+//! assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+//! ```
 
 pub mod istio;
 pub mod prometheus;

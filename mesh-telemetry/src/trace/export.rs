@@ -13,6 +13,28 @@
 //! - [`ZipkinExporter`]: Zipkin JSON v2 (`POST /api/v2/spans`) over hyper, for an address
 //!   such as `jaeger-collector:9411`. Written here because `opentelemetry-zipkin`'s default
 //!   features pull OpenSSL.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_telemetry::trace::export::{ExportConfig, SpanQueue, ZipkinExporter};
+//! use mesh_telemetry::{MetricsRegistry, Telemetry, Workload};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let metrics = MetricsRegistry::new();
+//! let queue = SpanQueue::spawn(
+//!     ZipkinExporter::new("jaeger-collector:9411", "productpage").unwrap(),
+//!     ExportConfig::default(),
+//!     Telemetry::export_counters(&metrics),
+//! );
+//! let telemetry = Telemetry::builder(Workload::new("productpage-v1", "default"))
+//!     .metrics(metrics)
+//!     .spans(queue)
+//!     .sampling(10.0) // the article's 10 %
+//!     .build();
+//! # drop(telemetry);
+//! # }
+//! ```
 
 use std::borrow::Cow;
 use std::future::Future;
