@@ -704,3 +704,102 @@ mod tests {
         assert_eq!(r.uri(), "http://127.0.0.1:1/");
     }
 }
+
+/// The outbound listener's service: telemetry per destination service (the FQDN of the
+/// virtual host the request's host selects, as Istio's `destination_service` label),
+/// then [`Outbound`]. Hosts the route table does not know are recorded by authority.
+#[derive(Clone)]
+pub struct OutboundListener {
+    telemetry: mesh_telemetry::Telemetry,
+    handle: MeshRouter,
+    inner: Outbound,
+    by_service: Arc<std::sync::RwLock<HashMap<String, crate::inbound::HttpService>>>,
+    by_authority: crate::inbound::HttpService,
+}
+
+/// Bound on distinct destination services (and authorities) in outbound metrics.
+const SERVICE_LIMIT: usize = 1024;
+
+impl OutboundListener {
+    /// The outbound service over `inner`.
+    pub fn new(telemetry: &mesh_telemetry::Telemetry, inner: Outbound) -> Self {
+        let by_authority = Self::wrap(
+            mesh_telemetry::TelemetryLayer::outbound_by_authority(telemetry, SERVICE_LIMIT),
+            inner.clone(),
+        );
+        Self {
+            telemetry: telemetry.clone(),
+            handle: inner.handle.clone(),
+            inner,
+            by_service: Arc::default(),
+            by_authority,
+        }
+    }
+
+    fn wrap(layer: mesh_telemetry::TelemetryLayer, inner: Outbound) -> crate::inbound::HttpService {
+        tower::util::BoxCloneSyncService::new(
+            tower::ServiceBuilder::new()
+                .map_response(|res: Response<_>| res.map(body::boxed))
+                .layer(layer)
+                .map_request(crate::inbound::boxed_request)
+                .service(respond::Respond::new(inner)),
+        )
+    }
+
+    fn service_for(&self, host: &str) -> crate::inbound::HttpService {
+        let snapshot = self.handle.snapshot();
+        let Some(vh) = snapshot.table().virtual_host(host) else {
+            return self.by_authority.clone();
+        };
+        // The qualified name of the requested host, else the virtual host's first host.
+        let fqdn = vh
+            .hosts
+            .iter()
+            .find(|h| h.as_str() == host || h.starts_with(&format!("{host}.")))
+            .or_else(|| vh.hosts.iter().find(|h| !h.starts_with('*')))
+            .cloned()
+            .unwrap_or_else(|| host.to_owned());
+        if let Some(svc) = self
+            .by_service
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fqdn)
+        {
+            return svc.clone();
+        }
+        let mut map = self.by_service.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= SERVICE_LIMIT {
+            return self.by_authority.clone();
+        }
+        map.entry(fqdn.clone())
+            .or_insert_with(|| {
+                Self::wrap(
+                    mesh_telemetry::TelemetryLayer::outbound(
+                        &self.telemetry,
+                        mesh_telemetry::DestinationService::from_host(&fqdn),
+                        mesh_telemetry::Workload::unknown(),
+                    ),
+                    self.inner.clone(),
+                )
+            })
+            .clone()
+    }
+}
+
+impl Service<Request<BoxBody>> for OutboundListener {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        let svc = match request_host(&req) {
+            Some(host) => self.service_for(&host),
+            None => self.by_authority.clone(),
+        };
+        Box::pin(svc.oneshot(req))
+    }
+}

@@ -132,6 +132,9 @@ async fn order_calls_payment_over_mtls_with_both_identities_recorded() {
                 && l.contains("reporter=\"source\"")
                 && l.contains(
                     "source_principal=\"spiffe://cluster.local/ns/production/sa/order-service\""
+                )
+                && l.contains(
+                    "destination_service=\"payment-service.production.svc.cluster.local\""
                 )),
         "{source}"
     );
