@@ -38,6 +38,7 @@
 //! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM |
 //! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
 //! | `limits.connectTimeout` | `10s` | upstream connect + handshake |
+//! | `limits.maxConnections` | `10000` | downstream connections served at once per listener; more wait in the accept backlog |
 //! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts through (plain HTTP); `REGISTRY_ONLY` answers 502 |
 //! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
 //! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
@@ -240,6 +241,9 @@ pub struct Limits {
     pub max_retry_body_bytes: usize,
     /// Upstream connect timeout (default 10s, Envoy's).
     pub connect_timeout: IstioDuration,
+    /// Downstream connections served at once per listener (default 10000); further
+    /// ones wait in the kernel's accept backlog. The admin server has its own budget.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -253,6 +257,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(5).into(),
             max_retry_body_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(10).into(),
+            max_connections: 10_000,
         }
     }
 }
@@ -482,6 +487,9 @@ impl Settings {
                 "limits.maxRequestHeaderBytes",
                 "must be at least 1024".into(),
             ));
+        }
+        if self.limits.max_connections == 0 {
+            p.push(("limits.maxConnections", "must be at least 1".into()));
         }
         if self.limits.http2_max_concurrent_streams == 0 {
             p.push((

@@ -95,9 +95,17 @@ impl Sidecar {
         ));
         listeners.spawn(serve::run(
             outbound_listener,
-            builder.clone(),
-            token.clone(),
-            drain,
+            serve::Options {
+                builder: builder.clone(),
+                shutdown: token.clone(),
+                drain,
+                max_connections: limits.max_connections,
+                active: common
+                    .telemetry
+                    .metrics()
+                    .proxy()
+                    .active_connections("outbound"),
+            },
             move |tcp, remote| {
                 let svc = outbound.clone();
                 async move {
@@ -126,9 +134,17 @@ impl Sidecar {
         let app_port = settings.listeners.app.port();
         listeners.spawn(serve::run(
             inbound_listener,
-            builder.clone(),
-            token.clone(),
-            drain,
+            serve::Options {
+                builder: builder.clone(),
+                shutdown: token.clone(),
+                drain,
+                max_connections: limits.max_connections,
+                active: common
+                    .telemetry
+                    .metrics()
+                    .proxy()
+                    .active_connections("inbound"),
+            },
             move |tcp, _remote| {
                 let svc = inbound_svc.clone();
                 let acceptor = acceptor.clone();
@@ -199,9 +215,13 @@ pub(crate) fn spawn_admin(
     });
     tokio::spawn(serve::run(
         listener,
-        builder,
-        stop,
-        std::time::Duration::from_millis(100),
+        serve::Options {
+            builder,
+            shutdown: stop,
+            drain: std::time::Duration::from_millis(100),
+            max_connections: 64,
+            active: Default::default(),
+        },
         move |tcp, _| {
             let svc = svc.clone();
             async move { Some((tcp, svc.map_err(|e| -> mesh_core::BoxError { match e {} }))) }

@@ -380,3 +380,54 @@ async fn an_http2_application_is_reached_with_h2_prior_knowledge() {
     assert_eq!(out, "grpc-ish\n200");
     assert_eq!(*app.versions.lock().unwrap(), vec![http::Version::HTTP_2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let world = World::new();
+    let external = App::start(Behaviour::Ok("external")).await;
+    let ports = Ports::new();
+    let config = world.write_config(
+        "istio",
+        "mesh.yaml",
+        &service_entry("payment-service", 80, &[(1, "v1", "payment-service")]),
+    );
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        ports,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    )
+    .replace(
+        "  drainTimeout: 3s\n",
+        "  drainTimeout: 3s\n  maxConnections: 2\n",
+    );
+    let proxy = Proxy::start(&world, "sidecar", "order-service", &s, ports).await;
+    let idle1 = tokio::net::TcpStream::connect(proxy.outbound())
+        .await
+        .unwrap();
+    let _idle2 = tokio::net::TcpStream::connect(proxy.outbound())
+        .await
+        .unwrap();
+    let metrics = proxy
+        .metrics_when(|t| t.contains("mesh_active_connections{listener=\"outbound\"} 2"))
+        .await;
+    assert!(
+        metrics.contains("mesh_active_connections{listener=\"outbound\"} 2"),
+        "{metrics}"
+    );
+    let url = format!("http://{}/", external.addr);
+    let outbound = format!("http://{}", proxy.outbound());
+    let (code, _, _) = curl(&["-x", &outbound, "--max-time", "1", &url]).await;
+    assert_eq!(
+        code, 28,
+        "a third connection is not served while two are open"
+    );
+    drop(idle1);
+    let (code, out, err) = curl(&["-x", &outbound, &url]).await;
+    assert_eq!((code, out.as_str()), (0, "external"), "{err}");
+    // The admin server has its own budget and stays reachable.
+    assert!(proxy.admin("/healthz/ready").await.contains("LIVE"));
+}
