@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64_canonical, write_hex, write_hex_u64};
 
 /// `x-b3-traceid`.
 pub static TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -23,20 +23,26 @@ pub static FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 /// `b3` (single header).
 pub static SINGLE: HeaderName = HeaderName::from_static("b3");
 
-fn trace_id(s: &[u8]) -> Option<(u128, bool)> {
-    let id = match s.len() {
-        16 => parse_hex_u64(s, true).map(u128::from)?,
-        32 => parse_hex_u128(s, true)?,
+/// A B3 trace id (16 or 32 hex digits, not zero): `(id, is 64-bit, was lower-case)`.
+fn trace_id(s: &[u8]) -> Option<(u128, bool, bool)> {
+    let (id, canonical) = match s.len() {
+        16 => parse_hex_u64_canonical(s, true).map(|(v, c)| (u128::from(v), c))?,
+        32 => {
+            let (hi, c1) = parse_hex_u64_canonical(&s[..16], true)?;
+            let (lo, c2) = parse_hex_u64_canonical(&s[16..], true)?;
+            ((u128::from(hi) << 64) | u128::from(lo), c1 && c2)
+        }
         _ => return None,
     };
-    (id != 0).then_some((id, s.len() == 16))
+    (id != 0).then_some((id, s.len() == 16, canonical))
 }
 
-fn span_id(s: &[u8]) -> Option<u64> {
+/// A B3 span id (16 hex digits, not zero): `(id, was lower-case)`.
+fn span_id(s: &[u8]) -> Option<(u64, bool)> {
     if s.len() != 16 {
         return None;
     }
-    parse_hex_u64(s, true).filter(|id| *id != 0)
+    parse_hex_u64_canonical(s, true).filter(|(id, _)| *id != 0)
 }
 
 /// Extracts the multi-header form; `None` when no `x-b3-*` header is present.
@@ -52,23 +58,20 @@ pub fn extract_multi<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
     if tid.is_none() && sid.is_none() && sampled.is_none() && !debug {
         return None;
     }
-    let canonical = |v: &HeaderValue| {
-        v.as_bytes()
-            .iter()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
+    let mut b3_values = None;
     let ids = match (tid, sid) {
         (Some(t), Some(s)) => match (trace_id(t.as_bytes()), span_id(s.as_bytes())) {
-            (Some((t, short)), Some(s)) => Some((t, short, s)),
+            (Some((t_id, short, t_canonical)), Some((s_id, s_canonical))) => {
+                if t_canonical && s_canonical {
+                    b3_values = Some((t.clone(), s.clone()));
+                }
+                Some((t_id, short, s_id))
+            }
             _ => None,
         },
         _ => None,
     };
     let sampled = sampled.flatten();
-    let b3_values = match (ids, tid, sid) {
-        (Some(_), Some(t), Some(s)) if canonical(t) && canonical(s) => Some((t.clone(), s.clone())),
-        _ => None,
-    };
     Some(Incoming {
         ids,
         sampled: if debug { Some(true) } else { sampled },
@@ -100,8 +103,8 @@ pub fn extract_single<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
             b3_values: None,
         });
     };
-    let (t, short) = trace_id(first)?;
-    let s = span_id(second)?;
+    let (t, short, _) = trace_id(first)?;
+    let (s, _) = span_id(second)?;
     let (sampled, debug) = match parts.next() {
         Some(st) => state(st)?,
         None => (None, false),
@@ -146,13 +149,15 @@ pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
                 value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf)),
             );
             if let Some(parent) = ctx.parent_span_id {
-                write_hex(u128::from(parent), &mut buf);
-                headers.insert(PARENT_SPAN_ID.clone(), value(&buf[16..]));
+                let mut id = [0u8; 16];
+                write_hex_u64(parent, &mut id);
+                headers.insert(PARENT_SPAN_ID.clone(), value(&id));
             }
         }
     }
-    write_hex(u128::from(ctx.span_id), &mut buf);
-    headers.insert(SPAN_ID.clone(), value(&buf[16..]));
+    let mut id = [0u8; 16];
+    write_hex_u64(ctx.span_id, &mut id);
+    headers.insert(SPAN_ID.clone(), value(&id));
     if ctx.debug {
         // Debug implies accept; B3 says not to also send x-b3-sampled.
         headers.insert(FLAGS.clone(), HeaderValue::from_static("1"));
@@ -173,8 +178,9 @@ pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
     out[..n].copy_from_slice(t);
     out[n] = b'-';
     n += 1;
-    write_hex(u128::from(ctx.span_id), &mut buf);
-    out[n..n + 16].copy_from_slice(&buf[16..]);
+    let mut id = [0u8; 16];
+    write_hex_u64(ctx.span_id, &mut id);
+    out[n..n + 16].copy_from_slice(&id);
     n += 16;
     out[n] = b'-';
     out[n + 1] = if ctx.debug {
@@ -188,8 +194,8 @@ pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
     if let Some(parent) = ctx.parent_span_id {
         out[n] = b'-';
         n += 1;
-        write_hex(u128::from(parent), &mut buf);
-        out[n..n + 16].copy_from_slice(&buf[16..]);
+        write_hex_u64(parent, &mut id);
+        out[n..n + 16].copy_from_slice(&id);
         n += 16;
     }
     headers.insert(SINGLE.clone(), value(&out[..n]));

@@ -99,9 +99,12 @@ impl<'a> TraceHeaderScan<'a> {
 
 impl Lookup for TraceHeaderScan<'_> {
     fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        scanned_names()
+        let names = scanned_names();
+        // The extractors pass the statics themselves: compare addresses before bytes.
+        names
             .iter()
-            .position(|n| *n == name)
+            .position(|n| std::ptr::eq(*n, name))
+            .or_else(|| names.iter().position(|n| *n == name))
             .and_then(|i| self.values[i])
     }
 }
@@ -230,18 +233,25 @@ pub fn extract(headers: &HeaderMap) -> Incoming {
 }
 
 fn extract_with_source<L: Lookup + ?Sized>(headers: &L) -> (Incoming, Source) {
+    // The first format with valid ids wins; otherwise the first one with only a
+    // decision. Later formats are not parsed once a context is found.
     let mut decision_only: Option<(Incoming, Source)> = None;
-    for (found, source) in [
-        (b3::extract_single(headers), Source::B3Single),
-        (b3::extract_multi(headers), Source::B3Multi),
-        (w3c::extract(headers), Source::W3c),
-    ] {
-        if let Some(i) = found {
-            if i.ids.is_some() {
-                return (i, source);
-            }
+    let mut consider = |found: Option<Incoming>, source: Source| match found {
+        Some(i) if i.ids.is_some() => Some((i, source)),
+        Some(i) => {
             decision_only.get_or_insert((i, source));
+            None
         }
+        None => None,
+    };
+    if let Some(found) = consider(b3::extract_single(headers), Source::B3Single) {
+        return found;
+    }
+    if let Some(found) = consider(b3::extract_multi(headers), Source::B3Multi) {
+        return found;
+    }
+    if let Some(found) = consider(w3c::extract(headers), Source::W3c) {
+        return found;
     }
     decision_only.unwrap_or((Incoming::default(), Source::None))
 }
@@ -448,23 +458,45 @@ pub fn forward_trace_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-pub(crate) fn hex_val(b: u8, upper_ok: bool) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' if upper_ok => Some(b - b'A' + 10),
+/// Hex digit values by byte: `0..=15` for `0-9a-f`, `16 | v` for `A-F`, `0xff` otherwise.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 0x10 | (10 + i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// Parses up to 16 hex digits; also says whether they were all lower-case (canonical).
+pub(crate) fn parse_hex_u64_canonical(s: &[u8], upper_ok: bool) -> Option<(u64, bool)> {
+    if s.is_empty() || s.len() > 16 {
+        return None;
+    }
+    let mut acc = 0u64;
+    let mut tags = 0u8;
+    for b in s {
+        let v = HEX_VALUE[usize::from(*b)];
+        tags |= v;
+        acc = (acc << 4) | u64::from(v & 0xf);
+    }
+    match tags {
+        0..=0xf => Some((acc, true)),
+        0x10..=0x1f if upper_ok => Some((acc, false)),
         _ => None,
     }
 }
 
 /// Parses up to 16 hex digits.
 pub(crate) fn parse_hex_u64(s: &[u8], upper_ok: bool) -> Option<u64> {
-    if s.is_empty() || s.len() > 16 {
-        return None;
-    }
-    s.iter().try_fold(0u64, |acc, b| {
-        Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?))
-    })
+    parse_hex_u64_canonical(s, upper_ok).map(|(v, _)| v)
 }
 
 /// Parses exactly 32 hex digits.
@@ -477,12 +509,29 @@ pub(crate) fn parse_hex_u128(s: &[u8], upper_ok: bool) -> Option<u128> {
     Some((u128::from(hi) << 64) | u128::from(lo))
 }
 
+/// Writes `v` as 16 lower-hex digits, two digits per table lookup.
+pub(crate) fn write_hex_u64(v: u64, buf: &mut [u8; 16]) {
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    for (pair, byte) in buf.chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[usize::from(byte)]);
+    }
+}
+
 /// Writes `v` as 32 lower-hex digits.
-pub(crate) fn write_hex(mut v: u128, buf: &mut [u8; 32]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for slot in buf.iter_mut().rev() {
-        *slot = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
+pub(crate) fn write_hex(v: u128, buf: &mut [u8; 32]) {
+    let (hi, lo) = buf.split_at_mut(16);
+    if let (Ok(hi), Ok(lo)) = (<&mut [u8; 16]>::try_from(hi), <&mut [u8; 16]>::try_from(lo)) {
+        write_hex_u64((v >> 64) as u64, hi);
+        write_hex_u64(v as u64, lo);
     }
 }
 
@@ -721,6 +770,58 @@ mod tests {
                 4.5 * sd
             );
         }
+    }
+
+    #[test]
+    fn hex_writing_matches_the_formatter() {
+        for v in [0u64, 1, 0xa2fb4a1d1a96d312, u64::MAX, 0x0020000000000001] {
+            let mut buf = [0u8; 16];
+            write_hex_u64(v, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{v:016x}"));
+        }
+        let v = 0x463ac35c9f6413ad48485a3953bb6124u128;
+        let mut buf = [0u8; 32];
+        write_hex(v, &mut buf);
+        assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{v:032x}"));
+    }
+
+    #[test]
+    fn hex_parsing_accepts_exactly_hex_digits() {
+        assert_eq!(
+            parse_hex_u64_canonical(b"a2fb4a1d1a96d312", false),
+            Some((0xa2fb4a1d1a96d312, true))
+        );
+        assert_eq!(
+            parse_hex_u64_canonical(b"A2FB4a1d1a96d312", true),
+            Some((0xa2fb4a1d1a96d312, false))
+        );
+        assert_eq!(parse_hex_u64(b"A2FB4a1d1a96d312", false), None);
+        assert_eq!(
+            parse_hex_u64(b"0123456789abcdef", false),
+            Some(0x0123456789abcdef)
+        );
+        assert_eq!(parse_hex_u64(b"f", false), Some(0xf));
+        for bad in [
+            &b""[..],
+            b"0123456789abcdef0",
+            b"12g4",
+            b"12-4",
+            b"12 4",
+            b"\xff1",
+        ] {
+            assert_eq!(parse_hex_u64(bad, true), None, "{bad:?}");
+        }
+        // Every byte: exactly 0-9, a-f (and A-F when allowed) are digits.
+        for b in 0..=255u8 {
+            let lower = b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            let upper = (b'A'..=b'F').contains(&b);
+            assert_eq!(parse_hex_u64(&[b], false).is_some(), lower, "{b}");
+            assert_eq!(parse_hex_u64(&[b], true).is_some(), lower || upper, "{b}");
+        }
+        assert_eq!(
+            parse_hex_u128(b"463ac35c9f6413ad48485a3953bb6124", false),
+            Some(0x463ac35c9f6413ad48485a3953bb6124)
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex, write_hex_u64};
 
 /// `traceparent`.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -46,8 +46,9 @@ pub fn inject(ctx: &super::HopContext, headers: &mut HeaderMap) {
     let mut buf = [0u8; 32];
     write_hex(ctx.trace_id, &mut buf);
     out[3..35].copy_from_slice(&buf);
-    write_hex(u128::from(ctx.span_id), &mut buf);
-    out[36..52].copy_from_slice(&buf[16..]);
+    let mut id = [0u8; 16];
+    write_hex_u64(ctx.span_id, &mut id);
+    out[36..52].copy_from_slice(&id);
     if ctx.sampled {
         out[54] = b'1';
     }
