@@ -11,9 +11,7 @@ use std::hint::black_box;
 use http::{HeaderMap, HeaderValue};
 use mesh_core::{ConnectionSecurity, Identity, ResponseFlags};
 use mesh_telemetry::trace::{Formats, Propagator};
-use mesh_telemetry::{
-    DestinationService, MetricsRegistry, Reporter, RequestFacts, Workload,
-};
+use mesh_telemetry::{DestinationService, MetricsRegistry, Reporter, RequestFacts, Workload};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
@@ -73,7 +71,10 @@ const OPS: &[&str] = &[
 ];
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let op = args.first().map(String::as_str).unwrap_or("list");
     let n: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
     if !OPS.contains(&op) {
@@ -88,7 +89,9 @@ fn main() {
         .with_principal(id("spiffe://cluster.local/ns/default/sa/bookinfo-reviews"));
     let svc = DestinationService::from_host("reviews.default.svc.cluster.local");
     let out = reg.istio().handle(Reporter::Source, &local, &peer, &svc);
-    let inbound = reg.istio().handle(Reporter::Destination, &local, &peer, &svc);
+    let inbound = reg
+        .istio()
+        .handle(Reporter::Destination, &local, &peer, &svc);
     let caller = id("spiffe://cluster.local/ns/frontend/sa/web");
     let in_facts = RequestFacts {
         response_code: 503,
