@@ -134,30 +134,36 @@ fn value(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_bytes(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Writes the multi-header form of `ctx`.
-pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
-    let mut buf = [0u8; 32];
-    match &ctx.b3_values {
-        // Same trace, and the incoming span is our parent: reuse the incoming values.
-        Some((trace, parent)) => {
-            headers.insert(TRACE_ID.clone(), trace.clone());
-            headers.insert(PARENT_SPAN_ID.clone(), parent.clone());
-        }
-        None => {
-            headers.insert(
-                TRACE_ID.clone(),
-                value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf)),
-            );
-            if let Some(parent) = ctx.parent_span_id {
-                let mut id = [0u8; 16];
-                write_hex_u64(parent, &mut id);
-                headers.insert(PARENT_SPAN_ID.clone(), value(&id));
-            }
-        }
-    }
+/// The `x-b3-traceid`, `x-b3-spanid` and `x-b3-parentspanid` values of `ctx`.
+pub(crate) fn multi_values(
+    ctx: &super::HopContext,
+) -> (HeaderValue, HeaderValue, Option<HeaderValue>) {
     let mut id = [0u8; 16];
     write_hex_u64(ctx.span_id, &mut id);
-    headers.insert(SPAN_ID.clone(), value(&id));
+    let span = value(&id);
+    match &ctx.b3_values {
+        // Same trace, and the incoming span is our parent: reuse the incoming values.
+        Some((trace, parent)) => (trace.clone(), span, Some(parent.clone())),
+        None => {
+            let mut buf = [0u8; 32];
+            let trace = value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf));
+            let parent = ctx.parent_span_id.map(|parent| {
+                write_hex_u64(parent, &mut id);
+                value(&id)
+            });
+            (trace, span, parent)
+        }
+    }
+}
+
+/// Writes the multi-header form of `ctx`.
+pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    let (trace, span, parent) = multi_values(ctx);
+    headers.insert(TRACE_ID.clone(), trace);
+    if let Some(parent) = parent {
+        headers.insert(PARENT_SPAN_ID.clone(), parent);
+    }
+    headers.insert(SPAN_ID.clone(), span);
     if ctx.debug {
         // Debug implies accept; B3 says not to also send x-b3-sampled.
         headers.insert(FLAGS.clone(), HeaderValue::from_static("1"));
@@ -169,8 +175,8 @@ pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
     }
 }
 
-/// Writes the single `b3` header of `ctx`.
-pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
+/// The single `b3` header value of `ctx`.
+pub(crate) fn single_value(ctx: &super::HopContext) -> HeaderValue {
     let mut out = [0u8; 32 + 1 + 16 + 2 + 1 + 16];
     let mut buf = [0u8; 32];
     let t = trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf);
@@ -198,7 +204,12 @@ pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
         out[n..n + 16].copy_from_slice(&id);
         n += 16;
     }
-    headers.insert(SINGLE.clone(), value(&out[..n]));
+    value(&out[..n])
+}
+
+/// Writes the single `b3` header of `ctx`.
+pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    headers.insert(SINGLE.clone(), single_value(ctx));
 }
 
 #[cfg(test)]

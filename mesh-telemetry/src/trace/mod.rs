@@ -67,29 +67,42 @@ fn scanned_names() -> [&'static HeaderName; SCANNED] {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TraceHeaderScan<'a> {
     values: [Option<&'a HeaderValue>; SCANNED],
+    /// Whether some trace header has more than one value.
+    repeated: bool,
+}
+
+/// The index in [`scanned_names`] of a trace header name.
+fn scanned_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "b3" => 0,
+        "x-b3-traceid" => 1,
+        "x-b3-spanid" => 2,
+        "x-b3-parentspanid" => 3,
+        "x-b3-sampled" => 4,
+        "x-b3-flags" => 5,
+        "traceparent" => 6,
+        "tracestate" => 7,
+        "x-client-trace-id" => 8,
+        _ => return None,
+    })
 }
 
 impl<'a> TraceHeaderScan<'a> {
     /// Scans `headers`.
     pub fn new(headers: &'a HeaderMap) -> Self {
         let mut values = [None; SCANNED];
+        let mut repeated = false;
         for (name, value) in headers {
-            let i = match name.as_str() {
-                "b3" => 0,
-                "x-b3-traceid" => 1,
-                "x-b3-spanid" => 2,
-                "x-b3-parentspanid" => 3,
-                "x-b3-sampled" => 4,
-                "x-b3-flags" => 5,
-                "traceparent" => 6,
-                "tracestate" => 7,
-                "x-client-trace-id" => 8,
-                _ => continue,
+            let Some(i) = scanned_index(name) else {
+                continue;
             };
             // The first value wins (TR-02).
-            values[i].get_or_insert(value);
+            match values[i] {
+                None => values[i] = Some(value),
+                Some(_) => repeated = true,
+            }
         }
-        Self { values }
+        Self { values, repeated }
     }
 
     fn present(&self, i: usize) -> bool {
@@ -361,6 +374,7 @@ impl Propagator {
         for (i, p) in present.iter_mut().enumerate() {
             *p = scan.present(i);
         }
+        let repeated = scan.repeated;
         let ctx = next_hop(incoming, &self.sampler, rng);
         let mut formats = self.formats;
         match source {
@@ -369,33 +383,79 @@ impl Propagator {
             Source::W3c => formats.w3c = true,
             Source::None => {}
         }
-        // Remove the incoming headers the injection will not overwrite; `insert` replaces
-        // the others (all their values) anyway.
-        let written = [
-            formats.b3_single,
-            formats.b3_multi,
-            formats.b3_multi,
-            formats.b3_multi && ctx.parent_span_id.is_some(),
-            formats.b3_multi && !ctx.debug,
-            formats.b3_multi && ctx.debug,
-            formats.w3c,
-            formats.w3c && ctx.tracestate.is_some(),
-        ];
+        let mut values = encode(&ctx, formats);
         let names = scanned_names();
-        for i in 0..present.len() {
-            if present[i] && !written[i] {
+        if !repeated && present.iter().any(|p| *p) {
+            // Every incoming trace header has one value: overwrite those in place, in
+            // one walk, instead of a hashed insert per name.
+            for (name, value) in headers.iter_mut() {
+                if let Some(v) = scanned_index(name).and_then(|i| values.get_mut(i)?.take()) {
+                    *value = v;
+                }
+            }
+        }
+        // Remove the incoming headers that are not written; `insert` replaces the others
+        // (all their values).
+        for (i, p) in present.iter().enumerate() {
+            if *p && !wanted(&ctx, formats, i) {
                 headers.remove(names[i]);
             }
         }
-        // One growth of the map instead of one per inserted header.
-        headers.reserve(
-            usize::from(formats.b3_multi) * 4
-                + usize::from(formats.b3_single)
-                + usize::from(formats.w3c) * 2,
-        );
-        inject(&ctx, formats, headers);
+        let new = values.iter().filter(|v| v.is_some()).count();
+        if new > 0 {
+            // One growth of the map instead of one per inserted header.
+            headers.reserve(new);
+            for (i, v) in values.into_iter().enumerate() {
+                if let Some(v) = v {
+                    headers.insert(names[i].clone(), v);
+                }
+            }
+        }
         ctx
     }
+}
+
+/// Whether `ctx` in `formats` writes the trace header at index `i` of
+/// [`scanned_names`].
+fn wanted(ctx: &HopContext, formats: Formats, i: usize) -> bool {
+    match i {
+        0 => formats.b3_single,
+        1 | 2 => formats.b3_multi,
+        3 => formats.b3_multi && ctx.parent_span_id.is_some(),
+        4 => formats.b3_multi && !ctx.debug,
+        5 => formats.b3_multi && ctx.debug,
+        6 => formats.w3c,
+        7 => formats.w3c && ctx.tracestate.is_some(),
+        _ => false,
+    }
+}
+
+/// The values [`inject`] writes, by index of [`scanned_names`].
+fn encode(ctx: &HopContext, formats: Formats) -> [Option<HeaderValue>; 8] {
+    let mut v: [Option<HeaderValue>; 8] = Default::default();
+    if formats.b3_single {
+        v[0] = Some(b3::single_value(ctx));
+    }
+    if formats.b3_multi {
+        let (trace, span, parent) = b3::multi_values(ctx);
+        v[1] = Some(trace);
+        v[2] = Some(span);
+        v[3] = parent;
+        if ctx.debug {
+            v[5] = Some(HeaderValue::from_static("1"));
+        } else {
+            v[4] = Some(HeaderValue::from_static(if ctx.sampled {
+                "1"
+            } else {
+                "0"
+            }));
+        }
+    }
+    if formats.w3c {
+        v[6] = Some(w3c::traceparent_value(ctx));
+        v[7] = ctx.tracestate.clone();
+    }
+    v
 }
 
 /// Returns the request's `x-request-id`, inserting a new UUID v4 when absent or empty.
@@ -769,6 +829,133 @@ mod tests {
                 "{pct} %: {sampled} sampled of {n}, expected {mean} ± {}",
                 4.5 * sd
             );
+        }
+    }
+
+    fn append_all(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// In-place rewriting (one value per trace header) and the insert path (repeated
+    /// headers) both leave exactly what removing every trace header and injecting the
+    /// hop's context in the effective formats leaves.
+    #[test]
+    fn propagation_equals_clear_then_inject() {
+        let all = Formats {
+            b3_multi: true,
+            b3_single: true,
+            w3c: true,
+        };
+        let b3_only = Formats {
+            b3_multi: true,
+            b3_single: false,
+            w3c: false,
+        };
+        let b3_and_w3c = Formats::default();
+        #[allow(clippy::type_complexity)]
+        let cases: &[(Formats, &[(&'static str, &'static str)], Formats)] = &[
+            (
+                Formats::default(),
+                &[
+                    ("host", "reviews:9080"),
+                    ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+                    ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                    ("x-b3-parentspanid", "0020000000000001"),
+                    ("x-b3-sampled", "1"),
+                    ("user-agent", "curl/8.5.0"),
+                ],
+                b3_and_w3c,
+            ),
+            (
+                Formats::default(),
+                &[
+                    ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+                    ("x-b3-traceid", "0000000000000000000000000000000a"),
+                    ("x-b3-spanid", "A2FB4A1D1A96D312"),
+                    ("x-b3-sampled", "0"),
+                    ("x-b3-sampled", "1"),
+                ],
+                b3_and_w3c,
+            ),
+            (
+                b3_only,
+                &[
+                    ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-d"),
+                    ("x-b3-flags", "1"),
+                    ("x-b3-sampled", "1"),
+                    (
+                        "traceparent",
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    ),
+                    ("tracestate", "congo=t61rcWkgMzE"),
+                    ("x-client-trace-id", "keep"),
+                ],
+                Formats {
+                    b3_multi: true,
+                    b3_single: true,
+                    w3c: false,
+                },
+            ),
+            (
+                b3_only,
+                &[
+                    (
+                        "traceparent",
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                    ),
+                    ("tracestate", "congo=t61rcWkgMzE"),
+                    ("x-b3-parentspanid", "stale"),
+                ],
+                b3_and_w3c,
+            ),
+            (
+                all,
+                &[
+                    ("x-b3-traceid", "48485a3953bb6124"),
+                    ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                    ("x-b3-flags", "1"),
+                    ("tracestate", "orphan=1"),
+                ],
+                all,
+            ),
+            (
+                b3_only,
+                &[("x-b3-traceid", "bad"), ("b3", "0"), ("host", "x")],
+                Formats {
+                    b3_multi: true,
+                    b3_single: true,
+                    w3c: false,
+                },
+            ),
+            (Formats::default(), &[], b3_and_w3c),
+        ];
+        let mut names: Vec<HeaderName> = scanned_names().into_iter().cloned().collect();
+        names.extend([HeaderName::from_static("host"), http::header::USER_AGENT]);
+        for (seed, (formats, pairs, effective)) in cases.iter().enumerate() {
+            let p = Propagator {
+                sampler: Sampler::percent(50.0),
+                formats: *formats,
+            };
+            let mut rewritten = append_all(pairs);
+            let mut rng = SmallRng::seed_from_u64(seed as u64);
+            let ctx = p.propagate(&mut rewritten, &mut rng);
+            let mut expected = append_all(pairs);
+            clear(&mut expected);
+            inject(&ctx, *effective, &mut expected);
+            assert_eq!(
+                rewritten.len(),
+                expected.len(),
+                "case {seed}: {rewritten:?}"
+            );
+            for name in &names {
+                let got: Vec<_> = rewritten.get_all(name).iter().collect();
+                let want: Vec<_> = expected.get_all(name).iter().collect();
+                assert_eq!(got, want, "case {seed}, {name}");
+            }
         }
     }
 

@@ -40,8 +40,8 @@ pub fn extract<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
     })
 }
 
-/// Writes `traceparent` (and the incoming `tracestate`, unchanged) for `ctx`.
-pub fn inject(ctx: &super::HopContext, headers: &mut HeaderMap) {
+/// The `traceparent` value of `ctx`.
+pub(crate) fn traceparent_value(ctx: &super::HopContext) -> HeaderValue {
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
     let mut buf = [0u8; 32];
     write_hex(ctx.trace_id, &mut buf);
@@ -52,9 +52,13 @@ pub fn inject(ctx: &super::HopContext, headers: &mut HeaderMap) {
     if ctx.sampled {
         out[54] = b'1';
     }
-    if let Ok(v) = HeaderValue::from_bytes(&out) {
-        headers.insert(TRACEPARENT.clone(), v);
-    }
+    // Hex digits and '-' are always valid header bytes.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Writes `traceparent` (and the incoming `tracestate`, unchanged) for `ctx`.
+pub fn inject(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    headers.insert(TRACEPARENT.clone(), traceparent_value(ctx));
     if let Some(ts) = &ctx.tracestate {
         headers.insert(TRACESTATE.clone(), ts.clone());
     }
