@@ -134,26 +134,34 @@ fn value(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_bytes(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// The `x-b3-traceid`, `x-b3-spanid` and `x-b3-parentspanid` values of `ctx`.
-pub(crate) fn multi_values(
-    ctx: &super::HopContext,
-) -> (HeaderValue, HeaderValue, Option<HeaderValue>) {
-    let mut id = [0u8; 16];
-    write_hex_u64(ctx.span_id, &mut id);
-    let span = value(&id);
+/// The `x-b3-traceid` value of `ctx`: the incoming value when it is reused.
+pub(crate) fn trace_id_value(ctx: &super::HopContext) -> HeaderValue {
     match &ctx.b3_values {
-        // Same trace, and the incoming span is our parent: reuse the incoming values.
-        Some((trace, parent)) => (trace.clone(), span, Some(parent.clone())),
+        Some((trace, _)) => trace.clone(),
         None => {
             let mut buf = [0u8; 32];
-            let trace = value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf));
-            let parent = ctx.parent_span_id.map(|parent| {
-                write_hex_u64(parent, &mut id);
-                value(&id)
-            });
-            (trace, span, parent)
+            value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf))
         }
     }
+}
+
+/// A span id as an `x-b3-spanid`/`x-b3-parentspanid` value.
+pub(crate) fn span_id_value(id: u64) -> HeaderValue {
+    let mut buf = [0u8; 16];
+    write_hex_u64(id, &mut buf);
+    value(&buf)
+}
+
+/// The `x-b3-traceid`, `x-b3-spanid` and `x-b3-parentspanid` values of `ctx`.
+fn multi_values(ctx: &super::HopContext) -> (HeaderValue, HeaderValue, Option<HeaderValue>) {
+    let trace = trace_id_value(ctx);
+    let span = span_id_value(ctx.span_id);
+    let parent = match &ctx.b3_values {
+        // Same trace, and the incoming span is our parent: reuse the incoming value.
+        Some((_, parent)) => Some(parent.clone()),
+        None => ctx.parent_span_id.map(span_id_value),
+    };
+    (trace, span, parent)
 }
 
 /// Writes the multi-header form of `ctx`.

@@ -383,14 +383,18 @@ impl Propagator {
             Source::W3c => formats.w3c = true,
             Source::None => {}
         }
-        let mut values = encode(&ctx, formats);
         let names = scanned_names();
+        // Bit `i`: the header at index `i` of `scanned_names` is written.
+        let mut pending: u16 = (0..8)
+            .filter(|i| wanted(&ctx, formats, *i))
+            .fold(0, |m, i| m | 1 << i);
         if !repeated && present.iter().any(|p| *p) {
             // Every incoming trace header has one value: overwrite those in place, in
             // one walk, instead of a hashed insert per name.
             for (name, value) in headers.iter_mut() {
-                if let Some(v) = scanned_index(name).and_then(|i| values.get_mut(i)?.take()) {
-                    *value = v;
+                if let Some(i) = scanned_index(name).filter(|i| pending & 1 << i != 0) {
+                    *value = encode(&ctx, i);
+                    pending &= !(1 << i);
                 }
             }
         }
@@ -401,13 +405,12 @@ impl Propagator {
                 headers.remove(names[i]);
             }
         }
-        let new = values.iter().filter(|v| v.is_some()).count();
-        if new > 0 {
+        if pending != 0 {
             // One growth of the map instead of one per inserted header.
-            headers.reserve(new);
-            for (i, v) in values.into_iter().enumerate() {
-                if let Some(v) = v {
-                    headers.insert(names[i].clone(), v);
+            headers.reserve(pending.count_ones() as usize);
+            for (i, name) in names.iter().enumerate().take(8) {
+                if pending & 1 << i != 0 {
+                    headers.insert((*name).clone(), encode(&ctx, i));
                 }
             }
         }
@@ -430,32 +433,26 @@ fn wanted(ctx: &HopContext, formats: Formats, i: usize) -> bool {
     }
 }
 
-/// The values [`inject`] writes, by index of [`scanned_names`].
-fn encode(ctx: &HopContext, formats: Formats) -> [Option<HeaderValue>; 8] {
-    let mut v: [Option<HeaderValue>; 8] = Default::default();
-    if formats.b3_single {
-        v[0] = Some(b3::single_value(ctx));
+/// The value [`inject`] writes for the trace header at index `i` of [`scanned_names`],
+/// when [`wanted`].
+fn encode(ctx: &HopContext, i: usize) -> HeaderValue {
+    match i {
+        0 => b3::single_value(ctx),
+        1 => b3::trace_id_value(ctx),
+        2 => b3::span_id_value(ctx.span_id),
+        3 => match (&ctx.b3_values, ctx.parent_span_id) {
+            (Some((_, parent)), _) => parent.clone(),
+            (None, Some(parent)) => b3::span_id_value(parent),
+            (None, None) => HeaderValue::from_static("0"),
+        },
+        4 => HeaderValue::from_static(if ctx.sampled { "1" } else { "0" }),
+        5 => HeaderValue::from_static("1"),
+        6 => w3c::traceparent_value(ctx),
+        _ => ctx
+            .tracestate
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_static("")),
     }
-    if formats.b3_multi {
-        let (trace, span, parent) = b3::multi_values(ctx);
-        v[1] = Some(trace);
-        v[2] = Some(span);
-        v[3] = parent;
-        if ctx.debug {
-            v[5] = Some(HeaderValue::from_static("1"));
-        } else {
-            v[4] = Some(HeaderValue::from_static(if ctx.sampled {
-                "1"
-            } else {
-                "0"
-            }));
-        }
-    }
-    if formats.w3c {
-        v[6] = Some(w3c::traceparent_value(ctx));
-        v[7] = ctx.tracestate.clone();
-    }
-    v
 }
 
 /// Returns the request's `x-request-id`, inserting a new UUID v4 when absent or empty.
