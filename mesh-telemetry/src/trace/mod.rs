@@ -532,8 +532,52 @@ const HEX_VALUE: [u8; 256] = {
     t
 };
 
+/// Lanes (bytes) of `x` holding a value within `lo..=hi`, as `0x80` in that lane. Every
+/// lane of `x` must be below `0x80` (no carries cross lanes).
+const fn lanes_in(x: u64, lo: u8, hi: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let above_lo = x + ONES * (0x80 - lo as u64);
+    let above_hi = x + ONES * (0x7f - hi as u64);
+    above_lo & !above_hi & (ONES * 0x80)
+}
+
+/// Eight hex digits at once (SWAR): `(value, tags)` with the tags of [`HEX_VALUE`] ORed
+/// (`0x10` set for an upper-case digit, `0xff` for a non-digit).
+fn parse_hex_8(chunk: [u8; 8]) -> (u32, u8) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // The first digit is the most significant: big-endian lanes.
+    let x = u64::from_be_bytes(chunk);
+    if x & (ONES * 0x80) != 0 {
+        return (0, 0xff);
+    }
+    let digit = lanes_in(x, b'0', b'9');
+    let lower = lanes_in(x, b'a', b'f');
+    let upper = lanes_in(x, b'A', b'F');
+    if digit | lower | upper != ONES * 0x80 {
+        return (0, 0xff);
+    }
+    // '0'..'9' → low nibble; 'a'..'f' and 'A'..'F' → low nibble + 9.
+    let mut v = (x & (ONES * 0x0f)) + ((lower | upper) >> 7) * 9;
+    v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
+    v = (v | (v >> 8)) & 0x0000_ffff_0000_ffff;
+    v = (v | (v >> 16)) & 0x0000_0000_ffff_ffff;
+    (v as u32, if upper != 0 { 0x10 } else { 0 })
+}
+
 /// Parses up to 16 hex digits; also says whether they were all lower-case (canonical).
 pub(crate) fn parse_hex_u64_canonical(s: &[u8], upper_ok: bool) -> Option<(u64, bool)> {
+    if let Ok(sixteen) = <[u8; 16]>::try_from(s) {
+        // Ids are 16 or 32 digits: eight at a time.
+        let (hi_chunk, lo_chunk) = sixteen.split_at(8);
+        let (hi, t1) = parse_hex_8(hi_chunk.try_into().ok()?);
+        let (lo, t2) = parse_hex_8(lo_chunk.try_into().ok()?);
+        let value = (u64::from(hi) << 32) | u64::from(lo);
+        return match t1 | t2 {
+            0 => Some((value, true)),
+            0x10 if upper_ok => Some((value, false)),
+            _ => None,
+        };
+    }
     if s.is_empty() || s.len() > 16 {
         return None;
     }
@@ -1001,6 +1045,37 @@ mod tests {
             let upper = (b'A'..=b'F').contains(&b);
             assert_eq!(parse_hex_u64(&[b], false).is_some(), lower, "{b}");
             assert_eq!(parse_hex_u64(&[b], true).is_some(), lower || upper, "{b}");
+        }
+        // The 16-digit (SWAR) path against the byte-at-a-time one: every byte at every
+        // position.
+        let base = *b"0123456789abcdef";
+        for pos in 0..16 {
+            for b in 0..=255u8 {
+                let mut s = base;
+                s[pos] = b;
+                for upper_ok in [false, true] {
+                    let bytewise = (|| {
+                        let mut acc = 0u64;
+                        let mut canonical = true;
+                        for c in s {
+                            let v = char::from(c).to_digit(16)?;
+                            if c.is_ascii_uppercase() {
+                                if !upper_ok {
+                                    return None;
+                                }
+                                canonical = false;
+                            }
+                            acc = (acc << 4) | u64::from(v);
+                        }
+                        Some((acc, canonical))
+                    })();
+                    assert_eq!(
+                        parse_hex_u64_canonical(&s, upper_ok),
+                        bytewise,
+                        "{s:?} {upper_ok}"
+                    );
+                }
+            }
         }
         assert_eq!(
             parse_hex_u128(b"463ac35c9f6413ad48485a3953bb6124", false),
