@@ -124,14 +124,21 @@ pub fn extract_single<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
     })
 }
 
-fn trace_hex(trace_id: u128, short: bool, buf: &mut [u8; 32]) -> &[u8] {
-    write_hex(trace_id, buf);
-    if short { &buf[16..] } else { &buf[..] }
-}
-
 fn value(bytes: &[u8]) -> HeaderValue {
     // Hex digits and '-' are always valid header bytes.
     HeaderValue::from_bytes(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The trace id of `ctx` in B3 form: `(digits, length)`, 16 or 32 lower-hex digits.
+pub(crate) fn trace_id_bytes(ctx: &super::HopContext) -> ([u8; 32], usize) {
+    let mut buf = [0u8; 32];
+    write_hex(ctx.trace_id, &mut buf);
+    if ctx.trace_id_64 {
+        buf.copy_within(16.., 0);
+        (buf, 16)
+    } else {
+        (buf, 32)
+    }
 }
 
 /// The `x-b3-traceid` value of `ctx`: the incoming value when it is reused.
@@ -139,8 +146,8 @@ pub(crate) fn trace_id_value(ctx: &super::HopContext) -> HeaderValue {
     match &ctx.b3_values {
         Some((trace, _)) => trace.clone(),
         None => {
-            let mut buf = [0u8; 32];
-            value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf))
+            let (buf, n) = trace_id_bytes(ctx);
+            value(&buf[..n])
         }
     }
 }
@@ -183,13 +190,14 @@ pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
     }
 }
 
-/// The single `b3` header value of `ctx`.
-pub(crate) fn single_value(ctx: &super::HopContext) -> HeaderValue {
-    let mut out = [0u8; 32 + 1 + 16 + 2 + 1 + 16];
-    let mut buf = [0u8; 32];
-    let t = trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf);
-    let mut n = t.len();
-    out[..n].copy_from_slice(t);
+/// The longest single `b3` header: 128-bit trace id, span id, state, parent span id.
+pub(crate) const SINGLE_MAX: usize = 32 + 1 + 16 + 2 + 1 + 16;
+
+/// The single `b3` header of `ctx`: `(bytes, length)`.
+pub(crate) fn single_bytes(ctx: &super::HopContext) -> ([u8; SINGLE_MAX], usize) {
+    let mut out = [0u8; SINGLE_MAX];
+    let (t, mut n) = trace_id_bytes(ctx);
+    out[..n].copy_from_slice(&t[..n]);
     out[n] = b'-';
     n += 1;
     let mut id = [0u8; 16];
@@ -212,6 +220,12 @@ pub(crate) fn single_value(ctx: &super::HopContext) -> HeaderValue {
         out[n..n + 16].copy_from_slice(&id);
         n += 16;
     }
+    (out, n)
+}
+
+/// The single `b3` header value of `ctx`.
+pub(crate) fn single_value(ctx: &super::HopContext) -> HeaderValue {
+    let (out, n) = single_bytes(ctx);
     value(&out[..n])
 }
 

@@ -25,6 +25,7 @@ pub mod export;
 pub mod forward;
 pub mod w3c;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 
@@ -388,12 +389,13 @@ impl Propagator {
         let mut pending: u16 = (0..8)
             .filter(|i| wanted(&ctx, formats, *i))
             .fold(0, |m, i| m | 1 << i);
+        let fresh = Fresh::new(&ctx, pending);
         if !repeated && present.iter().any(|p| *p) {
             // Every incoming trace header has one value: overwrite those in place, in
             // one walk, instead of a hashed insert per name.
             for (name, value) in headers.iter_mut() {
                 if let Some(i) = scanned_index(name).filter(|i| pending & 1 << i != 0) {
-                    *value = encode(&ctx, i);
+                    *value = fresh.take(i).unwrap_or_else(|| encode(&ctx, i));
                     pending &= !(1 << i);
                 }
             }
@@ -410,7 +412,8 @@ impl Propagator {
             headers.reserve(pending.count_ones() as usize);
             for (i, name) in names.iter().enumerate().take(8) {
                 if pending & 1 << i != 0 {
-                    headers.insert((*name).clone(), encode(&ctx, i));
+                    let v = fresh.take(i).unwrap_or_else(|| encode(&ctx, i));
+                    headers.insert((*name).clone(), v);
                 }
             }
         }
@@ -430,6 +433,74 @@ fn wanted(ctx: &HopContext, formats: Formats, i: usize) -> bool {
         6 => formats.w3c,
         7 => formats.w3c && ctx.tracestate.is_some(),
         _ => false,
+    }
+}
+
+/// The freshly encoded values of one hop (ids, `b3`, `traceparent`) in one shared
+/// allocation, sliced into header values, instead of one allocation per value. Used when
+/// at least two values are encoded.
+#[derive(Default)]
+struct Fresh {
+    bytes: Bytes,
+    /// `start..end` in `bytes` by index of [`scanned_names`]; empty when not here.
+    ranges: [(u8, u8); 8],
+}
+
+impl Fresh {
+    fn new(ctx: &HopContext, pending: u16) -> Self {
+        // `b3`, `x-b3-spanid` and `traceparent` are always encoded here; the trace and
+        // parent ids only when the incoming values are not reused.
+        let reused = if ctx.b3_values.is_some() { 0 } else { 0b1010 };
+        let mask = pending & (0b0100_0101 | reused);
+        if mask.count_ones() < 2 {
+            return Self::default();
+        }
+        let mut buf = [0u8; b3::SINGLE_MAX + 32 + 16 + 16 + 55];
+        let mut ranges = [(0u8, 0u8); 8];
+        let mut n = 0;
+        for i in [0, 1, 2, 3, 6] {
+            if mask & 1 << i == 0 {
+                continue;
+            }
+            let mut put = |bytes: &[u8]| {
+                buf[n..n + bytes.len()].copy_from_slice(bytes);
+                ranges[i] = (n as u8, (n + bytes.len()) as u8);
+                n += bytes.len();
+            };
+            let mut id = [0u8; 16];
+            match i {
+                0 => {
+                    let (b, len) = b3::single_bytes(ctx);
+                    put(&b[..len]);
+                }
+                1 => {
+                    let (b, len) = b3::trace_id_bytes(ctx);
+                    put(&b[..len]);
+                }
+                2 => {
+                    write_hex_u64(ctx.span_id, &mut id);
+                    put(&id);
+                }
+                3 => {
+                    write_hex_u64(ctx.parent_span_id.unwrap_or_default(), &mut id);
+                    put(&id);
+                }
+                _ => put(&w3c::traceparent_bytes(ctx)),
+            }
+        }
+        Self {
+            bytes: Bytes::from_owner(buf),
+            ranges,
+        }
+    }
+
+    /// The value at index `i`, when encoded here.
+    fn take(&self, i: usize) -> Option<HeaderValue> {
+        let (start, end) = self.ranges[i];
+        if start == end {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(self.bytes.slice(usize::from(start)..usize::from(end))).ok()
     }
 }
 

@@ -42,6 +42,13 @@ pub fn extract<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
 
 /// The `traceparent` value of `ctx`.
 pub(crate) fn traceparent_value(ctx: &super::HopContext) -> HeaderValue {
+    // Hex digits and '-' are always valid header bytes.
+    HeaderValue::from_bytes(&traceparent_bytes(ctx))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The `traceparent` of `ctx`.
+pub(crate) fn traceparent_bytes(ctx: &super::HopContext) -> [u8; 55] {
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
     let mut buf = [0u8; 32];
     write_hex(ctx.trace_id, &mut buf);
@@ -52,8 +59,7 @@ pub(crate) fn traceparent_value(ctx: &super::HopContext) -> HeaderValue {
     if ctx.sampled {
         out[54] = b'1';
     }
-    // Hex digits and '-' are always valid header bytes.
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    out
 }
 
 /// Writes `traceparent` (and the incoming `tracestate`, unchanged) for `ctx`.
