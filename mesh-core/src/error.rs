@@ -50,7 +50,9 @@ pub struct NoHealthyUpstream;
 
 /// Connecting to the upstream failed (refused, timed out, TLS handshake failed): 503 `UF`.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream connect error or disconnect/reset before headers. reset reason: connection failure")]
+#[error(
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+)]
 pub struct ConnectFailure {
     #[source]
     source: Option<BoxError>,

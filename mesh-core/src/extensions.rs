@@ -78,7 +78,10 @@ pub fn add_response_flags(extensions: &mut http::Extensions, flags: ResponseFlag
 
 /// The [`ResponseFlags`] carried in `extensions`, empty when none were added.
 pub fn response_flags(extensions: &http::Extensions) -> ResponseFlags {
-    extensions.get::<ResponseFlags>().copied().unwrap_or_default()
+    extensions
+        .get::<ResponseFlags>()
+        .copied()
+        .unwrap_or_default()
 }
 
 /// The authorization decision for a request, left by the AuthorizationPolicy layer in the

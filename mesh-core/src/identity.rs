@@ -318,7 +318,10 @@ mod tests {
         assert_eq!(id.path(), "/ns/production/sa/order-service");
         assert_eq!(id.namespace(), Some("production"));
         assert_eq!(id.service_account(), Some("order-service"));
-        assert_eq!(id.principal(), "cluster.local/ns/production/sa/order-service");
+        assert_eq!(
+            id.principal(),
+            "cluster.local/ns/production/sa/order-service"
+        );
         assert!(id.is_workload());
         assert_eq!(
             Identity::from_istio("cluster.local", "production", "order-service").unwrap(),
