@@ -140,7 +140,11 @@ fn main() {
         .build()
         .expect("runtime");
     let _guard = rt.enter();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` adds `--bench`; only the positional arguments matter here.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     match args.first().map(String::as_str) {
         Some(name) if SCENARIOS.contains(&name) => {
             let n: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);

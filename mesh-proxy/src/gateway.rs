@@ -431,9 +431,17 @@ impl Gateway {
             let tls = state.tls.clone();
             listeners.spawn(serve::run(
                 tcp,
-                builder.clone(),
-                token.clone(),
-                drain,
+                serve::Options {
+                    builder: builder.clone(),
+                    shutdown: token.clone(),
+                    drain,
+                    max_connections: limits.max_connections,
+                    active: common
+                        .telemetry
+                        .metrics()
+                        .proxy()
+                        .active_connections("gateway"),
+                },
                 move |tcp, remote| {
                     let svc = svc.clone();
                     let servers = tls.load_full();

@@ -54,11 +54,12 @@ pub fn service(
     authz: PolicyHandle,
     normalization: PathNormalization,
     app: SocketAddr,
+    app_h2: bool,
 ) -> HttpService {
     let authorized = ServiceBuilder::new()
         .map_response(|res: Response<_>| res.map(body::boxed))
         .layer(AuthzLayer::from_handle(authz).normalization(NormalizeOptions::new(normalization)))
-        .service(AppClient::new(app));
+        .service(AppClient::new(app, app_h2));
     let recorded = ServiceBuilder::new()
         .map_response(|res: Response<_>| res.map(body::boxed))
         .layer(TelemetryLayer::inbound(

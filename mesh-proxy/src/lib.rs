@@ -20,8 +20,11 @@
 //!
 //! - The access log is Envoy's default format without the peer identities (they are in
 //!   the metrics' `source_principal`/`destination_principal` labels).
-//! - Outbound metrics are keyed by the request authority (bounded), not by the
-//!   resolved destination service.
+//! - Outbound metrics (`reporter="source"`) name the destination service (the FQDN of
+//!   the virtual host the request selects) but not the destination workload or
+//!   principal, which are known only after the balancer picked an endpoint; the
+//!   destination's sidecar reports both principals (`reporter="destination"`). Hosts
+//!   outside the route table are recorded by authority, bounded.
 //! - `REGISTRY_ONLY` answers 502 with flag `NR` for hosts the route table does not know.
 //! - Only WebSocket upgrades are forwarded (over an HTTP/1.1 mTLS connection between
 //!   the sidecars, since h2 cannot carry them); other `Upgrade` values, `h2c` included,

@@ -42,7 +42,7 @@ use mesh_resilience::{
     Balance, DeadlineLayer, LbPolicy, OutlierConfig, PoolLimitLayer, PoolLimits, RetryLayer,
     RetryPolicy,
 };
-use mesh_routing::{DestinationKey, MakeDestination, Router, RouterHandle, Target};
+use mesh_routing::{DestinationKey, MakeDestination, ResolvedPolicy, Router, RouterHandle, Target};
 use mesh_tls::{ClientTls, SecureNaming};
 use tokio::net::TcpStream;
 use tower::{Layer, Service, ServiceExt};
@@ -313,10 +313,18 @@ pub struct MakeDest {
     pub destinations: Destinations,
 }
 
-impl MakeDestination for MakeDest {
-    type Service = DestService;
+/// The parts of a destination built from its traffic policy.
+#[derive(Clone)]
+struct Built {
+    policy: Arc<ResolvedPolicy>,
+    endpoints: Arc<Vec<Endpoint>>,
+    balance: Balance<Upstream>,
+    pool: PoolLimitLayer,
+}
 
-    fn make(&self, target: &Arc<Target>) -> DestService {
+impl MakeDest {
+    /// Balancer and pool limits for `target` under its current policy.
+    fn build(&self, target: &Arc<Target>) -> Built {
         let policy = target.policy();
         let lb = policy
             .load_balancer
@@ -394,24 +402,37 @@ impl MakeDestination for MakeDest {
                     target: Arc::downgrade(target),
                 },
             );
-        DestService {
-            target: target.clone(),
-            seen: Arc::new(Mutex::new(endpoints)),
+        Built {
+            policy,
+            endpoints,
             balance,
             pool,
-            replay_limit: self.replay_limit,
+        }
+    }
+}
+
+impl MakeDestination for MakeDest {
+    type Service = DestService;
+
+    fn make(&self, target: &Arc<Target>) -> DestService {
+        DestService {
+            target: target.clone(),
+            built: Arc::new(Mutex::new(self.build(target))),
+            make: self.clone(),
         }
     }
 }
 
 /// One destination: deadline and retries from the route, pool limits, balancer.
+///
+/// New endpoints (reloads, DNS) are handed to the balancer, which keeps the state of
+/// endpoints that remain. A changed traffic policy (load balancer, outlier detection,
+/// connection pool) rebuilds the balancer and the pool limits: their state starts over.
 #[derive(Clone)]
 pub struct DestService {
     target: Arc<Target>,
-    seen: Arc<Mutex<Arc<Vec<Endpoint>>>>,
-    balance: Balance<Upstream>,
-    pool: PoolLimitLayer,
-    replay_limit: usize,
+    built: Arc<Mutex<Built>>,
+    make: MakeDest,
 }
 
 impl Service<Request<BoxBody>> for DestService {
@@ -424,15 +445,23 @@ impl Service<Request<BoxBody>> for DestService {
     }
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
-        // Endpoints are published through the target on reloads and DNS refreshes.
-        let now = self.target.endpoints();
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if !Arc::ptr_eq(&seen, &now) {
-                self.balance.update(now.iter().cloned());
-                *seen = now;
+        // Endpoints and policy are published through the target on reloads and DNS
+        // refreshes.
+        let (balance, pool) = {
+            let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+            let policy = self.target.policy();
+            if !Arc::ptr_eq(&built.policy, &policy) && *built.policy != *policy {
+                tracing::info!(destination = %self.target.key, "traffic policy changed");
+                *built = self.make.build(&self.target);
             }
-        }
+            built.policy = policy;
+            let now = self.target.endpoints();
+            if !Arc::ptr_eq(&built.endpoints, &now) {
+                built.balance.update(now.iter().cloned());
+                built.endpoints = now;
+            }
+            (built.balance.clone(), built.pool.clone())
+        };
         let route = req
             .extensions()
             .get::<RoutePolicy>()
@@ -443,11 +472,11 @@ impl Service<Request<BoxBody>> for DestService {
                 tracing::warn!("{e}; using the default retry policy");
                 RetryPolicy::istio_default()
             })
-            .replay_limit(self.replay_limit);
+            .replay_limit(self.make.replay_limit);
         let svc = DeadlineLayer::new(route.timeout).layer(
             RetryLayer::new(retry)
-                .with_retry_gate(self.pool.retry_gate())
-                .layer(self.pool.layer(self.balance.clone())),
+                .with_retry_gate(pool.retry_gate())
+                .layer(pool.layer(balance)),
         );
         Box::pin(
             svc.oneshot(req)
@@ -566,19 +595,24 @@ impl Service<Request<BoxBody>> for Outbound {
 #[derive(Clone)]
 pub struct AppClient {
     client: Client<HttpConnector, BoxBody>,
+    upgrades: Client<HttpConnector, BoxBody>,
     app: SocketAddr,
+    h2: bool,
 }
 
 impl AppClient {
-    /// A client for the application at `app`.
-    pub fn new(app: SocketAddr) -> Self {
+    /// A client for the application at `app`, speaking h2 with prior knowledge when `h2`.
+    pub fn new(app: SocketAddr, h2: bool) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         Self {
             client: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .build(http),
+                .http2_only(h2)
+                .build(http.clone()),
+            upgrades: Client::builder(TokioExecutor::new()).build(http),
             app,
+            h2,
         }
     }
 }
@@ -603,11 +637,16 @@ impl Service<Request<BoxBody>> for AppClient {
         if let Ok(uri) = format!("http://{app}{pq}").parse() {
             *req.uri_mut() = uri;
         }
-        // The application speaks HTTP/1.1; h2 from the peer sidecar is translated.
-        *req.version_mut() = http::Version::HTTP_11;
         if is_upgrade(&req) {
-            return forward_upgrade(&self.client, req, app);
+            *req.version_mut() = http::Version::HTTP_11;
+            return forward_upgrade(&self.upgrades, req, app);
         }
+        // The request is translated to the application's protocol.
+        *req.version_mut() = if self.h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         let fut = self.client.request(req);
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
@@ -663,5 +702,104 @@ mod tests {
         let mut r = req("/", None);
         absolute(&mut r, "127.0.0.1:1");
         assert_eq!(r.uri(), "http://127.0.0.1:1/");
+    }
+}
+
+/// The outbound listener's service: telemetry per destination service (the FQDN of the
+/// virtual host the request's host selects, as Istio's `destination_service` label),
+/// then [`Outbound`]. Hosts the route table does not know are recorded by authority.
+#[derive(Clone)]
+pub struct OutboundListener {
+    telemetry: mesh_telemetry::Telemetry,
+    handle: MeshRouter,
+    inner: Outbound,
+    by_service: Arc<std::sync::RwLock<HashMap<String, crate::inbound::HttpService>>>,
+    by_authority: crate::inbound::HttpService,
+}
+
+/// Bound on distinct destination services (and authorities) in outbound metrics.
+const SERVICE_LIMIT: usize = 1024;
+
+impl OutboundListener {
+    /// The outbound service over `inner`.
+    pub fn new(telemetry: &mesh_telemetry::Telemetry, inner: Outbound) -> Self {
+        let by_authority = Self::wrap(
+            mesh_telemetry::TelemetryLayer::outbound_by_authority(telemetry, SERVICE_LIMIT),
+            inner.clone(),
+        );
+        Self {
+            telemetry: telemetry.clone(),
+            handle: inner.handle.clone(),
+            inner,
+            by_service: Arc::default(),
+            by_authority,
+        }
+    }
+
+    fn wrap(layer: mesh_telemetry::TelemetryLayer, inner: Outbound) -> crate::inbound::HttpService {
+        tower::util::BoxCloneSyncService::new(
+            tower::ServiceBuilder::new()
+                .map_response(|res: Response<_>| res.map(body::boxed))
+                .layer(layer)
+                .map_request(crate::inbound::boxed_request)
+                .service(respond::Respond::new(inner)),
+        )
+    }
+
+    fn service_for(&self, host: &str) -> crate::inbound::HttpService {
+        let snapshot = self.handle.snapshot();
+        let Some(vh) = snapshot.table().virtual_host(host) else {
+            return self.by_authority.clone();
+        };
+        // The qualified name of the requested host, else the virtual host's first host.
+        let fqdn = vh
+            .hosts
+            .iter()
+            .find(|h| h.as_str() == host || h.starts_with(&format!("{host}.")))
+            .or_else(|| vh.hosts.iter().find(|h| !h.starts_with('*')))
+            .cloned()
+            .unwrap_or_else(|| host.to_owned());
+        if let Some(svc) = self
+            .by_service
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fqdn)
+        {
+            return svc.clone();
+        }
+        let mut map = self.by_service.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= SERVICE_LIMIT {
+            return self.by_authority.clone();
+        }
+        map.entry(fqdn.clone())
+            .or_insert_with(|| {
+                Self::wrap(
+                    mesh_telemetry::TelemetryLayer::outbound(
+                        &self.telemetry,
+                        mesh_telemetry::DestinationService::from_host(&fqdn),
+                        mesh_telemetry::Workload::unknown(),
+                    ),
+                    self.inner.clone(),
+                )
+            })
+            .clone()
+    }
+}
+
+impl Service<Request<BoxBody>> for OutboundListener {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        let svc = match request_host(&req) {
+            Some(host) => self.service_for(&host),
+            None => self.by_authority.clone(),
+        };
+        Box::pin(svc.oneshot(req))
     }
 }

@@ -54,14 +54,25 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves connections from `listener` until `shutdown`, then drains for at most `drain`.
-pub async fn run<A, Fut, IO, S, B>(
-    listener: TcpListener,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    shutdown: CancellationToken,
-    drain: Duration,
-    accept: A,
-) where
+/// How a listener serves.
+#[derive(Clone)]
+pub struct Options {
+    /// The HTTP server (limits included).
+    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Cancelled to start draining.
+    pub shutdown: CancellationToken,
+    /// Drain deadline.
+    pub drain: Duration,
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// `mesh_active_connections{listener}`.
+    pub active: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Serves connections from `listener` until `options.shutdown`, then drains for at most
+/// `options.drain`.
+pub async fn run<A, Fut, IO, S, B>(listener: TcpListener, options: Options, accept: A)
+where
     A: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Option<(IO, S)>> + Send + 'static,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -74,11 +85,27 @@ pub async fn run<A, Fut, IO, S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let Options {
+        builder,
+        shutdown,
+        drain,
+        max_connections,
+        active,
+    } = options;
     let graceful = GracefulShutdown::new();
     let mut tasks = JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
         // Reap finished connection tasks so the set stays small.
         while tasks.try_join_next().is_some() {}
+        // At the connection cap, stop accepting until a connection ends.
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -87,7 +114,11 @@ pub async fn run<A, Fut, IO, S, B>(
                     let watcher = graceful.watcher();
                     let accept = accept.clone();
                     let builder = builder.clone();
+                    let active = active.clone();
                     tasks.spawn(async move {
+                        let _slot = slot;
+                        active.inc();
+                        let _gauge = GaugeGuard(active);
                         let Some((io, svc)) = accept(tcp, remote).await else {
                             return;
                         };
@@ -122,6 +153,15 @@ pub async fn run<A, Fut, IO, S, B>(
         );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Decrements the active-connections gauge when the connection task ends.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -24,6 +24,7 @@
 //! | `listeners.app` | `127.0.0.1:8080` | the application inbound traffic goes to |
 //! | `listeners.outbound` | `127.0.0.1:15001` | plain HTTP from the application (origin-form with Host, or proxy absolute-form) |
 //! | `listeners.admin` | `127.0.0.1:15000` | admin server |
+//! | `listeners.appProtocol` | `HTTP` | `HTTP` (HTTP/1.1) or `HTTP2` (h2 prior knowledge, gRPC) towards the application |
 //! | `tracing.sampling` | `1` | percentage of new traces sampled |
 //! | `tracing.otlp` / `tracing.zipkin` | – | collector URL (one of them) |
 //! | `accessLog.path` | – (off) | `-` for stdout, or a file to append to |
@@ -37,6 +38,7 @@
 //! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM |
 //! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
 //! | `limits.connectTimeout` | `10s` | upstream connect + handshake |
+//! | `limits.maxConnections` | `10000` | downstream connections served at once per listener; more wait in the accept backlog |
 //! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts through (plain HTTP); `REGISTRY_ONLY` answers 502 |
 //! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
 //! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
@@ -158,6 +160,20 @@ pub struct Listeners {
     pub outbound: SocketAddr,
     /// Admin server (default `127.0.0.1:15000`).
     pub admin: SocketAddr,
+    /// Protocol the application speaks: `HTTP` (HTTP/1.1, default) or `HTTP2` (h2 with
+    /// prior knowledge, e.g. gRPC servers).
+    pub app_protocol: AppProtocol,
+}
+
+/// `listeners.appProtocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
 }
 
 impl Default for Listeners {
@@ -167,6 +183,7 @@ impl Default for Listeners {
             app: SocketAddr::from(([127, 0, 0, 1], 8080)),
             outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            app_protocol: AppProtocol::Http,
         }
     }
 }
@@ -224,6 +241,9 @@ pub struct Limits {
     pub max_retry_body_bytes: usize,
     /// Upstream connect timeout (default 10s, Envoy's).
     pub connect_timeout: IstioDuration,
+    /// Downstream connections served at once per listener (default 10000); further
+    /// ones wait in the kernel's accept backlog. The admin server has its own budget.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -237,6 +257,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(5).into(),
             max_retry_body_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(10).into(),
+            max_connections: 10_000,
         }
     }
 }
@@ -467,6 +488,9 @@ impl Settings {
                 "must be at least 1024".into(),
             ));
         }
+        if self.limits.max_connections == 0 {
+            p.push(("limits.maxConnections", "must be at least 1".into()));
+        }
         if self.limits.http2_max_concurrent_streams == 0 {
             p.push((
                 "limits.http2MaxConcurrentStreams",
@@ -545,7 +569,7 @@ mod tests {
         let shown = errs[0].to_string();
         assert_eq!(
             shown,
-            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin"
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol"
         );
     }
 

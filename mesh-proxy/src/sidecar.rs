@@ -7,18 +7,16 @@ use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
 use mesh_routing::{Listener, RouterHandle};
-use mesh_telemetry::TelemetryLayer;
 use mesh_tls::authz::{PathNormalization, PolicyHandle};
 use mesh_tls::{ClientTls, InboundAcceptor};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 
 use crate::admin::Admin;
-use crate::inbound::{self, HttpService, boxed_request};
-use crate::outbound::{Destinations, MakeDest, Outbound};
+use crate::inbound::{self, HttpService};
+use crate::outbound::{Destinations, MakeDest, Outbound, OutboundListener};
 use crate::reload::{self, Active, Reloadable};
-use crate::respond::Respond;
 use crate::runtime::{self, StartError};
 use crate::serve::{self, Sanitize};
 use crate::settings::Settings;
@@ -27,9 +25,6 @@ use crate::shutdown::ProxyHandle;
 /// The sidecar proxy.
 #[derive(Debug)]
 pub struct Sidecar;
-
-/// Bound on distinct authorities in outbound metrics.
-const AUTHORITY_LIMIT: usize = 1024;
 
 impl Sidecar {
     /// Starts the sidecar described by `settings` on the current tokio runtime: loads
@@ -88,25 +83,29 @@ impl Sidecar {
         let outbound_listener = runtime::bind(settings.listeners.outbound).await?;
         addresses.push(("outbound".to_owned(), local(&outbound_listener)?));
         let outbound: HttpService = tower::util::BoxCloneSyncService::new(Sanitize::new(
-            ServiceBuilder::new()
-                .map_response(|res: http::Response<_>| res.map(mesh_core::body::boxed))
-                .layer(TelemetryLayer::outbound_by_authority(
-                    &common.telemetry,
-                    AUTHORITY_LIMIT,
-                ))
-                .map_request(boxed_request)
-                .service(Respond::new(Outbound::new(
+            OutboundListener::new(
+                &common.telemetry,
+                Outbound::new(
                     router,
                     settings.outbound_traffic_policy.mode,
                     limits.connect_timeout.as_std(),
-                ))),
+                ),
+            ),
             false,
         ));
         listeners.spawn(serve::run(
             outbound_listener,
-            builder.clone(),
-            token.clone(),
-            drain,
+            serve::Options {
+                builder: builder.clone(),
+                shutdown: token.clone(),
+                drain,
+                max_connections: limits.max_connections,
+                active: common
+                    .telemetry
+                    .metrics()
+                    .proxy()
+                    .active_connections("outbound"),
+            },
             move |tcp, remote| {
                 let svc = outbound.clone();
                 async move {
@@ -128,15 +127,24 @@ impl Sidecar {
             authz,
             normalization,
             settings.listeners.app,
+            settings.listeners.app_protocol == crate::settings::AppProtocol::Http2,
         );
         let acceptor = InboundAcceptor::new(common.store.clone())
             .with_handshake_timeout(limits.header_read_timeout.as_std());
         let app_port = settings.listeners.app.port();
         listeners.spawn(serve::run(
             inbound_listener,
-            builder.clone(),
-            token.clone(),
-            drain,
+            serve::Options {
+                builder: builder.clone(),
+                shutdown: token.clone(),
+                drain,
+                max_connections: limits.max_connections,
+                active: common
+                    .telemetry
+                    .metrics()
+                    .proxy()
+                    .active_connections("inbound"),
+            },
             move |tcp, _remote| {
                 let svc = inbound_svc.clone();
                 let acceptor = acceptor.clone();
@@ -207,9 +215,13 @@ pub(crate) fn spawn_admin(
     });
     tokio::spawn(serve::run(
         listener,
-        builder,
-        stop,
-        std::time::Duration::from_millis(100),
+        serve::Options {
+            builder,
+            shutdown: stop,
+            drain: std::time::Duration::from_millis(100),
+            max_connections: 64,
+            active: Default::default(),
+        },
         move |tcp, _| {
             let svc = svc.clone();
             async move { Some((tcp, svc.map_err(|e| -> mesh_core::BoxError { match e {} }))) }

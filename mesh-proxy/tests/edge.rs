@@ -70,7 +70,9 @@ async fn registry_only_answers_502_and_records_it() {
     .await;
     assert_eq!(out, "502");
     assert_eq!(external.hits(), 0);
-    let metrics = proxy.admin("/metrics").await;
+    let metrics = proxy
+        .metrics_when(|t| t.contains("response_code=\"502\""))
+        .await;
     assert!(
         metrics
             .lines()
@@ -79,7 +81,14 @@ async fn registry_only_answers_502_and_records_it() {
                 && l.contains("response_flags=\"NR\"")),
         "{metrics}"
     );
-    let log = std::fs::read_to_string(world.path("order-service-access.log")).unwrap();
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = std::fs::read_to_string(world.path("order-service-access.log")).unwrap();
+        if log.contains("\" 502 NR ") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(log.contains("\" 502 NR "), "{log}");
 }
 
@@ -196,8 +205,16 @@ async fn peers_speak_h2_and_forged_identity_headers_never_reach_the_app() {
         );
     }
     assert!(seen.contains_key("x-request-id"));
-    // Between the sidecars the connection negotiated h2 over ALPN.
-    let log = std::fs::read_to_string(world.path("payment-service-access.log")).unwrap();
+    // Between the sidecars the connection negotiated h2 over ALPN. The access log is
+    // written at stream end, after the response went out: wait for the line.
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = std::fs::read_to_string(world.path("payment-service-access.log")).unwrap();
+        if log.contains("\"GET /pay HTTP/2\" 200") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(log.contains("\"GET /pay HTTP/2\" 200"), "{log}");
     drop(payment);
 }
@@ -317,4 +334,100 @@ async fn upgrade_answered_with_200_stays_http() {
     assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 2, "{all}");
     assert_eq!(all.matches("plain").count(), 2, "{all}");
     assert_eq!(app.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_application_is_reached_with_h2_prior_knowledge() {
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("grpc-ish")).await;
+    let (pp, op) = (Ports::new(), Ports::new());
+    let se = service_entry(
+        "payment-service",
+        80,
+        &[(pp.inbound, "v1", "payment-service")],
+    );
+    let config = world.write_config("istio", "mesh.yaml", &se);
+    let s = sidecar_settings(
+        &world,
+        "payment-service",
+        &labels(&[("app", "payment-service")]),
+        &config,
+        pp,
+        app.addr,
+        "",
+    )
+    .replace("\n  app: 1", "\n  appProtocol: HTTP2\n  app: 1");
+    let _payment = Proxy::start(&world, "sidecar", "payment-service", &s, pp).await;
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        op,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+    // HTTP/1.1 from the caller, h2 between the sidecars, h2 to the application.
+    let (_, out, _) = curl(&[
+        "-x",
+        &format!("http://{}", order.outbound()),
+        "-w",
+        "\n%{http_code}",
+        "http://payment-service/x",
+    ])
+    .await;
+    assert_eq!(out, "grpc-ish\n200");
+    assert_eq!(*app.versions.lock().unwrap(), vec![http::Version::HTTP_2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let world = World::new();
+    let external = App::start(Behaviour::Ok("external")).await;
+    let ports = Ports::new();
+    let config = world.write_config(
+        "istio",
+        "mesh.yaml",
+        &service_entry("payment-service", 80, &[(1, "v1", "payment-service")]),
+    );
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        ports,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    )
+    .replace(
+        "  drainTimeout: 3s\n",
+        "  drainTimeout: 3s\n  maxConnections: 2\n",
+    );
+    let proxy = Proxy::start(&world, "sidecar", "order-service", &s, ports).await;
+    let idle1 = tokio::net::TcpStream::connect(proxy.outbound())
+        .await
+        .unwrap();
+    let _idle2 = tokio::net::TcpStream::connect(proxy.outbound())
+        .await
+        .unwrap();
+    let metrics = proxy
+        .metrics_when(|t| t.contains("mesh_active_connections{listener=\"outbound\"} 2"))
+        .await;
+    assert!(
+        metrics.contains("mesh_active_connections{listener=\"outbound\"} 2"),
+        "{metrics}"
+    );
+    let url = format!("http://{}/", external.addr);
+    let outbound = format!("http://{}", proxy.outbound());
+    let (code, _, _) = curl(&["-x", &outbound, "--max-time", "1", &url]).await;
+    assert_eq!(
+        code, 28,
+        "a third connection is not served while two are open"
+    );
+    drop(idle1);
+    let (code, out, err) = curl(&["-x", &outbound, &url]).await;
+    assert_eq!((code, out.as_str()), (0, "external"), "{err}");
+    // The admin server has its own budget and stays reachable.
+    assert!(proxy.admin("/healthz/ready").await.contains("LIVE"));
 }

@@ -141,7 +141,9 @@ async fn timeout_overflow_and_no_route_answer_like_istio() {
     ])
     .await;
     assert_eq!(out, "404");
-    let metrics = order.admin("/metrics").await;
+    let metrics = order
+        .metrics_when(|t| t.contains("response_code=\"404\""))
+        .await;
     for (code, flag) in [("504", "UT"), ("503", "UO"), ("404", "NR")] {
         assert!(
             metrics

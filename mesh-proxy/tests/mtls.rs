@@ -97,7 +97,10 @@ async fn order_calls_payment_over_mtls_with_both_identities_recorded() {
     );
     assert_eq!(m.payment_app.hits(), 1);
 
-    let metrics = m.payment.admin("/stats/prometheus").await;
+    let metrics = m
+        .payment
+        .metrics_when(|t| t.contains("reporter=\"destination\""))
+        .await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\""))
@@ -118,7 +121,10 @@ async fn order_calls_payment_over_mtls_with_both_identities_recorded() {
     );
     assert!(line.contains("response_code=\"200\""), "{line}");
 
-    let source = m.order.admin("/stats/prometheus").await;
+    let source = m
+        .order
+        .metrics_when(|t| t.contains("reporter=\"source\""))
+        .await;
     assert!(
         source
             .lines()
@@ -126,6 +132,9 @@ async fn order_calls_payment_over_mtls_with_both_identities_recorded() {
                 && l.contains("reporter=\"source\"")
                 && l.contains(
                     "source_principal=\"spiffe://cluster.local/ns/production/sa/order-service\""
+                )
+                && l.contains(
+                    "destination_service=\"payment-service.production.svc.cluster.local\""
                 )),
         "{source}"
     );
@@ -191,7 +200,10 @@ async fn a_third_service_gets_403_from_payment() {
     .await;
     assert_eq!(out, "RBAC: access denied\n403");
     assert_eq!(m.payment_app.hits(), 0);
-    let metrics = m.payment.admin("/stats/prometheus").await;
+    let metrics = m
+        .payment
+        .metrics_when(|t| t.contains("response_code=\"403\""))
+        .await;
     assert!(
         metrics.lines().any(|l| l.contains("response_code=\"403\"")
             && l.contains(

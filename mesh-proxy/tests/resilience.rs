@@ -102,9 +102,9 @@ async fn failing_replicas_are_retried_away_and_at_most_half_ejected() {
                 .ends_with("|payment-service.production.svc.cluster.local")
         })
         .unwrap_or_else(|| panic!("{clusters}"));
-    let endpoints = payment["endpoints"].as_array().unwrap();
-    assert_eq!(endpoints.len(), 4);
-    let ejected: Vec<&str> = endpoints
+    let listed = payment["endpoints"].as_array().unwrap();
+    assert_eq!(listed.len(), 4);
+    let ejected: Vec<&str> = listed
         .iter()
         .filter(|e| e["ejected"] == true)
         .map(|e| e["address"].as_str().unwrap())
@@ -161,6 +161,39 @@ async fn failing_replicas_are_retried_away_and_at_most_half_ejected() {
         2,
         "{text}"
     );
+
+    // A changed DestinationRule policy applies to the kept destination: without
+    // outlierDetection nothing is ejected any more.
+    let yaml = format!(
+        "{}---\n{}",
+        service_entry("payment-service", 80, &endpoints),
+        POLICY.split("---").next().unwrap()
+    );
+    world.write_config("istio", "mesh.yaml", &yaml);
+    let mut cleared = false;
+    for _ in 0..200 {
+        let _ = client.request("POST", "payment-service", "/pay", &[]).await;
+        let json: serde_json::Value =
+            serde_json::from_str(&caller.admin("/clusters?format=json").await).unwrap();
+        let c = json["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["name"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("|payment-service.production.svc.cluster.local")
+            })
+            .cloned()
+            .unwrap();
+        if c["outlier_detection"] == false && c["ejected"] == 0 {
+            cleared = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(cleared, "{}", caller.admin("/clusters?format=json").await);
 
     // Every 503 the caller never saw was a retried attempt.
     let bad_hits: usize = bad.iter().map(App::hits).sum();

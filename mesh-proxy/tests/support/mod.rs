@@ -76,6 +76,7 @@ pub struct App {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     pub last_headers: Arc<std::sync::Mutex<Vec<http::HeaderMap>>>,
+    pub versions: Arc<std::sync::Mutex<Vec<http::Version>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -91,7 +92,8 @@ impl App {
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let last_headers = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (h, lh) = (hits.clone(), last_headers.clone());
+        let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, lh, vs) = (hits.clone(), last_headers.clone(), versions.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -100,11 +102,13 @@ impl App {
                 let b = behaviour.clone();
                 let h = h.clone();
                 let lh = lh.clone();
+                let vs = vs.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         let b = b.clone();
                         h.fetch_add(1, Ordering::SeqCst);
                         lh.lock().unwrap().push(req.headers().clone());
+                        vs.lock().unwrap().push(req.version());
                         let upgrade =
                             matches!(b, Behaviour::Echo).then(|| hyper::upgrade::on(&mut req));
                         async move {
@@ -147,6 +151,7 @@ impl App {
             addr,
             hits,
             last_headers,
+            versions,
             task,
         }
     }
@@ -258,6 +263,20 @@ impl Proxy {
 
     pub async fn admin(&self, path: &str) -> String {
         admin_get(self.ports.admin, path).await.expect("admin").1
+    }
+
+    /// `/stats/prometheus` once `ready` holds for it (metrics are recorded at stream end,
+    /// which can come a moment after the client has its response), or after 2 s.
+    pub async fn metrics_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = self.admin("/stats/prometheus").await;
+            if ready(&text) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        text
     }
 
     pub fn outbound(&self) -> SocketAddr {

@@ -16,9 +16,9 @@ use mesh_core::BoxBody;
 use crate::deadline::RequestDeadline;
 
 /// Header lists kept per thread for reuse.
-const POOLED_LISTS: usize = 64;
+const POOLED_LISTS: usize = 32;
 /// Longer lists are freed rather than pooled, so one huge request does not pin memory.
-const POOLED_CAPACITY: usize = 128;
+const POOLED_CAPACITY: usize = 64;
 
 type HeaderList = Vec<(HeaderName, HeaderValue)>;
 
@@ -199,5 +199,25 @@ mod tests {
         assert_eq!(kept.headers.0.len(), original.headers.len());
         drop(kept);
         assert!(POOL.with_borrow(|p| p.iter().all(Vec::is_empty)));
+    }
+
+    #[test]
+    fn huge_header_lists_are_freed_and_the_pool_is_bounded() {
+        let mut big = head();
+        for i in 0..POOLED_CAPACITY + 1 {
+            big.headers.append(
+                HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        let before = POOL.with_borrow(Vec::len);
+        drop(ReplayHead::copy(&big));
+        assert!(POOL.with_borrow(Vec::len) <= before, "not pooled");
+        let small = head();
+        let many: Vec<_> = (0..POOLED_LISTS + 5)
+            .map(|_| ReplayHead::copy(&small))
+            .collect();
+        drop(many);
+        assert_eq!(POOL.with_borrow(Vec::len), POOLED_LISTS);
     }
 }

@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64_canonical, write_hex, write_hex_u64};
 
 /// `x-b3-traceid`.
 pub static TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -23,20 +23,26 @@ pub static FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 /// `b3` (single header).
 pub static SINGLE: HeaderName = HeaderName::from_static("b3");
 
-fn trace_id(s: &[u8]) -> Option<(u128, bool)> {
-    let id = match s.len() {
-        16 => parse_hex_u64(s, true).map(u128::from)?,
-        32 => parse_hex_u128(s, true)?,
+/// A B3 trace id (16 or 32 hex digits, not zero): `(id, is 64-bit, was lower-case)`.
+fn trace_id(s: &[u8]) -> Option<(u128, bool, bool)> {
+    let (id, canonical) = match s.len() {
+        16 => parse_hex_u64_canonical(s, true).map(|(v, c)| (u128::from(v), c))?,
+        32 => {
+            let (hi, c1) = parse_hex_u64_canonical(&s[..16], true)?;
+            let (lo, c2) = parse_hex_u64_canonical(&s[16..], true)?;
+            ((u128::from(hi) << 64) | u128::from(lo), c1 && c2)
+        }
         _ => return None,
     };
-    (id != 0).then_some((id, s.len() == 16))
+    (id != 0).then_some((id, s.len() == 16, canonical))
 }
 
-fn span_id(s: &[u8]) -> Option<u64> {
+/// A B3 span id (16 hex digits, not zero): `(id, was lower-case)`.
+fn span_id(s: &[u8]) -> Option<(u64, bool)> {
     if s.len() != 16 {
         return None;
     }
-    parse_hex_u64(s, true).filter(|id| *id != 0)
+    parse_hex_u64_canonical(s, true).filter(|(id, _)| *id != 0)
 }
 
 /// Extracts the multi-header form; `None` when no `x-b3-*` header is present.
@@ -52,23 +58,20 @@ pub fn extract_multi<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
     if tid.is_none() && sid.is_none() && sampled.is_none() && !debug {
         return None;
     }
-    let canonical = |v: &HeaderValue| {
-        v.as_bytes()
-            .iter()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
+    let mut b3_values = None;
     let ids = match (tid, sid) {
         (Some(t), Some(s)) => match (trace_id(t.as_bytes()), span_id(s.as_bytes())) {
-            (Some((t, short)), Some(s)) => Some((t, short, s)),
+            (Some((t_id, short, t_canonical)), Some((s_id, s_canonical))) => {
+                if t_canonical && s_canonical {
+                    b3_values = Some((t.clone(), s.clone()));
+                }
+                Some((t_id, short, s_id))
+            }
             _ => None,
         },
         _ => None,
     };
     let sampled = sampled.flatten();
-    let b3_values = match (ids, tid, sid) {
-        (Some(_), Some(t), Some(s)) if canonical(t) && canonical(s) => Some((t.clone(), s.clone())),
-        _ => None,
-    };
     Some(Incoming {
         ids,
         sampled: if debug { Some(true) } else { sampled },
@@ -100,8 +103,8 @@ pub fn extract_single<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
             b3_values: None,
         });
     };
-    let (t, short) = trace_id(first)?;
-    let s = span_id(second)?;
+    let (t, short, _) = trace_id(first)?;
+    let (s, _) = span_id(second)?;
     let (sampled, debug) = match parts.next() {
         Some(st) => state(st)?,
         None => (None, false),
@@ -121,38 +124,61 @@ pub fn extract_single<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
     })
 }
 
-fn trace_hex(trace_id: u128, short: bool, buf: &mut [u8; 32]) -> &[u8] {
-    write_hex(trace_id, buf);
-    if short { &buf[16..] } else { &buf[..] }
-}
-
 fn value(bytes: &[u8]) -> HeaderValue {
     // Hex digits and '-' are always valid header bytes.
     HeaderValue::from_bytes(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Writes the multi-header form of `ctx`.
-pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
+/// The trace id of `ctx` in B3 form: `(digits, length)`, 16 or 32 lower-hex digits.
+pub(crate) fn trace_id_bytes(ctx: &super::HopContext) -> ([u8; 32], usize) {
     let mut buf = [0u8; 32];
+    write_hex(ctx.trace_id, &mut buf);
+    if ctx.trace_id_64 {
+        buf.copy_within(16.., 0);
+        (buf, 16)
+    } else {
+        (buf, 32)
+    }
+}
+
+/// The `x-b3-traceid` value of `ctx`: the incoming value when it is reused.
+pub(crate) fn trace_id_value(ctx: &super::HopContext) -> HeaderValue {
     match &ctx.b3_values {
-        // Same trace, and the incoming span is our parent: reuse the incoming values.
-        Some((trace, parent)) => {
-            headers.insert(TRACE_ID.clone(), trace.clone());
-            headers.insert(PARENT_SPAN_ID.clone(), parent.clone());
-        }
+        Some((trace, _)) => trace.clone(),
         None => {
-            headers.insert(
-                TRACE_ID.clone(),
-                value(trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf)),
-            );
-            if let Some(parent) = ctx.parent_span_id {
-                write_hex(u128::from(parent), &mut buf);
-                headers.insert(PARENT_SPAN_ID.clone(), value(&buf[16..]));
-            }
+            let (buf, n) = trace_id_bytes(ctx);
+            value(&buf[..n])
         }
     }
-    write_hex(u128::from(ctx.span_id), &mut buf);
-    headers.insert(SPAN_ID.clone(), value(&buf[16..]));
+}
+
+/// A span id as an `x-b3-spanid`/`x-b3-parentspanid` value.
+pub(crate) fn span_id_value(id: u64) -> HeaderValue {
+    let mut buf = [0u8; 16];
+    write_hex_u64(id, &mut buf);
+    value(&buf)
+}
+
+/// The `x-b3-traceid`, `x-b3-spanid` and `x-b3-parentspanid` values of `ctx`.
+fn multi_values(ctx: &super::HopContext) -> (HeaderValue, HeaderValue, Option<HeaderValue>) {
+    let trace = trace_id_value(ctx);
+    let span = span_id_value(ctx.span_id);
+    let parent = match &ctx.b3_values {
+        // Same trace, and the incoming span is our parent: reuse the incoming value.
+        Some((_, parent)) => Some(parent.clone()),
+        None => ctx.parent_span_id.map(span_id_value),
+    };
+    (trace, span, parent)
+}
+
+/// Writes the multi-header form of `ctx`.
+pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    let (trace, span, parent) = multi_values(ctx);
+    headers.insert(TRACE_ID.clone(), trace);
+    if let Some(parent) = parent {
+        headers.insert(PARENT_SPAN_ID.clone(), parent);
+    }
+    headers.insert(SPAN_ID.clone(), span);
     if ctx.debug {
         // Debug implies accept; B3 says not to also send x-b3-sampled.
         headers.insert(FLAGS.clone(), HeaderValue::from_static("1"));
@@ -164,17 +190,19 @@ pub fn inject_multi(ctx: &super::HopContext, headers: &mut HeaderMap) {
     }
 }
 
-/// Writes the single `b3` header of `ctx`.
-pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
-    let mut out = [0u8; 32 + 1 + 16 + 2 + 1 + 16];
-    let mut buf = [0u8; 32];
-    let t = trace_hex(ctx.trace_id, ctx.trace_id_64, &mut buf);
-    let mut n = t.len();
-    out[..n].copy_from_slice(t);
+/// The longest single `b3` header: 128-bit trace id, span id, state, parent span id.
+pub(crate) const SINGLE_MAX: usize = 32 + 1 + 16 + 2 + 1 + 16;
+
+/// The single `b3` header of `ctx`: `(bytes, length)`.
+pub(crate) fn single_bytes(ctx: &super::HopContext) -> ([u8; SINGLE_MAX], usize) {
+    let mut out = [0u8; SINGLE_MAX];
+    let (t, mut n) = trace_id_bytes(ctx);
+    out[..n].copy_from_slice(&t[..n]);
     out[n] = b'-';
     n += 1;
-    write_hex(u128::from(ctx.span_id), &mut buf);
-    out[n..n + 16].copy_from_slice(&buf[16..]);
+    let mut id = [0u8; 16];
+    write_hex_u64(ctx.span_id, &mut id);
+    out[n..n + 16].copy_from_slice(&id);
     n += 16;
     out[n] = b'-';
     out[n + 1] = if ctx.debug {
@@ -188,11 +216,22 @@ pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
     if let Some(parent) = ctx.parent_span_id {
         out[n] = b'-';
         n += 1;
-        write_hex(u128::from(parent), &mut buf);
-        out[n..n + 16].copy_from_slice(&buf[16..]);
+        write_hex_u64(parent, &mut id);
+        out[n..n + 16].copy_from_slice(&id);
         n += 16;
     }
-    headers.insert(SINGLE.clone(), value(&out[..n]));
+    (out, n)
+}
+
+/// The single `b3` header value of `ctx`.
+pub(crate) fn single_value(ctx: &super::HopContext) -> HeaderValue {
+    let (out, n) = single_bytes(ctx);
+    value(&out[..n])
+}
+
+/// Writes the single `b3` header of `ctx`.
+pub fn inject_single(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    headers.insert(SINGLE.clone(), single_value(ctx));
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod export;
 pub mod forward;
 pub mod w3c;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 
@@ -67,29 +68,42 @@ fn scanned_names() -> [&'static HeaderName; SCANNED] {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TraceHeaderScan<'a> {
     values: [Option<&'a HeaderValue>; SCANNED],
+    /// Whether some trace header has more than one value.
+    repeated: bool,
+}
+
+/// The index in [`scanned_names`] of a trace header name.
+fn scanned_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "b3" => 0,
+        "x-b3-traceid" => 1,
+        "x-b3-spanid" => 2,
+        "x-b3-parentspanid" => 3,
+        "x-b3-sampled" => 4,
+        "x-b3-flags" => 5,
+        "traceparent" => 6,
+        "tracestate" => 7,
+        "x-client-trace-id" => 8,
+        _ => return None,
+    })
 }
 
 impl<'a> TraceHeaderScan<'a> {
     /// Scans `headers`.
     pub fn new(headers: &'a HeaderMap) -> Self {
         let mut values = [None; SCANNED];
+        let mut repeated = false;
         for (name, value) in headers {
-            let i = match name.as_str() {
-                "b3" => 0,
-                "x-b3-traceid" => 1,
-                "x-b3-spanid" => 2,
-                "x-b3-parentspanid" => 3,
-                "x-b3-sampled" => 4,
-                "x-b3-flags" => 5,
-                "traceparent" => 6,
-                "tracestate" => 7,
-                "x-client-trace-id" => 8,
-                _ => continue,
+            let Some(i) = scanned_index(name) else {
+                continue;
             };
             // The first value wins (TR-02).
-            values[i].get_or_insert(value);
+            match values[i] {
+                None => values[i] = Some(value),
+                Some(_) => repeated = true,
+            }
         }
-        Self { values }
+        Self { values, repeated }
     }
 
     fn present(&self, i: usize) -> bool {
@@ -99,9 +113,12 @@ impl<'a> TraceHeaderScan<'a> {
 
 impl Lookup for TraceHeaderScan<'_> {
     fn value(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        scanned_names()
+        let names = scanned_names();
+        // The extractors pass the statics themselves: compare addresses before bytes.
+        names
             .iter()
-            .position(|n| *n == name)
+            .position(|n| std::ptr::eq(*n, name))
+            .or_else(|| names.iter().position(|n| *n == name))
             .and_then(|i| self.values[i])
     }
 }
@@ -230,18 +247,25 @@ pub fn extract(headers: &HeaderMap) -> Incoming {
 }
 
 fn extract_with_source<L: Lookup + ?Sized>(headers: &L) -> (Incoming, Source) {
+    // The first format with valid ids wins; otherwise the first one with only a
+    // decision. Later formats are not parsed once a context is found.
     let mut decision_only: Option<(Incoming, Source)> = None;
-    for (found, source) in [
-        (b3::extract_single(headers), Source::B3Single),
-        (b3::extract_multi(headers), Source::B3Multi),
-        (w3c::extract(headers), Source::W3c),
-    ] {
-        if let Some(i) = found {
-            if i.ids.is_some() {
-                return (i, source);
-            }
+    let mut consider = |found: Option<Incoming>, source: Source| match found {
+        Some(i) if i.ids.is_some() => Some((i, source)),
+        Some(i) => {
             decision_only.get_or_insert((i, source));
+            None
         }
+        None => None,
+    };
+    if let Some(found) = consider(b3::extract_single(headers), Source::B3Single) {
+        return found;
+    }
+    if let Some(found) = consider(b3::extract_multi(headers), Source::B3Multi) {
+        return found;
+    }
+    if let Some(found) = consider(w3c::extract(headers), Source::W3c) {
+        return found;
     }
     decision_only.unwrap_or((Incoming::default(), Source::None))
 }
@@ -351,6 +375,7 @@ impl Propagator {
         for (i, p) in present.iter_mut().enumerate() {
             *p = scan.present(i);
         }
+        let repeated = scan.repeated;
         let ctx = next_hop(incoming, &self.sampler, rng);
         let mut formats = self.formats;
         match source {
@@ -359,32 +384,145 @@ impl Propagator {
             Source::W3c => formats.w3c = true,
             Source::None => {}
         }
-        // Remove the incoming headers the injection will not overwrite; `insert` replaces
-        // the others (all their values) anyway.
-        let written = [
-            formats.b3_single,
-            formats.b3_multi,
-            formats.b3_multi,
-            formats.b3_multi && ctx.parent_span_id.is_some(),
-            formats.b3_multi && !ctx.debug,
-            formats.b3_multi && ctx.debug,
-            formats.w3c,
-            formats.w3c && ctx.tracestate.is_some(),
-        ];
         let names = scanned_names();
-        for i in 0..present.len() {
-            if present[i] && !written[i] {
+        // Bit `i`: the header at index `i` of `scanned_names` is written.
+        let mut pending: u16 = (0..8)
+            .filter(|i| wanted(&ctx, formats, *i))
+            .fold(0, |m, i| m | 1 << i);
+        let fresh = Fresh::new(&ctx, pending);
+        if !repeated && present.iter().any(|p| *p) {
+            // Every incoming trace header has one value: overwrite those in place, in
+            // one walk, instead of a hashed insert per name.
+            for (name, value) in headers.iter_mut() {
+                if let Some(i) = scanned_index(name).filter(|i| pending & 1 << i != 0) {
+                    *value = fresh.take(i).unwrap_or_else(|| encode(&ctx, i));
+                    pending &= !(1 << i);
+                }
+            }
+        }
+        // Remove the incoming headers that are not written; `insert` replaces the others
+        // (all their values).
+        for (i, p) in present.iter().enumerate() {
+            if *p && !wanted(&ctx, formats, i) {
                 headers.remove(names[i]);
             }
         }
-        // One growth of the map instead of one per inserted header.
-        headers.reserve(
-            usize::from(formats.b3_multi) * 4
-                + usize::from(formats.b3_single)
-                + usize::from(formats.w3c) * 2,
-        );
-        inject(&ctx, formats, headers);
+        if pending != 0 {
+            // One growth of the map instead of one per inserted header.
+            headers.reserve(pending.count_ones() as usize);
+            for (i, name) in names.iter().enumerate().take(8) {
+                if pending & 1 << i != 0 {
+                    let v = fresh.take(i).unwrap_or_else(|| encode(&ctx, i));
+                    headers.insert((*name).clone(), v);
+                }
+            }
+        }
         ctx
+    }
+}
+
+/// Whether `ctx` in `formats` writes the trace header at index `i` of
+/// [`scanned_names`].
+fn wanted(ctx: &HopContext, formats: Formats, i: usize) -> bool {
+    match i {
+        0 => formats.b3_single,
+        1 | 2 => formats.b3_multi,
+        3 => formats.b3_multi && ctx.parent_span_id.is_some(),
+        4 => formats.b3_multi && !ctx.debug,
+        5 => formats.b3_multi && ctx.debug,
+        6 => formats.w3c,
+        7 => formats.w3c && ctx.tracestate.is_some(),
+        _ => false,
+    }
+}
+
+/// The freshly encoded values of one hop (ids, `b3`, `traceparent`) in one shared
+/// allocation, sliced into header values, instead of one allocation per value. Used when
+/// at least two values are encoded.
+#[derive(Default)]
+struct Fresh {
+    bytes: Bytes,
+    /// `start..end` in `bytes` by index of [`scanned_names`]; empty when not here.
+    ranges: [(u8, u8); 8],
+}
+
+impl Fresh {
+    fn new(ctx: &HopContext, pending: u16) -> Self {
+        // `b3`, `x-b3-spanid` and `traceparent` are always encoded here; the trace and
+        // parent ids only when the incoming values are not reused.
+        let reused = if ctx.b3_values.is_some() { 0 } else { 0b1010 };
+        let mask = pending & (0b0100_0101 | reused);
+        if mask.count_ones() < 2 {
+            return Self::default();
+        }
+        let mut buf = [0u8; b3::SINGLE_MAX + 32 + 16 + 16 + 55];
+        let mut ranges = [(0u8, 0u8); 8];
+        let mut n = 0;
+        for i in [0, 1, 2, 3, 6] {
+            if mask & 1 << i == 0 {
+                continue;
+            }
+            let mut put = |bytes: &[u8]| {
+                buf[n..n + bytes.len()].copy_from_slice(bytes);
+                ranges[i] = (n as u8, (n + bytes.len()) as u8);
+                n += bytes.len();
+            };
+            let mut id = [0u8; 16];
+            match i {
+                0 => {
+                    let (b, len) = b3::single_bytes(ctx);
+                    put(&b[..len]);
+                }
+                1 => {
+                    let (b, len) = b3::trace_id_bytes(ctx);
+                    put(&b[..len]);
+                }
+                2 => {
+                    write_hex_u64(ctx.span_id, &mut id);
+                    put(&id);
+                }
+                3 => {
+                    write_hex_u64(ctx.parent_span_id.unwrap_or_default(), &mut id);
+                    put(&id);
+                }
+                _ => put(&w3c::traceparent_bytes(ctx)),
+            }
+        }
+        Self {
+            bytes: Bytes::from_owner(buf),
+            ranges,
+        }
+    }
+
+    /// The value at index `i`, when encoded here.
+    fn take(&self, i: usize) -> Option<HeaderValue> {
+        let (start, end) = self.ranges[i];
+        if start == end {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(self.bytes.slice(usize::from(start)..usize::from(end))).ok()
+    }
+}
+
+/// The value [`inject`] writes for the trace header at index `i` of [`scanned_names`],
+/// when [`wanted`].
+fn encode(ctx: &HopContext, i: usize) -> HeaderValue {
+    match i {
+        0 => b3::single_value(ctx),
+        1 => b3::trace_id_value(ctx),
+        2 => b3::span_id_value(ctx.span_id),
+        3 => match (&ctx.b3_values, ctx.parent_span_id) {
+            (Some((_, parent)), _) => parent.clone(),
+            (None, Some(parent)) => b3::span_id_value(parent),
+            (None, None) => HeaderValue::from_static("0"),
+        },
+        4 => HeaderValue::from_static(if ctx.sampled { "1" } else { "0" }),
+        5 => HeaderValue::from_static("1"),
+        6 => w3c::traceparent_value(ctx),
+        _ => ctx
+            .tracestate
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_static("")),
     }
 }
 
@@ -448,23 +586,89 @@ pub fn forward_trace_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-pub(crate) fn hex_val(b: u8, upper_ok: bool) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' if upper_ok => Some(b - b'A' + 10),
+/// Hex digit values by byte: `0..=15` for `0-9a-f`, `16 | v` for `A-F`, `0xff` otherwise.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 0x10 | (10 + i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// Lanes (bytes) of `x` holding a value within `lo..=hi`, as `0x80` in that lane. Every
+/// lane of `x` must be below `0x80` (no carries cross lanes).
+const fn lanes_in(x: u64, lo: u8, hi: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let above_lo = x + ONES * (0x80 - lo as u64);
+    let above_hi = x + ONES * (0x7f - hi as u64);
+    above_lo & !above_hi & (ONES * 0x80)
+}
+
+/// Eight hex digits at once (SWAR): `(value, tags)` with the tags of [`HEX_VALUE`] ORed
+/// (`0x10` set for an upper-case digit, `0xff` for a non-digit).
+fn parse_hex_8(chunk: [u8; 8]) -> (u32, u8) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // The first digit is the most significant: big-endian lanes.
+    let x = u64::from_be_bytes(chunk);
+    if x & (ONES * 0x80) != 0 {
+        return (0, 0xff);
+    }
+    let digit = lanes_in(x, b'0', b'9');
+    let lower = lanes_in(x, b'a', b'f');
+    let upper = lanes_in(x, b'A', b'F');
+    if digit | lower | upper != ONES * 0x80 {
+        return (0, 0xff);
+    }
+    // '0'..'9' → low nibble; 'a'..'f' and 'A'..'F' → low nibble + 9.
+    let mut v = (x & (ONES * 0x0f)) + ((lower | upper) >> 7) * 9;
+    v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
+    v = (v | (v >> 8)) & 0x0000_ffff_0000_ffff;
+    v = (v | (v >> 16)) & 0x0000_0000_ffff_ffff;
+    (v as u32, if upper != 0 { 0x10 } else { 0 })
+}
+
+/// Parses up to 16 hex digits; also says whether they were all lower-case (canonical).
+pub(crate) fn parse_hex_u64_canonical(s: &[u8], upper_ok: bool) -> Option<(u64, bool)> {
+    if let Ok(sixteen) = <[u8; 16]>::try_from(s) {
+        // Ids are 16 or 32 digits: eight at a time.
+        let (hi_chunk, lo_chunk) = sixteen.split_at(8);
+        let (hi, t1) = parse_hex_8(hi_chunk.try_into().ok()?);
+        let (lo, t2) = parse_hex_8(lo_chunk.try_into().ok()?);
+        let value = (u64::from(hi) << 32) | u64::from(lo);
+        return match t1 | t2 {
+            0 => Some((value, true)),
+            0x10 if upper_ok => Some((value, false)),
+            _ => None,
+        };
+    }
+    if s.is_empty() || s.len() > 16 {
+        return None;
+    }
+    let mut acc = 0u64;
+    let mut tags = 0u8;
+    for b in s {
+        let v = HEX_VALUE[usize::from(*b)];
+        tags |= v;
+        acc = (acc << 4) | u64::from(v & 0xf);
+    }
+    match tags {
+        0..=0xf => Some((acc, true)),
+        0x10..=0x1f if upper_ok => Some((acc, false)),
         _ => None,
     }
 }
 
 /// Parses up to 16 hex digits.
 pub(crate) fn parse_hex_u64(s: &[u8], upper_ok: bool) -> Option<u64> {
-    if s.is_empty() || s.len() > 16 {
-        return None;
-    }
-    s.iter().try_fold(0u64, |acc, b| {
-        Some((acc << 4) | u64::from(hex_val(*b, upper_ok)?))
-    })
+    parse_hex_u64_canonical(s, upper_ok).map(|(v, _)| v)
 }
 
 /// Parses exactly 32 hex digits.
@@ -477,12 +681,29 @@ pub(crate) fn parse_hex_u128(s: &[u8], upper_ok: bool) -> Option<u128> {
     Some((u128::from(hi) << 64) | u128::from(lo))
 }
 
+/// Writes `v` as 16 lower-hex digits, two digits per table lookup.
+pub(crate) fn write_hex_u64(v: u64, buf: &mut [u8; 16]) {
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    for (pair, byte) in buf.chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[usize::from(byte)]);
+    }
+}
+
 /// Writes `v` as 32 lower-hex digits.
-pub(crate) fn write_hex(mut v: u128, buf: &mut [u8; 32]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for slot in buf.iter_mut().rev() {
-        *slot = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
+pub(crate) fn write_hex(v: u128, buf: &mut [u8; 32]) {
+    let (hi, lo) = buf.split_at_mut(16);
+    if let (Ok(hi), Ok(lo)) = (<&mut [u8; 16]>::try_from(hi), <&mut [u8; 16]>::try_from(lo)) {
+        write_hex_u64((v >> 64) as u64, hi);
+        write_hex_u64(v as u64, lo);
     }
 }
 
@@ -721,6 +942,216 @@ mod tests {
                 4.5 * sd
             );
         }
+    }
+
+    fn append_all(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// In-place rewriting (one value per trace header) and the insert path (repeated
+    /// headers) both leave exactly what removing every trace header and injecting the
+    /// hop's context in the effective formats leaves.
+    #[test]
+    fn propagation_equals_clear_then_inject() {
+        let all = Formats {
+            b3_multi: true,
+            b3_single: true,
+            w3c: true,
+        };
+        let b3_only = Formats {
+            b3_multi: true,
+            b3_single: false,
+            w3c: false,
+        };
+        let b3_and_w3c = Formats::default();
+        #[allow(clippy::type_complexity)]
+        let cases: &[(Formats, &[(&'static str, &'static str)], Formats)] = &[
+            (
+                Formats::default(),
+                &[
+                    ("host", "reviews:9080"),
+                    ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+                    ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                    ("x-b3-parentspanid", "0020000000000001"),
+                    ("x-b3-sampled", "1"),
+                    ("user-agent", "curl/8.5.0"),
+                ],
+                b3_and_w3c,
+            ),
+            (
+                Formats::default(),
+                &[
+                    ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+                    ("x-b3-traceid", "0000000000000000000000000000000a"),
+                    ("x-b3-spanid", "A2FB4A1D1A96D312"),
+                    ("x-b3-sampled", "0"),
+                    ("x-b3-sampled", "1"),
+                ],
+                b3_and_w3c,
+            ),
+            (
+                b3_only,
+                &[
+                    ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-d"),
+                    ("x-b3-flags", "1"),
+                    ("x-b3-sampled", "1"),
+                    (
+                        "traceparent",
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    ),
+                    ("tracestate", "congo=t61rcWkgMzE"),
+                    ("x-client-trace-id", "keep"),
+                ],
+                Formats {
+                    b3_multi: true,
+                    b3_single: true,
+                    w3c: false,
+                },
+            ),
+            (
+                b3_only,
+                &[
+                    (
+                        "traceparent",
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                    ),
+                    ("tracestate", "congo=t61rcWkgMzE"),
+                    ("x-b3-parentspanid", "stale"),
+                ],
+                b3_and_w3c,
+            ),
+            (
+                all,
+                &[
+                    ("x-b3-traceid", "48485a3953bb6124"),
+                    ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                    ("x-b3-flags", "1"),
+                    ("tracestate", "orphan=1"),
+                ],
+                all,
+            ),
+            (
+                b3_only,
+                &[("x-b3-traceid", "bad"), ("b3", "0"), ("host", "x")],
+                Formats {
+                    b3_multi: true,
+                    b3_single: true,
+                    w3c: false,
+                },
+            ),
+            (Formats::default(), &[], b3_and_w3c),
+        ];
+        let mut names: Vec<HeaderName> = scanned_names().into_iter().cloned().collect();
+        names.extend([HeaderName::from_static("host"), http::header::USER_AGENT]);
+        for (seed, (formats, pairs, effective)) in cases.iter().enumerate() {
+            let p = Propagator {
+                sampler: Sampler::percent(50.0),
+                formats: *formats,
+            };
+            let mut rewritten = append_all(pairs);
+            let mut rng = SmallRng::seed_from_u64(seed as u64);
+            let ctx = p.propagate(&mut rewritten, &mut rng);
+            let mut expected = append_all(pairs);
+            clear(&mut expected);
+            inject(&ctx, *effective, &mut expected);
+            assert_eq!(
+                rewritten.len(),
+                expected.len(),
+                "case {seed}: {rewritten:?}"
+            );
+            for name in &names {
+                let got: Vec<_> = rewritten.get_all(name).iter().collect();
+                let want: Vec<_> = expected.get_all(name).iter().collect();
+                assert_eq!(got, want, "case {seed}, {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn hex_writing_matches_the_formatter() {
+        for v in [0u64, 1, 0xa2fb4a1d1a96d312, u64::MAX, 0x0020000000000001] {
+            let mut buf = [0u8; 16];
+            write_hex_u64(v, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{v:016x}"));
+        }
+        let v = 0x463ac35c9f6413ad48485a3953bb6124u128;
+        let mut buf = [0u8; 32];
+        write_hex(v, &mut buf);
+        assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{v:032x}"));
+    }
+
+    #[test]
+    fn hex_parsing_accepts_exactly_hex_digits() {
+        assert_eq!(
+            parse_hex_u64_canonical(b"a2fb4a1d1a96d312", false),
+            Some((0xa2fb4a1d1a96d312, true))
+        );
+        assert_eq!(
+            parse_hex_u64_canonical(b"A2FB4a1d1a96d312", true),
+            Some((0xa2fb4a1d1a96d312, false))
+        );
+        assert_eq!(parse_hex_u64(b"A2FB4a1d1a96d312", false), None);
+        assert_eq!(
+            parse_hex_u64(b"0123456789abcdef", false),
+            Some(0x0123456789abcdef)
+        );
+        assert_eq!(parse_hex_u64(b"f", false), Some(0xf));
+        for bad in [
+            &b""[..],
+            b"0123456789abcdef0",
+            b"12g4",
+            b"12-4",
+            b"12 4",
+            b"\xff1",
+        ] {
+            assert_eq!(parse_hex_u64(bad, true), None, "{bad:?}");
+        }
+        // Every byte: exactly 0-9, a-f (and A-F when allowed) are digits.
+        for b in 0..=255u8 {
+            let lower = b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            let upper = (b'A'..=b'F').contains(&b);
+            assert_eq!(parse_hex_u64(&[b], false).is_some(), lower, "{b}");
+            assert_eq!(parse_hex_u64(&[b], true).is_some(), lower || upper, "{b}");
+        }
+        // The 16-digit (SWAR) path against the byte-at-a-time one: every byte at every
+        // position.
+        let base = *b"0123456789abcdef";
+        for pos in 0..16 {
+            for b in 0..=255u8 {
+                let mut s = base;
+                s[pos] = b;
+                for upper_ok in [false, true] {
+                    let bytewise = (|| {
+                        let mut acc = 0u64;
+                        let mut canonical = true;
+                        for c in s {
+                            let v = char::from(c).to_digit(16)?;
+                            if c.is_ascii_uppercase() {
+                                if !upper_ok {
+                                    return None;
+                                }
+                                canonical = false;
+                            }
+                            acc = (acc << 4) | u64::from(v);
+                        }
+                        Some((acc, canonical))
+                    })();
+                    assert_eq!(
+                        parse_hex_u64_canonical(&s, upper_ok),
+                        bytewise,
+                        "{s:?} {upper_ok}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            parse_hex_u128(b"463ac35c9f6413ad48485a3953bb6124", false),
+            Some(0x463ac35c9f6413ad48485a3953bb6124)
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex};
+use super::{Incoming, Lookup, parse_hex_u64, parse_hex_u128, write_hex, write_hex_u64};
 
 /// `traceparent`.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -40,20 +40,31 @@ pub fn extract<L: Lookup + ?Sized>(headers: &L) -> Option<Incoming> {
     })
 }
 
-/// Writes `traceparent` (and the incoming `tracestate`, unchanged) for `ctx`.
-pub fn inject(ctx: &super::HopContext, headers: &mut HeaderMap) {
+/// The `traceparent` value of `ctx`.
+pub(crate) fn traceparent_value(ctx: &super::HopContext) -> HeaderValue {
+    // Hex digits and '-' are always valid header bytes.
+    HeaderValue::from_bytes(&traceparent_bytes(ctx))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The `traceparent` of `ctx`.
+pub(crate) fn traceparent_bytes(ctx: &super::HopContext) -> [u8; 55] {
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
     let mut buf = [0u8; 32];
     write_hex(ctx.trace_id, &mut buf);
     out[3..35].copy_from_slice(&buf);
-    write_hex(u128::from(ctx.span_id), &mut buf);
-    out[36..52].copy_from_slice(&buf[16..]);
+    let mut id = [0u8; 16];
+    write_hex_u64(ctx.span_id, &mut id);
+    out[36..52].copy_from_slice(&id);
     if ctx.sampled {
         out[54] = b'1';
     }
-    if let Ok(v) = HeaderValue::from_bytes(&out) {
-        headers.insert(TRACEPARENT.clone(), v);
-    }
+    out
+}
+
+/// Writes `traceparent` (and the incoming `tracestate`, unchanged) for `ctx`.
+pub fn inject(ctx: &super::HopContext, headers: &mut HeaderMap) {
+    headers.insert(TRACEPARENT.clone(), traceparent_value(ctx));
     if let Some(ts) = &ctx.tracestate {
         headers.insert(TRACESTATE.clone(), ts.clone());
     }

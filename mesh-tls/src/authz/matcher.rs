@@ -200,7 +200,9 @@ enum Segment {
 #[derive(Clone, Debug)]
 enum PathMatch {
     Str(StrMatch),
-    Template(Box<[Segment]>),
+    /// The segments and the literal leading segments as a prefix (`/a/b/` for
+    /// `/a/b/{*}/c`; empty when the template starts with a wildcard).
+    Template(Box<[Segment]>, Box<str>),
 }
 
 impl PathMatch {
@@ -230,13 +232,27 @@ impl PathMatch {
                 lit => Segment::Literal(lit.into()),
             });
         }
-        Ok(PathMatch::Template(segments.into()))
+        let mut prefix = String::new();
+        for s in &segments {
+            match s {
+                Segment::Literal(l) => {
+                    prefix.push('/');
+                    prefix.push_str(l);
+                }
+                Segment::One | Segment::Rest => break,
+            }
+        }
+        if !prefix.is_empty() {
+            // A wildcard segment follows, so a matching path continues with a `/`.
+            prefix.push('/');
+        }
+        Ok(PathMatch::Template(segments.into(), prefix.into()))
     }
 
     fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Str(m) => m.matches(path),
-            PathMatch::Template(template) => {
+            PathMatch::Template(template, _) => {
                 let Some(rest) = path.strip_prefix('/') else {
                     return false;
                 };
@@ -366,6 +382,8 @@ struct Facts<'a> {
     a: &'a RequestAttributes<'a>,
     /// False on a TCP connection: HTTP-only attributes are unknown.
     http: bool,
+    /// Evaluate every rule without the index (tests compare both paths).
+    linear: bool,
     principal: Option<&'a str>,
     istio: OnceCell<Option<(&'a str, &'a str)>>,
     bare_host: OnceCell<Option<&'a str>>,
@@ -376,6 +394,7 @@ impl<'a> Facts<'a> {
         Facts {
             a,
             http,
+            linear: false,
             principal: a.peer.map(Identity::principal),
             istio: OnceCell::new(),
             bare_host: OnceCell::new(),
@@ -552,29 +571,122 @@ impl CompiledRule {
         r
     }
 
-    /// The exact principals one of which the peer must have for this rule to be true or
-    /// unknown: every `from` entry requires a positive `principals` of exact values.
-    /// `None` when the rule cannot be narrowed so.
-    fn required_principals(&self) -> Option<Vec<&str>> {
+    /// The index keys of this rule: for the rule to be true or unknown, the request
+    /// must produce one of them. `None` when the rule cannot be narrowed so.
+    ///
+    /// Sources are preferred (every `from` entry needs a positive `principals` of exact,
+    /// `prefix*` or `*suffix` values bounded by a `/`, or a positive `namespaces` of
+    /// literal values); otherwise operations (every `to` entry needs a positive `paths`
+    /// of exact values, `prefix*` values or URI templates with a literal leading segment).
+    /// Principals and namespaces are never unknown (no peer: false); paths are unknown
+    /// on TCP connections, where every path-keyed rule is visited.
+    fn index_keys(&self) -> Option<Vec<(Dim, &str)>> {
+        self.source_keys().or_else(|| self.operation_keys())
+    }
+
+    fn source_keys(&self) -> Option<Vec<(Dim, &str)>> {
         if self.from.is_empty() {
             return None;
         }
         let mut keys = Vec::new();
         for entry in self.from.iter() {
-            let exact = entry.iter().find_map(|p| match &p.field {
-                Field::Principal(ms)
-                    if !p.negate && ms.iter().all(|m| matches!(m, StrMatch::Exact(_))) =>
-                {
-                    Some(ms)
-                }
+            let by_principal = entry.iter().find_map(|p| match &p.field {
+                Field::Principal(ms) if !p.negate => ms.iter().map(principal_key).collect(),
                 _ => None,
-            })?;
-            keys.extend(exact.iter().filter_map(|m| match m {
-                StrMatch::Exact(e) => Some(&**e),
-                _ => None,
-            }));
+            });
+            let by_namespace = || {
+                entry.iter().find_map(|p| match &p.field {
+                    Field::Namespace(gs) if !p.negate => gs
+                        .iter()
+                        .map(|g| match &*g.0 {
+                            [literal] => Some((Dim::Namespace, &**literal)),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => None,
+                })
+            };
+            let entry_keys: Vec<(Dim, &str)> = by_principal.or_else(by_namespace)?;
+            keys.extend(entry_keys);
         }
         Some(keys)
+    }
+
+    fn operation_keys(&self) -> Option<Vec<(Dim, &str)>> {
+        if self.to.is_empty() {
+            return None;
+        }
+        let mut keys = Vec::new();
+        for entry in self.to.iter() {
+            let entry_keys: Vec<(Dim, &str)> = entry.iter().find_map(|p| match &p.field {
+                Field::Path(ps) if !p.negate => ps.iter().map(PathMatch::index_key).collect(),
+                _ => None,
+            })?;
+            keys.extend(entry_keys);
+        }
+        Some(keys)
+    }
+}
+
+/// How many `/`-bounded prefixes (or suffixes) of a principal or path the index looks
+/// up per request; longer keys are cut to this many `/`s at compilation.
+const KEY_SLASHES: usize = 4;
+
+/// The index a key belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dim {
+    /// The whole principal.
+    Principal,
+    /// A principal prefix ending in `/`.
+    PrincipalPrefix,
+    /// A principal suffix starting with `/`.
+    PrincipalSuffix,
+    /// The peer's namespace.
+    Namespace,
+    /// The whole path.
+    Path,
+    /// A path prefix ending in `/`, with at least one segment.
+    PathPrefix,
+}
+
+/// `s` up to and including its `min(n, KEY_SLASHES)`-th `/` (of `n`); `None` with
+/// fewer than `min` slashes. Every string starting with `s` starts with the key and
+/// has the key as one of its first `KEY_SLASHES` `/`-bounded prefixes.
+fn prefix_key(s: &str, min: usize) -> Option<&str> {
+    let mut end = None;
+    for (count, (i, _)) in s.match_indices('/').take(KEY_SLASHES).enumerate() {
+        if count + 1 >= min {
+            end = Some(i);
+        }
+    }
+    end.map(|i| &s[..=i])
+}
+
+/// `s` from its `min(n, KEY_SLASHES)`-th `/` counted from the end; `None` without `/`.
+fn suffix_key(s: &str) -> Option<&str> {
+    s.rmatch_indices('/')
+        .take(KEY_SLASHES)
+        .last()
+        .map(|(i, _)| &s[i..])
+}
+
+fn principal_key(m: &StrMatch) -> Option<(Dim, &str)> {
+    match m {
+        StrMatch::Exact(e) => Some((Dim::Principal, &**e)),
+        StrMatch::Prefix(p) => Some((Dim::PrincipalPrefix, prefix_key(p, 1)?)),
+        StrMatch::Suffix(x) => Some((Dim::PrincipalSuffix, suffix_key(x)?)),
+        StrMatch::Presence => None,
+    }
+}
+
+impl PathMatch {
+    fn index_key(&self) -> Option<(Dim, &str)> {
+        match self {
+            PathMatch::Str(StrMatch::Exact(e)) => Some((Dim::Path, &**e)),
+            PathMatch::Str(StrMatch::Prefix(p)) => Some((Dim::PathPrefix, prefix_key(p, 2)?)),
+            PathMatch::Str(_) => None,
+            PathMatch::Template(_, prefix) => Some((Dim::PathPrefix, prefix_key(prefix, 2)?)),
+        }
     }
 }
 
@@ -587,13 +699,43 @@ struct CompiledPolicy {
 /// `(policy, rule)` indices in declaration order.
 type RuleRef = (u32, u32);
 
-/// The policies of one action, with rules indexed by the exact principal they require,
-/// so a decision evaluates only the rules that can apply to the peer.
+type Index = HashMap<Box<str>, Vec<RuleRef>, IndexHasher>;
+
+/// At most this many candidate lists per decision: the whole principal, its prefixes
+/// and suffixes, the namespace, the whole path and its prefixes, the unindexed rules.
+const MAX_LISTS: usize = 3 * KEY_SLASHES + 4;
+
+/// The policies of one action, with rules indexed by a key the request must produce for
+/// the rule to apply (see [`CompiledRule::index_keys`]), so a decision evaluates only
+/// the rules that can apply, still in declaration order.
 #[derive(Clone, Debug, Default)]
 struct ActionList {
     policies: Vec<CompiledPolicy>,
-    by_principal: HashMap<Box<str>, Vec<RuleRef>, IndexHasher>,
+    principal: Index,
+    principal_prefix: Index,
+    principal_suffix: Index,
+    namespace: Index,
+    path: Index,
+    path_prefix: Index,
+    /// Every path-keyed rule: visited when the path is unknown (TCP connections).
+    path_keyed: Vec<RuleRef>,
     unindexed: Vec<RuleRef>,
+}
+
+/// The sorted candidate lists of one decision, merged in declaration order.
+struct Candidates<'a> {
+    lists: [&'a [RuleRef]; MAX_LISTS],
+    len: usize,
+}
+
+impl<'a> Candidates<'a> {
+    fn add(&mut self, list: Option<&'a Vec<RuleRef>>) {
+        if let Some(list) = list.filter(|l| !l.is_empty()) {
+            // MAX_LISTS bounds the number of look-ups below.
+            self.lists[self.len] = list;
+            self.len += 1;
+        }
+    }
 }
 
 impl ActionList {
@@ -601,60 +743,137 @@ impl ActionList {
         let p = u32::try_from(self.policies.len()).unwrap_or(u32::MAX);
         for (r, rule) in policy.rules.iter().enumerate() {
             let at = (p, u32::try_from(r).unwrap_or(u32::MAX));
-            match rule.required_principals() {
-                Some(keys) => {
-                    for key in keys {
-                        let refs = self.by_principal.entry(key.into()).or_default();
-                        if refs.last() != Some(&at) {
-                            refs.push(at);
-                        }
-                    }
+            let Some(keys) = rule.index_keys() else {
+                self.unindexed.push(at);
+                continue;
+            };
+            for (dim, key) in keys {
+                let index = match dim {
+                    Dim::Principal => &mut self.principal,
+                    Dim::PrincipalPrefix => &mut self.principal_prefix,
+                    Dim::PrincipalSuffix => &mut self.principal_suffix,
+                    Dim::Namespace => &mut self.namespace,
+                    Dim::Path => &mut self.path,
+                    Dim::PathPrefix => &mut self.path_prefix,
+                };
+                let refs = index.entry(key.into()).or_default();
+                if refs.last() != Some(&at) {
+                    refs.push(at);
                 }
-                None => self.unindexed.push(at),
+                if matches!(dim, Dim::Path | Dim::PathPrefix) && self.path_keyed.last() != Some(&at)
+                {
+                    self.path_keyed.push(at);
+                }
             }
         }
         self.policies.push(policy);
     }
 
+    /// The lists of rules that can apply to the request.
+    fn candidates<'s>(&'s self, f: &Facts<'_>) -> Candidates<'s> {
+        let mut c = Candidates {
+            lists: [&[]; MAX_LISTS],
+            len: 0,
+        };
+        if let Some(p) = f.principal {
+            if !self.principal.is_empty() {
+                c.add(self.principal.get(p));
+            }
+            if !self.principal_prefix.is_empty() {
+                for (i, _) in p.match_indices('/').take(KEY_SLASHES) {
+                    c.add(self.principal_prefix.get(&p[..=i]));
+                }
+            }
+            if !self.principal_suffix.is_empty() {
+                for (i, _) in p.rmatch_indices('/').take(KEY_SLASHES) {
+                    c.add(self.principal_suffix.get(&p[i..]));
+                }
+            }
+            if !self.namespace.is_empty()
+                && let Some(ns) = f.namespace()
+            {
+                c.add(self.namespace.get(ns));
+            }
+        }
+        if !f.http {
+            c.add(Some(&self.path_keyed));
+        } else {
+            let path = f.a.path;
+            if !self.path.is_empty() {
+                c.add(self.path.get(path));
+            }
+            if !self.path_prefix.is_empty() {
+                for (i, _) in path.match_indices('/').take(KEY_SLASHES).skip(1) {
+                    c.add(self.path_prefix.get(&path[..=i]));
+                }
+            }
+        }
+        c.add(Some(&self.unindexed));
+        c
+    }
+
     /// The first rule, in declaration order, that matches. `unknown_matches`: DENY and
     /// AUDIT semantics.
     fn first_match(&self, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
-        let indexed: &[RuleRef] = match f.principal {
-            Some(p) if !self.by_principal.is_empty() => {
-                self.by_principal.get(p).map_or(&[], Vec::as_slice)
-            }
-            _ => &[],
-        };
-        let (mut i, mut j) = (0, 0);
+        if f.linear {
+            return self.first_match_linear(f, unknown_matches);
+        }
+        let c = self.candidates(f);
+        let lists = &c.lists[..c.len];
+        if let [only] = lists {
+            return only
+                .iter()
+                .find_map(|&at| self.try_rule(at, f, unknown_matches));
+        }
+        let mut pos = [0usize; MAX_LISTS];
+        let mut last = None;
         loop {
-            let next = match (indexed.get(i), self.unindexed.get(j)) {
-                (Some(x), Some(y)) if x < y => {
-                    i += 1;
-                    *x
+            let mut best: Option<(usize, RuleRef)> = None;
+            for (k, list) in lists.iter().enumerate() {
+                if let Some(&at) = list.get(pos[k])
+                    && best.is_none_or(|(_, b)| at < b)
+                {
+                    best = Some((k, at));
                 }
-                (_, Some(y)) => {
-                    j += 1;
-                    *y
-                }
-                (Some(x), None) => {
-                    i += 1;
-                    *x
-                }
-                (None, None) => return None,
-            };
-            let policy = &self.policies[next.0 as usize];
-            let matched = match policy.rules[next.1 as usize].eval(f) {
-                Tri::True => true,
-                Tri::Unknown => unknown_matches,
-                Tri::False => false,
-            };
-            if matched {
-                return Some(MatchedPolicy {
-                    name: policy.name.clone(),
-                    rule: next.1 as usize,
-                });
+            }
+            let (k, at) = best?;
+            pos[k] += 1;
+            // A rule under several keys is visited once.
+            if last == Some(at) {
+                continue;
+            }
+            last = Some(at);
+            if let Some(m) = self.try_rule(at, f, unknown_matches) {
+                return Some(m);
             }
         }
+    }
+
+    /// Every rule in declaration order, without the index (the reference the index is
+    /// tested against).
+    fn first_match_linear(&self, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
+        self.policies.iter().enumerate().find_map(|(p, policy)| {
+            (0..policy.rules.len()).find_map(|r| {
+                let at = (
+                    u32::try_from(p).unwrap_or(u32::MAX),
+                    u32::try_from(r).unwrap_or(u32::MAX),
+                );
+                self.try_rule(at, f, unknown_matches)
+            })
+        })
+    }
+
+    fn try_rule(&self, at: RuleRef, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
+        let policy = &self.policies[at.0 as usize];
+        let matched = match policy.rules[at.1 as usize].eval(f) {
+            Tri::True => true,
+            Tri::Unknown => unknown_matches,
+            Tri::False => false,
+        };
+        matched.then(|| MatchedPolicy {
+            name: policy.name.clone(),
+            rule: at.1 as usize,
+        })
     }
 }
 
@@ -808,6 +1027,24 @@ impl PolicySet {
         connection: &ConnectionInfo,
         server_name: ServerName<'_>,
     ) -> AuthzDecision {
+        self.decide_connection(peer, connection, server_name, false)
+    }
+
+    /// [`Self::evaluate`] without the rule index.
+    #[cfg(test)]
+    fn evaluate_linear(&self, attrs: &RequestAttributes<'_>) -> AuthzDecision {
+        let mut facts = Facts::new(attrs, true);
+        facts.linear = true;
+        self.decide_facts(&facts)
+    }
+
+    fn decide_connection(
+        &self,
+        peer: Option<&Identity>,
+        connection: &ConnectionInfo,
+        server_name: ServerName<'_>,
+        linear: bool,
+    ) -> AuthzDecision {
         let headers = HeaderMap::new();
         let attrs = RequestAttributes {
             method: "",
@@ -819,7 +1056,9 @@ impl PolicySet {
             remote_ip: None,
             server_name,
         };
-        self.decide_facts(&Facts::new(&attrs, false))
+        let mut facts = Facts::new(&attrs, false);
+        facts.linear = linear;
+        self.decide_facts(&facts)
     }
 
     fn decide_facts(&self, facts: &Facts<'_>) -> AuthzDecision {
@@ -1325,5 +1564,268 @@ mod tests {
         assert_eq!(Unknown.or(True), True);
         assert_eq!(Unknown.or(False), Unknown);
         assert_eq!(Unknown.not(), Unknown);
+    }
+
+    #[test]
+    fn index_keys_are_slash_bounded_and_capped() {
+        assert_eq!(
+            prefix_key("cluster.local/ns/a/", 1),
+            Some("cluster.local/ns/a/")
+        );
+        assert_eq!(
+            prefix_key("cluster.local/ns/a", 1),
+            Some("cluster.local/ns/")
+        );
+        assert_eq!(prefix_key("td/ns/a/sa/b/c/", 1), Some("td/ns/a/sa/"));
+        assert_eq!(prefix_key("cluster", 1), None);
+        assert_eq!(prefix_key("/admin", 2), None);
+        assert_eq!(
+            prefix_key("/api/v1/payments/", 2),
+            Some("/api/v1/payments/")
+        );
+        assert_eq!(suffix_key("/sa/order"), Some("/sa/order"));
+        assert_eq!(suffix_key(".local/ns/a/sa/b/c"), Some("/a/sa/b/c"));
+        assert_eq!(suffix_key(".local"), None);
+        let prefix = |t: &str| match PathMatch::parse(t).unwrap() {
+            PathMatch::Template(_, p) => p,
+            PathMatch::Str(_) => panic!("not a template"),
+        };
+        assert_eq!(&*prefix("/api/v1/{*}/x"), "/api/v1/");
+        assert_eq!(&*prefix("/a/{**}"), "/a/");
+        assert_eq!(&*prefix("/{*}/x"), "");
+    }
+
+    #[test]
+    fn path_keyed_deny_applies_to_every_tcp_connection() {
+        let deny = Policy::new(
+            "ns",
+            "deny-admin",
+            Action::Deny,
+            vec![Rule {
+                from: None,
+                to: Some(vec![Operation {
+                    paths: vec!["/admin/*".into()],
+                    ..Operation::default()
+                }]),
+                when: vec![],
+            }],
+        );
+        let set = PolicySet::compile([&deny]).unwrap();
+        assert_eq!(set.enforced.deny.path_keyed.len(), 1);
+        assert!(set.enforced.deny.unindexed.is_empty());
+        let info = ConnectionInfo {
+            remote: "10.0.0.1:1000".parse().unwrap(),
+            local: "10.0.0.2:80".parse().unwrap(),
+            security: mesh_core::ConnectionSecurity::None,
+        };
+        let d = set.evaluate_connection(None, &info, ServerName::Unknown);
+        assert!(!d.allowed);
+        assert_eq!(d.policy.unwrap().name.as_ref(), "ns/deny-admin");
+    }
+
+    mod index_vs_linear {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PRINCIPALS: &[&str] = &[
+            "cluster.local/ns/a/sa/x",
+            "cluster.local/ns/b/sa/y",
+            "cluster.local/ns/a/*",
+            "cluster.local/ns/a/sa/x/deep/er/more/*",
+            "cluster.local/*",
+            "cluster*",
+            "*/sa/x",
+            "*.local/ns/a/sa/x",
+            "*/er/more/z",
+            "*",
+            "other.td/ns/a/sa/x",
+        ];
+        const NAMESPACES: &[&str] = &["a", "b", "a*", "*"];
+        const PATHS: &[&str] = &[
+            "/api/v1/x",
+            "/api/*",
+            "/api/v1/*",
+            "/api/{*}/x",
+            "/{*}/x",
+            "/api/v1/payments/deep/more/*",
+            "/a/b/c/d/e",
+            "/a/b/c/d/e/*",
+            "/a/{**}",
+            "*x",
+            "/ap*",
+            "*",
+        ];
+        const PEERS: &[&str] = &[
+            "spiffe://cluster.local/ns/a/sa/x",
+            "spiffe://cluster.local/ns/b/sa/y",
+            "spiffe://other.td/ns/a/sa/x",
+            "spiffe://cluster.local/ns/a/sa/x/deep/er/more/z",
+            "spiffe://cluster.local/workload/x",
+        ];
+        const REQUEST_PATHS: &[&str] = &[
+            "/api/v1/x",
+            "/api/v2/x",
+            "/api/v1/payments/deep/more/z",
+            "/a/b/c/d/e",
+            "/a/b/c/d/e/f",
+            "/a/",
+            "/",
+            "/apx",
+            "/api/",
+            "*",
+        ];
+
+        fn pick(vocab: &'static [&'static str]) -> impl Strategy<Value = Vec<String>> {
+            prop::collection::vec(prop::sample::select(vocab), 0..3)
+                .prop_map(|v| v.into_iter().map(String::from).collect())
+        }
+
+        fn source() -> impl Strategy<Value = Source> {
+            (
+                pick(PRINCIPALS),
+                pick(PRINCIPALS),
+                pick(NAMESPACES),
+                pick(NAMESPACES),
+                prop::sample::select(&["", "10.0.0.0/8", "192.168.0.0/16"][..]),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(principals, not_principals, namespaces, not_namespaces, ip, jwt)| {
+                        let mut s = Source {
+                            principals,
+                            not_principals,
+                            namespaces,
+                            not_namespaces,
+                            ..Source::default()
+                        };
+                        if !ip.is_empty() {
+                            s.ip_blocks = vec![ip.into()];
+                        }
+                        if jwt {
+                            s.not_request_principals = vec!["*".into()];
+                        }
+                        s
+                    },
+                )
+        }
+
+        fn operation() -> impl Strategy<Value = Operation> {
+            (
+                pick(PATHS),
+                pick(PATHS),
+                pick(&["GET", "POST"]),
+                pick(&["80", "8080"]),
+                pick(&["*.svc", "payment"]),
+            )
+                .prop_map(|(paths, not_paths, methods, ports, hosts)| Operation {
+                    paths,
+                    not_paths,
+                    methods,
+                    ports,
+                    hosts,
+                    ..Operation::default()
+                })
+        }
+
+        fn rule() -> impl Strategy<Value = Rule> {
+            (
+                prop::option::of(prop::collection::vec(source(), 1..3)),
+                prop::option::of(prop::collection::vec(operation(), 1..3)),
+                prop::option::of(prop::sample::select(&["acme", "glob*"][..])),
+            )
+                .prop_map(|(from, to, header)| Rule {
+                    from,
+                    to,
+                    when: header
+                        .map(|v| vec![Condition::values("request.headers[x-t]", &[v])])
+                        .unwrap_or_default(),
+                })
+        }
+
+        fn policies() -> impl Strategy<Value = Vec<Policy>> {
+            prop::collection::vec(
+                (
+                    prop::sample::select(&[Action::Allow, Action::Deny, Action::Audit][..]),
+                    prop::collection::vec(rule(), 1..5),
+                    any::<bool>(),
+                ),
+                1..8,
+            )
+            .prop_map(|ps| {
+                ps.into_iter()
+                    .enumerate()
+                    .map(|(i, (action, rules, dry_run))| {
+                        let mut p = Policy::new("ns", &format!("p{i}"), action, rules);
+                        p.dry_run = dry_run;
+                        p
+                    })
+                    .collect()
+            })
+        }
+
+        /// Keeps the sources and operations that have a field (the others fail
+        /// compilation and would reject the whole set).
+        fn valid(mut ps: Vec<Policy>) -> Vec<Policy> {
+            for p in &mut ps {
+                for r in p.rules.iter_mut().flatten() {
+                    if let Some(from) = &mut r.from {
+                        from.retain(|s| *s != Source::default());
+                        if from.is_empty() {
+                            r.from = None;
+                        }
+                    }
+                    if let Some(to) = &mut r.to {
+                        to.retain(|o| *o != Operation::default());
+                        if to.is_empty() {
+                            r.to = None;
+                        }
+                    }
+                }
+            }
+            ps
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4096))]
+
+            #[test]
+            fn indexed_and_linear_evaluation_decide_identically(
+                ps in policies(),
+                peer in prop::option::of(prop::sample::select(PEERS)),
+                path in prop::sample::select(REQUEST_PATHS),
+                method in prop::sample::select(&["GET", "POST"][..]),
+                port in prop::sample::select(&[80u16, 8080][..]),
+                tenant in prop::sample::select(&["acme", "global", ""][..]),
+                connection in any::<bool>(),
+            ) {
+                let ps = valid(ps);
+                let set = PolicySet::compile(&ps).unwrap();
+                let peer = peer.map(|p| Identity::parse(p).unwrap());
+                let info = ConnectionInfo {
+                    remote: "10.1.2.3:4000".parse().unwrap(),
+                    local: std::net::SocketAddr::from(([10, 9, 9, 9], port)),
+                    security: mesh_core::ConnectionSecurity::MutualTls,
+                };
+                let mut headers = HeaderMap::new();
+                if !tenant.is_empty() {
+                    headers.insert("x-t", http::HeaderValue::from_static(tenant));
+                }
+                let attrs = RequestAttributes {
+                    method,
+                    path,
+                    host: Some("payment.ns.svc"),
+                    headers: &headers,
+                    peer: peer.as_ref(),
+                    connection: connection.then_some(&info),
+                    remote_ip: None,
+                    server_name: ServerName::Unknown,
+                };
+                prop_assert_eq!(set.evaluate(&attrs), set.evaluate_linear(&attrs));
+                prop_assert_eq!(
+                    set.decide_connection(peer.as_ref(), &info, ServerName::Unknown, false),
+                    set.decide_connection(peer.as_ref(), &info, ServerName::Unknown, true)
+                );
+            }
+        }
     }
 }

@@ -128,4 +128,6 @@ pub use mesh_core::extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
 pub use normalize::{
     Canonical, NormalizeOptions, PathError, PathNormalization, PathParameters, canonicalize,
 };
-pub use policy::{Action, Condition, Operation, Policy, Rule, Source, Workload};
+pub use policy::{
+    Action, Condition, DRY_RUN_ANNOTATION, Operation, Policy, Rule, Source, Workload,
+};
