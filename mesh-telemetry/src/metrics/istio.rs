@@ -502,6 +502,7 @@ impl IstioMetrics {
                 reporter,
                 base,
                 cache: RwLock::default(),
+                hot: OnceLock::new(),
                 peers: RwLock::default(),
                 overflow: OnceLock::new(),
             }),
@@ -706,6 +707,9 @@ struct HandleInner {
     reporter: Reporter,
     base: HttpLabels,
     cache: RwLock<KeyMap<Series>>,
+    /// The first series created (in the usual case a handle's 200s): found without the
+    /// cache's lock. The same `Series` as the cache holds for its key.
+    hot: OnceLock<(Key, Series)>,
     peers: RwLock<HashMap<Identity, u32, std::hash::BuildHasherDefault<KeyHasher>>>,
     overflow: OnceLock<Series>,
 }
@@ -755,6 +759,11 @@ impl MetricsHandle {
     /// Runs `f` with the series selected by `facts`, creating it on first use.
     pub fn with_series<R>(&self, facts: &RequestFacts<'_>, f: impl FnOnce(&Series) -> R) -> R {
         let key = self.key(facts);
+        if let Some((hot, series)) = self.inner.hot.get()
+            && *hot == key
+        {
+            return f(series);
+        }
         {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = cache.get(&key) {
@@ -839,6 +848,7 @@ impl MetricsHandle {
         }
         let series = self.resolve(&labels);
         cache.insert(key, series.clone());
+        let _ = self.inner.hot.set((key, series.clone()));
         series
     }
 
@@ -1013,5 +1023,42 @@ mod tests {
             .find(|l| l.contains("response_code=\"unknown\""))
             .expect("overflow series");
         assert!(overflow.ends_with(" 97"), "{overflow}");
+    }
+
+    /// The lock-free first series and the cache's lookup count into the same series,
+    /// whichever key came first and in any order.
+    #[test]
+    fn first_series_fast_path_and_cache_share_counts() {
+        let mut reg = Registry::default();
+        let m = IstioMetrics::register(&mut reg);
+        let h = m.handle(
+            Reporter::Source,
+            &Workload::new("a", "ns"),
+            &Workload::unknown(),
+            &DestinationService::from_host("b.ns.svc.cluster.local"),
+        );
+        let ok = RequestFacts::default();
+        let unavailable = RequestFacts {
+            response_code: 503,
+            flags: ResponseFlags::UPSTREAM_OVERFLOW,
+            ..RequestFacts::default()
+        };
+        for facts in [&unavailable, &ok, &unavailable, &ok, &ok, &unavailable, &ok] {
+            h.record(facts, 1.0, 0, 0);
+        }
+        assert_eq!(h.series_count(), 2);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
+        let count = |code: &str| {
+            out.lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("response_code=\"{code}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(count("503").as_deref(), Some("3"), "{out}");
+        assert_eq!(count("200").as_deref(), Some("4"), "{out}");
     }
 }
