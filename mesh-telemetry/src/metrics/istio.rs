@@ -502,7 +502,9 @@ impl IstioMetrics {
                 reporter,
                 base,
                 cache: RwLock::default(),
+                hot: OnceLock::new(),
                 peers: RwLock::default(),
+                hot_peer: OnceLock::new(),
                 overflow: OnceLock::new(),
             }),
         }
@@ -706,7 +708,12 @@ struct HandleInner {
     reporter: Reporter,
     base: HttpLabels,
     cache: RwLock<KeyMap<Series>>,
+    /// The first series created (in the usual case a handle's 200s): found without the
+    /// cache's lock. The same `Series` as the cache holds for its key.
+    hot: OnceLock<(Key, Series)>,
     peers: RwLock<HashMap<Identity, u32, std::hash::BuildHasherDefault<KeyHasher>>>,
+    /// The first peer interned, found without the peers' lock.
+    hot_peer: OnceLock<(Identity, u32)>,
     overflow: OnceLock<Series>,
 }
 
@@ -755,6 +762,11 @@ impl MetricsHandle {
     /// Runs `f` with the series selected by `facts`, creating it on first use.
     pub fn with_series<R>(&self, facts: &RequestFacts<'_>, f: impl FnOnce(&Series) -> R) -> R {
         let key = self.key(facts);
+        if let Some((hot, series)) = self.inner.hot.get()
+            && *hot == key
+        {
+            return f(series);
+        }
         {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = cache.get(&key) {
@@ -786,6 +798,11 @@ impl MetricsHandle {
     }
 
     fn peer_index(&self, id: &Identity) -> u32 {
+        if let Some((hot, i)) = self.inner.hot_peer.get()
+            && hot == id
+        {
+            return *i;
+        }
         {
             let peers = self.inner.peers.read().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = peers.get(id) {
@@ -802,6 +819,7 @@ impl MetricsHandle {
         }
         let i = u32::try_from(peers.len() + 1).unwrap_or(u32::MAX);
         peers.insert(id.clone(), i);
+        let _ = self.inner.hot_peer.set((id.clone(), i));
         i
     }
 
@@ -839,6 +857,7 @@ impl MetricsHandle {
         }
         let series = self.resolve(&labels);
         cache.insert(key, series.clone());
+        let _ = self.inner.hot.set((key, series.clone()));
         series
     }
 
@@ -1013,5 +1032,84 @@ mod tests {
             .find(|l| l.contains("response_code=\"unknown\""))
             .expect("overflow series");
         assert!(overflow.ends_with(" 97"), "{overflow}");
+    }
+
+    /// The lock-free first series and the cache's lookup count into the same series,
+    /// whichever key came first and in any order.
+    #[test]
+    fn first_series_fast_path_and_cache_share_counts() {
+        let mut reg = Registry::default();
+        let m = IstioMetrics::register(&mut reg);
+        let h = m.handle(
+            Reporter::Source,
+            &Workload::new("a", "ns"),
+            &Workload::unknown(),
+            &DestinationService::from_host("b.ns.svc.cluster.local"),
+        );
+        let ok = RequestFacts::default();
+        let unavailable = RequestFacts {
+            response_code: 503,
+            flags: ResponseFlags::UPSTREAM_OVERFLOW,
+            ..RequestFacts::default()
+        };
+        for facts in [&unavailable, &ok, &unavailable, &ok, &ok, &unavailable, &ok] {
+            h.record(facts, 1.0, 0, 0);
+        }
+        assert_eq!(h.series_count(), 2);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
+        let count = |code: &str| {
+            out.lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("response_code=\"{code}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(count("503").as_deref(), Some("3"), "{out}");
+        assert_eq!(count("200").as_deref(), Some("4"), "{out}");
+    }
+
+    /// The lock-free first peer and the peers' map give every caller its own series.
+    #[test]
+    fn first_peer_fast_path_and_peer_map_keep_callers_apart() {
+        let mut reg = Registry::default();
+        let m = IstioMetrics::register(&mut reg);
+        let h = m.handle(
+            Reporter::Destination,
+            &Workload::new("reviews-v2", "default"),
+            &Workload::unknown(),
+            &DestinationService::from_host("reviews.default.svc.cluster.local"),
+        );
+        let web = Identity::parse("spiffe://cluster.local/ns/frontend/sa/web").unwrap();
+        let batch = Identity::parse("spiffe://cluster.local/ns/jobs/sa/batch").unwrap();
+        for peer in [&web, &batch, &web, &web, &batch] {
+            let facts = RequestFacts {
+                security: ConnectionSecurity::MutualTls,
+                peer: Some(peer),
+                ..RequestFacts::default()
+            };
+            h.record(&facts, 1.0, 0, 0);
+        }
+        assert_eq!(h.series_count(), 2);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
+        let count = |principal: &str, namespace: &str| {
+            out.lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("source_principal=\"{principal}\""))
+                        && l.contains(&format!("source_workload_namespace=\"{namespace}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            count(web.as_str(), "frontend").as_deref(),
+            Some("3"),
+            "{out}"
+        );
+        assert_eq!(count(batch.as_str(), "jobs").as_deref(), Some("2"), "{out}");
     }
 }
