@@ -10,6 +10,17 @@
 //! `or` and `not` follow Kleene's rules. An ALLOW rule matches only when it is *true*;
 //! a DENY or AUDIT rule matches when it is true *or unknown*. So an unknowable attribute
 //! can only ever narrow what is allowed and widen what is denied.
+//!
+//! Rules are indexed by a key the request must produce for the rule to be true or
+//! unknown (see `CompiledRule::index_keys`): the exact principal, a `/`-bounded prefix
+//! or suffix of it (`cluster.local/ns/x/*`, `*/sa/y`), the literal namespace, the exact
+//! path or a `/`-bounded path prefix (`/api/v1/*`, `/api/{*}/x`). A decision looks up
+//! at most `MAX_LISTS` sorted candidate lists and merges them with the rules that
+//! have no key, so it visits only the rules that can apply, in declaration order. Keys
+//! come only from positive fields whose predicate is never unknown on the path they are
+//! looked up on (principals and namespaces are false without a peer); on TCP
+//! connections, where paths are unknown, every path-keyed rule is visited. A unit
+//! proptest checks that the indexed and the linear evaluation decide identically.
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -818,12 +829,20 @@ impl ActionList {
         if f.linear {
             return self.first_match_linear(f, unknown_matches);
         }
+        if self.policies.is_empty() {
+            return None;
+        }
         let c = self.candidates(f);
         let lists = &c.lists[..c.len];
-        if let [only] = lists {
-            return only
-                .iter()
-                .find_map(|&at| self.try_rule(at, f, unknown_matches));
+        match lists {
+            [] => return None,
+            [only] => {
+                return only
+                    .iter()
+                    .find_map(|&at| self.try_rule(at, f, unknown_matches));
+            }
+            [a, b] => return self.first_match_of_two(a, b, f, unknown_matches),
+            _ => {}
         }
         let mut pos = [0usize; MAX_LISTS];
         let mut last = None;
@@ -849,6 +868,41 @@ impl ActionList {
         }
     }
 
+    /// The common case of two candidate lists (e.g. the peer's rules and the unindexed
+    /// ones), merged in declaration order; a rule in both is visited once.
+    fn first_match_of_two(
+        &self,
+        mut a: &[RuleRef],
+        mut b: &[RuleRef],
+        f: &Facts<'_>,
+        unknown_matches: bool,
+    ) -> Option<MatchedPolicy> {
+        loop {
+            let at = match (a.split_first(), b.split_first()) {
+                (Some((&x, rest)), Some((&y, _))) if x < y => {
+                    a = rest;
+                    x
+                }
+                (Some((&x, rest_a)), Some((&y, rest_b))) if x == y => {
+                    (a, b) = (rest_a, rest_b);
+                    x
+                }
+                (_, Some((&y, rest))) => {
+                    b = rest;
+                    y
+                }
+                (Some((&x, rest)), None) => {
+                    a = rest;
+                    x
+                }
+                (None, None) => return None,
+            };
+            if let Some(m) = self.try_rule(at, f, unknown_matches) {
+                return Some(m);
+            }
+        }
+    }
+
     /// Every rule in declaration order, without the index (the reference the index is
     /// tested against).
     fn first_match_linear(&self, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
@@ -863,6 +917,7 @@ impl ActionList {
         })
     }
 
+    #[inline(always)]
     fn try_rule(&self, at: RuleRef, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
         let policy = &self.policies[at.0 as usize];
         let matched = match policy.rules[at.1 as usize].eval(f) {
