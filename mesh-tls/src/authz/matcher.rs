@@ -587,12 +587,15 @@ impl CompiledRule {
     ///
     /// Sources are preferred (every `from` entry needs a positive `principals` of exact,
     /// `prefix*` or `*suffix` values bounded by a `/`, or a positive `namespaces` of
-    /// literal values); otherwise operations (every `to` entry needs a positive `paths`
+    /// literal values or `serviceAccounts`), then `when` conditions on
+    /// `source.principal`/`source.namespace`; otherwise operations (every `to` entry needs a positive `paths`
     /// of exact values, `prefix*` values or URI templates with a literal leading segment).
     /// Principals and namespaces are never unknown (no peer: false); paths are unknown
     /// on TCP connections, where every path-keyed rule is visited.
     fn index_keys(&self) -> Option<Vec<(Dim, &str)>> {
-        self.source_keys().or_else(|| self.operation_keys())
+        self.source_keys()
+            .or_else(|| peer_keys(&self.when))
+            .or_else(|| self.operation_keys())
     }
 
     fn source_keys(&self) -> Option<Vec<(Dim, &str)>> {
@@ -601,24 +604,7 @@ impl CompiledRule {
         }
         let mut keys = Vec::new();
         for entry in self.from.iter() {
-            let by_principal = entry.iter().find_map(|p| match &p.field {
-                Field::Principal(ms) if !p.negate => ms.iter().map(principal_key).collect(),
-                _ => None,
-            });
-            let by_namespace = || {
-                entry.iter().find_map(|p| match &p.field {
-                    Field::Namespace(gs) if !p.negate => gs
-                        .iter()
-                        .map(|g| match &*g.0 {
-                            [literal] => Some((Dim::Namespace, &**literal)),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => None,
-                })
-            };
-            let entry_keys: Vec<(Dim, &str)> = by_principal.or_else(by_namespace)?;
-            keys.extend(entry_keys);
+            keys.extend(peer_keys(entry)?);
         }
         Some(keys)
     }
@@ -637,6 +623,32 @@ impl CompiledRule {
         }
         Some(keys)
     }
+}
+
+/// Keys from the first of the ANDed `preds` that has them: a positive principal
+/// predicate (exact, or `/`-bounded prefix or suffix values), else a positive literal
+/// namespace or service account predicate.
+fn peer_keys(preds: &[Pred]) -> Option<Vec<(Dim, &str)>> {
+    let by_principal = preds.iter().find_map(|p| match &p.field {
+        Field::Principal(ms) if !p.negate => ms.iter().map(principal_key).collect(),
+        _ => None,
+    });
+    by_principal.or_else(|| {
+        preds.iter().find_map(|p| match &p.field {
+            Field::Namespace(gs) if !p.negate => gs
+                .iter()
+                .map(|g| match &*g.0 {
+                    [literal] => Some((Dim::Namespace, &**literal)),
+                    _ => None,
+                })
+                .collect(),
+            // `serviceAccounts` compare the namespace of an Istio-form ID.
+            Field::ServiceAccount(sas) if !p.negate => {
+                Some(sas.iter().map(|(ns, _)| (Dim::Namespace, &**ns)).collect())
+            }
+            _ => None,
+        })
+    })
 }
 
 /// How many `/`-bounded prefixes (or suffixes) of a principal or path the index looks
@@ -1743,9 +1755,10 @@ mod tests {
                 pick(NAMESPACES),
                 prop::sample::select(&["", "10.0.0.0/8", "192.168.0.0/16"][..]),
                 any::<bool>(),
+                pick(&["a/x", "b/y", "x"]),
             )
                 .prop_map(
-                    |(principals, not_principals, namespaces, not_namespaces, ip, jwt)| {
+                    |(principals, not_principals, namespaces, not_namespaces, ip, jwt, sas)| {
                         let mut s = Source {
                             principals,
                             not_principals,
@@ -1753,6 +1766,10 @@ mod tests {
                             not_namespaces,
                             ..Source::default()
                         };
+                        // `serviceAccounts` cannot be combined with principals or namespaces.
+                        if s == Source::default() {
+                            s.service_accounts = sas;
+                        }
                         if !ip.is_empty() {
                             s.ip_blocks = vec![ip.into()];
                         }
@@ -1787,13 +1804,31 @@ mod tests {
                 prop::option::of(prop::collection::vec(source(), 1..3)),
                 prop::option::of(prop::collection::vec(operation(), 1..3)),
                 prop::option::of(prop::sample::select(&["acme", "glob*"][..])),
+                prop::option::of((
+                    prop::sample::select(
+                        &[
+                            ("source.namespace", "a"),
+                            ("source.namespace", "b*"),
+                            ("source.principal", "cluster.local/ns/a/*"),
+                            ("source.principal", "*/sa/y"),
+                            ("source.principal", "cluster.local/ns/b/sa/y"),
+                        ][..],
+                    ),
+                    any::<bool>(),
+                )),
             )
-                .prop_map(|(from, to, header)| Rule {
-                    from,
-                    to,
-                    when: header
+                .prop_map(|(from, to, header, peer)| {
+                    let mut when: Vec<Condition> = header
                         .map(|v| vec![Condition::values("request.headers[x-t]", &[v])])
-                        .unwrap_or_default(),
+                        .unwrap_or_default();
+                    if let Some(((key, value), negate)) = peer {
+                        when.push(if negate {
+                            Condition::not_values(key, &[value])
+                        } else {
+                            Condition::values(key, &[value])
+                        });
+                    }
+                    Rule { from, to, when }
                 })
         }
 
