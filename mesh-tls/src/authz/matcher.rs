@@ -294,9 +294,9 @@ enum Field {
     Namespace(Box<[Glob]>),
     TrustDomain(Box<[StrMatch]>),
     ServiceAccount(Box<[(Box<str>, Box<str>)]>),
-    SourceIp(Box<[IpNet]>),
-    RemoteIp(Box<[IpNet]>),
-    DestinationIp(Box<[IpNet]>),
+    SourceIp(Box<[Cidr]>),
+    RemoteIp(Box<[Cidr]>),
+    DestinationIp(Box<[Cidr]>),
     Port(Box<[u16]>),
     Host(Box<[StrMatch]>),
     Method(Box<[StrMatch]>),
@@ -321,11 +321,43 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn ip_in(nets: &[IpNet], ip: Option<IpAddr>) -> Tri {
+/// A validated CIDR range as network and mask, so a test is one `and` and compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cidr {
+    V4 { net: u32, mask: u32 },
+    V6 { net: u128, mask: u128 },
+}
+
+impl Cidr {
+    fn new(net: IpNet) -> Self {
+        match net {
+            IpNet::V4(n) => Cidr::V4 {
+                net: u32::from(n.network()),
+                mask: u32::from(n.netmask()),
+            },
+            IpNet::V6(n) => Cidr::V6 {
+                net: u128::from(n.network()),
+                mask: u128::from(n.netmask()),
+            },
+        }
+    }
+
+    /// `ip` must be canonical ([`canonical_ip`]); IPv4 ranges never contain IPv6
+    /// addresses and the reverse.
+    fn contains(self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (Cidr::V4 { net, mask }, IpAddr::V4(a)) => u32::from(a) & mask == net,
+            (Cidr::V6 { net, mask }, IpAddr::V6(a)) => u128::from(a) & mask == net,
+            _ => false,
+        }
+    }
+}
+
+fn ip_in(nets: &[Cidr], ip: Option<IpAddr>) -> Tri {
     match ip {
         Some(ip) => {
             let ip = canonical_ip(ip);
-            Tri::from_bool(nets.iter().any(|n| n.contains(&ip)))
+            Tri::from_bool(nets.iter().any(|n| n.contains(ip)))
         }
         None => Tri::Unknown,
     }
@@ -1291,12 +1323,12 @@ fn str_match(v: &str) -> Result<StrMatch, String> {
     Ok(StrMatch::parse(v))
 }
 
-fn ip_net(v: &str) -> Result<IpNet, String> {
+fn ip_net(v: &str) -> Result<Cidr, String> {
     if let Ok(ip) = v.parse::<IpAddr>() {
-        return Ok(IpNet::from(canonical_ip(ip)));
+        return Ok(Cidr::new(IpNet::from(canonical_ip(ip))));
     }
     match v.parse::<IpNet>() {
-        Ok(net) => Ok(net.trunc()),
+        Ok(net) => Ok(Cidr::new(net.trunc())),
         Err(_) => Err(format!("`{v}` is not an IP address or CIDR range")),
     }
 }
@@ -1631,6 +1663,24 @@ mod tests {
         assert_eq!(Unknown.or(True), True);
         assert_eq!(Unknown.or(False), Unknown);
         assert_eq!(Unknown.not(), Unknown);
+    }
+
+    #[test]
+    fn cidrs_contain_the_addresses_of_their_range_and_family_only() {
+        let c = |v: &str| ip_net(v).unwrap();
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.255.0.1")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(c("10.1.2.3/8").contains(ip("10.9.9.9")));
+        assert!(c("10.1.2.3").contains(ip("10.1.2.3")) && !c("10.1.2.3").contains(ip("10.1.2.4")));
+        assert!(c("0.0.0.0/0").contains(ip("1.2.3.4")) && !c("0.0.0.0/0").contains(ip("::1")));
+        assert!(c("fd00::/8").contains(ip("fd12::1")) && !c("fd00::/8").contains(ip("fe00::1")));
+        assert!(!c("::/0").contains(ip("1.2.3.4")));
+        assert!(c("::ffff:10.0.0.1").contains(ip("10.0.0.1")));
+        assert_eq!(
+            ip_in(&[c("10.0.0.0/8")], Some(ip("::ffff:10.0.0.7"))),
+            Tri::True
+        );
     }
 
     #[test]
