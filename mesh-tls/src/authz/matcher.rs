@@ -704,12 +704,30 @@ enum Dim {
     PathPrefix,
 }
 
+/// Byte offsets of the `/`s in `s`, first to last (a plain byte scan: keys and
+/// principals are short, where `memchr` costs more than it saves).
+fn slashes(s: &str) -> impl Iterator<Item = usize> + '_ {
+    s.bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+}
+
+/// Byte offsets of the `/`s in `s`, last to first.
+fn slashes_rev(s: &str) -> impl Iterator<Item = usize> + '_ {
+    s.bytes()
+        .enumerate()
+        .rev()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+}
+
 /// `s` up to and including its `min(n, KEY_SLASHES)`-th `/` (of `n`); `None` with
 /// fewer than `min` slashes. Every string starting with `s` starts with the key and
 /// has the key as one of its first `KEY_SLASHES` `/`-bounded prefixes.
 fn prefix_key(s: &str, min: usize) -> Option<&str> {
     let mut end = None;
-    for (count, (i, _)) in s.match_indices('/').take(KEY_SLASHES).enumerate() {
+    for (count, i) in slashes(s).take(KEY_SLASHES).enumerate() {
         if count + 1 >= min {
             end = Some(i);
         }
@@ -719,10 +737,7 @@ fn prefix_key(s: &str, min: usize) -> Option<&str> {
 
 /// `s` from its `min(n, KEY_SLASHES)`-th `/` counted from the end; `None` without `/`.
 fn suffix_key(s: &str) -> Option<&str> {
-    s.rmatch_indices('/')
-        .take(KEY_SLASHES)
-        .last()
-        .map(|(i, _)| &s[i..])
+    slashes_rev(s).take(KEY_SLASHES).last().map(|i| &s[i..])
 }
 
 fn principal_key(m: &StrMatch) -> Option<(Dim, &str)> {
@@ -835,12 +850,12 @@ impl ActionList {
                 c.add(self.principal.get(p));
             }
             if !self.principal_prefix.is_empty() {
-                for (i, _) in p.match_indices('/').take(KEY_SLASHES) {
+                for i in slashes(p).take(KEY_SLASHES) {
                     c.add(self.principal_prefix.get(&p[..=i]));
                 }
             }
             if !self.principal_suffix.is_empty() {
-                for (i, _) in p.rmatch_indices('/').take(KEY_SLASHES) {
+                for i in slashes_rev(p).take(KEY_SLASHES) {
                     c.add(self.principal_suffix.get(&p[i..]));
                 }
             }
@@ -858,7 +873,7 @@ impl ActionList {
                 c.add(self.path.get(path));
             }
             if !self.path_prefix.is_empty() {
-                for (i, _) in path.match_indices('/').take(KEY_SLASHES).skip(1) {
+                for i in slashes(path).take(KEY_SLASHES).skip(1) {
                     c.add(self.path_prefix.get(&path[..=i]));
                 }
             }
