@@ -35,7 +35,8 @@
 //!   the rule to apply (exact principal, `/`-bounded principal prefix or suffix,
 //!   namespace, exact path or path prefix), so a decision evaluates only candidate
 //!   rules, in declaration order, with the same result as evaluating every rule. A
-//!   decision allocates nothing on the allow path.
+//!   decision allocates nothing, except to join a repeated header that a condition
+//!   inspects.
 //! - **Malformed requests** (AP-44): a method with lower-case letters, a repeated or
 //!   non-ASCII `Host` are answered with 400 (whitespace in header names is rejected by
 //!   hyper before any layer runs).
