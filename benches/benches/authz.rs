@@ -35,20 +35,28 @@ fn article() -> Policy {
     )
 }
 
-/// 100 policies x 10 rules (every 10th a DENY), each rule with principals, namespaces,
+/// How the sources (and paths) of the 100 x 10 set are written.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `principals: [cluster.local/ns/ns<p>/sa/sa<r>]`.
+    ExactPrincipals,
+    /// `principals: [cluster.local/ns/ns<p>/*]` (a namespace's workloads).
+    PrefixPrincipals,
+    /// `principals: [*/ns/ns<p>/sa/sa<r>]` (a workload in any trust domain).
+    SuffixPrincipals,
+    /// `namespaces: [ns<p>]`, no principals.
+    Namespaces,
+    /// `ipBlocks: [192.168.<p>.0/24]` only, with per-rule paths `/api/p<p>/v<r>/{*}`.
+    IpBlocksAndPaths,
+    /// `ipBlocks: [192.168.<p>.0/24]` only, and every rule also allows
+    /// `/api/v1/payments/*`: every rule is a candidate for the request (the worst case).
+    IpBlocksOnly,
+}
+
+/// 100 policies x 10 rules (every 10th a DENY), each rule with a source (see [`Shape`]),
 /// ipBlocks, hosts, methods, a URI template, ports and a header condition. Only the last
-/// rule of the last policy matches, so a decision evaluates all 1000 rules.
-fn hundred_by_ten() -> Vec<Policy> {
-    hundred_by_ten_with(false)
-}
-
-/// The same set with prefix principals (`cluster.local/ns/ns<p>/*`), which the principal
-/// index cannot narrow: every rule is evaluated.
-fn hundred_by_ten_unindexed() -> Vec<Policy> {
-    hundred_by_ten_with(true)
-}
-
-fn hundred_by_ten_with(prefix: bool) -> Vec<Policy> {
+/// rule of the last policy matches the request.
+fn hundred_by_ten(shape: Shape) -> Vec<Policy> {
     (0..100)
         .map(|p| {
             let action = if p % 10 == 0 {
@@ -59,24 +67,46 @@ fn hundred_by_ten_with(prefix: bool) -> Vec<Policy> {
             let rules = (0..10)
                 .map(|r| {
                     let last = p == 99 && r == 9;
+                    let (ns, sa) = if last {
+                        ("production".to_string(), "order-service".to_string())
+                    } else {
+                        (format!("ns{p}"), format!("sa{r}"))
+                    };
+                    let mut source = Source {
+                        ip_blocks: vec!["10.0.0.0/8".into()],
+                        ..Source::default()
+                    };
+                    match shape {
+                        Shape::ExactPrincipals => {
+                            source.principals = vec![format!("cluster.local/ns/{ns}/sa/{sa}")];
+                            source.namespaces = vec!["prod*".into()];
+                        }
+                        Shape::PrefixPrincipals => {
+                            source.principals = vec![format!("cluster.local/ns/{ns}/*")];
+                            source.namespaces = vec!["prod*".into()];
+                        }
+                        Shape::SuffixPrincipals => {
+                            source.principals = vec![format!("*/ns/{ns}/sa/{sa}")];
+                            source.namespaces = vec!["prod*".into()];
+                        }
+                        Shape::Namespaces => source.namespaces = vec![ns],
+                        Shape::IpBlocksAndPaths | Shape::IpBlocksOnly if !last => {
+                            source.ip_blocks = vec![format!("192.168.{p}.0/24")];
+                        }
+                        Shape::IpBlocksAndPaths | Shape::IpBlocksOnly => {}
+                    }
+                    let paths = match shape {
+                        Shape::IpBlocksAndPaths if !last => {
+                            vec![format!("/api/p{p}/v{r}/{{*}}"), format!("/api/p{p}/v{r}")]
+                        }
+                        _ => vec![format!("/api/v{r}/{{*}}/x"), "/api/v1/payments/*".into()],
+                    };
                     Rule {
-                        from: Some(vec![Source {
-                            principals: vec![match (last, prefix) {
-                                (true, false) => {
-                                    "cluster.local/ns/production/sa/order-service".into()
-                                }
-                                (true, true) => "cluster.local/ns/production/*".into(),
-                                (false, false) => format!("cluster.local/ns/ns{p}/sa/sa{r}"),
-                                (false, true) => format!("cluster.local/ns/ns{p}/*"),
-                            }],
-                            namespaces: vec!["prod*".into()],
-                            ip_blocks: vec!["10.0.0.0/8".into()],
-                            ..Source::default()
-                        }]),
+                        from: Some(vec![source]),
                         to: Some(vec![Operation {
                             hosts: vec!["*.svc".into(), "payment".into()],
                             methods: vec!["POST".into(), "PUT".into()],
-                            paths: vec![format!("/api/v{r}/{{*}}/x"), "/api/v1/payments/*".into()],
+                            paths,
                             ports: vec!["8080".into()],
                             ..Operation::default()
                         }]),
@@ -123,7 +153,7 @@ fn decisions(c: &mut Criterion) {
         b.iter(|| black_box(&article).evaluate(black_box(&deny)).allowed)
     });
 
-    let policies = hundred_by_ten();
+    let policies = hundred_by_ten(Shape::ExactPrincipals);
     let big = PolicySet::compile(&policies).expect("compiles");
     c.bench_function("authz/100x10/allow_last_rule", |b| {
         b.iter(|| black_box(&big).evaluate(black_box(&allow)).allowed)
@@ -131,10 +161,19 @@ fn decisions(c: &mut Criterion) {
     c.bench_function("authz/100x10/deny_no_match", |b| {
         b.iter(|| black_box(&big).evaluate(black_box(&deny)).allowed)
     });
-    let unindexed = PolicySet::compile(&hundred_by_ten_unindexed()).expect("compiles");
-    c.bench_function("authz/100x10_unindexed/allow_last_rule", |b| {
-        b.iter(|| black_box(&unindexed).evaluate(black_box(&allow)).allowed)
-    });
+    for (name, shape) in [
+        ("prefix_principals", Shape::PrefixPrincipals),
+        ("suffix_principals", Shape::SuffixPrincipals),
+        ("namespaces", Shape::Namespaces),
+        ("ip_and_paths", Shape::IpBlocksAndPaths),
+        ("worst_case", Shape::IpBlocksOnly),
+    ] {
+        let set = PolicySet::compile(&hundred_by_ten(shape)).expect("compiles");
+        assert!(set.evaluate(&allow).allowed && !set.evaluate(&deny).allowed);
+        c.bench_function(&format!("authz/100x10_{name}/allow_last_rule"), |b| {
+            b.iter(|| black_box(&set).evaluate(black_box(&allow)).allowed)
+        });
+    }
     c.bench_function("authz/100x10/compile", |b| {
         b.iter(|| PolicySet::compile(black_box(&policies)).expect("compiles"))
     });

@@ -144,6 +144,70 @@ fn hundred_policies_allow_decision_does_not_allocate() {
     assert_eq!(info.count_total, 0, "{info:?}");
 }
 
+/// The 100 x 10 set with every source rewritten by `source(policy, rule, last)`.
+fn hundred_by_ten_with(source: impl Fn(usize, usize, bool) -> Source) -> Vec<Policy> {
+    let mut policies = hundred_by_ten();
+    for (p, policy) in policies.iter_mut().enumerate() {
+        for (r, rule) in policy.rules.iter_mut().flatten().enumerate() {
+            rule.from = Some(vec![source(p, r, p == 99 && r == 9)]);
+        }
+    }
+    policies
+}
+
+#[test]
+fn indexed_wildcard_namespace_and_path_decisions_do_not_allocate() {
+    let ns = |p: usize, last: bool| {
+        if last {
+            "production".to_string()
+        } else {
+            format!("ns{p}")
+        }
+    };
+    let sets = [
+        hundred_by_ten_with(|p, _, last| Source {
+            principals: vec![format!("cluster.local/ns/{}/*", ns(p, last))],
+            ..Source::default()
+        }),
+        hundred_by_ten_with(|p, r, last| Source {
+            principals: vec![if last {
+                "*/sa/order-service".into()
+            } else {
+                format!("*/ns/ns{p}/sa/sa{r}")
+            }],
+            ..Source::default()
+        }),
+        hundred_by_ten_with(|p, _, last| Source {
+            namespaces: vec![ns(p, last)],
+            ..Source::default()
+        }),
+        hundred_by_ten_with(|p, _, last| Source {
+            ip_blocks: vec![if last {
+                "10.0.0.0/8".into()
+            } else {
+                format!("192.168.{p}.0/24")
+            }],
+            ..Source::default()
+        }),
+    ];
+    let f = Fixture::new();
+    let attrs = f.attrs("/api/v1/payments/123");
+    for policies in &sets {
+        let set = PolicySet::compile(policies).unwrap();
+        let mut decision = None;
+        let info = allocation_counter::measure(|| {
+            decision = Some(black_box(&set).evaluate(black_box(&attrs)));
+        });
+        let decision = decision.unwrap();
+        assert!(decision.allowed);
+        assert_eq!(
+            decision.policy.map(|m| (m.name.to_string(), m.rule)),
+            Some(("production/p99".into(), 9))
+        );
+        assert_eq!(info.count_total, 0, "{info:?}");
+    }
+}
+
 #[test]
 fn canonical_targets_are_not_copied() {
     for mode in [

@@ -10,6 +10,17 @@
 //! `or` and `not` follow Kleene's rules. An ALLOW rule matches only when it is *true*;
 //! a DENY or AUDIT rule matches when it is true *or unknown*. So an unknowable attribute
 //! can only ever narrow what is allowed and widen what is denied.
+//!
+//! Rules are indexed by a key the request must produce for the rule to be true or
+//! unknown (see `CompiledRule::index_keys`): the exact principal, a `/`-bounded prefix
+//! or suffix of it (`cluster.local/ns/x/*`, `*/sa/y`), the literal namespace, the exact
+//! path or a `/`-bounded path prefix (`/api/v1/*`, `/api/{*}/x`). A decision looks up
+//! at most `MAX_LISTS` sorted candidate lists and merges them with the rules that
+//! have no key, so it visits only the rules that can apply, in declaration order. Keys
+//! come only from positive fields whose predicate is never unknown on the path they are
+//! looked up on (principals and namespaces are false without a peer); on TCP
+//! connections, where paths are unknown, every path-keyed rule is visited. A unit
+//! proptest checks that the indexed and the linear evaluation decide identically.
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -283,9 +294,9 @@ enum Field {
     Namespace(Box<[Glob]>),
     TrustDomain(Box<[StrMatch]>),
     ServiceAccount(Box<[(Box<str>, Box<str>)]>),
-    SourceIp(Box<[IpNet]>),
-    RemoteIp(Box<[IpNet]>),
-    DestinationIp(Box<[IpNet]>),
+    SourceIp(Box<[Cidr]>),
+    RemoteIp(Box<[Cidr]>),
+    DestinationIp(Box<[Cidr]>),
     Port(Box<[u16]>),
     Host(Box<[StrMatch]>),
     Method(Box<[StrMatch]>),
@@ -310,11 +321,43 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn ip_in(nets: &[IpNet], ip: Option<IpAddr>) -> Tri {
+/// A validated CIDR range as network and mask, so a test is one `and` and compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cidr {
+    V4 { net: u32, mask: u32 },
+    V6 { net: u128, mask: u128 },
+}
+
+impl Cidr {
+    fn new(net: IpNet) -> Self {
+        match net {
+            IpNet::V4(n) => Cidr::V4 {
+                net: u32::from(n.network()),
+                mask: u32::from(n.netmask()),
+            },
+            IpNet::V6(n) => Cidr::V6 {
+                net: u128::from(n.network()),
+                mask: u128::from(n.netmask()),
+            },
+        }
+    }
+
+    /// `ip` must be canonical ([`canonical_ip`]); IPv4 ranges never contain IPv6
+    /// addresses and the reverse.
+    fn contains(self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (Cidr::V4 { net, mask }, IpAddr::V4(a)) => u32::from(a) & mask == net,
+            (Cidr::V6 { net, mask }, IpAddr::V6(a)) => u128::from(a) & mask == net,
+            _ => false,
+        }
+    }
+}
+
+fn ip_in(nets: &[Cidr], ip: Option<IpAddr>) -> Tri {
     match ip {
         Some(ip) => {
             let ip = canonical_ip(ip);
-            Tri::from_bool(nets.iter().any(|n| n.contains(&ip)))
+            Tri::from_bool(nets.iter().any(|n| n.contains(ip)))
         }
         None => Tri::Unknown,
     }
@@ -576,12 +619,15 @@ impl CompiledRule {
     ///
     /// Sources are preferred (every `from` entry needs a positive `principals` of exact,
     /// `prefix*` or `*suffix` values bounded by a `/`, or a positive `namespaces` of
-    /// literal values); otherwise operations (every `to` entry needs a positive `paths`
+    /// literal values or `serviceAccounts`), then `when` conditions on
+    /// `source.principal`/`source.namespace`; otherwise operations (every `to` entry needs a positive `paths`
     /// of exact values, `prefix*` values or URI templates with a literal leading segment).
     /// Principals and namespaces are never unknown (no peer: false); paths are unknown
     /// on TCP connections, where every path-keyed rule is visited.
     fn index_keys(&self) -> Option<Vec<(Dim, &str)>> {
-        self.source_keys().or_else(|| self.operation_keys())
+        self.source_keys()
+            .or_else(|| peer_keys(&self.when))
+            .or_else(|| self.operation_keys())
     }
 
     fn source_keys(&self) -> Option<Vec<(Dim, &str)>> {
@@ -590,24 +636,7 @@ impl CompiledRule {
         }
         let mut keys = Vec::new();
         for entry in self.from.iter() {
-            let by_principal = entry.iter().find_map(|p| match &p.field {
-                Field::Principal(ms) if !p.negate => ms.iter().map(principal_key).collect(),
-                _ => None,
-            });
-            let by_namespace = || {
-                entry.iter().find_map(|p| match &p.field {
-                    Field::Namespace(gs) if !p.negate => gs
-                        .iter()
-                        .map(|g| match &*g.0 {
-                            [literal] => Some((Dim::Namespace, &**literal)),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => None,
-                })
-            };
-            let entry_keys: Vec<(Dim, &str)> = by_principal.or_else(by_namespace)?;
-            keys.extend(entry_keys);
+            keys.extend(peer_keys(entry)?);
         }
         Some(keys)
     }
@@ -626,6 +655,32 @@ impl CompiledRule {
         }
         Some(keys)
     }
+}
+
+/// Keys from the first of the ANDed `preds` that has them: a positive principal
+/// predicate (exact, or `/`-bounded prefix or suffix values), else a positive literal
+/// namespace or service account predicate.
+fn peer_keys(preds: &[Pred]) -> Option<Vec<(Dim, &str)>> {
+    let by_principal = preds.iter().find_map(|p| match &p.field {
+        Field::Principal(ms) if !p.negate => ms.iter().map(principal_key).collect(),
+        _ => None,
+    });
+    by_principal.or_else(|| {
+        preds.iter().find_map(|p| match &p.field {
+            Field::Namespace(gs) if !p.negate => gs
+                .iter()
+                .map(|g| match &*g.0 {
+                    [literal] => Some((Dim::Namespace, &**literal)),
+                    _ => None,
+                })
+                .collect(),
+            // `serviceAccounts` compare the namespace of an Istio-form ID.
+            Field::ServiceAccount(sas) if !p.negate => {
+                Some(sas.iter().map(|(ns, _)| (Dim::Namespace, &**ns)).collect())
+            }
+            _ => None,
+        })
+    })
 }
 
 /// How many `/`-bounded prefixes (or suffixes) of a principal or path the index looks
@@ -649,12 +704,30 @@ enum Dim {
     PathPrefix,
 }
 
+/// Byte offsets of the `/`s in `s`, first to last (a plain byte scan: keys and
+/// principals are short, where `memchr` costs more than it saves).
+fn slashes(s: &str) -> impl Iterator<Item = usize> + '_ {
+    s.bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+}
+
+/// Byte offsets of the `/`s in `s`, last to first.
+fn slashes_rev(s: &str) -> impl Iterator<Item = usize> + '_ {
+    s.bytes()
+        .enumerate()
+        .rev()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+}
+
 /// `s` up to and including its `min(n, KEY_SLASHES)`-th `/` (of `n`); `None` with
 /// fewer than `min` slashes. Every string starting with `s` starts with the key and
 /// has the key as one of its first `KEY_SLASHES` `/`-bounded prefixes.
 fn prefix_key(s: &str, min: usize) -> Option<&str> {
     let mut end = None;
-    for (count, (i, _)) in s.match_indices('/').take(KEY_SLASHES).enumerate() {
+    for (count, i) in slashes(s).take(KEY_SLASHES).enumerate() {
         if count + 1 >= min {
             end = Some(i);
         }
@@ -664,10 +737,7 @@ fn prefix_key(s: &str, min: usize) -> Option<&str> {
 
 /// `s` from its `min(n, KEY_SLASHES)`-th `/` counted from the end; `None` without `/`.
 fn suffix_key(s: &str) -> Option<&str> {
-    s.rmatch_indices('/')
-        .take(KEY_SLASHES)
-        .last()
-        .map(|(i, _)| &s[i..])
+    slashes_rev(s).take(KEY_SLASHES).last().map(|i| &s[i..])
 }
 
 fn principal_key(m: &StrMatch) -> Option<(Dim, &str)> {
@@ -780,12 +850,12 @@ impl ActionList {
                 c.add(self.principal.get(p));
             }
             if !self.principal_prefix.is_empty() {
-                for (i, _) in p.match_indices('/').take(KEY_SLASHES) {
+                for i in slashes(p).take(KEY_SLASHES) {
                     c.add(self.principal_prefix.get(&p[..=i]));
                 }
             }
             if !self.principal_suffix.is_empty() {
-                for (i, _) in p.rmatch_indices('/').take(KEY_SLASHES) {
+                for i in slashes_rev(p).take(KEY_SLASHES) {
                     c.add(self.principal_suffix.get(&p[i..]));
                 }
             }
@@ -803,7 +873,7 @@ impl ActionList {
                 c.add(self.path.get(path));
             }
             if !self.path_prefix.is_empty() {
-                for (i, _) in path.match_indices('/').take(KEY_SLASHES).skip(1) {
+                for i in slashes(path).take(KEY_SLASHES).skip(1) {
                     c.add(self.path_prefix.get(&path[..=i]));
                 }
             }
@@ -818,12 +888,20 @@ impl ActionList {
         if f.linear {
             return self.first_match_linear(f, unknown_matches);
         }
+        if self.policies.is_empty() {
+            return None;
+        }
         let c = self.candidates(f);
         let lists = &c.lists[..c.len];
-        if let [only] = lists {
-            return only
-                .iter()
-                .find_map(|&at| self.try_rule(at, f, unknown_matches));
+        match lists {
+            [] => return None,
+            [only] => {
+                return only
+                    .iter()
+                    .find_map(|&at| self.try_rule(at, f, unknown_matches));
+            }
+            [a, b] => return self.first_match_of_two(a, b, f, unknown_matches),
+            _ => {}
         }
         let mut pos = [0usize; MAX_LISTS];
         let mut last = None;
@@ -849,6 +927,41 @@ impl ActionList {
         }
     }
 
+    /// The common case of two candidate lists (e.g. the peer's rules and the unindexed
+    /// ones), merged in declaration order; a rule in both is visited once.
+    fn first_match_of_two(
+        &self,
+        mut a: &[RuleRef],
+        mut b: &[RuleRef],
+        f: &Facts<'_>,
+        unknown_matches: bool,
+    ) -> Option<MatchedPolicy> {
+        loop {
+            let at = match (a.split_first(), b.split_first()) {
+                (Some((&x, rest)), Some((&y, _))) if x < y => {
+                    a = rest;
+                    x
+                }
+                (Some((&x, rest_a)), Some((&y, rest_b))) if x == y => {
+                    (a, b) = (rest_a, rest_b);
+                    x
+                }
+                (_, Some((&y, rest))) => {
+                    b = rest;
+                    y
+                }
+                (Some((&x, rest)), None) => {
+                    a = rest;
+                    x
+                }
+                (None, None) => return None,
+            };
+            if let Some(m) = self.try_rule(at, f, unknown_matches) {
+                return Some(m);
+            }
+        }
+    }
+
     /// Every rule in declaration order, without the index (the reference the index is
     /// tested against).
     fn first_match_linear(&self, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
@@ -863,6 +976,7 @@ impl ActionList {
         })
     }
 
+    #[inline(always)]
     fn try_rule(&self, at: RuleRef, f: &Facts<'_>, unknown_matches: bool) -> Option<MatchedPolicy> {
         let policy = &self.policies[at.0 as usize];
         let matched = match policy.rules[at.1 as usize].eval(f) {
@@ -1224,12 +1338,12 @@ fn str_match(v: &str) -> Result<StrMatch, String> {
     Ok(StrMatch::parse(v))
 }
 
-fn ip_net(v: &str) -> Result<IpNet, String> {
+fn ip_net(v: &str) -> Result<Cidr, String> {
     if let Ok(ip) = v.parse::<IpAddr>() {
-        return Ok(IpNet::from(canonical_ip(ip)));
+        return Ok(Cidr::new(IpNet::from(canonical_ip(ip))));
     }
     match v.parse::<IpNet>() {
-        Ok(net) => Ok(net.trunc()),
+        Ok(net) => Ok(Cidr::new(net.trunc())),
         Err(_) => Err(format!("`{v}` is not an IP address or CIDR range")),
     }
 }
@@ -1567,6 +1681,24 @@ mod tests {
     }
 
     #[test]
+    fn cidrs_contain_the_addresses_of_their_range_and_family_only() {
+        let c = |v: &str| ip_net(v).unwrap();
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.255.0.1")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(c("10.1.2.3/8").contains(ip("10.9.9.9")));
+        assert!(c("10.1.2.3").contains(ip("10.1.2.3")) && !c("10.1.2.3").contains(ip("10.1.2.4")));
+        assert!(c("0.0.0.0/0").contains(ip("1.2.3.4")) && !c("0.0.0.0/0").contains(ip("::1")));
+        assert!(c("fd00::/8").contains(ip("fd12::1")) && !c("fd00::/8").contains(ip("fe00::1")));
+        assert!(!c("::/0").contains(ip("1.2.3.4")));
+        assert!(c("::ffff:10.0.0.1").contains(ip("10.0.0.1")));
+        assert_eq!(
+            ip_in(&[c("10.0.0.0/8")], Some(ip("::ffff:10.0.0.7"))),
+            Tri::True
+        );
+    }
+
+    #[test]
     fn index_keys_are_slash_bounded_and_capped() {
         assert_eq!(
             prefix_key("cluster.local/ns/a/", 1),
@@ -1688,9 +1820,10 @@ mod tests {
                 pick(NAMESPACES),
                 prop::sample::select(&["", "10.0.0.0/8", "192.168.0.0/16"][..]),
                 any::<bool>(),
+                pick(&["a/x", "b/y", "x"]),
             )
                 .prop_map(
-                    |(principals, not_principals, namespaces, not_namespaces, ip, jwt)| {
+                    |(principals, not_principals, namespaces, not_namespaces, ip, jwt, sas)| {
                         let mut s = Source {
                             principals,
                             not_principals,
@@ -1698,6 +1831,10 @@ mod tests {
                             not_namespaces,
                             ..Source::default()
                         };
+                        // `serviceAccounts` cannot be combined with principals or namespaces.
+                        if s == Source::default() {
+                            s.service_accounts = sas;
+                        }
                         if !ip.is_empty() {
                             s.ip_blocks = vec![ip.into()];
                         }
@@ -1732,13 +1869,31 @@ mod tests {
                 prop::option::of(prop::collection::vec(source(), 1..3)),
                 prop::option::of(prop::collection::vec(operation(), 1..3)),
                 prop::option::of(prop::sample::select(&["acme", "glob*"][..])),
+                prop::option::of((
+                    prop::sample::select(
+                        &[
+                            ("source.namespace", "a"),
+                            ("source.namespace", "b*"),
+                            ("source.principal", "cluster.local/ns/a/*"),
+                            ("source.principal", "*/sa/y"),
+                            ("source.principal", "cluster.local/ns/b/sa/y"),
+                        ][..],
+                    ),
+                    any::<bool>(),
+                )),
             )
-                .prop_map(|(from, to, header)| Rule {
-                    from,
-                    to,
-                    when: header
+                .prop_map(|(from, to, header, peer)| {
+                    let mut when: Vec<Condition> = header
                         .map(|v| vec![Condition::values("request.headers[x-t]", &[v])])
-                        .unwrap_or_default(),
+                        .unwrap_or_default();
+                    if let Some(((key, value), negate)) = peer {
+                        when.push(if negate {
+                            Condition::not_values(key, &[value])
+                        } else {
+                            Condition::values(key, &[value])
+                        });
+                    }
+                    Rule { from, to, when }
                 })
         }
 

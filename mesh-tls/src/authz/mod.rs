@@ -31,6 +31,12 @@
 //!   request URI is rewritten to the canonical path (query kept) so the inner service
 //!   receives exactly what was authorized. Malformed escapes, `%00`, control bytes and
 //!   (by default) `;` path parameters are answered with 400.
+//! - **Cost**: rules are indexed at compilation by a key the request must produce for
+//!   the rule to apply (exact principal, `/`-bounded principal prefix or suffix,
+//!   namespace, exact path or path prefix), so a decision evaluates only candidate
+//!   rules, in declaration order, with the same result as evaluating every rule. A
+//!   decision allocates nothing, except to join a repeated header that a condition
+//!   inspects.
 //! - **Malformed requests** (AP-44): a method with lower-case letters, a repeated or
 //!   non-ASCII `Host` are answered with 400 (whitespace in header names is rejected by
 //!   hyper before any layer runs).
