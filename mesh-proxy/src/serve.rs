@@ -609,6 +609,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn idle_http2_connection_gets_goaway_after_the_idle_timeout() {
+        let addr = serve(&idle_limits()).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let res = send
+            .send_request(
+                http::Request::get("http://a/")
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        drop(res);
+        let answered = tokio::time::Instant::now();
+        // The server's GOAWAY ends the client connection cleanly.
+        let ended = tokio::time::timeout(Duration::from_secs(600), conn)
+            .await
+            .expect("the idle h2 connection was not closed");
+        assert!(ended.unwrap().is_ok());
+        let idle_for = answered.elapsed();
+        assert!(
+            idle_for >= Duration::from_secs(30) && idle_for < Duration::from_secs(31),
+            "closed after {idle_for:?} idle"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn zero_idle_timeout_never_closes() {
         let limits = Limits {
             idle_timeout: Duration::ZERO.into(),
