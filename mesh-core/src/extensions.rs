@@ -15,6 +15,14 @@ use crate::identity::Identity;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerIdentity(pub Identity);
 
+/// The verified identity of the upstream server that produced a response (Envoy's
+/// `%UPSTREAM_PEER_URI_SAN%`).
+///
+/// Inserted in the response extensions by the outbound mTLS connector; absent when the
+/// upstream connection is not mutual TLS.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamPeerIdentity(pub Identity);
+
 /// Istio's `connection_security_policy` of the connection a request arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum ConnectionSecurity {

@@ -28,7 +28,9 @@ pub use body::BoxBody;
 pub use endpoint::{Endpoint, Labels};
 pub use error::{BoxError, find_cause, is_caused_by};
 pub use extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
-pub use extensions::{ConnectionInfo, ConnectionSecurity, PeerIdentity, UpstreamHost};
+pub use extensions::{
+    ConnectionInfo, ConnectionSecurity, PeerIdentity, UpstreamHost, UpstreamPeerIdentity,
+};
 pub use flags::ResponseFlags;
 pub use identity::{Identity, IdentityError};
 pub use outcome::Outcome;

@@ -432,6 +432,7 @@ impl Gateway {
             listeners.spawn(serve::run(
                 tcp,
                 serve::Options {
+                    idle_timeout: limits.idle_timeout.as_std(),
                     builder: builder.clone(),
                     shutdown: token.clone(),
                     drain,

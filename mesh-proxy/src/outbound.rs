@@ -37,7 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::Endpoint;
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
-use mesh_core::extensions::{RoutePolicy, UpstreamHost};
+use mesh_core::extensions::{RoutePolicy, UpstreamHost, UpstreamPeerIdentity};
 use mesh_resilience::{
     Balance, DeadlineLayer, LbPolicy, OutlierConfig, PoolLimitLayer, PoolLimits, RetryLayer,
     RetryPolicy,
@@ -51,18 +51,24 @@ use crate::respond;
 use crate::serve::strip_hop_by_hop;
 use crate::settings::OutboundMode;
 
-/// A TLS client stream to a peer sidecar, telling hyper whether h2 was negotiated.
+/// A TLS client stream to a peer sidecar, telling hyper whether h2 was negotiated and
+/// which identity the server proved (carried to every response as
+/// [`UpstreamPeerIdentity`]).
 pub struct MeshConn {
     io: TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
     h2: bool,
+    peer: Option<mesh_core::Identity>,
 }
 
 impl Connection for MeshConn {
     fn connected(&self) -> Connected {
+        let mut connected = Connected::new();
         if self.h2 {
-            Connected::new().negotiated_h2()
-        } else {
-            Connected::new()
+            connected = connected.negotiated_h2();
+        }
+        match &self.peer {
+            Some(id) => connected.extra(UpstreamPeerIdentity(id.clone())),
+            None => connected,
         }
     }
 }
@@ -124,23 +130,24 @@ impl Service<Uri> for MeshConnector {
                 let _ = tcp.set_nodelay(true);
                 if this.h1_only {
                     // Secure naming is enforced by the verifier inside the config.
-                    let mut config = (*this.tls.config(&this.naming, None)).clone();
+                    let slot = mesh_tls::verify::PeerSlot::new();
+                    let mut config = (*this.tls.config(&this.naming, Some(slot.clone()))).clone();
                     config.alpn_protocols = vec![b"http/1.1".to_vec()];
                     let name = rustls_pki_types::ServerName::try_from(this.server_name.to_string())
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
                         .connect(name, tcp)
                         .await?;
-                    Ok((stream, ()))
+                    Ok((stream, slot.get().map(|leaf| leaf.identity.clone())))
                 } else {
-                    let (stream, _leaf) = this
+                    let (stream, leaf) = this
                         .tls
                         .connect(tcp, &this.server_name, &this.naming)
                         .await?;
-                    Ok::<_, std::io::Error>((stream, ()))
+                    Ok::<_, std::io::Error>((stream, Some(leaf.identity)))
                 }
             };
-            let (stream, ()) = tokio::time::timeout(this.connect_timeout, connect)
+            let (stream, peer) = tokio::time::timeout(this.connect_timeout, connect)
                 .await
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
@@ -149,6 +156,7 @@ impl Service<Uri> for MeshConnector {
             Ok(MeshConn {
                 io: TokioIo::new(stream),
                 h2,
+                peer,
             })
         })
     }

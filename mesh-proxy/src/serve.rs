@@ -8,10 +8,16 @@
 //! PeerAuthentication, SNI selection, or plaintext), which returns the stream and the
 //! connection's service, or `None` to drop it. The connection is served by hyper-util's
 //! auto builder (HTTP/1.1 and HTTP/2, upgrades allowed) and watched by a
-//! [`GracefulShutdown`]. On shutdown the listener is closed at once (new connections
+//! shutdown token. On shutdown the listener is closed at once (new connections
 //! are refused), HTTP/2 connections get GOAWAY and HTTP/1.1 connections close after
 //! their current response (`Connection: close`); after the drain deadline the remaining
 //! connections are aborted.
+//!
+//! Idle timeout (`limits.idleTimeout`, Envoy's downstream `idle_timeout`): a connection
+//! with no request in flight for that long is closed the same graceful way (GOAWAY for
+//! HTTP/2, a plain close for an idle HTTP/1.1 keep-alive connection). A request is in
+//! flight from the moment hyper hands it to the service until its response body has been
+//! sent or dropped, so long downloads and slow upstreams are never cut. `0s` disables it.
 //!
 //! Limits: header bytes (431 above, by hyper), header count, header read timeout
 //! (slowloris), HTTP/2 concurrent streams and windows.
@@ -26,11 +32,11 @@ use http::header::{self, HeaderMap, HeaderName};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use mesh_core::BoxError;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +73,8 @@ pub struct Options {
     pub max_connections: usize,
     /// `mesh_active_connections{listener}`.
     pub active: prometheus_client::metrics::gauge::Gauge,
+    /// Connections with no request in flight for this long are closed; zero disables.
+    pub idle_timeout: Duration,
 }
 
 /// Serves connections from `listener` until `options.shutdown`, then drains for at most
@@ -91,8 +99,8 @@ where
         drain,
         max_connections,
         active,
+        idle_timeout,
     } = options;
-    let graceful = GracefulShutdown::new();
     let mut tasks = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
@@ -111,7 +119,7 @@ where
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
                     let _ = tcp.set_nodelay(true);
-                    let watcher = graceful.watcher();
+                    let shutdown = shutdown.clone();
                     let accept = accept.clone();
                     let builder = builder.clone();
                     let active = active.clone();
@@ -122,11 +130,35 @@ where
                         let Some((io, svc)) = accept(tcp, remote).await else {
                             return;
                         };
-                        let conn = builder.serve_connection_with_upgrades(
-                            TokioIo::new(io),
-                            TowerToHyperService::new(svc),
-                        );
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        let (activity, idle_rx) = watch::channel(Activity::default());
+                        let svc = Tracked {
+                            inner: svc,
+                            activity: Arc::new(activity),
+                        };
+                        let conn = builder
+                            .serve_connection_with_upgrades(
+                                TokioIo::new(io),
+                                TowerToHyperService::new(svc),
+                            )
+                            .into_owned();
+                        let mut conn = std::pin::pin!(conn);
+                        let mut idle = std::pin::pin!(idle(idle_rx, idle_timeout));
+                        let mut closing = false;
+                        let ended = loop {
+                            tokio::select! {
+                                ended = conn.as_mut() => break ended,
+                                () = shutdown.cancelled(), if !closing => {
+                                    closing = true;
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                                () = &mut idle, if !closing => {
+                                    tracing::debug!(%remote, "closing idle connection");
+                                    closing = true;
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                            }
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(error = %e, %remote, "connection ended with an error");
                         }
                     });
@@ -141,11 +173,9 @@ where
     }
     // Stop accepting at once: the port refuses new connections from here on.
     drop(listener);
-    let drained = tokio::time::timeout(drain, async {
-        graceful.shutdown().await;
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    // Every connection task saw the token and is closing gracefully.
+    let drained =
+        tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
             remaining = tasks.len(),
@@ -153,6 +183,125 @@ where
         );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Requests in flight on one connection, and how many were ever started (so a request
+/// that starts and ends between two looks still counts as activity).
+#[derive(Clone, Copy, Debug, Default)]
+struct Activity {
+    in_flight: usize,
+    started: u64,
+}
+
+/// One request in flight; ends when dropped (with the response body, or with the
+/// service future if the request is abandoned).
+struct InFlight(Arc<watch::Sender<Activity>>);
+
+impl InFlight {
+    fn start(activity: Arc<watch::Sender<Activity>>) -> Self {
+        activity.send_modify(|a| {
+            a.in_flight += 1;
+            a.started += 1;
+        });
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .send_modify(|a| a.in_flight = a.in_flight.saturating_sub(1));
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `timeout`; never when
+/// `timeout` is zero.
+async fn idle(mut activity: watch::Receiver<Activity>, timeout: Duration) {
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        let Ok(seen) = activity
+            .wait_for(|a| a.in_flight == 0)
+            .await
+            .map(|a| a.started)
+        else {
+            // The connection's service is gone: the connection is ending anyway.
+            return std::future::pending().await;
+        };
+        let busy = tokio::time::timeout(
+            timeout,
+            activity.wait_for(|a| a.in_flight > 0 || a.started != seen),
+        )
+        .await;
+        if busy.is_err() {
+            return;
+        }
+    }
+}
+
+/// Counts the requests in flight on one connection for the idle timeout.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<watch::Sender<Activity>>,
+}
+
+impl<S, R, B> tower::Service<http::Request<R>> for Tracked<S>
+where
+    S: tower::Service<http::Request<R>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<R>) -> Self::Future {
+        let in_flight = InFlight::start(self.activity.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            Ok(res.map(|inner| TrackedBody {
+                inner,
+                _in_flight: in_flight,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent or dropped.
+#[pin_project::pin_project]
+struct TrackedBody<B> {
+    #[pin]
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -349,6 +498,160 @@ mod tests {
         strip_untrusted(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-request-id"));
+    }
+
+    /// Serves `GET /` (answers at once) and `GET /slow` (answers after 90 s) with
+    /// `limits`, returning the address.
+    async fn serve(limits: &Limits) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = Options {
+            builder: Arc::new(builder(limits)),
+            shutdown: CancellationToken::new(),
+            drain: Duration::from_secs(1),
+            max_connections: 8,
+            active: Default::default(),
+            idle_timeout: limits.idle_timeout.as_std(),
+        };
+        let svc = tower::service_fn(|req: http::Request<Incoming>| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(90)).await;
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        });
+        tokio::spawn(run(listener, options, move |tcp, _| async move {
+            Some((tcp, svc))
+        }));
+        addr
+    }
+
+    /// A 30 s idle timeout; the header read timeout far longer, so only the idle timeout
+    /// can close a connection.
+    fn idle_limits() -> Limits {
+        Limits {
+            idle_timeout: Duration::from_secs(30).into(),
+            header_read_timeout: Duration::from_secs(3600).into(),
+            ..Limits::default()
+        }
+    }
+
+    /// Sends a keep-alive `GET path` and reads the whole `ok` response.
+    async fn get(conn: &mut TcpStream, path: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !(got.starts_with(b"HTTP/1.1 200 ") && got.ends_with(b"\r\n\r\nok")) {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert_ne!(
+                n,
+                0,
+                "closed mid-response: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Waits (at most 10 min) for the server to close the connection without sending
+    /// anything more; returns when that happened.
+    async fn closed_at(conn: &mut TcpStream) -> tokio::time::Instant {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let closed = async {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => tokio::time::Instant::now(),
+                Ok(n) => panic!("unexpected bytes: {:?}", &buf[..n]),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(600), closed)
+            .await
+            .expect("the connection was not closed")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+        let addr = serve(&idle_limits()).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        get(&mut conn, "/").await;
+        let idle_since = tokio::time::Instant::now();
+        // A second request within the timeout is served on the same connection and
+        // restarts the clock.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        get(&mut conn, "/").await;
+        let idle_since_2 = tokio::time::Instant::now();
+        assert!(idle_since_2 - idle_since >= Duration::from_secs(20));
+        let closed = closed_at(&mut conn).await;
+        let idle_for = closed - idle_since_2;
+        assert!(
+            idle_for >= Duration::from_secs(30) && idle_for < Duration::from_secs(31),
+            "closed after {idle_for:?} idle"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_in_flight_outlives_the_idle_timeout() {
+        let addr = serve(&idle_limits()).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let start = tokio::time::Instant::now();
+        get(&mut conn, "/slow").await;
+        assert!(start.elapsed() >= Duration::from_secs(90));
+        let answered = tokio::time::Instant::now();
+        let idle_for = closed_at(&mut conn).await - answered;
+        assert!(
+            idle_for >= Duration::from_secs(30) && idle_for < Duration::from_secs(31),
+            "closed after {idle_for:?} idle"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_http2_connection_gets_goaway_after_the_idle_timeout() {
+        let addr = serve(&idle_limits()).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let res = send
+            .send_request(
+                http::Request::get("http://a/")
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        drop(res);
+        let answered = tokio::time::Instant::now();
+        // The server's GOAWAY ends the client connection cleanly.
+        let ended = tokio::time::timeout(Duration::from_secs(600), conn)
+            .await
+            .expect("the idle h2 connection was not closed");
+        assert!(ended.unwrap().is_ok());
+        let idle_for = answered.elapsed();
+        assert!(
+            idle_for >= Duration::from_secs(30) && idle_for < Duration::from_secs(31),
+            "closed after {idle_for:?} idle"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_idle_timeout_never_closes() {
+        let limits = Limits {
+            idle_timeout: Duration::ZERO.into(),
+            header_read_timeout: Duration::from_secs(3600).into(),
+            ..Limits::default()
+        };
+        let addr = serve(&limits).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        get(&mut conn, "/").await;
+        let closed = tokio::spawn(async move { closed_at(&mut conn).await });
+        assert!(closed.await.is_err(), "an idle connection was closed");
     }
 
     #[test]

@@ -33,7 +33,7 @@
 //! | `limits.maxRequestHeaderBytes` | `61440` | request head size; 431 above |
 //! | `limits.maxHeaders` | `100` | request header count; 431 above |
 //! | `limits.headerReadTimeout` | `10s` | time to read a request head (and the TLS handshake) |
-//! | `limits.idleTimeout` | `1h` | idle pooled upstream connections are closed after this (unless a DestinationRule sets `idleTimeout`) |
+//! | `limits.idleTimeout` | `1h` | downstream connections with no request in flight, and idle pooled upstream connections (unless a DestinationRule sets `idleTimeout`), are closed after this; `0s` disables the downstream one |
 //! | `limits.http2MaxConcurrentStreams` | `100` | per downstream HTTP/2 connection |
 //! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM |
 //! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
@@ -230,8 +230,9 @@ pub struct Limits {
     pub max_headers: usize,
     /// Time to read a request head (default 10s).
     pub header_read_timeout: IstioDuration,
-    /// Idle pooled upstream connections are closed after this unless a DestinationRule
-    /// sets `connectionPool` `idleTimeout` (default 1h).
+    /// Downstream connections with no request in flight are closed after this (`0s`:
+    /// never), and so are idle pooled upstream connections unless a DestinationRule sets
+    /// `connectionPool` `idleTimeout` (default 1h).
     pub idle_timeout: IstioDuration,
     /// HTTP/2 max concurrent streams per connection (default 100).
     pub http2_max_concurrent_streams: u32,

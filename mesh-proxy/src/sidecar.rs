@@ -96,6 +96,7 @@ impl Sidecar {
         listeners.spawn(serve::run(
             outbound_listener,
             serve::Options {
+                idle_timeout: limits.idle_timeout.as_std(),
                 builder: builder.clone(),
                 shutdown: token.clone(),
                 drain,
@@ -135,6 +136,7 @@ impl Sidecar {
         listeners.spawn(serve::run(
             inbound_listener,
             serve::Options {
+                idle_timeout: limits.idle_timeout.as_std(),
                 builder: builder.clone(),
                 shutdown: token.clone(),
                 drain,
@@ -221,6 +223,8 @@ pub(crate) fn spawn_admin(
             drain: std::time::Duration::from_millis(100),
             max_connections: 64,
             active: Default::default(),
+            // Envoy's default downstream idle timeout.
+            idle_timeout: std::time::Duration::from_secs(3600),
         },
         move |tcp, _| {
             let svc = svc.clone();

@@ -90,3 +90,54 @@ async fn sidecars_start_in_process_and_shut_down_through_the_handle() {
     payment.wait().await;
     assert!(tokio::net::TcpStream::connect(inbound).await.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_downstream_connection_is_closed_after_limits_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::new();
+    world.write_config(
+        "istio",
+        "mesh.yaml",
+        &service_entry("placeholder", 80, &[(1, "v1", "x")]),
+    );
+    let yaml = format!(
+        "workload: {{namespace: production, serviceAccount: order-service, labels: {{app: order-service}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
+         listeners: {{inbound: 127.0.0.1:0, outbound: 127.0.0.1:0, admin: 127.0.0.1:0, app: 127.0.0.1:9}}\n\
+         limits: {{idleTimeout: 30s, headerReadTimeout: 1h, drainTimeout: 1s}}\n",
+        config = world.path("istio").display(),
+        ca = world.ca_dir.display(),
+    );
+    let sidecar = Sidecar::start(Settings::from_yaml("order-service.yaml", &yaml).unwrap())
+        .await
+        .unwrap();
+    let outbound = sidecar.address("outbound").unwrap();
+    let mut conn = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    // One request on a keep-alive connection, then silence.
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: placeholder\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answered = tokio::time::Instant::now();
+    // Drain the rest of the response body, then wait for the close.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(600), async {
+        while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        tokio::time::Instant::now()
+    })
+    .await
+    .expect("the idle connection was not closed");
+    let idle_for = closed - answered;
+    assert!(
+        idle_for >= std::time::Duration::from_secs(30)
+            && idle_for < std::time::Duration::from_secs(31),
+        "closed after {idle_for:?}"
+    );
+    sidecar.shutdown();
+    sidecar.wait().await;
+}

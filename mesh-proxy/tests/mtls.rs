@@ -138,6 +138,37 @@ async fn order_calls_payment_over_mtls_with_both_identities_recorded() {
                 )),
         "{source}"
     );
+
+    // Access logs: the inbound side names the client it verified (the app behind it is
+    // plaintext), the outbound side the server it verified (its app client is plaintext).
+    let inbound = access_log_line(&m.world, "payment-service", "/api/v1/payments").await;
+    assert!(
+        inbound.starts_with('[') && inbound.contains("\"POST /api/v1/payments HTTP/"),
+        "{inbound}"
+    );
+    assert!(
+        inbound.ends_with(" \"spiffe://cluster.local/ns/production/sa/order-service\" \"-\""),
+        "{inbound}"
+    );
+    let outbound = access_log_line(&m.world, "order-service", "/api/v1/payments").await;
+    assert!(
+        outbound.ends_with(" \"-\" \"spiffe://cluster.local/ns/production/sa/payment-service\""),
+        "{outbound}"
+    );
+}
+
+/// The access-log line of `sa`'s sidecar for `path`, once it is written (lines are written
+/// at stream end, a moment after the client has its response).
+async fn access_log_line(world: &World, sa: &str, path: &str) -> String {
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = std::fs::read_to_string(world.path(&format!("{sa}-access.log"))).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains(path)) {
+            return line.to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no access-log line for {path} in {sa}'s log:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

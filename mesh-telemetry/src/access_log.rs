@@ -8,10 +8,23 @@
 //! "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"
 //! ```
 //!
-//! (one line; absent values are `-`). Every field a client controls (method, path,
+//! followed by two fields of ours, the SPIFFE IDs of both peers (Envoy's command
+//! operators, quoted like the others):
+//!
+//! ```text
+//! "%DOWNSTREAM_PEER_URI_SAN%" "%UPSTREAM_PEER_URI_SAN%"
+//! ```
+//!
+//! (one line; absent values are `-`). Envoy's default format has no identities; we append
+//! them after its fields, so a parser of the default format still finds every field where
+//! it expects it. The downstream peer is the client of an mTLS connection the request
+//! arrived on (inbound); the upstream peer is the server whose certificate the outbound
+//! mTLS connection verified. Every field a client controls (method, path,
 //! headers, authority) is escaped: bytes outside printable ASCII become `\xHH`, and `"` and
 //! `\` are backslash-escaped, so no request can forge or split log lines (SECURITY.md §2.2,
-//! Envoy CVE-2024-45808). JSON lines carry the same fields, escaped by the JSON encoder.
+//! Envoy CVE-2024-45808); the identities are escaped the same way. JSON lines carry the
+//! same fields (the identities as `downstream_peer_uri_san` and `upstream_peer_uri_san`,
+//! `null` when absent), escaped by the JSON encoder.
 //!
 //! Lines go through a bounded queue to one writer task; when the writer falls behind,
 //! entries are dropped and counted (`mesh_access_log_dropped_total`) rather than slowing
@@ -40,7 +53,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
-use mesh_core::ResponseFlags;
+use mesh_core::{Identity, ResponseFlags};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -78,6 +91,10 @@ pub struct AccessEntry {
     pub authority: Option<String>,
     /// The upstream that answered.
     pub upstream_host: Option<SocketAddr>,
+    /// The verified SPIFFE ID of the downstream peer (`%DOWNSTREAM_PEER_URI_SAN%`).
+    pub downstream_peer_uri_san: Option<Identity>,
+    /// The verified SPIFFE ID of the upstream peer (`%UPSTREAM_PEER_URI_SAN%`).
+    pub upstream_peer_uri_san: Option<Identity>,
 }
 
 /// Line format.
@@ -191,7 +208,13 @@ impl AccessEntry {
             }
             None => out.push('-'),
         }
-        out.push_str("\"\n");
+        out.push('"');
+        for id in [&self.downstream_peer_uri_san, &self.upstream_peer_uri_san] {
+            out.push_str(" \"");
+            field(&mut out, id.as_ref().map(|i| i.as_str().as_bytes()));
+            out.push('"');
+        }
+        out.push('\n');
         out
     }
 
@@ -219,6 +242,8 @@ impl AccessEntry {
             "request_id": s(self.request_id.as_ref().map(HeaderValue::as_bytes)),
             "authority": s(self.authority.as_deref().map(str::as_bytes)),
             "upstream_host": self.upstream_host.map(|a| a.to_string()),
+            "downstream_peer_uri_san": self.downstream_peer_uri_san.as_ref().map(Identity::as_str),
+            "upstream_peer_uri_san": self.upstream_peer_uri_san.as_ref().map(Identity::as_str),
         });
         let mut line = v.to_string();
         line.push('\n');
@@ -357,6 +382,10 @@ mod tests {
             )),
             authority: Some("reviews:9080".into()),
             upstream_host: Some("10.0.0.7:9080".parse().unwrap()),
+            downstream_peer_uri_san: None,
+            upstream_peer_uri_san: Some(
+                Identity::parse("spiffe://cluster.local/ns/default/sa/bookinfo-reviews").unwrap(),
+            ),
         }
     }
 
@@ -365,7 +394,32 @@ mod tests {
         assert_eq!(
             entry().to_text(),
             "[2016-04-15T20:17:00.310Z] \"GET /productpage?x=1 HTTP/1.1\" 503 UO 0 81 12 - \"-\" \
-             \"curl/8.5.0\" \"4f1c5e9e-4c37-4a4e-9c3e-2d1a8b6f1f11\" \"reviews:9080\" \"10.0.0.7:9080\"\n"
+             \"curl/8.5.0\" \"4f1c5e9e-4c37-4a4e-9c3e-2d1a8b6f1f11\" \"reviews:9080\" \"10.0.0.7:9080\" \"-\" \
+             \"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\"\n"
+        );
+    }
+
+    #[test]
+    fn json_carries_both_peer_identities_or_null() {
+        let mut e = entry();
+        e.downstream_peer_uri_san =
+            Some(Identity::parse("spiffe://cluster.local/ns/default/sa/productpage").unwrap());
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(
+            v["downstream_peer_uri_san"],
+            "spiffe://cluster.local/ns/default/sa/productpage"
+        );
+        assert_eq!(
+            v["upstream_peer_uri_san"],
+            "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+        );
+        e.upstream_peer_uri_san = None;
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert!(v["upstream_peer_uri_san"].is_null());
+        let text = e.to_text();
+        assert!(
+            text.ends_with(" \"spiffe://cluster.local/ns/default/sa/productpage\" \"-\"\n"),
+            "{text}"
         );
     }
 

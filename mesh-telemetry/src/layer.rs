@@ -69,7 +69,9 @@ use std::time::SystemTime;
 use bytes::Buf;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use mesh_core::extensions::{ConnectionInfo, PeerIdentity, UpstreamHost, response_flags};
+use mesh_core::extensions::{
+    ConnectionInfo, PeerIdentity, UpstreamHost, UpstreamPeerIdentity, response_flags,
+};
 use mesh_core::{BoxError, ConnectionSecurity, Identity, ResponseFlags};
 use pin_project::{pin_project, pinned_drop};
 use rand::rngs::SmallRng;
@@ -491,6 +493,7 @@ struct Pending {
     flags: ResponseFlags,
     response_header_bytes: u64,
     upstream_host: Option<SocketAddr>,
+    upstream_peer: Option<Identity>,
     upstream_service_time: Option<HeaderValue>,
 }
 
@@ -538,6 +541,8 @@ impl Pending {
                 request_id: Some(self.request_id.clone()),
                 authority: c.authority.clone(),
                 upstream_host: self.upstream_host,
+                downstream_peer_uri_san: self.peer.clone(),
+                upstream_peer_uri_san: self.upstream_peer.clone(),
             });
         }
         if let (true, Some(spans)) = (self.hop.sampled, &telemetry.spans) {
@@ -694,6 +699,7 @@ where
             flags: ResponseFlags::NONE,
             response_header_bytes: 0,
             upstream_host: None,
+            upstream_peer: None,
             upstream_service_time: None,
         };
         ResponseFuture {
@@ -791,6 +797,10 @@ where
                     .and_then(|v| v.trim().parse().ok());
                 pending.flags |= response_flags(res.extensions());
                 pending.upstream_host = res.extensions().get::<UpstreamHost>().map(|u| u.0);
+                pending.upstream_peer = res
+                    .extensions()
+                    .get::<UpstreamPeerIdentity>()
+                    .map(|p| p.0.clone());
                 pending.upstream_service_time =
                     res.headers().get("x-envoy-upstream-service-time").cloned();
                 // `HTTP/1.1 200 OK\r\n`

@@ -173,7 +173,7 @@ async fn served_requests_are_counted_logged_and_summarised() {
     assert_eq!(
         rest,
         format!(
-            "\"POST /reviews/0 HTTP/1.1\" 200 - 10 12 {} - \"-\" \"curl/8.5.0\" \"req-0\" \"{addr}\" \"127.0.0.1:9080\"",
+            "\"POST /reviews/0 HTTP/1.1\" 200 - 10 12 {} - \"-\" \"curl/8.5.0\" \"req-0\" \"{addr}\" \"127.0.0.1:9080\" \"-\" \"-\"",
             rest.split(' ').nth(7).unwrap()
         )
     );
