@@ -19,12 +19,25 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
-/// A free loopback port (bound and released; the proxy binds it right after).
+/// A free loopback port for a proxy process to bind right after.
+///
+/// Picked below Linux's ephemeral range (32768–60999), so the client connections of tests
+/// running at the same time cannot take it between this check and the proxy's bind, and
+/// never handed out twice by one test binary.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // Test binaries of one run start at different offsets.
+    let offset = (std::process::id() % 97) * 120;
+    loop {
+        let n = u32::try_from(NEXT.fetch_add(1, Ordering::Relaxed) % SPAN as usize)
+            .expect("below SPAN");
+        let port = u16::try_from(FIRST + (offset + n) % SPAN).expect("port fits");
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A workspace for one test: temp dir with a CA.
