@@ -14,7 +14,8 @@
 //! Start a proxy in-process with [`Sidecar::start`] or [`Gateway::start`]; both return
 //! a [`ProxyHandle`] with the bound addresses and the shutdown control. The binary
 //! (`mesh-proxy sidecar --settings FILE`, `mesh-proxy gateway --settings FILE`) is a
-//! thin wrapper that also handles SIGTERM/SIGINT.
+//! thin wrapper that also handles SIGTERM/SIGINT. Its runtime has one worker thread per
+//! CPU unless `--worker-threads N` (or `MESH_PROXY_WORKER_THREADS`) says otherwise.
 //!
 //! # Choices that differ from Istio
 //!

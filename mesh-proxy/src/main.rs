@@ -23,17 +23,29 @@ enum Command {
         /// The proxy settings file (YAML).
         #[arg(long, env = "MESH_PROXY_SETTINGS")]
         settings: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Run the ingress gateway for a Gateway resource.
     Gateway {
         /// The proxy settings file (YAML) with a `gateway` section.
         #[arg(long, env = "MESH_PROXY_SETTINGS")]
         settings: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Load and validate Istio configuration files or directories.
     Validate(validate::Args),
     /// Development certificate authority: create a root, issue and rotate workload SVIDs.
     Ca(ca::CaCommand),
+}
+
+/// Runtime sizing shared by `sidecar` and `gateway`.
+#[derive(clap::Args, Debug)]
+struct RuntimeArgs {
+    /// Number of tokio worker threads (default: one per CPU).
+    #[arg(long, env = "MESH_PROXY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
 }
 
 #[derive(Clone, Copy)]
@@ -42,7 +54,7 @@ enum Kind {
     Gateway,
 }
 
-fn run_proxy(kind: Kind, path: &std::path::Path) -> ExitCode {
+fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
@@ -59,10 +71,11 @@ fn run_proxy(kind: Kind, path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mesh-proxy: cannot start the runtime: {e}");
@@ -94,13 +107,46 @@ fn run_proxy(kind: Kind, path: &std::path::Path) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Sidecar { settings } => run_proxy(Kind::Sidecar, &settings),
-        Command::Gateway { settings } => run_proxy(Kind::Gateway, &settings),
+        Command::Sidecar { settings, runtime } => run_proxy(Kind::Sidecar, &settings, &runtime),
+        Command::Gateway { settings, runtime } => run_proxy(Kind::Gateway, &settings, &runtime),
         Command::Validate(args) => validate::run(&args, &mut std::io::stdout().lock())
             .unwrap_or_else(|e| {
                 eprintln!("mesh-proxy: {e}");
                 ExitCode::FAILURE
             }),
         Command::Ca(cmd) => ca::run(cmd),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_flag_is_parsed_and_zero_is_refused() {
+        let cli = Cli::try_parse_from([
+            "mesh-proxy",
+            "sidecar",
+            "--settings",
+            "s.yaml",
+            "--worker-threads",
+            "1",
+        ])
+        .unwrap();
+        let Command::Sidecar { runtime, .. } = cli.command else {
+            panic!("expected the sidecar command");
+        };
+        assert_eq!(runtime.worker_threads, Some(1));
+        assert!(
+            Cli::try_parse_from([
+                "mesh-proxy",
+                "gateway",
+                "--settings",
+                "g.yaml",
+                "--worker-threads",
+                "0"
+            ])
+            .is_err()
+        );
     }
 }
