@@ -92,6 +92,7 @@ svid:
 listeners:
   inbound: 0.0.0.0:15006
   app: 127.0.0.1:8080
+  appProtocol: HTTP
   outbound: 127.0.0.1:15001
   admin: 127.0.0.1:15000
 tracing:
@@ -111,6 +112,7 @@ limits:
   drainTimeout: 5s
   maxRetryBodyBytes: 65536
   connectTimeout: 10s
+  maxConnections: 10000
 outboundTrafficPolicy:
   mode: ALLOW_ANY
 randomSeed: 7
