@@ -119,6 +119,8 @@ fn virtual_service_fields_parse_to_their_values() {
         Some(RedirectPortSelection::FromRequestPort)
     );
     assert_eq!(redirect.redirect_code, Some(308));
+    let moved_prefix = vs.spec.http.last().unwrap().redirect.as_ref().unwrap();
+    assert_eq!(moved_prefix.prefix_rewrite.as_deref(), Some("/v2/"));
     let rr = vs.spec.http[4]
         .rewrite
         .as_ref()

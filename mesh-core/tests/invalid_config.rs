@@ -86,6 +86,26 @@ spec:
         ],
     },
     Case {
+        name: "redirect_with_uri_and_prefix_rewrite_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: r
+  namespace: prod
+spec:
+  hosts: [r]
+  http:
+  - match:
+    - uri: {prefix: /old}
+    redirect:
+      uri: /new
+      prefixRewrite: /new
+"##,
+        errors: &[
+            "bad.yaml:13:7: error: document 1, VirtualService/prod/r, spec.http[0].redirect.prefixRewrite: a redirect sets either uri (the whole path) or prefixRewrite (the matched prefix), not both",
+        ],
+    },
+    Case {
         name: "unknown_spec_field_is_rejected",
         yaml: r##"apiVersion: networking.istio.io/v1
 kind: VirtualService

@@ -438,7 +438,7 @@ impl Ctx<'_> {
             };
             RouteAction::Redirect(Redirect {
                 uri: red.uri.clone(),
-                prefix_rewrite: None,
+                prefix_rewrite: red.prefix_rewrite.clone(),
                 authority: red.authority.clone(),
                 scheme: red.scheme.clone(),
                 port,

@@ -276,6 +276,8 @@ async fn redirect_and_direct_response_answer_locally() {
     redirect: {uri: /new, authority: new.example.com, redirectCode: 308}
   - match: [{uri: {prefix: /moved}}]
     redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}
+  - match: [{uri: {prefix: /archive/}}]
+    redirect: {prefixRewrite: /v2/}
   - match: [{uri: {exact: /maintenance}}]
     directResponse: {status: 503, body: {string: "down for maintenance"}}
   - match: [{uri: {exact: /bin}}]
@@ -294,6 +296,15 @@ async fn redirect_and_direct_response_answer_locally() {
         .unwrap();
     assert_eq!(res.status(), 301);
     assert_eq!(res.headers()["location"], "https://web/moved/x");
+    // prefixRewrite replaces only the matched prefix and keeps the rest and the query.
+    let res = send(
+        &mut router,
+        request("GET", "http://web/archive/2024/x?p=2", &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 301);
+    assert_eq!(res.headers()["location"], "http://web/v2/2024/x?p=2");
     let res = send(&mut router, request("GET", "http://web/maintenance", &[]))
         .await
         .unwrap();

@@ -684,6 +684,15 @@ fn http_route(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
             "an HTTP route cannot have both rewrite and redirect",
         );
     }
+    if let Some(red) = &r.redirect
+        && red.uri.is_some()
+        && red.prefix_rewrite.is_some()
+    {
+        ctx.error_at_key(
+            &p(&at("redirect"), "prefixRewrite"),
+            "a redirect sets either uri (the whole path) or prefixRewrite (the matched prefix), not both",
+        );
+    }
     if r.mirror.is_some() && !r.mirrors.is_empty() {
         ctx.error_at_key(&at("mirrors"), "set either mirror or mirrors, not both");
     }
@@ -732,13 +741,14 @@ fn http_route(ctx: &mut Ctx<'_>, path: &str, r: &HttpRoute) {
         let rp = at("redirect");
         if rd.uri.is_none()
             && rd.authority.is_none()
+            && rd.prefix_rewrite.is_none()
             && rd.scheme.is_none()
             && rd.port.is_none()
             && rd.derive_port.is_none()
         {
             ctx.error(
                 &rp,
-                "redirect must set at least one of uri, authority, scheme, port or derivePort",
+                "redirect must set at least one of uri, prefixRewrite, authority, scheme, port or derivePort",
             );
         }
         if let Some(code) = rd.redirect_code

@@ -294,6 +294,9 @@ pub struct HttpRedirect {
     /// Replace the whole path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
+    /// Replace only the matched prefix of the path (the route must match a uri prefix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
     /// Replace the authority.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
