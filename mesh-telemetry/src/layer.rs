@@ -507,7 +507,11 @@ impl Pending {
             flags: self.flags,
             security: self.security,
             grpc: self.grpc,
-            peer: self.peer.as_ref(),
+            // The reporting proxy's peer: the caller inbound, the verified server outbound.
+            peer: match self.target.metrics.reporter() {
+                Reporter::Destination => self.peer.as_ref(),
+                _ => self.upstream_peer.as_ref(),
+            },
         };
         self.target.metrics.record(
             &facts,

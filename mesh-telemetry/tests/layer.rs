@@ -13,7 +13,9 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{DeadlineExceeded, Overflow};
-use mesh_core::extensions::{ConnectionInfo, PeerIdentity, UpstreamHost, add_response_flags};
+use mesh_core::extensions::{
+    ConnectionInfo, PeerIdentity, UpstreamHost, UpstreamPeerIdentity, add_response_flags,
+};
 use mesh_core::{BoxError, ConnectionSecurity, Identity, ResponseFlags};
 use mesh_telemetry::metrics::DEFAULT_BUCKETS;
 use mesh_telemetry::{RequestBody, Telemetry, TelemetryLayer};
@@ -234,6 +236,29 @@ async fn fault_abort_418_carries_the_fi_flag_from_response_extensions() {
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].labels, expected_outbound("418", "FI"));
     assert_eq!(s[0].value, 2.0);
+}
+
+#[tokio::test]
+async fn outbound_destination_principal_is_the_verified_upstream_identity() {
+    let t = telemetry();
+    let svc = outbound(&t).layer(tower::service_fn(|_req: Req| async move {
+        let mut res = Response::new(body::full("ok"));
+        let server = Identity::parse("spiffe://cluster.local/ns/default/sa/reviews-canary");
+        res.extensions_mut()
+            .insert(UpstreamPeerIdentity(server.unwrap()));
+        Ok::<_, Infallible>(res)
+    }));
+    let res = svc.oneshot(get("/")).await.unwrap();
+    body_bytes(res.into_body()).await;
+    let samples = parse(&t.encode_metrics());
+    let s = select(&samples, "istio_requests_total", &[]);
+    assert_eq!(s.len(), 1);
+    let mut want = expected_outbound("200", "-");
+    want.insert(
+        "destination_principal".into(),
+        "spiffe://cluster.local/ns/default/sa/reviews-canary".into(),
+    );
+    assert_eq!(s[0].labels, want, "the certificate wins over configuration");
 }
 
 #[tokio::test(start_paused = true)]

@@ -603,7 +603,9 @@ pub struct RequestFacts<'a> {
     pub security: ConnectionSecurity,
     /// Whether the request is gRPC (`request_protocol="grpc"`).
     pub grpc: bool,
-    /// The verified peer identity (the source on the inbound side).
+    /// The verified identity of the reporting proxy's peer: the source on the inbound side
+    /// (`source_principal`), the upstream server on the outbound side
+    /// (`destination_principal`).
     pub peer: Option<&'a Identity>,
 }
 
@@ -780,8 +782,8 @@ impl MetricsHandle {
     fn key(&self, facts: &RequestFacts<'_>) -> Key {
         let inbound = self.inner.reporter == Reporter::Destination;
         let peer = match facts.peer {
-            Some(id) if inbound => self.peer_index(id),
-            _ => 0,
+            Some(id) => self.peer_index(id),
+            None => 0,
         };
         Key {
             code: facts.response_code,
@@ -848,12 +850,21 @@ impl MetricsHandle {
         if key.grpc {
             labels.request_protocol = Value::new("grpc");
         }
+        let inbound = self.inner.reporter == Reporter::Destination;
         if key.peer == u32::MAX {
-            labels.source_principal = Value::new(UNKNOWN);
-            labels.source_workload_namespace = Value::new(UNKNOWN);
+            if inbound {
+                labels.source_principal = Value::new(UNKNOWN);
+                labels.source_workload_namespace = Value::new(UNKNOWN);
+            } else {
+                labels.destination_principal = Value::new(UNKNOWN);
+            }
         } else if let Some(id) = facts.peer.filter(|_| key.peer != 0) {
-            labels.source_principal = Value::new(id.as_str());
-            labels.source_workload_namespace = Value::or_unknown(id.namespace().unwrap_or(""));
+            if inbound {
+                labels.source_principal = Value::new(id.as_str());
+                labels.source_workload_namespace = Value::or_unknown(id.namespace().unwrap_or(""));
+            } else {
+                labels.destination_principal = Value::new(id.as_str());
+            }
         }
         let series = self.resolve(&labels);
         cache.insert(key, series.clone());
