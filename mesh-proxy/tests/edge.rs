@@ -153,26 +153,15 @@ async fn peers_speak_h2_and_forged_identity_headers_never_reach_the_app() {
         &[(pp.inbound, "v1", "payment-service")],
     );
     let config = world.write_config("istio", "mesh.yaml", &se);
-    let s = sidecar_settings(
-        &world,
-        "payment-service",
-        &labels(&[("app", "payment-service")]),
-        &config,
-        pp,
-        payment_app.addr,
-        "",
-    );
-    let payment = Proxy::start(&world, "sidecar", "payment-service", &s, pp).await;
-    let s = sidecar_settings(
+    let payment = start_sidecar(&world, "payment-service", &config, pp, payment_app.addr).await;
+    let order = start_sidecar(
         &world,
         "order-service",
-        &labels(&[("app", "order-service")]),
         &config,
         op,
         "127.0.0.1:9".parse().unwrap(),
-        "",
-    );
-    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+    )
+    .await;
 
     // The application speaks HTTP/2 (prior knowledge) to its sidecar.
     let url = format!("http://{}/pay", order.outbound());
@@ -227,26 +216,15 @@ async fn websocket_upgrade_is_tunnelled_through_both_sidecars() {
     let (pp, op) = (Ports::new(), Ports::new());
     let se = service_entry("chat-service", 80, &[(pp.inbound, "v1", "chat-service")]);
     let config = world.write_config("istio", "mesh.yaml", &se);
-    let s = sidecar_settings(
-        &world,
-        "chat-service",
-        &labels(&[("app", "chat-service")]),
-        &config,
-        pp,
-        app.addr,
-        "",
-    );
-    let _chat = Proxy::start(&world, "sidecar", "chat-service", &s, pp).await;
-    let s = sidecar_settings(
+    let _chat = start_sidecar(&world, "chat-service", &config, pp, app.addr).await;
+    let order = start_sidecar(
         &world,
         "order-service",
-        &labels(&[("app", "order-service")]),
         &config,
         op,
         "127.0.0.1:9".parse().unwrap(),
-        "",
-    );
-    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+    )
+    .await;
 
     let mut tcp = tokio::net::TcpStream::connect(order.outbound())
         .await
@@ -292,26 +270,15 @@ async fn upgrade_answered_with_200_stays_http() {
     let (pp, op) = (Ports::new(), Ports::new());
     let se = service_entry("chat-service", 80, &[(pp.inbound, "v1", "chat-service")]);
     let config = world.write_config("istio", "mesh.yaml", &se);
-    let s = sidecar_settings(
-        &world,
-        "chat-service",
-        &labels(&[("app", "chat-service")]),
-        &config,
-        pp,
-        app.addr,
-        "",
-    );
-    let _chat = Proxy::start(&world, "sidecar", "chat-service", &s, pp).await;
-    let s = sidecar_settings(
+    let _chat = start_sidecar(&world, "chat-service", &config, pp, app.addr).await;
+    let order = start_sidecar(
         &world,
         "order-service",
-        &labels(&[("app", "order-service")]),
         &config,
         op,
         "127.0.0.1:9".parse().unwrap(),
-        "",
-    );
-    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+    )
+    .await;
 
     let mut tcp = tokio::net::TcpStream::connect(order.outbound())
         .await
@@ -358,16 +325,14 @@ async fn an_http2_application_is_reached_with_h2_prior_knowledge() {
     )
     .replace("\n  app: 1", "\n  appProtocol: HTTP2\n  app: 1");
     let _payment = Proxy::start(&world, "sidecar", "payment-service", &s, pp).await;
-    let s = sidecar_settings(
+    let order = start_sidecar(
         &world,
         "order-service",
-        &labels(&[("app", "order-service")]),
         &config,
         op,
         "127.0.0.1:9".parse().unwrap(),
-        "",
-    );
-    let order = Proxy::start(&world, "sidecar", "order-service", &s, op).await;
+    )
+    .await;
     // HTTP/1.1 from the caller, h2 between the sidecars, h2 to the application.
     let (_, out, _) = curl(&[
         "-x",

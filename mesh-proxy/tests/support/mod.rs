@@ -221,6 +221,19 @@ pub fn sidecar_settings(
     )
 }
 
+/// Starts a sidecar for service account `sa` (labels `app: <sa>`, no extra settings)
+/// whose application is at `app`; its settings and log files are named after `sa`.
+pub async fn start_sidecar(
+    world: &World,
+    sa: &str,
+    config: &Path,
+    ports: Ports,
+    app: SocketAddr,
+) -> Proxy {
+    let s = sidecar_settings(world, sa, &labels(&[("app", sa)]), config, ports, app, "");
+    Proxy::start(world, "sidecar", sa, &s, ports).await
+}
+
 /// A running `mesh-proxy` process.
 pub struct Proxy {
     pub child: Child,
