@@ -34,7 +34,6 @@ use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
 
 use crate::embedded::Check;
-use crate::proxyless::connect::MeshConn;
 use crate::scenario::{EntryEndpoint, service_entry_yaml, within};
 
 /// How much traffic each step sends.
@@ -378,10 +377,10 @@ struct GatewayConnector {
 }
 
 impl tower::Service<Uri> for GatewayConnector {
-    type Response = MeshConn;
+    type Response = GatewayConn;
     type Error = BoxError;
     type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<MeshConn, BoxError>> + Send>>;
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<GatewayConn, BoxError>> + Send>>;
 
     fn poll_ready(
         &mut self,
@@ -397,8 +396,52 @@ impl tower::Service<Uri> for GatewayConnector {
             tcp.set_nodelay(true)?;
             let name = rustls::pki_types::ServerName::try_from("api.example.com")?;
             let tls = this.tls.connect(name, tcp).await?;
-            Ok(MeshConn::Tls(Box::new(TokioIo::new(tls))))
+            Ok(GatewayConn(TokioIo::new(tls)))
         })
+    }
+}
+
+/// A TLS connection to the gateway (server authentication only, as a browser's).
+#[derive(Debug)]
+pub struct GatewayConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl hyper_util::client::legacy::connect::Connection for GatewayConn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for GatewayConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for GatewayConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

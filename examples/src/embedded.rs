@@ -13,11 +13,10 @@ use http_body_util::BodyExt;
 use mesh_core::body::{self, BoxBody};
 use mesh_core::config::{LoadOptions, MeshConfig};
 use mesh_core::error::BoxError;
-use mesh_telemetry::{Telemetry, Workload};
-use mesh_tls::{CertStore, ClientTls};
+use mesh_proxy::{Certificates, Mesh, Outbound, Workload};
+use mesh_telemetry::Telemetry;
 use tower::ServiceExt;
 
-use crate::proxyless::{DestinationService, Outbound};
 use crate::scenario::{
     DevCa, EntryEndpoint, Replica, ReplicaSpec, service_entry_yaml, start_replica,
 };
@@ -26,42 +25,37 @@ use crate::scenario::{
 #[derive(Debug)]
 pub struct OrderService {
     /// The outbound client (`http://payment-service:8080/...`).
-    pub client: DestinationService,
-    /// Reload handle of the outbound configuration.
-    pub outbound: Outbound,
+    pub client: Outbound,
+    /// The mesh (configuration reload, certificates, shutdown).
+    pub mesh: Mesh,
     /// Istio metrics and latency of the calls.
     pub telemetry: Telemetry,
 }
 
-/// Builds order-service's mesh client from Istio YAML and its SVID directory.
+/// Builds order-service's mesh from Istio YAML and its SVID directory.
 pub fn order_service(config: &[PathBuf], svid_dir: &Path) -> Result<OrderService, BoxError> {
-    // The same Istio YAML a sidecar would read: VirtualService, DestinationRule, ...
-    let (config, _warnings) =
-        MeshConfig::load(config, &LoadOptions::default()).map_err(|errors| {
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        })?;
-    // Workload identity from Istio's files: cert-chain.pem, key.pem, root-cert.pem.
-    let store = CertStore::load_dir(svid_dir)?;
-    // Istio's standard metrics, reported as the source workload.
-    let mut me = Workload::new("order-service", "production");
-    me.principal = Some(store.identity());
-    let telemetry = Telemetry::builder(me).sampling(100.0).build();
-    // Routing with weighted subsets, route deadline and retries, outlier detection,
-    // mTLS with secure naming on every connection.
-    let outbound = Outbound::new(
-        &config,
-        "production",
-        ClientTls::new(store),
-        telemetry.clone(),
-    )?;
+    order_service_as("order-service", config, svid_dir)
+}
+
+/// Builds the mesh of `service_account` in `production`.
+pub fn order_service_as(
+    service_account: &str,
+    config: &[PathBuf],
+    svid_dir: &Path,
+) -> Result<OrderService, BoxError> {
+    // The same Istio YAML a sidecar reads, Istio's SVID files (reloaded when they
+    // change), and the workload's identity: the mesh compiles routing with weighted
+    // subsets, deadlines, retries, pool limits, outlier detection and mTLS from them.
+    let mut builder = Mesh::builder(Workload::new("production", service_account).label("app", service_account))
+        .certificates(Certificates::Dir(svid_dir.to_owned()));
+    for path in config {
+        builder = builder.config_dir(path);
+    }
+    let mesh = builder.build()?;
     Ok(OrderService {
-        client: outbound.client(),
-        outbound,
-        telemetry,
+        client: mesh.outbound(),
+        telemetry: mesh.telemetry().clone(),
+        mesh,
     })
 }
 
@@ -77,7 +71,7 @@ pub fn payment_request(method: http::Method) -> Request<BoxBody> {
 
 /// Sends `req` through `client`; the status and the body.
 pub async fn send(
-    client: &DestinationService,
+    client: &Outbound,
     req: Request<BoxBody>,
 ) -> Result<(StatusCode, String), BoxError> {
     let res = client.clone().oneshot(req).await?;
@@ -137,7 +131,10 @@ pub async fn setup() -> Result<Setup, BoxError> {
         .iter()
         .map(|r| EntryEndpoint {
             address: r.address,
-            labels: crate::proxyless::convert::labels("payment-service", &r.version),
+            labels: std::collections::BTreeMap::from([
+                ("app".to_owned(), "payment-service".to_owned()),
+                ("version".to_owned(), r.version.clone()),
+            ]),
             service_account: "payment-service".into(),
         })
         .collect();
@@ -240,7 +237,8 @@ pub async fn run(requests: usize) -> Result<Vec<Check>, BoxError> {
         format!("GET answered {status}"),
     );
 
-    let other = order_service(
+    let other = order_service_as(
+        "inventory-service",
         &s.config,
         &s.ca.write_svid("production", "inventory-service")?,
     )?;

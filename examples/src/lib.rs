@@ -1,12 +1,9 @@
 //! Runnable programs built on the mesh crates: `sidecar`, the end-to-end demo of the
-//! order-service / payment-service scenario, and `embedded`, the same layers used
-//! in-process without a sidecar.
+//! order-service / payment-service scenario, and `embedded`, the same stacks used
+//! in-process without a sidecar ([`mesh_proxy::Mesh`]; this crate composes nothing of
+//! its own).
 //!
-//! - [`proxyless`]: the layer crates composed into an inbound server (mTLS accept per
-//!   PeerAuthentication, telemetry, AuthorizationPolicy) and an outbound client
-//!   (telemetry, VirtualService routing, deadline, retries, balancing with outlier
-//!   detection, pooled mTLS connections), configured from Istio YAML.
-//! - [`embedded`]: the proxyless scenario behind the `embedded` program.
+//! - [`embedded`]: the embedded scenario behind the `embedded` program.
 //! - [`demo`]: the story the `sidecar` program tells, with `mesh-proxy` sidecars and an
 //!   ingress gateway started in-process ([`mesh_proxy::Sidecar`], [`mesh_proxy::Gateway`]).
 //! - [`scenario`]: a development CA writing Istio's SVID files, service replicas, and
@@ -75,5 +72,4 @@
 
 pub mod demo;
 pub mod embedded;
-pub mod proxyless;
 pub mod scenario;

@@ -15,12 +15,14 @@ use mesh_core::body::{self, BoxBody};
 use mesh_core::config::MeshConfig;
 use mesh_core::error::BoxError;
 use mesh_telemetry::{Telemetry, Workload};
-use mesh_tls::{CertStore, CertificateAuthority, InboundAcceptor};
+use mesh_proxy::{Certificates, Mesh};
+use mesh_tls::{CertStore, CertificateAuthority};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower::util::BoxCloneSyncService;
 
-use crate::proxyless::{AppService, InboundPolicy, WorkloadId, inbound};
+/// An application service behind the inbound path.
+pub type AppService = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
 
 /// Istio's SVID file names, as Kubernetes mounts them.
 pub const SVID_FILES: [&str; 3] = ["cert-chain.pem", "key.pem", "root-cert.pem"];
@@ -80,10 +82,8 @@ pub struct Replica {
     pub hits: Arc<AtomicU64>,
     /// The replica's telemetry (`reporter="destination"`).
     pub telemetry: Telemetry,
-    /// The compiled inbound policy (swap on reload).
-    pub policy: InboundPolicy,
-    /// The replica's certificate store.
-    pub store: Arc<CertStore>,
+    /// The replica's mesh (update its configuration, read its certificate).
+    pub mesh: Mesh,
     task: JoinHandle<()>,
 }
 
@@ -108,37 +108,29 @@ pub struct ReplicaSpec {
     pub svid_dir: PathBuf,
 }
 
-/// Starts a replica on `127.0.0.1:0`.
+/// Starts a replica on `127.0.0.1:0`: the application embedded behind the mesh's
+/// inbound stack (mTLS per PeerAuthentication, telemetry, AuthorizationPolicy).
 pub async fn start_replica(config: &MeshConfig, spec: ReplicaSpec) -> Result<Replica, BoxError> {
     let store = CertStore::load_dir(&spec.svid_dir)?;
-    let host = format!("{}.{}.svc.cluster.local", spec.app, spec.namespace);
-    let workload = WorkloadId {
-        namespace: spec.namespace.clone(),
-        labels: BTreeMap::from([
-            ("app".to_owned(), spec.app.clone()),
-            ("version".to_owned(), spec.version.clone()),
-        ]),
-        service_host: host.clone(),
-    };
-    let policy = InboundPolicy::new(config, &workload)?;
+    let workload = mesh_proxy::Workload::new(&spec.namespace, &spec.app)
+        .label("app", &spec.app)
+        .label("version", &spec.version);
     let mut w = Workload::new(format!("{}-{}", spec.app, spec.version), &spec.namespace);
     w.version = spec.version.clone();
     w.canonical_revision = spec.version.clone();
     w.principal = Some(store.identity());
     let telemetry = Telemetry::builder(w).sampling(100.0).build();
+    let mesh = Mesh::builder(workload)
+        .config(config.clone())
+        .certificates(Certificates::Store(store))
+        .telemetry(telemetry.clone())
+        .build()?;
     let failing = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicU64::new(0));
     let app = replica_app(&spec, failing.clone(), hits.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let task = inbound::serve(
-        listener,
-        InboundAcceptor::new(store.clone()),
-        policy.clone(),
-        &telemetry,
-        &host,
-        app,
-    );
+    let task = mesh.serve_inbound(listener, app);
     Ok(Replica {
         address,
         version: spec.version,
@@ -146,8 +138,7 @@ pub async fn start_replica(config: &MeshConfig, spec: ReplicaSpec) -> Result<Rep
         failing,
         hits,
         telemetry,
-        policy,
-        store,
+        mesh,
         task,
     })
 }

@@ -103,7 +103,7 @@ async fn weighted_subsets_split_traffic_and_a_reload_moves_it() {
         &LoadOptions::default(),
     )
     .unwrap();
-    s.order.outbound.update(&config).unwrap();
+    s.order.mesh.update(config).unwrap();
     for _ in 0..50 {
         let (_, body) = send(&s.order.client, payment_request(Method::POST))
             .await

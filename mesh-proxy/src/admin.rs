@@ -23,8 +23,8 @@ use mesh_tls::CertStore;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbound::Destinations;
-use crate::reload::Active;
+use crate::mesh::{Active, Mesh};
+use crate::stack::Destinations;
 
 /// What the admin server reads.
 #[derive(Clone)]
@@ -39,6 +39,49 @@ pub struct Admin {
     pub destinations: Destinations,
     /// Cancelled when draining.
     pub draining: CancellationToken,
+}
+
+impl Admin {
+    /// The admin view of `mesh`.
+    pub fn new(mesh: &Mesh) -> Self {
+        Self {
+            telemetry: mesh.telemetry().clone(),
+            store: mesh.certificates().clone(),
+            active: mesh.active(),
+            destinations: mesh.destinations().clone(),
+            draining: mesh.shutdown_token(),
+        }
+    }
+}
+
+/// Serves the admin API on `listener` until `stop`.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    admin: Admin,
+    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use tower::ServiceExt;
+    let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let admin = admin.clone();
+        async move { admin.handle(req).await }
+    });
+    tokio::spawn(crate::serve::run(
+        listener,
+        crate::serve::Options {
+            builder,
+            shutdown: stop,
+            drain: std::time::Duration::from_millis(100),
+            max_connections: 64,
+            active: Default::default(),
+            // Envoy's default downstream idle timeout.
+            idle_timeout: std::time::Duration::from_secs(3600),
+        },
+        move |tcp, _| {
+            let svc = svc.clone();
+            async move { Some((tcp, svc.map_err(|e| -> mesh_core::BoxError { match e {} }))) }
+        },
+    ))
 }
 
 fn reply(status: StatusCode, content_type: &'static str, text: String) -> Response<BoxBody> {

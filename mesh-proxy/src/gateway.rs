@@ -29,11 +29,10 @@
 //! scope (one directory per gateway).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
@@ -42,29 +41,27 @@ use mesh_core::body::BoxBody;
 use mesh_core::config::{MeshConfig, Server, ServerTlsMode};
 use mesh_core::error::BoxError;
 use mesh_core::extensions::ConnectionSecurity;
-use mesh_routing::{Listener, Router, RouterHandle};
+use mesh_routing::Router;
 use mesh_telemetry::TelemetryLayer;
-use mesh_tls::authz::PolicyHandle;
-use mesh_tls::{ClientTls, ConnectionContext, WorkloadPeerAuthentication};
+use mesh_tls::ConnectionContext;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceBuilder};
 
-use crate::admin::Admin;
-use crate::inbound::{self, HttpService, boxed_request};
-use crate::outbound::{DestService, Destinations, MakeDest, prepare, request_host};
-use crate::reload::{self, Active, Reloadable};
+use crate::mesh::Active;
 use crate::respond::{self, Respond};
-use crate::runtime::{self, StartError};
-use crate::serve::{self, Sanitize};
+use crate::runtime::{Process, StartError};
+use crate::serve;
 use crate::settings::Settings;
 use crate::shutdown::ProxyHandle;
-use crate::sidecar::{local, spawn_admin};
+use crate::stack::headers::Sanitize;
+use crate::stack::inbound::per_connection;
+use crate::stack::outbound::{prepare, request_host};
+use crate::stack::{HttpService, RouteService, boxed_request};
 
 /// The ingress gateway proxy.
 #[derive(Debug)]
@@ -140,7 +137,7 @@ fn credential_config(
 /// Routes gateway requests: https redirect, then the gateway's route table.
 #[derive(Clone)]
 struct GatewayRoutes {
-    router: Router<DestService>,
+    router: Router<RouteService>,
     redirect_hosts: Arc<ArcSwap<Vec<String>>>,
 }
 
@@ -157,7 +154,7 @@ impl Service<Request<BoxBody>> for GatewayRoutes {
         if let Err(e) = prepare(&mut req) {
             return Box::pin(async move { Err(Box::new(e) as BoxError) });
         }
-        let host = request_host(&req).unwrap_or_default();
+        let host = request_host(&req).unwrap_or_default().into_owned();
         if self.redirect_hosts.load().iter().any(|p| covers(p, &host)) {
             let pq = req
                 .uri()
@@ -331,12 +328,12 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| settings.workload.namespace.clone());
         let settings = Arc::new(settings);
-        let listener = Listener::Gateway {
-            namespace: namespace.clone(),
-            name: gw.name.clone(),
-        };
-        let compiled = reload::compile(&settings, &listener).map_err(StartError::Config)?;
-        let resource = compiled
+        let mut process =
+            Process::new(settings.clone(), Some((namespace.clone(), gw.name.clone()))).await?;
+        let mesh = process.mesh.clone();
+        let resource = mesh
+            .active()
+            .load()
             .config
             .gateway(&namespace, &gw.name)
             .cloned()
@@ -346,59 +343,13 @@ impl Gateway {
                     gw.name
                 )])
             })?;
-        let common = runtime::common(settings.clone()).await?;
-        let limits = &settings.limits;
-        let token = CancellationToken::new();
-        let admin_token = CancellationToken::new();
-        let destinations = Destinations::default();
-        let make = MakeDest {
-            tls: ClientTls::new(common.store.clone()),
-            connect_timeout: limits.connect_timeout.as_std(),
-            replay_limit: limits.max_retry_body_bytes,
-            idle_timeout: limits.idle_timeout.as_std(),
-            destinations: destinations.clone(),
-        };
-        let router = match settings.random_seed {
-            Some(seed) => RouterHandle::with_seed(make, compiled.routing, seed),
-            None => RouterHandle::new(make, compiled.routing),
-        };
-        let active = Arc::new(ArcSwap::from_pointee(Active {
-            version: compiled.config.version(),
-            loaded_at: SystemTime::now(),
-            config: compiled.config,
-        }));
-        let on_swap: reload::SwapHook = Arc::default();
-        let reloadable = Reloadable {
-            settings: settings.clone(),
-            listener,
-            router: router.clone(),
-            authz: PolicyHandle::new(compiled.policies),
-            peer_auth: Arc::new(ArcSwap::from_pointee(WorkloadPeerAuthentication::uniform(
-                mesh_tls::PeerAuthMode::Permissive,
-            ))),
-            active: active.clone(),
-            metrics: common.telemetry.metrics().proxy().clone(),
-            on_swap: on_swap.clone(),
-        };
-        let mut keep = common.keep;
-        let mut background = Vec::new();
-        let (watch_task, watcher) =
-            reload::spawn_watch(reloadable, reload::config_dir(&settings), token.clone())
-                .map_err(|e| StartError::Other(format!("watching configDir: {e}")))?;
-        background.push(watch_task);
-        keep.push(watcher);
-
         let credentials = gw
             .credentials_dir
             .as_ref()
             .map(|d| settings.resolve(d))
             .unwrap_or_default();
         let plans = plan(&resource, &credentials)?;
-        let builder = Arc::new(serve::builder(limits));
-        let drain = limits.drain_timeout.as_std();
-        let handshake_timeout = limits.header_read_timeout.as_std();
-        let mut listeners = JoinSet::new();
-        let mut addresses = Vec::new();
+        let handshake_timeout = settings.limits.header_read_timeout.as_std();
         let mut ports: BTreeMap<u16, PortState> = BTreeMap::new();
         for (port, plan) in plans {
             let state = PortState {
@@ -410,39 +361,29 @@ impl Gateway {
                 .ports
                 .get(&port)
                 .copied()
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)));
-            let tcp = runtime::bind(addr).await?;
-            addresses.push((format!("gateway:{port}"), local(&tcp)?));
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+            let tcp = process.bind(&format!("gateway:{port}"), addr).await?;
             let routes = GatewayRoutes {
-                router: router.router(),
+                router: mesh.router().router(),
                 redirect_hosts: state.redirect.clone(),
             };
             let svc: HttpService = tower::util::BoxCloneSyncService::new(Sanitize::new(
                 ServiceBuilder::new()
                     .map_response(|res: Response<_>| res.map(mesh_core::body::boxed))
-                    .layer(TelemetryLayer::outbound_by_authority(
-                        &common.telemetry,
-                        1024,
-                    ))
+                    .layer(TelemetryLayer::outbound_by_authority(mesh.telemetry(), 1024))
                     .map_request(boxed_request)
                     .service(Respond::new(routes)),
                 true,
             ));
             let tls = state.tls.clone();
-            listeners.spawn(serve::run(
+            process.serve(serve::run(
                 tcp,
-                serve::Options {
-                    idle_timeout: limits.idle_timeout.as_std(),
-                    builder: builder.clone(),
-                    shutdown: token.clone(),
-                    drain,
-                    max_connections: limits.max_connections,
-                    active: common
-                        .telemetry
+                mesh.serve_options(
+                    mesh.telemetry()
                         .metrics()
                         .proxy()
                         .active_connections("gateway"),
-                },
+                ),
                 move |tcp, remote| {
                     let svc = svc.clone();
                     let servers = tls.load_full();
@@ -450,10 +391,7 @@ impl Gateway {
                         let local = tcp.local_addr().ok()?;
                         if servers.is_empty() {
                             let ctx = ConnectionContext::plaintext(remote, local);
-                            return Some((
-                                Box::new(tcp) as Box<dyn Io>,
-                                inbound::per_connection(svc, ctx),
-                            ));
+                            return Some((Box::new(tcp) as Box<dyn Io>, per_connection(svc, ctx)));
                         }
                         let accept = async {
                             let start =
@@ -473,10 +411,7 @@ impl Gateway {
                         let mut ctx = ConnectionContext::plaintext(remote, local);
                         ctx.info.security = ConnectionSecurity::Unknown;
                         ctx.alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                        Some((
-                            Box::new(stream) as Box<dyn Io>,
-                            inbound::per_connection(svc, ctx),
-                        ))
+                        Some((Box::new(stream) as Box<dyn Io>, per_connection(svc, ctx)))
                     }
                 },
             ));
@@ -491,46 +426,19 @@ impl Gateway {
         };
         {
             let rebuild = rebuild.clone();
-            *on_swap.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(Box::new(move |config: &MeshConfig| rebuild.apply(config)));
+            mesh.on_update(move |config: &MeshConfig| rebuild.apply(config));
         }
         if credentials.is_dir() {
-            let (task, watcher) = watch_credentials(rebuild, active.clone(), token.clone())
-                .map_err(|e| StartError::Other(format!("watching credentialsDir: {e}")))?;
-            background.push(task);
-            keep.push(watcher);
+            let (task, watcher) =
+                watch_credentials(rebuild, mesh.active(), mesh.shutdown_token())
+                    .map_err(|e| StartError::Other(format!("watching credentialsDir: {e}")))?;
+            process.serve(async move {
+                let _watcher = watcher;
+                let _ = task.await;
+            });
         }
-
-        let admin_listener = runtime::bind(settings.listeners.admin).await?;
-        addresses.push(("admin".to_owned(), local(&admin_listener)?));
-        let admin = Admin {
-            telemetry: common.telemetry.clone(),
-            store: common.store.clone(),
-            active,
-            destinations,
-            draining: token.clone(),
-        };
-        background.push(spawn_admin(
-            admin_listener,
-            admin,
-            builder,
-            admin_token.clone(),
-        ));
-        let stop_admin = token.clone();
-        background.push(tokio::spawn(async move {
-            stop_admin.cancelled().await;
-            tokio::time::sleep(drain + Duration::from_millis(50)).await;
-            admin_token.cancel();
-        }));
-        tracing::info!(gateway = %format!("{namespace}/{}", gw.name), ?addresses, "gateway started");
-        Ok(ProxyHandle {
-            token,
-            listeners,
-            background,
-            flush: common.flush,
-            keep,
-            addresses,
-        })
+        tracing::info!(gateway = %format!("{namespace}/{}", gw.name), "gateway started");
+        process.finish().await
     }
 }
 

@@ -1,65 +1,106 @@
-//! `mesh-proxy`: the thin sidecar and ingress gateway composed from the mesh layers.
+//! `mesh-proxy`: the mesh composed, as a library you embed whole and as a thin sidecar
+//! and ingress-gateway binary.
 //!
-//! The proxy adds only what a process needs: listeners, settings, configuration and
-//! certificate reload, the admin server and graceful shutdown. Everything a request
-//! goes through is a layer of another crate:
+//! # What it holds
 //!
-//! - outbound (application → network): telemetry → router → deadline → retry → pool
-//!   limits → balancer with outlier detection → mTLS to the peer sidecar;
-//! - inbound (network → application): mTLS per PeerAuthentication → peer identity →
-//!   telemetry → AuthorizationPolicy → application;
-//! - gateway: TLS `SIMPLE`/`MUTUAL` per Gateway server (selected by SNI) → telemetry →
-//!   router (VirtualServices bound to the gateway) → the outbound stack.
+//! ```text
+//!                 ┌──────────────────────── the stack (library) ─────────────────────────┐
+//!  application →  │ Mesh::outbound  sanitize → telemetry(source) → respond → router       │ → network
+//!                 │   → per route: deadline → retry → per destination: pool limits        │
+//!                 │   → balancer (outlier detection) → per endpoint: HttpClient over mTLS │
+//!  network     →  │ Mesh::inbound   mTLS accept per PeerAuthentication → identity         │ → application
+//!                 │   → sanitize → telemetry(destination) → respond → AuthorizationPolicy │
+//!                 └───────────────────────────────────────────────────────────────────────┘
+//!                 ┌──────────────────────── the process (binary) ────────────────────────┐
+//!                 │ settings → Mesh → listeners (serve) · admin server · reload · drain   │
+//!                 └───────────────────────────────────────────────────────────────────────┘
+//! ```
 //!
-//! Start a proxy in-process with [`Sidecar::start`] or [`Gateway::start`]; both return
-//! a [`ProxyHandle`] with the bound addresses and the shutdown control. The binary
-//! (`mesh-proxy sidecar --settings FILE`, `mesh-proxy gateway --settings FILE`) is a
-//! thin wrapper that also handles SIGTERM/SIGINT. Its runtime has one worker thread per
-//! CPU unless `--worker-threads N` (or `MESH_PROXY_WORKER_THREADS`) says otherwise.
+//! - [`Mesh`] ([`mesh`]): one workload's mesh, built from Istio YAML, a [`Workload`] and
+//!   [`Certificates`]; hands out the stacks, reloads configuration and certificates,
+//!   drains on shutdown. This is what an application embeds.
+//! - [`stack`]: the stacks themselves ([`stack::outbound`], [`stack::inbound`],
+//!   [`stack::destination`]), the one HTTP client ([`stack::client`]) and header
+//!   handling ([`stack::headers`]); every layer in them comes from a behaviour crate
+//!   (`mesh-tls`, `mesh-resilience`, `mesh-routing`, `mesh-telemetry`).
+//! - [`respond`]: the one error → Istio local reply mapping.
+//! - [`serve`]: the accept loop and hyper server shared by every listener, with limits,
+//!   idle timeout and graceful drain; [`shutdown`]: the running proxy's handle.
+//! - The process (feature `proxy`, on by default): [`Sidecar`] and [`Gateway`] start
+//!   from [`Settings`] and share [`runtime`] (admin server, reload, drain order);
+//!   `main.rs` only parses the command line.
+//!
+//! Crate arrows point one way: `mesh-core` ← the four behaviour crates ← `mesh-proxy`
+//! ← `examples`, `benches`.
+//!
+//! # Features
+//!
+//! - `watch` (default): reload configuration and SVID directories when their files
+//!   change (the `notify` crate).
+//! - `proxy` (default, implies `watch`): the sidecar and gateway processes, the admin
+//!   server and the command line. An embedder that turns default features off gets
+//!   neither CLI, file-watching nor admin-server code in its dependency graph.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use http::{Request, Response};
+//! use mesh_core::body;
+//! use mesh_proxy::{Certificates, Mesh, Workload};
+//! use tower::{ServiceExt, service_fn};
+//!
+//! let payment = Mesh::builder(Workload::new("production", "payment-service").label("app", "payment-service"))
+//!     .config_dir("istio/")
+//!     .certificates(Certificates::Dir("/etc/certs".into()))
+//!     .build()?;
+//! let app = service_fn(|_req: Request<body::BoxBody>| async {
+//!     Ok::<_, std::convert::Infallible>(Response::new(body::full("paid")))
+//! });
+//! let server = payment.serve_inbound(tokio::net::TcpListener::bind("0.0.0.0:8080").await?, app);
+//! payment.shutdown();
+//! server.await?;
+//! # Ok(()) }
+//! ```
 //!
 //! # Choices that differ from Istio
 //!
-//! - The access log is Envoy's default format without the peer identities (they are in
-//!   the metrics' `source_principal`/`destination_principal` labels).
 //! - Outbound metrics (`reporter="source"`) name the destination service (the FQDN of
-//!   the virtual host the request selects) but not the destination workload or
-//!   principal, which are known only after the balancer picked an endpoint; the
-//!   destination's sidecar reports both principals (`reporter="destination"`). Hosts
-//!   outside the route table are recorded by authority, bounded.
+//!   the virtual host the request selects); hosts outside the route table are recorded
+//!   by authority, bounded.
 //! - `REGISTRY_ONLY` answers 502 with flag `NR` for hosts the route table does not know.
 //! - Only WebSocket upgrades are forwarded (over an HTTP/1.1 mTLS connection between
 //!   the sidecars, since h2 cannot carry them); other `Upgrade` values, `h2c` included,
 //!   are removed. Only a `101` answer switches protocols; upgrades are not retried.
 //! - The h2 connection between sidecars is chosen by ALPN whatever `h2UpgradePolicy`
 //!   says.
-//!
-//! # Example
-//!
-//! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use mesh_proxy::{Settings, Sidecar};
-//! let settings = Settings::load(std::path::Path::new("sidecar.yaml")).map_err(|e| format!("{e:?}"))?;
-//! let proxy = Sidecar::start(settings).await?;
-//! println!("outbound on {:?}", proxy.address("outbound"));
-//! proxy.shutdown();
-//! proxy.wait().await;
-//! # Ok(()) }
-//! ```
 
-pub mod admin;
-pub mod gateway;
-pub mod inbound;
-pub mod outbound;
-pub mod reload;
+pub mod mesh;
 pub mod respond;
-pub mod runtime;
 pub mod serve;
 pub mod settings;
 pub mod shutdown;
+pub mod stack;
+#[cfg(feature = "watch")]
+pub mod watch;
+
+#[cfg(feature = "proxy")]
+pub mod admin;
+#[cfg(feature = "proxy")]
+pub mod gateway;
+#[cfg(feature = "proxy")]
+pub mod runtime;
+#[cfg(feature = "proxy")]
 pub mod sidecar;
 
-pub use gateway::Gateway;
-pub use runtime::StartError;
+pub use mesh::{BuildError, Certificates, ConfigError, Mesh, MeshBuilder, Options, Workload};
 pub use settings::Settings;
 pub use shutdown::ProxyHandle;
+pub use stack::{Outbound, OutboundMode};
+
+#[cfg(feature = "proxy")]
+pub use gateway::Gateway;
+#[cfg(feature = "proxy")]
+pub use runtime::StartError;
+#[cfg(feature = "proxy")]
 pub use sidecar::Sidecar;

@@ -1,22 +1,29 @@
-//! What the sidecar and the gateway share: telemetry, the certificate store and its
-//! source (directory watch or built-in issuer), and start-up errors.
+//! The process around the stacks, written once for the sidecar and the gateway: the
+//! [`Mesh`] built from the settings (telemetry exporters, access log, certificate
+//! source, configuration watch), the listeners' bookkeeping, the admin server and the
+//! order of the drain.
 
-use std::any::Any;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use mesh_telemetry::access_log::{AccessLog, Format};
 use mesh_telemetry::trace::export::{ExportConfig, OtlpExporter, SpanQueue, ZipkinExporter};
-use mesh_telemetry::{MetricsRegistry, Telemetry, Workload};
-use mesh_tls::{BuiltInIssuer, CertStore, CertificateAuthority};
+use mesh_telemetry::{MetricsRegistry, Telemetry};
+use mesh_tls::CertificateAuthority;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
+use crate::admin::{self, Admin};
+use crate::mesh::{BuildError, Certificates, Mesh};
 use crate::settings::Settings;
+use crate::shutdown::ProxyHandle;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configuration directory did not load; every problem, located.
+    /// The configuration did not load; every problem, located.
     #[error("configuration rejected:\n{}", .0.join("\n"))]
     Config(Vec<String>),
     /// The certificate could not be loaded or issued.
@@ -26,7 +33,7 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         /// Why.
         source: std::io::Error,
     },
@@ -35,46 +42,139 @@ pub enum StartError {
     Other(String),
 }
 
-/// Telemetry, certificates and the things that must live as long as the proxy.
-pub struct Common {
-    /// The settings.
-    pub settings: Arc<Settings>,
-    /// Metrics, latency, traces, access log.
-    pub telemetry: Telemetry,
-    /// The workload certificate.
-    pub store: Arc<CertStore>,
-    /// Flushes to run at shutdown (spans, access log).
-    pub flush: Vec<BoxFuture<'static, ()>>,
-    /// Values kept alive (watchers, issuer tasks).
-    pub keep: Vec<Box<dyn Any + Send>>,
+impl From<BuildError> for StartError {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::Config(c) => StartError::Config(c.diagnostics),
+            BuildError::Certificate(c) => StartError::Certificate(c),
+        }
+    }
 }
 
-/// Builds telemetry and the certificate store from `settings` (needs a tokio runtime).
-pub async fn common(settings: Arc<Settings>) -> Result<Common, StartError> {
-    let identity = settings
+/// A proxy process being started: its mesh and what it serves.
+pub struct Process {
+    /// The settings.
+    pub settings: Arc<Settings>,
+    /// The mesh of the workload (or gateway).
+    pub mesh: Mesh,
+    flush: Vec<BoxFuture<'static, ()>>,
+    listeners: JoinSet<()>,
+    addresses: Vec<(String, SocketAddr)>,
+}
+
+impl Process {
+    /// Builds the mesh the settings describe (for Gateway `gateway` when given) and
+    /// starts watching its configuration.
+    pub async fn new(
+        settings: Arc<Settings>,
+        gateway: Option<(String, String)>,
+    ) -> Result<Self, StartError> {
+        let (telemetry, flush) = telemetry(&settings).await?;
+        let mut builder = Mesh::builder(settings.workload())
+            .config_dir(settings.resolve(&settings.config_dir))
+            .certificates(certificates(&settings)?)
+            .telemetry(telemetry)
+            .options(settings.options());
+        if let Some((namespace, name)) = gateway {
+            builder = builder.gateway(namespace, name);
+        }
+        let mesh = builder.build()?;
+        mesh.watch()
+            .map_err(|e| StartError::Other(format!("configDir: {e}")))?;
+        Ok(Self {
+            settings,
+            mesh,
+            flush,
+            listeners: JoinSet::new(),
+            addresses: Vec::new(),
+        })
+    }
+
+    /// Binds listener `name` on `addr`.
+    pub async fn bind(&mut self, name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| StartError::Other(format!("listener address: {e}")))?;
+        self.addresses.push((name.to_owned(), local));
+        Ok(listener)
+    }
+
+    /// Runs a listener's serve loop; the proxy's `wait` waits for it to drain.
+    pub fn serve(&mut self, listener: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.listeners.spawn(listener);
+    }
+
+    /// Starts the admin server and returns the running proxy. The admin server stays
+    /// up while the listeners drain, then stops.
+    pub async fn finish(mut self) -> Result<ProxyHandle, StartError> {
+        let admin_listener = self.bind("admin", self.settings.listeners.admin).await?;
+        let token = self.mesh.shutdown_token();
+        let admin_token = tokio_util::sync::CancellationToken::new();
+        let mut background = vec![admin::spawn(
+            admin_listener,
+            Admin::new(&self.mesh),
+            Arc::new(crate::serve::builder(&self.settings.limits)),
+            admin_token.clone(),
+        )];
+        let drain = self.settings.limits.drain_timeout.as_std();
+        background.push(tokio::spawn(async move {
+            token.cancelled().await;
+            tokio::time::sleep(drain + Duration::from_millis(50)).await;
+            admin_token.cancel();
+        }));
+        tracing::info!(
+            identity = %self.mesh.certificates().identity(),
+            addresses = ?self.addresses,
+            "proxy started"
+        );
+        Ok(ProxyHandle {
+            token: self.mesh.shutdown_token(),
+            listeners: self.listeners,
+            background,
+            flush: self.flush,
+            keep: vec![Box::new(self.mesh)],
+            addresses: self.addresses,
+        })
+    }
+}
+
+/// The certificate source of the settings.
+fn certificates(settings: &Settings) -> Result<Certificates, StartError> {
+    if let Some(dir) = &settings.svid.ca_dir {
+        let ca = CertificateAuthority::load_dir(&settings.resolve(dir))
+            .map_err(|e| StartError::Certificate(format!("svid.caDir: {e}")))?;
+        Ok(Certificates::Issuer {
+            ca: Arc::new(ca),
+            lifetime: settings.svid.lifetime.map(|l| l.as_std()),
+        })
+    } else if let Some(dir) = &settings.svid.cert_dir {
+        Ok(Certificates::Dir(settings.resolve(dir)))
+    } else {
+        Err(StartError::Certificate(
+            "svid: set certDir or caDir".to_owned(),
+        ))
+    }
+}
+
+/// Metrics, traces and access log of the settings, with the flushes to run at exit.
+async fn telemetry(
+    settings: &Settings,
+) -> Result<(Telemetry, Vec<BoxFuture<'static, ()>>), StartError> {
+    let workload = settings.workload();
+    let identity = workload
         .identity()
         .map_err(|e| StartError::Certificate(e.to_string()))?;
-    let labels = &settings.workload.labels;
-    let mut workload = Workload::new(settings.workload_name(), &settings.workload.namespace)
-        .with_principal(identity.clone());
-    if let Some(app) = labels.get("app") {
-        workload = workload.with_app(app);
-    }
-    if let Some(v) = labels.get("version") {
-        workload = workload.with_version(v);
-    }
     let metrics = MetricsRegistry::new();
     let counters = Telemetry::export_counters(&metrics);
     let dropped = metrics.proxy().access_log_dropped.clone();
-    let mut builder = Telemetry::builder(workload)
+    let mut builder = Telemetry::builder(workload.telemetry(identity))
         .metrics(metrics)
         .sampling(settings.tracing.sampling);
     let mut flush: Vec<BoxFuture<'static, ()>> = Vec::new();
-    let service_name = format!(
-        "{}.{}",
-        settings.workload_name(),
-        settings.workload.namespace
-    );
+    let service_name = format!("{}.{}", workload.workload_name(), workload.namespace);
     let queue = if let Some(url) = &settings.tracing.otlp {
         let exporter = OtlpExporter::new(url, &service_name, Duration::from_secs(10))
             .map_err(|e| StartError::Other(format!("tracing.otlp: {e}")))?;
@@ -117,65 +217,5 @@ pub async fn common(settings: Arc<Settings>) -> Result<Common, StartError> {
         builder = builder.access_log(log.clone());
         flush.push(Box::pin(async move { log.flush().await }));
     }
-    let telemetry = builder.build();
-
-    let mut keep: Vec<Box<dyn Any + Send>> = Vec::new();
-    let store = if let Some(dir) = &settings.svid.ca_dir {
-        let ca = CertificateAuthority::load_dir(&settings.resolve(dir))
-            .map_err(|e| StartError::Certificate(format!("svid.caDir: {e}")))?;
-        if ca.trust_domain() != settings.trust_domain {
-            return Err(StartError::Certificate(format!(
-                "svid.caDir: the CA is for trust domain {}, the settings say {}",
-                ca.trust_domain(),
-                settings.trust_domain
-            )));
-        }
-        let mut issuer = BuiltInIssuer::new(
-            Arc::new(ca),
-            &settings.workload.namespace,
-            &settings.workload.service_account,
-        );
-        if let Some(l) = settings.svid.lifetime {
-            issuer = issuer.with_ttl(l.as_std());
-        }
-        let store =
-            CertStore::from_issuer(&issuer).map_err(|e| StartError::Certificate(e.to_string()))?;
-        keep.push(Box::new(store.spawn_issuer(issuer)));
-        store
-    } else if let Some(dir) = &settings.svid.cert_dir {
-        let dir = settings.resolve(dir);
-        let store =
-            CertStore::load_dir(&dir).map_err(|e| StartError::Certificate(e.to_string()))?;
-        keep.push(Box::new(
-            store
-                .watch_dir(&dir)
-                .map_err(|e| StartError::Certificate(e.to_string()))?,
-        ));
-        store
-    } else {
-        return Err(StartError::Certificate(
-            "svid: set certDir or caDir".to_owned(),
-        ));
-    };
-    if store.identity() != identity {
-        tracing::warn!(
-            certificate = %store.identity(),
-            settings = %identity,
-            "the certificate's identity differs from the settings' workload"
-        );
-    }
-    Ok(Common {
-        settings,
-        telemetry,
-        store,
-        flush,
-        keep,
-    })
-}
-
-/// Binds a TCP listener.
-pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    Ok((builder.build(), flush))
 }

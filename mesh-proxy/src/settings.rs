@@ -271,16 +271,7 @@ pub struct OutboundTrafficPolicy {
     pub mode: OutboundMode,
 }
 
-/// Istio's `outboundTrafficPolicy.mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum OutboundMode {
-    /// Unknown hosts are passed through as plain HTTP.
-    #[default]
-    AllowAny,
-    /// Unknown hosts get 502.
-    RegistryOnly,
-}
+pub use crate::stack::OutboundMode;
 
 /// `gateway`.
 #[derive(Clone, Debug, Deserialize)]
@@ -519,26 +510,29 @@ impl Settings {
         }
     }
 
-    /// The workload name used in metrics.
-    pub fn workload_name(&self) -> String {
-        self.workload
-            .name
-            .clone()
-            .or_else(|| self.workload.labels.get("app").cloned())
-            .unwrap_or_else(|| self.workload.service_account.clone())
+    /// The workload these settings describe.
+    pub fn workload(&self) -> crate::Workload {
+        crate::Workload {
+            namespace: self.workload.namespace.clone(),
+            service_account: self.workload.service_account.clone(),
+            name: self.workload.name.clone(),
+            labels: self.workload.labels.clone(),
+            service_host: self.workload.service_host.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }
     }
 
-    /// The local service's host for inbound metrics.
-    pub fn service_host(&self) -> String {
-        self.workload.service_host.clone().unwrap_or_else(|| {
-            let app = self
-                .workload
-                .labels
-                .get("app")
-                .cloned()
-                .unwrap_or_else(|| self.workload.service_account.clone());
-            format!("{app}.{}.svc.cluster.local", self.workload.namespace)
-        })
+    /// The stack options these settings give.
+    pub fn options(&self) -> crate::mesh::Options {
+        crate::mesh::Options {
+            limits: self.limits.clone(),
+            outbound_mode: self.outbound_traffic_policy.mode,
+            path_normalization: mesh_tls::authz::PathNormalization::from_istio(
+                &self.path_normalization,
+            )
+            .unwrap_or_default(),
+            random_seed: self.random_seed,
+        }
     }
 }
 

@@ -476,6 +476,7 @@ impl Ctx<'_> {
                 entries.push((
                     RouteTarget {
                         destination: self.destination(builder, &d.destination)?,
+                        stack: 0,
                         headers: Arc::new(dest_headers),
                     },
                     weight,

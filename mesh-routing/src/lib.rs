@@ -107,6 +107,7 @@ pub use router::{
 };
 pub use subset::{DestinationRule, DestinationRules, ResolvedPolicy, Subset};
 pub use table::{
-    CompileError, DestinationKey, Naming, Route, RouteAction, RouteTable, Selected, VirtualHost,
+    CompileError, DestinationKey, Naming, Route, RouteAction, RouteStack, RouteTable, Selected,
+    VirtualHost,
 };
 pub use weighted::{WeightError, Weighted};

@@ -10,8 +10,13 @@
 //! - `redirect` / `directResponse`: answers locally;
 //! - otherwise rolls the route's faults (delay, then abort; flags `DI`/`FI`), picks a
 //!   weighted destination, applies header operations and rewrites, starts the mirrors,
-//!   leaves the route's [`RoutePolicy`] (timeout, retries) in the request extensions, and
-//!   calls the destination's service.
+//!   and calls the route's service for that destination.
+//!
+//! The route's service is built when a table is compiled, not per request: for every
+//! (route policy, destination) pair of the table ([`RouteStack`](crate::RouteStack)) the
+//! [`MakeDestination::route`] wraps the destination's service in the route's policy
+//! (deadline, retries). A maker that leaves it to the default gets the destination's
+//! service itself, with the route's [`RoutePolicy`] in the request extensions.
 //!
 //! Destination services are made once per destination (host, subset, port) by a
 //! [`MakeDestination`] and kept by the [`RouterHandle`] across [`RouterHandle::update`]s
@@ -22,8 +27,9 @@
 //! # Layer placement
 //!
 //! Outermost on the outbound path after telemetry: `telemetry -> Router -> per destination:
-//! deadline -> retry -> balancer -> endpoint stack`. The per-destination stack is what the
-//! [`MakeDestination`] builds; it reads [`RoutePolicy`] from the request extensions.
+//! deadline -> retry -> balancer -> endpoint stack`. The per-destination stack is what
+//! [`MakeDestination::make`] builds, the per-route part what [`MakeDestination::route`]
+//! puts around it.
 //!
 //! # Errors
 //!
@@ -127,6 +133,39 @@ pub trait MakeDestination {
 
     /// The service for `target`.
     fn make(&self, target: &Arc<Target>) -> Self::Service;
+
+    /// The service a route forwards to `destination` through: the route's `policy`
+    /// (deadline, retries) around the destination's service. Called when a table is
+    /// compiled (at start and on every update), once per [`RouteStack`](crate::RouteStack) of the table,
+    /// never per request. The default forwards to the destination service as it is and
+    /// leaves the policy in the request's extensions ([`RoutePolicy`]) for a service that
+    /// reads it there.
+    fn route(
+        &self,
+        policy: &Arc<RoutePolicy>,
+        destination: &Self::Service,
+        target: &Arc<Target>,
+    ) -> Self::Service
+    where
+        Self::Service: Clone,
+    {
+        let _ = (policy, target);
+        destination.clone()
+    }
+
+    /// Whether [`route`](Self::route) applies the route's policy itself; when it does,
+    /// the router does not put [`RoutePolicy`] in the request's extensions.
+    fn routes_apply_policy(&self) -> bool {
+        false
+    }
+
+    /// Called on an update for a destination that is kept but whose DestinationRule
+    /// policy changed (already stored in `target`): a replacement service, or `None` to
+    /// keep `service` (the default; it reads the new policy from `target`).
+    fn policy_changed(&self, service: &Self::Service, target: &Arc<Target>) -> Option<Self::Service> {
+        let _ = (service, target);
+        None
+    }
 }
 
 impl<F, S> MakeDestination for F
@@ -152,6 +191,10 @@ enum Slot<S> {
 pub struct Snapshot<S> {
     table: Arc<RouteTable>,
     slots: Vec<Slot<S>>,
+    /// One service per [`RouteTable::stacks`] entry; `None` when its destination is missing.
+    stacks: Vec<Option<S>>,
+    /// Whether requests carry [`RoutePolicy`] (the stacks do not apply it themselves).
+    policy_extension: bool,
 }
 
 impl<S> Snapshot<S> {
@@ -294,8 +337,17 @@ where
                         match keep.get(&resolved).or_else(|| cache.entries.get(&resolved)) {
                             Some((svc, target)) => {
                                 // Kept across the reload: refresh what may have changed.
+                                let changed = *target.policy.load_full() != policy;
                                 target.policy.store(Arc::new(policy));
-                                (svc.clone(), Arc::clone(target))
+                                let svc = if changed {
+                                    cache
+                                        .make
+                                        .policy_changed(svc, target)
+                                        .unwrap_or_else(|| svc.clone())
+                                } else {
+                                    svc.clone()
+                                };
+                                (svc, Arc::clone(target))
                             }
                             None => {
                                 let target =
@@ -327,9 +379,22 @@ where
         // Destinations no route names any more are dropped here (in-flight requests hold clones).
         cache.entries = keep;
         cache.dns = dns;
+        let stacks = routing
+            .table
+            .stacks()
+            .iter()
+            .map(|stack| match &slots[stack.destination] {
+                Slot::Ready { service, target } => {
+                    Some(cache.make.route(&stack.policy, service, target))
+                }
+                Slot::Missing(_) => None,
+            })
+            .collect();
         Snapshot {
             table: Arc::new(routing.table),
             slots,
+            stacks,
+            policy_extension: !cache.make.routes_apply_policy(),
         }
     }
 
@@ -584,15 +649,46 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         // Held for the whole request: a reload does not affect a request already routed.
         let snapshot = self.shared.load_full();
+        self.dispatch(req, snapshot, None)
+    }
+}
+
+impl<S> Router<S>
+where
+    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// The current snapshot (for a caller that resolves the virtual host itself and then
+    /// calls [`dispatch`](Self::dispatch) with it).
+    pub fn snapshot(&self) -> Arc<Snapshot<S>> {
+        self.shared.load_full()
+    }
+
+    /// Routes `req` on `snapshot`; `virtual_host` is the index of the request's virtual
+    /// host when the caller already resolved it on that snapshot
+    /// ([`RouteTable::virtual_host_index`]), so the host is looked up once per request.
+    pub fn dispatch(
+        &mut self,
+        mut req: Request<BoxBody>,
+        snapshot: Arc<Snapshot<S>>,
+        virtual_host: Option<usize>,
+    ) -> ResponseFuture<S> {
         let default_port = req
             .extensions()
             .get::<ConnectionInfo>()
             .map(|c| c.local.port());
         let view = RequestView::from_request(&req, default_port);
-        let Ok(selected) = snapshot.table.select(&view) else {
+        let selected = match virtual_host {
+            Some(index) => snapshot.table.select_in(index, &view),
+            None => snapshot.table.select(&view),
+        };
+        let Ok(selected) = selected else {
             return ResponseFuture::error(NoRoute);
         };
         let route = selected.route;
@@ -636,8 +732,10 @@ where
                             .rewrite
                             .apply(&mut req, selected.matched.and_then(|m| m.uri.as_ref()));
                     }
-                    req.extensions_mut()
-                        .insert(RoutePolicy::clone(&route.policy));
+                    if snapshot.policy_extension {
+                        req.extensions_mut()
+                            .insert(RoutePolicy::clone(&route.policy));
+                    }
                     for m in &route.mirrors {
                         if !m.percent.roll(&mut self.rng) {
                             continue;
@@ -652,8 +750,12 @@ where
                             spawn_mirror(service.clone(), copy);
                         }
                     }
+                    let service = match snapshot.stacks.get(target.stack) {
+                        Some(Some(stack)) => stack.clone(),
+                        _ => service.clone(),
+                    };
                     Next::Dispatch {
-                        service: service.clone(),
+                        service,
                         request: req,
                     }
                 }

@@ -98,6 +98,9 @@ impl std::fmt::Display for DestinationKey {
 pub struct RouteTarget {
     /// Index into [`RouteTable::destinations`].
     pub destination: usize,
+    /// Index into [`RouteTable::stacks`] (this route's policy around this destination);
+    /// assigned by [`TableBuilder::build`], whatever was set before.
+    pub stack: usize,
     /// Destination-level header operations (applied after the route's).
     pub headers: Arc<Headers>,
 }
@@ -237,7 +240,19 @@ pub struct RouteTable {
     catch_all: Option<usize>,
     virtual_hosts: Vec<VirtualHost>,
     destinations: Vec<DestinationKey>,
+    stacks: Vec<RouteStack>,
     naming: Naming,
+}
+
+/// One route's policy around one of its destinations: what a router builds a service for
+/// when the table is compiled, so that nothing of the route's policy is built per request.
+/// Routes sharing a policy (the same `Arc`) and a destination share the entry.
+#[derive(Clone, Debug)]
+pub struct RouteStack {
+    /// The route's policy (timeout, retries).
+    pub policy: Arc<mesh_core::extensions::RoutePolicy>,
+    /// Index into [`RouteTable::destinations`].
+    pub destination: usize,
 }
 
 impl RouteTable {
@@ -262,6 +277,12 @@ impl RouteTable {
         &self.destinations
     }
 
+    /// Every (route policy, destination) pair some route forwards through; a
+    /// [`RouteTarget::stack`] indexes it.
+    pub fn stacks(&self) -> &[RouteStack] {
+        &self.stacks
+    }
+
     /// The virtual hosts.
     pub fn virtual_hosts(&self) -> &[VirtualHost] {
         &self.virtual_hosts
@@ -269,6 +290,13 @@ impl RouteTable {
 
     /// The virtual host answering `host` (no port), case-insensitively.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.virtual_hosts.get(self.virtual_host_index(host)?)
+    }
+
+    /// The index (into [`virtual_hosts`](Self::virtual_hosts)) of the virtual host
+    /// answering `host` (no port), case-insensitively: resolve once, then
+    /// [`select_in`](Self::select_in).
+    pub fn virtual_host_index(&self, host: &str) -> Option<usize> {
         let lowered;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lowered = host.to_ascii_lowercase();
@@ -276,19 +304,28 @@ impl RouteTable {
         } else {
             host
         };
-        let idx = self.exact.get(host).copied().or_else(|| {
+        self.exact.get(host).copied().or_else(|| {
             self.wildcards
                 .iter()
                 .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
                 .map(|(_, i)| *i)
                 .or(self.catch_all)
-        })?;
-        self.virtual_hosts.get(idx)
+        })
     }
 
     /// The route for `req`: first virtual host, then first matching route.
     pub fn select<'a>(&'a self, req: &RequestView<'_>) -> Result<Selected<'a>, NoRoute> {
-        let vh = self.virtual_host(req.host).ok_or(NoRoute)?;
+        self.select_in(self.virtual_host_index(req.host).ok_or(NoRoute)?, req)
+    }
+
+    /// The first route of virtual host `index` matching `req` (the host already resolved
+    /// with [`virtual_host_index`](Self::virtual_host_index)).
+    pub fn select_in<'a>(
+        &'a self,
+        index: usize,
+        req: &RequestView<'_>,
+    ) -> Result<Selected<'a>, NoRoute> {
+        let vh = self.virtual_hosts.get(index).ok_or(NoRoute)?;
         for route in &vh.routes {
             if let Some(matched) = route.matching_block(req) {
                 return Ok(Selected {
@@ -372,11 +409,34 @@ impl TableBuilder {
         self
     }
 
-    /// The finished table.
+    /// The finished table: wildcard hosts ordered longest first, and one
+    /// [`RouteStack`] per distinct (route policy, destination) pair, indexed from each
+    /// [`RouteTarget::stack`].
     pub fn build(mut self) -> RouteTable {
         self.table
             .wildcards
             .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        let mut index: HashMap<(*const mesh_core::extensions::RoutePolicy, usize), usize> =
+            HashMap::new();
+        let mut stacks = Vec::new();
+        for vh in &mut self.table.virtual_hosts {
+            for route in &mut vh.routes {
+                let RouteAction::Forward(weighted) = &mut route.action else {
+                    continue;
+                };
+                for target in weighted.items_mut() {
+                    let key = (Arc::as_ptr(&route.policy), target.destination);
+                    target.stack = *index.entry(key).or_insert_with(|| {
+                        stacks.push(RouteStack {
+                            policy: Arc::clone(&route.policy),
+                            destination: target.destination,
+                        });
+                        stacks.len() - 1
+                    });
+                }
+            }
+        }
+        self.table.stacks = stacks;
         self.table
     }
 }
@@ -389,6 +449,7 @@ pub fn default_route(destination: usize) -> Route {
         matches: Vec::new(),
         action: RouteAction::Forward(Weighted::single(RouteTarget {
             destination,
+            stack: 0,
             headers: Arc::default(),
         })),
         rewrite: Rewrite::default(),

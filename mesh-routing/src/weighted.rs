@@ -105,6 +105,11 @@ impl<T> Weighted<T> {
         &self.items
     }
 
+    /// The items, mutably (their weights stay as they are).
+    pub fn items_mut(&mut self) -> &mut [T] {
+        &mut self.items
+    }
+
     /// The share of `items()[i]` in `[0, 1]`.
     pub fn share(&self, i: usize) -> f64 {
         let prev = if i == 0 { 0 } else { self.cumulative[i - 1] };

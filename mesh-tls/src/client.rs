@@ -71,6 +71,17 @@ impl ClientTls {
     /// A client config accepting servers named by `expected`; if `slot` is given, the
     /// verified server is recorded in it.
     pub fn config(&self, expected: &SecureNaming, slot: Option<PeerSlot>) -> Arc<ClientConfig> {
+        self.config_with_alpn(expected, slot, crate::ALPN)
+    }
+
+    /// Like [`config`](Self::config), offering `alpn` (for instance only `http/1.1` for a
+    /// connection that will carry an HTTP Upgrade).
+    pub fn config_with_alpn(
+        &self,
+        expected: &SecureNaming,
+        slot: Option<PeerSlot>,
+        alpn: &[&[u8]],
+    ) -> Arc<ClientConfig> {
         let verifier = SpiffeServerVerifier::new(
             self.store.bundle_handle(),
             self.store.provider().clone(),
@@ -87,7 +98,7 @@ impl ClientTls {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.store.clone());
-        config.alpn_protocols = crate::alpn();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.resumption = Resumption::disabled();
         Arc::new(config)
     }
@@ -105,8 +116,24 @@ impl ClientTls {
     {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        self.connect_to(io, name, expected, crate::ALPN).await
+    }
+
+    /// Like [`connect`](Self::connect) with a parsed server name and the ALPN protocols
+    /// to offer.
+    pub async fn connect_to<IO>(
+        &self,
+        io: IO,
+        server_name: ServerName<'static>,
+        expected: &SecureNaming,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<(TlsStream<IO>, SvidLeaf)>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let name = server_name;
         let slot = PeerSlot::new();
-        let config = self.config(expected, Some(slot.clone()));
+        let config = self.config_with_alpn(expected, Some(slot.clone()), alpn);
         let stream = TlsConnector::from(config)
             .connect(name, io)
             .await

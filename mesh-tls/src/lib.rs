@@ -60,6 +60,7 @@
 pub mod authz;
 pub mod ca;
 pub mod client;
+pub mod connect;
 pub mod peer_auth;
 pub mod peer_auth_istio;
 pub mod server;
@@ -75,6 +76,7 @@ use rustls::crypto::CryptoProvider;
 pub use authz::{AuthzLayer, PolicySet};
 pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec};
 pub use client::ClientTls;
+pub use connect::{Alpn, MeshConn, MeshConnector};
 pub use peer_auth::{
     MtlsMode, PeerAuthMode, PeerAuthentication, PeerAuthenticationPolicy,
     WorkloadPeerAuthentication,

@@ -1,11 +1,12 @@
-//! The inbound path: mTLS per PeerAuthentication, peer identity, telemetry,
-//! authorization, then the local application.
+//! The inbound stack: requests a workload receives, from mTLS accept to the
+//! application.
 //!
 //! # Layer placement
 //!
 //! ```text
-//! TLS accept (STRICT: client certificate required; PERMISSIVE: TLS or plaintext;
-//!   DISABLE: plaintext) -> connection extensions (PeerIdentity, ConnectionInfo)
+//! TLS accept per PeerAuthentication ([`accept`]: STRICT requires a client certificate;
+//!   PERMISSIVE takes TLS or plaintext; DISABLE plaintext)
+//!   -> connection extensions (PeerIdentity, ConnectionInfo) ([`per_connection`])
 //!   -> sanitize (identity/internal headers from the client removed, `_` names refused)
 //!   -> telemetry (reporter=destination) -> respond -> AuthorizationPolicy -> application
 //! ```
@@ -14,54 +15,48 @@
 //! handshake closes the connection. The mode is read per connection from the current
 //! PeerAuthentication snapshot, for the application's port.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use mesh_core::body::{self, BoxBody};
+use mesh_core::body::BoxBody;
 use mesh_core::error::BoxError;
 use mesh_telemetry::{DestinationService, Telemetry, TelemetryLayer};
 use mesh_tls::authz::{AuthzLayer, NormalizeOptions, PathNormalization, PolicyHandle};
 use mesh_tls::{
-    ConnectionExtensionsLayer, InboundAcceptor, MeshStream, WorkloadPeerAuthentication,
+    ConnectionContext, ConnectionExtensionsLayer, InboundAcceptor, MeshStream,
+    WorkloadPeerAuthentication,
 };
 use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
-use crate::outbound::AppClient;
+use super::headers::Sanitize;
+use super::{HttpService, boxed_request, boxed_response};
 use crate::respond::Respond;
-use crate::serve::Sanitize;
 
-/// The HTTP service type the listeners serve (after the per-connection layers).
-pub type HttpService = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
-
-/// Boxes any request body into [`BoxBody`].
-pub fn boxed_request<B>(req: Request<B>) -> Request<BoxBody>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-{
-    req.map(body::boxed)
-}
-
-/// The inbound HTTP service (shared by all connections).
-pub fn service(
+/// The inbound stack around `app` (shared by all connections).
+pub fn service<S, B>(
     telemetry: &Telemetry,
     service_host: &str,
     authz: PolicyHandle,
     normalization: PathNormalization,
-    app: SocketAddr,
-    app_h2: bool,
-) -> HttpService {
+    app: S,
+) -> HttpService
+where
+    S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let authorized = ServiceBuilder::new()
-        .map_response(|res: Response<_>| res.map(body::boxed))
+        .map_response(boxed_response)
         .layer(AuthzLayer::from_handle(authz).normalization(NormalizeOptions::new(normalization)))
-        .service(AppClient::new(app, app_h2));
+        .service(app.map_response(boxed_response).map_err(Into::into));
     let recorded = ServiceBuilder::new()
-        .map_response(|res: Response<_>| res.map(body::boxed))
+        .map_response(boxed_response)
         .layer(TelemetryLayer::inbound(
             telemetry,
             DestinationService::from_host(service_host),
@@ -74,7 +69,7 @@ pub fn service(
 /// The per-connection service over `svc` for a connection with `context`.
 pub fn per_connection(
     svc: HttpService,
-    context: mesh_tls::ConnectionContext,
+    context: ConnectionContext,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = Response<BoxBody>,
@@ -93,7 +88,7 @@ pub async fn accept(
     modes: Arc<ArcSwap<WorkloadPeerAuthentication>>,
     app_port: u16,
     tcp: TcpStream,
-) -> Option<(MeshStream, mesh_tls::ConnectionContext)> {
+) -> Option<(MeshStream, ConnectionContext)> {
     let mode = modes.load().mode(app_port);
     match acceptor.accept(tcp, mode).await {
         Ok(conn) => Some((conn.io, conn.context)),

@@ -1,0 +1,729 @@
+//! [`Mesh`]: the whole mesh for one workload, built once from Istio YAML, a workload
+//! description and a certificate; the entry point for an application that embeds the
+//! mesh, and what the sidecar and the gateway run.
+//!
+//! # Behaviour
+//!
+//! [`Mesh::builder`] loads and validates the configuration (every problem, located, in
+//! one [`ConfigError`]), obtains the certificate, and compiles what the workload needs:
+//! its routes (for the sidecar's `mesh` listener or one gateway), its
+//! AuthorizationPolicies and PeerAuthentication. The [`Mesh`] then hands out services:
+//!
+//! - [`Mesh::outbound`]: the client side (telemetry, VirtualService routing, route
+//!   deadline and retries, connection-pool limits, outlier-aware balancing, mTLS per
+//!   endpoint with secure naming), a cloneable `tower::Service`;
+//! - [`Mesh::inbound`]: the server side around the application's own service
+//!   (sanitizing, telemetry, AuthorizationPolicy, Istio's local replies), and
+//!   [`Mesh::serve_inbound`], which also accepts connections per PeerAuthentication;
+//! - the gateway's routes when built for a gateway.
+//!
+//! [`Mesh::update`] and [`Mesh::reload`] swap in a new configuration atomically (a
+//! rejected one changes nothing and is counted); [`Mesh::watch`] (feature `watch`)
+//! reloads on every change of the configuration directory. Certificates rotate as the
+//! source says: a watched SVID directory, or the built-in issuer at half-life.
+//! [`Mesh::shutdown`] stops accepting and drains what [`Mesh::serve_inbound`] serves.
+//!
+//! # Embedding compared with the sidecar
+//!
+//! An embedder gains: no extra hop or process, no second copy of the request, typed
+//! access to the peer's identity (`PeerIdentity` in the request extensions), and the
+//! same Istio YAML, metrics and behaviour as the sidecar (the same code). It gives up:
+//! the language independence of a sidecar, the operational split (mesh upgrades are
+//! application releases), transparent capture (the application calls
+//! [`Mesh::outbound`] explicitly), and the admin server (read [`Mesh::telemetry`]
+//! instead).
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use http::Request;
+//! use mesh_core::body;
+//! use mesh_proxy::{Certificates, Mesh, Workload};
+//! use tower::ServiceExt;
+//!
+//! let mesh = Mesh::builder(Workload::new("production", "order-service").label("app", "order-service"))
+//!     .config_dir("istio/")
+//!     .certificates(Certificates::Dir("/etc/certs".into()))
+//!     .build()?;
+//! let res = mesh
+//!     .outbound()
+//!     .oneshot(Request::post("http://payment-service:8080/api/v1/payments").body(body::empty())?)
+//!     .await?;
+//! println!("{}", res.status());
+//! # Ok(()) }
+//! ```
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use mesh_core::body::BoxBody;
+use mesh_core::config::{LoadOptions, MeshConfig};
+use mesh_core::error::BoxError;
+use mesh_core::{Identity, IdentityError};
+use mesh_routing::{CompileOptions, Listener, Naming, RouterHandle, Routing};
+use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
+use mesh_tls::authz::{PathNormalization, PolicyHandle, PolicySet};
+use mesh_tls::{
+    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor,
+    PeerAuthentication, WorkloadPeerAuthentication,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::serve;
+use crate::settings::Limits;
+use crate::stack::{
+    Destinations, HttpService, MakeDest, MeshRouter, Outbound, OutboundMode, inbound,
+};
+
+/// Who the workload is: what PeerAuthentication, AuthorizationPolicy, DestinationRule
+/// `workloadSelector`s and the metrics' labels select on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Kubernetes service account (the SPIFFE identity's last segment).
+    pub service_account: String,
+    /// Workload name for metrics; `app`, else the service account, when `None`.
+    pub name: Option<String>,
+    /// Pod labels (`app`, `version`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// The service host it serves; `<app>.<namespace>.svc.cluster.local` when `None`.
+    pub service_host: Option<String>,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+}
+
+impl Workload {
+    /// A workload of `namespace` running as `service_account`, trust domain
+    /// `cluster.local`, no labels.
+    pub fn new(namespace: impl Into<String>, service_account: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            name: None,
+            labels: BTreeMap::new(),
+            service_host: None,
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    /// Adds a label.
+    #[must_use]
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// The workload's SPIFFE ID.
+    pub fn identity(&self) -> Result<Identity, IdentityError> {
+        Identity::parse(&format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        ))
+    }
+
+    /// The workload name of the metrics.
+    pub fn workload_name(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.labels.get("app").cloned())
+            .unwrap_or_else(|| self.service_account.clone())
+    }
+
+    /// The service host the workload serves.
+    pub fn service_host(&self) -> String {
+        self.service_host.clone().unwrap_or_else(|| {
+            let app = self
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| self.service_account.clone());
+            format!("{app}.{}.svc.cluster.local", self.namespace)
+        })
+    }
+
+    /// The telemetry identity of the workload (`source_*` or `destination_*` labels).
+    pub fn telemetry(&self, principal: Identity) -> TelemetryWorkload {
+        let mut w =
+            TelemetryWorkload::new(self.workload_name(), &self.namespace).with_principal(principal);
+        if let Some(app) = self.labels.get("app") {
+            w = w.with_app(app);
+        }
+        if let Some(v) = self.labels.get("version") {
+            w = w.with_version(v);
+        }
+        w
+    }
+}
+
+/// Where the workload's certificate comes from.
+#[derive(Clone, Debug)]
+pub enum Certificates {
+    /// Istio's SVID files (`cert-chain.pem`, `key.pem`, `root-cert.pem`) in a directory,
+    /// reloaded when they change (feature `watch`; loaded once without it).
+    Dir(PathBuf),
+    /// Issued by this CA for the workload's identity, renewed at half-life.
+    Issuer {
+        /// The CA.
+        ca: Arc<CertificateAuthority>,
+        /// Certificate lifetime; 24 h when `None`.
+        lifetime: Option<Duration>,
+    },
+    /// A store the application manages itself.
+    Store(Arc<CertStore>),
+}
+
+/// How the stacks behave where Istio leaves it to the proxy (the sidecar reads these
+/// from its settings' `limits`, `pathNormalization` and `outboundTrafficPolicy`).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Limits (connect timeout, idle timeout, retry replay limit, drain, listener limits).
+    pub limits: Limits,
+    /// Unknown hosts: passthrough or 502.
+    pub outbound_mode: OutboundMode,
+    /// Path normalization for AuthorizationPolicy.
+    pub path_normalization: PathNormalization,
+    /// Fixes the routers' random seeds (tests).
+    pub random_seed: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            outbound_mode: OutboundMode::AllowAny,
+            path_normalization: PathNormalization::default(),
+            random_seed: None,
+        }
+    }
+}
+
+/// The configuration was rejected: every located diagnostic, one per line.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("configuration rejected:\n{}", .diagnostics.join("\n"))]
+pub struct ConfigError {
+    /// Each problem, naming file (or object), line, field and what is wrong.
+    pub diagnostics: Vec<String>,
+}
+
+/// Why a [`Mesh`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration did not load or compile.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The certificate could not be loaded or issued.
+    #[error("certificate: {0}")]
+    Certificate(String),
+}
+
+/// The configuration in force.
+#[derive(Debug)]
+pub struct Active {
+    /// Content hash of the loaded documents.
+    pub version: u64,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// The validated configuration.
+    pub config: Arc<MeshConfig>,
+}
+
+/// Everything compiled from one configuration for one workload.
+struct Compiled {
+    routing: Routing,
+    policies: PolicySet,
+    peer_auth: WorkloadPeerAuthentication,
+}
+
+/// A function run with the new configuration after a successful update.
+type Hook = Box<dyn Fn(&MeshConfig) + Send + Sync>;
+
+struct Inner {
+    workload: Workload,
+    listener: Listener,
+    options: Options,
+    sources: Vec<PathBuf>,
+    telemetry: Telemetry,
+    store: Arc<CertStore>,
+    router: MeshRouter,
+    authz: PolicyHandle,
+    peer_auth: Arc<ArcSwap<WorkloadPeerAuthentication>>,
+    active: Arc<ArcSwap<Active>>,
+    destinations: Destinations,
+    hooks: Mutex<Vec<Hook>>,
+    shutdown: CancellationToken,
+    keep: Mutex<Vec<Box<dyn Any + Send>>>,
+}
+
+/// The mesh of one workload (see the module docs). Cheap to clone; clones share
+/// everything.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("workload", &self.inner.workload)
+            .field("listener", &self.inner.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Mesh`].
+#[must_use]
+pub struct MeshBuilder {
+    workload: Workload,
+    listener: Listener,
+    sources: Vec<PathBuf>,
+    config: Option<MeshConfig>,
+    certificates: Option<Certificates>,
+    telemetry: Option<Telemetry>,
+    options: Options,
+}
+
+impl std::fmt::Debug for MeshBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshBuilder")
+            .field("workload", &self.workload)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshBuilder {
+    /// Reads the Istio YAML from this file or directory (may be given several times);
+    /// [`Mesh::reload`] and [`Mesh::watch`] read it again.
+    pub fn config_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.sources.push(path.into());
+        self
+    }
+
+    /// Starts from an already loaded configuration instead of files.
+    pub fn config(mut self, config: MeshConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Where the certificate comes from (required).
+    pub fn certificates(mut self, certificates: Certificates) -> Self {
+        self.certificates = Some(certificates);
+        self
+    }
+
+    /// Reports to `telemetry` (exporters, access log, sampling set by the caller);
+    /// by default a telemetry of the workload with 1 % trace sampling and no exporter.
+    pub fn telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// Limits, outbound mode, path normalization.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Compiles the routes of Gateway `namespace/name` instead of the sidecar's.
+    pub fn gateway(mut self, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        self.listener = Listener::Gateway {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self
+    }
+
+    /// Loads, validates and compiles the configuration and obtains the certificate.
+    /// Needs a tokio runtime when the certificate source is watched or issued.
+    pub fn build(self) -> Result<Mesh, BuildError> {
+        let config = match self.config {
+            Some(c) => c,
+            None => load(&self.sources, &self.workload)?,
+        };
+        let compiled = compile(&config, &self.workload, &self.listener)?;
+        let identity = self
+            .workload
+            .identity()
+            .map_err(|e| BuildError::Certificate(e.to_string()))?;
+        let mut keep: Vec<Box<dyn Any + Send>> = Vec::new();
+        let store = certificates(
+            self.certificates
+                .ok_or_else(|| BuildError::Certificate("no certificate source".into()))?,
+            &self.workload,
+            &mut keep,
+        )?;
+        if store.identity() != identity {
+            tracing::warn!(
+                certificate = %store.identity(),
+                workload = %identity,
+                "the certificate's identity differs from the workload's"
+            );
+        }
+        let telemetry = self.telemetry.unwrap_or_else(|| {
+            Telemetry::builder(self.workload.telemetry(store.identity())).build()
+        });
+        let limits = &self.options.limits;
+        let destinations = Destinations::default();
+        let make = MakeDest {
+            tls: ClientTls::new(store.clone()),
+            connect_timeout: limits.connect_timeout.as_std(),
+            replay_limit: limits.max_retry_body_bytes,
+            idle_timeout: limits.idle_timeout.as_std(),
+            destinations: destinations.clone(),
+        };
+        let router = match self.options.random_seed {
+            Some(seed) => RouterHandle::with_seed(make, compiled.routing, seed),
+            None => RouterHandle::new(make, compiled.routing),
+        };
+        Ok(Mesh {
+            inner: Arc::new(Inner {
+                active: Arc::new(ArcSwap::from_pointee(Active {
+                    version: config.version(),
+                    loaded_at: SystemTime::now(),
+                    config: Arc::new(config),
+                })),
+                workload: self.workload,
+                listener: self.listener,
+                options: self.options,
+                sources: self.sources,
+                telemetry,
+                store,
+                router,
+                authz: PolicyHandle::new(compiled.policies),
+                peer_auth: Arc::new(ArcSwap::from_pointee(compiled.peer_auth)),
+                destinations,
+                hooks: Mutex::default(),
+                shutdown: CancellationToken::new(),
+                keep: Mutex::new(keep),
+            }),
+        })
+    }
+}
+
+/// Loads the configuration files for `workload` (namespace-less resources land in its
+/// namespace).
+fn load(sources: &[PathBuf], workload: &Workload) -> Result<MeshConfig, ConfigError> {
+    let options = LoadOptions {
+        default_namespace: workload.namespace.clone(),
+        ..LoadOptions::default()
+    };
+    let (config, report) = MeshConfig::load(sources, &options).map_err(|errs| ConfigError {
+        diagnostics: errs.iter().map(ToString::to_string).collect(),
+    })?;
+    for w in report.warnings() {
+        tracing::warn!("{w}");
+    }
+    Ok(config)
+}
+
+/// Compiles `config` for `workload` on `listener`.
+fn compile(
+    config: &MeshConfig,
+    workload: &Workload,
+    listener: &Listener,
+) -> Result<Compiled, ConfigError> {
+    let diagnostics = |errs: Vec<String>| ConfigError { diagnostics: errs };
+    let options = CompileOptions {
+        naming: Naming {
+            namespace: workload.namespace.clone(),
+            ..Naming::default()
+        },
+        listener: listener.clone(),
+        trust_domain: workload.trust_domain.clone(),
+        workload_labels: workload.labels.clone(),
+    };
+    let routing = Routing::compile(config, &options)
+        .map_err(|errs| diagnostics(errs.iter().map(ToString::to_string).collect()))?;
+    let policies = PolicySet::from_config(config, &workload.namespace, &workload.labels)
+        .map_err(|e| diagnostics(vec![e.to_string()]))?;
+    let peer_auth = PeerAuthentication::from_config(config)
+        .for_workload(&workload.namespace, &workload.labels);
+    Ok(Compiled {
+        routing,
+        policies,
+        peer_auth,
+    })
+}
+
+/// The certificate store of `source`; what keeps it fresh goes into `keep`.
+fn certificates(
+    source: Certificates,
+    workload: &Workload,
+    keep: &mut Vec<Box<dyn Any + Send>>,
+) -> Result<Arc<CertStore>, BuildError> {
+    let err = |e: &dyn std::fmt::Display| BuildError::Certificate(e.to_string());
+    Ok(match source {
+        Certificates::Store(store) => store,
+        Certificates::Dir(dir) => {
+            let store = CertStore::load_dir(&dir).map_err(|e| err(&e))?;
+            #[cfg(feature = "watch")]
+            keep.push(Box::new(store.watch_dir(&dir).map_err(|e| err(&e))?));
+            store
+        }
+        Certificates::Issuer { ca, lifetime } => {
+            if ca.trust_domain() != workload.trust_domain {
+                return Err(BuildError::Certificate(format!(
+                    "the CA is for trust domain {}, the workload is in {}",
+                    ca.trust_domain(),
+                    workload.trust_domain
+                )));
+            }
+            let mut issuer = BuiltInIssuer::new(ca, &workload.namespace, &workload.service_account);
+            if let Some(l) = lifetime {
+                issuer = issuer.with_ttl(l);
+            }
+            let store = CertStore::from_issuer(&issuer).map_err(|e| err(&e))?;
+            keep.push(Box::new(store.spawn_issuer(issuer)));
+            store
+        }
+    })
+}
+
+impl Mesh {
+    /// A builder for `workload`.
+    pub fn builder(workload: Workload) -> MeshBuilder {
+        MeshBuilder {
+            workload,
+            listener: Listener::Mesh,
+            sources: Vec::new(),
+            config: None,
+            certificates: None,
+            telemetry: None,
+            options: Options::default(),
+        }
+    }
+
+    /// The outbound stack: send requests with an authority the configuration knows
+    /// (`http://payment-service:8080/...`, or origin-form with a `Host`).
+    pub fn outbound(&self) -> Outbound {
+        let limits = &self.inner.options.limits;
+        Outbound::new(
+            &self.inner.router,
+            &self.inner.telemetry,
+            self.inner.options.outbound_mode,
+            limits.connect_timeout.as_std(),
+            limits.idle_timeout.as_std(),
+        )
+    }
+
+    /// The inbound stack around `app`: what reaches `app` was authorized by the
+    /// AuthorizationPolicies in force and carries the caller's identity in its
+    /// extensions (when it came through [`serve_inbound`](Self::serve_inbound) or
+    /// [`inbound::per_connection`]).
+    pub fn inbound<S, B>(&self, app: S) -> HttpService
+    where
+        S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        inbound::service(
+            &self.inner.telemetry,
+            &self.inner.workload.service_host(),
+            self.inner.authz.clone(),
+            self.inner.options.path_normalization,
+            app,
+        )
+    }
+
+    /// Serves `app` behind the inbound stack on `listener`: each connection accepted
+    /// per the PeerAuthentication mode in force for the listener's port (mTLS with the
+    /// workload's certificate), HTTP/1.1 and h2, until [`shutdown`](Self::shutdown),
+    /// then drained for `limits.drainTimeout`.
+    pub fn serve_inbound<S, B>(&self, listener: TcpListener, app: S) -> tokio::task::JoinHandle<()>
+    where
+        S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        tokio::spawn(self.run_inbound(listener, self.inbound(app), port))
+    }
+
+    /// Serves `svc` on `listener`, accepting per the PeerAuthentication mode of
+    /// `app_port`, until shutdown and drain.
+    pub(crate) fn run_inbound(
+        &self,
+        listener: TcpListener,
+        svc: HttpService,
+        app_port: u16,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let acceptor = InboundAcceptor::new(self.inner.store.clone())
+            .with_handshake_timeout(self.inner.options.limits.header_read_timeout.as_std());
+        let modes = self.inner.peer_auth.clone();
+        let options =
+            self.serve_options(self.inner.telemetry.metrics().proxy().active_connections("inbound"));
+        serve::run(listener, options, move |tcp, _remote| {
+            let svc = svc.clone();
+            let acceptor = acceptor.clone();
+            let modes = modes.clone();
+            async move {
+                let (io, ctx) = inbound::accept(acceptor, modes, app_port, tcp).await?;
+                Some((io, inbound::per_connection(svc, ctx)))
+            }
+        })
+    }
+
+    /// How this mesh's listeners serve (limits, drain, shutdown token).
+    pub(crate) fn serve_options(
+        &self,
+        active: prometheus_client::metrics::gauge::Gauge,
+    ) -> serve::Options {
+        let limits = &self.inner.options.limits;
+        serve::Options {
+            builder: Arc::new(serve::builder(limits)),
+            shutdown: self.inner.shutdown.clone(),
+            drain: limits.drain_timeout.as_std(),
+            max_connections: limits.max_connections,
+            active,
+            idle_timeout: limits.idle_timeout.as_std(),
+        }
+    }
+
+    /// Swaps in `config`, compiled for this workload, atomically: routes (destinations
+    /// that remain keep their balancer, outlier and pool state), AuthorizationPolicies,
+    /// PeerAuthentication. A rejected configuration changes nothing; both outcomes are
+    /// counted (`mesh_config_reloads_total`, `mesh_config_reload_failures_total`).
+    /// Returns the content version in force.
+    pub fn update(&self, config: MeshConfig) -> Result<u64, ConfigError> {
+        let version = config.version();
+        if version == self.inner.active.load().version {
+            return Ok(version);
+        }
+        let metrics = self.inner.telemetry.metrics().proxy();
+        let compiled = match compile(&config, &self.inner.workload, &self.inner.listener) {
+            Ok(c) => c,
+            Err(e) => {
+                metrics.config_reload_failed();
+                for d in &e.diagnostics {
+                    tracing::error!("configuration rejected: {d}");
+                }
+                return Err(e);
+            }
+        };
+        self.inner.router.update(compiled.routing);
+        self.inner.authz.store(compiled.policies);
+        self.inner.peer_auth.store(Arc::new(compiled.peer_auth));
+        for hook in self.inner.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            hook(&config);
+        }
+        self.inner.active.store(Arc::new(Active {
+            version,
+            loaded_at: SystemTime::now(),
+            config: Arc::new(config),
+        }));
+        metrics.config_reloaded();
+        tracing::info!(version = format!("{version:016x}"), "configuration updated");
+        Ok(version)
+    }
+
+    /// Loads the configuration files again and [`update`](Self::update)s.
+    pub fn reload(&self) -> Result<u64, ConfigError> {
+        match load(&self.inner.sources, &self.inner.workload) {
+            Ok(config) => self.update(config),
+            Err(e) => {
+                self.inner.telemetry.metrics().proxy().config_reload_failed();
+                for d in &e.diagnostics {
+                    tracing::error!("configuration reload rejected: {d}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads whenever the configuration directories change (Kubernetes `..data`
+    /// swaps included) or on SIGHUP, until [`shutdown`](Self::shutdown).
+    #[cfg(feature = "watch")]
+    pub fn watch(&self) -> Result<(), crate::watch::WatchError> {
+        let (task, watcher) = crate::watch::spawn(self.clone(), self.inner.shutdown.clone())?;
+        let mut keep = self.inner.keep.lock().unwrap_or_else(|e| e.into_inner());
+        keep.push(Box::new(watcher));
+        keep.push(Box::new(AbortOnDrop(task)));
+        Ok(())
+    }
+
+    /// Runs `hook` with every configuration swapped in after this call.
+    pub fn on_update(&self, hook: impl Fn(&MeshConfig) + Send + Sync + 'static) {
+        self.inner
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
+    }
+
+    /// Starts the graceful shutdown of what this mesh serves.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Cancelled when shutdown starts.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Metrics, latency percentiles, traces and access log of this workload.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.inner.telemetry
+    }
+
+    /// The workload certificate.
+    pub fn certificates(&self) -> &Arc<CertStore> {
+        &self.inner.store
+    }
+
+    /// The workload.
+    pub fn workload(&self) -> &Workload {
+        &self.inner.workload
+    }
+
+    /// The options.
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// The configuration in force.
+    pub fn active(&self) -> Arc<ArcSwap<Active>> {
+        self.inner.active.clone()
+    }
+
+    /// The live destinations (balancers, pools), for an admin view.
+    pub fn destinations(&self) -> &Destinations {
+        &self.inner.destinations
+    }
+
+    /// The router (the gateway routes with it).
+    pub fn router(&self) -> &MeshRouter {
+        &self.inner.router
+    }
+
+    /// The PeerAuthentication modes in force.
+    pub fn peer_authentication(&self) -> Arc<ArcSwap<WorkloadPeerAuthentication>> {
+        self.inner.peer_auth.clone()
+    }
+
+    /// The configuration files and directories this mesh reloads from.
+    pub fn sources(&self) -> &[PathBuf] {
+        &self.inner.sources
+    }
+}
+
+/// Aborts a background task when the mesh is dropped.
+#[cfg(feature = "watch")]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+#[cfg(feature = "watch")]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

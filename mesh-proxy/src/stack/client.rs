@@ -1,0 +1,303 @@
+//! The one HTTP client every upstream path uses: to a mesh endpoint over mTLS, to a
+//! host outside the mesh (ALLOW_ANY passthrough), and to the local application.
+//!
+//! # Behaviour
+//!
+//! [`HttpClient`] sends each request on a pooled connection made by its connector
+//! (hyper-util's client: h2 when the connection negotiated it, HTTP/1.1 otherwise):
+//!
+//! - the target is made absolute (`http://<authority><path>`) from the URI, else the
+//!   `Host` header, else the client's fixed authority ([`HttpClient::to_authority`]
+//!   for the local application, whose requests keep their `Host`);
+//! - hop-by-hop headers are removed from the request and the response;
+//! - the response carries [`UpstreamHost`] (the address the client dialled);
+//! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
+//!   when) the answer is `101`, the two connections are spliced together;
+//! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
+//!   (503 `UF`), anything else after it [`UpstreamReset`] (503 `UC`).
+//!
+//! # Layer placement
+//!
+//! The innermost service: per endpoint under the balancer (outbound, gateway), after
+//! authorization (inbound), or straight after routing for unknown hosts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::body::{self, BoxBody};
+use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
+use mesh_core::extensions::UpstreamHost;
+use mesh_tls::{Alpn, MeshConnector};
+
+use super::headers::strip_hop_by_hop;
+
+/// How the client's requests are sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// As the connection negotiated (h2 by ALPN, else HTTP/1.1); the request's own
+    /// version is translated.
+    #[default]
+    Negotiated,
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c to a plaintext application).
+    Http2,
+}
+
+/// Pooled connections from one connector, with an HTTP/1.1-only pool for upgrades.
+#[derive(Clone, Debug)]
+pub struct HttpClient<C> {
+    client: Client<C, BoxBody>,
+    upgrades: Client<C, BoxBody>,
+    /// The address the connector dials (for [`UpstreamHost`]); `None` when it depends
+    /// on the request (passthrough).
+    address: Option<SocketAddr>,
+    /// Every request goes to this authority (the local application), keeping its Host.
+    authority: Option<Authority>,
+    protocol: Protocol,
+}
+
+impl<C> HttpClient<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    /// A client over `connector` (and `upgrade_connector` for WebSocket upgrades);
+    /// idle pooled connections close after `idle_timeout`.
+    pub fn new(
+        connector: C,
+        upgrade_connector: C,
+        idle_timeout: Duration,
+        protocol: Protocol,
+    ) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(protocol == Protocol::Http2)
+            .build(connector);
+        let upgrades = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(upgrade_connector);
+        Self {
+            client,
+            upgrades,
+            address: None,
+            authority: None,
+            protocol,
+        }
+    }
+
+    /// Records `address` as the upstream host of every response.
+    #[must_use]
+    pub fn at(mut self, address: SocketAddr) -> Self {
+        self.address = Some(address);
+        self
+    }
+
+    /// Sends every request to `address` whatever its authority (the request keeps its
+    /// `Host`).
+    #[must_use]
+    pub fn to_authority(mut self, address: SocketAddr) -> Self {
+        self.authority = Authority::try_from(address.to_string()).ok();
+        self.address = Some(address);
+        self
+    }
+}
+
+impl HttpClient<MeshConnector> {
+    /// The client of one mesh endpoint: mTLS with `connector` (h2 or HTTP/1.1 by ALPN;
+    /// upgrades on HTTP/1.1-only connections).
+    pub fn mesh(connector: MeshConnector, idle_timeout: Duration) -> Self {
+        let address = connector.address();
+        let upgrades = connector.clone().alpn(Alpn::Http1);
+        Self::new(connector, upgrades, idle_timeout, Protocol::Negotiated).at(address)
+    }
+}
+
+impl HttpClient<HttpConnector> {
+    /// A plaintext client (`TCP_NODELAY`, `connect_timeout`).
+    pub fn plaintext(connect_timeout: Duration, idle_timeout: Duration, protocol: Protocol) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        Self::new(http.clone(), http, idle_timeout, protocol)
+    }
+
+    /// The client of a local application at `app` (h2 with prior knowledge when `h2`).
+    pub fn application(app: SocketAddr, h2: bool) -> Self {
+        let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+        // Envoy's default idle timeout of upstream connections.
+        Self::plaintext(Duration::from_secs(10), Duration::from_secs(3600), protocol)
+            .to_authority(app)
+    }
+}
+
+/// Whether `req` asks for a WebSocket upgrade (the only Upgrade that is forwarded).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= Version::HTTP_11
+        && req
+            .headers()
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Maps a hyper client error to mesh-core's leaf errors.
+pub(crate) fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
+    if e.is_connect() {
+        Box::new(ConnectFailure::new(e))
+    } else {
+        Box::new(UpstreamReset::new(
+            ResetReason::ConnectionTermination,
+            true,
+            Some(Box::new(e)),
+        ))
+    }
+}
+
+/// Rewrites the request URI to `http://<authority><path>`: `fixed` when given, else the
+/// URI's authority, else the Host header.
+fn absolute(req: &mut Request<BoxBody>, fixed: Option<&Authority>) {
+    let authority = fixed.cloned().or_else(|| req.uri().authority().cloned()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<Authority>().ok())
+    });
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authority;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// The response future of [`HttpClient`].
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, BoxError>> + Send>>,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<BoxBody>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<C> tower::Service<Request<BoxBody>> for HttpClient<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: hyper's pool waits for or opens a connection per request.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<BoxBody>) -> ResponseFuture {
+        strip_hop_by_hop(req.headers_mut());
+        absolute(&mut req, self.authority.as_ref());
+        let address = self.address;
+        let upgrade = is_upgrade(&req);
+        if upgrade {
+            *req.version_mut() = Version::HTTP_11;
+        } else {
+            match self.protocol {
+                Protocol::Negotiated => {}
+                Protocol::Http1 => *req.version_mut() = Version::HTTP_11,
+                Protocol::Http2 => *req.version_mut() = Version::HTTP_2,
+            }
+        }
+        let downstream = if upgrade {
+            req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        let fut = if upgrade {
+            self.upgrades.request(req)
+        } else {
+            self.client.request(req)
+        };
+        ResponseFuture {
+            inner: Box::pin(async move {
+                let mut res = fut.await.map_err(upstream_error)?;
+                match downstream {
+                    Some(downstream) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                        splice(downstream, hyper::upgrade::on(&mut res));
+                    }
+                    _ => strip_hop_by_hop(res.headers_mut()),
+                }
+                if let Some(address) = address {
+                    res.extensions_mut().insert(UpstreamHost(address));
+                }
+                Ok(res.map(body::boxed))
+            }),
+        }
+    }
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream connection.
+fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
+            return;
+        };
+        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: Option<&str>) -> Request<BoxBody> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(http::header::HOST, h);
+        }
+        b.body(body::empty()).unwrap()
+    }
+
+    #[test]
+    fn absolute_uri_takes_the_host_header_and_keeps_the_path() {
+        let mut r = req("/pay?x=1", Some("payment-service"));
+        absolute(&mut r, None);
+        assert_eq!(r.uri(), "http://payment-service/pay?x=1");
+    }
+
+    #[test]
+    fn a_fixed_authority_wins_and_host_is_kept() {
+        let fixed = Authority::from_static("127.0.0.1:1");
+        let mut r = req("http://payment-service/pay", Some("payment-service"));
+        absolute(&mut r, Some(&fixed));
+        assert_eq!(r.uri(), "http://127.0.0.1:1/pay");
+        assert_eq!(r.headers()[http::header::HOST], "payment-service");
+        let mut r = req("/", None);
+        absolute(&mut r, Some(&fixed));
+        assert_eq!(r.uri(), "http://127.0.0.1:1/");
+    }
+}

@@ -1,0 +1,298 @@
+//! The per-destination and per-route stacks of the outbound path, built when a route
+//! table is compiled and kept by the router across reloads.
+//!
+//! # Layer placement
+//!
+//! ```text
+//! router -> per (route, destination) [RouteService]: deadline (route timeout)
+//!   -> retry (route retries, gated by the destination's maxRetries)
+//!     -> per destination [DestService]: pool limits (DestinationRule connectionPool)
+//!       -> balancer (loadBalancer, outlierDetection) -> per endpoint: HttpClient over mTLS
+//! ```
+//!
+//! Nothing here is built per request: the route part is built by
+//! [`MakeDestination::route`] for every (route policy, destination) pair when the table
+//! is compiled (and again on every reload), the destination part by
+//! [`MakeDestination::make`] once per destination, and rebuilt only when its
+//! DestinationRule policy changes ([`MakeDestination::policy_changed`]: balancer and pool
+//! state start over). Endpoint changes (reloads, DNS refreshes) reach the balancer with
+//! a lock-free pointer check per request; the balancer keeps the state of the endpoints
+//! that remain.
+//!
+//! Readiness is forwarded: the pool limit reserves its permit in `poll_ready`, which the
+//! router's response future drives before calling, so a full pool makes requests wait
+//! (up to `http1MaxPendingRequests`) or overflow with 503 `UO`.
+//!
+//! The peer's identity is verified against the endpoint's identities (ServiceEntry
+//! `serviceAccount`/`subjectAltNames`); an endpoint without any accepts any identity of a
+//! trusted domain.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use mesh_core::Endpoint;
+use mesh_core::body::{self, BoxBody};
+use mesh_core::error::BoxError;
+use mesh_core::extensions::RoutePolicy;
+use mesh_resilience::deadline::Deadline;
+use mesh_resilience::limit::PoolLimit;
+use mesh_resilience::retry::Retry;
+use mesh_resilience::{
+    Balance, LbPolicy, OutlierConfig, PoolLimitLayer, PoolLimits, RetryGate, RetryLayer,
+    RetryPolicy,
+};
+use mesh_routing::{DestinationKey, MakeDestination, Target};
+use mesh_tls::{ClientTls, MeshConnector, SecureNaming};
+use tower::{Layer, Service};
+
+use super::client::HttpClient;
+
+/// The service of one endpoint.
+pub type Upstream = HttpClient<MeshConnector>;
+
+/// What `/clusters` shows of one destination.
+#[derive(Clone)]
+pub struct DestinationState {
+    /// The destination.
+    pub key: DestinationKey,
+    /// Its balancer (endpoints, ejection, in-flight counts).
+    pub balance: Balance<Upstream>,
+    /// Its pool limits.
+    pub pool: PoolLimitLayer,
+    target: Weak<Target>,
+}
+
+/// The live destinations, for an admin view.
+#[derive(Clone, Default)]
+pub struct Destinations(Arc<Mutex<HashMap<DestinationKey, DestinationState>>>);
+
+impl Destinations {
+    /// The destinations still in use, sorted by name.
+    pub fn list(&self) -> Vec<DestinationState> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, d| d.target.strong_count() > 0);
+        let mut v: Vec<_> = map.values().cloned().collect();
+        v.sort_by_key(|d| d.key.to_string());
+        v
+    }
+}
+
+/// Builds the per-destination and per-route stacks for the router.
+#[derive(Clone)]
+pub struct MakeDest {
+    /// Client TLS (the workload's SVID).
+    pub tls: ClientTls,
+    /// Upstream connect plus handshake timeout.
+    pub connect_timeout: Duration,
+    /// Replay limit for retried request bodies.
+    pub replay_limit: usize,
+    /// Idle timeout of pooled upstream connections when no DestinationRule sets one.
+    pub idle_timeout: Duration,
+    /// Where the destinations are listed for the admin view.
+    pub destinations: Destinations,
+}
+
+/// One destination: pool limits around the balancer.
+///
+/// Cheap to clone (the balancer, pool state and target are shared); a clone starts
+/// without a pool reservation.
+#[derive(Clone)]
+pub struct DestService {
+    inner: PoolLimit<Balance<Upstream>>,
+    gate: RetryGate,
+    target: Arc<Target>,
+    balance: Balance<Upstream>,
+    synced: Arc<ArcSwap<Vec<Endpoint>>>,
+}
+
+impl DestService {
+    /// Hands the target's endpoints to the balancer when they changed since the last
+    /// request (a pointer comparison; no lock).
+    fn sync(&self) {
+        let now = self.target.endpoints();
+        if !Arc::ptr_eq(&now, &self.synced.load()) {
+            self.balance.update(now.iter().cloned());
+            self.synced.store(Arc::clone(&now));
+        }
+    }
+}
+
+impl Service<Request<BoxBody>> for DestService {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = futures_util::future::MapOk<
+        <PoolLimit<Balance<Upstream>> as Service<Request<BoxBody>>>::Future,
+        fn(
+            <PoolLimit<Balance<Upstream>> as Service<Request<BoxBody>>>::Response,
+        ) -> Response<BoxBody>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        use futures_util::TryFutureExt;
+        self.sync();
+        self.inner
+            .call(req)
+            .map_ok(|res: Response<_>| res.map(body::boxed))
+    }
+}
+
+/// What the router holds per (route, destination): the route's deadline and retries
+/// around the destination's service, built when the table is compiled.
+#[derive(Clone)]
+pub struct RouteService {
+    destination: DestService,
+    stack: Deadline<Retry<DestService>>,
+}
+
+impl RouteService {
+    /// `policy` around `destination`.
+    fn new(policy: Option<&RoutePolicy>, destination: DestService, replay_limit: usize) -> Self {
+        let retry = match policy {
+            // A destination outside any route (a mirror): sent once.
+            None => RetryPolicy::disabled(),
+            Some(p) => RetryPolicy::from_route(p.retries.as_deref(), p.timeout)
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e}; using the default retry policy");
+                    RetryPolicy::istio_default()
+                })
+                .replay_limit(replay_limit),
+        };
+        let retry = RetryLayer::new(retry).with_retry_gate(destination.gate.clone());
+        Self {
+            stack: Deadline::new(retry.layer(destination.clone()), policy.and_then(|p| p.timeout)),
+            destination,
+        }
+    }
+}
+
+impl Service<Request<BoxBody>> for RouteService {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = <Deadline<Retry<DestService>> as Service<Request<BoxBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.stack.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        self.stack.call(req)
+    }
+}
+
+impl MakeDest {
+    /// Balancer and pool limits for `target` under its current policy.
+    fn build(&self, target: &Arc<Target>) -> DestService {
+        let policy = target.policy();
+        let lb = policy
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| match LbPolicy::try_from(lb) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(destination = %target.key, "{e}");
+                    None
+                }
+            })
+            .unwrap_or_default();
+        let outlier = policy.outlier_detection.as_ref().map(OutlierConfig::from);
+        let limits = policy
+            .connection_pool
+            .as_ref()
+            .map(PoolLimits::from)
+            .unwrap_or_default();
+        let dr_idle = policy.connection_pool.as_ref().is_some_and(|cp| {
+            cp.tcp.as_ref().is_some_and(|t| t.idle_timeout.is_some())
+                || cp.http.as_ref().is_some_and(|h| h.idle_timeout.is_some())
+        });
+        let idle = if dr_idle {
+            limits.idle_timeout
+        } else {
+            self.idle_timeout
+        };
+        let tls = self.tls.clone();
+        let connect_timeout = self.connect_timeout;
+        let server_name: Arc<str> = target.key.host.clone();
+        let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
+            let naming = if ep.identities.is_empty() {
+                SecureNaming::AnyTrusted
+            } else {
+                SecureNaming::OneOf(ep.identities.clone())
+            };
+            let connector = MeshConnector::new(ep.address, &server_name, tls.clone(), naming)
+                .or_else(|_| {
+                    // A host that is not a DNS name (a wildcard ServiceEntry host): no SNI
+                    // name can carry it, so send the address.
+                    MeshConnector::new(
+                        ep.address,
+                        &ep.address.ip().to_string(),
+                        tls.clone(),
+                        SecureNaming::AnyTrusted,
+                    )
+                })
+                .unwrap_or_else(|_| unreachable!("an IP address is a valid server name"))
+                .connect_timeout(connect_timeout);
+            HttpClient::mesh(connector, idle)
+        });
+        let endpoints = target.endpoints();
+        balance.update(endpoints.iter().cloned());
+        let pool = PoolLimitLayer::new(limits);
+        self.destinations
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                target.key.clone(),
+                DestinationState {
+                    key: target.key.clone(),
+                    balance: balance.clone(),
+                    pool: pool.clone(),
+                    target: Arc::downgrade(target),
+                },
+            );
+        DestService {
+            inner: pool.layer(balance.clone()),
+            gate: pool.retry_gate(),
+            target: Arc::clone(target),
+            balance,
+            synced: Arc::new(ArcSwap::new(endpoints)),
+        }
+    }
+}
+
+impl MakeDestination for MakeDest {
+    type Service = RouteService;
+
+    fn make(&self, target: &Arc<Target>) -> RouteService {
+        RouteService::new(None, self.build(target), self.replay_limit)
+    }
+
+    fn route(
+        &self,
+        policy: &Arc<RoutePolicy>,
+        destination: &RouteService,
+        _target: &Arc<Target>,
+    ) -> RouteService {
+        RouteService::new(
+            Some(policy),
+            destination.destination.clone(),
+            self.replay_limit,
+        )
+    }
+
+    fn routes_apply_policy(&self) -> bool {
+        true
+    }
+
+    fn policy_changed(&self, _service: &RouteService, target: &Arc<Target>) -> Option<RouteService> {
+        tracing::info!(destination = %target.key, "traffic policy changed");
+        Some(self.make(target))
+    }
+}

@@ -1,0 +1,378 @@
+//! The outbound stack: requests a workload sends, routed by VirtualService and sent to
+//! the chosen endpoint over mTLS.
+//!
+//! # Layer placement
+//!
+//! ```text
+//! sanitize (`_` names refused) -> host resolved once (absolute-form authority, else Host)
+//!   -> telemetry (reporter=source, destination_service = the virtual host's FQDN)
+//!   -> respond (errors become Istio's local replies)
+//!   -> prepare (absolute-form authority becomes Host, hop-by-hop headers go)
+//!   -> known host: router (VirtualService) -> per route and destination (see
+//!      [`destination`](super::destination)) ...
+//!   -> unknown host: ALLOW_ANY passthrough in plaintext | REGISTRY_ONLY 502 `NR`
+//! ```
+//!
+//! The request's host is looked up once per request, on the snapshot the router then
+//! routes it on. Hosts the route table does not know are recorded by authority, with a
+//! bound on distinct authorities.
+//!
+//! # Errors
+//!
+//! None reach the caller: every failure is answered as Istio does ([`crate::respond`]).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use mesh_core::body::BoxBody;
+use mesh_core::error::BoxError;
+use mesh_routing::{Router, RouterHandle, Snapshot};
+use mesh_telemetry::{DestinationService, Telemetry, TelemetryLayer, Workload};
+use pin_project::pin_project;
+use tower::{Layer, Service};
+
+use super::client::{self, HttpClient, Protocol};
+use super::destination::{MakeDest, RouteService};
+use super::headers::{Sanitize, strip_hop_by_hop};
+use super::{HttpService, boxed_request};
+use crate::respond::{self, BadRequest, Respond};
+
+/// The router of the outbound and gateway stacks.
+pub type MeshRouter = RouterHandle<MakeDest>;
+
+/// What to do with hosts the route table does not know (Istio's
+/// `outboundTrafficPolicy.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    /// Forward in plaintext to the host the request names (Istio's default).
+    #[default]
+    AllowAny,
+    /// Answer 502 with flag `NR` (Istio's `BlackHoleCluster`).
+    RegistryOnly,
+}
+
+/// Bound on distinct destination services (and authorities) in outbound metrics.
+const SERVICE_LIMIT: usize = 1024;
+
+/// The host part of the request's authority (absolute-form URI first, then Host),
+/// lower-cased and without a trailing dot; borrowed when it already is.
+pub fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
+    let host = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => {
+            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            host_of(h)?
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
+}
+
+/// The host of a `Host` header value (IPv6 literals keep their brackets), or `None`
+/// when the value is not an authority.
+fn host_of(value: &str) -> Option<&str> {
+    if value.starts_with('[') {
+        let end = value.find(']')?;
+        return Some(&value[..=end]);
+    }
+    let host = value.rsplit_once(':').map_or(value, |(h, _)| h);
+    (!host.is_empty() && Authority::try_from(value).is_ok()).then_some(host)
+}
+
+/// Prepares a request from the application: the absolute-form target's authority wins
+/// over Host (RFC 9112 §3.2.2) and becomes the Host; hop-by-hop headers go.
+pub fn prepare(req: &mut Request<BoxBody>) -> Result<(), BadRequest> {
+    if req.headers().get_all(http::header::HOST).iter().count() > 1 {
+        return Err(BadRequest("duplicate Host"));
+    }
+    if let Some(authority) = req.uri().authority().cloned() {
+        if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        // Route on origin-form from here on; the authority lives in Host.
+        if let Some(pq) = req.uri().path_and_query().cloned()
+            && let Ok(uri) = Uri::builder().path_and_query(pq).build()
+        {
+            *req.uri_mut() = uri;
+        }
+    } else if req.version() <= http::Version::HTTP_11
+        && !req.headers().contains_key(http::header::HOST)
+    {
+        return Err(BadRequest("missing Host"));
+    }
+    strip_hop_by_hop(req.headers_mut());
+    Ok(())
+}
+
+/// The outbound stack (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct Outbound {
+    forward: Forward,
+    telemetry: Telemetry,
+    by_service: Arc<ArcSwap<HashMap<Arc<str>, TelemetryLayer>>>,
+    by_authority: TelemetryLayer,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("mode", &self.forward.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    /// The outbound stack over `router`, reporting to `telemetry`.
+    pub fn new(
+        router: &MeshRouter,
+        telemetry: &Telemetry,
+        mode: OutboundMode,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            forward: Forward {
+                router: router.router(),
+                passthrough: HttpClient::plaintext(connect_timeout, idle_timeout, Protocol::Http1),
+                mode,
+                resolved: None,
+            },
+            telemetry: telemetry.clone(),
+            by_service: Arc::default(),
+            by_authority: TelemetryLayer::outbound_by_authority(telemetry, SERVICE_LIMIT),
+        }
+    }
+
+    /// The outbound stack as the listener's boxed service.
+    pub fn boxed(self) -> HttpService {
+        tower::util::BoxCloneSyncService::new(Sanitize::new(self, false))
+    }
+
+    /// The telemetry layer for requests to virtual host `vh` of `snapshot` named `host`:
+    /// `destination_service` is the qualified name of the requested host, else the
+    /// virtual host's first host.
+    fn layer_for(&self, snapshot: &Snapshot<RouteService>, vh: usize, host: &str) -> TelemetryLayer {
+        let Some(vh) = snapshot.table().virtual_hosts().get(vh) else {
+            return self.by_authority.clone();
+        };
+        let fqdn = vh
+            .hosts
+            .iter()
+            .find(|h| {
+                h.as_str() == host
+                    || (h.len() > host.len()
+                        && h.starts_with(host)
+                        && h.as_bytes()[host.len()] == b'.')
+            })
+            .or_else(|| vh.hosts.iter().find(|h| !h.starts_with('*')))
+            .map_or(host, String::as_str);
+        if let Some(layer) = self.by_service.load().get(fqdn) {
+            return layer.clone();
+        }
+        let mut added = None;
+        self.by_service.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            if map.len() < SERVICE_LIMIT {
+                let layer = map.entry(Arc::from(fqdn)).or_insert_with(|| {
+                    TelemetryLayer::outbound(
+                        &self.telemetry,
+                        DestinationService::from_host(fqdn),
+                        Workload::unknown(),
+                    )
+                });
+                added = Some(layer.clone());
+            }
+            map
+        });
+        added.unwrap_or_else(|| self.by_authority.clone())
+    }
+}
+
+type Recorded = mesh_telemetry::TelemetryService<
+    tower::util::MapRequest<Respond<Forward>, fn(Request<mesh_telemetry::RequestBody<BoxBody>>) -> Request<BoxBody>>,
+>;
+
+impl<B> Service<Request<B>> for Outbound
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the destination, and so the service whose readiness matters, is
+    /// known only per request; the router's response future waits for it.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        use futures_util::TryFutureExt;
+        let req = boxed_request(req);
+        let snapshot = self.forward.router.snapshot();
+        let host = request_host(&req);
+        let vh = host
+            .as_deref()
+            .and_then(|h| Some((snapshot.table().virtual_host_index(h)?, h)));
+        let (layer, resolved) = match vh {
+            Some((index, h)) => (self.layer_for(&snapshot, index, h), Some((snapshot, index))),
+            None => (self.by_authority.clone(), None),
+        };
+        drop(host);
+        let forward = Forward {
+            resolved,
+            ..self.forward.clone()
+        };
+        let mut svc: Recorded = layer.layer(tower::util::MapRequest::new(
+            Respond::new(forward),
+            boxed_request as fn(_) -> _,
+        ));
+        ResponseFuture {
+            inner: svc
+                .call(req)
+                .map_ok(super::boxed_response as fn(_) -> Response<BoxBody>),
+        }
+    }
+}
+
+/// The response future of [`Outbound`].
+#[pin_project]
+pub struct ResponseFuture {
+    #[pin]
+    inner: futures_util::future::MapOk<
+        <Recorded as Service<Request<BoxBody>>>::Future,
+        fn(<Recorded as Service<Request<BoxBody>>>::Response) -> Response<BoxBody>,
+    >,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<BoxBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+/// After telemetry: prepare the request, then the router for known hosts, the
+/// passthrough or a 502 for others.
+#[derive(Clone)]
+struct Forward {
+    router: Router<RouteService>,
+    passthrough: HttpClient<HttpConnector>,
+    mode: OutboundMode,
+    /// The snapshot the host was resolved on and its virtual host, when known.
+    resolved: Option<(Arc<Snapshot<RouteService>>, usize)>,
+}
+
+/// The response future of [`Forward`].
+#[pin_project(project = ForwardProj)]
+enum ForwardFuture {
+    Routed(#[pin] mesh_routing::ResponseFuture<RouteService>),
+    Passthrough(#[pin] client::ResponseFuture),
+    Ready(Option<Result<Response<BoxBody>, BoxError>>),
+}
+
+impl Future for ForwardFuture {
+    type Output = Result<Response<BoxBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ForwardProj::Routed(f) => f.poll(cx),
+            ForwardProj::Passthrough(f) => f.poll(cx),
+            ForwardProj::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| Err("polled after completion".into()))),
+        }
+    }
+}
+
+impl Service<Request<BoxBody>> for Forward {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = ForwardFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<BoxBody>) -> ForwardFuture {
+        if let Err(e) = prepare(&mut req) {
+            return ForwardFuture::Ready(Some(Err(Box::new(e))));
+        }
+        if let Some((snapshot, index)) = self.resolved.take() {
+            return ForwardFuture::Routed(self.router.dispatch(req, snapshot, Some(index)));
+        }
+        if request_host(&req).is_none() {
+            return ForwardFuture::Ready(Some(Err(Box::new(BadRequest("no host")))));
+        }
+        match self.mode {
+            OutboundMode::RegistryOnly => {
+                tracing::debug!("REGISTRY_ONLY: host not in the registry");
+                ForwardFuture::Ready(Some(Ok(respond::registry_only())))
+            }
+            OutboundMode::AllowAny => ForwardFuture::Passthrough(self.passthrough.call(req)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::body;
+
+    fn req(uri: &str, host: Option<&str>) -> Request<BoxBody> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(http::header::HOST, h);
+        }
+        b.body(body::empty()).unwrap()
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_over_host() {
+        let mut r = req("http://payment-service:8080/pay?x=1", Some("evil.example"));
+        prepare(&mut r).unwrap();
+        assert_eq!(r.headers()[http::header::HOST], "payment-service:8080");
+        assert_eq!(r.uri(), "/pay?x=1");
+        assert_eq!(request_host(&r).as_deref(), Some("payment-service"));
+    }
+
+    #[test]
+    fn origin_form_uses_host_without_port_and_trailing_dot() {
+        let r = req("/pay", Some("Payment-Service.:80"));
+        assert_eq!(request_host(&r).as_deref(), Some("payment-service"));
+        let r = req("/pay", Some("[::1]:80"));
+        assert_eq!(request_host(&r).as_deref(), Some("[::1]"));
+        let r = req("/pay", Some("payment-service"));
+        assert!(matches!(request_host(&r), Some(Cow::Borrowed("payment-service"))));
+    }
+
+    #[test]
+    fn missing_or_duplicate_host_is_a_bad_request() {
+        let mut r = req("/pay", None);
+        assert!(prepare(&mut r).is_err());
+        let mut r = req("/pay", Some("a"));
+        r.headers_mut()
+            .append(http::header::HOST, http::HeaderValue::from_static("b"));
+        assert!(prepare(&mut r).is_err());
+    }
+}

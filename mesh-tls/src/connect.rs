@@ -1,0 +1,250 @@
+//! The mTLS connector: a hyper client connector that dials one endpoint and performs
+//! the mesh's mTLS handshake with secure naming, whatever the URI says.
+//!
+//! # Behaviour
+//!
+//! [`MeshConnector`] is a `tower::Service<Uri>` (hyper-util's `Connect`): every call
+//! opens a TCP connection to the endpoint's address (`TCP_NODELAY` on), sends the
+//! destination host as SNI, presents the workload SVID and accepts only a server whose
+//! SPIFFE ID [`SecureNaming`] allows, all within the connect timeout. The returned
+//! [`MeshConn`] tells hyper whether `h2` was negotiated and carries the identity the
+//! server proved, which hyper hands to every response of the connection as
+//! [`UpstreamPeerIdentity`].
+//!
+//! [`Alpn::Http1`] offers only `http/1.1`: the connection for an HTTP Upgrade, which
+//! h2 cannot carry. The choice is made once, when the connector is built.
+//!
+//! # Layer placement
+//!
+//! Below the connection pool of one endpoint: `balancer -> endpoint HTTP client ->
+//! MeshConnector -> TCP`.
+//!
+//! # Errors
+//!
+//! I/O errors: a refused or timed-out connection, or a handshake error naming why the
+//! server was refused (see [`svid_error`](crate::svid_error)). The HTTP client that
+//! drives the connector reports them as connect failures.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # fn demo(store: std::sync::Arc<mesh_tls::CertStore>) {
+//! use std::time::Duration;
+//! use mesh_tls::{Alpn, ClientTls, MeshConnector, SecureNaming};
+//!
+//! let connector = MeshConnector::new(
+//!     "10.0.0.7:8080".parse().unwrap(),
+//!     "payment-service.production.svc.cluster.local",
+//!     ClientTls::new(store),
+//!     SecureNaming::AnyTrusted,
+//! )
+//! .unwrap()
+//! .connect_timeout(Duration::from_secs(10))
+//! .alpn(Alpn::Negotiate);
+//! let client = hyper_util::client::legacy::Client::builder(
+//!     hyper_util::rt::TokioExecutor::new(),
+//! )
+//! .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+//! # drop(client); }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use mesh_core::error::BoxError;
+use mesh_core::extensions::UpstreamPeerIdentity;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::client::ClientTls;
+use crate::verify::SecureNaming;
+
+/// The ALPN protocols a connector offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Alpn {
+    /// `h2` and `http/1.1`; the server chooses.
+    #[default]
+    Negotiate,
+    /// Only `http/1.1` (connections that carry an HTTP Upgrade).
+    Http1,
+}
+
+impl Alpn {
+    fn protocols(self) -> &'static [&'static [u8]] {
+        match self {
+            Alpn::Negotiate => crate::ALPN,
+            Alpn::Http1 => &[b"http/1.1"],
+        }
+    }
+}
+
+/// Default connect-plus-handshake timeout (Envoy's cluster `connect_timeout` in Istio).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to one endpoint with mTLS.
+#[derive(Clone, Debug)]
+pub struct MeshConnector {
+    address: SocketAddr,
+    server_name: ServerName<'static>,
+    tls: ClientTls,
+    naming: SecureNaming,
+    connect_timeout: Duration,
+    alpn: Alpn,
+}
+
+/// A server name that is neither a DNS name nor an IP address.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid TLS server name {0:?}")]
+pub struct InvalidServerName(String);
+
+impl MeshConnector {
+    /// A connector to `address`, sending `server_name` as SNI, presenting the SVID of
+    /// `tls` and accepting the servers `naming` allows.
+    pub fn new(
+        address: SocketAddr,
+        server_name: &str,
+        tls: ClientTls,
+        naming: SecureNaming,
+    ) -> Result<Self, InvalidServerName> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| InvalidServerName(server_name.to_owned()))?;
+        Ok(Self {
+            address,
+            server_name,
+            tls,
+            naming,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            alpn: Alpn::Negotiate,
+        })
+    }
+
+    /// Sets the connect-plus-handshake timeout.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the ALPN protocols offered.
+    #[must_use]
+    pub fn alpn(mut self, alpn: Alpn) -> Self {
+        self.alpn = alpn;
+        self
+    }
+
+    /// The endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl tower_service::Service<Uri> for MeshConnector {
+    type Response = MeshConn;
+    type Error = BoxError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Connecting {
+        let inner = self.clone();
+        Connecting(Box::pin(async move {
+            let connect = async {
+                let tcp = TcpStream::connect(inner.address).await?;
+                let _ = tcp.set_nodelay(true);
+                inner
+                    .tls
+                    .connect_to(
+                        tcp,
+                        inner.server_name.clone(),
+                        &inner.naming,
+                        inner.alpn.protocols(),
+                    )
+                    .await
+            };
+            let (stream, leaf) = tokio::time::timeout(inner.connect_timeout, connect)
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok(MeshConn {
+                io: TokioIo::new(stream),
+                h2,
+                peer: UpstreamPeerIdentity(leaf.identity),
+            })
+        }))
+    }
+}
+
+/// The future of one connection attempt of a [`MeshConnector`] (one allocation per
+/// connection, none per request).
+pub struct Connecting(Pin<Box<dyn Future<Output = Result<MeshConn, BoxError>> + Send>>);
+
+impl std::fmt::Debug for Connecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connecting").finish_non_exhaustive()
+    }
+}
+
+impl Future for Connecting {
+    type Output = Result<MeshConn, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// An mTLS client connection to a peer: tells hyper whether h2 was negotiated and which
+/// identity the server proved.
+#[derive(Debug)]
+pub struct MeshConn {
+    io: TokioIo<TlsStream<TcpStream>>,
+    h2: bool,
+    peer: UpstreamPeerIdentity,
+}
+
+impl Connection for MeshConn {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new().extra(self.peer.clone());
+        if self.h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl hyper::rt::Read for MeshConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
