@@ -20,52 +20,54 @@
 //!   and runs the ingress gateway in `production` too, so its Gateway and
 //!   VirtualServices are found where the gateway looks for them.
 //!
-//! # Embedding a layer
+//! # Embedding the mesh
 //!
-//! The README's example: AuthorizationPolicy and Istio metrics around an application
-//! service, configured from YAML.
+//! The README's example: payment-service's own handler behind the mesh's inbound stack
+//! and order-service calling it through the outbound stack, both in-process, from the
+//! Istio YAML of `examples/embedded/config/` (STRICT mTLS, the article's
+//! AuthorizationPolicy, retries under a 5 s deadline, outlier detection, 90/10 subsets,
+//! connection-pool limits) plus a ServiceEntry placing the replicas.
 //!
 //! ```
-//! use std::collections::BTreeMap;
-//! use http::{Request, Response};
-//! use http_body_util::BodyExt;
-//! use mesh_core::body;
-//! use mesh_core::config::{LoadOptions, MeshConfig};
-//! use mesh_telemetry::{DestinationService, Telemetry, TelemetryLayer, Workload};
-//! use mesh_tls::{AuthzLayer, PolicySet};
-//! use tower::{ServiceBuilder, ServiceExt, service_fn};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! let yaml = r#"
-//! apiVersion: security.istio.io/v1
-//! kind: AuthorizationPolicy
-//! metadata: {name: payments, namespace: production}
-//! spec:
-//!   selector: {matchLabels: {app: payment-service}}
-//!   rules: [{to: [{operation: {methods: ["POST"]}}]}]
-//! "#;
-//! let (config, _) = MeshConfig::from_yaml_str("authz.yaml", yaml, &LoadOptions::default())
-//!     .map_err(|e| format!("{e:?}"))?;
-//! let labels = BTreeMap::from([("app".to_owned(), "payment-service".to_owned())]);
-//! let telemetry = Telemetry::builder(Workload::new("payment-service", "production")).build();
-//! let host = DestinationService::from_host("payment-service.production.svc.cluster.local");
+//! # let dir = tempfile::tempdir()?;
+//! # let ca = std::sync::Arc::new(mesh_tls::CertificateAuthority::new("cluster.local")?);
+//! # let (l1, l2) = (tokio::net::TcpListener::bind("127.0.0.1:0").await?, tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+//! # let istio = examples::scenario::doc_config(dir.path(), &[("v1", l1.local_addr()?), ("v2", l2.local_addr()?)])?;
+//! use http::{Request, Response};
+//! use mesh_core::body;
+//! use mesh_proxy::{Certificates, Mesh, Workload};
+//! use tower::{ServiceExt, service_fn};
 //!
-//! let app = service_fn(|_req: Request<_>| async {
+//! let certificates = Certificates::Issuer { ca, lifetime: None }; // or Certificates::Dir("/etc/certs")
+//! let workload = |sa: &str| Workload::new("production", sa).label("app", sa);
+//!
+//! // payment-service v1 and v2: a handler behind mTLS, AuthorizationPolicy and metrics.
+//! let handler = service_fn(|_req: Request<body::BoxBody>| async {
 //!     Ok::<_, std::convert::Infallible>(Response::new(body::full("paid")))
 //! });
-//! let service = ServiceBuilder::new()
-//!     .layer(TelemetryLayer::inbound(&telemetry, host))
-//!     .layer(AuthzLayer::new(PolicySet::from_config(&config, "production", &labels)?))
-//!     .service(app);
-//!
-//! for (method, status) in [("GET", 403), ("POST", 200)] {
-//!     let req = Request::builder().method(method).uri("/api/v1/payments").body(body::empty())?;
-//!     let res = service.clone().oneshot(req).await?;
-//!     assert_eq!(res.status(), status);
-//!     res.into_body().collect().await?; // metrics are recorded when the body ends
+//! for (version, listener) in [("v1", l1), ("v2", l2)] {
+//!     let payment = Mesh::builder(workload("payment-service").label("version", version))
+//!         .config_dir(&istio)
+//!         .certificates(certificates.clone())
+//!         .build()?;
+//!     payment.serve_inbound(listener, handler.clone());
 //! }
-//! assert!(telemetry.encode_metrics().contains("response_code=\"403\""));
+//!
+//! // order-service: routing, deadline, retries, pool limits, outlier-aware balancing and
+//! // mTLS as one tower Service.
+//! let order = Mesh::builder(workload("order-service"))
+//!     .config_dir(&istio)
+//!     .certificates(certificates)
+//!     .build()?;
+//! let client = order.outbound();
+//! for (method, status) in [("POST", 200), ("GET", 403)] {
+//!     let req = Request::builder().method(method).uri("http://payment-service:8080/api/v1/payments");
+//!     let res = client.clone().oneshot(req.body(body::empty())?).await?;
+//!     assert_eq!(res.status(), status);
+//! }
+//! assert!(order.telemetry().encode_metrics().contains("response_code=\"403\""));
 //! # Ok(())
 //! # }
 //! ```

@@ -217,3 +217,32 @@ pub fn within(hits: usize, n: usize, percent: f64) -> bool {
     let sd = (n as f64 * p * (1.0 - p)).sqrt();
     (hits as f64 - mean).abs() <= 4.5 * sd + 1.0
 }
+
+/// The embedded example's Istio YAML copied into `dir/istio` with a ServiceEntry placing
+/// payment-service's replicas (`(version, address)`); returns the directory.
+pub fn doc_config(dir: &Path, replicas: &[(&str, SocketAddr)]) -> Result<PathBuf, BoxError> {
+    let istio = dir.join("istio");
+    std::fs::create_dir_all(&istio)?;
+    for entry in std::fs::read_dir(crate::embedded::config_dir())? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, istio.join(name))?;
+        }
+    }
+    let endpoints: Vec<EntryEndpoint> = replicas
+        .iter()
+        .map(|(version, address)| EntryEndpoint {
+            address: *address,
+            labels: BTreeMap::from([
+                ("app".to_owned(), "payment-service".to_owned()),
+                ("version".to_owned(), (*version).to_owned()),
+            ]),
+            service_account: "payment-service".into(),
+        })
+        .collect();
+    std::fs::write(
+        istio.join("payment-service-entry.yaml"),
+        service_entry_yaml("payment-service", "production", 8080, &endpoints),
+    )?;
+    Ok(istio)
+}
