@@ -9,7 +9,15 @@
 //! PeerAuthentication); only when all of it succeeds is it swapped in, atomically per
 //! table. A failed reload changes nothing: every error is logged with `file:line:col`,
 //! `mesh_config_reload_failures_total` is incremented, and `/config_dump` keeps showing
-//! the active version. Requests in flight finish on the snapshot they started with; the
+//! the active version.
+//!
+//! `mesh_config_generation` (a gauge on `/metrics`) tells which configuration is in
+//! force: 1 for the one loaded at start, one more for each applied reload; a rejected
+//! reload, or one whose content is unchanged, leaves it. It plays the part of the
+//! `version` gauge of an Envoy xDS subscription (`lds.version`, `cds.version`), which
+//! holds a hash of the last applied update; a small counter is used instead because a
+//! 64-bit hash does not survive Prometheus' float samples. The content hash itself is
+//! the `version` of `/config_dump`. Requests in flight finish on the snapshot they started with; the
 //! router keeps destination services (outlier state, connection pools) of destinations
 //! that still exist.
 
@@ -164,6 +172,8 @@ pub fn spawn_watch(
     dir: PathBuf,
     stop: CancellationToken,
 ) -> Result<(tokio::task::JoinHandle<()>, Box<dyn std::any::Any + Send>), notify::Error> {
+    // From here the directory is followed; what was loaded at start is generation 1.
+    reloadable.metrics.config_loaded();
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let watch_tx = tx.clone();
     let mut watcher =
