@@ -21,12 +21,12 @@
 //!   §15.5.20, RFC 9113 §9.1.1); when no server of the port covers it, `404` with flag
 //!   `NR`, as for any host without a route. Both answers are the same for HTTP/1.1 and
 //!   HTTP/2, and nothing is forwarded. Plain-HTTP ports have no SNI and route by host as
-//!   before.
+//!   before (ISTIO.md GW-11).
 //! - Each server has its own TLS session cache, rebuilt with its credentials: a session
 //!   is resumed only on the server (and under the client-certificate rule) that
 //!   established it, and rustls also refuses a session whose SNI differs, so resuming a
 //!   `SIMPLE` server's session against a `MUTUAL` server's name is a full handshake that
-//!   asks for a client certificate.
+//!   asks for a client certificate (GW-12).
 //! - `credentialName` is resolved as a Kubernetes Secret of the Gateway's namespace
 //!   ([`SecretRef`]: validated when the configuration loads). The credentials directory
 //!   holds that namespace's Secrets, one directory per Secret name (`<name>/`), so the
@@ -35,7 +35,7 @@
 //!   component, never `.` or `..`), and each file is resolved through its symlinks and
 //!   refused when it lands outside the credentials directory. A Kubernetes-Secret source
 //!   (not built yet) must apply the same rule: the Gateway's namespace only, never a
-//!   name taken from the request or from unvalidated text.
+//!   name taken from the request or from unvalidated text (GW-10).
 //! - HTTP servers with `tls.httpsRedirect: true` answer 301 to the `https://` URL.
 //! - Requests are routed by the VirtualServices bound to this gateway (host and path);
 //!   destinations are mesh services reached with the outbound stack (mTLS, retries,

@@ -9,7 +9,13 @@
 //! PeerAuthentication); only when all of it succeeds is it swapped in, atomically per
 //! table. A failed reload changes nothing: every error is logged with `file:line:col`,
 //! `mesh_config_reload_failures_total` is incremented, and `/config_dump` keeps showing
-//! the active version.
+//! the active version. Requests in flight finish on the snapshot they started with; the
+//! router keeps destination services (outlier state, connection pools) of destinations
+//! that still exist.
+//!
+//! Warnings of a load are logged, including one for each AuthorizationPolicy `DENY`
+//! rule of this workload whose `to.operation.ports` names a port other than the
+//! application's (`listeners.app`): it never matches (ISTIO.md AP-48).
 //!
 //! `mesh_config_generation` (a gauge on `/metrics`) tells which configuration is in
 //! force: 1 for the one loaded at start, one more for each applied reload; a rejected
@@ -17,9 +23,7 @@
 //! `version` gauge of an Envoy xDS subscription (`lds.version`, `cds.version`), which
 //! holds a hash of the last applied update; a small counter is used instead because a
 //! 64-bit hash does not survive Prometheus' float samples. The content hash itself is
-//! the `version` of `/config_dump`. Requests in flight finish on the snapshot they started with; the
-//! router keeps destination services (outlier state, connection pools) of destinations
-//! that still exist.
+//! the `version` of `/config_dump` (ISTIO.md TM-08).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,6 +81,9 @@ pub fn compile(settings: &Settings, listener: &Listener) -> Result<Compiled, Vec
     for w in report.warnings() {
         tracing::warn!("{w}");
     }
+    for w in unserved_port_warnings(settings, listener, &config, &report) {
+        tracing::warn!("{w}");
+    }
     let compile_options = CompileOptions {
         naming: Naming {
             namespace: settings.workload.namespace.clone(),
@@ -102,6 +109,23 @@ pub fn compile(settings: &Settings, listener: &Listener) -> Result<Compiled, Vec
         policies,
         peer_auth,
     })
+}
+
+/// The DENY rules of this workload's AuthorizationPolicies that name a port other than
+/// its application port: they never match. The gateway's stack has no authorization
+/// layer, so it has nothing to check.
+fn unserved_port_warnings(
+    settings: &Settings,
+    listener: &Listener,
+    config: &MeshConfig,
+    report: &mesh_core::config::LoadReport,
+) -> Vec<mesh_core::config::Diagnostic> {
+    if !matches!(listener, Listener::Mesh) {
+        return Vec::new();
+    }
+    let policies =
+        config.authorization_policies_for(&settings.workload.namespace, &settings.workload.labels);
+    report.unserved_deny_ports(policies, &[settings.listeners.app.port()])
 }
 
 /// The swappable state a reload updates.

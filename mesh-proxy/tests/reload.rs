@@ -216,3 +216,45 @@ async fn config_generation_moves_on_applied_reloads_and_stays_on_rejected_ones()
         proxy.output()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rule_for_a_port_the_app_does_not_serve_is_warned_at_load() {
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("one")).await;
+    let ports = Ports::new();
+    let policy = format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: production}}
+spec:
+  selector:
+    matchLabels: {{app: order-service}}
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        ports: [\"{served}\", \"9\"]
+        paths: [/admin]
+",
+        served = app.addr.port()
+    );
+    let dir = world.write_config("istio", "policy.yaml", &policy);
+    let proxy = start_sidecar(&world, "order-service", &dir, ports, app.addr).await;
+    let log = proxy.output();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("DENY for port"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains(&format!(
+            "policy.yaml:11:{}: warning: document 1, AuthorizationPolicy/production/no-admin, \
+             spec.rules[0].to[0].operation.ports[1]: DENY for port 9, which this workload does \
+             not serve (it serves {})",
+            // `        ports: ["<served>", "9"]`: the second value's column.
+            21 + app.addr.port().to_string().len(),
+            app.addr.port()
+        )),
+        "{log}"
+    );
+}
