@@ -46,8 +46,9 @@ pub fn order_service_as(
     // The same Istio YAML a sidecar reads, Istio's SVID files (reloaded when they
     // change), and the workload's identity: the mesh compiles routing with weighted
     // subsets, deadlines, retries, pool limits, outlier detection and mTLS from them.
-    let mut builder = Mesh::builder(Workload::new("production", service_account).label("app", service_account))
-        .certificates(Certificates::Dir(svid_dir.to_owned()));
+    let mut builder =
+        Mesh::builder(Workload::new("production", service_account).label("app", service_account))
+            .certificates(Certificates::Dir(svid_dir.to_owned()));
     for path in config {
         builder = builder.config_dir(path);
     }

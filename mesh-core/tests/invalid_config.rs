@@ -1157,6 +1157,80 @@ spec:
             "bad.yaml:11:26: error: document 1, VirtualService/prod/r, spec.http[0].match[0].headers[\"x-user\"].prefix: headers: an empty prefix is not allowed; use `{}` to match any value",
         ],
     },
+    Case {
+        name: "gateway_credential_name_that_is_a_path_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: r
+  namespace: prod
+spec:
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: ../other/api-cert}
+  - port: {number: 8443, name: https-abs, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: /etc/other/api-cert}
+  - port: {number: 9443, name: https-enc, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls:
+      mode: SIMPLE
+      credentialNames: ["%2e%2e%2fother", Api-Cert]
+"##,
+        errors: &[
+            "bad.yaml:10:41: error: document 1, Gateway/prod/r, spec.servers[0].tls.credentialName: `../other/api-cert` is not a valid credentialName: the Secret name must be a DNS-1123 subdomain (lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters), optionally written `kubernetes://<name>` or `<namespace>/<name>`",
+            "bad.yaml:13:41: error: document 1, Gateway/prod/r, spec.servers[1].tls.credentialName: `/etc/other/api-cert` is not a valid credentialName: the Secret name must be a DNS-1123 subdomain (lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters), optionally written `kubernetes://<name>` or `<namespace>/<name>`",
+            "bad.yaml:18:25: error: document 1, Gateway/prod/r, spec.servers[2].tls.credentialNames[0]: `%2e%2e%2fother` is not a valid credentialName: the Secret name must be a DNS-1123 subdomain (lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters), optionally written `kubernetes://<name>` or `<namespace>/<name>`",
+            "bad.yaml:18:43: error: document 1, Gateway/prod/r, spec.servers[2].tls.credentialNames[1]: `Api-Cert` is not a valid credentialName: the Secret name must be a DNS-1123 subdomain (lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit, at most 253 characters), optionally written `kubernetes://<name>` or `<namespace>/<name>`",
+        ],
+    },
+    Case {
+        name: "gateway_credential_name_in_another_namespace_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: r
+  namespace: prod
+spec:
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: other/api-cert}
+  - port: {number: 8443, name: https-k8s, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: "kubernetes://other/api-cert"}
+  - port: {number: 9443, name: https-gw, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: "kubernetes-gateway://other/api-cert"}
+"##,
+        errors: &[
+            "bad.yaml:10:41: error: document 1, Gateway/prod/r, spec.servers[0].tls.credentialName: credentialName `other/api-cert` names a Secret in namespace `other`; a Gateway may only use Secrets of its own namespace `prod`",
+            "bad.yaml:13:41: error: document 1, Gateway/prod/r, spec.servers[1].tls.credentialName: credentialName `kubernetes://other/api-cert` names a Secret in namespace `other`; a Gateway may only use Secrets of its own namespace `prod`",
+            "bad.yaml:16:41: error: document 1, Gateway/prod/r, spec.servers[2].tls.credentialName: credentialName `kubernetes-gateway://other/api-cert` names a Secret in namespace `other`; a Gateway may only use Secrets of its own namespace `prod`",
+        ],
+    },
+    Case {
+        name: "gateway_credential_name_with_an_unsupported_scheme_is_rejected",
+        yaml: r##"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: r
+  namespace: prod
+spec:
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: "builtin://"}
+  - port: {number: 8443, name: https-empty, protocol: HTTPS}
+    hosts: [api.example.com]
+    tls: {mode: SIMPLE, credentialName: ""}
+"##,
+        errors: &[
+            "bad.yaml:10:41: error: document 1, Gateway/prod/r, spec.servers[0].tls.credentialName: credentialName `builtin://` uses an unsupported scheme; expected a Secret name, `kubernetes://` or `kubernetes-gateway://`",
+            "bad.yaml:13:41: error: document 1, Gateway/prod/r, spec.servers[1].tls.credentialName: credentialName must not be empty; name a Secret of the Gateway's namespace",
+        ],
+    },
 ];
 
 #[test]

@@ -6,12 +6,36 @@
 //! - The Gateway resource is `gateway.namespace/gateway.name` of the settings. Its
 //!   servers are grouped by port; each port gets one listener (address from
 //!   `gateway.ports`, else `0.0.0.0:<port>`).
-//! - HTTPS: the TLS ClientHello's SNI selects the server whose `hosts` cover it
-//!   (`*`, `*.example.com` covering one or more labels, exact names; a `namespace/`
-//!   prefix is ignored). An SNI no server covers, or no SNI without a `*` server, fails
-//!   the handshake. Credentials come from `gateway.credentialsDir/<credentialName>/`
-//!   (`tls.crt`, `tls.key`, and `ca.crt` for `MUTUAL`, which then requires a client
-//!   certificate chaining to it).
+//! - HTTPS: the TLS ClientHello's SNI selects the server whose `hosts` cover it most
+//!   specifically (an exact name, then the longest `*.example.com` wildcard covering one
+//!   or more labels, then `*`; a `namespace/` prefix is ignored; ties go to the first
+//!   server). An SNI no server covers, or no SNI without a `*` server, fails the
+//!   handshake. Credentials come from `gateway.credentialsDir/<name>/` (`tls.crt`,
+//!   `tls.key`, and `ca.crt` for `MUTUAL`, which then requires a client certificate
+//!   chaining to it).
+//! - A connection stays on the server its SNI selected. Every request's host
+//!   (`:authority`, or the absolute-form target, or `Host`) is looked up among the port's
+//!   servers with the same rule as the SNI: when it selects another server the answer is
+//!   `421 Misdirected Request` (flag `NR`), so that an HTTP/2 client that coalesced the
+//!   request onto this connection retries on a new one whose SNI names the host (RFC 9110
+//!   §15.5.20, RFC 9113 §9.1.1); when no server of the port covers it, `404` with flag
+//!   `NR`, as for any host without a route. Both answers are the same for HTTP/1.1 and
+//!   HTTP/2, and nothing is forwarded. Plain-HTTP ports have no SNI and route by host as
+//!   before (ISTIO.md GW-11).
+//! - Each server has its own TLS session cache, rebuilt with its credentials: a session
+//!   is resumed only on the server (and under the client-certificate rule) that
+//!   established it, and rustls also refuses a session whose SNI differs, so resuming a
+//!   `SIMPLE` server's session against a `MUTUAL` server's name is a full handshake that
+//!   asks for a client certificate (GW-12).
+//! - `credentialName` is resolved as a Kubernetes Secret of the Gateway's namespace
+//!   ([`SecretRef`]: validated when the configuration loads). The credentials directory
+//!   holds that namespace's Secrets, one directory per Secret name (`<name>/`), so the
+//!   forms `name`, `kubernetes://name` and `<namespace>/name` of the same Secret all read
+//!   `<credentialsDir>/name/`. The path is built only from the validated name (one path
+//!   component, never `.` or `..`), and each file is resolved through its symlinks and
+//!   refused when it lands outside the credentials directory. A Kubernetes-Secret source
+//!   (not built yet) must apply the same rule: the Gateway's namespace only, never a
+//!   name taken from the request or from unvalidated text (GW-10).
 //! - HTTP servers with `tls.httpsRedirect: true` answer 301 to the `https://` URL.
 //! - Requests are routed by the VirtualServices bound to this gateway (host and path);
 //!   destinations are mesh services reached with the outbound stack (mTLS, retries,
@@ -25,8 +49,11 @@
 //! and credentials (also when the credential files change), but a new port needs a
 //! restart.
 //! `PASSTHROUGH`, `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and `OPTIONAL_MUTUAL` are refused
-//! at start. The credential lookup is not scoped by namespace: the directory is the
-//! scope (one directory per gateway).
+//! at start. Istio can serve a Secret of another namespace after an authorization check
+//! (`kubernetes://<ns>/<name>`, `kubernetes-gateway://`); without a source for that
+//! authorization, such names are refused. Istio routes a host that a `*` server and a
+//! more specific server both cover through either filter chain; here the most specific
+//! server owns it and the `*` server's connections get 421 for it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,14 +65,14 @@ use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use mesh_core::body::BoxBody;
-use mesh_core::config::{MeshConfig, Server, ServerTlsMode};
-use mesh_core::error::BoxError;
+use mesh_core::config::{MeshConfig, SecretRef, Server, ServerTlsMode};
+use mesh_core::error::{BoxError, NoRoute};
 use mesh_core::extensions::ConnectionSecurity;
 use mesh_routing::Router;
 use mesh_telemetry::TelemetryLayer;
 use mesh_tls::ConnectionContext;
 use rustls::ServerConfig;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::LazyConfigAcceptor;
@@ -85,27 +112,148 @@ struct TlsServer {
     config: Arc<ServerConfig>,
 }
 
-fn select<'a>(servers: &'a [TlsServer], sni: Option<&str>) -> Option<&'a TlsServer> {
+fn select(servers: &[TlsServer], sni: Option<&str>) -> Option<usize> {
     match sni {
-        Some(name) => servers
+        Some(name) => most_specific(servers, name),
+        None => servers
             .iter()
-            .find(|s| s.hosts.iter().any(|h| covers(h, name))),
-        None => servers.iter().find(|s| s.hosts.iter().any(|h| h == "*")),
+            .position(|s| s.hosts.iter().any(|h| h == "*")),
+    }
+}
+
+/// How specifically the Gateway host `pattern` covers `host`, `None` when it does not:
+/// an exact name beats any wildcard, a longer wildcard suffix beats a shorter one, and
+/// `*` comes last (the order Envoy matches filter-chain `server_names` in).
+fn specificity(pattern: &str, host: &str) -> Option<usize> {
+    if !covers(pattern, host) {
+        return None;
+    }
+    let bare = pattern.rsplit_once('/').map_or(pattern, |(_, h)| h);
+    Some(match bare.strip_prefix('*') {
+        Some("") => 0,
+        Some(suffix) => suffix.len(),
+        None => usize::MAX,
+    })
+}
+
+/// The server of a port that serves `host`: the one whose hosts cover it most
+/// specifically; on a tie, the first in the Gateway's order.
+fn most_specific(servers: &[TlsServer], host: &str) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (index, server) in servers.iter().enumerate() {
+        let rank = server
+            .hosts
+            .iter()
+            .filter_map(|h| specificity(h, host))
+            .max();
+        if let Some(rank) = rank
+            && best.is_none_or(|(r, _)| rank > r)
+        {
+            best = Some((rank, index));
+        }
+    }
+    best.map(|(_, index)| index)
+}
+
+/// The HTTPS server the connection's SNI selected, put in the extensions of every
+/// request on that connection so that routing never leaves it.
+#[derive(Clone)]
+struct ChosenServer {
+    /// The port's servers as they were when the connection was accepted.
+    servers: Arc<Vec<TlsServer>>,
+    /// The selected one.
+    index: usize,
+}
+
+/// The error for a request whose host the connection's server does not serve: 421 when
+/// another server of the port serves it (the client should open a connection with that
+/// SNI), 404 `NR` when none does.
+fn off_server(chosen: &ChosenServer, host: &str) -> Option<BoxError> {
+    match most_specific(&chosen.servers, host) {
+        Some(index) if index == chosen.index => None,
+        Some(_) => Some(Box::new(respond::Misdirected)),
+        None => Some(Box::new(NoRoute)),
+    }
+}
+
+/// `svc` for the requests of one TLS connection whose SNI selected `chosen`.
+fn on_server(svc: HttpService, chosen: ChosenServer) -> HttpService {
+    tower::util::BoxCloneSyncService::new(tower::ServiceExt::map_request(
+        svc,
+        move |mut req: Request<BoxBody>| {
+            req.extensions_mut().insert(chosen.clone());
+            req
+        },
+    ))
+}
+
+/// The files of one Secret in the credentials directory: `<credentialsDir>/<name>/`.
+///
+/// The directory holds the Secrets of the Gateway's own namespace (the layout is
+/// unchanged from one directory per `credentialName`). The path is built only from a
+/// validated [`SecretRef`] name, which is one path component and never `.` or `..`; each
+/// file is then resolved through its symlinks (Kubernetes' `..data` swaps) and refused
+/// when it ends up outside the credentials directory.
+struct CredentialFiles {
+    /// The credentials directory, canonical.
+    root: std::path::PathBuf,
+    /// `<root>/<name>`.
+    dir: std::path::PathBuf,
+    name: String,
+}
+
+impl CredentialFiles {
+    fn open(credentials: &Path, secret: &SecretRef) -> Result<Self, StartError> {
+        let err =
+            |what: String| StartError::Certificate(format!("credential {}: {what}", secret.name));
+        let mut parts = Path::new(&secret.name).components();
+        if !matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        ) {
+            return Err(err("not a Secret name".to_owned()));
+        }
+        let root = credentials
+            .canonicalize()
+            .map_err(|e| err(format!("credentials directory: {e}")))?;
+        Ok(Self {
+            dir: root.join(&secret.name),
+            root,
+            name: secret.name.clone(),
+        })
+    }
+
+    /// The canonical path of `file` of the Secret.
+    fn join(&self, file: &str) -> Result<std::path::PathBuf, StartError> {
+        let err =
+            |what: String| StartError::Certificate(format!("credential {}: {what}", self.name));
+        let real = self
+            .dir
+            .join(file)
+            .canonicalize()
+            .map_err(|e| err(format!("{file}: {e}")))?;
+        if !real.starts_with(&self.root) {
+            return Err(err(format!(
+                "{file} resolves outside the credentials directory"
+            )));
+        }
+        Ok(real)
     }
 }
 
 fn credential_config(
     dir: &Path,
-    name: &str,
+    secret: &SecretRef,
     mutual: bool,
 ) -> Result<Arc<ServerConfig>, StartError> {
+    let name = &secret.name;
     let err = |what: String| StartError::Certificate(format!("credential {name}: {what}"));
-    let base = dir.join(name);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(base.join("tls.crt"))
+    let base = CredentialFiles::open(dir, secret)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(base.join("tls.crt")?)
         .map_err(|e| err(format!("tls.crt: {e}")))?
         .collect::<Result<_, _>>()
         .map_err(|e| err(format!("tls.crt: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(base.join("tls.key"))
+    let key = PrivateKeyDer::from_pem_file(base.join("tls.key")?)
         .map_err(|e| err(format!("tls.key: {e}")))?;
     let provider = mesh_tls::provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -113,7 +261,7 @@ fn credential_config(
         .map_err(|e| err(e.to_string()))?;
     let builder = if mutual {
         let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(base.join("ca.crt"))
+        for ca in CertificateDer::pem_file_iter(base.join("ca.crt")?)
             .map_err(|e| err(format!("ca.crt: {e}")))?
         {
             roots
@@ -131,6 +279,9 @@ fn credential_config(
         .with_single_cert(certs, key)
         .map_err(|e| err(e.to_string()))?;
     config.alpn_protocols = mesh_tls::ALPN.iter().map(|p| p.to_vec()).collect();
+    // One session cache per server and per load: a session is only resumed on the server
+    // (and under the client-certificate rule) that established it.
+    config.session_storage = ServerSessionMemoryCache::new(256);
     Ok(Arc::new(config))
 }
 
@@ -155,6 +306,13 @@ impl Service<Request<BoxBody>> for GatewayRoutes {
             return Box::pin(async move { Err(Box::new(e) as BoxError) });
         }
         let host = request_host(&req).unwrap_or_default().into_owned();
+        if let Some(e) = req
+            .extensions()
+            .get::<ChosenServer>()
+            .and_then(|chosen| off_server(chosen, &host))
+        {
+            return Box::pin(async move { Err(e) });
+        }
         if self.redirect_hosts.load().iter().any(|p| covers(p, &host)) {
             let pq = req
                 .uri()
@@ -231,9 +389,11 @@ fn plan(
                             "{gw}: HTTPS server on port {port} needs credentialName"
                         ))
                     })?;
+                    let secret = SecretRef::parse(&name, &resource.metadata.namespace)
+                        .map_err(|e| StartError::Other(format!("{gw}: {e}")))?;
                     plan.tls.push(TlsServer {
                         hosts: s.hosts.clone(),
-                        config: credential_config(credentials, &name, mutual)?,
+                        config: credential_config(credentials, &secret, mutual)?,
                     });
                 }
                 _ => {}
@@ -370,7 +530,10 @@ impl Gateway {
             let svc: HttpService = tower::util::BoxCloneSyncService::new(Sanitize::new(
                 ServiceBuilder::new()
                     .map_response(|res: Response<_>| res.map(mesh_core::body::boxed))
-                    .layer(TelemetryLayer::outbound_by_authority(mesh.telemetry(), 1024))
+                    .layer(TelemetryLayer::outbound_by_authority(
+                        mesh.telemetry(),
+                        1024,
+                    ))
                     .map_request(boxed_request)
                     .service(Respond::new(routes)),
                 true,
@@ -399,19 +562,27 @@ impl Gateway {
                                     .await
                                     .ok()?;
                             let sni = start.client_hello().server_name().map(str::to_owned);
-                            let Some(server) = select(&servers, sni.as_deref()) else {
+                            let Some(index) = select(&servers, sni.as_deref()) else {
                                 tracing::debug!(?sni, %remote, "no gateway server for this SNI");
                                 return None;
                             };
-                            start.into_stream(server.config.clone()).await.ok()
+                            let config = servers[index].config.clone();
+                            Some((start.into_stream(config).await.ok()?, index))
                         };
-                        let stream = tokio::time::timeout(handshake_timeout, accept)
+                        let (stream, index) = tokio::time::timeout(handshake_timeout, accept)
                             .await
                             .ok()??;
+                        let chosen = ChosenServer {
+                            servers: servers.clone(),
+                            index,
+                        };
                         let mut ctx = ConnectionContext::plaintext(remote, local);
                         ctx.info.security = ConnectionSecurity::Unknown;
                         ctx.alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                        Some((Box::new(stream) as Box<dyn Io>, per_connection(svc, ctx)))
+                        Some((
+                            Box::new(stream) as Box<dyn Io>,
+                            per_connection(on_server(svc, chosen), ctx),
+                        ))
                     }
                 },
             ));
@@ -429,9 +600,8 @@ impl Gateway {
             mesh.on_update(move |config: &MeshConfig| rebuild.apply(config));
         }
         if credentials.is_dir() {
-            let (task, watcher) =
-                watch_credentials(rebuild, mesh.active(), mesh.shutdown_token())
-                    .map_err(|e| StartError::Other(format!("watching credentialsDir: {e}")))?;
+            let (task, watcher) = watch_credentials(rebuild, mesh.active(), mesh.shutdown_token())
+                .map_err(|e| StartError::Other(format!("watching credentialsDir: {e}")))?;
             process.serve(async move {
                 let _watcher = watcher;
                 let _ = task.await;
@@ -459,5 +629,144 @@ mod tests {
         assert!(covers("*", "anything"));
         assert!(covers("prod/api.example.com", "api.example.com"));
         assert!(!covers("api.example.com", "evil.com"));
+    }
+
+    fn servers(hosts: &[&[&str]]) -> Vec<TlsServer> {
+        let tmp = tempfile::tempdir().unwrap();
+        write_secret(&tmp.path().join("c"), "x.example.com");
+        let secret = SecretRef::parse("c", "edge").unwrap();
+        let config = credential_config(tmp.path(), &secret, false).unwrap();
+        hosts
+            .iter()
+            .map(|h| TlsServer {
+                hosts: h.iter().map(|s| (*s).to_owned()).collect(),
+                config: config.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_most_specific_server_owns_a_host() {
+        let s = servers(&[&["*"], &["*.example.com"], &["mutual.example.com"]]);
+        assert_eq!(most_specific(&s, "mutual.example.com"), Some(2));
+        assert_eq!(most_specific(&s, "MUTUAL.example.com"), Some(2));
+        assert_eq!(most_specific(&s, "simple.example.com"), Some(1));
+        assert_eq!(most_specific(&s, "example.org"), Some(0));
+        assert_eq!(select(&s, None), Some(0));
+        let chosen = ChosenServer {
+            servers: Arc::new(s),
+            index: 0,
+        };
+        // A `*` server's connection does not carry a host another server owns.
+        assert!(off_server(&chosen, "mutual.example.com").is_some());
+        assert!(off_server(&chosen, "example.org").is_none());
+        let s = servers(&[&["simple.example.com"], &["mutual.example.com"]]);
+        let chosen = ChosenServer {
+            servers: Arc::new(s),
+            index: 0,
+        };
+        let e = off_server(&chosen, "mutual.example.com").unwrap();
+        assert!(mesh_core::error::is_caused_by::<respond::Misdirected>(
+            e.as_ref()
+        ));
+        let e = off_server(&chosen, "other.example.com").unwrap();
+        assert!(mesh_core::error::is_caused_by::<NoRoute>(e.as_ref()));
+        assert!(off_server(&chosen, "simple.example.com").is_none());
+    }
+
+    fn write_secret(dir: &Path, host: &str) {
+        let key = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), key.cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), key.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.crt"), key.cert.pem()).unwrap();
+    }
+
+    fn gateway(credential_name: &str) -> mesh_core::config::Gateway {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\n\
+             metadata: {{name: gw, namespace: edge}}\n\
+             spec:\n  servers:\n  - port: {{number: 443, name: https, protocol: HTTPS}}\n    \
+             hosts: [api.example.com]\n    tls: {{mode: MUTUAL, credentialName: {credential_name:?}}}\n"
+        );
+        let report = mesh_core::config::load_str(
+            "gw.yaml",
+            &yaml,
+            &mesh_core::config::LoadOptions::default(),
+        );
+        // Validation refuses most of these names; the proxy must refuse them on its own
+        // too, so the resource is taken even when the load has errors.
+        match report.resources.into_iter().next() {
+            Some(mesh_core::config::AnyResource::Gateway(g)) => g,
+            other => panic!("no Gateway: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_form_of_credential_name_reaches_another_namespace() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        // The gateway's namespace `edge`, and another namespace's Secret beside it.
+        let creds = tmp.path().join("edge");
+        let other = tmp.path().join("other");
+        write_secret(&creds.join("api-cert"), "api.example.com");
+        write_secret(&other.join("x"), "other.example.com");
+        // A Kubernetes Secret volume: files are symlinks through `..data`, inside.
+        let kube = creds.join("kube-cert");
+        write_secret(&kube.join("..2026_01_01"), "api.example.com");
+        symlink("..2026_01_01", kube.join("..data")).unwrap();
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            symlink(Path::new("..data").join(f), kube.join(f)).unwrap();
+        }
+        // A Secret directory that is a symlink out, and one whose key file is.
+        symlink(other.join("x"), creds.join("leak")).unwrap();
+        let half = creds.join("half");
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::copy(creds.join("api-cert/tls.crt"), half.join("tls.crt")).unwrap();
+        std::fs::copy(creds.join("api-cert/ca.crt"), half.join("ca.crt")).unwrap();
+        symlink("../../other/x/tls.key", half.join("tls.key")).unwrap();
+        // `other` seen from the credentials directory's parent, and a directory literally
+        // named like an escape attempt.
+        symlink(&other, tmp.path().join("edge-other")).unwrap();
+
+        for name in [
+            "api-cert",
+            "kubernetes://api-cert",
+            "edge/api-cert",
+            "kubernetes://edge/api-cert",
+            "kubernetes-gateway://edge/api-cert",
+            "kube-cert",
+        ] {
+            assert!(plan(&gateway(name), &creds).is_ok(), "{name} did not load");
+        }
+        for name in [
+            "../other/x",
+            "..",
+            ".",
+            "",
+            "/abs",
+            &other.join("x").display().to_string(),
+            "a/b/c",
+            "other/x",
+            "kubernetes://other/x",
+            "kubernetes-gateway://other/x",
+            "kubernetes://../other/x",
+            "edge/../other/x",
+            "%2e%2e%2fother%2fx",
+            "..%2fother%2fx",
+            "%2e%2e",
+            "API-CERT",
+            "Api-Cert",
+            "../edge-other/x",
+            "leak",
+            "half",
+            "builtin://",
+        ] {
+            let err = match plan(&gateway(name), &creds) {
+                Ok(_) => panic!("{name:?} loaded a credential"),
+                Err(e) => e.to_string(),
+            };
+            assert!(!err.contains("other.example.com"), "{err}");
+        }
     }
 }

@@ -18,7 +18,13 @@
 //! - the gateway's routes when built for a gateway.
 //!
 //! [`Mesh::update`] and [`Mesh::reload`] swap in a new configuration atomically (a
-//! rejected one changes nothing and is counted); [`Mesh::watch`] (feature `watch`)
+//! rejected one changes nothing and is counted). `mesh_config_generation` (a gauge)
+//! tells which configuration is in force: 1 for the one built with, one more for each
+//! applied update; a rejected update, or one whose content is unchanged, leaves it. It
+//! plays the part of the `version` gauge of an Envoy xDS subscription, which holds a
+//! hash of the last applied update; a small counter is used because a 64-bit hash does
+//! not survive Prometheus' float samples (ISTIO.md TM-08); the content hash is the
+//! `version` of [`Active`]. [`Mesh::watch`] (feature `watch`)
 //! reloads on every change of the configuration directory. Certificates rotate as the
 //! source says: a watched SVID directory, or the built-in issuer at half-life.
 //! [`Mesh::shutdown`] stops accepting and drains what [`Mesh::serve_inbound`] serves.
@@ -70,8 +76,8 @@ use mesh_routing::{CompileOptions, Listener, Naming, RouterHandle, Routing};
 use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
 use mesh_tls::authz::{PathNormalization, PolicyHandle, PolicySet};
 use mesh_tls::{
-    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor,
-    PeerAuthentication, WorkloadPeerAuthentication,
+    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor, PeerAuthentication,
+    WorkloadPeerAuthentication,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -192,6 +198,9 @@ pub struct Options {
     pub path_normalization: PathNormalization,
     /// Fixes the routers' random seeds (tests).
     pub random_seed: Option<u64>,
+    /// The application's port, when known: AuthorizationPolicy `DENY` rules naming
+    /// another port never match and are warned about at every load (ISTIO.md AP-48).
+    pub app_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -201,6 +210,7 @@ impl Default for Options {
             outbound_mode: OutboundMode::AllowAny,
             path_normalization: PathNormalization::default(),
             random_seed: None,
+            app_port: None,
         }
     }
 }
@@ -345,7 +355,7 @@ impl MeshBuilder {
     pub fn build(self) -> Result<Mesh, BuildError> {
         let config = match self.config {
             Some(c) => c,
-            None => load(&self.sources, &self.workload)?,
+            None => load(&self.sources, &self.workload, &self.listener, &self.options)?,
         };
         let compiled = compile(&config, &self.workload, &self.listener)?;
         let identity = self
@@ -378,6 +388,8 @@ impl MeshBuilder {
             idle_timeout: limits.idle_timeout.as_std(),
             destinations: destinations.clone(),
         };
+        // What is loaded now is generation 1 of `mesh_config_generation`.
+        telemetry.metrics().proxy().config_loaded();
         let router = match self.options.random_seed {
             Some(seed) => RouterHandle::with_seed(make, compiled.routing, seed),
             None => RouterHandle::new(make, compiled.routing),
@@ -408,17 +420,31 @@ impl MeshBuilder {
 }
 
 /// Loads the configuration files for `workload` (namespace-less resources land in its
-/// namespace).
-fn load(sources: &[PathBuf], workload: &Workload) -> Result<MeshConfig, ConfigError> {
-    let options = LoadOptions {
+/// namespace), logging the warnings: those of the load, and one for each
+/// AuthorizationPolicy `DENY` rule of the workload whose `to.operation.ports` names a
+/// port other than the application's (the gateway's stack has no authorization layer).
+fn load(
+    sources: &[PathBuf],
+    workload: &Workload,
+    listener: &Listener,
+    options: &Options,
+) -> Result<MeshConfig, ConfigError> {
+    let load_options = LoadOptions {
         default_namespace: workload.namespace.clone(),
         ..LoadOptions::default()
     };
-    let (config, report) = MeshConfig::load(sources, &options).map_err(|errs| ConfigError {
-        diagnostics: errs.iter().map(ToString::to_string).collect(),
-    })?;
+    let (config, report) =
+        MeshConfig::load(sources, &load_options).map_err(|errs| ConfigError {
+            diagnostics: errs.iter().map(ToString::to_string).collect(),
+        })?;
     for w in report.warnings() {
         tracing::warn!("{w}");
+    }
+    if let (Listener::Mesh, Some(port)) = (listener, options.app_port) {
+        let policies = config.authorization_policies_for(&workload.namespace, &workload.labels);
+        for w in report.unserved_deny_ports(policies, &[port]) {
+            tracing::warn!("{w}");
+        }
     }
     Ok(config)
 }
@@ -443,8 +469,8 @@ fn compile(
         .map_err(|errs| diagnostics(errs.iter().map(ToString::to_string).collect()))?;
     let policies = PolicySet::from_config(config, &workload.namespace, &workload.labels)
         .map_err(|e| diagnostics(vec![e.to_string()]))?;
-    let peer_auth = PeerAuthentication::from_config(config)
-        .for_workload(&workload.namespace, &workload.labels);
+    let peer_auth =
+        PeerAuthentication::from_config(config).for_workload(&workload.namespace, &workload.labels);
     Ok(Compiled {
         routing,
         policies,
@@ -561,8 +587,13 @@ impl Mesh {
         let acceptor = InboundAcceptor::new(self.inner.store.clone())
             .with_handshake_timeout(self.inner.options.limits.header_read_timeout.as_std());
         let modes = self.inner.peer_auth.clone();
-        let options =
-            self.serve_options(self.inner.telemetry.metrics().proxy().active_connections("inbound"));
+        let options = self.serve_options(
+            self.inner
+                .telemetry
+                .metrics()
+                .proxy()
+                .active_connections("inbound"),
+        );
         serve::run(listener, options, move |tcp, _remote| {
             let svc = svc.clone();
             let acceptor = acceptor.clone();
@@ -614,7 +645,13 @@ impl Mesh {
         self.inner.router.update(compiled.routing);
         self.inner.authz.store(compiled.policies);
         self.inner.peer_auth.store(Arc::new(compiled.peer_auth));
-        for hook in self.inner.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for hook in self
+            .inner
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             hook(&config);
         }
         self.inner.active.store(Arc::new(Active {
@@ -629,10 +666,19 @@ impl Mesh {
 
     /// Loads the configuration files again and [`update`](Self::update)s.
     pub fn reload(&self) -> Result<u64, ConfigError> {
-        match load(&self.inner.sources, &self.inner.workload) {
+        match load(
+            &self.inner.sources,
+            &self.inner.workload,
+            &self.inner.listener,
+            &self.inner.options,
+        ) {
             Ok(config) => self.update(config),
             Err(e) => {
-                self.inner.telemetry.metrics().proxy().config_reload_failed();
+                self.inner
+                    .telemetry
+                    .metrics()
+                    .proxy()
+                    .config_reload_failed();
                 for d in &e.diagnostics {
                     tracing::error!("configuration reload rejected: {d}");
                 }

@@ -4,6 +4,7 @@
 //! | cause (leaf error in the chain)          | status | body                                   | flag |
 //! |------------------------------------------|--------|----------------------------------------|------|
 //! | `NoRoute`                                | 404    | empty                                  | NR   |
+//! | `Misdirected` (gateway: host of another TLS server) | 421 | `Misdirected Request`        | NR   |
 //! | `ClusterNotFound`                        | 503    | empty                                  | NC   |
 //! | `NoHealthyUpstream`                      | 503    | `no healthy upstream`                  | UH   |
 //! | `DeadlineExceeded`, `PerTryTimeout`      | 504    | `upstream request timeout`             | UT   |
@@ -68,6 +69,9 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
             ResponseFlags::NO_ROUTE_FOUND,
         );
     }
+    if is_caused_by::<Misdirected>(e) {
+        return misdirected();
+    }
     if is_caused_by::<ClusterNotFound>(e) {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -117,6 +121,23 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
             reply(StatusCode::INTERNAL_SERVER_ERROR, String::new(), flags)
         }
     }
+}
+
+/// A request on a TLS connection for a host that another server of the gateway port
+/// serves, with other TLS settings (answered 421, flag `NR`: there is no route for it on
+/// the connection it arrived on).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("misdirected request: the host is served by another TLS server of this port")]
+pub struct Misdirected;
+
+/// 421 Misdirected Request (RFC 9110 §15.5.20): the client retries on a new connection
+/// whose SNI names the host.
+pub fn misdirected() -> Response<BoxBody> {
+    reply(
+        StatusCode::MISDIRECTED_REQUEST,
+        "Misdirected Request".into(),
+        ResponseFlags::NO_ROUTE_FOUND,
+    )
 }
 
 /// A request the proxy refuses as malformed (answered 400, flag `DPE`).
@@ -191,6 +212,7 @@ mod tests {
         let cases: Vec<(BoxError, u16, &str, &str)> = vec![
             (Box::new(NoRoute), 404, "", "NR"),
             (Box::new(ClusterNotFound("x".into())), 503, "", "NC"),
+            (Box::new(Misdirected), 421, "Misdirected Request", "NR"),
             (
                 Box::new(NoHealthyUpstream),
                 503,

@@ -43,7 +43,7 @@
 //! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
 //! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
 //! | `gateway.namespace` | `workload.namespace` | its namespace |
-//! | `gateway.credentialsDir` | – | one directory per `credentialName`: `tls.crt`, `tls.key`, `ca.crt` (MUTUAL) |
+//! | `gateway.credentialsDir` | – | the Gateway namespace's Secrets, one directory per Secret name: `tls.crt`, `tls.key`, `ca.crt` (MUTUAL) |
 //! | `gateway.ports` | `0.0.0.0:<port>` | where each Gateway server port listens, e.g. `443: 0.0.0.0:8443` |
 //!
 //! Durations use Istio's syntax (`250ms`, `5s`, `1h`).
@@ -282,8 +282,9 @@ pub struct GatewaySettings {
     /// … in `namespace` (default: `workload.namespace`).
     #[serde(default)]
     pub namespace: Option<String>,
-    /// Directory with one subdirectory per `credentialName` holding `tls.crt`, `tls.key`
-    /// and (for MUTUAL) `ca.crt`.
+    /// The Secrets of the Gateway's namespace: one subdirectory per Secret name (the
+    /// `credentialName` without `kubernetes://` or namespace) holding `tls.crt`,
+    /// `tls.key` and (for MUTUAL) `ca.crt`; files must resolve inside the directory.
     #[serde(default)]
     pub credentials_dir: Option<PathBuf>,
     /// Where each Gateway server port listens: `443: 0.0.0.0:8443`. Ports not listed
@@ -532,6 +533,7 @@ impl Settings {
             )
             .unwrap_or_default(),
             random_seed: self.random_seed,
+            app_port: Some(self.listeners.app.port()),
         }
     }
 }

@@ -24,7 +24,9 @@ impl Sidecar {
         let active = |name| mesh.telemetry().metrics().proxy().active_connections(name);
 
         // Outbound: plain HTTP from the application.
-        let outbound = process.bind("outbound", settings.listeners.outbound).await?;
+        let outbound = process
+            .bind("outbound", settings.listeners.outbound)
+            .await?;
         let svc = mesh.outbound().boxed();
         process.serve(serve::run(
             outbound,
@@ -45,11 +47,7 @@ impl Sidecar {
             settings.listeners.app,
             settings.listeners.app_protocol == AppProtocol::Http2,
         );
-        process.serve(mesh.run_inbound(
-            inbound,
-            mesh.inbound(app),
-            settings.listeners.app.port(),
-        ));
+        process.serve(mesh.run_inbound(inbound, mesh.inbound(app), settings.listeners.app.port()));
         process.finish().await
     }
 }

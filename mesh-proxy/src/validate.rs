@@ -4,12 +4,20 @@
 //! Prints one summary line per resource (`VirtualService production/order-service: 2 http
 //! routes`) and every note and warning, then exits 0; or prints every error (with file,
 //! line:column, document, resource and field path) and exits 1.
+//!
+//! `--workload-port <PORT>` (repeatable) names the ports the workloads of these policies
+//! serve: every AuthorizationPolicy `DENY` rule whose `to.operation.ports` names another
+//! port is then reported as a warning, since it never matches (at start and on reload the
+//! proxy makes the same check with its own application port). Without the option the
+//! check is skipped: the files alone do not say which ports a workload serves, and
+//! guessing from ServiceEntry or Gateway ports would warn about correct policies
+//! (ISTIO.md AP-48).
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use mesh_core::config::{LoadOptions, load_paths};
+use mesh_core::config::{AnyResource, LoadOptions, load_paths};
 
 /// Arguments of `validate`.
 #[derive(clap::Args, Debug)]
@@ -23,6 +31,10 @@ pub struct Args {
     /// The mesh root namespace (mesh-wide policies).
     #[arg(long, default_value = "istio-system")]
     pub root_namespace: String,
+    /// A port the workloads of the AuthorizationPolicies serve (repeatable); DENY rules
+    /// for other ports are reported as warnings.
+    #[arg(long = "workload-port", value_name = "PORT")]
+    pub workload_ports: Vec<u16>,
 }
 
 /// Runs the subcommand, writing the report to `out`.
@@ -31,7 +43,15 @@ pub fn run(args: &Args, out: &mut impl Write) -> std::io::Result<ExitCode> {
         default_namespace: args.namespace.clone(),
         root_namespace: args.root_namespace.clone(),
     };
-    let report = load_paths(&args.paths, &options);
+    let mut report = load_paths(&args.paths, &options);
+    if !args.workload_ports.is_empty() {
+        let policies = report.resources.iter().filter_map(|r| match r {
+            AnyResource::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        });
+        let warnings = report.unserved_deny_ports(policies, &args.workload_ports);
+        report.diagnostics.extend(warnings);
+    }
     let errors = report.errors().count();
     let warnings = report.warnings().count();
     if errors == 0 {

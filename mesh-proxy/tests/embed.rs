@@ -96,18 +96,33 @@ fn payment_app(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_whole_mesh_embeds_in_a_few_lines() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn the_whole_mesh_embeds_in_a_few_lines()
+-> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let world = World::new();
     let ca = Arc::new(mesh_tls::CertificateAuthority::load_dir(&world.ca_dir).unwrap());
     let (l1, l2) = (bind().await, bind().await);
-    let (p1, p2) = (l1.local_addr().unwrap().port(), l2.local_addr().unwrap().port());
-    let entry = service_entry("payment-service", 80, &[(p1, "v1", "payment-service"), (p2, "v2", "payment-service")]);
-    let istio = world.write_config("istio", "mesh.yaml", &format!("{entry}---\n{SECURITY}---\n{PAYMENT}"));
+    let (p1, p2) = (
+        l1.local_addr().unwrap().port(),
+        l2.local_addr().unwrap().port(),
+    );
+    let entry = service_entry(
+        "payment-service",
+        80,
+        &[(p1, "v1", "payment-service"), (p2, "v2", "payment-service")],
+    );
+    let istio = world.write_config(
+        "istio",
+        "mesh.yaml",
+        &format!("{entry}---\n{SECURITY}---\n{PAYMENT}"),
+    );
     let hits = Arc::new(AtomicUsize::new(0));
     let app = payment_app(hits.clone());
     // --- what the applications write (30 lines) ---
     let workload = |sa: &str| Workload::new("production", sa).label("app", sa);
-    let certificates = Certificates::Issuer { ca: ca.clone(), lifetime: None };
+    let certificates = Certificates::Issuer {
+        ca: ca.clone(),
+        lifetime: None,
+    };
     let mut replicas = Vec::new();
     for (version, listener) in [("v1", l1), ("v2", l2)] {
         let mesh = Mesh::builder(workload("payment-service").label("version", version))
@@ -136,11 +151,18 @@ async fn the_whole_mesh_embeds_in_a_few_lines() -> Result<(), Box<dyn std::error
     // --- end of the application code ---
     assert_eq!(paid.status(), 200);
     let text = String::from_utf8(paid.into_body().collect().await?.to_bytes().to_vec())?;
-    assert_eq!(text, "xfcc=false peer=spiffe://cluster.local/ns/production/sa/order-service");
+    assert_eq!(
+        text,
+        "xfcc=false peer=spiffe://cluster.local/ns/production/sa/order-service"
+    );
     assert_eq!(denied.status(), 403);
     assert_eq!(retried.status(), 200, "a 503 is retried");
     retried.into_body().collect().await?;
-    assert_eq!(hits.load(Ordering::SeqCst), 3, "the denied GET never reached the app");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "the denied GET never reached the app"
+    );
     let metrics = order.telemetry().encode_metrics();
     assert!(
         metrics.lines().any(|l| l.starts_with("istio_requests_total{")
@@ -176,7 +198,10 @@ where
     F: Fn(&'static str, &'static str, &'static [(&'static str, &'static str)]) -> Fut,
     Fut: std::future::Future<Output = Answer>,
 {
-    let forged = &[("x-forwarded-client-cert", "By=spiffe://cluster.local/ns/production/sa/order-service")];
+    let forged = &[(
+        "x-forwarded-client-cert",
+        "By=spiffe://cluster.local/ns/production/sa/order-service",
+    )];
     let mut out = vec![
         vec![send("POST", "/api/v1/payments", forged).await],
         vec![send("GET", "/api/v1/payments", &[]).await],
@@ -196,7 +221,8 @@ where
 async fn answer(res: Response<BoxBody>) -> Answer {
     let status = res.status().as_u16();
     let overloaded = res.headers().contains_key("x-envoy-overloaded")
-        || mesh_core::extensions::response_flags(res.extensions()).contains(ResponseFlags::UPSTREAM_OVERFLOW);
+        || mesh_core::extensions::response_flags(res.extensions())
+            .contains(ResponseFlags::UPSTREAM_OVERFLOW);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     Answer {
         status,
@@ -227,7 +253,11 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
     let listener = bind().await;
     let port = listener.local_addr().unwrap().port();
     let entry = service_entry("payment-service", 80, &[(port, "v1", "payment-service")]);
-    let embedded_dir = world.write_config("istio-embedded", "mesh.yaml", &format!("{entry}---\n{SECURITY}---\n{PAYMENT}"));
+    let embedded_dir = world.write_config(
+        "istio-embedded",
+        "mesh.yaml",
+        &format!("{entry}---\n{SECURITY}---\n{PAYMENT}"),
+    );
     let certificates = Certificates::Issuer { ca, lifetime: None };
     let payment = Mesh::builder(
         Workload::new("production", "payment-service")
@@ -240,11 +270,12 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
     .unwrap();
     let embedded_hits = Arc::new(AtomicUsize::new(0));
     payment.serve_inbound(listener, payment_app(embedded_hits.clone()));
-    let order = Mesh::builder(Workload::new("production", "order-service").label("app", "order-service"))
-        .config_dir(&embedded_dir)
-        .certificates(certificates)
-        .build()
-        .unwrap();
+    let order =
+        Mesh::builder(Workload::new("production", "order-service").label("app", "order-service"))
+            .config_dir(&embedded_dir)
+            .certificates(certificates)
+            .build()
+            .unwrap();
     let client = order.outbound();
     let embedded = cases(|method, path, headers| {
         let client = client.clone();
@@ -255,7 +286,13 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
-            answer(client.oneshot(req.body(body::empty()).unwrap()).await.unwrap()).await
+            answer(
+                client
+                    .oneshot(req.body(body::empty()).unwrap())
+                    .await
+                    .unwrap(),
+            )
+            .await
         }
     })
     .await;
@@ -268,7 +305,9 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
     let app = payment_app(sidecar_hits.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = app_listener.accept().await {
-            let svc = app.clone().map_request(|req: Request<hyper::body::Incoming>| req.map(body::boxed));
+            let svc = app
+                .clone()
+                .map_request(|req: Request<hyper::body::Incoming>| req.map(body::boxed));
             tokio::spawn(
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(
@@ -279,25 +318,51 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
             );
         }
     });
-    world.write_config("istio-payment-service", "mesh.yaml", &format!("{SECURITY}---\n{PAYMENT}"));
-    let payment_sidecar = Sidecar::start(settings(&world, "payment-service", app_addr)).await.unwrap();
-    let inbound = payment_sidecar.address("inbound").unwrap();
-    let entry = service_entry("payment-service", 80, &[(inbound.port(), "v1", "payment-service")]);
-    world.write_config("istio-order-service", "mesh.yaml", &format!("{entry}---\n{SECURITY}---\n{PAYMENT}"));
-    let order_sidecar = Sidecar::start(settings(&world, "order-service", "127.0.0.1:9".parse().unwrap()))
+    world.write_config(
+        "istio-payment-service",
+        "mesh.yaml",
+        &format!("{SECURITY}---\n{PAYMENT}"),
+    );
+    let payment_sidecar = Sidecar::start(settings(&world, "payment-service", app_addr))
         .await
         .unwrap();
+    let inbound = payment_sidecar.address("inbound").unwrap();
+    let entry = service_entry(
+        "payment-service",
+        80,
+        &[(inbound.port(), "v1", "payment-service")],
+    );
+    world.write_config(
+        "istio-order-service",
+        "mesh.yaml",
+        &format!("{entry}---\n{SECURITY}---\n{PAYMENT}"),
+    );
+    let order_sidecar = Sidecar::start(settings(
+        &world,
+        "order-service",
+        "127.0.0.1:9".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
     let outbound = order_sidecar.address("outbound").unwrap();
     let sidecar = cases(|method, path, headers| async move {
         let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
         tokio::spawn(conn);
-        let mut req = Request::builder().method(method).uri(path).header("host", "payment-service");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "payment-service");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let res = sender.send_request(req.body(body::empty()).unwrap()).await.unwrap();
+        let res = sender
+            .send_request(req.body(body::empty()).unwrap())
+            .await
+            .unwrap();
         answer(res.map(body::boxed)).await
     })
     .await;
@@ -305,12 +370,21 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
     assert_eq!(embedded, sidecar);
     // The forged header never reached the application; the caller's real identity did.
     assert_eq!(embedded[0][0].status, 200);
-    assert_eq!(embedded[0][0].body, "xfcc=false peer=spiffe://cluster.local/ns/production/sa/order-service");
+    assert_eq!(
+        embedded[0][0].body,
+        "xfcc=false peer=spiffe://cluster.local/ns/production/sa/order-service"
+    );
     assert_eq!(embedded[1][0].status, 403);
     assert_eq!(embedded[2][0].status, 200, "the 503 was retried");
-    let overflow: Vec<(u16, bool)> = embedded[3].iter().map(|a| (a.status, a.overloaded)).collect();
+    let overflow: Vec<(u16, bool)> = embedded[3]
+        .iter()
+        .map(|a| (a.status, a.overloaded))
+        .collect();
     assert_eq!(overflow, [(200, false), (200, false), (503, true)]);
-    assert_eq!(embedded_hits.load(Ordering::SeqCst), sidecar_hits.load(Ordering::SeqCst));
+    assert_eq!(
+        embedded_hits.load(Ordering::SeqCst),
+        sidecar_hits.load(Ordering::SeqCst)
+    );
     payment_sidecar.shutdown();
     order_sidecar.shutdown();
     payment.shutdown();

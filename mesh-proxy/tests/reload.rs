@@ -152,3 +152,109 @@ async fn kubernetes_symlink_swap_and_sighup_reload() {
         (200, "two".into())
     );
 }
+
+fn metric(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_generation_moves_on_applied_reloads_and_stays_on_rejected_ones() {
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("one")).await;
+    let ports = Ports::new();
+    let services = service_entry("order-one", 80, &[(ports.inbound, "v1", "order-service")]);
+    let dir = world.write_config("istio", "services.yaml", &services);
+    world.write_config("istio", "routes.yaml", &route_to("order-one"));
+    let proxy = start_sidecar(&world, "order-service", &dir, ports, app.addr).await;
+    let generation = |text: &str| metric(text, "mesh_config_generation");
+    let text = proxy.admin("/metrics").await;
+    assert_eq!(generation(&text).as_deref(), Some("1"), "{text}");
+
+    // An applied reload moves the generation on.
+    world.write_config("istio", "routes.yaml", &route_to("order-two"));
+    let text = proxy
+        .metrics_when(|t| generation(t).as_deref() == Some("2"))
+        .await;
+    assert_eq!(
+        generation(&text).as_deref(),
+        Some("2"),
+        "{}",
+        proxy.output()
+    );
+    assert_eq!(
+        metric(&text, "mesh_config_reloads_total").as_deref(),
+        Some("1")
+    );
+
+    // A rejected reload leaves it where it was.
+    world.write_config(
+        "istio",
+        "routes.yaml",
+        &route_to("order-two").replace("http:", "http: 5"),
+    );
+    let text = proxy
+        .metrics_when(|t| metric(t, "mesh_config_reload_failures_total").as_deref() == Some("1"))
+        .await;
+    assert_eq!(
+        metric(&text, "mesh_config_reload_failures_total").as_deref(),
+        Some("1"),
+        "{}",
+        proxy.output()
+    );
+    assert_eq!(generation(&text).as_deref(), Some("2"));
+
+    // The next good one is generation 3.
+    world.write_config("istio", "routes.yaml", &route_to("order-one"));
+    let text = proxy
+        .metrics_when(|t| generation(t).as_deref() == Some("3"))
+        .await;
+    assert_eq!(
+        generation(&text).as_deref(),
+        Some("3"),
+        "{}",
+        proxy.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rule_for_a_port_the_app_does_not_serve_is_warned_at_load() {
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("one")).await;
+    let ports = Ports::new();
+    let policy = format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: production}}
+spec:
+  selector:
+    matchLabels: {{app: order-service}}
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        ports: [\"{served}\", \"9\"]
+        paths: [/admin]
+",
+        served = app.addr.port()
+    );
+    let dir = world.write_config("istio", "policy.yaml", &policy);
+    let proxy = start_sidecar(&world, "order-service", &dir, ports, app.addr).await;
+    let log = proxy.output();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("DENY for port"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains(&format!(
+            "policy.yaml:11:{}: warning: document 1, AuthorizationPolicy/production/no-admin, \
+             spec.rules[0].to[0].operation.ports[1]: DENY for port 9, which this workload does \
+             not serve (it serves {})",
+            // `        ports: ["<served>", "9"]`: the second value's column.
+            21 + app.addr.port().to_string().len(),
+            app.addr.port()
+        )),
+        "{log}"
+    );
+}

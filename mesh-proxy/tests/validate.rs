@@ -165,3 +165,69 @@ fn no_path_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("<PATHS>..."));
 }
+
+const DENY_ON_PORTS: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: no-admin
+  namespace: production
+spec:
+  selector:
+    matchLabels: {app: order-service}
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        ports: [\"8080\", \"9090\"]
+        paths: [/admin]
+";
+
+#[test]
+fn deny_rule_for_a_port_the_workload_does_not_serve_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deny.yaml");
+    std::fs::write(&file, DENY_ON_PORTS).unwrap();
+    let out = mesh_proxy(&[
+        file.as_os_str(),
+        "--workload-port".as_ref(),
+        "8080".as_ref(),
+    ]);
+    let lines = stdout_lines(&out);
+    assert_eq!(out.status.code(), Some(0), "{lines:#?}");
+    let want = format!(
+        "{}:13:25: warning: document 1, AuthorizationPolicy/production/no-admin, \
+         spec.rules[0].to[0].operation.ports[1]: DENY for port 9090, which this workload does \
+         not serve (it serves 8080): this condition never matches, so the rule denies nothing \
+         on it",
+        file.display()
+    );
+    assert!(lines.contains(&want), "{lines:#?}");
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("OK: 1 resource, 1 warning"),
+        "{lines:#?}"
+    );
+    // Both ports served: nothing to say.
+    let out = mesh_proxy(&[
+        file.as_os_str(),
+        "--workload-port".as_ref(),
+        "8080".as_ref(),
+        "--workload-port".as_ref(),
+        "9090".as_ref(),
+    ]);
+    assert!(
+        stdout_lines(&out)
+            .last()
+            .unwrap()
+            .starts_with("OK: 1 resource, 0 warnings")
+    );
+    // Without the ports the files do not say what the workload serves: no check.
+    let out = mesh_proxy(&[file.as_os_str()]);
+    let lines = stdout_lines(&out);
+    assert!(
+        !lines.iter().any(|l| l.contains("DENY for port")),
+        "{lines:#?}"
+    );
+}

@@ -162,7 +162,11 @@ pub trait MakeDestination {
     /// Called on an update for a destination that is kept but whose DestinationRule
     /// policy changed (already stored in `target`): a replacement service, or `None` to
     /// keep `service` (the default; it reads the new policy from `target`).
-    fn policy_changed(&self, service: &Self::Service, target: &Arc<Target>) -> Option<Self::Service> {
+    fn policy_changed(
+        &self,
+        service: &Self::Service,
+        target: &Arc<Target>,
+    ) -> Option<Self::Service> {
         let _ = (service, target);
         None
     }

@@ -172,7 +172,9 @@ impl tower_service::Service<Uri> for MeshConnector {
             };
             let (stream, leaf) = tokio::time::timeout(inner.connect_timeout, connect)
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                })??;
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             Ok(MeshConn {
                 io: TokioIo::new(stream),

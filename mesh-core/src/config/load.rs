@@ -97,6 +97,57 @@ impl LoadReport {
         })
     }
 
+    /// Warnings for the `DENY` rules of `policies` whose `to.operation.ports` name a port
+    /// outside `served`: such a condition never matches, so the rule does not deny what
+    /// it reads as denying (ISTIO.md AP-48). Each is located at the port in its file.
+    ///
+    /// `policies` are resources of this load (for example
+    /// [`MeshConfig::authorization_policies_for`](super::MeshConfig::authorization_policies_for)
+    /// a workload); `served` is what the workload listens on.
+    pub fn unserved_deny_ports<'a>(
+        &self,
+        policies: impl IntoIterator<Item = &'a super::AuthorizationPolicy>,
+        served: &[u16],
+    ) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        let listed = served
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        for policy in policies {
+            if policy.spec.action != Some(super::Action::Deny) {
+                continue;
+            }
+            let index = policy.origin.seq;
+            for (i, rule) in policy.spec.rules.iter().enumerate() {
+                for (j, to) in rule.to.iter().flatten().enumerate() {
+                    let Some(op) = &to.operation else { continue };
+                    for (k, port) in op.ports.iter().enumerate() {
+                        if port.parse::<u16>().is_ok_and(|p| served.contains(&p)) {
+                            continue;
+                        }
+                        let path = format!("spec.rules[{i}].to[{j}].operation.ports[{k}]");
+                        let Some(mut d) = self.error_at(
+                            index,
+                            &path,
+                            format!(
+                                "DENY for port {port}, which this workload does not serve \
+                                 (it serves {listed}): this condition never matches, so the \
+                                 rule denies nothing on it"
+                            ),
+                        ) else {
+                            continue;
+                        };
+                        d.severity = Severity::Warning;
+                        out.push(d);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn of(&self, s: Severity) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics.iter().filter(move |d| d.severity == s)
     }

@@ -69,6 +69,14 @@
 //!   request authentication (JWT) is not supported.
 //! - An empty `StringMatch` (`{}`) is only accepted where Istio gives it a meaning
 //!   (presence of a header or query parameter); elsewhere (`uri: {}`) it is an error.
+//! - A Gateway server's `credentialName` (and each `credentialNames` entry) must name a
+//!   Secret of the Gateway's own namespace: a Secret name, optionally written
+//!   `kubernetes://<name>`, `<namespace>/<name>`, `kubernetes://<namespace>/<name>` or
+//!   `kubernetes-gateway://<namespace>/<name>` with the Gateway's namespace
+//!   ([`SecretRef`]). Istio accepts any string and may serve another namespace's Secret
+//!   after an authorization check; a name that is not a plain Secret name (a path, `..`,
+//!   an escape, uppercase, empty) or names another namespace is an error here, so no form
+//!   of the name can reach another namespace's key (ISTIO.md GW-10).
 //! - Regexes must compile with the `regex` crate (RE2 syntax without backreferences), the
 //!   same class as Envoy's RE2.
 //!

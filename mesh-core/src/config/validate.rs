@@ -256,7 +256,7 @@ pub(crate) fn validate_all(report: &mut LoadReport) {
 
 const DNS1123_LABEL_MAX: usize = 63;
 
-fn is_dns1123_label(s: &str) -> bool {
+pub(super) fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= DNS1123_LABEL_MAX
         && s.bytes()
@@ -265,7 +265,7 @@ fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn is_dns1123_subdomain(s: &str) -> bool {
+pub(super) fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 
@@ -1501,7 +1501,30 @@ fn gateway(ctx: &mut Ctx<'_>, gw: &Gateway) {
                 "HTTPS and TLS servers need tls settings (mode SIMPLE, MUTUAL, PASSTHROUGH, ...)",
             ),
             None => {}
-            Some(tls) => server_tls(ctx, &p(&sp, "tls"), tls, secure),
+            Some(tls) => {
+                server_tls(ctx, &p(&sp, "tls"), tls, secure);
+                credential_names(ctx, &p(&sp, "tls"), tls, &gw.metadata.namespace);
+            }
+        }
+    }
+}
+
+/// `credentialName` and `credentialNames[]` must name Secrets of the Gateway's own
+/// namespace, in a form Istio resolves ([`SecretRef`]).
+fn credential_names(ctx: &mut Ctx<'_>, path: &str, tls: &ServerTlsSettings, namespace: &str) {
+    let named = tls
+        .credential_name
+        .iter()
+        .map(|n| (p(path, "credentialName"), n))
+        .chain(
+            tls.credential_names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (pi(path, "credentialNames", i), n)),
+        );
+    for (at, name) in named {
+        if let Err(e) = SecretRef::parse(name, namespace) {
+            ctx.error(&at, e.to_string());
         }
     }
 }

@@ -124,7 +124,11 @@ impl HttpClient<MeshConnector> {
 
 impl HttpClient<HttpConnector> {
     /// A plaintext client (`TCP_NODELAY`, `connect_timeout`).
-    pub fn plaintext(connect_timeout: Duration, idle_timeout: Duration, protocol: Protocol) -> Self {
+    pub fn plaintext(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        protocol: Protocol,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
@@ -166,12 +170,15 @@ pub(crate) fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
 /// Rewrites the request URI to `http://<authority><path>`: `fixed` when given, else the
 /// URI's authority, else the Host header.
 fn absolute(req: &mut Request<BoxBody>, fixed: Option<&Authority>) {
-    let authority = fixed.cloned().or_else(|| req.uri().authority().cloned()).or_else(|| {
-        req.headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<Authority>().ok())
-    });
+    let authority = fixed
+        .cloned()
+        .or_else(|| req.uri().authority().cloned())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<Authority>().ok())
+        });
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = authority;

@@ -167,7 +167,10 @@ impl RouteService {
         };
         let retry = RetryLayer::new(retry).with_retry_gate(destination.gate.clone());
         Self {
-            stack: Deadline::new(retry.layer(destination.clone()), policy.and_then(|p| p.timeout)),
+            stack: Deadline::new(
+                retry.layer(destination.clone()),
+                policy.and_then(|p| p.timeout),
+            ),
             destination,
         }
     }
@@ -291,7 +294,11 @@ impl MakeDestination for MakeDest {
         true
     }
 
-    fn policy_changed(&self, _service: &RouteService, target: &Arc<Target>) -> Option<RouteService> {
+    fn policy_changed(
+        &self,
+        _service: &RouteService,
+        target: &Arc<Target>,
+    ) -> Option<RouteService> {
         tracing::info!(destination = %target.key, "traffic policy changed");
         Some(self.make(target))
     }

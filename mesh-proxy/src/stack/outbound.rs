@@ -165,7 +165,12 @@ impl Outbound {
     /// The telemetry layer for requests to virtual host `vh` of `snapshot` named `host`:
     /// `destination_service` is the qualified name of the requested host, else the
     /// virtual host's first host.
-    fn layer_for(&self, snapshot: &Snapshot<RouteService>, vh: usize, host: &str) -> TelemetryLayer {
+    fn layer_for(
+        &self,
+        snapshot: &Snapshot<RouteService>,
+        vh: usize,
+        host: &str,
+    ) -> TelemetryLayer {
         let Some(vh) = snapshot.table().virtual_hosts().get(vh) else {
             return self.by_authority.clone();
         };
@@ -203,7 +208,10 @@ impl Outbound {
 }
 
 type Recorded = mesh_telemetry::TelemetryService<
-    tower::util::MapRequest<Respond<Forward>, fn(Request<mesh_telemetry::RequestBody<BoxBody>>) -> Request<BoxBody>>,
+    tower::util::MapRequest<
+        Respond<Forward>,
+        fn(Request<mesh_telemetry::RequestBody<BoxBody>>) -> Request<BoxBody>,
+    >,
 >;
 
 impl<B> Service<Request<B>> for Outbound
@@ -300,7 +308,10 @@ impl Future for ForwardFuture {
         match self.project() {
             ForwardProj::Routed(f) => f.poll(cx),
             ForwardProj::Passthrough(f) => f.poll(cx),
-            ForwardProj::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| Err("polled after completion".into()))),
+            ForwardProj::Ready(r) => Poll::Ready(
+                r.take()
+                    .unwrap_or_else(|| Err("polled after completion".into())),
+            ),
         }
     }
 }
@@ -363,7 +374,10 @@ mod tests {
         let r = req("/pay", Some("[::1]:80"));
         assert_eq!(request_host(&r).as_deref(), Some("[::1]"));
         let r = req("/pay", Some("payment-service"));
-        assert!(matches!(request_host(&r), Some(Cow::Borrowed("payment-service"))));
+        assert!(matches!(
+            request_host(&r),
+            Some(Cow::Borrowed("payment-service"))
+        ));
     }
 
     #[test]

@@ -472,3 +472,48 @@ spec:
 pub fn labels<'a>(pairs: &[(&'a str, &'a str)]) -> BTreeMap<&'a str, &'a str> {
     pairs.iter().copied().collect()
 }
+
+/// Whether the command-line tool `name` can run. When it cannot, a test fails under CI
+/// (env `CI` set) and otherwise says that it skipped.
+pub fn tool_available(name: &str) -> bool {
+    let found = std::process::Command::new(name)
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required under CI but was not found on PATH"
+        );
+        eprintln!("SKIPPED: {name} not found on PATH");
+    }
+    found
+}
+
+/// Runs `openssl` with `args`, writing `stdin` and then closing it; returns (exit code, stdout, stderr).
+pub async fn openssl(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl is installed");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).await.expect("write stdin");
+    // With `s_client -ign_eof` the reply is still read after stdin ends.
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("openssl finished within 10 s")
+        .expect("openssl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -98,6 +98,7 @@ struct ListenerLabel {
 /// |---|---|---|
 /// | `mesh_config_reloads_total` | counter | |
 /// | `mesh_config_reload_failures_total` | counter | |
+/// | `mesh_config_generation` | gauge | |
 /// | `mesh_certificate_expiry_timestamp_seconds` | gauge | `identity` |
 /// | `mesh_outlier_ejections_total` | counter | `destination` |
 /// | `mesh_outlier_ejections_overflow_total` | counter | `destination` |
@@ -112,6 +113,7 @@ struct ListenerLabel {
 pub struct ProxyMetrics {
     config_reloads: Counter,
     config_reload_failures: Counter,
+    config_generation: Gauge,
     cert_expiry: Family<IdentityLabel, Gauge>,
     ejections: Family<DestinationLabel, Counter>,
     ejection_overflows: Family<DestinationLabel, Counter>,
@@ -133,6 +135,7 @@ impl ProxyMetrics {
         let this = Self {
             config_reloads: Counter::default(),
             config_reload_failures: Counter::default(),
+            config_generation: Gauge::default(),
             cert_expiry: Family::default(),
             ejections: Family::default(),
             ejection_overflows: Family::default(),
@@ -153,6 +156,12 @@ impl ProxyMetrics {
             "mesh_config_reload_failures",
             "Configuration reloads rejected (validation failed, nothing changed)",
             this.config_reload_failures.clone(),
+        );
+        registry.register(
+            "mesh_config_generation",
+            "Generation of the configuration in force: 1 for the one loaded at start, one \
+             more for each applied reload; a rejected reload leaves it unchanged",
+            this.config_generation.clone(),
         );
         registry.register(
             "mesh_certificate_expiry_timestamp_seconds",
@@ -203,9 +212,19 @@ impl ProxyMetrics {
         this
     }
 
-    /// A configuration reload was applied.
+    /// The configuration loaded at start is in force: `mesh_config_generation` becomes 1
+    /// (it counts from there).
+    pub fn config_loaded(&self) {
+        if self.config_generation.get() == 0 {
+            self.config_generation.set(1);
+        }
+    }
+
+    /// A configuration reload was applied: `mesh_config_reloads_total` and
+    /// `mesh_config_generation` move on.
     pub fn config_reloaded(&self) {
         self.config_reloads.inc();
+        self.config_generation.inc();
     }
 
     /// A configuration reload was rejected.
@@ -267,6 +286,7 @@ mod tests {
     fn proxy_families_render_with_their_names() {
         let reg = MetricsRegistry::new();
         let p = reg.proxy();
+        p.config_loaded();
         p.config_reloaded();
         p.config_reload_failed();
         p.set_certificate_expiry("spiffe://cluster.local/ns/a/sa/b", 1_900_000_000);
@@ -281,6 +301,7 @@ mod tests {
         for line in [
             "mesh_config_reloads_total 1",
             "mesh_config_reload_failures_total 1",
+            "mesh_config_generation 2",
             "mesh_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/a/sa/b\"} 1900000000",
             "mesh_outlier_ejections_total{destination=\"reviews|v1\"} 1",
             "mesh_outlier_ejections_overflow_total{destination=\"reviews|v1\"} 1",
