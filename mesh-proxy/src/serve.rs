@@ -8,10 +8,31 @@
 //! PeerAuthentication, SNI selection, or plaintext), which returns the stream and the
 //! connection's service, or `None` to drop it. The connection is served by hyper-util's
 //! auto builder (HTTP/1.1 and HTTP/2, upgrades allowed) and watched by a
-//! shutdown token. On shutdown the listener is closed at once (new connections
-//! are refused), HTTP/2 connections get GOAWAY and HTTP/1.1 connections close after
-//! their current response (`Connection: close`); after the drain deadline the remaining
-//! connections are aborted.
+//! shutdown token.
+//!
+//! # Draining
+//!
+//! On shutdown the listener is closed at once (new connections are refused), HTTP/2
+//! connections get GOAWAY (NO_ERROR, the last stream accepted) and HTTP/1.1 connections
+//! close after their current response (`Connection: close` if its head is not sent
+//! yet). Every stream that has begun is finished: its response is written to its end
+//! (END_STREAM, the last chunk, all of Content-Length).
+//!
+//! Closing is delayed the way Envoy's `delayed_close_timeout` does it: once hyper has
+//! finished a connection and shut down its write side (TLS `close_notify`, then FIN),
+//! the connection task reads and discards what the client still sends until the client
+//! closes too, for at most one second, and only then closes the socket. Closing a socket
+//! with unread input makes the kernel answer with RST, and a client that receives RST
+//! throws away what it has not read yet: without the delay, HTTP/2 clients (which keep
+//! sending WINDOW_UPDATE and PING frames) lost the last DATA frames and END_STREAM of
+//! responses that had been sent in full. The same delayed close follows every
+//! server-side close (idle timeout, `Connection: close`), not only a drain.
+//!
+//! At the drain deadline the connections still open are reset (`SO_LINGER` 0, TCP RST),
+//! also when the runtime drops their tasks: every request still in flight fails at the
+//! client with a connection error, and a cut body never looks complete (a close-delimited
+//! HTTP/1.0 body would if the connection ended with FIN). Upgraded connections
+//! (WebSocket) have left the listener and are not part of its drain.
 //!
 //! Idle timeout (`limits.idleTimeout`, Envoy's downstream `idle_timeout`): a connection
 //! with no request in flight for that long is closed the same graceful way (GOAWAY for
