@@ -8,10 +8,31 @@
 //! PeerAuthentication, SNI selection, or plaintext), which returns the stream and the
 //! connection's service, or `None` to drop it. The connection is served by hyper-util's
 //! auto builder (HTTP/1.1 and HTTP/2, upgrades allowed) and watched by a
-//! shutdown token. On shutdown the listener is closed at once (new connections
-//! are refused), HTTP/2 connections get GOAWAY and HTTP/1.1 connections close after
-//! their current response (`Connection: close`); after the drain deadline the remaining
-//! connections are aborted.
+//! shutdown token.
+//!
+//! # Draining
+//!
+//! On shutdown the listener is closed at once (new connections are refused), HTTP/2
+//! connections get GOAWAY (NO_ERROR, the last stream accepted) and HTTP/1.1 connections
+//! close after their current response (`Connection: close` if its head is not sent
+//! yet). Every stream that has begun is finished: its response is written to its end
+//! (END_STREAM, the last chunk, all of Content-Length).
+//!
+//! Closing is delayed the way Envoy's `delayed_close_timeout` does it: once hyper has
+//! finished a connection and shut down its write side (TLS `close_notify`, then FIN),
+//! the connection task reads and discards what the client still sends until the client
+//! closes too, for at most one second, and only then closes the socket. Closing a socket
+//! with unread input makes the kernel answer with RST, and a client that receives RST
+//! throws away what it has not read yet: without the delay, HTTP/2 clients (which keep
+//! sending WINDOW_UPDATE and PING frames) lost the last DATA frames and END_STREAM of
+//! responses that had been sent in full. The same delayed close follows every
+//! server-side close (idle timeout, `Connection: close`), not only a drain.
+//!
+//! At the drain deadline the connections still open are reset (`SO_LINGER` 0, TCP RST),
+//! also when the runtime drops their tasks: every request still in flight fails at the
+//! client with a connection error, and a cut body never looks complete (a close-delimited
+//! HTTP/1.0 body would if the connection ended with FIN). Upgraded connections
+//! (WebSocket) have left the listener and are not part of its drain.
 //!
 //! Idle timeout (`limits.idleTimeout`, Envoy's downstream `idle_timeout`): a connection
 //! with no request in flight for that long is closed the same graceful way (GOAWAY for
@@ -126,39 +147,56 @@ where
                         let _slot = slot;
                         active.inc();
                         let _gauge = GaugeGuard(active);
+                        // A second handle on the socket: the protocol stack owns the
+                        // first and closes it, this one decides how the close ends.
+                        let socket = Socket::of(&tcp);
                         let Some((io, svc)) = accept(tcp, remote).await else {
                             return;
                         };
+                        // Until the protocol has finished, dropping this task (the drain
+                        // deadline, or the runtime going away) resets the connection.
+                        let reset = socket.map(ResetOnDrop::new);
+                        let (io, released) = Released::new(io);
                         let (activity, idle_rx) = watch::channel(Activity::default());
                         let svc = Tracked {
                             inner: svc,
                             activity: Arc::new(activity),
                         };
-                        let conn = builder
-                            .serve_connection_with_upgrades(
+                        // The HTTP connection, dropped (its IO with it) when it ends.
+                        let served = async {
+                            let conn = builder.serve_connection_with_upgrades(
                                 TokioIo::new(io),
                                 TowerToHyperService::new(svc),
-                            )
-                            .into_owned();
-                        let mut conn = std::pin::pin!(conn);
-                        let mut idle = std::pin::pin!(idle(idle_rx, idle_timeout));
-                        let mut closing = false;
-                        let ended = loop {
-                            tokio::select! {
-                                ended = conn.as_mut() => break ended,
-                                () = shutdown.cancelled(), if !closing => {
-                                    closing = true;
-                                    conn.as_mut().graceful_shutdown();
-                                }
-                                () = &mut idle, if !closing => {
-                                    tracing::debug!(%remote, "closing idle connection");
-                                    closing = true;
-                                    conn.as_mut().graceful_shutdown();
+                            );
+                            let mut conn = std::pin::pin!(conn);
+                            let mut idle = std::pin::pin!(idle(idle_rx, idle_timeout));
+                            let mut closing = false;
+                            loop {
+                                tokio::select! {
+                                    ended = conn.as_mut() => break ended,
+                                    () = shutdown.cancelled(), if !closing => {
+                                        closing = true;
+                                        conn.as_mut().graceful_shutdown();
+                                    }
+                                    () = &mut idle, if !closing => {
+                                        tracing::debug!(%remote, "closing idle connection");
+                                        closing = true;
+                                        conn.as_mut().graceful_shutdown();
+                                    }
                                 }
                             }
                         };
-                        if let Err(e) = ended {
+                        if let Err(e) = served.await {
                             tracing::debug!(error = %e, %remote, "connection ended with an error");
+                        }
+                        let socket = reset.and_then(ResetOnDrop::disarm);
+                        // An upgraded connection lives on elsewhere; any other was shut
+                        // down by the protocol and is closed here once the client has
+                        // read everything.
+                        if let Some(socket) = socket
+                            && released.is_released()
+                        {
+                            delayed_close(socket).await;
                         }
                     });
                 }
@@ -182,6 +220,147 @@ where
         );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// How long a closed connection waits for the client to close its side, reading and
+/// discarding what it still sends (Envoy's `delayed_close_timeout` default).
+const DELAYED_CLOSE: Duration = Duration::from_secs(1);
+
+/// A second handle on an accepted TCP socket. The connection's protocol stack (TLS,
+/// HTTP) owns and closes the first; the socket itself stays open until this handle is
+/// dropped too, so the connection task chooses how it ends: a delayed close after a
+/// graceful end, a reset when it is cut.
+struct Socket(std::net::TcpStream);
+
+impl Socket {
+    /// A handle on `tcp`'s socket; `None` if the descriptor cannot be duplicated (the
+    /// connection then closes when the protocol drops it).
+    fn of(tcp: &TcpStream) -> Option<Self> {
+        #[cfg(unix)]
+        let handle = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned();
+        #[cfg(windows)]
+        let handle = std::os::windows::io::AsSocket::as_socket(tcp).try_clone_to_owned();
+        handle.ok().map(|h| Self(std::net::TcpStream::from(h)))
+    }
+}
+
+/// Resets the connection (TCP RST) when dropped while still holding the socket: a
+/// response cut by the drain deadline must never look complete to the client (a
+/// close-delimited HTTP/1 body would), so the client sees "connection reset" on every
+/// request still open on the connection.
+struct ResetOnDrop(Option<Socket>);
+
+impl ResetOnDrop {
+    fn new(socket: Socket) -> Self {
+        Self(Some(socket))
+    }
+
+    /// The protocol finished: no reset.
+    fn disarm(mut self) -> Option<Socket> {
+        self.0.take()
+    }
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(Socket(socket)) = self.0.take() {
+            // SO_LINGER 0: the last close of the socket (this handle or the protocol's,
+            // whichever goes second) sends RST instead of FIN.
+            let _ = tokio::net::TcpSocket::from_std_stream(socket).set_zero_linger();
+        }
+    }
+}
+
+/// Closes a connection whose protocol has finished and shut down its write side: tells
+/// the client (FIN) if the protocol did not, then reads and discards what the client
+/// still sends until it closes too, for at most [`DELAYED_CLOSE`].
+///
+/// Closing a socket with unread input makes the kernel send RST, and a client that gets
+/// RST discards what it has not read yet: the last DATA frames and END_STREAM of a
+/// drained HTTP/2 connection (the client's WINDOW_UPDATE and PING frames keep coming),
+/// the end of the last response before a pipelined HTTP/1.1 request. Waiting for the
+/// client's FIN first delivers every byte the protocol wrote.
+async fn delayed_close(Socket(socket): Socket) {
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    if socket.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(mut socket) = TcpStream::from_std(socket) else {
+        return;
+    };
+    let mut sink = tokio::io::sink();
+    let discard = tokio::io::copy(&mut socket, &mut sink);
+    let _ = tokio::time::timeout(DELAYED_CLOSE, discard).await;
+}
+
+/// Wraps a connection's IO to tell, once the HTTP connection has ended, whether the IO
+/// was dropped with it or handed over to an upgrade (which then owns the socket).
+struct Released<IO> {
+    io: IO,
+    _alive: Arc<()>,
+}
+
+/// Tells whether the wrapped IO is gone.
+struct ReleasedWatch(std::sync::Weak<()>);
+
+impl ReleasedWatch {
+    fn is_released(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
+impl<IO> Released<IO> {
+    fn new(io: IO) -> (Self, ReleasedWatch) {
+        let alive = Arc::new(());
+        let watch = ReleasedWatch(Arc::downgrade(&alive));
+        (Self { io, _alive: alive }, watch)
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Released<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Released<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -1,8 +1,9 @@
 //! Graceful shutdown: the handle a started proxy returns, and the signals that stop it.
 //!
 //! [`ProxyHandle::shutdown`] (or SIGTERM/SIGINT in the binary) stops every listener
-//! accepting at once, drains in-flight requests until the drain deadline, force-closes
-//! what is left, flushes the span export queue and the access log, and then
+//! accepting at once, drains in-flight requests until the drain deadline, resets the
+//! connections still open (see [`serve`](crate::serve) for what is finished and what is
+//! cut), flushes the span export queue and the access log, and then
 //! [`ProxyHandle::wait`] returns.
 
 use std::net::SocketAddr;
