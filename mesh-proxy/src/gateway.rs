@@ -1,5 +1,7 @@
-//! The ingress gateway: Gateway servers (HTTP, HTTPS `SIMPLE` and `MUTUAL`) in front of
-//! the VirtualServices bound to the gateway, routed to mesh services over mTLS.
+//! The ingress gateway process: Gateway servers (HTTP, HTTPS `SIMPLE` and `MUTUAL`) in
+//! front of the VirtualServices bound to the gateway, routed to mesh services over mTLS.
+//! This module holds the listeners, the TLS servers and their credentials; what a
+//! request goes through once accepted is [`crate::stack::gateway`].
 //!
 //! # Behaviour
 //!
@@ -58,18 +60,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::future::BoxFuture;
-use http::{Request, Response};
-use mesh_core::body::BoxBody;
 use mesh_core::config::{MeshConfig, SecretRef, Server, ServerTlsMode};
-use mesh_core::error::{BoxError, NoRoute};
 use mesh_core::extensions::ConnectionSecurity;
-use mesh_routing::Router;
-use mesh_telemetry::TelemetryLayer;
 use mesh_tls::ConnectionContext;
 use rustls::ServerConfig;
 use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
@@ -77,34 +72,19 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::{Service, ServiceBuilder};
 
 use crate::mesh::Active;
-use crate::respond::{self, Respond};
 use crate::runtime::{Process, StartError};
 use crate::serve;
 use crate::settings::Settings;
 use crate::shutdown::ProxyHandle;
-use crate::stack::headers::Sanitize;
+use crate::stack::gateway::{ChosenServer, most_specific, on_server};
 use crate::stack::inbound::per_connection;
-use crate::stack::outbound::{prepare, request_host};
-use crate::stack::{HttpService, RouteService, boxed_request};
+use crate::watch::{self, WatchError};
 
 /// The ingress gateway proxy.
 #[derive(Debug)]
 pub struct Gateway;
-
-/// Whether the Gateway host `pattern` (`ns/host` allowed) covers `host`.
-fn covers(pattern: &str, host: &str) -> bool {
-    let pattern = pattern.rsplit_once('/').map_or(pattern, |(_, h)| h);
-    let pattern = pattern.to_ascii_lowercase();
-    let host = host.to_ascii_lowercase();
-    pattern == "*"
-        || pattern == host
-        || pattern.strip_prefix('*').is_some_and(|suffix| {
-            suffix.starts_with('.') && host.len() > suffix.len() && host.ends_with(suffix)
-        })
-}
 
 /// One HTTPS server of a port.
 struct TlsServer {
@@ -112,79 +92,14 @@ struct TlsServer {
     config: Arc<ServerConfig>,
 }
 
+/// The server of a port the SNI `sni` selects (the `*` server when there is none).
 fn select(servers: &[TlsServer], sni: Option<&str>) -> Option<usize> {
     match sni {
-        Some(name) => most_specific(servers, name),
+        Some(name) => most_specific(servers.iter().map(|s| s.hosts.as_slice()), name),
         None => servers
             .iter()
             .position(|s| s.hosts.iter().any(|h| h == "*")),
     }
-}
-
-/// How specifically the Gateway host `pattern` covers `host`, `None` when it does not:
-/// an exact name beats any wildcard, a longer wildcard suffix beats a shorter one, and
-/// `*` comes last (the order Envoy matches filter-chain `server_names` in).
-fn specificity(pattern: &str, host: &str) -> Option<usize> {
-    if !covers(pattern, host) {
-        return None;
-    }
-    let bare = pattern.rsplit_once('/').map_or(pattern, |(_, h)| h);
-    Some(match bare.strip_prefix('*') {
-        Some("") => 0,
-        Some(suffix) => suffix.len(),
-        None => usize::MAX,
-    })
-}
-
-/// The server of a port that serves `host`: the one whose hosts cover it most
-/// specifically; on a tie, the first in the Gateway's order.
-fn most_specific(servers: &[TlsServer], host: &str) -> Option<usize> {
-    let mut best: Option<(usize, usize)> = None;
-    for (index, server) in servers.iter().enumerate() {
-        let rank = server
-            .hosts
-            .iter()
-            .filter_map(|h| specificity(h, host))
-            .max();
-        if let Some(rank) = rank
-            && best.is_none_or(|(r, _)| rank > r)
-        {
-            best = Some((rank, index));
-        }
-    }
-    best.map(|(_, index)| index)
-}
-
-/// The HTTPS server the connection's SNI selected, put in the extensions of every
-/// request on that connection so that routing never leaves it.
-#[derive(Clone)]
-struct ChosenServer {
-    /// The port's servers as they were when the connection was accepted.
-    servers: Arc<Vec<TlsServer>>,
-    /// The selected one.
-    index: usize,
-}
-
-/// The error for a request whose host the connection's server does not serve: 421 when
-/// another server of the port serves it (the client should open a connection with that
-/// SNI), 404 `NR` when none does.
-fn off_server(chosen: &ChosenServer, host: &str) -> Option<BoxError> {
-    match most_specific(&chosen.servers, host) {
-        Some(index) if index == chosen.index => None,
-        Some(_) => Some(Box::new(respond::Misdirected)),
-        None => Some(Box::new(NoRoute)),
-    }
-}
-
-/// `svc` for the requests of one TLS connection whose SNI selected `chosen`.
-fn on_server(svc: HttpService, chosen: ChosenServer) -> HttpService {
-    tower::util::BoxCloneSyncService::new(tower::ServiceExt::map_request(
-        svc,
-        move |mut req: Request<BoxBody>| {
-            req.extensions_mut().insert(chosen.clone());
-            req
-        },
-    ))
 }
 
 /// The files of one Secret in the credentials directory: `<credentialsDir>/<name>/`.
@@ -283,46 +198,6 @@ fn credential_config(
     // (and under the client-certificate rule) that established it.
     config.session_storage = ServerSessionMemoryCache::new(256);
     Ok(Arc::new(config))
-}
-
-/// Routes gateway requests: https redirect, then the gateway's route table.
-#[derive(Clone)]
-struct GatewayRoutes {
-    router: Router<RouteService>,
-    redirect_hosts: Arc<ArcSwap<Vec<String>>>,
-}
-
-impl Service<Request<BoxBody>> for GatewayRoutes {
-    type Response = Response<BoxBody>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
-        if let Err(e) = prepare(&mut req) {
-            return Box::pin(async move { Err(Box::new(e) as BoxError) });
-        }
-        let host = request_host(&req).unwrap_or_default().into_owned();
-        if let Some(e) = req
-            .extensions()
-            .get::<ChosenServer>()
-            .and_then(|chosen| off_server(chosen, &host))
-        {
-            return Box::pin(async move { Err(e) });
-        }
-        if self.redirect_hosts.load().iter().any(|p| covers(p, &host)) {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            return Box::pin(async move { Ok(respond::https_redirect(&host, &pq)) });
-        }
-        Box::pin(self.router.call(req))
-    }
 }
 
 /// What one port serves: HTTPS servers (selected by SNI) or plain HTTP with the hosts
@@ -445,35 +320,15 @@ fn watch_credentials(
     rebuild: Rebuild,
     active: Arc<ArcSwap<Active>>,
     stop: CancellationToken,
-) -> Result<(tokio::task::JoinHandle<()>, Box<dyn std::any::Any + Send>), notify::Error> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res
-            && !matches!(event.kind, EventKind::Access(_))
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&rebuild.credentials, RecursiveMode::Recursive)?;
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                event = rx.recv() => {
-                    if event.is_none() {
-                        return;
-                    }
-                    while let Ok(Some(())) =
-                        tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {}
-                    let config = active.load().config.clone();
-                    let rebuild = rebuild.clone();
-                    let _ = tokio::task::spawn_blocking(move || rebuild.apply(&config)).await;
-                }
-            }
-        }
-    });
-    Ok((task, Box::new(watcher)))
+) -> Result<(tokio::task::JoinHandle<()>, notify::RecommendedWatcher), WatchError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = watch::watcher(
+        std::slice::from_ref(&rebuild.credentials),
+        notify::RecursiveMode::Recursive,
+        tx,
+    )?;
+    let task = watch::on_change(rx, stop, move || rebuild.apply(&active.load().config));
+    Ok((task, watcher))
 }
 
 impl Gateway {
@@ -523,21 +378,7 @@ impl Gateway {
                 .copied()
                 .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], port)));
             let tcp = process.bind(&format!("gateway:{port}"), addr).await?;
-            let routes = GatewayRoutes {
-                router: mesh.router().router(),
-                redirect_hosts: state.redirect.clone(),
-            };
-            let svc: HttpService = tower::util::BoxCloneSyncService::new(Sanitize::new(
-                ServiceBuilder::new()
-                    .map_response(|res: Response<_>| res.map(mesh_core::body::boxed))
-                    .layer(TelemetryLayer::outbound_by_authority(
-                        mesh.telemetry(),
-                        1024,
-                    ))
-                    .map_request(boxed_request)
-                    .service(Respond::new(routes)),
-                true,
-            ));
+            let svc = mesh.gateway(state.redirect.clone());
             let tls = state.tls.clone();
             process.serve(serve::run(
                 tcp,
@@ -573,7 +414,7 @@ impl Gateway {
                             .await
                             .ok()??;
                         let chosen = ChosenServer {
-                            servers: servers.clone(),
+                            hosts: Arc::new(servers.iter().map(|s| s.hosts.clone()).collect()),
                             index,
                         };
                         let mut ctx = ConnectionContext::plaintext(remote, local);
@@ -621,16 +462,6 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 mod tests {
     use super::*;
 
-    #[test]
-    fn host_patterns_cover_like_istio() {
-        assert!(covers("api.example.com", "API.example.com"));
-        assert!(covers("*.example.com", "a.b.example.com"));
-        assert!(!covers("*.example.com", "example.com"));
-        assert!(covers("*", "anything"));
-        assert!(covers("prod/api.example.com", "api.example.com"));
-        assert!(!covers("api.example.com", "evil.com"));
-    }
-
     fn servers(hosts: &[&[&str]]) -> Vec<TlsServer> {
         let tmp = tempfile::tempdir().unwrap();
         write_secret(&tmp.path().join("c"), "x.example.com");
@@ -646,32 +477,14 @@ mod tests {
     }
 
     #[test]
-    fn the_most_specific_server_owns_a_host() {
+    fn the_sni_selects_the_most_specific_server_and_no_sni_the_catch_all() {
         let s = servers(&[&["*"], &["*.example.com"], &["mutual.example.com"]]);
-        assert_eq!(most_specific(&s, "mutual.example.com"), Some(2));
-        assert_eq!(most_specific(&s, "MUTUAL.example.com"), Some(2));
-        assert_eq!(most_specific(&s, "simple.example.com"), Some(1));
-        assert_eq!(most_specific(&s, "example.org"), Some(0));
+        assert_eq!(select(&s, Some("mutual.example.com")), Some(2));
+        assert_eq!(select(&s, Some("simple.example.com")), Some(1));
         assert_eq!(select(&s, None), Some(0));
-        let chosen = ChosenServer {
-            servers: Arc::new(s),
-            index: 0,
-        };
-        // A `*` server's connection does not carry a host another server owns.
-        assert!(off_server(&chosen, "mutual.example.com").is_some());
-        assert!(off_server(&chosen, "example.org").is_none());
-        let s = servers(&[&["simple.example.com"], &["mutual.example.com"]]);
-        let chosen = ChosenServer {
-            servers: Arc::new(s),
-            index: 0,
-        };
-        let e = off_server(&chosen, "mutual.example.com").unwrap();
-        assert!(mesh_core::error::is_caused_by::<respond::Misdirected>(
-            e.as_ref()
-        ));
-        let e = off_server(&chosen, "other.example.com").unwrap();
-        assert!(mesh_core::error::is_caused_by::<NoRoute>(e.as_ref()));
-        assert!(off_server(&chosen, "simple.example.com").is_none());
+        let s = servers(&[&["simple.example.com"]]);
+        assert_eq!(select(&s, Some("other.example.com")), None);
+        assert_eq!(select(&s, None), None);
     }
 
     fn write_secret(dir: &Path, host: &str) {

@@ -84,6 +84,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::serve;
 use crate::settings::Limits;
+use crate::stack::inbound::{Application, ApplicationBody};
 use crate::stack::{
     Destinations, HttpService, MakeDest, MeshRouter, Outbound, OutboundMode, inbound,
 };
@@ -545,11 +546,8 @@ impl Mesh {
     /// [`inbound::per_connection`]).
     pub fn inbound<S, B>(&self, app: S) -> HttpService
     where
-        S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
+        S: Application<B>,
+        B: ApplicationBody,
     {
         inbound::service(
             &self.inner.telemetry,
@@ -566,11 +564,8 @@ impl Mesh {
     /// then drained for `limits.drainTimeout`.
     pub fn serve_inbound<S, B>(&self, listener: TcpListener, app: S) -> tokio::task::JoinHandle<()>
     where
-        S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
+        S: Application<B>,
+        B: ApplicationBody,
     {
         let port = listener.local_addr().map_or(0, |a| a.port());
         tokio::spawn(self.run_inbound(listener, self.inbound(app), port))
@@ -705,6 +700,13 @@ impl Mesh {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Box::new(hook));
+    }
+
+    /// The gateway stack (for a mesh built with [`MeshBuilder::gateway`]): hosts that
+    /// `redirect_hosts` covers are redirected to HTTPS, the rest routed by the
+    /// Gateway's VirtualServices.
+    pub fn gateway(&self, redirect_hosts: Arc<ArcSwap<Vec<String>>>) -> HttpService {
+        crate::stack::gateway::service(&self.inner.router, &self.inner.telemetry, redirect_hosts)
     }
 
     /// Starts the graceful shutdown of what this mesh serves.

@@ -190,6 +190,77 @@ pub fn https_redirect(host: &str, path_and_query: &str) -> Response<BoxBody> {
     res
 }
 
+/// Turns errors of the inner service into responses (see [`error_response`]); placed
+/// inside the telemetry layer so that the recorded status is the one sent.
+#[derive(Clone, Debug)]
+pub struct Respond<S> {
+    inner: S,
+}
+
+impl<S> Respond<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S, Req> tower::Service<Req> for Respond<S>
+where
+    S: tower::Service<Req, Response = Response<BoxBody>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = RespondFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        // A service that cannot become ready is answered per request instead.
+        match self.inner.poll_ready(cx) {
+            std::task::Poll::Ready(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::warn!(error = %e, "service failed");
+                std::task::Poll::Ready(Err(e))
+            }
+            other => other.map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        RespondFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+/// The response future of [`Respond`].
+#[pin_project::pin_project]
+#[derive(Debug)]
+pub struct RespondFuture<F> {
+    #[pin]
+    inner: F,
+}
+
+impl<F, E> std::future::Future for RespondFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<BoxBody>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<BoxBody>, BoxError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::task::ready!(self.project().inner.poll(cx)) {
+            Ok(res) => std::task::Poll::Ready(Ok(res)),
+            Err(e) => std::task::Poll::Ready(Ok(error_response(&e.into()))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,55 +353,5 @@ mod tests {
     fn unknown_local_error_is_500() {
         let err: BoxError = "boom".into();
         assert_eq!(error_response(&err).status(), 500);
-    }
-}
-
-/// Turns errors of the inner service into responses (see [`error_response`]); placed
-/// inside the telemetry layer so that the recorded status is the one sent.
-#[derive(Clone, Debug)]
-pub struct Respond<S> {
-    inner: S,
-}
-
-impl<S> Respond<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        Self { inner }
-    }
-}
-
-impl<S, Req> tower::Service<Req> for Respond<S>
-where
-    S: tower::Service<Req, Response = Response<BoxBody>>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<BoxBody>;
-    type Error = BoxError;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        // A service that cannot become ready is answered per request instead.
-        match self.inner.poll_ready(cx) {
-            std::task::Poll::Ready(Err(e)) => {
-                let e: BoxError = e.into();
-                tracing::warn!(error = %e, "service failed");
-                std::task::Poll::Ready(Err(e))
-            }
-            other => other.map_err(Into::into),
-        }
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match fut.await {
-                Ok(res) => Ok(res),
-                Err(e) => Ok(error_response(&e.into())),
-            }
-        })
     }
 }

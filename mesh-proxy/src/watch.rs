@@ -32,19 +32,8 @@ pub fn spawn(
     mesh: Mesh,
     stop: CancellationToken,
 ) -> Result<(tokio::task::JoinHandle<()>, notify::RecommendedWatcher), WatchError> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watch_tx = tx.clone();
-    let mut watcher =
-        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(event) if !matches!(event.kind, EventKind::Access(_)) => {
-                let _ = watch_tx.send(());
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "configuration watch error"),
-        })?;
-    for path in mesh.sources() {
-        watcher.watch(path, RecursiveMode::NonRecursive)?;
-    }
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    let watcher = watcher(mesh.sources(), RecursiveMode::NonRecursive, tx.clone())?;
     #[cfg(unix)]
     {
         let tx = tx.clone();
@@ -66,7 +55,40 @@ pub fn spawn(
         }
     }
     drop(tx);
-    let task = tokio::spawn(async move {
+    let task = on_change(rx, stop, move || {
+        let _ = mesh.reload();
+    });
+    Ok((task, watcher))
+}
+
+/// A watcher of `paths` that sends on `tx` for every change (reads are not changes).
+pub(crate) fn watcher(
+    paths: &[std::path::PathBuf],
+    mode: RecursiveMode,
+    tx: mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher, WatchError> {
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) if !matches!(event.kind, EventKind::Access(_)) => {
+                let _ = tx.send(());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "file watch error"),
+        })?;
+    for path in paths {
+        watcher.watch(path, mode)?;
+    }
+    Ok(watcher)
+}
+
+/// Runs `apply` off the reactor threads (it reads files) after each burst of changes
+/// arriving on `rx`, until `stop` or until every sender is gone.
+pub(crate) fn on_change(
+    mut rx: mpsc::UnboundedReceiver<()>,
+    stop: CancellationToken,
+    apply: impl Fn() + Clone + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -75,12 +97,9 @@ pub fn spawn(
                         return;
                     }
                     while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-                    let mesh = mesh.clone();
-                    // Loading reads files: keep it off the reactor threads.
-                    let _ = tokio::task::spawn_blocking(move || mesh.reload()).await;
+                    let _ = tokio::task::spawn_blocking(apply.clone()).await;
                 }
             }
         }
-    });
-    Ok((task, watcher))
+    })
 }

@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mesh_core::Identity;
+#[cfg(feature = "watch")]
 use notify::{EventKind, RecursiveMode, Watcher};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -68,7 +69,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use tokio::sync::{Notify, broadcast, mpsc};
+#[cfg(feature = "watch")]
+use tokio::sync::mpsc;
+use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::ca::{CaError, CertificateAuthority, DEFAULT_WORKLOAD_TTL, IssuedSvid};
@@ -126,6 +129,7 @@ pub enum StoreError {
     #[error(transparent)]
     Issue(#[from] CaError),
     /// The directory cannot be watched.
+    #[cfg(feature = "watch")]
     #[error("cannot watch {path}: {source}")]
     Watch {
         /// The directory.
@@ -370,7 +374,9 @@ impl CertStore {
 
     /// Watches `dir` (the directory, so Kubernetes `..data` symlink swaps are seen) and
     /// installs its SVID whenever it changes, or when [`rotate_now`](Self::rotate_now)
-    /// is called. Stops when the handle is dropped. Needs a tokio runtime.
+    /// is called. Stops when the handle is dropped. Needs a tokio runtime and the
+    /// `watch` feature (on by default).
+    #[cfg(feature = "watch")]
     pub fn watch_dir(self: &Arc<Self>, dir: &Path) -> Result<SourceHandle, StoreError> {
         let watch_err = |source| StoreError::Watch {
             path: dir.to_path_buf(),
@@ -443,6 +449,7 @@ impl CertStore {
         });
         SourceHandle {
             task,
+            #[cfg(feature = "watch")]
             _watcher: None,
         }
     }
@@ -472,6 +479,7 @@ impl ResolvesClientCert for CertStore {
 #[derive(Debug)]
 pub struct SourceHandle {
     task: JoinHandle<()>,
+    #[cfg(feature = "watch")]
     _watcher: Option<notify::RecommendedWatcher>,
 }
 

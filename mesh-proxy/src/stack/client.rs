@@ -21,9 +21,7 @@
 //! The innermost service: per endpoint under the balancer (outbound, gateway), after
 //! authorization (inbound), or straight after routing for unknown hosts.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -190,24 +188,9 @@ fn absolute(req: &mut Request<BoxBody>, fixed: Option<&Authority>) {
     }
 }
 
-/// The response future of [`HttpClient`].
-pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, BoxError>> + Send>>,
-}
-
-impl std::fmt::Debug for ResponseFuture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl Future for ResponseFuture {
-    type Output = Result<Response<BoxBody>, BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
+/// The response future of [`HttpClient`]: one allocation per request, beside the
+/// request and connection state hyper allocates anyway.
+pub type ResponseFuture = futures_util::future::BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
 
 impl<C> tower::Service<Request<BoxBody>> for HttpClient<C>
 where
@@ -246,8 +229,7 @@ where
         } else {
             self.client.request(req)
         };
-        ResponseFuture {
-            inner: Box::pin(async move {
+        Box::pin(async move {
                 let mut res = fut.await.map_err(upstream_error)?;
                 match downstream {
                     Some(downstream) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
@@ -259,8 +241,7 @@ where
                     res.extensions_mut().insert(UpstreamHost(address));
                 }
                 Ok(res.map(body::boxed))
-            }),
-        }
+        })
     }
 }
 

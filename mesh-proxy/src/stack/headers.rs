@@ -116,11 +116,13 @@ where
             Response = http::Response<mesh_core::body::BoxBody>,
             Error = BoxError,
         >,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<mesh_core::body::BoxBody>;
     type Error = BoxError;
-    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<Self::Response, BoxError>>,
+        S::Future,
+    >;
 
     fn poll_ready(
         &mut self,
@@ -130,15 +132,16 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use futures_util::future::Either;
         if has_underscore_header(req.headers()) {
-            return Box::pin(async {
-                Ok(crate::respond::bad_request("header name with underscore"))
-            });
+            return Either::Left(std::future::ready(Ok(crate::respond::bad_request(
+                "header name with underscore",
+            ))));
         }
         if self.strip_untrusted {
             strip_untrusted(req.headers_mut());
         }
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 

@@ -36,6 +36,43 @@ use super::headers::Sanitize;
 use super::{HttpService, boxed_request, boxed_response};
 use crate::respond::Respond;
 
+/// An application the inbound stack can wrap: a cloneable tower service of
+/// `Request<BoxBody>` (axum's `Router` and tonic's services after a body map, or a
+/// `service_fn`), answering with any [`ApplicationBody`].
+pub trait Application<B>:
+    tower::Service<
+        Request<BoxBody>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> Application<B> for S
+where
+    S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+}
+
+/// A response body of an [`Application`].
+pub trait ApplicationBody:
+    http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Sync + 'static
+{
+}
+
+impl<B> ApplicationBody for B
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+}
+
 /// The inbound stack around `app` (shared by all connections).
 pub fn service<S, B>(
     telemetry: &Telemetry,
@@ -45,11 +82,8 @@ pub fn service<S, B>(
     app: S,
 ) -> HttpService
 where
-    S: tower::Service<Request<BoxBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
+    S: Application<B>,
+    B: ApplicationBody,
 {
     let authorized = ServiceBuilder::new()
         .map_response(boxed_response)

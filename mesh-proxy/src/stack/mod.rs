@@ -6,6 +6,8 @@
 //!   destination the resilience layers of [`destination`], mTLS per endpoint);
 //! - [`inbound`]: requests in (mTLS accept, identity, sanitizing, telemetry,
 //!   authorization, the application);
+//! - [`gateway`]: requests a Gateway server accepted (the SNI's server kept, HTTPS
+//!   redirects, the Gateway's routes, then the outbound path's per-route stacks);
 //! - [`client`]: the one HTTP client every upstream path ends in;
 //! - [`headers`]: hop-by-hop and untrusted header handling at the edges.
 //!
@@ -14,6 +16,7 @@
 
 pub mod client;
 pub mod destination;
+pub mod gateway;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
