@@ -58,7 +58,7 @@ spec:
   hosts: [payment-service]
   http:
   - timeout: 5s
-    retries: {attempts: 3, perTryTimeout: 2s, retryOn: gateway-error,connect-failure}
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"gateway-error,connect-failure\"}
     route: [{destination: {host: payment-service}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -130,8 +130,8 @@ fn inbound_request() -> Request<BoxBody> {
         .header("host", "payment-service")
         .body(body::empty())
         .expect("request");
-    let caller = Identity::parse("spiffe://cluster.local/ns/production/sa/order-service")
-        .expect("identity");
+    let caller =
+        Identity::parse("spiffe://cluster.local/ns/production/sa/order-service").expect("identity");
     req.extensions_mut().insert(PeerIdentity(caller));
     let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
     req.extensions_mut().insert(ConnectionInfo {
@@ -173,18 +173,29 @@ fn main() {
     let allocations = args.first().map(String::as_str) == Some("allocations");
     if allocations {
         let n: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(2000);
-        println!("{:<18} {:>12} {:>12}   ({n} requests)", "scenario", "allocations", "bytes");
+        println!(
+            "{:<18} {:>12} {:>12}   ({n} requests)",
+            "scenario", "allocations", "bytes"
+        );
         for name in ["inbound", "outbound_inbound"] {
             rt.block_on(async {
                 for _ in 0..200 {
-                    if name == "inbound" { inbound(&w).await } else { outbound(&w).await }
+                    if name == "inbound" {
+                        inbound(&w).await
+                    } else {
+                        outbound(&w).await
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             });
             let info = allocation_counter::measure(|| {
                 rt.block_on(async {
                     for _ in 0..n {
-                        if name == "inbound" { inbound(&w).await } else { outbound(&w).await }
+                        if name == "inbound" {
+                            inbound(&w).await
+                        } else {
+                            outbound(&w).await
+                        }
                     }
                 });
             });
@@ -199,7 +210,9 @@ fn main() {
         let mut g = c.benchmark_group("stack");
         g.measurement_time(Duration::from_secs(3));
         g.bench_function("inbound", |b| b.to_async(&rt).iter(|| inbound(&w)));
-        g.bench_function("outbound_inbound", |b| b.to_async(&rt).iter(|| outbound(&w)));
+        g.bench_function("outbound_inbound", |b| {
+            b.to_async(&rt).iter(|| outbound(&w))
+        });
         g.finish();
         c.final_summary();
     } else {

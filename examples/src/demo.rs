@@ -26,7 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::BoxError;
-use mesh_proxy::shutdown::ProxyHandle;
+use mesh_proxy::ProxyHandle;
 use mesh_proxy::{Gateway, Settings, Sidecar};
 use mesh_tls::{CertStore, CertificateAuthority, ClientTls, LeafSpec, SecureNaming};
 use serde_json::Value;

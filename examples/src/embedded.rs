@@ -53,6 +53,8 @@ pub fn order_service_as(
         builder = builder.config_dir(path);
     }
     let mesh = builder.build()?;
+    // Reload the YAML when it changes, as the sidecar does.
+    mesh.watch()?;
     Ok(OrderService {
         client: mesh.outbound(),
         telemetry: mesh.telemetry().clone(),

@@ -25,10 +25,10 @@
 //!   (`mesh-tls`, `mesh-resilience`, `mesh-routing`, `mesh-telemetry`).
 //! - [`respond`]: the one error → Istio local reply mapping.
 //! - [`serve`]: the accept loop and hyper server shared by every listener, with limits,
-//!   idle timeout and graceful drain; [`shutdown`]: the running proxy's handle.
-//! - The process (feature `proxy`, on by default): [`Sidecar`] and [`Gateway`] start
-//!   from [`Settings`] and share [`runtime`] (admin server, reload, drain order);
-//!   `main.rs` only parses the command line.
+//!   idle timeout and graceful drain; [`watch`]: configuration reload on file changes.
+//! - [`process`] (feature `proxy`, on by default): [`Sidecar`] and [`Gateway`] start
+//!   from [`Settings`] and share [`process::runtime`] (admin server, reload, drain
+//!   order); [`ProxyHandle`] stops them. `main.rs` only parses the command line.
 //!
 //! Crate arrows point one way: `mesh-core` ← the four behaviour crates ← `mesh-proxy`
 //! ← `examples`, `benches`.
@@ -76,31 +76,17 @@
 //!   says.
 
 pub mod mesh;
+#[cfg(feature = "proxy")]
+pub mod process;
 pub mod respond;
 pub mod serve;
 pub mod settings;
-pub mod shutdown;
 pub mod stack;
 #[cfg(feature = "watch")]
 pub mod watch;
 
-#[cfg(feature = "proxy")]
-pub mod admin;
-#[cfg(feature = "proxy")]
-pub mod gateway;
-#[cfg(feature = "proxy")]
-pub mod runtime;
-#[cfg(feature = "proxy")]
-pub mod sidecar;
-
 pub use mesh::{BuildError, Certificates, ConfigError, Mesh, MeshBuilder, Options, Workload};
+#[cfg(feature = "proxy")]
+pub use process::{Gateway, ProxyHandle, Sidecar, StartError};
 pub use settings::Settings;
-pub use shutdown::ProxyHandle;
 pub use stack::{Outbound, OutboundMode};
-
-#[cfg(feature = "proxy")]
-pub use gateway::Gateway;
-#[cfg(feature = "proxy")]
-pub use runtime::StartError;
-#[cfg(feature = "proxy")]
-pub use sidecar::Sidecar;

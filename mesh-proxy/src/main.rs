@@ -97,7 +97,7 @@ fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode
         for (name, addr) in &proxy.addresses {
             println!("{name} listening on {addr}");
         }
-        mesh_proxy::shutdown::signal().await;
+        mesh_proxy::process::shutdown::signal().await;
         proxy.shutdown();
         proxy.wait().await;
         ExitCode::SUCCESS

@@ -67,10 +67,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use mesh_core::body::BoxBody;
 use mesh_core::config::{LoadOptions, MeshConfig};
-use mesh_core::error::BoxError;
 use mesh_core::{Identity, IdentityError};
 use mesh_routing::{CompileOptions, Listener, Naming, RouterHandle, Routing};
 use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
@@ -130,10 +127,7 @@ impl Workload {
 
     /// The workload's SPIFFE ID.
     pub fn identity(&self) -> Result<Identity, IdentityError> {
-        Identity::parse(&format!(
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        ))
+        Identity::from_istio(&self.trust_domain, &self.namespace, &self.service_account)
     }
 
     /// The workload name of the metrics.
@@ -270,7 +264,8 @@ struct Inner {
     destinations: Destinations,
     hooks: Mutex<Vec<Hook>>,
     shutdown: CancellationToken,
-    keep: Mutex<Vec<Box<dyn Any + Send>>>,
+    /// Kept alive as long as the mesh: certificate sources, watchers.
+    _keep: Mutex<Vec<Box<dyn Any + Send>>>,
 }
 
 /// The mesh of one workload (see the module docs). Cheap to clone; clones share
@@ -414,7 +409,7 @@ impl MeshBuilder {
                 destinations,
                 hooks: Mutex::default(),
                 shutdown: CancellationToken::new(),
-                keep: Mutex::new(keep),
+                _keep: Mutex::new(keep),
             }),
         })
     }
@@ -687,7 +682,7 @@ impl Mesh {
     #[cfg(feature = "watch")]
     pub fn watch(&self) -> Result<(), crate::watch::WatchError> {
         let (task, watcher) = crate::watch::spawn(self.clone(), self.inner.shutdown.clone())?;
-        let mut keep = self.inner.keep.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keep = self.inner._keep.lock().unwrap_or_else(|e| e.into_inner());
         keep.push(Box::new(watcher));
         keep.push(Box::new(AbortOnDrop(task)));
         Ok(())

@@ -510,32 +510,6 @@ impl Settings {
             self.base_dir.join(path)
         }
     }
-
-    /// The workload these settings describe.
-    pub fn workload(&self) -> crate::Workload {
-        crate::Workload {
-            namespace: self.workload.namespace.clone(),
-            service_account: self.workload.service_account.clone(),
-            name: self.workload.name.clone(),
-            labels: self.workload.labels.clone(),
-            service_host: self.workload.service_host.clone(),
-            trust_domain: self.trust_domain.clone(),
-        }
-    }
-
-    /// The stack options these settings give.
-    pub fn options(&self) -> crate::mesh::Options {
-        crate::mesh::Options {
-            limits: self.limits.clone(),
-            outbound_mode: self.outbound_traffic_policy.mode,
-            path_normalization: mesh_tls::authz::PathNormalization::from_istio(
-                &self.path_normalization,
-            )
-            .unwrap_or_default(),
-            random_seed: self.random_seed,
-            app_port: Some(self.listeners.app.port()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@
 //! ```
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,7 +133,7 @@ pub enum StoreError {
     #[error("cannot watch {path}: {source}")]
     Watch {
         /// The directory.
-        path: PathBuf,
+        path: std::path::PathBuf,
         /// The notify error.
         source: notify::Error,
     },

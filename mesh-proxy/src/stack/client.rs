@@ -190,7 +190,8 @@ fn absolute(req: &mut Request<BoxBody>, fixed: Option<&Authority>) {
 
 /// The response future of [`HttpClient`]: one allocation per request, beside the
 /// request and connection state hyper allocates anyway.
-pub type ResponseFuture = futures_util::future::BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
+pub type ResponseFuture =
+    futures_util::future::BoxFuture<'static, Result<Response<BoxBody>, BoxError>>;
 
 impl<C> tower::Service<Request<BoxBody>> for HttpClient<C>
 where
@@ -230,17 +231,17 @@ where
             self.client.request(req)
         };
         Box::pin(async move {
-                let mut res = fut.await.map_err(upstream_error)?;
-                match downstream {
-                    Some(downstream) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                        splice(downstream, hyper::upgrade::on(&mut res));
-                    }
-                    _ => strip_hop_by_hop(res.headers_mut()),
+            let mut res = fut.await.map_err(upstream_error)?;
+            match downstream {
+                Some(downstream) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    splice(downstream, hyper::upgrade::on(&mut res));
                 }
-                if let Some(address) = address {
-                    res.extensions_mut().insert(UpstreamHost(address));
-                }
-                Ok(res.map(body::boxed))
+                _ => strip_hop_by_hop(res.headers_mut()),
+            }
+            if let Some(address) = address {
+                res.extensions_mut().insert(UpstreamHost(address));
+            }
+            Ok(res.map(body::boxed))
         })
     }
 }
@@ -262,13 +263,7 @@ fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
 mod tests {
     use super::*;
 
-    fn req(uri: &str, host: Option<&str>) -> Request<BoxBody> {
-        let mut b = Request::builder().uri(uri);
-        if let Some(h) = host {
-            b = b.header(http::header::HOST, h);
-        }
-        b.body(body::empty()).unwrap()
-    }
+    use crate::stack::test_request as req;
 
     #[test]
     fn absolute_uri_takes_the_host_header_and_keeps_the_path() {

@@ -21,8 +21,6 @@
 //! suffix, then `*`; ties to the first server), the order Envoy matches filter-chain
 //! `server_names` in (ISTIO.md GW-11).
 
-use std::future::{Future, Ready, ready};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -32,13 +30,12 @@ use mesh_core::body::BoxBody;
 use mesh_core::error::{BoxError, NoRoute};
 use mesh_routing::Router;
 use mesh_telemetry::{Telemetry, TelemetryLayer};
-use pin_project::pin_project;
 use tower::{Service, ServiceBuilder};
 
 use super::destination::RouteService;
 use super::headers::Sanitize;
 use super::outbound::{MeshRouter, prepare, request_host};
-use super::{HttpService, boxed_request, boxed_response};
+use super::{HttpService, RouteFuture, boxed_request, boxed_response};
 use crate::respond::{self, Respond};
 
 /// Bound on distinct authorities in the gateway's metrics.
@@ -140,38 +137,18 @@ impl GatewayRoutes {
     }
 }
 
-/// The response future of [`GatewayRoutes`].
-#[pin_project(project = RoutesProj)]
-pub enum RoutesFuture {
-    /// Routed.
-    Routed(#[pin] mesh_routing::ResponseFuture<RouteService>),
-    /// Answered locally.
-    Local(#[pin] Ready<Result<Response<BoxBody>, BoxError>>),
-}
-
-impl Future for RoutesFuture {
-    type Output = Result<Response<BoxBody>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            RoutesProj::Routed(f) => f.poll(cx),
-            RoutesProj::Local(f) => f.poll(cx),
-        }
-    }
-}
-
 impl Service<Request<BoxBody>> for GatewayRoutes {
     type Response = Response<BoxBody>;
     type Error = BoxError;
-    type Future = RoutesFuture;
+    type Future = RouteFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<BoxBody>) -> RoutesFuture {
+    fn call(&mut self, mut req: Request<BoxBody>) -> RouteFuture {
         if let Err(e) = prepare(&mut req) {
-            return RoutesFuture::Local(ready(Err(Box::new(e))));
+            return RouteFuture::local(Err(Box::new(e)));
         }
         let host = request_host(&req).unwrap_or_default();
         if let Some(e) = req
@@ -179,14 +156,14 @@ impl Service<Request<BoxBody>> for GatewayRoutes {
             .get::<ChosenServer>()
             .and_then(|chosen| off_server(chosen, &host))
         {
-            return RoutesFuture::Local(ready(Err(e)));
+            return RouteFuture::local(Err(e));
         }
         if self.redirect_hosts.load().iter().any(|p| covers(p, &host)) {
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            return RoutesFuture::Local(ready(Ok(respond::https_redirect(&host, pq))));
+            return RouteFuture::local(Ok(respond::https_redirect(&host, pq)));
         }
         drop(host);
-        RoutesFuture::Routed(self.router.call(req))
+        RouteFuture::Routed(self.router.call(req))
     }
 }
 

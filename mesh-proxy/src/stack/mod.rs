@@ -21,9 +21,14 @@ pub mod headers;
 pub mod inbound;
 pub mod outbound;
 
+use std::future::{Future, Ready};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http::{Request, Response};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::BoxError;
+use pin_project::pin_project;
 use tower::util::BoxCloneSyncService;
 
 pub use client::HttpClient;
@@ -49,4 +54,48 @@ where
     B::Error: Into<BoxError>,
 {
     res.map(body::boxed)
+}
+
+/// The response future of the services that end in the router (outbound and gateway):
+/// routed, passed through to a host outside the mesh, or answered locally. Routed
+/// requests, the common case, are kept inline rather than boxed: a large future moved
+/// once costs less than an allocation per request.
+#[pin_project(project = RouteFutureProj)]
+#[allow(clippy::large_enum_variant)]
+pub enum RouteFuture {
+    /// Routed by the VirtualServices.
+    Routed(#[pin] mesh_routing::ResponseFuture<RouteService>),
+    /// Sent to a host outside the mesh.
+    Passthrough(#[pin] client::ResponseFuture),
+    /// Answered locally (a redirect, a malformed request, `REGISTRY_ONLY`).
+    Local(#[pin] Ready<Result<Response<BoxBody>, BoxError>>),
+}
+
+impl RouteFuture {
+    /// A local answer or error.
+    pub fn local(result: Result<Response<BoxBody>, BoxError>) -> Self {
+        Self::Local(std::future::ready(result))
+    }
+}
+
+impl Future for RouteFuture {
+    type Output = Result<Response<BoxBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RouteFutureProj::Routed(f) => f.poll(cx),
+            RouteFutureProj::Passthrough(f) => f.poll(cx),
+            RouteFutureProj::Local(f) => f.poll(cx),
+        }
+    }
+}
+
+/// A request for unit tests: `uri`, with `Host: host` when given.
+#[cfg(test)]
+pub(crate) fn test_request(uri: &str, host: Option<&str>) -> Request<BoxBody> {
+    let mut b = Request::builder().uri(uri);
+    if let Some(h) = host {
+        b = b.header(http::header::HOST, h);
+    }
+    b.body(body::empty()).expect("a valid request")
 }

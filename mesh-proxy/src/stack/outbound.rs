@@ -40,10 +40,10 @@ use mesh_telemetry::{DestinationService, Telemetry, TelemetryLayer, Workload};
 use pin_project::pin_project;
 use tower::{Layer, Service};
 
-use super::client::{self, HttpClient, Protocol};
+use super::client::{HttpClient, Protocol};
 use super::destination::{MakeDest, RouteService};
 use super::headers::{Sanitize, strip_hop_by_hop};
-use super::{HttpService, boxed_request};
+use super::{HttpService, RouteFuture, boxed_request};
 use crate::respond::{self, BadRequest, Respond};
 
 /// The router of the outbound and gateway stacks.
@@ -293,57 +293,31 @@ struct Forward {
     resolved: Option<(Arc<Snapshot<RouteService>>, usize)>,
 }
 
-/// The response future of [`Forward`]. Routed requests, the common case, are kept
-/// inline rather than boxed: a large future moved once costs less than an allocation
-/// per request.
-#[pin_project(project = ForwardProj)]
-#[allow(clippy::large_enum_variant)]
-enum ForwardFuture {
-    Routed(#[pin] mesh_routing::ResponseFuture<RouteService>),
-    Passthrough(#[pin] client::ResponseFuture),
-    Ready(Option<Result<Response<BoxBody>, BoxError>>),
-}
-
-impl Future for ForwardFuture {
-    type Output = Result<Response<BoxBody>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            ForwardProj::Routed(f) => f.poll(cx),
-            ForwardProj::Passthrough(f) => f.poll(cx),
-            ForwardProj::Ready(r) => Poll::Ready(
-                r.take()
-                    .unwrap_or_else(|| Err("polled after completion".into())),
-            ),
-        }
-    }
-}
-
 impl Service<Request<BoxBody>> for Forward {
     type Response = Response<BoxBody>;
     type Error = BoxError;
-    type Future = ForwardFuture;
+    type Future = RouteFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<BoxBody>) -> ForwardFuture {
+    fn call(&mut self, mut req: Request<BoxBody>) -> RouteFuture {
         if let Err(e) = prepare(&mut req) {
-            return ForwardFuture::Ready(Some(Err(Box::new(e))));
+            return RouteFuture::local(Err(Box::new(e)));
         }
         if let Some((snapshot, index)) = self.resolved.take() {
-            return ForwardFuture::Routed(self.router.dispatch(req, snapshot, Some(index)));
+            return RouteFuture::Routed(self.router.dispatch(req, snapshot, Some(index)));
         }
         if request_host(&req).is_none() {
-            return ForwardFuture::Ready(Some(Err(Box::new(BadRequest("no host")))));
+            return RouteFuture::local(Err(Box::new(BadRequest("no host"))));
         }
         match self.mode {
             OutboundMode::RegistryOnly => {
                 tracing::debug!("REGISTRY_ONLY: host not in the registry");
-                ForwardFuture::Ready(Some(Ok(respond::registry_only())))
+                RouteFuture::local(Ok(respond::registry_only()))
             }
-            OutboundMode::AllowAny => ForwardFuture::Passthrough(self.passthrough.call(req)),
+            OutboundMode::AllowAny => RouteFuture::Passthrough(self.passthrough.call(req)),
         }
     }
 }
@@ -351,15 +325,7 @@ impl Service<Request<BoxBody>> for Forward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::body;
-
-    fn req(uri: &str, host: Option<&str>) -> Request<BoxBody> {
-        let mut b = Request::builder().uri(uri);
-        if let Some(h) = host {
-            b = b.header(http::header::HOST, h);
-        }
-        b.body(body::empty()).unwrap()
-    }
+    use crate::stack::test_request as req;
 
     #[test]
     fn absolute_form_authority_wins_over_host() {

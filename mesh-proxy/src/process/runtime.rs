@@ -15,10 +15,10 @@ use mesh_tls::CertificateAuthority;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, Admin};
-use crate::mesh::{BuildError, Certificates, Mesh};
+use super::admin::{self, Admin};
+use super::shutdown::ProxyHandle;
+use crate::mesh::{BuildError, Certificates, Mesh, Options, Workload};
 use crate::settings::Settings;
-use crate::shutdown::ProxyHandle;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,11 +70,11 @@ impl Process {
         gateway: Option<(String, String)>,
     ) -> Result<Self, StartError> {
         let (telemetry, flush) = telemetry(&settings).await?;
-        let mut builder = Mesh::builder(settings.workload())
+        let mut builder = Mesh::builder(workload(&settings))
             .config_dir(settings.resolve(&settings.config_dir))
             .certificates(certificates(&settings)?)
             .telemetry(telemetry)
-            .options(settings.options());
+            .options(options(&settings));
         if let Some((namespace, name)) = gateway {
             builder = builder.gateway(namespace, name);
         }
@@ -141,6 +141,32 @@ impl Process {
     }
 }
 
+/// The workload the settings describe.
+pub fn workload(settings: &Settings) -> Workload {
+    Workload {
+        namespace: settings.workload.namespace.clone(),
+        service_account: settings.workload.service_account.clone(),
+        name: settings.workload.name.clone(),
+        labels: settings.workload.labels.clone(),
+        service_host: settings.workload.service_host.clone(),
+        trust_domain: settings.trust_domain.clone(),
+    }
+}
+
+/// The stack options the settings give.
+pub fn options(settings: &Settings) -> Options {
+    Options {
+        limits: settings.limits.clone(),
+        outbound_mode: settings.outbound_traffic_policy.mode,
+        path_normalization: mesh_tls::authz::PathNormalization::from_istio(
+            &settings.path_normalization,
+        )
+        .unwrap_or_default(),
+        random_seed: settings.random_seed,
+        app_port: Some(settings.listeners.app.port()),
+    }
+}
+
 /// The certificate source of the settings.
 fn certificates(settings: &Settings) -> Result<Certificates, StartError> {
     if let Some(dir) = &settings.svid.ca_dir {
@@ -163,7 +189,7 @@ fn certificates(settings: &Settings) -> Result<Certificates, StartError> {
 async fn telemetry(
     settings: &Settings,
 ) -> Result<(Telemetry, Vec<BoxFuture<'static, ()>>), StartError> {
-    let workload = settings.workload();
+    let workload = workload(settings);
     let identity = workload
         .identity()
         .map_err(|e| StartError::Certificate(e.to_string()))?;

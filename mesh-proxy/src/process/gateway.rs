@@ -60,7 +60,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mesh_core::config::{MeshConfig, SecretRef, Server, ServerTlsMode};
@@ -73,11 +72,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::runtime::{Process, StartError};
+use super::shutdown::ProxyHandle;
 use crate::mesh::Active;
-use crate::runtime::{Process, StartError};
 use crate::serve;
 use crate::settings::Settings;
-use crate::shutdown::ProxyHandle;
 use crate::stack::gateway::{ChosenServer, most_specific, on_server};
 use crate::stack::inbound::per_connection;
 use crate::watch::{self, WatchError};

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use crate::runtime::{Process, StartError};
+use super::runtime::{Process, StartError};
+use super::shutdown::ProxyHandle;
 use crate::serve;
 use crate::settings::{AppProtocol, Settings};
-use crate::shutdown::ProxyHandle;
 use crate::stack::HttpClient;
 
 /// The sidecar proxy.
