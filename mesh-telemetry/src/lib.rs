@@ -94,6 +94,7 @@
 //! ```
 
 pub mod access_log;
+pub mod exchange;
 pub mod latency;
 pub mod layer;
 pub mod metrics;
