@@ -122,6 +122,7 @@ fn sidecar_mounts_match_its_settings() {
         let known = [
             "workload",
             "trustDomain",
+            "clusterId",
             "configDir",
             "svid",
             "listeners",

@@ -84,6 +84,7 @@ workload:
   labels: {app: payment-service, version: v1}
   serviceHost: payment-service.production.svc.cluster.local
 trustDomain: cluster.local
+clusterId: Kubernetes
 configDir: istio
 svid:
   certDir: certs

@@ -70,6 +70,7 @@ use arc_swap::ArcSwap;
 use mesh_core::config::{LoadOptions, MeshConfig};
 use mesh_core::{Identity, IdentityError};
 use mesh_routing::{CompileOptions, Listener, Naming, RouterHandle, Routing};
+use mesh_telemetry::exchange::{LocalMetadata, NodeMetadata};
 use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
 use mesh_tls::authz::{PathNormalization, PolicyHandle, PolicySet};
 use mesh_tls::{
@@ -102,6 +103,9 @@ pub struct Workload {
     pub service_host: Option<String>,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// The cluster the workload runs in (Istio's `CLUSTER_ID`, `Kubernetes` by
+    /// default): the `source_cluster`/`destination_cluster` of its metrics.
+    pub cluster_id: String,
 }
 
 impl Workload {
@@ -115,7 +119,33 @@ impl Workload {
             labels: BTreeMap::new(),
             service_host: None,
             trust_domain: "cluster.local".into(),
+            cluster_id: mesh_telemetry::exchange::DEFAULT_CLUSTER_ID.into(),
         }
+    }
+
+    /// Sets the cluster id.
+    #[must_use]
+    pub fn cluster_id(mut self, cluster_id: impl Into<String>) -> Self {
+        self.cluster_id = cluster_id.into();
+        self
+    }
+
+    /// The node metadata the workload's proxy sends its peers (Istio's metadata
+    /// exchange): name, namespace, labels, cluster id and owner.
+    pub fn node_metadata(&self) -> NodeMetadata {
+        NodeMetadata::new(self.workload_name(), &self.namespace, &self.cluster_id)
+            .labels(&self.labels)
+    }
+
+    /// The node metadata in the exchange's headers, with node id
+    /// `sidecar~~<workload>.<namespace>~<namespace>.svc.cluster.local`.
+    pub fn local_metadata(&self) -> LocalMetadata {
+        let id = format!(
+            "sidecar~~{}.{ns}~{ns}.svc.cluster.local",
+            self.workload_name(),
+            ns = self.namespace
+        );
+        LocalMetadata::new(&self.node_metadata(), &id)
     }
 
     /// Adds a label.
@@ -150,17 +180,12 @@ impl Workload {
         })
     }
 
-    /// The telemetry identity of the workload (`source_*` or `destination_*` labels).
+    /// The telemetry identity of the workload (`source_*` or `destination_*` labels),
+    /// filled as Istio fills them: `app` and `version` from those labels, the canonical
+    /// service and revision from `service.istio.io/canonical-*`, else `app`/`version`,
+    /// else the workload name/`latest`, the cluster from [`cluster_id`](Self::cluster_id).
     pub fn telemetry(&self, principal: Identity) -> TelemetryWorkload {
-        let mut w =
-            TelemetryWorkload::new(self.workload_name(), &self.namespace).with_principal(principal);
-        if let Some(app) = self.labels.get("app") {
-            w = w.with_app(app);
-        }
-        if let Some(v) = self.labels.get("version") {
-            w = w.with_version(v);
-        }
-        w
+        self.node_metadata().workload().with_principal(principal)
     }
 }
 
@@ -373,7 +398,9 @@ impl MeshBuilder {
             );
         }
         let telemetry = self.telemetry.unwrap_or_else(|| {
-            Telemetry::builder(self.workload.telemetry(store.identity())).build()
+            Telemetry::builder(self.workload.telemetry(store.identity()))
+                .metadata_exchange(self.workload.local_metadata())
+                .build()
         });
         let limits = &self.options.limits;
         let destinations = Destinations::default();

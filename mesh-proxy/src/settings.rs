@@ -16,6 +16,7 @@
 //! | `workload.name` | `app` label, else the service account | `*_workload` metric labels |
 //! | `workload.serviceHost` | `<app>.<namespace>.svc.cluster.local` | `destination_service` of inbound metrics |
 //! | `trustDomain` | `cluster.local` | SPIFFE trust domain |
+//! | `clusterId` | `Kubernetes` | the cluster the workload runs in: `source_cluster`/`destination_cluster` metric labels, sent to peers in the metadata exchange |
 //! | `configDir` | required | directory of Istio YAML, watched; relative to the settings file |
 //! | `svid.certDir` | – | `cert-chain.pem`, `key.pem`, `root-cert.pem`, watched (Kubernetes symlink swaps included) |
 //! | `svid.caDir` | – | a CA from `mesh-proxy ca init`: the built-in issuer mints the SVID and rotates it at half-life |
@@ -79,6 +80,9 @@ pub struct Settings {
     /// SPIFFE trust domain (default `cluster.local`).
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// The cluster the workload runs in (Istio's `CLUSTER_ID`, default `Kubernetes`).
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
     /// Directory of Istio YAML (VirtualService, DestinationRule, ServiceEntry,
     /// PeerAuthentication, AuthorizationPolicy, Gateway). Relative paths are relative to
     /// the settings file. Watched for changes.
@@ -297,6 +301,10 @@ fn default_trust_domain() -> String {
     "cluster.local".into()
 }
 
+fn default_cluster_id() -> String {
+    mesh_telemetry::exchange::DEFAULT_CLUSTER_ID.into()
+}
+
 fn default_normalization() -> String {
     "BASE".into()
 }
@@ -432,6 +440,9 @@ impl Settings {
             && let Err(e) = self.identity()
         {
             p.push(("workload", format!("does not make a SPIFFE ID: {e}")));
+        }
+        if self.cluster_id.is_empty() {
+            p.push(("clusterId", "must not be empty".into()));
         }
         if self.config_dir.as_os_str().is_empty() {
             p.push(("configDir", "required: the directory of Istio YAML".into()));

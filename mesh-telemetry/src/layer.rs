@@ -81,6 +81,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::access_log::{AccessEntry, AccessLog};
+use crate::exchange::{self, LocalMetadata, PeerWorkload};
 use crate::latency::{LatencyHandle, LatencyStats};
 use crate::metrics::{
     DestinationService, MetricsHandle, MetricsRegistry, Reporter, RequestFacts, Workload,
@@ -91,6 +92,7 @@ use crate::trace::{self, Formats, HopContext, Propagator, Sampler};
 
 struct Shared {
     workload: Workload,
+    exchange: Option<LocalMetadata>,
     metrics: MetricsRegistry,
     latency: LatencyStats,
     propagator: Propagator,
@@ -118,6 +120,7 @@ impl std::fmt::Debug for Telemetry {
 #[derive(Debug)]
 pub struct TelemetryBuilder {
     workload: Workload,
+    exchange: Option<LocalMetadata>,
     metrics: Option<MetricsRegistry>,
     propagator: Propagator,
     spans: Option<SpanQueue>,
@@ -153,6 +156,15 @@ impl TelemetryBuilder {
         self
     }
 
+    /// Takes part in Istio's metadata exchange ([`crate::exchange`]) with this proxy's
+    /// metadata: outbound layers to mesh services send it with requests, inbound layers
+    /// answer with it.
+    #[must_use]
+    pub fn metadata_exchange(mut self, local: LocalMetadata) -> Self {
+        self.exchange = Some(local);
+        self
+    }
+
     /// Writes an access log.
     #[must_use]
     pub fn access_log(mut self, log: AccessLog) -> Self {
@@ -165,6 +177,7 @@ impl TelemetryBuilder {
         Telemetry {
             shared: Arc::new(Shared {
                 workload: self.workload,
+                exchange: self.exchange,
                 metrics: self.metrics.unwrap_or_default(),
                 latency: LatencyStats::new(),
                 propagator: self.propagator,
@@ -180,6 +193,7 @@ impl Telemetry {
     pub fn builder(workload: Workload) -> TelemetryBuilder {
         TelemetryBuilder {
             workload,
+            exchange: None,
             metrics: None,
             propagator: Propagator::default(),
             spans: None,
@@ -300,9 +314,25 @@ enum Targets {
     ByAuthority(ByAuthority),
 }
 
+impl Targets {
+    fn clone_targets(&self) -> Self {
+        match self {
+            Targets::Fixed(t) => Targets::Fixed(t.clone()),
+            Targets::ByAuthority(b) => Targets::ByAuthority(ByAuthority {
+                telemetry: b.telemetry.clone(),
+                cache: RwLock::new(b.cache.read().unwrap_or_else(|e| e.into_inner()).clone()),
+                limit: b.limit,
+                unknown: b.unknown.clone(),
+            }),
+        }
+    }
+}
+
 struct LayerShared {
     telemetry: Telemetry,
     targets: Targets,
+    /// Whether requests (outbound) or responses (inbound) carry this proxy's metadata.
+    exchange: bool,
     kind: SpanKind,
     seed: u64,
     clones: AtomicU64,
@@ -327,11 +357,12 @@ impl std::fmt::Debug for TelemetryLayer {
 pub const DEFAULT_AUTHORITY_LIMIT: usize = 1024;
 
 impl TelemetryLayer {
-    fn with(telemetry: &Telemetry, targets: Targets, kind: SpanKind) -> Self {
+    fn with(telemetry: &Telemetry, targets: Targets, kind: SpanKind, exchange: bool) -> Self {
         Self {
             shared: Some(Arc::new(LayerShared {
                 telemetry: telemetry.clone(),
                 targets,
+                exchange,
                 kind,
                 seed: rand::rng().random(),
                 clones: AtomicU64::new(0),
@@ -345,10 +376,11 @@ impl TelemetryLayer {
         Self { shared: None }
     }
 
-    /// Outbound side of one route to `service` (`reporter="source"`).
+    /// Outbound side of one route to `service` (`reporter="source"`), a mesh service:
+    /// requests carry this proxy's metadata when the telemetry has some.
     pub fn outbound(telemetry: &Telemetry, service: DestinationService, peer: Workload) -> Self {
         let target = telemetry.outbound_target(&service, &peer);
-        Self::with(telemetry, Targets::Fixed(target), SpanKind::Client)
+        Self::with(telemetry, Targets::Fixed(target), SpanKind::Client, true)
     }
 
     /// Outbound side for any destination, resolved from the request authority with at
@@ -365,18 +397,40 @@ impl TelemetryLayer {
                 unknown,
             }),
             SpanKind::Client,
+            false,
         )
     }
 
     /// Inbound side for the local `service` (`reporter="destination"`).
     pub fn inbound(telemetry: &Telemetry, service: DestinationService) -> Self {
         let target = telemetry.inbound_target(&service);
-        Self::with(telemetry, Targets::Fixed(target), SpanKind::Server)
+        Self::with(telemetry, Targets::Fixed(target), SpanKind::Server, true)
     }
 
     /// A layer for an already resolved target.
     pub fn for_target(telemetry: &Telemetry, target: Target, kind: SpanKind) -> Self {
-        Self::with(telemetry, Targets::Fixed(target), kind)
+        Self::with(telemetry, Targets::Fixed(target), kind, true)
+    }
+
+    /// Whether this proxy's metadata is sent (outbound: on requests; inbound: on the
+    /// responses to peers that sent theirs). On by default except for
+    /// [`outbound_by_authority`](Self::outbound_by_authority), whose hosts may lie
+    /// outside the mesh. Peer metadata headers are read and removed whatever this says.
+    #[must_use]
+    pub fn with_metadata_exchange(self, on: bool) -> Self {
+        let Some(s) = &self.shared else {
+            return self;
+        };
+        Self {
+            shared: Some(Arc::new(LayerShared {
+                telemetry: s.telemetry.clone(),
+                targets: s.targets.clone_targets(),
+                exchange: on,
+                kind: s.kind,
+                seed: s.seed,
+                clones: AtomicU64::new(0),
+            })),
+        }
     }
 
     /// Fixes the seed of the services' random number generators (ids, sampling).
@@ -385,19 +439,11 @@ impl TelemetryLayer {
         let Some(s) = &self.shared else {
             return self;
         };
-        let targets = match &s.targets {
-            Targets::Fixed(t) => Targets::Fixed(t.clone()),
-            Targets::ByAuthority(b) => Targets::ByAuthority(ByAuthority {
-                telemetry: b.telemetry.clone(),
-                cache: RwLock::new(b.cache.read().unwrap_or_else(|e| e.into_inner()).clone()),
-                limit: b.limit,
-                unknown: b.unknown.clone(),
-            }),
-        };
         Self {
             shared: Some(Arc::new(LayerShared {
                 telemetry: s.telemetry.clone(),
-                targets,
+                targets: s.targets.clone_targets(),
+                exchange: s.exchange,
                 kind: s.kind,
                 seed,
                 clones: AtomicU64::new(0),
@@ -484,6 +530,9 @@ struct Pending {
     grpc: bool,
     security: ConnectionSecurity,
     peer: Option<Identity>,
+    /// The peer's workload from verified metadata: the caller inbound, the server
+    /// outbound.
+    peer_workload: Option<Workload>,
     request_header_bytes: u64,
     request_body_bytes: Arc<AtomicU64>,
     captured: Option<Box<Captured>>,
@@ -512,6 +561,7 @@ impl Pending {
                 Reporter::Destination => self.peer.as_ref(),
                 _ => self.upstream_peer.as_ref(),
             },
+            peer_workload: self.peer_workload.as_ref(),
         };
         self.target.metrics.record(
             &facts,
@@ -642,8 +692,21 @@ where
             Targets::Fixed(t) => t.clone(),
             Targets::ByAuthority(b) => b.resolve(&probe),
         };
-        let (parts, ()) = probe.into_parts();
+        let (mut parts, ()) = probe.into_parts();
+        let inbound = target.metrics.reporter() == Reporter::Destination;
         let peer = parts.extensions.get::<PeerIdentity>().map(|p| p.0.clone());
+        let peer_workload = if inbound {
+            // Metadata headers never reach the application; believed only from `peer`.
+            let taken = exchange::take(&mut parts.headers, peer.as_ref());
+            taken.or_else(|| parts.extensions.get::<PeerWorkload>().map(|w| w.0.clone()))
+        } else {
+            if shared.exchange
+                && let Some(local) = &telemetry.exchange
+            {
+                local.insert(&mut parts.headers);
+            }
+            None
+        };
         let security = match parts.extensions.get::<ConnectionInfo>() {
             Some(info) => info.security,
             None if peer.is_some() => ConnectionSecurity::MutualTls,
@@ -695,6 +758,7 @@ where
             grpc,
             security,
             peer,
+            peer_workload,
             request_header_bytes,
             request_body_bytes: counter,
             captured,
@@ -791,7 +855,24 @@ where
             );
         };
         match result {
-            Ok(res) => {
+            Ok(mut res) => {
+                let layer = &pending.layer;
+                if pending.target.metrics.reporter() == Reporter::Destination {
+                    // Answer a peer whose metadata we believed with ours.
+                    if layer.exchange
+                        && pending.peer_workload.is_some()
+                        && let Some(local) = &layer.telemetry.shared.exchange
+                    {
+                        local.insert(res.headers_mut());
+                    }
+                } else {
+                    let upstream = res
+                        .extensions()
+                        .get::<UpstreamPeerIdentity>()
+                        .map(|p| p.0.clone());
+                    // The server's metadata never reaches the caller.
+                    pending.peer_workload = exchange::take(res.headers_mut(), upstream.as_ref());
+                }
                 let status = res.status();
                 pending.status = status.as_u16();
                 pending.grpc_status = res

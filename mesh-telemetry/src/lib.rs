@@ -47,9 +47,12 @@
 //! - Cardinality bound: each route handle creates at most [`metrics::istio::DEFAULT_SERIES_LIMIT`]
 //!   series and remembers as many peer identities; past it the request-derived labels read
 //!   `unknown`. Authority-derived destinations are bounded the same way. Istio has no bound.
-//! - Inbound source labels: without Istio's peer-metadata exchange, `source_principal` and
-//!   `source_workload_namespace` come from the peer's verified SPIFFE ID and the other
-//!   `source_*` labels are `unknown`.
+//! - Peer labels: Istio's metadata exchange ([`exchange`], ISTIO.md TM-09, TM-10) fills
+//!   the peer's workload, app, version, canonical service/revision and cluster, but only
+//!   from an mTLS peer whose SPIFFE namespace is the one it claims (TM-14); otherwise
+//!   `source_principal` and `source_workload_namespace` come from the verified SPIFFE ID
+//!   and the other peer labels are `unknown`. The `baggage` form of newer Istio (TM-11)
+//!   is not read. `istio_build` is exported (TM-13).
 //! - Sampling uses the injected random generator rather than Envoy's decision derived from
 //!   the `x-request-id` UUID (`useRequestIdForTraceSampling`); the decision travels in the
 //!   trace headers either way.
@@ -94,6 +97,7 @@
 //! ```
 
 pub mod access_log;
+pub mod exchange;
 pub mod latency;
 pub mod layer;
 pub mod metrics;

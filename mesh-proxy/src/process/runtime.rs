@@ -150,6 +150,7 @@ pub fn workload(settings: &Settings) -> Workload {
         labels: settings.workload.labels.clone(),
         service_host: settings.workload.service_host.clone(),
         trust_domain: settings.trust_domain.clone(),
+        cluster_id: settings.cluster_id.clone(),
     }
 }
 
@@ -197,6 +198,7 @@ async fn telemetry(
     let counters = Telemetry::export_counters(&metrics);
     let dropped = metrics.proxy().access_log_dropped.clone();
     let mut builder = Telemetry::builder(workload.telemetry(identity))
+        .metadata_exchange(workload.local_metadata())
         .metrics(metrics)
         .sampling(settings.tracing.sampling);
     let mut flush: Vec<BoxFuture<'static, ()>> = Vec::new();

@@ -176,10 +176,12 @@ pub fn service(
     tower::util::BoxCloneSyncService::new(Sanitize::new(
         ServiceBuilder::new()
             .map_response(boxed_response)
-            .layer(TelemetryLayer::outbound_by_authority(
-                telemetry,
-                AUTHORITY_LIMIT,
-            ))
+            .layer(
+                // Every route leads to a mesh endpoint over mTLS: requests carry the
+                // gateway's metadata; the mesh's answer never reaches the client.
+                TelemetryLayer::outbound_by_authority(telemetry, AUTHORITY_LIMIT)
+                    .with_metadata_exchange(true),
+            )
             .map_request(boxed_request)
             .service(Respond::new(GatewayRoutes::new(router, redirect_hosts))),
         true,

@@ -66,7 +66,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes identity and proxy-internal headers a client must not be able to set
-/// (SECURITY.md §2.2): `x-forwarded-client-cert`, `x-envoy-*`, `x-istio-*`,
+/// (SECURITY.md §2.2): `x-forwarded-client-cert`, `x-envoy-*` (the metadata exchange's
+/// `x-envoy-peer-metadata` and `x-envoy-peer-metadata-id` among them), `x-istio-*`,
 /// `l5d-client-id`.
 pub fn strip_untrusted(headers: &mut HeaderMap) {
     let doomed: Vec<HeaderName> = headers
@@ -97,14 +98,29 @@ pub fn has_underscore_header(headers: &HeaderMap) -> bool {
 pub struct Sanitize<S> {
     inner: S,
     strip_untrusted: bool,
+    peer_metadata: bool,
 }
 
 impl<S> Sanitize<S> {
-    /// Wraps `inner`; `strip_untrusted` at the inbound listener and the gateway.
+    /// Wraps `inner`; `strip_untrusted` at the gateway (and the inbound listener, which
+    /// uses [`Sanitize::inbound`]).
     pub fn new(inner: S, strip_untrusted: bool) -> Self {
         Self {
             inner,
             strip_untrusted,
+            peer_metadata: false,
+        }
+    }
+
+    /// The inbound listener's sanitizing: before the untrusted headers go, the peer's
+    /// metadata (`x-envoy-peer-metadata`) is kept as a request extension when the
+    /// connection's verified identity vouches for it
+    /// ([`mesh_telemetry::exchange::take_request`]), for the telemetry layer.
+    pub fn inbound(inner: S) -> Self {
+        Self {
+            inner,
+            strip_untrusted: true,
+            peer_metadata: true,
         }
     }
 }
@@ -137,6 +153,9 @@ where
             return Either::Left(std::future::ready(Ok(crate::respond::bad_request(
                 "header name with underscore",
             ))));
+        }
+        if self.peer_metadata {
+            mesh_telemetry::exchange::take_request(&mut req);
         }
         if self.strip_untrusted {
             strip_untrusted(req.headers_mut());
@@ -193,6 +212,11 @@ mod tests {
             ("x-envoy-original-path", "/public"),
             ("x-envoy-max-retries", "100"),
             ("x-istio-attributes", "a"),
+            (
+                "x-envoy-peer-metadata",
+                "ChgKBE5BTUUSEBoOZm9yZ2VkLXdvcmtsb2Fk",
+            ),
+            ("x-envoy-peer-metadata-id", "sidecar~~forged"),
             ("x-request-id", "keep"),
         ]);
         strip_untrusted(&mut h);

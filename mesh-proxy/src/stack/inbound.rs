@@ -7,8 +7,10 @@
 //! TLS accept per PeerAuthentication ([`accept`]: STRICT requires a client certificate;
 //!   PERMISSIVE takes TLS or plaintext; DISABLE plaintext)
 //!   -> connection extensions (PeerIdentity, ConnectionInfo) ([`per_connection`])
-//!   -> sanitize (identity/internal headers from the client removed, `_` names refused)
-//!   -> telemetry (reporter=destination) -> respond -> AuthorizationPolicy -> application
+//!   -> sanitize (identity/internal headers from the client removed, `_` names refused;
+//!      the peer's Istio metadata kept as an extension when its mTLS identity vouches for it)
+//!   -> telemetry (reporter=destination; `source_*` labels from that metadata; answers
+//!      with this workload's metadata) -> respond -> AuthorizationPolicy -> application
 //! ```
 //!
 //! A plaintext connection to a STRICT port is closed before any HTTP is read; a failed
@@ -97,7 +99,7 @@ where
         ))
         .map_request(boxed_request)
         .service(Respond::new(authorized));
-    BoxCloneSyncService::new(Sanitize::new(recorded, true))
+    BoxCloneSyncService::new(Sanitize::inbound(recorded))
 }
 
 /// The per-connection service over `svc` for a connection with `context`.

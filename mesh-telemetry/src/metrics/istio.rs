@@ -27,6 +27,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
@@ -82,7 +83,7 @@ impl Reporter {
 
 /// What is known about one side of a request: the labels Istio reads from the workload's
 /// metadata. Empty strings render as `unknown` (TM-03).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Workload {
     /// Workload name (`reviews-v1`).
     pub name: String,
@@ -229,6 +230,12 @@ struct HttpLabels {
     grpc_response_status: Value,
     response_flags: Value,
     connection_security_policy: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: Value,
+    tag: Value,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -437,6 +444,16 @@ impl IstioMetrics {
             "Bytes received from downstream on TCP connections",
             this.tcp_received.clone(),
         );
+        // Istio's proxies export `istio_build{component="proxy",tag=<version>} 1`; Kiali
+        // reads it to tell which proxies run and at which version (TM-13).
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: Value::new("proxy"),
+                tag: Value::new(env!("CARGO_PKG_VERSION")),
+            })
+            .set(1);
+        registry.register("istio_build", "Istio component build info", build);
         this
     }
 
@@ -504,6 +521,7 @@ impl IstioMetrics {
                 cache: RwLock::default(),
                 hot: OnceLock::new(),
                 peers: RwLock::default(),
+                peer_count: AtomicU64::new(0),
                 hot_peer: OnceLock::new(),
                 overflow: OnceLock::new(),
             }),
@@ -607,6 +625,10 @@ pub struct RequestFacts<'a> {
     /// (`source_principal`), the upstream server on the outbound side
     /// (`destination_principal`).
     pub peer: Option<&'a Identity>,
+    /// The peer's workload from the metadata exchange, believed only when it came from
+    /// `peer` ([`crate::exchange::take`]): fills the peer side's workload, app, version,
+    /// canonical service and revision, and cluster labels.
+    pub peer_workload: Option<&'a Workload>,
 }
 
 impl Default for RequestFacts<'_> {
@@ -618,6 +640,7 @@ impl Default for RequestFacts<'_> {
             security: ConnectionSecurity::Unknown,
             grpc: false,
             peer: None,
+            peer_workload: None,
         }
     }
 }
@@ -705,6 +728,9 @@ struct Key {
     peer: u32,
 }
 
+/// One interned peer workload of an identity, and its index.
+type PeerEntry = (Option<Arc<Workload>>, u32);
+
 struct HandleInner {
     metrics: IstioMetrics,
     reporter: Reporter,
@@ -713,9 +739,12 @@ struct HandleInner {
     /// The first series created (in the usual case a handle's 200s): found without the
     /// cache's lock. The same `Series` as the cache holds for its key.
     hot: OnceLock<(Key, Series)>,
-    peers: RwLock<HashMap<Identity, u32, std::hash::BuildHasherDefault<KeyHasher>>>,
+    /// Interned peers: per identity, the workloads its metadata named (or none).
+    peers: RwLock<HashMap<Identity, Vec<PeerEntry>, std::hash::BuildHasherDefault<KeyHasher>>>,
+    /// How many peers are interned.
+    peer_count: AtomicU64,
     /// The first peer interned, found without the peers' lock.
-    hot_peer: OnceLock<(Identity, u32)>,
+    hot_peer: OnceLock<(Identity, Option<Arc<Workload>>, u32)>,
     overflow: OnceLock<Series>,
 }
 
@@ -782,7 +811,7 @@ impl MetricsHandle {
     fn key(&self, facts: &RequestFacts<'_>) -> Key {
         let inbound = self.inner.reporter == Reporter::Destination;
         let peer = match facts.peer {
-            Some(id) => self.peer_index(id),
+            Some(id) => self.peer_index(id, facts.peer_workload),
             None => 0,
         };
         Key {
@@ -799,29 +828,36 @@ impl MetricsHandle {
         }
     }
 
-    fn peer_index(&self, id: &Identity) -> u32 {
-        if let Some((hot, i)) = self.inner.hot_peer.get()
+    fn peer_index(&self, id: &Identity, workload: Option<&Workload>) -> u32 {
+        let same = |have: &Option<Arc<Workload>>| have.as_deref() == workload;
+        if let Some((hot, w, i)) = self.inner.hot_peer.get()
             && hot == id
+            && same(w)
         {
             return *i;
         }
         {
             let peers = self.inner.peers.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = peers.get(id) {
+            if let Some((_, i)) = peers.get(id).and_then(|v| v.iter().find(|(w, _)| same(w))) {
                 return *i;
             }
         }
         let mut peers = self.inner.peers.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = peers.get(id) {
+        if let Some((_, i)) = peers.get(id).and_then(|v| v.iter().find(|(w, _)| same(w))) {
             return *i;
         }
-        if peers.len() >= self.inner.metrics.series_limit {
-            // Past the bound, further identities are not remembered: `unknown`.
+        let count = self.inner.peer_count.load(Ordering::Relaxed) as usize;
+        if count >= self.inner.metrics.series_limit {
+            // Past the bound, further peers are not remembered: `unknown`.
             return u32::MAX;
         }
-        let i = u32::try_from(peers.len() + 1).unwrap_or(u32::MAX);
-        peers.insert(id.clone(), i);
-        let _ = self.inner.hot_peer.set((id.clone(), i));
+        let i = u32::try_from(count + 1).unwrap_or(u32::MAX);
+        self.inner
+            .peer_count
+            .store(count as u64 + 1, Ordering::Relaxed);
+        let w = workload.map(|w| Arc::new(w.clone()));
+        peers.entry(id.clone()).or_default().push((w.clone(), i));
+        let _ = self.inner.hot_peer.set((id.clone(), w, i));
         i
     }
 
@@ -864,6 +900,26 @@ impl MetricsHandle {
                 labels.source_workload_namespace = Value::or_unknown(id.namespace().unwrap_or(""));
             } else {
                 labels.destination_principal = Value::new(id.as_str());
+            }
+            if let Some(w) = facts.peer_workload {
+                let side = Side::of(w);
+                if inbound {
+                    labels.source_workload = side.workload;
+                    labels.source_workload_namespace = side.namespace;
+                    labels.source_app = side.app;
+                    labels.source_version = side.version;
+                    labels.source_canonical_service = side.canonical_service;
+                    labels.source_canonical_revision = side.canonical_revision;
+                    labels.source_cluster = side.cluster;
+                } else {
+                    labels.destination_workload = side.workload;
+                    labels.destination_workload_namespace = side.namespace;
+                    labels.destination_app = side.app;
+                    labels.destination_version = side.version;
+                    labels.destination_canonical_service = side.canonical_service;
+                    labels.destination_canonical_revision = side.canonical_revision;
+                    labels.destination_cluster = side.cluster;
+                }
             }
         }
         let series = self.resolve(&labels);
