@@ -15,9 +15,11 @@
 //!   the SNI name, as Envoy's automatic SAN validation does (DR-53);
 //! - `insecureSkipVerify: true` accepts any certificate (the handshake signature is
 //!   still checked);
-//! - `MUTUAL` presents `clientCertificate` with `privateKey`. `credentialName` is
-//!   refused: a sidecar reads no secrets (DR-54);
-//! - SNI is `sni` when set, else the destination host ([`Origination::sni`]).
+//! - `MUTUAL` presents `clientCertificate` with `privateKey`. `credentialName` is not
+//!   read: a sidecar reads no secrets, and Istio's sidecars too use the file paths unless
+//!   the rule has a `workloadSelector` (DR-54);
+//! - SNI is `sni` when set, else the destination host (the caller decides, see
+//!   [`Origination::sni`]; Istio takes the request's authority, DR-53).
 //!
 //! # Errors
 //!
@@ -62,13 +64,8 @@ pub enum OriginationError {
     )]
     NoRoots,
     /// `MUTUAL` without the client certificate files.
-    #[error("MUTUAL needs clientCertificate and privateKey files")]
+    #[error("MUTUAL needs clientCertificate and privateKey files (credentialName is not read)")]
     NoClientCertificate,
-    /// `credentialName` on a sidecar.
-    #[error(
-        "tls.credentialName is not supported on sidecars; use clientCertificate and privateKey files"
-    )]
-    CredentialName,
     /// A file could not be read or parsed.
     #[error("tls.{field} ({path}): {source}")]
     File {
@@ -92,9 +89,6 @@ impl Origination {
             Some(ClientTlsMode::Mutual) => true,
             _ => return Err(OriginationError::NotOrigination),
         };
-        if tls.credential_name.is_some() {
-            return Err(OriginationError::CredentialName);
-        }
         let insecure = tls.insecure_skip_verify == Some(true);
         let roots = match (&tls.ca_certificates, insecure) {
             (_, true) => None,
@@ -295,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn mutual_needs_files_and_refuses_credential_name() {
+    fn mutual_needs_the_files_a_credential_name_does_not_replace() {
         let mut s = settings(ClientTlsMode::Mutual);
         s.insecure_skip_verify = Some(true);
         assert!(matches!(
@@ -305,7 +299,7 @@ mod tests {
         s.credential_name = Some("client-credential".into());
         assert!(matches!(
             Origination::from_settings(&s),
-            Err(OriginationError::CredentialName)
+            Err(OriginationError::NoClientCertificate)
         ));
         assert!(matches!(
             Origination::from_settings(&settings(ClientTlsMode::IstioMutual)),

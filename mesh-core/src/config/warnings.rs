@@ -95,7 +95,7 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         DR,
         "spec.**.tls.credentialName",
-        "sidecars read no secrets: connections to the destination fail; use clientCertificate and privateKey files",
+        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used",
     ),
     ne(DR, "spec.**.tls.caCrl", "revocation lists are not checked"),
     ne(DR, "spec.**.tunnel", "traffic is not tunnelled"),

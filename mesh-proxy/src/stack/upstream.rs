@@ -11,8 +11,8 @@
 //! | DestinationRule `tls` | transport |
 //! |---|---|
 //! | none (auto-mTLS, DR-50, SR-24) | Istio mTLS to an endpoint whose `tls_mode` is `istio` (label `security.istio.io/tlsMode: istio`, or a ServiceEntry endpoint with a `serviceAccount`, SR-23, SR-25), plaintext to the others |
-//! | `DISABLE` (also a `tls` block without `mode`: the API's default) | plaintext |
-//! | `SIMPLE`, `MUTUAL` | TLS origination ([`Origination`], DR-51..DR-54) to every endpoint |
+//! | `DISABLE` (also a `tls` block without `mode`, DR-51) | plaintext |
+//! | `SIMPLE`, `MUTUAL` | TLS origination ([`Origination`], DR-52..DR-54) to every endpoint |
 //! | `ISTIO_MUTUAL` | Istio mTLS to every endpoint |
 //!
 //! Istio mTLS checks the server's SPIFFE ID against `tls.subjectAltNames` when set,
@@ -21,8 +21,8 @@
 //!
 //! # Errors
 //!
-//! TLS origination settings that cannot be used (a missing `caCertificates`, an
-//! unreadable file, `credentialName`) are logged when the destination is built, and
+//! TLS origination settings that cannot be used (no `caCertificates`, an unreadable
+//! file, `MUTUAL` without certificate files) are logged when the destination is built, and
 //! every connection to it fails (503 `UF`) rather than falling back to plaintext.
 //!
 //! # Not done
