@@ -384,7 +384,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                             .connect(server_name.clone(), tcp)
                             .await
                             .map_err(|e| std::io::Error::new(e.kind(), HandshakeError(e)))?;
-                        (UpstreamIo::Tls(TokioIo::new(stream)), None)
+                        (UpstreamIo::Tls(Box::new(TokioIo::new(stream))), None)
                     }
                     UpstreamSecurity::Istio {
                         tls,
@@ -395,7 +395,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                             .connect_to(tcp, server_name.clone(), naming, inner.alpn.protocols())
                             .await?;
                         (
-                            UpstreamIo::Tls(TokioIo::new(stream)),
+                            UpstreamIo::Tls(Box::new(TokioIo::new(stream))),
                             Some(UpstreamPeerIdentity(leaf.identity)),
                         )
                     }
@@ -454,7 +454,8 @@ impl ConnectionRequests {
 #[derive(Debug)]
 enum UpstreamIo {
     Plain(TokioIo<TcpStream>),
-    Tls(TokioIo<TlsStream<TcpStream>>),
+    // Boxed: a TLS session is much larger than a socket (one allocation per connection).
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
 /// A connection made by an [`UpstreamConnector`]: plaintext or TLS, telling hyper
