@@ -1,7 +1,8 @@
 //! Every upstream a mesh has, through an in-process sidecar: plaintext services without
 //! a sidecar (DestinationRule `tls: DISABLE` and auto-mTLS), Istio mTLS to a labelled
 //! sidecar, TLS origination (`SIMPLE` with SNI and `subjectAltNames`, `MUTUAL` with a
-//! client certificate), and `maxRequestsPerConnection` counted at a real upstream.
+//! client certificate), block-wise `tls` merging for a subset, and
+//! `maxRequestsPerConnection` counted at a real upstream.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -410,4 +411,49 @@ async fn max_requests_per_connection_opens_one_connection_per_ten_requests() {
     order.shutdown();
     order.wait().await;
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_tls_block_replaces_the_rule_tls_block() {
+    let world = World::new();
+    let legacy = App::start(Behaviour::Ok("plain")).await;
+    // The rule says ISTIO_MUTUAL, which a plain server cannot answer; the subset's own
+    // tls block replaces it for traffic routed to the subset (DR-03).
+    let yaml = format!(
+        "{}---\n{}  subsets:\n  - name: plain\n    labels: {{version: v1}}\n    trafficPolicy:\n      tls: {{mode: DISABLE}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: legacy, namespace: production}}\n\
+         spec:\n  hosts: [legacy]\n  http:\n  - route:\n    - destination: {{host: legacy, subset: plain}}\n",
+        entry(
+            "legacy",
+            "MESH_INTERNAL",
+            legacy.addr,
+            "    labels: {version: v1}\n"
+        ),
+        rule("legacy", "    tls: {mode: ISTIO_MUTUAL}\n"),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "GET", "legacy", "/", &[]).await,
+        Ok((200, "plain".to_owned()))
+    );
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_to_a_server_without_a_sidecar_fails_with_uf() {
+    let world = World::new();
+    let legacy = App::start(Behaviour::Ok("plain")).await;
+    let yaml = format!(
+        "{}---\n{}",
+        entry("legacy", "MESH_INTERNAL", legacy.addr, ""),
+        rule("legacy", "    tls: {mode: ISTIO_MUTUAL}\n"),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    let (status, body) = send(outbound, "GET", "legacy", "/", &[]).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.ends_with("reset reason: connection failure"), "{body}");
+    assert_eq!(legacy.hits(), 0);
+    order.shutdown();
+    order.wait().await;
 }
