@@ -1,5 +1,6 @@
-//! Endpoints: one network address of a service instance, with its labels and the
-//! identity the caller must see when it connects (secure naming).
+//! Endpoints: one network address of a service instance, with its labels, the
+//! identity the caller must see when it connects (secure naming) and whether it runs a
+//! sidecar (auto-mTLS, ISTIO.md SR-23, SR-25).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,6 +11,34 @@ use crate::identity::Identity;
 /// Labels of an endpoint (`version: v1`, `app: payment-service`).
 pub type Labels = BTreeMap<String, String>;
 
+/// The endpoint label that says whether an instance accepts Istio mTLS (SR-23): the
+/// injector sets it to `istio` on every pod with a sidecar.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// Whether an endpoint accepts Istio mTLS, which decides the transport when no
+/// DestinationRule sets `tls` (auto-mTLS, DR-50, SR-23).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// A sidecar (`security.istio.io/tlsMode: istio`): Istio mTLS.
+    Istio,
+    /// No sidecar: plaintext.
+    #[default]
+    Disabled,
+}
+
+impl TlsMode {
+    /// The mode of an instance with `labels`: the `security.istio.io/tlsMode` label when
+    /// present, else `fallback` (Istio: `istio` for a ServiceEntry/WorkloadEntry
+    /// endpoint with a `serviceAccount`, disabled otherwise; SR-25).
+    pub fn from_labels(labels: &Labels, fallback: TlsMode) -> Self {
+        match labels.get(TLS_MODE_LABEL) {
+            Some(v) if v == "istio" => TlsMode::Istio,
+            Some(_) => TlsMode::Disabled,
+            None => fallback,
+        }
+    }
+}
+
 /// One upstream instance.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
@@ -19,6 +48,8 @@ pub struct Endpoint {
     pub labels: Arc<Labels>,
     /// The identities the instance may present; empty means plaintext (no mTLS).
     pub identities: Arc<[Identity]>,
+    /// Whether the instance runs a sidecar (auto-mTLS); [`TlsMode::Disabled`] unless set.
+    pub tls_mode: TlsMode,
 }
 
 impl Endpoint {
@@ -28,7 +59,15 @@ impl Endpoint {
             address,
             labels: Arc::default(),
             identities: Arc::from(Vec::new()),
+            tls_mode: TlsMode::Disabled,
         }
+    }
+
+    /// Sets whether the instance runs a sidecar.
+    #[must_use]
+    pub fn with_tls_mode(mut self, mode: TlsMode) -> Self {
+        self.tls_mode = mode;
+        self
     }
 
     /// Sets the labels.
@@ -56,6 +95,28 @@ impl Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_mode_label_wins_over_the_fallback() {
+        let istio = Labels::from([(TLS_MODE_LABEL.into(), "istio".into())]);
+        let off = Labels::from([(TLS_MODE_LABEL.into(), "disabled".into())]);
+        assert_eq!(
+            TlsMode::from_labels(&istio, TlsMode::Disabled),
+            TlsMode::Istio
+        );
+        assert_eq!(
+            TlsMode::from_labels(&off, TlsMode::Istio),
+            TlsMode::Disabled
+        );
+        assert_eq!(
+            TlsMode::from_labels(&Labels::new(), TlsMode::Istio),
+            TlsMode::Istio
+        );
+        assert_eq!(
+            TlsMode::from_labels(&Labels::new(), TlsMode::Disabled),
+            TlsMode::Disabled
+        );
+    }
 
     #[test]
     fn subset_selection_needs_every_label() {

@@ -25,7 +25,7 @@ pub mod identity;
 pub mod outcome;
 
 pub use body::BoxBody;
-pub use endpoint::{Endpoint, Labels};
+pub use endpoint::{Endpoint, Labels, TLS_MODE_LABEL, TlsMode};
 pub use error::{BoxError, find_cause, is_caused_by};
 pub use extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
 pub use extensions::{

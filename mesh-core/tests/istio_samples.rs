@@ -169,7 +169,7 @@ fn destination_rule_all_defines_the_bookinfo_subsets() {
 }
 
 #[test]
-fn destination_rule_all_mtls_sets_istio_mutual_and_warns_it_is_not_enforced() {
+fn destination_rule_all_mtls_sets_istio_mutual_without_warnings() {
     let (config, report) = load_ok("istio-samples/destination-rule-all-mtls.yaml");
     for dr in config.destination_rules() {
         let tls = dr
@@ -182,10 +182,8 @@ fn destination_rule_all_mtls_sets_istio_mutual_and_warns_it_is_not_enforced() {
             .unwrap();
         assert_eq!(tls.mode, Some(ClientTlsMode::IstioMutual));
     }
-    let warnings: Vec<&Diagnostic> = report.warnings().collect();
-    assert_eq!(warnings.len(), 4);
-    assert_eq!(warnings[0].path.as_deref(), Some("spec.trafficPolicy.tls"));
-    assert_eq!(warnings[0].line_column(), Some((8, 5)));
+    // ISTIO_MUTUAL is enforced, so nothing is reported.
+    assert_eq!(report.warnings().count(), 0);
 }
 
 #[test]

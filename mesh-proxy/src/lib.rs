@@ -7,7 +7,7 @@
 //!                 ┌──────────────────────── the stack (library) ─────────────────────────┐
 //!  application →  │ Mesh::outbound  sanitize → telemetry(source) → respond → router       │ → network
 //!                 │   → per route: deadline → retry → per destination: pool limits        │
-//!                 │   → balancer (outlier detection) → per endpoint: HttpClient over mTLS │
+//!                 │   → balancer (outlier detection) → per endpoint: mTLS/TLS/plain HTTP  │
 //!  network     →  │ Mesh::inbound   mTLS accept per PeerAuthentication → identity         │ → application
 //!                 │   → sanitize → telemetry(destination) → respond → AuthorizationPolicy │
 //!                 └───────────────────────────────────────────────────────────────────────┘
@@ -73,7 +73,11 @@
 //!   the sidecars, since h2 cannot carry them); other `Upgrade` values, `h2c` included,
 //!   are removed. Only a `101` answer switches protocols; upgrades are not retried.
 //! - The h2 connection between sidecars is chosen by ALPN whatever `h2UpgradePolicy`
-//!   says.
+//!   says; plaintext and TLS-originated upstreams get HTTP/1.1.
+//! - Upstream TLS ([`stack::upstream`]): `SIMPLE`/`MUTUAL` need `caCertificates` (no
+//!   system trust store), take SNI and the automatic SAN check from the destination
+//!   host rather than the request's authority, and never read `credentialName`
+//!   (ISTIO.md §8.12, DR-51..DR-54, SR-23..SR-25).
 
 pub mod mesh;
 #[cfg(feature = "proxy")]

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_core::{Endpoint, Identity, Labels};
+use mesh_core::{Endpoint, Identity, Labels, TlsMode};
 
 /// How a service's endpoints are found (`ServiceEntry.resolution`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,6 +115,15 @@ impl WorkloadEntry {
         let mut ep = Endpoint::new(SocketAddr::new(ip, self.port_for(port)))
             .with_labels(self.labels.clone());
         ep.identities = Arc::from(self.identities.clone());
+        // Istio's rule for ServiceEntry and WorkloadEntry endpoints (SR-25): the
+        // `security.istio.io/tlsMode` label when written, else Istio mTLS exactly when
+        // the entry names a `serviceAccount`.
+        let fallback = if self.identities.is_empty() {
+            TlsMode::Disabled
+        } else {
+            TlsMode::Istio
+        };
+        ep.tls_mode = TlsMode::from_labels(&self.labels, fallback);
         ep
     }
 }
@@ -259,6 +268,23 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_mode_is_the_label_else_istio_when_a_service_account_is_named() {
+        let port = ServicePort::new(80, "http");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let sa = Identity::parse("spiffe://cluster.local/ns/prod/sa/payment").unwrap();
+        let with_sa = WorkloadEntry::new("10.0.0.1").with_identity(sa);
+        assert_eq!(with_sa.endpoint(ip, &port).tls_mode, TlsMode::Istio);
+        let opted_out = with_sa
+            .clone()
+            .with_labels([(mesh_core::TLS_MODE_LABEL, "disabled")]);
+        assert_eq!(opted_out.endpoint(ip, &port).tls_mode, TlsMode::Disabled);
+        let bare = WorkloadEntry::new("10.0.0.1");
+        assert_eq!(bare.endpoint(ip, &port).tls_mode, TlsMode::Disabled);
+        let labelled = bare.with_labels([(mesh_core::TLS_MODE_LABEL, "istio")]);
+        assert_eq!(labelled.endpoint(ip, &port).tls_mode, TlsMode::Istio);
+    }
 
     fn order_service() -> Service {
         Service {

@@ -14,6 +14,10 @@
 //! [`Alpn::Http1`] offers only `http/1.1`: the connection for an HTTP Upgrade, which
 //! h2 cannot carry. The choice is made once, when the connector is built.
 //!
+//! [`UpstreamConnector`] generalises it to every upstream a mesh has: plaintext, TLS
+//! origination ([`Origination`]) or Istio mTLS, chosen per endpoint from the
+//! DestinationRule `tls` and auto-mTLS (DR-50, SR-23..SR-25), with one connection type.
+//!
 //! # Layer placement
 //!
 //! Below the connection pool of one endpoint: `balancer -> endpoint HTTP client ->
@@ -51,6 +55,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,10 +67,12 @@ use mesh_core::error::BoxError;
 use mesh_core::extensions::UpstreamPeerIdentity;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::client::ClientTls;
-use crate::verify::SecureNaming;
+use crate::origin::Origination;
+use crate::verify::{HandshakeError, SecureNaming};
 
 /// The ALPN protocols a connector offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,7 +85,7 @@ pub enum Alpn {
 }
 
 impl Alpn {
-    fn protocols(self) -> &'static [&'static [u8]] {
+    pub(crate) fn protocols(self) -> &'static [&'static [u8]] {
         match self {
             Alpn::Negotiate => crate::ALPN,
             Alpn::Http1 => &[b"http/1.1"],
@@ -248,5 +256,269 @@ impl hyper::rt::Write for MeshConn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How an [`UpstreamConnector`] secures its connections.
+#[derive(Clone, Debug)]
+pub enum UpstreamSecurity {
+    /// Plaintext: DestinationRule `tls.mode: DISABLE`, or auto-mTLS to an endpoint
+    /// without a sidecar (DR-50, SR-23).
+    Plaintext,
+    /// TLS origination (`SIMPLE`, `MUTUAL`) sending `server_name` as SNI.
+    Originate {
+        /// The client configs.
+        origination: Arc<Origination>,
+        /// The SNI.
+        server_name: ServerName<'static>,
+    },
+    /// Istio mTLS: the workload SVID, secure naming by `naming`, `server_name` as SNI
+    /// (`ISTIO_MUTUAL`, or auto-mTLS to a sidecar).
+    Istio {
+        /// The workload's client TLS.
+        tls: ClientTls,
+        /// The identities the server may prove.
+        naming: SecureNaming,
+        /// The SNI.
+        server_name: ServerName<'static>,
+    },
+    /// Every connection attempt fails with this reason: TLS settings that cannot be
+    /// used (a missing file, no roots). The caller sees a connect failure (503 `UF`).
+    Refuse(Arc<str>),
+}
+
+impl UpstreamSecurity {
+    /// Whether connections are Istio mTLS, TLS or plaintext, as a short word for logs:
+    /// `istio_mutual`, `tls`, `plaintext` or `refused`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Originate { .. } => "tls",
+            Self::Istio { .. } => "istio_mutual",
+            Self::Refuse(_) => "refused",
+        }
+    }
+}
+
+/// Connects to one endpoint in plaintext, with TLS origination or with Istio mTLS, as
+/// the destination's DestinationRule `tls` and the endpoint's `tlsMode` decide; every
+/// variant yields the same connection type, [`UpstreamConn`], so one HTTP client type
+/// serves all endpoints.
+///
+/// Like [`MeshConnector`] it dials a fixed address whatever the URI says, sets
+/// `TCP_NODELAY`, bounds connect plus handshake by the connect timeout, and chooses the
+/// ALPN protocols once, at construction. Each connection carries a
+/// [`ConnectionRequests`] counter (in hyper's connection extras) so that the client can
+/// retire it after `maxRequestsPerConnection` requests.
+#[derive(Clone, Debug)]
+pub struct UpstreamConnector {
+    address: SocketAddr,
+    security: UpstreamSecurity,
+    connect_timeout: Duration,
+    alpn: Alpn,
+}
+
+impl UpstreamConnector {
+    /// A connector to `address` secured by `security`.
+    pub fn new(address: SocketAddr, security: UpstreamSecurity) -> Self {
+        Self {
+            address,
+            security,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            alpn: Alpn::Negotiate,
+        }
+    }
+
+    /// Sets the connect-plus-handshake timeout.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the ALPN protocols offered (TLS variants only).
+    #[must_use]
+    pub fn alpn(mut self, alpn: Alpn) -> Self {
+        self.alpn = alpn;
+        self
+    }
+
+    /// The endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// How connections are secured.
+    pub fn security(&self) -> &UpstreamSecurity {
+        &self.security
+    }
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = UpstreamConn;
+    type Error = BoxError;
+    type Future = UpstreamConnecting;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> UpstreamConnecting {
+        let inner = self.clone();
+        UpstreamConnecting(Box::pin(async move {
+            if let UpstreamSecurity::Refuse(reason) = &inner.security {
+                return Err(std::io::Error::other(reason.to_string()).into());
+            }
+            let connect = async {
+                let tcp = TcpStream::connect(inner.address).await?;
+                let _ = tcp.set_nodelay(true);
+                let (io, peer) = match &inner.security {
+                    UpstreamSecurity::Plaintext | UpstreamSecurity::Refuse(_) => {
+                        (UpstreamIo::Plain(TokioIo::new(tcp)), None)
+                    }
+                    UpstreamSecurity::Originate {
+                        origination,
+                        server_name,
+                    } => {
+                        let stream = TlsConnector::from(origination.config(inner.alpn))
+                            .connect(server_name.clone(), tcp)
+                            .await
+                            .map_err(|e| std::io::Error::new(e.kind(), HandshakeError(e)))?;
+                        (UpstreamIo::Tls(Box::new(TokioIo::new(stream))), None)
+                    }
+                    UpstreamSecurity::Istio {
+                        tls,
+                        naming,
+                        server_name,
+                    } => {
+                        let (stream, leaf) = tls
+                            .connect_to(tcp, server_name.clone(), naming, inner.alpn.protocols())
+                            .await?;
+                        (
+                            UpstreamIo::Tls(Box::new(TokioIo::new(stream))),
+                            Some(UpstreamPeerIdentity(leaf.identity)),
+                        )
+                    }
+                };
+                Ok::<_, std::io::Error>((io, peer))
+            };
+            let (io, peer) = tokio::time::timeout(inner.connect_timeout, connect)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                })??;
+            let h2 = match &io {
+                UpstreamIo::Plain(_) => false,
+                UpstreamIo::Tls(s) => s.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
+            };
+            Ok(UpstreamConn {
+                io,
+                h2,
+                peer,
+                requests: ConnectionRequests::default(),
+            })
+        }))
+    }
+}
+
+/// The future of one connection attempt of an [`UpstreamConnector`] (one allocation per
+/// connection, none per request).
+pub struct UpstreamConnecting(Pin<Box<dyn Future<Output = Result<UpstreamConn, BoxError>> + Send>>);
+
+impl std::fmt::Debug for UpstreamConnecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConnecting").finish_non_exhaustive()
+    }
+}
+
+impl Future for UpstreamConnecting {
+    type Output = Result<UpstreamConn, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// The number of requests a connection has answered, shared by every response of the
+/// connection (hyper copies connection extras into each response's extensions).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionRequests(Arc<AtomicU32>);
+
+impl ConnectionRequests {
+    /// Counts one more answered request and returns the count so far.
+    pub fn answered(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+    }
+}
+
+#[derive(Debug)]
+enum UpstreamIo {
+    Plain(TokioIo<TcpStream>),
+    // Boxed: a TLS session is much larger than a socket (one allocation per connection).
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+/// A connection made by an [`UpstreamConnector`]: plaintext or TLS, telling hyper
+/// whether h2 was negotiated, which identity an Istio mTLS server proved, and carrying
+/// the connection's [`ConnectionRequests`].
+#[derive(Debug)]
+pub struct UpstreamConn {
+    io: UpstreamIo,
+    h2: bool,
+    peer: Option<UpstreamPeerIdentity>,
+    requests: ConnectionRequests,
+}
+
+impl Connection for UpstreamConn {
+    fn connected(&self) -> Connected {
+        let mut connected = Connected::new().extra(self.requests.clone());
+        if let Some(peer) = &self.peer {
+            connected = connected.extra(peer.clone());
+        }
+        if self.h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.io {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(io).poll_shutdown(cx),
+        }
     }
 }

@@ -14,7 +14,8 @@
 //!   `h2` + `http/1.1`, no session resumption), the inbound accept path that applies
 //!   the PeerAuthentication mode and puts [`PeerIdentity`](mesh_core::PeerIdentity)
 //!   and [`ConnectionSecurity`](mesh_core::ConnectionSecurity) into every request's
-//!   extensions, and an outbound connector.
+//!   extensions, and the outbound connectors ([`connect`]: Istio mTLS, TLS origination
+//!   from DestinationRule `tls` ([`origin`]) or plaintext, per endpoint).
 //! - [`peer_auth`]: PeerAuthentication (STRICT / PERMISSIVE / DISABLE, mesh,
 //!   namespace and workload scope, `portLevelMtls`) compiled once per snapshot.
 //! - [`store`]: the certificate store behind the rustls resolvers, fed by a watched
@@ -61,6 +62,7 @@ pub mod authz;
 pub mod ca;
 pub mod client;
 pub mod connect;
+pub mod origin;
 pub mod peer_auth;
 pub mod peer_auth_istio;
 pub mod server;
@@ -76,7 +78,11 @@ use rustls::crypto::CryptoProvider;
 pub use authz::{AuthzLayer, PolicySet};
 pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec};
 pub use client::ClientTls;
-pub use connect::{Alpn, MeshConn, MeshConnector};
+pub use connect::{
+    Alpn, ConnectionRequests, MeshConn, MeshConnector, UpstreamConn, UpstreamConnector,
+    UpstreamSecurity,
+};
+pub use origin::{Origination, OriginationError};
 pub use peer_auth::{
     MtlsMode, PeerAuthMode, PeerAuthentication, PeerAuthenticationPolicy,
     WorkloadPeerAuthentication,

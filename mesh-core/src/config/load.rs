@@ -566,6 +566,29 @@ mod tests {
     }
 
     #[test]
+    fn tls_origination_without_roots_warns_that_connections_fail() {
+        let dr = |tls: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r, namespace: prod}}\n\
+                 spec:\n  host: r\n  trafficPolicy:\n    tls: {tls}\n"
+            )
+        };
+        let warned = |tls: &str| {
+            load_str("dr.yaml", &dr(tls), &LoadOptions::default())
+                .warnings()
+                .filter(|w| w.path.as_deref() == Some("spec.trafficPolicy.tls"))
+                .map(|w| w.message.clone())
+                .collect::<Vec<_>>()
+        };
+        let w = warned("{mode: SIMPLE}");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("without caCertificates"), "{w:?}");
+        assert!(warned("{mode: SIMPLE, caCertificates: /etc/ca.pem}").is_empty());
+        assert!(warned("{mode: SIMPLE, insecureSkipVerify: true}").is_empty());
+        assert!(warned("{mode: DISABLE}").is_empty());
+    }
+
+    #[test]
     fn content_after_marker_keeps_its_column() {
         let docs = split_documents("--- {a: 1}\n");
         assert_eq!(docs, [(1, "    {a: 1}\n".to_owned())]);

@@ -1419,6 +1419,20 @@ fn policy_blocks(
             }
             _ => {}
         }
+        if matches!(
+            tls.mode,
+            Some(ClientTlsMode::Simple | ClientTlsMode::Mutual)
+        ) && tls.ca_certificates.is_none()
+            && tls.insecure_skip_verify != Some(true)
+        {
+            // Istio would fall back to the operating system's roots (DR-52); we have none.
+            ctx.warn(
+                &tp,
+                "without caCertificates the server cannot be verified (no system trust store \
+                 is used), so connections to this destination fail; set caCertificates, or \
+                 insecureSkipVerify: true",
+            );
+        }
         for (i, san) in tls.subject_alt_names.iter().enumerate() {
             check_spiffe_san(ctx, &pi(&tp, "subjectAltNames", i), san);
         }

@@ -94,9 +94,10 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.tls",
-        "upstream TLS follows the mesh's automatic mTLS, not this setting",
+        "spec.**.tls.credentialName",
+        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used",
     ),
+    ne(DR, "spec.**.tls.caCrl", "revocation lists are not checked"),
     ne(DR, "spec.**.tunnel", "traffic is not tunnelled"),
     ne(
         DR,

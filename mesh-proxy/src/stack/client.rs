@@ -14,7 +14,23 @@
 //! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
 //!   when) the answer is `101`, the two connections are spliced together;
 //! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
-//!   (503 `UF`), anything else after it [`UpstreamReset`] (503 `UC`).
+//!   (503 `UF`), anything else after it [`UpstreamReset`] (503 `UC`);
+//! - with a per-connection request limit (DestinationRule
+//!   `connectionPool.http.maxRequestsPerConnection`, [`HttpClient::max_requests_per_connection`]),
+//!   a connection is retired once it has answered that many requests.
+//!
+//! # Retiring connections after N requests
+//!
+//! hyper-util's pool has no such limit. Each connection of an [`UpstreamConnector`]
+//! carries a [`ConnectionRequests`] counter in its connection extras, which hyper copies
+//! into every response of the connection. When a response head arrives and the count
+//! reaches the limit, the client poisons the connection through
+//! [`capture_connection`]: hyper's pool then never hands it out again (`is_open` is
+//! false) and drops it when the response finishes, which closes it. An HTTP/1.1
+//! connection serves one request at a time, so exactly N requests use it; on an h2
+//! connection, streams opened before the N-th response head may also finish on it
+//! (Envoy counts at stream start). Counting at the response, not in a wrapper around
+//! the I/O, keeps the count exact for HTTP/1.1 without parsing bytes.
 //!
 //! # Layer placement
 //!
@@ -28,12 +44,12 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::connect::{Connect, HttpConnector, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
 use mesh_core::extensions::UpstreamHost;
-use mesh_tls::{Alpn, MeshConnector};
+use mesh_tls::{Alpn, ConnectionRequests, MeshConnector, UpstreamConnector, UpstreamSecurity};
 
 use super::headers::strip_hop_by_hop;
 
@@ -61,6 +77,8 @@ pub struct HttpClient<C> {
     /// Every request goes to this authority (the local application), keeping its Host.
     authority: Option<Authority>,
     protocol: Protocol,
+    /// Requests per connection; 0 is unlimited.
+    max_requests_per_connection: u32,
 }
 
 impl<C> HttpClient<C>
@@ -90,7 +108,17 @@ where
             address: None,
             authority: None,
             protocol,
+            max_requests_per_connection: 0,
         }
+    }
+
+    /// Retires a connection once it has answered `n` requests (0: never). Needs a
+    /// connector whose connections carry [`ConnectionRequests`] ([`UpstreamConnector`]);
+    /// with others it has no effect.
+    #[must_use]
+    pub fn max_requests_per_connection(mut self, n: u32) -> Self {
+        self.max_requests_per_connection = n;
+        self
     }
 
     /// Records `address` as the upstream host of every response.
@@ -117,6 +145,22 @@ impl HttpClient<MeshConnector> {
         let address = connector.address();
         let upgrades = connector.clone().alpn(Alpn::Http1);
         Self::new(connector, upgrades, idle_timeout, Protocol::Negotiated).at(address)
+    }
+}
+
+impl HttpClient<UpstreamConnector> {
+    /// The client of one endpoint over `connector`: Istio mTLS (h2 or HTTP/1.1 by ALPN),
+    /// TLS origination or plaintext. Requests to a TLS-originated or plaintext upstream
+    /// are sent as HTTP/1.1 (Istio's default `h2UpgradePolicy: DO_NOT_UPGRADE`), and TLS
+    /// origination offers only `http/1.1`. Upgrades go on HTTP/1.1-only connections.
+    pub fn upstream(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
+        let address = connector.address();
+        let (connector, protocol) = match connector.security() {
+            UpstreamSecurity::Istio { .. } => (connector, Protocol::Negotiated),
+            _ => (connector.alpn(Alpn::Http1), Protocol::Http1),
+        };
+        let upgrades = connector.clone().alpn(Alpn::Http1);
+        Self::new(connector, upgrades, idle_timeout, protocol).at(address)
     }
 }
 
@@ -225,6 +269,8 @@ where
         } else {
             None
         };
+        let limit = self.max_requests_per_connection;
+        let captured = (limit > 0 && !upgrade).then(|| capture_connection(&mut req));
         let fut = if upgrade {
             self.upgrades.request(req)
         } else {
@@ -232,6 +278,14 @@ where
         };
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
+            let requests = res.extensions_mut().remove::<ConnectionRequests>();
+            if let (Some(captured), Some(requests)) = (captured, requests)
+                && requests.answered() >= limit
+                && let Some(connection) = captured.connection_metadata().as_ref()
+            {
+                // Not reused after this response; hyper's pool closes it once idle.
+                connection.poison();
+            }
             match downstream {
                 Some(downstream) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
                     splice(downstream, hyper::upgrade::on(&mut res));

@@ -7,7 +7,8 @@
 //! router -> per (route, destination) [RouteService]: deadline (route timeout)
 //!   -> retry (route retries, gated by the destination's maxRetries)
 //!     -> per destination [DestService]: pool limits (DestinationRule connectionPool)
-//!       -> balancer (loadBalancer, outlierDetection) -> per endpoint: HttpClient over mTLS
+//!       -> balancer (loadBalancer, outlierDetection) -> per endpoint: HttpClient over
+//!          Istio mTLS, TLS or plaintext (DestinationRule tls, auto-mTLS: [`super::upstream`])
 //! ```
 //!
 //! Nothing here is built per request: the route part is built by
@@ -23,9 +24,12 @@
 //! router's response future drives before calling, so a full pool makes requests wait
 //! (up to `http1MaxPendingRequests`) or overflow with 503 `UO`.
 //!
-//! The peer's identity is verified against the endpoint's identities (ServiceEntry
-//! `serviceAccount`/`subjectAltNames`); an endpoint without any accepts any identity of a
-//! trusted domain.
+//! Each endpoint's connector is chosen by [`UpstreamTls`]: with no DestinationRule
+//! `tls`, Istio mTLS to endpoints with a sidecar and plaintext to the others (auto-mTLS);
+//! otherwise as the rule says. Over Istio mTLS the peer's identity is verified against
+//! the endpoint's identities (ServiceEntry `serviceAccount`); an endpoint without any
+//! accepts any identity of a trusted domain. `connectionPool.http.maxRequestsPerConnection`
+//! retires a connection after that many requests (see [`super::client`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -46,13 +50,14 @@ use mesh_resilience::{
     RetryPolicy,
 };
 use mesh_routing::{DestinationKey, MakeDestination, Target};
-use mesh_tls::{ClientTls, MeshConnector, SecureNaming};
+use mesh_tls::{ClientTls, UpstreamConnector};
 use tower::{Layer, Service};
 
 use super::client::HttpClient;
+use super::upstream::UpstreamTls;
 
 /// The service of one endpoint.
-pub type Upstream = HttpClient<MeshConnector>;
+pub type Upstream = HttpClient<UpstreamConnector>;
 
 /// What `/clusters` shows of one destination.
 #[derive(Clone)]
@@ -84,7 +89,7 @@ impl Destinations {
 /// Builds the per-destination and per-route stacks for the router.
 #[derive(Clone)]
 pub struct MakeDest {
-    /// Client TLS (the workload's SVID).
+    /// Client TLS (the workload's SVID), for Istio mTLS.
     pub tls: ClientTls,
     /// Upstream connect plus handshake timeout.
     pub connect_timeout: Duration,
@@ -220,29 +225,14 @@ impl MakeDest {
         } else {
             self.idle_timeout
         };
-        let tls = self.tls.clone();
+        let upstream_tls =
+            UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone());
         let connect_timeout = self.connect_timeout;
-        let server_name: Arc<str> = target.key.host.clone();
+        let per_connection = limits.max_requests_per_connection;
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
-            let naming = if ep.identities.is_empty() {
-                SecureNaming::AnyTrusted
-            } else {
-                SecureNaming::OneOf(ep.identities.clone())
-            };
-            let connector = MeshConnector::new(ep.address, &server_name, tls.clone(), naming)
-                .or_else(|_| {
-                    // A host that is not a DNS name (a wildcard ServiceEntry host): no SNI
-                    // name can carry it, so send the address.
-                    MeshConnector::new(
-                        ep.address,
-                        &ep.address.ip().to_string(),
-                        tls.clone(),
-                        SecureNaming::AnyTrusted,
-                    )
-                })
-                .unwrap_or_else(|_| unreachable!("an IP address is a valid server name"))
+            let connector = UpstreamConnector::new(ep.address, upstream_tls.security(ep))
                 .connect_timeout(connect_timeout);
-            HttpClient::mesh(connector, idle)
+            HttpClient::upstream(connector, idle).max_requests_per_connection(per_connection)
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());

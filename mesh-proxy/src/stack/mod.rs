@@ -9,6 +9,7 @@
 //! - [`gateway`]: requests a Gateway server accepted (the SNI's server kept, HTTPS
 //!   redirects, the Gateway's routes, then the outbound path's per-route stacks);
 //! - [`client`]: the one HTTP client every upstream path ends in;
+//! - [`upstream`]: which transport each endpoint gets (DestinationRule `tls`, auto-mTLS);
 //! - [`headers`]: hop-by-hop and untrusted header handling at the edges.
 //!
 //! Bodies are boxed at the edges, with [`boxed_request`] and [`boxed_response`]
@@ -20,6 +21,7 @@ pub mod gateway;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
+pub mod upstream;
 
 use std::future::{Future, Ready};
 use std::pin::Pin;

@@ -426,7 +426,8 @@ pub async fn curl(args: &[&str]) -> (i32, String, String) {
 }
 
 /// A ServiceEntry document for `host` in `production` with endpoints
-/// `(inbound port, version, service account)`.
+/// `(inbound port, version, service account)`. The `serviceAccount` makes auto-mTLS
+/// use Istio mTLS to these sidecars, without a `security.istio.io/tlsMode` label (SR-25).
 pub fn service_entry(host: &str, port: u16, endpoints: &[(u16, &str, &str)]) -> String {
     let mut eps = String::new();
     for (p, version, sa) in endpoints {

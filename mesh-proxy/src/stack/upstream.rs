@@ -1,0 +1,195 @@
+//! Which transport each upstream endpoint gets: Istio mTLS, TLS origination or
+//! plaintext, from the destination's DestinationRule `tls` and the endpoint's sidecar
+//! mark (auto-mTLS).
+//!
+//! # Behaviour
+//!
+//! [`UpstreamTls`] is built once per destination from its resolved policy (the `tls`
+//! block after DR-02..DR-04 merging: rule, port, subset, subset port, whole blocks) and
+//! hands out an [`UpstreamSecurity`] per endpoint:
+//!
+//! | DestinationRule `tls` | transport |
+//! |---|---|
+//! | none (auto-mTLS, DR-50, SR-24) | Istio mTLS to an endpoint whose `tls_mode` is `istio` (label `security.istio.io/tlsMode: istio`, or a ServiceEntry endpoint with a `serviceAccount`, SR-23, SR-25), plaintext to the others |
+//! | `DISABLE` (also a `tls` block without `mode`, DR-51) | plaintext |
+//! | `SIMPLE`, `MUTUAL` | TLS origination ([`Origination`], DR-52..DR-54) to every endpoint |
+//! | `ISTIO_MUTUAL` | Istio mTLS to every endpoint |
+//!
+//! Istio mTLS checks the server's SPIFFE ID against `tls.subjectAltNames` when set,
+//! else against the endpoint's identities (SR-22); SNI is `tls.sni` when set, else the
+//! destination host.
+//!
+//! # Errors
+//!
+//! TLS origination settings that cannot be used (no `caCertificates`, an unreadable
+//! file, `MUTUAL` without certificate files) are logged when the destination is built, and
+//! every connection to it fails (503 `UF`) rather than falling back to plaintext.
+//!
+//! # Not done
+//!
+//! Auto-mTLS does not look at the destination's PeerAuthentication (Istio sends
+//! plaintext when the server's mode is `DISABLE`) nor at `MESH_EXTERNAL` (SR-24).
+
+use std::sync::Arc;
+
+use mesh_core::config::{ClientTlsMode, ClientTlsSettings};
+use mesh_core::{Endpoint, Identity, TlsMode};
+use mesh_tls::{ClientTls, Origination, SecureNaming, UpstreamSecurity};
+use rustls_pki_types::ServerName;
+
+/// The transport choice of one destination.
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    choice: Choice,
+    tls: ClientTls,
+    /// SNI: `tls.sni`, else the destination host; `None` when neither is a valid name.
+    server_name: Option<ServerName<'static>>,
+}
+
+#[derive(Clone, Debug)]
+enum Choice {
+    Auto,
+    Plaintext,
+    Originate(Arc<Origination>),
+    Refuse(Arc<str>),
+    Istio(Option<Arc<[Identity]>>),
+}
+
+impl UpstreamTls {
+    /// The choice for a destination `host` whose resolved `tls` block is `settings`;
+    /// Istio mTLS presents `tls`'s SVID.
+    pub fn new(settings: Option<&ClientTlsSettings>, host: &str, tls: ClientTls) -> Self {
+        let choice = match settings {
+            None => Choice::Auto,
+            Some(s) => match s.mode {
+                None | Some(ClientTlsMode::Disable) => Choice::Plaintext,
+                Some(ClientTlsMode::IstioMutual) => {
+                    let sans: Vec<Identity> = s
+                        .subject_alt_names
+                        .iter()
+                        .filter_map(|san| Identity::parse(san).ok())
+                        .collect();
+                    Choice::Istio((!sans.is_empty()).then(|| Arc::from(sans)))
+                }
+                Some(ClientTlsMode::Simple | ClientTlsMode::Mutual) => {
+                    match Origination::from_settings(s) {
+                        Ok(o) => Choice::Originate(Arc::new(o)),
+                        Err(e) => {
+                            tracing::warn!(
+                                destination = host,
+                                "DestinationRule tls cannot be used, connections will fail: {e}"
+                            );
+                            Choice::Refuse(Arc::from(format!("DestinationRule tls of {host}: {e}")))
+                        }
+                    }
+                }
+            },
+        };
+        let sni = settings
+            .and_then(|s| s.sni.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(host);
+        Self {
+            choice,
+            tls,
+            server_name: ServerName::try_from(sni.to_owned()).ok(),
+        }
+    }
+
+    /// The transport to `ep`.
+    pub fn security(&self, ep: &Endpoint) -> UpstreamSecurity {
+        match &self.choice {
+            Choice::Auto if ep.tls_mode == TlsMode::Istio => self.istio(ep, None),
+            Choice::Auto | Choice::Plaintext => UpstreamSecurity::Plaintext,
+            Choice::Istio(sans) => self.istio(ep, sans.as_ref()),
+            Choice::Originate(origination) => UpstreamSecurity::Originate {
+                origination: origination.clone(),
+                server_name: self.server_name_or_address(ep),
+            },
+            Choice::Refuse(reason) => UpstreamSecurity::Refuse(reason.clone()),
+        }
+    }
+
+    fn istio(&self, ep: &Endpoint, sans: Option<&Arc<[Identity]>>) -> UpstreamSecurity {
+        let naming = match (sans, &self.server_name) {
+            (Some(sans), _) => SecureNaming::OneOf(sans.clone()),
+            // A host that is not a DNS name (a wildcard ServiceEntry host): its address
+            // is sent as SNI and any trusted identity is accepted.
+            (None, None) => SecureNaming::AnyTrusted,
+            (None, Some(_)) if ep.identities.is_empty() => SecureNaming::AnyTrusted,
+            (None, Some(_)) => SecureNaming::OneOf(ep.identities.clone()),
+        };
+        UpstreamSecurity::Istio {
+            tls: self.tls.clone(),
+            naming,
+            server_name: self.server_name_or_address(ep),
+        }
+    }
+
+    fn server_name_or_address(&self, ep: &Endpoint) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(ep.address.ip().into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use mesh_core::Labels;
+    use mesh_tls::{CertStore, CertificateAuthority};
+
+    fn client() -> ClientTls {
+        let ca = CertificateAuthority::new("cluster.local").unwrap();
+        ClientTls::new(CertStore::from_issued(&ca.issue("prod", "orders").unwrap()).unwrap())
+    }
+
+    fn endpoint(mode: TlsMode) -> Endpoint {
+        Endpoint::new("127.0.0.1:8080".parse().unwrap()).with_tls_mode(mode)
+    }
+
+    #[test]
+    fn auto_mtls_follows_the_endpoint_and_an_explicit_rule_wins() {
+        let auto = UpstreamTls::new(None, "payment", client());
+        assert_eq!(
+            auto.security(&endpoint(TlsMode::Istio)).as_str(),
+            "istio_mutual"
+        );
+        assert_eq!(
+            auto.security(&endpoint(TlsMode::Disabled)).as_str(),
+            "plaintext"
+        );
+
+        let disable = ClientTlsSettings {
+            mode: Some(ClientTlsMode::Disable),
+            ..ClientTlsSettings::default()
+        };
+        let rule = UpstreamTls::new(Some(&disable), "payment", client());
+        assert_eq!(
+            rule.security(&endpoint(TlsMode::Istio)).as_str(),
+            "plaintext"
+        );
+
+        let istio = ClientTlsSettings {
+            mode: Some(ClientTlsMode::IstioMutual),
+            ..ClientTlsSettings::default()
+        };
+        let rule = UpstreamTls::new(Some(&istio), "payment", client());
+        assert_eq!(
+            rule.security(&endpoint(TlsMode::Disabled)).as_str(),
+            "istio_mutual"
+        );
+    }
+
+    #[test]
+    fn unusable_origination_settings_refuse_instead_of_plaintext() {
+        let simple = ClientTlsSettings {
+            mode: Some(ClientTlsMode::Simple),
+            ..ClientTlsSettings::default()
+        };
+        let rule = UpstreamTls::new(Some(&simple), "api.example.com", client());
+        let ep = endpoint(TlsMode::Disabled).with_labels(Labels::new());
+        assert_eq!(rule.security(&ep).as_str(), "refused");
+    }
+}

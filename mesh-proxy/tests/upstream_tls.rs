@@ -1,0 +1,459 @@
+//! Every upstream a mesh has, through an in-process sidecar: plaintext services without
+//! a sidecar (DestinationRule `tls: DISABLE` and auto-mTLS), Istio mTLS to a labelled
+//! sidecar, TLS origination (`SIMPLE` with SNI and `subjectAltNames`, `MUTUAL` with a
+//! client certificate), block-wise `tls` merging for a subset, and
+//! `maxRequestsPerConnection` counted at a real upstream.
+
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_proxy::{ProxyHandle, Settings, Sidecar};
+use mesh_tls::{CertificateAuthority, IssuedSvid, LeafSpec};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use support::*;
+use tokio::net::TcpListener;
+
+fn settings(world: &World, sa: &str, app: SocketAddr) -> Settings {
+    let yaml = format!(
+        "workload: {{namespace: production, serviceAccount: {sa}, labels: {{app: {sa}}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
+         listeners: {{inbound: 127.0.0.1:0, outbound: 127.0.0.1:0, admin: 127.0.0.1:0, app: {app}}}\n\
+         limits: {{drainTimeout: 1s}}\n",
+        config = world.path("istio").display(),
+        ca = world.ca_dir.display(),
+    );
+    Settings::from_yaml(format!("{sa}.yaml"), &yaml).unwrap()
+}
+
+/// The calling sidecar (order-service), started on `yaml`.
+async fn caller(world: &World, yaml: &str) -> (ProxyHandle, SocketAddr) {
+    world.write_config("istio", "mesh.yaml", yaml);
+    let order = Sidecar::start(settings(
+        world,
+        "order-service",
+        "127.0.0.1:9".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let outbound = order.address("outbound").unwrap();
+    (order, outbound)
+}
+
+/// A ServiceEntry for `host` (HTTP port 80) with one endpoint at `addr`; `extra` adds
+/// endpoint fields (labels, serviceAccount).
+fn entry(host: &str, location: &str, addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {host}, namespace: production}}\n\
+         spec:\n  hosts: [{host}]\n  location: {location}\n  resolution: STATIC\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n\
+         \x20 endpoints:\n  - address: {ip}\n    ports: {{http: {port}}}\n{extra}",
+        ip = addr.ip(),
+        port = addr.port(),
+    )
+}
+
+fn rule(host: &str, traffic_policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}, namespace: production}}\n\
+         spec:\n  host: {host}\n  trafficPolicy:\n{traffic_policy}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_disable_rule_sends_plaintext_even_to_an_endpoint_with_a_service_account() {
+    let world = World::new();
+    let legacy = App::start(Behaviour::Ok("plain")).await;
+    // The serviceAccount alone would make auto-mTLS choose Istio mTLS (SR-25); the rule wins.
+    let yaml = format!(
+        "{}---\n{}",
+        entry(
+            "legacy",
+            "MESH_INTERNAL",
+            legacy.addr,
+            "    serviceAccount: legacy\n"
+        ),
+        rule("legacy", "    tls: {mode: DISABLE}\n"),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "GET", "legacy", "/", &[]).await,
+        Ok((200, "plain".to_owned()))
+    );
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mtls_sends_plaintext_to_an_endpoint_without_a_sidecar() {
+    let world = World::new();
+    let legacy = App::start(Behaviour::Ok("plain")).await;
+    let yaml = entry(
+        "legacy",
+        "MESH_INTERNAL",
+        legacy.addr,
+        "    labels: {app: legacy}\n",
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "GET", "legacy", "/", &[]).await,
+        Ok((200, "plain".to_owned()))
+    );
+    assert_eq!(legacy.hits(), 1);
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mtls_sends_istio_mtls_to_a_labelled_sidecar() {
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("paid")).await;
+    world.write_config(
+        "istio",
+        "mesh.yaml",
+        &entry(
+            "placeholder",
+            "MESH_INTERNAL",
+            "127.0.0.1:1".parse().unwrap(),
+            "",
+        ),
+    );
+    let payment = Sidecar::start(settings(&world, "payment-service", app.addr))
+        .await
+        .unwrap();
+    let inbound = payment.address("inbound").unwrap();
+    // No serviceAccount: only the injector's label marks the sidecar.
+    let yaml = format!(
+        "{}---\n{}",
+        entry(
+            "payment-service",
+            "MESH_INTERNAL",
+            inbound,
+            "    labels: {app: payment-service, security.istio.io/tlsMode: istio}\n",
+        ),
+        // STRICT: a plaintext request would be refused by the callee.
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: production}\n\
+         spec:\n  mtls: {mode: STRICT}\n",
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "POST", "payment-service", "/pay", &[]).await,
+        Ok((200, "paid".to_owned()))
+    );
+    // The callee saw the caller's SPIFFE identity over mutual TLS.
+    let admin = payment.address("admin").unwrap();
+    let want = "source_principal=\"spiffe://cluster.local/ns/production/sa/order-service\"";
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = admin_get(admin.port(), "/stats/prometheus")
+            .await
+            .unwrap()
+            .1;
+        if metrics.contains(want) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains(want))
+        .unwrap_or_else(|| panic!("no request from order-service:\n{metrics}"));
+    assert!(line.contains("reporter=\"destination\""), "{line}");
+    assert!(
+        line.contains("connection_security_policy=\"mutual_tls\""),
+        "{line}"
+    );
+    order.shutdown();
+    order.wait().await;
+    payment.shutdown();
+    payment.wait().await;
+}
+
+/// A TLS upstream (rustls, HTTP/1.1) that records the SNI of each handshake and whether
+/// the client presented a certificate; with `client_ca`, a client certificate signed by
+/// it is required.
+struct TlsUpstream {
+    addr: SocketAddr,
+    sni: Arc<Mutex<Vec<Option<String>>>>,
+    client_certs: Arc<Mutex<Vec<bool>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsUpstream {
+    async fn start(leaf: &IssuedSvid, client_ca: Option<&CertificateAuthority>) -> Self {
+        let provider = mesh_tls::provider();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(mesh_tls::PROTOCOL_VERSIONS)
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.root_der().clone()).unwrap();
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(leaf.chain_der().to_vec(), leaf.key_der())
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sni = Arc::new(Mutex::new(Vec::new()));
+        let client_certs = Arc::new(Mutex::new(Vec::new()));
+        let (s, c) = (sni.clone(), client_certs.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let conn = tls.get_ref().1;
+                s.lock()
+                    .unwrap()
+                    .push(conn.server_name().map(str::to_owned));
+                c.lock().unwrap().push(conn.peer_certificates().is_some());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"tls ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            sni,
+            client_certs,
+            task,
+        }
+    }
+}
+
+/// A CA and a server certificate for `api.example.com`; the CA is written to
+/// `<dir>/external-ca.pem`.
+fn external_pki(world: &World) -> (CertificateAuthority, IssuedSvid, String) {
+    let ca = CertificateAuthority::new("example.com").unwrap();
+    let leaf = ca
+        .issue_with(
+            &LeafSpec::workload("example.com", "external", "api").with_dns("api.example.com"),
+        )
+        .unwrap();
+    let path = world.path("external-ca.pem");
+    std::fs::write(&path, ca.root_pem()).unwrap();
+    (ca, leaf, path.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_tls_origination_sends_the_sni_and_verifies_the_server() {
+    let world = World::new();
+    let (_ca, leaf, ca_file) = external_pki(&world);
+    let upstream = TlsUpstream::start(&leaf, None).await;
+    // Port-level settings replace the rule's tls block for port 80 (DR-04).
+    let yaml = format!(
+        "{}---\n{}",
+        entry("api.example.com", "MESH_EXTERNAL", upstream.addr, ""),
+        rule(
+            "api.example.com",
+            &format!(
+                "    tls: {{mode: ISTIO_MUTUAL}}\n    portLevelSettings:\n    - port: {{number: 80}}\n      \
+                 tls: {{mode: SIMPLE, caCertificates: {ca_file}, sni: api.example.com}}\n"
+            ),
+        ),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "GET", "api.example.com", "/", &[]).await,
+        Ok((200, "tls ok".to_owned()))
+    );
+    assert_eq!(
+        *upstream.sni.lock().unwrap(),
+        vec![Some("api.example.com".to_owned())]
+    );
+    assert_eq!(*upstream.client_certs.lock().unwrap(), vec![false]);
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_origination_presents_the_client_certificate() {
+    let world = World::new();
+    let (ca, leaf, ca_file) = external_pki(&world);
+    let upstream = TlsUpstream::start(&leaf, Some(&ca)).await;
+    let client = ca
+        .issue_with(&LeafSpec::workload(
+            "example.com",
+            "production",
+            "order-service",
+        ))
+        .unwrap();
+    let (cert, key) = (world.path("client.pem"), world.path("client-key.pem"));
+    std::fs::write(&cert, client.cert_chain_pem()).unwrap();
+    std::fs::write(&key, client.key_pem()).unwrap();
+    let yaml = format!(
+        "{}---\n{}",
+        entry("api.example.com", "MESH_EXTERNAL", upstream.addr, ""),
+        rule(
+            "api.example.com",
+            &format!(
+                "    tls:\n      mode: MUTUAL\n      caCertificates: {ca_file}\n      \
+                 clientCertificate: {cert}\n      privateKey: {key}\n      \
+                 subjectAltNames: [api.example.com]\n",
+                cert = cert.display(),
+                key = key.display(),
+            ),
+        ),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "GET", "api.example.com", "/", &[]).await,
+        Ok((200, "tls ok".to_owned()))
+    );
+    assert_eq!(*upstream.client_certs.lock().unwrap(), vec![true]);
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_expected_subject_alt_name_is_refused_with_uf() {
+    let world = World::new();
+    let (_ca, leaf, ca_file) = external_pki(&world);
+    let upstream = TlsUpstream::start(&leaf, None).await;
+    let yaml = format!(
+        "{}---\n{}",
+        entry("api.example.com", "MESH_EXTERNAL", upstream.addr, ""),
+        rule(
+            "api.example.com",
+            &format!(
+                "    tls: {{mode: SIMPLE, caCertificates: {ca_file}, subjectAltNames: [other.example.com]}}\n"
+            ),
+        ),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    let (status, body) = send(outbound, "GET", "api.example.com", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.ends_with("reset reason: connection failure"), "{body}");
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_opens_one_connection_per_ten_requests() {
+    let world = World::new();
+    // A plain HTTP/1.1 upstream that counts the connections it accepts.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"ok",
+                    ))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let yaml = format!(
+        "{}---\n{}",
+        entry("legacy", "MESH_INTERNAL", addr, ""),
+        rule(
+            "legacy",
+            "    connectionPool:\n      http: {maxRequestsPerConnection: 10}\n",
+        ),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    let client = Client::new(outbound);
+    for i in 0..50 {
+        assert_eq!(
+            client.request("GET", "legacy", "/", &[]).await,
+            Ok((200, "ok".to_owned())),
+            "request {i}"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    order.shutdown();
+    order.wait().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_tls_block_replaces_the_rule_tls_block() {
+    let world = World::new();
+    let legacy = App::start(Behaviour::Ok("plain")).await;
+    // The rule says ISTIO_MUTUAL, which a plain server cannot answer; the subset's own
+    // tls block replaces it for traffic routed to the subset (DR-03).
+    let yaml = format!(
+        "{}---\n{}  subsets:\n  - name: plain\n    labels: {{version: v1}}\n    trafficPolicy:\n      tls: {{mode: DISABLE}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: legacy, namespace: production}}\n\
+         spec:\n  hosts: [legacy]\n  http:\n  - route:\n    - destination: {{host: legacy, subset: plain}}\n",
+        entry(
+            "legacy",
+            "MESH_INTERNAL",
+            legacy.addr,
+            "    labels: {version: v1}\n"
+        ),
+        rule("legacy", "    tls: {mode: ISTIO_MUTUAL}\n"),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    assert_eq!(
+        send(outbound, "GET", "legacy", "/", &[]).await,
+        Ok((200, "plain".to_owned()))
+    );
+    order.shutdown();
+    order.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_to_a_server_without_a_sidecar_fails_with_uf() {
+    let world = World::new();
+    let legacy = App::start(Behaviour::Ok("plain")).await;
+    let yaml = format!(
+        "{}---\n{}",
+        entry("legacy", "MESH_INTERNAL", legacy.addr, ""),
+        rule("legacy", "    tls: {mode: ISTIO_MUTUAL}\n"),
+    );
+    let (order, outbound) = caller(&world, &yaml).await;
+    let (status, body) = send(outbound, "GET", "legacy", "/", &[]).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.ends_with("reset reason: connection failure"), "{body}");
+    assert_eq!(legacy.hits(), 0);
+    order.shutdown();
+    order.wait().await;
+}
