@@ -95,7 +95,7 @@ async fn tls_disable_rule_sends_plaintext_even_to_an_endpoint_with_a_service_acc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_mtls_sends_plaintext_to_an_endpoint_without_a_sidecar() {
+async fn auto_mtls_sends_plaintext_and_no_workload_metadata_to_an_endpoint_without_a_sidecar() {
     let world = World::new();
     let legacy = App::start(Behaviour::Ok("plain")).await;
     let yaml = entry(
@@ -110,6 +110,10 @@ async fn auto_mtls_sends_plaintext_to_an_endpoint_without_a_sidecar() {
         Ok((200, "plain".to_owned()))
     );
     assert_eq!(legacy.hits(), 1);
+    // The workload's exchanged metadata goes only to mesh peers.
+    let seen = legacy.last_headers.lock().unwrap()[0].clone();
+    assert!(!seen.contains_key("x-envoy-peer-metadata"), "{seen:?}");
+    assert!(!seen.contains_key("x-envoy-peer-metadata-id"), "{seen:?}");
     order.shutdown();
     order.wait().await;
 }

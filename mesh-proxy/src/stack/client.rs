@@ -11,6 +11,8 @@
 //!   for the local application, whose requests keep their `Host`);
 //! - hop-by-hop headers are removed from the request and the response;
 //! - the response carries [`UpstreamHost`] (the address the client dialled);
+//! - the workload's exchanged metadata (Istio's `x-envoy-peer-metadata` headers) goes
+//!   only to Istio mTLS peers, never to a plaintext or TLS-originated upstream;
 //! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
 //!   when) the answer is `101`, the two connections are spliced together;
 //! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
@@ -79,6 +81,9 @@ pub struct HttpClient<C> {
     protocol: Protocol,
     /// Requests per connection; 0 is unlimited.
     max_requests_per_connection: u32,
+    /// Whether the upstream is a mesh peer (Istio mTLS): only then does the workload's
+    /// exchanged metadata go with the request.
+    mesh_peer: bool,
 }
 
 impl<C> HttpClient<C>
@@ -109,6 +114,7 @@ where
             authority: None,
             protocol,
             max_requests_per_connection: 0,
+            mesh_peer: false,
         }
     }
 
@@ -139,12 +145,15 @@ where
 }
 
 impl HttpClient<MeshConnector> {
-    /// The client of one mesh endpoint: mTLS with `connector` (h2 or HTTP/1.1 by ALPN;
-    /// upgrades on HTTP/1.1-only connections).
+    /// A client of one mesh peer over Istio mTLS with `connector` (h2 or HTTP/1.1 by
+    /// ALPN; upgrades on HTTP/1.1-only connections).
     pub fn mesh(connector: MeshConnector, idle_timeout: Duration) -> Self {
         let address = connector.address();
         let upgrades = connector.clone().alpn(Alpn::Http1);
-        Self::new(connector, upgrades, idle_timeout, Protocol::Negotiated).at(address)
+        let mut client =
+            Self::new(connector, upgrades, idle_timeout, Protocol::Negotiated).at(address);
+        client.mesh_peer = true;
+        client
     }
 }
 
@@ -155,12 +164,16 @@ impl HttpClient<UpstreamConnector> {
     /// origination offers only `http/1.1`. Upgrades go on HTTP/1.1-only connections.
     pub fn upstream(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
         let address = connector.address();
-        let (connector, protocol) = match connector.security() {
-            UpstreamSecurity::Istio { .. } => (connector, Protocol::Negotiated),
-            _ => (connector.alpn(Alpn::Http1), Protocol::Http1),
+        let mesh_peer = matches!(connector.security(), UpstreamSecurity::Istio { .. });
+        let (connector, protocol) = if mesh_peer {
+            (connector, Protocol::Negotiated)
+        } else {
+            (connector.alpn(Alpn::Http1), Protocol::Http1)
         };
         let upgrades = connector.clone().alpn(Alpn::Http1);
-        Self::new(connector, upgrades, idle_timeout, protocol).at(address)
+        let mut client = Self::new(connector, upgrades, idle_timeout, protocol).at(address);
+        client.mesh_peer = mesh_peer;
+        client
     }
 }
 
@@ -252,6 +265,14 @@ where
 
     fn call(&mut self, mut req: Request<BoxBody>) -> ResponseFuture {
         strip_hop_by_hop(req.headers_mut());
+        if !self.mesh_peer {
+            // A plaintext or TLS-originated upstream has no sidecar to read the
+            // workload's metadata: it does not leave the mesh.
+            req.headers_mut()
+                .remove(mesh_telemetry::exchange::PEER_METADATA);
+            req.headers_mut()
+                .remove(mesh_telemetry::exchange::PEER_METADATA_ID);
+        }
         absolute(&mut req, self.authority.as_ref());
         let address = self.address;
         let upgrade = is_upgrade(&req);
