@@ -16,7 +16,7 @@ use mesh_proxy::stack::HttpClient;
 use mesh_proxy::{ProxyHandle, Settings, Sidecar};
 use mesh_telemetry::exchange::{LocalMetadata, NodeMetadata};
 use mesh_tls::{
-    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, MeshConnector, SecureNaming,
+    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, SecureNaming, UpstreamConnector,
 };
 use support::*;
 use tower::ServiceExt;
@@ -198,17 +198,17 @@ fn mtls_client(
     namespace: &str,
     sa: &str,
     addr: std::net::SocketAddr,
-) -> HttpClient<MeshConnector> {
+) -> HttpClient<UpstreamConnector> {
     let ca = Arc::new(CertificateAuthority::load_dir(&world.ca_dir).unwrap());
     let store = CertStore::from_issuer(&BuiltInIssuer::new(ca, namespace, sa)).unwrap();
-    let connector = MeshConnector::new(
+    let connector = UpstreamConnector::istio(
         addr,
         "payment-service",
         ClientTls::new(store),
         SecureNaming::AnyTrusted,
     )
     .unwrap();
-    HttpClient::mesh(connector, Duration::from_secs(5))
+    HttpClient::upstream(connector, Duration::from_secs(5))
 }
 
 /// The metadata an Istio sidecar (Envoy) of workload `reviews-v3` sends, built from

@@ -418,36 +418,32 @@ impl TelemetryLayer {
     /// outside the mesh. Peer metadata headers are read and removed whatever this says.
     #[must_use]
     pub fn with_metadata_exchange(self, on: bool) -> Self {
-        let Some(s) = &self.shared else {
-            return self;
-        };
-        Self {
-            shared: Some(Arc::new(LayerShared {
-                telemetry: s.telemetry.clone(),
-                targets: s.targets.clone_targets(),
-                exchange: on,
-                kind: s.kind,
-                seed: s.seed,
-                clones: AtomicU64::new(0),
-            })),
-        }
+        self.rebuilt(|s| s.exchange = on)
     }
 
     /// Fixes the seed of the services' random number generators (ids, sampling).
     #[must_use]
     pub fn with_seed(self, seed: u64) -> Self {
+        self.rebuilt(|s| s.seed = seed)
+    }
+
+    /// A copy of this layer's shared state changed by `change` (a disabled layer stays
+    /// disabled); services made from it start their clone count over.
+    fn rebuilt(self, change: impl FnOnce(&mut LayerShared)) -> Self {
         let Some(s) = &self.shared else {
             return self;
         };
+        let mut shared = LayerShared {
+            telemetry: s.telemetry.clone(),
+            targets: s.targets.clone_targets(),
+            exchange: s.exchange,
+            kind: s.kind,
+            seed: s.seed,
+            clones: AtomicU64::new(0),
+        };
+        change(&mut shared);
         Self {
-            shared: Some(Arc::new(LayerShared {
-                telemetry: s.telemetry.clone(),
-                targets: s.targets.clone_targets(),
-                exchange: s.exchange,
-                kind: s.kind,
-                seed,
-                clones: AtomicU64::new(0),
-            })),
+            shared: Some(Arc::new(shared)),
         }
     }
 }

@@ -1,27 +1,28 @@
-//! The mTLS connector: a hyper client connector that dials one endpoint and performs
-//! the mesh's mTLS handshake with secure naming, whatever the URI says.
+//! The upstream connector: a hyper client connector that dials one endpoint, whatever
+//! the URI says, in plaintext, with TLS origination or with the mesh's mTLS.
 //!
 //! # Behaviour
 //!
-//! [`MeshConnector`] is a `tower::Service<Uri>` (hyper-util's `Connect`): every call
-//! opens a TCP connection to the endpoint's address (`TCP_NODELAY` on), sends the
-//! destination host as SNI, presents the workload SVID and accepts only a server whose
-//! SPIFFE ID [`SecureNaming`] allows, all within the connect timeout. The returned
-//! [`MeshConn`] tells hyper whether `h2` was negotiated and carries the identity the
-//! server proved, which hyper hands to every response of the connection as
-//! [`UpstreamPeerIdentity`].
+//! [`UpstreamConnector`] is a `tower::Service<Uri>` (hyper-util's `Connect`): every call
+//! opens a TCP connection to the endpoint's address (`TCP_NODELAY` on) and secures it as
+//! its [`UpstreamSecurity`] says, all within the connect timeout:
 //!
-//! [`Alpn::Http1`] offers only `http/1.1`: the connection for an HTTP Upgrade, which
-//! h2 cannot carry. The choice is made once, when the connector is built.
+//! - Istio mTLS ([`UpstreamConnector::istio`]): sends the destination host as SNI,
+//!   presents the workload SVID and accepts only a server whose SPIFFE ID
+//!   [`SecureNaming`] allows; the identity the server proved rides every response of
+//!   the connection as [`UpstreamPeerIdentity`];
+//! - TLS origination ([`Origination`]) or plaintext, chosen per endpoint from the
+//!   DestinationRule `tls` and auto-mTLS (DR-50, SR-23..SR-25).
 //!
-//! [`UpstreamConnector`] generalises it to every upstream a mesh has: plaintext, TLS
-//! origination ([`Origination`]) or Istio mTLS, chosen per endpoint from the
-//! DestinationRule `tls` and auto-mTLS (DR-50, SR-23..SR-25), with one connection type.
+//! Every variant yields one connection type, [`UpstreamConn`], which tells hyper whether
+//! `h2` was negotiated. [`Alpn::Http1`] offers only `http/1.1`: the connection for an
+//! HTTP Upgrade, which h2 cannot carry. The choice is made once, when the connector is
+//! built.
 //!
 //! # Layer placement
 //!
 //! Below the connection pool of one endpoint: `balancer -> endpoint HTTP client ->
-//! MeshConnector -> TCP`.
+//! UpstreamConnector -> TCP`.
 //!
 //! # Errors
 //!
@@ -34,9 +35,9 @@
 //! ```no_run
 //! # fn demo(store: std::sync::Arc<mesh_tls::CertStore>) {
 //! use std::time::Duration;
-//! use mesh_tls::{Alpn, ClientTls, MeshConnector, SecureNaming};
+//! use mesh_tls::{Alpn, ClientTls, SecureNaming, UpstreamConnector};
 //!
-//! let connector = MeshConnector::new(
+//! let connector = UpstreamConnector::istio(
 //!     "10.0.0.7:8080".parse().unwrap(),
 //!     "payment-service.production.svc.cluster.local",
 //!     ClientTls::new(store),
@@ -96,168 +97,10 @@ impl Alpn {
 /// Default connect-plus-handshake timeout (Envoy's cluster `connect_timeout` in Istio).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to one endpoint with mTLS.
-#[derive(Clone, Debug)]
-pub struct MeshConnector {
-    address: SocketAddr,
-    server_name: ServerName<'static>,
-    tls: ClientTls,
-    naming: SecureNaming,
-    connect_timeout: Duration,
-    alpn: Alpn,
-}
-
 /// A server name that is neither a DNS name nor an IP address.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid TLS server name {0:?}")]
 pub struct InvalidServerName(String);
-
-impl MeshConnector {
-    /// A connector to `address`, sending `server_name` as SNI, presenting the SVID of
-    /// `tls` and accepting the servers `naming` allows.
-    pub fn new(
-        address: SocketAddr,
-        server_name: &str,
-        tls: ClientTls,
-        naming: SecureNaming,
-    ) -> Result<Self, InvalidServerName> {
-        let server_name = ServerName::try_from(server_name.to_owned())
-            .map_err(|_| InvalidServerName(server_name.to_owned()))?;
-        Ok(Self {
-            address,
-            server_name,
-            tls,
-            naming,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            alpn: Alpn::Negotiate,
-        })
-    }
-
-    /// Sets the connect-plus-handshake timeout.
-    #[must_use]
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Sets the ALPN protocols offered.
-    #[must_use]
-    pub fn alpn(mut self, alpn: Alpn) -> Self {
-        self.alpn = alpn;
-        self
-    }
-
-    /// The endpoint's address.
-    pub fn address(&self) -> SocketAddr {
-        self.address
-    }
-}
-
-impl tower_service::Service<Uri> for MeshConnector {
-    type Response = MeshConn;
-    type Error = BoxError;
-    type Future = Connecting;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Connecting {
-        let inner = self.clone();
-        Connecting(Box::pin(async move {
-            let connect = async {
-                let tcp = TcpStream::connect(inner.address).await?;
-                let _ = tcp.set_nodelay(true);
-                inner
-                    .tls
-                    .connect_to(
-                        tcp,
-                        inner.server_name.clone(),
-                        &inner.naming,
-                        inner.alpn.protocols(),
-                    )
-                    .await
-            };
-            let (stream, leaf) = tokio::time::timeout(inner.connect_timeout, connect)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                })??;
-            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            Ok(MeshConn {
-                io: TokioIo::new(stream),
-                h2,
-                peer: UpstreamPeerIdentity(leaf.identity),
-            })
-        }))
-    }
-}
-
-/// The future of one connection attempt of a [`MeshConnector`] (one allocation per
-/// connection, none per request).
-pub struct Connecting(Pin<Box<dyn Future<Output = Result<MeshConn, BoxError>> + Send>>);
-
-impl std::fmt::Debug for Connecting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connecting").finish_non_exhaustive()
-    }
-}
-
-impl Future for Connecting {
-    type Output = Result<MeshConn, BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-/// An mTLS client connection to a peer: tells hyper whether h2 was negotiated and which
-/// identity the server proved.
-#[derive(Debug)]
-pub struct MeshConn {
-    io: TokioIo<TlsStream<TcpStream>>,
-    h2: bool,
-    peer: UpstreamPeerIdentity,
-}
-
-impl Connection for MeshConn {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.peer.clone());
-        if self.h2 {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
-    }
-}
-
-impl hyper::rt::Read for MeshConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for MeshConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
 
 /// How an [`UpstreamConnector`] secures its connections.
 #[derive(Clone, Debug)]
@@ -305,9 +148,9 @@ impl UpstreamSecurity {
 /// variant yields the same connection type, [`UpstreamConn`], so one HTTP client type
 /// serves all endpoints.
 ///
-/// Like [`MeshConnector`] it dials a fixed address whatever the URI says, sets
-/// `TCP_NODELAY`, bounds connect plus handshake by the connect timeout, and chooses the
-/// ALPN protocols once, at construction. Each connection carries a
+/// It dials a fixed address whatever the URI says, sets `TCP_NODELAY`, bounds connect
+/// plus handshake by the connect timeout, and chooses the ALPN protocols once, at
+/// construction. Each connection carries a
 /// [`ConnectionRequests`] counter (in hyper's connection extras) so that the client can
 /// retire it after `maxRequestsPerConnection` requests.
 #[derive(Clone, Debug)]
@@ -327,6 +170,26 @@ impl UpstreamConnector {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             alpn: Alpn::Negotiate,
         }
+    }
+
+    /// An Istio mTLS connector to `address`, sending `server_name` as SNI, presenting
+    /// the SVID of `tls` and accepting the servers `naming` allows.
+    pub fn istio(
+        address: SocketAddr,
+        server_name: &str,
+        tls: ClientTls,
+        naming: SecureNaming,
+    ) -> Result<Self, InvalidServerName> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| InvalidServerName(server_name.to_owned()))?;
+        Ok(Self::new(
+            address,
+            UpstreamSecurity::Istio {
+                tls,
+                naming,
+                server_name,
+            },
+        ))
     }
 
     /// Sets the connect-plus-handshake timeout.

@@ -79,8 +79,7 @@ pub use authz::{AuthzLayer, PolicySet};
 pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec};
 pub use client::ClientTls;
 pub use connect::{
-    Alpn, ConnectionRequests, MeshConn, MeshConnector, UpstreamConn, UpstreamConnector,
-    UpstreamSecurity,
+    Alpn, ConnectionRequests, InvalidServerName, UpstreamConn, UpstreamConnector, UpstreamSecurity,
 };
 pub use origin::{Origination, OriginationError};
 pub use peer_auth::{

@@ -51,7 +51,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
 use mesh_core::extensions::UpstreamHost;
-use mesh_tls::{Alpn, ConnectionRequests, MeshConnector, UpstreamConnector, UpstreamSecurity};
+use mesh_tls::{Alpn, ConnectionRequests, UpstreamConnector, UpstreamSecurity};
 
 use super::headers::strip_hop_by_hop;
 
@@ -141,19 +141,6 @@ where
         self.authority = Authority::try_from(address.to_string()).ok();
         self.address = Some(address);
         self
-    }
-}
-
-impl HttpClient<MeshConnector> {
-    /// A client of one mesh peer over Istio mTLS with `connector` (h2 or HTTP/1.1 by
-    /// ALPN; upgrades on HTTP/1.1-only connections).
-    pub fn mesh(connector: MeshConnector, idle_timeout: Duration) -> Self {
-        let address = connector.address();
-        let upgrades = connector.clone().alpn(Alpn::Http1);
-        let mut client =
-            Self::new(connector, upgrades, idle_timeout, Protocol::Negotiated).at(address);
-        client.mesh_peer = true;
-        client
     }
 }
 
