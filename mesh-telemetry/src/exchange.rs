@@ -41,8 +41,10 @@
 //! assert!(headers.is_empty());
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock};
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use mesh_core::Identity;
@@ -311,13 +313,40 @@ impl LocalMetadata {
 /// Removes both metadata headers from `headers` and returns the peer's workload when the
 /// metadata decodes and is believable: the peer authenticated as `peer` (mTLS) and the
 /// namespace it claims is that identity's namespace. The workload's principal is `peer`.
-pub fn take(headers: &mut HeaderMap, peer: Option<&Identity>) -> Option<Workload> {
+///
+/// A peer sends the same value on every request, so what a (value, peer) pair decodes
+/// to is kept (up to [`VERIFIED_LIMIT`] pairs; beyond, values are decoded each time):
+/// after the first request a peer costs a lookup, no decoding or allocation. Istio's
+/// proxies keep decoded peer metadata by its id in the same way.
+pub fn take(headers: &mut HeaderMap, peer: Option<&Identity>) -> Option<Arc<Workload>> {
     let value = headers.remove(PEER_METADATA);
     headers.remove(PEER_METADATA_ID);
     let value = value?;
     let peer = peer?;
-    verify(NodeMetadata::decode(value.as_bytes())?, peer)
+    let key = (value, peer.clone());
+    if let Some(known) = VERIFIED.load().get(&key) {
+        return known.clone();
+    }
+    let verified = NodeMetadata::decode(key.0.as_bytes())
+        .and_then(|node| verify(node, peer))
+        .map(Arc::new);
+    VERIFIED.rcu(|map| {
+        if map.len() >= VERIFIED_LIMIT {
+            return Arc::clone(map);
+        }
+        let mut map = HashMap::clone(map);
+        map.insert(key.clone(), verified.clone());
+        Arc::new(map)
+    });
+    verified
 }
+
+/// Bound on the (metadata value, peer identity) pairs [`take`] keeps.
+pub const VERIFIED_LIMIT: usize = 4096;
+
+type Verified = HashMap<(HeaderValue, Identity), Option<Arc<Workload>>>;
+
+static VERIFIED: LazyLock<ArcSwap<Verified>> = LazyLock::new(ArcSwap::default);
 
 /// The workload `node` describes, when its namespace is that of `peer`'s SPIFFE identity.
 pub fn verify(node: NodeMetadata, peer: &Identity) -> Option<Workload> {
@@ -336,7 +365,7 @@ pub fn verify(node: NodeMetadata, peer: &Identity) -> Option<Workload> {
 /// by the layer that removed the metadata headers (the inbound edge's sanitizing, or the
 /// telemetry layer itself).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerWorkload(pub Workload);
+pub struct PeerWorkload(pub Arc<Workload>);
 
 /// Moves a request's peer metadata from its headers into a [`PeerWorkload`] extension
 /// when the connection's verified [`PeerIdentity`] vouches for it; the headers are

@@ -528,7 +528,7 @@ struct Pending {
     peer: Option<Identity>,
     /// The peer's workload from verified metadata: the caller inbound, the server
     /// outbound.
-    peer_workload: Option<Workload>,
+    peer_workload: Option<Arc<Workload>>,
     request_header_bytes: u64,
     request_body_bytes: Arc<AtomicU64>,
     captured: Option<Box<Captured>>,
@@ -557,7 +557,7 @@ impl Pending {
                 Reporter::Destination => self.peer.as_ref(),
                 _ => self.upstream_peer.as_ref(),
             },
-            peer_workload: self.peer_workload.as_ref(),
+            peer_workload: self.peer_workload.as_deref(),
         };
         self.target.metrics.record(
             &facts,
