@@ -594,7 +594,9 @@ impl Mesh {
     }
 
     /// Serves `svc` on `listener`, accepting per the PeerAuthentication mode of
-    /// `app_port`, until shutdown and drain.
+    /// `app_port`, until shutdown and drain. Each connection's destination port is
+    /// `app_port` (what AuthorizationPolicy `ports` match), whatever port the listener
+    /// has.
     pub(crate) fn run_inbound(
         &self,
         listener: TcpListener,
@@ -616,7 +618,11 @@ impl Mesh {
             let acceptor = acceptor.clone();
             let modes = modes.clone();
             async move {
-                let (io, ctx) = inbound::accept(acceptor, modes, app_port, tcp).await?;
+                let (io, mut ctx) = inbound::accept(acceptor, modes, app_port, tcp).await?;
+                // The destination is the application (Istio's original destination),
+                // not the sidecar's listener: AuthorizationPolicy `ports` and
+                // `destination.port` match the application's port.
+                ctx.info.local.set_port(app_port);
                 Some((io, inbound::per_connection(svc, ctx)))
             }
         })

@@ -218,7 +218,7 @@ async fn config_generation_moves_on_applied_reloads_and_stays_on_rejected_ones()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deny_rule_for_a_port_the_app_does_not_serve_is_warned_at_load() {
+async fn deny_rule_for_a_port_the_app_does_not_serve_is_warned_and_the_served_port_enforced() {
     let world = World::new();
     let app = App::start(Behaviour::Ok("one")).await;
     let ports = Ports::new();
@@ -256,5 +256,18 @@ spec:
             app.addr.port()
         )),
         "{log}"
+    );
+    // The rule for the served port is enforced: ports are the application's, as Istio's
+    // `destination.port` is the original destination port, not the sidecar's listener.
+    let inbound = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.ports.inbound));
+    assert_eq!(
+        send(inbound, "GET", "order-service", "/admin", &[])
+            .await
+            .map(|(status, _)| status),
+        Ok(403)
+    );
+    assert_eq!(
+        send(inbound, "GET", "order-service", "/", &[]).await,
+        Ok((200, "one".to_owned()))
     );
 }
