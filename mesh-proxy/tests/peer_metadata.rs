@@ -305,6 +305,10 @@ async fn forged_metadata_is_ignored_over_plaintext_and_from_another_namespace() 
         .unwrap();
     assert_eq!(res.status(), 200);
     assert!(!res.headers().contains_key("x-envoy-peer-metadata"));
+    // The request is recorded when its response body ends.
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
     // Plaintext (PERMISSIVE accepts it): the metadata is not believed.
     let (status, _) = send(
         inbound,
@@ -320,7 +324,23 @@ async fn forged_metadata_is_ignored_over_plaintext_and_from_another_namespace() 
     .unwrap();
     assert_eq!(status, 200);
     let admin = p.payment.address("admin").unwrap();
-    let text = admin_get(admin.port(), "/metrics").await.unwrap().1;
+    // The server records a request once it has sent the last byte, which can be just
+    // after the client has read it: scrape until both are there (at most 5 s).
+    let destination_series = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"")
+            })
+            .count()
+    };
+    let mut text = String::new();
+    for _ in 0..250 {
+        text = admin_get(admin.port(), "/metrics").await.unwrap().1;
+        if destination_series(&text) >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| {
