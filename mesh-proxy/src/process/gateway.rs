@@ -85,19 +85,33 @@ use crate::watch::{self, WatchError};
 #[derive(Debug)]
 pub struct Gateway;
 
-/// One HTTPS server of a port.
-struct TlsServer {
-    hosts: Vec<String>,
-    config: Arc<ServerConfig>,
+/// The HTTPS servers of a port: each server's host patterns (shared with every
+/// connection's [`ChosenServer`]) and TLS config, in the Gateway's order.
+#[derive(Default)]
+struct TlsServers {
+    hosts: Arc<Vec<Vec<String>>>,
+    configs: Vec<Arc<ServerConfig>>,
+}
+
+impl TlsServers {
+    fn push(&mut self, hosts: Vec<String>, config: Arc<ServerConfig>) {
+        Arc::make_mut(&mut self.hosts).push(hosts);
+        self.configs.push(config);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.configs.is_empty()
+    }
 }
 
 /// The server of a port the SNI `sni` selects (the `*` server when there is none).
-fn select(servers: &[TlsServer], sni: Option<&str>) -> Option<usize> {
+fn select(servers: &TlsServers, sni: Option<&str>) -> Option<usize> {
     match sni {
-        Some(name) => most_specific(servers.iter().map(|s| s.hosts.as_slice()), name),
+        Some(name) => most_specific(servers.hosts.iter().map(Vec::as_slice), name),
         None => servers
+            .hosts
             .iter()
-            .position(|s| s.hosts.iter().any(|h| h == "*")),
+            .position(|hosts| hosts.iter().any(|h| h == "*")),
     }
 }
 
@@ -202,14 +216,14 @@ fn credential_config(
 /// What one port serves: HTTPS servers (selected by SNI) or plain HTTP with the hosts
 /// that are redirected to HTTPS.
 struct PortPlan {
-    tls: Vec<TlsServer>,
+    tls: TlsServers,
     redirect: Vec<String>,
 }
 
 /// The swappable state of one listening port.
 #[derive(Clone)]
 struct PortState {
-    tls: Arc<ArcSwap<Vec<TlsServer>>>,
+    tls: Arc<ArcSwap<TlsServers>>,
     redirect: Arc<ArcSwap<Vec<String>>>,
 }
 
@@ -235,7 +249,7 @@ fn plan(
     let mut plans = BTreeMap::new();
     for (port, servers) in by_port {
         let mut plan = PortPlan {
-            tls: Vec::new(),
+            tls: TlsServers::default(),
             redirect: Vec::new(),
         };
         for s in servers {
@@ -265,10 +279,10 @@ fn plan(
                     })?;
                     let secret = SecretRef::parse(&name, &resource.metadata.namespace)
                         .map_err(|e| StartError::Other(format!("{gw}: {e}")))?;
-                    plan.tls.push(TlsServer {
-                        hosts: s.hosts.clone(),
-                        config: credential_config(credentials, &secret, mutual)?,
-                    });
+                    plan.tls.push(
+                        s.hosts.clone(),
+                        credential_config(credentials, &secret, mutual)?,
+                    );
                 }
                 _ => {}
             }
@@ -406,14 +420,14 @@ impl Gateway {
                                 tracing::debug!(?sni, %remote, "no gateway server for this SNI");
                                 return None;
                             };
-                            let config = servers[index].config.clone();
+                            let config = servers.configs[index].clone();
                             Some((start.into_stream(config).await.ok()?, index))
                         };
                         let (stream, index) = tokio::time::timeout(handshake_timeout, accept)
                             .await
                             .ok()??;
                         let chosen = ChosenServer {
-                            hosts: Arc::new(servers.iter().map(|s| s.hosts.clone()).collect()),
+                            hosts: servers.hosts.clone(),
                             index,
                         };
                         let mut ctx = ConnectionContext::plaintext(remote, local);
@@ -461,18 +475,16 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 mod tests {
     use super::*;
 
-    fn servers(hosts: &[&[&str]]) -> Vec<TlsServer> {
+    fn servers(hosts: &[&[&str]]) -> TlsServers {
         let tmp = tempfile::tempdir().unwrap();
         write_secret(&tmp.path().join("c"), "x.example.com");
         let secret = SecretRef::parse("c", "edge").unwrap();
         let config = credential_config(tmp.path(), &secret, false).unwrap();
-        hosts
-            .iter()
-            .map(|h| TlsServer {
-                hosts: h.iter().map(|s| (*s).to_owned()).collect(),
-                config: config.clone(),
-            })
-            .collect()
+        let mut servers = TlsServers::default();
+        for h in hosts {
+            servers.push(h.iter().map(|s| (*s).to_owned()).collect(), config.clone());
+        }
+        servers
     }
 
     #[test]

@@ -42,15 +42,19 @@ use crate::respond::{self, Respond};
 const AUTHORITY_LIMIT: usize = 1024;
 
 /// Whether the Gateway host `pattern` (`ns/host` allowed) covers `host`.
+/// Compared without allocating: it runs for every request on a gateway.
 pub fn covers(pattern: &str, host: &str) -> bool {
     let pattern = pattern.rsplit_once('/').map_or(pattern, |(_, h)| h);
-    let pattern = pattern.to_ascii_lowercase();
-    let host = host.to_ascii_lowercase();
-    pattern == "*"
-        || pattern == host
-        || pattern.strip_prefix('*').is_some_and(|suffix| {
-            suffix.starts_with('.') && host.len() > suffix.len() && host.ends_with(suffix)
-        })
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => {
+            suffix.starts_with('.')
+                && host.len() > suffix.len()
+                && host.as_bytes()[host.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
 }
 
 /// How specifically the Gateway host `pattern` covers `host`, `None` when it does not:
@@ -200,6 +204,8 @@ mod tests {
         assert!(covers("*", "anything"));
         assert!(covers("prod/api.example.com", "api.example.com"));
         assert!(!covers("api.example.com", "evil.com"));
+        assert!(covers("*.Example.COM", "a.example.com"));
+        assert!(!covers("*.example.com", "a.example.co"));
     }
 
     fn hosts(servers: &[&[&str]]) -> Arc<Vec<Vec<String>>> {
