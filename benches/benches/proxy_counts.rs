@@ -33,12 +33,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_proxy::{ProxyHandle, Settings, Sidecar};
+use hyper_util::rt::TokioExecutor;
+use mesh_proxy::{ProxyHandle, Sidecar};
 
 const SCENARIOS: [&str; 4] = ["direct", "inbound", "outbound", "outbound_vs"];
 
@@ -59,48 +59,7 @@ spec:
     - destination: {host: payment-service}
 ";
 
-async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"paid"),
-                        )))
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-fn settings(dir: &Path, sa: &str, config: &str, app: SocketAddr) -> Settings {
-    let yaml = format!(
-        "workload: {{namespace: production, serviceAccount: {sa}, labels: {{app: {sa}}}}}\n\
-         configDir: {config}\nsvid: {{caDir: {ca}}}\ntracing: {{sampling: 0}}\n\
-         limits: {{drainTimeout: 1s}}\n\
-         listeners: {{inbound: 127.0.0.1:0, outbound: 127.0.0.1:0, admin: 127.0.0.1:0, app: {app}}}\n",
-        config = dir.join(config).display(),
-        ca = dir.join("ca").display(),
-    );
-    Settings::from_yaml("bench.yaml", &yaml).expect("settings")
-}
-
-fn service_entry(port: u16) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: payment-service, namespace: production}}\n\
-         spec:\n  hosts: [payment-service]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n\
-         \x20 endpoints:\n  - address: 127.0.0.1\n    ports: {{http: {port}}}\n    serviceAccount: payment-service\n"
-    )
-}
+use benches::proxy::{app, service_entry, settings};
 
 /// Writes `yaml` as the only file of configuration directory `name`. Every directory
 /// is written before its sidecar starts and never again, so no reload runs while
