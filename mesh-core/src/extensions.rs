@@ -51,7 +51,9 @@ impl ConnectionSecurity {
 pub struct ConnectionInfo {
     /// The peer's address.
     pub remote: SocketAddr,
-    /// Our local address the peer connected to.
+    /// The address the peer connected to: the connection's destination, which
+    /// AuthorizationPolicy `destination.ip`/`ports` match. A sidecar's inbound stack sets
+    /// the application's port here (Istio's original destination), not its listener's.
     pub local: SocketAddr,
     /// Whether the connection is mutual TLS.
     pub security: ConnectionSecurity,
