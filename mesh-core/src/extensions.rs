@@ -63,6 +63,35 @@ pub struct ConnectionInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamHost(pub SocketAddr);
 
+/// The service a request was routed to (Envoy's upstream cluster service), told to the
+/// layers outside the router.
+///
+/// A layer that labels requests by where they went (the gateway's telemetry: Istio's
+/// `destination_service` is the routed service, not the request's `Host`) puts an empty
+/// slot in the request extensions; the router's per-route service fills it with the
+/// destination's fully qualified host when it takes the request. Clones share the slot;
+/// the first host set wins, so retries change nothing (mirrored copies carry no
+/// extensions).
+#[derive(Clone, Debug, Default)]
+pub struct RoutedService(std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>>);
+
+impl RoutedService {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `host` unless a host was recorded already.
+    pub fn set(&self, host: &std::sync::Arc<str>) {
+        let _ = self.0.set(std::sync::Arc::clone(host));
+    }
+
+    /// The host recorded, if any.
+    pub fn get(&self) -> Option<&std::sync::Arc<str>> {
+        self.0.get()
+    }
+}
+
 /// The policies of the route a request matched, left by the router for the layers that
 /// enforce them (the deadline and retry layers read it; absent means "no route policy").
 #[derive(Clone, Debug, Default, PartialEq)]

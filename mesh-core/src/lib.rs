@@ -29,7 +29,8 @@ pub use endpoint::{Endpoint, Labels, TLS_MODE_LABEL, TlsMode};
 pub use error::{BoxError, find_cause, is_caused_by};
 pub use extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
 pub use extensions::{
-    ConnectionInfo, ConnectionSecurity, PeerIdentity, UpstreamHost, UpstreamPeerIdentity,
+    ConnectionInfo, ConnectionSecurity, PeerIdentity, RoutedService, UpstreamHost,
+    UpstreamPeerIdentity,
 };
 pub use flags::ResponseFlags;
 pub use identity::{Identity, IdentityError};

@@ -198,6 +198,29 @@ async fn gateway_routes_by_sni_host_and_path_and_redirects_http() {
         assert_eq!(code, 0, "{err}\n{}", gw.output());
         assert_eq!(out, format!("{want}\n200"), "{}", gw.output());
     }
+    // Istio labels a gateway's requests with the service they were routed to, not the
+    // request's Host.
+    let text = gw
+        .metrics_when(|t| t.contains("destination_service_name=\"payment-service\""))
+        .await;
+    for service in ["order-service", "payment-service"] {
+        assert!(
+            text.lines().any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains(&format!(
+                    "destination_service=\"{service}.production.svc.cluster.local\""
+                ))
+                && l.contains("destination_service_namespace=\"production\"")
+                && l.contains(&format!("destination_canonical_service=\"{service}\""))
+                && l.contains("response_code=\"200\"")),
+            "{service} not labelled as the routed service:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains("destination_service=\"api.example.com\""),
+        "routed requests labelled by Host:\n{text}"
+    );
+
     // A path no route matches: 404 from the gateway.
     let url = format!("https://api.example.com:{https}/admin");
     let (_, out, _) = curl(&[

@@ -70,7 +70,7 @@ use bytes::Buf;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use mesh_core::extensions::{
-    ConnectionInfo, PeerIdentity, UpstreamHost, UpstreamPeerIdentity, response_flags,
+    ConnectionInfo, PeerIdentity, RoutedService, UpstreamHost, UpstreamPeerIdentity, response_flags,
 };
 use mesh_core::{BoxError, ConnectionSecurity, Identity, ResponseFlags};
 use pin_project::{pin_project, pinned_drop};
@@ -278,11 +278,16 @@ struct ByAuthority {
     cache: RwLock<HashMap<String, Target>>,
     limit: usize,
     unknown: Target,
+    /// Whether the service the router chose ([`RoutedService`]) replaces the authority.
+    routed: bool,
 }
 
 impl ByAuthority {
     fn resolve<B>(&self, req: &Request<B>) -> Target {
-        let host = authority(req).unwrap_or_default();
+        self.resolve_host(authority(req).unwrap_or_default())
+    }
+
+    fn resolve_host(&self, host: &str) -> Target {
         if host.is_empty() {
             return self.unknown.clone();
         }
@@ -323,6 +328,7 @@ impl Targets {
                 cache: RwLock::new(b.cache.read().unwrap_or_else(|e| e.into_inner()).clone()),
                 limit: b.limit,
                 unknown: b.unknown.clone(),
+                routed: b.routed,
             }),
         }
     }
@@ -395,10 +401,27 @@ impl TelemetryLayer {
                 cache: RwLock::default(),
                 limit,
                 unknown,
+                routed: false,
             }),
             SpanKind::Client,
             false,
         )
+    }
+
+    /// Outbound side of a router whose routes lead to several services (a gateway):
+    /// requests are recorded under the service the router chose for them
+    /// (`destination_service` is the routed service's host, as Envoy labels by the
+    /// upstream cluster), else under their authority; at most `limit` distinct
+    /// destinations. The router's per-route service fills the [`RoutedService`] slot this
+    /// layer puts in the request extensions.
+    pub fn outbound_by_route(telemetry: &Telemetry, limit: usize) -> Self {
+        let mut layer = Self::outbound_by_authority(telemetry, limit);
+        if let Some(shared) = layer.shared.as_mut().and_then(Arc::get_mut)
+            && let Targets::ByAuthority(b) = &mut shared.targets
+        {
+            b.routed = true;
+        }
+        layer
     }
 
     /// Inbound side for the local `service` (`reporter="destination"`).
@@ -531,6 +554,8 @@ struct Pending {
     peer_workload: Option<Arc<Workload>>,
     request_header_bytes: u64,
     request_body_bytes: Arc<AtomicU64>,
+    /// Where the router sent the request, when the target follows the route.
+    routed: Option<RoutedService>,
     captured: Option<Box<Captured>>,
     // Set when the response head arrives.
     status: u16,
@@ -543,8 +568,13 @@ struct Pending {
 }
 
 impl Pending {
-    fn finish(self, response_body_bytes: u64) {
+    fn finish(mut self, response_body_bytes: u64) {
         let elapsed = self.start.elapsed();
+        if let Some(host) = self.routed.as_ref().and_then(RoutedService::get)
+            && let Targets::ByAuthority(b) = &self.layer.targets
+        {
+            self.target = b.resolve_host(host);
+        }
         let request_body = self.request_body_bytes.load(Ordering::Relaxed);
         let facts = RequestFacts {
             response_code: self.status,
@@ -689,6 +719,14 @@ where
             Targets::ByAuthority(b) => b.resolve(&probe),
         };
         let (mut parts, ()) = probe.into_parts();
+        let routed = match &shared.targets {
+            Targets::ByAuthority(b) if b.routed => {
+                let slot = RoutedService::new();
+                parts.extensions.insert(slot.clone());
+                Some(slot)
+            }
+            _ => None,
+        };
         let inbound = target.metrics.reporter() == Reporter::Destination;
         let peer = parts.extensions.get::<PeerIdentity>().map(|p| p.0.clone());
         let peer_workload = if inbound {
@@ -757,6 +795,7 @@ where
             peer_workload,
             request_header_bytes,
             request_body_bytes: counter,
+            routed,
             captured,
             status: 0,
             grpc_status: None,

@@ -41,7 +41,7 @@ use http::{Request, Response};
 use mesh_core::Endpoint;
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::BoxError;
-use mesh_core::extensions::RoutePolicy;
+use mesh_core::extensions::{RoutePolicy, RoutedService};
 use mesh_resilience::deadline::Deadline;
 use mesh_resilience::limit::PoolLimit;
 use mesh_resilience::retry::Retry;
@@ -191,6 +191,9 @@ impl Service<Request<BoxBody>> for RouteService {
     }
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        if let Some(slot) = req.extensions().get::<RoutedService>() {
+            slot.set(&self.destination.target.key.host);
+        }
         self.stack.call(req)
     }
 }

@@ -6,7 +6,8 @@
 //! ```text
 //! [TLS server chosen by SNI: ChosenServer in the request extensions]
 //!   -> sanitize (identity/internal headers from the client removed, `_` names refused)
-//!   -> telemetry (reporter=source, destination by authority) -> respond
+//!   -> telemetry (reporter=source, destination_service = the routed service's host,
+//!      else the authority) -> respond
 //!   -> prepare (absolute-form authority becomes Host, hop-by-hop headers go)
 //!   -> host outside the chosen server: 421 (another server of the port owns it) or
 //!      404 `NR` (none does)
@@ -181,9 +182,11 @@ pub fn service(
         ServiceBuilder::new()
             .map_response(boxed_response)
             .layer(
-                // Every route leads to a mesh endpoint over mTLS: requests carry the
-                // gateway's metadata; the mesh's answer never reaches the client.
-                TelemetryLayer::outbound_by_authority(telemetry, AUTHORITY_LIMIT)
+                // Labelled by the service each request was routed to (Istio's
+                // `destination_service` at a gateway), else by its authority. Every
+                // route leads to a mesh endpoint over mTLS: requests carry the gateway's
+                // metadata; the mesh's answer never reaches the client.
+                TelemetryLayer::outbound_by_route(telemetry, AUTHORITY_LIMIT)
                     .with_metadata_exchange(true),
             )
             .map_request(boxed_request)
