@@ -82,6 +82,7 @@ use tower_service::Service;
 
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::exchange::{self, LocalMetadata, PeerWorkload};
+use crate::grpc::MessageCounter;
 use crate::latency::{LatencyHandle, LatencyStats};
 use crate::metrics::{
     DestinationService, MetricsHandle, MetricsRegistry, Reporter, RequestFacts, Workload,
@@ -553,7 +554,9 @@ struct Pending {
     /// outbound.
     peer_workload: Option<Arc<Workload>>,
     request_header_bytes: u64,
-    request_body_bytes: Arc<AtomicU64>,
+    request_body: Arc<BodyCounts>,
+    /// gRPC messages sent downstream so far (gRPC requests only).
+    response_messages: Option<MessageCounter>,
     /// Where the router sent the request, when the target follows the route.
     routed: Option<RoutedService>,
     captured: Option<Box<Captured>>,
@@ -575,7 +578,7 @@ impl Pending {
         {
             self.target = b.resolve_host(host);
         }
-        let request_body = self.request_body_bytes.load(Ordering::Relaxed);
+        let request_body = self.request_body.bytes.load(Ordering::Relaxed);
         let facts = RequestFacts {
             response_code: self.status,
             grpc_status: self.grpc_status,
@@ -589,16 +592,29 @@ impl Pending {
             },
             peer_workload: self.peer_workload.as_deref(),
         };
-        self.target.metrics.record(
-            &facts,
-            elapsed.as_secs_f64() * 1000.0,
-            self.request_header_bytes + request_body,
-            if self.status == 0 {
-                0
-            } else {
-                self.response_header_bytes + response_body_bytes
-            },
-        );
+        let response_bytes = if self.status == 0 {
+            0
+        } else {
+            self.response_header_bytes + response_body_bytes
+        };
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let request_bytes = self.request_header_bytes + request_body;
+        match self.response_messages {
+            Some(sent) if self.grpc => self.target.metrics.record_grpc(
+                &facts,
+                duration_ms,
+                request_bytes,
+                response_bytes,
+                (
+                    self.request_body.messages.load(Ordering::Relaxed),
+                    sent.count(),
+                ),
+            ),
+            _ => self
+                .target
+                .metrics
+                .record(&facts, duration_ms, request_bytes, response_bytes),
+        }
         self.target.latency.record(elapsed);
         let telemetry = &self.layer.telemetry.shared;
         let Some(c) = self.captured.as_deref() else {
@@ -695,9 +711,11 @@ where
         let Some(shared) = &self.shared else {
             // Disabled: pass through, nothing recorded, nothing allocated.
             return ResponseFuture {
-                inner: self
-                    .inner
-                    .call(req.map(|inner| RequestBody { inner, bytes: None })),
+                inner: self.inner.call(req.map(|inner| RequestBody {
+                    inner,
+                    counts: None,
+                    messages: None,
+                })),
                 pending: None,
             };
         };
@@ -775,12 +793,13 @@ where
                 forwarded_for: get("x-forwarded-for"),
             })
         });
-        let counter = Arc::new(AtomicU64::new(0));
+        let counter = Arc::new(BodyCounts::default());
         let req = Request::from_parts(
             parts,
             RequestBody {
                 inner: body,
-                bytes: Some(counter.clone()),
+                counts: Some(counter.clone()),
+                messages: grpc.then(MessageCounter::default),
             },
         );
         let pending = Pending {
@@ -794,7 +813,8 @@ where
             peer,
             peer_workload,
             request_header_bytes,
-            request_body_bytes: counter,
+            request_body: counter,
+            response_messages: grpc.then(MessageCounter::default),
             routed,
             captured,
             status: 0,
@@ -812,13 +832,22 @@ where
     }
 }
 
-/// The request body, counting bytes received.
+/// What the request body counted, read when the request is recorded.
+#[derive(Debug, Default)]
+struct BodyCounts {
+    bytes: AtomicU64,
+    /// gRPC messages begun (gRPC requests only).
+    messages: AtomicU64,
+}
+
+/// The request body, counting bytes (and for gRPC, messages) received.
 #[pin_project]
 #[derive(Debug)]
 pub struct RequestBody<B> {
     #[pin]
     inner: B,
-    bytes: Option<Arc<AtomicU64>>,
+    counts: Option<Arc<BodyCounts>>,
+    messages: Option<MessageCounter>,
 }
 
 impl<B> RequestBody<B> {
@@ -840,9 +869,15 @@ impl<B: Body> Body for RequestBody<B> {
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(f)) = &frame
             && let Some(d) = f.data_ref()
-            && let Some(bytes) = this.bytes
+            && let Some(counts) = this.counts
         {
-            bytes.fetch_add(d.remaining() as u64, Ordering::Relaxed);
+            counts
+                .bytes
+                .fetch_add(d.remaining() as u64, Ordering::Relaxed);
+            if let Some(m) = this.messages {
+                m.observe(d);
+                counts.messages.store(m.count(), Ordering::Relaxed);
+            }
         }
         Poll::Ready(frame)
     }
@@ -1006,6 +1041,13 @@ where
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.remaining() as u64;
+                    if let Some(m) = this
+                        .pending
+                        .as_mut()
+                        .and_then(|p| p.response_messages.as_mut())
+                    {
+                        m.observe(d);
+                    }
                 } else if let Some(trailers) = frame.trailers_ref()
                     && let Some(p) = this.pending.as_mut()
                     && let Some(g) = trailers

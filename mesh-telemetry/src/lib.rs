@@ -60,9 +60,11 @@
 //!   and the next format is tried. Injection writes B3 multi-header and W3C by default, plus
 //!   the format the request arrived with.
 //! - The proxy's own metrics are named `mesh_*` (Envoy's cluster stats have no direct
-//!   Istio-standard equivalent). gRPC message counters
-//!   (`istio_request_messages_total`, `istio_response_messages_total`) are not recorded; TCP
-//!   metrics are an API ([`TcpMetrics`]) for the proxy's TCP path.
+//!   Istio-standard equivalent). TCP metrics are an API ([`TcpMetrics`]) for the proxy's
+//!   TCP path.
+//! - gRPC message counters (`istio_request_messages_total`, `istio_response_messages_total`,
+//!   TM-15) are counted by following gRPC's length-prefixed framing in each direction and
+//!   added when the stream ends, with the other request metrics.
 //! - `promtool check metrics` flags Istio's `istio_request_duration_milliseconds` name
 //!   (base unit lint); we keep Istio's name so dashboards and Kiali work.
 //!
@@ -98,6 +100,7 @@
 
 pub mod access_log;
 pub mod exchange;
+pub mod grpc;
 pub mod latency;
 pub mod layer;
 pub mod metrics;

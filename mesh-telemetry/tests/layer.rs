@@ -377,6 +377,70 @@ async fn grpc_status_from_trailers_sets_protocol_and_status() {
     assert_eq!(s[0].labels["response_code"], "200");
 }
 
+/// A gRPC message: flag byte, big-endian length, payload.
+fn grpc_message(payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![0u8];
+    m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_streams_count_messages_each_way_however_frames_split_them() {
+    let t = telemetry();
+    let svc = outbound(&t).layer(tower::service_fn(|req: Req| async move {
+        // The server reads the client's stream to its end, then streams three messages
+        // back, the second split across two data frames, and an OK status in trailers.
+        req.into_body().collect().await.unwrap();
+        let second = grpc_message(b"second reply");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames = vec![
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(grpc_message(b"one")))),
+            Ok(http_body::Frame::data(Bytes::copy_from_slice(&second[..3]))),
+            Ok(http_body::Frame::data(Bytes::copy_from_slice(&second[3..]))),
+            Ok(http_body::Frame::data(Bytes::from(grpc_message(b"")))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let res = Response::builder()
+            .header("content-type", "application/grpc")
+            .body(StreamBody::new(futures_stream(frames)))
+            .unwrap();
+        Ok::<_, Infallible>(res)
+    }));
+    // Two client messages in one data frame, a third in its own.
+    let mut first = grpc_message(b"a");
+    first.extend(grpc_message(&[9; 100]));
+    let frames = vec![
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(first))),
+        Ok(http_body::Frame::data(Bytes::from(grpc_message(b"c")))),
+    ];
+    let req = Request::post("/orders.Orders/Stream")
+        .header("content-type", "application/grpc")
+        .body(body::boxed(StreamBody::new(futures_stream(frames))))
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    let samples = parse(&t.encode_metrics());
+    let grpc = [("request_protocol", "grpc"), ("grpc_response_status", "0")];
+    assert_eq!(one(&samples, "istio_request_messages_total", &grpc), 3.0);
+    assert_eq!(one(&samples, "istio_response_messages_total", &grpc), 3.0);
+
+    // Plain HTTP requests have no message series.
+    let res = svc.oneshot(get("/")).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    let samples = parse(&t.encode_metrics());
+    assert_eq!(select(&samples, "istio_requests_total", &[]).len(), 2);
+    assert_eq!(
+        select(&samples, "istio_request_messages_total", &[]).len(),
+        1
+    );
+    assert_eq!(
+        select(&samples, "istio_response_messages_total", &[]).len(),
+        1
+    );
+}
+
 fn futures_stream<T: Send + 'static>(items: Vec<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::iter(items)
 }

@@ -382,6 +382,8 @@ pub struct IstioMetrics {
     duration: HistogramFamily<HttpLabels>,
     request_bytes: HistogramFamily<HttpLabels>,
     response_bytes: HistogramFamily<HttpLabels>,
+    request_messages: Family<HttpLabels, Counter>,
+    response_messages: Family<HttpLabels, Counter>,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
@@ -397,6 +399,8 @@ impl IstioMetrics {
             duration: Family::default(),
             request_bytes: Family::default(),
             response_bytes: Family::default(),
+            request_messages: Family::default(),
+            response_messages: Family::default(),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
@@ -423,6 +427,16 @@ impl IstioMetrics {
             "istio_response_bytes",
             "Response size: header block and body bytes sent to downstream",
             this.response_bytes.clone(),
+        );
+        registry.register(
+            "istio_request_messages",
+            "gRPC messages received from downstream, per gRPC request, counted at stream end",
+            this.request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages sent to downstream, per gRPC request, counted at stream end",
+            this.response_messages.clone(),
         );
         registry.register(
             "istio_tcp_connections_opened",
@@ -645,13 +659,16 @@ impl Default for RequestFacts<'_> {
     }
 }
 
-/// The four request series of one label set.
+/// The request series of one label set: the four HTTP series, and for gRPC the two
+/// message counters.
 #[derive(Clone, Debug)]
 pub struct Series {
     requests: Counter,
     duration: EnvoyHistogram,
     request_bytes: EnvoyHistogram,
     response_bytes: EnvoyHistogram,
+    /// `istio_request_messages_total` and `istio_response_messages_total`: gRPC only.
+    messages: Option<(Counter, Counter)>,
 }
 
 impl Series {
@@ -661,6 +678,15 @@ impl Series {
         self.duration.observe(duration_ms);
         self.request_bytes.observe(request_bytes as f64);
         self.response_bytes.observe(response_bytes as f64);
+    }
+
+    /// Adds the gRPC messages of one stream (a series of a non-gRPC request has no
+    /// message counters: nothing is recorded).
+    pub fn record_messages(&self, request_messages: u64, response_messages: u64) {
+        if let Some((req, res)) = &self.messages {
+            req.inc_by(request_messages);
+            res.inc_by(response_messages);
+        }
     }
 }
 
@@ -790,6 +816,22 @@ impl MetricsHandle {
         });
     }
 
+    /// Records one finished gRPC request with the messages of its stream in each
+    /// direction (the message counters exist only for `facts.grpc`).
+    pub fn record_grpc(
+        &self,
+        facts: &RequestFacts<'_>,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+        messages: (u64, u64),
+    ) {
+        self.with_series(facts, |s| {
+            s.record(duration_ms, request_bytes, response_bytes);
+            s.record_messages(messages.0, messages.1);
+        });
+    }
+
     /// Runs `f` with the series selected by `facts`, creating it on first use.
     pub fn with_series<R>(&self, facts: &RequestFacts<'_>, f: impl FnOnce(&Series) -> R) -> R {
         let key = self.key(facts);
@@ -870,7 +912,7 @@ impl MetricsHandle {
             return self
                 .inner
                 .overflow
-                .get_or_init(|| self.resolve(&self.overflow_labels()))
+                .get_or_init(|| self.resolve(&self.overflow_labels(), false))
                 .clone();
         }
         let mut labels = self.inner.base.clone();
@@ -922,7 +964,7 @@ impl MetricsHandle {
                 }
             }
         }
-        let series = self.resolve(&labels);
+        let series = self.resolve(&labels, key.grpc);
         cache.insert(key, series.clone());
         let _ = self.inner.hot.set((key, series.clone()));
         series
@@ -941,13 +983,19 @@ impl MetricsHandle {
         labels
     }
 
-    fn resolve(&self, labels: &HttpLabels) -> Series {
+    fn resolve(&self, labels: &HttpLabels, grpc: bool) -> Series {
         let m = &self.inner.metrics;
         Series {
             requests: m.requests.get_or_create_owned(labels),
             duration: m.duration.get_or_create_owned(labels),
             request_bytes: m.request_bytes.get_or_create_owned(labels),
             response_bytes: m.response_bytes.get_or_create_owned(labels),
+            messages: grpc.then(|| {
+                (
+                    m.request_messages.get_or_create_owned(labels),
+                    m.response_messages.get_or_create_owned(labels),
+                )
+            }),
         }
     }
 
