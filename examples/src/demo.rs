@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
 
 use crate::embedded::Check;
+use crate::graph::{self, Graph, Traffic};
 use crate::scenario::{EntryEndpoint, service_entry_yaml, within};
 
 /// How much traffic each step sends.
@@ -297,6 +298,7 @@ struct World {
     plain: Client<HttpConnector, BoxBody>,
     spans: Arc<Mutex<Vec<Value>>>,
     _collector: tokio::task::JoinHandle<()>,
+    started: std::time::Instant,
 }
 
 fn settings_yaml(world: &Paths, spec: &Spec) -> String {
@@ -587,6 +589,7 @@ async fn build_world() -> Result<World, BoxError> {
         plain,
         spans,
         _collector: collector,
+        started: std::time::Instant::now(),
     })
 }
 
@@ -691,43 +694,10 @@ impl World {
         }
     }
 
-    async fn metrics(&self, addr: SocketAddr) -> Result<Vec<Series>, BoxError> {
+    /// The `istio_requests_total` series of the proxy whose admin server is `addr`.
+    async fn metrics(&self, addr: SocketAddr) -> Result<Vec<graph::Row>, BoxError> {
         let text = self.admin(addr, Method::GET, "/metrics").await?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
-            .map(Series::parse)
-            .collect())
-    }
-}
-
-/// One `istio_requests_total` series.
-#[derive(Debug, Clone)]
-struct Series {
-    labels: HashMap<String, String>,
-    value: f64,
-}
-
-impl Series {
-    fn parse(line: &str) -> Self {
-        let (head, value) = line.rsplit_once(' ').unwrap_or((line, "0"));
-        let inner = head
-            .split_once('{')
-            .map_or("", |(_, r)| r.trim_end_matches('}'));
-        let mut labels = HashMap::new();
-        for pair in inner.split("\",") {
-            if let Some((k, v)) = pair.split_once("=\"") {
-                labels.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
-            }
-        }
-        Self {
-            labels,
-            value: value.parse().unwrap_or(0.0),
-        }
-    }
-
-    fn get(&self, k: &str) -> &str {
-        self.labels.get(k).map_or("", String::as_str)
+        Ok(graph::series(&text, "istio_requests_total"))
     }
 }
 
@@ -786,6 +756,72 @@ impl Story {
     }
 }
 
+/// Builds the world; ports are chosen before the proxies bind them (the ServiceEntry
+/// must name them): if another process takes one in between, starts over with fresh
+/// ports.
+async fn start_world() -> Result<World, BoxError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match build_world().await {
+            Ok(w) => return Ok(w),
+            Err(e) if attempt < 3 && e.to_string().to_lowercase().contains("address") => {
+                eprintln!("starting again: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The demo's mesh without the story, for tests and tools that drive it themselves:
+/// the same applications, sidecars, gateway and configuration.
+pub struct Running {
+    world: World,
+}
+
+impl Running {
+    /// Starts the mesh.
+    pub async fn start() -> Result<Self, BoxError> {
+        Ok(Self {
+            world: start_world().await?,
+        })
+    }
+
+    /// Every proxy's name and admin address (Istio metrics at `/stats/prometheus`).
+    pub fn proxies(&self) -> Vec<(String, SocketAddr)> {
+        self.world.admins()
+    }
+
+    /// Sends `n` orders through the gateway (`POST /api/v1/orders`), every
+    /// `canary_every`-th with `x-canary: true`; their statuses.
+    pub async fn orders(&self, n: usize, canary_every: usize) -> Vec<StatusCode> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let canary: &[(&str, &str)] = if canary_every > 0 && i % canary_every == 0 {
+                &[("x-canary", "true")]
+            } else {
+                &[]
+            };
+            let reply = self
+                .world
+                .via_gateway(Method::POST, "/api/v1/orders", canary)
+                .await;
+            out.push(reply.map_or(StatusCode::BAD_GATEWAY, |(s, _)| s));
+        }
+        out
+    }
+
+    /// A request the AuthorizationPolicy denies: the gateway's `POST
+    /// /api/v1/payments` (only order-service may pay); its status.
+    pub async fn denied_payment(&self) -> Result<StatusCode, BoxError> {
+        Ok(self
+            .world
+            .via_gateway(Method::POST, "/api/v1/payments", &[])
+            .await?
+            .0)
+    }
+}
+
 /// Runs the story; returns every check (step number, check).
 pub async fn run(options: Options) -> Result<Vec<(usize, Check)>, BoxError> {
     let progress = Progress {
@@ -795,19 +831,7 @@ pub async fn run(options: Options) -> Result<Vec<(usize, Check)>, BoxError> {
         "Starting a CA (SVIDs live {SVID_LIFETIME}), order-service v1+v2, payment-service x2, web-frontend,\n\
          a mesh-proxy sidecar for each and a mesh-proxy ingress gateway (TLS, api.example.com)"
     );
-    // Ports are chosen before the proxies bind them (the ServiceEntry must name them);
-    // if another process takes one in between, start over with fresh ports.
-    let mut attempt = 0;
-    let world = loop {
-        attempt += 1;
-        match build_world().await {
-            Ok(w) => break w,
-            Err(e) if attempt < 3 && e.to_string().to_lowercase().contains("address") => {
-                eprintln!("starting again: {e}");
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let world = start_world().await?;
     let mut story = Story {
         checks: Vec::new(),
         step: 0,
@@ -1166,25 +1190,23 @@ async fn step_observability(
 ) -> Result<(), BoxError> {
     story.step = 5;
     progress.step(5, "Observability: Istio metrics, percentiles, one trace");
-    let mut totals: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+    // The service graph as Kiali draws it, from every proxy's Istio metrics: Kiali's
+    // queries and rules (crate::graph) on the counters, rates over the run so far.
+    let mut rows = Vec::new();
     for (_, addr) in world.admins() {
-        for s in world.metrics(addr).await? {
-            if s.get("reporter") == "source" {
-                *totals
-                    .entry((
-                        s.get("source_workload").to_owned(),
-                        s.get("destination_service").to_owned(),
-                        s.get("response_code").to_owned(),
-                    ))
-                    .or_default() += s.value;
-            }
-        }
+        let text = world.admin(addr, Method::GET, "/metrics").await?;
+        rows.extend(graph::rows_from_exposition(&text, NS));
     }
+    let seconds = world.started.elapsed().as_secs_f64().max(1.0);
+    for row in &mut rows {
+        row.value /= seconds;
+    }
+    let graph = Graph::from_rows(&rows);
     println!(
-        "  istio_requests_total{{reporter=\"source\"}} by source_workload, destination_service, response_code:"
+        "  service graph of {NS} as Kiali draws it (nodes: workload (app version); rate over {seconds:.0} s):"
     );
-    for ((src, dst, code), v) in &totals {
-        println!("    {src:<22} -> {dst:<36} {code}  {v}");
+    for line in graph.to_string().lines() {
+        println!("    {line}");
     }
     println!("  latency per destination (ms), from each proxy's /stats:");
     println!(
@@ -1211,14 +1233,42 @@ async fn step_observability(
             );
         }
     }
+    let expected = [
+        ("istio-ingressgateway", "order-service-v1"),
+        ("istio-ingressgateway", "order-service-v2"),
+        ("order-service-v1", "payment-service-v1"),
+        ("order-service-v2", "payment-service-v1"),
+    ];
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|(from, to)| graph.edge(from, to).is_none_or(|t| t.rate <= 0.0))
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    let unknown = graph
+        .edges
+        .keys()
+        .filter(|(s, d)| s.is_unknown() || d.is_unknown())
+        .count();
     story.check(
-        "istio_requests_total by source, destination, code",
-        totals.keys().any(|(s, d, c)| {
-            s == "order-service-v1" && d.starts_with("payment-service") && c == "200"
-        }) && totals
-            .keys()
-            .any(|(_, d, c)| d.starts_with("payment-service") && c == "403"),
-        format!("{} series", totals.len()),
+        "service graph: every edge, no unknown node",
+        missing.is_empty() && unknown == 0 && graph.dropped.is_empty(),
+        if missing.is_empty() {
+            format!(
+                "{} edges, {unknown} unknown, {} dropped",
+                graph.edges.len(),
+                graph.dropped.len()
+            )
+        } else {
+            format!("missing {}", missing.join(", "))
+        },
+    );
+    let denied = graph
+        .edge("istio-ingressgateway", "payment-service-v1")
+        .map_or(0.0, Traffic::error_percent);
+    story.check(
+        "error rate on the denied edge",
+        denied >= 99.9,
+        format!("istio-ingressgateway -> payment-service-v1: {denied:.0} % errors (403)"),
     );
     story.check(
         "percentiles per service",
@@ -1392,6 +1442,12 @@ async fn keep_running(world: &World) -> Result<(), BoxError> {
         "Istio YAML (edit it, the proxies reload): {}",
         world.config_dir.display()
     );
+    println!(
+        "A Prometheus configuration scraping every proxy (then Kiali and Istio's Grafana\n\
+         dashboards read that Prometheus):\n"
+    );
+    print!("{}", graph::scrape_config(&world.admins(), 5));
+    println!();
     println!("Press Ctrl-C to stop.");
     let _ = tokio::signal::ctrl_c().await;
     Ok(())

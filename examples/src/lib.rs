@@ -74,4 +74,5 @@
 
 pub mod demo;
 pub mod embedded;
+pub mod graph;
 pub mod scenario;

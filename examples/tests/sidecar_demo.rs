@@ -16,7 +16,7 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!stdout.contains("FAILED"), "{stdout}");
-    assert!(stdout.contains("All 19 expectations held."), "{stdout}");
+    assert!(stdout.contains("All 20 expectations held."), "{stdout}");
 
     // Each step printed what happened.
     for want in [
@@ -31,7 +31,9 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
         "rollout 100%: 100.0% measured to v2",
         "success rate 100.0%",
         "ejected by: order-service-v1, order-service-v2",
-        "order-service-v1       -> payment-service",
+        "service graph of production as Kiali draws it",
+        "order-service-v2 (v2)         -> payment-service-v1 (v1)",
+        "istio-ingressgateway (latest) -> payment-service-v1 (v1)",
         "SERVER  payment-service:8080/*",
         "a new handshake to payment-service presents serial",
     ] {
@@ -47,7 +49,7 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
                 .is_some_and(|w| w.parse::<u8>().is_ok())
         })
         .count();
-    assert_eq!(rows, 19, "{stdout}");
+    assert_eq!(rows, 20, "{stdout}");
 }
 
 #[test]

@@ -23,7 +23,7 @@
 //! applied update; a rejected update, or one whose content is unchanged, leaves it. It
 //! plays the part of the `version` gauge of an Envoy xDS subscription, which holds a
 //! hash of the last applied update; a small counter is used because a 64-bit hash does
-//! not survive Prometheus' float samples (ISTIO.md TM-08); the content hash is the
+//! not survive Prometheus' float samples (`mesh-telemetry/ISTIO.md` TM-08); the content hash is the
 //! `version` of [`Active`]. [`Mesh::watch`] (feature `watch`)
 //! reloads on every change of the configuration directory. Certificates rotate as the
 //! source says: a watched SVID directory, or the built-in issuer at half-life.

@@ -1,6 +1,6 @@
 //! Istio's workload metadata exchange over HTTP: who the peer of a request is, beyond
 //! its SPIFFE identity, so both reporters fill the peer's `*_workload`, `*_app`,
-//! `*_version`, `*_canonical_*` and `*_cluster` labels (ISTIO.md TM-09..TM-14).
+//! `*_version`, `*_canonical_*` and `*_cluster` labels (`mesh-telemetry/ISTIO.md`, TM-09..TM-14).
 //!
 //! # Behaviour
 //!

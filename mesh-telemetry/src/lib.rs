@@ -47,12 +47,18 @@
 //! - Cardinality bound: each route handle creates at most [`metrics::istio::DEFAULT_SERIES_LIMIT`]
 //!   series and remembers as many peer identities; past it the request-derived labels read
 //!   `unknown`. Authority-derived destinations are bounded the same way. Istio has no bound.
-//! - Peer labels: Istio's metadata exchange ([`exchange`], ISTIO.md TM-09, TM-10) fills
-//!   the peer's workload, app, version, canonical service/revision and cluster, but only
-//!   from an mTLS peer whose SPIFFE namespace is the one it claims (TM-14); otherwise
-//!   `source_principal` and `source_workload_namespace` come from the verified SPIFFE ID
-//!   and the other peer labels are `unknown`. The `baggage` form of newer Istio (TM-11)
-//!   is not read. `istio_build` is exported (TM-13).
+//! - Peer labels: Istio's metadata exchange ([`exchange`]; TM-09 and TM-10 of
+//!   `mesh-telemetry/ISTIO.md`) fills the peer's workload, app, version, canonical
+//!   service/revision and cluster, but only from an mTLS peer whose SPIFFE namespace is
+//!   the one it claims (TM-14); otherwise `source_principal` and
+//!   `source_workload_namespace` come from the verified SPIFFE ID and the other peer
+//!   labels are `unknown`. The `baggage` form of newer Istio (TM-11) is not read.
+//!   `istio_build` is exported (TM-13). Istio's TCP form of the exchange (an ALPN-
+//!   negotiated prefix on the connection) waits for TCP proxying, which the proxy does
+//!   not do yet.
+//! - A layer made with [`TelemetryLayer::outbound_by_route`] (the gateway's) labels each
+//!   request with the service its route chose (TM-16), read from the
+//!   [`RoutedService`](mesh_core::extensions::RoutedService) slot the router fills.
 //! - Sampling uses the injected random generator rather than Envoy's decision derived from
 //!   the `x-request-id` UUID (`useRequestIdForTraceSampling`); the decision travels in the
 //!   trace headers either way.
