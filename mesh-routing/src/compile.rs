@@ -68,7 +68,7 @@ use crate::router::Routing;
 use crate::subset::{DestinationRule, DestinationRules};
 use crate::table::{
     CompileError, DestinationKey, Mirror, Naming, Route, RouteAction, RouteTable, RouteTarget,
-    TableBuilder, VirtualHost, default_route, effective_timeout,
+    TableBuilder, TcpRule, VirtualHost, default_route, effective_timeout,
 };
 use crate::weighted::Weighted;
 
@@ -361,6 +361,59 @@ impl Ctx<'_> {
         Ok(builder.destination(DestinationKey::new(&host, d.subset.as_deref(), port)))
     }
 
+    /// A VirtualService `tcp` route: the ports its matches name (none: every port) and
+    /// its weighted destinations; `None` when no match block applies to this proxy.
+    fn tcp_route(
+        &self,
+        builder: &mut TableBuilder,
+        r: &config::TcpRoute,
+        listener: &Listener,
+        workload_labels: &mesh_core::Labels,
+    ) -> Result<Option<TcpRule>, CompileError> {
+        let mut ports = Vec::new();
+        let mut every_port = r.matches.is_empty();
+        for m in &r.matches {
+            if !m.gateways.is_empty() && !binds(&m.gateways, self.namespace, listener) {
+                continue;
+            }
+            if *listener == Listener::Mesh
+                && !m
+                    .source_labels
+                    .iter()
+                    .all(|(k, v)| workload_labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            match m.port {
+                Some(p) => ports.push(
+                    u16::try_from(p).map_err(|_| self.invalid(format!("port {p} out of range")))?,
+                ),
+                None => every_port = true,
+            }
+        }
+        if !every_port && ports.is_empty() {
+            return Ok(None);
+        }
+        if every_port {
+            ports.clear();
+        }
+        let mut entries = Vec::with_capacity(r.route.len());
+        for d in &r.route {
+            let weight = d.weight.unwrap_or(0);
+            let weight = u32::try_from(weight)
+                .map_err(|_| self.invalid(format!("weight {weight} is negative")))?;
+            entries.push((self.destination(builder, &d.destination)?, weight));
+        }
+        let destinations = Weighted::new(entries).map_err(|source| CompileError::Weights {
+            resource: self.resource.clone(),
+            source,
+        })?;
+        Ok(Some(TcpRule {
+            ports,
+            destinations,
+        }))
+    }
+
     fn fault(&self, f: Option<&config::HttpFaultInjection>) -> Result<FaultPolicy, CompileError> {
         let Some(f) = f else {
             return Ok(FaultPolicy::default());
@@ -614,10 +667,22 @@ fn compile_virtual_service(
         }
         routes.push(ctx.route(builder, r, matches)?);
     }
+    let mut tcp = Vec::new();
+    // Gateways serve HTTP only (TLS and TCP servers are not proxied yet).
+    if options.listener == Listener::Mesh {
+        for r in &vs.spec.tcp {
+            if let Some(rule) =
+                ctx.tcp_route(builder, r, &options.listener, &options.workload_labels)?
+            {
+                tcp.push(rule);
+            }
+        }
+    }
     builder.virtual_host(VirtualHost {
         name: format!("{namespace}/{}", vs.metadata.name),
         hosts,
         routes,
+        tcp,
     });
     Ok(())
 }
@@ -643,6 +708,7 @@ pub fn registry(config: &MeshConfig, options: &CompileOptions) -> Registry {
                     number: u16::try_from(p.number).ok()?,
                     name: p.name.clone(),
                     target_port: p.target_port.and_then(|t| u16::try_from(t).ok()),
+                    protocol: p.protocol.clone(),
                 })
             })
             .collect();
@@ -737,15 +803,30 @@ impl Routing {
             let mut hosts: Vec<&str> = registry.hosts().filter(|h| !h.starts_with('*')).collect();
             hosts.sort_unstable();
             for host in hosts {
-                if builder.has_host(host) {
-                    continue;
+                // The service's TCP ports go to the service unless a `tcp` route of its
+                // VirtualService takes them.
+                let tcp_ports: Vec<u16> = registry
+                    .service(host)
+                    .map(|s| {
+                        s.ports
+                            .iter()
+                            .filter(|p| p.is_tcp())
+                            .map(|p| p.number)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !builder.has_host(host) {
+                    let dest = builder.destination(DestinationKey::new(host, None, None));
+                    builder.virtual_host(VirtualHost {
+                        name: host.to_owned(),
+                        hosts: vec![host.to_owned()],
+                        routes: vec![default_route(dest)],
+                        tcp: Vec::new(),
+                    });
                 }
-                let dest = builder.destination(DestinationKey::new(host, None, None));
-                builder.virtual_host(VirtualHost {
-                    name: host.to_owned(),
-                    hosts: vec![host.to_owned()],
-                    routes: vec![default_route(dest)],
-                });
+                for port in tcp_ports {
+                    builder.default_tcp(host, port);
+                }
             }
         }
         Ok(Self {

@@ -66,6 +66,7 @@
 //!     name: "default/reviews".into(),
 //!     hosts: vec![host.into()],
 //!     routes: vec![table::default_route(dest)],
+//!     tcp: Vec::new(),
 //! });
 //! let routing = Routing { table: builder.build(), registry, ..Routing::default() };
 //!

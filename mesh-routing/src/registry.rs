@@ -39,6 +39,8 @@ pub struct ServicePort {
     pub name: String,
     /// `targetPort`: the endpoint port when an endpoint does not name one.
     pub target_port: Option<u16>,
+    /// The declared protocol (`TCP`, `HTTP`, …); empty: taken from the name.
+    pub protocol: String,
 }
 
 impl ServicePort {
@@ -48,7 +50,29 @@ impl ServicePort {
             number,
             name: name.into(),
             target_port: None,
+            protocol: String::new(),
         }
+    }
+
+    /// Declares the port's protocol.
+    #[must_use]
+    pub fn with_protocol(mut self, protocol: impl Into<String>) -> Self {
+        self.protocol = protocol.into();
+        self
+    }
+
+    /// Whether a sidecar proxies this port as opaque TCP (ISTIO.md PS-01, PS-02, PS-05,
+    /// PS-06): the protocol, else the name's part before the first `-`, is `tcp`, `tls`,
+    /// `https`, `mongo`, `redis` or `mysql`, case-insensitively.
+    pub fn is_tcp(&self) -> bool {
+        let declared = if self.protocol.is_empty() {
+            self.name.split('-').next().unwrap_or("")
+        } else {
+            self.protocol.as_str()
+        };
+        ["tcp", "tls", "https", "mongo", "redis", "mysql"]
+            .iter()
+            .any(|p| declared.eq_ignore_ascii_case(p))
     }
 }
 
@@ -268,6 +292,22 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_ports_by_protocol_else_by_name_prefix() {
+        let tcp =
+            |name: &str, protocol: &str| ServicePort::new(1, name).with_protocol(protocol).is_tcp();
+        assert!(tcp("tcp-redis", ""));
+        assert!(tcp("redis", ""));
+        assert!(tcp("Mongo-primary", ""));
+        assert!(tcp("https", ""));
+        assert!(tcp("whatever", "TCP"));
+        assert!(tcp("http-admin", "TLS"));
+        assert!(!tcp("http-web", ""));
+        assert!(!tcp("tcpx", ""));
+        assert!(!tcp("tcp-redis", "HTTP"));
+        assert!(!tcp("", ""));
+    }
 
     #[test]
     fn tls_mode_is_the_label_else_istio_when_a_service_account_is_named() {

@@ -165,6 +165,25 @@ pub struct VirtualHost {
     pub hosts: Vec<String>,
     /// Routes, in order.
     pub routes: Vec<Route>,
+    /// TCP routes (VirtualService `tcp`, or the service's own TCP ports), in order.
+    pub tcp: Vec<TcpRule>,
+}
+
+/// One TCP route of a virtual host, compiled: a connection to one of `ports` (every port
+/// when empty) goes to one of the weighted destinations.
+#[derive(Clone, Debug)]
+pub struct TcpRule {
+    /// Destination ports matched (`match[].port`); empty: every port.
+    pub ports: Vec<u16>,
+    /// Weighted destinations, as indexes into [`RouteTable::destinations`].
+    pub destinations: Weighted<usize>,
+}
+
+impl TcpRule {
+    /// Whether a connection to `port` takes this rule.
+    pub fn matches(&self, port: u16) -> bool {
+        self.ports.is_empty() || self.ports.contains(&port)
+    }
 }
 
 /// The route chosen for a request.
@@ -288,6 +307,15 @@ impl RouteTable {
         &self.virtual_hosts
     }
 
+    /// The TCP rule for a connection to `host` on `port`: the first rule of the host's
+    /// virtual host that matches the port.
+    pub fn tcp_rule(&self, host: &str, port: u16) -> Option<&TcpRule> {
+        self.virtual_host(host)?
+            .tcp
+            .iter()
+            .find(|rule| rule.matches(port))
+    }
+
     /// The virtual host answering `host` (no port), case-insensitively.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         self.virtual_hosts.get(self.virtual_host_index(host)?)
@@ -372,6 +400,27 @@ impl TableBuilder {
                 .wildcards
                 .iter()
                 .any(|(s, _)| host.strip_prefix('*') == Some(s.as_str()))
+    }
+
+    /// Gives `host`'s virtual host a TCP rule to `(host, port)` unless one of its rules
+    /// already matches `port` (the service's own TCP port, under a VirtualService without
+    /// a `tcp` route for it).
+    pub fn default_tcp(&mut self, host: &str, port: u16) {
+        let Some(&vh) = self.table.exact.get(host) else {
+            return;
+        };
+        if self.table.virtual_hosts[vh]
+            .tcp
+            .iter()
+            .any(|r| r.matches(port))
+        {
+            return;
+        }
+        let dest = self.destination(DestinationKey::new(host, None, Some(port)));
+        self.table.virtual_hosts[vh].tcp.push(TcpRule {
+            ports: vec![port],
+            destinations: Weighted::single(dest),
+        });
     }
 
     /// Adds a virtual host. A host already taken by an earlier virtual host stays with

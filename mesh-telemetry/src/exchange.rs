@@ -176,6 +176,11 @@ impl NodeMetadata {
     /// canonical service labels are always present, filled as the injector fills them
     /// ([`canonical`]).
     pub fn encode(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.encode_struct())
+    }
+
+    /// The deterministic protobuf encoding of the `Struct` (see [`encode`](Self::encode)).
+    fn encode_struct(&self) -> Vec<u8> {
         let mut fields = BTreeMap::new();
         for (key, value) in [
             ("NAME", &self.name),
@@ -202,8 +207,7 @@ impl NodeMetadata {
                 kind: Some(PbKind::Struct(PbStruct { fields: labels })),
             },
         );
-        let bytes = prost::Message::encode_to_vec(&PbStruct { fields });
-        base64::engine::general_purpose::STANDARD.encode(bytes)
+        prost::Message::encode_to_vec(&PbStruct { fields })
     }
 
     /// Decodes a header value (base64 with or without padding); `None` when it is not
@@ -215,7 +219,12 @@ impl NodeMetadata {
         let bytes = base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
             .decode(value)
             .ok()?;
-        let pb: PbStruct = prost::Message::decode(bytes.as_slice()).ok()?;
+        Self::decode_struct(&bytes)
+    }
+
+    /// Decodes the protobuf encoding of a `Struct`.
+    fn decode_struct(bytes: &[u8]) -> Option<Self> {
+        let pb: PbStruct = prost::Message::decode(bytes).ok()?;
         let text = |v: &PbValue| match &v.kind {
             Some(PbKind::String(s)) => Some(s.clone()),
             _ => None,
@@ -286,11 +295,72 @@ pub fn canonical(labels: &BTreeMap<String, String>, workload_name: &str) -> (Str
     (service, revision)
 }
 
-/// This proxy's metadata, encoded once into header values.
+/// `google.protobuf.Any` (any.proto), declared for prost.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PbAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// The ALPN protocol a TCP connection between sidecars negotiates to run the exchange
+/// (a client offers it before `istio`).
+pub const TCP_EXCHANGE_ALPN: &[u8] = b"istio-peer-exchange";
+/// The first four bytes of a TCP metadata exchange frame (big-endian).
+const TCP_MAGIC: u32 = 0x3D23_0467;
+const STRUCT_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Struct";
+
+/// Why a TCP metadata exchange frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpExchangeError {
+    /// The connection failed or ended before the frame did.
+    #[error("reading the peer's metadata: {0}")]
+    Io(#[from] std::io::Error),
+    /// The first bytes are not a metadata exchange frame.
+    #[error("the peer did not start with a metadata exchange frame")]
+    NotAFrame,
+    /// The frame announces more than [`MAX_ENCODED`] bytes.
+    #[error("peer metadata of {0} bytes is over the limit")]
+    TooLarge(usize),
+}
+
+/// Reads the peer's TCP metadata exchange frame from the start of `io` (Istio's
+/// `istio-peer-exchange`: a four-byte magic number, a four-byte length, both
+/// big-endian, then a `google.protobuf.Any` holding the node metadata `Struct`). Returns
+/// `None` for a well-framed payload that is not node metadata.
+pub async fn read_tcp_frame<R>(io: &mut R) -> Result<Option<NodeMetadata>, TcpExchangeError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 8];
+    io.read_exact(&mut head).await?;
+    let (magic, len) = head.split_at(4);
+    if magic != TCP_MAGIC.to_be_bytes() {
+        return Err(TcpExchangeError::NotAFrame);
+    }
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len > MAX_ENCODED {
+        return Err(TcpExchangeError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await?;
+    let Ok(any) = <PbAny as prost::Message>::decode(payload.as_slice()) else {
+        return Ok(None);
+    };
+    if any.type_url != STRUCT_TYPE_URL {
+        return Ok(None);
+    }
+    Ok(NodeMetadata::decode_struct(&any.value))
+}
+
+/// This proxy's metadata, encoded once into header values and a TCP exchange frame.
 #[derive(Clone, Debug)]
 pub struct LocalMetadata {
     id: HeaderValue,
     value: HeaderValue,
+    tcp: bytes::Bytes,
 }
 
 impl LocalMetadata {
@@ -300,7 +370,14 @@ impl LocalMetadata {
             id: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             value: HeaderValue::from_str(&node.encode())
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
+            tcp: tcp_frame(node),
         }
+    }
+
+    /// The TCP metadata exchange frame ([`read_tcp_frame`] reads it) a proxy writes
+    /// first on a connection that negotiated [`TCP_EXCHANGE_ALPN`].
+    pub fn tcp_frame(&self) -> &bytes::Bytes {
+        &self.tcp
     }
 
     /// Sets both headers in `headers`, replacing any present.
@@ -308,6 +385,19 @@ impl LocalMetadata {
         headers.insert(PEER_METADATA_ID, self.id.clone());
         headers.insert(PEER_METADATA, self.value.clone());
     }
+}
+
+fn tcp_frame(node: &NodeMetadata) -> bytes::Bytes {
+    let any = PbAny {
+        type_url: STRUCT_TYPE_URL.to_owned(),
+        value: node.encode_struct(),
+    };
+    let payload = prost::Message::encode_to_vec(&any);
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(&TCP_MAGIC.to_be_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame.into()
 }
 
 /// Removes both metadata headers from `headers` and returns the peer's workload when the
@@ -387,6 +477,43 @@ mod tests {
 
     fn id(s: &str) -> Identity {
         Identity::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tcp_frames_round_trip_and_bad_frames_are_refused() {
+        let node = NodeMetadata::new("redis-v1", "data", "Kubernetes").label("app", "redis");
+        let local = LocalMetadata::new(
+            &node,
+            "sidecar~10.0.0.9~redis-v1.data~data.svc.cluster.local",
+        );
+        let frame = local.tcp_frame().clone();
+        assert_eq!(&frame[..4], &[0x3D, 0x23, 0x04, 0x67]);
+        assert_eq!(
+            u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]) as usize,
+            frame.len() - 8
+        );
+        // What follows the frame on the connection is left unread.
+        let mut stream = [frame.as_ref(), b"PING\r\n"].concat();
+        let mut reader = stream.as_slice();
+        let read = read_tcp_frame(&mut reader).await.unwrap().unwrap();
+        assert_eq!(read.workload().canonical_service, "redis");
+        assert_eq!(reader, b"PING\r\n");
+
+        stream[0] = 0;
+        assert!(matches!(
+            read_tcp_frame(&mut stream.as_slice()).await,
+            Err(TcpExchangeError::NotAFrame)
+        ));
+        let mut huge = frame.to_vec();
+        huge[4..8].copy_from_slice(&(1u32 << 30).to_be_bytes());
+        assert!(matches!(
+            read_tcp_frame(&mut huge.as_slice()).await,
+            Err(TcpExchangeError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_tcp_frame(&mut &frame[..20]).await,
+            Err(TcpExchangeError::Io(_))
+        ));
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub enum Alpn {
     Negotiate,
     /// Only `http/1.1` (connections that carry an HTTP Upgrade).
     Http1,
+    /// TCP: `istio-peer-exchange` and `istio` to a sidecar ([`crate::TCP_ALPN`]); none
+    /// with TLS origination (the TCP stream is the application's own protocol).
+    Tcp,
 }
 
 impl Alpn {
@@ -90,6 +93,7 @@ impl Alpn {
         match self {
             Alpn::Negotiate => crate::ALPN,
             Alpn::Http1 => &[b"http/1.1"],
+            Alpn::Tcp => crate::TCP_ALPN,
         }
     }
 }
@@ -330,6 +334,26 @@ pub struct UpstreamConn {
     h2: bool,
     peer: Option<UpstreamPeerIdentity>,
     requests: ConnectionRequests,
+}
+
+impl UpstreamConn {
+    /// The ALPN protocol the server chose (TLS only).
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match &self.io {
+            UpstreamIo::Plain(_) => None,
+            UpstreamIo::Tls(s) => s.inner().get_ref().1.alpn_protocol(),
+        }
+    }
+
+    /// The identity an Istio mTLS server proved.
+    pub fn peer(&self) -> Option<&mesh_core::Identity> {
+        self.peer.as_ref().map(|p| &p.0)
+    }
+
+    /// Whether the connection is Istio mTLS.
+    pub fn is_mutual(&self) -> bool {
+        self.peer.is_some()
+    }
 }
 
 impl Connection for UpstreamConn {

@@ -101,8 +101,14 @@ pub const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
 /// ALPN protocols offered and accepted, in preference order.
 pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
-pub(crate) fn alpn() -> Vec<Vec<u8>> {
-    ALPN.iter().map(|p| p.to_vec()).collect()
+/// ALPN protocols of TCP between sidecars (ISTIO.md PS-13): `istio-peer-exchange` (the
+/// TCP metadata exchange follows the handshake), then `istio`.
+pub const TCP_ALPN: &[&[u8]] = &[b"istio-peer-exchange", b"istio"];
+
+/// What the inbound mTLS server accepts: HTTP ([`ALPN`]) first, then TCP
+/// ([`TCP_ALPN`]); a client offering only TCP protocols gets a TCP connection.
+pub(crate) fn server_alpn() -> Vec<Vec<u8>> {
+    ALPN.iter().chain(TCP_ALPN).map(|p| p.to_vec()).collect()
 }
 
 /// The crypto provider every config of this crate uses: rustls' ring provider.

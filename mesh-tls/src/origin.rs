@@ -48,6 +48,8 @@ use crate::svid::{SvidError, read_certs, read_key};
 pub struct Origination {
     negotiate: Arc<ClientConfig>,
     http1: Arc<ClientConfig>,
+    /// No ALPN: TCP connections (the stream is the application's own protocol).
+    opaque: Arc<ClientConfig>,
     sni: Option<String>,
 }
 
@@ -128,12 +130,17 @@ impl Origination {
                 }
                 None => builder.with_no_client_auth(),
             };
-            config.alpn_protocols = alpn.protocols().iter().map(|p| p.to_vec()).collect();
+            config.alpn_protocols = match alpn {
+                // TCP carries the application's own protocol: no ALPN of ours.
+                Alpn::Tcp => Vec::new(),
+                _ => alpn.protocols().iter().map(|p| p.to_vec()).collect(),
+            };
             Ok(Arc::new(config))
         };
         Ok(Self {
             negotiate: build(Alpn::Negotiate)?,
             http1: build(Alpn::Http1)?,
+            opaque: build(Alpn::Tcp)?,
             sni: tls.sni.clone().filter(|s| !s.is_empty()),
         })
     }
@@ -143,6 +150,7 @@ impl Origination {
         match alpn {
             Alpn::Negotiate => self.negotiate.clone(),
             Alpn::Http1 => self.http1.clone(),
+            Alpn::Tcp => self.opaque.clone(),
         }
     }
 

@@ -126,7 +126,7 @@ impl ServerTls {
             .unwrap_or_else(|_| unreachable!("ring supports TLS 1.2 and 1.3"))
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(self.store.clone());
-        config.alpn_protocols = crate::alpn();
+        config.alpn_protocols = crate::server_alpn();
         // No resumption: a resumed session would skip the verifier (see `verify`).
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
