@@ -298,7 +298,7 @@ struct World {
     plain: Client<HttpConnector, BoxBody>,
     spans: Arc<Mutex<Vec<Value>>>,
     _collector: tokio::task::JoinHandle<()>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 }
 
 fn settings_yaml(world: &Paths, spec: &Spec) -> String {
@@ -589,7 +589,7 @@ async fn build_world() -> Result<World, BoxError> {
         plain,
         spans,
         _collector: collector,
-        started: std::time::Instant::now(),
+        started: tokio::time::Instant::now(),
     })
 }
 

@@ -187,7 +187,7 @@ async fn kiali_graph_and_istio_dashboards_over_prometheus() {
 
     println!("{graph}");
     assert!(graph.dropped.is_empty(), "series dropped:\n{graph}");
-    for ((s, d), _) in &graph.edges {
+    for (s, d) in graph.edges.keys() {
         assert!(!s.is_unknown() && !d.is_unknown(), "unknown node:\n{graph}");
         assert!(
             !s.workload.is_empty() && !d.workload.is_empty(),

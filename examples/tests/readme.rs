@@ -96,6 +96,8 @@ listeners:
   appProtocol: HTTP
   outbound: 127.0.0.1:15001
   admin: 127.0.0.1:15000
+  tcp:
+    127.0.0.1:6379: redis.data:6379
 tracing:
   sampling: 1
   otlp: http://127.0.0.1:4318/v1/traces
@@ -129,7 +131,12 @@ gateway:
 /// values, not keys).
 fn leaf_keys(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
     match v.as_object() {
-        Some(map) if !prefix.ends_with("labels") && !prefix.ends_with("ports") => {
+        // Maps whose keys are data, not settings: labels, gateway ports, TCP egress.
+        Some(map)
+            if !prefix.ends_with("labels")
+                && !prefix.ends_with("ports")
+                && prefix != "listeners.tcp" =>
+        {
             for (k, v) in map {
                 let p = if prefix.is_empty() {
                     k.clone()

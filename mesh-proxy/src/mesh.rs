@@ -77,12 +77,15 @@ use mesh_tls::{
     BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor, PeerAuthentication,
     WorkloadPeerAuthentication,
 };
+use std::net::SocketAddr;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::serve;
 use crate::settings::Limits;
 use crate::stack::inbound::{Application, ApplicationBody};
+use crate::stack::tcp::{TcpInbound, TcpOutbound};
 use crate::stack::{
     Destinations, HttpService, MakeDest, MeshRouter, Outbound, OutboundMode, inbound,
 };
@@ -562,6 +565,42 @@ impl Mesh {
         )
     }
 
+    /// Connections to the TCP port `port` of `host` (as routes name it: short,
+    /// namespace-qualified or FQDN), routed by the VirtualService `tcp` routes of the
+    /// host, else to the service's own TCP port, and proxied as opaque bytes
+    /// ([`tcp`](crate::stack::tcp)). Each call to
+    /// [`TcpOutbound::proxy`](crate::stack::tcp::TcpOutbound::proxy) takes one
+    /// connection.
+    pub fn tcp_outbound(&self, host: &str, port: u16) -> TcpOutbound {
+        let qualified = self
+            .inner
+            .router
+            .snapshot()
+            .table()
+            .naming()
+            .qualify(host, &self.inner.workload.namespace);
+        TcpOutbound::new(
+            self.inner.router.router(),
+            self.inner.telemetry.clone(),
+            ClientTls::new(self.inner.store.clone()),
+            self.inner.options.limits.connect_timeout.as_std(),
+            &qualified,
+            port,
+        )
+    }
+
+    /// Mesh TCP connections (those whose mTLS handshake chose the TCP ALPN protocols)
+    /// proxied to the application at `app`, after the metadata exchange and
+    /// AuthorizationPolicy on connection attributes.
+    pub fn tcp_inbound(&self, app: SocketAddr) -> TcpInbound {
+        TcpInbound::new(
+            app,
+            self.inner.telemetry.clone(),
+            self.inner.authz.clone(),
+            mesh_telemetry::DestinationService::from_host(&self.inner.workload.service_host()),
+        )
+    }
+
     /// The inbound stack around `app`: what reaches `app` was authorized by the
     /// AuthorizationPolicies in force and carries the caller's identity in its
     /// extensions (when it came through [`serve_inbound`](Self::serve_inbound) or
@@ -590,18 +629,20 @@ impl Mesh {
         B: ApplicationBody,
     {
         let port = listener.local_addr().map_or(0, |a| a.port());
-        tokio::spawn(self.run_inbound(listener, self.inbound(app), port))
+        tokio::spawn(self.run_inbound(listener, self.inbound(app), port, None))
     }
 
     /// Serves `svc` on `listener`, accepting per the PeerAuthentication mode of
     /// `app_port`, until shutdown and drain. Each connection's destination port is
     /// `app_port` (what AuthorizationPolicy `ports` match), whatever port the listener
-    /// has.
+    /// has. Connections that chose the TCP ALPN protocols go to `tcp` (closed without
+    /// one).
     pub(crate) fn run_inbound(
         &self,
         listener: TcpListener,
         svc: HttpService,
         app_port: u16,
+        tcp: Option<TcpInbound>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let acceptor = InboundAcceptor::new(self.inner.store.clone())
             .with_handshake_timeout(self.inner.options.limits.header_read_timeout.as_std());
@@ -613,16 +654,23 @@ impl Mesh {
                 .proxy()
                 .active_connections("inbound"),
         );
-        serve::run(listener, options, move |tcp, _remote| {
+        serve::run(listener, options, move |tcp_stream, _remote| {
             let svc = svc.clone();
             let acceptor = acceptor.clone();
             let modes = modes.clone();
+            let tcp_app = tcp.clone();
             async move {
-                let (io, mut ctx) = inbound::accept(acceptor, modes, app_port, tcp).await?;
+                let (io, mut ctx) = inbound::accept(acceptor, modes, app_port, tcp_stream).await?;
                 // The destination is the application (Istio's original destination),
                 // not the sidecar's listener: AuthorizationPolicy `ports` and
                 // `destination.port` match the application's port.
                 ctx.info.local.set_port(app_port);
+                if crate::stack::tcp::is_tcp(&ctx) {
+                    if let Some(tcp_app) = tcp_app {
+                        tokio::spawn(async move { tcp_app.proxy(io, ctx).await });
+                    }
+                    return None;
+                }
                 Some((io, inbound::per_connection(svc, ctx)))
             }
         })

@@ -167,6 +167,22 @@ pub struct Listeners {
     /// Protocol the application speaks: `HTTP` (HTTP/1.1, default) or `HTTP2` (h2 with
     /// prior knowledge, e.g. gRPC servers).
     pub app_protocol: AppProtocol,
+    /// TCP egress: a local address the application connects to, and the service
+    /// `host:port` its connections go to (Istio's Sidecar egress listener with `bind`
+    /// and `captureMode: NONE`), e.g. `127.0.0.1:6379: redis.data:6379`. Routed by the
+    /// host's VirtualService `tcp` routes, else to the service's TCP port.
+    pub tcp: BTreeMap<SocketAddr, String>,
+}
+
+impl Listeners {
+    /// The service host and port of a `listeners.tcp` destination (`host:port`).
+    pub fn tcp_destination(destination: &str) -> Option<(&str, u16)> {
+        let (host, port) = destination.rsplit_once(':')?;
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return None;
+        }
+        Some((host, port.parse().ok().filter(|p| *p > 0)?))
+    }
 }
 
 /// `listeners.appProtocol`.
@@ -188,6 +204,7 @@ impl Default for Listeners {
             outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             app_protocol: AppProtocol::Http,
+            tcp: BTreeMap::new(),
         }
     }
 }
@@ -444,6 +461,14 @@ impl Settings {
         if self.cluster_id.is_empty() {
             p.push(("clusterId", "must not be empty".into()));
         }
+        for (bind, destination) in &self.listeners.tcp {
+            if Listeners::tcp_destination(destination).is_none() {
+                p.push((
+                    "listeners.tcp",
+                    format!("{bind}: {destination:?} is not a service `host:port`"),
+                ));
+            }
+        }
         if self.config_dir.as_os_str().is_empty() {
             p.push(("configDir", "required: the directory of Istio YAML".into()));
         }
@@ -531,6 +556,31 @@ mod tests {
         "workload: {namespace: default, serviceAccount: order-service}\nconfigDir: istio\n";
 
     #[test]
+    fn tcp_egress_names_a_service_port() {
+        let ok = format!("{MIN}listeners:\n  tcp:\n    127.0.0.1:6379: redis.data:6379\n");
+        let s = Settings::from_yaml("s.yaml", &ok).unwrap();
+        let (bind, destination) = s.listeners.tcp.iter().next().unwrap();
+        assert_eq!(bind.port(), 6379);
+        assert_eq!(
+            Listeners::tcp_destination(destination),
+            Some(("redis.data", 6379))
+        );
+        for bad in [
+            "redis",
+            "redis:",
+            ":6379",
+            "redis:0",
+            "redis:http",
+            "re dis:1",
+        ] {
+            let yaml = format!("{MIN}listeners:\n  tcp:\n    127.0.0.1:6379: \"{bad}\"\n");
+            let errors = Settings::from_yaml("s.yaml", &yaml).unwrap_err();
+            assert_eq!(errors[0].path.as_deref(), Some("listeners.tcp"), "{bad}");
+            assert!(errors[0].position.is_some(), "{bad}");
+        }
+    }
+
+    #[test]
     fn defaults_follow_istio_ports_and_security_limits() {
         let s = Settings::from_yaml("s.yaml", MIN).unwrap();
         assert_eq!(s.listeners.inbound.port(), 15006);
@@ -551,7 +601,7 @@ mod tests {
         let shown = errs[0].to_string();
         assert_eq!(
             shown,
-            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol"
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol, tcp"
         );
     }
 

@@ -377,10 +377,13 @@ impl Ctx<'_> {
                 continue;
             }
             if *listener == Listener::Mesh
-                && !m
+                && (!m
                     .source_labels
                     .iter()
                     .all(|(k, v)| workload_labels.get(k) == Some(v))
+                    || m.source_namespace
+                        .as_ref()
+                        .is_some_and(|ns| *ns != self.naming.namespace))
             {
                 continue;
             }

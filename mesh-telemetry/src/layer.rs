@@ -202,6 +202,11 @@ impl Telemetry {
         }
     }
 
+    /// This proxy's metadata for the exchange with peers, when it sends any.
+    pub fn metadata_exchange(&self) -> Option<&LocalMetadata> {
+        self.shared.exchange.as_ref()
+    }
+
     /// The local workload.
     pub fn workload(&self) -> &Workload {
         &self.shared.workload

@@ -53,9 +53,9 @@
 //!   the one it claims (TM-14); otherwise `source_principal` and
 //!   `source_workload_namespace` come from the verified SPIFFE ID and the other peer
 //!   labels are `unknown`. The `baggage` form of newer Istio (TM-11) is not read.
-//!   `istio_build` is exported (TM-13). Istio's TCP form of the exchange (an ALPN-
-//!   negotiated prefix on the connection) waits for TCP proxying, which the proxy does
-//!   not do yet.
+//!   `istio_build` is exported (TM-13). TCP connections exchange the same metadata in
+//!   Istio's TCP form (a frame at the start of a connection that negotiated
+//!   `istio-peer-exchange`: [`exchange::read_tcp_frame`]).
 //! - A layer made with [`TelemetryLayer::outbound_by_route`] (the gateway's) labels each
 //!   request with the service its route chose (TM-16), read from the
 //!   [`RoutedService`](mesh_core::extensions::RoutedService) slot the router fills.

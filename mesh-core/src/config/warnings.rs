@@ -41,7 +41,16 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         "visibility is not restricted; every namespace sees it",
     ),
     ne(VS, "spec.tls", "TLS (SNI) routes are not applied"),
-    ne(VS, "spec.tcp", "TCP routes are not applied"),
+    ne(
+        VS,
+        "spec.tcp[].match[].destinationSubnets",
+        "TCP connections are matched by port only",
+    ),
+    ne(
+        VS,
+        "spec.tcp[].match[].sourceSubnet",
+        "TCP connections are matched by port only",
+    ),
     ne(
         VS,
         "spec.http[].delegate",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::runtime::{Process, StartError};
 use super::shutdown::ProxyHandle;
 use crate::serve;
-use crate::settings::{AppProtocol, Settings};
+use crate::settings::{AppProtocol, Listeners, Settings};
 use crate::stack::HttpClient;
 
 /// The sidecar proxy.
@@ -41,13 +41,41 @@ impl Sidecar {
             },
         ));
 
-        // Inbound: mTLS per PeerAuthentication, to the application.
+        // TCP egress: one listener per service port the application connects to.
+        for (bind, destination) in &settings.listeners.tcp {
+            let Some((host, port)) = Listeners::tcp_destination(destination) else {
+                continue;
+            };
+            let listener = process.bind(&format!("tcp {destination}"), *bind).await?;
+            let outbound = mesh.tcp_outbound(host, port);
+            let shutdown = mesh.shutdown_token();
+            process.serve(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        accepted = listener.accept() => accepted,
+                    };
+                    let Ok((tcp, _)) = accepted else { continue };
+                    let _ = tcp.set_nodelay(true);
+                    let outbound = outbound.clone();
+                    tokio::spawn(async move { outbound.proxy(tcp).await });
+                }
+            });
+        }
+
+        // Inbound: mTLS per PeerAuthentication, to the application (HTTP, or TCP for
+        // connections that negotiated it).
         let inbound = process.bind("inbound", settings.listeners.inbound).await?;
         let app = HttpClient::application(
             settings.listeners.app,
             settings.listeners.app_protocol == AppProtocol::Http2,
         );
-        process.serve(mesh.run_inbound(inbound, mesh.inbound(app), settings.listeners.app.port()));
+        process.serve(mesh.run_inbound(
+            inbound,
+            mesh.inbound(app),
+            settings.listeners.app.port(),
+            Some(mesh.tcp_inbound(settings.listeners.app)),
+        ));
         process.finish().await
     }
 }

@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
+pub mod tcp;
 pub mod upstream;
 
 use std::future::{Future, Ready};
