@@ -63,6 +63,12 @@ pub struct ConnectionInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamHost(pub SocketAddr);
 
+/// Marks a response the proxy made itself (Envoy's local reply: a 404 `NR`, a 503 `UF`,
+/// an AuthorizationPolicy's 403, …), so that an outer layer can re-form it for the
+/// caller, as Envoy answers a gRPC caller with a gRPC status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalReply;
+
 /// The service a request was routed to (Envoy's upstream cluster service), told to the
 /// layers outside the router.
 ///

@@ -29,7 +29,7 @@ pub use endpoint::{Endpoint, Labels, TLS_MODE_LABEL, TlsMode};
 pub use error::{BoxError, find_cause, is_caused_by};
 pub use extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
 pub use extensions::{
-    ConnectionInfo, ConnectionSecurity, PeerIdentity, RoutedService, UpstreamHost,
+    ConnectionInfo, ConnectionSecurity, LocalReply, PeerIdentity, RoutedService, UpstreamHost,
     UpstreamPeerIdentity,
 };
 pub use flags::ResponseFlags;

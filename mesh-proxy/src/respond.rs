@@ -36,7 +36,7 @@ use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{
     BoxError, ClusterNotFound, ConnectFailure, NoRoute, UpstreamReset, find_cause, is_caused_by,
 };
-use mesh_core::extensions::add_response_flags;
+use mesh_core::extensions::{LocalReply, add_response_flags};
 use mesh_core::{Outcome, ResponseFlags};
 
 /// Body of an overflow (`UO`) answer.
@@ -56,7 +56,61 @@ fn reply(status: StatusCode, text: String, flags: ResponseFlags) -> Response<Box
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
     add_response_flags(res.extensions_mut(), flags);
+    res.extensions_mut().insert(LocalReply);
     res
+}
+
+/// The gRPC status of a local reply with HTTP `status` (gRPC's HTTP-to-gRPC mapping, as
+/// Envoy applies it to its local replies).
+pub fn grpc_status_for(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// `grpc-message` escaping: bytes outside printable ASCII, and `%`, percent-encoded.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// A local reply re-formed for a gRPC caller, as Envoy does: HTTP 200, trailers-only
+/// (`content-type: application/grpc`, `grpc-status` from the HTTP status, `grpc-message`
+/// from the body), no body; the response flags and other extensions stay.
+pub async fn grpc_reply(res: Response<BoxBody>) -> Response<BoxBody> {
+    use http_body_util::BodyExt;
+    let (mut parts, body) = res.into_parts();
+    let text = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let status = grpc_status_for(parts.status);
+    parts.status = StatusCode::OK;
+    parts.headers.clear();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts
+        .headers
+        .insert("grpc-status", HeaderValue::from(status));
+    let message = percent_encoding::percent_encode(&text, GRPC_MESSAGE).to_string();
+    if let Ok(v) = HeaderValue::from_str(&message)
+        && !message.is_empty()
+    {
+        parts.headers.insert("grpc-message", v);
+    }
+    Response::from_parts(parts, body::empty())
+}
+
+/// Whether `req` is a gRPC call (`content-type: application/grpc…`).
+pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// The response for an error from the proxy's stacks.
@@ -187,11 +241,15 @@ pub fn https_redirect(host: &str, path_and_query: &str) -> Response<BoxBody> {
     if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path_and_query}")) {
         res.headers_mut().insert(header::LOCATION, v);
     }
+    // A redirect is routing's answer, not an error to re-form for gRPC callers.
+    res.extensions_mut().remove::<LocalReply>();
     res
 }
 
 /// Turns errors of the inner service into responses (see [`error_response`]); placed
-/// inside the telemetry layer so that the recorded status is the one sent.
+/// inside the telemetry layer so that the recorded status is the one sent. A gRPC
+/// caller gets every local reply ([`LocalReply`]: these, an AuthorizationPolicy's 403,
+/// …) as a gRPC status ([`grpc_reply`]).
 #[derive(Clone, Debug)]
 pub struct Respond<S> {
     inner: S,
@@ -204,9 +262,9 @@ impl<S> Respond<S> {
     }
 }
 
-impl<S, Req> tower::Service<Req> for Respond<S>
+impl<S, B> tower::Service<http::Request<B>> for Respond<S>
 where
-    S: tower::Service<Req, Response = Response<BoxBody>>,
+    S: tower::Service<http::Request<B>, Response = Response<BoxBody>>,
     S::Error: Into<BoxError>,
 {
     type Response = Response<BoxBody>;
@@ -228,19 +286,32 @@ where
         }
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let grpc = is_grpc(&req);
         RespondFuture {
             inner: self.inner.call(req),
+            grpc,
+            reforming: None,
         }
     }
 }
 
 /// The response future of [`Respond`].
 #[pin_project::pin_project]
-#[derive(Debug)]
 pub struct RespondFuture<F> {
     #[pin]
     inner: F,
+    grpc: bool,
+    /// A local reply being re-formed for a gRPC caller (one allocation, gRPC only).
+    reforming: Option<futures_util::future::BoxFuture<'static, Response<BoxBody>>>,
+}
+
+impl<F> std::fmt::Debug for RespondFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RespondFuture")
+            .field("grpc", &self.grpc)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<F, E> std::future::Future for RespondFuture<F>
@@ -254,9 +325,22 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        match std::task::ready!(self.project().inner.poll(cx)) {
-            Ok(res) => std::task::Poll::Ready(Ok(res)),
-            Err(e) => std::task::Poll::Ready(Ok(error_response(&e.into()))),
+        let mut this = self.project();
+        loop {
+            if let Some(reforming) = this.reforming.as_mut() {
+                return reforming.as_mut().poll(cx).map(Ok);
+            }
+            let res = match std::task::ready!(this.inner.as_mut().poll(cx)) {
+                Ok(res) => res,
+                Err(e) => error_response(&e.into()),
+            };
+            let reform = *this.grpc
+                && res.extensions().get::<LocalReply>().is_some()
+                && !res.headers().contains_key("grpc-status");
+            if !reform {
+                return std::task::Poll::Ready(Ok(res));
+            }
+            *this.reforming = Some(Box::pin(grpc_reply(res)));
         }
     }
 }
@@ -276,6 +360,76 @@ mod tests {
 
     fn flags(res: &Response<BoxBody>) -> String {
         mesh_core::extensions::response_flags(res.extensions()).to_string()
+    }
+
+    #[tokio::test]
+    async fn grpc_callers_get_local_replies_as_grpc_statuses() {
+        use tower::ServiceExt;
+        let grpc = |content_type: &'static str| {
+            http::Request::post("/demo.Payments/Pay")
+                .header(header::CONTENT_TYPE, content_type)
+                .body(())
+                .unwrap()
+        };
+        // An error becomes a trailers-only UNAVAILABLE with Envoy's text, flags kept.
+        let failing = Respond::new(tower::service_fn(|_req: http::Request<()>| async {
+            Err::<Response<BoxBody>, BoxError>(Box::new(NoHealthyUpstream))
+        }));
+        let res = failing
+            .clone()
+            .oneshot(grpc("application/grpc+proto"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert_eq!(res.headers()["grpc-message"], "no healthy upstream");
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+        assert_eq!(flags(&res), "UH");
+        assert_eq!(text(res).await, "");
+        // The same error for an HTTP caller stays HTTP.
+        let res = failing.oneshot(grpc("application/json")).await.unwrap();
+        assert_eq!(res.status(), 503);
+
+        // A local reply made by another layer (an AuthorizationPolicy's 403), escaped.
+        let denied = Respond::new(tower::service_fn(|_req: http::Request<()>| async {
+            let mut res = reply(
+                StatusCode::FORBIDDEN,
+                "RBAC: access denied 100%\n".into(),
+                ResponseFlags::NONE,
+            );
+            res.extensions_mut().insert(LocalReply);
+            Ok::<_, BoxError>(res)
+        }));
+        let res = denied.oneshot(grpc("application/grpc")).await.unwrap();
+        assert_eq!(res.headers()["grpc-status"], "7");
+        assert_eq!(
+            res.headers()["grpc-message"],
+            "RBAC: access denied 100%25%0A"
+        );
+        // The application's own answers are never touched.
+        let app = Respond::new(tower::service_fn(|_req: http::Request<()>| async {
+            let mut res = Response::new(body::full("teapot"));
+            *res.status_mut() = StatusCode::IM_A_TEAPOT;
+            Ok::<_, BoxError>(res)
+        }));
+        let res = app.oneshot(grpc("application/grpc")).await.unwrap();
+        assert_eq!(res.status(), 418);
+        for (http, grpc) in [
+            (400, 13),
+            (401, 16),
+            (403, 7),
+            (404, 12),
+            (429, 14),
+            (502, 14),
+            (504, 14),
+            (500, 2),
+        ] {
+            assert_eq!(
+                grpc_status_for(StatusCode::from_u16(http).unwrap()),
+                grpc,
+                "{http}"
+            );
+        }
     }
 
     #[tokio::test]

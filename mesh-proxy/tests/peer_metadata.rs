@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::Request;
 use mesh_core::body;
 use mesh_proxy::stack::HttpClient;
+use mesh_proxy::stack::client::Protocol;
 use mesh_proxy::{ProxyHandle, Settings, Sidecar};
 use mesh_telemetry::exchange::{LocalMetadata, NodeMetadata};
 use mesh_tls::{
@@ -208,7 +209,7 @@ fn mtls_client(
         SecureNaming::AnyTrusted,
     )
     .unwrap();
-    HttpClient::upstream(connector, Duration::from_secs(5))
+    HttpClient::upstream(connector, Duration::from_secs(5), Protocol::Http1)
 }
 
 /// The metadata an Istio sidecar (Envoy) of workload `reviews-v3` sends, built from

@@ -8,7 +8,8 @@
 //!
 //! No timeout configured (`None` or zero) means no deadline at all, as in Istio: there is
 //! no hidden default. If the request already carries an earlier deadline (set by an
-//! outer layer), the earlier one is kept.
+//! outer layer), the earlier one is kept. A gRPC request's `grpc-timeout` is a deadline
+//! as well, capped by the route timeout when one is set (ISTIO.md VS-42).
 //!
 //! # Layer placement
 //!
@@ -151,7 +152,13 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let Some(timeout) = self.timeout else {
+        // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
+        // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
+        let timeout = match (self.timeout, grpc_timeout(&req)) {
+            (Some(route), Some(grpc)) => Some(route.min(grpc)),
+            (route, grpc) => route.or(grpc),
+        };
+        let Some(timeout) = timeout else {
             return ResponseFuture::Passthrough {
                 fut: self.inner.call(req),
             };
@@ -170,6 +177,34 @@ where
             sleep: None,
         }
     }
+}
+
+/// The `grpc-timeout` of a gRPC request (`content-type: application/grpc…`): an
+/// integer of at most eight digits and a unit, `H`, `M`, `S`, `m`, `u` or `n` (gRPC over
+/// HTTP/2). Absent or malformed: `None`, as Envoy ignores a malformed header.
+pub fn grpc_timeout<B>(req: &http::Request<B>) -> Option<Duration> {
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return None;
+    }
+    let value = req.headers().get("grpc-timeout")?.as_bytes();
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Response future of [`Deadline`].
@@ -272,6 +307,62 @@ mod tests {
             dropped.load(Ordering::SeqCst),
             "the in-flight attempt was dropped"
         );
+    }
+
+    fn grpc(timeout: &str) -> Req {
+        http::Request::builder()
+            .header("content-type", "application/grpc+proto")
+            .header("grpc-timeout", timeout)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn grpc_timeout_units_and_malformed_values() {
+        for (v, want) in [
+            ("2H", Some(Duration::from_secs(7200))),
+            ("3M", Some(Duration::from_secs(180))),
+            ("4S", Some(Duration::from_secs(4))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("99999999n", Some(Duration::from_nanos(99_999_999))),
+            ("123456789m", None),
+            ("m", None),
+            ("5", None),
+            ("-5S", None),
+            ("5s", None),
+            ("1.5S", None),
+        ] {
+            assert_eq!(grpc_timeout(&grpc(v)), want, "{v}");
+        }
+        // Only gRPC requests carry a gRPC deadline.
+        let mut plain = grpc("1S");
+        plain.headers_mut().remove("content-type");
+        assert_eq!(grpc_timeout(&plain), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_timeout_is_a_deadline_capped_by_the_route_timeout() {
+        for (route, header, want) in [
+            (None, "300m", Duration::from_millis(300)),
+            (
+                Some(Duration::from_secs(5)),
+                "300m",
+                Duration::from_millis(300),
+            ),
+            (Some(Duration::from_secs(1)), "10S", Duration::from_secs(1)),
+        ] {
+            let (mut svc, mut handle) =
+                mock::spawn_layer::<Req, &'static str, _>(DeadlineLayer::new(route));
+            assert_ready_ok!(svc.poll_ready());
+            let start = Instant::now();
+            let mut fut = tokio_test::task::spawn(svc.call(grpc(header)));
+            let (req, _send) = handle.next_request().await.unwrap();
+            assert_eq!(RequestDeadline::of(&req).unwrap().at, start + want);
+            tokio::time::advance(want).await;
+            let err = assert_ready_err!(fut.poll());
+            assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -101,7 +101,7 @@ pub use compile::{CompileOptions, Listener};
 pub use fault::{AbortStatus, FaultPolicy, Percent};
 pub use headers::{HeaderOps, Headers};
 pub use matcher::{HeaderMatch, QueryParamMatch, RequestView, RouteMatch, StringMatch, UriMatch};
-pub use registry::{Registry, Resolution, Service, ServicePort, WorkloadEntry};
+pub use registry::{PortProtocol, Registry, Resolution, Service, ServicePort, WorkloadEntry};
 pub use rewrite::{DirectResponse, Redirect, RedirectPort, Rewrite};
 pub use router::{
     MakeDestination, ResponseFuture, Router, RouterHandle, Routing, Snapshot, Target,

@@ -61,19 +61,53 @@ impl ServicePort {
         self
     }
 
-    /// Whether a sidecar proxies this port as opaque TCP (ISTIO.md PS-01, PS-02, PS-05,
-    /// PS-06): the protocol, else the name's part before the first `-`, is `tcp`, `tls`,
-    /// `https`, `mongo`, `redis` or `mysql`, case-insensitively.
-    pub fn is_tcp(&self) -> bool {
+    /// How a sidecar treats this port (ISTIO.md PS-01, PS-02, PS-05, PS-06): from the
+    /// protocol, else the name (`grpc-web…`, else its part before the first `-`),
+    /// case-insensitively.
+    pub fn protocol(&self) -> PortProtocol {
         let declared = if self.protocol.is_empty() {
-            self.name.split('-').next().unwrap_or("")
+            self.name.as_str()
         } else {
             self.protocol.as_str()
         };
-        ["tcp", "tls", "https", "mongo", "redis", "mysql"]
-            .iter()
-            .any(|p| declared.eq_ignore_ascii_case(p))
+        if declared
+            .get(..8)
+            .is_some_and(|p| p.eq_ignore_ascii_case("grpc-web"))
+        {
+            return PortProtocol::Http2;
+        }
+        let class = declared.split('-').next().unwrap_or("");
+        let is = |names: &[&str]| names.iter().any(|n| class.eq_ignore_ascii_case(n));
+        if is(&["http2", "grpc"]) {
+            PortProtocol::Http2
+        } else if is(&["http", "http_proxy"]) {
+            PortProtocol::Http
+        } else if is(&["tcp", "tls", "https", "mongo", "redis", "mysql"]) {
+            PortProtocol::Tcp
+        } else {
+            PortProtocol::Auto
+        }
     }
+
+    /// Whether a sidecar proxies this port as opaque TCP ([`PortProtocol::Tcp`]).
+    pub fn is_tcp(&self) -> bool {
+        self.protocol() == PortProtocol::Tcp
+    }
+}
+
+/// The class of a service port's protocol, as a sidecar treats it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// `http`, `http_proxy`: HTTP, HTTP/1.1 upstream unless upgraded (PS-07, PS-20).
+    Http,
+    /// `http2`, `grpc`, `grpc-web`: HTTP with HTTP/2 upstream always (PS-07).
+    Http2,
+    /// `tcp`, `tls`, `https`, `mongo`, `redis`, `mysql`: opaque TCP (PS-05, PS-06).
+    Tcp,
+    /// Anything else, or nothing: detected; HTTP upstream in the client's protocol
+    /// (PS-20 rule 4).
+    #[default]
+    Auto,
 }
 
 /// One instance of a service as configured (`ServiceEntry.endpoints[]`).
@@ -307,6 +341,16 @@ mod tests {
         assert!(!tcp("tcpx", ""));
         assert!(!tcp("tcp-redis", "HTTP"));
         assert!(!tcp("", ""));
+        let class = |name: &str, protocol: &str| {
+            ServicePort::new(1, name).with_protocol(protocol).protocol()
+        };
+        assert_eq!(class("grpc", ""), PortProtocol::Http2);
+        assert_eq!(class("grpc-web-ui", ""), PortProtocol::Http2);
+        assert_eq!(class("x", "HTTP2"), PortProtocol::Http2);
+        assert_eq!(class("x", "GRPC"), PortProtocol::Http2);
+        assert_eq!(class("http-web", ""), PortProtocol::Http);
+        assert_eq!(class("httpfoo", ""), PortProtocol::Auto);
+        assert_eq!(class("", ""), PortProtocol::Auto);
     }
 
     #[test]

@@ -74,7 +74,7 @@ use crate::fault::abort_response;
 use crate::headers::Headers;
 use crate::matcher::RequestView;
 use crate::mirror;
-use crate::registry::{Registry, Resolution, ServicePort};
+use crate::registry::{PortProtocol, Registry, Resolution, ServicePort};
 use crate::subset::{DestinationRules, ResolvedPolicy};
 use crate::table::{DestinationKey, RouteAction, RouteTable};
 
@@ -99,15 +99,42 @@ pub struct Target {
     pub key: DestinationKey,
     endpoints: ArcSwap<Vec<Endpoint>>,
     policy: ArcSwap<ResolvedPolicy>,
+    /// The service port's protocol class, as `PortProtocol as u8`.
+    protocol: std::sync::atomic::AtomicU8,
 }
 
 impl Target {
-    /// A target with fixed endpoints and policy (for building stacks in code).
+    /// A target with fixed endpoints and policy (for building stacks in code); its port's
+    /// protocol is [`PortProtocol::Auto`] until [`with_protocol`](Self::with_protocol).
     pub fn new(key: DestinationKey, endpoints: Vec<Endpoint>, policy: ResolvedPolicy) -> Self {
         Self {
             key,
             endpoints: ArcSwap::from_pointee(endpoints),
             policy: ArcSwap::from_pointee(policy),
+            protocol: std::sync::atomic::AtomicU8::new(PortProtocol::Auto as u8),
+        }
+    }
+
+    /// Sets the protocol class of the destination's service port.
+    #[must_use]
+    pub fn with_protocol(self, protocol: PortProtocol) -> Self {
+        self.set_protocol(protocol);
+        self
+    }
+
+    fn set_protocol(&self, protocol: PortProtocol) {
+        self.protocol
+            .store(protocol as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The protocol class of the destination's service port (what the upstream
+    /// protocol follows, ISTIO.md PS-07, PS-20).
+    pub fn protocol(&self) -> PortProtocol {
+        match self.protocol.load(std::sync::atomic::Ordering::Relaxed) {
+            p if p == PortProtocol::Http as u8 => PortProtocol::Http,
+            p if p == PortProtocol::Http2 as u8 => PortProtocol::Http2,
+            p if p == PortProtocol::Tcp as u8 => PortProtocol::Tcp,
+            _ => PortProtocol::Auto,
         }
     }
 
@@ -341,8 +368,10 @@ where
                         match keep.get(&resolved).or_else(|| cache.entries.get(&resolved)) {
                             Some((svc, target)) => {
                                 // Kept across the reload: refresh what may have changed.
-                                let changed = *target.policy.load_full() != policy;
+                                let changed = *target.policy.load_full() != policy
+                                    || target.protocol() != port.protocol();
                                 target.policy.store(Arc::new(policy));
+                                target.set_protocol(port.protocol());
                                 let svc = if changed {
                                     cache
                                         .make
@@ -354,8 +383,10 @@ where
                                 (svc, Arc::clone(target))
                             }
                             None => {
-                                let target =
-                                    Arc::new(Target::new(resolved.clone(), Vec::new(), policy));
+                                let target = Arc::new(
+                                    Target::new(resolved.clone(), Vec::new(), policy)
+                                        .with_protocol(port.protocol()),
+                                );
                                 (cache.make.make(&target), target)
                             }
                         };

@@ -130,16 +130,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.connectionPool.http.h2UpgradePolicy",
-        "upstream HTTP version is not changed",
-    ),
-    ne(
-        DR,
-        "spec.**.connectionPool.http.useClientProtocol",
-        "upstream HTTP version is not changed",
-    ),
-    ne(
-        DR,
         "spec.**.connectionPool.http.maxConcurrentStreams",
         "HTTP/2 stream limits are not set",
     ),

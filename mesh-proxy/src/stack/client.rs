@@ -66,6 +66,9 @@ pub enum Protocol {
     Http1,
     /// HTTP/2 with prior knowledge (h2c to a plaintext application).
     Http2,
+    /// The request's own: HTTP/2 requests go as HTTP/2 (prior knowledge on plaintext),
+    /// others as HTTP/1.1 (Envoy's `use_downstream_protocol`).
+    Downstream,
 }
 
 /// Pooled connections from one connector, with an HTTP/1.1-only pool for upgrades.
@@ -73,6 +76,8 @@ pub enum Protocol {
 pub struct HttpClient<C> {
     client: Client<C, BoxBody>,
     upgrades: Client<C, BoxBody>,
+    /// HTTP/2 connections for HTTP/2 requests under [`Protocol::Downstream`].
+    h2: Option<Client<C, BoxBody>>,
     /// The address the connector dials (for [`UpstreamHost`]); `None` when it depends
     /// on the request (passthrough).
     address: Option<SocketAddr>,
@@ -98,6 +103,7 @@ where
         idle_timeout: Duration,
         protocol: Protocol,
     ) -> Self {
+        let client_connector = connector.clone();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -107,9 +113,18 @@ where
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(upgrade_connector);
+        let h2 = (protocol == Protocol::Downstream).then(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(true)
+                .build(client_connector.clone())
+        });
         Self {
             client,
             upgrades,
+            h2,
             address: None,
             authority: None,
             protocol,
@@ -146,16 +161,24 @@ where
 
 impl HttpClient<UpstreamConnector> {
     /// The client of one endpoint over `connector`: Istio mTLS (h2 or HTTP/1.1 by ALPN),
-    /// TLS origination or plaintext. Requests to a TLS-originated or plaintext upstream
-    /// are sent as HTTP/1.1 (Istio's default `h2UpgradePolicy: DO_NOT_UPGRADE`), and TLS
-    /// origination offers only `http/1.1`. Upgrades go on HTTP/1.1-only connections.
-    pub fn upstream(connector: UpstreamConnector, idle_timeout: Duration) -> Self {
+    /// TLS origination or plaintext. To a TLS-originated or plaintext upstream, requests
+    /// go as `protocol` says ([`upstream_protocol`]): HTTP/1.1 (TLS offering only
+    /// `http/1.1`), HTTP/2 (h2c; TLS offering `h2` and `http/1.1`), or the request's own
+    /// (TLS: HTTP/1.1). Upgrades go on HTTP/1.1-only connections.
+    pub fn upstream(
+        connector: UpstreamConnector,
+        idle_timeout: Duration,
+        protocol: Protocol,
+    ) -> Self {
         let address = connector.address();
         let mesh_peer = matches!(connector.security(), UpstreamSecurity::Istio { .. });
-        let (connector, protocol) = if mesh_peer {
-            (connector, Protocol::Negotiated)
-        } else {
-            (connector.alpn(Alpn::Http1), Protocol::Http1)
+        let tls = matches!(connector.security(), UpstreamSecurity::Originate { .. });
+        let (connector, protocol) = match protocol {
+            _ if mesh_peer => (connector, Protocol::Negotiated),
+            Protocol::Http2 if tls => (connector.alpn(Alpn::Negotiate), Protocol::Negotiated),
+            Protocol::Http2 => (connector, Protocol::Http2),
+            Protocol::Downstream if !tls => (connector, Protocol::Downstream),
+            _ => (connector.alpn(Alpn::Http1), Protocol::Http1),
         };
         let upgrades = connector.clone().alpn(Alpn::Http1);
         let mut client = Self::new(connector, upgrades, idle_timeout, protocol).at(address);
@@ -183,6 +206,32 @@ impl HttpClient<HttpConnector> {
         // Envoy's default idle timeout of upstream connections.
         Self::plaintext(Duration::from_secs(10), Duration::from_secs(3600), protocol)
             .to_authority(app)
+    }
+}
+
+/// The HTTP version of requests to a non-mesh endpoint of a destination whose service
+/// port is of class `port` under the DestinationRule's `connectionPool.http` (ISTIO.md
+/// PS-20, first match wins): an `http2`/`grpc` port is HTTP/2; `useClientProtocol` keeps
+/// the request's version; `h2UpgradePolicy: UPGRADE` is HTTP/2 and `DO_NOT_UPGRADE`
+/// HTTP/1.1; a port of no declared protocol keeps the request's version; else HTTP/1.1
+/// (the mesh default `DO_NOT_UPGRADE`). Endpoints with a sidecar negotiate by ALPN.
+pub fn upstream_protocol(
+    port: mesh_routing::PortProtocol,
+    http: Option<&mesh_core::config::HttpSettings>,
+) -> Protocol {
+    use mesh_core::config::H2UpgradePolicy;
+    use mesh_routing::PortProtocol;
+    if port == PortProtocol::Http2 {
+        return Protocol::Http2;
+    }
+    if http.and_then(|h| h.use_client_protocol) == Some(true) {
+        return Protocol::Downstream;
+    }
+    match http.and_then(|h| h.h2_upgrade_policy) {
+        Some(H2UpgradePolicy::Upgrade) => Protocol::Http2,
+        Some(H2UpgradePolicy::DoNotUpgrade) => Protocol::Http1,
+        _ if port == PortProtocol::Auto => Protocol::Downstream,
+        _ => Protocol::Http1,
     }
 }
 
@@ -270,6 +319,8 @@ where
                 Protocol::Negotiated => {}
                 Protocol::Http1 => *req.version_mut() = Version::HTTP_11,
                 Protocol::Http2 => *req.version_mut() = Version::HTTP_2,
+                Protocol::Downstream if req.version() == Version::HTTP_2 => {}
+                Protocol::Downstream => *req.version_mut() = Version::HTTP_11,
             }
         }
         let downstream = if upgrade {
@@ -279,10 +330,10 @@ where
         };
         let limit = self.max_requests_per_connection;
         let captured = (limit > 0 && !upgrade).then(|| capture_connection(&mut req));
-        let fut = if upgrade {
-            self.upgrades.request(req)
-        } else {
-            self.client.request(req)
+        let fut = match &self.h2 {
+            _ if upgrade => self.upgrades.request(req),
+            Some(h2) if req.version() == Version::HTTP_2 => h2.request(req),
+            _ => self.client.request(req),
         };
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
@@ -326,6 +377,48 @@ mod tests {
     use super::*;
 
     use crate::stack::test_request as req;
+    use mesh_core::config::{H2UpgradePolicy, HttpSettings};
+    use mesh_routing::PortProtocol;
+
+    #[test]
+    fn upstream_http_version_follows_istios_order() {
+        let http = |use_client: Option<bool>, upgrade: Option<H2UpgradePolicy>| HttpSettings {
+            use_client_protocol: use_client,
+            h2_upgrade_policy: upgrade,
+            ..HttpSettings::default()
+        };
+        let up = Some(H2UpgradePolicy::Upgrade);
+        let no = Some(H2UpgradePolicy::DoNotUpgrade);
+        let default = Some(H2UpgradePolicy::Default);
+        for (port, settings, want) in [
+            // An http2/grpc port is HTTP/2 whatever the rule says.
+            (
+                PortProtocol::Http2,
+                Some(http(Some(true), no)),
+                Protocol::Http2,
+            ),
+            (
+                PortProtocol::Http,
+                Some(http(Some(true), up)),
+                Protocol::Downstream,
+            ),
+            (PortProtocol::Http, Some(http(None, up)), Protocol::Http2),
+            (PortProtocol::Auto, Some(http(None, no)), Protocol::Http1),
+            (PortProtocol::Auto, None, Protocol::Downstream),
+            (PortProtocol::Http, None, Protocol::Http1),
+            (
+                PortProtocol::Http,
+                Some(http(None, default)),
+                Protocol::Http1,
+            ),
+        ] {
+            assert_eq!(
+                upstream_protocol(port, settings.as_ref()),
+                want,
+                "{port:?} {settings:?}"
+            );
+        }
+    }
 
     #[test]
     fn absolute_uri_takes_the_host_header_and_keeps_the_path() {

@@ -232,10 +232,18 @@ impl MakeDest {
             UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone());
         let connect_timeout = self.connect_timeout;
         let per_connection = limits.max_requests_per_connection;
+        let protocol = super::client::upstream_protocol(
+            target.protocol(),
+            policy
+                .connection_pool
+                .as_ref()
+                .and_then(|cp| cp.http.as_ref()),
+        );
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
             let connector = UpstreamConnector::new(ep.address, upstream_tls.security(ep))
                 .connect_timeout(connect_timeout);
-            HttpClient::upstream(connector, idle).max_requests_per_connection(per_connection)
+            HttpClient::upstream(connector, idle, protocol)
+                .max_requests_per_connection(per_connection)
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());

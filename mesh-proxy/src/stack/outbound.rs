@@ -10,7 +10,8 @@
 //!   -> prepare (absolute-form authority becomes Host, hop-by-hop headers go)
 //!   -> known host: router (VirtualService) -> per route and destination (see
 //!      [`destination`](super::destination)) ...
-//!   -> unknown host: ALLOW_ANY passthrough in plaintext | REGISTRY_ONLY 502 `NR`
+//!   -> unknown host: ALLOW_ANY passthrough in plaintext, in the client's HTTP version |
+//!      REGISTRY_ONLY 502 `NR`
 //! ```
 //!
 //! The request's host is looked up once per request, on the snapshot the router then
@@ -147,7 +148,12 @@ impl Outbound {
         Self {
             forward: Forward {
                 router: router.router(),
-                passthrough: HttpClient::plaintext(connect_timeout, idle_timeout, Protocol::Http1),
+                // Istio's PassthroughCluster keeps the client's protocol (h2c stays h2c).
+                passthrough: HttpClient::plaintext(
+                    connect_timeout,
+                    idle_timeout,
+                    Protocol::Downstream,
+                ),
                 mode,
                 resolved: None,
             },

@@ -154,6 +154,8 @@ fn local_response<B>(status: StatusCode, text: &'static str) -> Response<AuthzBo
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     res.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(text.len()));
+    res.extensions_mut()
+        .insert(mesh_core::extensions::LocalReply);
     res
 }
 
