@@ -15,9 +15,15 @@
 //!   counts gateway errors, as Istio translates it, when `consecutiveGatewayErrors` is
 //!   absent.
 //! - Pool limits (DR-20): zero or negative integers mean "not set".
-//! - Load balancing (DR-10): `LEAST_CONN` and `UNSPECIFIED` are `LEAST_REQUEST`;
-//!   `PASSTHROUGH` and `consistentHash` are not supported and fall back to
-//!   `LEAST_REQUEST` with an error the caller may report.
+//! - Load balancing (DR-10..DR-12): `LEAST_CONN` and `UNSPECIFIED` are `LEAST_REQUEST`;
+//!   `PASSTHROUGH` is not supported and falls back to `LEAST_REQUEST` with an error the
+//!   caller may report. `consistentHash` becomes [`LbPolicy::ConsistentHash`]: `maglev`
+//!   if set, else `ringHash`, else a ring of the deprecated `minimumRingSize` (0 or
+//!   absent: 1024), as Istio chooses; a ring above 8M entries or a Maglev table size
+//!   that is not a prime up to 5000011 is an error (Envoy rejects the cluster).
+//!   [`LbConfig`] adds slow start: `warmup` (`minimumPercent` default 10, `aggression`
+//!   default 1.0), else the deprecated `warmupDurationSecs` with those defaults, only for
+//!   `ROUND_ROBIN` and `LEAST_REQUEST` (Istio sets no slow start for the others).
 //!
 //! # Errors
 //!
@@ -39,10 +45,13 @@
 use std::time::Duration;
 
 use mesh_core::config::{
-    ConnectionPoolSettings, HttpRetry, LoadBalancerSettings, OutlierDetection, SimpleLb,
+    ConnectionPoolSettings, ConsistentHashLb, HttpRetry, LoadBalancerSettings, OutlierDetection,
+    SimpleLb,
 };
 
-use crate::balance::LbPolicy;
+use crate::balance::{
+    ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, SlowStart,
+};
 use crate::limit::PoolLimits;
 use crate::outlier::OutlierConfig;
 use crate::retry::{Backoff, RetryOn, RetryOnError, RetryPolicy};
@@ -185,8 +194,8 @@ impl TryFrom<&LoadBalancerSettings> for LbPolicy {
     type Error = UnsupportedLb;
 
     fn try_from(lb: &LoadBalancerSettings) -> Result<Self, Self::Error> {
-        if lb.consistent_hash.is_some() {
-            return Err(UnsupportedLb("consistentHash"));
+        if let Some(ch) = &lb.consistent_hash {
+            return ConsistentHash::try_from(ch).map(LbPolicy::ConsistentHash);
         }
         match lb.simple {
             None | Some(SimpleLb::Unspecified | SimpleLb::LeastConn | SimpleLb::LeastRequest) => {
@@ -197,6 +206,81 @@ impl TryFrom<&LoadBalancerSettings> for LbPolicy {
             Some(SimpleLb::Passthrough) => Err(UnsupportedLb("PASSTHROUGH")),
         }
     }
+}
+
+impl TryFrom<&ConsistentHashLb> for ConsistentHash {
+    type Error = UnsupportedLb;
+
+    /// Validation guarantees exactly one key; the first set one is taken regardless.
+    fn try_from(ch: &ConsistentHashLb) -> Result<Self, Self::Error> {
+        let key = if let Some(name) = &ch.http_header_name {
+            HashKey::Header(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                UnsupportedLb("consistentHash.httpHeaderName that is not a header name")
+            })?)
+        } else if let Some(c) = &ch.http_cookie {
+            HashKey::Cookie(HashCookie {
+                name: c.name.clone(),
+                path: c.path.clone(),
+                ttl: c.ttl.map(|d| d.as_std()),
+                attributes: c
+                    .attributes
+                    .iter()
+                    .map(|a| (a.name.clone(), a.value.clone().unwrap_or_default()))
+                    .collect(),
+            })
+        } else if ch.use_source_ip == Some(true) {
+            HashKey::SourceIp
+        } else if let Some(name) = &ch.http_query_parameter_name {
+            HashKey::QueryParameter(name.clone())
+        } else {
+            return Err(UnsupportedLb("consistentHash without a key"));
+        };
+        let algorithm = if let Some(m) = &ch.maglev {
+            HashAlgorithm::maglev(m.table_size.unwrap_or(0)).map_err(|_| {
+                UnsupportedLb("consistentHash.maglev.tableSize that is not a prime up to 5000011")
+            })?
+        } else {
+            let size = match &ch.ring_hash {
+                Some(r) => r.minimum_ring_size,
+                None => ch.minimum_ring_size,
+            };
+            HashAlgorithm::ring_hash(size.unwrap_or(0))
+                .map_err(|_| UnsupportedLb("consistentHash ring larger than 8388608 entries"))?
+        };
+        Ok(ConsistentHash { key, algorithm })
+    }
+}
+
+impl TryFrom<&LoadBalancerSettings> for LbConfig {
+    type Error = UnsupportedLb;
+
+    fn try_from(lb: &LoadBalancerSettings) -> Result<Self, Self::Error> {
+        let policy = LbPolicy::try_from(lb)?;
+        let slow_start = match policy {
+            LbPolicy::LeastRequest | LbPolicy::RoundRobin => slow_start(lb),
+            _ => None,
+        };
+        Ok(LbConfig { policy, slow_start })
+    }
+}
+
+/// `warmup`, else the deprecated `warmupDurationSecs` (Istio's precedence).
+fn slow_start(lb: &LoadBalancerSettings) -> Option<SlowStart> {
+    let slow = match (&lb.warmup, lb.warmup_duration_secs) {
+        (Some(w), _) => {
+            let mut s = SlowStart::new(w.duration?.as_std());
+            if let Some(m) = w.minimum_percent {
+                s.minimum_percent = m;
+            }
+            if let Some(a) = w.aggression {
+                s.aggression = a;
+            }
+            s
+        }
+        (None, Some(d)) => SlowStart::new(d.as_std()),
+        (None, None) => return None,
+    };
+    slow.is_enabled().then_some(slow)
 }
 
 #[cfg(test)]

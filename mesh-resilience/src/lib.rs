@@ -8,7 +8,8 @@
 //! DeadlineLayer (route timeout)            deadline::RequestDeadline set once per request
 //!   -> RetryLayer (route retries)          attempts, perTryTimeout, retryOn, back-off, budget
 //!     -> PoolLimitLayer (destination)      maxConnections / pending / maxRequests -> Overflow
-//!       -> Balance (destination)           LEAST_REQUEST / ROUND_ROBIN / RANDOM, outlier detection
+//!       -> Balance (destination)           LEAST_REQUEST / ROUND_ROBIN / RANDOM / consistent hash,
+//!                                          slow start, outlier detection
 //!         -> endpoint service              made per mesh_core::Endpoint by the caller
 //! ```
 //!
@@ -74,7 +75,10 @@ pub mod limit;
 pub mod outlier;
 pub mod retry;
 
-pub use balance::{Balance, LbPolicy, PreviousHosts};
+pub use balance::{
+    Balance, ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, PreviousHosts,
+    SlowStart,
+};
 pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
 pub use istio::UnsupportedLb;
 pub use limit::{PoolLimitLayer, PoolLimits, RetryGate};
