@@ -285,6 +285,32 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_moves_other_keys_only_onto_points_the_rest_gained() {
+        // 4 endpoints have 256 points each, 3 have 342: the 86 new points of each
+        // remaining endpoint take over the keys just before them, as in Envoy.
+        let four = Table::build(HashAlgorithm::default(), &addrs(4));
+        let three = Table::build(HashAlgorithm::default(), &addrs(3));
+        let (Table::Ring(old), Table::Ring(new)) = (&four, &three) else {
+            unreachable!()
+        };
+        let old_points: std::collections::HashSet<u64> = old.iter().map(|p| p.0).collect();
+        let all = |_| true;
+        let mut moved = 0;
+        for h in (0..20_000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+            let (was, now) = (
+                four.pick(h, 4, &all).unwrap(),
+                three.pick(h, 3, &all).unwrap(),
+            );
+            if was != 3 && was != now {
+                let hit = new[new.partition_point(|p| p.0 < h) % new.len()].0;
+                assert!(!old_points.contains(&hit), "moved onto an old point");
+                moved += 1;
+            }
+        }
+        assert!(moved > 0);
+    }
+
+    #[test]
     fn ring_shares_add_up_to_one() {
         let t = Table::build(HashAlgorithm::default(), &addrs(5));
         let shares = t.shares(5);
