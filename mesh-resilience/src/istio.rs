@@ -286,7 +286,10 @@ fn slow_start(lb: &LoadBalancerSettings) -> Option<SlowStart> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::config::{ConsistentHashLb, HttpSettings, TcpSettings};
+    use mesh_core::config::{
+        CookieAttribute, HttpCookie, HttpSettings, Maglev, RingHash, TcpSettings,
+        WarmupConfiguration,
+    };
 
     fn d(ms: u64) -> Option<mesh_core::config::Duration> {
         Some(Duration::from_millis(ms).into())
@@ -438,5 +441,185 @@ mod tests {
             ..LoadBalancerSettings::default()
         };
         assert!(LbPolicy::try_from(&hash).is_err());
+    }
+
+    fn hashed(ch: ConsistentHashLb) -> Result<ConsistentHash, UnsupportedLb> {
+        let lb = LoadBalancerSettings {
+            consistent_hash: Some(ch),
+            ..LoadBalancerSettings::default()
+        };
+        match LbPolicy::try_from(&lb)? {
+            LbPolicy::ConsistentHash(c) => Ok(c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn consistent_hash_keys_map_to_hash_keys() {
+        let header = hashed(ConsistentHashLb {
+            http_header_name: Some("X-User".into()),
+            ..ConsistentHashLb::default()
+        })
+        .unwrap();
+        assert_eq!(
+            header.key,
+            HashKey::Header(http::HeaderName::from_static("x-user"))
+        );
+        assert_eq!(header.algorithm, HashAlgorithm::default());
+        let cookie = hashed(ConsistentHashLb {
+            http_cookie: Some(HttpCookie {
+                name: "session".into(),
+                path: Some("/".into()),
+                ttl: d(3_600_000),
+                attributes: vec![
+                    CookieAttribute {
+                        name: "Secure".into(),
+                        value: None,
+                    },
+                    CookieAttribute {
+                        name: "SameSite".into(),
+                        value: Some("Strict".into()),
+                    },
+                ],
+            }),
+            ..ConsistentHashLb::default()
+        })
+        .unwrap();
+        assert_eq!(
+            cookie.key,
+            HashKey::Cookie(HashCookie {
+                name: "session".into(),
+                path: Some("/".into()),
+                ttl: Some(Duration::from_secs(3600)),
+                attributes: vec![
+                    ("Secure".into(), String::new()),
+                    ("SameSite".into(), "Strict".into())
+                ],
+            })
+        );
+        let ip = hashed(ConsistentHashLb {
+            use_source_ip: Some(true),
+            ..ConsistentHashLb::default()
+        });
+        assert_eq!(ip.unwrap().key, HashKey::SourceIp);
+        let query = hashed(ConsistentHashLb {
+            http_query_parameter_name: Some("user".into()),
+            ..ConsistentHashLb::default()
+        });
+        assert_eq!(query.unwrap().key, HashKey::QueryParameter("user".into()));
+        assert!(
+            hashed(ConsistentHashLb {
+                http_header_name: Some("bad header".into()),
+                ..ConsistentHashLb::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn consistent_hash_tables_follow_istio_precedence_and_envoy_limits() {
+        let key = || ConsistentHashLb {
+            use_source_ip: Some(true),
+            ..ConsistentHashLb::default()
+        };
+        let maglev = hashed(ConsistentHashLb {
+            maglev: Some(Maglev { table_size: None }),
+            minimum_ring_size: Some(4096),
+            ..key()
+        });
+        assert_eq!(
+            maglev.unwrap().algorithm,
+            HashAlgorithm::maglev(65_537).unwrap()
+        );
+        let ring = hashed(ConsistentHashLb {
+            ring_hash: Some(RingHash {
+                minimum_ring_size: Some(2048),
+            }),
+            minimum_ring_size: Some(4096),
+            ..key()
+        });
+        assert_eq!(ring.unwrap().algorithm.size(), 2048);
+        let deprecated = hashed(ConsistentHashLb {
+            minimum_ring_size: Some(4096),
+            ..key()
+        });
+        assert_eq!(deprecated.unwrap().algorithm.size(), 4096);
+        let zero = hashed(ConsistentHashLb {
+            minimum_ring_size: Some(0),
+            ..key()
+        });
+        assert_eq!(zero.unwrap().algorithm.size(), 1024);
+        for bad in [
+            ConsistentHashLb {
+                maglev: Some(Maglev {
+                    table_size: Some(65_536),
+                }),
+                ..key()
+            },
+            ConsistentHashLb {
+                minimum_ring_size: Some(HashAlgorithm::MAX_RING_SIZE + 1),
+                ..key()
+            },
+        ] {
+            assert!(hashed(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn warmup_wins_over_the_deprecated_window_and_applies_to_rr_and_lr_only() {
+        let warmup = |simple, secs: Option<u64>, warmup: Option<WarmupConfiguration>| {
+            LbConfig::try_from(&LoadBalancerSettings {
+                simple,
+                warmup_duration_secs: secs.map(|s| Duration::from_secs(s).into()),
+                warmup,
+                ..LoadBalancerSettings::default()
+            })
+            .unwrap()
+        };
+        let explicit = WarmupConfiguration {
+            duration: d(60_000),
+            minimum_percent: Some(30.0),
+            aggression: Some(2.0),
+        };
+        let c = warmup(Some(SimpleLb::RoundRobin), Some(10), Some(explicit.clone()));
+        assert_eq!(
+            c.slow_start,
+            Some(SlowStart {
+                window: Duration::from_secs(60),
+                minimum_percent: 30.0,
+                aggression: 2.0,
+            })
+        );
+        let c = warmup(None, Some(10), None);
+        assert_eq!(c.policy, LbPolicy::LeastRequest);
+        assert_eq!(c.slow_start, Some(SlowStart::new(Duration::from_secs(10))));
+        let defaults = WarmupConfiguration {
+            duration: d(5_000),
+            ..WarmupConfiguration::default()
+        };
+        let c = warmup(Some(SimpleLb::LeastConn), None, Some(defaults));
+        assert_eq!(c.slow_start, Some(SlowStart::new(Duration::from_secs(5))));
+        assert_eq!(
+            warmup(Some(SimpleLb::Random), Some(10), None).slow_start,
+            None
+        );
+        assert_eq!(
+            warmup(Some(SimpleLb::RoundRobin), Some(0), None).slow_start,
+            None
+        );
+        assert_eq!(
+            warmup(Some(SimpleLb::RoundRobin), None, None).slow_start,
+            None
+        );
+        let hash = LbConfig::try_from(&LoadBalancerSettings {
+            consistent_hash: Some(ConsistentHashLb {
+                use_source_ip: Some(true),
+                ..ConsistentHashLb::default()
+            }),
+            warmup_duration_secs: Some(Duration::from_secs(10).into()),
+            ..LoadBalancerSettings::default()
+        })
+        .unwrap();
+        assert_eq!(hash.slow_start, None);
     }
 }

@@ -28,6 +28,11 @@
 //!   honour the `x-envoy-retry-*` request headers (VS-66).
 //! - Previous-host avoidance filters tried endpoints out deterministically instead of
 //!   re-picking at random up to 5 times.
+//! - A consistent-hash table keeps an ejected endpoint and walks past it to the next
+//!   eligible entry, so only its keys move; Envoy rebuilds the table over the healthy
+//!   hosts. Tables for a changed endpoint set are built exactly as Envoy builds them.
+//! - Slow-start weights are applied by a golden-ratio sequence (round robin) and a
+//!   weighted draw (least request) instead of Envoy's EDF schedule, with the same shares.
 //! - Outlier sweeps run lazily instead of on a background timer: a pick that meets an
 //!   ejected endpoint (or runs in panic mode), an ejection, or
 //!   [`Balance::is_ejected`] replays every sweep that fell due, at its own time on the

@@ -1,5 +1,5 @@
 //! Load balancing over a destination's endpoints, skipping ejected ones (ISTIO.md §2.2,
-//! DR-39, DR-40, ECOSYSTEM.md §5.3).
+//! DR-10..DR-12, DR-39, DR-40, ECOSYSTEM.md §5.3).
 //!
 //! [`Balance`] owns the endpoint set of one destination (host + subset), a per-endpoint
 //! service made by a factory (`Fn(&Endpoint) -> S`, so the proxy plugs in its mTLS
@@ -8,24 +8,66 @@
 //!
 //! 1. runs the outlier sweeps that fell due;
 //! 2. picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
-//!    the default; `ROUND_ROBIN`; `RANDOM`) among the endpoints that are not ejected
-//!    (all of them in panic mode) and, for a retry, not already tried
-//!    ([`PreviousHosts`]) when another is available;
+//!    the default; `ROUND_ROBIN`; `RANDOM`; `consistentHash` = ring hash or Maglev over
+//!    a request key, [`ConsistentHash`]) among the endpoints that are not ejected (all
+//!    of them in panic mode) and, for a retry, not already tried ([`PreviousHosts`])
+//!    when another is available; while an endpoint is in its slow-start window
+//!    ([`SlowStart`]), `ROUND_ROBIN` and `LEAST_REQUEST` weigh the endpoints by it;
 //! 3. waits for that endpoint's service to be ready, calls it, and races the call
 //!    against the attempt's deadline ([`AttemptDeadline`], [`RequestDeadline`]);
 //! 4. classifies the result once ([`Outcome`]) and records it for outlier detection;
-//! 5. tags the response with [`UpstreamHost`] and errors with [`EndpointFailed`], and
-//!    keeps the endpoint's in-flight count until the response body ends.
+//! 5. tags the response with [`UpstreamHost`] (and a generated hash cookie's
+//!    `Set-Cookie`) and errors with [`EndpointFailed`], and keeps the endpoint's
+//!    in-flight count until the response body ends.
 //!
 //! Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
 //! would, ECOSYSTEM.md §5.3). Endpoints are replaced at runtime with
-//! [`Balance::update`]; endpoints that stay keep their service, in-flight count and
-//! outlier state. The balancer picks per request in `call` (it must see the request to
-//! avoid previous hosts), so its own `poll_ready` is always ready and the chosen
-//! endpoint's readiness is awaited in the response future.
+//! [`Balance::update`]; endpoints that stay keep their service, in-flight count, outlier
+//! state and slow-start start. The balancer picks per request in `call` (it must see the
+//! request for its hash key and to avoid previous hosts), so its own `poll_ready` is
+//! always ready and the chosen endpoint's readiness is awaited in the response future.
 //!
-//! Our choice: previous-host avoidance filters the tried endpoints out of the candidates
-//! (deterministic), where Envoy re-picks up to 5 times at random.
+//! # Consistent hashing
+//!
+//! The key (header, cookie, source IP or query parameter) is hashed with XXH64 and the
+//! ring or Maglev table is built exactly as Envoy builds them (see [`ConsistentHash`]),
+//! so with the same endpoints a key goes where Envoy would send it. Key extraction
+//! allocates nothing, except the `Set-Cookie` value of a generated cookie. A request
+//! without a key gets a random hash, so it lands on an endpoint with the probability of
+//! that endpoint's share of the table ([`Balance::hash_shares`]), as in Envoy.
+//!
+//! # Slow start
+//!
+//! An endpoint's slow start begins when the balancer first sees it; the endpoints of a
+//! new balancer start together, so they share traffic evenly while they ramp (Envoy
+//! gives a new cluster's hosts one start as well). Outlier un-ejection does not restart
+//! it: Envoy restarts it only after an active health check, which Istio does not
+//! configure. Weights apply to `ROUND_ROBIN` and `LEAST_REQUEST` only (Istio sets no
+//! slow start for the others), and only while some endpoint is in its window; after
+//! that no clock is read.
+//!
+//! # Where we choose
+//!
+//! - Previous-host avoidance filters the tried endpoints out of the candidates
+//!   (deterministic), where Envoy re-picks up to 5 times at random (and, for a hash
+//!   table, offsets the ring position by the attempt number or flips the hash's bits
+//!   for Maglev).
+//! - An ejected endpoint stays in the hash table and is walked past: its keys go to the
+//!   next point on the ring, or the next Maglev slot, of an eligible endpoint, and no
+//!   other key moves. Envoy rebuilds the table over the healthy hosts instead, which
+//!   sends the ejected host's keys to about the same places but also moves a few keys of
+//!   the others (the rebuilt ring gives each host more points). A retry that avoids an
+//!   endpoint walks the same way, so it picks what ejecting that endpoint would.
+//! - A change of the endpoint set rebuilds the table as Envoy does. Envoy's ring gives
+//!   every endpoint `ceil(minimumRingSize / N)` points, so when `N` shrinks the others
+//!   gain points and also take some keys from each other (about 10 % of all keys going
+//!   from 4 endpoints to 3 with the default 1024; none when the count stays the same,
+//!   as from 33 to 32). Maglev moves a handful of other keys (its minimal disruption).
+//! - The hash key is read by the destination's balancer from the destination's own
+//!   DestinationRule, so each destination of a weighted route hashes by its own policy.
+//! - Slow-start weights are applied by a deterministic golden-ratio sequence over the
+//!   round-robin cursor and by a weighted random draw over `weight / (in flight + 1)`
+//!   for least request, where Envoy runs an EDF schedule; the shares are the same.
 //!
 //! # Layer placement
 //!
@@ -55,6 +97,35 @@
 //! balance.update([Endpoint::new("10.0.0.1:8080".parse().unwrap())]);
 //! let res = balance.clone().oneshot(http::Request::new(())).await.unwrap();
 //! assert_eq!(res.into_body().into_inner(), "10.0.0.1:8080");
+//! # }
+//! ```
+//!
+//! Session affinity on a header, looked up in a Maglev table:
+//!
+//! ```
+//! use mesh_core::Endpoint;
+//! use mesh_resilience::balance::{Balance, ConsistentHash, HashAlgorithm, HashKey, LbPolicy};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let key = HashKey::Header(http::HeaderName::from_static("x-user"));
+//! let policy = ConsistentHash::new(key).with_algorithm(HashAlgorithm::maglev(65_537).unwrap());
+//! let balance = Balance::new(LbPolicy::ConsistentHash(policy), None, |ep: &Endpoint| {
+//!     let addr = ep.address;
+//!     service_fn(move |_req: http::Request<()>| async move {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(addr.to_string()))
+//!     })
+//! });
+//! balance.update((1..=3).map(|i| Endpoint::new(([10, 0, 0, i], 8080).into())));
+//! let svc = ServiceBuilder::new().service(balance);
+//! let ask = |user: &str| {
+//!     let req = http::Request::builder().header("x-user", user).body(()).unwrap();
+//!     svc.clone().oneshot(req)
+//! };
+//! let first = ask("alice").await.unwrap().into_body().into_inner();
+//! for _ in 0..10 {
+//!     assert_eq!(ask("alice").await.unwrap().into_body().into_inner(), first);
+//! }
 //! # }
 //! ```
 
