@@ -161,44 +161,25 @@ async fn sticks_and_spreads(kind: Kind, algorithm: HashAlgorithm) {
     );
 }
 
-#[tokio::test]
-async fn ring_hash_header_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::Header, HashAlgorithm::default()).await;
+/// One distribution test per table and key kind.
+macro_rules! sticks_and_spreads {
+    ($($name:ident: $kind:ident on $algorithm:expr;)*) => {$(
+        #[tokio::test]
+        async fn $name() {
+            sticks_and_spreads(Kind::$kind, $algorithm).await;
+        }
+    )*};
 }
 
-#[tokio::test]
-async fn ring_hash_cookie_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::Cookie, HashAlgorithm::default()).await;
-}
-
-#[tokio::test]
-async fn ring_hash_source_ip_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::SourceIp, HashAlgorithm::default()).await;
-}
-
-#[tokio::test]
-async fn ring_hash_query_parameter_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::Query, HashAlgorithm::default()).await;
-}
-
-#[tokio::test]
-async fn maglev_header_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::Header, HashAlgorithm::maglev(0).unwrap()).await;
-}
-
-#[tokio::test]
-async fn maglev_cookie_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::Cookie, HashAlgorithm::maglev(0).unwrap()).await;
-}
-
-#[tokio::test]
-async fn maglev_source_ip_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::SourceIp, HashAlgorithm::maglev(0).unwrap()).await;
-}
-
-#[tokio::test]
-async fn maglev_query_parameter_keys_stick_and_spread_by_share() {
-    sticks_and_spreads(Kind::Query, HashAlgorithm::maglev(0).unwrap()).await;
+sticks_and_spreads! {
+    ring_hash_header_keys_stick_and_spread_by_share: Header on HashAlgorithm::default();
+    ring_hash_cookie_keys_stick_and_spread_by_share: Cookie on HashAlgorithm::default();
+    ring_hash_source_ip_keys_stick_and_spread_by_share: SourceIp on HashAlgorithm::default();
+    ring_hash_query_parameter_keys_stick_and_spread_by_share: Query on HashAlgorithm::default();
+    maglev_header_keys_stick_and_spread_by_share: Header on HashAlgorithm::maglev(0).unwrap();
+    maglev_cookie_keys_stick_and_spread_by_share: Cookie on HashAlgorithm::maglev(0).unwrap();
+    maglev_source_ip_keys_stick_and_spread_by_share: SourceIp on HashAlgorithm::maglev(0).unwrap();
+    maglev_query_parameter_keys_stick_and_spread_by_share: Query on HashAlgorithm::maglev(0).unwrap();
 }
 
 #[tokio::test]
