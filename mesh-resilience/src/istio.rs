@@ -15,9 +15,15 @@
 //!   counts gateway errors, as Istio translates it, when `consecutiveGatewayErrors` is
 //!   absent.
 //! - Pool limits (DR-20): zero or negative integers mean "not set".
-//! - Load balancing (DR-10): `LEAST_CONN` and `UNSPECIFIED` are `LEAST_REQUEST`;
-//!   `PASSTHROUGH` and `consistentHash` are not supported and fall back to
-//!   `LEAST_REQUEST` with an error the caller may report.
+//! - Load balancing (DR-10..DR-12): `LEAST_CONN` and `UNSPECIFIED` are `LEAST_REQUEST`;
+//!   `PASSTHROUGH` is not supported and falls back to `LEAST_REQUEST` with an error the
+//!   caller may report. `consistentHash` becomes [`LbPolicy::ConsistentHash`]: `maglev`
+//!   if set, else `ringHash`, else a ring of the deprecated `minimumRingSize` (0 or
+//!   absent: 1024), as Istio chooses; a ring above 8M entries or a Maglev table size
+//!   that is not a prime up to 5000011 is an error (Envoy rejects the cluster).
+//!   [`LbConfig`] adds slow start: `warmup` (`minimumPercent` default 10, `aggression`
+//!   default 1.0), else the deprecated `warmupDurationSecs` with those defaults, only for
+//!   `ROUND_ROBIN` and `LEAST_REQUEST` (Istio sets no slow start for the others).
 //!
 //! # Errors
 //!
@@ -39,10 +45,13 @@
 use std::time::Duration;
 
 use mesh_core::config::{
-    ConnectionPoolSettings, HttpRetry, LoadBalancerSettings, OutlierDetection, SimpleLb,
+    ConnectionPoolSettings, ConsistentHashLb, HttpRetry, LoadBalancerSettings, OutlierDetection,
+    SimpleLb,
 };
 
-use crate::balance::LbPolicy;
+use crate::balance::{
+    ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, SlowStart,
+};
 use crate::limit::PoolLimits;
 use crate::outlier::OutlierConfig;
 use crate::retry::{Backoff, RetryOn, RetryOnError, RetryPolicy};
@@ -185,8 +194,8 @@ impl TryFrom<&LoadBalancerSettings> for LbPolicy {
     type Error = UnsupportedLb;
 
     fn try_from(lb: &LoadBalancerSettings) -> Result<Self, Self::Error> {
-        if lb.consistent_hash.is_some() {
-            return Err(UnsupportedLb("consistentHash"));
+        if let Some(ch) = &lb.consistent_hash {
+            return ConsistentHash::try_from(ch).map(LbPolicy::ConsistentHash);
         }
         match lb.simple {
             None | Some(SimpleLb::Unspecified | SimpleLb::LeastConn | SimpleLb::LeastRequest) => {
@@ -199,10 +208,88 @@ impl TryFrom<&LoadBalancerSettings> for LbPolicy {
     }
 }
 
+impl TryFrom<&ConsistentHashLb> for ConsistentHash {
+    type Error = UnsupportedLb;
+
+    /// Validation guarantees exactly one key; the first set one is taken regardless.
+    fn try_from(ch: &ConsistentHashLb) -> Result<Self, Self::Error> {
+        let key = if let Some(name) = &ch.http_header_name {
+            HashKey::Header(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                UnsupportedLb("consistentHash.httpHeaderName that is not a header name")
+            })?)
+        } else if let Some(c) = &ch.http_cookie {
+            HashKey::Cookie(HashCookie {
+                name: c.name.clone(),
+                path: c.path.clone(),
+                ttl: c.ttl.map(|d| d.as_std()),
+                attributes: c
+                    .attributes
+                    .iter()
+                    .map(|a| (a.name.clone(), a.value.clone().unwrap_or_default()))
+                    .collect(),
+            })
+        } else if ch.use_source_ip == Some(true) {
+            HashKey::SourceIp
+        } else if let Some(name) = &ch.http_query_parameter_name {
+            HashKey::QueryParameter(name.clone())
+        } else {
+            return Err(UnsupportedLb("consistentHash without a key"));
+        };
+        let algorithm = if let Some(m) = &ch.maglev {
+            HashAlgorithm::maglev(m.table_size.unwrap_or(0)).map_err(|_| {
+                UnsupportedLb("consistentHash.maglev.tableSize that is not a prime up to 5000011")
+            })?
+        } else {
+            let size = match &ch.ring_hash {
+                Some(r) => r.minimum_ring_size,
+                None => ch.minimum_ring_size,
+            };
+            HashAlgorithm::ring_hash(size.unwrap_or(0))
+                .map_err(|_| UnsupportedLb("consistentHash ring larger than 8388608 entries"))?
+        };
+        Ok(ConsistentHash { key, algorithm })
+    }
+}
+
+impl TryFrom<&LoadBalancerSettings> for LbConfig {
+    type Error = UnsupportedLb;
+
+    fn try_from(lb: &LoadBalancerSettings) -> Result<Self, Self::Error> {
+        let policy = LbPolicy::try_from(lb)?;
+        let slow_start = match policy {
+            LbPolicy::LeastRequest | LbPolicy::RoundRobin => slow_start(lb),
+            _ => None,
+        };
+        Ok(LbConfig { policy, slow_start })
+    }
+}
+
+/// `warmup`, else the deprecated `warmupDurationSecs` (Istio's precedence).
+fn slow_start(lb: &LoadBalancerSettings) -> Option<SlowStart> {
+    let slow = match (&lb.warmup, lb.warmup_duration_secs) {
+        (Some(w), _) => {
+            let mut s = SlowStart::new(w.duration?.as_std());
+            if let Some(m) = w.minimum_percent {
+                s.minimum_percent = m;
+            }
+            if let Some(a) = w.aggression {
+                s.aggression = a;
+            }
+            s
+        }
+        (None, Some(d)) => SlowStart::new(d.as_std()),
+        (None, None) => return None,
+    };
+    slow.is_enabled().then_some(slow)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::config::{ConsistentHashLb, HttpSettings, TcpSettings};
+    use mesh_core::config::{
+        CookieAttribute, HttpCookie, HttpSettings, Maglev, RingHash, TcpSettings,
+        WarmupConfiguration,
+    };
 
     fn d(ms: u64) -> Option<mesh_core::config::Duration> {
         Some(Duration::from_millis(ms).into())
@@ -354,5 +441,185 @@ mod tests {
             ..LoadBalancerSettings::default()
         };
         assert!(LbPolicy::try_from(&hash).is_err());
+    }
+
+    fn hashed(ch: ConsistentHashLb) -> Result<ConsistentHash, UnsupportedLb> {
+        let lb = LoadBalancerSettings {
+            consistent_hash: Some(ch),
+            ..LoadBalancerSettings::default()
+        };
+        match LbPolicy::try_from(&lb)? {
+            LbPolicy::ConsistentHash(c) => Ok(c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn consistent_hash_keys_map_to_hash_keys() {
+        let header = hashed(ConsistentHashLb {
+            http_header_name: Some("X-User".into()),
+            ..ConsistentHashLb::default()
+        })
+        .unwrap();
+        assert_eq!(
+            header.key,
+            HashKey::Header(http::HeaderName::from_static("x-user"))
+        );
+        assert_eq!(header.algorithm, HashAlgorithm::default());
+        let cookie = hashed(ConsistentHashLb {
+            http_cookie: Some(HttpCookie {
+                name: "session".into(),
+                path: Some("/".into()),
+                ttl: d(3_600_000),
+                attributes: vec![
+                    CookieAttribute {
+                        name: "Secure".into(),
+                        value: None,
+                    },
+                    CookieAttribute {
+                        name: "SameSite".into(),
+                        value: Some("Strict".into()),
+                    },
+                ],
+            }),
+            ..ConsistentHashLb::default()
+        })
+        .unwrap();
+        assert_eq!(
+            cookie.key,
+            HashKey::Cookie(HashCookie {
+                name: "session".into(),
+                path: Some("/".into()),
+                ttl: Some(Duration::from_secs(3600)),
+                attributes: vec![
+                    ("Secure".into(), String::new()),
+                    ("SameSite".into(), "Strict".into())
+                ],
+            })
+        );
+        let ip = hashed(ConsistentHashLb {
+            use_source_ip: Some(true),
+            ..ConsistentHashLb::default()
+        });
+        assert_eq!(ip.unwrap().key, HashKey::SourceIp);
+        let query = hashed(ConsistentHashLb {
+            http_query_parameter_name: Some("user".into()),
+            ..ConsistentHashLb::default()
+        });
+        assert_eq!(query.unwrap().key, HashKey::QueryParameter("user".into()));
+        assert!(
+            hashed(ConsistentHashLb {
+                http_header_name: Some("bad header".into()),
+                ..ConsistentHashLb::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn consistent_hash_tables_follow_istio_precedence_and_envoy_limits() {
+        let key = || ConsistentHashLb {
+            use_source_ip: Some(true),
+            ..ConsistentHashLb::default()
+        };
+        let maglev = hashed(ConsistentHashLb {
+            maglev: Some(Maglev { table_size: None }),
+            minimum_ring_size: Some(4096),
+            ..key()
+        });
+        assert_eq!(
+            maglev.unwrap().algorithm,
+            HashAlgorithm::maglev(65_537).unwrap()
+        );
+        let ring = hashed(ConsistentHashLb {
+            ring_hash: Some(RingHash {
+                minimum_ring_size: Some(2048),
+            }),
+            minimum_ring_size: Some(4096),
+            ..key()
+        });
+        assert_eq!(ring.unwrap().algorithm.size(), 2048);
+        let deprecated = hashed(ConsistentHashLb {
+            minimum_ring_size: Some(4096),
+            ..key()
+        });
+        assert_eq!(deprecated.unwrap().algorithm.size(), 4096);
+        let zero = hashed(ConsistentHashLb {
+            minimum_ring_size: Some(0),
+            ..key()
+        });
+        assert_eq!(zero.unwrap().algorithm.size(), 1024);
+        for bad in [
+            ConsistentHashLb {
+                maglev: Some(Maglev {
+                    table_size: Some(65_536),
+                }),
+                ..key()
+            },
+            ConsistentHashLb {
+                minimum_ring_size: Some(HashAlgorithm::MAX_RING_SIZE + 1),
+                ..key()
+            },
+        ] {
+            assert!(hashed(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn warmup_wins_over_the_deprecated_window_and_applies_to_rr_and_lr_only() {
+        let warmup = |simple, secs: Option<u64>, warmup: Option<WarmupConfiguration>| {
+            LbConfig::try_from(&LoadBalancerSettings {
+                simple,
+                warmup_duration_secs: secs.map(|s| Duration::from_secs(s).into()),
+                warmup,
+                ..LoadBalancerSettings::default()
+            })
+            .unwrap()
+        };
+        let explicit = WarmupConfiguration {
+            duration: d(60_000),
+            minimum_percent: Some(30.0),
+            aggression: Some(2.0),
+        };
+        let c = warmup(Some(SimpleLb::RoundRobin), Some(10), Some(explicit.clone()));
+        assert_eq!(
+            c.slow_start,
+            Some(SlowStart {
+                window: Duration::from_secs(60),
+                minimum_percent: 30.0,
+                aggression: 2.0,
+            })
+        );
+        let c = warmup(None, Some(10), None);
+        assert_eq!(c.policy, LbPolicy::LeastRequest);
+        assert_eq!(c.slow_start, Some(SlowStart::new(Duration::from_secs(10))));
+        let defaults = WarmupConfiguration {
+            duration: d(5_000),
+            ..WarmupConfiguration::default()
+        };
+        let c = warmup(Some(SimpleLb::LeastConn), None, Some(defaults));
+        assert_eq!(c.slow_start, Some(SlowStart::new(Duration::from_secs(5))));
+        assert_eq!(
+            warmup(Some(SimpleLb::Random), Some(10), None).slow_start,
+            None
+        );
+        assert_eq!(
+            warmup(Some(SimpleLb::RoundRobin), Some(0), None).slow_start,
+            None
+        );
+        assert_eq!(
+            warmup(Some(SimpleLb::RoundRobin), None, None).slow_start,
+            None
+        );
+        let hash = LbConfig::try_from(&LoadBalancerSettings {
+            consistent_hash: Some(ConsistentHashLb {
+                use_source_ip: Some(true),
+                ..ConsistentHashLb::default()
+            }),
+            warmup_duration_secs: Some(Duration::from_secs(10).into()),
+            ..LoadBalancerSettings::default()
+        })
+        .unwrap();
+        assert_eq!(hash.slow_start, None);
     }
 }

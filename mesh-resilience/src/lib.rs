@@ -8,7 +8,8 @@
 //! DeadlineLayer (route timeout)            deadline::RequestDeadline set once per request
 //!   -> RetryLayer (route retries)          attempts, perTryTimeout, retryOn, back-off, budget
 //!     -> PoolLimitLayer (destination)      maxConnections / pending / maxRequests -> Overflow
-//!       -> Balance (destination)           LEAST_REQUEST / ROUND_ROBIN / RANDOM, outlier detection
+//!       -> Balance (destination)           LEAST_REQUEST / ROUND_ROBIN / RANDOM / consistent hash,
+//!                                          slow start, outlier detection
 //!         -> endpoint service              made per mesh_core::Endpoint by the caller
 //! ```
 //!
@@ -27,6 +28,11 @@
 //!   honour the `x-envoy-retry-*` request headers (VS-66).
 //! - Previous-host avoidance filters tried endpoints out deterministically instead of
 //!   re-picking at random up to 5 times.
+//! - A consistent-hash table keeps an ejected endpoint and walks past it to the next
+//!   eligible entry, so only its keys move; Envoy rebuilds the table over the healthy
+//!   hosts. Tables for a changed endpoint set are built exactly as Envoy builds them.
+//! - Slow-start weights are applied by a golden-ratio sequence (round robin) and a
+//!   weighted draw (least request) instead of Envoy's EDF schedule, with the same shares.
 //! - Outlier sweeps run lazily instead of on a background timer: a pick that meets an
 //!   ejected endpoint (or runs in panic mode), an ejection, or
 //!   [`Balance::is_ejected`] replays every sweep that fell due, at its own time on the
@@ -74,7 +80,10 @@ pub mod limit;
 pub mod outlier;
 pub mod retry;
 
-pub use balance::{Balance, LbPolicy, PreviousHosts};
+pub use balance::{
+    Balance, ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, PreviousHosts,
+    SlowStart,
+};
 pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
 pub use istio::UnsupportedLb;
 pub use limit::{PoolLimitLayer, PoolLimits, RetryGate};

@@ -83,23 +83,8 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.loadBalancer.consistentHash",
-        "requests are balanced without affinity",
-    ),
-    ne(
-        DR,
         "spec.**.loadBalancer.localityLbSetting",
         "localities are not considered",
-    ),
-    ne(
-        DR,
-        "spec.**.loadBalancer.warmup",
-        "new endpoints get full traffic at once",
-    ),
-    ne(
-        DR,
-        "spec.**.loadBalancer.warmupDurationSecs",
-        "new endpoints get full traffic at once",
     ),
     ne(
         DR,

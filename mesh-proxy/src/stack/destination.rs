@@ -46,7 +46,7 @@ use mesh_resilience::deadline::Deadline;
 use mesh_resilience::limit::PoolLimit;
 use mesh_resilience::retry::Retry;
 use mesh_resilience::{
-    Balance, LbPolicy, OutlierConfig, PoolLimitLayer, PoolLimits, RetryGate, RetryLayer,
+    Balance, LbConfig, OutlierConfig, PoolLimitLayer, PoolLimits, RetryGate, RetryLayer,
     RetryPolicy,
 };
 use mesh_routing::{DestinationKey, MakeDestination, Target};
@@ -205,7 +205,7 @@ impl MakeDest {
         let lb = policy
             .load_balancer
             .as_ref()
-            .and_then(|lb| match LbPolicy::try_from(lb) {
+            .and_then(|lb| match LbConfig::try_from(lb) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     tracing::warn!(destination = %target.key, "{e}");

@@ -1,5 +1,5 @@
 //! Load balancing over a destination's endpoints, skipping ejected ones (ISTIO.md §2.2,
-//! DR-39, DR-40, ECOSYSTEM.md §5.3).
+//! DR-10..DR-12, DR-39, DR-40, ECOSYSTEM.md §5.3).
 //!
 //! [`Balance`] owns the endpoint set of one destination (host + subset), a per-endpoint
 //! service made by a factory (`Fn(&Endpoint) -> S`, so the proxy plugs in its mTLS
@@ -8,24 +8,66 @@
 //!
 //! 1. runs the outlier sweeps that fell due;
 //! 2. picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
-//!    the default; `ROUND_ROBIN`; `RANDOM`) among the endpoints that are not ejected
-//!    (all of them in panic mode) and, for a retry, not already tried
-//!    ([`PreviousHosts`]) when another is available;
+//!    the default; `ROUND_ROBIN`; `RANDOM`; `consistentHash` = ring hash or Maglev over
+//!    a request key, [`ConsistentHash`]) among the endpoints that are not ejected (all
+//!    of them in panic mode) and, for a retry, not already tried ([`PreviousHosts`])
+//!    when another is available; while an endpoint is in its slow-start window
+//!    ([`SlowStart`]), `ROUND_ROBIN` and `LEAST_REQUEST` weigh the endpoints by it;
 //! 3. waits for that endpoint's service to be ready, calls it, and races the call
 //!    against the attempt's deadline ([`AttemptDeadline`], [`RequestDeadline`]);
 //! 4. classifies the result once ([`Outcome`]) and records it for outlier detection;
-//! 5. tags the response with [`UpstreamHost`] and errors with [`EndpointFailed`], and
-//!    keeps the endpoint's in-flight count until the response body ends.
+//! 5. tags the response with [`UpstreamHost`] (and a generated hash cookie's
+//!    `Set-Cookie`) and errors with [`EndpointFailed`], and keeps the endpoint's
+//!    in-flight count until the response body ends.
 //!
 //! Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
 //! would, ECOSYSTEM.md §5.3). Endpoints are replaced at runtime with
-//! [`Balance::update`]; endpoints that stay keep their service, in-flight count and
-//! outlier state. The balancer picks per request in `call` (it must see the request to
-//! avoid previous hosts), so its own `poll_ready` is always ready and the chosen
-//! endpoint's readiness is awaited in the response future.
+//! [`Balance::update`]; endpoints that stay keep their service, in-flight count, outlier
+//! state and slow-start start. The balancer picks per request in `call` (it must see the
+//! request for its hash key and to avoid previous hosts), so its own `poll_ready` is
+//! always ready and the chosen endpoint's readiness is awaited in the response future.
 //!
-//! Our choice: previous-host avoidance filters the tried endpoints out of the candidates
-//! (deterministic), where Envoy re-picks up to 5 times at random.
+//! # Consistent hashing
+//!
+//! The key (header, cookie, source IP or query parameter) is hashed with XXH64 and the
+//! ring or Maglev table is built exactly as Envoy builds them (see [`ConsistentHash`]),
+//! so with the same endpoints a key goes where Envoy would send it. Key extraction
+//! allocates nothing, except the `Set-Cookie` value of a generated cookie. A request
+//! without a key gets a random hash, so it lands on an endpoint with the probability of
+//! that endpoint's share of the table ([`Balance::hash_shares`]), as in Envoy.
+//!
+//! # Slow start
+//!
+//! An endpoint's slow start begins when the balancer first sees it; the endpoints of a
+//! new balancer start together, so they share traffic evenly while they ramp (Envoy
+//! gives a new cluster's hosts one start as well). Outlier un-ejection does not restart
+//! it: Envoy restarts it only after an active health check, which Istio does not
+//! configure. Weights apply to `ROUND_ROBIN` and `LEAST_REQUEST` only (Istio sets no
+//! slow start for the others), and only while some endpoint is in its window; after
+//! that no clock is read.
+//!
+//! # Where we choose
+//!
+//! - Previous-host avoidance filters the tried endpoints out of the candidates
+//!   (deterministic), where Envoy re-picks up to 5 times at random (and, for a hash
+//!   table, offsets the ring position by the attempt number or flips the hash's bits
+//!   for Maglev).
+//! - An ejected endpoint stays in the hash table and is walked past: its keys go to the
+//!   next point on the ring, or the next Maglev slot, of an eligible endpoint, and no
+//!   other key moves. Envoy rebuilds the table over the healthy hosts instead, which
+//!   sends the ejected host's keys to about the same places but also moves a few keys of
+//!   the others (the rebuilt ring gives each host more points). A retry that avoids an
+//!   endpoint walks the same way, so it picks what ejecting that endpoint would.
+//! - A change of the endpoint set rebuilds the table as Envoy does. Envoy's ring gives
+//!   every endpoint `ceil(minimumRingSize / N)` points, so when `N` shrinks the others
+//!   gain points and also take some keys from each other (about 10 % of all keys going
+//!   from 4 endpoints to 3 with the default 1024; none when the count stays the same,
+//!   as from 33 to 32). Maglev moves a handful of other keys (its minimal disruption).
+//! - The hash key is read by the destination's balancer from the destination's own
+//!   DestinationRule, so each destination of a weighted route hashes by its own policy.
+//! - Slow-start weights are applied by a deterministic golden-ratio sequence over the
+//!   round-robin cursor and by a weighted random draw over `weight / (in flight + 1)`
+//!   for least request, where Envoy runs an EDF schedule; the shares are the same.
 //!
 //! # Layer placement
 //!
@@ -57,9 +99,42 @@
 //! assert_eq!(res.into_body().into_inner(), "10.0.0.1:8080");
 //! # }
 //! ```
+//!
+//! Session affinity on a header, looked up in a Maglev table:
+//!
+//! ```
+//! use mesh_core::Endpoint;
+//! use mesh_resilience::balance::{Balance, ConsistentHash, HashAlgorithm, HashKey, LbPolicy};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let key = HashKey::Header(http::HeaderName::from_static("x-user"));
+//! let policy = ConsistentHash::new(key).with_algorithm(HashAlgorithm::maglev(65_537).unwrap());
+//! let balance = Balance::new(LbPolicy::ConsistentHash(policy), None, |ep: &Endpoint| {
+//!     let addr = ep.address;
+//!     service_fn(move |_req: http::Request<()>| async move {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(addr.to_string()))
+//!     })
+//! });
+//! balance.update((1..=3).map(|i| Endpoint::new(([10, 0, 0, i], 8080).into())));
+//! let svc = ServiceBuilder::new().service(balance);
+//! let ask = |user: &str| {
+//!     let req = http::Request::builder().header("x-user", user).body(()).unwrap();
+//!     svc.clone().oneshot(req)
+//! };
+//! let first = ask("alice").await.unwrap().into_body().into_inner();
+//! for _ in 0..10 {
+//!     assert_eq!(ask("alice").await.unwrap().into_body().into_inner(), first);
+//! }
+//! # }
+//! ```
 
+mod hash;
 mod p2c;
 mod round_robin;
+mod slow_start;
+mod table;
+mod xxhash;
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -67,7 +142,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -76,7 +151,7 @@ use mesh_core::error::{DeadlineExceeded, NoHealthyUpstream, PerTryTimeout};
 use mesh_core::{BoxError, Endpoint, Outcome, UpstreamHost};
 use pin_project::pin_project;
 use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
@@ -84,8 +159,13 @@ use crate::body::{GuardBody, guard_response};
 use crate::deadline::{AttemptDeadline, RequestDeadline};
 use crate::outlier::{HostHealth, OutlierConfig, OutlierDetector};
 
-/// The load-balancing algorithm (DestinationRule `loadBalancer.simple`, DR-10).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub use hash::{ConsistentHash, HashAlgorithm, HashCookie, HashKey, InvalidHashTable};
+pub use slow_start::SlowStart;
+use table::Table;
+
+/// The load-balancing algorithm (DestinationRule `loadBalancer.simple` or
+/// `loadBalancer.consistentHash`, DR-10, DR-11).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LbPolicy {
     /// `LEAST_REQUEST` (and its deprecated alias `LEAST_CONN`): power of two choices on
     /// requests in flight. Istio's default.
@@ -95,6 +175,36 @@ pub enum LbPolicy {
     RoundRobin,
     /// `RANDOM`.
     Random,
+    /// `consistentHash`: ring hash or Maglev over a request key.
+    ConsistentHash(ConsistentHash),
+}
+
+/// Everything the balancer takes from `loadBalancer`: the policy and slow start.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LbConfig {
+    /// The algorithm.
+    pub policy: LbPolicy,
+    /// Slow start (`warmup`); applies to `ROUND_ROBIN` and `LEAST_REQUEST` only, and is
+    /// ignored for the others, as in Istio.
+    pub slow_start: Option<SlowStart>,
+}
+
+impl From<LbPolicy> for LbConfig {
+    fn from(policy: LbPolicy) -> Self {
+        Self {
+            policy,
+            slow_start: None,
+        }
+    }
+}
+
+impl LbConfig {
+    /// `policy` with slow start.
+    #[must_use]
+    pub fn with_slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.slow_start = Some(slow_start);
+        self
+    }
 }
 
 /// The endpoints earlier attempts of this request went to; the retry layer sets it and
@@ -160,6 +270,8 @@ struct Entry<S> {
     service: S,
     in_flight: Arc<AtomicUsize>,
     health: Option<HostHealth>,
+    /// When the balancer first saw the endpoint (slow start).
+    added: Instant,
 }
 
 impl<S> Entry<S> {
@@ -168,12 +280,61 @@ impl<S> Entry<S> {
     }
 }
 
+/// The endpoints of one update, with what is derived from them.
+struct Set<S> {
+    entries: Vec<Arc<Entry<S>>>,
+    /// The consistent-hash table over `entries`.
+    table: Option<Table>,
+    /// When the last endpoint of this set ends its slow start; `None`: none is in it.
+    warm_at: Option<Instant>,
+    /// Set once `warm_at` has passed, so later picks read no clock.
+    warm: AtomicBool,
+}
+
+impl<S> Set<S> {
+    fn empty() -> Self {
+        Self {
+            entries: Vec::new(),
+            table: None,
+            warm_at: None,
+            warm: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether a pick at this moment weighs endpoints by slow start: `Some(now)` while
+    /// an endpoint is still in its window.
+    fn ramping(&self) -> Option<Instant> {
+        let warm_at = self.warm_at?;
+        if self.warm.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        if now < warm_at {
+            return Some(now);
+        }
+        self.warm.store(true, Ordering::Relaxed);
+        None
+    }
+}
+
+impl<S> std::ops::Deref for Set<S> {
+    type Target = [Arc<Entry<S>>];
+
+    fn deref(&self) -> &Self::Target {
+        &self.entries
+    }
+}
+
 type MakeEndpoint<S> = Box<dyn Fn(&Endpoint) -> S + Send + Sync>;
 
 struct Shared<S> {
     lb: LbPolicy,
+    /// Slow start, kept only for the policies it applies to.
+    slow_start: Option<SlowStart>,
+    /// The fixed end of a generated cookie's `Set-Cookie` value.
+    cookie_tail: Option<Box<str>>,
     make: MakeEndpoint<S>,
-    set: ArcSwap<Vec<Arc<Entry<S>>>>,
+    set: ArcSwap<Set<S>>,
     update: Mutex<()>,
     detector: Option<Arc<OutlierDetector>>,
     cursor: AtomicUsize,
@@ -214,17 +375,32 @@ impl<S> Clone for Balance<S> {
 impl<S> Balance<S> {
     /// A balancer with no endpoints yet. `outlier: None` disables outlier detection
     /// (Istio without `outlierDetection`). `make` builds the service of each endpoint.
+    ///
+    /// `lb` is an [`LbPolicy`] or an [`LbConfig`] (policy and slow start).
     pub fn new(
-        lb: LbPolicy,
+        lb: impl Into<LbConfig>,
         outlier: Option<OutlierConfig>,
         make: impl Fn(&Endpoint) -> S + Send + Sync + 'static,
     ) -> Self {
+        let LbConfig { policy, slow_start } = lb.into();
+        let slow_start = slow_start.filter(|s| {
+            s.is_enabled() && matches!(policy, LbPolicy::LeastRequest | LbPolicy::RoundRobin)
+        });
+        let cookie_tail = match &policy {
+            LbPolicy::ConsistentHash(ConsistentHash {
+                key: HashKey::Cookie(cookie),
+                ..
+            }) => cookie.set_cookie_tail(),
+            _ => None,
+        };
         let seed = rand::rng().next_u64();
         Self {
             shared: Arc::new(Shared {
-                lb,
+                lb: policy,
+                slow_start,
+                cookie_tail,
                 make: Box::new(make),
-                set: ArcSwap::from_pointee(Vec::new()),
+                set: ArcSwap::from_pointee(Set::empty()),
                 update: Mutex::new(()),
                 detector: outlier.map(|c| Arc::new(OutlierDetector::new(c))),
                 cursor: AtomicUsize::new(0),
@@ -249,8 +425,26 @@ impl<S> Balance<S> {
     }
 
     /// The load-balancing policy.
-    pub fn lb_policy(&self) -> LbPolicy {
-        self.shared.lb
+    pub fn lb_policy(&self) -> &LbPolicy {
+        &self.shared.lb
+    }
+
+    /// Slow start, when it applies to this balancer's policy.
+    pub fn slow_start(&self) -> Option<SlowStart> {
+        self.shared.slow_start
+    }
+
+    /// With a consistent-hash policy, each endpoint's share of the hash space: the share
+    /// of requests it gets when keys are spread evenly. Empty for the other policies.
+    pub fn hash_shares(&self) -> Vec<(SocketAddr, f64)> {
+        let set = self.shared.set.load();
+        let Some(table) = &set.table else {
+            return Vec::new();
+        };
+        set.iter()
+            .zip(table.shares(set.len()))
+            .map(|(e, share)| (e.endpoint.address, share))
+            .collect()
     }
 
     /// The current endpoints.
@@ -296,6 +490,7 @@ impl<S> Balance<S> {
         let old = self.shared.set.load_full();
         let mut by_addr: HashMap<SocketAddr, &Arc<Entry<S>>> =
             old.iter().map(|e| (e.endpoint.address, e)).collect();
+        let now = Instant::now();
         let mut next: Vec<Arc<Entry<S>>> = Vec::new();
         for ep in endpoints {
             if next.iter().any(|e| e.endpoint.address == ep.address) {
@@ -308,12 +503,14 @@ impl<S> Balance<S> {
                     endpoint: ep,
                     in_flight: changed.in_flight.clone(),
                     health: changed.health.clone(),
+                    added: changed.added,
                 }),
                 None => Arc::new(Entry {
                     service: (self.shared.make)(&ep),
                     endpoint: ep,
                     in_flight: Arc::new(AtomicUsize::new(0)),
                     health: self.shared.detector.as_ref().map(|d| d.register()),
+                    added: now,
                 }),
             };
             next.push(entry);
@@ -325,15 +522,56 @@ impl<S> Balance<S> {
                 }
             }
         }
-        self.shared.set.store(Arc::new(next));
+        let table = match &self.shared.lb {
+            LbPolicy::ConsistentHash(ch) => {
+                let addrs: Vec<SocketAddr> = next.iter().map(|e| e.endpoint.address).collect();
+                Some(Table::build(ch.algorithm, &addrs))
+            }
+            _ => None,
+        };
+        let warm_at = self.shared.slow_start.and_then(|s| {
+            next.iter()
+                .map(|e| e.added + s.window)
+                .max()
+                .filter(|at| *at > now)
+        });
+        self.shared.set.store(Arc::new(Set {
+            entries: next,
+            table,
+            warm_at,
+            warm: AtomicBool::new(warm_at.is_none()),
+        }));
     }
 
     /// The endpoint the next request would go to: runs due outlier sweeps and picks as
     /// [`call`](Service::call) does, without sending anything (diagnostics, benches).
     /// `None` means the request would get [`NoHealthyUpstream`].
+    ///
+    /// A consistent-hash balancer picks as for a request without a key (at random); see
+    /// [`choose_for`](Self::choose_for).
     pub fn choose(&mut self, previous: Option<&PreviousHosts>) -> Option<SocketAddr> {
         let set = self.shared.set.load();
-        self.pick(&set, previous).map(|i| set[i].endpoint.address)
+        self.pick(&set, previous, None)
+            .map(|i| set[i].endpoint.address)
+    }
+
+    /// The endpoint `req` would go to, with its hash key and [`PreviousHosts`], without
+    /// sending anything.
+    pub fn choose_for<B>(&mut self, req: &http::Request<B>) -> Option<SocketAddr> {
+        let hash = self.request_hash(req).hash;
+        let set = self.shared.set.load();
+        self.pick(&set, req.extensions().get::<PreviousHosts>(), hash)
+            .map(|i| set[i].endpoint.address)
+    }
+
+    /// The consistent hash of `req` (none for the other policies).
+    fn request_hash<B>(&self, req: &http::Request<B>) -> hash::RequestHash {
+        match &self.shared.lb {
+            LbPolicy::ConsistentHash(ch) => {
+                hash::hash_request(&ch.key, self.shared.cookie_tail.as_deref(), req)
+            }
+            _ => hash::RequestHash::default(),
+        }
     }
 
     /// Picks an endpoint for a request that already went to `previous`.
@@ -343,8 +581,21 @@ impl<S> Balance<S> {
     /// multipliers, which no pick reads), so with the same random draws a pick that
     /// meets no ejected endpoint is the one it would be after the sweep. Most picks thus
     /// read no clock, and every pick is still the one a timer-driven sweep would give.
-    fn pick(&mut self, set: &[Arc<Entry<S>>], previous: Option<&PreviousHosts>) -> Option<usize> {
+    ///
+    /// `hash` is the request's consistent hash; a consistent-hash pick without one draws
+    /// a random hash (Envoy).
+    fn pick(
+        &mut self,
+        set: &Set<S>,
+        previous: Option<&PreviousHosts>,
+        hash: Option<u64>,
+    ) -> Option<usize> {
         let Self { shared, rng, .. } = self;
+        let how = match &shared.lb {
+            LbPolicy::ConsistentHash(_) => How::Hash(hash.unwrap_or_else(|| rng.next_u64())),
+            _ if shared.slow_start.is_some() => set.ramping().map_or(How::Plain, How::Ramp),
+            _ => How::Plain,
+        };
         let detector = shared.detector.as_deref();
         let caught_up = Cell::new(detector.is_none());
         let catch_up = || {
@@ -371,28 +622,57 @@ impl<S> Balance<S> {
         let previous = previous.map(|p| p.0.as_slice()).unwrap_or_default();
         if !previous.is_empty() {
             let fresh = |i: usize| healthy(i) && !previous.contains(&set[i].endpoint.address);
-            if let Some(i) = pick_among(shared, rng, set, &fresh) {
+            if let Some(i) = pick_among(shared, rng, set, how, &fresh) {
                 return Some(i);
             }
         }
-        pick_among(shared, rng, set, &healthy)
+        pick_among(shared, rng, set, how, &healthy)
     }
+}
+
+/// How one pick goes, decided once per request.
+#[derive(Clone, Copy)]
+enum How {
+    /// The policy's own pick.
+    Plain,
+    /// Weighted by slow start at this moment.
+    Ramp(Instant),
+    /// Consistent hashing with this hash.
+    Hash(u64),
 }
 
 /// Picks among the `eligible` endpoints of `set` with the balancer's policy.
 fn pick_among<S>(
     shared: &Shared<S>,
     rng: &mut SmallRng,
-    set: &[Arc<Entry<S>>],
+    set: &Set<S>,
+    how: How,
     eligible: &impl Fn(usize) -> bool,
 ) -> Option<usize> {
     let n = set.len();
-    match shared.lb {
-        LbPolicy::LeastRequest => p2c::pick(n, rng, eligible, &|i| {
-            set[i].in_flight.load(Ordering::Relaxed)
-        }),
-        LbPolicy::RoundRobin => round_robin::pick(n, &shared.cursor, eligible),
-        LbPolicy::Random => round_robin::pick_random(n, rng, eligible),
+    let in_flight = |i: usize| set[i].in_flight.load(Ordering::Relaxed);
+    match (how, &shared.lb) {
+        (How::Hash(h), _) => set.table.as_ref()?.pick(h, n, eligible),
+        (How::Ramp(now), policy) => {
+            let ramp = shared.slow_start?;
+            let factor = |i: usize| ramp.weight_at(now.saturating_duration_since(set[i].added));
+            if matches!(policy, LbPolicy::RoundRobin) {
+                let u = slow_start::next_fraction(&shared.cursor);
+                slow_start::pick_weighted(n, u, eligible, &factor)
+            } else {
+                // Envoy's least-request weight: the endpoint's weight over its requests
+                // in flight plus one.
+                let u = rng.random::<f64>();
+                slow_start::pick_weighted(n, u, eligible, &|i| {
+                    factor(i) / (in_flight(i) as f64 + 1.0)
+                })
+            }
+        }
+        (How::Plain, LbPolicy::LeastRequest) => p2c::pick(n, rng, eligible, &in_flight),
+        (How::Plain, LbPolicy::RoundRobin) => round_robin::pick(n, &shared.cursor, eligible),
+        (How::Plain, LbPolicy::Random | LbPolicy::ConsistentHash(_)) => {
+            round_robin::pick_random(n, rng, eligible)
+        }
     }
 }
 
@@ -414,8 +694,9 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let detector = self.shared.detector.clone();
+        let key = self.request_hash(&req);
         let set = self.shared.set.load();
-        let Some(i) = self.pick(&set, req.extensions().get::<PreviousHosts>()) else {
+        let Some(i) = self.pick(&set, req.extensions().get::<PreviousHosts>(), key.hash) else {
             return ResponseFuture::failed(Box::new(NoHealthyUpstream));
         };
         let entry = &set[i];
@@ -437,6 +718,7 @@ where
             health: entry.health.clone().zip(detector),
             timer: timer.map(sleep_until),
             timer_is_request_deadline,
+            set_cookie: key.set_cookie,
         }
     }
 }
@@ -452,6 +734,8 @@ pub struct ResponseFuture<S, Req, F> {
     #[pin]
     timer: Option<Sleep>,
     timer_is_request_deadline: bool,
+    /// A generated hash cookie for the response.
+    set_cookie: Option<http::HeaderValue>,
 }
 
 #[pin_project(project = StateProj)]
@@ -476,6 +760,7 @@ impl<S, Req, F> ResponseFuture<S, Req, F> {
             health: None,
             timer: None,
             timer_is_request_deadline: false,
+            set_cookie: None,
         }
     }
 }
@@ -564,6 +849,9 @@ where
             return Poll::Ready(match result {
                 Ok(mut res) => {
                     res.extensions_mut().insert(UpstreamHost(address));
+                    if let Some(cookie) = this.set_cookie.take() {
+                        res.headers_mut().append(http::header::SET_COOKIE, cookie);
+                    }
                     Ok(guard_response(res, this.in_flight.take()))
                 }
                 Err(source) => Err(Box::new(EndpointFailed { address, source })),
