@@ -231,6 +231,16 @@ pub fn registry_only() -> Response<BoxBody> {
     )
 }
 
+/// 508 for a passthrough request addressed to the listener it arrived on: forwarding it
+/// would send it back to this proxy, over and over.
+pub fn loop_detected() -> Response<BoxBody> {
+    reply(
+        StatusCode::LOOP_DETECTED,
+        "request loops back to this proxy".into(),
+        ResponseFlags::NO_ROUTE_FOUND,
+    )
+}
+
 /// 301 to the HTTPS URL of the request (Gateway `httpsRedirect`).
 pub fn https_redirect(host: &str, path_and_query: &str) -> Response<BoxBody> {
     let mut res = reply(

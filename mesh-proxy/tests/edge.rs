@@ -45,6 +45,18 @@ async fn allow_any_passes_unknown_hosts_through_without_mtls() {
     .await;
     assert_eq!(out, "external\n200");
     assert_eq!(external.hits(), 1);
+
+    // Addressed to the outbound listener itself, passthrough would feed the proxy its
+    // own requests without end: refused at once, with HTTP/1.1 and h2c alike.
+    let own = format!("http://{}/loop", proxy.outbound());
+    for http in ["--http1.1", "--http2-prior-knowledge"] {
+        let (code, out, err) = curl(&[http, "-w", "\n%{http_code}", &own]).await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, "request loops back to this proxy\n508", "{http}");
+    }
+    let via_localhost = format!("http://localhost:{}/loop", proxy.ports.outbound);
+    let (_, out, _) = curl(&["-w", "%{http_code}", "-o", "/dev/null", &via_localhost]).await;
+    assert_eq!(out, "508");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

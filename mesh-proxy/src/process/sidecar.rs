@@ -27,7 +27,10 @@ impl Sidecar {
         let outbound = process
             .bind("outbound", settings.listeners.outbound)
             .await?;
-        let svc = mesh.outbound().boxed();
+        let svc = match outbound.local_addr() {
+            Ok(address) => mesh.outbound().on_listener(address).boxed(),
+            Err(_) => mesh.outbound().boxed(),
+        };
         process.serve(serve::run(
             outbound,
             mesh.serve_options(active("outbound")),

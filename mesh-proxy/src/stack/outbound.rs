@@ -10,7 +10,8 @@
 //!   -> prepare (absolute-form authority becomes Host, hop-by-hop headers go)
 //!   -> known host: router (VirtualService) -> per route and destination (see
 //!      [`destination`](super::destination)) ...
-//!   -> unknown host: ALLOW_ANY passthrough in plaintext, in the client's HTTP version |
+//!   -> unknown host: ALLOW_ANY passthrough in plaintext, in the client's HTTP version
+//!      (508 `NR` when addressed to this stack's own listener, which would loop) |
 //!      REGISTRY_ONLY 502 `NR`
 //! ```
 //!
@@ -25,6 +26,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -156,11 +158,20 @@ impl Outbound {
                 ),
                 mode,
                 resolved: None,
+                listener: None,
             },
             telemetry: telemetry.clone(),
             by_service: Arc::default(),
             by_authority: TelemetryLayer::outbound_by_authority(telemetry, SERVICE_LIMIT),
         }
+    }
+
+    /// Serving the listener at `address`: a passthrough request addressed to it is
+    /// answered 508 instead of being sent back to the listener.
+    #[must_use]
+    pub fn on_listener(mut self, address: SocketAddr) -> Self {
+        self.forward.listener = Some(address);
+        self
     }
 
     /// The outbound stack as the listener's boxed service.
@@ -297,6 +308,29 @@ struct Forward {
     mode: OutboundMode,
     /// The snapshot the host was resolved on and its virtual host, when known.
     resolved: Option<(Arc<Snapshot<RouteService>>, usize)>,
+    /// The listener this stack serves, when it has one: passthrough to it would loop.
+    listener: Option<SocketAddr>,
+}
+
+/// Whether the request's authority (`Host`, after [`prepare`]) is `listener` itself: its
+/// port, and its address, a loopback or unspecified address, or `localhost`.
+fn addresses(req: &Request<BoxBody>, listener: SocketAddr) -> bool {
+    let Some(authority) = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<Authority>().ok())
+    else {
+        return false;
+    };
+    if authority.port_u16().unwrap_or(80) != listener.port() {
+        return false;
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == listener.ip() || ip.is_loopback() || ip.is_unspecified(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 impl Service<Request<BoxBody>> for Forward {
@@ -322,6 +356,10 @@ impl Service<Request<BoxBody>> for Forward {
             OutboundMode::RegistryOnly => {
                 tracing::debug!("REGISTRY_ONLY: host not in the registry");
                 RouteFuture::local(Ok(respond::registry_only()))
+            }
+            OutboundMode::AllowAny if self.listener.is_some_and(|l| addresses(&req, l)) => {
+                tracing::debug!("passthrough to this proxy's own listener refused");
+                RouteFuture::local(Ok(respond::loop_detected()))
             }
             OutboundMode::AllowAny => RouteFuture::Passthrough(self.passthrough.call(req)),
         }
@@ -353,6 +391,26 @@ mod tests {
             request_host(&r),
             Some(Cow::Borrowed("payment-service"))
         ));
+    }
+
+    #[test]
+    fn a_passthrough_to_the_own_listener_is_recognised() {
+        let listener: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        for (host, loops) in [
+            ("127.0.0.1:15001", true),
+            ("localhost:15001", true),
+            ("LOCALHOST:15001", true),
+            ("0.0.0.0:15001", true),
+            ("[::1]:15001", true),
+            ("127.0.0.2:15001", true),
+            ("127.0.0.1:15002", false),
+            ("127.0.0.1", false),
+            ("10.0.0.7:15001", false),
+            ("payment-service:15001", false),
+        ] {
+            let r = req("/", Some(host));
+            assert_eq!(addresses(&r, listener), loops, "{host}");
+        }
     }
 
     #[test]
