@@ -326,7 +326,10 @@ fn addresses(req: &Request<BoxBody>, listener: SocketAddr) -> bool {
     if authority.port_u16().unwrap_or(80) != listener.port() {
         return false;
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     match host.parse::<std::net::IpAddr>() {
         Ok(ip) => ip == listener.ip() || ip.is_loopback() || ip.is_unspecified(),
         Err(_) => host.eq_ignore_ascii_case("localhost"),
