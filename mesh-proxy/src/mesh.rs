@@ -589,6 +589,20 @@ impl Mesh {
         )
     }
 
+    /// TLS connections a gateway passes through on `port`, routed by the SNI of their
+    /// ClientHello through the VirtualService `tls` routes bound to the gateway
+    /// ([`TcpOutbound::proxy_tls`](crate::stack::tcp::TcpOutbound::proxy_tls)).
+    pub fn tls_passthrough(&self, port: u16) -> TcpOutbound {
+        TcpOutbound::new(
+            self.inner.router.router(),
+            self.inner.telemetry.clone(),
+            ClientTls::new(self.inner.store.clone()),
+            self.inner.options.limits.connect_timeout.as_std(),
+            "",
+            port,
+        )
+    }
+
     /// Mesh TCP connections (those whose mTLS handshake chose the TCP ALPN protocols)
     /// proxied to the application at `app`, after the metadata exchange and
     /// AuthorizationPolicy on connection attributes.

@@ -67,10 +67,19 @@ use crate::rewrite::{DirectResponse, Redirect, RedirectPort, RegexRewrite, Rewri
 use crate::router::Routing;
 use crate::subset::{DestinationRule, DestinationRules};
 use crate::table::{
-    CompileError, DestinationKey, Mirror, Naming, Route, RouteAction, RouteTable, RouteTarget,
-    TableBuilder, TcpRule, VirtualHost, default_route, effective_timeout,
+    CompileError, DestinationKey, L4Match, Mirror, Naming, Route, RouteAction, RouteTable,
+    RouteTarget, TableBuilder, TcpRule, VirtualHost, default_route, effective_timeout,
 };
 use crate::weighted::Weighted;
+
+/// One match block of a `tcp` or `tls` route, borrowed from the configuration.
+struct L4Block<'a> {
+    gateways: &'a [String],
+    source_labels: &'a mesh_core::Labels,
+    source_namespace: Option<&'a String>,
+    port: Option<u32>,
+    sni_hosts: &'a [String],
+}
 
 /// The listener a table is compiled for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -361,19 +370,22 @@ impl Ctx<'_> {
         Ok(builder.destination(DestinationKey::new(&host, d.subset.as_deref(), port)))
     }
 
-    /// A VirtualService `tcp` route: the ports its matches name (none: every port) and
-    /// its weighted destinations; `None` when no match block applies to this proxy.
-    fn tcp_route(
+    /// A VirtualService `tcp` or `tls` route from its match blocks (as
+    /// `(gateways, sourceLabels, sourceNamespace, port, sniHosts)`) and destinations:
+    /// the blocks that apply to this proxy, and the weighted destinations; `None` when
+    /// the route has blocks and none applies.
+    fn l4_route<'m>(
         &self,
         builder: &mut TableBuilder,
-        r: &config::TcpRoute,
+        blocks: impl ExactSizeIterator<Item = L4Block<'m>>,
+        route: &[config::RouteDestination],
         listener: &Listener,
         workload_labels: &mesh_core::Labels,
     ) -> Result<Option<TcpRule>, CompileError> {
-        let mut ports = Vec::new();
-        let mut every_port = r.matches.is_empty();
-        for m in &r.matches {
-            if !m.gateways.is_empty() && !binds(&m.gateways, self.namespace, listener) {
+        let had_blocks = blocks.len() > 0;
+        let mut matches = Vec::new();
+        for m in blocks {
+            if !m.gateways.is_empty() && !binds(m.gateways, self.namespace, listener) {
                 continue;
             }
             if *listener == Listener::Mesh
@@ -382,26 +394,26 @@ impl Ctx<'_> {
                     .iter()
                     .all(|(k, v)| workload_labels.get(k) == Some(v))
                     || m.source_namespace
-                        .as_ref()
                         .is_some_and(|ns| *ns != self.naming.namespace))
             {
                 continue;
             }
-            match m.port {
-                Some(p) => ports.push(
-                    u16::try_from(p).map_err(|_| self.invalid(format!("port {p} out of range")))?,
-                ),
-                None => every_port = true,
-            }
+            let port = m
+                .port
+                .map(|p| {
+                    u16::try_from(p).map_err(|_| self.invalid(format!("port {p} out of range")))
+                })
+                .transpose()?;
+            matches.push(L4Match {
+                port,
+                sni_hosts: m.sni_hosts.to_vec(),
+            });
         }
-        if !every_port && ports.is_empty() {
+        if had_blocks && matches.is_empty() {
             return Ok(None);
         }
-        if every_port {
-            ports.clear();
-        }
-        let mut entries = Vec::with_capacity(r.route.len());
-        for d in &r.route {
+        let mut entries = Vec::with_capacity(route.len());
+        for d in route {
             let weight = d.weight.unwrap_or(0);
             let weight = u32::try_from(weight)
                 .map_err(|_| self.invalid(format!("weight {weight} is negative")))?;
@@ -412,7 +424,7 @@ impl Ctx<'_> {
             source,
         })?;
         Ok(Some(TcpRule {
-            ports,
+            matches,
             destinations,
         }))
     }
@@ -670,15 +682,34 @@ fn compile_virtual_service(
         }
         routes.push(ctx.route(builder, r, matches)?);
     }
+    let (listener, labels) = (&options.listener, &options.workload_labels);
     let mut tcp = Vec::new();
-    // Gateways serve HTTP only (TLS and TCP servers are not proxied yet).
+    // Gateways proxy no plain TCP (their TCP servers are not served yet).
     if options.listener == Listener::Mesh {
         for r in &vs.spec.tcp {
-            if let Some(rule) =
-                ctx.tcp_route(builder, r, &options.listener, &options.workload_labels)?
-            {
+            let blocks = r.matches.iter().map(|m| L4Block {
+                gateways: &m.gateways,
+                source_labels: &m.source_labels,
+                source_namespace: m.source_namespace.as_ref(),
+                port: m.port,
+                sni_hosts: &[],
+            });
+            if let Some(rule) = ctx.l4_route(builder, blocks, &r.route, listener, labels)? {
                 tcp.push(rule);
             }
+        }
+    }
+    let mut tls = Vec::new();
+    for r in &vs.spec.tls {
+        let blocks = r.matches.iter().map(|m| L4Block {
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_ref(),
+            port: m.port,
+            sni_hosts: &m.sni_hosts,
+        });
+        if let Some(rule) = ctx.l4_route(builder, blocks, &r.route, listener, labels)? {
+            tls.push(rule);
         }
     }
     builder.virtual_host(VirtualHost {
@@ -686,6 +717,7 @@ fn compile_virtual_service(
         hosts,
         routes,
         tcp,
+        tls,
     });
     Ok(())
 }
@@ -825,6 +857,7 @@ impl Routing {
                         hosts: vec![host.to_owned()],
                         routes: vec![default_route(dest)],
                         tcp: Vec::new(),
+                        tls: Vec::new(),
                     });
                 }
                 for port in tcp_ports {

@@ -67,6 +67,7 @@
 //!     hosts: vec![host.into()],
 //!     routes: vec![table::default_route(dest)],
 //!     tcp: Vec::new(),
+//!     tls: Vec::new(),
 //! });
 //! let routing = Routing { table: builder.build(), registry, ..Routing::default() };
 //!

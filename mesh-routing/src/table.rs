@@ -167,22 +167,61 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// TCP routes (VirtualService `tcp`, or the service's own TCP ports), in order.
     pub tcp: Vec<TcpRule>,
+    /// TLS routes (VirtualService `tls`: by SNI, the TLS left to the endpoints), in order.
+    pub tls: Vec<TcpRule>,
 }
 
-/// One TCP route of a virtual host, compiled: a connection to one of `ports` (every port
-/// when empty) goes to one of the weighted destinations.
+/// One TCP or TLS route of a virtual host, compiled: a connection that one of `matches`
+/// takes (every connection when empty) goes to one of the weighted destinations.
 #[derive(Clone, Debug)]
 pub struct TcpRule {
-    /// Destination ports matched (`match[].port`); empty: every port.
-    pub ports: Vec<u16>,
+    /// The match blocks; empty: every connection.
+    pub matches: Vec<L4Match>,
     /// Weighted destinations, as indexes into [`RouteTable::destinations`].
     pub destinations: Weighted<usize>,
+}
+
+/// One match block of a TCP or TLS route.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L4Match {
+    /// The destination port (`port`); `None`: every port.
+    pub port: Option<u16>,
+    /// The SNI names (`sniHosts`, `*.suffix` allowed); empty: any SNI.
+    pub sni_hosts: Vec<String>,
+}
+
+impl L4Match {
+    fn takes(&self, port: u16, sni: Option<&str>) -> bool {
+        self.port.is_none_or(|p| p == port)
+            && (self.sni_hosts.is_empty()
+                || sni.is_some_and(|sni| self.sni_hosts.iter().any(|h| sni_covers(h, sni))))
+    }
+}
+
+/// Whether the `sniHosts` entry `pattern` (exact, or `*.suffix` for one or more labels)
+/// covers `sni`, case-insensitively.
+fn sni_covers(pattern: &str, sni: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => {
+            sni.len() > suffix.len()
+                && sni
+                    .get(sni.len() - suffix.len()..)
+                    .is_some_and(|s| s.eq_ignore_ascii_case(suffix))
+        }
+        None => pattern.eq_ignore_ascii_case(sni),
+    }
 }
 
 impl TcpRule {
     /// Whether a connection to `port` takes this rule.
     pub fn matches(&self, port: u16) -> bool {
-        self.ports.is_empty() || self.ports.contains(&port)
+        self.takes(port, None)
+    }
+
+    /// Whether a connection to `port` with TLS server name `sni` takes this rule.
+    pub fn takes(&self, port: u16, sni: Option<&str>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.takes(port, sni))
     }
 }
 
@@ -316,6 +355,15 @@ impl RouteTable {
             .find(|rule| rule.matches(port))
     }
 
+    /// The TLS rule for a connection to `port` whose ClientHello names `sni`: the first
+    /// TLS rule, of the virtual host answering `sni`, that takes it.
+    pub fn tls_rule(&self, sni: &str, port: u16) -> Option<&TcpRule> {
+        self.virtual_host(sni)?
+            .tls
+            .iter()
+            .find(|rule| rule.takes(port, Some(sni)))
+    }
+
     /// The virtual host answering `host` (no port), case-insensitively.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         self.virtual_hosts.get(self.virtual_host_index(host)?)
@@ -418,7 +466,10 @@ impl TableBuilder {
         }
         let dest = self.destination(DestinationKey::new(host, None, Some(port)));
         self.table.virtual_hosts[vh].tcp.push(TcpRule {
-            ports: vec![port],
+            matches: vec![L4Match {
+                port: Some(port),
+                sni_hosts: Vec::new(),
+            }],
             destinations: Weighted::single(dest),
         });
     }

@@ -109,3 +109,59 @@ fn a_virtual_service_without_tcp_routes_leaves_the_service_its_tcp_port() {
         key(redis, None, Some(6379))
     );
 }
+
+#[test]
+fn tls_routes_at_a_gateway_match_sni_and_port() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default}
+spec:
+  selector: {istio: ingress}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: ['*.example.com']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: default}
+spec:
+  hosts: ['*.example.com']
+  gateways: [edge]
+  tls:
+  - match:
+    - {port: 443, sniHosts: [a.example.com]}
+    route:
+    - destination: {host: a, port: {number: 8443}}
+  - match:
+    - {port: 443, sniHosts: ['*.example.com']}
+    route:
+    - destination: {host: rest, port: {number: 8443}}
+";
+    let options = mesh_routing::CompileOptions::gateway("default", "edge");
+    let routing = mesh_routing::Routing::compile(&config(yaml), &options).unwrap();
+    let table = &routing.table;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let mut to = |sni: &str, port: u16| {
+        table.tls_rule(sni, port).map(|rule| {
+            table.destinations()[*rule.destinations.pick(&mut rng)]
+                .host
+                .to_string()
+        })
+    };
+    assert_eq!(
+        to("a.example.com", 443).as_deref(),
+        Some("a.default.svc.cluster.local")
+    );
+    assert_eq!(
+        to("A.EXAMPLE.COM", 443).as_deref(),
+        Some("a.default.svc.cluster.local")
+    );
+    assert_eq!(
+        to("b.example.com", 443).as_deref(),
+        Some("rest.default.svc.cluster.local")
+    );
+    assert_eq!(to("a.example.com", 8443), None);
+    assert_eq!(to("example.com", 443), None);
+    assert_eq!(to("other.org", 443), None);
+}

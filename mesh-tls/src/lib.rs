@@ -66,6 +66,7 @@ pub mod origin;
 pub mod peer_auth;
 pub mod peer_auth_istio;
 pub mod server;
+pub mod sni;
 pub mod store;
 pub mod svid;
 pub mod verify;

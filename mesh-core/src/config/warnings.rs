@@ -40,7 +40,11 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         "spec.exportTo",
         "visibility is not restricted; every namespace sees it",
     ),
-    ne(VS, "spec.tls", "TLS (SNI) routes are not applied"),
+    ne(
+        VS,
+        "spec.tls",
+        "TLS (SNI) routes are applied by gateways' PASSTHROUGH servers only, not by sidecars",
+    ),
     ne(
         VS,
         "spec.tcp[].match[].destinationSubnets",

@@ -50,8 +50,12 @@
 //! Listening ports are fixed at start: a reload updates routes, server hosts, TLS modes
 //! and credentials (also when the credential files change), but a new port needs a
 //! restart.
-//! `PASSTHROUGH`, `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and `OPTIONAL_MUTUAL` are refused
-//! at start. Istio can serve a Secret of another namespace after an authorization check
+//! `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and `OPTIONAL_MUTUAL` are refused at start.
+//! `PASSTHROUGH` servers (protocol `TLS` or `HTTPS`) are served: the ClientHello's SNI,
+//! read without terminating the TLS, selects a VirtualService `tls` route bound to the
+//! gateway (`sniHosts`, port), and the connection's bytes go to its destination as they
+//! came, over Istio mTLS to endpoints with a sidecar; a passthrough server's hosts take
+//! precedence over a terminating server of the same port. Istio can serve a Secret of another namespace after an authorization check
 //! (`kubernetes://<ns>/<name>`, `kubernetes-gateway://`); without a source for that
 //! authorization, such names are refused. Istio routes a host that a `*` server and a
 //! more specific server both cover through either filter chain; here the most specific
@@ -77,7 +81,7 @@ use super::shutdown::ProxyHandle;
 use crate::mesh::Active;
 use crate::serve;
 use crate::settings::Settings;
-use crate::stack::gateway::{ChosenServer, most_specific, on_server};
+use crate::stack::gateway::{ChosenServer, covers, most_specific, on_server};
 use crate::stack::inbound::per_connection;
 use crate::watch::{self, WatchError};
 
@@ -218,6 +222,8 @@ fn credential_config(
 struct PortPlan {
     tls: TlsServers,
     redirect: Vec<String>,
+    /// Host patterns of the `PASSTHROUGH` servers: TLS passed through by SNI.
+    passthrough: Vec<String>,
 }
 
 /// The swappable state of one listening port.
@@ -225,6 +231,7 @@ struct PortPlan {
 struct PortState {
     tls: Arc<ArcSwap<TlsServers>>,
     redirect: Arc<ArcSwap<Vec<String>>>,
+    passthrough: Arc<ArcSwap<Vec<String>>>,
 }
 
 /// Builds the per-port plan of a Gateway resource, loading its credentials.
@@ -251,6 +258,7 @@ fn plan(
         let mut plan = PortPlan {
             tls: TlsServers::default(),
             redirect: Vec::new(),
+            passthrough: Vec::new(),
         };
         for s in servers {
             let protocol = s
@@ -261,6 +269,12 @@ fn plan(
             match &s.tls {
                 Some(tls) if tls.https_redirect && protocol == "HTTP" => {
                     plan.redirect.extend(s.hosts.iter().cloned());
+                }
+                Some(tls)
+                    if matches!(protocol.as_str(), "HTTPS" | "TLS")
+                        && tls.mode == Some(ServerTlsMode::Passthrough) =>
+                {
+                    plan.passthrough.extend(s.hosts.iter().cloned());
                 }
                 Some(tls) if protocol == "HTTPS" => {
                     let mutual = match tls.mode {
@@ -314,6 +328,7 @@ impl Rebuild {
                         Some(state) => {
                             state.tls.store(Arc::new(plan.tls));
                             state.redirect.store(Arc::new(plan.redirect));
+                            state.passthrough.store(Arc::new(plan.passthrough));
                         }
                         None => tracing::warn!(port, "new Gateway port needs a restart to listen"),
                     }
@@ -383,6 +398,7 @@ impl Gateway {
             let state = PortState {
                 tls: Arc::new(ArcSwap::from_pointee(plan.tls)),
                 redirect: Arc::new(ArcSwap::from_pointee(plan.redirect)),
+                passthrough: Arc::new(ArcSwap::from_pointee(plan.passthrough)),
             };
             ports.insert(port, state.clone());
             let addr = gw
@@ -393,6 +409,8 @@ impl Gateway {
             let tcp = process.bind(&format!("gateway:{port}"), addr).await?;
             let svc = mesh.gateway(state.redirect.clone());
             let tls = state.tls.clone();
+            let passthrough = state.passthrough.clone();
+            let forward = mesh.tls_passthrough(port);
             process.serve(serve::run(
                 tcp,
                 mesh.serve_options(
@@ -404,8 +422,32 @@ impl Gateway {
                 move |tcp, remote| {
                     let svc = svc.clone();
                     let servers = tls.load_full();
+                    let passthrough = passthrough.load_full();
+                    let forward = forward.clone();
                     async move {
                         let local = tcp.local_addr().ok()?;
+                        if !passthrough.is_empty() {
+                            // PASSTHROUGH: the SNI, read without consuming the hello,
+                            // picks a VirtualService `tls` route; the TLS stays the
+                            // client's and the endpoint's.
+                            let sni = tokio::time::timeout(
+                                handshake_timeout,
+                                mesh_tls::sni::peek_server_name(&tcp),
+                            )
+                            .await
+                            .ok()?
+                            .ok()?;
+                            if let Some(sni) =
+                                sni.filter(|n| passthrough.iter().any(|p| covers(p, n)))
+                            {
+                                tokio::spawn(async move { forward.proxy_tls(tcp, &sni).await });
+                                return None;
+                            }
+                            if servers.is_empty() {
+                                tracing::debug!(%remote, "no gateway server for this SNI");
+                                return None;
+                            }
+                        }
                         if servers.is_empty() {
                             let ctx = ConnectionContext::plaintext(remote, local);
                             return Some((Box::new(tcp) as Box<dyn Io>, per_connection(svc, ctx)));

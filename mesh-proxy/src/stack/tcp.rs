@@ -140,17 +140,28 @@ impl TcpOutbound {
     /// Proxies `downstream` to the destination its route chooses, until either side
     /// closes. Errors are logged; the downstream connection is closed.
     pub async fn proxy(&self, downstream: TcpStream) {
-        if let Err(e) = self.try_proxy(downstream).await {
+        if let Err(e) = self.try_proxy(downstream, None).await {
             tracing::debug!(host = %self.host, port = self.port, error = %e, "TCP connection ended");
         }
     }
 
-    async fn try_proxy(&self, mut downstream: TcpStream) -> io::Result<()> {
+    /// Proxies `downstream`, a TLS connection whose ClientHello names `sni` (not
+    /// terminated: its bytes go through unread), to the destination of the first
+    /// VirtualService `tls` route that takes it on this port.
+    pub async fn proxy_tls(&self, downstream: TcpStream, sni: &str) {
+        if let Err(e) = self.try_proxy(downstream, Some(sni)).await {
+            tracing::debug!(%sni, port = self.port, error = %e, "TLS connection ended");
+        }
+    }
+
+    async fn try_proxy(&self, mut downstream: TcpStream, sni: Option<&str>) -> io::Result<()> {
         let snapshot = self.router.snapshot();
-        let rule = snapshot
-            .table()
-            .tcp_rule(&self.host, self.port)
-            .ok_or_else(|| io::Error::other("no TCP route"))?;
+        let table = snapshot.table();
+        let rule = match sni {
+            Some(sni) => table.tls_rule(sni, self.port),
+            None => table.tcp_rule(&self.host, self.port),
+        }
+        .ok_or_else(|| io::Error::other("no TCP or TLS route"))?;
         let index = *rule.destinations.pick(&mut rand::rng());
         let target = snapshot
             .target(index)

@@ -1,0 +1,200 @@
+//! A gateway `PASSTHROUGH` server with the real binary: curl's TLS goes through the
+//! gateway unterminated, routed by SNI (VirtualService `tls` route), over Istio mTLS to
+//! the sidecar of a workload whose application is `openssl s_server` with its own
+//! certificate.
+
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Stdio;
+
+use support::*;
+
+/// Kills the child process when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and a server certificate for `name`: (CA PEM file, certificate file, key file).
+fn app_certificate(world: &World, name: &str) -> [std::path::PathBuf; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "application CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec![name.to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let leaf = leaf.signed_by(&key, &issuer).unwrap();
+    let files = [
+        world.path("app-ca.pem"),
+        world.path("app.crt"),
+        world.path("app.key"),
+    ];
+    std::fs::write(&files[0], ca_cert.pem()).unwrap();
+    std::fs::write(&files[1], leaf.pem()).unwrap();
+    std::fs::write(&files[2], key.serialize_pem()).unwrap();
+    files
+}
+
+const MESH: &str = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: production}
+spec:
+  selector: {istio: ingress}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: [secure.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: production}
+spec:
+  hosts: [secure.example.com]
+  gateways: [edge]
+  tls:
+  - match:
+    - port: 443
+      sniHosts: [secure.example.com]
+    route:
+    - destination: {host: secure-app, port: {number: 8443}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: production}
+spec:
+  mtls: {mode: STRICT}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_by_sni_without_terminating_tls() {
+    if !tool_available("openssl") || !tool_available("curl") {
+        return;
+    }
+    let world = World::new();
+    let [ca, cert, key] = app_certificate(&world, "secure.example.com");
+    let app_port = free_port();
+    let _app = Child(
+        std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(app_port.to_string())
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let sidecar_ports = Ports::new();
+    let yaml = format!(
+        "{MESH}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure-app, namespace: production}}
+spec:
+  hosts: [secure-app]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 8443, name: tls, protocol: TLS}}
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{tls: {inbound}}}, labels: {{app: secure-app}}, serviceAccount: secure-app}}
+",
+        inbound = sidecar_ports.inbound
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let app = std::net::SocketAddr::from(([127, 0, 0, 1], app_port));
+    let sidecar = start_sidecar(&world, "secure-app", &config, sidecar_ports, app).await;
+    let gw_ports = Ports::new();
+    let https = free_port();
+    let settings = format!(
+        "workload: {{namespace: production, serviceAccount: istio-ingressgateway, labels: {{istio: ingress}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca_dir}}}\n\
+         listeners: {{admin: 127.0.0.1:{admin}}}\n\
+         gateway:\n  name: edge\n  ports:\n    443: 127.0.0.1:{https}\n",
+        config = config.display(),
+        ca_dir = world.ca_dir.display(),
+        admin = gw_ports.admin,
+    );
+    let gateway = Proxy::start(&world, "gateway", "gateway", &settings, gw_ports).await;
+
+    // curl verifies the application's own certificate: the TLS session is end to end.
+    let resolve = format!("secure.example.com:{https}:127.0.0.1");
+    let url = format!("https://secure.example.com:{https}/");
+    let ca = ca.display().to_string();
+    let mut answer = (0, String::new(), String::new());
+    // openssl s_server may still be starting.
+    for _ in 0..50 {
+        answer = curl(&["--cacert", &ca, "--resolve", &resolve, "-sS", &url]).await;
+        if answer.0 == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = answer;
+    assert_eq!(code, 0, "{err}\n{}\n{}", gateway.output(), sidecar.output());
+    assert!(out.contains("s_server"), "{out}");
+
+    // An SNI no passthrough server covers is not served.
+    let other = format!("other.example.com:{https}:127.0.0.1");
+    let url = format!("https://other.example.com:{https}/");
+    let (code, _, _) = curl(&["--cacert", &ca, "--resolve", &other, "-sS", &url]).await;
+    assert_ne!(code, 0);
+
+    // The gateway and the sidecar both count the connection, with each other's workload.
+    let source = [
+        ("reporter=\"source\""),
+        ("destination_service=\"secure-app.production.svc.cluster.local\""),
+        ("destination_workload=\"secure-app\""),
+        ("source_workload=\"istio-ingressgateway\""),
+    ];
+    let text = gateway
+        .metrics_when(|t| {
+            t.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_closed_total{")
+                    && source.iter().all(|s| l.contains(s))
+            })
+        })
+        .await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_sent_bytes_total{")
+                && source.iter().all(|s| l.contains(s))
+                && !l.ends_with(" 0")),
+        "{text}"
+    );
+    let destination = [
+        ("reporter=\"destination\""),
+        ("source_workload=\"istio-ingressgateway\""),
+        ("connection_security_policy=\"mutual_tls\""),
+    ];
+    let text = sidecar
+        .metrics_when(|t| {
+            t.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && destination.iter().all(|s| l.contains(s))
+            })
+        })
+        .await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && destination.iter().all(|s| l.contains(s))),
+        "{text}"
+    );
+}
