@@ -171,19 +171,6 @@ spec:
     )
 }
 
-/// The value of the `metric` series whose line holds every label of `labels`.
-fn value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_sidecars_and_to_plain_h2c_servers() {
     let world = World::new();
@@ -272,19 +259,19 @@ spec:
         ("destination_workload", "payments"),
     ];
     let text = orders
-        .metrics_when(|t| value(t, "istio_response_messages_total", &streamed) == Some(4.0))
+        .metrics_when(|t| series_value(t, "istio_response_messages_total", &streamed) == Some(4.0))
         .await;
     assert_eq!(
-        value(&text, "istio_requests_total", &streamed),
+        series_value(&text, "istio_requests_total", &streamed),
         Some(2.0),
         "{text}"
     );
     assert_eq!(
-        value(&text, "istio_request_messages_total", &streamed),
+        series_value(&text, "istio_request_messages_total", &streamed),
         Some(2.0)
     );
     assert_eq!(
-        value(&text, "istio_response_messages_total", &streamed),
+        series_value(&text, "istio_response_messages_total", &streamed),
         Some(4.0)
     );
     let not_found = [
@@ -295,10 +282,10 @@ spec:
         ("source_workload", "orders"),
     ];
     let text = payments
-        .metrics_when(|t| value(t, "istio_requests_total", &not_found) == Some(1.0))
+        .metrics_when(|t| series_value(t, "istio_requests_total", &not_found) == Some(1.0))
         .await;
     assert_eq!(
-        value(&text, "istio_requests_total", &not_found),
+        series_value(&text, "istio_requests_total", &not_found),
         Some(1.0),
         "{text}"
     );
@@ -329,10 +316,10 @@ spec:
         ("response_flags", "UF"),
     ];
     let text = orders
-        .metrics_when(|t| value(t, "istio_requests_total", &uf).is_some())
+        .metrics_when(|t| series_value(t, "istio_requests_total", &uf).is_some())
         .await;
     assert!(
-        value(&text, "istio_requests_total", &uf).is_some(),
+        series_value(&text, "istio_requests_total", &uf).is_some(),
         "{text}"
     );
 
@@ -398,10 +385,10 @@ spec:
         ("response_flags", "UT"),
     ];
     let text = orders
-        .metrics_when(|t| value(t, "istio_requests_total", &ut).is_some())
+        .metrics_when(|t| series_value(t, "istio_requests_total", &ut).is_some())
         .await;
     assert!(
-        value(&text, "istio_requests_total", &ut).is_some(),
+        series_value(&text, "istio_requests_total", &ut).is_some(),
         "{text}"
     );
 }

@@ -12,16 +12,6 @@ use std::process::Stdio;
 
 use support::*;
 
-/// Kills the child process when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A CA and a server certificate for `name`: (CA PEM file, certificate file, key file).
 fn app_certificate(world: &World, name: &str) -> [std::path::PathBuf; 3] {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -86,7 +76,7 @@ async fn passthrough_routes_by_sni_without_terminating_tls() {
     let world = World::new();
     let [ca, cert, key] = app_certificate(&world, "secure.example.com");
     let app_port = free_port();
-    let _app = Child(
+    let _app = KillOnDrop(
         std::process::Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-accept"])
             .arg(app_port.to_string())

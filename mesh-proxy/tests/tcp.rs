@@ -160,19 +160,6 @@ async fn exchange(port: u16, line: &str) -> (String, String) {
     (greeting, answer)
 }
 
-/// The value of the series of `metric` whose line contains every label of `labels`.
-fn value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
     let world = World::new();
@@ -240,25 +227,27 @@ async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
         ("request_protocol", "tcp"),
     ];
     let text = order
-        .metrics_when(|t| value(t, "istio_tcp_connections_closed_total", &source) == Some(1.0))
+        .metrics_when(|t| {
+            series_value(t, "istio_tcp_connections_closed_total", &source) == Some(1.0)
+        })
         .await;
     assert_eq!(
-        value(&text, "istio_tcp_connections_opened_total", &source),
+        series_value(&text, "istio_tcp_connections_opened_total", &source),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        value(&text, "istio_tcp_connections_closed_total", &source),
+        series_value(&text, "istio_tcp_connections_closed_total", &source),
         Some(1.0),
         "{text}"
     );
     // Received from the client: "ping\n"; sent to it: the greeting and the answer.
     assert_eq!(
-        value(&text, "istio_tcp_received_bytes_total", &source),
+        series_value(&text, "istio_tcp_received_bytes_total", &source),
         Some(5.0)
     );
     assert_eq!(
-        value(&text, "istio_tcp_sent_bytes_total", &source),
+        series_value(&text, "istio_tcp_sent_bytes_total", &source),
         Some(18.0)
     );
     let server = if version == "v1" {
@@ -280,15 +269,17 @@ async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
         ("request_protocol", "tcp"),
     ];
     let text = server
-        .metrics_when(|t| value(t, "istio_tcp_connections_closed_total", &destination) == Some(1.0))
+        .metrics_when(|t| {
+            series_value(t, "istio_tcp_connections_closed_total", &destination) == Some(1.0)
+        })
         .await;
     assert_eq!(
-        value(&text, "istio_tcp_received_bytes_total", &destination),
+        series_value(&text, "istio_tcp_received_bytes_total", &destination),
         Some(5.0),
         "{text}"
     );
     assert_eq!(
-        value(&text, "istio_tcp_sent_bytes_total", &destination),
+        series_value(&text, "istio_tcp_sent_bytes_total", &destination),
         Some(18.0)
     );
 
@@ -321,16 +312,6 @@ async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
     assert_eq!(echo_v1.connections() + echo_v2.connections(), before);
 }
 
-/// Kills the child process when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_reaches_redis_server_through_two_sidecars() {
     if !tool_available("redis-server") || !tool_available("redis-cli") {
@@ -338,7 +319,7 @@ async fn redis_cli_reaches_redis_server_through_two_sidecars() {
     }
     let world = World::new();
     let redis_port = free_port();
-    let _redis = Child(
+    let _redis = KillOnDrop(
         std::process::Command::new("redis-server")
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -420,11 +401,12 @@ spec:
     ];
     let text = redis
         .metrics_when(|t| {
-            value(t, "istio_tcp_connections_closed_total", &labels).is_some_and(|n| n >= 3.0)
+            series_value(t, "istio_tcp_connections_closed_total", &labels).is_some_and(|n| n >= 3.0)
         })
         .await;
     assert!(
-        value(&text, "istio_tcp_connections_closed_total", &labels).is_some_and(|n| n >= 3.0),
+        series_value(&text, "istio_tcp_connections_closed_total", &labels)
+            .is_some_and(|n| n >= 3.0),
         "{text}"
     );
 }

@@ -81,6 +81,28 @@ struct L4Block<'a> {
     sni_hosts: &'a [String],
 }
 
+impl<'a> L4Block<'a> {
+    fn tcp(m: &'a config::L4MatchAttributes) -> Self {
+        Self {
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_ref(),
+            port: m.port,
+            sni_hosts: &[],
+        }
+    }
+
+    fn tls(m: &'a config::TlsMatchAttributes) -> Self {
+        Self {
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_ref(),
+            port: m.port,
+            sni_hosts: &m.sni_hosts,
+        }
+    }
+}
+
 /// The listener a table is compiled for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listener {
@@ -687,30 +709,14 @@ fn compile_virtual_service(
     // Gateways proxy no plain TCP (their TCP servers are not served yet).
     if options.listener == Listener::Mesh {
         for r in &vs.spec.tcp {
-            let blocks = r.matches.iter().map(|m| L4Block {
-                gateways: &m.gateways,
-                source_labels: &m.source_labels,
-                source_namespace: m.source_namespace.as_ref(),
-                port: m.port,
-                sni_hosts: &[],
-            });
-            if let Some(rule) = ctx.l4_route(builder, blocks, &r.route, listener, labels)? {
-                tcp.push(rule);
-            }
+            let blocks = r.matches.iter().map(L4Block::tcp);
+            tcp.extend(ctx.l4_route(builder, blocks, &r.route, listener, labels)?);
         }
     }
     let mut tls = Vec::new();
     for r in &vs.spec.tls {
-        let blocks = r.matches.iter().map(|m| L4Block {
-            gateways: &m.gateways,
-            source_labels: &m.source_labels,
-            source_namespace: m.source_namespace.as_ref(),
-            port: m.port,
-            sni_hosts: &m.sni_hosts,
-        });
-        if let Some(rule) = ctx.l4_route(builder, blocks, &r.route, listener, labels)? {
-            tls.push(rule);
-        }
+        let blocks = r.matches.iter().map(L4Block::tls);
+        tls.extend(ctx.l4_route(builder, blocks, &r.route, listener, labels)?);
     }
     builder.virtual_host(VirtualHost {
         name: format!("{namespace}/{}", vs.metadata.name),
