@@ -98,6 +98,39 @@ impl Alpn {
     }
 }
 
+/// TCP keep-alive of upstream connections (DestinationRule `connectionPool.tcp.tcpKeepalive`):
+/// each setting left `None` keeps the operating system's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe (`time`).
+    pub time: Option<Duration>,
+    /// Time between probes (`interval`).
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped (`probes`).
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    fn apply(&self, tcp: &TcpStream) -> std::io::Result<()> {
+        let mut ka = socket2::TcpKeepalive::new();
+        if let Some(t) = self.time {
+            ka = ka.with_time(t);
+        }
+        if let Some(i) = self.interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(p) = self.probes {
+            ka = ka.with_retries(p);
+        }
+        socket2::SockRef::from(tcp).set_tcp_keepalive(&ka)
+    }
+}
+
+/// When an upstream connection was opened, carried by the responses it answers (so that
+/// a client can retire connections by age: `maxConnectionDuration`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionOpened(pub tokio::time::Instant);
+
 /// Default connect-plus-handshake timeout (Envoy's cluster `connect_timeout` in Istio).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -163,6 +196,7 @@ pub struct UpstreamConnector {
     security: UpstreamSecurity,
     connect_timeout: Duration,
     alpn: Alpn,
+    keepalive: Option<Keepalive>,
 }
 
 impl UpstreamConnector {
@@ -173,6 +207,7 @@ impl UpstreamConnector {
             security,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             alpn: Alpn::Negotiate,
+            keepalive: None,
         }
     }
 
@@ -200,6 +235,12 @@ impl UpstreamConnector {
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Turns on TCP keep-alive with `keepalive` on every connection.
+    pub fn keepalive(mut self, keepalive: Option<Keepalive>) -> Self {
+        self.keepalive = keepalive;
         self
     }
 
@@ -239,6 +280,9 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             let connect = async {
                 let tcp = TcpStream::connect(inner.address).await?;
                 let _ = tcp.set_nodelay(true);
+                if let Some(keepalive) = &inner.keepalive {
+                    keepalive.apply(&tcp)?;
+                }
                 let (io, peer) = match &inner.security {
                     UpstreamSecurity::Plaintext | UpstreamSecurity::Refuse(_) => {
                         (UpstreamIo::Plain(TokioIo::new(tcp)), None)
@@ -283,6 +327,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 h2,
                 peer,
                 requests: ConnectionRequests::default(),
+                opened: ConnectionOpened(tokio::time::Instant::now()),
             })
         }))
     }
@@ -334,6 +379,7 @@ pub struct UpstreamConn {
     h2: bool,
     peer: Option<UpstreamPeerIdentity>,
     requests: ConnectionRequests,
+    opened: ConnectionOpened,
 }
 
 impl UpstreamConn {
@@ -358,7 +404,9 @@ impl UpstreamConn {
 
 impl Connection for UpstreamConn {
     fn connected(&self) -> Connected {
-        let mut connected = Connected::new().extra(self.requests.clone());
+        let mut connected = Connected::new()
+            .extra(self.requests.clone())
+            .extra(self.opened);
         if let Some(peer) = &self.peer {
             connected = connected.extra(peer.clone());
         }

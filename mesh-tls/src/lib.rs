@@ -80,7 +80,8 @@ pub use authz::{AuthzLayer, PolicySet};
 pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec};
 pub use client::ClientTls;
 pub use connect::{
-    Alpn, ConnectionRequests, InvalidServerName, UpstreamConn, UpstreamConnector, UpstreamSecurity,
+    Alpn, ConnectionOpened, ConnectionRequests, InvalidServerName, Keepalive, UpstreamConn,
+    UpstreamConnector, UpstreamSecurity,
 };
 pub use origin::{Origination, OriginationError};
 pub use peer_auth::{

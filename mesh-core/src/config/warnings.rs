@@ -109,16 +109,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.connectionPool.tcp.tcpKeepalive",
-        "operating-system keep-alive defaults apply",
-    ),
-    ne(
-        DR,
-        "spec.**.connectionPool.tcp.maxConnectionDuration",
-        "connections are not closed by age",
-    ),
-    ne(
-        DR,
         "spec.**.connectionPool.http.maxConcurrentStreams",
         "HTTP/2 stream limits are not set",
     ),

@@ -51,7 +51,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
 use mesh_core::extensions::UpstreamHost;
-use mesh_tls::{Alpn, ConnectionRequests, UpstreamConnector, UpstreamSecurity};
+use mesh_tls::{Alpn, ConnectionOpened, ConnectionRequests, UpstreamConnector, UpstreamSecurity};
 
 use super::headers::strip_hop_by_hop;
 
@@ -86,6 +86,8 @@ pub struct HttpClient<C> {
     protocol: Protocol,
     /// Requests per connection; 0 is unlimited.
     max_requests_per_connection: u32,
+    /// Age after which a connection takes no more requests.
+    max_connection_duration: Option<Duration>,
     /// Whether the upstream is a mesh peer (Istio mTLS): only then does the workload's
     /// exchanged metadata go with the request.
     mesh_peer: bool,
@@ -129,6 +131,7 @@ where
             authority: None,
             protocol,
             max_requests_per_connection: 0,
+            max_connection_duration: None,
             mesh_peer: false,
         }
     }
@@ -139,6 +142,15 @@ where
     #[must_use]
     pub fn max_requests_per_connection(mut self, n: u32) -> Self {
         self.max_requests_per_connection = n;
+        self
+    }
+
+    /// Retires a connection once a response completes after it has been open for `max`
+    /// (`maxConnectionDuration`; with a connector whose connections carry
+    /// [`ConnectionOpened`], as [`UpstreamConnector`]'s do).
+    #[must_use]
+    pub fn max_connection_duration(mut self, max: Option<Duration>) -> Self {
+        self.max_connection_duration = max;
         self
     }
 
@@ -329,7 +341,9 @@ where
             None
         };
         let limit = self.max_requests_per_connection;
-        let captured = (limit > 0 && !upgrade).then(|| capture_connection(&mut req));
+        let max_age = self.max_connection_duration;
+        let captured =
+            ((limit > 0 || max_age.is_some()) && !upgrade).then(|| capture_connection(&mut req));
         let fut = match &self.h2 {
             _ if upgrade => self.upgrades.request(req),
             Some(h2) if req.version() == Version::HTTP_2 => h2.request(req),
@@ -338,8 +352,13 @@ where
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
             let requests = res.extensions_mut().remove::<ConnectionRequests>();
-            if let (Some(captured), Some(requests)) = (captured, requests)
-                && requests.answered() >= limit
+            let opened = res.extensions_mut().remove::<ConnectionOpened>();
+            let spent = requests.is_some_and(|r| limit > 0 && r.answered() >= limit);
+            let aged = max_age
+                .zip(opened)
+                .is_some_and(|(max, o)| o.0.elapsed() >= max);
+            if let Some(captured) = captured
+                && (spent || aged)
                 && let Some(connection) = captured.connection_metadata().as_ref()
             {
                 // Not reused after this response; hyper's pool closes it once idle.

@@ -54,7 +54,7 @@ use mesh_tls::{ClientTls, UpstreamConnector};
 use tower::{Layer, Service};
 
 use super::client::HttpClient;
-use super::upstream::UpstreamTls;
+use super::upstream::{TcpPool, UpstreamTls};
 
 /// The service of one endpoint.
 pub type Upstream = HttpClient<UpstreamConnector>;
@@ -230,7 +230,8 @@ impl MakeDest {
         };
         let upstream_tls =
             UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone());
-        let connect_timeout = self.connect_timeout;
+        let tcp = TcpPool::of(&policy);
+        let connect_timeout = tcp.connect_timeout.unwrap_or(self.connect_timeout);
         let per_connection = limits.max_requests_per_connection;
         let protocol = super::client::upstream_protocol(
             target.protocol(),
@@ -241,9 +242,11 @@ impl MakeDest {
         );
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
             let connector = UpstreamConnector::new(ep.address, upstream_tls.security(ep))
-                .connect_timeout(connect_timeout);
+                .connect_timeout(connect_timeout)
+                .keepalive(tcp.keepalive);
             HttpClient::upstream(connector, idle, protocol)
                 .max_requests_per_connection(per_connection)
+                .max_connection_duration(tcp.max_connection_duration)
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());

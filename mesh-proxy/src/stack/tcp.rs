@@ -56,7 +56,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::destination::RouteService;
-use super::upstream::UpstreamTls;
+use super::upstream::{TcpPool, UpstreamTls};
 
 /// How long a peer has to send its metadata exchange frame.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,9 +174,11 @@ impl TcpOutbound {
         let policy = target.policy();
         let security = UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone())
             .security(endpoint);
+        let pool = TcpPool::of(&policy);
         let mut connector = UpstreamConnector::new(endpoint.address, security)
             .alpn(Alpn::Tcp)
-            .connect_timeout(self.connect_timeout);
+            .connect_timeout(pool.connect_timeout.unwrap_or(self.connect_timeout))
+            .keepalive(pool.keepalive);
         let conn = connector
             .call(http::Uri::default())
             .await
@@ -198,7 +200,13 @@ impl TcpOutbound {
             &DestinationService::from_host(&target.key.host),
             ConnectionSecurity::Unknown,
         );
-        splice(&mut downstream, &mut upstream, metrics).await
+        splice(
+            &mut downstream,
+            &mut upstream,
+            metrics,
+            pool.max_connection_duration,
+        )
+        .await
     }
 }
 
@@ -287,13 +295,19 @@ impl TcpInbound {
         );
         let mut app = TcpStream::connect(self.app).await?;
         let _ = app.set_nodelay(true);
-        splice(&mut io, &mut app, metrics).await
+        splice(&mut io, &mut app, metrics, None).await
     }
 }
 
-/// Copies bytes both ways until both directions end, counting what `downstream` sends
-/// and receives as it passes; the connection is counted opened and closed.
-async fn splice<D, U>(downstream: &mut D, upstream: &mut U, metrics: TcpMetrics) -> io::Result<()>
+/// Copies bytes both ways until both directions end, or until `max` has passed
+/// (`maxConnectionDuration`: both sides are then closed), counting what `downstream`
+/// sends and receives as it passes; the connection is counted opened and closed.
+async fn splice<D, U>(
+    downstream: &mut D,
+    upstream: &mut U,
+    metrics: TcpMetrics,
+    max: Option<Duration>,
+) -> io::Result<()>
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -303,7 +317,13 @@ where
         inner: downstream,
         metrics: &metrics,
     };
-    let result = tokio::io::copy_bidirectional(&mut counted, upstream).await;
+    let copy = tokio::io::copy_bidirectional(&mut counted, upstream);
+    let result = match max {
+        Some(max) => tokio::time::timeout(max, copy)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("maxConnectionDuration reached"))),
+        None => copy.await,
+    };
     metrics.closed();
     result.map(|_| ())
 }

@@ -133,12 +133,91 @@ impl UpstreamTls {
     }
 }
 
+/// The connection settings of a destination's `connectionPool.tcp`: the connect
+/// timeout (the mesh's default when unset), TCP keep-alive, and the age at which a
+/// connection is retired (`maxConnectionDuration`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpPool {
+    /// `connectTimeout`.
+    pub connect_timeout: Option<std::time::Duration>,
+    /// `tcpKeepalive`.
+    pub keepalive: Option<mesh_tls::Keepalive>,
+    /// `maxConnectionDuration`.
+    pub max_connection_duration: Option<std::time::Duration>,
+}
+
+impl TcpPool {
+    /// The settings of `policy` (the merged DestinationRule blocks of a destination).
+    pub fn of(policy: &mesh_routing::ResolvedPolicy) -> Self {
+        let Some(tcp) = policy
+            .connection_pool
+            .as_ref()
+            .and_then(|cp| cp.tcp.as_ref())
+        else {
+            return Self::default();
+        };
+        let std = |d: Option<mesh_core::config::Duration>| {
+            d.map(std::time::Duration::from).filter(|d| !d.is_zero())
+        };
+        Self {
+            connect_timeout: std(tcp.connect_timeout),
+            keepalive: tcp.tcp_keepalive.as_ref().map(|k| mesh_tls::Keepalive {
+                time: std(k.time),
+                interval: std(k.interval),
+                probes: k.probes,
+            }),
+            max_connection_duration: std(tcp.max_connection_duration),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use mesh_core::Labels;
     use mesh_tls::{CertStore, CertificateAuthority};
+
+    #[test]
+    fn tcp_pool_settings_from_the_rule() {
+        use mesh_core::config::{ConnectionPoolSettings, TcpKeepalive, TcpSettings};
+        let secs = |s: u64| Some(std::time::Duration::from_secs(s).into());
+        let policy = mesh_routing::ResolvedPolicy {
+            connection_pool: Some(ConnectionPoolSettings {
+                tcp: Some(TcpSettings {
+                    connect_timeout: secs(2),
+                    max_connection_duration: secs(0),
+                    tcp_keepalive: Some(TcpKeepalive {
+                        time: secs(7),
+                        interval: None,
+                        probes: Some(3),
+                    }),
+                    ..TcpSettings::default()
+                }),
+                ..ConnectionPoolSettings::default()
+            }),
+            ..mesh_routing::ResolvedPolicy::default()
+        };
+        let pool = TcpPool::of(&policy);
+        assert_eq!(
+            pool.connect_timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
+        // Zero is "not set", as Envoy reads it.
+        assert_eq!(pool.max_connection_duration, None);
+        assert_eq!(
+            pool.keepalive,
+            Some(mesh_tls::Keepalive {
+                time: Some(std::time::Duration::from_secs(7)),
+                interval: None,
+                probes: Some(3),
+            })
+        );
+        assert_eq!(
+            TcpPool::of(&mesh_routing::ResolvedPolicy::default()),
+            TcpPool::default()
+        );
+    }
 
     fn client() -> ClientTls {
         let ca = CertificateAuthority::new("cluster.local").unwrap();
