@@ -227,7 +227,7 @@ impl Traffic {
     /// Failed share of the requests, in percent.
     pub fn error_percent(&self) -> f64 {
         if self.rate > 0.0 {
-            100.0 * self.errors / self.rate
+            100.0 * (self.errors / self.rate)
         } else {
             0.0
         }

@@ -119,6 +119,28 @@ impl Prometheus {
             .collect()
     }
 
+    /// The values of `label` over the series of `promql` once they are `want`, traffic
+    /// flowing meanwhile (a rate needs two scrapes of every reporting proxy), or what
+    /// they are after 60 s.
+    async fn once(
+        &self,
+        mesh: &Running,
+        promql: &str,
+        label: &str,
+        want: &BTreeSet<String>,
+    ) -> BTreeSet<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = self.label_values(promql, label).await;
+            if got == *want || tokio::time::Instant::now() > deadline {
+                return got;
+            }
+            mesh.orders(8, 4).await;
+            let _ = mesh.denied_payment().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// The graph Kiali builds for `namespace` from this Prometheus.
     async fn kiali_graph(&self, namespace: &str) -> Graph {
         let mut rows = Vec::new();
@@ -233,9 +255,12 @@ async fn kiali_graph_and_istio_dashboards_over_prometheus() {
     // Istio's mesh dashboard: the workload table, one row per destination workload.
     let q = "sum(rate(istio_requests_total{reporter=~\"source|waypoint\"}[1m])) \
              by (destination_workload, destination_workload_namespace, destination_service)";
+    let want = set(&["order-service-v1", "order-service-v2", "payment-service-v1"]);
     assert_eq!(
-        prometheus.label_values(q, "destination_workload").await,
-        set(&["order-service-v1", "order-service-v2", "payment-service-v1"]),
+        prometheus
+            .once(&mesh, q, "destination_workload", &want)
+            .await,
+        want
     );
     // The service dashboard: payment-service's clients by source, both reporters.
     for reporter in ["source", "destination"] {
@@ -243,13 +268,14 @@ async fn kiali_graph_and_istio_dashboards_over_prometheus() {
             "sum(rate(istio_requests_total{{reporter=\"{reporter}\",destination_service=~\"{PAYMENT}\"}}[1m])) \
              by (source_workload, source_workload_namespace, response_code)"
         );
+        let want = set(&[
+            "istio-ingressgateway",
+            "order-service-v1",
+            "order-service-v2",
+        ]);
         assert_eq!(
-            prometheus.label_values(&q, "source_workload").await,
-            set(&[
-                "istio-ingressgateway",
-                "order-service-v1",
-                "order-service-v2"
-            ]),
+            prometheus.once(&mesh, &q, "source_workload", &want).await,
+            want,
             "reporter {reporter}"
         );
     }
@@ -260,9 +286,10 @@ async fn kiali_graph_and_istio_dashboards_over_prometheus() {
             "sum(rate(istio_requests_total{{reporter=\"{reporter}\",destination_workload=\"order-service-v2\",destination_workload_namespace=\"{NS}\"}}[1m])) \
              by (source_workload, source_workload_namespace, source_app, source_version)"
         );
+        let want = set(&["istio-ingressgateway"]);
         assert_eq!(
-            prometheus.label_values(&q, "source_workload").await,
-            set(&["istio-ingressgateway"]),
+            prometheus.once(&mesh, &q, "source_workload", &want).await,
+            want,
             "reporter {reporter}"
         );
     }
@@ -270,6 +297,10 @@ async fn kiali_graph_and_istio_dashboards_over_prometheus() {
         "sum(rate(istio_requests_total{{reporter=\"source\",source_workload=\"order-service-v2\",source_workload_namespace=\"{NS}\"}}[1m])) \
          by (destination_workload, destination_service, destination_version)"
     );
+    let want = set(&["payment-service-v1"]);
+    prometheus
+        .once(&mesh, &q, "destination_workload", &want)
+        .await;
     let rows = prometheus.rows(&q).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].get("destination_workload"), "payment-service-v1");
