@@ -98,6 +98,9 @@ listeners:
   admin: 127.0.0.1:15000
   tcp:
     127.0.0.1:6379: redis.data:6379
+dns:
+  servers: [127.0.0.1:53]
+  refreshRate: 60s
 tracing:
   sampling: 1
   otlp: http://127.0.0.1:4318/v1/traces

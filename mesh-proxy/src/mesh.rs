@@ -224,6 +224,12 @@ pub struct Options {
     /// The application's port, when known: AuthorizationPolicy `DENY` rules naming
     /// another port never match and are warned about at every load (ISTIO.md AP-48).
     pub app_port: Option<u16>,
+    /// Name servers for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`; empty:
+    /// the system's resolver configuration.
+    pub dns_servers: Vec<std::net::SocketAddr>,
+    /// The longest time between two resolutions of a DNS destination (Istio's
+    /// `dnsRefreshRate`); shorter when the answer's TTL is.
+    pub dns_refresh_rate: std::time::Duration,
 }
 
 impl Default for Options {
@@ -234,6 +240,8 @@ impl Default for Options {
             path_normalization: PathNormalization::default(),
             random_seed: None,
             app_port: None,
+            dns_servers: Vec::new(),
+            dns_refresh_rate: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -255,6 +263,9 @@ pub enum BuildError {
     /// The certificate could not be loaded or issued.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The DNS resolver for the configured name servers could not be set up.
+    #[error(transparent)]
+    Dns(#[from] mesh_routing::dns::DnsError),
 }
 
 /// The configuration in force.
@@ -420,6 +431,22 @@ impl MeshBuilder {
             Some(seed) => RouterHandle::with_seed(make, compiled.routing, seed),
             None => RouterHandle::new(make, compiled.routing),
         };
+        if !self.options.dns_servers.is_empty() {
+            match mesh_routing::dns::DnsResolver::with_servers(&self.options.dns_servers) {
+                Ok(resolver) => router.set_dns_resolver(resolver),
+                Err(e) => return Err(BuildError::Dns(e)),
+            }
+        }
+        let shutdown = CancellationToken::new();
+        // DNS destinations are resolved again as their answers expire, until shutdown.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let refresh = router.spawn_dns_refresh(self.options.dns_refresh_rate);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                refresh.abort();
+            });
+        }
         Ok(Mesh {
             inner: Arc::new(Inner {
                 active: Arc::new(ArcSwap::from_pointee(Active {
@@ -438,7 +465,7 @@ impl MeshBuilder {
                 peer_auth: Arc::new(ArcSwap::from_pointee(compiled.peer_auth)),
                 destinations,
                 hooks: Mutex::default(),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 _keep: Mutex::new(keep),
             }),
         })

@@ -112,12 +112,35 @@ pub struct Settings {
     /// Seed for weighted route picks (reproducible demos and tests); random when absent.
     #[serde(default)]
     pub random_seed: Option<u64>,
+    /// How DNS destinations are resolved.
+    #[serde(default)]
+    pub dns: DnsSettings,
     /// Ingress gateway settings (only for `mesh-proxy gateway`).
     #[serde(default)]
     pub gateway: Option<GatewaySettings>,
     /// Directory the settings file is in (relative paths resolve against it).
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// `dns`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DnsSettings {
+    /// Name servers (`address:port`); empty: the system's configuration.
+    pub servers: Vec<SocketAddr>,
+    /// The longest time between two resolutions (Istio's `dnsRefreshRate`, default
+    /// `60s`); shorter when an answer's TTL is.
+    pub refresh_rate: IstioDuration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            refresh_rate: std::time::Duration::from_secs(60).into(),
+        }
+    }
 }
 
 /// `workload`.

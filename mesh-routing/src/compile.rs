@@ -734,9 +734,8 @@ pub fn registry(config: &MeshConfig, options: &CompileOptions) -> Registry {
     for se in config.service_entries() {
         let ns = se.metadata.namespace.as_str();
         let resolution = match se.spec.resolution {
-            Some(config::Resolution::Dns)
-            | Some(config::Resolution::DnsRoundRobin)
-            | Some(config::Resolution::DynamicDns) => Resolution::Dns,
+            Some(config::Resolution::Dns) | Some(config::Resolution::DynamicDns) => Resolution::Dns,
+            Some(config::Resolution::DnsRoundRobin) => Resolution::DnsRoundRobin,
             Some(config::Resolution::None) => Resolution::None,
             Some(config::Resolution::Static) | None => Resolution::Static,
         };

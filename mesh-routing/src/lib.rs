@@ -87,6 +87,7 @@
 //! ```
 
 pub mod compile;
+pub mod dns;
 pub mod fault;
 pub mod headers;
 pub mod matcher;

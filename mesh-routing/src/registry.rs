@@ -24,8 +24,12 @@ pub enum Resolution {
     /// Endpoint addresses are IPs.
     #[default]
     Static,
-    /// Endpoint addresses (or, without endpoints, the hosts) are DNS names resolved periodically.
+    /// Endpoint addresses (or, without endpoints, the hosts) are DNS names resolved
+    /// again when their TTL runs out; every address is an endpoint.
     Dns,
+    /// As [`Dns`](Self::Dns), but only the first address of each name is used (Envoy's
+    /// logical DNS).
+    DnsRoundRobin,
     /// No endpoints: traffic goes to the address the client dialled (not supported by the router).
     None,
 }
@@ -219,10 +223,19 @@ impl Service {
             .collect()
     }
 
-    /// Resolves every instance (DNS names with the system resolver) on `port` whose labels
-    /// contain `selector`. Instances that fail to resolve are skipped.
-    pub async fn resolve_endpoints(&self, port: &ServicePort, selector: &Labels) -> Vec<Endpoint> {
+    /// Resolves every instance on `port` whose labels contain `selector`: addresses as
+    /// they are, DNS names with `dns` (every address of a name for `DNS`, the first for
+    /// `DNS_ROUND_ROBIN`, as Envoy's strict and logical DNS clusters use them). Instances
+    /// that fail to resolve are skipped. Also returns the shortest TTL of the answers,
+    /// `None` when no name was looked up.
+    pub async fn resolve_endpoints(
+        &self,
+        port: &ServicePort,
+        selector: &Labels,
+        dns: &crate::dns::DnsResolver,
+    ) -> (Vec<Endpoint>, Option<std::time::Duration>) {
         let mut out = Vec::new();
+        let mut ttl: Option<std::time::Duration> = None;
         let selected: Vec<&WorkloadEntry> = self
             .endpoints
             .iter()
@@ -243,11 +256,16 @@ impl Service {
                 out.push(w.endpoint(ip, port));
                 continue;
             }
-            let target = (w.address.as_str(), w.port_for(port));
-            match tokio::net::lookup_host(target).await {
-                Ok(addrs) => {
-                    for addr in addrs {
-                        let ep = w.endpoint(addr.ip(), port);
+            match dns.lookup(&w.address).await {
+                Ok((ips, valid)) => {
+                    ttl = Some(ttl.map_or(valid, |t| t.min(valid)));
+                    let take = if self.resolution == Resolution::DnsRoundRobin {
+                        1
+                    } else {
+                        usize::MAX
+                    };
+                    for ip in ips.into_iter().take(take) {
+                        let ep = w.endpoint(ip, port);
                         if !out.contains(&ep) {
                             out.push(ep);
                         }
@@ -258,7 +276,7 @@ impl Service {
                 }
             }
         }
-        out
+        (out, ttl)
     }
 }
 
@@ -434,10 +452,11 @@ mod tests {
             ],
             resolution: Resolution::Dns,
         };
-        let eps = svc
+        let (eps, _) = svc
             .resolve_endpoints(
                 &svc.ports[0],
                 &Labels::from([("role".into(), "primary".into())]),
+                &crate::dns::DnsResolver::system_or_none(),
             )
             .await;
         assert!(!eps.is_empty());

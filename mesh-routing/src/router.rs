@@ -70,6 +70,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tower_service::Service;
 
+use crate::dns::DnsResolver;
 use crate::fault::abort_response;
 use crate::headers::Headers;
 use crate::matcher::RequestView;
@@ -256,6 +257,7 @@ struct Cache<M: MakeDestination> {
     make: M,
     entries: HashMap<DestinationKey, (M::Service, Arc<Target>)>,
     dns: Vec<DnsJob>,
+    resolver: DnsResolver,
 }
 
 /// Owns the routing state: swaps snapshots atomically and keeps destination services
@@ -345,9 +347,10 @@ where
             make,
             entries: HashMap::new(),
             dns: Vec::new(),
+            resolver: DnsResolver::system_or_none(),
         };
         let snapshot = Self::build(&mut cache, routing);
-        resolve_new_dns_targets(&cache.dns);
+        resolve_new_dns_targets(&cache.dns, &cache.resolver);
         Self {
             shared: Arc::new(ArcSwap::from_pointee(snapshot)),
             cache: Arc::new(Mutex::new(cache)),
@@ -390,7 +393,10 @@ where
                                 (cache.make.make(&target), target)
                             }
                         };
-                    if service.resolution == Resolution::Dns {
+                    if matches!(
+                        service.resolution,
+                        Resolution::Dns | Resolution::DnsRoundRobin
+                    ) {
                         dns.push(DnsJob {
                             target: Arc::clone(&target),
                             service,
@@ -441,7 +447,7 @@ where
             Err(poisoned) => poisoned.into_inner(),
         };
         let snapshot = Self::build(&mut cache, routing);
-        resolve_new_dns_targets(&cache.dns);
+        resolve_new_dns_targets(&cache.dns, &cache.resolver);
         self.shared.store(Arc::new(snapshot));
     }
 
@@ -465,15 +471,33 @@ where
     /// answers. Names that fail to resolve keep their previous endpoints. New DNS
     /// destinations are also resolved in the background right after [`update`](Self::update)
     /// when a tokio runtime is running.
-    pub async fn refresh_dns(&self) {
-        let jobs = match self.cache.lock() {
-            Ok(guard) => guard.dns.clone(),
-            Err(poisoned) => poisoned.into_inner().dns.clone(),
+    pub async fn refresh_dns(&self) -> Option<Duration> {
+        let (jobs, resolver) = match self.cache.lock() {
+            Ok(guard) => (guard.dns.clone(), guard.resolver.clone()),
+            Err(poisoned) => {
+                let guard = poisoned.into_inner();
+                (guard.dns.clone(), guard.resolver.clone())
+            }
         };
-        resolve_jobs(jobs).await;
+        resolve_jobs(jobs, resolver).await
     }
 
-    /// Spawns a task that calls [`refresh_dns`](Self::refresh_dns) now and then every `every`.
+    /// Resolves DNS destinations with `resolver` from now on (the system's resolver
+    /// until then), and resolves them again now.
+    pub fn set_dns_resolver(&self, resolver: DnsResolver) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.resolver = resolver;
+        let jobs = cache.dns.clone();
+        let resolver = cache.resolver.clone();
+        drop(cache);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(resolve_jobs(jobs, resolver));
+        }
+    }
+
+    /// Spawns a task that calls [`refresh_dns`](Self::refresh_dns) now, then again when
+    /// the shortest TTL of the answers runs out, at least every second and at most every
+    /// `every` (Istio's `dnsRefreshRate`; Envoy's `respect_dns_ttl`).
     pub fn spawn_dns_refresh(&self, every: Duration) -> tokio::task::JoinHandle<()>
     where
         M: Send + 'static,
@@ -481,32 +505,40 @@ where
     {
         let handle = self.clone();
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
             loop {
-                ticks.tick().await;
-                handle.refresh_dns().await;
+                let ttl = handle.refresh_dns().await.unwrap_or(every);
+                tokio::time::sleep(
+                    ttl.clamp(Duration::from_secs(1), every.max(Duration::from_secs(1))),
+                )
+                .await;
             }
         })
     }
 }
 
-/// Resolves `jobs` and stores the answers; a name that resolves to nothing keeps its
-/// previous endpoints (a DNS outage must not empty a destination).
-async fn resolve_jobs(jobs: Vec<DnsJob>) {
+/// Resolves `jobs` with `resolver` and stores the answers; a name that resolves to
+/// nothing keeps its previous endpoints (a DNS outage must not empty a destination).
+/// Returns the shortest TTL of the answers.
+async fn resolve_jobs(jobs: Vec<DnsJob>, resolver: DnsResolver) -> Option<Duration> {
+    let mut shortest: Option<Duration> = None;
     for job in jobs {
-        let eps = job
+        let (eps, ttl) = job
             .service
-            .resolve_endpoints(&job.port, &job.selector)
+            .resolve_endpoints(&job.port, &job.selector, &resolver)
             .await;
-        if !eps.is_empty() {
+        if let Some(ttl) = ttl {
+            shortest = Some(shortest.map_or(ttl, |s| s.min(ttl)));
+        }
+        if !eps.is_empty() && *job.target.endpoints.load_full() != eps {
             job.target.endpoints.store(Arc::new(eps));
         }
     }
+    shortest
 }
 
 /// Starts resolving DNS destinations that have no endpoints yet (new ones), when running
 /// inside a tokio runtime; otherwise they wait for [`RouterHandle::refresh_dns`].
-fn resolve_new_dns_targets(jobs: &[DnsJob]) {
+fn resolve_new_dns_targets(jobs: &[DnsJob], resolver: &DnsResolver) {
     let fresh: Vec<DnsJob> = jobs
         .iter()
         .filter(|j| !j.target.has_endpoints())
@@ -516,7 +548,7 @@ fn resolve_new_dns_targets(jobs: &[DnsJob]) {
         return;
     }
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(resolve_jobs(fresh));
+        rt.spawn(resolve_jobs(fresh, resolver.clone()));
     }
 }
 

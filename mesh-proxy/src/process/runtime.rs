@@ -47,6 +47,7 @@ impl From<BuildError> for StartError {
         match e {
             BuildError::Config(c) => StartError::Config(c.diagnostics),
             BuildError::Certificate(c) => StartError::Certificate(c),
+            BuildError::Dns(e) => StartError::Other(e.to_string()),
         }
     }
 }
@@ -165,6 +166,8 @@ pub fn options(settings: &Settings) -> Options {
         .unwrap_or_default(),
         random_seed: settings.random_seed,
         app_port: Some(settings.listeners.app.port()),
+        dns_servers: settings.dns.servers.clone(),
+        dns_refresh_rate: settings.dns.refresh_rate.as_std(),
     }
 }
 
