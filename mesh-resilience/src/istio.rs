@@ -367,6 +367,21 @@ mod tests {
     }
 
     #[test]
+    fn outlier_local_origin_split_reaches_the_detector() {
+        let c = OutlierConfig::from(&OutlierDetection::default());
+        assert!(!c.split_external_local_origin_errors);
+        assert_eq!(c.consecutive_local_origin_failures, 5);
+        let od = OutlierDetection {
+            split_external_local_origin_errors: Some(true),
+            consecutive_local_origin_failures: Some(2),
+            ..OutlierDetection::default()
+        };
+        let c = OutlierConfig::from(&od);
+        assert!(c.split_external_local_origin_errors);
+        assert_eq!(c.consecutive_local_origin_failures, 2);
+    }
+
+    #[test]
     fn outlier_zero_max_ejection_percent_keeps_envoy_default() {
         let od = OutlierDetection {
             max_ejection_percent: Some(0),

@@ -114,16 +114,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.outlierDetection.splitExternalLocalOriginErrors",
-        "local-origin failures count as 5xx",
-    ),
-    ne(
-        DR,
-        "spec.**.outlierDetection.consecutiveLocalOriginFailures",
-        "local-origin failures count as 5xx",
-    ),
-    ne(
-        DR,
         "spec.**.outlierDetection.outlierDetectionHttpErrorCodes",
         "only 5xx responses count as errors",
     ),
