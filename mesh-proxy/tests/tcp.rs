@@ -410,3 +410,79 @@ spec:
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_refuses_connections_is_ejected() {
+    let world = World::new();
+    let echo = LineServer::start("v1").await;
+    let (pe, pc) = (Ports::new(), Ports::new());
+    let dead = free_port();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: production}}
+spec:
+  hosts: [echo]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 7000, name: tcp-echo, protocol: TCP}}
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{tcp-echo: {live}}}, labels: {{app: echo}}, serviceAccount: echo}}
+  - {{address: 127.0.0.1, ports: {{tcp-echo: {dead}}}, labels: {{app: echo}}, serviceAccount: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: production}}
+spec:
+  host: echo
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 30s
+      baseEjectionTime: 5m
+      maxEjectionPercent: 100
+",
+        live = pe.inbound
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let s = settings(
+        &world,
+        ["echo-v1", "echo", "app: echo"],
+        &config,
+        pe,
+        echo.addr,
+        None,
+    );
+    let _echo_sidecar = Proxy::start(&world, "sidecar", "echo", &s, pe).await;
+    let client_port = free_port();
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let s = settings(
+        &world,
+        ["cart", "cart", "app: cart"],
+        &config,
+        pc,
+        nowhere,
+        Some((client_port, "echo:7000")),
+    );
+    let cart = Proxy::start(&world, "sidecar", "cart", &s, pc).await;
+
+    // Round robin alternates until the dead endpoint's second connect failure ejects
+    // it; from then on every connection reaches the live one.
+    let mut results = Vec::new();
+    for i in 0..12 {
+        let stream = TcpStream::connect(("127.0.0.1", client_port))
+            .await
+            .unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = lines.next_line().await.ok().flatten().unwrap_or_default();
+        let _ = write.write_all(format!("n{i}\n").as_bytes()).await;
+        results.push(greeting == "HELLO v1");
+    }
+    let failed = results.iter().filter(|ok| !**ok).count();
+    assert_eq!(failed, 2, "{results:?}\n{}", cart.output());
+    assert!(results[6..].iter().all(|ok| *ok), "{results:?}");
+    assert_eq!(echo.connections(), 10);
+}

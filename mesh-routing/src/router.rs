@@ -242,6 +242,14 @@ impl<S> Snapshot<S> {
             Slot::Missing(_) => None,
         }
     }
+
+    /// The service made for destination `index` of the table, if it resolved.
+    pub fn service(&self, index: usize) -> Option<&S> {
+        match self.slots.get(index)? {
+            Slot::Ready { service, .. } => Some(service),
+            Slot::Missing(_) => None,
+        }
+    }
 }
 
 /// A destination waiting for DNS answers.

@@ -158,6 +158,13 @@ pub struct RouteService {
 }
 
 impl RouteService {
+    /// The destination's balancer (endpoints, outlier detection), with the target's
+    /// current endpoints.
+    pub(crate) fn balance(&self) -> &Balance<Upstream> {
+        self.destination.sync();
+        &self.destination.balance
+    }
+
     /// `policy` around `destination`.
     fn new(policy: Option<&RoutePolicy>, destination: DestService, replay_limit: usize) -> Self {
         let retry = match policy {

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! connection to host:port -> the host's TCP rule (VirtualService `tcp` route matching
-//!   the port, weighted; else the service's own TCP port) -> an endpoint (round robin)
+//!   the port, weighted; else the service's own TCP port) -> an endpoint (the
+//!   destination's load balancer, skipping ejected endpoints)
 //!   -> connect as the DestinationRule `tls` and auto-mTLS decide (Istio mTLS offers
 //!      ALPN `istio-peer-exchange`, `istio`) -> metadata exchange when the server chose
 //!      `istio-peer-exchange` -> bytes both ways, counted
@@ -29,8 +30,8 @@
 //! # Where we differ from Istio
 //!
 //! - One connection attempt per connection (Envoy's `tcp_proxy` default); a failed
-//!   connect closes the downstream connection. Outlier detection does not count TCP
-//!   connect failures yet.
+//!   connect closes the downstream connection and counts against the endpoint in the
+//!   destination's outlier detection, which the endpoint picks respect.
 //! - Plaintext TCP into a PERMISSIVE or DISABLE port is not proxied (the inbound
 //!   listener speaks HTTP to plaintext clients); TCP between sidecars is mTLS.
 //! - Connections are not drained: they end when the process exits, as upgraded HTTP
@@ -167,10 +168,18 @@ impl TcpOutbound {
             .target(index)
             .ok_or_else(|| io::Error::other("no such destination"))?;
         let endpoints = target.endpoints();
-        if endpoints.is_empty() {
-            return Err(io::Error::other(format!("no endpoint for {}", target.key)));
-        }
-        let endpoint = &endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        // The destination's balancer picks (its policy, skipping endpoints outlier
+        // detection ejected); connect failures are charged to the endpoint.
+        let mut balance = snapshot.service(index).map(|s| s.balance().clone());
+        let address = match balance.as_mut() {
+            Some(b) => b.choose(None),
+            None => endpoints
+                .get(self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len().max(1))
+                .map(|e| e.address),
+        };
+        let endpoint = address
+            .and_then(|a| endpoints.iter().find(|e| e.address == a))
+            .ok_or_else(|| io::Error::other(format!("no healthy endpoint for {}", target.key)))?;
         let policy = target.policy();
         let security = UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone())
             .security(endpoint);
@@ -179,10 +188,26 @@ impl TcpOutbound {
             .alpn(Alpn::Tcp)
             .connect_timeout(pool.connect_timeout.unwrap_or(self.connect_timeout))
             .keepalive(pool.keepalive);
-        let conn = connector
-            .call(http::Uri::default())
-            .await
-            .map_err(io::Error::other)?;
+        let conn = match connector.call(http::Uri::default()).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                if let Some(b) = &balance {
+                    b.record(endpoint.address, &mesh_core::Outcome::ConnectFailure);
+                }
+                return Err(io::Error::other(e));
+            }
+        };
+        if let Some(b) = &balance {
+            // Connected: the endpoint's local-origin streak ends (Envoy's
+            // LocalOriginConnectSuccess).
+            b.record(
+                endpoint.address,
+                &mesh_core::Outcome::Response {
+                    status: 200,
+                    grpc_status: None,
+                },
+            );
+        }
         let exchanging = conn.alpn() == Some(TCP_EXCHANGE_ALPN);
         let server = conn.peer().cloned();
         let mut upstream = TokioIo::new(conn);

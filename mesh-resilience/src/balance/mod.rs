@@ -555,6 +555,21 @@ impl<S> Balance<S> {
             .map(|i| set[i].endpoint.address)
     }
 
+    /// Charges `outcome` to the endpoint at `address` in outlier detection, as a request
+    /// through this balancer would be (for traffic that picks with
+    /// [`choose`](Self::choose) and connects by itself, such as TCP proxying). Returns
+    /// whether it ejected the endpoint.
+    pub fn record(&self, address: SocketAddr, outcome: &Outcome) -> bool {
+        let (Some(detector), set) = (self.shared.detector.as_deref(), self.shared.set.load())
+        else {
+            return false;
+        };
+        set.iter()
+            .find(|e| e.endpoint.address == address)
+            .and_then(|e| e.health.as_ref())
+            .is_some_and(|health| detector.record(health, outcome))
+    }
+
     /// The endpoint `req` would go to, with its hash key and [`PreviousHosts`], without
     /// sending anything.
     pub fn choose_for<B>(&mut self, req: &http::Request<B>) -> Option<SocketAddr> {
