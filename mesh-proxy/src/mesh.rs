@@ -15,7 +15,10 @@
 //! - [`Mesh::inbound`]: the server side around the application's own service
 //!   (sanitizing, telemetry, AuthorizationPolicy, Istio's local replies), and
 //!   [`Mesh::serve_inbound`], which also accepts connections per PeerAuthentication;
-//! - the gateway's routes when built for a gateway.
+//! - [`Mesh::tcp_outbound`] and [`Mesh::tcp_inbound`]: TCP to a service's port and
+//!   from mesh peers to the application ([`tcp`](crate::stack::tcp));
+//! - the gateway's routes when built for a gateway, and
+//!   [`Mesh::tls_passthrough`] for its `PASSTHROUGH` servers.
 //!
 //! [`Mesh::update`] and [`Mesh::reload`] swap in a new configuration atomically (a
 //! rejected one changes nothing and is counted). `mesh_config_generation` (a gauge)

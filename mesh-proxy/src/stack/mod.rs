@@ -8,6 +8,8 @@
 //!   authorization, the application);
 //! - [`gateway`]: requests a Gateway server accepted (the SNI's server kept, HTTPS
 //!   redirects, the Gateway's routes, then the outbound path's per-route stacks);
+//! - [`tcp`]: TCP connections out to a service's port and in from mesh peers, and TLS
+//!   passed through by SNI;
 //! - [`client`]: the one HTTP client every upstream path ends in;
 //! - [`upstream`]: which transport each endpoint gets (DestinationRule `tls`, auto-mTLS);
 //! - [`headers`]: hop-by-hop and untrusted header handling at the edges.
