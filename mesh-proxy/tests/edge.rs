@@ -408,3 +408,28 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     // The admin server has its own budget and stays reachable.
     assert!(proxy.admin("/healthz/ready").await.contains("LIVE"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_answered_404_and_never_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("app")).await;
+    let se = service_entry("payment-service", 80, &[(1, "v1", "payment-service")]);
+    let proxy = one_sidecar(&world, "", app.addr, &se).await;
+    let inbound = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.ports.inbound));
+    let target = app.addr.to_string();
+    for listener in [proxy.outbound(), inbound] {
+        let mut tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+        let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 64];
+        let n = tcp.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(
+            head.starts_with("HTTP/1.1 404 "),
+            "{listener}: {head}\n{}",
+            proxy.output()
+        );
+    }
+    assert_eq!(app.hits(), 0);
+}

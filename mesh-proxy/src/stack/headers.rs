@@ -92,8 +92,8 @@ pub fn has_underscore_header(headers: &HeaderMap) -> bool {
 }
 
 /// Checks and cleans request headers before the rest of the stack: header names with
-/// `_` are refused (400), and, at the edges that face untrusted clients, identity and
-/// internal headers are removed.
+/// `_` are refused (400), `CONNECT` requests get 404 `NR` (no route allows them), and, at
+/// the edges that face untrusted clients, identity and internal headers are removed.
 #[derive(Clone, Debug)]
 pub struct Sanitize<S> {
     inner: S,
@@ -152,6 +152,14 @@ where
         if has_underscore_header(req.headers()) {
             return Either::Left(std::future::ready(Ok(crate::respond::bad_request(
                 "header name with underscore",
+            ))));
+        }
+        if req.method() == http::Method::CONNECT {
+            // No route allows CONNECT (Istio enables only WebSocket upgrades): Envoy's
+            // answer is 404 `NR`; nothing is forwarded.
+            let no_route: mesh_core::error::BoxError = Box::new(mesh_core::error::NoRoute);
+            return Either::Left(std::future::ready(Ok(crate::respond::error_response(
+                &no_route,
             ))));
         }
         if self.peer_metadata {
