@@ -160,6 +160,28 @@ async fn exchange(port: u16, line: &str) -> (String, String) {
     (greeting, answer)
 }
 
+/// Checks that `proxy` counted one connection, opened and closed, with `labels`, that
+/// received `received` bytes from its downstream and sent it `sent`.
+async fn assert_one_connection(proxy: &Proxy, labels: &[(&str, &str)], received: f64, sent: f64) {
+    let text = proxy
+        .metrics_when(|t| {
+            series_value(t, "istio_tcp_connections_closed_total", labels) == Some(1.0)
+        })
+        .await;
+    for (metric, want) in [
+        ("istio_tcp_connections_opened_total", 1.0),
+        ("istio_tcp_connections_closed_total", 1.0),
+        ("istio_tcp_received_bytes_total", received),
+        ("istio_tcp_sent_bytes_total", sent),
+    ] {
+        assert_eq!(
+            series_value(&text, metric, labels),
+            Some(want),
+            "{metric}\n{text}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
     let world = World::new();
@@ -226,30 +248,8 @@ async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
         ("destination_cluster", "Kubernetes"),
         ("request_protocol", "tcp"),
     ];
-    let text = order
-        .metrics_when(|t| {
-            series_value(t, "istio_tcp_connections_closed_total", &source) == Some(1.0)
-        })
-        .await;
-    assert_eq!(
-        series_value(&text, "istio_tcp_connections_opened_total", &source),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        series_value(&text, "istio_tcp_connections_closed_total", &source),
-        Some(1.0),
-        "{text}"
-    );
     // Received from the client: "ping\n"; sent to it: the greeting and the answer.
-    assert_eq!(
-        series_value(&text, "istio_tcp_received_bytes_total", &source),
-        Some(5.0)
-    );
-    assert_eq!(
-        series_value(&text, "istio_tcp_sent_bytes_total", &source),
-        Some(18.0)
-    );
+    assert_one_connection(&order, &source, 5.0, 18.0).await;
     let server = if version == "v1" {
         &proxies[0]
     } else {
@@ -268,20 +268,7 @@ async fn tcp_between_sidecars_with_weights_authorization_and_metrics() {
         ("connection_security_policy", "mutual_tls"),
         ("request_protocol", "tcp"),
     ];
-    let text = server
-        .metrics_when(|t| {
-            series_value(t, "istio_tcp_connections_closed_total", &destination) == Some(1.0)
-        })
-        .await;
-    assert_eq!(
-        series_value(&text, "istio_tcp_received_bytes_total", &destination),
-        Some(5.0),
-        "{text}"
-    );
-    assert_eq!(
-        series_value(&text, "istio_tcp_sent_bytes_total", &destination),
-        Some(18.0)
-    );
+    assert_one_connection(server, &destination, 5.0, 18.0).await;
 
     // The VirtualService's 70/30 split, connection by connection.
     let mut counts = [0usize; 2];

@@ -505,7 +505,11 @@ pub async fn openssl(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
         .spawn()
         .expect("openssl is installed");
     let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin).await.expect("write stdin");
+    // openssl may exit before reading its input (a refused handshake): what it printed
+    // and its exit code tell what happened, not the write.
+    if let Err(e) = input.write_all(stdin).await {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+    }
     // With `s_client -ign_eof` the reply is still read after stdin ends.
     drop(input);
     let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
