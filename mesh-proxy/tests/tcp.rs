@@ -160,6 +160,34 @@ async fn exchange(port: u16, line: &str) -> (String, String) {
     (greeting, answer)
 }
 
+/// A server workload's sidecar (`server` as `[name, service account, labels]`, its
+/// application at `app`) and a client `cart` whose TCP listener (the port returned) goes
+/// to `destination`.
+async fn server_and_client(
+    world: &World,
+    config: &std::path::Path,
+    server: [&str; 3],
+    server_ports: Ports,
+    app: SocketAddr,
+    client_ports: Ports,
+    destination: &str,
+) -> (Proxy, Proxy, u16) {
+    let s = settings(world, server, config, server_ports, app, None);
+    let server_proxy = Proxy::start(world, "sidecar", server[0], &s, server_ports).await;
+    let client_port = free_port();
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let s = settings(
+        world,
+        ["cart", "cart", "app: cart"],
+        config,
+        client_ports,
+        nowhere,
+        Some((client_port, destination)),
+    );
+    let client = Proxy::start(world, "sidecar", "cart", &s, client_ports).await;
+    (server_proxy, client, client_port)
+}
+
 /// Checks that `proxy` counted one connection, opened and closed, with `labels`, that
 /// received `received` bytes from its downstream and sent it `sent`.
 async fn assert_one_connection(proxy: &Proxy, labels: &[(&str, &str)], received: f64, sent: f64) {
@@ -338,26 +366,16 @@ spec:
     );
     let config = world.write_config("istio", "mesh.yaml", &yaml);
     let app = SocketAddr::from(([127, 0, 0, 1], redis_port));
-    let s = settings(
+    let (redis, _cart, client_port) = server_and_client(
         &world,
-        ["redis", "redis", "app: redis"],
         &config,
+        ["redis", "redis", "app: redis"],
         pr,
         app,
-        None,
-    );
-    let redis = Proxy::start(&world, "sidecar", "redis", &s, pr).await;
-    let client_port = free_port();
-    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let s = settings(
-        &world,
-        ["cart", "cart", "app: cart"],
-        &config,
         pc,
-        nowhere,
-        Some((client_port, "redis:6379")),
-    );
-    let _cart = Proxy::start(&world, "sidecar", "cart", &s, pc).await;
+        "redis:6379",
+    )
+    .await;
 
     let cli = |args: &[&str]| {
         let out = std::process::Command::new("redis-cli")
@@ -434,26 +452,16 @@ spec:
         live = pe.inbound
     );
     let config = world.write_config("istio", "mesh.yaml", &yaml);
-    let s = settings(
+    let (_echo_sidecar, cart, client_port) = server_and_client(
         &world,
-        ["echo-v1", "echo", "app: echo"],
         &config,
+        ["echo-v1", "echo", "app: echo"],
         pe,
         echo.addr,
-        None,
-    );
-    let _echo_sidecar = Proxy::start(&world, "sidecar", "echo", &s, pe).await;
-    let client_port = free_port();
-    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let s = settings(
-        &world,
-        ["cart", "cart", "app: cart"],
-        &config,
         pc,
-        nowhere,
-        Some((client_port, "echo:7000")),
-    );
-    let cart = Proxy::start(&world, "sidecar", "cart", &s, pc).await;
+        "echo:7000",
+    )
+    .await;
 
     // Round robin alternates until the dead endpoint's second connect failure ejects
     // it; from then on every connection reaches the live one.
