@@ -1,7 +1,8 @@
-//! A gateway `PASSTHROUGH` server with the real binary: curl's TLS goes through the
-//! gateway unterminated, routed by SNI (VirtualService `tls` route), over Istio mTLS to
-//! the sidecar of a workload whose application is `openssl s_server` with its own
-//! certificate.
+//! Gateway TLS modes beyond SIMPLE and MUTUAL, with the real binary: a `PASSTHROUGH`
+//! server (curl's TLS goes through the gateway unterminated, routed by SNI through a
+//! VirtualService `tls` route, over Istio mTLS to the sidecar of a workload whose
+//! application is `openssl s_server` with its own certificate), and an `ISTIO_MUTUAL`
+//! server (mesh clients with an SVID only).
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -187,4 +188,97 @@ spec:
                 && destination.iter().all(|s| l.contains(s))),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_mutual_server_takes_mesh_clients_only() {
+    use mesh_tls::{
+        BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, SecureNaming, UpstreamConnector,
+    };
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    let world = World::new();
+    let orders = App::start(Behaviour::Ok("orders")).await;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: east-west, namespace: production}}
+spec:
+  selector: {{istio: eastwestgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    tls: {{mode: ISTIO_MUTUAL}}
+    hosts: ['*.mesh.internal']
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: orders, namespace: production}}
+spec:
+  hosts: [orders.mesh.internal]
+  gateways: [east-west]
+  http:
+  - route:
+    - destination: {{host: orders}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: orders, namespace: production}}
+spec:
+  hosts: [orders]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 80, name: http, protocol: HTTP}}
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
+",
+        port = orders.addr.port()
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let gw_ports = Ports::new();
+    let https = free_port();
+    let settings = format!(
+        "workload: {{namespace: production, serviceAccount: eastwest-gateway, labels: {{istio: eastwestgateway}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca_dir}}}\n\
+         listeners: {{admin: 127.0.0.1:{admin}}}\n\
+         gateway:\n  name: east-west\n  ports:\n    443: 127.0.0.1:{https}\n",
+        config = config.display(),
+        ca_dir = world.ca_dir.display(),
+        admin = gw_ports.admin,
+    );
+    let gateway = Proxy::start(&world, "gateway", "gateway", &settings, gw_ports).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], https));
+    let gateway_id = "spiffe://cluster.local/ns/production/sa/eastwest-gateway";
+
+    // A workload of the mesh (its SVID from the mesh's CA) is served, and checks that the
+    // server is the gateway.
+    let ca = Arc::new(CertificateAuthority::load_dir(&world.ca_dir).unwrap());
+    let store = CertStore::from_issuer(&BuiltInIssuer::new(ca, "production", "partner")).unwrap();
+    let naming = SecureNaming::only(mesh_core::Identity::parse(gateway_id).unwrap());
+    let connector =
+        UpstreamConnector::istio(addr, "orders.mesh.internal", ClientTls::new(store), naming)
+            .unwrap();
+    let client = mesh_proxy::stack::HttpClient::upstream(
+        connector,
+        std::time::Duration::from_secs(5),
+        mesh_proxy::stack::client::Protocol::Http1,
+    );
+    let req = http::Request::get("http://orders.mesh.internal/")
+        .body(mesh_core::body::empty())
+        .unwrap();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200, "{}", gateway.output());
+    assert_eq!(orders.hits(), 1);
+
+    // A client without a mesh certificate is refused in the handshake.
+    let (code, _, _) = curl(&[
+        "-k",
+        "--resolve",
+        &format!("orders.mesh.internal:{https}:127.0.0.1"),
+        &format!("https://orders.mesh.internal:{https}/"),
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert_eq!(orders.hits(), 1);
 }

@@ -50,7 +50,9 @@
 //! Listening ports are fixed at start: a reload updates routes, server hosts, TLS modes
 //! and credentials (also when the credential files change), but a new port needs a
 //! restart.
-//! `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and `OPTIONAL_MUTUAL` are refused at start.
+//! `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL` are refused at start. `ISTIO_MUTUAL` servers
+//! (protocol `HTTPS`) present the gateway's own SVID and require a client SVID from the
+//! mesh's trust bundle; the client's SPIFFE identity travels with its requests.
 //! `PASSTHROUGH` servers (protocol `TLS` or `HTTPS`) are served: the ClientHello's SNI,
 //! read without terminating the TLS, selects a VirtualService `tls` route bound to the
 //! gateway (`sniHosts`, port), and the connection's bytes go to its destination as they
@@ -238,6 +240,7 @@ struct PortState {
 fn plan(
     resource: &mesh_core::config::Gateway,
     credentials: &Path,
+    mesh_tls: &mesh_tls::ServerTls,
 ) -> Result<BTreeMap<u16, PortPlan>, StartError> {
     let gw = format!(
         "Gateway {}/{}",
@@ -276,6 +279,15 @@ fn plan(
                 {
                     plan.passthrough.extend(s.hosts.iter().cloned());
                 }
+                Some(tls)
+                    if protocol == "HTTPS" && tls.mode == Some(ServerTlsMode::IstioMutual) =>
+                {
+                    // The gateway's own SVID; clients present theirs, verified against
+                    // the mesh's trust bundle (east-west traffic).
+                    let mut config = (*mesh_tls.config(None)).clone();
+                    config.alpn_protocols = mesh_tls::ALPN.iter().map(|p| p.to_vec()).collect();
+                    plan.tls.push(s.hosts.clone(), Arc::new(config));
+                }
                 Some(tls) if protocol == "HTTPS" => {
                     let mutual = match tls.mode {
                         Some(ServerTlsMode::Simple) | None => false,
@@ -312,6 +324,7 @@ struct Rebuild {
     namespace: String,
     name: String,
     credentials: std::path::PathBuf,
+    mesh_tls: mesh_tls::ServerTls,
     ports: Arc<BTreeMap<u16, PortState>>,
 }
 
@@ -321,7 +334,7 @@ impl Rebuild {
             tracing::error!(gateway = %self.name, "Gateway removed from the configuration; keeping its servers");
             return;
         };
-        match plan(resource, &self.credentials) {
+        match plan(resource, &self.credentials, &self.mesh_tls) {
             Ok(plans) => {
                 for (port, plan) in plans {
                     match self.ports.get(&port) {
@@ -391,7 +404,8 @@ impl Gateway {
             .as_ref()
             .map(|d| settings.resolve(d))
             .unwrap_or_default();
-        let plans = plan(&resource, &credentials)?;
+        let mesh_tls = mesh_tls::ServerTls::new(mesh.certificates().clone());
+        let plans = plan(&resource, &credentials, &mesh_tls)?;
         let handshake_timeout = settings.limits.header_read_timeout.as_std();
         let mut ports: BTreeMap<u16, PortState> = BTreeMap::new();
         for (port, plan) in plans {
@@ -475,6 +489,26 @@ impl Gateway {
                         let mut ctx = ConnectionContext::plaintext(remote, local);
                         ctx.info.security = ConnectionSecurity::Unknown;
                         ctx.alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                        // An ISTIO_MUTUAL server's client proved a SPIFFE identity (its
+                        // chain was verified during the handshake).
+                        if let Some(leaf) = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|der| {
+                                mesh_tls::svid::check_leaf_with(
+                                    der,
+                                    mesh_tls::PeerRole::Client,
+                                    |_| true,
+                                    None,
+                                )
+                                .ok()
+                            })
+                        {
+                            ctx.peer = Some(mesh_core::extensions::PeerIdentity(leaf.identity));
+                            ctx.info.security = ConnectionSecurity::MutualTls;
+                        }
                         Some((
                             Box::new(stream) as Box<dyn Io>,
                             per_connection(on_server(svc, chosen), ctx),
@@ -489,6 +523,7 @@ impl Gateway {
             namespace: namespace.clone(),
             name: gw.name.clone(),
             credentials: credentials.clone(),
+            mesh_tls,
             ports: Arc::new(ports),
         };
         {
