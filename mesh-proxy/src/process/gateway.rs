@@ -630,6 +630,10 @@ mod tests {
         // named like an escape attempt.
         symlink(&other, tmp.path().join("edge-other")).unwrap();
 
+        let ca = mesh_tls::CertificateAuthority::new("cluster.local").unwrap();
+        let mesh_tls = mesh_tls::ServerTls::new(
+            mesh_tls::CertStore::from_issued(&ca.issue("edge", "gateway").unwrap()).unwrap(),
+        );
         for name in [
             "api-cert",
             "kubernetes://api-cert",
@@ -638,7 +642,10 @@ mod tests {
             "kubernetes-gateway://edge/api-cert",
             "kube-cert",
         ] {
-            assert!(plan(&gateway(name), &creds).is_ok(), "{name} did not load");
+            assert!(
+                plan(&gateway(name), &creds, &mesh_tls).is_ok(),
+                "{name} did not load"
+            );
         }
         for name in [
             "../other/x",
@@ -663,7 +670,7 @@ mod tests {
             "half",
             "builtin://",
         ] {
-            let err = match plan(&gateway(name), &creds) {
+            let err = match plan(&gateway(name), &creds, &mesh_tls) {
                 Ok(_) => panic!("{name:?} loaded a credential"),
                 Err(e) => e.to_string(),
             };
