@@ -612,8 +612,6 @@ impl Mesh {
         TcpOutbound::new(
             self.inner.router.router(),
             self.inner.telemetry.clone(),
-            ClientTls::new(self.inner.store.clone()),
-            self.inner.options.limits.connect_timeout.as_std(),
             &qualified,
             port,
         )
@@ -626,8 +624,6 @@ impl Mesh {
         TcpOutbound::new(
             self.inner.router.router(),
             self.inner.telemetry.clone(),
-            ClientTls::new(self.inner.store.clone()),
-            self.inner.options.limits.connect_timeout.as_std(),
             "",
             port,
         )

@@ -398,6 +398,11 @@ impl TelemetryLayer {
     /// Outbound side for any destination, resolved from the request authority with at
     /// most `limit` distinct destinations (further ones are `unknown`).
     pub fn outbound_by_authority(telemetry: &Telemetry, limit: usize) -> Self {
+        Self::by_authority(telemetry, limit, false)
+    }
+
+    /// Targets by authority, and by the routed service when `routed`.
+    fn by_authority(telemetry: &Telemetry, limit: usize, routed: bool) -> Self {
         let unknown =
             telemetry.outbound_target(&DestinationService::default(), &Workload::unknown());
         Self::with(
@@ -407,7 +412,7 @@ impl TelemetryLayer {
                 cache: RwLock::default(),
                 limit,
                 unknown,
-                routed: false,
+                routed,
             }),
             SpanKind::Client,
             false,
@@ -421,13 +426,7 @@ impl TelemetryLayer {
     /// destinations. The router's per-route service fills the [`RoutedService`] slot this
     /// layer puts in the request extensions.
     pub fn outbound_by_route(telemetry: &Telemetry, limit: usize) -> Self {
-        let mut layer = Self::outbound_by_authority(telemetry, limit);
-        if let Some(shared) = layer.shared.as_mut().and_then(Arc::get_mut)
-            && let Targets::ByAuthority(b) = &mut shared.targets
-        {
-            b.routed = true;
-        }
-        layer
+        Self::by_authority(telemetry, limit, true)
     }
 
     /// Inbound side for the local `service` (`reporter="destination"`).

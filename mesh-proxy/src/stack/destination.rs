@@ -112,6 +112,24 @@ pub struct DestService {
     target: Arc<Target>,
     balance: Balance<Upstream>,
     synced: Arc<ArcSwap<Vec<Endpoint>>>,
+    connecting: Arc<Connecting>,
+}
+
+/// How a destination's connections are made, decided once per destination from its
+/// DestinationRule (`tls`, `connectionPool.tcp`): HTTP and TCP traffic share it.
+struct Connecting {
+    tls: UpstreamTls,
+    connect_timeout: Duration,
+    tcp: TcpPool,
+}
+
+impl Connecting {
+    /// A connector to `ep` with its transport, connect timeout and keep-alive.
+    fn connector(&self, ep: &Endpoint) -> UpstreamConnector {
+        UpstreamConnector::new(ep.address, self.tls.security(ep))
+            .connect_timeout(self.connect_timeout)
+            .keepalive(self.tcp.keepalive)
+    }
 }
 
 impl DestService {
@@ -163,6 +181,17 @@ impl RouteService {
     pub(crate) fn balance(&self) -> &Balance<Upstream> {
         self.destination.sync();
         &self.destination.balance
+    }
+
+    /// A connector to `ep` as the destination's rule says (transport, connect timeout,
+    /// keep-alive), for traffic that connects by itself (TCP).
+    pub(crate) fn connector(&self, ep: &Endpoint) -> UpstreamConnector {
+        self.destination.connecting.connector(ep)
+    }
+
+    /// The destination's `maxConnectionDuration`.
+    pub(crate) fn max_connection_duration(&self) -> Option<Duration> {
+        self.destination.connecting.tcp.max_connection_duration
     }
 
     /// `policy` around `destination`.
@@ -235,10 +264,12 @@ impl MakeDest {
         } else {
             self.idle_timeout
         };
-        let upstream_tls =
-            UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone());
         let tcp = TcpPool::of(&policy);
-        let connect_timeout = tcp.connect_timeout.unwrap_or(self.connect_timeout);
+        let connecting = Arc::new(Connecting {
+            tls: UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone()),
+            connect_timeout: tcp.connect_timeout.unwrap_or(self.connect_timeout),
+            tcp,
+        });
         let per_connection = limits.max_requests_per_connection;
         let protocol = super::client::upstream_protocol(
             target.protocol(),
@@ -247,13 +278,11 @@ impl MakeDest {
                 .as_ref()
                 .and_then(|cp| cp.http.as_ref()),
         );
+        let for_endpoints = Arc::clone(&connecting);
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
-            let connector = UpstreamConnector::new(ep.address, upstream_tls.security(ep))
-                .connect_timeout(connect_timeout)
-                .keepalive(tcp.keepalive);
-            HttpClient::upstream(connector, idle, protocol)
+            HttpClient::upstream(for_endpoints.connector(ep), idle, protocol)
                 .max_requests_per_connection(per_connection)
-                .max_connection_duration(tcp.max_connection_duration)
+                .max_connection_duration(for_endpoints.tcp.max_connection_duration)
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());
@@ -277,6 +306,7 @@ impl MakeDest {
             target: Arc::clone(target),
             balance,
             synced: Arc::new(ArcSwap::new(endpoints)),
+            connecting,
         }
     }
 }

@@ -41,7 +41,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,13 +50,12 @@ use mesh_routing::Router;
 use mesh_telemetry::exchange::{self, TCP_EXCHANGE_ALPN};
 use mesh_telemetry::{DestinationService, Reporter, TcpMetrics, Telemetry, Workload};
 use mesh_tls::authz::{PolicyHandle, ServerName};
-use mesh_tls::{Alpn, ClientTls, ConnectionContext, UpstreamConnector};
+use mesh_tls::{Alpn, ConnectionContext};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tower::Service;
 
 use super::destination::RouteService;
-use super::upstream::{TcpPool, UpstreamTls};
 
 /// How long a peer has to send its metadata exchange frame.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,11 +73,14 @@ fn identified(peer: Option<&Identity>) -> Workload {
 /// This proxy's exchange frame: its metadata, or an empty node when it has none (the
 /// peer waits for a frame either way).
 fn local_frame(telemetry: &Telemetry) -> bytes::Bytes {
+    static EMPTY: std::sync::LazyLock<bytes::Bytes> = std::sync::LazyLock::new(|| {
+        exchange::LocalMetadata::new(&exchange::NodeMetadata::default(), "unknown")
+            .tcp_frame()
+            .clone()
+    });
     match telemetry.metadata_exchange() {
         Some(local) => local.tcp_frame().clone(),
-        None => exchange::LocalMetadata::new(&exchange::NodeMetadata::default(), "unknown")
-            .tcp_frame()
-            .clone(),
+        None => EMPTY.clone(),
     }
 }
 
@@ -101,11 +102,8 @@ async fn read_peer<R: AsyncRead + Unpin>(
 pub struct TcpOutbound {
     router: Router<RouteService>,
     telemetry: Telemetry,
-    tls: ClientTls,
-    connect_timeout: Duration,
     host: Arc<str>,
     port: u16,
-    next: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for TcpOutbound {
@@ -122,19 +120,14 @@ impl TcpOutbound {
     pub(crate) fn new(
         router: Router<RouteService>,
         telemetry: Telemetry,
-        tls: ClientTls,
-        connect_timeout: Duration,
         host: &str,
         port: u16,
     ) -> Self {
         Self {
             router,
             telemetry,
-            tls,
-            connect_timeout,
             host: Arc::from(host),
             port,
-            next: Arc::default(),
         }
     }
 
@@ -164,50 +157,35 @@ impl TcpOutbound {
         }
         .ok_or_else(|| io::Error::other("no TCP or TLS route"))?;
         let index = *rule.destinations.pick(&mut rand::rng());
-        let target = snapshot
-            .target(index)
-            .ok_or_else(|| io::Error::other("no such destination"))?;
-        let endpoints = target.endpoints();
+        let (Some(target), Some(service)) = (snapshot.target(index), snapshot.service(index))
+        else {
+            return Err(io::Error::other("no such destination"));
+        };
         // The destination's balancer picks (its policy, skipping endpoints outlier
         // detection ejected); connect failures are charged to the endpoint.
-        let mut balance = snapshot.service(index).map(|s| s.balance().clone());
-        let address = match balance.as_mut() {
-            Some(b) => b.choose(None),
-            None => endpoints
-                .get(self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len().max(1))
-                .map(|e| e.address),
-        };
-        let endpoint = address
+        let mut balance = service.balance().clone();
+        let endpoints = target.endpoints();
+        let endpoint = balance
+            .choose(None)
             .and_then(|a| endpoints.iter().find(|e| e.address == a))
             .ok_or_else(|| io::Error::other(format!("no healthy endpoint for {}", target.key)))?;
-        let policy = target.policy();
-        let security = UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone())
-            .security(endpoint);
-        let pool = TcpPool::of(&policy);
-        let mut connector = UpstreamConnector::new(endpoint.address, security)
-            .alpn(Alpn::Tcp)
-            .connect_timeout(pool.connect_timeout.unwrap_or(self.connect_timeout))
-            .keepalive(pool.keepalive);
+        let mut connector = service.connector(endpoint).alpn(Alpn::Tcp);
         let conn = match connector.call(http::Uri::default()).await {
             Ok(conn) => conn,
             Err(e) => {
-                if let Some(b) = &balance {
-                    b.record(endpoint.address, &mesh_core::Outcome::ConnectFailure);
-                }
+                balance.record(endpoint.address, &mesh_core::Outcome::ConnectFailure);
                 return Err(io::Error::other(e));
             }
         };
-        if let Some(b) = &balance {
-            // Connected: the endpoint's local-origin streak ends (Envoy's
-            // LocalOriginConnectSuccess).
-            b.record(
-                endpoint.address,
-                &mesh_core::Outcome::Response {
-                    status: 200,
-                    grpc_status: None,
-                },
-            );
-        }
+        // Connected: the endpoint's local-origin streak ends (Envoy's
+        // LocalOriginConnectSuccess).
+        balance.record(
+            endpoint.address,
+            &mesh_core::Outcome::Response {
+                status: 200,
+                grpc_status: None,
+            },
+        );
         let exchanging = conn.alpn() == Some(TCP_EXCHANGE_ALPN);
         let server = conn.peer().cloned();
         let mut upstream = TokioIo::new(conn);
@@ -229,7 +207,7 @@ impl TcpOutbound {
             &mut downstream,
             &mut upstream,
             metrics,
-            pool.max_connection_duration,
+            service.max_connection_duration(),
         )
         .await
     }
