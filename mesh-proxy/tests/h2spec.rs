@@ -63,22 +63,16 @@ const KNOWN_FAILURES: &[(&str, &str, bool, &str)] = &[
 
 /// The `(section, case)` pairs that failed in an h2spec JUnit report.
 fn failures(junit: &str) -> Vec<(String, String)> {
-    let attr = |tag: &str, name: &str| {
-        tag.split(&format!("{name}=\""))
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or("")
-            .replace("&#34;", "\"")
-            .replace("&amp;", "&")
-    };
-    junit
-        .split("<testcase ")
-        .skip(1)
-        .filter_map(|case| {
-            let (tag, body) = case.split_once('>')?;
-            let body = body.split("</testcase>").next().unwrap_or("");
-            (body.contains("<failure") || body.contains("<error"))
-                .then(|| (attr(tag, "package"), attr(tag, "classname")))
+    let doc = roxmltree::Document::parse(junit).expect("a JUnit report");
+    doc.descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .filter(|case| {
+            case.children()
+                .any(|c| c.has_tag_name("failure") || c.has_tag_name("error"))
+        })
+        .map(|case| {
+            let attr = |name| case.attribute(name).unwrap_or("").to_owned();
+            (attr("package"), attr("classname"))
         })
         .collect()
 }
@@ -109,7 +103,7 @@ async fn run(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_and_inbound_listeners_pass_h2spec() {
+async fn outbound_and_inbound_listeners_pass_h2spec_but_for_the_known_cases() {
     let Some(h2spec) = h2spec() else { return };
     let world = World::new();
     let app = App::start(Behaviour::Ok("ok")).await;
