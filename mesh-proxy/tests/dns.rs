@@ -11,31 +11,11 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use support::*;
-
-/// An application on `addr` answering with `name`.
-async fn app(addr: SocketAddr, name: &'static str) {
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(name.as_bytes()),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_destinations_follow_the_record_as_its_ttl_expires() {
@@ -45,8 +25,8 @@ async fn dns_destinations_follow_the_record_as_its_ttl_expires() {
     let world = World::new();
     // The same port on two loopback addresses: the record says which one serves.
     let port = free_port();
-    app(SocketAddr::from(([127, 0, 0, 1], port)), "one").await;
-    app(SocketAddr::from(([127, 0, 0, 2], port)), "two").await;
+    counting_app(SocketAddr::from(([127, 0, 0, 1], port)), "one").await;
+    counting_app(SocketAddr::from(([127, 0, 0, 2], port)), "two").await;
 
     let hosts = world.path("dns-hosts");
     std::fs::write(&hosts, "127.0.0.1 db.example.internal\n").unwrap();

@@ -7,37 +7,11 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::*;
-
-/// An HTTP application counting the connections it accepts.
-async fn counting_app() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"paid"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, accepted)
-}
 
 /// The payment-service ServiceEntry (its one endpoint is `app`, without a sidecar) and a
 /// DestinationRule with `tcp` as its `connectionPool.tcp`.
@@ -104,7 +78,7 @@ async fn tcp_keepalive_is_set_on_upstream_connections() {
         ("{maxConnections: 100}", false),
     ] {
         let world = World::new();
-        let (app, _) = counting_app().await;
+        let (app, _) = counting_app(SocketAddr::from(([127, 0, 0, 1], 0)), "paid").await;
         let config = world.write_config("istio", "mesh.yaml", &mesh(app, tcp));
         let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let proxy = start_sidecar(&world, "order-service", &config, Ports::new(), nowhere).await;
@@ -124,7 +98,7 @@ async fn tcp_keepalive_is_set_on_upstream_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connection_duration_retires_aged_connections() {
     let world = World::new();
-    let (app, accepted) = counting_app().await;
+    let (app, accepted) = counting_app(SocketAddr::from(([127, 0, 0, 1], 0)), "paid").await;
     let config = world.write_config(
         "istio",
         "mesh.yaml",

@@ -60,7 +60,17 @@ impl LineServer {
     }
 }
 
-fn mesh_yaml(v1: u16, v2: u16) -> String {
+/// The `echo` service (TCP port 7000) with sidecar endpoints on loopback:
+/// `(port, labels)` each.
+fn echo_entry(endpoints: &[(u16, &str)]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|(port, labels)| {
+            format!(
+                "  - {{address: 127.0.0.1, ports: {{tcp-echo: {port}}}, labels: {{{labels}}}, serviceAccount: echo}}\n"
+            )
+        })
+        .collect();
     format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -72,9 +82,17 @@ spec:
   ports:
   - {{number: 7000, name: tcp-echo, protocol: TCP}}
   endpoints:
-  - {{address: 127.0.0.1, ports: {{tcp-echo: {v1}}}, labels: {{app: echo, version: v1}}, serviceAccount: echo}}
-  - {{address: 127.0.0.1, ports: {{tcp-echo: {v2}}}, labels: {{app: echo, version: v2}}, serviceAccount: echo}}
----
+{eps}"
+    )
+}
+
+fn mesh_yaml(v1: u16, v2: u16) -> String {
+    let entry = echo_entry(&[
+        (v1, "app: echo, version: v1"),
+        (v2, "app: echo, version: v2"),
+    ]);
+    format!(
+        "{entry}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: echo, namespace: production}}
@@ -422,20 +440,9 @@ async fn an_endpoint_that_refuses_connections_is_ejected() {
     let echo = LineServer::start("v1").await;
     let (pe, pc) = (Ports::new(), Ports::new());
     let dead = free_port();
+    let entry = echo_entry(&[(pe.inbound, "app: echo"), (dead, "app: echo")]);
     let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: echo, namespace: production}}
-spec:
-  hosts: [echo]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - {{number: 7000, name: tcp-echo, protocol: TCP}}
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{tcp-echo: {live}}}, labels: {{app: echo}}, serviceAccount: echo}}
-  - {{address: 127.0.0.1, ports: {{tcp-echo: {dead}}}, labels: {{app: echo}}, serviceAccount: echo}}
----
+        "{entry}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: echo, namespace: production}}
@@ -448,8 +455,7 @@ spec:
       interval: 30s
       baseEjectionTime: 5m
       maxEjectionPercent: 100
-",
-        live = pe.inbound
+"
     );
     let config = world.write_config("istio", "mesh.yaml", &yaml);
     let (_echo_sidecar, cart, client_port) = server_and_client(

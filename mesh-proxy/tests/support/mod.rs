@@ -546,3 +546,28 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// An HTTP/1.1 application on `addr` (port 0: any) answering every request with `body`;
+/// its address and the number of connections it accepted.
+pub async fn counting_app(addr: SocketAddr, body: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind(addr).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        body.as_bytes(),
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
