@@ -14,32 +14,6 @@ use std::path::PathBuf;
 
 use support::*;
 
-/// The h2spec binary from the peer cache, built by `.ci/peers` when missing.
-fn h2spec() -> Option<PathBuf> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ci/peers");
-    let out = std::process::Command::new("bash").arg(&script).output();
-    let bin = match out {
-        Ok(out) if out.status.success() => {
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("h2spec")
-        }
-        Ok(out) => {
-            let why = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "building the peers failed:\n{why}"
-            );
-            eprintln!("SKIPPED: the test peers could not be built:\n{why}");
-            return None;
-        }
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "running .ci/peers: {e}");
-            eprintln!("SKIPPED: running .ci/peers: {e}");
-            return None;
-        }
-    };
-    bin.is_file().then_some(bin)
-}
-
 /// Cases that fail today, and why; `always` when the case fails on every run. A case
 /// failing outside this list fails the test, and so does an `always` case that starts to
 /// pass (the list must then shrink).
@@ -104,7 +78,9 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_and_inbound_listeners_pass_h2spec_but_for_the_known_cases() {
-    let Some(h2spec) = h2spec() else { return };
+    let Some(h2spec) = peers::peer("h2spec") else {
+        return;
+    };
     let world = World::new();
     let app = App::start(Behaviour::Ok("ok")).await;
     let ports = Ports::new();
