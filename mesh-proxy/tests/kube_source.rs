@@ -49,10 +49,14 @@ async fn wait_for(
     what: &str,
     f: impl Fn(&ClusterState) -> bool,
 ) -> Arc<ClusterState> {
-    let waited = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s))).await;
+    let waited = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s)))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|s| s.clone());
     match waited {
-        Ok(Ok(s)) => s.clone(),
-        _ => panic!(
+        Some(s) => s,
+        None => panic!(
             "timed out waiting for {what}; the last state was {:#?}",
             rx.borrow()
         ),
@@ -322,7 +326,9 @@ spec:
     )
 }
 
-/// An EndpointSlice of order-service with endpoints `(address, pod, terminating)`.
+/// An EndpointSlice of order-service with endpoints `(address, pod, terminating)`. The
+/// API server refuses loopback addresses in EndpointSlices, so pod addresses are taken
+/// from a pod network range; nothing connects to them here.
 fn slice(endpoints: &[(&str, &str, bool)]) -> String {
     let mut eps = String::new();
     for (address, pod, terminating) in endpoints {
@@ -365,7 +371,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
     for (name, version) in [("order-v1-a", "v1"), ("order-v1-b", "v1"), ("order-v2-a", "v2")] {
         server.apply(&pod(name, version));
     }
-    server.apply(&slice(&[("127.0.0.11", "order-v1-a", false)]));
+    server.apply(&slice(&[("10.244.0.11", "order-v1-a", false)]));
 
     let source = KubeSource::start(server.client().await, options())
         .await
@@ -375,7 +381,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         .expect("ready");
     let mut rx = source.subscribe();
     let state = wait_for(&mut rx, "the service's entry", |s| {
-        addresses(s, HOST) == ["127.0.0.11"]
+        addresses(s, HOST) == ["10.244.0.11"]
     })
     .await;
     assert!(state.namespaces.contains_key("production"));
@@ -407,9 +413,9 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
 
     // Scaled up, then down.
     server.apply(&slice(&[
-        ("127.0.0.11", "order-v1-a", false),
-        ("127.0.0.12", "order-v1-b", false),
-        ("127.0.0.13", "order-v2-a", false),
+        ("10.244.0.11", "order-v1-a", false),
+        ("10.244.0.12", "order-v1-b", false),
+        ("10.244.0.13", "order-v2-a", false),
     ]));
     let state = wait_for(&mut rx, "three endpoints", |s| addresses(s, HOST).len() == 3).await;
     let v2: Vec<_> = endpoints(&state, HOST)
@@ -417,13 +423,13 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         .filter(|e| e.labels.get("version").map(String::as_str) == Some("v2"))
         .filter_map(|e| e.address.clone())
         .collect();
-    assert_eq!(v2, ["127.0.0.13"]);
+    assert_eq!(v2, ["10.244.0.13"]);
     server.apply(&slice(&[
-        ("127.0.0.12", "order-v1-b", false),
-        ("127.0.0.13", "order-v2-a", false),
+        ("10.244.0.12", "order-v1-b", false),
+        ("10.244.0.13", "order-v2-a", false),
     ]));
     wait_for(&mut rx, "two endpoints", |s| {
-        addresses(s, HOST) == ["127.0.0.12", "127.0.0.13"]
+        addresses(s, HOST) == ["10.244.0.12", "10.244.0.13"]
     })
     .await;
 
@@ -434,7 +440,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
     );
     wait_for(&mut rx, "the relabelled endpoint", |s| {
         endpoints(s, HOST).iter().any(|e| {
-            e.address.as_deref() == Some("127.0.0.12")
+            e.address.as_deref() == Some("10.244.0.12")
                 && e.labels.get("version").map(String::as_str) == Some("v2")
         })
     })
@@ -442,11 +448,11 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
 
     // A terminating endpoint is not sent.
     server.apply(&slice(&[
-        ("127.0.0.12", "order-v1-b", false),
-        ("127.0.0.13", "order-v2-a", true),
+        ("10.244.0.12", "order-v1-b", false),
+        ("10.244.0.13", "order-v2-a", true),
     ]));
     wait_for(&mut rx, "the terminating endpoint gone", |s| {
-        addresses(s, HOST) == ["127.0.0.12"]
+        addresses(s, HOST) == ["10.244.0.12"]
     })
     .await;
 
@@ -475,4 +481,134 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
     assert_eq!(db.spec.ports[0].protocol, "TCP");
     server.kubectl(&["delete", "service", "order-service", "-n", "production"], "");
     wait_for(&mut rx, "the entry gone", |s| entry(s, HOST).is_none()).await;
+}
+
+/// A server certificate for 127.0.0.1 and the PEM of the CA that signed it.
+fn webhook_tls() -> (Arc<rustls::ServerConfig>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "webhook test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (Arc::new(config), ca_cert.pem())
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+const REVIEWS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+    metadata: {name: reviews, namespace: default}\n\
+    spec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 90\n\
+    \x20   - destination: {host: reviews, subset: v2}\n      weight: 10\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_refuses_invalid_objects_at_kubectl_apply_with_the_located_message() {
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    server.apply(CRDS);
+    server.kubectl(
+        &["wait", "--for", "condition=established", "crd", "--all", "--timeout=60s"],
+        "",
+    );
+    let (tls, ca) = webhook_tls();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(mesh_proxy::discovery::webhook::serve_webhook(
+        listener,
+        tls,
+        LoadOptions::default(),
+        shutdown.clone(),
+    ));
+    server.apply(&format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: mesh-validation
+webhooks:
+- name: validation.mesh.example.com
+  clientConfig:
+    url: https://127.0.0.1:{port}/validate
+    caBundle: {ca}
+  rules:
+  - apiGroups: [networking.istio.io, security.istio.io]
+    apiVersions: ["*"]
+    operations: [CREATE, UPDATE]
+    resources: ["*"]
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
+"#,
+        ca = base64(ca.as_bytes())
+    ));
+    let invalid = REVIEWS.replace("weight: 10", "weight: -1");
+    // The API server takes the configuration up within a few seconds.
+    let mut refused = None;
+    for _ in 0..120 {
+        let out = server.kubectl_output(&["apply", "--dry-run=server", "-f", "-"], &invalid);
+        if !out.status.success() {
+            refused = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refused = refused.expect("the invalid VirtualService is refused");
+    assert!(
+        refused.contains("denied the request: error: VirtualService/default/reviews, \
+             spec.http[0].route[1].weight: weight -1 is negative; weights must be 0 or more"),
+        "{refused}"
+    );
+    let out = server.kubectl_output(&["apply", "-f", "-"], &invalid);
+    assert!(!out.status.success());
+    let out = server.kubectl_output(&["get", "vs", "reviews"], "");
+    assert!(!out.status.success(), "the invalid object was not stored");
+
+    // A valid one is accepted, with the loader's warnings shown by kubectl.
+    let out = server.kubectl_output(&["apply", "-f", "-"], REVIEWS);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Warning: warning: VirtualService/default/reviews, "),
+        "{stderr}"
+    );
+    server.kubectl(&["get", "vs", "reviews"], "");
+    shutdown.cancel();
+    serving.await.unwrap().unwrap();
 }

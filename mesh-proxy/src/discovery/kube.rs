@@ -420,7 +420,9 @@ impl KubeSource {
             shared.clone(),
             index + 2,
             Api::<Pod>::all(client.clone()),
-            MirrorSink::new("Pod", |s: &mut Store| &mut s.pods, PodInfo::from),
+            MirrorSink::new("Pod", |s: &mut Store| &mut s.pods, |p: &Pod| {
+                PodInfo::from(p)
+            }),
         );
         spawn_watch(
             &stop,
