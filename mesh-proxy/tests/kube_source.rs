@@ -119,7 +119,14 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
 
     server.apply(CRDS);
     server.kubectl(
-        &["wait", "--for", "condition=established", "crd", "--all", "--timeout=60s"],
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
         "",
     );
     server.kubectl(&["create", "namespace", "production"], "");
@@ -134,7 +141,14 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
     let mut kinds: Vec<String> = state
         .resources
         .iter()
-        .map(|r| format!("{}/{}/{}", r.kind(), r.metadata().namespace, r.metadata().name))
+        .map(|r| {
+            format!(
+                "{}/{}/{}",
+                r.kind(),
+                r.metadata().namespace,
+                r.metadata().name
+            )
+        })
         .collect();
     kinds.sort();
     for expected in [
@@ -146,7 +160,10 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         "VirtualService/default/order-service",
         "VirtualService/default/payment-service",
     ] {
-        assert!(kinds.iter().any(|k| k == expected), "{expected} missing from {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == expected),
+            "{expected} missing from {kinds:?}"
+        );
     }
     assert!(state.rejected.is_empty(), "{:?}", state.rejected);
     // The state compiles into the snapshot the proxy uses; hosts are qualified.
@@ -165,7 +182,14 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
 
     // The article's command, as written.
     server.kubectl(
-        &["patch", "virtualservice", "order-service", "--type=merge", "-p", ARTICLE_PATCH],
+        &[
+            "patch",
+            "virtualservice",
+            "order-service",
+            "--type=merge",
+            "-p",
+            ARTICLE_PATCH,
+        ],
         "",
     );
     let before = wait_for(&mut rx, "the patched weights", |s| {
@@ -177,7 +201,14 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
     // is rejected here, with the last good version kept.
     let bad = ARTICLE_PATCH.replace("\"weight\": 0", "\"weight\": -5");
     server.kubectl(
-        &["patch", "virtualservice", "order-service", "--type=merge", "-p", &bad],
+        &[
+            "patch",
+            "virtualservice",
+            "order-service",
+            "--type=merge",
+            "-p",
+            &bad,
+        ],
         "",
     );
     let state = wait_for(&mut rx, "the rejection", |s| !s.rejected.is_empty()).await;
@@ -223,7 +254,14 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         .replace("\"weight\": 0", "\"weight\": 20")
         .replace("\"weight\": 100", "\"weight\": 80");
     server.kubectl(
-        &["patch", "virtualservice", "order-service", "--type=merge", "-p", &good],
+        &[
+            "patch",
+            "virtualservice",
+            "order-service",
+            "--type=merge",
+            "-p",
+            &good,
+        ],
         "",
     );
     wait_for(&mut rx, "the fixed weights", |s| {
@@ -368,7 +406,11 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
     };
     server.kubectl(&["create", "namespace", "production"], "");
     server.apply(SERVICE);
-    for (name, version) in [("order-v1-a", "v1"), ("order-v1-b", "v1"), ("order-v2-a", "v2")] {
+    for (name, version) in [
+        ("order-v1-a", "v1"),
+        ("order-v1-b", "v1"),
+        ("order-v2-a", "v2"),
+    ] {
         server.apply(&pod(name, version));
     }
     server.apply(&slice(&[("10.244.0.11", "order-v1-a", false)]));
@@ -417,7 +459,10 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         ("10.244.0.12", "order-v1-b", false),
         ("10.244.0.13", "order-v2-a", false),
     ]));
-    let state = wait_for(&mut rx, "three endpoints", |s| addresses(s, HOST).len() == 3).await;
+    let state = wait_for(&mut rx, "three endpoints", |s| {
+        addresses(s, HOST).len() == 3
+    })
+    .await;
     let v2: Vec<_> = endpoints(&state, HOST)
         .iter()
         .filter(|e| e.labels.get("version").map(String::as_str) == Some("v2"))
@@ -435,7 +480,15 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
 
     // Relabelling a pod moves its endpoint to the other subset.
     server.kubectl(
-        &["label", "pod", "order-v1-b", "-n", "production", "version=v2", "--overwrite"],
+        &[
+            "label",
+            "pod",
+            "order-v1-b",
+            "-n",
+            "production",
+            "version=v2",
+            "--overwrite",
+        ],
         "",
     );
     wait_for(&mut rx, "the relabelled endpoint", |s| {
@@ -479,7 +532,10 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
     let db = entry(&state, "db.production.svc.cluster.local").unwrap();
     assert!(db.spec.addresses.is_empty());
     assert_eq!(db.spec.ports[0].protocol, "TCP");
-    server.kubectl(&["delete", "service", "order-service", "-n", "production"], "");
+    server.kubectl(
+        &["delete", "service", "order-service", "-n", "production"],
+        "",
+    );
     wait_for(&mut rx, "the entry gone", |s| entry(s, HOST).is_none()).await;
 }
 
@@ -518,7 +574,11 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -543,7 +603,14 @@ async fn the_webhook_refuses_invalid_objects_at_kubectl_apply_with_the_located_m
     };
     server.apply(CRDS);
     server.kubectl(
-        &["wait", "--for", "condition=established", "crd", "--all", "--timeout=60s"],
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
         "",
     );
     let (tls, ca) = webhook_tls();
@@ -591,8 +658,10 @@ webhooks:
     }
     let refused = refused.expect("the invalid VirtualService is refused");
     assert!(
-        refused.contains("denied the request: error: VirtualService/default/reviews, \
-             spec.http[0].route[1].weight: weight -1 is negative; weights must be 0 or more"),
+        refused.contains(
+            "denied the request: error: VirtualService/default/reviews, \
+             spec.http[0].route[1].weight: weight -1 is negative; weights must be 0 or more"
+        ),
         "{refused}"
     );
     let out = server.kubectl_output(&["apply", "-f", "-"], &invalid);

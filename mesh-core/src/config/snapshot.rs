@@ -515,7 +515,9 @@ mod tests {
         let c = MeshConfig::from_resources(vec![first.clone(), second.clone()], &options);
         assert_eq!(c.virtual_services().len(), 1);
         assert_eq!(
-            c.virtual_services()[0].spec.http[0].route[0].destination.host,
+            c.virtual_services()[0].spec.http[0].route[0]
+                .destination
+                .host,
             "ratings"
         );
         let again = MeshConfig::from_resources(vec![first.clone(), second], &options);

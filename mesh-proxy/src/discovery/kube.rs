@@ -53,9 +53,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use mesh_core::config::{
-    AnyResource, Diagnostic, Kind, Labels, LoadOptions, MeshConfig, load_str,
-};
+use mesh_core::config::{AnyResource, Diagnostic, Kind, Labels, LoadOptions, MeshConfig, load_str};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -268,11 +266,23 @@ pub fn validate_object(
 
 /// The watched Istio kinds: (kind, group, plural).
 const ISTIO_KINDS: [(Kind, &str, &str); 6] = [
-    (Kind::VirtualService, "networking.istio.io", "virtualservices"),
-    (Kind::DestinationRule, "networking.istio.io", "destinationrules"),
+    (
+        Kind::VirtualService,
+        "networking.istio.io",
+        "virtualservices",
+    ),
+    (
+        Kind::DestinationRule,
+        "networking.istio.io",
+        "destinationrules",
+    ),
     (Kind::Gateway, "networking.istio.io", "gateways"),
     (Kind::ServiceEntry, "networking.istio.io", "serviceentries"),
-    (Kind::PeerAuthentication, "security.istio.io", "peerauthentications"),
+    (
+        Kind::PeerAuthentication,
+        "security.istio.io",
+        "peerauthentications",
+    ),
     (
         Kind::AuthorizationPolicy,
         "security.istio.io",
@@ -361,8 +371,14 @@ impl std::fmt::Debug for KubeSource {
 
 impl KubeSource {
     /// Checks that the API server answers, then starts the watches and the publisher.
-    pub async fn start(client: kube::Client, options: SourceOptions) -> Result<KubeSource, KubeError> {
-        let version = client.apiserver_version().await.map_err(KubeError::Connect)?;
+    pub async fn start(
+        client: kube::Client,
+        options: SourceOptions,
+    ) -> Result<KubeSource, KubeError> {
+        let version = client
+            .apiserver_version()
+            .await
+            .map_err(KubeError::Connect)?;
         tracing::info!(
             server = %format!("{}.{}", version.major, version.minor),
             "watching the Kubernetes API"
@@ -420,9 +436,11 @@ impl KubeSource {
             shared.clone(),
             index + 2,
             Api::<Pod>::all(client.clone()),
-            MirrorSink::new("Pod", |s: &mut Store| &mut s.pods, |p: &Pod| {
-                PodInfo::from(p)
-            }),
+            MirrorSink::new(
+                "Pod",
+                |s: &mut Store| &mut s.pods,
+                |p: &Pod| PodInfo::from(p),
+            ),
         );
         spawn_watch(
             &stop,
@@ -492,12 +510,20 @@ trait Sink<K>: Send + 'static {
     fn init_done(&mut self, shared: &Shared);
 }
 
-fn spawn_watch<K, S>(stop: &CancellationToken, shared: Arc<Shared>, index: usize, api: Api<K>, sink: S)
-where
+fn spawn_watch<K, S>(
+    stop: &CancellationToken,
+    shared: Arc<Shared>,
+    index: usize,
+    api: Api<K>,
+    sink: S,
+) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     S: Sink<K>,
 {
-    tokio::spawn(until_stopped(stop.clone(), run_watch(shared, index, api, sink)));
+    tokio::spawn(until_stopped(
+        stop.clone(),
+        run_watch(shared, index, api, sink),
+    ));
 }
 
 async fn run_watch<K, S>(shared: Arc<Shared>, index: usize, api: Api<K>, mut sink: S)
@@ -756,7 +782,11 @@ impl Sink<DynamicObject> for IstioSink {
 }
 
 /// Reports a rejection: log, counter, and a Kubernetes Event on the object.
-fn report(shared: &Shared, rejected: &Rejected, reference: k8s_openapi::api::core::v1::ObjectReference) {
+fn report(
+    shared: &Shared,
+    rejected: &Rejected,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+) {
     let message = rejected.message();
     tracing::warn!(
         object = %rejected.object(),

@@ -193,7 +193,10 @@ pub fn service_entries<'a>(
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
         {
-            by_service.entry((ns, svc.as_str())).or_default().push(slice);
+            by_service
+                .entry((ns, svc.as_str()))
+                .or_default()
+                .push(slice);
         }
     }
     services
@@ -466,7 +469,12 @@ mod tests {
         }
     }
 
-    fn slice(svc: &str, address_type: &str, ports: &[(&str, i32)], eps: Vec<Endpoint>) -> EndpointSlice {
+    fn slice(
+        svc: &str,
+        address_type: &str,
+        ports: &[(&str, i32)],
+        eps: Vec<Endpoint>,
+    ) -> EndpointSlice {
         let mut m = meta("shop", &format!("{svc}-abc"));
         m.labels = Some([(SERVICE_NAME_LABEL.to_owned(), svc.to_owned())].into());
         EndpointSlice {
@@ -508,7 +516,14 @@ mod tests {
         [
             (
                 ("shop".to_owned(), "orders-v1".to_owned()),
-                pod(&[("app", "orders"), ("version", "v1"), (TLS_MODE_LABEL, "istio")], Some("orders")),
+                pod(
+                    &[
+                        ("app", "orders"),
+                        ("version", "v1"),
+                        (TLS_MODE_LABEL, "istio"),
+                    ],
+                    Some("orders"),
+                ),
             ),
             (
                 ("shop".to_owned(), "orders-v2".to_owned()),
@@ -519,7 +534,14 @@ mod tests {
     }
 
     fn orders() -> Service {
-        service("shop", "orders", vec![port(Some("http-api"), 80, 8080), port(Some("grpc"), 9090, 9090)])
+        service(
+            "shop",
+            "orders",
+            vec![
+                port(Some("http-api"), 80, 8080),
+                port(Some("grpc"), 9090, 9090),
+            ],
+        )
     }
 
     #[test]
@@ -535,9 +557,22 @@ mod tests {
             .spec
             .ports
             .iter()
-            .map(|p| (p.number, p.name.as_str(), p.protocol.as_str(), p.target_port))
+            .map(|p| {
+                (
+                    p.number,
+                    p.name.as_str(),
+                    p.protocol.as_str(),
+                    p.target_port,
+                )
+            })
             .collect();
-        assert_eq!(ports, [(80, "http-api", "HTTP", Some(8080)), (9090, "grpc", "GRPC", Some(9090))]);
+        assert_eq!(
+            ports,
+            [
+                (80, "http-api", "HTTP", Some(8080)),
+                (9090, "grpc", "GRPC", Some(9090))
+            ]
+        );
         assert!(se.spec.endpoints.is_empty());
     }
 
@@ -555,8 +590,14 @@ mod tests {
         assert_eq!(with(Some("http-web"), None, 80, None), Some("HTTP"));
         assert_eq!(with(Some("httpfoo"), None, 80, None), None);
         assert_eq!(with(Some("tcp"), Some("http2"), 80, None), Some("HTTP2"));
-        assert_eq!(with(Some("tcp"), Some("kubernetes.io/h2c"), 80, None), Some("HTTP2"));
-        assert_eq!(with(Some("web"), Some("kubernetes.io/wss"), 443, None), Some("HTTPS"));
+        assert_eq!(
+            with(Some("tcp"), Some("kubernetes.io/h2c"), 80, None),
+            Some("HTTP2")
+        );
+        assert_eq!(
+            with(Some("web"), Some("kubernetes.io/wss"), 443, None),
+            Some("HTTPS")
+        );
         assert_eq!(with(Some("GRPC-Web-x"), None, 80, None), Some("GRPC-WEB"));
         assert_eq!(with(Some("http"), None, 53, Some("UDP")), Some("UDP"));
         assert_eq!(with(None, None, 3306, None), Some("TCP"));
@@ -579,7 +620,10 @@ mod tests {
         let eps = &se.spec.endpoints;
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[0].address.as_deref(), Some("127.0.0.11"));
-        assert_eq!(eps[0].ports, [("grpc".to_owned(), 9091), ("http-api".to_owned(), 8081)].into());
+        assert_eq!(
+            eps[0].ports,
+            [("grpc".to_owned(), 9091), ("http-api".to_owned(), 8081)].into()
+        );
         assert_eq!(eps[0].labels["version"], "v1");
         assert_eq!(eps[0].labels[TLS_MODE_LABEL], "istio");
         assert_eq!(eps[0].labels["kubernetes.io/hostname"], "node-1");
@@ -620,16 +664,41 @@ mod tests {
             ],
         );
         let se = service_entry(&orders(), &[&s], &pods(), &RegistryOptions::default()).unwrap();
-        let addrs: Vec<_> = se.spec.endpoints.iter().filter_map(|e| e.address.clone()).collect();
+        let addrs: Vec<_> = se
+            .spec
+            .endpoints
+            .iter()
+            .filter_map(|e| e.address.clone())
+            .collect();
         assert_eq!(addrs, ["127.0.0.12"]);
     }
 
     #[test]
     fn fqdn_slices_unknown_pods_and_other_services_slices_are_left_out() {
-        let fqdn = slice("orders", "FQDN", &[("http-api", 80)], vec![endpoint("db.example.com", None, (None, None))]);
-        let unknown_pod = slice("orders", "IPv4", &[("http-api", 80)], vec![endpoint("127.0.0.13", Some("gone"), (None, None))]);
-        let other = slice("payments", "IPv4", &[("http-api", 80)], vec![endpoint("127.0.0.14", None, (None, None))]);
-        let no_pod = slice("orders", "IPv6", &[("http-api", 80)], vec![endpoint("::1", None, (None, None))]);
+        let fqdn = slice(
+            "orders",
+            "FQDN",
+            &[("http-api", 80)],
+            vec![endpoint("db.example.com", None, (None, None))],
+        );
+        let unknown_pod = slice(
+            "orders",
+            "IPv4",
+            &[("http-api", 80)],
+            vec![endpoint("127.0.0.13", Some("gone"), (None, None))],
+        );
+        let other = slice(
+            "payments",
+            "IPv4",
+            &[("http-api", 80)],
+            vec![endpoint("127.0.0.14", None, (None, None))],
+        );
+        let no_pod = slice(
+            "orders",
+            "IPv6",
+            &[("http-api", 80)],
+            vec![endpoint("::1", None, (None, None))],
+        );
         let se = service_entry(
             &orders(),
             &[&fqdn, &unknown_pod, &other, &no_pod],
@@ -646,7 +715,12 @@ mod tests {
 
     #[test]
     fn one_address_in_two_slices_is_one_endpoint() {
-        let a = slice("orders", "IPv4", &[("http-api", 8080)], vec![endpoint("127.0.0.11", Some("orders-v1"), (None, None))]);
+        let a = slice(
+            "orders",
+            "IPv4",
+            &[("http-api", 8080)],
+            vec![endpoint("127.0.0.11", Some("orders-v1"), (None, None))],
+        );
         let mut b = a.clone();
         b.metadata.name = Some("orders-def".to_owned());
         let all = service_entries([&orders()], [&a, &b], &pods(), &RegistryOptions::default());
@@ -658,7 +732,12 @@ mod tests {
     fn unnamed_port_headless_and_external_name_services() {
         let mut headless = service("shop", "db", vec![port(None, 5432, 5432)]);
         headless.spec.as_mut().unwrap().cluster_ip = Some("None".to_owned());
-        let s = slice("db", "IPv4", &[("", 5433)], vec![endpoint("127.0.0.20", None, (None, None))]);
+        let s = slice(
+            "db",
+            "IPv4",
+            &[("", 5433)],
+            vec![endpoint("127.0.0.20", None, (None, None))],
+        );
         let se = service_entry(&headless, &[&s], &pods(), &RegistryOptions::default()).unwrap();
         assert!(se.spec.addresses.is_empty());
         assert_eq!(se.spec.ports[0].name, "port-5432");
@@ -673,7 +752,10 @@ mod tests {
         let se = service_entry(&external, &[], &pods(), &RegistryOptions::default()).unwrap();
         assert_eq!(se.spec.location, Some(Location::MeshExternal));
         assert_eq!(se.spec.resolution, Some(Resolution::Dns));
-        assert_eq!(se.spec.endpoints[0].address.as_deref(), Some("search.example.com"));
+        assert_eq!(
+            se.spec.endpoints[0].address.as_deref(),
+            Some("search.example.com")
+        );
     }
 
     #[test]
@@ -682,8 +764,14 @@ mod tests {
         svc.metadata.annotations = Some(
             [
                 (EXPORT_TO_ANNOTATION.to_owned(), ".,shop-ui".to_owned()),
-                (KUBERNETES_SA_ANNOTATION.to_owned(), "legacy, batch".to_owned()),
-                (CANONICAL_SA_ANNOTATION.to_owned(), "spiffe://other.org/ns/x/sa/y".to_owned()),
+                (
+                    KUBERNETES_SA_ANNOTATION.to_owned(),
+                    "legacy, batch".to_owned(),
+                ),
+                (
+                    CANONICAL_SA_ANNOTATION.to_owned(),
+                    "spiffe://other.org/ns/x/sa/y".to_owned(),
+                ),
             ]
             .into(),
         );

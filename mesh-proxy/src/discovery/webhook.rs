@@ -91,14 +91,22 @@ pub async fn serve_webhook(
 
 async fn handle(req: Request<Incoming>, options: &LoadOptions) -> Response<Full<Bytes>> {
     if req.uri().path() != "/validate" {
-        return plain(StatusCode::NOT_FOUND, "not found; the webhook serves /validate");
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found; the webhook serves /validate",
+        );
     }
     if req.method() != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only POST");
     }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}")),
+        Err(e) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {e}"),
+            );
+        }
     };
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -159,7 +167,9 @@ pub fn review_request(
     json["kind"] = request.kind.kind.clone().into();
     // On CREATE with generateName the name is not known yet; the request's namespace
     // is the object's.
-    if json["metadata"]["namespace"].as_str().is_none_or(str::is_empty)
+    if json["metadata"]["namespace"]
+        .as_str()
+        .is_none_or(str::is_empty)
         && let Some(ns) = &request.namespace
     {
         json["metadata"]["namespace"] = ns.clone().into();
@@ -168,12 +178,8 @@ pub fn review_request(
         Ok((_, warnings)) => {
             let mut response = response;
             if !warnings.is_empty() {
-                response.warnings = Some(
-                    warnings
-                        .iter()
-                        .map(|w| w.in_object().to_string())
-                        .collect(),
-                );
+                response.warnings =
+                    Some(warnings.iter().map(|w| w.in_object().to_string()).collect());
             }
             response
         }
