@@ -36,10 +36,9 @@
 //!
 //! - `WorkloadEntry` and `Sidecar` are not watched: the configuration model has no such
 //!   kinds yet (the loader skips them in files too). This is logged once at start.
-//! - Istio accepts an invalid object that reached the API server (when its webhook is
-//!   off) into its status but not its configuration, and has no "last good version"; here
-//!   the previous valid version keeps serving, so a bad `kubectl patch` cannot take a
-//!   route away.
+//! - istiod skips an invalid object that reached the API server (its webhook off or
+//!   bypassed) and keeps nothing of it; here the object's last valid version keeps
+//!   serving, so a bad `kubectl patch` cannot take a route away.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -422,14 +421,30 @@ impl KubeSource {
             shared.clone(),
             index,
             Api::<Service>::all(client.clone()),
-            MirrorSink::new("Service", |s: &mut Store| &mut s.services, Clone::clone),
+            MirrorSink::new(
+                "Service",
+                |s: &mut Store| &mut s.services,
+                |s: &Service| {
+                    let mut s = s.clone();
+                    s.metadata.managed_fields = None;
+                    s
+                },
+            ),
         );
         spawn_watch(
             &stop,
             shared.clone(),
             index + 1,
             Api::<EndpointSlice>::all(client.clone()),
-            MirrorSink::new("EndpointSlice", |s: &mut Store| &mut s.slices, Clone::clone),
+            MirrorSink::new(
+                "EndpointSlice",
+                |s: &mut Store| &mut s.slices,
+                |s: &EndpointSlice| {
+                    let mut s = s.clone();
+                    s.metadata.managed_fields = None;
+                    s
+                },
+            ),
         );
         spawn_watch(
             &stop,

@@ -24,10 +24,10 @@
 //!
 //! # Choices that differ from Istio
 //!
-//! - istiod's webhook also accepts an object whose errors it only warns about when
-//!   `failurePolicy` and revision labels say so; here validation is the same for every
-//!   object, and whether the API server fails open or closed when the webhook is away is
-//!   the `ValidatingWebhookConfiguration`'s `failurePolicy` alone.
+//! - The rules are the mesh's loader's, which are stricter than istiod's in the places
+//!   `mesh_core::config` lists (unknown fields, `action: CUSTOM`, principals written with
+//!   `spiffe://`, ...): some objects istiod's webhook admits are refused here, always with
+//!   the reason and the field.
 
 use std::convert::Infallible;
 use std::sync::Arc;
