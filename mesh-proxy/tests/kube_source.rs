@@ -449,9 +449,25 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         se.spec.subject_alt_names,
         ["spiffe://cluster.local/ns/production/sa/order-service"]
     );
-    // The snapshot resolves the service by host.
+    // The snapshot resolves the service by host, and the router's registry compiled from
+    // it reaches the pod's port with the pod's identity over Istio mTLS.
     let config = state.config(&LoadOptions::default());
     assert_eq!(config.service_entries_for_host(HOST).len(), 1);
+    let registry =
+        mesh_routing::compile::registry(&config, &mesh_routing::CompileOptions::default());
+    let service = registry.service(HOST).unwrap();
+    let port = service.port(80).unwrap().clone();
+    let v1 = [("version".to_owned(), "v1".to_owned())].into();
+    let eps = service.static_endpoints(&port, &v1);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].address, "10.244.0.11:8080".parse().unwrap());
+    assert_eq!(
+        eps[0].identities[0].to_string(),
+        "spiffe://cluster.local/ns/production/sa/order-service"
+    );
+    assert_eq!(eps[0].tls_mode, mesh_core::TlsMode::Istio);
+    let v2 = [("version".to_owned(), "v2".to_owned())].into();
+    assert!(service.static_endpoints(&port, &v2).is_empty());
 
     // Scaled up, then down.
     server.apply(&slice(&[
