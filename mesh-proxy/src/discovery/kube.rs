@@ -4,7 +4,7 @@
 //! VirtualService, DestinationRule, Gateway, ServiceEntry; `security.istio.io/v1`:
 //! PeerAuthentication, AuthorizationPolicy), and for Services, EndpointSlices, Pods and
 //! Namespaces, and publishes a [`ClusterState`] after every settled change: the valid
-//! Istio objects plus one ServiceEntry per Service made by the [`registry`](super::registry).
+//! Istio objects plus one ServiceEntry per Service made by the [`registry`] module.
 //!
 //! # Behaviour
 //!
