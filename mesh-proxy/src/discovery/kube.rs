@@ -932,3 +932,89 @@ fn update_gauges(metrics: &Metrics, state: &ClusterState) {
             .set(counts[kind]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn object(weight: i64) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {
+                "name": "reviews",
+                "namespace": "shop",
+                "uid": "0a1b",
+                "resourceVersion": "42",
+                "generation": 3,
+                "creationTimestamp": "2026-01-02T03:04:05Z",
+                "managedFields": [{"manager": "kubectl", "operation": "Update"}],
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"
+                }
+            },
+            "spec": {
+                "hosts": ["reviews"],
+                "http": [{"route": [
+                    {"destination": {"host": "reviews"}, "weight": weight}
+                ]}]
+            },
+            "status": {"observedGeneration": 3}
+        })
+    }
+
+    #[test]
+    fn objects_from_the_api_validate_with_their_kubernetes_metadata() {
+        let (resource, _) = validate_object(&object(100), &LoadOptions::default()).unwrap();
+        assert_eq!(resource.display_name(), "VirtualService/shop/reviews");
+        assert!(resource.metadata().annotations.is_empty());
+        assert_eq!(
+            resource.metadata().creation_timestamp.as_deref(),
+            Some("2026-01-02T03:04:05Z")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_object_and_the_field() {
+        let errors = validate_object(&object(-1), &LoadOptions::default()).unwrap_err();
+        assert_eq!(
+            errors[0].in_object().to_string(),
+            "error: VirtualService/shop/reviews, spec.http[0].route[0].weight: \
+             weight -1 is negative; weights must be 0 or more"
+        );
+        let mut unknown = object(100);
+        unknown["spec"]["htttp"] = serde_json::json!([]);
+        let errors = validate_object(&unknown, &LoadOptions::default()).unwrap_err();
+        let message = errors[0].in_object().to_string();
+        assert!(
+            message.starts_with("error: VirtualService/shop/reviews, spec"),
+            "{message}"
+        );
+        assert!(message.contains("htttp"), "{message}");
+    }
+
+    #[test]
+    fn kinds_the_mesh_does_not_read_are_refused_with_the_reason() {
+        let mut sidecar = object(100);
+        sidecar["kind"] = "Sidecar".into();
+        let errors = validate_object(&sidecar, &LoadOptions::default()).unwrap_err();
+        assert!(
+            errors[0]
+                .in_object()
+                .to_string()
+                .contains("not a kind the mesh reads"),
+            "{}",
+            errors[0].in_object()
+        );
+    }
+
+    #[test]
+    fn long_event_notes_are_cut_on_a_character_boundary() {
+        let s = truncate("é".repeat(600), 1024);
+        assert!(s.len() <= 1024);
+        assert!(s.ends_with("..."));
+        assert_eq!(truncate("short".to_owned(), 1024), "short");
+    }
+}
