@@ -203,3 +203,60 @@ fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn request(operation: &str, kind: &str, weight: i64) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "networking.istio.io", "version": "v1beta1", "kind": kind},
+                "resource": {"group": "networking.istio.io", "version": "v1beta1", "resource": "x"},
+                "name": "reviews",
+                "namespace": "shop",
+                "operation": operation,
+                "userInfo": {"username": "admin"},
+                "object": {
+                    "apiVersion": "networking.istio.io/v1beta1",
+                    "kind": kind,
+                    "metadata": {"name": "reviews", "namespace": "shop"},
+                    "spec": {"hosts": ["reviews"], "http": [{"route": [
+                        {"destination": {"host": "reviews"}, "weight": weight}
+                    ]}]}
+                },
+                "dryRun": false
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    #[test]
+    fn invalid_objects_are_denied_with_the_located_message() {
+        let r = review_request(
+            &request("CREATE", "VirtualService", -1),
+            &LoadOptions::default(),
+        );
+        assert!(!r.allowed);
+        assert_eq!(r.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert_eq!(
+            r.result.message,
+            "error: VirtualService/shop/reviews, spec.http[0].route[0].weight: \
+             weight -1 is negative; weights must be 0 or more"
+        );
+    }
+
+    #[test]
+    fn valid_objects_deletes_and_other_kinds_are_allowed() {
+        let options = LoadOptions::default();
+        assert!(review_request(&request("UPDATE", "VirtualService", 100), &options).allowed);
+        assert!(review_request(&request("DELETE", "VirtualService", -1), &options).allowed);
+        assert!(review_request(&request("CREATE", "Sidecar", -1), &options).allowed);
+    }
+}
