@@ -9,7 +9,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::config::{AnyResource, LoadOptions, ServiceEntry, VirtualService, WorkloadEntry};
+use mesh_core::config::{
+    AnyResource, LoadOptions, MeshConfig, ServiceEntry, VirtualService, WorkloadEntry,
+};
 use mesh_proxy::discovery::kube::{ClusterState, KubeSource, SourceOptions};
 use support::peers::ApiServer;
 use tokio::sync::watch;
@@ -61,6 +63,22 @@ async fn wait_for(
             rx.borrow()
         ),
     }
+}
+
+/// The state written out as one YAML stream and loaded again, as sidecars receive it:
+/// no errors, and the same resources.
+fn reloads(s: &ClusterState) {
+    let mut yaml = String::new();
+    for r in &s.resources {
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_saphyr::to_string(r).unwrap());
+    }
+    let (config, _) = MeshConfig::from_yaml_str("state.yaml", &yaml, &LoadOptions::default())
+        .unwrap_or_else(|errors| panic!("{yaml}\n{errors:#?}"));
+    assert_eq!(
+        config.to_yaml().unwrap(),
+        s.config(&LoadOptions::default()).to_yaml().unwrap()
+    );
 }
 
 fn virtual_service<'a>(s: &'a ClusterState, ns: &str, name: &str) -> Option<&'a VirtualService> {
@@ -166,6 +184,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         );
     }
     assert!(state.rejected.is_empty(), "{:?}", state.rejected);
+    reloads(&state);
     // The state compiles into the snapshot the proxy uses; hosts are qualified.
     let config = state.config(&LoadOptions::default());
     assert_eq!(
@@ -226,6 +245,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         Some(vec![Some(0), Some(100)]),
         "the last good version stays"
     );
+    reloads(&state);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
@@ -485,6 +505,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         .filter_map(|e| e.address.clone())
         .collect();
     assert_eq!(v2, ["10.244.0.13"]);
+    reloads(&state);
     server.apply(&slice(&[
         ("10.244.0.12", "order-v1-b", false),
         ("10.244.0.13", "order-v2-a", false),
@@ -548,6 +569,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
     let db = entry(&state, "db.production.svc.cluster.local").unwrap();
     assert!(db.spec.addresses.is_empty());
     assert_eq!(db.spec.ports[0].protocol, "TCP");
+    reloads(&state);
     server.kubectl(
         &["delete", "service", "order-service", "-n", "production"],
         "",

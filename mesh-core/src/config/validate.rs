@@ -1667,9 +1667,9 @@ fn service_entry(ctx: &mut Ctx<'_>, se: &ServiceEntry) {
                 format!("port name `{}` is used twice", port.name),
             );
         }
-        if port.protocol.is_empty() {
-            ctx.error(&p(&pp, "protocol"), "port protocol is required");
-        } else {
+        // An empty protocol is detected (Istio: sniffing); the proxy reads the port's
+        // name as a Kubernetes Service port's (PS-01, PS-02).
+        if !port.protocol.is_empty() {
             check_protocol(ctx, &p(&pp, "protocol"), &port.protocol);
         }
         if let Some(t) = port.target_port {

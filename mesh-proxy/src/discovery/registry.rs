@@ -17,7 +17,11 @@
 //!   `appProtocol` when set (`kubernetes.io/h2c`, `kubernetes.io/ws`,
 //!   `kubernetes.io/wss` understood), else the name's part before the first `-`; an
 //!   unknown protocol on ports 25, 53, 3306 and 27017 is TCP. A numeric `targetPort` is
-//!   kept as the port's `targetPort`.
+//!   kept as the port's `targetPort`. A port whose protocol is detected has no
+//!   `protocol`, which the model reads from the port's name, as here.
+//! - A Service without endpoints keeps its entry (requests fail with 503 `UH`, not with
+//!   404 `NR`), which names the Service's selector as its `workloadSelector`: a STATIC
+//!   entry needs endpoints or a selector.
 //! - Endpoints come from the EndpointSlices labelled `kubernetes.io/service-name` with
 //!   the Service's name. Each endpoint port is matched to the Service port by name and
 //!   carries the pod's port number (SR-03). Slices with `addressType: FQDN` are ignored
@@ -39,7 +43,10 @@
 //! - `subjectAltNames` is the sorted union of the endpoints' identities and those named
 //!   by the annotations `alpha.istio.io/kubernetes-serviceaccounts` and
 //!   `alpha.istio.io/canonical-serviceaccounts` (SR-21). The annotation
-//!   `networking.istio.io/exportTo` becomes `exportTo` (SR-30).
+//!   `networking.istio.io/exportTo` becomes `exportTo` (SR-30). Annotated names that are
+//!   not valid identities are left out.
+//! - Every entry made here loads without errors when it is written out as YAML and read
+//!   again (the way `discovery` ships configuration to sidecars).
 //!
 //! # Choices that differ from Istio
 //!
@@ -71,8 +78,8 @@ use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_core::TLS_MODE_LABEL;
 use mesh_core::config::{
-    GatewayPort, Labels, Location, Metadata, Origin, Resolution, ServiceEntry, ServiceEntrySpec,
-    WorkloadEntry,
+    EntryWorkloadSelector, GatewayPort, Labels, Location, Metadata, Origin, Resolution,
+    ServiceEntry, ServiceEntrySpec, WorkloadEntry,
 };
 
 /// The label that ties an EndpointSlice to its Service.
@@ -270,6 +277,14 @@ pub fn service_entry(
             .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
             .collect();
         entry.endpoints = endpoints(namespace, name, &k8s_ports, slices, pods);
+        if entry.endpoints.is_empty() {
+            // A Service without ready endpoints still exists (requests to it fail with
+            // 503 `UH`, not 404 `NR`); a STATIC entry without endpoints names the workloads
+            // that would be its endpoints, the Service's selector.
+            entry.workload_selector = Some(EntryWorkloadSelector {
+                labels: spec.selector.clone().unwrap_or_default(),
+            });
+        }
     }
     let mut sans = BTreeSet::new();
     for e in &entry.endpoints {
@@ -287,6 +302,9 @@ pub fn service_entry(
     if let Some(v) = annotations.get(CANONICAL_SA_ANNOTATION) {
         sans.extend(list(v));
     }
+    // Only identities the mesh can check (a malformed annotation must not make the
+    // whole configuration invalid where it is loaded again).
+    sans.retain(|san| mesh_core::Identity::parse(san).is_ok());
     entry.subject_alt_names = sans.into_iter().collect();
     Some(ServiceEntry {
         api_version: "networking.istio.io/v1".to_owned(),
@@ -420,6 +438,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{ObjectReference, PodSpec, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use mesh_core::config::AnyResource;
 
     fn meta(ns: &str, name: &str) -> ObjectMeta {
         ObjectMeta {
@@ -574,6 +593,61 @@ mod tests {
             ]
         );
         assert!(se.spec.endpoints.is_empty());
+        assert!(
+            se.spec.workload_selector.is_some(),
+            "a STATIC entry needs a selector"
+        );
+    }
+
+    /// Written out as YAML and loaded again, as sidecars receive it: no errors.
+    fn reloads(se: &ServiceEntry) {
+        let yaml = serde_saphyr::to_string(&AnyResource::ServiceEntry(se.clone())).unwrap();
+        let report = mesh_core::config::load_str("entry.yaml", &yaml, &Default::default());
+        let errors: Vec<String> = report.errors().map(ToString::to_string).collect();
+        assert!(errors.is_empty(), "{yaml}\n{errors:#?}");
+        assert_eq!(
+            report.resources[0],
+            AnyResource::ServiceEntry(ServiceEntry {
+                origin: report.resources[0].origin().clone(),
+                ..se.clone()
+            })
+        );
+    }
+
+    #[test]
+    fn every_kind_of_entry_reloads_from_yaml_without_errors() {
+        let options = RegistryOptions::default();
+        let empty = service_entry(&orders(), &[], &pods(), &options).unwrap();
+        reloads(&empty);
+        let s = slice(
+            "orders",
+            "IPv4",
+            &[("http-api", 8081)],
+            vec![
+                endpoint("127.0.0.11", Some("orders-v1"), (None, None)),
+                endpoint("127.0.0.15", None, (None, None)),
+            ],
+        );
+        reloads(&service_entry(&orders(), &[&s], &pods(), &options).unwrap());
+        let mut headless = service("shop", "db", vec![port(None, 5432, 5432)]);
+        headless.spec.as_mut().unwrap().cluster_ip = Some("None".to_owned());
+        reloads(&service_entry(&headless, &[], &pods(), &options).unwrap());
+        let mut external = service("shop", "search", vec![port(Some("https"), 443, 443)]);
+        let spec = external.spec.as_mut().unwrap();
+        spec.type_ = Some("ExternalName".to_owned());
+        spec.external_name = Some("search.example.com".to_owned());
+        reloads(&service_entry(&external, &[], &pods(), &options).unwrap());
+        let mut annotated = orders();
+        annotated.metadata.annotations = Some(
+            [(
+                CANONICAL_SA_ANNOTATION.to_owned(),
+                "not-an-identity, spiffe://a.org/ns/x/sa/y".to_owned(),
+            )]
+            .into(),
+        );
+        let se = service_entry(&annotated, &[], &pods(), &options).unwrap();
+        assert_eq!(se.spec.subject_alt_names, ["spiffe://a.org/ns/x/sa/y"]);
+        reloads(&se);
     }
 
     #[test]
