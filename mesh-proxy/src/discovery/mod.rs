@@ -24,6 +24,7 @@
 pub mod ca;
 pub mod kube;
 pub mod registry;
+pub mod root_cert;
 pub mod webhook;
 pub mod xds;
 
