@@ -74,6 +74,34 @@ impl Diagnostic {
     pub fn line_column(&self) -> Option<(usize, usize)> {
         Some((self.line?, self.column?))
     }
+
+    /// Rendered for an object read from an API rather than a file: the object
+    /// (`Kind/namespace/name`) and the field path stand for the file and line, as
+    /// `error: VirtualService/default/reviews, spec.http[0].route[1].weight: message`.
+    /// Without a known resource, the file name stands for the object.
+    pub fn in_object(&self) -> InObject<'_> {
+        InObject(self)
+    }
+}
+
+/// A [`Diagnostic`] displayed without file, document and line (see
+/// [`Diagnostic::in_object`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InObject<'a>(&'a Diagnostic);
+
+impl fmt::Display for InObject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        let object = match &d.resource {
+            Some(r) => r.clone(),
+            None => d.file.display().to_string(),
+        };
+        write!(f, "{}: {object}", d.severity)?;
+        if let Some(p) = &d.path {
+            write!(f, ", {p}")?;
+        }
+        write!(f, ": {}", d.message)
+    }
 }
 
 impl fmt::Display for Diagnostic {

@@ -132,7 +132,7 @@ mod warnings;
 
 pub use authorization_policy::*;
 pub use destination_rule::*;
-pub use diagnostic::{Diagnostic, Severity};
+pub use diagnostic::{Diagnostic, InObject, Severity};
 pub use duration::{Duration, DurationError};
 pub use gateway::*;
 pub use load::{LoadOptions, LoadReport, load_paths, load_str};

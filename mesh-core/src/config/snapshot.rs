@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use super::diagnostic::Diagnostic;
-use super::load::{LoadOptions, LoadReport, load_paths, load_str};
+use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
     ServiceEntry, Subset, VirtualService,
@@ -117,23 +117,34 @@ impl MeshConfig {
         if report.has_errors() {
             return Err(report.errors().cloned().collect());
         }
+        let mut config = MeshConfig::from_resources(report.resources.clone(), options);
+        config.version = report.version;
+        Ok(config)
+    }
+
+    /// Builds the snapshot of resources that were validated one by one (for example
+    /// objects read from the Kubernetes API); nothing is validated here. When the same
+    /// `Kind/namespace/name` appears twice, the later one replaces the earlier one. The
+    /// version is a hash of the resources' content.
+    pub fn from_resources(resources: Vec<AnyResource>, options: &LoadOptions) -> MeshConfig {
         // Later definitions of the same Kind/namespace/name replace earlier ones.
-        let mut last: HashMap<(Kind, &str, &str), usize> = HashMap::new();
-        for (i, r) in report.resources.iter().enumerate() {
+        let mut last: HashMap<(Kind, String, String), usize> = HashMap::new();
+        for (i, r) in resources.iter().enumerate() {
             let m = r.metadata();
-            last.insert((r.kind(), &m.namespace, &m.name), i);
+            last.insert((r.kind(), m.namespace.clone(), m.name.clone()), i);
         }
+        let mut hash = Fnv::new();
         let mut c = MeshConfig {
-            version: report.version,
             root_namespace: options.root_namespace.clone(),
             ..MeshConfig::default()
         };
-        for (i, r) in report.resources.iter().enumerate() {
+        for (i, r) in resources.into_iter().enumerate() {
             let m = r.metadata();
-            if last.get(&(r.kind(), m.namespace.as_str(), m.name.as_str())) != Some(&i) {
+            if last.get(&(r.kind(), m.namespace.clone(), m.name.clone())) != Some(&i) {
                 continue;
             }
-            match r.clone() {
+            hash.write(format!("{r:?}").as_bytes());
+            match r {
                 AnyResource::VirtualService(v) => c.virtual_services.push(v),
                 AnyResource::DestinationRule(v) => c.destination_rules.push(v),
                 AnyResource::Gateway(v) => c.gateways.push(v),
@@ -142,9 +153,10 @@ impl MeshConfig {
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
             }
         }
+        c.version = hash.finish();
         c.peer_authentications.sort_by_key(|p| p.age_key());
         c.index();
-        Ok(c)
+        c
     }
 
     fn index(&mut self) {
@@ -479,4 +491,50 @@ fn host_namespace(host: &str) -> Option<&str> {
     let rest = host.strip_suffix(".svc.cluster.local")?;
     let (_, ns) = rest.split_once('.')?;
     (!ns.contains('.')).then_some(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+                      metadata: {name: reviews, namespace: prod}\n\
+                      spec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n";
+
+    fn resource(yaml: &str) -> AnyResource {
+        let report = load_str("VirtualService/prod/reviews", yaml, &LoadOptions::default());
+        assert!(!report.has_errors(), "{:?}", report.diagnostics);
+        report.resources.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn from_resources_keeps_the_later_of_one_name_and_versions_by_content() {
+        let first = resource(VS);
+        let second = resource(&VS.replace("{host: reviews}", "{host: ratings}"));
+        let options = LoadOptions::default();
+        let c = MeshConfig::from_resources(vec![first.clone(), second.clone()], &options);
+        assert_eq!(c.virtual_services().len(), 1);
+        assert_eq!(
+            c.virtual_services()[0].spec.http[0].route[0]
+                .destination
+                .host,
+            "ratings"
+        );
+        let again = MeshConfig::from_resources(vec![first.clone(), second], &options);
+        assert_eq!(c.version(), again.version());
+        let other = MeshConfig::from_resources(vec![first], &options);
+        assert_ne!(c.version(), other.version());
+    }
+
+    #[test]
+    fn object_diagnostics_name_the_object_and_field_instead_of_the_line() {
+        let bad = VS.replace("{host: reviews}\n", "{host: reviews}\n      weight: -1\n");
+        let report = load_str("VirtualService/prod/reviews", &bad, &LoadOptions::default());
+        let e = report.errors().next().unwrap();
+        assert_eq!(
+            e.in_object().to_string(),
+            "error: VirtualService/prod/reviews, spec.http[0].route[0].weight: \
+             weight -1 is negative; weights must be 0 or more"
+        );
+    }
 }
