@@ -80,7 +80,11 @@ async fn grpc(
     IstioCertificateServiceClient::new(channel)
 }
 
-fn request(csr: String, token: Option<&str>, ttl_secs: i64) -> tonic::Request<IstioCertificateRequest> {
+fn request(
+    csr: String,
+    token: Option<&str>,
+    ttl_secs: i64,
+) -> tonic::Request<IstioCertificateRequest> {
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
         validity_duration: ttl_secs,
@@ -106,9 +110,12 @@ fn create_service_accounts(api: &ApiServer, ns: &str, names: &[&str]) {
 }
 
 fn token(api: &ApiServer, ns: &str, sa: &str, audience: &str) -> String {
-    api.kubectl(&["create", "token", sa, "-n", ns, "--audience", audience], "")
-        .trim()
-        .to_owned()
+    api.kubectl(
+        &["create", "token", sa, "-n", ns, "--audience", audience],
+        "",
+    )
+    .trim()
+    .to_owned()
 }
 
 fn certs(chain: &[String]) -> Vec<CertificateDer<'static>> {
@@ -120,7 +127,10 @@ fn certs(chain: &[String]) -> Vec<CertificateDer<'static>> {
 
 fn validity_secs(leaf: &CertificateDer<'_>) -> u64 {
     let leaf = check_leaf(leaf, PeerRole::Client, &[TD], None).unwrap();
-    leaf.not_after.duration_since(leaf.not_before).unwrap().as_secs()
+    leaf.not_after
+        .duration_since(leaf.not_before)
+        .unwrap()
+        .as_secs()
 }
 
 /// `openssl verify` of the leaf through the intermediates to the root, as a relying party
@@ -220,14 +230,19 @@ fn resign(api: &ApiServer, token: &str, iat: u64, exp: u64) -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 // --- Tests ---------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn only_a_valid_istio_ca_token_gets_a_certificate_for_its_own_service_account() {
-    let Some(api) = ApiServer::start() else { return };
+    let Some(api) = ApiServer::start() else {
+        return;
+    };
     create_service_accounts(&api, "shop", &["orders", "payments"]);
     let ca = Arc::new(CertificateAuthority::new(TD).unwrap());
     let addr = serve(ca.clone(), api.client().await).await;
@@ -257,7 +272,9 @@ async fn only_a_valid_istio_ca_token_gets_a_certificate_for_its_own_service_acco
     assert_eq!(leaf.identity, identity("shop", "orders"));
     assert_eq!(validity_secs(&chain[0]), 24 * 3600);
     let bundle = TrustBundle::new(vec![ca.root_der().clone()], vec![TD.into()]).unwrap();
-    bundle.verify_client(&chain[0], &[], UnixTime::now()).unwrap();
+    bundle
+        .verify_client(&chain[0], &[], UnixTime::now())
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     openssl_verify(dir.path(), &answer.cert_chain);
     // Only the CSR's public key is used: the certificate pairs with the caller's key.
@@ -278,7 +295,10 @@ async fn only_a_valid_istio_ca_token_gets_a_certificate_for_its_own_service_acco
 
     // A CSR asking for another service account's identity gets the caller's (CA-04).
     let foreign_csr = key
-        .csr_pem_with(&[identity("shop", "payments").as_str(), "spiffe://cluster.local/ns/kube-system/sa/admin"])
+        .csr_pem_with(&[
+            identity("shop", "payments").as_str(),
+            "spiffe://cluster.local/ns/kube-system/sa/admin",
+        ])
         .unwrap();
     let answer = client
         .create_certificate(request(foreign_csr, Some(&valid), 0))
@@ -323,7 +343,11 @@ async fn only_a_valid_istio_ca_token_gets_a_certificate_for_its_own_service_acco
     // A CSR that is not one, or whose signature does not verify: InvalidArgument.
     let mut tampered = own_csr.clone().into_bytes();
     let body_at = own_csr.find('\n').unwrap() + 40;
-    tampered[body_at] = if tampered[body_at] == b'A' { b'B' } else { b'A' };
+    tampered[body_at] = if tampered[body_at] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
     for (what, csr) in [
         ("garbage", "not a csr".to_owned()),
         ("a certificate", ca.root_pem().to_owned()),
@@ -348,25 +372,41 @@ async fn only_a_valid_istio_ca_token_gets_a_certificate_for_its_own_service_acco
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(validity_secs(&certs(&answer.cert_chain)[0]), ninety_days as u64);
+    assert_eq!(
+        validity_secs(&certs(&answer.cert_chain)[0]),
+        ninety_days as u64
+    );
 
-    // A token of a service account that no longer exists is refused by the review.
+    // A token of a service account that no longer exists is refused by the review, once
+    // the API server's service-account cache has seen the deletion.
     let payments = token(&api, "shop", "payments", "istio-ca");
     client
         .create_certificate(request(own_csr.clone(), Some(&payments), 0))
         .await
         .unwrap();
     api.kubectl(&["delete", "serviceaccount", "payments", "-n", "shop"], "");
-    let err = client
-        .create_certificate(request(own_csr, Some(&payments), 0))
-        .await
-        .unwrap_err();
+    let mut last = None;
+    for _ in 0..100 {
+        match client
+            .create_certificate(request(own_csr.clone(), Some(&payments), 0))
+            .await
+        {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(err) => {
+                last = Some(err);
+                break;
+            }
+        }
+    }
+    let err = last.expect("a deleted service account's token still gets certificates");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
 }
 
 #[tokio::test]
 async fn a_valid_mesh_client_certificate_renews_its_own_identity_without_a_token() {
-    let Some(api) = ApiServer::start() else { return };
+    let Some(api) = ApiServer::start() else {
+        return;
+    };
     let ca = Arc::new(CertificateAuthority::new(TD).unwrap());
     let other = CertificateAuthority::new(TD).unwrap();
     let addr = serve(ca.clone(), api.client().await).await;
@@ -441,22 +481,64 @@ fn plugin_cacerts(dir: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "root-key.pem"]);
     run(&[
-        "req", "-x509", "-new", "-key", "root-key.pem", "-subj", "/O=Istio/CN=Root CA", "-days", "3650",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-out", "root-cert.pem",
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "root-key.pem",
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "root-key.pem",
+        "-subj",
+        "/O=Istio/CN=Root CA",
+        "-days",
+        "3650",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "root-cert.pem",
     ]);
     run(&["genrsa", "-traditional", "-out", "ca-key.pem", "2048"]);
-    run(&["req", "-new", "-key", "ca-key.pem", "-subj", "/O=Istio/CN=Intermediate CA/L=cluster1", "-out", "ca.csr"]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        "ca-key.pem",
+        "-subj",
+        "/O=Istio/CN=Intermediate CA/L=cluster1",
+        "-out",
+        "ca.csr",
+    ]);
     std::fs::write(
         dir.join("ca.ext"),
         "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,digitalSignature,keyCertSign,cRLSign\nsubjectAltName=DNS:istiod.istio-system.svc\n",
     )
     .unwrap();
     run(&[
-        "x509", "-req", "-in", "ca.csr", "-CA", "root-cert.pem", "-CAkey", "root-key.pem", "-CAcreateserial",
-        "-days", "730", "-extfile", "ca.ext", "-out", "ca-cert.pem",
+        "x509",
+        "-req",
+        "-in",
+        "ca.csr",
+        "-CA",
+        "root-cert.pem",
+        "-CAkey",
+        "root-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "730",
+        "-extfile",
+        "ca.ext",
+        "-out",
+        "ca-cert.pem",
     ]);
     let chain = [
         std::fs::read_to_string(dir.join("ca-cert.pem")).unwrap(),
@@ -472,7 +554,9 @@ fn plugin_cacerts(dir: &Path) {
 
 #[tokio::test]
 async fn plugged_in_cacerts_issue_leaves_that_chain_through_the_intermediate_to_the_root() {
-    let Some(api) = ApiServer::start() else { return };
+    let Some(api) = ApiServer::start() else {
+        return;
+    };
     create_service_accounts(&api, "shop", &["orders"]);
     let dir = tempfile::tempdir().unwrap();
     let cacerts = dir.path().join("cacerts");
@@ -489,7 +573,11 @@ async fn plugged_in_cacerts_issue_leaves_that_chain_through_the_intermediate_to_
     let key = WorkloadKey::generate().unwrap();
     let mut client = grpc(addr, ca.root_pem(), None).await;
     let answer = client
-        .create_certificate(request(key.csr_pem(&identity("shop", "orders")).unwrap(), Some(&valid), 0))
+        .create_certificate(request(
+            key.csr_pem(&identity("shop", "orders")).unwrap(),
+            Some(&valid),
+            0,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -504,24 +592,38 @@ async fn plugged_in_cacerts_issue_leaves_that_chain_through_the_intermediate_to_
         .verify_client(&chain[0], &chain[1..2], UnixTime::now())
         .unwrap();
     // Without the intermediate the leaf does not verify: it is signed by the intermediate.
-    assert!(bundle.verify_client(&chain[0], &[], UnixTime::now()).is_err());
+    assert!(
+        bundle
+            .verify_client(&chain[0], &[], UnixTime::now())
+            .is_err()
+    );
 
     // The sidecar's client against the same server: a store serving a certificate that
     // chains through the intermediate.
     let token_file = dir.path().join("istio-token");
     std::fs::write(&token_file, &valid).unwrap();
     let root_file = cacerts.join("root-cert.pem");
-    let options = CaClientOptions::new(format!("https://{addr}"), &root_file, identity("shop", "orders"))
-        .server_name(DISCOVERY_NAME)
-        .token_file(&token_file);
+    let options = CaClientOptions::new(
+        format!("https://{addr}"),
+        &root_file,
+        identity("shop", "orders"),
+    )
+    .server_name(DISCOVERY_NAME)
+    .token_file(&token_file);
     let store = CertificateClient::new(options).store().await.unwrap();
     assert_eq!(store.identity(), identity("shop", "orders"));
-    assert_eq!(store.current().certified_key.cert.len(), 2, "leaf and intermediate");
+    assert_eq!(
+        store.current().certified_key.cert.len(),
+        2,
+        "leaf and intermediate"
+    );
 }
 
 #[tokio::test]
 async fn the_client_refuses_a_server_that_is_not_discovery_and_reports_refusals() {
-    let Some(api) = ApiServer::start() else { return };
+    let Some(api) = ApiServer::start() else {
+        return;
+    };
     create_service_accounts(&api, "shop", &["orders"]);
     let ca = Arc::new(CertificateAuthority::new(TD).unwrap());
     let addr = serve(ca.clone(), api.client().await).await;
@@ -550,7 +652,11 @@ async fn the_client_refuses_a_server_that_is_not_discovery_and_reports_refusals(
         .fetch()
         .await
         .unwrap_err();
-    assert_eq!(err.status().map(tonic::Status::code), Some(Code::Unauthenticated), "{err}");
+    assert_eq!(
+        err.status().map(tonic::Status::code),
+        Some(Code::Unauthenticated),
+        "{err}"
+    );
 
     // A token for another service account: the certificate would name it, and the
     // client refuses it rather than serve someone else's identity.
@@ -568,7 +674,9 @@ async fn the_client_refuses_a_server_that_is_not_discovery_and_reports_refusals(
 /// timers move only when it has nothing else to do.
 #[test]
 fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificate() {
-    let Some(api) = ApiServer::start() else { return };
+    let Some(api) = ApiServer::start() else {
+        return;
+    };
     create_service_accounts(&api, "shop", &["orders"]);
     let ca = Arc::new(CertificateAuthority::new(TD).unwrap());
     let server_rt = tokio::runtime::Builder::new_multi_thread()
@@ -585,13 +693,17 @@ fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificat
     let root_file: PathBuf = dir.path().join("root-cert.pem");
     std::fs::write(&root_file, ca.root_pem()).unwrap();
     let lifetime = Duration::from_secs(3600);
-    let options = CaClientOptions::new(format!("https://{addr}"), &root_file, identity("shop", "orders"))
-        .server_name(DISCOVERY_NAME)
-        .token_file(&token_file)
-        .ttl(lifetime)
-        // A time limit would fire at once on a paused clock while real I/O is pending.
-        .request_timeout(None)
-        .retry(Duration::from_secs(10), Duration::from_secs(60));
+    let options = CaClientOptions::new(
+        format!("https://{addr}"),
+        &root_file,
+        identity("shop", "orders"),
+    )
+    .server_name(DISCOVERY_NAME)
+    .token_file(&token_file)
+    .ttl(lifetime)
+    // A time limit would fire at once on a paused clock while real I/O is pending.
+    .request_timeout(None)
+    .retry(Duration::from_secs(10), Duration::from_secs(60));
 
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -602,7 +714,11 @@ fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificat
         let client = CertificateClient::new(options).with_seed(3);
         let first = client.fetch().await.unwrap();
         assert_eq!(
-            first.leaf.not_after.duration_since(first.leaf.not_before).unwrap(),
+            first
+                .leaf
+                .not_after
+                .duration_since(first.leaf.not_before)
+                .unwrap(),
             lifetime
         );
         let store = CertStore::new(first.files).unwrap();
@@ -613,7 +729,12 @@ fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificat
         let mut status = rotation.status();
 
         // Renewal is due at expire − lifetime × (0.5 ± 0.01): 29:24 to 30:36 after issue.
-        let due = status.wait_for(|s| s.next_attempt.is_some()).await.unwrap().next_attempt.unwrap();
+        let due = status
+            .wait_for(|s| s.next_attempt.is_some())
+            .await
+            .unwrap()
+            .next_attempt
+            .unwrap();
         let after = due - start;
         assert!(
             after >= Duration::from_secs(1764 - 2) && after <= Duration::from_secs(1836),
@@ -623,9 +744,15 @@ fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificat
         assert_eq!(store.serial(), first_serial, "renewed early");
         assert!(events.try_recv().is_err());
 
-        // At the due point a new key and certificate are fetched and swapped in.
-        let event = events.recv().await.unwrap();
-        let StoreEvent::Rotated { serial } = event else { panic!("{event:?}") };
+        // At the due point a new key and certificate are fetched and swapped in (with the
+        // trust bundle, re-read from the root-cert file).
+        let serial = loop {
+            match events.recv().await.unwrap() {
+                StoreEvent::Rotated { serial } => break serial,
+                StoreEvent::BundleChanged { roots } => assert_eq!(roots, 1),
+                other @ StoreEvent::Rejected { .. } => panic!("{other:?}"),
+            }
+        };
         assert_ne!(serial, first_serial);
         assert_eq!(store.serial(), serial);
         assert_eq!(store.identity(), identity("shop", "orders"));
@@ -637,7 +764,8 @@ fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificat
         // and retries follow with back-off until the token is good again.
         std::fs::write(&token_file, "not-a-token").unwrap();
         let failed = status.wait_for(|s| s.failures >= 2).await.unwrap().clone();
-        assert!(failed.last_error.unwrap().contains("Unauthenticated"));
+        let error = failed.last_error.unwrap();
+        assert!(error.contains("Unauthenticated"), "{error}");
         assert_eq!(store.serial(), serial, "the current certificate is kept");
         let retry_gap = status.borrow().next_attempt.unwrap() - tokio::time::Instant::now();
         assert!(
@@ -655,7 +783,11 @@ fn rotation_renews_at_half_life_and_retries_while_keeping_the_current_certificat
         store.rotate_now();
         status.wait_for(|s| s.renewals == 3).await.unwrap();
         assert_ne!(store.serial(), before);
-        assert_eq!(tokio::time::Instant::now(), now, "no wait for a forced renewal");
+        assert_eq!(
+            tokio::time::Instant::now(),
+            now,
+            "no wait for a forced renewal"
+        );
         drop(rotation);
     });
     drop(server_rt);

@@ -238,8 +238,8 @@ impl CertificateAuthority {
     pub fn load_dir(dir: &Path) -> Result<Self, CaError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let cert_der = first_cert(&cert_path)?;
-        let (_, x509) = X509Certificate::from_der(&cert_der)
-            .map_err(|e| invalid(&cert_path, e.to_string()))?;
+        let (_, x509) =
+            X509Certificate::from_der(&cert_der).map_err(|e| invalid(&cert_path, e.to_string()))?;
         let trust_domain = x509
             .subject()
             .iter_organization()
@@ -276,8 +276,8 @@ impl CertificateAuthority {
         let cert_der = first_cert(&cert_path)?;
         let key_pem = read_text(&key_path)?;
         let key = load_key(&key_pem).map_err(|what| invalid(&key_path, what))?;
-        let (_, x509) = X509Certificate::from_der(&cert_der)
-            .map_err(|e| invalid(&cert_path, e.to_string()))?;
+        let (_, x509) =
+            X509Certificate::from_der(&cert_der).map_err(|e| invalid(&cert_path, e.to_string()))?;
         if !x509.is_ca() {
             return Err(invalid(&cert_path, "certificate is not a CA".into()));
         }
@@ -369,11 +369,9 @@ impl CertificateAuthority {
     /// as a relying party would.
     fn check_chain(&self, chain_path: &Path) -> Result<(), CaError> {
         let probe = self.issue_for("probe", "probe", Duration::from_secs(60))?;
-        let bundle = crate::verify::TrustBundle::new(
-            self.roots.clone(),
-            vec![self.trust_domain.clone()],
-        )
-        .map_err(|e| invalid(chain_path, e.to_string()))?;
+        let bundle =
+            crate::verify::TrustBundle::new(self.roots.clone(), vec![self.trust_domain.clone()])
+                .map_err(|e| invalid(chain_path, e.to_string()))?;
         bundle
             .verify_client(
                 &probe.chain_der[0],
@@ -688,7 +686,9 @@ impl WorkloadKey {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         for uri in uri_sans {
-            params.subject_alt_names.push(SanType::URI((*uri).try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into()?));
         }
         Ok(params.serialize_request(&self.key)?.pem()?)
     }
@@ -710,7 +710,8 @@ fn csr_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, CaError>
     let bad = |what: String| CaError::Csr(what);
     let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
         .map_err(|e| bad(format!("no CERTIFICATE REQUEST PEM block: {e}")))?;
-    let (rest, csr) = X509CertificationRequest::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
     if !rest.is_empty() {
         return Err(bad("trailing bytes after the request".into()));
     }
@@ -912,8 +913,7 @@ fn unix_to_system(unix: i64) -> SystemTime {
 
 /// PEM text of one certificate, ending in a newline.
 pub(crate) fn to_pem(der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
         let n = chunk
@@ -966,13 +966,13 @@ const RSA_ALGORITHM: &[u8] = &[
 ];
 /// AlgorithmIdentifier `id-ecPublicKey` on `prime256v1` (DER).
 const EC_P256_ALGORITHM: &[u8] = &[
-    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
-    0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
 ];
 /// AlgorithmIdentifier `id-ecPublicKey` on `secp384r1` (DER).
 const EC_P384_ALGORITHM: &[u8] = &[
-    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81,
-    0x04, 0x00, 0x22,
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+    0x00, 0x22,
 ];
 
 /// `PrivateKeyInfo { version 0, algorithm, privateKey OCTET STRING }` (RFC 5208).
@@ -1085,7 +1085,10 @@ mod tests {
         let signed = ca
             .sign_csr(&csr_for(&key, "other", "admin"), "shop", "orders", None)
             .unwrap();
-        assert_eq!(signed.identity().as_str(), "spiffe://cluster.local/ns/shop/sa/orders");
+        assert_eq!(
+            signed.identity().as_str(),
+            "spiffe://cluster.local/ns/shop/sa/orders"
+        );
         assert_eq!(signed.chain_der().len(), 2);
         assert_eq!(&signed.chain_der()[1], ca.root_der());
         let files = SvidFiles {
@@ -1105,7 +1108,12 @@ mod tests {
             leaf.not_after.duration_since(leaf.not_before).unwrap(),
             DEFAULT_WORKLOAD_TTL
         );
-        assert!(signed.chain_pem().iter().all(|p| p.ends_with("-----END CERTIFICATE-----\n")));
+        assert!(
+            signed
+                .chain_pem()
+                .iter()
+                .all(|p| p.ends_with("-----END CERTIFICATE-----\n"))
+        );
     }
 
     #[test]
@@ -1113,12 +1121,22 @@ mod tests {
         let ca = CertificateAuthority::new("cluster.local").unwrap();
         let csr = csr_for(&WorkloadKey::generate().unwrap(), "shop", "orders");
         assert!(matches!(
-            ca.sign_csr(&csr, "shop", "orders", Some(MAX_WORKLOAD_TTL + Duration::from_secs(1))),
+            ca.sign_csr(
+                &csr,
+                "shop",
+                "orders",
+                Some(MAX_WORKLOAD_TTL + Duration::from_secs(1))
+            ),
             Err(CaError::TtlTooLong { .. })
         ));
-        let signed = ca.sign_csr(&csr, "shop", "orders", Some(MAX_WORKLOAD_TTL)).unwrap();
+        let signed = ca
+            .sign_csr(&csr, "shop", "orders", Some(MAX_WORKLOAD_TTL))
+            .unwrap();
         assert_eq!(
-            signed.not_after().duration_since(signed.not_before()).unwrap(),
+            signed
+                .not_after()
+                .duration_since(signed.not_before())
+                .unwrap(),
             MAX_WORKLOAD_TTL
         );
     }
@@ -1151,7 +1169,10 @@ mod tests {
     fn bad_csrs_are_refused() {
         let ca = CertificateAuthority::new("cluster.local").unwrap();
         for csr in ["", "garbage", ca.root_pem()] {
-            assert!(matches!(ca.sign_csr(csr, "a", "b", None), Err(CaError::Csr(_))), "{csr}");
+            assert!(
+                matches!(ca.sign_csr(csr, "a", "b", None), Err(CaError::Csr(_))),
+                "{csr}"
+            );
         }
     }
 

@@ -67,8 +67,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::Identity;
-use mesh_tls::svid::{self, SvidFiles, SvidLeaf};
 use mesh_tls::ca::CaError;
+use mesh_tls::svid::{self, SvidFiles, SvidLeaf};
 use mesh_tls::{CertStore, StoreError, TrustBundle, WorkloadKey};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -122,7 +122,11 @@ pub struct CaClientOptions {
 impl CaClientOptions {
     /// Options with Istio's defaults for `identity`, asking `address` and trusting
     /// `root_cert`.
-    pub fn new(address: impl Into<String>, root_cert: impl Into<PathBuf>, identity: Identity) -> Self {
+    pub fn new(
+        address: impl Into<String>,
+        root_cert: impl Into<PathBuf>,
+        identity: Identity,
+    ) -> Self {
         Self {
             address: address.into(),
             server_name: None,
@@ -215,7 +219,7 @@ pub enum CertificateError {
         source: tonic::transport::Error,
     },
     /// The service answered with an error.
-    #[error("the certificate service refused: {0}")]
+    #[error("the certificate service answered {:?}: {}", .0.code(), .0.message())]
     Refused(tonic::Status),
     /// The request took longer than the limit.
     #[error("the certificate service did not answer within {0:?}")]
@@ -311,7 +315,8 @@ impl CertificateClient {
             address: address.clone(),
             what,
         };
-        let endpoint = Endpoint::from_shared(address.clone()).map_err(|e| bad_address(e.to_string()))?;
+        let endpoint =
+            Endpoint::from_shared(address.clone()).map_err(|e| bad_address(e.to_string()))?;
         let server_name = match &options.server_name {
             Some(name) => name.clone(),
             None => endpoint
@@ -363,12 +368,17 @@ impl CertificateClient {
         if certs.is_empty() {
             return Err(CertificateError::Answer("no certificate".into()));
         }
-        let bundle = TrustBundle::new(roots.clone(), vec![options.identity.trust_domain().to_owned()])
-            .map_err(|e| CertificateError::Answer(format!("root-cert file: {e}")))?;
+        let bundle = TrustBundle::new(
+            roots.clone(),
+            vec![options.identity.trust_domain().to_owned()],
+        )
+        .map_err(|e| CertificateError::Answer(format!("root-cert file: {e}")))?;
         let leaf = bundle
             .verify_client(&certs[0], &certs[1..], UnixTime::now())
             .map_err(|e| {
-                CertificateError::Answer(format!("the certificate does not verify against the mesh root: {e}"))
+                CertificateError::Answer(format!(
+                    "the certificate does not verify against the mesh root: {e}"
+                ))
             })?;
         if leaf.identity != options.identity {
             return Err(CertificateError::Answer(format!(
@@ -512,10 +522,11 @@ impl Drop for RotationHandle {
 }
 
 fn read_token(options: &CaClientOptions) -> Result<String, CertificateError> {
-    let token = std::fs::read_to_string(&options.token_file).map_err(|e| CertificateError::Token {
-        path: options.token_file.clone(),
-        what: e.to_string(),
-    })?;
+    let token =
+        std::fs::read_to_string(&options.token_file).map_err(|e| CertificateError::Token {
+            path: options.token_file.clone(),
+            what: e.to_string(),
+        })?;
     let token = token.trim();
     if token.is_empty() {
         return Err(CertificateError::Token {
