@@ -86,6 +86,8 @@ pub mod discovery;
 pub mod mesh;
 #[cfg(feature = "proxy")]
 pub mod process;
+#[cfg(feature = "xds")]
+pub mod proto;
 pub mod respond;
 pub mod serve;
 pub mod settings;

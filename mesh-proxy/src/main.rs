@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod ca;
+mod control_plane;
 mod validate;
 
 /// The mesh proxy.
@@ -38,6 +39,8 @@ enum Command {
     Validate(validate::Args),
     /// Development certificate authority: create a root, issue and rotate workload SVIDs.
     Ca(ca::CaCommand),
+    /// Run the control plane: configuration to sidecars over xDS, workload certificates.
+    Discovery(control_plane::Args),
 }
 
 /// Runtime sizing shared by `sidecar` and `gateway`.
@@ -54,7 +57,8 @@ enum Kind {
     Gateway,
 }
 
-fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode {
+/// Logs to stderr, filtered by `MESH_LOG` (default `info`).
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
@@ -62,6 +66,10 @@ fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode {
+    init_logging();
     let settings = match mesh_proxy::Settings::load(path) {
         Ok(s) => s,
         Err(errors) => {
@@ -115,6 +123,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }),
         Command::Ca(cmd) => ca::run(cmd),
+        Command::Discovery(args) => control_plane::run(args),
     }
 }
 

@@ -809,6 +809,45 @@ impl Mesh {
         Ok(())
     }
 
+    /// Applies each configuration `updates` brings (from `discovery`, see
+    /// [`control::xds::subscribe`](crate::control::xds::subscribe)) with
+    /// [`update`](Self::update), accepting or rejecting it with the diagnostics, until
+    /// [`shutdown`](Self::shutdown). The returned channel holds the version of the last
+    /// update applied (`None` before the first).
+    #[cfg(feature = "xds")]
+    pub fn follow(
+        &self,
+        mut updates: tokio::sync::mpsc::Receiver<crate::control::xds::Update>,
+    ) -> tokio::sync::watch::Receiver<Option<String>> {
+        let (applied, rx) = tokio::sync::watch::channel(None);
+        let mesh = self.clone();
+        let stop = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let update = tokio::select! {
+                    () = stop.cancelled() => return,
+                    update = updates.recv() => match update {
+                        Some(update) => update,
+                        None => return,
+                    },
+                };
+                let crate::control::xds::Update {
+                    version,
+                    config,
+                    verdict,
+                } = update;
+                match mesh.update(config) {
+                    Ok(_) => {
+                        verdict.accept();
+                        applied.send_replace(Some(version));
+                    }
+                    Err(e) => verdict.reject(e.diagnostics.join("\n")),
+                }
+            }
+        });
+        rx
+    }
+
     /// Runs `hook` with every configuration swapped in after this call.
     pub fn on_update(&self, hook: impl Fn(&MeshConfig) + Send + Sync + 'static) {
         self.inner

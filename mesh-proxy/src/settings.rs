@@ -17,7 +17,11 @@
 //! | `workload.serviceHost` | `<app>.<namespace>.svc.cluster.local` | `destination_service` of inbound metrics |
 //! | `trustDomain` | `cluster.local` | SPIFFE trust domain |
 //! | `clusterId` | `Kubernetes` | the cluster the workload runs in: `source_cluster`/`destination_cluster` metric labels, sent to peers in the metadata exchange |
-//! | `configDir` | required | directory of Istio YAML, watched; relative to the settings file |
+//! | `configDir` | required without `discovery` | directory of Istio YAML, watched; relative to the settings file |
+//! | `discovery.address` | – | `host:port` of the `discovery` control plane: the configuration comes from it over xDS instead of `configDir` |
+//! | `discovery.identity` | `spiffe://<trustDomain>/ns/istio-system/sa/mesh-discovery` | the SPIFFE ID `discovery` must prove |
+//! | `discovery.tokenFile` | `/var/run/secrets/tokens/istio-token` | the projected service-account token (audience `istio-ca`) sent with certificate requests |
+//! | `discovery.rootCert` | `/var/run/secrets/istio/root-cert.pem` | the mesh's root certificate, to trust `discovery` before the workload has a certificate |
 //! | `svid.certDir` | – | `cert-chain.pem`, `key.pem`, `root-cert.pem`, watched (Kubernetes symlink swaps included) |
 //! | `svid.caDir` | – | a CA from `mesh-proxy ca init`: the built-in issuer mints the SVID and rotates it at half-life |
 //! | `svid.lifetime` | `24h` | lifetime of SVIDs from the built-in issuer |
@@ -85,8 +89,12 @@ pub struct Settings {
     pub cluster_id: String,
     /// Directory of Istio YAML (VirtualService, DestinationRule, ServiceEntry,
     /// PeerAuthentication, AuthorizationPolicy, Gateway). Relative paths are relative to
-    /// the settings file. Watched for changes.
+    /// the settings file. Watched for changes. Empty when `discovery` is set.
+    #[serde(default)]
     pub config_dir: PathBuf,
+    /// The `discovery` control plane the configuration comes from instead of `configDir`.
+    #[serde(default)]
+    pub discovery: Option<DiscoverySettings>,
     /// Where the workload certificate comes from.
     #[serde(default)]
     pub svid: SvidSettings,
@@ -121,6 +129,44 @@ pub struct Settings {
     /// Directory the settings file is in (relative paths resolve against it).
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// `discovery`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiscoverySettings {
+    /// `host:port` of `discovery` (Istio's port is 15012).
+    pub address: String,
+    /// The SPIFFE ID `discovery` must prove; default
+    /// `spiffe://<trustDomain>/ns/istio-system/sa/mesh-discovery`.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// The projected service-account token sent with certificate requests.
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    /// The mesh's root certificate (PEM), trusted for `discovery` before the workload
+    /// has a certificate of its own.
+    #[serde(default = "default_root_cert")]
+    pub root_cert: PathBuf,
+}
+
+fn default_token_file() -> PathBuf {
+    PathBuf::from("/var/run/secrets/tokens/istio-token")
+}
+
+fn default_root_cert() -> PathBuf {
+    PathBuf::from("/var/run/secrets/istio/root-cert.pem")
+}
+
+impl Settings {
+    /// The SPIFFE ID `discovery` must prove (see [`DiscoverySettings::identity`]).
+    pub fn discovery_identity(&self) -> Option<Result<Identity, mesh_core::IdentityError>> {
+        let d = self.discovery.as_ref()?;
+        Some(match &d.identity {
+            Some(id) => Identity::parse(id),
+            None => Identity::from_istio(&self.trust_domain, "istio-system", "mesh-discovery"),
+        })
+    }
 }
 
 /// `dns`.
@@ -492,8 +538,30 @@ impl Settings {
                 ));
             }
         }
-        if self.config_dir.as_os_str().is_empty() {
-            p.push(("configDir", "required: the directory of Istio YAML".into()));
+        match (&self.discovery, self.config_dir.as_os_str().is_empty()) {
+            (None, true) => p.push((
+                "configDir",
+                "required: the directory of Istio YAML (or set `discovery`)".into(),
+            )),
+            (Some(_), false) => p.push((
+                "discovery",
+                "set either configDir or discovery, not both".into(),
+            )),
+            (Some(d), true) => {
+                if d.address
+                    .rsplit_once(':')
+                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+                {
+                    p.push((
+                        "discovery.address",
+                        format!("{:?} is not `host:port`", d.address),
+                    ));
+                }
+                if let Some(Err(e)) = self.discovery_identity() {
+                    p.push(("discovery.identity", format!("not a SPIFFE ID: {e}")));
+                }
+            }
+            (None, false) => {}
         }
         if self.svid.cert_dir.is_some() && self.svid.ca_dir.is_some() {
             p.push((

@@ -10,8 +10,6 @@
 
 mod support;
 
-use std::path::PathBuf;
-
 use support::*;
 
 /// Cases that fail today, and why; `always` when the case fails on every run. A case

@@ -77,7 +77,7 @@ use rustls::SupportedProtocolVersion;
 use rustls::crypto::CryptoProvider;
 
 pub use authz::{AuthzLayer, PolicySet};
-pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec};
+pub use ca::{CertificateAuthority, IssuedSvid, LeafSpec, SignedCsr, WorkloadKey};
 pub use client::ClientTls;
 pub use connect::{
     Alpn, ConnectionOpened, ConnectionRequests, InvalidServerName, Keepalive, UpstreamConn,

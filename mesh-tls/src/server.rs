@@ -112,6 +112,15 @@ impl ServerTls {
         &self.store
     }
 
+    /// The same server, accepting clients without a certificate too (see
+    /// [`SpiffeClientVerifier::optional`]); [`accept_any`](Self::accept_any) reads
+    /// whether one was presented.
+    #[must_use]
+    pub fn client_certificate_optional(mut self) -> Self {
+        self.verifier = self.verifier.optional();
+        self
+    }
+
     /// A server config; if `slot` is given, the verified client is recorded in it.
     ///
     /// [`accept`](Self::accept) builds one per connection with a fresh slot, which is
@@ -139,15 +148,24 @@ impl ServerTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        let (stream, leaf) = self.accept_any(io).await?;
+        let leaf = leaf
+            .ok_or_else(|| io::Error::other("handshake completed without a client certificate"))?;
+        Ok((stream, leaf))
+    }
+
+    /// Like [`accept`](Self::accept), for a server whose client certificate is
+    /// [optional](Self::client_certificate_optional): the client's verified SVID, if it
+    /// presented one.
+    pub async fn accept_any<IO>(&self, io: IO) -> io::Result<(TlsStream<IO>, Option<SvidLeaf>)>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let slot = PeerSlot::new();
         let stream = TlsAcceptor::from(self.config(Some(slot.clone())))
             .accept(io)
             .await?;
-        let leaf = slot
-            .get()
-            .cloned()
-            .ok_or_else(|| io::Error::other("handshake completed without a client certificate"))?;
-        Ok((stream, leaf))
+        Ok((stream, slot.get().cloned()))
     }
 }
 

@@ -294,6 +294,12 @@ impl CertStore {
         self.rotate.notify_one();
     }
 
+    /// Completes when [`rotate_now`](Self::rotate_now) is called: for certificate
+    /// sources outside this crate (a client that renews by CSR).
+    pub async fn rotation_requested(&self) {
+        self.rotate.notified().await;
+    }
+
     fn emit(&self, event: StoreEvent) {
         // No subscriber is fine.
         let _ = self.events.send(event);

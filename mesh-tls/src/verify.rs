@@ -293,13 +293,14 @@ impl SecureNaming {
     }
 }
 
-/// Server-side verifier of client certificates: mandatory, SPIFFE-checked, chained to
-/// the current trust bundle.
+/// Server-side verifier of client certificates: SPIFFE-checked, chained to the current
+/// trust bundle; mandatory unless built [`optional`](Self::optional).
 #[derive(Clone)]
 pub struct SpiffeClientVerifier {
     bundle: Arc<ArcSwap<TrustBundle>>,
     provider: Arc<CryptoProvider>,
     slot: Option<PeerSlot>,
+    mandatory: bool,
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
@@ -317,6 +318,19 @@ impl SpiffeClientVerifier {
             bundle,
             provider,
             slot: None,
+            mandatory: true,
+        }
+    }
+
+    /// The same verifier, also accepting clients that present no certificate (a
+    /// certificate that is presented must still be valid). For servers that
+    /// authenticate some callers another way, as the certificate service does with
+    /// Kubernetes tokens.
+    #[must_use]
+    pub fn optional(&self) -> Self {
+        Self {
+            mandatory: false,
+            ..self.clone()
         }
     }
 
@@ -336,7 +350,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

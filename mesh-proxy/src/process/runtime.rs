@@ -72,16 +72,25 @@ impl Process {
     ) -> Result<Self, StartError> {
         let (telemetry, flush) = telemetry(&settings).await?;
         let mut builder = Mesh::builder(workload(&settings))
-            .config_dir(settings.resolve(&settings.config_dir))
             .certificates(certificates(&settings)?)
             .telemetry(telemetry)
             .options(options(&settings));
+        builder = match settings.discovery {
+            // Nothing is served before the first configuration from `discovery` is in force.
+            Some(_) => builder.config(mesh_core::config::MeshConfig::default()),
+            None => builder.config_dir(settings.resolve(&settings.config_dir)),
+        };
+        let is_gateway = gateway.is_some();
         if let Some((namespace, name)) = gateway {
             builder = builder.gateway(namespace, name);
         }
         let mesh = builder.build()?;
-        mesh.watch()
-            .map_err(|e| StartError::Other(format!("configDir: {e}")))?;
+        if settings.discovery.is_some() {
+            follow_discovery(&settings, &mesh, is_gateway).await?;
+        } else {
+            mesh.watch()
+                .map_err(|e| StartError::Other(format!("configDir: {e}")))?;
+        }
         Ok(Self {
             settings,
             mesh,
@@ -139,6 +148,52 @@ impl Process {
             keep: vec![Box::new(self.mesh)],
             addresses: self.addresses,
         })
+    }
+}
+
+/// Subscribes `mesh` to the configuration of `discovery` and waits until the first one
+/// is in force (retrying while `discovery` is unreachable).
+async fn follow_discovery(
+    settings: &Settings,
+    mesh: &Mesh,
+    is_gateway: bool,
+) -> Result<(), StartError> {
+    use crate::control::xds::{NodeInfo, XdsOptions, subscribe};
+    let (Some(discovery), Some(identity)) = (&settings.discovery, settings.discovery_identity())
+    else {
+        return Ok(());
+    };
+    let identity = identity.map_err(|e| StartError::Other(format!("discovery.identity: {e}")))?;
+    let w = &settings.workload;
+    let node = NodeInfo {
+        proxy_type: if is_gateway { "router" } else { "sidecar" }.to_owned(),
+        ip: None,
+        name: workload(settings).workload_name(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        labels: w.labels.clone(),
+        cluster_id: settings.cluster_id.clone(),
+        domain_suffix: "cluster.local".to_owned(),
+    };
+    let mut options = XdsOptions::new(
+        discovery.address.clone(),
+        mesh_tls::SecureNaming::only(identity),
+        node,
+    );
+    options.connect_timeout = settings.limits.connect_timeout.as_std();
+    let updates = subscribe(
+        options,
+        mesh_tls::ClientTls::new(mesh.certificates().clone()),
+        mesh.shutdown_token(),
+    );
+    let mut applied = mesh.follow(updates);
+    tracing::info!(address = %discovery.address, "waiting for the configuration from discovery");
+    let stop = mesh.shutdown_token();
+    tokio::select! {
+        () = stop.cancelled() => Err(StartError::Other("stopped before the configuration arrived".into())),
+        ready = applied.wait_for(Option::is_some) => ready
+            .map(|_| ())
+            .map_err(|_| StartError::Other("the configuration subscription ended".into())),
     }
 }
 

@@ -529,7 +529,10 @@ pub async fn openssl(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
 /// `labels`.
 pub fn series_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .find(|l| {
             labels
                 .iter()

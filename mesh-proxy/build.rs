@@ -1,0 +1,22 @@
+//! Compiles the gRPC APIs under `proto/` (Istio's certificate service) into Rust when the
+//! `xds` feature is on. The `.proto` files are parsed by protox, so no `protoc` is needed.
+
+fn main() {
+    println!("cargo::rerun-if-changed=proto");
+    if std::env::var_os("CARGO_FEATURE_XDS").is_none() {
+        return;
+    }
+    #[cfg(feature = "xds")]
+    compile();
+}
+
+#[cfg(feature = "xds")]
+fn compile() {
+    let files = protox::compile(["istio/v1/auth/ca.proto"], ["proto"])
+        .unwrap_or_else(|e| panic!("proto/istio/v1/auth/ca.proto: {e}"));
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(files)
+        .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
+}
