@@ -16,7 +16,7 @@ use mesh_proxy::discovery::kube::{ClusterState, KubeSource, SourceOptions};
 use support::peers::ApiServer;
 use tokio::sync::watch;
 
-const CRDS: &str = include_str!("../../deploy/helm/mesh/crds/istio.yaml");
+const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const CANARY: &str = include_str!("../../examples/sidecar/config/canary-order-service.yaml");
 const RESILIENCE: &str =
     include_str!("../../examples/sidecar/config/payment-service-resilience.yaml");
