@@ -37,7 +37,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_core::body::{self, BoxBody};
 use mesh_core::config::{AnyResource, LoadOptions, MeshConfig};
-use mesh_tls::{BuiltInIssuer, CertStore, CertificateAuthority, ServerTls};
+use mesh_tls::{CertStore, CertificateAuthority, LeafSpec, ServerTls};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,6 +52,13 @@ pub enum Source {
     /// Files or directories of Istio YAML, reloaded when they change. A reload that
     /// does not validate changes nothing.
     Files(Vec<PathBuf>),
+    /// The Kubernetes API ([`kube::KubeSource`]): with this kubeconfig, or else the
+    /// in-cluster service account (or `KUBECONFIG`). Enables the certificate service
+    /// (TokenReview needs the API), the root certificate ConfigMaps and the webhook.
+    Kubernetes {
+        /// A kubeconfig file; `None` for the in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// What `discovery` needs to start.
@@ -73,6 +80,40 @@ pub struct DiscoveryOptions {
     pub grpc: SocketAddr,
     /// Monitoring (`/metrics`, `/ready`).
     pub monitoring: SocketAddr,
+    /// The validating webhook (HTTPS), Kubernetes source only.
+    pub webhook: Option<SocketAddr>,
+    /// The ValidatingWebhookConfiguration whose `caBundle` `discovery` keeps set to the
+    /// mesh root.
+    pub webhook_config: Option<String>,
+    /// DNS names on the serving certificate besides `mesh-discovery.<namespace>.svc`.
+    pub dns_names: Vec<String>,
+    /// Audiences a certificate request's token must carry (`istio-ca`).
+    pub token_audiences: Vec<String>,
+    /// Lifetime of issued workload certificates when the request asks for none (24 h).
+    pub workload_cert_ttl: Option<std::time::Duration>,
+}
+
+impl DiscoveryOptions {
+    /// Options with Istio's defaults (ports 15012 and 15014 on all addresses, namespace
+    /// `istio-system`, service account `mesh-discovery`) for `source` and the CA in
+    /// `ca_dir`.
+    pub fn new(source: Source, ca_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            namespace: "istio-system".to_owned(),
+            service_account: "mesh-discovery".to_owned(),
+            trust_domain: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+            ca_dir: ca_dir.into(),
+            source,
+            grpc: SocketAddr::from(([0, 0, 0, 0], 15012)),
+            monitoring: SocketAddr::from(([0, 0, 0, 0], 15014)),
+            webhook: None,
+            webhook_config: None,
+            dns_names: Vec::new(),
+            token_audiences: vec!["istio-ca".to_owned()],
+            workload_cert_ttl: None,
+        }
+    }
 }
 
 /// Why `discovery` could not start.
@@ -95,6 +136,9 @@ pub enum DiscoveryError {
     /// The configuration directory could not be watched.
     #[error("watching the configuration: {0}")]
     Watch(String),
+    /// The Kubernetes API could not be reached.
+    #[error("Kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 /// A running `discovery`.
@@ -116,54 +160,112 @@ impl std::fmt::Debug for Discovery {
 impl Discovery {
     /// Loads the CA and the configuration, binds the listeners and starts serving.
     pub async fn start(options: DiscoveryOptions) -> Result<Discovery, DiscoveryError> {
-        let ca = CertificateAuthority::load_dir(&options.ca_dir)
+        let mut ca = CertificateAuthority::load_plugin(&options.ca_dir, &options.trust_domain)
             .map_err(|e| DiscoveryError::Ca(format!("{}: {e}", options.ca_dir.display())))?;
+        if let Some(ttl) = options.workload_cert_ttl {
+            ca = ca.with_default_ttl(ttl);
+        }
         let ca = Arc::new(ca);
-        let issuer = BuiltInIssuer::new(ca.clone(), &options.namespace, &options.service_account);
-        let store =
-            CertStore::from_issuer(&issuer).map_err(|e| DiscoveryError::Ca(e.to_string()))?;
-        let mut keep: Vec<Box<dyn std::any::Any + Send>> =
-            vec![Box::new(store.spawn_issuer(issuer))];
-
+        let (store, renewal) = serving_certificate(&ca, &options)?;
         let shutdown = CancellationToken::new();
+        let mut keep: Vec<Box<dyn std::any::Any + Send>> = vec![Box::new(renewal)];
+        let mut tasks = JoinSet::new();
+        let mut registry = Registry::default();
+        let mut routes = tonic::service::Routes::builder();
+
         let (catalog_tx, catalog) = watch::channel(Arc::new(Catalog::default()));
         let load = LoadOptions {
             default_namespace: options.namespace.clone(),
             root_namespace: options.root_namespace.clone(),
         };
+        let mut webhook = None;
         match &options.source {
             Source::Files(paths) => {
                 keep.push(files(paths.clone(), load, catalog_tx, shutdown.clone())?);
             }
+            Source::Kubernetes { kubeconfig } => {
+                let client = kube_client(kubeconfig.as_deref()).await?;
+                let source_options = kube::SourceOptions {
+                    trust_domain: options.trust_domain.clone(),
+                    root_namespace: options.root_namespace.clone(),
+                    instance: std::env::var("POD_NAME").ok(),
+                    ..kube::SourceOptions::default()
+                };
+                let source = kube::KubeSource::start(client.clone(), source_options)
+                    .await
+                    .map_err(|e| DiscoveryError::Kubernetes(e.to_string()))?;
+                source.register_metrics(&mut registry);
+                let mut states = source.subscribe();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let state = states.borrow_and_update().clone();
+                        if state.generation > 0 {
+                            catalog_tx.send_replace(Arc::new(Catalog::new(
+                                state.generation,
+                                state.resources.clone(),
+                            )));
+                        }
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            changed = states.changed() => if changed.is_err() { return },
+                        }
+                    }
+                });
+                keep.push(Box::new(source));
+                let certificates = ca::CertificateService::new(
+                    ca.clone(),
+                    client.clone(),
+                    ca::CaOptions {
+                        audiences: options.token_audiences.clone(),
+                        ..ca::CaOptions::default()
+                    },
+                );
+                routes.add_service(certificates.into_service());
+                tasks.spawn(root_cert::publish(
+                    client.clone(),
+                    ca.root_pem().to_owned(),
+                    shutdown.clone(),
+                ));
+                if let Some(addr) = options.webhook {
+                    webhook = Some((bind(addr).await?, load, client));
+                }
+            }
         }
 
-        let mut registry = Registry::default();
         let ads = AdsServer::new(catalog.clone(), options.root_namespace.clone());
         ads.metrics().register(&mut registry);
+        routes.add_service(ads.into_service());
         let registry = Arc::new(registry);
 
         let grpc = bind(options.grpc).await?;
         let monitoring = bind(options.monitoring).await?;
-        let addresses = vec![
+        let mut addresses = vec![
             ("grpc", local(&grpc, options.grpc)),
             ("monitoring", local(&monitoring, options.monitoring)),
         ];
-        let mut tasks = JoinSet::new();
-        let mut routes = tonic::service::Routes::builder();
-        routes.add_service(ads.into_service());
+        if let Some((listener, load, client)) = webhook {
+            addresses.push(("webhook", local(&listener, listener_addr(&listener))));
+            let tls = webhook_tls(&store);
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = webhook::serve_webhook(listener, tls, load, stop).await {
+                    tracing::error!(error = %e, "the webhook server failed");
+                }
+            });
+            if let Some(name) = options.webhook_config.clone() {
+                tasks.spawn(keep_ca_bundle(client, name, ca.root_pem().to_owned()));
+            }
+        }
         let stop = shutdown.clone();
         let server_tls = ServerTls::new(store);
+        let routes = routes.routes();
         tasks.spawn(async move {
-            if let Err(e) = xds::serve(grpc, server_tls, routes.routes(), stop).await {
+            if let Err(e) = xds::serve(grpc, server_tls, routes, stop).await {
                 tracing::error!(error = %e, "the gRPC server failed");
             }
         });
-        tasks.spawn(serve_monitoring(
-            monitoring,
-            registry,
-            catalog,
-            shutdown.clone(),
-        ));
+        tasks.spawn(serve_monitoring(monitoring, registry, catalog, shutdown.clone()));
         tracing::info!(addresses = ?addresses, "discovery started");
         Ok(Discovery {
             shutdown,
@@ -200,6 +302,115 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DiscoveryError> {
 
 fn local(listener: &TcpListener, asked: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(asked)
+}
+
+fn listener_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Lifetime of `discovery`'s own serving certificate; renewed at half-life.
+const SERVING_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `discovery`'s own certificate, from its CA: its SPIFFE ID (which proxies check on
+/// xDS) and the DNS names of its Service (which certificate clients and the API
+/// server's webhook calls check), renewed at half-life by the returned task.
+fn serving_certificate(
+    ca: &Arc<CertificateAuthority>,
+    options: &DiscoveryOptions,
+) -> Result<(Arc<CertStore>, AbortOnDrop), DiscoveryError> {
+    let mut spec = LeafSpec::workload(&options.trust_domain, &options.namespace, &options.service_account)
+        .with_ttl(SERVING_TTL)
+        .with_dns(&format!("mesh-discovery.{}.svc", options.namespace));
+    for name in &options.dns_names {
+        spec = spec.with_dns(name);
+    }
+    let issue = {
+        let ca = ca.clone();
+        move || ca.issue_with(&spec).map_err(|e| DiscoveryError::Ca(e.to_string()))
+    };
+    let store = CertStore::from_issued(&issue()?).map_err(|e| DiscoveryError::Ca(e.to_string()))?;
+    let renewing = store.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SERVING_TTL / 2).await;
+            match issue() {
+                Ok(svid) => {
+                    if let Err(e) = renewing.install(svid.files()) {
+                        tracing::error!(error = %e, "cannot install the renewed serving certificate");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot renew the serving certificate"),
+            }
+        }
+    });
+    Ok((store, AbortOnDrop(task)))
+}
+
+/// The webhook's TLS: `store`'s certificate, no client certificate asked.
+fn webhook_tls(store: &Arc<CertStore>) -> Arc<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder_with_provider(store.provider().clone())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("ring supports the default versions"))
+        .with_no_client_auth()
+        .with_cert_resolver(store.clone());
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A client of the Kubernetes API: from `kubeconfig`, else in-cluster or `KUBECONFIG`.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<::kube::Client, DiscoveryError> {
+    let err = |e: &dyn std::fmt::Display| DiscoveryError::Kubernetes(e.to_string());
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = ::kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            ::kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| err(&e))?
+        }
+        None => ::kube::Config::infer().await.map_err(|e| err(&e))?,
+    };
+    ::kube::Client::try_from(config).map_err(|e| err(&e))
+}
+
+/// Keeps every webhook of the ValidatingWebhookConfiguration `name` trusting `root_pem`
+/// (as istiod patches its webhooks): checked at start and every minute.
+async fn keep_ca_bundle(client: ::kube::Client, name: String, root_pem: String) {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let api: ::kube::Api<ValidatingWebhookConfiguration> = ::kube::Api::all(client);
+    // Serialized as base64, as the field is in the API.
+    let bundle = serde_json::to_value(k8s_openapi::ByteString(root_pem.as_bytes().to_vec()))
+        .unwrap_or_default();
+    loop {
+        match api.get_opt(&name).await {
+            Ok(Some(config)) => {
+                let stale: Vec<&str> = config
+                    .webhooks
+                    .iter()
+                    .flatten()
+                    .filter(|w| {
+                        w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(root_pem.as_bytes())
+                    })
+                    .map(|w| w.name.as_str())
+                    .collect();
+                if !stale.is_empty() {
+                    let webhooks: Vec<serde_json::Value> = stale
+                        .iter()
+                        .map(|n| serde_json::json!({"name": n, "clientConfig": {"caBundle": bundle}}))
+                        .collect();
+                    let patch = ::kube::api::Patch::Strategic(serde_json::json!({"webhooks": webhooks}));
+                    match api.patch(&name, &::kube::api::PatchParams::default(), &patch).await {
+                        Ok(_) => tracing::info!(webhook = %name, "caBundle set to the mesh root"),
+                        Err(e) => tracing::warn!(webhook = %name, error = %e, "cannot set caBundle"),
+                    }
+                }
+            }
+            Ok(None) => tracing::debug!(webhook = %name, "no such ValidatingWebhookConfiguration yet"),
+            Err(e) => tracing::warn!(webhook = %name, error = %e, "cannot read the webhook configuration"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    }
 }
 
 /// The file source: loads `paths` now (a failure fails the start) and again whenever
