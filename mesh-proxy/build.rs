@@ -3,11 +3,11 @@
 
 fn main() {
     println!("cargo::rerun-if-changed=proto");
-    if std::env::var_os("CARGO_FEATURE_XDS").is_none() {
-        return;
-    }
+    // The code generators are build dependencies of the `xds` feature only.
     #[cfg(feature = "xds")]
-    compile();
+    if std::env::var_os("CARGO_FEATURE_XDS").is_some() {
+        compile();
+    }
 }
 
 #[cfg(feature = "xds")]

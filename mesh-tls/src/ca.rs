@@ -30,7 +30,8 @@
 //! [`CertificateAuthority::load_plugin`] reads Istio's plug-in layout (`ca-cert.pem`,
 //! `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`), so an intermediate signed by an
 //! organisation's offline root can sign workload certificates; `ca init`'s own layout
-//! is the same files with the root as the signing certificate.
+//! is the same files with the root as the signing certificate; Istio's other accepted
+//! form, a `kubernetes.io/tls` secret (`tls.crt`, `tls.key`, `ca.crt`), is read too.
 //!
 //! # Choices that differ from Istio
 //!
@@ -39,8 +40,7 @@
 //! - A `cert-chain.pem` that repeats the root (as Istio's sample tooling writes it) does
 //!   not put the root twice in a response; istiod appends the file as it is, then the
 //!   root again.
-//! - Istio's `kubernetes.io/tls`-style secret (`tls.crt`, `tls.key`, `ca.crt`) and
-//!   `ca-crl.pem` are not read.
+//! - `ca-crl.pem` is not read.
 //!
 //! [`LeafSpec`] exposes every field so tests can mint deliberately broken
 //! certificates (two URI SANs, a CA leaf, expired, not yet valid, another trust domain).
@@ -95,6 +95,12 @@ pub const ROOT_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
 /// File name of the CA private key.
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The signing certificate and its chain in a `kubernetes.io/tls`-style CA secret.
+pub const TLS_CERT_FILE: &str = "tls.crt";
+/// The signing key in a `kubernetes.io/tls`-style CA secret.
+pub const TLS_KEY_FILE: &str = "tls.key";
+/// The root(s) in a `kubernetes.io/tls`-style CA secret.
+pub const TLS_CA_FILE: &str = "ca.crt";
 
 /// Why the CA could not be created, loaded, written or could not issue.
 #[derive(Debug, thiserror::Error)]
@@ -264,15 +270,23 @@ impl CertificateAuthority {
     ///   root; the certificates in it that are not roots are sent after every issued leaf;
     /// - `root-cert.pem` (optional when `ca-cert.pem` is self-signed): the root(s).
     ///
+    /// Without `ca-cert.pem`, a `kubernetes.io/tls`-style secret (cert-manager's) is read
+    /// instead: `tls.crt` (the signing certificate, then its chain), `tls.key`, `ca.crt`
+    /// (the roots).
+    ///
     /// The files are checked together: the key must match the signing certificate,
     /// which must be a CA, and a certificate issued by it must verify through the
     /// chain to a root.
     pub fn load_plugin(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         Identity::trust_domain_root(trust_domain)?;
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
-        let chain_path = dir.join(CERT_CHAIN_FILE);
-        let root_path = dir.join(ROOT_CERT_FILE);
+        let tls_layout = !dir.join(CA_CERT_FILE).exists() && dir.join(TLS_CERT_FILE).exists();
+        let [cert_path, key_path, chain_path, root_path] = if tls_layout {
+            // The signing certificate first in `tls.crt`, then its chain; roots in `ca.crt`.
+            [TLS_CERT_FILE, TLS_KEY_FILE, TLS_CERT_FILE, TLS_CA_FILE]
+        } else {
+            [CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE]
+        }
+        .map(|name| dir.join(name));
         let cert_der = first_cert(&cert_path)?;
         let key_pem = read_text(&key_path)?;
         let key = load_key(&key_pem).map_err(|what| invalid(&key_path, what))?;
@@ -282,7 +296,10 @@ impl CertificateAuthority {
             return Err(invalid(&cert_path, "certificate is not a CA".into()));
         }
         if x509.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(invalid(&key_path, "key does not match ca-cert.pem".into()));
+            return Err(invalid(
+                &key_path,
+                "key does not match the signing certificate".into(),
+            ));
         }
         let self_signed = x509.subject() == x509.issuer();
         let (roots, roots_pem) = if root_path.exists() {
@@ -292,7 +309,7 @@ impl CertificateAuthority {
         } else {
             return Err(invalid(
                 &root_path,
-                "missing, and ca-cert.pem is not self-signed".into(),
+                "missing, and the signing certificate is not self-signed".into(),
             ));
         };
         let listed = if chain_path.exists() {
@@ -1188,6 +1205,44 @@ mod tests {
         assert_eq!(pkcs8_wrap(EC_P256_ALGORITHM, sec1), pkcs8);
         let rsa = pkcs8_wrap(RSA_ALGORITHM, &[0u8; 300]);
         assert_eq!(&rsa[..4], &[0x30, 0x82, 0x01, 0x42]);
+    }
+
+    #[test]
+    fn a_tls_secret_layout_signs_through_its_intermediate() {
+        // An intermediate made by the mesh's own root, written as cert-manager writes a
+        // CA issuer's secret: tls.crt (intermediate), tls.key, ca.crt (root).
+        let root = CertificateAuthority::new("cluster.local").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        let intermediate = params.signed_by(&key, &root.issuer).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(TLS_CERT_FILE), intermediate.pem()).unwrap();
+        std::fs::write(dir.path().join(TLS_KEY_FILE), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join(TLS_CA_FILE), root.root_pem()).unwrap();
+        let ca = CertificateAuthority::load_plugin(dir.path(), "cluster.local").unwrap();
+        assert_eq!(ca.root_der(), root.root_der());
+        assert_eq!(ca.intermediates_der(), &[intermediate.der().clone()]);
+        let csr = csr_for(&WorkloadKey::generate().unwrap(), "a", "b");
+        let signed = ca.sign_csr(&csr, "a", "b", None).unwrap();
+        assert_eq!(signed.chain_der().len(), 3);
+        let bundle = crate::verify::TrustBundle::new(
+            vec![root.root_der().clone()],
+            vec!["cluster.local".into()],
+        )
+        .unwrap();
+        bundle
+            .verify_client(
+                &signed.chain_der()[0],
+                &signed.chain_der()[1..2],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .unwrap();
     }
 
     #[test]

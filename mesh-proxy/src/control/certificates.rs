@@ -536,3 +536,72 @@ fn read_token(options: &CaClientOptions) -> Result<String, CertificateError> {
     }
     Ok(token.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> CertificateClient {
+        let identity = Identity::from_istio("cluster.local", "ns", "sa").unwrap();
+        CertificateClient::new(CaClientOptions::new(
+            "discovery:15012",
+            "/roots.pem",
+            identity,
+        ))
+        .with_seed(11)
+    }
+
+    fn leaf(issued_ago: Duration, lifetime: Duration) -> SvidLeaf {
+        let not_before = SystemTime::now() - issued_ago;
+        SvidLeaf {
+            identity: Identity::from_istio("cluster.local", "ns", "sa").unwrap(),
+            serial: svid::Serial::from(&[1u8][..]),
+            not_before,
+            not_after: not_before + lifetime,
+        }
+    }
+
+    #[test]
+    fn a_day_long_certificate_is_renewed_between_11_76_and_12_24_hours() {
+        let client = client();
+        let day = Duration::from_secs(24 * 3600);
+        let (mut min, mut max) = (Duration::MAX, Duration::ZERO);
+        for _ in 0..500 {
+            let delay = client.rotation_delay(&leaf(Duration::ZERO, day));
+            min = min.min(delay);
+            max = max.max(delay);
+        }
+        assert!(min >= day.mul_f64(0.49) - Duration::from_secs(1), "{min:?}");
+        assert!(max <= day.mul_f64(0.51), "{max:?}");
+        assert!(
+            max - min > Duration::from_secs(20 * 60),
+            "jitter spread {:?}",
+            max - min
+        );
+    }
+
+    #[test]
+    fn a_certificate_past_its_renewal_point_is_renewed_at_once() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            client().rotation_delay(&leaf(hour.mul_f64(0.9), hour)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_maximum() {
+        let client = client();
+        for (failures, full) in [(1, 1), (2, 2), (3, 4), (9, 256), (10, 300), (40, 300)] {
+            let delay = client.retry_delay(failures);
+            let full = Duration::from_secs(full);
+            assert!(delay >= full / 2 && delay <= full, "{failures}: {delay:?}");
+        }
+    }
+
+    #[test]
+    fn an_address_without_a_scheme_means_tls() {
+        let options = client().options().clone();
+        assert_eq!(options.uri(), "https://discovery:15012");
+    }
+}

@@ -308,10 +308,16 @@ impl IstioCertificateService for CertificateService {
             }
         };
         let body = request.into_inner();
+        // As istiod: only a non-empty string value asks for impersonation.
         let impersonating = body
             .metadata
             .as_ref()
-            .is_some_and(|m| m.fields.contains_key(IMPERSONATED_IDENTITY));
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s),
+                _ => None,
+            })
+            .is_some_and(|s| !s.is_empty());
         if impersonating {
             tracing::warn!(
                 namespace = %caller.namespace,
