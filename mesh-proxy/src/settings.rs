@@ -19,10 +19,11 @@
 //! | `clusterId` | `Kubernetes` | the cluster the workload runs in: `source_cluster`/`destination_cluster` metric labels, sent to peers in the metadata exchange |
 //! | `configDir` | required without `discovery` | directory of Istio YAML, watched; relative to the settings file |
 //! | `discovery.address` | – | `host:port` of the `discovery` control plane: the configuration comes from it over xDS instead of `configDir` |
-//! | `discovery.identity` | `spiffe://<trustDomain>/ns/istio-system/sa/mesh-discovery` | the SPIFFE ID `discovery` must prove |
+//! | `discovery.identity` | `spiffe://<trustDomain>/ns/istio-system/sa/mesh-discovery` | the SPIFFE ID `discovery` must prove (xDS) |
+//! | `discovery.serverName` | `mesh-discovery.istio-system.svc` | the DNS name `discovery`'s certificate must carry for certificate requests (Istio's `ISTIOD_SAN`) |
 //! | `discovery.tokenFile` | `/var/run/secrets/tokens/istio-token` | the projected service-account token (audience `istio-ca`) sent with certificate requests |
 //! | `discovery.rootCert` | `/var/run/secrets/istio/root-cert.pem` | the mesh's root certificate, to trust `discovery` before the workload has a certificate |
-//! | `svid.certDir` | – | `cert-chain.pem`, `key.pem`, `root-cert.pem`, watched (Kubernetes symlink swaps included) |
+//! | `svid.certDir` | – | `cert-chain.pem`, `key.pem`, `root-cert.pem`, watched (Kubernetes symlink swaps included); without `certDir` and `caDir`, a sidecar with `discovery` asks it for a certificate by CSR and renews it at Istio's point |
 //! | `svid.caDir` | – | a CA from `mesh-proxy ca init`: the built-in issuer mints the SVID and rotates it at half-life |
 //! | `svid.lifetime` | `24h` | lifetime of SVIDs from the built-in issuer |
 //! | `listeners.inbound` | `0.0.0.0:15006` | mTLS listener for peers |
@@ -141,6 +142,10 @@ pub struct DiscoverySettings {
     /// `spiffe://<trustDomain>/ns/istio-system/sa/mesh-discovery`.
     #[serde(default)]
     pub identity: Option<String>,
+    /// The DNS name `discovery`'s serving certificate must carry when the workload
+    /// asks for its certificate (before it has one to check the SPIFFE ID with).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
     /// The projected service-account token sent with certificate requests.
     #[serde(default = "default_token_file")]
     pub token_file: PathBuf,
@@ -148,6 +153,10 @@ pub struct DiscoverySettings {
     /// has a certificate of its own.
     #[serde(default = "default_root_cert")]
     pub root_cert: PathBuf,
+}
+
+fn default_server_name() -> String {
+    "mesh-discovery.istio-system.svc".to_owned()
 }
 
 fn default_token_file() -> PathBuf {

@@ -199,7 +199,15 @@ impl CertificateService {
 
     fn client_certificate<T>(&self, request: &Request<T>) -> Option<Caller> {
         let bundle = self.bundle.as_ref()?;
-        let certs = request.peer_certs()?;
+        // tonic's own TLS, or discovery's server (`xds::serve`), which keeps them here.
+        let certs: Vec<_> = match request.peer_certs() {
+            Some(certs) => certs.to_vec(),
+            None => request
+                .extensions()
+                .get::<super::xds::PeerInfo>()?
+                .certificates
+                .to_vec(),
+        };
         let (leaf, intermediates) = certs.split_first()?;
         match verify_peer(bundle, leaf, intermediates) {
             Ok(identity) => Some(Caller {

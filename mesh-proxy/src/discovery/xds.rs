@@ -181,6 +181,8 @@ pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) ->
 pub struct PeerInfo {
     /// The client's verified SPIFFE identity, when it presented a certificate.
     pub identity: Option<Identity>,
+    /// The certificates it presented (leaf first); empty without one.
+    pub certificates: Arc<[rustls_pki_types::CertificateDer<'static>]>,
     /// The client's address.
     pub remote: SocketAddr,
 }
@@ -463,8 +465,15 @@ pub async fn serve(
                     tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept_any(tcp));
                 match handshake.await {
                     Ok(Ok((stream, leaf))) => {
+                        let certificates = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                            .unwrap_or_default();
                         let info = PeerInfo {
                             identity: leaf.map(|l| l.identity),
+                            certificates,
                             remote,
                         };
                         let _ = tx.send(Ok(PeerStream { stream, info })).await;

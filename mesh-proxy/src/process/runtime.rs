@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use super::admin::{self, Admin};
 use super::shutdown::ProxyHandle;
+use crate::control::certificates::{CaClientOptions, CertificateClient, RotationHandle};
 use crate::mesh::{BuildError, Certificates, Mesh, Options, Workload};
 use crate::settings::Settings;
 
@@ -58,6 +59,7 @@ pub struct Process {
     pub settings: Arc<Settings>,
     /// The mesh of the workload (or gateway).
     pub mesh: Mesh,
+    keep: Vec<Box<dyn std::any::Any + Send>>,
     flush: Vec<BoxFuture<'static, ()>>,
     listeners: JoinSet<()>,
     addresses: Vec<(String, SocketAddr)>,
@@ -71,8 +73,16 @@ impl Process {
         gateway: Option<(String, String)>,
     ) -> Result<Self, StartError> {
         let (telemetry, flush) = telemetry(&settings).await?;
+        let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+        let certificates = match certificate_from_discovery(&settings).await? {
+            Some((certificates, rotation)) => {
+                keep.push(Box::new(rotation));
+                certificates
+            }
+            None => certificates(&settings)?,
+        };
         let mut builder = Mesh::builder(workload(&settings))
-            .certificates(certificates(&settings)?)
+            .certificates(certificates)
             .telemetry(telemetry)
             .options(options(&settings));
         builder = match settings.discovery {
@@ -94,6 +104,7 @@ impl Process {
         Ok(Self {
             settings,
             mesh,
+            keep,
             flush,
             listeners: JoinSet::new(),
             addresses: Vec::new(),
@@ -145,7 +156,11 @@ impl Process {
             listeners: self.listeners,
             background,
             flush: self.flush,
-            keep: vec![Box::new(self.mesh)],
+            keep: {
+                let mut keep = self.keep;
+                keep.push(Box::new(self.mesh));
+                keep
+            },
             addresses: self.addresses,
         })
     }
@@ -239,9 +254,52 @@ fn certificates(settings: &Settings) -> Result<Certificates, StartError> {
         Ok(Certificates::Dir(settings.resolve(dir)))
     } else {
         Err(StartError::Certificate(
-            "svid: set certDir or caDir".to_owned(),
+            "svid: set certDir or caDir (or discovery)".to_owned(),
         ))
     }
+}
+
+/// The workload certificate from `discovery` by CSR (when the settings name
+/// `discovery` and no other source), retried with backoff until it comes, and the
+/// rotation that renews it.
+async fn certificate_from_discovery(
+    settings: &Settings,
+) -> Result<Option<(Certificates, RotationHandle)>, StartError> {
+    let Some(discovery) = &settings.discovery else {
+        return Ok(None);
+    };
+    if settings.svid.cert_dir.is_some() || settings.svid.ca_dir.is_some() {
+        return Ok(None);
+    }
+    let identity = workload(settings)
+        .identity()
+        .map_err(|e| StartError::Certificate(e.to_string()))?;
+    let mut options = CaClientOptions::new(
+        discovery.address.clone(),
+        settings.resolve(&discovery.root_cert),
+        identity,
+    )
+    .token_file(settings.resolve(&discovery.token_file))
+    .server_name(discovery.server_name.clone());
+    if let Some(lifetime) = settings.svid.lifetime {
+        options = options.ttl(lifetime.as_std());
+    }
+    let client = CertificateClient::new(options);
+    let mut failures = 0;
+    let store = loop {
+        match client.store().await {
+            Ok(store) => break store,
+            Err(e) => {
+                failures += 1;
+                let wait = client.retry_delay(failures);
+                tracing::warn!(address = %discovery.address, error = %e, retry_in = ?wait, "no certificate from discovery yet");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    tracing::info!(identity = %store.identity(), "certificate from discovery");
+    let rotation = client.spawn_rotation(store.clone());
+    Ok(Some((Certificates::Store(store), rotation)))
 }
 
 /// Metrics, traces and access log of the settings, with the flushes to run at exit.
