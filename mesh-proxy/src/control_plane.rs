@@ -13,7 +13,11 @@ pub struct Args {
     /// Serve Istio's resources, Services and endpoints from the Kubernetes API (in-cluster
     /// credentials, `KUBECONFIG`, or `--kubeconfig`), and certificates to callers whose
     /// service-account token the API server vouches for.
-    #[arg(long, conflicts_with = "config_dirs", required_unless_present = "config_dirs")]
+    #[arg(
+        long,
+        conflicts_with = "config_dirs",
+        required_unless_present = "config_dirs"
+    )]
     kubernetes: bool,
     /// The kubeconfig file for `--kubernetes`.
     #[arg(long, requires = "kubernetes")]
@@ -63,7 +67,10 @@ pub struct Args {
 /// Runs `discovery` until SIGTERM or Ctrl-C.
 pub fn run(args: Args) -> ExitCode {
     crate::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mesh-proxy: cannot start the runtime: {e}");

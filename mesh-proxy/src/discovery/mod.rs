@@ -265,7 +265,12 @@ impl Discovery {
                 tracing::error!(error = %e, "the gRPC server failed");
             }
         });
-        tasks.spawn(serve_monitoring(monitoring, registry, catalog, shutdown.clone()));
+        tasks.spawn(serve_monitoring(
+            monitoring,
+            registry,
+            catalog,
+            shutdown.clone(),
+        ));
         tracing::info!(addresses = ?addresses, "discovery started");
         Ok(Discovery {
             shutdown,
@@ -320,15 +325,22 @@ fn serving_certificate(
     ca: &Arc<CertificateAuthority>,
     options: &DiscoveryOptions,
 ) -> Result<(Arc<CertStore>, AbortOnDrop), DiscoveryError> {
-    let mut spec = LeafSpec::workload(&options.trust_domain, &options.namespace, &options.service_account)
-        .with_ttl(SERVING_TTL)
-        .with_dns(&format!("mesh-discovery.{}.svc", options.namespace));
+    let mut spec = LeafSpec::workload(
+        &options.trust_domain,
+        &options.namespace,
+        &options.service_account,
+    )
+    .with_ttl(SERVING_TTL)
+    .with_dns(&format!("mesh-discovery.{}.svc", options.namespace));
     for name in &options.dns_names {
         spec = spec.with_dns(name);
     }
     let issue = {
         let ca = ca.clone();
-        move || ca.issue_with(&spec).map_err(|e| DiscoveryError::Ca(e.to_string()))
+        move || {
+            ca.issue_with(&spec)
+                .map_err(|e| DiscoveryError::Ca(e.to_string()))
+        }
     };
     let store = CertStore::from_issued(&issue()?).map_err(|e| DiscoveryError::Ca(e.to_string()))?;
     let renewing = store.clone();
@@ -360,7 +372,9 @@ fn webhook_tls(store: &Arc<CertStore>) -> Arc<rustls::ServerConfig> {
 }
 
 /// A client of the Kubernetes API: from `kubeconfig`, else in-cluster or `KUBECONFIG`.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<::kube::Client, DiscoveryError> {
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<::kube::Client, DiscoveryError> {
     let err = |e: &dyn std::fmt::Display| DiscoveryError::Kubernetes(e.to_string());
     let config = match kubeconfig {
         Some(path) => {
@@ -390,7 +404,8 @@ async fn keep_ca_bundle(client: ::kube::Client, name: String, root_pem: String) 
                     .iter()
                     .flatten()
                     .filter(|w| {
-                        w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(root_pem.as_bytes())
+                        w.client_config.ca_bundle.as_ref().map(|b| &b.0[..])
+                            != Some(root_pem.as_bytes())
                     })
                     .map(|w| w.name.as_str())
                     .collect();
@@ -399,15 +414,25 @@ async fn keep_ca_bundle(client: ::kube::Client, name: String, root_pem: String) 
                         .iter()
                         .map(|n| serde_json::json!({"name": n, "clientConfig": {"caBundle": bundle}}))
                         .collect();
-                    let patch = ::kube::api::Patch::Strategic(serde_json::json!({"webhooks": webhooks}));
-                    match api.patch(&name, &::kube::api::PatchParams::default(), &patch).await {
+                    let patch =
+                        ::kube::api::Patch::Strategic(serde_json::json!({"webhooks": webhooks}));
+                    match api
+                        .patch(&name, &::kube::api::PatchParams::default(), &patch)
+                        .await
+                    {
                         Ok(_) => tracing::info!(webhook = %name, "caBundle set to the mesh root"),
-                        Err(e) => tracing::warn!(webhook = %name, error = %e, "cannot set caBundle"),
+                        Err(e) => {
+                            tracing::warn!(webhook = %name, error = %e, "cannot set caBundle")
+                        }
                     }
                 }
             }
-            Ok(None) => tracing::debug!(webhook = %name, "no such ValidatingWebhookConfiguration yet"),
-            Err(e) => tracing::warn!(webhook = %name, error = %e, "cannot read the webhook configuration"),
+            Ok(None) => {
+                tracing::debug!(webhook = %name, "no such ValidatingWebhookConfiguration yet")
+            }
+            Err(e) => {
+                tracing::warn!(webhook = %name, error = %e, "cannot read the webhook configuration")
+            }
         }
         tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     }

@@ -353,8 +353,11 @@ fn endpoints(
     slices: &[&EndpointSlice],
     pods: &Pods,
 ) -> Vec<WorkloadEntry> {
-    // By address, so that an address listed by two slices is one endpoint.
-    let mut out: BTreeMap<String, WorkloadEntry> = BTreeMap::new();
+    // By address and port numbers, so that an address listed by two slices with the
+    // same ports is one endpoint, and one address serving the Service on two ports (two
+    // workloads sharing the host's network) is two, as Envoy tells endpoints apart by
+    // address and port.
+    let mut out: BTreeMap<(String, Vec<u32>), WorkloadEntry> = BTreeMap::new();
     for slice in slices {
         let meta = &slice.metadata;
         if meta.namespace.as_deref() != Some(namespace)
@@ -414,8 +417,10 @@ fn endpoints(
             labels
                 .entry(TLS_MODE_LABEL.to_owned())
                 .or_insert_with(|| "disabled".to_owned());
+            let numbers: Vec<u32> = ports.values().copied().collect();
             for address in &ep.addresses {
-                let entry = out.entry(address.clone()).or_insert_with(|| WorkloadEntry {
+                let key = (address.clone(), numbers.clone());
+                let entry = out.entry(key).or_insert_with(|| WorkloadEntry {
                     address: Some(address.clone()),
                     labels: labels.clone(),
                     service_account: service_account.clone(),

@@ -10,9 +10,9 @@ use std::process::{Command, Output, Stdio};
 pub fn peers_bin() -> Option<PathBuf> {
     let script = repo().join(".ci/peers");
     match Command::new("bash").arg(&script).output() {
-        Ok(out) if out.status.success() => Some(PathBuf::from(
-            String::from_utf8_lossy(&out.stdout).trim(),
-        )),
+        Ok(out) if out.status.success() => {
+            Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        }
         Ok(out) => skip(&format!(
             "the test peers could not be built:\n{}",
             String::from_utf8_lossy(&out.stderr)
@@ -103,7 +103,9 @@ impl ApiServer {
             .spawn()
             .expect("starting kubectl");
         let mut input = child.stdin.take().expect("kubectl's stdin");
-        input.write_all(stdin.as_bytes()).expect("writing to kubectl");
+        input
+            .write_all(stdin.as_bytes())
+            .expect("writing to kubectl");
         drop(input);
         child.wait_with_output().expect("waiting for kubectl")
     }
