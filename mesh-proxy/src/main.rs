@@ -40,7 +40,7 @@ enum Command {
     /// Development certificate authority: create a root, issue and rotate workload SVIDs.
     Ca(ca::CaCommand),
     /// Run the control plane: configuration to sidecars over xDS, workload certificates.
-    Discovery(control_plane::Args),
+    Discovery(Box<control_plane::Args>),
 }
 
 /// Runtime sizing shared by `sidecar` and `gateway`.
@@ -123,7 +123,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }),
         Command::Ca(cmd) => ca::run(cmd),
-        Command::Discovery(args) => control_plane::run(args),
+        Command::Discovery(args) => control_plane::run(*args),
     }
 }
 
