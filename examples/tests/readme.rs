@@ -86,6 +86,12 @@ workload:
 trustDomain: cluster.local
 clusterId: Kubernetes
 configDir: istio
+discovery:
+  address: mesh-discovery.istio-system.svc:15012
+  identity: spiffe://cluster.local/ns/istio-system/sa/mesh-discovery
+  serverName: mesh-discovery.istio-system.svc
+  tokenFile: /var/run/secrets/tokens/istio-token
+  rootCert: /var/run/secrets/istio/root-cert.pem
 svid:
   certDir: certs
   caDir: ca
@@ -156,14 +162,26 @@ fn leaf_keys(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
 #[test]
 fn readme_settings_reference_matches_the_proxy_parser() {
     // The sample parses with the proxy's parser, which rejects unknown keys; certDir and
-    // caDir, otlp and zipkin exclude each other, so each half is checked on its own.
-    let files = SETTINGS_SAMPLE
+    // caDir, otlp and zipkin, configDir and discovery exclude each other, so each part is
+    // checked on its own.
+    let discovery = SETTINGS_SAMPLE
+        .lines()
+        .skip_while(|l| !l.starts_with("discovery:"))
+        .take_while(|l| !l.starts_with("svid:"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>();
+    assert!(discovery.contains("address:"), "{discovery}");
+    let local = SETTINGS_SAMPLE.replace(&discovery, "");
+    let files = local
         .replace("  caDir: ca\n  lifetime: 24h\n", "")
         .replace("  zipkin: http://127.0.0.1:9411/api/v2/spans\n", "");
-    let issuer = SETTINGS_SAMPLE
+    let issuer = local
         .replace("  certDir: certs\n", "")
         .replace("  otlp: http://127.0.0.1:4318/v1/traces\n", "");
-    for sample in [files, issuer] {
+    let control_plane = files
+        .replace("configDir: istio\n", &discovery)
+        .replace("svid:\n  certDir: certs\n", "");
+    for sample in [files, issuer, control_plane] {
         mesh_proxy::Settings::from_yaml("sample.yaml", &sample).unwrap();
     }
     let value: serde_json::Value = serde_saphyr::from_str(SETTINGS_SAMPLE).unwrap();

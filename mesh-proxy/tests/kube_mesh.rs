@@ -18,12 +18,10 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Stdio;
 use std::time::Duration;
 
 use support::peers::ApiServer;
 use support::*;
-use tokio::process::{Child, Command};
 
 const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const CANARY: &str = include_str!("../../examples/sidecar/config/canary-order-service.yaml");
@@ -92,55 +90,6 @@ fn slice(service: &str, pod: &str, address: SocketAddr) -> String {
         port = address.port(),
         ip = address.ip(),
     )
-}
-
-/// `mesh-proxy discovery --kubernetes`, killed when dropped.
-struct Discovery {
-    _child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Discovery {
-    async fn start(world: &World, server: &ApiServer, grpc: u16) -> Self {
-        let monitoring = free_port();
-        let log = world.path("discovery.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-            .arg("discovery")
-            .arg("--kubernetes")
-            .arg("--kubeconfig")
-            .arg(&server.kubeconfig)
-            .arg("--ca-dir")
-            .arg(&world.ca_dir)
-            .args(["--grpc", &format!("127.0.0.1:{grpc}")])
-            .args(["--monitoring", &format!("127.0.0.1:{monitoring}")])
-            .env("MESH_LOG", "info")
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        for _ in 0..600 {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "discovery exited with {status}:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if let Ok((200, _)) = admin_get(monitoring, "/ready").await {
-                return Self { _child: child, log };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "discovery did not become ready:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 /// Settings of a sidecar whose certificate and configuration come from `discovery`:
@@ -244,7 +193,15 @@ async fn the_article_on_kubernetes_with_discovery_certificates_by_csr_and_zero_f
     }
 
     let grpc = free_port();
-    let discovery = Discovery::start(&world, &server, grpc).await;
+    let grpc_address = format!("127.0.0.1:{grpc}");
+    let args = [
+        "--kubernetes".as_ref(),
+        "--kubeconfig".as_ref(),
+        server.kubeconfig.as_os_str(),
+        "--grpc".as_ref(),
+        grpc_address.as_ref(),
+    ];
+    let discovery = DiscoveryProcess::start(&world, "discovery", &args).await;
 
     // The mesh root, as discovery published it for the namespace's pods.
     let mut root_pem = String::new();

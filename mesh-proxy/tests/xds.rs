@@ -12,7 +12,6 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +23,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use mesh_proxy::control::xds::{IstioResource, NodeInfo, TYPE_URL, XdsOptions, subscribe};
 use support::*;
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -54,56 +52,16 @@ spec:
     )
 }
 
-/// A `mesh-proxy discovery` process serving `config`, killed when dropped.
-struct DiscoveryProcess {
-    child: Child,
-    log: std::path::PathBuf,
-    monitoring: u16,
-}
-
-impl DiscoveryProcess {
-    async fn start(world: &World, config: &Path, grpc: u16, name: &str) -> Self {
-        let monitoring = free_port();
-        let log = world.path(&format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-            .arg("discovery")
-            .arg("--config-dir")
-            .arg(config)
-            .arg("--ca-dir")
-            .arg(&world.ca_dir)
-            .args(["--grpc", &format!("127.0.0.1:{grpc}")])
-            .args(["--monitoring", &format!("127.0.0.1:{monitoring}")])
-            .env("MESH_LOG", "info")
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut d = Self {
-            child,
-            log,
-            monitoring,
-        };
-        for _ in 0..200 {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("discovery exited with {status}:\n{}", d.output());
-            }
-            if let Ok((200, _)) = admin_get(monitoring, "/ready").await {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("discovery did not become ready:\n{}", d.output());
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn metrics(&self) -> String {
-        admin_get(self.monitoring, "/metrics").await.unwrap().1
-    }
+/// `mesh-proxy discovery` serving the directory `config` on `grpc`.
+async fn discovery(world: &World, config: &Path, grpc: u16, name: &str) -> DiscoveryProcess {
+    let grpc = format!("127.0.0.1:{grpc}");
+    let args = [
+        "--config-dir".as_ref(),
+        config.as_os_str(),
+        "--grpc".as_ref(),
+        grpc.as_ref(),
+    ];
+    DiscoveryProcess::start(world, name, &args).await
 }
 
 /// Sidecar settings for `sa` whose configuration comes from `discovery` at `grpc`.
@@ -175,7 +133,7 @@ async fn sidecars_follow_discovery_and_keep_serving_while_it_is_away() {
     );
     world.write_config("istio", "routes.yaml", &routes(100, 0));
     let grpc = free_port();
-    let discovery = DiscoveryProcess::start(&world, &config, grpc, "discovery").await;
+    let discovery = discovery(&world, &config, grpc, "discovery").await;
 
     let start = |sa: &'static str, version: &'static str, ports: Ports, app: SocketAddr| {
         let s = settings_from_discovery(&world, sa, version, ports, app, grpc);
@@ -231,7 +189,7 @@ async fn sidecars_follow_discovery_and_keep_serving_while_it_is_away() {
     world.write_config("istio", "routes.yaml", &routes(100, 0));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(body_of(&client).await, "v2", "no discovery, no change");
-    let discovery = DiscoveryProcess::start(&world, &config, grpc, "discovery-again").await;
+    let discovery = self::discovery(&world, &config, grpc, "discovery-again").await;
     eventually(
         "the sidecars to reconnect and take the change",
         30,

@@ -322,6 +322,60 @@ impl Proxy {
     }
 }
 
+/// A `mesh-proxy discovery` process with `args` (besides the world's CA and a monitoring
+/// port), killed when dropped; started once its `/ready` answers 200.
+pub struct DiscoveryProcess {
+    child: Child,
+    log: PathBuf,
+    monitoring: u16,
+}
+
+impl DiscoveryProcess {
+    pub async fn start(world: &World, name: &str, args: &[&std::ffi::OsStr]) -> Self {
+        let monitoring = free_port();
+        let log = world.path(&format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .arg("discovery")
+            .args(args)
+            .arg("--ca-dir")
+            .arg(&world.ca_dir)
+            .args(["--monitoring", &format!("127.0.0.1:{monitoring}")])
+            .env("MESH_LOG", "info")
+            .stdout(Stdio::from(out.try_clone().expect("log")))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn mesh-proxy discovery");
+        let mut d = Self {
+            child,
+            log,
+            monitoring,
+        };
+        for _ in 0..600 {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("discovery exited with {status}:\n{}", d.output());
+            }
+            if let Ok((200, _)) = admin_get(monitoring, "/ready").await {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("discovery did not become ready:\n{}", d.output());
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        admin_get(self.monitoring, "/metrics")
+            .await
+            .expect("metrics")
+            .1
+    }
+}
+
 /// GET on the admin port: (status, body).
 pub async fn admin_get(port: u16, path: &str) -> Result<(u16, String), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
