@@ -14,12 +14,23 @@
 //! |---|---|
 //! | 15012 | gRPC over TLS: xDS (clients present their workload certificate) and the certificate service |
 //! | 15014 | monitoring: `GET /metrics`, `GET /ready` (200 once the first catalog is built) |
+//! | 15017 | the validating webhook (`POST /validate`, HTTPS), with the Kubernetes source |
 //!
 //! # Identity
 //!
 //! `discovery` holds the CA. It issues its own certificate from it for
-//! `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>` and renews it at
-//! half-life; sidecars accept only that identity (their `discovery.identity`).
+//! `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>`, with the DNS name of its
+//! Service (`mesh-discovery.<namespace>.svc`) and any `dns_names`, and renews it at
+//! half-life. Sidecars check the SPIFFE ID on xDS (their `discovery.identity`) and the
+//! DNS name when they ask for a certificate (`discovery.serverName`, as Istio's agent
+//! checks istiod); the API server checks the DNS name when it calls the webhook, and
+//! `discovery` keeps the webhook configuration's `caBundle` set to the mesh root.
+//!
+//! # Choices that differ from Istio
+//!
+//! - The file source serves no certificates: the certificate service authenticates
+//!   callers with the Kubernetes TokenReview API.
+//! - The CA files are read at start; a new CA takes a restart (istiod watches them).
 
 pub mod ca;
 pub mod kube;

@@ -24,7 +24,8 @@
 //!   namespace it cannot see does not reach it). ACKs and NACKs are matched by nonce; a
 //!   NACK is logged with the proxy's diagnostics and counted.
 //! - **Metrics** (Istio's names): `pilot_xds` (connected proxies), `pilot_xds_pushes`
-//!   (responses sent), `pilot_total_xds_rejects` (NACKs).
+//!   (responses sent), `pilot_total_xds_rejects` (NACKs); the two counters are exposed
+//!   as OpenMetrics counters, with the `_total` suffix.
 //!
 //! The delta protocol is not served (`Unimplemented`).
 
