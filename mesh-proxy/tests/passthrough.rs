@@ -48,17 +48,21 @@ spec:
   - port: {number: 443, name: tls, protocol: TLS}
     tls: {mode: PASSTHROUGH}
     hosts: [secure.example.com]
+  # No mode: PASSTHROUGH, the enum's zero value, not SIMPLE.
+  - port: {number: 443, name: https, protocol: HTTPS}
+    tls: {}
+    hosts: [legacy.example.com]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: secure, namespace: production}
 spec:
-  hosts: [secure.example.com]
+  hosts: [secure.example.com, legacy.example.com]
   gateways: [edge]
   tls:
   - match:
     - port: 443
-      sniHosts: [secure.example.com]
+      sniHosts: [secure.example.com, legacy.example.com]
     route:
     - destination: {host: secure-app, port: {number: 8443}}
 ---
@@ -139,6 +143,14 @@ spec:
     }
     let (code, out, err) = answer;
     assert_eq!(code, 0, "{err}\n{}\n{}", gateway.output(), sidecar.output());
+    assert!(out.contains("s_server"), "{out}");
+
+    // The server without a mode passes TLS through too: the application's own
+    // certificate answers (for another name, hence `-k`).
+    let legacy = format!("legacy.example.com:{https}:127.0.0.1");
+    let url = format!("https://legacy.example.com:{https}/");
+    let (code, out, err) = curl(&["-k", "--resolve", &legacy, "-sS", &url]).await;
+    assert_eq!(code, 0, "{err}");
     assert!(out.contains("s_server"), "{out}");
 
     // An SNI no passthrough server covers is not served.

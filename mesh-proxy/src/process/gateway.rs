@@ -273,9 +273,11 @@ fn plan(
                 Some(tls) if tls.https_redirect && protocol == "HTTP" => {
                     plan.redirect.extend(s.hosts.iter().cloned());
                 }
+                // An unset mode is PASSTHROUGH, the enum's zero value (GW-05).
                 Some(tls)
                     if matches!(protocol.as_str(), "HTTPS" | "TLS")
-                        && tls.mode == Some(ServerTlsMode::Passthrough) =>
+                        && tls.mode.unwrap_or(ServerTlsMode::Passthrough)
+                            == ServerTlsMode::Passthrough =>
                 {
                     plan.passthrough.extend(s.hosts.iter().cloned());
                 }
@@ -289,10 +291,10 @@ fn plan(
                     plan.tls.push(s.hosts.clone(), Arc::new(config));
                 }
                 Some(tls) if protocol == "HTTPS" => {
-                    let mutual = match tls.mode {
-                        Some(ServerTlsMode::Simple) | None => false,
-                        Some(ServerTlsMode::Mutual) => true,
-                        Some(other) => {
+                    let mutual = match tls.mode.unwrap_or(ServerTlsMode::Passthrough) {
+                        ServerTlsMode::Simple => false,
+                        ServerTlsMode::Mutual => true,
+                        other => {
                             return Err(StartError::Other(format!(
                                 "{gw}: TLS mode {other:?} is not supported"
                             )));
