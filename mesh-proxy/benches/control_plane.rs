@@ -4,16 +4,20 @@
 //!
 //! Measured and printed as a table:
 //!
-//! - the watches the API server holds (`apiserver_longrunning_requests{verb="WATCH"}` and
-//!   `apiserver_registered_watchers` from its `/metrics`, read with `kubectl get --raw`):
-//!   before `discovery`, with one sidecar and with N;
+//! - the watches the API server holds (`apiserver_longrunning_requests{verb="WATCH"}`
+//!   summed, from its `/metrics`, read with `kubectl get --raw` as the admin user):
+//!   before `discovery`, with one sidecar and with N, and the kinds `discovery` watches;
 //! - resident memory (`VmRSS`) of `discovery` (before the workloads' objects, with them,
 //!   with one sidecar, with N) and of a sidecar (the median), idle;
 //! - for K `kubectl patch virtualservice order-service --type=merge` (weights alternating),
-//!   the time from starting `kubectl` to each sidecar serving the new configuration, seen
-//!   as a new `version` in the sidecar's admin `/config_dump` (polled every 5 ms, only
-//!   sidecars not yet updated): to the first sidecar, to every sidecar (p50 and p99 over
-//!   the patches), and to `kubectl` returning; and the CPU time `discovery` spends per push.
+//!   the time from starting `kubectl` to each sidecar serving the new configuration: to
+//!   the first sidecar and to every sidecar (p50 and p99 over the patches), and to
+//!   `kubectl` returning; and the CPU time `discovery` and the sidecars spend per push.
+//!   A sidecar serves the new configuration when its admin `/config_dump` shows a new
+//!   `version` (polled every 50 ms, only sidecars not yet updated, which gives the upper
+//!   bound in the table); the moment is read from the sidecar's own log line
+//!   `configuration updated version=<that version>` (microseconds, the same clock), so
+//!   the polling neither rounds the figure nor competes for the CPU much.
 //!
 //! ```text
 //! cargo bench -p mesh-proxy --bench control_plane            # N = 50, K = 20
@@ -41,6 +45,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+/// Wall-clock time, to compare with the timestamps in the processes' logs.
+type WallClock = std::time::SystemTime;
+
 const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const CANARY: &str = include_str!("../../examples/sidecar/config/canary-order-service.yaml");
 const AUTHZ: &str = include_str!("../../examples/sidecar/config/authorization-policy-payment.yaml");
@@ -49,7 +56,7 @@ const STRICT: &str = include_str!("../../examples/sidecar/config/peer-authentica
 /// The namespace of the simulated workloads.
 const NS: &str = "production";
 /// How often a sidecar not yet showing the new version is asked again.
-const POLL: Duration = Duration::from_millis(5);
+const POLL: Duration = Duration::from_millis(50);
 /// The longest a push may take before the run fails.
 const PUSH_LIMIT: Duration = Duration::from_secs(60);
 
@@ -109,6 +116,7 @@ struct Report {
     sidecar_rss: Vec<u64>,
     to_first: Vec<Duration>,
     to_all: Vec<Duration>,
+    polled_all: Vec<Duration>,
     kubectl: Vec<Duration>,
     discovery_cpu: Duration,
     sidecars_cpu: Duration,
@@ -123,16 +131,20 @@ impl Report {
         sidecar_rss.sort_unstable();
         let rows: Vec<(String, String)> = vec![
             (
-                "watches on the API server (longrunning WATCH / registered watchers): before discovery".into(),
-                self.watches_before.to_string(),
+                "WATCH requests open on the API server: before discovery (its own loopback informers)".into(),
+                self.watches_before.longrunning.to_string(),
             ),
             (
                 "  discovery + 1 sidecar".into(),
-                self.watches_one.to_string(),
+                self.watches_one.longrunning.to_string(),
             ),
             (
                 format!("  discovery + {n} sidecars"),
-                self.watches_all.to_string(),
+                self.watches_all.longrunning.to_string(),
+            ),
+            (
+                "  added by discovery, by resource".into(),
+                self.watches_all.added_since(&self.watches_before),
             ),
             (
                 "discovery VmRSS: article objects only".into(),
@@ -167,6 +179,10 @@ impl Report {
             (
                 format!("patch → all {n} sidecars serving it: p50 / p99 of {k}"),
                 pair(&self.to_all),
+            ),
+            (
+                format!("  the same seen by polling `/config_dump` every {} ms", POLL.as_millis()),
+                pair(&self.polled_all),
             ),
             (
                 "discovery CPU per push (user + system, over the patches)".into(),
@@ -254,7 +270,13 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
             .args(["--monitoring", &format!("127.0.0.1:{monitoring}")]),
         &dir.path().join("discovery.log"),
     );
-    wait_ready(&mut discovery, monitoring, "/ready", &dir.path().join("discovery.log")).await;
+    wait_ready(
+        &mut discovery,
+        monitoring,
+        "/ready",
+        &dir.path().join("discovery.log"),
+    )
+    .await;
     settle().await;
     let discovery_pid = discovery.id().unwrap();
     let discovery_rss_empty = rss(discovery_pid);
@@ -279,8 +301,22 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
     // One sidecar, then the others.
     let root_cert = ca_dir.join("root-cert.pem");
     let mut sidecars = Vec::with_capacity(n);
-    sidecars.push(start_sidecar(api, bin, dir.path(), 0, ports[0], grpc, &root_cert));
-    wait_ready(&mut sidecars[0], ports[0].admin, "/healthz/ready", &sidecar_log(dir.path(), 0)).await;
+    sidecars.push(start_sidecar(
+        api,
+        bin,
+        dir.path(),
+        0,
+        ports[0],
+        grpc,
+        &root_cert,
+    ));
+    wait_ready(
+        &mut sidecars[0],
+        ports[0].admin,
+        "/healthz/ready",
+        &sidecar_log(dir.path(), 0),
+    )
+    .await;
     settle().await;
     let watches_one = watches(api);
     let discovery_rss_one = rss(discovery_pid);
@@ -288,7 +324,13 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
         sidecars.push(start_sidecar(api, bin, dir.path(), i, *p, grpc, &root_cert));
     }
     for (i, (child, p)) in sidecars.iter_mut().zip(&ports).enumerate() {
-        wait_ready(child, p.admin, "/healthz/ready", &sidecar_log(dir.path(), i)).await;
+        wait_ready(
+            child,
+            p.admin,
+            "/healthz/ready",
+            &sidecar_log(dir.path(), i),
+        )
+        .await;
     }
     settle().await;
     let watches_all = watches(api);
@@ -311,18 +353,23 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
     }
 
     // The patches.
-    let (mut to_first, mut to_all, mut kubectl_times) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut to_first, mut to_all, mut polled_all, mut kubectl_times) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let cpu_discovery = cpu(discovery_pid);
     let cpu_sidecars: Vec<Duration> = pids.iter().map(|pid| cpu(*pid)).collect();
     for patch in 0..k {
         let before = join_all(ports.iter().map(|p| version(p.admin))).await;
-        assert!(before.iter().all(Option::is_some), "a sidecar is not answering");
+        assert!(
+            before.iter().all(Option::is_some),
+            "a sidecar is not answering"
+        );
         let v2 = if patch % 2 == 0 { 80 } else { 20 };
         let body = format!(
             r#"{{"spec":{{"http":[{{"route":[{{"destination":{{"host":"order-service","subset":"v1"}},"weight":{}}},{{"destination":{{"host":"order-service","subset":"v2"}},"weight":{v2}}}]}}]}}}}"#,
             100 - v2
         );
         let start = Instant::now();
+        let wall_start = WallClock::now();
         let mut patching = Command::new(&kubectl);
         patching
             .arg("--kubeconfig")
@@ -342,10 +389,22 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
             assert!(out.status.success(), "kubectl patch: {out:?}");
             start.elapsed()
         };
-        let (returned, arrivals) = tokio::join!(patching, arrivals(&ports, &before, start));
+        let (returned, (versions, polled)) =
+            tokio::join!(patching, arrivals(&ports, &before, start));
         kubectl_times.push(returned);
-        to_first.push(*arrivals.iter().min().unwrap());
-        to_all.push(*arrivals.iter().max().unwrap());
+        polled_all.push(*polled.iter().max().unwrap());
+        let applied: Vec<Duration> = versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let log = sidecar_log(dir.path(), i);
+                let at = updated_at(&log, v)
+                    .unwrap_or_else(|| panic!("{} does not log version {v}", log.display()));
+                at.duration_since(wall_start).unwrap_or_default()
+            })
+            .collect();
+        to_first.push(*applied.iter().min().unwrap());
+        to_all.push(*applied.iter().max().unwrap());
         // The next patch starts from a quiet system.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -372,20 +431,25 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
         sidecar_rss,
         to_first,
         to_all,
+        polled_all,
         kubectl: kubectl_times,
         discovery_cpu,
         sidecars_cpu,
     }
 }
 
-/// For each sidecar, the time from `start` to the first `/config_dump` showing a version
-/// other than `before`.
-async fn arrivals(ports: &[Ports], before: &[Option<String>], start: Instant) -> Vec<Duration> {
-    let mut arrived: Vec<Option<Duration>> = vec![None; ports.len()];
+/// For each sidecar, the first version its `/config_dump` shows other than `before`, and
+/// the time from `start` to that answer.
+async fn arrivals(
+    ports: &[Ports],
+    before: &[Option<String>],
+    start: Instant,
+) -> (Vec<String>, Vec<Duration>) {
+    let mut arrived: Vec<Option<(String, Duration)>> = vec![None; ports.len()];
     loop {
         let pending: Vec<usize> = (0..ports.len()).filter(|i| arrived[*i].is_none()).collect();
         if pending.is_empty() {
-            return arrived.into_iter().map(Option::unwrap).collect();
+            return arrived.into_iter().map(Option::unwrap).unzip();
         }
         assert!(
             start.elapsed() < PUSH_LIMIT,
@@ -399,12 +463,44 @@ async fn arrivals(ports: &[Ports], before: &[Option<String>], start: Instant) ->
         }))
         .await;
         for (i, v, at) in seen {
-            if v.is_some() && v != before[i] {
-                arrived[i] = Some(at);
+            if let Some(v) = v.filter(|v| Some(v) != before[i].as_ref()) {
+                arrived[i] = Some((v, at));
             }
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// When the sidecar logging to `log` swapped in configuration `version`: the timestamp of
+/// its `configuration updated version="<version>"` line.
+fn updated_at(log: &Path, version: &str) -> Option<WallClock> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.contains("configuration updated") && l.contains(version))?;
+    // The line starts with the RFC 3339 timestamp, possibly inside colour escapes.
+    let at = line.find("20")?;
+    parse_utc(line.get(at..at + 27)?)
+}
+
+/// `2026-01-02T03:04:05.123456Z` (tracing's format: UTC, microseconds) as a wall-clock time.
+fn parse_utc(text: &str) -> Option<WallClock> {
+    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, us) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..26)?);
+    // Days since 1970-01-01 of a civil date (proleptic Gregorian).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()?;
+    Some(
+        WallClock::UNIX_EPOCH
+            + Duration::from_secs(secs)
+            + Duration::from_micros(u64::try_from(us).ok()?),
+    )
 }
 
 /// The objects of workload `i`: its Service (port 80 to the sidecar's inbound port), one
@@ -516,7 +612,10 @@ fn start_sidecar(
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, settings).unwrap();
     spawn(
-        Command::new(bin).arg("sidecar").arg("--settings").arg(&file),
+        Command::new(bin)
+            .arg("sidecar")
+            .arg("--settings")
+            .arg(&file),
         &sidecar_log(dir, i),
     )
 }
@@ -594,16 +693,25 @@ async fn version(admin: u16) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The API server's watches: open WATCH requests and registered watchers, summed.
-#[derive(Clone, Copy, Default)]
+/// The API server's open WATCH requests: in all, and by resource (`group/resource`).
+#[derive(Clone, Default)]
 struct Watches {
     longrunning: u64,
-    registered: u64,
+    by_resource: std::collections::BTreeMap<String, u64>,
 }
 
-impl std::fmt::Display for Watches {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} / {}", self.longrunning, self.registered)
+impl Watches {
+    /// The resources watched more in `self` than in `before`.
+    fn added_since(&self, before: &Watches) -> String {
+        let added: Vec<String> = self
+            .by_resource
+            .iter()
+            .filter_map(|(r, n)| {
+                let more = n.saturating_sub(before.by_resource.get(r).copied().unwrap_or(0));
+                (more > 0).then(|| format!("{r} {more}"))
+            })
+            .collect();
+        added.join(", ")
     }
 }
 
@@ -611,18 +719,31 @@ fn watches(api: &ApiServer) -> Watches {
     let text = api.kubectl(&["get", "--raw", "/metrics"], "");
     let mut w = Watches::default();
     for line in text.lines() {
-        let value = || -> u64 {
-            line.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
-        };
-        if line.starts_with("apiserver_longrunning_requests{") && line.contains("verb=\"WATCH\"")
+        if !(line.starts_with("apiserver_longrunning_requests{") && line.contains("verb=\"WATCH\""))
         {
-            w.longrunning += value();
-        } else if line.starts_with("apiserver_registered_watchers{") {
-            w.registered += value();
+            continue;
         }
+        let label = |name: &str| -> String {
+            let key = format!("{name}=\"");
+            line.find(&key)
+                .map(|at| &line[at + key.len()..])
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let value = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        w.longrunning += value;
+        let group = label("group");
+        let resource = if group.is_empty() {
+            label("resource")
+        } else {
+            format!("{group}/{}", label("resource"))
+        };
+        *w.by_resource.entry(resource).or_default() += value;
     }
     w
 }
