@@ -400,7 +400,9 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
                 let log = sidecar_log(dir.path(), i);
                 let at = updated_at(&log, v)
                     .unwrap_or_else(|| panic!("{} does not log version {v}", log.display()));
-                at.duration_since(wall_start).unwrap_or_default()
+                at.duration_since(wall_start).unwrap_or_else(|_| {
+                    panic!("{} logs version {v} before the patch", log.display())
+                })
             })
             .collect();
         to_first.push(*applied.iter().min().unwrap());
@@ -471,12 +473,14 @@ async fn arrivals(
     }
 }
 
-/// When the sidecar logging to `log` swapped in configuration `version`: the timestamp of
-/// its `configuration updated version="<version>"` line.
+/// When the sidecar logging to `log` last swapped in configuration `version`: the
+/// timestamp of its last `configuration updated version="<version>"` line (the weights
+/// alternate, so a version comes back every other patch).
 fn updated_at(log: &Path, version: &str) -> Option<WallClock> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
+        .rev()
         .find(|l| l.contains("configuration updated") && l.contains(version))?;
     // The line starts with the RFC 3339 timestamp, possibly inside colour escapes.
     let at = line.find("20")?;
