@@ -566,14 +566,18 @@ impl Ports {
     }
 }
 
-/// A port free on `ip` now, from a range of its own so that two calls do not return the
-/// same port (the operating system's ephemeral ports may be handed out again).
+/// A port free on `ip` now, below the ephemeral range (where the sidecars' own
+/// connections to `discovery` take their source ports) and from a counter, so that two
+/// calls do not return the same port.
 fn free_port(ip: IpAddr) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 33_000 + (std::process::id() % 50) as u16 * 200;
+    // Runs at the same time start at different offsets.
+    let offset = (std::process::id() % 20) as u16 * 600;
     loop {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        let port = FIRST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
         if std::net::TcpListener::bind((ip, port)).is_ok() {
             return port;
         }
