@@ -270,6 +270,19 @@ fn service_entries_select_workload_entries_of_their_namespace_by_labels() {
     let again = config(&dump);
     assert_eq!(again.service_entries(), c.service_entries());
     assert_eq!(again.workload_entries().len(), 4);
+    // The resources as written: the entry without the selected endpoints.
+    let written = c.resources();
+    assert_eq!(written.len(), 5);
+    let se = written
+        .iter()
+        .find_map(|r| match r {
+            AnyResource::ServiceEntry(se) => Some(se),
+            _ => None,
+        })
+        .unwrap();
+    assert!(se.spec.endpoints.is_empty());
+    let rebuilt = MeshConfig::from_resources(written, &LoadOptions::default());
+    assert_eq!(rebuilt.service_entries(), c.service_entries());
 }
 
 #[test]

@@ -268,6 +268,53 @@ impl MeshConfig {
         }
     }
 
+    /// Every resource as it was written (ServiceEntries without the endpoints selected
+    /// from WorkloadEntries), by kind in the order of [`Kind::ALL`]: what loading them
+    /// again, or sending them to a proxy, needs.
+    pub fn resources(&self) -> Vec<AnyResource> {
+        let mut all: Vec<AnyResource> = Vec::new();
+        all.extend(
+            self.virtual_services
+                .iter()
+                .cloned()
+                .map(AnyResource::VirtualService),
+        );
+        all.extend(
+            self.destination_rules
+                .iter()
+                .cloned()
+                .map(AnyResource::DestinationRule),
+        );
+        all.extend(self.gateways.iter().cloned().map(AnyResource::Gateway));
+        all.extend(self.service_entries.iter().map(|se| {
+            let mut se = se.clone();
+            if se.spec.workload_selector.is_some() {
+                se.spec.endpoints.clear();
+            }
+            AnyResource::ServiceEntry(se)
+        }));
+        all.extend(
+            self.workload_entries
+                .iter()
+                .cloned()
+                .map(AnyResource::WorkloadEntry),
+        );
+        all.extend(self.sidecars.iter().cloned().map(AnyResource::Sidecar));
+        all.extend(
+            self.peer_authentications
+                .iter()
+                .cloned()
+                .map(AnyResource::PeerAuthentication),
+        );
+        all.extend(
+            self.authorization_policies
+                .iter()
+                .cloned()
+                .map(AnyResource::AuthorizationPolicy),
+        );
+        all
+    }
+
     /// Every resource as a multi-document Istio YAML stream (for `/config_dump`); loading
     /// it gives the same resources back.
     pub fn to_yaml(&self) -> Result<String, serde_saphyr::SerializeError> {
