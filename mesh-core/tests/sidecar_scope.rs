@@ -286,6 +286,15 @@ fn service_entries_select_workload_entries_of_their_namespace_by_labels() {
 }
 
 #[test]
+fn an_empty_selector_selects_no_workload_entry() {
+    let yaml = ENTRIES.replace("labels: {app: vms}\n---", "labels: {}\n---");
+    assert_ne!(yaml, ENTRIES);
+    let c = config(&yaml);
+    let se = c.service_entries_for_host("vms.shop.internal")[0];
+    assert!(se.spec.endpoints.is_empty());
+}
+
+#[test]
 fn workload_entry_rules_follow_istio() {
     let yaml = "\
 apiVersion: networking.istio.io/v1

@@ -85,6 +85,10 @@
 //!   after an authorization check; a name that is not a plain Secret name (a path, `..`,
 //!   an escape, uppercase, empty) or names another namespace is an error here, so no form
 //!   of the name can reach another namespace's key (ISTIO.md GW-10).
+//! - A ServiceEntry whose `workloadSelector` has no labels selects no WorkloadEntry; in
+//!   Istio it selects every WorkloadEntry of its namespace. `discovery`'s Kubernetes
+//!   registry writes a Service without a selector (and without endpoints) that way, and
+//!   such a Service selects nothing in Kubernetes or Istio.
 //! - Regexes must compile with the `regex` crate (RE2 syntax without backreferences), the
 //!   same class as Envoy's RE2.
 //!

@@ -183,7 +183,8 @@ impl MeshConfig {
             let Some(sel) = &se.spec.workload_selector else {
                 continue;
             };
-            if !se.spec.endpoints.is_empty() {
+            // An empty selector selects nothing here (see the module docs of `config`).
+            if !se.spec.endpoints.is_empty() || sel.labels.is_empty() {
                 continue;
             }
             se.spec.endpoints = entries
