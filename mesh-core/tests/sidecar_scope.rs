@@ -66,9 +66,19 @@ fn sidecars_load_from_files_and_the_most_specific_applies() {
     let ns_default = c
         .sidecar_for("shop", &labels("ratings"), "istio-system")
         .unwrap();
-    assert!(ns_default.imports("shop", "ratings.shop.svc.cluster.local"));
-    assert!(ns_default.imports("istio-system", "istiod.istio-system.svc.cluster.local"));
-    assert!(!ns_default.imports("bank", "ledger.bank.svc.cluster.local"));
+    assert!(ns_default.imports("shop", "shop", "ratings.shop.svc.cluster.local"));
+    assert!(ns_default.imports(
+        "shop",
+        "istio-system",
+        "istiod.istio-system.svc.cluster.local"
+    ));
+    assert!(!ns_default.imports("shop", "bank", "ledger.bank.svc.cluster.local"));
+    // The root namespace's default imports `./*` from each workload's own namespace.
+    let mesh_default = c
+        .sidecar_for("bank", &labels("teller"), "istio-system")
+        .unwrap();
+    assert!(mesh_default.imports("bank", "bank", "ledger.bank.svc.cluster.local"));
+    assert!(!mesh_default.imports("bank", "shop", "ratings.shop.svc.cluster.local"));
     // The dump loads back with the same Sidecars.
     let again = config(&c.to_yaml().unwrap());
     assert_eq!(again.sidecars(), c.sidecars());

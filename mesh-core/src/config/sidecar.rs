@@ -4,7 +4,9 @@
 //! # Behaviour
 //!
 //! - Egress `hosts` are `namespace/dnsName` (ISTIO.md SR-32): namespace `*` is any
-//!   namespace, `.` the Sidecar's own, `~` none (`~/*` imports nothing), a name that
+//!   namespace, `.` the workload's own (the Sidecar's, except for the root namespace's
+//!   default Sidecar, which Istio documents as importing `./*` for each workload from its
+//!   own namespace), `~` none (`~/*` imports nothing), a name that
 //!   namespace; dnsName `*` is every host of those namespaces, `*.example.com` a
 //!   left-wildcard, anything else one exact name. A namespace written `~name` (istio/api's
 //!   newest form) EXCLUDES the hosts it names from what the other entries import.
@@ -170,12 +172,12 @@ impl<'a> EgressHost<'a> {
     }
 
     /// Whether this entry names `host` of a configuration in `config_namespace`, for a
-    /// Sidecar in `sidecar_namespace`.
-    fn names(&self, host: &str, config_namespace: &str, sidecar_namespace: &str) -> bool {
+    /// workload in `workload_namespace`.
+    fn names(&self, host: &str, config_namespace: &str, workload_namespace: &str) -> bool {
         let ns = match self.namespace {
             "*" => true,
             "~" => false,
-            "." => config_namespace == sidecar_namespace,
+            "." => config_namespace == workload_namespace,
             n => n == config_namespace,
         };
         ns && hosts_overlap(self.dns_name, host)
@@ -200,14 +202,15 @@ pub(crate) fn wildcard_covers(pattern: &str, host: &str) -> bool {
 }
 
 impl Resource<SidecarSpec> {
-    /// Whether the Sidecar imports `host` (qualified) of a configuration (Service,
-    /// ServiceEntry, VirtualService) in `config_namespace` (SR-32): some egress host
-    /// names it and no exclusion does. Unparsable hosts name nothing.
-    pub fn imports(&self, config_namespace: &str, host: &str) -> bool {
+    /// Whether the Sidecar, applied to a workload in `workload_namespace`, imports `host`
+    /// (qualified) of a configuration (Service, ServiceEntry, VirtualService) in
+    /// `config_namespace` (SR-32): some egress host names it and no exclusion does.
+    /// Unparsable hosts name nothing.
+    pub fn imports(&self, workload_namespace: &str, config_namespace: &str, host: &str) -> bool {
         if self.spec.egress.is_empty() {
             return true;
         }
-        let own = self.namespace();
+        let own = workload_namespace;
         let hosts = || {
             self.spec
                 .egress
@@ -302,18 +305,25 @@ mod tests {
             None,
             &["./*", "istio-system/*", "*/*.example.com", "~prod/*"],
         );
-        assert!(s.imports("shop", "reviews.shop.svc.cluster.local"));
-        assert!(s.imports("istio-system", "istiod.istio-system.svc.cluster.local"));
-        assert!(!s.imports("bank", "ledger.bank.svc.cluster.local"));
-        assert!(s.imports("bank", "api.example.com"));
-        assert!(s.imports("bank", "*.example.com"));
-        assert!(!s.imports("bank", "example.com"));
-        assert!(!s.imports("prod", "api.example.com"), "excluded by ~prod/*");
+        assert!(s.imports("shop", "shop", "reviews.shop.svc.cluster.local"));
+        assert!(s.imports(
+            "shop",
+            "istio-system",
+            "istiod.istio-system.svc.cluster.local"
+        ));
+        assert!(!s.imports("shop", "bank", "ledger.bank.svc.cluster.local"));
+        assert!(s.imports("shop", "bank", "api.example.com"));
+        assert!(s.imports("shop", "bank", "*.example.com"));
+        assert!(!s.imports("shop", "bank", "example.com"));
+        assert!(
+            !s.imports("shop", "prod", "api.example.com"),
+            "excluded by ~prod/*"
+        );
         let nothing = sidecar("shop", "n", None, &["~/*"]);
-        assert!(!nothing.imports("shop", "reviews.shop.svc.cluster.local"));
+        assert!(!nothing.imports("shop", "shop", "reviews.shop.svc.cluster.local"));
         let mut all = sidecar("shop", "a", None, &[]);
         all.spec.egress.clear();
-        assert!(all.imports("bank", "ledger.bank.svc.cluster.local"));
+        assert!(all.imports("shop", "bank", "ledger.bank.svc.cluster.local"));
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //!   workload (one of its namespace selecting its labels, else its namespace's
 //!   selector-less one, else the root namespace's) narrows that further: a
 //!   ServiceEntry or VirtualService is sent only when one of its hosts is imported by
-//!   the Sidecar's egress hosts (`namespace/dnsName`, the namespace being the object's),
+//!   the Sidecar's egress hosts (`namespace/dnsName`, the namespace being the object's;
+//!   `.` the proxy's own, also for the root namespace's default Sidecar),
 //!   a DestinationRule only when its host is a host of a ServiceEntry sent, a
 //!   WorkloadEntry only when a ServiceEntry sent selects it. Without a Sidecar the proxy
 //!   receives everything visible to its namespace. Sidecars never apply to gateways
@@ -198,7 +199,9 @@ impl Catalog {
             .filter(|e| visible(&e.resource, namespace, root_namespace))
             .collect();
         let imported = |ns: &str, host: &str| {
-            sidecar.is_none_or(|s| s.imports(ns, &mesh_core::config::qualify_host(host, ns)))
+            sidecar.is_none_or(|s| {
+                s.imports(namespace, ns, &mesh_core::config::qualify_host(host, ns))
+            })
         };
         // ServiceEntries first: DestinationRules and WorkloadEntries follow them.
         let entries: Vec<&mesh_core::config::ServiceEntry> = visible
@@ -833,13 +836,20 @@ spec:
     #[test]
     fn the_root_sidecar_is_the_default_of_namespaces_without_one() {
         let c = catalog(1);
-        // `bank` has only a workload-selected Sidecar; others fall to the root's.
+        // `bank` has only a workload-selected Sidecar; others fall to the root's, whose
+        // `./*` imports each workload's own namespace.
         let sidecar = c.sidecar_for("bank", &labels("teller"), ROOT).unwrap();
         assert_eq!(sidecar.namespace(), ROOT);
         let view = names(&c.scoped_view("bank", Some(sidecar), ROOT));
         assert_eq!(
             view,
-            ["Sidecar/bank/payments", "Sidecar/istio-system/default"]
+            [
+                "DestinationRule/shop/ledger",
+                "ServiceEntry/bank/ledger",
+                "Sidecar/bank/payments",
+                "Sidecar/istio-system/default",
+                "VirtualService/bank/ledger",
+            ]
         );
         let payments = c.sidecar_for("bank", &labels("payments"), ROOT).unwrap();
         assert_eq!(payments.name(), "payments");
