@@ -36,11 +36,10 @@
 //! # Choices that differ from Istio
 //!
 //! - A ServiceEntry's `workloadSelector` selects the WorkloadEntries of its namespace
-//!   (each proxy's snapshot does the selecting, see
-//!   [`MeshConfig`](mesh_core::config::MeshConfig)), and so does the selector of a
-//!   Service without endpoints; pods are not selected by ServiceEntries, which istiod
-//!   does (a pod's address, readiness and labels would become an endpoint of the entry).
-//!   A Service's pods reach it through its EndpointSlices, as in Istio.
+//!   (each proxy's snapshot does the selecting, see [`MeshConfig`]), and so does the
+//!   selector of a Service without endpoints; pods are not selected by ServiceEntries,
+//!   which istiod does (a pod's address, readiness and labels would become an endpoint
+//!   of the entry). A Service's pods reach it through its EndpointSlices, as in Istio.
 //! - istiod skips an invalid object that reached the API server (its webhook off or
 //!   bypassed) and keeps nothing of it; here the object's last valid version keeps
 //!   serving, so a bad `kubectl patch` cannot take a route away.

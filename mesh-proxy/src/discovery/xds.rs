@@ -4,7 +4,7 @@
 //! # Behaviour
 //!
 //! [`AdsServer`] serves Envoy's aggregated discovery service (state of the world) for
-//! one resource type, [`TYPE_URL`](crate::control::xds::TYPE_URL) (see
+//! one resource type, [`TYPE_URL`] (see
 //! [`control::xds`](crate::control::xds) for the client and the reasons for one type).
 //!
 //! - **Who is asking** comes from the client certificate of the mTLS connection
