@@ -168,7 +168,17 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         "spec.endpoints[].locality",
         "localities are not considered",
     ),
+    ne(
+        SE,
+        "spec.endpoints[].weight",
+        "endpoints are balanced with equal weight",
+    ),
     ne(WE, "spec.network", "all endpoints are treated as reachable"),
+    ne(
+        WE,
+        "spec.weight",
+        "endpoints are balanced with equal weight",
+    ),
     ne(WE, "spec.locality", "localities are not considered"),
     ne(
         SC,
