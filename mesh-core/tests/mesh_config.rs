@@ -359,9 +359,9 @@ fn every_kind_loads_under_every_api_version_istio_serves_and_no_other() {
 #[test]
 fn other_istio_kinds_and_gateway_api_kinds_are_skipped_with_a_diagnostic() {
     let yaml = "apiVersion: networking.istio.io/v1
-kind: Sidecar
+kind: EnvoyFilter
 metadata: {name: default}
-spec: {egress: [{hosts: [./*]}]}
+spec: {configPatches: []}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -379,7 +379,7 @@ data: {a: b}
     assert_eq!(
         d,
         [
-            "mixed.yaml:2:7: warning: document 1: skipped Sidecar networking.istio.io/v1 default: this Istio kind is not supported and has no effect",
+            "mixed.yaml:2:7: warning: document 1: skipped EnvoyFilter networking.istio.io/v1 default: this Istio kind is not supported and has no effect",
             "mixed.yaml:7:7: note: document 2: skipped Gateway gateway.networking.k8s.io/v1 k8s-gateway: not an Istio resource",
             "mixed.yaml:12:7: note: document 3: skipped ConfigMap v1 settings: not an Istio resource",
         ]

@@ -3,7 +3,8 @@
 //!
 //! This module owns the configuration model of the workspace: serde types for
 //! `VirtualService`, `DestinationRule`, `Gateway`, `ServiceEntry` (with inline
-//! `endpoints`), `PeerAuthentication` and `AuthorizationPolicy`, the loader for files and
+//! `endpoints`), `WorkloadEntry`, `Sidecar`, `PeerAuthentication` and
+//! `AuthorizationPolicy`, the loader for files and
 //! directories of multi-document YAML, validation, and [`MeshConfig`], the indexed snapshot
 //! of one load that the behaviour crates compile their runtime tables from (each with a
 //! `TryFrom` next to its own policy type).
@@ -18,8 +19,14 @@
 //!   silently widen access. Standard Kubernetes metadata (`uid`, `resourceVersion`, ...) and
 //!   a top-level `status` are tolerated.
 //! - Documents of other kinds (a `Deployment` next to a DestinationRule) are skipped with a
-//!   note; other Istio kinds (`Sidecar`, `RequestAuthentication`, ...) are skipped with a
-//!   warning.
+//!   note; other Istio kinds (`RequestAuthentication`, `EnvoyFilter`, ...) are skipped with
+//!   a warning.
+//! - A ServiceEntry with a `workloadSelector` has as endpoints the WorkloadEntries of its
+//!   namespace that it selects ([`MeshConfig`]); pods are selected only by the Kubernetes
+//!   registry of `discovery`, for Services.
+//! - [`MeshConfig::sidecar_for`] finds the `Sidecar` of a workload (ISTIO.md SR-33); its
+//!   egress hosts ([`Sidecar::imports`](Resource::imports), SR-32) scope what `discovery`
+//!   sends to the workload's proxy. A configuration loaded from files is not scoped.
 //! - Fields that are parsed but not enforced by the proxy are reported as warnings; the list
 //!   is the single table [`NOT_ENFORCED`].
 //! - Short hosts are qualified with the resource's namespace ([`qualify_host`]);
@@ -31,7 +38,8 @@
 //!   the earlier one (as `kubectl apply` would) and the load warns.
 //! - Cross-resource checks are warnings: a route to a subset no DestinationRule defines
 //!   (it would fail with 503 `NC`), a gateway that is not defined, several namespace-wide
-//!   PeerAuthentications (only the oldest applies).
+//!   PeerAuthentications (only the oldest applies), several Sidecars without
+//!   `workloadSelector` in one namespace (only the oldest applies).
 //! - Resources serialize back to Istio YAML with unset fields left out
 //!   ([`MeshConfig::to_yaml`], for `/config_dump`); loading the dump gives the same
 //!   resources.
@@ -77,6 +85,10 @@
 //!   after an authorization check; a name that is not a plain Secret name (a path, `..`,
 //!   an escape, uppercase, empty) or names another namespace is an error here, so no form
 //!   of the name can reach another namespace's key (ISTIO.md GW-10).
+//! - A ServiceEntry whose `workloadSelector` has no labels selects no WorkloadEntry; in
+//!   Istio it selects every WorkloadEntry of its namespace. `discovery`'s Kubernetes
+//!   registry writes a Service without a selector (and without endpoints) that way, and
+//!   such a Service selects nothing in Kubernetes or Istio.
 //! - Regexes must compile with the `regex` crate (RE2 syntax without backreferences), the
 //!   same class as Envoy's RE2.
 //!
@@ -125,6 +137,7 @@ mod locate;
 mod peer_authentication;
 mod resource;
 mod service_entry;
+mod sidecar;
 mod snapshot;
 mod validate;
 mod virtual_service;
@@ -140,9 +153,10 @@ pub use peer_authentication::*;
 pub use resource::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, Metadata, Origin,
     PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, Spec, StringMatch,
-    VirtualService, WorkloadSelector, qualify_host,
+    VirtualService, WorkloadEntryResource, WorkloadSelector, qualify_host,
 };
 pub use service_entry::*;
+pub use sidecar::*;
 pub use snapshot::MeshConfig;
 pub use virtual_service::*;
 pub use warnings::{NOT_ENFORCED, NotEnforced};

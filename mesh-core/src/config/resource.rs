@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
-    ServiceEntrySpec, VirtualServiceSpec,
+    ServiceEntrySpec, SidecarSpec, VirtualServiceSpec, WorkloadEntry as WorkloadEntrySpec,
 };
 
 /// Labels (or any string-to-string map) in a stable order.
@@ -28,6 +28,10 @@ pub enum Kind {
     Gateway,
     /// `networking.istio.io` ServiceEntry.
     ServiceEntry,
+    /// `networking.istio.io` WorkloadEntry.
+    WorkloadEntry,
+    /// `networking.istio.io` Sidecar.
+    Sidecar,
     /// `security.istio.io` PeerAuthentication.
     PeerAuthentication,
     /// `security.istio.io` AuthorizationPolicy.
@@ -52,11 +56,13 @@ const OTHER_ISTIO_GROUPS: &[&str] = &[
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
         Kind::ServiceEntry,
+        Kind::WorkloadEntry,
+        Kind::Sidecar,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
     ];
@@ -68,6 +74,8 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::Gateway => "Gateway",
             Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::Sidecar => "Sidecar",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
@@ -295,6 +303,8 @@ pub type DestinationRule = Resource<DestinationRuleSpec>;
 pub type Gateway = Resource<GatewaySpec>;
 /// A ServiceEntry resource.
 pub type ServiceEntry = Resource<ServiceEntrySpec>;
+/// A WorkloadEntry resource (its `spec` is the message ServiceEntry `endpoints` use).
+pub type WorkloadEntryResource = Resource<WorkloadEntrySpec>;
 /// A PeerAuthentication resource.
 pub type PeerAuthentication = Resource<PeerAuthenticationSpec>;
 /// An AuthorizationPolicy resource.
@@ -312,6 +322,10 @@ pub enum AnyResource {
     Gateway(Gateway),
     /// A ServiceEntry.
     ServiceEntry(ServiceEntry),
+    /// A WorkloadEntry.
+    WorkloadEntry(WorkloadEntryResource),
+    /// A Sidecar.
+    Sidecar(super::Sidecar),
     /// A PeerAuthentication.
     PeerAuthentication(PeerAuthentication),
     /// An AuthorizationPolicy.
@@ -325,6 +339,8 @@ macro_rules! each {
             AnyResource::DestinationRule($r) => $e,
             AnyResource::Gateway($r) => $e,
             AnyResource::ServiceEntry($r) => $e,
+            AnyResource::WorkloadEntry($r) => $e,
+            AnyResource::Sidecar($r) => $e,
             AnyResource::PeerAuthentication($r) => $e,
             AnyResource::AuthorizationPolicy($r) => $e,
         }
@@ -339,6 +355,8 @@ impl AnyResource {
             AnyResource::DestinationRule(_) => Kind::DestinationRule,
             AnyResource::Gateway(_) => Kind::Gateway,
             AnyResource::ServiceEntry(_) => Kind::ServiceEntry,
+            AnyResource::WorkloadEntry(_) => Kind::WorkloadEntry,
+            AnyResource::Sidecar(_) => Kind::Sidecar,
             AnyResource::PeerAuthentication(_) => Kind::PeerAuthentication,
             AnyResource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
@@ -409,6 +427,20 @@ impl AnyResource {
                 plural(r.spec.hosts.len(), "host"),
                 plural(r.spec.endpoints.len(), "endpoint")
             ),
+            AnyResource::WorkloadEntry(r) => format!(
+                "address {}, {}",
+                r.spec.address.as_deref().unwrap_or("(none)"),
+                plural(r.spec.labels.len(), "label")
+            ),
+            AnyResource::Sidecar(r) => {
+                let hosts = r.spec.egress.iter().map(|e| e.hosts.len()).sum();
+                let scope = if r.spec.workload_selector.is_some() {
+                    "workload"
+                } else {
+                    "namespace"
+                };
+                format!("{}, {scope} scope", plural(hosts, "egress host"))
+            }
             AnyResource::PeerAuthentication(r) => {
                 let mode = r
                     .spec
@@ -449,6 +481,12 @@ impl Spec for GatewaySpec {
 }
 impl Spec for ServiceEntrySpec {
     const KIND: Kind = Kind::ServiceEntry;
+}
+impl Spec for WorkloadEntrySpec {
+    const KIND: Kind = Kind::WorkloadEntry;
+}
+impl Spec for SidecarSpec {
+    const KIND: Kind = Kind::Sidecar;
 }
 impl Spec for PeerAuthenticationSpec {
     const KIND: Kind = Kind::PeerAuthentication;
@@ -611,6 +649,8 @@ enum Parsed {
     Dr(DestinationRuleSpec),
     Gw(GatewaySpec),
     Se(ServiceEntrySpec),
+    We(WorkloadEntrySpec),
+    Sc(SidecarSpec),
     Pa(PeerAuthenticationSpec),
     Ap(AuthorizationPolicySpec),
 }
@@ -686,6 +726,8 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                         Kind::DestinationRule => Parsed::Dr(map.next_value()?),
                         Kind::Gateway => Parsed::Gw(map.next_value()?),
                         Kind::ServiceEntry => Parsed::Se(map.next_value()?),
+                        Kind::WorkloadEntry => Parsed::We(map.next_value()?),
+                        Kind::Sidecar => Parsed::Sc(map.next_value()?),
                         Kind::PeerAuthentication => Parsed::Pa(map.next_value()?),
                         Kind::AuthorizationPolicy => Parsed::Ap(map.next_value()?),
                     });
@@ -732,6 +774,8 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Kind::DestinationRule => Parsed::Dr(Default::default()),
             Kind::Gateway => Parsed::Gw(Default::default()),
             Kind::ServiceEntry => Parsed::Se(Default::default()),
+            Kind::WorkloadEntry => Parsed::We(Default::default()),
+            Kind::Sidecar => Parsed::Sc(Default::default()),
             Kind::PeerAuthentication => Parsed::Pa(Default::default()),
             Kind::AuthorizationPolicy => Parsed::Ap(Default::default()),
         });
@@ -748,6 +792,8 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Parsed::Dr(s) => AnyResource::DestinationRule(r(api_version, metadata, s)),
             Parsed::Gw(s) => AnyResource::Gateway(r(api_version, metadata, s)),
             Parsed::Se(s) => AnyResource::ServiceEntry(r(api_version, metadata, s)),
+            Parsed::We(s) => AnyResource::WorkloadEntry(r(api_version, metadata, s)),
+            Parsed::Sc(s) => AnyResource::Sidecar(r(api_version, metadata, s)),
             Parsed::Pa(s) => AnyResource::PeerAuthentication(r(api_version, metadata, s)),
             Parsed::Ap(s) => AnyResource::AuthorizationPolicy(r(api_version, metadata, s)),
         }))

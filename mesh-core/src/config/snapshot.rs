@@ -7,7 +7,7 @@ use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
-    ServiceEntry, Subset, VirtualService,
+    ServiceEntry, Sidecar, Subset, VirtualService, WorkloadEntryResource, select_sidecar,
 };
 
 /// All resources of one successful load, indexed by host, by namespace and by workload
@@ -16,6 +16,11 @@ use super::{
 /// Hosts in the indexes are qualified ([`super::qualify_host`]) with the namespace of the
 /// resource that names them. When the same `Kind/namespace/name` is defined twice, the later
 /// definition replaces the earlier one (as `kubectl apply` would) and the load warns.
+///
+/// A ServiceEntry with a `workloadSelector` gets, as its `endpoints`, the WorkloadEntries
+/// of its namespace whose labels include the selector's (Istio's serviceentry controller
+/// does the same; the selected entries' names, in name order, are its endpoints' order).
+/// [`MeshConfig::to_yaml`] writes such an entry as it was written, without them.
 #[derive(Debug, Clone, Default)]
 pub struct MeshConfig {
     version: u64,
@@ -24,6 +29,8 @@ pub struct MeshConfig {
     destination_rules: Vec<DestinationRule>,
     gateways: Vec<Gateway>,
     service_entries: Vec<ServiceEntry>,
+    workload_entries: Vec<WorkloadEntryResource>,
+    sidecars: Vec<Sidecar>,
     /// Oldest first (creation timestamp, then load order).
     peer_authentications: Vec<PeerAuthentication>,
     authorization_policies: Vec<AuthorizationPolicy>,
@@ -82,6 +89,8 @@ struct NamespaceIndex {
     destination_rules: Vec<usize>,
     gateways: Vec<usize>,
     service_entries: Vec<usize>,
+    workload_entries: Vec<usize>,
+    sidecars: Vec<usize>,
     peer_authentications: Vec<usize>,
     authorization_policies: Vec<usize>,
 }
@@ -149,14 +158,46 @@ impl MeshConfig {
                 AnyResource::DestinationRule(v) => c.destination_rules.push(v),
                 AnyResource::Gateway(v) => c.gateways.push(v),
                 AnyResource::ServiceEntry(v) => c.service_entries.push(v),
+                AnyResource::WorkloadEntry(v) => c.workload_entries.push(v),
+                AnyResource::Sidecar(v) => c.sidecars.push(v),
                 AnyResource::PeerAuthentication(v) => c.peer_authentications.push(v),
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
             }
         }
         c.version = hash.finish();
         c.peer_authentications.sort_by_key(|p| p.age_key());
+        c.select_workload_entries();
         c.index();
         c
+    }
+
+    /// Gives each ServiceEntry with a `workloadSelector` the WorkloadEntries of its
+    /// namespace that it selects, as endpoints (validation forbids writing both).
+    fn select_workload_entries(&mut self) {
+        if self.workload_entries.is_empty() {
+            return;
+        }
+        let mut entries: Vec<&WorkloadEntryResource> = self.workload_entries.iter().collect();
+        entries.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+        for se in &mut self.service_entries {
+            let Some(sel) = &se.spec.workload_selector else {
+                continue;
+            };
+            // An empty selector selects nothing here (see the module docs of `config`).
+            if !se.spec.endpoints.is_empty() || sel.labels.is_empty() {
+                continue;
+            }
+            se.spec.endpoints = entries
+                .iter()
+                .filter(|we| we.metadata.namespace == se.metadata.namespace)
+                .filter(|we| {
+                    sel.labels
+                        .iter()
+                        .all(|(k, v)| we.spec.labels.get(k) == Some(v))
+                })
+                .map(|we| we.spec.clone())
+                .collect();
+        }
     }
 
     fn index(&mut self) {
@@ -191,6 +232,20 @@ impl MeshConfig {
         self.vs_by_host.finish();
         self.dr_by_host.finish();
         self.se_by_host.finish();
+        for (i, w) in self.workload_entries.iter().enumerate() {
+            self.by_namespace
+                .entry(w.metadata.namespace.clone())
+                .or_default()
+                .workload_entries
+                .push(i);
+        }
+        for (i, s) in self.sidecars.iter().enumerate() {
+            self.by_namespace
+                .entry(s.metadata.namespace.clone())
+                .or_default()
+                .sidecars
+                .push(i);
+        }
         for (i, g) in self.gateways.iter().enumerate() {
             self.by_namespace
                 .entry(g.metadata.namespace.clone())
@@ -214,6 +269,53 @@ impl MeshConfig {
         }
     }
 
+    /// Every resource as it was written (ServiceEntries without the endpoints selected
+    /// from WorkloadEntries), by kind in the order of [`Kind::ALL`]: what loading them
+    /// again, or sending them to a proxy, needs.
+    pub fn resources(&self) -> Vec<AnyResource> {
+        let mut all: Vec<AnyResource> = Vec::new();
+        all.extend(
+            self.virtual_services
+                .iter()
+                .cloned()
+                .map(AnyResource::VirtualService),
+        );
+        all.extend(
+            self.destination_rules
+                .iter()
+                .cloned()
+                .map(AnyResource::DestinationRule),
+        );
+        all.extend(self.gateways.iter().cloned().map(AnyResource::Gateway));
+        all.extend(self.service_entries.iter().map(|se| {
+            let mut se = se.clone();
+            if se.spec.workload_selector.is_some() {
+                se.spec.endpoints.clear();
+            }
+            AnyResource::ServiceEntry(se)
+        }));
+        all.extend(
+            self.workload_entries
+                .iter()
+                .cloned()
+                .map(AnyResource::WorkloadEntry),
+        );
+        all.extend(self.sidecars.iter().cloned().map(AnyResource::Sidecar));
+        all.extend(
+            self.peer_authentications
+                .iter()
+                .cloned()
+                .map(AnyResource::PeerAuthentication),
+        );
+        all.extend(
+            self.authorization_policies
+                .iter()
+                .cloned()
+                .map(AnyResource::AuthorizationPolicy),
+        );
+        all
+    }
+
     /// Every resource as a multi-document Istio YAML stream (for `/config_dump`); loading
     /// it gives the same resources back.
     pub fn to_yaml(&self) -> Result<String, serde_saphyr::SerializeError> {
@@ -233,7 +335,22 @@ impl MeshConfig {
         push(&mut out, &self.gateways)?;
         push(&mut out, &self.virtual_services)?;
         push(&mut out, &self.destination_rules)?;
-        push(&mut out, &self.service_entries)?;
+        // Endpoints selected from WorkloadEntries are not written: the entry is dumped as
+        // written, and the WorkloadEntries after it.
+        let written: Vec<ServiceEntry> = self
+            .service_entries
+            .iter()
+            .map(|se| {
+                let mut se = se.clone();
+                if se.spec.workload_selector.is_some() {
+                    se.spec.endpoints.clear();
+                }
+                se
+            })
+            .collect();
+        push(&mut out, &written)?;
+        push(&mut out, &self.workload_entries)?;
+        push(&mut out, &self.sidecars)?;
         push(&mut out, &self.peer_authentications)?;
         push(&mut out, &self.authorization_policies)?;
         Ok(out)
@@ -267,6 +384,45 @@ impl MeshConfig {
     /// All ServiceEntries, in load order.
     pub fn service_entries(&self) -> &[ServiceEntry] {
         &self.service_entries
+    }
+
+    /// All WorkloadEntries, in load order.
+    pub fn workload_entries(&self) -> &[WorkloadEntryResource] {
+        &self.workload_entries
+    }
+
+    /// All Sidecars, in load order.
+    pub fn sidecars(&self) -> &[Sidecar] {
+        &self.sidecars
+    }
+
+    /// The Sidecar that applies to a workload (not a gateway) in `namespace` with
+    /// `labels` (ISTIO.md SR-33): one of its namespace whose `workloadSelector` matches,
+    /// else the selector-less one of its namespace, else the selector-less one of
+    /// `root_namespace`; the oldest among several. `None`: the workload imports
+    /// everything visible to its namespace.
+    pub fn sidecar_for(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+        root_namespace: &str,
+    ) -> Option<&Sidecar> {
+        let in_ns = |ns: &str| {
+            self.by_namespace
+                .get(ns)
+                .into_iter()
+                .flat_map(|n| n.sidecars.iter().map(|&i| &self.sidecars[i]))
+        };
+        let root = (namespace != root_namespace)
+            .then(|| in_ns(root_namespace))
+            .into_iter()
+            .flatten();
+        select_sidecar(
+            in_ns(namespace).chain(root),
+            namespace,
+            labels,
+            root_namespace,
+        )
     }
 
     /// All PeerAuthentications, OLDEST FIRST (creation timestamp, then load order), which
@@ -444,6 +600,8 @@ impl MeshConfig {
             Kind::DestinationRule => n.destination_rules.len(),
             Kind::Gateway => n.gateways.len(),
             Kind::ServiceEntry => n.service_entries.len(),
+            Kind::WorkloadEntry => n.workload_entries.len(),
+            Kind::Sidecar => n.sidecars.len(),
             Kind::PeerAuthentication => n.peer_authentications.len(),
             Kind::AuthorizationPolicy => n.authorization_policies.len(),
         })

@@ -89,6 +89,8 @@ pub(crate) fn validate_resource(r: &AnyResource, source: &SourceMap, out: &mut V
         AnyResource::DestinationRule(v) => destination_rule(&mut ctx, v),
         AnyResource::Gateway(v) => gateway(&mut ctx, v),
         AnyResource::ServiceEntry(v) => service_entry(&mut ctx, v),
+        AnyResource::WorkloadEntry(v) => workload_entry(&mut ctx, v),
+        AnyResource::Sidecar(v) => sidecar(&mut ctx, v),
         AnyResource::PeerAuthentication(v) => peer_authentication(&mut ctx, v),
         AnyResource::AuthorizationPolicy(v) => authorization_policy(&mut ctx, v),
     }
@@ -244,6 +246,43 @@ pub(crate) fn validate_all(report: &mut LoadReport) {
                 message: format!(
                     "namespace {ns} has several PeerAuthentications without selector; only the \
                      oldest ({winner}) applies and this one is ignored"
+                ),
+            });
+        }
+    }
+    // Several selector-less Sidecars in one namespace: Istio leaves the choice undefined
+    // (SR-33); the oldest applies here.
+    let mut defaults: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in report.resources.iter().enumerate() {
+        if let AnyResource::Sidecar(sc) = r
+            && sc.spec.workload_selector.is_none()
+        {
+            defaults.entry(&sc.metadata.namespace).or_default().push(i);
+        }
+    }
+    for (ns, idx) in defaults {
+        let age = |i: &usize| match &report.resources[*i] {
+            AnyResource::Sidecar(sc) => sc.age_key(),
+            _ => (None, usize::MAX),
+        };
+        let Some(oldest) = idx.iter().min_by(|a, b| age(a).cmp(&age(b))).copied() else {
+            continue;
+        };
+        let winner = report.resources[oldest].display_name();
+        for &i in idx.iter().filter(|&&i| i != oldest) {
+            let r = &report.resources[i];
+            let at = report.sources[i].key("metadata.name");
+            out.push(Diagnostic {
+                severity: Severity::Warning,
+                file: r.origin().file.clone(),
+                document: Some(r.origin().document),
+                resource: Some(r.display_name()),
+                path: Some("metadata.name".to_owned()),
+                line: at.map(|p| p.line),
+                column: at.map(|p| p.column),
+                message: format!(
+                    "namespace {ns} has several Sidecars without workloadSelector, which Istio \
+                     leaves undefined; only the oldest ({winner}) applies and this one is ignored"
                 ),
             });
         }
@@ -1751,22 +1790,240 @@ fn service_entry(ctx: &mut Ctx<'_>, se: &ServiceEntry) {
         }
         check_labels(ctx, &p(&ep_path, "labels"), &ep.labels);
         if let Some(sa) = &ep.service_account {
-            if sa.starts_with("spiffe:") {
-                ctx.error(
-                    &p(&ep_path, "serviceAccount"),
-                    format!("serviceAccount is a service account name in the entry's namespace, not a SPIFFE ID; write `{}`",
-                        Identity::parse(sa).ok().and_then(|id| id.service_account().map(str::to_owned)).unwrap_or_else(|| "name".to_owned())),
-                );
-            } else if !is_dns1123_subdomain(sa) {
-                ctx.error(
-                    &p(&ep_path, "serviceAccount"),
-                    format!("`{sa}` is not a valid service account name; expected lowercase letters, digits, `-` and `.`"),
-                );
-            }
+            check_entry_service_account(ctx, &p(&ep_path, "serviceAccount"), sa);
         }
     }
     for (i, san) in s.subject_alt_names.iter().enumerate() {
         check_spiffe_san(ctx, &pi("spec", "subjectAltNames", i), san);
+    }
+}
+
+fn check_entry_service_account(ctx: &mut Ctx<'_>, path: &str, sa: &str) {
+    if sa.starts_with("spiffe:") {
+        ctx.error(
+            path,
+            format!(
+                "serviceAccount is a service account name in the entry's namespace, not a SPIFFE ID; write `{}`",
+                Identity::parse(sa)
+                    .ok()
+                    .and_then(|id| id.service_account().map(str::to_owned))
+                    .unwrap_or_else(|| "name".to_owned())
+            ),
+        );
+    } else if !is_dns1123_subdomain(sa) {
+        ctx.error(
+            path,
+            format!("`{sa}` is not a valid service account name; expected lowercase letters, digits, `-` and `.`"),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// WorkloadEntry
+
+fn workload_entry(ctx: &mut Ctx<'_>, we: &WorkloadEntryResource) {
+    let s = &we.spec;
+    match s.address.as_deref() {
+        // Istio: an entry reached through its network's gateway may omit its address.
+        None | Some("") if s.network.as_deref().is_some_and(|n| !n.is_empty()) => {}
+        None | Some("") => ctx.error(
+            "spec.address",
+            "address is required (an IP address, a DNS name or a unix:// socket), unless \
+             `network` names the network whose gateway reaches the workload",
+        ),
+        Some(addr) if addr.starts_with("unix://") => {
+            if !s.ports.is_empty() {
+                ctx.error_at_key(
+                    "spec.ports",
+                    "a unix:// address has no ports; remove `ports`",
+                );
+            }
+        }
+        Some(addr) => {
+            if addr.parse::<IpAddr>().is_err() && check_host(addr, false).is_err() {
+                ctx.error(
+                    "spec.address",
+                    format!("`{addr}` is not an IP address, a DNS name or a unix:// socket"),
+                );
+            }
+        }
+    }
+    for (name, port) in &s.ports {
+        let mut pp = "spec.ports".to_owned();
+        push_key(&mut pp, name);
+        check_port(ctx, &pp, *port);
+    }
+    check_labels(ctx, "spec.labels", &s.labels);
+    if let Some(sa) = &s.service_account {
+        check_entry_service_account(ctx, "spec.serviceAccount", sa);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Sidecar
+
+fn sidecar(ctx: &mut Ctx<'_>, sc: &Sidecar) {
+    let s = &sc.spec;
+    if let Some(sel) = &s.workload_selector {
+        if sel.labels.is_empty() {
+            ctx.error(
+                "spec.workloadSelector",
+                "workloadSelector needs labels; omit it to apply to every workload of the namespace",
+            );
+        }
+        check_labels(ctx, "spec.workloadSelector.labels", &sel.labels);
+    }
+    if s.egress.is_empty()
+        && s.ingress.is_empty()
+        && s.outbound_traffic_policy.is_none()
+        && s.inbound_connection_pool.is_none()
+    {
+        ctx.warn(
+            "spec",
+            "the Sidecar configures nothing; it imports every host (`*/*`)",
+        );
+    }
+    let mut ports: BTreeSet<(u32, &str)> = BTreeSet::new();
+    for (i, l) in s.ingress.iter().enumerate() {
+        let lp = pi("spec", "ingress", i);
+        match &l.port {
+            None => ctx.error(&lp, "an ingress listener needs a port"),
+            Some(port) => {
+                sidecar_port(ctx, &p(&lp, "port"), port);
+                if !ports.insert((port.number, l.bind.as_str())) {
+                    ctx.error(
+                        &p(&p(&lp, "port"), "number"),
+                        format!(
+                            "port {} is used by another ingress listener on the same bind address",
+                            port.number
+                        ),
+                    );
+                }
+            }
+        }
+        sidecar_bind(ctx, &p(&lp, "bind"), &l.bind);
+        let ep = &l.default_endpoint;
+        if !ep.is_empty() && !ep.starts_with("unix://") {
+            let ok = ["127.0.0.1:", "0.0.0.0:", "[::1]:", "[::]:"]
+                .iter()
+                .find_map(|prefix| ep.strip_prefix(prefix))
+                .is_some_and(|port| port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !ok {
+                ctx.error(
+                    &p(&lp, "defaultEndpoint"),
+                    format!("`{ep}` is not a default endpoint; expected 127.0.0.1:PORT, 0.0.0.0:PORT, [::1]:PORT, [::]:PORT or unix:///path"),
+                );
+            }
+        }
+        if let Some(tls) = &l.tls {
+            server_tls(ctx, &p(&lp, "tls"), tls, true);
+        }
+    }
+    let mut ports: BTreeSet<(u32, &str)> = BTreeSet::new();
+    let mut catch_all: Option<usize> = None;
+    for (i, l) in s.egress.iter().enumerate() {
+        let lp = pi("spec", "egress", i);
+        match &l.port {
+            Some(port) => {
+                sidecar_port(ctx, &p(&lp, "port"), port);
+                if !ports.insert((port.number, l.bind.as_str())) {
+                    ctx.error(
+                        &p(&p(&lp, "port"), "number"),
+                        format!(
+                            "port {} is used by another egress listener on the same bind address",
+                            port.number
+                        ),
+                    );
+                }
+            }
+            None => {
+                if catch_all.is_some() {
+                    ctx.error(
+                        &lp,
+                        "only one egress listener may omit its port (the catch-all listener)",
+                    );
+                }
+                catch_all = Some(i);
+            }
+        }
+        sidecar_bind(ctx, &p(&lp, "bind"), &l.bind);
+        if l.hosts.is_empty() {
+            ctx.error(
+                &lp,
+                "an egress listener needs hosts (`namespace/dnsName`); write `*/*` to import everything",
+            );
+        }
+        for (j, h) in l.hosts.iter().enumerate() {
+            egress_host(ctx, &pi(&lp, "hosts", j), h);
+        }
+    }
+    if let Some(i) = catch_all
+        && i + 1 != s.egress.len()
+    {
+        ctx.error(
+            &pi("spec", "egress", i),
+            "the egress listener without a port (the catch-all) must be the last one",
+        );
+    }
+    if let Some(otp) = &s.outbound_traffic_policy
+        && let Some(proxy) = &otp.egress_proxy
+    {
+        let pp = "spec.outboundTrafficPolicy.egressProxy";
+        if otp.mode != Some(OutboundMode::AllowAny) {
+            ctx.error(pp, "egressProxy is only allowed with mode ALLOW_ANY");
+        }
+        if proxy.port.is_none() {
+            ctx.error(pp, "egressProxy needs a port");
+        }
+        destination(ctx, pp, proxy);
+    }
+}
+
+fn sidecar_port(ctx: &mut Ctx<'_>, path: &str, port: &GatewayPort) {
+    check_port(ctx, &p(path, "number"), port.number);
+    if !port.protocol.is_empty() {
+        check_protocol(ctx, &p(path, "protocol"), &port.protocol);
+    }
+    if let Some(t) = port.target_port {
+        check_port(ctx, &p(path, "targetPort"), t);
+    }
+}
+
+fn sidecar_bind(ctx: &mut Ctx<'_>, path: &str, bind: &str) {
+    if !bind.is_empty() && !bind.starts_with("unix://") && bind.parse::<IpAddr>().is_err() {
+        ctx.error(
+            path,
+            format!("`{bind}` is not an IP address or a unix:// socket"),
+        );
+    }
+}
+
+fn egress_host(ctx: &mut Ctx<'_>, path: &str, host: &str) {
+    let h = match EgressHost::parse(host) {
+        Ok(h) => h,
+        Err(e) => return ctx.error(path, e),
+    };
+    if !matches!(h.namespace, "*" | "." | "~") && !is_dns1123_label(h.namespace) {
+        ctx.error(
+            path,
+            format!(
+                "`{}` is not a namespace; expected `*`, `.`, `~`, a namespace name, or `~name` to exclude one",
+                h.namespace
+            ),
+        );
+    }
+    if h.dns_name != "*" {
+        if let Err(e) = check_host(h.dns_name, true) {
+            ctx.error(path, e);
+        } else if !h.dns_name.contains('.') && h.dns_name.parse::<IpAddr>().is_err() {
+            ctx.warn(
+                path,
+                format!(
+                    "`{}` is not qualified and matches no service (hosts here are compared as written); write its full name, e.g. `{}.<namespace>.svc.cluster.local`",
+                    h.dns_name, h.dns_name
+                ),
+            );
+        }
     }
 }
 

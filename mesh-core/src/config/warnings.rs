@@ -30,7 +30,7 @@ const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnfor
 
 use Kind::{
     AuthorizationPolicy as AP, DestinationRule as DR, Gateway as GW, ServiceEntry as SE,
-    VirtualService as VS,
+    Sidecar as SC, VirtualService as VS, WorkloadEntry as WE,
 };
 
 /// Fields parsed but not enforced by the proxy.
@@ -155,7 +155,7 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         SE,
         "spec.workloadSelector",
-        "no endpoints are selected by labels; list endpoints",
+        "WorkloadEntries are selected as endpoints, pods are not",
     ),
     ne(SE, "spec.addresses", "no virtual IP is intercepted"),
     ne(
@@ -167,6 +167,48 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         SE,
         "spec.endpoints[].locality",
         "localities are not considered",
+    ),
+    ne(
+        SE,
+        "spec.endpoints[].weight",
+        "endpoints are balanced with equal weight",
+    ),
+    ne(WE, "spec.network", "all endpoints are treated as reachable"),
+    ne(
+        WE,
+        "spec.weight",
+        "endpoints are balanced with equal weight",
+    ),
+    ne(WE, "spec.locality", "localities are not considered"),
+    ne(
+        SC,
+        "spec.egress[].port",
+        "egress hosts apply to every port; no listener is made per port",
+    ),
+    ne(
+        SC,
+        "spec.egress[].bind",
+        "the proxy's own outbound listener is used",
+    ),
+    ne(
+        SC,
+        "spec.egress[].captureMode",
+        "the proxy's own outbound listener is used",
+    ),
+    ne(
+        SC,
+        "spec.ingress",
+        "inbound traffic is served by the proxy's own inbound listener",
+    ),
+    ne(
+        SC,
+        "spec.inboundConnectionPool",
+        "inbound connections are not limited",
+    ),
+    ne(
+        SC,
+        "spec.outboundTrafficPolicy",
+        "the proxy's setting `outboundTrafficPolicy.mode` applies",
     ),
     ne(
         AP,

@@ -1,7 +1,8 @@
 //! [`KubeSource`]: the mesh's configuration read from the Kubernetes API.
 //!
 //! Watches every namespace for Istio's resources (`networking.istio.io/v1`:
-//! VirtualService, DestinationRule, Gateway, ServiceEntry; `security.istio.io/v1`:
+//! VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, Sidecar;
+//! `security.istio.io/v1`:
 //! PeerAuthentication, AuthorizationPolicy), and for Services, EndpointSlices, Pods and
 //! Namespaces, and publishes a [`ClusterState`] after every settled change: the valid
 //! Istio objects plus one ServiceEntry per Service made by the [`registry`] module.
@@ -34,8 +35,11 @@
 //!
 //! # Choices that differ from Istio
 //!
-//! - `WorkloadEntry` and `Sidecar` are not watched: the configuration model has no such
-//!   kinds yet (the loader skips them in files too). This is logged once at start.
+//! - A ServiceEntry's `workloadSelector` selects the WorkloadEntries of its namespace
+//!   (each proxy's snapshot does the selecting, see [`MeshConfig`]), and so does the
+//!   selector of a Service without endpoints; pods are not selected by ServiceEntries,
+//!   which istiod does (a pod's address, readiness and labels would become an endpoint
+//!   of the entry). A Service's pods reach it through its EndpointSlices, as in Istio.
 //! - istiod skips an invalid object that reached the API server (its webhook off or
 //!   bypassed) and keeps nothing of it; here the object's last valid version keeps
 //!   serving, so a bad `kubectl patch` cannot take a route away.
@@ -264,7 +268,7 @@ pub fn validate_object(
 }
 
 /// The watched Istio kinds: (kind, group, plural).
-const ISTIO_KINDS: [(Kind, &str, &str); 6] = [
+const ISTIO_KINDS: [(Kind, &str, &str); 8] = [
     (
         Kind::VirtualService,
         "networking.istio.io",
@@ -278,6 +282,12 @@ const ISTIO_KINDS: [(Kind, &str, &str); 6] = [
     (Kind::Gateway, "networking.istio.io", "gateways"),
     (Kind::ServiceEntry, "networking.istio.io", "serviceentries"),
     (
+        Kind::WorkloadEntry,
+        "networking.istio.io",
+        "workloadentries",
+    ),
+    (Kind::Sidecar, "networking.istio.io", "sidecars"),
+    (
         Kind::PeerAuthentication,
         "security.istio.io",
         "peerauthentications",
@@ -288,9 +298,6 @@ const ISTIO_KINDS: [(Kind, &str, &str); 6] = [
         "authorizationpolicies",
     ),
 ];
-
-/// Istio kinds the model does not have yet; not watched.
-const UNWATCHED_ISTIO_KINDS: [&str; 2] = ["WorkloadEntry", "Sidecar"];
 
 /// The metrics of a source.
 #[derive(Debug, Clone, Default)]
@@ -382,9 +389,6 @@ impl KubeSource {
             server = %format!("{}.{}", version.major, version.minor),
             "watching the Kubernetes API"
         );
-        for kind in UNWATCHED_ISTIO_KINDS {
-            tracing::info!(kind, "not watched: the configuration model has no {kind}");
-        }
         let reporter = Reporter {
             controller: "mesh-discovery".to_owned(),
             instance: options.instance.clone(),
@@ -997,9 +1001,9 @@ mod tests {
 
     #[test]
     fn kinds_the_mesh_does_not_read_are_refused_with_the_reason() {
-        let mut sidecar = object(100);
-        sidecar["kind"] = "Sidecar".into();
-        let errors = validate_object(&sidecar, &LoadOptions::default()).unwrap_err();
+        let mut filter = object(100);
+        filter["kind"] = "EnvoyFilter".into();
+        let errors = validate_object(&filter, &LoadOptions::default()).unwrap_err();
         assert!(
             errors[0]
                 .in_object()

@@ -14,8 +14,9 @@
 //! - `CREATE` and `UPDATE` of a kind the mesh reads are validated; errors deny the
 //!   request (HTTP 200 with `allowed: false` and the messages, one per line, as the
 //!   reason); warnings are returned as admission warnings, which `kubectl` prints.
-//! - `DELETE`, `CONNECT` and kinds the mesh does not read (`Sidecar`, `WorkloadEntry`)
-//!   are allowed: the webhook only guards what the mesh would reject.
+//! - `DELETE`, `CONNECT` and kinds the mesh does not read (`EnvoyFilter`, `Telemetry`,
+//!   ...) are allowed: the webhook only guards what the mesh would reject. `Sidecar` and
+//!   `WorkloadEntry` are read, so they are validated.
 //! - A body that is not an `AdmissionReview` gets HTTP 400; another path 404; another
 //!   method 405. Bodies are limited to 3 MiB (the API server's own object limit is
 //!   about 1.5 MiB).
@@ -257,6 +258,8 @@ mod tests {
         let options = LoadOptions::default();
         assert!(review_request(&request("UPDATE", "VirtualService", 100), &options).allowed);
         assert!(review_request(&request("DELETE", "VirtualService", -1), &options).allowed);
-        assert!(review_request(&request("CREATE", "Sidecar", -1), &options).allowed);
+        assert!(review_request(&request("CREATE", "EnvoyFilter", -1), &options).allowed);
+        // Sidecars are read, so validated: this one has a VirtualService's fields.
+        assert!(!review_request(&request("CREATE", "Sidecar", 100), &options).allowed);
     }
 }
