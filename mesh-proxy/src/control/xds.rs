@@ -30,8 +30,11 @@
 //!   is exactly what a user applied, validated twice by the same code.
 //! - The node describes the proxy as Istio's agent does (`id` =
 //!   `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>`, metadata `NAMESPACE`,
-//!   `LABELS`, `SERVICE_ACCOUNT`, `CLUSTER_ID`), for logs and debugging; `discovery`
-//!   decides what a proxy may see from its certificate's identity, never from the node.
+//!   `LABELS`, `SERVICE_ACCOUNT`, `CLUSTER_ID`). `discovery` decides which namespace's
+//!   view a proxy may see from its certificate's identity, never from the node; the
+//!   node's `LABELS` only choose the `Sidecar` resource that narrows that view (as
+//!   istiod trusts them), so a false label can narrow what a proxy receives, never
+//!   widen it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_core::body::{self, BoxBody};
-use mesh_core::config::{AnyResource, LoadOptions, MeshConfig};
+use mesh_core::config::{LoadOptions, MeshConfig};
 use mesh_tls::{CertStore, CertificateAuthority, LeafSpec, ServerTls};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -467,7 +467,7 @@ fn files(
         }
         let mut generation = generation.lock().unwrap_or_else(|e| e.into_inner());
         *generation += 1;
-        catalog.send_replace(Arc::new(Catalog::new(*generation, resources(&config))));
+        catalog.send_replace(Arc::new(Catalog::new(*generation, config.resources())));
         Ok(())
     };
     load().map_err(DiscoveryError::Config)?;
@@ -482,48 +482,6 @@ fn files(
         }
     });
     Ok(Box::new((watcher, AbortOnDrop(task))))
-}
-
-/// Every resource of `config`.
-fn resources(config: &MeshConfig) -> Vec<AnyResource> {
-    let mut all = Vec::new();
-    all.extend(config.gateways().iter().cloned().map(AnyResource::Gateway));
-    all.extend(
-        config
-            .virtual_services()
-            .iter()
-            .cloned()
-            .map(AnyResource::VirtualService),
-    );
-    all.extend(
-        config
-            .destination_rules()
-            .iter()
-            .cloned()
-            .map(AnyResource::DestinationRule),
-    );
-    all.extend(
-        config
-            .service_entries()
-            .iter()
-            .cloned()
-            .map(AnyResource::ServiceEntry),
-    );
-    all.extend(
-        config
-            .peer_authentications()
-            .iter()
-            .cloned()
-            .map(AnyResource::PeerAuthentication),
-    );
-    all.extend(
-        config
-            .authorization_policies()
-            .iter()
-            .cloned()
-            .map(AnyResource::AuthorizationPolicy),
-    );
-    all
 }
 
 /// Aborts a task when dropped.
