@@ -40,7 +40,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use peers::ApiServer;
+use peers::{ApiServer, host_ip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -48,7 +48,6 @@ use tokio::time::Instant;
 /// Wall-clock time, to compare with the timestamps in the processes' logs.
 type WallClock = std::time::SystemTime;
 
-const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const CANARY: &str = include_str!("../../examples/sidecar/config/canary-order-service.yaml");
 const AUTHZ: &str = include_str!("../../examples/sidecar/config/authorization-policy-payment.yaml");
 const STRICT: &str = include_str!("../../examples/sidecar/config/peer-authentication-strict.yaml");
@@ -228,18 +227,7 @@ async fn run(api: &ApiServer, n: usize, k: usize) -> Report {
     let bin = Path::new(env!("CARGO_BIN_EXE_mesh-proxy"));
 
     // Istio's definitions and the article's objects.
-    api.apply(CRDS);
-    api.kubectl(
-        &[
-            "wait",
-            "--for",
-            "condition=established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        "",
-    );
+    api.install_istio_crds();
     for ns in [NS, "istio-system"] {
         api.kubectl(&["create", "namespace", ns], "");
     }
@@ -784,12 +772,4 @@ fn clock_ticks() -> u64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100)
-}
-
-/// This machine's address towards the outside (no packet is sent): pods need a
-/// non-loopback address.
-fn host_ip() -> IpAddr {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.connect("192.0.2.1:9").unwrap();
-    socket.local_addr().unwrap().ip()
 }

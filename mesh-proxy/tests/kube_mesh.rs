@@ -20,10 +20,9 @@ mod support;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use support::peers::ApiServer;
+use support::peers::{ApiServer, host_ip};
 use support::*;
 
-const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const CANARY: &str = include_str!("../../examples/sidecar/config/canary-order-service.yaml");
 const RESILIENCE: &str =
     include_str!("../../examples/sidecar/config/payment-service-resilience.yaml");
@@ -46,21 +45,6 @@ fn article_patch(v2: u32) -> String {
 }}"#,
         v1 = 100 - v2
     )
-}
-
-/// This machine's own non-loopback IPv4 address.
-fn host_ip() -> IpAddr {
-    for target in ["192.0.2.1:9", "198.51.100.1:9", "10.255.255.254:9"] {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        if socket.connect(target).is_ok()
-            && let Ok(local) = socket.local_addr()
-            && !local.ip().is_loopback()
-            && !local.ip().is_unspecified()
-        {
-            return local.ip();
-        }
-    }
-    panic!("no non-loopback IPv4 address to give the pods");
 }
 
 fn service(name: &str) -> String {
@@ -172,17 +156,7 @@ async fn the_article_on_kubernetes_with_discovery_certificates_by_csr_and_zero_f
     for ns in ["production", "istio-system"] {
         server.kubectl(&["create", "namespace", ns], "");
     }
-    server.apply(CRDS);
-    server.kubectl(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        "",
-    );
+    server.install_istio_crds();
     for sa in ["order-service", "payment-service", "frontend"] {
         server.kubectl(&["-n", "production", "create", "serviceaccount", sa], "");
     }

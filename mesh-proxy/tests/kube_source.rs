@@ -13,10 +13,8 @@ use mesh_core::config::{
     AnyResource, LoadOptions, MeshConfig, ServiceEntry, VirtualService, WorkloadEntry,
 };
 use mesh_proxy::discovery::kube::{ClusterState, KubeSource, SourceOptions};
-use support::peers::ApiServer;
-use tokio::sync::watch;
+use support::peers::{ApiServer, wait_for_state};
 
-const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const CANARY: &str = include_str!("../../examples/sidecar/config/canary-order-service.yaml");
 const RESILIENCE: &str =
     include_str!("../../examples/sidecar/config/payment-service-resilience.yaml");
@@ -43,25 +41,6 @@ fn options() -> SourceOptions {
         max_backoff: Duration::from_secs(2),
         instance: Some("kube-source-test".to_owned()),
         ..SourceOptions::default()
-    }
-}
-
-async fn wait_for(
-    rx: &mut watch::Receiver<Arc<ClusterState>>,
-    what: &str,
-    f: impl Fn(&ClusterState) -> bool,
-) -> Arc<ClusterState> {
-    let waited = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s)))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .map(|s| s.clone());
-    match waited {
-        Some(s) => s,
-        None => panic!(
-            "timed out waiting for {what}; the last state was {:#?}",
-            rx.borrow()
-        ),
     }
 }
 
@@ -135,23 +114,12 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
     let mut registry = prometheus_client::registry::Registry::default();
     source.register_metrics(&mut registry);
 
-    server.apply(CRDS);
-    server.kubectl(
-        &[
-            "wait",
-            "--for",
-            "condition=established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        "",
-    );
+    server.install_istio_crds();
     server.kubectl(&["create", "namespace", "production"], "");
     for yaml in [CANARY, RESILIENCE, AUTHZ, STRICT, GATEWAY] {
         server.apply(yaml);
     }
-    let state = wait_for(&mut rx, "the article's resources", |s| {
+    let state = wait_for_state(&mut rx, "the article's resources", |s| {
         weights(s, "default", "order-service") == Some(vec![Some(95), Some(5)])
             && s.resources.len() >= 8
     })
@@ -211,7 +179,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         ],
         "",
     );
-    let before = wait_for(&mut rx, "the patched weights", |s| {
+    let before = wait_for_state(&mut rx, "the patched weights", |s| {
         weights(s, "default", "order-service") == Some(vec![Some(0), Some(100)])
     })
     .await;
@@ -230,7 +198,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         ],
         "",
     );
-    let state = wait_for(&mut rx, "the rejection", |s| !s.rejected.is_empty()).await;
+    let state = wait_for_state(&mut rx, "the rejection", |s| !s.rejected.is_empty()).await;
     assert!(state.generation > before.generation);
     let rejected = &state.rejected[0];
     assert_eq!(rejected.object(), "VirtualService/default/order-service");
@@ -284,7 +252,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         ],
         "",
     );
-    wait_for(&mut rx, "the fixed weights", |s| {
+    wait_for_state(&mut rx, "the fixed weights", |s| {
         weights(s, "default", "order-service") == Some(vec![Some(20), Some(80)])
             && s.rejected.is_empty()
     })
@@ -296,7 +264,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
          metadata: {name: ratings, namespace: production}\n\
          spec:\n  host: ratings\n  trafficPolicy:\n    loadBalancer: {simple: FASTEST}\n",
     );
-    let state = wait_for(&mut rx, "the never-valid rule", |s| !s.rejected.is_empty()).await;
+    let state = wait_for_state(&mut rx, "the never-valid rule", |s| !s.rejected.is_empty()).await;
     let rejected = &state.rejected[0];
     assert_eq!(rejected.object(), "DestinationRule/production/ratings");
     assert!(!rejected.kept_last_good);
@@ -318,7 +286,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
     // Deleting objects removes them, rejected or not.
     server.kubectl(&["delete", "dr", "ratings", "-n", "production"], "");
     server.kubectl(&["delete", "vs", "order-service"], "");
-    wait_for(&mut rx, "the deletions", |s| {
+    wait_for_state(&mut rx, "the deletions", |s| {
         s.rejected.is_empty() && virtual_service(s, "default", "order-service").is_none()
     })
     .await;
@@ -442,7 +410,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         .await
         .expect("ready");
     let mut rx = source.subscribe();
-    let state = wait_for(&mut rx, "the service's entry", |s| {
+    let state = wait_for_state(&mut rx, "the service's entry", |s| {
         addresses(s, HOST) == ["10.244.0.11"]
     })
     .await;
@@ -495,7 +463,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         ("10.244.0.12", "order-v1-b", false),
         ("10.244.0.13", "order-v2-a", false),
     ]));
-    let state = wait_for(&mut rx, "three endpoints", |s| {
+    let state = wait_for_state(&mut rx, "three endpoints", |s| {
         addresses(s, HOST).len() == 3
     })
     .await;
@@ -510,7 +478,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         ("10.244.0.12", "order-v1-b", false),
         ("10.244.0.13", "order-v2-a", false),
     ]));
-    wait_for(&mut rx, "two endpoints", |s| {
+    wait_for_state(&mut rx, "two endpoints", |s| {
         addresses(s, HOST) == ["10.244.0.12", "10.244.0.13"]
     })
     .await;
@@ -528,7 +496,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         ],
         "",
     );
-    wait_for(&mut rx, "the relabelled endpoint", |s| {
+    wait_for_state(&mut rx, "the relabelled endpoint", |s| {
         endpoints(s, HOST).iter().any(|e| {
             e.address.as_deref() == Some("10.244.0.12")
                 && e.labels.get("version").map(String::as_str) == Some("v2")
@@ -541,7 +509,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         ("10.244.0.12", "order-v1-b", false),
         ("10.244.0.13", "order-v2-a", true),
     ]));
-    wait_for(&mut rx, "the terminating endpoint gone", |s| {
+    wait_for_state(&mut rx, "the terminating endpoint gone", |s| {
         addresses(s, HOST) == ["10.244.0.12"]
     })
     .await;
@@ -556,7 +524,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: production}\n\
          spec:\n  clusterIP: None\n  selector: {app: db}\n  ports:\n  - {name: tcp-pg, port: 5432}\n",
     );
-    let state = wait_for(&mut rx, "the other services", |s| {
+    let state = wait_for_state(&mut rx, "the other services", |s| {
         entry(s, "search.production.svc.cluster.local").is_some()
             && entry(s, "db.production.svc.cluster.local").is_some()
     })
@@ -574,7 +542,7 @@ async fn services_and_endpoint_slices_become_entries_with_labels_and_identity() 
         &["delete", "service", "order-service", "-n", "production"],
         "",
     );
-    wait_for(&mut rx, "the entry gone", |s| entry(s, HOST).is_none()).await;
+    wait_for_state(&mut rx, "the entry gone", |s| entry(s, HOST).is_none()).await;
 }
 
 /// A server certificate for 127.0.0.1 and the PEM of the CA that signed it.
@@ -624,18 +592,7 @@ async fn the_webhook_refuses_invalid_objects_at_kubectl_apply_with_the_located_m
     let Some(server) = ApiServer::start() else {
         return;
     };
-    server.apply(CRDS);
-    server.kubectl(
-        &[
-            "wait",
-            "--for",
-            "condition=established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        "",
-    );
+    server.install_istio_crds();
     let (tls, ca) = webhook_tls();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::config::{AnyResource, Labels, LoadOptions, MeshConfig};
@@ -15,10 +14,8 @@ use mesh_proxy::control::xds::IstioResource;
 use mesh_proxy::discovery::kube::{ClusterState, KubeSource, SourceOptions};
 use mesh_proxy::discovery::xds::{Catalog, View};
 use prost::Message;
-use support::peers::ApiServer;
-use tokio::sync::watch;
+use support::peers::{ApiServer, wait_for_state};
 
-const CRDS: &str = include_str!("../../deploy/helm/mesh/files/istio-crds.yaml");
 const ROOT: &str = "istio-system";
 
 const OBJECTS: &str = "\
@@ -106,25 +103,6 @@ fn options() -> SourceOptions {
     }
 }
 
-async fn wait_for(
-    rx: &mut watch::Receiver<Arc<ClusterState>>,
-    what: &str,
-    f: impl Fn(&ClusterState) -> bool,
-) -> Arc<ClusterState> {
-    let waited = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s)))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .map(|s| s.clone());
-    match waited {
-        Some(s) => s,
-        None => panic!(
-            "timed out waiting for {what}; the last state was {:#?}",
-            rx.borrow()
-        ),
-    }
-}
-
 fn has(s: &ClusterState, name: &str) -> bool {
     s.resources.iter().any(|r| r.display_name() == name)
 }
@@ -158,18 +136,7 @@ async fn sidecars_and_workload_entries_are_watched_and_scope_each_proxys_view() 
     let Some(server) = ApiServer::start() else {
         return;
     };
-    server.apply(CRDS);
-    server.kubectl(
-        &[
-            "wait",
-            "--for",
-            "condition=established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        "",
-    );
+    server.install_istio_crds();
     for ns in ["shop", "bank", ROOT] {
         server.kubectl(&["create", "namespace", ns], "");
     }
@@ -181,7 +148,7 @@ async fn sidecars_and_workload_entries_are_watched_and_scope_each_proxys_view() 
         .await
         .expect("ready");
     let mut rx = source.subscribe();
-    let state = wait_for(&mut rx, "the Sidecars and WorkloadEntries", |s| {
+    let state = wait_for_state(&mut rx, "the Sidecars and WorkloadEntries", |s| {
         has(s, "Sidecar/istio-system/default")
             && has(s, "WorkloadEntry/shop/vm-legacy")
             && has(s, "ServiceEntry/shop/kubernetes.legacy")
@@ -266,7 +233,7 @@ async fn sidecars_and_workload_entries_are_watched_and_scope_each_proxys_view() 
 
     // An invalid Sidecar is left out, named with its field.
     server.apply(BAD_SIDECAR);
-    let state = wait_for(&mut rx, "the rejection", |s| {
+    let state = wait_for_state(&mut rx, "the rejection", |s| {
         s.rejected.iter().any(|r| r.object() == "Sidecar/shop/bad")
     })
     .await;
@@ -292,7 +259,7 @@ async fn sidecars_and_workload_entries_are_watched_and_scope_each_proxys_view() 
 
     // Deleting the WorkloadEntry takes the endpoint away.
     server.kubectl(&["delete", "workloadentry", "-n", "shop", "vm-1"], "");
-    let state = wait_for(&mut rx, "the entry without its VM", |s| {
+    let state = wait_for_state(&mut rx, "the entry without its VM", |s| {
         !has(s, "WorkloadEntry/shop/vm-1")
     })
     .await;

@@ -1,6 +1,7 @@
 //! A real Kubernetes API server for the tests (etcd and kube-apiserver started by
 //! `.ci/peers-kube` on loopback), and `kubectl` from the same release.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -39,6 +40,51 @@ fn skip<T>(why: &str) -> Option<T> {
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Istio's CustomResourceDefinitions, as the Helm chart installs them.
+pub const ISTIO_CRDS: &str = include_str!("../../../deploy/helm/mesh/files/istio-crds.yaml");
+
+/// This machine's own non-loopback IPv4 address: the API server refuses loopback
+/// addresses in EndpointSlices, so the pods of the tests have this one (processes listen
+/// on it, each on its own port).
+pub fn host_ip() -> IpAddr {
+    for target in ["192.0.2.1:9", "198.51.100.1:9", "10.255.255.254:9"] {
+        let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            continue;
+        };
+        if socket.connect(target).is_ok()
+            && let Ok(local) = socket.local_addr()
+            && !local.ip().is_loopback()
+            && !local.ip().is_unspecified()
+        {
+            return local.ip();
+        }
+    }
+    panic!("no non-loopback IPv4 address to give the pods");
+}
+
+/// Waits (at most a minute) until the source's state satisfies `f`; panics naming `what`
+/// and showing the last state otherwise.
+pub async fn wait_for_state(
+    rx: &mut tokio::sync::watch::Receiver<
+        std::sync::Arc<mesh_proxy::discovery::kube::ClusterState>,
+    >,
+    what: &str,
+    f: impl Fn(&mesh_proxy::discovery::kube::ClusterState) -> bool,
+) -> std::sync::Arc<mesh_proxy::discovery::kube::ClusterState> {
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(60), rx.wait_for(|s| f(s)))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|s| s.clone());
+    match waited {
+        Some(s) => s,
+        None => panic!(
+            "timed out waiting for {what}; the last state was {:#?}",
+            rx.borrow()
+        ),
+    }
 }
 
 /// etcd and kube-apiserver running in a directory of their own, stopped when dropped.
@@ -126,6 +172,22 @@ impl ApiServer {
     /// `kubectl apply -f -` of `yaml`.
     pub fn apply(&self, yaml: &str) -> String {
         self.kubectl(&["apply", "-f", "-"], yaml)
+    }
+
+    /// Applies Istio's CRDs as the chart installs them, and waits until the server
+    /// serves them.
+    pub fn install_istio_crds(&self) {
+        self.apply(ISTIO_CRDS);
+        self.kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                "--timeout=60s",
+            ],
+            "",
+        );
     }
 
     /// A client for this server as the admin user.
