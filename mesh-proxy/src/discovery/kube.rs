@@ -117,6 +117,14 @@ impl SourceOptions {
     }
 }
 
+/// A copy of `object` without `metadata.managedFields` (server-side apply bookkeeping,
+/// often the largest part of an object, never read here).
+fn without_managed_fields<K: kube::Resource + Clone>(object: &K) -> K {
+    let mut object = object.clone();
+    object.meta_mut().managed_fields = None;
+    object
+}
+
 /// Why the source could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -428,11 +436,7 @@ impl KubeSource {
             MirrorSink::new(
                 "Service",
                 |s: &mut Store| &mut s.services,
-                |s: &Service| {
-                    let mut s = s.clone();
-                    s.metadata.managed_fields = None;
-                    s
-                },
+                without_managed_fields::<Service>,
             ),
         );
         spawn_watch(
@@ -443,11 +447,7 @@ impl KubeSource {
             MirrorSink::new(
                 "EndpointSlice",
                 |s: &mut Store| &mut s.slices,
-                |s: &EndpointSlice| {
-                    let mut s = s.clone();
-                    s.metadata.managed_fields = None;
-                    s
-                },
+                without_managed_fields::<EndpointSlice>,
             ),
         );
         spawn_watch(
