@@ -920,9 +920,9 @@ impl Mesh {
     }
 }
 
-/// Aborts a background task when the mesh is dropped.
+/// Aborts a background task when dropped (the mesh's, or `discovery`'s).
 #[cfg(feature = "watch")]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 #[cfg(feature = "watch")]
 impl Drop for AbortOnDrop {

@@ -97,6 +97,25 @@ pub struct Options {
     pub idle_timeout: Duration,
 }
 
+impl Options {
+    /// Options of a small operator-facing server (the admin server, `discovery`'s
+    /// monitoring and webhook): at most 64 connections, drained for 100 ms, Envoy's
+    /// default idle timeout (1 h).
+    pub fn internal(
+        builder: Arc<auto::Builder<TokioExecutor>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            builder,
+            shutdown,
+            drain: Duration::from_millis(100),
+            max_connections: 64,
+            active: Default::default(),
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Serves connections from `listener` until `options.shutdown`, then drains for at most
 /// `options.drain`.
 pub async fn run<A, Fut, IO, S, B>(listener: TcpListener, options: Options, accept: A)

@@ -659,5 +659,5 @@ webhooks:
     );
     server.kubectl(&["get", "vs", "reviews"], "");
     shutdown.cancel();
-    serving.await.unwrap().unwrap();
+    serving.await.unwrap();
 }

@@ -126,9 +126,12 @@ impl MeshConfig {
         if report.has_errors() {
             return Err(report.errors().cloned().collect());
         }
-        let mut config = MeshConfig::from_resources(report.resources.clone(), options);
-        config.version = report.version;
-        Ok(config)
+        // The report's version already hashes the documents' text.
+        Ok(MeshConfig::assemble(
+            report.resources.clone(),
+            options,
+            Some(report.version),
+        ))
     }
 
     /// Builds the snapshot of resources that were validated one by one (for example
@@ -136,6 +139,16 @@ impl MeshConfig {
     /// `Kind/namespace/name` appears twice, the later one replaces the earlier one. The
     /// version is a hash of the resources' content.
     pub fn from_resources(resources: Vec<AnyResource>, options: &LoadOptions) -> MeshConfig {
+        MeshConfig::assemble(resources, options, None)
+    }
+
+    /// The snapshot of `resources`, versioned `version`, or by a hash of the resources
+    /// kept when `None`.
+    fn assemble(
+        resources: Vec<AnyResource>,
+        options: &LoadOptions,
+        version: Option<u64>,
+    ) -> MeshConfig {
         // Later definitions of the same Kind/namespace/name replace earlier ones.
         let mut last: HashMap<(Kind, String, String), usize> = HashMap::new();
         for (i, r) in resources.iter().enumerate() {
@@ -152,7 +165,9 @@ impl MeshConfig {
             if last.get(&(r.kind(), m.namespace.clone(), m.name.clone())) != Some(&i) {
                 continue;
             }
-            hash.write(format!("{r:?}").as_bytes());
+            if version.is_none() {
+                hash.write(format!("{r:?}").as_bytes());
+            }
             match r {
                 AnyResource::VirtualService(v) => c.virtual_services.push(v),
                 AnyResource::DestinationRule(v) => c.destination_rules.push(v),
@@ -164,7 +179,7 @@ impl MeshConfig {
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
             }
         }
-        c.version = hash.finish();
+        c.version = version.unwrap_or_else(|| hash.finish());
         c.peer_authentications.sort_by_key(|p| p.age_key());
         c.select_workload_entries();
         c.index();

@@ -305,9 +305,7 @@ async fn stream(
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (requests, rx) = mpsc::channel::<DiscoveryRequest>(4);
-    let outgoing = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|request| (request, rx))
-    });
+    let outgoing = receiver_stream(rx);
     // The first request carries the node and the version already held.
     let _ = requests
         .send(DiscoveryRequest {
@@ -373,6 +371,16 @@ async fn stream(
         }
     }
     Ok(received)
+}
+
+/// The items of `rx` as a stream (a gRPC stream's requests or responses, or accepted
+/// connections), ending when every sender is gone.
+pub(crate) fn receiver_stream<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// The resources of `response` loaded as one configuration, or every diagnostic.

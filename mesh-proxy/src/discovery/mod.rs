@@ -56,6 +56,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::xds::{AdsServer, Catalog};
+use crate::mesh::AbortOnDrop;
 
 /// Where the configuration comes from.
 #[derive(Clone, Debug)]
@@ -239,7 +240,7 @@ impl Discovery {
                     shutdown.clone(),
                 ));
                 if let Some(addr) = options.webhook {
-                    webhook = Some((bind(addr).await?, load, client));
+                    webhook = Some((bind(addr).await?, addr, load, client));
                 }
             }
         }
@@ -255,15 +256,11 @@ impl Discovery {
             ("grpc", local(&grpc, options.grpc)),
             ("monitoring", local(&monitoring, options.monitoring)),
         ];
-        if let Some((listener, load, client)) = webhook {
-            addresses.push(("webhook", local(&listener, listener_addr(&listener))));
+        if let Some((listener, addr, load, client)) = webhook {
+            addresses.push(("webhook", local(&listener, addr)));
             let tls = webhook_tls(&store);
             let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = webhook::serve_webhook(listener, tls, load, stop).await {
-                    tracing::error!(error = %e, "the webhook server failed");
-                }
-            });
+            tasks.spawn(webhook::serve_webhook(listener, tls, load, stop));
             if let Some(name) = options.webhook_config.clone() {
                 tasks.spawn(keep_ca_bundle(client, name, ca.root_pem().to_owned()));
             }
@@ -318,12 +315,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DiscoveryError> {
 
 fn local(listener: &TcpListener, asked: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(asked)
-}
-
-fn listener_addr(listener: &TcpListener) -> SocketAddr {
-    listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Lifetime of `discovery`'s own serving certificate; renewed at half-life.
@@ -484,15 +475,6 @@ fn files(
     Ok(Box::new((watcher, AbortOnDrop(task))))
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The monitoring server: `/metrics` and `/ready`.
 async fn serve_monitoring(
     listener: TcpListener,
@@ -500,26 +482,20 @@ async fn serve_monitoring(
     catalog: watch::Receiver<Arc<Catalog>>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-        };
-        let registry = registry.clone();
-        let catalog = catalog.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let answer = monitoring(&req, &registry, &catalog);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+    let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let answer = monitoring(&req, &registry, &catalog);
+        async move { Ok::<_, Infallible>(answer) }
+    });
+    let builder = Arc::new(crate::serve::builder(&crate::settings::Limits::default()));
+    crate::serve::run(
+        listener,
+        crate::serve::Options::internal(builder, shutdown),
+        move |tcp, _| {
+            let svc = svc.clone();
+            async move { Some((tcp, svc)) }
+        },
+    )
+    .await;
 }
 
 fn monitoring(

@@ -20,8 +20,11 @@
 //! - A body that is not an `AdmissionReview` gets HTTP 400; another path 404; another
 //!   method 405. Bodies are limited to 3 MiB (the API server's own object limit is
 //!   about 1.5 MiB).
-//! - [`serve_webhook`] stops accepting when `shutdown` is cancelled; connections in
-//!   flight finish on their own tasks.
+//! - [`serve_webhook`] serves like the proxy's other internal servers
+//!   ([`serve::run`](crate::serve::run): at most 64 connections, the proxy's header
+//!   limits, a failed accept retried); a TLS handshake that fails or takes over 10 s
+//!   drops that connection only. When `shutdown` is cancelled it stops accepting and
+//!   drains.
 //!
 //! # Choices that differ from Istio
 //!
@@ -37,7 +40,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use mesh_core::config::{Kind, LoadOptions};
@@ -51,44 +53,47 @@ use super::kube::validate_object;
 const MAX_BODY: usize = 3 << 20;
 
 /// Serves the validating webhook on `listener` with `tls` until `shutdown` is
-/// cancelled. Fails only if accepting connections fails.
+/// cancelled.
 pub async fn serve_webhook(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     options: LoadOptions,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) {
     let acceptor = TlsAcceptor::from(tls);
     let options = Arc::new(options);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted?,
-        };
-        let acceptor = acceptor.clone();
+    let service = tower::service_fn(move |req: Request<Incoming>| {
         let options = options.clone();
-        tokio::spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
+        async move { Ok::<_, Infallible>(handle(req, &options).await) }
+    });
+    let builder = Arc::new(crate::serve::builder(&crate::settings::Limits::default()));
+    crate::serve::run(
+        listener,
+        crate::serve::Options::internal(builder, shutdown),
+        move |tcp, peer| {
+            let acceptor = acceptor.clone();
+            let service = service.clone();
+            async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                match handshake {
+                    Ok(Ok(stream)) => Some((stream, service)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake timed out");
+                        None
+                    }
                 }
-            };
-            let service = hyper::service::service_fn(move |req| {
-                let options = options.clone();
-                async move { Ok::<_, Infallible>(handle(req, &options).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
             }
-        });
-    }
+        },
+    )
+    .await;
 }
+
+/// Longest TLS handshake of a webhook connection.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn handle(req: Request<Incoming>, options: &LoadOptions) -> Response<Full<Bytes>> {
     if req.uri().path() != "/validate" {

@@ -80,7 +80,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::xds::{IstioResource, TYPE_URL};
+use crate::control::xds::{IstioResource, TYPE_URL, receiver_stream};
 
 /// Every valid Istio object `discovery` knows, each encoded once.
 #[derive(Debug, Default)]
@@ -539,9 +539,7 @@ impl AggregatedDiscoveryService for AdsServer {
             }
             server.metrics.clients.dec();
         });
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
+        let stream = receiver_stream(rx);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -668,9 +666,7 @@ pub async fn serve(
             });
         }
     });
-    let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
+    let incoming = receiver_stream(rx);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_routes(routes)

@@ -68,15 +68,7 @@ pub fn spawn(
     });
     tokio::spawn(crate::serve::run(
         listener,
-        crate::serve::Options {
-            builder,
-            shutdown: stop,
-            drain: std::time::Duration::from_millis(100),
-            max_connections: 64,
-            active: Default::default(),
-            // Envoy's default downstream idle timeout.
-            idle_timeout: std::time::Duration::from_secs(3600),
-        },
+        crate::serve::Options::internal(builder, stop),
         move |tcp, _| {
             let svc = svc.clone();
             async move { Some((tcp, svc.map_err(|e| -> mesh_core::BoxError { match e {} }))) }
