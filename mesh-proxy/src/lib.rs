@@ -79,6 +79,8 @@
 //!   host rather than the request's authority, and never read `credentialName`
 //!   (ISTIO.md §8.12, DR-51..DR-54, SR-23..SR-25).
 
+#[cfg(feature = "proxy")]
+pub mod capture;
 #[cfg(feature = "xds")]
 pub mod control;
 #[cfg(feature = "discovery")]

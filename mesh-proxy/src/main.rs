@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod ca;
 mod control_plane;
+mod init;
 mod validate;
 
 /// The mesh proxy.
@@ -41,6 +42,8 @@ enum Command {
     Ca(ca::CaCommand),
     /// Run the control plane: configuration to sidecars over xDS, workload certificates.
     Discovery(Box<control_plane::Args>),
+    /// Install the transparent-capture rules (nftables) in the current network namespace.
+    Init(init::Args),
 }
 
 /// Runtime sizing shared by `sidecar` and `gateway`.
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
             }),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Discovery(args) => control_plane::run(*args),
+        Command::Init(args) => init::run(&args),
     }
 }
 

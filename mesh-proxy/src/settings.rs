@@ -31,6 +31,7 @@
 //! | `listeners.outbound` | `127.0.0.1:15001` | plain HTTP from the application (origin-form with Host, or proxy absolute-form) |
 //! | `listeners.admin` | `127.0.0.1:15000` | admin server |
 //! | `listeners.appProtocol` | `HTTP` | `HTTP` (HTTP/1.1) or `HTTP2` (h2 prior knowledge, gRPC) towards the application |
+//! | `listeners.capture` | `false` | traffic reaches the listeners by transparent capture (`mesh-proxy init`): routed by original destination; inbound goes to the application's address at the original port |
 //! | `tracing.sampling` | `1` | percentage of new traces sampled |
 //! | `tracing.otlp` / `tracing.zipkin` | – | collector URL (one of them) |
 //! | `accessLog.path` | – (off) | `-` for stdout, or a file to append to |
@@ -250,6 +251,12 @@ pub struct Listeners {
     /// and `captureMode: NONE`), e.g. `127.0.0.1:6379: redis.data:6379`. Routed by the
     /// host's VirtualService `tcp` routes, else to the service's TCP port.
     pub tcp: BTreeMap<SocketAddr, String>,
+    /// Transparent capture (`mesh-proxy init` installed the rules): connections
+    /// redirected to `outbound` and `inbound` are handled by their original destination
+    /// (module `capture`, feature `proxy`); the outbound and inbound listeners also listen on the
+    /// IPv6 counterpart of their address (`[::1]` for `127.0.0.1`, `[::]` for `0.0.0.0`).
+    /// Direct connections are served as without capture. Default `false`.
+    pub capture: bool,
 }
 
 impl Listeners {
@@ -283,6 +290,7 @@ impl Default for Listeners {
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             app_protocol: AppProtocol::Http,
             tcp: BTreeMap::new(),
+            capture: false,
         }
     }
 }
@@ -701,7 +709,7 @@ mod tests {
         let shown = errs[0].to_string();
         assert_eq!(
             shown,
-            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol, tcp"
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol, tcp, capture"
         );
     }
 

@@ -157,7 +157,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         "spec.workloadSelector",
         "WorkloadEntries are selected as endpoints, pods are not",
     ),
-    ne(SE, "spec.addresses", "no virtual IP is intercepted"),
     ne(
         SE,
         "spec.endpoints[].network",

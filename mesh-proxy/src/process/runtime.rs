@@ -123,6 +123,33 @@ impl Process {
         Ok(listener)
     }
 
+    /// Binds listener `name` on the IPv6 address `addr` for IPv6 only (`IPV6_V6ONLY`), so
+    /// that it can share its port with an IPv4 listener. `None`, with a warning, when the
+    /// namespace has no IPv6 (the address cannot be bound).
+    pub fn bind_ipv6_only(&mut self, name: &str, addr: SocketAddr) -> Option<TcpListener> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let bound = (|| {
+            let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_only_v6(true)?;
+            socket.set_reuse_address(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            TcpListener::from_std(std::net::TcpListener::from(socket))
+        })();
+        match bound {
+            Ok(listener) => {
+                let local = listener.local_addr().unwrap_or(addr);
+                self.addresses.push((name.to_owned(), local));
+                Some(listener)
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "no IPv6 listener: {name}");
+                None
+            }
+        }
+    }
+
     /// Runs a listener's serve loop; the proxy's `wait` waits for it to drain.
     pub fn serve(&mut self, listener: impl std::future::Future<Output = ()> + Send + 'static) {
         self.listeners.spawn(listener);

@@ -15,6 +15,11 @@
 //!      REGISTRY_ONLY 502 `NR`
 //! ```
 //!
+//! On a captured connection (transparent capture) the listener puts the connection's
+//! [`OriginalDestination`] on every request: a Host the route table does not know is
+//! then routed to the service that owns the original address, and a passthrough goes
+//! to the original address (Istio's `PassthroughCluster`), not to the Host.
+//!
 //! The request's host is looked up once per request, on the snapshot the router then
 //! routes it on. Hosts the route table does not know are recorded by authority, with a
 //! bound on distinct authorities.
@@ -62,6 +67,17 @@ pub enum OutboundMode {
     AllowAny,
     /// Answer 502 with flag `NR` (Istio's `BlackHoleCluster`).
     RegistryOnly,
+}
+
+/// Where a captured connection was addressed before it was redirected to the outbound
+/// listener (transparent capture), as a request extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginalDestination {
+    /// The address and port the application connected to.
+    pub address: SocketAddr,
+    /// The host of the service that owns the address, if one does: requests whose Host
+    /// names no known host are routed to it.
+    pub service: Option<Arc<str>>,
 }
 
 /// Bound on distinct destination services (and authorities) in outbound metrics.
@@ -254,9 +270,18 @@ where
         let req = boxed_request(req);
         let snapshot = self.forward.router.snapshot();
         let host = request_host(&req);
+        let by_address = || {
+            let service = req
+                .extensions()
+                .get::<OriginalDestination>()?
+                .service
+                .as_deref()?;
+            Some((snapshot.table().virtual_host_index(service)?, service))
+        };
         let vh = host
             .as_deref()
-            .and_then(|h| Some((snapshot.table().virtual_host_index(h)?, h)));
+            .and_then(|h| Some((snapshot.table().virtual_host_index(h)?, h)))
+            .or_else(by_address);
         let (layer, resolved) = match vh {
             Some((index, h)) => (self.layer_for(&snapshot, index, h), Some((snapshot, index))),
             None => (self.by_authority.clone(), None),
@@ -336,6 +361,18 @@ fn addresses(req: &Request<BoxBody>, listener: SocketAddr) -> bool {
     }
 }
 
+/// `uri`'s path and query, absolute-form towards `address`.
+fn to_address(uri: &Uri, address: SocketAddr) -> Option<Uri> {
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let address = SocketAddr::new(address.ip().to_canonical(), address.port());
+    Uri::builder()
+        .scheme("http")
+        .authority(address.to_string())
+        .path_and_query(path)
+        .build()
+        .ok()
+}
+
 impl Service<Request<BoxBody>> for Forward {
     type Response = Response<BoxBody>;
     type Error = BoxError;
@@ -355,10 +392,23 @@ impl Service<Request<BoxBody>> for Forward {
         if request_host(&req).is_none() {
             return RouteFuture::local(Err(Box::new(BadRequest("no host"))));
         }
+        let original = req
+            .extensions()
+            .get::<OriginalDestination>()
+            .map(|o| o.address);
         match self.mode {
             OutboundMode::RegistryOnly => {
                 tracing::debug!("REGISTRY_ONLY: host not in the registry");
                 RouteFuture::local(Ok(respond::registry_only()))
+            }
+            OutboundMode::AllowAny if original.is_some() => {
+                // Captured: to the address the application connected to, Host kept.
+                if let Some(address) = original
+                    && let Some(uri) = to_address(req.uri(), address)
+                {
+                    *req.uri_mut() = uri;
+                }
+                RouteFuture::Passthrough(self.passthrough.call(req))
             }
             OutboundMode::AllowAny if self.listener.is_some_and(|l| addresses(&req, l)) => {
                 tracing::debug!("passthrough to this proxy's own listener refused");
@@ -414,6 +464,17 @@ mod tests {
             let r = req("/", Some(host));
             assert_eq!(addresses(&r, listener), loops, "{host}");
         }
+    }
+
+    #[test]
+    fn captured_passthrough_targets_the_original_address() {
+        let uri: Uri = "/pay?x=1".parse().unwrap();
+        let v4 = to_address(&uri, "10.0.0.7:8080".parse().unwrap()).unwrap();
+        assert_eq!(v4, "http://10.0.0.7:8080/pay?x=1");
+        let mapped = to_address(&uri, "[::ffff:10.0.0.7]:80".parse().unwrap()).unwrap();
+        assert_eq!(mapped, "http://10.0.0.7:80/pay?x=1");
+        let v6 = to_address(&"/".parse().unwrap(), "[fd00::7]:80".parse().unwrap()).unwrap();
+        assert_eq!(v6, "http://[fd00::7]:80/");
     }
 
     #[test]

@@ -22,6 +22,13 @@
 //!   both ways, counted
 //! ```
 //!
+//! # Passthrough ([`passthrough`])
+//!
+//! A captured connection to an address no service owns, under `ALLOW_ANY` (Istio's
+//! `PassthroughCluster`): connected in plaintext to the original destination, bytes
+//! both ways, recorded with `destination_service_name="PassthroughCluster"` and the
+//! address as `destination_service`.
+//!
 //! Both sides record `istio_tcp_connections_opened_total`/`closed_total` and
 //! `istio_tcp_sent_bytes_total`/`received_bytes_total` (bytes to and from the
 //! downstream, counted as they pass) with the peer's workload labels from the exchange,
@@ -210,6 +217,44 @@ impl TcpOutbound {
             service.max_connection_duration(),
         )
         .await
+    }
+}
+
+/// Proxies `downstream`, a captured connection to `destination` that no service owns,
+/// to `destination` itself (see the module docs), connecting within `connect_timeout`.
+pub async fn passthrough(
+    mut downstream: TcpStream,
+    destination: SocketAddr,
+    telemetry: &Telemetry,
+    connect_timeout: Duration,
+) {
+    let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(destination)).await;
+    let mut upstream = match connected {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            tracing::debug!(%destination, error = %e, "passthrough connect failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%destination, "passthrough connect timed out");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let service = DestinationService {
+        host: destination.ip().to_canonical().to_string(),
+        name: "PassthroughCluster".to_owned(),
+        namespace: String::new(),
+    };
+    let metrics = telemetry.metrics().istio().tcp(
+        Reporter::Source,
+        telemetry.workload(),
+        &Workload::unknown(),
+        &service,
+        ConnectionSecurity::Unknown,
+    );
+    if let Err(e) = splice(&mut downstream, &mut upstream, metrics, None).await {
+        tracing::debug!(%destination, error = %e, "passthrough connection ended");
     }
 }
 
