@@ -6,6 +6,9 @@
 //! joined by veth pairs; addresses exist only inside them) and deletes them when it ends.
 //! They need root; without it they skip, except under CI.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::net::SocketAddr;
@@ -625,7 +628,7 @@ spec:
         let (body, local) = out.rsplit_once('\n').expect("two lines");
         let (ip, port) = local.split_once(' ').expect("ip and port");
         let seen = body.rsplit_once(" from ").expect("remote").1;
-        assert_eq!(seen.starts_with(&format!("{ip}:")), true, "{url}: {body}");
+        assert!(seen.starts_with(&format!("{ip}:")), "{url}: {body}");
         // Bypassing, the server sees curl's own connection; captured, the sidecar's.
         assert_eq!(
             seen == format!("{ip}:{port}"),

@@ -172,7 +172,7 @@ spec:
         let index = Addresses::from_config(&c, &Naming::default());
         let owner = index.owner("10.96.0.10:8080".parse().unwrap()).unwrap();
         assert_eq!(&*owner.host, "payment-service.production.svc.cluster.local");
-        assert_eq!(owner.protocol, PortProtocol::Auto);
+        assert_eq!(owner.protocol, PortProtocol::Http);
         assert!(index.owner("[fd00:96::10]:8080".parse().unwrap()).is_some());
         // An IPv4 address seen on a dual-stack socket.
         assert!(
