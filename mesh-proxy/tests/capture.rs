@@ -779,3 +779,136 @@ async fn init_is_idempotent_prints_its_rules_and_cleans_up() {
     assert_eq!(tables().trim(), "");
     assert!(init(&ns, &["--cleanup"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_refuses_unknown_destinations_and_policies_see_the_original_port() {
+    let Some(mut net) = Net::new("registry_only") else {
+        return;
+    };
+    let order_ns = net.pod("order", 1, &[]);
+    let payment_ns = net.pod("payment", 2, &[]);
+    let ext_ns = net.pod("ext", 9, &[]);
+    for ns in [&order_ns, &payment_ns] {
+        assert!(init(ns, &[]).status.success());
+    }
+    let ext_9001 = http_app(listen_in(&ext_ns, "0.0.0.0:9001"));
+    let ext_8080 = http_app(listen_in(&ext_ns, "0.0.0.0:8080"));
+    let payment_app = http_app(listen_in(&payment_ns, "127.0.0.1:8080"));
+    let admin_app = http_app(listen_in(&payment_ns, "127.0.0.1:9090"));
+    let world = World::new();
+    let config = world.write_config(
+        "istio",
+        "payment.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payment-service, namespace: production}}
+spec:
+  hosts: [{HOST}]
+  addresses: [{VIP}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: http}}]
+  endpoints:
+  - {{address: 10.244.0.2, labels: {{app: payment-service}}, serviceAccount: payment-service}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payment-admin, namespace: production}}
+spec:
+  hosts: [payment-admin.production.svc.cluster.local]
+  addresses: [10.96.0.11]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9090, name: http-admin}}]
+  endpoints:
+  - {{address: 10.244.0.2, labels: {{app: payment-service}}, serviceAccount: payment-service}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: payment-service}}}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {{ports: [\"9090\"]}}
+"
+        ),
+    );
+    let _payment = Sidecar::start(&world, &payment_ns, "payment-service", &config, "").await;
+    let order = Sidecar::start(
+        &world,
+        &order_ns,
+        "order-service",
+        &config,
+        "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n",
+    )
+    .await;
+    let code = |out: &str| out.rsplit('\n').next().unwrap_or_default().to_owned();
+
+    // The inbound side sees the original port: the DENY rule for 9090 applies there
+    // and not on 8080, although both arrive on the sidecar's 15006.
+    for (host, vip, port, expected) in [
+        (HOST, VIP, "8080", "200"),
+        (
+            "payment-admin.production.svc.cluster.local",
+            "10.96.0.11",
+            "9090",
+            "403",
+        ),
+    ] {
+        let (_, out, err) = curl_in(
+            &order_ns,
+            &[
+                "-X",
+                "POST",
+                "--resolve",
+                &format!("{host}:{port}:{vip}"),
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{host}:{port}/api/v1/payments"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            code(&out),
+            expected,
+            "port {port}: {out}{err}\n{:?} {:?}\n{}",
+            payment_app.lock().unwrap(),
+            admin_app.lock().unwrap(),
+            _payment.output()
+        );
+    }
+    assert_eq!(payment_app.lock().unwrap().len(), 1);
+    assert!(admin_app.lock().unwrap().is_empty());
+
+    // An address no service owns, on a port no service serves over HTTP: the
+    // connection is refused (Istio's BlackHoleCluster) and never reaches the server.
+    let (exit, _, err) = curl_in(&order_ns, &["http://10.244.0.9:9001/"]).await;
+    assert_ne!(exit, 0, "{err}");
+    // On a port some service serves over HTTP, the request is read: an unknown Host
+    // gets 502, a known Host goes to its service whatever the address (ISTIO.md PS-30).
+    let (_, out, _) = curl_in(
+        &order_ns,
+        &["-w", "\n%{http_code}", "http://10.244.0.9:8080/"],
+    )
+    .await;
+    assert_eq!(code(&out), "502", "{out}");
+    let (_, out, _) = curl_in(
+        &order_ns,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("host: {HOST}:8080"),
+            "-w",
+            "\n%{http_code}",
+            "http://10.244.0.9:8080/api/v1/payments",
+        ],
+    )
+    .await;
+    assert_eq!(code(&out), "200", "{out}");
+    assert_eq!(payment_app.lock().unwrap().len(), 2);
+    assert!(ext_9001.lock().unwrap().is_empty() && ext_8080.lock().unwrap().is_empty());
+}

@@ -262,7 +262,9 @@ pub fn options(settings: &Settings) -> Options {
         )
         .unwrap_or_default(),
         random_seed: settings.random_seed,
-        app_port: Some(settings.listeners.app.port()),
+        // Under capture the application is reached on whatever port was called, so no
+        // DENY port can be said to be unserved.
+        app_port: (!settings.listeners.capture).then(|| settings.listeners.app.port()),
         dns_servers: settings.dns.servers.clone(),
         dns_refresh_rate: settings.dns.refresh_rate.as_std(),
     }
