@@ -836,7 +836,7 @@ spec:
 "
         ),
     );
-    let _payment = Sidecar::start(&world, &payment_ns, "payment-service", &config, "").await;
+    let payment = Sidecar::start(&world, &payment_ns, "payment-service", &config, "").await;
     let order = Sidecar::start(
         &world,
         &order_ns,
@@ -877,7 +877,7 @@ spec:
             "port {port}: {out}{err}\n{:?} {:?}\n{}",
             payment_app.lock().unwrap(),
             admin_app.lock().unwrap(),
-            _payment.output()
+            payment.output()
         );
     }
     assert_eq!(payment_app.lock().unwrap().len(), 1);
@@ -886,7 +886,7 @@ spec:
     // An address no service owns, on a port no service serves over HTTP: the
     // connection is refused (Istio's BlackHoleCluster) and never reaches the server.
     let (exit, _, err) = curl_in(&order_ns, &["http://10.244.0.9:9001/"]).await;
-    assert_ne!(exit, 0, "{err}");
+    assert_ne!(exit, 0, "{err}\n{}", order.output());
     // On a port some service serves over HTTP, the request is read: an unknown Host
     // gets 502, a known Host goes to its service whatever the address (ISTIO.md PS-30).
     let (_, out, _) = curl_in(
