@@ -104,6 +104,7 @@ listeners:
   admin: 127.0.0.1:15000
   tcp:
     127.0.0.1:6379: redis.data:6379
+  capture: false
 dns:
   servers: [127.0.0.1:53]
   refreshRate: 60s

@@ -46,7 +46,7 @@
 //! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
 //! | `limits.connectTimeout` | `10s` | upstream connect + handshake |
 //! | `limits.maxConnections` | `10000` | downstream connections served at once per listener; more wait in the accept backlog |
-//! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts through (plain HTTP); `REGISTRY_ONLY` answers 502 |
+//! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts (and, under capture, unknown addresses) through in plaintext; `REGISTRY_ONLY` answers 502 (closes captured connections to unknown addresses) |
 //! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
 //! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
 //! | `gateway.namespace` | `workload.namespace` | its namespace |
