@@ -592,7 +592,7 @@ async fn excluded_ports_and_ranges_bypass_and_tcp_goes_by_address() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Servers outside the mesh, answering with the address they see.
-    for addr in ["0.0.0.0:9000", "0.0.0.0:9001"] {
+    for addr in ["0.0.0.0:9000", "0.0.0.0:9001", "0.0.0.0:9002"] {
         http_app(listen_in(&ext_ns, addr));
     }
     tcp_echo(listen_in(&ext_ns, "0.0.0.0:5432"));
@@ -611,6 +611,16 @@ spec:
   resolution: STATIC
   ports: [{{number: 5432, name: tcp-postgres, protocol: TCP}}]
   endpoints: [{{address: 10.244.0.9}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: production}}
+spec:
+  hosts: [web.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 9002, name: http}}]
+  endpoints: [{{address: 10.244.0.7}}]
 "
         ),
     );
@@ -620,10 +630,22 @@ spec:
     for (url, bypass) in [
         ("http://10.244.0.9:9000/", true),  // excluded port
         ("http://10.244.0.8:9001/", true),  // excluded range
-        ("http://10.244.0.9:9001/", false), // captured, passed through
+        ("http://10.244.0.9:9001/", false), // captured, passed through as TCP
+        // Captured on a port served over HTTP: read as HTTP, and with a Host that names
+        // nothing, passed through to the original address (not to the Host).
+        ("http://10.244.0.9:9002/", false),
     ] {
-        let (code, out, err) =
-            curl_in(&order_ns, &["-w", "\n%{local_ip} %{local_port}", url]).await;
+        let (code, out, err) = curl_in(
+            &order_ns,
+            &[
+                "-H",
+                "host: nowhere.invalid",
+                "-w",
+                "\n%{local_ip} %{local_port}",
+                url,
+            ],
+        )
+        .await;
         assert_eq!(code, 0, "{url}: {err}\n{}", order.output());
         let (body, local) = out.rsplit_once('\n').expect("two lines");
         let (ip, port) = local.split_once(' ').expect("ip and port");
@@ -638,10 +660,26 @@ spec:
     }
     let text = order
         .metrics_when(has_series(
-            "istio_tcp_connections_opened_total",
-            &[("destination_service_name", "PassthroughCluster")],
+            "istio_requests_total",
+            &[
+                ("destination_service", "nowhere.invalid"),
+                ("response_code", "200"),
+            ],
         ))
         .await;
+    assert!(
+        series_value(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "nowhere.invalid"),
+                ("response_code", "200")
+            ]
+        )
+        .is_some(),
+        "{text}"
+    );
     assert_eq!(
         series_value(
             &text,
