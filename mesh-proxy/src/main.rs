@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod ca;
 mod control_plane;
+mod kube_inject;
 mod validate;
 
 /// The mesh proxy.
@@ -41,6 +42,9 @@ enum Command {
     Ca(ca::CaCommand),
     /// Run the control plane: configuration to sidecars over xDS, workload certificates.
     Discovery(Box<control_plane::Args>),
+    /// Inject the sidecar into the pod templates of Kubernetes manifests (as `istioctl
+    /// kube-inject`).
+    Inject(Box<kube_inject::Args>),
 }
 
 /// Runtime sizing shared by `sidecar` and `gateway`.
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
             }),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Discovery(args) => control_plane::run(*args),
+        Command::Inject(args) => kube_inject::run(*args),
     }
 }
 
