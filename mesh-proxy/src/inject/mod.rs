@@ -918,9 +918,9 @@ mod tests {
             jobTemplate:\n    spec:\n      template:\n        spec: {restartPolicy: Never, containers: [{name: c, image: c}]}\n\
             ---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: p}\n  \
             spec: {containers: [{name: p, image: p}]}\n\
-            ---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: off}\nspec:\n  serviceName: off\n  \
-            selector: {matchLabels: {app: off}}\n  template:\n    metadata:\n      labels: {app: off, sidecar.istio.io/inject: 'false'}\n    \
-            spec: {containers: [{name: off, image: off}]}\n";
+            ---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: opted-out}\nspec:\n  serviceName: opted-out\n  \
+            selector: {matchLabels: {app: opted-out}}\n  template:\n    metadata:\n      labels: {app: opted-out, sidecar.istio.io/inject: 'false'}\n    \
+            spec: {containers: [{name: app, image: app}]}\n";
         let (out, notes) =
             inject_manifests("in.yaml", stream, "default", &InjectOptions::default()).unwrap();
         let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&out).unwrap();
@@ -929,7 +929,7 @@ mod tests {
         assert_eq!(docs[0], source[0]);
         assert_eq!(docs[4], source[4]);
         assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].starts_with("StatefulSet/default/off: not injected"), "{notes:?}");
+        assert!(notes[0].starts_with("StatefulSet/default/opted-out: not injected"), "{notes:?}");
         let names = |containers: &serde_json::Value| -> Vec<String> {
             containers
                 .as_array()
