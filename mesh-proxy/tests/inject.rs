@@ -245,10 +245,19 @@ async fn labelling_the_namespace_makes_the_next_pods_come_out_injected() {
         serde_json::json!({"sidecar.istio.io/inject": "true"}),
         serde_json::json!({}),
     );
-    eventually("the injector to be called", || {
-        create(&server, &opted_in, true).ok().filter(injected)
-    })
-    .await;
+    let mut last = Err(String::new());
+    for _ in 0..120 {
+        last = create(&server, &opted_in, true);
+        if last.as_ref().is_ok_and(injected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        last.as_ref().is_ok_and(injected),
+        "the injector was not called: {last:#?}\ndiscovery:\n{}",
+        discovery.output()
+    );
 
     // Before the label: production's pods come out as they went in.
     let articles = article_deployments();
@@ -571,6 +580,7 @@ async fn inject_f_output_is_accepted_by_the_api_server() {
         return;
     };
     server.kubectl(&["create", "namespace", "production"], "");
+    server.install_istio_crds();
     let input = format!("{CANARY}\n---\n{WORKLOADS}");
 
     for native in [false, true] {

@@ -20,7 +20,8 @@
 //!   `proxy.istio.io/config`), with `terminationGracePeriodSeconds` raised to cover it;
 //! - the volumes the proxy's certificate request uses: Istio's projected service-account
 //!   token `istio-token` (audience `istio-ca`, 12 h) and the ConfigMap
-//!   `istio-ca-root-cert` that `discovery` publishes in every namespace;
+//!   `istio-ca-root-cert` that `discovery` publishes in every namespace (and
+//!   `serviceAccountName: default` when the pod names none, as the API server would);
 //! - labels `security.istio.io/tlsMode: istio` (a value the pod sets is kept),
 //!   `service.istio.io/canonical-name` and `service.istio.io/canonical-revision`;
 //!   annotations `sidecar.istio.io/status` (what was injected, as Istio writes it),
@@ -287,11 +288,16 @@ pub fn inject_pod(
         "service.istio.io/canonical-revision".to_owned(),
         canonical_revision,
     );
+    // The projected token needs the service account named, which the API server's
+    // ServiceAccount admission plugin does before webhooks are called; named here too,
+    // for manifests and servers without it.
     let service_account = spec
         .service_account_name
         .clone()
+        .or_else(|| spec.service_account.clone())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_owned());
+    spec.service_account_name = Some(service_account.clone());
     let settings = settings_yaml(namespace, &service_account, labels, &drain, spec, options);
 
     let first_app = spec.containers.first().map(|c| c.name.clone());
