@@ -82,7 +82,9 @@ fn the_chart_lints_and_every_object_is_admitted_by_the_api_server() {
     }
     for webhook in ["rev.namespace", "rev.object", "namespace", "object"] {
         assert!(
-            full.contains(&format!("- name: {webhook}.injection.mesh.istio-system.svc\n")),
+            full.contains(&format!(
+                "- name: {webhook}.injection.mesh.istio-system.svc\n"
+            )),
             "{full}"
         );
     }
@@ -104,7 +106,11 @@ fn the_chart_lints_and_every_object_is_admitted_by_the_api_server() {
     assert!(canary.contains("failurePolicy: Ignore"), "{canary}");
     assert!(canary.contains("- name: rev.namespace.injection.mesh.istio-system.svc"));
     assert!(!canary.contains("- name: namespace.injection.mesh.istio-system.svc"));
-    assert!(!kinds(&canary).iter().any(|k| k == "ValidatingWebhookConfiguration"));
+    assert!(
+        !kinds(&canary)
+            .iter()
+            .any(|k| k == "ValidatingWebhookConfiguration")
+    );
 
     // The CRDs first (the server must know them before objects of their kinds).
     let out = server.kubectl(&["apply", "--dry-run=server", "-f", "-"], &full);

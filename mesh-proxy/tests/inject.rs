@@ -59,7 +59,8 @@ fn injector_config(helm: &PathBuf, values: &str, url: &str) -> String {
 fn pod_of(deployment: &Value, namespace: &str) -> Value {
     let template = &deployment["spec"]["template"];
     let mut metadata = template["metadata"].clone();
-    metadata["generateName"] = format!("{}-", deployment["metadata"]["name"].as_str().unwrap()).into();
+    metadata["generateName"] =
+        format!("{}-", deployment["metadata"]["name"].as_str().unwrap()).into();
     metadata["namespace"] = namespace.into();
     serde_json::json!({
         "apiVersion": "v1",
@@ -222,7 +223,11 @@ async fn labelling_the_namespace_makes_the_next_pods_come_out_injected() {
         assert_eq!(webhooks.len(), 4);
         webhooks
             .iter()
-            .all(|w| w["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty()))
+            .all(|w| {
+                w["clientConfig"]["caBundle"]
+                    .as_str()
+                    .is_some_and(|b| !b.is_empty())
+            })
             .then_some(())
     })
     .await;
@@ -237,7 +242,11 @@ async fn labelling_the_namespace_makes_the_next_pods_come_out_injected() {
         "",
     );
     let bundle = serde_json::to_value(k8s_openapi::ByteString(root.into_bytes())).unwrap();
-    assert_eq!(config, bundle.as_str().unwrap(), "the caBundle is the mesh root");
+    assert_eq!(
+        config,
+        bundle.as_str().unwrap(),
+        "the caBundle is the mesh root"
+    );
 
     // The webhook answers: a pod that opts in by label in an unlabelled namespace.
     let opted_in = bare_pod(
@@ -266,7 +275,12 @@ async fn labelling_the_namespace_makes_the_next_pods_come_out_injected() {
 
     // The article's step.
     server.kubectl(
-        &["label", "namespace", "production", "istio-injection=enabled"],
+        &[
+            "label",
+            "namespace",
+            "production",
+            "istio-injection=enabled",
+        ],
         "",
     );
     eventually("the namespace label to take effect", || {
@@ -336,8 +350,7 @@ async fn labelling_the_namespace_makes_the_next_pods_come_out_injected() {
         );
         let annotations = &pod["metadata"]["annotations"];
         let status: Value =
-            serde_json::from_str(annotations["sidecar.istio.io/status"].as_str().unwrap())
-                .unwrap();
+            serde_json::from_str(annotations["sidecar.istio.io/status"].as_str().unwrap()).unwrap();
         assert_eq!(status["revision"], "default");
         // The proxy's settings name the pod's identity and discovery.
         let settings = mesh_proxy::Settings::from_yaml(
@@ -387,7 +400,13 @@ async fn labelling_the_namespace_makes_the_next_pods_come_out_injected() {
     let mut again = first.clone();
     again.as_object_mut().unwrap().remove("status");
     let meta = again["metadata"].as_object_mut().unwrap();
-    for field in ["name", "uid", "resourceVersion", "creationTimestamp", "managedFields"] {
+    for field in [
+        "name",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "managedFields",
+    ] {
         meta.remove(field);
     }
     let second = create(&server, &again, false).unwrap();
@@ -416,15 +435,27 @@ async fn a_webhook_that_is_down_fails_as_its_failure_policy_says() {
     };
     server.kubectl(&["create", "namespace", "production"], "");
     server.kubectl(
-        &["label", "namespace", "production", "istio-injection=enabled"],
+        &[
+            "label",
+            "namespace",
+            "production",
+            "istio-injection=enabled",
+        ],
         "",
     );
     // Nothing listens on the webhook's port.
     let url = format!("https://localhost:{}/inject", free_port());
     let pod = bare_pod("production", serde_json::json!({}), serde_json::json!({}));
 
-    server.apply(&injector_config(&helm, "injection.failurePolicy=Fail", &url));
-    let refused = eventually("Fail to refuse the pod", || create(&server, &pod, true).err()).await;
+    server.apply(&injector_config(
+        &helm,
+        "injection.failurePolicy=Fail",
+        &url,
+    ));
+    let refused = eventually("Fail to refuse the pod", || {
+        create(&server, &pod, true).err()
+    })
+    .await;
     assert!(
         refused.contains("failed calling webhook")
             && refused.contains("namespace.injection.mesh.istio-system.svc"),
@@ -433,8 +464,15 @@ async fn a_webhook_that_is_down_fails_as_its_failure_policy_says() {
     let out = server.kubectl(&["-n", "production", "get", "pods", "-o", "name"], "");
     assert_eq!(out.trim(), "", "no pod was stored");
 
-    server.apply(&injector_config(&helm, "injection.failurePolicy=Ignore", &url));
-    let admitted = eventually("Ignore to admit the pod", || create(&server, &pod, false).ok()).await;
+    server.apply(&injector_config(
+        &helm,
+        "injection.failurePolicy=Ignore",
+        &url,
+    ));
+    let admitted = eventually("Ignore to admit the pod", || {
+        create(&server, &pod, false).ok()
+    })
+    .await;
     assert!(!injected(&admitted), "{admitted:#}");
     assert_eq!(names(&admitted["spec"]["containers"]), ["app"]);
 }
@@ -606,7 +644,16 @@ async fn inject_f_output_is_accepted_by_the_api_server() {
         assert_eq!(docs.len(), source_docs.len());
 
         let out = server.kubectl(
-            &["-n", "production", "apply", "--dry-run=server", "-o", "json", "-f", "-"],
+            &[
+                "-n",
+                "production",
+                "apply",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-f",
+                "-",
+            ],
             &injected_yaml,
         );
         let admitted: Value = serde_json::from_str(&out).unwrap();

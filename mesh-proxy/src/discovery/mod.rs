@@ -478,12 +478,7 @@ async fn injection(
 
 /// Keeps every webhook of the webhook configuration `name` trusting `root_pem` (as
 /// istiod patches its webhooks): checked at start and every minute.
-async fn keep_ca_bundle(
-    client: ::kube::Client,
-    kind: WebhookKind,
-    name: String,
-    root_pem: String,
-) {
+async fn keep_ca_bundle(client: ::kube::Client, kind: WebhookKind, name: String, root_pem: String) {
     use ::kube::api::{ApiResource, DynamicObject, GroupVersionKind};
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "admissionregistration.k8s.io",
@@ -516,7 +511,9 @@ async fn keep_ca_bundle(
                         .patch(&name, &::kube::api::PatchParams::default(), &patch)
                         .await
                     {
-                        Ok(_) => tracing::info!(%kind, webhook = %name, "caBundle set to the mesh root"),
+                        Ok(_) => {
+                            tracing::info!(%kind, webhook = %name, "caBundle set to the mesh root")
+                        }
                         Err(e) => {
                             tracing::warn!(%kind, webhook = %name, error = %e, "cannot set caBundle")
                         }

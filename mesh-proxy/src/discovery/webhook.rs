@@ -346,7 +346,10 @@ fn workload_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
     }
     meta.name
         .as_deref()
-        .or(meta.generate_name.as_deref().map(|g| g.trim_end_matches('-')))
+        .or(meta
+            .generate_name
+            .as_deref()
+            .map(|g| g.trim_end_matches('-')))
         .unwrap_or("")
 }
 

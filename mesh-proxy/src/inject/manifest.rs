@@ -136,7 +136,8 @@ fn inject_object(
         notes.push(format!("{what}: not injected: {why}"));
         return Ok(());
     }
-    inject_pod(&mut meta, &mut spec, &ns, &name, options).map_err(|e| (what.clone(), e.to_string()))?;
+    inject_pod(&mut meta, &mut spec, &ns, &name, options)
+        .map_err(|e| (what.clone(), e.to_string()))?;
     parsed.metadata = Some(meta);
     parsed.spec = Some(spec);
     *template =
@@ -152,8 +153,8 @@ fn inject_pod_doc(
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
     let what = describe(doc, namespace);
-    let mut meta: ObjectMeta = serde_json::from_value(doc["metadata"].clone())
-        .map_err(|e| format!("metadata: {e}"))?;
+    let mut meta: ObjectMeta =
+        serde_json::from_value(doc["metadata"].clone()).map_err(|e| format!("metadata: {e}"))?;
     let mut spec: PodSpec =
         serde_json::from_value(doc["spec"].clone()).map_err(|e| format!("spec: {e}"))?;
     if let Err(why) = injection_required(namespace, None, &meta, &spec, &options.revision) {

@@ -271,10 +271,14 @@ pub fn inject_pod(
     labels
         .entry("security.istio.io/tlsMode".to_owned())
         .or_insert_with(|| "istio".to_owned());
-    let canonical_name = ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
-        .iter()
-        .find_map(|k| labels.get(*k).cloned())
-        .unwrap_or_else(|| workload.to_owned());
+    let canonical_name = [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|k| labels.get(*k).cloned())
+    .unwrap_or_else(|| workload.to_owned());
     let canonical_revision = [
         "service.istio.io/canonical-revision",
         "app.kubernetes.io/version",
@@ -774,7 +778,9 @@ mod tests {
         assert!(!decide(&ns(&[]), &with(Some("true"), None, Some("canary"))));
 
         // Never: kube-system, host network, already injected.
-        assert!(injection_required("kube-system", Some(&enabled), &meta, &spec, "default").is_err());
+        assert!(
+            injection_required("kube-system", Some(&enabled), &meta, &spec, "default").is_err()
+        );
         let mut host = spec.clone();
         host.host_network = Some(true);
         assert!(injection_required("production", Some(&enabled), &meta, &host, "default").is_err());
@@ -797,18 +803,47 @@ mod tests {
             init[0].args.as_ref().unwrap().join(" "),
             "init -p 15001 -z 15006 -u 1337 -i * -b * -d 15090,15021,15020"
         );
-        let caps = init[0].security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+        let caps = init[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
         assert_eq!(caps.add.as_ref().unwrap(), &["NET_ADMIN", "NET_RAW"]);
         assert_eq!(spec.containers.len(), 2);
         let proxy = &spec.containers[1];
         assert_eq!(proxy.name, "istio-proxy");
-        assert_eq!(proxy.security_context.as_ref().unwrap().run_as_user, Some(1337));
-        let ready = proxy.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(
+            proxy.security_context.as_ref().unwrap().run_as_user,
+            Some(1337)
+        );
+        let ready = proxy
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(ready.path.as_deref(), Some("/healthz/ready"));
         assert_eq!(ready.port, IntOrString::Int(15021));
-        let volumes: Vec<_> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-        assert_eq!(volumes, ["mesh-settings", "istio-token", "istio-ca-root-cert"]);
-        let token = spec.volumes.as_ref().unwrap()[1].projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+        let volumes: Vec<_> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(
+            volumes,
+            ["mesh-settings", "istio-token", "istio-ca-root-cert"]
+        );
+        let token = spec.volumes.as_ref().unwrap()[1]
+            .projected
+            .as_ref()
+            .unwrap()
+            .sources
+            .as_ref()
+            .unwrap()[0]
             .service_account_token
             .clone()
             .unwrap();
@@ -818,7 +853,10 @@ mod tests {
             serde_json::from_str(&annotations[STATUS_ANNOTATION]).unwrap();
         assert_eq!(status["initContainers"], serde_json::json!(["istio-init"]));
         assert_eq!(status["containers"], serde_json::json!(["istio-proxy"]));
-        assert_eq!(annotations["kubectl.kubernetes.io/default-container"], "app");
+        assert_eq!(
+            annotations["kubectl.kubernetes.io/default-container"],
+            "app"
+        );
 
         // The settings the proxy reads are valid settings, naming the workload.
         let settings =
@@ -876,8 +914,14 @@ mod tests {
              proxy.istio.io/config: '{terminationDrainDuration: 45s}'\n  labels:",
         );
         let (mut meta, mut spec) = pod(&yaml);
-        inject_pod(&mut meta, &mut spec, "production", "payment", &InjectOptions::default())
-            .unwrap();
+        inject_pod(
+            &mut meta,
+            &mut spec,
+            "production",
+            "payment",
+            &InjectOptions::default(),
+        )
+        .unwrap();
         let init = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(
             init.args.as_ref().unwrap().join(" "),
@@ -899,16 +943,36 @@ mod tests {
     #[test]
     fn bad_annotations_are_named() {
         for (key, value, says) in [
-            ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/33", "prefix"),
-            ("traffic.sidecar.istio.io/excludeOutboundPorts", "http", "not a port"),
-            ("traffic.sidecar.istio.io/includeOutboundIPRanges", "everything", "not a CIDR"),
-            ("sidecar.istio.io/interceptionMode", "TPROXY", "not supported"),
-            ("proxy.istio.io/config", "terminationDrainDuration: soon", "terminationDrainDuration"),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.0.0.0/33",
+                "prefix",
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                "http",
+                "not a port",
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "everything",
+                "not a CIDR",
+            ),
+            (
+                "sidecar.istio.io/interceptionMode",
+                "TPROXY",
+                "not supported",
+            ),
+            (
+                "proxy.istio.io/config",
+                "terminationDrainDuration: soon",
+                "terminationDrainDuration",
+            ),
         ] {
             let (mut meta, mut spec) = pod(APP);
             meta.annotations = Some(labels(&[(key, value)]));
-            let e = inject_pod(&mut meta, &mut spec, "p", "w", &InjectOptions::default())
-                .unwrap_err();
+            let e =
+                inject_pod(&mut meta, &mut spec, "p", "w", &InjectOptions::default()).unwrap_err();
             assert_eq!(e.annotation, key);
             assert!(e.message.contains(says), "{e}");
         }
@@ -935,7 +999,10 @@ mod tests {
         assert_eq!(docs[0], source[0]);
         assert_eq!(docs[4], source[4]);
         assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].starts_with("StatefulSet/default/opted-out: not injected"), "{notes:?}");
+        assert!(
+            notes[0].starts_with("StatefulSet/default/opted-out: not injected"),
+            "{notes:?}"
+        );
         let names = |containers: &serde_json::Value| -> Vec<String> {
             containers
                 .as_array()

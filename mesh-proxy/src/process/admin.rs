@@ -79,7 +79,11 @@ pub fn spawn(
                     if local || PUBLIC_PATHS.contains(&req.uri().path()) {
                         admin.handle(req).await
                     } else {
-                        Ok(reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()))
+                        Ok(reply(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".into(),
+                        ))
                     }
                 }
             });
