@@ -728,3 +728,51 @@ async fn inject_f_output_is_accepted_by_the_api_server() {
         "{stderr}"
     );
 }
+
+/// The admin server where an injected pod puts it (`0.0.0.0:15021`): the kubelet's probe
+/// and Prometheus reach readiness and metrics from the pod network, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_port_serves_probes_and_metrics_to_the_pod_network_and_nothing_else() {
+    let world = World::new();
+    let config = world.path("config");
+    std::fs::create_dir_all(&config).unwrap();
+    let ports = support::Ports::new();
+    let app = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let settings = support::sidecar_settings(
+        &world,
+        "payment-service",
+        &support::labels(&[("app", "payment-service")]),
+        &config,
+        ports,
+        app,
+        "",
+    );
+    let loopback_admin = format!("admin: 127.0.0.1:{}", ports.admin);
+    assert!(settings.contains(&loopback_admin));
+    let settings = settings.replace(&loopback_admin, &format!("admin: 0.0.0.0:{}", ports.admin));
+    let _proxy =
+        support::Proxy::start(&world, "sidecar", "payment-service", &settings, ports).await;
+
+    let pod_ip = std::net::SocketAddr::new(support::peers::host_ip(), ports.admin);
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    for path in ["/healthz/ready", "/stats/prometheus"] {
+        let (status, _) = support::send(pod_ip, "GET", "pod", path, &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+    for (method, path) in [
+        ("GET", "/config_dump"),
+        ("GET", "/certs"),
+        ("POST", "/rotate"),
+    ] {
+        let (status, _) = support::send(pod_ip, method, "pod", path, &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 404, "{method} {path} from the pod network");
+        let (status, _) = support::send(loopback, method, "localhost", path, &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{method} {path} on loopback");
+    }
+}

@@ -416,4 +416,111 @@ mod tests {
         // Sidecars are read, so validated: this one has a VirtualService's fields.
         assert!(!review_request(&request("CREATE", "Sidecar", 100), &options).allowed);
     }
+
+    fn pod_review(
+        operation: &str,
+        labels: serde_json::Value,
+        annotations: serde_json::Value,
+    ) -> (serde_json::Value, AdmissionRequest<DynamicObject>) {
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": "payment-service-v1-7d4b9c-",
+                "namespace": "production",
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "payment-service-v1-7d4b9c", "uid": "1", "controller": true}],
+            },
+            "spec": {"serviceAccountName": "payment-service",
+                     "containers": [{"name": "app", "image": "payment:1"}]},
+        });
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "1b4b6f2a-0000-4000-8000-000000000001",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "production",
+                "operation": operation,
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "object": pod,
+                "dryRun": false
+            }
+        }))
+        .unwrap();
+        (pod, review.try_into().unwrap())
+    }
+
+    #[test]
+    fn pods_are_injected_by_a_json_patch_that_applies_to_the_pod() {
+        let options = InjectOptions::default();
+        let (mut pod, request) = pod_review(
+            "CREATE",
+            serde_json::json!({"app": "payment-service"}),
+            serde_json::json!({}),
+        );
+        let response = inject_request(&request, &options);
+        assert!(response.allowed);
+        let patch: json_patch::Patch =
+            serde_json::from_slice(response.patch.as_deref().unwrap()).unwrap();
+        let review = serde_json::to_value(response.into_review()).unwrap();
+        assert_eq!(review["response"]["patchType"], "JSONPatch");
+        json_patch::patch(&mut pod, &patch).unwrap();
+        let containers: Vec<&str> = pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(containers, ["app", "istio-proxy"]);
+        assert_eq!(
+            pod["metadata"]["labels"]["security.istio.io/tlsMode"],
+            "istio"
+        );
+        assert_eq!(
+            pod["metadata"]["labels"]["service.istio.io/canonical-name"],
+            "payment-service"
+        );
+
+        // The patched pod sent again (a reinvocation) is not patched twice.
+        let (_, mut again) = pod_review("CREATE", serde_json::json!({}), serde_json::json!({}));
+        again.object = Some(serde_json::from_value(pod).unwrap());
+        let review = serde_json::to_value(inject_request(&again, &options).into_review()).unwrap();
+        assert!(review["response"]["allowed"].as_bool().unwrap());
+        assert!(review["response"].get("patch").is_none(), "{review:#}");
+    }
+
+    #[test]
+    fn opted_out_pods_and_other_operations_pass_and_bad_annotations_are_refused() {
+        let options = InjectOptions::default();
+        let unpatched = |request: &AdmissionRequest<DynamicObject>| {
+            let review =
+                serde_json::to_value(inject_request(request, &options).into_review()).unwrap();
+            review["response"]["allowed"].as_bool().unwrap()
+                && review["response"].get("patch").is_none()
+        };
+        let (_, r) = pod_review(
+            "CREATE",
+            serde_json::json!({}),
+            serde_json::json!({"sidecar.istio.io/inject": "false"}),
+        );
+        assert!(unpatched(&r));
+        let (_, r) = pod_review("UPDATE", serde_json::json!({}), serde_json::json!({}));
+        assert!(unpatched(&r));
+        let (_, r) = pod_review(
+            "CREATE",
+            serde_json::json!({}),
+            serde_json::json!({"traffic.sidecar.istio.io/excludeInboundPorts": "http"}),
+        );
+        let response = inject_request(&r, &options);
+        assert!(!response.allowed);
+        assert_eq!(
+            response.result.message,
+            "Pod/production/payment-service-v1-7d4b9c-: annotation \
+             traffic.sidecar.istio.io/excludeInboundPorts: \"http\" is not a port"
+        );
+    }
 }
