@@ -543,7 +543,11 @@ fn settings_yaml(
             "app": format!("127.0.0.1:{app_port}"),
             "admin": format!("0.0.0.0:{HEALTH_PORT}"),
         },
-        "limits": {"drainTimeout": format!("{}ms", drain.as_millis())},
+        "limits": {"drainTimeout": if drain.subsec_millis() == 0 {
+            format!("{}s", drain.as_secs())
+        } else {
+            format!("{}ms", drain.as_millis())
+        }},
     });
     serde_saphyr::to_string(&settings).unwrap_or_default()
 }
