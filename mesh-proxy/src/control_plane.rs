@@ -53,6 +53,25 @@ pub struct Args {
     /// The ValidatingWebhookConfiguration whose `caBundle` is kept set to the mesh root.
     #[arg(long, requires = "webhook")]
     webhook_config: Option<String>,
+    /// Inject sidecars into new pods on the webhook listener (`POST /inject`).
+    #[arg(long, requires = "webhook")]
+    inject: bool,
+    /// The image of injected proxies.
+    #[arg(long, requires = "inject", default_value = concat!("mesh-proxy:", env!("CARGO_PKG_VERSION")))]
+    proxy_image: String,
+    /// The pull policy of injected proxies' image (`Always`, `IfNotPresent`, `Never`).
+    #[arg(long, requires = "inject")]
+    proxy_image_pull_policy: Option<String>,
+    /// Inject native sidecars (`restartPolicy: Always` init containers): `auto` when the
+    /// API server is 1.33 or later.
+    #[arg(long, requires = "inject", default_value = "auto", value_parser = ["auto", "true", "false"])]
+    native_sidecars: String,
+    /// The revision this injector serves (namespaces labelled `istio.io/rev=<revision>`).
+    #[arg(long, requires = "inject", default_value = "default")]
+    revision: String,
+    /// The MutatingWebhookConfiguration whose `caBundle` is kept set to the mesh root.
+    #[arg(long, requires = "inject")]
+    injector_config: Option<String>,
     /// More DNS names for the serving certificate (repeatable).
     #[arg(long = "dns-name")]
     dns_names: Vec<String>,
@@ -97,6 +116,18 @@ pub fn run(args: Args) -> ExitCode {
             dns_names: args.dns_names,
             token_audiences: vec![args.token_audience],
             workload_cert_ttl: Some(args.workload_cert_ttl.as_std()),
+            inject: args.inject.then(|| mesh_proxy::inject::InjectOptions {
+                image: args.proxy_image,
+                image_pull_policy: args.proxy_image_pull_policy,
+                revision: args.revision,
+                ..mesh_proxy::inject::InjectOptions::default()
+            }),
+            native_sidecars: match args.native_sidecars.as_str() {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            },
+            injector_config: args.injector_config,
             ..DiscoveryOptions::new(source, args.ca_dir)
         };
         let discovery = match Discovery::start(options).await {

@@ -32,6 +32,10 @@ pub struct Args {
     /// Outbound destination ports never captured (`excludeOutboundPorts`).
     #[arg(short = 'o', long, default_value = "")]
     pub exclude_outbound_ports: String,
+    /// Outbound destination ports always captured, whatever the address
+    /// (`includeOutboundPorts`).
+    #[arg(short = 'q', long, default_value = "")]
+    pub include_outbound_ports: String,
     /// Inbound ports captured, or `*`; empty captures no inbound traffic
     /// (`includeInboundPorts`).
     #[arg(short = 'b', long, default_value = "*")]
@@ -74,6 +78,10 @@ impl Args {
             exclude_outbound_ports: only(parse_ports(
                 "excludeOutboundPorts",
                 &self.exclude_outbound_ports,
+            )?),
+            include_outbound_ports: only(parse_ports(
+                "includeOutboundPorts",
+                &self.include_outbound_ports,
             )?),
             include_inbound_ports: parse_ports("includeInboundPorts", &self.include_inbound_ports)?,
             exclude_inbound_ports: only(parse_ports(

@@ -85,6 +85,8 @@ pub mod capture;
 pub mod control;
 #[cfg(feature = "discovery")]
 pub mod discovery;
+#[cfg(feature = "discovery")]
+pub mod inject;
 pub mod mesh;
 #[cfg(feature = "proxy")]
 pub mod process;

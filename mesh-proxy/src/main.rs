@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod ca;
 mod control_plane;
 mod init;
+mod kube_inject;
 mod validate;
 
 /// The mesh proxy.
@@ -44,6 +45,9 @@ enum Command {
     Discovery(Box<control_plane::Args>),
     /// Install the transparent-capture rules (nftables) in the current network namespace.
     Init(init::Args),
+    /// Inject the sidecar into the pod templates of Kubernetes manifests (as `istioctl
+    /// kube-inject`).
+    Inject(Box<kube_inject::Args>),
 }
 
 /// Runtime sizing shared by `sidecar` and `gateway`.
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Discovery(args) => control_plane::run(*args),
         Command::Init(args) => init::run(&args),
+        Command::Inject(args) => kube_inject::run(*args),
     }
 }
 

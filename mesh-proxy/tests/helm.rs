@@ -1,6 +1,7 @@
 //! The Helm chart in `deploy/helm/mesh`: `helm lint`, and `helm template` applied with
 //! `kubectl apply --dry-run=server` to a real API server (every object is admitted by
-//! the server's own validation), with and without Istio's CRDs.
+//! the server's own validation), with and without Istio's CRDs, the webhooks and the
+//! gateway.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -61,6 +62,7 @@ fn the_chart_lints_and_every_object_is_admitted_by_the_api_server() {
         "Service",
         "PodDisruptionBudget",
         "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
         "ConfigMap",
     ] {
         assert!(
@@ -68,6 +70,48 @@ fn the_chart_lints_and_every_object_is_admitted_by_the_api_server() {
             "no {kind} in:\n{full}"
         );
     }
+    // discovery serves injection on the webhook port, with the MutatingWebhookConfiguration
+    // it keeps; the default revision answers Istio's four selectors.
+    for arg in [
+        "--webhook=0.0.0.0:15017",
+        "--inject",
+        "--injector-config=mesh-sidecar-injector-istio-system",
+        "--proxy-image=mesh-proxy:0.1.0",
+    ] {
+        assert!(full.contains(&format!("- {arg}\n")), "no {arg} in:\n{full}");
+    }
+    for webhook in ["rev.namespace", "rev.object", "namespace", "object"] {
+        assert!(
+            full.contains(&format!(
+                "- name: {webhook}.injection.mesh.istio-system.svc\n"
+            )),
+            "{full}"
+        );
+    }
+    // Injection alone still opens the webhook port; a revision drops the default
+    // revision's selectors.
+    let canary = helm(
+        &helm_bin,
+        &[
+            "template",
+            "mesh",
+            chart,
+            "--namespace",
+            "istio-system",
+            "--set",
+            "webhook.enabled=false,injection.revision=canary,injection.failurePolicy=Ignore",
+        ],
+    );
+    assert!(canary.contains("- --webhook=0.0.0.0:15017\n"), "{canary}");
+    assert!(canary.contains("failurePolicy: Ignore"), "{canary}");
+    assert!(canary.contains("- name: rev.namespace.injection.mesh.istio-system.svc"));
+    assert!(!canary.contains("- name: namespace.injection.mesh.istio-system.svc"));
+    assert!(
+        !kinds(&canary)
+            .iter()
+            .any(|k| k == "ValidatingWebhookConfiguration")
+    );
+
     // The CRDs first (the server must know them before objects of their kinds).
     let out = server.kubectl(&["apply", "--dry-run=server", "-f", "-"], &full);
     for line in out.lines() {
@@ -85,7 +129,7 @@ fn the_chart_lints_and_every_object_is_admitted_by_the_api_server() {
             "--namespace",
             "istio-system",
             "--set",
-            "crds.install=false,gateway.enabled=false,webhook.enabled=false",
+            "crds.install=false,gateway.enabled=false,webhook.enabled=false,injection.enabled=false",
         ],
     );
     let kinds_without = kinds(&without);
@@ -94,11 +138,13 @@ fn the_chart_lints_and_every_object_is_admitted_by_the_api_server() {
             .iter()
             .any(|k| k == "CustomResourceDefinition")
     );
-    assert!(
-        !kinds_without
-            .iter()
-            .any(|k| k == "ValidatingWebhookConfiguration")
-    );
+    for kind in [
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(!kinds_without.iter().any(|k| k == kind), "{without}");
+    }
+    assert!(!without.contains("--webhook=") && !without.contains("--inject"));
     let out = server.kubectl(&["apply", "--dry-run=server", "-f", "-"], &without);
     assert_eq!(out.lines().count(), kinds_without.len(), "{out}");
 }

@@ -97,6 +97,9 @@ pub struct Rules {
     pub exclude_outbound_ip_ranges: Vec<IpNet>,
     /// `excludeOutboundPorts` (`-o`).
     pub exclude_outbound_ports: Vec<u16>,
+    /// `includeOutboundPorts` (`-q`): captured whatever the destination address, unless
+    /// it is loopback or the proxy's own traffic.
+    pub include_outbound_ports: Vec<u16>,
     /// `includeInboundPorts` (`-b`, default `*`).
     pub include_inbound_ports: Selection<u16>,
     /// `excludeInboundPorts` (`-d`, besides [`PROXY_PORTS`]).
@@ -113,6 +116,7 @@ impl Default for Rules {
             include_outbound_ip_ranges: Selection::All,
             exclude_outbound_ip_ranges: Vec::new(),
             exclude_outbound_ports: Vec::new(),
+            include_outbound_ports: Vec::new(),
             include_inbound_ports: Selection::All,
             exclude_inbound_ports: Vec::new(),
         }
@@ -265,6 +269,14 @@ impl Rules {
             let _ = writeln!(s, "\t\tmeta {owner} {id} return");
         }
         s.push_str("\t\tip daddr 127.0.0.1 return\n\t\tip6 daddr ::1 return\n");
+        let redirect = format!("redirect to :{}", self.outbound_port);
+        let mut included = self.include_outbound_ports.clone();
+        included.sort_unstable();
+        included.dedup();
+        if !included.is_empty() {
+            // Before the address exclusions, as istio-iptables orders them.
+            let _ = writeln!(s, "\t\ttcp dport {} {redirect}", set(&included));
+        }
         let (v4, v6) = split(&self.exclude_outbound_ip_ranges);
         if !v4.is_empty() {
             let _ = writeln!(s, "\t\tip daddr {} return", set(&v4));
@@ -272,7 +284,6 @@ impl Rules {
         if !v6.is_empty() {
             let _ = writeln!(s, "\t\tip6 daddr {} return", set(&v6));
         }
-        let redirect = format!("redirect to :{}", self.outbound_port);
         match &self.include_outbound_ip_ranges {
             Selection::All => {
                 let _ = writeln!(s, "\t\tmeta l4proto tcp {redirect}");
@@ -292,7 +303,9 @@ impl Rules {
 
     /// Whether these rules capture nothing at all.
     pub fn captures_nothing(&self) -> bool {
-        self.include_inbound_ports.is_empty() && self.include_outbound_ip_ranges.is_empty()
+        self.include_inbound_ports.is_empty()
+            && self.include_outbound_ip_ranges.is_empty()
+            && self.include_outbound_ports.is_empty()
     }
 }
 
@@ -427,6 +440,7 @@ table inet mesh_capture {
                 })
                 .unwrap(),
             exclude_outbound_ports: vec![9000, 5432],
+            include_outbound_ports: vec![6379],
             include_inbound_ports: Selection::Only(vec![8080, 15021, 9090]),
             exclude_inbound_ports: vec![9090],
             ..Rules::default()
@@ -445,8 +459,10 @@ table inet mesh_capture {
         // Only the listed inbound ports, never the proxy's own or excluded ones.
         assert!(r.contains("\t\ttcp dport 8080 redirect to :15006\n"), "{r}");
         assert!(!r.contains("meta l4proto tcp redirect to :15006"), "{r}");
-        // Exclusions come before the redirect.
+        // Exclusions come before the redirect; included ports before the exclusions.
         assert!(r.find("10.96.5.0/24").unwrap() < r.find("10.96.0.0/12").unwrap());
+        let included = r.find("\t\ttcp dport 6379 redirect to :15001\n").unwrap();
+        assert!(included < r.find("10.96.5.0/24").unwrap(), "{r}");
         let none = Rules {
             include_outbound_ip_ranges: Selection::Only(vec![]),
             include_inbound_ports: Selection::Only(vec![]),

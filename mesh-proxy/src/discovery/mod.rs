@@ -14,7 +14,7 @@
 //! |---|---|
 //! | 15012 | gRPC over TLS: xDS (clients present their workload certificate) and the certificate service |
 //! | 15014 | monitoring: `GET /metrics`, `GET /ready` (200 once the first catalog is built) |
-//! | 15017 | the validating webhook (`POST /validate`, HTTPS), with the Kubernetes source |
+//! | 15017 | the admission webhooks (HTTPS), with the Kubernetes source: `POST /validate`, and `POST /inject` (sidecar injection) when [`DiscoveryOptions::inject`] is set |
 //!
 //! # Identity
 //!
@@ -24,7 +24,8 @@
 //! half-life. Sidecars check the SPIFFE ID on xDS (their `discovery.identity`) and the
 //! DNS name when they ask for a certificate (`discovery.serverName`, as Istio's agent
 //! checks istiod); the API server checks the DNS name when it calls the webhook, and
-//! `discovery` keeps the webhook configuration's `caBundle` set to the mesh root.
+//! `discovery` keeps the webhook configurations' `caBundle` set to the mesh root (the
+//! ValidatingWebhookConfiguration and, for injection, the MutatingWebhookConfiguration).
 //!
 //! # Choices that differ from Istio
 //!
@@ -103,6 +104,16 @@ pub struct DiscoveryOptions {
     pub token_audiences: Vec<String>,
     /// Lifetime of issued workload certificates when the request asks for none (24 h).
     pub workload_cert_ttl: Option<std::time::Duration>,
+    /// Sidecar injection on the webhook listener (`POST /inject`): the proxy's image and
+    /// revision. Its trust domain, token audience and `discovery` namespace and service
+    /// account are this process's own.
+    pub inject: Option<crate::inject::InjectOptions>,
+    /// Inject native sidecars: `None` decides by the API server's version (1.33 or later,
+    /// as Istio's `auto` decides by the kubelets').
+    pub native_sidecars: Option<bool>,
+    /// The MutatingWebhookConfiguration whose `caBundle` `discovery` keeps set to the
+    /// mesh root.
+    pub injector_config: Option<String>,
 }
 
 impl DiscoveryOptions {
@@ -124,6 +135,9 @@ impl DiscoveryOptions {
             dns_names: Vec::new(),
             token_audiences: vec!["istio-ca".to_owned()],
             workload_cert_ttl: None,
+            inject: None,
+            native_sidecars: None,
+            injector_config: None,
         }
     }
 }
@@ -240,7 +254,11 @@ impl Discovery {
                     shutdown.clone(),
                 ));
                 if let Some(addr) = options.webhook {
-                    webhook = Some((bind(addr).await?, addr, load, client));
+                    let inject = match options.inject.clone() {
+                        Some(inject) => Some(injection(inject, &options, &client).await),
+                        None => None,
+                    };
+                    webhook = Some((bind(addr).await?, addr, load, client, inject));
                 }
             }
         }
@@ -256,13 +274,27 @@ impl Discovery {
             ("grpc", local(&grpc, options.grpc)),
             ("monitoring", local(&monitoring, options.monitoring)),
         ];
-        if let Some((listener, addr, load, client)) = webhook {
+        if let Some((listener, addr, load, client, inject)) = webhook {
             addresses.push(("webhook", local(&listener, addr)));
             let tls = webhook_tls(&store);
             let stop = shutdown.clone();
-            tasks.spawn(webhook::serve_webhook(listener, tls, load, stop));
+            let injecting = inject.is_some();
+            tasks.spawn(webhook::serve_webhooks(listener, tls, load, inject, stop));
             if let Some(name) = options.webhook_config.clone() {
-                tasks.spawn(keep_ca_bundle(client, name, ca.root_pem().to_owned()));
+                tasks.spawn(keep_ca_bundle(
+                    client.clone(),
+                    WebhookKind::Validating,
+                    name,
+                    ca.root_pem().to_owned(),
+                ));
+            }
+            if let Some(name) = options.injector_config.clone().filter(|_| injecting) {
+                tasks.spawn(keep_ca_bundle(
+                    client,
+                    WebhookKind::Mutating,
+                    name,
+                    ca.root_pem().to_owned(),
+                ));
             }
         }
         let stop = shutdown.clone();
@@ -390,26 +422,83 @@ async fn kube_client(
     ::kube::Client::try_from(config).map_err(|e| err(&e))
 }
 
-/// Keeps every webhook of the ValidatingWebhookConfiguration `name` trusting `root_pem`
-/// (as istiod patches its webhooks): checked at start and every minute.
-async fn keep_ca_bundle(client: ::kube::Client, name: String, root_pem: String) {
-    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-    let api: ::kube::Api<ValidatingWebhookConfiguration> = ::kube::Api::all(client);
+/// The two kinds of webhook configuration whose `caBundle` `discovery` keeps.
+#[derive(Clone, Copy, Debug)]
+enum WebhookKind {
+    Validating,
+    Mutating,
+}
+
+impl WebhookKind {
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Validating => "ValidatingWebhookConfiguration",
+            Self::Mutating => "MutatingWebhookConfiguration",
+        }
+    }
+}
+
+/// The injector's options completed with this process's identity and trust domain, and
+/// native sidecars decided by the API server's version when not set.
+async fn injection(
+    mut inject: crate::inject::InjectOptions,
+    options: &DiscoveryOptions,
+    client: &::kube::Client,
+) -> crate::inject::InjectOptions {
+    inject.trust_domain = options.trust_domain.clone();
+    inject.discovery_namespace = options.namespace.clone();
+    inject.discovery_service_account = options.service_account.clone();
+    if let Some(audience) = options.token_audiences.first() {
+        inject.token_audience = audience.clone();
+    }
+    inject.native_sidecars = match options.native_sidecars {
+        Some(native) => native,
+        None => match client.apiserver_version().await {
+            Ok(info) => {
+                let minor: u32 = info
+                    .minor
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .unwrap_or(0);
+                info.major == "1" && minor >= 33
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the API server's version; injecting classic sidecars");
+                false
+            }
+        },
+    };
+    tracing::info!(
+        native_sidecars = inject.native_sidecars,
+        image = %inject.image,
+        "sidecar injection on"
+    );
+    inject
+}
+
+/// Keeps every webhook of the webhook configuration `name` trusting `root_pem` (as
+/// istiod patches its webhooks): checked at start and every minute.
+async fn keep_ca_bundle(client: ::kube::Client, kind: WebhookKind, name: String, root_pem: String) {
+    use ::kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "admissionregistration.k8s.io",
+        "v1",
+        kind.kind(),
+    ));
+    let api: ::kube::Api<DynamicObject> = ::kube::Api::all_with(client, &resource);
     // Serialized as base64, as the field is in the API.
     let bundle = serde_json::to_value(k8s_openapi::ByteString(root_pem.as_bytes().to_vec()))
         .unwrap_or_default();
+    let kind = kind.kind();
     loop {
         match api.get_opt(&name).await {
             Ok(Some(config)) => {
-                let stale: Vec<&str> = config
-                    .webhooks
-                    .iter()
+                let stale: Vec<&str> = config.data["webhooks"]
+                    .as_array()
+                    .into_iter()
                     .flatten()
-                    .filter(|w| {
-                        w.client_config.ca_bundle.as_ref().map(|b| &b.0[..])
-                            != Some(root_pem.as_bytes())
-                    })
-                    .map(|w| w.name.as_str())
+                    .filter(|w| w["clientConfig"]["caBundle"] != bundle)
+                    .filter_map(|w| w["name"].as_str())
                     .collect();
                 if !stale.is_empty() {
                     let webhooks: Vec<serde_json::Value> = stale
@@ -422,18 +511,20 @@ async fn keep_ca_bundle(client: ::kube::Client, name: String, root_pem: String) 
                         .patch(&name, &::kube::api::PatchParams::default(), &patch)
                         .await
                     {
-                        Ok(_) => tracing::info!(webhook = %name, "caBundle set to the mesh root"),
+                        Ok(_) => {
+                            tracing::info!(%kind, webhook = %name, "caBundle set to the mesh root")
+                        }
                         Err(e) => {
-                            tracing::warn!(webhook = %name, error = %e, "cannot set caBundle")
+                            tracing::warn!(%kind, webhook = %name, error = %e, "cannot set caBundle")
                         }
                     }
                 }
             }
             Ok(None) => {
-                tracing::debug!(webhook = %name, "no such ValidatingWebhookConfiguration yet")
+                tracing::debug!(%kind, webhook = %name, "no such webhook configuration yet")
             }
             Err(e) => {
-                tracing::warn!(webhook = %name, error = %e, "cannot read the webhook configuration")
+                tracing::warn!(%kind, webhook = %name, error = %e, "cannot read the webhook configuration")
             }
         }
         tokio::time::sleep(std::time::Duration::from_secs(60)).await;

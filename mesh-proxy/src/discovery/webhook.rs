@@ -1,13 +1,22 @@
-//! The validating admission webhook: Istio resources checked at `kubectl apply`.
+//! The admission webhooks: Istio resources checked at `kubectl apply`, sidecars injected
+//! into new pods.
 //!
-//! [`serve_webhook`] answers the API server's `AdmissionReview` (`admission.k8s.io/v1`)
-//! requests on `POST /validate` over HTTPS (HTTP/1.1 or HTTP/2, as the server's ALPN
-//! offers). Each object is validated with the same rules and the same located
-//! diagnostics as [`KubeSource`](super::kube::KubeSource) applies when it reads the
-//! object back ([`validate_object`]), so `kubectl apply` of an invalid VirtualService
-//! fails with, for example,
-//! `error: VirtualService/default/reviews, spec.http[0].route[1].weight: weight -1 is
-//! negative; weights must be 0 or more`.
+//! [`serve_webhooks`] answers the API server's `AdmissionReview` (`admission.k8s.io/v1`)
+//! requests over HTTPS (HTTP/1.1 or HTTP/2, as the server's ALPN offers) on two paths:
+//!
+//! - `POST /validate`: each object is validated with the same rules and the same located
+//!   diagnostics as [`KubeSource`](super::kube::KubeSource) applies when it reads the
+//!   object back ([`validate_object`]), so `kubectl apply` of an invalid VirtualService
+//!   fails with, for example,
+//!   `error: VirtualService/default/reviews, spec.http[0].route[1].weight: weight -1 is
+//!   negative; weights must be 0 or more`.
+//! - `POST /inject` (Istio's path, when injection is on): a Pod being created gets the
+//!   sidecar ([`crate::inject`]) as a JSON patch. The webhook configuration's selectors
+//!   choose the namespaces and pods (Istio's: `istio-injection=enabled`, `istio.io/rev`,
+//!   the pod's `sidecar.istio.io/inject` label); the webhook itself honours the pod's
+//!   `sidecar.istio.io/inject` annotation, `hostNetwork`, and never injects twice, so a
+//!   reinvocation changes nothing. A pod whose injection annotations are invalid is
+//!   refused with the annotation and the reason.
 //!
 //! # Behaviour
 //!
@@ -17,10 +26,11 @@
 //! - `DELETE`, `CONNECT` and kinds the mesh does not read (`EnvoyFilter`, `Telemetry`,
 //!   ...) are allowed: the webhook only guards what the mesh would reject. `Sidecar` and
 //!   `WorkloadEntry` are read, so they are validated.
+//! - On `/inject`, anything but the creation of a Pod is allowed unchanged.
 //! - A body that is not an `AdmissionReview` gets HTTP 400; another path 404; another
 //!   method 405. Bodies are limited to 3 MiB (the API server's own object limit is
 //!   about 1.5 MiB).
-//! - [`serve_webhook`] serves like the proxy's other internal servers
+//! - [`serve_webhooks`] serves like the proxy's other internal servers
 //!   ([`serve::run`](crate::serve::run): at most 64 connections, the proxy's header
 //!   limits, a failed accept retried); a TLS handshake that fails or takes over 10 s
 //!   drops that connection only. When `shutdown` is cancelled it stops accepting and
@@ -47,7 +57,10 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::Pod;
+
 use super::kube::validate_object;
+use crate::inject::InjectOptions;
 
 /// The largest request body accepted.
 const MAX_BODY: usize = 3 << 20;
@@ -60,11 +73,25 @@ pub async fn serve_webhook(
     options: LoadOptions,
     shutdown: CancellationToken,
 ) {
+    serve_webhooks(listener, tls, options, None, shutdown).await;
+}
+
+/// Serves the validating webhook and, with `inject`, the injection webhook on
+/// `listener` with `tls` until `shutdown` is cancelled.
+pub async fn serve_webhooks(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    options: LoadOptions,
+    inject: Option<InjectOptions>,
+    shutdown: CancellationToken,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let options = Arc::new(options);
+    let inject = inject.map(Arc::new);
     let service = tower::service_fn(move |req: Request<Incoming>| {
         let options = options.clone();
-        async move { Ok::<_, Infallible>(handle(req, &options).await) }
+        let inject = inject.clone();
+        async move { Ok::<_, Infallible>(handle(req, &options, inject.as_deref()).await) }
     });
     let builder = Arc::new(crate::serve::builder(&crate::settings::Limits::default()));
     crate::serve::run(
@@ -95,13 +122,27 @@ pub async fn serve_webhook(
 /// Longest TLS handshake of a webhook connection.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn handle(req: Request<Incoming>, options: &LoadOptions) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/validate" {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "not found; the webhook serves /validate",
-        );
-    }
+async fn handle(
+    req: Request<Incoming>,
+    options: &LoadOptions,
+    inject: Option<&InjectOptions>,
+) -> Response<Full<Bytes>> {
+    let injecting = match (req.uri().path(), inject) {
+        ("/validate", _) => None,
+        ("/inject", Some(inject)) => Some(inject),
+        _ if inject.is_some() => {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook serves /validate and /inject",
+            );
+        }
+        _ => {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook serves /validate",
+            );
+        }
+    };
     if req.method() != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only POST");
     }
@@ -132,7 +173,10 @@ async fn handle(req: Request<Incoming>, options: &LoadOptions) -> Response<Full<
             );
         }
     };
-    let response = review_request(&request, options);
+    let response = match injecting {
+        Some(inject) => inject_request(&request, inject),
+        None => review_request(&request, options),
+    };
     match serde_json::to_vec(&response.into_review()) {
         Ok(json) => Response::builder()
             .status(StatusCode::OK)
@@ -204,6 +248,111 @@ pub fn review_request(
     }
 }
 
+/// The answer to one injection request: the sidecar as a JSON patch, or nothing.
+pub fn inject_request(
+    request: &AdmissionRequest<DynamicObject>,
+    options: &InjectOptions,
+) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    if request.operation != Operation::Create
+        || request.kind.kind != "Pod"
+        || !request.kind.group.is_empty()
+    {
+        return response;
+    }
+    let Some(object) = &request.object else {
+        return response.deny("the request has no object");
+    };
+    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(p) => p,
+        Err(e) => return response.deny(format!("cannot read the pod: {e}")),
+    };
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| pod.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.clone())
+        .unwrap_or_default();
+    let what = format!("Pod/{namespace}/{name}");
+    let Some(spec) = pod.spec.as_ref() else {
+        return response.deny(format!("{what}: the pod has no spec"));
+    };
+    if let Err(why) =
+        crate::inject::injection_required(&namespace, None, &pod.metadata, spec, &options.revision)
+    {
+        tracing::debug!(pod = %what, "not injected: {why}");
+        return response;
+    }
+    let mut injected = pod.clone();
+    let mut meta = injected.metadata.clone();
+    let mut spec = spec.clone();
+    match crate::inject::inject_pod(
+        &mut meta,
+        &mut spec,
+        &namespace,
+        workload_name(&pod.metadata),
+        options,
+    ) {
+        Ok(true) => {}
+        Ok(false) => return response,
+        Err(e) => {
+            tracing::info!(pod = %what, "refused at injection: {e}");
+            return response.deny(format!("{what}: {e}"));
+        }
+    }
+    injected.metadata = meta;
+    injected.spec = Some(spec);
+    let (Ok(before), Ok(after)) = (serde_json::to_value(&pod), serde_json::to_value(&injected))
+    else {
+        return response.deny(format!("{what}: cannot write the injected pod"));
+    };
+    let patch = json_patch::diff(&before, &after);
+    tracing::info!(pod = %what, "sidecar injected");
+    match response.clone().with_patch(patch) {
+        Ok(r) => r,
+        Err(e) => response.deny(format!("{what}: cannot write the patch: {e}")),
+    }
+}
+
+/// The workload a pod belongs to, for its canonical name when it has no `app` label:
+/// its controller's name (a ReplicaSet's pods are `<deployment>-<hash>-<suffix>`), else
+/// its own.
+fn workload_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    if let Some(owner) = owner {
+        if owner.kind == "ReplicaSet"
+            && let Some((deployment, _hash)) = owner.name.rsplit_once('-')
+        {
+            return deployment;
+        }
+        // A CronJob's Jobs are `<cronjob>-<scheduled time in minutes>`.
+        if owner.kind == "Job"
+            && let Some((cronjob, time)) = owner.name.rsplit_once('-')
+            && !time.is_empty()
+            && time.bytes().all(|b| b.is_ascii_digit())
+        {
+            return cronjob;
+        }
+        return &owner.name;
+    }
+    meta.name
+        .as_deref()
+        .or(meta
+            .generate_name
+            .as_deref()
+            .map(|g| g.trim_end_matches('-')))
+        .unwrap_or("")
+}
+
 fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(text.to_owned())));
     *response.status_mut() = status;
@@ -266,5 +415,112 @@ mod tests {
         assert!(review_request(&request("CREATE", "EnvoyFilter", -1), &options).allowed);
         // Sidecars are read, so validated: this one has a VirtualService's fields.
         assert!(!review_request(&request("CREATE", "Sidecar", 100), &options).allowed);
+    }
+
+    fn pod_review(
+        operation: &str,
+        labels: serde_json::Value,
+        annotations: serde_json::Value,
+    ) -> (serde_json::Value, AdmissionRequest<DynamicObject>) {
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": "payment-service-v1-7d4b9c-",
+                "namespace": "production",
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "payment-service-v1-7d4b9c", "uid": "1", "controller": true}],
+            },
+            "spec": {"serviceAccountName": "payment-service",
+                     "containers": [{"name": "app", "image": "payment:1"}]},
+        });
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "1b4b6f2a-0000-4000-8000-000000000001",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "production",
+                "operation": operation,
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                "object": pod,
+                "dryRun": false
+            }
+        }))
+        .unwrap();
+        (pod, review.try_into().unwrap())
+    }
+
+    #[test]
+    fn pods_are_injected_by_a_json_patch_that_applies_to_the_pod() {
+        let options = InjectOptions::default();
+        let (mut pod, request) = pod_review(
+            "CREATE",
+            serde_json::json!({"app": "payment-service"}),
+            serde_json::json!({}),
+        );
+        let response = inject_request(&request, &options);
+        assert!(response.allowed);
+        let patch: json_patch::Patch =
+            serde_json::from_slice(response.patch.as_deref().unwrap()).unwrap();
+        let review = serde_json::to_value(response.into_review()).unwrap();
+        assert_eq!(review["response"]["patchType"], "JSONPatch");
+        json_patch::patch(&mut pod, &patch).unwrap();
+        let containers: Vec<&str> = pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(containers, ["app", "istio-proxy"]);
+        assert_eq!(
+            pod["metadata"]["labels"]["security.istio.io/tlsMode"],
+            "istio"
+        );
+        assert_eq!(
+            pod["metadata"]["labels"]["service.istio.io/canonical-name"],
+            "payment-service"
+        );
+
+        // The patched pod sent again (a reinvocation) is not patched twice.
+        let (_, mut again) = pod_review("CREATE", serde_json::json!({}), serde_json::json!({}));
+        again.object = Some(serde_json::from_value(pod).unwrap());
+        let review = serde_json::to_value(inject_request(&again, &options).into_review()).unwrap();
+        assert!(review["response"]["allowed"].as_bool().unwrap());
+        assert!(review["response"].get("patch").is_none(), "{review:#}");
+    }
+
+    #[test]
+    fn opted_out_pods_and_other_operations_pass_and_bad_annotations_are_refused() {
+        let options = InjectOptions::default();
+        let unpatched = |request: &AdmissionRequest<DynamicObject>| {
+            let review =
+                serde_json::to_value(inject_request(request, &options).into_review()).unwrap();
+            review["response"]["allowed"].as_bool().unwrap()
+                && review["response"].get("patch").is_none()
+        };
+        let (_, r) = pod_review(
+            "CREATE",
+            serde_json::json!({}),
+            serde_json::json!({"sidecar.istio.io/inject": "false"}),
+        );
+        assert!(unpatched(&r));
+        let (_, r) = pod_review("UPDATE", serde_json::json!({}), serde_json::json!({}));
+        assert!(unpatched(&r));
+        let (_, r) = pod_review(
+            "CREATE",
+            serde_json::json!({}),
+            serde_json::json!({"traffic.sidecar.istio.io/excludeInboundPorts": "http"}),
+        );
+        let response = inject_request(&r, &options);
+        assert!(!response.allowed);
+        assert_eq!(
+            response.result.message,
+            "Pod/production/payment-service-v1-7d4b9c-: annotation \
+             traffic.sidecar.istio.io/excludeInboundPorts: \"http\" is not a port"
+        );
     }
 }

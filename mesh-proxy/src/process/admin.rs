@@ -9,6 +9,11 @@
 //! | `GET /clusters` | per destination and endpoint: health, ejection, requests in flight (`?format=json`) |
 //! | `GET /certs` | JSON: identity, serial, validity of the workload certificate |
 //! | `POST /rotate` | rotate the workload certificate now (issuer or certificate directory) |
+//!
+//! Only loopback clients get every path. Others (the kubelet's probes and Prometheus,
+//! when the admin server listens on the pod's address, as in an injected pod) get
+//! `/healthz/ready`, `/ready`, `/stats/prometheus` and `/metrics`, what Istio serves to
+//! the pod network on its status and metrics ports; any other path answers 404.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -62,19 +67,33 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     use tower::ServiceExt;
-    let svc = tower::service_fn(move |req: Request<Incoming>| {
-        let admin = admin.clone();
-        async move { admin.handle(req).await }
-    });
     tokio::spawn(crate::serve::run(
         listener,
         crate::serve::Options::internal(builder, stop),
-        move |tcp, _| {
-            let svc = svc.clone();
+        move |tcp, peer| {
+            let admin = admin.clone();
+            let local = peer.ip().to_canonical().is_loopback();
+            let svc = tower::service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    if local || PUBLIC_PATHS.contains(&req.uri().path()) {
+                        admin.handle(req).await
+                    } else {
+                        Ok(reply(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".into(),
+                        ))
+                    }
+                }
+            });
             async move { Some((tcp, svc.map_err(|e| -> mesh_core::BoxError { match e {} }))) }
         },
     ))
 }
+
+/// The paths served to clients that are not on loopback.
+const PUBLIC_PATHS: [&str; 4] = ["/healthz/ready", "/ready", "/stats/prometheus", "/metrics"];
 
 fn reply(status: StatusCode, content_type: &'static str, text: String) -> Response<BoxBody> {
     let mut res = Response::new(body::full(text));
