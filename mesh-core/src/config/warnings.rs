@@ -42,11 +42,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         VS,
-        "spec.tls",
-        "TLS (SNI) routes are applied by gateways' PASSTHROUGH servers only, not by sidecars",
-    ),
-    ne(
-        VS,
         "spec.tcp[].match[].destinationSubnets",
         "TCP connections are matched by port only",
     ),
@@ -93,9 +88,9 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         DR,
         "spec.**.tls.credentialName",
-        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used",
+        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used \
+         (Istio's sidecars also read it only for a rule with a workloadSelector, which is not enforced)",
     ),
-    ne(DR, "spec.**.tls.caCrl", "revocation lists are not checked"),
     ne(DR, "spec.**.tunnel", "traffic is not tunnelled"),
     ne(
         DR,
@@ -106,11 +101,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         DR,
         "spec.**.retryBudget",
         "retries are limited by attempts only",
-    ),
-    ne(
-        DR,
-        "spec.**.connectionPool.http.maxConcurrentStreams",
-        "HTTP/2 stream limits are not set",
     ),
     ne(
         DR,

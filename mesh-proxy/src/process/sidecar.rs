@@ -50,20 +50,13 @@ impl Sidecar {
                 continue;
             };
             let listener = process.bind(&format!("tcp {destination}"), *bind).await?;
-            let outbound = mesh.tcp_outbound(host, port);
-            let shutdown = mesh.shutdown_token();
-            process.serve(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        accepted = listener.accept() => accepted,
-                    };
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let _ = tcp.set_nodelay(true);
-                    let outbound = outbound.clone();
-                    tokio::spawn(async move { outbound.proxy(tcp).await });
-                }
-            });
+            // HTTP, TLS by SNI or opaque TCP, as the port declares or the first bytes say.
+            let egress =
+                crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok(), None);
+            let options = mesh.serve_options(active("tcp"));
+            process.serve(serve::run(listener, options, move |tcp, remote| {
+                egress.clone().accept(tcp, remote)
+            }));
         }
 
         // Inbound: mTLS per PeerAuthentication, to the application (HTTP, or TCP for
