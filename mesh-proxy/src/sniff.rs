@@ -304,8 +304,7 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         let server = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-        let mut conn =
-            rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out

@@ -144,9 +144,7 @@ impl Streams {
 }
 
 /// An h2c (prior knowledge) server that holds every request until `release` is notified.
-async fn holding_h2c_server(
-    release: Arc<tokio::sync::Notify>,
-) -> (SocketAddr, Arc<Streams>) {
+async fn holding_h2c_server(release: Arc<tokio::sync::Notify>) -> (SocketAddr, Arc<Streams>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let streams = Arc::new(Streams::default());

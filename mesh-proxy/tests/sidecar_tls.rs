@@ -140,7 +140,10 @@ async fn fetch(name: &str, port: u16, ca: &Path) -> (i32, String, String) {
 
 async fn sni_routes_to_two_upstreams(port_decl: &str) {
     if !tool_available("openssl") || !tool_available("curl") {
-        assert!(std::env::var_os("CI").is_none(), "openssl or curl is missing");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openssl or curl is missing"
+        );
         eprintln!("SKIPPED: openssl or curl is missing");
         return;
     }
@@ -149,7 +152,11 @@ async fn sni_routes_to_two_upstreams(port_decl: &str) {
     let (blue_port, green_port) = (free_port(), free_port());
     let _blue = s_server(blue_port, &leaves[0].0, &leaves[0].1);
     let _green = s_server(green_port, &leaves[1].0, &leaves[1].1);
-    let config = world.write_config("istio", "mesh.yaml", &mesh(port_decl, blue_port, green_port));
+    let config = world.write_config(
+        "istio",
+        "mesh.yaml",
+        &mesh(port_decl, blue_port, green_port),
+    );
     let ports = Ports::new();
     let listener = free_port();
     let settings = format!(
@@ -200,9 +207,10 @@ async fn sni_routes_to_two_upstreams(port_decl: &str) {
         .await;
     for backend in ["blue", "green"] {
         assert!(
-            text.lines().any(|l| l.starts_with("istio_tcp_received_bytes_total{")
-                && l.contains(&format!("destination_service=\"{backend}.backend\""))
-                && !l.ends_with(" 0")),
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_received_bytes_total{")
+                    && l.contains(&format!("destination_service=\"{backend}.backend\""))
+                    && !l.ends_with(" 0")),
             "{text}"
         );
     }

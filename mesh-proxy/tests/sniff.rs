@@ -129,7 +129,12 @@ async fn undeclared_ports_are_detected_as_http_h2c_or_opaque_tcp() {
     let url = format!("http://catalog.example.com:{http_port}/items");
     let resolve = format!("catalog.example.com:{http_port}:127.0.0.1");
     let (code, out, err) = curl(&["-sS", "--resolve", &resolve, &url]).await;
-    assert_eq!((code, out.as_str()), (0, "catalog"), "{err}\n{}", proxy.output());
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "catalog"),
+        "{err}\n{}",
+        proxy.output()
+    );
     // HTTP/2 with prior knowledge on the same port.
     let (code, out, err) = curl(&[
         "-sS",
@@ -139,7 +144,12 @@ async fn undeclared_ports_are_detected_as_http_h2c_or_opaque_tcp() {
         &url,
     ])
     .await;
-    assert_eq!((code, out.as_str()), (0, "catalog"), "{err}\n{}", proxy.output());
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "catalog"),
+        "{err}\n{}",
+        proxy.output()
+    );
     assert_eq!(web.hits(), 2);
     let text = proxy.metrics_when(|t| requests(t) == 2.0).await;
     assert_eq!(requests(&text), 2.0, "{text}");

@@ -459,7 +459,12 @@ impl TableBuilder {
     }
 
     /// Records the protocol class of port `port` of the registry service `host`.
-    pub fn port_protocol(&mut self, host: &str, port: u16, protocol: crate::registry::PortProtocol) {
+    pub fn port_protocol(
+        &mut self,
+        host: &str,
+        port: u16,
+        protocol: crate::registry::PortProtocol,
+    ) {
         self.table
             .ports
             .insert((host.to_ascii_lowercase(), port), protocol);

@@ -409,7 +409,11 @@ mod tests {
         assert!(e.to_string().starts_with("tls.caCrl ("), "{e}");
         s.ca_crl = Some("/nonexistent/crl.pem".into());
         let e = Origination::from_settings(&s).expect_err("missing file");
-        assert!(e.to_string().starts_with("tls.caCrl (/nonexistent/crl.pem)"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("tls.caCrl (/nonexistent/crl.pem)"),
+            "{e}"
+        );
         // A list the CA signed is taken.
         let crl = dir.path().join("crl.pem");
         let pem = ca

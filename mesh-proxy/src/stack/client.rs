@@ -217,8 +217,8 @@ where
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(upgrade_connector);
-        let h2 = (protocol == Protocol::Downstream)
-            .then(|| pool(connector.clone(), idle_timeout, true));
+        let h2 =
+            (protocol == Protocol::Downstream).then(|| pool(connector.clone(), idle_timeout, true));
         Self {
             client,
             upgrades,
@@ -511,9 +511,9 @@ where
             }
             // The stream stays open, and its place taken, until the body ends.
             Ok(match stream {
-                Some(stream) => res.map(|b| {
-                    body::boxed(mesh_resilience::body::GuardBody::new(b, Some(stream)))
-                }),
+                Some(stream) => {
+                    res.map(|b| body::boxed(mesh_resilience::body::GuardBody::new(b, Some(stream))))
+                }
                 None => res.map(body::boxed),
             })
         })
