@@ -250,6 +250,10 @@ pub struct Listeners {
     /// and `captureMode: NONE`), e.g. `127.0.0.1:6379: redis.data:6379`. Routed by the
     /// host's VirtualService `tcp` routes, else to the service's TCP port.
     pub tcp: BTreeMap<SocketAddr, String>,
+    /// How long a `tcp` listener of a port of no declared protocol waits for the client's
+    /// first bytes before taking the connection as opaque TCP (Istio's MeshConfig
+    /// `protocolDetectionTimeout`); unset or `0s`: as long as it takes (Istio's default).
+    pub protocol_detection_timeout: Option<IstioDuration>,
 }
 
 impl Listeners {
@@ -283,6 +287,7 @@ impl Default for Listeners {
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             app_protocol: AppProtocol::Http,
             tcp: BTreeMap::new(),
+            protocol_detection_timeout: None,
         }
     }
 }

@@ -203,15 +203,9 @@ impl std::fmt::Debug for Egress {
 
 impl Egress {
     /// Connections to `host:port` accepted on `listener`; a port of no declared protocol
-    /// waits for its client's first bytes for at most `timeout` (`None`: as long as it
-    /// takes, Istio's default).
-    pub fn new(
-        mesh: &Mesh,
-        host: &str,
-        port: u16,
-        listener: Option<SocketAddr>,
-        timeout: Option<Duration>,
-    ) -> Self {
+    /// waits for its client's first bytes as long as it takes (Istio's default, see
+    /// [`detection_timeout`](Self::detection_timeout)).
+    pub fn new(mesh: &Mesh, host: &str, port: u16, listener: Option<SocketAddr>) -> Self {
         let outbound = mesh.outbound();
         let http = match listener {
             Some(address) => outbound.on_listener(address).boxed(),
@@ -229,8 +223,16 @@ impl Egress {
             mesh: mesh.clone(),
             host,
             port,
-            timeout,
+            timeout: None,
         }
+    }
+
+    /// Waits at most `timeout` for the first bytes of a connection to a port of no
+    /// declared protocol, then takes it as opaque TCP (`None` or zero: no limit).
+    #[must_use]
+    pub fn detection_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout.filter(|t| !t.is_zero());
+        self
     }
 
     /// The accept function of [`serve::run`](crate::serve::run): HTTP connections are

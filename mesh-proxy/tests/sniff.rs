@@ -3,7 +3,8 @@
 //! (curl), HTTP/2 with prior knowledge (curl `--http2-prior-knowledge`) and a
 //! client-first line protocol, each handed to the HTTP stack or to opaque TCP by its
 //! first bytes; a server-first protocol on the well-known port 3306 is opaque without
-//! waiting for the client.
+//! waiting for the client, and on another undeclared port once `protocolDetectionTimeout`
+//! has passed.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -38,7 +39,13 @@ spec:
 }
 
 /// Sidecar settings with one TCP egress listener per `(local port, destination)`.
-fn settings(world: &World, config: &std::path::Path, ports: Ports, tcp: &[(u16, &str)]) -> String {
+fn settings(
+    world: &World,
+    config: &std::path::Path,
+    ports: Ports,
+    tcp: &[(u16, &str)],
+    detection: &str,
+) -> String {
     let tcp: String = tcp
         .iter()
         .map(|(port, destination)| format!("    127.0.0.1:{port}: {destination}\n"))
@@ -46,7 +53,7 @@ fn settings(world: &World, config: &std::path::Path, ports: Ports, tcp: &[(u16, 
     format!(
         "workload: {{namespace: production, serviceAccount: order-service, labels: {{app: order-service}}}}\n\
          configDir: {config}\nsvid: {{caDir: {ca}}}\n\
-         listeners:\n  inbound: 127.0.0.1:{i}\n  outbound: 127.0.0.1:{o}\n  admin: 127.0.0.1:{a}\n  app: 127.0.0.1:9\n  tcp:\n{tcp}\
+         listeners:\n  inbound: 127.0.0.1:{i}\n  outbound: 127.0.0.1:{o}\n  admin: 127.0.0.1:{a}\n  app: 127.0.0.1:9\n{detection}  tcp:\n{tcp}\
          limits: {{drainTimeout: 1s}}\n",
         config = config.display(),
         ca = world.ca_dir.display(),
@@ -122,6 +129,7 @@ async fn undeclared_ports_are_detected_as_http_h2c_or_opaque_tcp() {
             (echo_port, "echo.example.com:9001"),
             (db_port, "db.example.com:3306"),
         ],
+        "",
     );
     let proxy = Proxy::start(&world, "sidecar", "order-service", &s, ports).await;
 
@@ -175,4 +183,40 @@ async fn undeclared_ports_are_detected_as_http_h2c_or_opaque_tcp() {
         .expect("the server's greeting without a client byte")
         .unwrap();
     assert_eq!(greeting.as_deref(), Some("HELLO mysql"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_is_opaque_after_the_detection_timeout() {
+    let world = World::new();
+    let db = line_server("db", true).await;
+    let config = world.write_config("istio", "mesh.yaml", &entry("db.example.com", 7777, db));
+    let (with_timeout, without) = (free_port(), free_port());
+    for (port, detection) in [
+        (with_timeout, "  protocolDetectionTimeout: 300ms\n"),
+        (without, ""),
+    ] {
+        let ports = Ports::new();
+        let s = settings(
+            &world,
+            &config,
+            ports,
+            &[(port, "db.example.com:7777")],
+            detection,
+        );
+        let name = format!("order-service-{port}");
+        let proxy = Proxy::start(&world, "sidecar", &name, &s, ports).await;
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (read, _write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = tokio::time::timeout(Duration::from_secs(1), lines.next_line()).await;
+        if detection.is_empty() {
+            // Istio's default: detection waits for the client, which waits for the server.
+            assert!(greeting.is_err(), "{greeting:?}\n{}", proxy.output());
+        } else {
+            let greeting = greeting
+                .expect("the greeting once detection gave up")
+                .unwrap();
+            assert_eq!(greeting.as_deref(), Some("HELLO db"), "{}", proxy.output());
+        }
+    }
 }

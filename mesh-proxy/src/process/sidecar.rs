@@ -51,8 +51,9 @@ impl Sidecar {
             };
             let listener = process.bind(&format!("tcp {destination}"), *bind).await?;
             // HTTP, TLS by SNI or opaque TCP, as the port declares or the first bytes say.
-            let egress =
-                crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok(), None);
+            let detection = settings.listeners.protocol_detection_timeout;
+            let egress = crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok())
+                .detection_timeout(detection.map(Into::into));
             let options = mesh.serve_options(active("tcp"));
             process.serve(serve::run(listener, options, move |tcp, remote| {
                 egress.clone().accept(tcp, remote)
