@@ -1,7 +1,8 @@
 //! The article's scenario, live on loopback: the story behind the `sidecar` program.
 //!
 //! A CA issuing short-lived SVIDs, order-service v1 and v2, payment-service (two
-//! replicas, one of which starts failing), web-frontend (a mesh client), a `mesh-proxy`
+//! replicas, one of which starts failing, and at the end a third without a sidecar,
+//! reached in plaintext by auto-mTLS), web-frontend (a mesh client), a `mesh-proxy`
 //! sidecar for each ([`mesh_proxy::Sidecar`], in this process) and a `mesh-proxy`
 //! ingress gateway with TLS ([`mesh_proxy::Gateway`]). Every hop between them is a real
 //! connection on 127.0.0.1. Configuration is the article's YAML in
@@ -92,7 +93,7 @@ struct Progress {
 
 impl Progress {
     fn step(&self, n: usize, title: &str) {
-        println!("\n[{n}/6] {title}");
+        println!("\n[{n}/7] {title}");
     }
 
     fn bar(&self, label: &str, done: usize, total: usize) {
@@ -299,6 +300,9 @@ struct World {
     spans: Arc<Mutex<Vec<Value>>>,
     _collector: tokio::task::JoinHandle<()>,
     started: tokio::time::Instant,
+    /// The generated ServiceEntry of order-service, and payment-service's endpoints.
+    order_entry: String,
+    payment_entries: Vec<EntryEndpoint>,
 }
 
 fn settings_yaml(world: &Paths, spec: &Spec) -> String {
@@ -513,12 +517,9 @@ async fn build_world() -> Result<World, BoxError> {
             })
             .collect()
     };
-    let yaml = format!(
-        "# Generated: where the loopback replicas listen.\n{}---\n{}",
-        service_entry_yaml("order-service", NS, 8080, &entries("order-service")),
-        service_entry_yaml("payment-service", NS, 8080, &entries("payment-service")),
-    );
-    std::fs::write(config_dir.join("zz-loopback-service-entries.yaml"), yaml)?;
+    let order_entry = service_entry_yaml("order-service", NS, 8080, &entries("order-service"));
+    let payment_entries = entries("payment-service");
+    write_entries(&config_dir, &order_entry, &payment_entries)?;
 
     let plain = plain_client();
     let mut instances = Vec::new();
@@ -590,7 +591,23 @@ async fn build_world() -> Result<World, BoxError> {
         spans,
         _collector: collector,
         started: tokio::time::Instant::now(),
+        order_entry,
+        payment_entries,
     })
+}
+
+/// Writes the generated ServiceEntries: where the loopback replicas listen.
+fn write_entries(
+    config_dir: &Path,
+    order_entry: &str,
+    payments: &[EntryEndpoint],
+) -> Result<(), BoxError> {
+    let yaml = format!(
+        "# Generated: where the loopback replicas listen.\n{order_entry}---\n{}",
+        service_entry_yaml("payment-service", NS, 8080, payments),
+    );
+    std::fs::write(config_dir.join("zz-loopback-service-entries.yaml"), yaml)?;
+    Ok(())
 }
 
 /// The outcome of one request: status and body.
@@ -828,7 +845,8 @@ pub async fn run(options: Options) -> Result<Vec<(usize, Check)>, BoxError> {
         tty: std::io::stderr().is_terminal(),
     };
     println!(
-        "Starting a CA (SVIDs live {SVID_LIFETIME}), order-service v1+v2, payment-service x2, web-frontend,\n\
+        "Starting a CA (SVIDs live {SVID_LIFETIME}), order-service v1+v2, payment-service x2 (and later a\n\
+         third replica without a sidecar), web-frontend,\n\
          a mesh-proxy sidecar for each and a mesh-proxy ingress gateway (TLS, api.example.com)"
     );
     let world = start_world().await?;
@@ -842,6 +860,7 @@ pub async fn run(options: Options) -> Result<Vec<(usize, Check)>, BoxError> {
     step_resilience(&world, &progress, &mut story, options).await?;
     step_observability(&world, &progress, &mut story).await?;
     step_rotation(&world, &progress, &mut story, options).await?;
+    step_plain_replica(&world, &progress, &mut story, options).await?;
 
     println!("\nSummary");
     println!(
@@ -1419,6 +1438,78 @@ async fn step_rotation(
         "zero errors during rotation",
         ok == r,
         format!("{ok}/{r} payments answered 200 across 2 rotations"),
+    );
+    Ok(())
+}
+
+/// A payment-service replica without a sidecar joins the ServiceEntry: no
+/// `serviceAccount`, no `security.istio.io/tlsMode` label, so auto-mTLS (no `tls` in
+/// the article's DestinationRule) sends it plaintext while the others keep mTLS.
+async fn step_plain_replica(
+    world: &World,
+    progress: &Progress,
+    story: &mut Story,
+    options: Options,
+) -> Result<(), BoxError> {
+    story.step = 7;
+    progress.step(
+        7,
+        "Plain upstreams: a payment-service replica without a sidecar",
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    // Lives as long as the demo (`--keep-running` included).
+    let _replica = serve_plain(
+        listener,
+        app_service(
+            "payment-service",
+            "v1",
+            "c",
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            None,
+            world.plain.clone(),
+        ),
+    );
+    let mut payments = world.payment_entries.clone();
+    payments.push(EntryEndpoint {
+        address,
+        labels: BTreeMap::from([
+            ("app".into(), "payment-service".into()),
+            ("version".into(), "v1".into()),
+        ]),
+        service_account: String::new(),
+    });
+    let before = world.config_versions().await?;
+    write_entries(&world.config_dir, &world.order_entry, &payments)?;
+    world.await_reload(&before).await?;
+    println!(
+        "  replica c: plain HTTP on {address}, no sidecar, no serviceAccount; ServiceEntry rewritten, all proxies reloaded"
+    );
+    let (c, r) = (options.concurrency, options.resilience_requests / 2);
+    let order = &world.orders[0];
+    let replies = load_run(progress, "payments from order-service", r, c, |_| {
+        world.via_sidecar(
+            order,
+            Method::POST,
+            "payment-service:8080",
+            "/api/v1/payments",
+            &[],
+        )
+    })
+    .await;
+    let ok = ok_count(&replies);
+    let by_c = replies
+        .iter()
+        .filter(|r| matches!(r, Ok((_, b)) if field(b, "replica") == Some("c")))
+        .count();
+    println!(
+        "  {by_c} of {r} payments answered by replica c over plaintext, the others by the sidecars over mutual_tls"
+    );
+    story.check(
+        "auto-mTLS reaches a replica without a sidecar",
+        ok == r && by_c > 0 && by_c < r,
+        format!("{ok}/{r} answered 200, {by_c} by the plain replica"),
     );
     Ok(())
 }

@@ -178,7 +178,8 @@ pub struct EntryEndpoint {
     pub address: SocketAddr,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
-    /// Its service account (the identity clients expect).
+    /// Its service account (the identity clients expect); empty for an endpoint without
+    /// a sidecar (auto-mTLS then sends plaintext).
     pub service_account: String,
 }
 
@@ -200,11 +201,15 @@ pub fn service_entry_yaml(
     for ep in endpoints {
         let _ = write!(
             y,
-            "  - address: {}\n    ports: {{http: {}}}\n    serviceAccount: {}\n    labels: {{",
+            "  - address: {}\n    ports: {{http: {}}}\n",
             ep.address.ip(),
             ep.address.port(),
-            ep.service_account
         );
+        // An endpoint without a sidecar has no identity to check.
+        if !ep.service_account.is_empty() {
+            let _ = writeln!(y, "    serviceAccount: {}", ep.service_account);
+        }
+        y.push_str("    labels: {");
         let labels: Vec<String> = ep.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         y.push_str(&labels.join(", "));
         y.push_str("}\n");

@@ -102,6 +102,7 @@ listeners:
   appProtocol: HTTP
   outbound: 127.0.0.1:15001
   admin: 127.0.0.1:15000
+  protocolDetectionTimeout: 1s
   tcp:
     127.0.0.1:6379: redis.data:6379
   capture: false

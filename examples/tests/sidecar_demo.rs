@@ -16,7 +16,7 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!stdout.contains("FAILED"), "{stdout}");
-    assert!(stdout.contains("All 20 expectations held."), "{stdout}");
+    assert!(stdout.contains("All 21 expectations held."), "{stdout}");
 
     // Each step printed what happened.
     for want in [
@@ -36,6 +36,8 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
         "istio-ingressgateway (latest) -> payment-service-v1 (v1)",
         "SERVER  payment-service:8080/*",
         "a new handshake to payment-service presents serial",
+        "replica c: plain HTTP on 127.0.0.1:",
+        "payments answered by replica c over plaintext",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
@@ -49,7 +51,7 @@ fn sidecar_demo_short_mode_passes_every_step_and_exits_zero() {
                 .is_some_and(|w| w.parse::<u8>().is_ok())
         })
         .count();
-    assert_eq!(rows, 20, "{stdout}");
+    assert_eq!(rows, 21, "{stdout}");
 }
 
 #[test]

@@ -95,6 +95,7 @@ pub mod proto;
 pub mod respond;
 pub mod serve;
 pub mod settings;
+pub mod sniff;
 pub mod stack;
 #[cfg(feature = "watch")]
 pub mod watch;

@@ -257,6 +257,10 @@ pub struct Listeners {
     /// IPv6 counterpart of their address (`[::1]` for `127.0.0.1`, `[::]` for `0.0.0.0`).
     /// Direct connections are served as without capture. Default `false`.
     pub capture: bool,
+    /// How long a `tcp` listener of a port of no declared protocol waits for the client's
+    /// first bytes before taking the connection as opaque TCP (Istio's MeshConfig
+    /// `protocolDetectionTimeout`); unset or `0s`: as long as it takes (Istio's default).
+    pub protocol_detection_timeout: Option<IstioDuration>,
 }
 
 impl Listeners {
@@ -291,6 +295,7 @@ impl Default for Listeners {
             app_protocol: AppProtocol::Http,
             tcp: BTreeMap::new(),
             capture: false,
+            protocol_detection_timeout: None,
         }
     }
 }
@@ -709,7 +714,7 @@ mod tests {
         let shown = errs[0].to_string();
         assert_eq!(
             shown,
-            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol, tcp, capture"
+            "s.yaml:6:3: error: unknown field `outbund`, expected one of inbound, app, outbound, admin, appProtocol, tcp, capture, protocolDetectionTimeout"
         );
     }
 

@@ -372,6 +372,54 @@ async fn a_server_without_the_expected_subject_alt_name_is_refused_with_uf() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_crl_refuses_a_revoked_server_certificate_and_accepts_a_valid_one() {
+    let world = World::new();
+    let (ca, revoked, ca_file) = external_pki(&world);
+    let valid = ca
+        .issue_with(
+            &LeafSpec::workload("example.com", "external", "api").with_dns("api.example.com"),
+        )
+        .unwrap();
+    let crl = world.path("external-crl.pem");
+    std::fs::write(
+        &crl,
+        ca.revocation_list_pem(&[revoked.serial()], 1, std::time::Duration::from_secs(3600))
+            .unwrap(),
+    )
+    .unwrap();
+    for (leaf, mode, want) in [
+        (&revoked, "SIMPLE", 503),
+        (&valid, "SIMPLE", 200),
+        // With subjectAltNames the name is checked apart; revocation still applies.
+        (&revoked, "SIMPLE, subjectAltNames: [api.example.com]", 503),
+        (&valid, "SIMPLE, subjectAltNames: [api.example.com]", 200),
+    ] {
+        let upstream = TlsUpstream::start(leaf, None).await;
+        let yaml = format!(
+            "{}---\n{}",
+            entry("api.example.com", "MESH_EXTERNAL", upstream.addr, ""),
+            rule(
+                "api.example.com",
+                &format!(
+                    "    tls: {{mode: {mode}, caCertificates: {ca_file}, caCrl: {crl}}}\n",
+                    crl = crl.display()
+                ),
+            ),
+        );
+        let (order, outbound) = caller(&world, &yaml).await;
+        let (status, body) = send(outbound, "GET", "api.example.com", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(status, want, "{mode}: {body}");
+        if want == 503 {
+            assert!(body.ends_with("reset reason: connection failure"), "{body}");
+        }
+        order.shutdown();
+        order.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_requests_per_connection_opens_one_connection_per_ten_requests() {
     let world = World::new();
     // A plain HTTP/1.1 upstream that counts the connections it accepts.

@@ -62,7 +62,7 @@ use mesh_core::extensions::RoutePolicy;
 use crate::fault::{AbortStatus, FaultPolicy, Percent, grpc_code};
 use crate::headers::{HeaderOps, Headers};
 use crate::matcher::{HeaderMatch, MatchError, QueryParamMatch, RouteMatch, StringMatch, UriMatch};
-use crate::registry::{Registry, Resolution, Service, ServicePort, WorkloadEntry};
+use crate::registry::{PortProtocol, Registry, Resolution, Service, ServicePort, WorkloadEntry};
 use crate::rewrite::{DirectResponse, Redirect, RedirectPort, RegexRewrite, Rewrite};
 use crate::router::Routing;
 use crate::subset::{DestinationRule, DestinationRules};
@@ -843,18 +843,23 @@ impl Routing {
             let mut hosts: Vec<&str> = registry.hosts().filter(|h| !h.starts_with('*')).collect();
             hosts.sort_unstable();
             for host in hosts {
-                // The service's TCP ports go to the service unless a `tcp` route of its
-                // VirtualService takes them.
-                let tcp_ports: Vec<u16> = registry
+                // The service's TCP ports, and its ports of no declared protocol (whose
+                // connections may be detected as opaque TCP, PS-05), go to the service
+                // unless a `tcp` route of its VirtualService takes them.
+                let ports: Vec<(u16, PortProtocol)> = registry
                     .service(host)
-                    .map(|s| {
-                        s.ports
-                            .iter()
-                            .filter(|p| p.is_tcp())
-                            .map(|p| p.number)
-                            .collect()
-                    })
+                    .map(|s| s.ports.iter().map(|p| (p.number, p.protocol())).collect())
                     .unwrap_or_default();
+                for &(port, protocol) in &ports {
+                    builder.port_protocol(host, port, protocol);
+                }
+                let tcp_ports = ports.iter().filter_map(|&(port, protocol)| {
+                    matches!(
+                        protocol,
+                        PortProtocol::Tcp | PortProtocol::Tls | PortProtocol::Auto
+                    )
+                    .then_some(port)
+                });
                 if !builder.has_host(host) {
                     let dest = builder.destination(DestinationKey::new(host, None, None));
                     builder.virtual_host(VirtualHost {

@@ -80,22 +80,32 @@ impl ServicePort {
         {
             return PortProtocol::Http2;
         }
+        // Kubernetes' standard application protocols (PS-03).
+        match declared {
+            "kubernetes.io/h2c" => return PortProtocol::Http2,
+            "kubernetes.io/ws" => return PortProtocol::Http,
+            "kubernetes.io/wss" => return PortProtocol::Tls,
+            _ => {}
+        }
         let class = declared.split('-').next().unwrap_or("");
         let is = |names: &[&str]| names.iter().any(|n| class.eq_ignore_ascii_case(n));
         if is(&["http2", "grpc"]) {
             PortProtocol::Http2
         } else if is(&["http", "http_proxy"]) {
             PortProtocol::Http
-        } else if is(&["tcp", "tls", "https", "mongo", "redis", "mysql"]) {
+        } else if is(&["tls", "https"]) {
+            PortProtocol::Tls
+        } else if is(&["tcp", "mongo", "redis", "mysql"]) {
             PortProtocol::Tcp
         } else {
             PortProtocol::Auto
         }
     }
 
-    /// Whether a sidecar proxies this port as opaque TCP ([`PortProtocol::Tcp`]).
+    /// Whether a sidecar proxies this port's connections as TCP, opaque or routed by SNI
+    /// ([`PortProtocol::Tcp`], [`PortProtocol::Tls`]).
     pub fn is_tcp(&self) -> bool {
-        self.protocol() == PortProtocol::Tcp
+        matches!(self.protocol(), PortProtocol::Tcp | PortProtocol::Tls)
     }
 }
 
@@ -106,8 +116,11 @@ pub enum PortProtocol {
     Http,
     /// `http2`, `grpc`, `grpc-web`: HTTP with HTTP/2 upstream always (PS-07).
     Http2,
-    /// `tcp`, `tls`, `https`, `mongo`, `redis`, `mysql`: opaque TCP (PS-05, PS-06).
+    /// `tcp`, `mongo`, `redis`, `mysql`: opaque TCP (PS-05, PS-06).
     Tcp,
+    /// `tls`, `https`: TCP carrying the application's own TLS, which a sidecar routes by
+    /// the ClientHello's SNI without terminating it (PS-06, PS-30).
+    Tls,
     /// Anything else, or nothing: detected; HTTP upstream in the client's protocol
     /// (PS-20 rule 4).
     #[default]
@@ -369,6 +382,11 @@ mod tests {
         assert_eq!(class("http-web", ""), PortProtocol::Http);
         assert_eq!(class("httpfoo", ""), PortProtocol::Auto);
         assert_eq!(class("", ""), PortProtocol::Auto);
+        assert_eq!(class("https-api", ""), PortProtocol::Tls);
+        assert_eq!(class("x", "TLS"), PortProtocol::Tls);
+        assert_eq!(class("redis", ""), PortProtocol::Tcp);
+        assert_eq!(class("x", "kubernetes.io/h2c"), PortProtocol::Http2);
+        assert_eq!(class("x", "kubernetes.io/wss"), PortProtocol::Tls);
     }
 
     #[test]

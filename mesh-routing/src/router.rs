@@ -135,6 +135,7 @@ impl Target {
             p if p == PortProtocol::Http as u8 => PortProtocol::Http,
             p if p == PortProtocol::Http2 as u8 => PortProtocol::Http2,
             p if p == PortProtocol::Tcp as u8 => PortProtocol::Tcp,
+            p if p == PortProtocol::Tls as u8 => PortProtocol::Tls,
             _ => PortProtocol::Auto,
         }
     }

@@ -300,6 +300,8 @@ pub struct RouteTable {
     destinations: Vec<DestinationKey>,
     stacks: Vec<RouteStack>,
     naming: Naming,
+    /// The protocol class of each registry service port, by (host, port).
+    ports: HashMap<(String, u16), crate::registry::PortProtocol>,
 }
 
 /// One route's policy around one of its destinations: what a router builds a service for
@@ -328,6 +330,12 @@ impl RouteTable {
     /// How names are qualified.
     pub fn naming(&self) -> &Naming {
         &self.naming
+    }
+
+    /// The protocol class of port `port` of the registry service `host` (qualified, as
+    /// the table names hosts); `None` when the registry has no such port.
+    pub fn port_protocol(&self, host: &str, port: u16) -> Option<crate::registry::PortProtocol> {
+        self.ports.get(&(host.to_ascii_lowercase(), port)).copied()
     }
 
     /// Every destination some route (or mirror) names; routes refer to them by index.
@@ -448,6 +456,18 @@ impl TableBuilder {
                 .wildcards
                 .iter()
                 .any(|(s, _)| host.strip_prefix('*') == Some(s.as_str()))
+    }
+
+    /// Records the protocol class of port `port` of the registry service `host`.
+    pub fn port_protocol(
+        &mut self,
+        host: &str,
+        port: u16,
+        protocol: crate::registry::PortProtocol,
+    ) {
+        self.table
+            .ports
+            .insert((host.to_ascii_lowercase(), port), protocol);
     }
 
     /// Gives `host`'s virtual host a TCP rule to `(host, port)` unless one of its rules

@@ -237,6 +237,35 @@ impl CertificateAuthority {
         })
     }
 
+    /// A certificate revocation list (PEM) signed by this CA, revoking the certificates
+    /// with `revoked` serials now, valid for `lifetime` (what DestinationRule `caCrl`
+    /// names). Number `number` orders the lists of this CA.
+    pub fn revocation_list_pem(
+        &self,
+        revoked: &[&Serial],
+        number: u64,
+        lifetime: Duration,
+    ) -> Result<String, CaError> {
+        let now = now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + ttl_duration(lifetime),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial.as_bytes()),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     /// Loads a CA written by [`write_dir`](Self::write_dir) (`ca-cert.pem`, `ca-key.pem`,
     /// and `root-cert.pem` or `cert-chain.pem` when present, as in
     /// [`load_plugin`](Self::load_plugin)). The trust domain is the signing

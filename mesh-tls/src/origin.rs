@@ -13,11 +13,19 @@
 //! - with `subjectAltNames`, the server certificate must carry one of them as a DNS,
 //!   URI or IP SAN (exact match, DNS names without case); without, it must be valid for
 //!   the SNI name, as Envoy's automatic SAN validation does (DR-53);
+//! - with `caCrl` (a PEM file of one or more CRLs), the server's chain is also checked
+//!   for revocation by rustls's webpki verifier: a certificate a list revokes is refused.
+//!   As Envoy does by default (`only_verify_leaf_cert_crl: false`), every certificate of
+//!   the chain below the trust anchor is checked, and one whose issuer has no list in the
+//!   file is refused too (its status is unknown); an expired list still counts;
 //! - `insecureSkipVerify: true` accepts any certificate (the handshake signature is
-//!   still checked);
+//!   still checked; `caCrl` is then not read);
 //! - `MUTUAL` presents `clientCertificate` with `privateKey`. `credentialName` is not
-//!   read: a sidecar reads no secrets, and Istio's sidecars too use the file paths unless
-//!   the rule has a `workloadSelector` (DR-54);
+//!   read: Istio's own sidecars use the file paths and read `credentialName` only when
+//!   the rule has a `workloadSelector` (its API reference: "applicable at sidecars only if
+//!   DestinationRule has a workloadSelector. Otherwise the field will be applicable only at
+//!   gateways, and sidecars will continue to use the certificate paths"); a rule's
+//!   `workloadSelector` is not enforced here, so sidecars keep the file paths (DR-54);
 //! - SNI is `sni` when set, else the destination host (the caller decides, see
 //!   [`Origination::sni`]; Istio takes the request's authority, DR-53).
 //!
@@ -32,13 +40,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mesh_core::config::{ClientTlsMode, ClientTlsSettings};
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 
 use crate::connect::Alpn;
 use crate::svid::{SvidError, read_certs, read_key};
@@ -78,6 +88,14 @@ pub enum OriginationError {
         /// Why.
         source: SvidError,
     },
+    /// The `caCrl` file could not be read or holds no usable list.
+    #[error("tls.caCrl ({path}): {reason}")]
+    Crl {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// rustls refused the settings (for instance a key that does not match).
     #[error("invalid TLS settings: {0}")]
     Tls(#[from] rustls::Error),
@@ -114,8 +132,15 @@ impl Origination {
             None
         };
         let provider = crate::provider();
+        let revocation = match (&roots, &tls.ca_crl) {
+            (Some(roots), Some(path)) if !path.is_empty() => {
+                Some(revocation_verifier(roots, path, &provider)?)
+            }
+            _ => None,
+        };
         let verifier = Arc::new(OriginVerifier {
             roots,
+            revocation,
             subject_alt_names: tls.subject_alt_names.clone(),
             provider: provider.clone(),
         });
@@ -160,6 +185,28 @@ impl Origination {
     }
 }
 
+/// rustls's webpki verifier over `roots` with the lists of the PEM file `path`.
+fn revocation_verifier(
+    roots: &Arc<RootCertStore>,
+    path: &str,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, OriginationError> {
+    let crl_error = |reason: String| OriginationError::Crl {
+        path: path.to_owned(),
+        reason,
+    };
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|lists| lists.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| crl_error(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(crl_error("no X509 CRL in the file".to_owned()));
+    }
+    WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls)
+        .build()
+        .map_err(|e| crl_error(e.to_string()))
+}
+
 /// Maps a file error to the field that names the file.
 fn file(field: &'static str, path: &str) -> impl FnOnce(SvidError) -> OriginationError {
     let path = path.to_owned();
@@ -175,6 +222,8 @@ fn file(field: &'static str, path: &str) -> impl FnOnce(SvidError) -> Originatio
 struct OriginVerifier {
     /// `None`: `insecureSkipVerify`.
     roots: Option<Arc<RootCertStore>>,
+    /// With `caCrl`: the chain (revocation included) is checked by rustls's verifier.
+    revocation: Option<Arc<WebPkiServerVerifier>>,
     subject_alt_names: Vec<String>,
     provider: Arc<CryptoProvider>,
 }
@@ -185,20 +234,39 @@ impl ServerCertVerifier for OriginVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(roots) = &self.roots else {
             return Ok(ServerCertVerified::assertion());
         };
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        match &self.revocation {
+            // rustls's verifier checks the chain and its revocation, then the name
+            // against the SNI: a name error means the chain passed, and the name is
+            // checked below as the rule says (SNI or `subjectAltNames`).
+            Some(webpki) => match webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ) {
+                Ok(_)
+                | Err(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => {}
+                Err(e) => return Err(e),
+            },
+            None => rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?,
+        }
         if self.subject_alt_names.is_empty() {
             rustls::client::verify_server_name(&parsed, server_name)?;
         } else if !carries_one_of(end_entity, &self.subject_alt_names) {
@@ -325,5 +393,34 @@ mod tests {
                 .starts_with("tls.caCertificates (/nonexistent/ca.pem)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_unusable_crl_file_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::CertificateAuthority::new("example.com").unwrap();
+        let roots = dir.path().join("ca.pem");
+        std::fs::write(&roots, ca.root_pem()).unwrap();
+        let mut s = settings(ClientTlsMode::Simple);
+        s.ca_certificates = Some(roots.display().to_string());
+        // A file without a CRL, then no file.
+        s.ca_crl = Some(roots.display().to_string());
+        let e = Origination::from_settings(&s).expect_err("no CRL in the file");
+        assert!(e.to_string().starts_with("tls.caCrl ("), "{e}");
+        s.ca_crl = Some("/nonexistent/crl.pem".into());
+        let e = Origination::from_settings(&s).expect_err("missing file");
+        assert!(
+            e.to_string()
+                .starts_with("tls.caCrl (/nonexistent/crl.pem)"),
+            "{e}"
+        );
+        // A list the CA signed is taken.
+        let crl = dir.path().join("crl.pem");
+        let pem = ca
+            .revocation_list_pem(&[], 1, std::time::Duration::from_secs(60))
+            .unwrap();
+        std::fs::write(&crl, pem).unwrap();
+        s.ca_crl = Some(crl.display().to_string());
+        Origination::from_settings(&s).expect("a valid list");
     }
 }

@@ -42,18 +42,14 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         VS,
-        "spec.tls",
-        "TLS (SNI) routes are applied by gateways' PASSTHROUGH servers only, not by sidecars",
-    ),
-    ne(
-        VS,
         "spec.tcp[].match[].destinationSubnets",
-        "TCP connections are matched by port only",
+        "TCP connections are matched by port only (a TCP listener serves one service port; \
+         destination addresses are not compared)",
     ),
     ne(
         VS,
         "spec.tcp[].match[].sourceSubnet",
-        "TCP connections are matched by port only",
+        "TCP connections are matched by port only (the client's address is not compared)",
     ),
     ne(
         VS,
@@ -93,14 +89,18 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         DR,
         "spec.**.tls.credentialName",
-        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used",
+        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used \
+         (Istio's sidecars also read it only for a rule with a workloadSelector, which is not enforced)",
     ),
-    ne(DR, "spec.**.tls.caCrl", "revocation lists are not checked"),
-    ne(DR, "spec.**.tunnel", "traffic is not tunnelled"),
+    ne(
+        DR,
+        "spec.**.tunnel",
+        "traffic is not tunnelled (no HTTP CONNECT or POST tunnel to an egress proxy is built)",
+    ),
     ne(
         DR,
         "spec.**.proxyProtocol",
-        "no PROXY protocol header is sent",
+        "no PROXY protocol header is sent (upstream connections carry no client address header)",
     ),
     ne(
         DR,
@@ -109,13 +109,9 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.connectionPool.http.maxConcurrentStreams",
-        "HTTP/2 stream limits are not set",
-    ),
-    ne(
-        DR,
         "spec.**.outlierDetection.outlierDetectionHttpErrorCodes",
-        "only 5xx responses count as errors",
+        "only 5xx responses count as errors (responses are classified once, before outlier \
+         detection, with no per-rule status list)",
     ),
     ne(
         GW,

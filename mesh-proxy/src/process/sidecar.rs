@@ -121,20 +121,14 @@ impl Sidecar {
                 continue;
             };
             let listener = process.bind(&format!("tcp {destination}"), *bind).await?;
-            let outbound = mesh.tcp_outbound(host, port);
-            let shutdown = mesh.shutdown_token();
-            process.serve(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        accepted = listener.accept() => accepted,
-                    };
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let _ = tcp.set_nodelay(true);
-                    let outbound = outbound.clone();
-                    tokio::spawn(async move { outbound.proxy(tcp).await });
-                }
-            });
+            // HTTP, TLS by SNI or opaque TCP, as the port declares or the first bytes say.
+            let detection = settings.listeners.protocol_detection_timeout;
+            let egress = crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok())
+                .detection_timeout(detection.map(Into::into));
+            let options = mesh.serve_options(active("tcp"));
+            process.serve(serve::run(listener, options, move |tcp, remote| {
+                egress.clone().accept(tcp, remote)
+            }));
         }
 
         // Inbound: mTLS per PeerAuthentication, to the application (HTTP, or TCP for

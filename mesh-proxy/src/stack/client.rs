@@ -19,7 +19,11 @@
 //!   (503 `UF`), anything else after it [`UpstreamReset`] (503 `UC`);
 //! - with a per-connection request limit (DestinationRule
 //!   `connectionPool.http.maxRequestsPerConnection`, [`HttpClient::max_requests_per_connection`]),
-//!   a connection is retired once it has answered that many requests.
+//!   a connection is retired once it has answered that many requests;
+//! - with a stream limit (`connectionPool.http.maxConcurrentStreams`,
+//!   [`HttpClient::max_concurrent_streams`]), an HTTP/2 connection carries at most that
+//!   many requests at once and a request that finds every connection full opens another
+//!   (Envoy's `max_concurrent_streams` of the upstream HTTP/2 options).
 //!
 //! # Retiring connections after N requests
 //!
@@ -34,12 +38,23 @@
 //! (Envoy counts at stream start). Counting at the response, not in a wrapper around
 //! the I/O, keeps the count exact for HTTP/1.1 without parsing bytes.
 //!
+//! # Capping streams per HTTP/2 connection
+//!
+//! hyper-util's pool multiplexes every request for one authority on one HTTP/2
+//! connection. Under a stream limit the client keeps shards: pools of their own, each
+//! with its own connection, and a count of the streams open on it. A request takes the
+//! first shard with room (a new shard, hence a new connection, when all are full) and
+//! holds its place until the response body ends or is dropped. Shards stay once made;
+//! their idle connections close after the idle timeout like any other.
+//!
 //! # Layer placement
 //!
 //! The innermost service: per endpoint under the balancer (outbound, gateway), after
 //! authorization (inbound), or straight after routing for unknown hosts.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,6 +106,99 @@ pub struct HttpClient<C> {
     /// Whether the upstream is a mesh peer (Istio mTLS): only then does the workload's
     /// exchanged metadata go with the request.
     mesh_peer: bool,
+    /// What new pools are made of: the connector and the idle timeout.
+    connector: C,
+    idle_timeout: Duration,
+    /// Streams per HTTP/2 connection, for `client` (when it may speak HTTP/2).
+    streams: Option<Arc<StreamLimit<C>>>,
+    /// Streams per HTTP/2 connection, for `h2`.
+    h2_streams: Option<Arc<StreamLimit<C>>>,
+}
+
+/// Pools of one client whose HTTP/2 connections carry at most `max` streams at once.
+struct StreamLimit<C> {
+    max: u32,
+    /// The first is the client's own pool; more are made when all are full.
+    shards: Mutex<Vec<Shard<C>>>,
+    /// Makes the pool of a new shard.
+    make: Box<dyn Fn() -> Client<C, BoxBody> + Send + Sync>,
+}
+
+struct Shard<C> {
+    client: Client<C, BoxBody>,
+    open: Arc<AtomicU32>,
+}
+
+/// One stream's place in a shard, given back when dropped.
+#[derive(Debug)]
+struct OpenStream(Arc<AtomicU32>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<C> std::fmt::Debug for StreamLimit<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shards = self.shards.lock().map(|s| s.len()).unwrap_or_default();
+        f.debug_struct("StreamLimit")
+            .field("max", &self.max)
+            .field("shards", &shards)
+            .finish()
+    }
+}
+
+impl<C: Clone> StreamLimit<C> {
+    fn new(
+        max: u32,
+        first: Client<C, BoxBody>,
+        make: impl Fn() -> Client<C, BoxBody> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            max,
+            shards: Mutex::new(vec![Shard {
+                client: first,
+                open: Arc::new(AtomicU32::new(0)),
+            }]),
+            make: Box::new(make),
+        }
+    }
+
+    /// The pool of the first shard with room, and the place taken in it.
+    fn take(&self) -> (Client<C, BoxBody>, OpenStream) {
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        let room = shards
+            .iter()
+            .find(|s| s.open.load(Ordering::Acquire) < self.max);
+        let shard = match room {
+            Some(shard) => shard,
+            None => {
+                shards.push(Shard {
+                    client: (self.make)(),
+                    open: Arc::new(AtomicU32::new(0)),
+                });
+                let last = shards.len() - 1;
+                &shards[last]
+            }
+        };
+        // Counted under the lock: two requests never both take a shard's last place.
+        shard.open.fetch_add(1, Ordering::AcqRel);
+        (shard.client.clone(), OpenStream(shard.open.clone()))
+    }
+}
+
+/// A pool of `connector`'s connections.
+fn pool<C>(connector: C, idle_timeout: Duration, http2_only: bool) -> Client<C, BoxBody>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(http2_only)
+        .build(connector)
 }
 
 impl<C> HttpClient<C>
@@ -105,24 +213,12 @@ where
         idle_timeout: Duration,
         protocol: Protocol,
     ) -> Self {
-        let client_connector = connector.clone();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(protocol == Protocol::Http2)
-            .build(connector);
+        let client = pool(connector.clone(), idle_timeout, protocol == Protocol::Http2);
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(upgrade_connector);
-        let h2 = (protocol == Protocol::Downstream).then(|| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(idle_timeout)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .http2_only(true)
-                .build(client_connector.clone())
-        });
+        let h2 =
+            (protocol == Protocol::Downstream).then(|| pool(connector.clone(), idle_timeout, true));
         Self {
             client,
             upgrades,
@@ -133,7 +229,36 @@ where
             max_requests_per_connection: 0,
             max_connection_duration: None,
             mesh_peer: false,
+            connector,
+            idle_timeout,
+            streams: None,
+            h2_streams: None,
         }
+    }
+
+    /// Caps the streams of each HTTP/2 connection at `n` (0: no cap), opening another
+    /// connection when every one is full. Requests sent as HTTP/1.1 are not affected.
+    #[must_use]
+    pub fn max_concurrent_streams(mut self, n: u32) -> Self {
+        if n == 0 {
+            self.streams = None;
+            self.h2_streams = None;
+            return self;
+        }
+        let limit = |first: &Client<C, BoxBody>, http2_only: bool| {
+            let (connector, idle) = (self.connector.clone(), self.idle_timeout);
+            Arc::new(StreamLimit::new(n, first.clone(), move || {
+                pool(connector.clone(), idle, http2_only)
+            }))
+        };
+        // An HTTP/1.1-only pool has no streams to cap.
+        self.streams = match self.protocol {
+            Protocol::Http1 | Protocol::Downstream => None,
+            Protocol::Http2 => Some(limit(&self.client, true)),
+            Protocol::Negotiated => Some(limit(&self.client, false)),
+        };
+        self.h2_streams = self.h2.as_ref().map(|h2| limit(h2, true));
+        self
     }
 
     /// Retires a connection once it has answered `n` requests (0: never). Needs a
@@ -344,10 +469,21 @@ where
         let max_age = self.max_connection_duration;
         let captured =
             ((limit > 0 || max_age.is_some()) && !upgrade).then(|| capture_connection(&mut req));
-        let fut = match &self.h2 {
-            _ if upgrade => self.upgrades.request(req),
-            Some(h2) if req.version() == Version::HTTP_2 => h2.request(req),
-            _ => self.client.request(req),
+        let h2 = self.h2.is_some() && req.version() == Version::HTTP_2;
+        let (fut, stream) = match (&self.streams, &self.h2_streams) {
+            _ if upgrade => (self.upgrades.request(req), None),
+            (_, Some(limit)) if h2 => {
+                let (client, stream) = limit.take();
+                (client.request(req), Some(stream))
+            }
+            (Some(limit), _) if !h2 => {
+                let (client, stream) = limit.take();
+                (client.request(req), Some(stream))
+            }
+            _ => match &self.h2 {
+                Some(h2_client) if h2 => (h2_client.request(req), None),
+                _ => (self.client.request(req), None),
+            },
         };
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
@@ -373,7 +509,13 @@ where
             if let Some(address) = address {
                 res.extensions_mut().insert(UpstreamHost(address));
             }
-            Ok(res.map(body::boxed))
+            // The stream stays open, and its place taken, until the body ends.
+            Ok(match stream {
+                Some(stream) => {
+                    res.map(|b| body::boxed(mesh_resilience::body::GuardBody::new(b, Some(stream))))
+                }
+                None => res.map(body::boxed),
+            })
         })
     }
 }

@@ -271,18 +271,22 @@ impl MakeDest {
             tcp,
         });
         let per_connection = limits.max_requests_per_connection;
-        let protocol = super::client::upstream_protocol(
-            target.protocol(),
-            policy
-                .connection_pool
-                .as_ref()
-                .and_then(|cp| cp.http.as_ref()),
-        );
+        let http = policy
+            .connection_pool
+            .as_ref()
+            .and_then(|cp| cp.http.as_ref());
+        let protocol = super::client::upstream_protocol(target.protocol(), http);
+        // Zero (or negative, refused by validation) is unset (DR-20).
+        let streams = http
+            .and_then(|h| h.max_concurrent_streams)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
         let for_endpoints = Arc::clone(&connecting);
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
             HttpClient::upstream(for_endpoints.connector(ep), idle, protocol)
                 .max_requests_per_connection(per_connection)
                 .max_connection_duration(for_endpoints.tcp.max_connection_duration)
+                .max_concurrent_streams(streams)
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());
