@@ -271,17 +271,7 @@ impl Egress {
                 Some((tcp, crate::stack::inbound::per_connection(self.http, ctx)))
             }
             Detected::Tls => {
-                tokio::spawn(async move {
-                    let sni =
-                        tokio::time::timeout(HELLO_TIMEOUT, mesh_tls::sni::peek_server_name(&tcp))
-                            .await;
-                    match sni {
-                        Ok(Ok(Some(sni))) => self.tcp.proxy_tls(tcp, &sni).await,
-                        // Without a usable SNI the connection goes by its port, as the
-                        // listener's TCP chain would take it.
-                        _ => self.tcp.proxy(tcp).await,
-                    }
-                });
+                tokio::spawn(proxy_by_sni(self.tcp, tcp));
                 None
             }
             Detected::Opaque => {
@@ -289,6 +279,17 @@ impl Egress {
                 None
             }
         }
+    }
+}
+
+/// Proxies a TLS connection, untouched, by the SNI of its ClientHello through the
+/// service's VirtualService `tls` routes; without a usable SNI it goes by its port, as
+/// the listener's TCP chain would take it.
+pub(crate) async fn proxy_by_sni(outbound: TcpOutbound, tcp: TcpStream) {
+    let sni = tokio::time::timeout(HELLO_TIMEOUT, mesh_tls::sni::peek_server_name(&tcp)).await;
+    match sni {
+        Ok(Ok(Some(sni))) => outbound.proxy_tls(tcp, &sni).await,
+        _ => outbound.proxy(tcp).await,
     }
 }
 

@@ -9,10 +9,12 @@
 //!
 //! ```text
 //! outbound, original destination IP:port
-//!   -> owned by a service (ServiceEntry `addresses`, Kubernetes ClusterIPs) whose port
-//!      is TCP: that service's TCP routes (as `listeners.tcp`)
+//!   -> owned by a service (ServiceEntry `addresses`, Kubernetes ClusterIPs): the port's
+//!      protocol, declared or detected from the first bytes ([`crate::sniff`]), decides
+//!      as on a `listeners.tcp` listener: TCP takes that service's TCP routes, TLS its
+//!      `tls` routes by SNI, HTTP goes on below
 //!   -> owned by a service on another port, or a port some service serves over HTTP (or
-//!      with no declared protocol): HTTP, routed by Host; a Host the routes do not know
+//!      with no declared protocol), or HTTP from above: HTTP, routed by Host; a Host the routes do not know
 //!      goes to the service that owns the address, else passes through to the original
 //!      destination (ALLOW_ANY) or gets 502 (REGISTRY_ONLY)
 //!   -> anything else: TCP passthrough to the original destination (ALLOW_ANY), or the
@@ -36,7 +38,6 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use mesh_routing::PortProtocol;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -46,6 +47,7 @@ use crate::capture::{self, Addresses};
 use crate::mesh::Mesh;
 use crate::serve;
 use crate::settings::{AppProtocol, Listeners, Settings};
+use crate::sniff::{self, Detected};
 use crate::stack::outbound::OriginalDestination;
 use crate::stack::{HttpClient, HttpService, OutboundMode, inbound, tcp};
 
@@ -125,7 +127,8 @@ impl Sidecar {
             let detection = settings.listeners.protocol_detection_timeout;
             let egress = crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok())
                 .detection_timeout(detection.map(Into::into));
-            let options = mesh.serve_options(active("tcp"));
+            let options =
+                mesh.serve_options(mesh.telemetry().metrics().proxy().active_connections("tcp"));
             process.serve(serve::run(listener, options, move |tcp, remote| {
                 egress.clone().accept(tcp, remote)
             }));
@@ -179,6 +182,11 @@ fn serve_outbound(
     };
     let mode = settings.outbound_traffic_policy.mode;
     let connect_timeout = settings.limits.connect_timeout.as_std();
+    let detection: Option<std::time::Duration> = settings
+        .listeners
+        .protocol_detection_timeout
+        .map(Into::into)
+        .filter(|t: &std::time::Duration| !t.is_zero());
     let mesh = mesh.clone();
     serve::run(listener, mesh.serve_options(active), move |tcp, remote| {
         let svc = svc.clone();
@@ -195,12 +203,25 @@ fn serve_outbound(
             };
             let addresses = addresses.load();
             let owner = addresses.owner(original);
-            if let Some(owner) = &owner
-                && owner.protocol == PortProtocol::Tcp
-            {
-                let outbound = mesh.tcp_outbound(&owner.host, original.port());
-                tokio::spawn(async move { outbound.proxy(tcp).await });
-                return None;
+            if let Some(owner) = &owner {
+                // The port's declared protocol, else the first bytes (PS-01, PS-10).
+                let detected = match sniff::declared(Some(owner.protocol), original.port()) {
+                    Some(declared) => declared,
+                    None => sniff::detect(&tcp, detection).await,
+                };
+                match detected {
+                    Detected::Http => {}
+                    Detected::Tls => {
+                        let outbound = mesh.tcp_outbound(&owner.host, original.port());
+                        tokio::spawn(sniff::proxy_by_sni(outbound, tcp));
+                        return None;
+                    }
+                    Detected::Opaque => {
+                        let outbound = mesh.tcp_outbound(&owner.host, original.port());
+                        tokio::spawn(async move { outbound.proxy(tcp).await });
+                        return None;
+                    }
+                }
             }
             if owner.is_none() && !addresses.is_http_port(original.port()) {
                 match mode {
