@@ -5,7 +5,8 @@
 
 use std::process::ExitCode;
 
-use mesh_proxy::capture::{self, Rules, Selection, parse_ports, parse_ranges};
+use mesh_proxy::capture::iptables::{self, Family, Jumps};
+use mesh_proxy::capture::{self, Backend, Rules, Selection, parse_ports, parse_ranges};
 
 /// Arguments of `init`.
 #[derive(clap::Args, Debug)]
@@ -44,7 +45,12 @@ pub struct Args {
     /// (`excludeInboundPorts`).
     #[arg(short = 'd', long, default_value = "")]
     pub exclude_inbound_ports: String,
-    /// Print the nftables script instead of applying it.
+    /// The rule language: `nft`, or `iptables` (`iptables-restore`) where nftables is
+    /// missing; `auto` takes `nft` when it runs.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Print the script instead of applying it (for `iptables`, the two
+    /// `iptables-restore --noflush` scripts as a first run writes them).
     #[arg(long)]
     pub dry_run: bool,
     /// Remove the rules (the whole `inet mesh_capture` table) instead.
@@ -94,22 +100,43 @@ impl Args {
 
 /// Runs the subcommand.
 pub fn run(args: &Args) -> ExitCode {
-    let script = if args.cleanup {
-        capture::cleanup_ruleset()
+    let rules = if args.cleanup {
+        None
     } else {
         match args.rules() {
-            Ok(rules) => rules.ruleset(),
+            Ok(rules) => Some(rules),
             Err(e) => {
                 eprintln!("mesh-proxy init: {e}");
                 return ExitCode::FAILURE;
             }
         }
     };
+    let backend = args.backend.resolve();
     if args.dry_run {
-        print!("{script}");
+        match (&rules, backend) {
+            (None, Backend::Iptables) => println!(
+                "# iptables and ip6tables: delete the jumps to and the chains {} and {}",
+                iptables::INBOUND_CHAIN,
+                iptables::OUTPUT_CHAIN
+            ),
+            (None, _) => print!("{}", capture::cleanup_ruleset()),
+            (Some(rules), Backend::Iptables) => {
+                for family in Family::ALL {
+                    println!("# {family:?}: iptables-restore --noflush");
+                    print!("{}", rules.iptables_script(family, Jumps::default()));
+                }
+            }
+            (Some(rules), _) => print!("{}", rules.ruleset()),
+        }
         return ExitCode::SUCCESS;
     }
-    match capture::apply(&script) {
+    let applied = match (&rules, backend) {
+        (None, Backend::Iptables) => iptables::cleanup(),
+        (None, _) => capture::apply(&capture::cleanup_ruleset()),
+        (Some(rules), Backend::Iptables) => iptables::apply(rules),
+        (Some(rules), _) => capture::apply(&rules.ruleset()),
+    };
+    match applied {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-proxy init: {e}");

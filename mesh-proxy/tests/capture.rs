@@ -583,19 +583,49 @@ async fn excluded_ports_and_ranges_bypass_and_tcp_goes_by_address() {
     };
     let order_ns = net.pod("order", 1, &[]);
     let ext_ns = net.pod("ext", 9, &["10.244.0.8/24"]);
-    let out = init(
+    // This pod's rules go through iptables-restore, the backend for hosts without nft;
+    // applied twice, they are there once.
+    let args = [
+        "--backend",
+        "iptables",
+        "--exclude-outbound-ports",
+        "9000",
+        "--exclude-outbound-ip-ranges",
+        "10.244.0.8/32",
+    ];
+    for _ in 0..2 {
+        let out = init(&order_ns, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let saved = run(&[
+        "ip",
+        "netns",
+        "exec",
         &order_ns,
-        &[
-            "--exclude-outbound-ports",
-            "9000",
-            "--exclude-outbound-ip-ranges",
-            "10.244.0.8/32",
-        ],
+        "iptables-save",
+        "-t",
+        "nat",
+    ]);
+    assert_eq!(
+        saved.matches("-A OUTPUT -p tcp -j MESH_OUTPUT").count(),
+        1,
+        "{saved}"
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        saved
+            .matches("-A PREROUTING -p tcp -j MESH_INBOUND")
+            .count(),
+        1,
+        "{saved}"
+    );
+    assert_eq!(
+        saved.matches("--dport 9000 -j RETURN").count(),
+        1,
+        "{saved}"
     );
     // Servers outside the mesh, answering with the address they see.
     for addr in ["0.0.0.0:9000", "0.0.0.0:9001", "0.0.0.0:9002"] {
@@ -822,6 +852,31 @@ async fn init_is_idempotent_prints_its_rules_and_cleans_up() {
     assert!(init(&ns, &["--cleanup"]).status.success());
     assert_eq!(tables().trim(), "");
     assert!(init(&ns, &["--cleanup"]).status.success());
+
+    // The iptables backend: its dry run prints both families' scripts; clean-up removes
+    // its jumps and chains, and is harmless when there are none.
+    let out = init(&ns, &["--backend", "iptables", "--dry-run", "-o", "7001"]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("# V4: iptables-restore --noflush\n*nat\n")
+            && script.contains("# V6: iptables-restore --noflush\n*nat\n")
+            && script.contains("-A MESH_OUTPUT -p tcp --dport 7001 -j RETURN\n"),
+        "{script}"
+    );
+    let saved = || run(&["ip", "netns", "exec", &ns, "iptables-save", "-t", "nat"]);
+    assert!(init(&ns, &["--backend", "iptables"]).status.success());
+    assert!(saved().contains(":MESH_OUTPUT"), "{}", saved());
+    assert!(
+        init(&ns, &["--backend", "iptables", "--cleanup"])
+            .status
+            .success()
+    );
+    assert!(!saved().contains("MESH_"), "{}", saved());
+    assert!(
+        init(&ns, &["--backend", "iptables", "--cleanup"])
+            .status
+            .success()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

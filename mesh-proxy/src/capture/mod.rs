@@ -27,13 +27,15 @@
 //!
 //! # Choices
 //!
-//! - nftables text applied with `nft -f -`: the tool every distribution ships, one
-//!   transaction per run. A run first declares and deletes the table and then writes it
-//!   whole, in the same transaction, so running `init` again replaces the rules
+//! - nftables text applied with `nft -f -`: the tool every current distribution ships,
+//!   one transaction per run. A run first declares and deletes the table and then writes
+//!   it whole, in the same transaction, so running `init` again replaces the rules
 //!   atomically (never a moment without them, never two copies), and `--cleanup` deletes
-//!   the table whether or not it exists. `nft` is required: there is no iptables
-//!   fallback (iptables-nft would write the same kernel objects through a second rule
-//!   language with Istio's chain names, and adds nothing on systems that have `nft`).
+//!   the table whether or not it exists.
+//! - Where `nft` is missing, the same rules in the same order go through
+//!   `iptables-restore` and `ip6tables-restore` ([`iptables`]; iptables-nft on current
+//!   distributions), with chains `MESH_INBOUND` and `MESH_OUTPUT` in the `nat` table:
+//!   [`Backend::Auto`] picks `nft` when it runs, and `--backend` chooses either.
 //! - Port 15000 (the admin server) is excluded from inbound capture with the other proxy
 //!   ports; Istio leaves it out of the list because its admin server listens on
 //!   localhost only, which this exclusion makes explicit.
@@ -43,6 +45,7 @@
 //! - DNS capture (TC-05) and TPROXY mode are not offered.
 
 mod addresses;
+pub mod iptables;
 mod original;
 
 use std::fmt::Write as _;
@@ -318,17 +321,24 @@ pub fn cleanup_ruleset() -> String {
     format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
-/// Why `nft` failed.
+/// Why applying the rules failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// `nft` could not be run.
+    /// The tool could not be run.
     #[error(
-        "cannot run `nft` (nftables is required for capture; install the nftables package): {0}"
+        "cannot run `{tool}` (capture needs nftables' `nft`, or iptables' `iptables-restore`): {source}"
     )]
-    Spawn(std::io::Error),
-    /// `nft` refused the script.
-    #[error("nft -f - failed ({status}): {stderr}")]
+    Spawn {
+        /// The tool.
+        tool: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The tool refused the script.
+    #[error("{tool} failed ({status}): {stderr}")]
     Failed {
+        /// The tool.
+        tool: &'static str,
         /// Its exit status.
         status: std::process::ExitStatus,
         /// What it printed.
@@ -336,29 +346,65 @@ pub enum ApplyError {
     },
 }
 
-/// Runs `nft -f -` with `script` in the current network namespace.
-pub fn apply(script: &str) -> Result<(), ApplyError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+/// Which rule language writes the kernel's tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// `nft` when it runs here, else iptables.
+    #[default]
+    Auto,
+    /// `nft -f -` (table `inet mesh_capture`).
+    Nft,
+    /// `iptables-restore` and `ip6tables-restore` (chains `MESH_INBOUND`,
+    /// `MESH_OUTPUT`).
+    Iptables,
+}
+
+impl Backend {
+    /// `Auto` made concrete: `Nft` when `nft --version` runs, else `Iptables`.
+    pub fn resolve(self) -> Backend {
+        match self {
+            Backend::Auto => {
+                let nft = Command::new("nft")
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if nft { Backend::Nft } else { Backend::Iptables }
+            }
+            concrete => concrete,
+        }
+    }
+}
+
+/// Runs `tool args...` with `script` on its standard input.
+fn pipe(tool: &'static str, args: &[&str], script: &str) -> Result<(), ApplyError> {
+    let spawn = |source| ApplyError::Spawn { tool, source };
+    let mut child = Command::new(tool)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(ApplyError::Spawn)?;
+        .map_err(spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(ApplyError::Spawn)?;
+        stdin.write_all(script.as_bytes()).map_err(spawn)?;
     }
-    let out = child.wait_with_output().map_err(ApplyError::Spawn)?;
+    let out = child.wait_with_output().map_err(spawn)?;
     if out.status.success() {
         Ok(())
     } else {
         Err(ApplyError::Failed {
+            tool,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// Runs `nft -f -` with `script` in the current network namespace.
+pub fn apply(script: &str) -> Result<(), ApplyError> {
+    pipe("nft", &["-f", "-"], script)
 }
 
 #[cfg(test)]
