@@ -58,6 +58,7 @@
 //! # }
 //! ```
 
+pub mod authn;
 pub mod authz;
 pub mod ca;
 pub mod client;
