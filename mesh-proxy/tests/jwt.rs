@@ -68,10 +68,12 @@ async fn jwks_server(body: String) -> SocketAddr {
             };
             let body = body.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                    let body = body.clone();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
-                });
+                let svc = hyper::service::service_fn(
+                    move |_req: Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
@@ -82,7 +84,11 @@ async fn jwks_server(body: String) -> SocketAddr {
 }
 
 /// One request to `addr`: status, the `www-authenticate` header, body.
-async fn request(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> (u16, String, String) {
+async fn request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+) -> (u16, String, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -103,7 +109,11 @@ async fn request(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> (u
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
     let body = res.into_body().collect().await.unwrap().to_bytes();
-    (status, challenge, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        challenge,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 const ISS: &str = "https://issuer.example.com";
@@ -160,7 +170,12 @@ spec:
 
     // requestPrincipals ["*"]: no token 403 (RA-04), a valid token 200.
     let (status, _, body) = request(inbound, "/api/orders", &[]).await;
-    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"), "{}", proxy.output());
+    assert_eq!(
+        (status, body.as_str()),
+        (403, "RBAC: access denied"),
+        "{}",
+        proxy.output()
+    );
     let hits = app.hits();
     let (status, _, body) = request(inbound, "/api/orders", &bearer(&good)).await;
     assert_eq!((status, body.as_str()), (200, "app"), "{}", proxy.output());
@@ -170,7 +185,8 @@ spec:
     assert!(!seen.contains_key("authorization"), "{seen:?}");
 
     // Invalid tokens: 401 with a Bearer challenge, never the application (RA-05).
-    let expired = signer.sign(&json!({"iss": ISS, "sub": "alice", "aud": "orders", "exp": now() - 600}));
+    let expired =
+        signer.sign(&json!({"iss": ISS, "sub": "alice", "aud": "orders", "exp": now() - 600}));
     let wrong_aud = signer.sign(&json!({"iss": ISS, "sub": "alice", "aud": "billing"}));
     let forged = inline.sign(&json!({"iss": ISS, "sub": "alice", "aud": "orders"}));
     let hits = app.hits();

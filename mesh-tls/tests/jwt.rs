@@ -17,8 +17,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use mesh_core::config::{ClaimToHeader, JwtHeader, JwtRule, LoadOptions, MeshConfig};
 use mesh_tls::authn::{Authenticator, AuthnLayer, JwksCache, JwtProvider, RequestAuth};
 use mesh_tls::authz::{
-    Action, AuthzLayer, Condition, Policy, PolicySet, RequestAttributes, Rule, ServerName,
-    Source,
+    Action, AuthzLayer, Condition, Policy, PolicySet, RequestAttributes, Rule, ServerName, Source,
 };
 use serde_json::{Value, json};
 use tower::{Layer, ServiceExt};
@@ -61,13 +60,22 @@ impl Signer {
         match run(&["genrsa", "-out", pem.to_str()?, "2048"]) {
             Ok(o) if o.status.success() => {}
             other => {
-                assert!(std::env::var_os("CI").is_none(), "openssl is needed: {other:?}");
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "openssl is needed: {other:?}"
+                );
                 eprintln!("skipped: openssl is not available");
                 return None;
             }
         }
         let o = run(&[
-            "rsa", "-in", pem.to_str()?, "-traditional", "-outform", "DER", "-out",
+            "rsa",
+            "-in",
+            pem.to_str()?,
+            "-traditional",
+            "-outform",
+            "DER",
+            "-out",
             der.to_str()?,
         ])
         .unwrap();
@@ -161,7 +169,12 @@ async fn send(auth: Authenticator, policies: PolicySet, req: Request<()>) -> Rep
     let headers = res.headers().clone();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let seen = seen.lock().unwrap().clone();
-    (status, String::from_utf8_lossy(&body).into_owned(), headers, seen)
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        headers,
+        seen,
+    )
 }
 
 fn get(uri: &str, token: Option<&str>) -> Request<()> {
@@ -187,8 +200,14 @@ async fn es256_and_rs256_tokens_are_validated_and_the_token_is_removed() {
         let (status, _, _, seen) = send(auth, PolicySet::allow_all(), get("/", Some(&token))).await;
         assert_eq!(status, StatusCode::OK, "{:?}", s.alg);
         let seen = seen.unwrap();
-        assert_eq!(seen.principal.as_deref(), Some("https://issuer.example.com/alice"));
-        assert!(!seen.headers.contains_key("authorization"), "RA-08: the token is removed");
+        assert_eq!(
+            seen.principal.as_deref(),
+            Some("https://issuer.example.com/alice")
+        );
+        assert!(
+            !seen.headers.contains_key("authorization"),
+            "RA-08: the token is removed"
+        );
     }
 }
 
@@ -276,26 +295,41 @@ async fn tokens_are_read_from_configured_headers_params_and_cookies() {
         }
     };
     let want = (StatusCode::OK, Some(format!("{ISS}/bob")));
-    let header = Request::get("/").header("x-jwt", format!("token {token}")).body(()).unwrap();
-    assert_eq!(ok(header).await, want, "header with a prefix (case-insensitive)");
-    let param = Request::get(format!("/a?b=1&jwt={token}")).body(()).unwrap();
+    let header = Request::get("/")
+        .header("x-jwt", format!("token {token}"))
+        .body(())
+        .unwrap();
+    assert_eq!(
+        ok(header).await,
+        want,
+        "header with a prefix (case-insensitive)"
+    );
+    let param = Request::get(format!("/a?b=1&jwt={token}"))
+        .body(())
+        .unwrap();
     assert_eq!(ok(param).await, want, "query parameter");
     let cookie = Request::get("/")
         .header("cookie", format!("theme=dark; session={token}"))
-        .body(()).unwrap();
+        .body(())
+        .unwrap();
     assert_eq!(ok(cookie).await, want, "cookie");
     // Configured locations replace the defaults: a Bearer token is not read.
     let (status, principal) = ok(get("/", Some(&token))).await;
     assert_eq!((status, principal), (StatusCode::OK, None));
     // A header without the prefix carries no token.
-    let bare = Request::get("/").header("x-jwt", token.clone()).body(()).unwrap();
+    let bare = Request::get("/")
+        .header("x-jwt", token.clone())
+        .body(())
+        .unwrap();
     assert_eq!(ok(bare).await, (StatusCode::OK, None));
     // Defaults: the access_token parameter (RA-03).
     let auth = authenticator(&[rule(&jwks(&[&es]))], &cache);
     let (status, _, _, seen) = send(
         auth,
         PolicySet::allow_all(),
-        Request::get(format!("/?access_token={token}")).body(()).unwrap(),
+        Request::get(format!("/?access_token={token}"))
+            .body(())
+            .unwrap(),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -310,8 +344,14 @@ async fn forwarding_output_headers_and_cors_preflight() {
     r.forward_original_token = Some(true);
     r.output_payload_to_header = Some("x-jwt-payload".into());
     r.output_claim_to_headers = vec![
-        ClaimToHeader { header: "x-sub".into(), claim: "sub".into() },
-        ClaimToHeader { header: "x-tier".into(), claim: "org.tier".into() },
+        ClaimToHeader {
+            header: "x-sub".into(),
+            claim: "sub".into(),
+        },
+        ClaimToHeader {
+            header: "x-tier".into(),
+            claim: "org.tier".into(),
+        },
     ];
     let c = json!({"iss": ISS, "sub": "carol", "org": {"tier": "gold"}});
     let token = es.sign(&c);
@@ -319,7 +359,11 @@ async fn forwarding_output_headers_and_cors_preflight() {
     let (status, _, _, seen) = send(auth, PolicySet::allow_all(), get("/", Some(&token))).await;
     assert_eq!(status, StatusCode::OK);
     let h = seen.unwrap().headers;
-    assert_eq!(h["authorization"], format!("Bearer {token}"), "forwardOriginalToken");
+    assert_eq!(
+        h["authorization"],
+        format!("Bearer {token}"),
+        "forwardOriginalToken"
+    );
     assert_eq!(h["x-jwt-payload"], token.split('.').nth(1).unwrap());
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(h["x-jwt-payload"].as_bytes())
@@ -358,14 +402,21 @@ async fn expiry_follows_tokios_clock() {
     let cache = JwksCache::default();
     let auth = authenticator(&[rule(&jwks(&[&es]))], &cache);
     let token = es.sign(&json!({"iss": ISS, "sub": "a", "exp": now() + 600, "nbf": now() + 300}));
-    let (status, text, ..) = send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token))).await;
-    assert_eq!((status, text.as_str()), (StatusCode::UNAUTHORIZED, "Jwt not yet valid"));
+    let (status, text, ..) =
+        send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token))).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::UNAUTHORIZED, "Jwt not yet valid")
+    );
     tokio::time::advance(Duration::from_secs(300)).await;
     let (status, ..) = send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token))).await;
     assert_eq!(status, StatusCode::OK);
     tokio::time::advance(Duration::from_secs(700)).await;
     let (status, text, ..) = send(auth, PolicySet::allow_all(), get("/", Some(&token))).await;
-    assert_eq!((status, text.as_str()), (StatusCode::UNAUTHORIZED, "Jwt is expired"));
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::UNAUTHORIZED, "Jwt is expired")
+    );
 }
 
 /// A JWKS (and OpenID discovery) server on 127.0.0.1:0 whose key set can be changed
@@ -385,30 +436,37 @@ impl JwksServer {
         let (b, h) = (body.clone(), hits.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let (b, h) = (b.clone(), h.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (b, h) = (b.clone(), h.clone());
-                        async move {
-                            let doc = if req.uri().path() == "/.well-known/openid-configuration" {
-                                Some(json!({"issuer": format!("http://{addr}"),
-                                    "jwks_uri": format!("http://{addr}/keys")}).to_string())
-                            } else {
-                                h.fetch_add(1, Ordering::SeqCst);
-                                b.lock().unwrap().clone()
-                            };
-                            let res = match doc {
-                                Some(d) => Response::new(Full::new(Bytes::from(d))),
-                                None => {
-                                    let mut r = Response::new(Full::new(Bytes::new()));
-                                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                                    r
-                                }
-                            };
-                            Ok::<_, Infallible>(res)
-                        }
-                    });
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (b, h) = (b.clone(), h.clone());
+                            async move {
+                                let doc = if req.uri().path() == "/.well-known/openid-configuration"
+                                {
+                                    Some(
+                                        json!({"issuer": format!("http://{addr}"),
+                                    "jwks_uri": format!("http://{addr}/keys")})
+                                        .to_string(),
+                                    )
+                                } else {
+                                    h.fetch_add(1, Ordering::SeqCst);
+                                    b.lock().unwrap().clone()
+                                };
+                                let res = match doc {
+                                    Some(d) => Response::new(Full::new(Bytes::from(d))),
+                                    None => {
+                                        let mut r = Response::new(Full::new(Bytes::new()));
+                                        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                                        r
+                                    }
+                                };
+                                Ok::<_, Infallible>(res)
+                            }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                         .await;
@@ -437,24 +495,59 @@ async fn a_rotated_key_is_picked_up_at_the_next_refresh() {
     let b = Signer::es256("b");
     let server = JwksServer::start(Some(jwks(&[&a]))).await;
     let cache = JwksCache::default();
-    let auth = authenticator(&[remote_rule(format!("http://{}/keys", server.addr))], &cache);
-    let (status, ..) = send(auth.clone(), PolicySet::allow_all(), get("/", Some(&a.sign(&claims("x"))))).await;
+    let auth = authenticator(
+        &[remote_rule(format!("http://{}/keys", server.addr))],
+        &cache,
+    );
+    let (status, ..) = send(
+        auth.clone(),
+        PolicySet::allow_all(),
+        get("/", Some(&a.sign(&claims("x")))),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "key a, fetched");
     assert_eq!(server.hits.load(Ordering::SeqCst), 1);
     // The issuer rotates to key b: tokens signed with b fail until the next refresh.
     server.set(Some(jwks(&[&b])));
     let token_b = b.sign(&claims("y"));
-    let (status, text, ..) = send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token_b))).await;
-    assert_eq!((status, text.as_str()), (StatusCode::UNAUTHORIZED, "Jwks doesn't have key to match kid or alg from Jwt"));
+    let (status, text, ..) = send(
+        auth.clone(),
+        PolicySet::allow_all(),
+        get("/", Some(&token_b)),
+    )
+    .await;
+    assert_eq!(
+        (status, text.as_str()),
+        (
+            StatusCode::UNAUTHORIZED,
+            "Jwks doesn't have key to match kid or alg from Jwt"
+        )
+    );
     tokio::time::sleep(Duration::from_secs(19 * 60)).await;
-    assert_eq!(server.hits.load(Ordering::SeqCst), 1, "no refresh before 20 minutes");
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        1,
+        "no refresh before 20 minutes"
+    );
     tokio::time::sleep(Duration::from_secs(60 + 1)).await;
-    assert_eq!(server.hits.load(Ordering::SeqCst), 2, "refreshed at 20 minutes");
-    let (status, _, _, seen) = send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token_b))).await;
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        2,
+        "refreshed at 20 minutes"
+    );
+    let (status, _, _, seen) = send(
+        auth.clone(),
+        PolicySet::allow_all(),
+        get("/", Some(&token_b)),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "key b after the refresh");
     assert_eq!(seen.unwrap().principal, Some(format!("{ISS}/y")));
     // A reload with the same cache shares the fetched set: no new fetch.
-    let again = authenticator(&[remote_rule(format!("http://{}/keys", server.addr))], &cache);
+    let again = authenticator(
+        &[remote_rule(format!("http://{}/keys", server.addr))],
+        &cache,
+    );
     let (status, ..) = send(again, PolicySet::allow_all(), get("/", Some(&token_b))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(server.hits.load(Ordering::SeqCst), 2);
@@ -465,21 +558,47 @@ async fn an_unreachable_jwks_fails_closed_then_recovers_on_the_backoff_schedule(
     let a = Signer::es256("a");
     let server = JwksServer::start(None).await;
     let cache = JwksCache::default();
-    let auth = authenticator(&[remote_rule(format!("http://{}/keys", server.addr))], &cache);
+    let auth = authenticator(
+        &[remote_rule(format!("http://{}/keys", server.addr))],
+        &cache,
+    );
     let token = a.sign(&claims("x"));
     // RA-14: a request with a token is refused; one without passes.
-    let (status, text, ..) = send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token))).await;
-    assert_eq!((status, text.as_str()), (StatusCode::UNAUTHORIZED, "Jwks remote fetch is failed"));
+    let (status, text, ..) =
+        send(auth.clone(), PolicySet::allow_all(), get("/", Some(&token))).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::UNAUTHORIZED, "Jwks remote fetch is failed")
+    );
     let (status, ..) = send(auth.clone(), PolicySet::allow_all(), get("/", None)).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(server.hits.load(Ordering::SeqCst), 3, "three attempts per refresh");
-    // The next refresh comes 1 minute after the failure, then 2 minutes.
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    assert_eq!(server.hits.load(Ordering::SeqCst), 6);
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        3,
+        "three attempts per refresh"
+    );
+    // The first refresh ended at t=2 s (attempts 1 s apart); the next comes 1 minute
+    // later (attempts at 62, 63, 64 s), the one after 2 minutes after that (184 s).
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        3,
+        "nothing before the minute"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        6,
+        "second refresh at 1 minute"
+    );
     server.set(Some(jwks(&[&a])));
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(server.hits.load(Ordering::SeqCst), 6, "second backoff is 2 minutes");
-    tokio::time::sleep(Duration::from_secs(63)).await;
+    tokio::time::sleep(Duration::from_secs(115)).await;
+    assert_eq!(
+        server.hits.load(Ordering::SeqCst),
+        6,
+        "third refresh after 2 minutes"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(server.hits.load(Ordering::SeqCst), 7);
     let (status, ..) = send(auth, PolicySet::allow_all(), get("/", Some(&token))).await;
     assert_eq!(status, StatusCode::OK);
@@ -492,7 +611,10 @@ async fn keys_are_discovered_from_the_issuers_openid_configuration() {
     let issuer = format!("http://{}", server.addr);
     let cache = JwksCache::default();
     let auth = authenticator(
-        &[JwtRule { issuer: issuer.clone(), ..JwtRule::default() }],
+        &[JwtRule {
+            issuer: issuer.clone(),
+            ..JwtRule::default()
+        }],
         &cache,
     );
     let token = a.sign(&json!({"iss": issuer, "sub": "d"}));
@@ -509,26 +631,41 @@ async fn several_rules_each_validate_their_issuers_tokens() {
     let second = JwtRule {
         issuer: "issuer-2".into(),
         jwks: Some(jwks(&[&b])),
-        from_headers: vec![JwtHeader { name: "x-second".into(), prefix: None }],
+        from_headers: vec![JwtHeader {
+            name: "x-second".into(),
+            prefix: None,
+        }],
         ..JwtRule::default()
     };
     let rules = [rule(&jwks(&[&a])), second];
     let t2 = b.sign(&json!({"iss": "issuer-2", "sub": "s2"}));
-    let req = Request::get("/").header("x-second", t2.clone()).body(()).unwrap();
-    let (status, _, _, seen) = send(authenticator(&rules, &cache), PolicySet::allow_all(), req).await;
+    let req = Request::get("/")
+        .header("x-second", t2.clone())
+        .body(())
+        .unwrap();
+    let (status, _, _, seen) =
+        send(authenticator(&rules, &cache), PolicySet::allow_all(), req).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(seen.unwrap().principal.as_deref(), Some("issuer-2/s2"));
     // A valid token of issuer 2 in the location only rule 1 reads: unknown issuer there.
-    let (status, text, ..) =
-        send(authenticator(&rules, &cache), PolicySet::allow_all(), get("/", Some(&t2))).await;
-    assert_eq!((status, text.as_str()), (StatusCode::UNAUTHORIZED, "Jwt issuer is not configured"));
+    let (status, text, ..) = send(
+        authenticator(&rules, &cache),
+        PolicySet::allow_all(),
+        get("/", Some(&t2)),
+    )
+    .await;
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::UNAUTHORIZED, "Jwt issuer is not configured")
+    );
     // Both tokens valid: passes, the first rule's token gives the principal.
     let req = Request::get("/")
         .header("authorization", format!("Bearer {}", a.sign(&claims("s1"))))
         .header("x-second", t2)
         .body(())
         .unwrap();
-    let (status, _, _, seen) = send(authenticator(&rules, &cache), PolicySet::allow_all(), req).await;
+    let (status, _, _, seen) =
+        send(authenticator(&rules, &cache), PolicySet::allow_all(), req).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(seen.unwrap().principal, Some(format!("{ISS}/s1")));
 }
@@ -554,13 +691,19 @@ async fn authorization_requires_and_matches_the_validated_token() {
     let auth = || authenticator(&[rule(&jwks(&[&es]))], &cache);
     let need_token = || {
         allow_when(
-            Source { request_principals: vec!["*".into()], ..Source::default() },
+            Source {
+                request_principals: vec!["*".into()],
+                ..Source::default()
+            },
             vec![],
         )
     };
     // RA-04 with `requestPrincipals: ["*"]`: no token 403, a valid token 200.
     let (status, text, ..) = send(auth(), need_token(), get("/", None)).await;
-    assert_eq!((status, text.as_str()), (StatusCode::FORBIDDEN, "RBAC: access denied"));
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
     let (status, ..) = send(auth(), need_token(), get("/", Some(&es.sign(&claims("a"))))).await;
     assert_eq!(status, StatusCode::OK);
     // Claims conditions: nested, lists, space-delimited scope.
@@ -576,7 +719,11 @@ async fn authorization_requires_and_matches_the_validated_token() {
         ("request.auth.claims[org]", "payments", false),
         ("request.auth.presenter", "web", true),
         ("request.auth.audiences", "orders", true),
-        ("request.auth.principal", "https://issuer.example.com/a", true),
+        (
+            "request.auth.principal",
+            "https://issuer.example.com/a",
+            true,
+        ),
         ("request.auth.principal", "*/b", false),
     ] {
         let set = allow_when(Source::default(), vec![Condition::values(key, &[value])]);
@@ -598,9 +745,15 @@ fn request_principal_forms_follow_istio() {
     let headers = http::HeaderMap::new();
     let decide = |value: &str, ra: Option<&RequestAuth>, not: bool| {
         let source = if not {
-            Source { not_request_principals: vec![value.into()], ..Source::default() }
+            Source {
+                not_request_principals: vec![value.into()],
+                ..Source::default()
+            }
         } else {
-            Source { request_principals: vec![value.into()], ..Source::default() }
+            Source {
+                request_principals: vec![value.into()],
+                ..Source::default()
+            }
         };
         let set = allow_when(source, vec![]);
         set.evaluate(&RequestAttributes {
@@ -637,14 +790,20 @@ fn request_principal_forms_follow_istio() {
         assert_eq!(decide(value, Some(who), false), want, "{value}");
     }
     assert!(!decide("*", None, false), "no token: no request principal");
-    assert!(decide("*", None, true), "notRequestPrincipals [*] admits a request without a token");
+    assert!(
+        decide("*", None, true),
+        "notRequestPrincipals [*] admits a request without a token"
+    );
     assert!(!decide("*", Some(&google), true));
 }
 
 #[test]
 fn jwt_fields_are_inert_on_tcp() {
     let allow = allow_when(
-        Source { request_principals: vec!["*".into()], ..Source::default() },
+        Source {
+            request_principals: vec!["*".into()],
+            ..Source::default()
+        },
         vec![],
     );
     let info = mesh_core::extensions::ConnectionInfo {
@@ -652,21 +811,42 @@ fn jwt_fields_are_inert_on_tcp() {
         local: "10.0.0.2:8080".parse().unwrap(),
         security: mesh_core::extensions::ConnectionSecurity::None,
     };
-    assert!(!allow.evaluate_connection(None, &info, ServerName::Unknown).allowed, "ALLOW rule dropped");
+    assert!(
+        !allow
+            .evaluate_connection(None, &info, ServerName::Unknown)
+            .allowed,
+        "ALLOW rule dropped"
+    );
     let deny = Policy::new(
         "shop",
         "deny",
         Action::Deny,
         vec![Rule {
-            from: Some(vec![Source { request_principals: vec!["x/y".into()], ..Source::default() }]),
-            to: Some(vec![mesh_tls::authz::Operation { ports: vec!["8080".into()], ..Default::default() }]),
+            from: Some(vec![Source {
+                request_principals: vec!["x/y".into()],
+                ..Source::default()
+            }]),
+            to: Some(vec![mesh_tls::authz::Operation {
+                ports: vec!["8080".into()],
+                ..Default::default()
+            }]),
             when: vec![],
         }],
     );
     let set = PolicySet::compile([&deny]).unwrap();
-    assert!(!set.evaluate_connection(None, &info, ServerName::Unknown).allowed, "DENY field dropped, port applies");
-    let other = mesh_core::extensions::ConnectionInfo { local: "10.0.0.2:9090".parse().unwrap(), ..info };
-    assert!(set.evaluate_connection(None, &other, ServerName::Unknown).allowed);
+    assert!(
+        !set.evaluate_connection(None, &info, ServerName::Unknown)
+            .allowed,
+        "DENY field dropped, port applies"
+    );
+    let other = mesh_core::extensions::ConnectionInfo {
+        local: "10.0.0.2:9090".parse().unwrap(),
+        ..info
+    };
+    assert!(
+        set.evaluate_connection(None, &other, ServerName::Unknown)
+            .allowed
+    );
 }
 
 #[test]
@@ -689,18 +869,28 @@ spec:
   - issuer: orders-issuer
     jwksUri: http://127.0.0.1:1/keys
 "#;
-    let opts = LoadOptions { root_namespace: "istio-system".into(), ..LoadOptions::default() };
+    let opts = LoadOptions {
+        root_namespace: "istio-system".into(),
+        ..LoadOptions::default()
+    };
     let (config, _) = MeshConfig::from_yaml_str("ra.yaml", yaml, &opts).unwrap();
     let labels = |app: &str| [("app".to_owned(), app.to_owned())].into();
     let cache = JwksCache::default();
     let orders = Authenticator::from_config(&config, "shop", &labels("orders"), &cache).unwrap();
-    let issuers: Vec<_> = orders.providers().iter().map(|p| format!("{p:?}")).collect();
+    let issuers: Vec<_> = orders
+        .providers()
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect();
     assert_eq!(issuers.len(), 2);
     assert!(issuers[0].contains("orders-issuer") && issuers[1].contains("root-issuer"));
     let other = Authenticator::from_config(&config, "shop", &labels("cart"), &cache).unwrap();
     assert_eq!(other.providers().len(), 1);
     // A jwks that is not a key set is located by the loader.
-    let bad = yaml.replace(r#"'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "1"}]}'"#, "'{\"keys\": []}'");
+    let bad = yaml.replace(
+        r#"'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "1"}]}'"#,
+        "'{\"keys\": []}'",
+    );
     let errs = MeshConfig::from_yaml_str("ra.yaml", &bad, &opts).unwrap_err();
     assert_eq!(
         errs[0].to_string(),

@@ -478,7 +478,10 @@ impl AnyResource {
                 } else {
                     "namespace"
                 };
-                format!("{}, {scope} scope", plural(r.spec.jwt_rules.len(), "JWT rule"))
+                format!(
+                    "{}, {scope} scope",
+                    plural(r.spec.jwt_rules.len(), "JWT rule")
+                )
             }
         };
         format!("{} {}/{}: {}", self.kind(), m.namespace, m.name, detail)

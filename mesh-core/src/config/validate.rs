@@ -2104,7 +2104,10 @@ fn request_authentication(ctx: &mut Ctx<'_>, ra: &RequestAuthentication) {
     if s.target_refs.len() > 16 {
         ctx.error(
             "spec.targetRefs",
-            format!("targetRefs holds at most 16 references, not {}", s.target_refs.len()),
+            format!(
+                "targetRefs holds at most 16 references, not {}",
+                s.target_refs.len()
+            ),
         );
     }
     if s.jwt_rules.len() > MAX_JWT_RULES {
@@ -2127,10 +2130,7 @@ fn request_authentication(ctx: &mut Ctx<'_>, ra: &RequestAuthentication) {
             ctx.error(&rp, "issuer is required");
         }
         if let (Some(_), Some(_)) = (&rule.jwks_uri, &rule.jwks) {
-            ctx.error_at_key(
-                &p(&rp, "jwks"),
-                "set either jwksUri or jwks, not both",
-            );
+            ctx.error_at_key(&p(&rp, "jwks"), "set either jwksUri or jwks, not both");
         }
         if let Some(uri) = &rule.jwks_uri
             && let Err(e) = check_jwks_uri(uri)

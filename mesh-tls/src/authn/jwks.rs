@@ -40,7 +40,10 @@ pub struct KeySet {
 impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeySet")
-            .field("kids", &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>())
+            .field(
+                "kids",
+                &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -53,8 +56,8 @@ impl KeySet {
         struct Raw {
             keys: Vec<serde_json::Value>,
         }
-        let raw: Raw = serde_json::from_slice(json)
-            .map_err(|e| format!("not a JSON Web Key Set: {e}"))?;
+        let raw: Raw =
+            serde_json::from_slice(json).map_err(|e| format!("not a JSON Web Key Set: {e}"))?;
         let mut keys = Vec::new();
         for k in raw.keys {
             let Ok(jwk) = serde_json::from_value::<Jwk>(k) else {
@@ -142,12 +145,11 @@ impl HttpFetch {
                     .build()
             }
         };
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build(connector);
         Self { client }
     }
 }
@@ -320,7 +322,8 @@ impl RemoteJwks {
 }
 
 fn parse_uri(s: &str) -> Result<Uri, String> {
-    s.parse::<Uri>().map_err(|e| format!("`{s}` is not a URI: {e}"))
+    s.parse::<Uri>()
+        .map_err(|e| format!("`{s}` is not a URI: {e}"))
 }
 
 /// The wait before the next refresh after `failures` consecutive failures (RA-13).

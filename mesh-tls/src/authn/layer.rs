@@ -88,7 +88,8 @@ pub struct Authn<S> {
 pub type AuthnBody<B> = Either<B, Full<Bytes>>;
 
 /// The future of [`Authn`].
-pub type AuthnFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<AuthnBody<B>>, E>> + Send>>;
+pub type AuthnFuture<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<AuthnBody<B>>, E>> + Send>>;
 
 /// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`
 /// (RA-06 `bypass_cors_preflight`).
@@ -114,7 +115,8 @@ fn unauthorized<B>(realm: &str, message: &'static str) -> Response<AuthnBody<B>>
     } else {
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
-    res.extensions_mut().insert(mesh_core::extensions::LocalReply);
+    res.extensions_mut()
+        .insert(mesh_core::extensions::LocalReply);
     res
 }
 

@@ -169,7 +169,9 @@ impl JwtProvider {
                 KeySet::parse(jwks.as_bytes()).map_err(|e| err("jwks", e))?,
             )),
             (None, Some(uri)) => Keys::Remote(cache.get(Origin::Uri(uri.clone()), timeout)),
-            (None, None) => Keys::Remote(cache.get(Origin::Discovery(rule.issuer.clone()), timeout)),
+            (None, None) => {
+                Keys::Remote(cache.get(Origin::Discovery(rule.issuer.clone()), timeout))
+            }
         };
         let header = |field: String, v: &str| {
             HeaderName::from_bytes(v.as_bytes())
@@ -402,12 +404,11 @@ impl Authenticator {
         let unverified = Unverified::parse(f.token)?;
         let iss = unverified.claims.get("iss").and_then(Value::as_str);
         // Rules that read this location and name the token's issuer.
-        let mut candidates: Vec<(usize, usize)> = f
-            .at
-            .iter()
-            .copied()
-            .filter(|(pi, _)| Some(self.providers[*pi].issuer.as_str()) == iss)
-            .collect();
+        let mut candidates: Vec<(usize, usize)> =
+            f.at.iter()
+                .copied()
+                .filter(|(pi, _)| Some(self.providers[*pi].issuer.as_str()) == iss)
+                .collect();
         candidates.dedup_by_key(|(pi, _)| *pi);
         if candidates.is_empty() {
             return Err(AuthnError::UnknownIssuer);
@@ -444,7 +445,12 @@ impl Authenticator {
     }
 
     /// Time, audience and signature checks of a token for `p` (its issuer matched).
-    async fn check(&self, p: &JwtProvider, token: &str, u: &Unverified<'_>) -> Result<(), AuthnError> {
+    async fn check(
+        &self,
+        p: &JwtProvider,
+        token: &str,
+        u: &Unverified<'_>,
+    ) -> Result<(), AuthnError> {
         let now = self.clock.now();
         let skew = CLOCK_SKEW.as_secs();
         if let Some(exp) = numeric(&u.claims, "exp")? {

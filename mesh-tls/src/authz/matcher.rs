@@ -577,10 +577,13 @@ impl Pred {
                 ServerName::Unknown => Tri::Unknown,
             },
             Field::RequestPrincipal(ms) => {
-                match a.request_auth.and_then(|r| Some((r.issuer()?, r.subject()?))) {
-                    Some((iss, sub)) => Tri::from_bool(
-                        ms.iter().any(|(mi, ms)| mi.matches(iss) && ms.matches(sub)),
-                    ),
+                match a
+                    .request_auth
+                    .and_then(|r| Some((r.issuer()?, r.subject()?)))
+                {
+                    Some((iss, sub)) => {
+                        Tri::from_bool(ms.iter().any(|(mi, ms)| mi.matches(iss) && ms.matches(sub)))
+                    }
                     None => Tri::False,
                 }
             }
@@ -1418,7 +1421,10 @@ fn request_principal(v: &str) -> Result<(StrMatch, StrMatch), String> {
     } else if let Some(rest) = v.strip_prefix('*') {
         match split {
             Some(("*", sub)) => (any(), StrMatch::Exact(sub.into())),
-            Some((iss, sub)) => (StrMatch::Suffix(iss[1..].into()), StrMatch::Exact(sub.into())),
+            Some((iss, sub)) => (
+                StrMatch::Suffix(iss[1..].into()),
+                StrMatch::Exact(sub.into()),
+            ),
             None => (any(), StrMatch::Suffix(rest.into())),
         }
     } else if let Some(rest) = v.strip_suffix('*') {
@@ -1656,7 +1662,12 @@ fn compile_condition(
                 add_pair(&mut b, "values", v, nv, str_match, Field::AuthPrincipal)?;
             }
             "request.auth.audiences" | "request.auth.presenter" => {
-                let claim: Box<str> = if key.ends_with("audiences") { "aud" } else { "azp" }.into();
+                let claim: Box<str> = if key.ends_with("audiences") {
+                    "aud"
+                } else {
+                    "azp"
+                }
+                .into();
                 add_pair(&mut b, "values", v, nv, str_match, move |m| {
                     Field::Claim(Box::new([claim.clone()]), m)
                 })?;
