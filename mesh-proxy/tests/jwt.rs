@@ -188,7 +188,8 @@ spec:
     let expired =
         signer.sign(&json!({"iss": ISS, "sub": "alice", "aud": "orders", "exp": now() - 600}));
     let wrong_aud = signer.sign(&json!({"iss": ISS, "sub": "alice", "aud": "billing"}));
-    let forged = inline.sign(&json!({"iss": ISS, "sub": "alice", "aud": "orders"}));
+    // Signed by another key under the issuer's key id.
+    let forged = Signer::new("k1").sign(&json!({"iss": ISS, "sub": "alice", "aud": "orders"}));
     let hits = app.hits();
     for (token, message) in [
         (&expired, "Jwt is expired"),
