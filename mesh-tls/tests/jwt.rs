@@ -382,11 +382,16 @@ async fn forwarding_output_headers_and_cors_preflight() {
         .header("origin", "https://app.example.com")
         .header("access-control-request-method", "POST")
         .header("authorization", format!("Bearer {expired}"))
+        .header("x-sub", "admin")
         .body(())
         .unwrap();
     let auth = authenticator(&[r.clone()], &cache);
-    let (status, ..) = send(auth, PolicySet::allow_all(), preflight).await;
+    let (status, _, _, seen) = send(auth, PolicySet::allow_all(), preflight).await;
     assert_eq!(status, StatusCode::OK);
+    assert!(
+        !seen.unwrap().headers.contains_key("x-sub"),
+        "outputs are stripped from preflights too"
+    );
     let not_preflight = Request::options("/")
         .header("authorization", format!("Bearer {expired}"))
         .body(())

@@ -160,11 +160,13 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            if !auth.is_empty() && !is_cors_preflight(&req) {
-                if let Err(e) = auth.authenticate(&mut req).await {
-                    tracing::debug!(error = %e, "request rejected by RequestAuthentication");
-                    return Ok(unauthorized(&realm(&req), e.body()));
-                }
+            if is_cors_preflight(&req) {
+                auth.strip_outputs(req.headers_mut());
+            } else if !auth.is_empty()
+                && let Err(e) = auth.authenticate(&mut req).await
+            {
+                tracing::debug!(error = %e, "request rejected by RequestAuthentication");
+                return Ok(unauthorized(&realm(&req), e.body()));
             }
             inner.call(req).await.map(|r| r.map(Either::Left))
         })

@@ -338,6 +338,19 @@ impl Authenticator {
         })
     }
 
+    /// Removes the headers the rules write (`outputPayloadToHeader`,
+    /// `outputClaimToHeaders`): they are the proxy's to write, never the client's.
+    pub fn strip_outputs(&self, headers: &mut HeaderMap) {
+        for p in &self.providers {
+            if let Some(h) = &p.payload_header {
+                headers.remove(h);
+            }
+            for (h, _) in &p.claim_headers {
+                headers.remove(h);
+            }
+        }
+    }
+
     fn find<'r>(&self, headers: &'r HeaderMap, query: Option<&'r str>) -> Vec<Found<'r>> {
         let mut found: Vec<Found<'r>> = Vec::new();
         for (pi, p) in self.providers.iter().enumerate() {
@@ -361,15 +374,7 @@ impl Authenticator {
     /// the first token's [`RequestAuth`] goes into the extensions, tokens are removed
     /// from their headers unless `forwardOriginalToken`, and output headers are set.
     pub async fn authenticate<B>(&self, req: &mut Request<B>) -> Result<(), AuthnError> {
-        // Output headers are the proxy's to write: a client cannot send them.
-        for p in &self.providers {
-            if let Some(h) = &p.payload_header {
-                req.headers_mut().remove(h);
-            }
-            for (h, _) in &p.claim_headers {
-                req.headers_mut().remove(h);
-            }
-        }
+        self.strip_outputs(req.headers_mut());
         if self.providers.is_empty() {
             return Ok(());
         }
@@ -453,15 +458,15 @@ impl Authenticator {
     ) -> Result<(), AuthnError> {
         let now = self.clock.now();
         let skew = CLOCK_SKEW.as_secs();
-        if let Some(exp) = numeric(&u.claims, "exp")? {
-            if exp.saturating_add(skew) < now {
-                return Err(AuthnError::Expired);
-            }
+        if let Some(exp) = numeric(&u.claims, "exp")?
+            && exp.saturating_add(skew) < now
+        {
+            return Err(AuthnError::Expired);
         }
-        if let Some(nbf) = numeric(&u.claims, "nbf")? {
-            if nbf > now.saturating_add(skew) {
-                return Err(AuthnError::NotYetValid);
-            }
+        if let Some(nbf) = numeric(&u.claims, "nbf")?
+            && nbf > now.saturating_add(skew)
+        {
+            return Err(AuthnError::NotYetValid);
         }
         if !p.audiences.is_empty() {
             let ok = match u.claims.get("aud") {
