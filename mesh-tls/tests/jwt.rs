@@ -3,6 +3,9 @@
 //! 127.0.0.1 that rotates its keys, on tokio's paused clock; and AuthorizationPolicy on
 //! the validated token.
 
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -352,12 +352,15 @@ async fn refresh_loop(this: Weak<RemoteJwks>) {
     }
 }
 
+/// The live remote sets, by origin and fetch timeout.
+type SetsByOrigin = HashMap<(Origin, Duration), Weak<RemoteJwks>>;
+
 /// Remote key sets shared by every configuration compiled with this cache, so a reload
 /// keeps what was fetched (one fetch per origin, however many rules name it).
 #[derive(Clone)]
 pub struct JwksCache {
     fetcher: Arc<dyn FetchJwks>,
-    sets: Arc<Mutex<HashMap<(Origin, Duration), Weak<RemoteJwks>>>>,
+    sets: Arc<Mutex<SetsByOrigin>>,
 }
 
 impl std::fmt::Debug for JwksCache {
