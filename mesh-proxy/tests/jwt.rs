@@ -224,3 +224,98 @@ spec:
     // The first issuer's token does not open the service path.
     assert_eq!(request(inbound, "/service", &bearer(&good)).await.0, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_checks_tokens_before_routing() {
+    let world = World::new();
+    let signer = Signer::new("gw");
+    let app = App::start(Behaviour::Ok("orders")).await;
+    let order_ports = Ports::new();
+    let yaml = format!(
+        r#"{se}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: api-gateway}}
+spec:
+  selector: {{istio: ingress}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: [api.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api-routing}}
+spec:
+  hosts: [api.example.com]
+  gateways: [api-gateway]
+  http:
+  - route:
+    - destination: {{host: order-service, port: {{number: 8080}}}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: edge-jwt}}
+spec:
+  selector: {{matchLabels: {{istio: ingress}}}}
+  jwtRules:
+  - issuer: {ISS}
+    jwks: '{jwks}'
+"#,
+        se = service_entry(
+            "order-service",
+            8080,
+            &[(order_ports.inbound, "v1", "order-service")]
+        ),
+        jwks = signer.jwks(),
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let _sidecar = start_sidecar(&world, "order-service", &config, order_ports, app.addr).await;
+    let gw_ports = Ports::new();
+    let http = free_port();
+    let settings = format!(
+        "workload: {{namespace: production, serviceAccount: istio-ingressgateway, labels: {{istio: ingress}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
+         listeners: {{admin: 127.0.0.1:{admin}}}\n\
+         gateway:\n  name: api-gateway\n  ports:\n    80: 127.0.0.1:{http}\n",
+        config = config.display(),
+        ca = world.ca_dir.display(),
+        admin = gw_ports.admin,
+    );
+    let gw = Proxy::start(&world, "gateway", "gateway", &settings, gw_ports).await;
+    let edge = SocketAddr::from(([127, 0, 0, 1], http));
+    let get = |headers: Vec<(&'static str, String)>| async move {
+        let mut h = headers;
+        h.push(("host", "api.example.com".into()));
+        let tcp = tokio::net::TcpStream::connect(edge).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::get("/api/v1/orders");
+        for (k, v) in &h {
+            req = req.header(*k, v.as_str());
+        }
+        let res = sender
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let good = signer.sign(&json!({"iss": ISS, "sub": "edge-user", "exp": now() + 600}));
+    let expired = signer.sign(&json!({"iss": ISS, "sub": "edge-user", "exp": now() - 600}));
+    let (status, body) = get(vec![("authorization", format!("Bearer {good}"))]).await;
+    assert_eq!((status, body.as_str()), (200, "orders"), "{}", gw.output());
+    let seen = app.last_headers.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        !seen.contains_key("authorization"),
+        "the gateway removed the token"
+    );
+    let hits = app.hits();
+    let (status, body) = get(vec![("authorization", format!("Bearer {expired}"))]).await;
+    assert_eq!((status, body.as_str()), (401, "Jwt is expired"));
+    assert_eq!(app.hits(), hits, "an invalid token is not routed");
+    // No token: RequestAuthentication alone lets it through (RA-04).
+    assert_eq!(get(vec![]).await.0, 200);
+}
