@@ -141,6 +141,7 @@ fn decisions(c: &mut Criterion) {
         connection: Some(&info),
         remote_ip: None,
         server_name: ServerName::Unknown,
+        request_auth: None,
     };
 
     let article = PolicySet::compile([&article()]).expect("compiles");

@@ -165,6 +165,7 @@ fuzz_target!(|input: Input| {
         connection: input.connection.then_some(&info),
         remote_ip: None,
         server_name: match &input.sni {
+        request_auth: None,
             Some(s) => ServerName::Known(s.as_deref()),
             None => ServerName::Unknown,
         },

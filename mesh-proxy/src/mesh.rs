@@ -13,7 +13,8 @@
 //!   deadline and retries, connection-pool limits, outlier-aware balancing, mTLS per
 //!   endpoint with secure naming), a cloneable `tower::Service`;
 //! - [`Mesh::inbound`]: the server side around the application's own service
-//!   (sanitizing, telemetry, AuthorizationPolicy, Istio's local replies), and
+//!   (sanitizing, telemetry, RequestAuthentication, AuthorizationPolicy, Istio's local
+//!   replies), and
 //!   [`Mesh::serve_inbound`], which also accepts connections per PeerAuthentication;
 //! - [`Mesh::tcp_outbound`] and [`Mesh::tcp_inbound`]: TCP to a service's port and
 //!   from mesh peers to the application ([`tcp`](crate::stack::tcp));
@@ -75,6 +76,7 @@ use mesh_core::{Identity, IdentityError};
 use mesh_routing::{CompileOptions, Listener, Naming, RouterHandle, Routing};
 use mesh_telemetry::exchange::{LocalMetadata, NodeMetadata};
 use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
+use mesh_tls::authn::{Authenticator, AuthnHandle, JwksCache};
 use mesh_tls::authz::{PathNormalization, PolicyHandle, PolicySet};
 use mesh_tls::{
     BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor, PeerAuthentication,
@@ -286,6 +288,7 @@ pub struct Active {
 struct Compiled {
     routing: Routing,
     policies: PolicySet,
+    authn: Authenticator,
     peer_auth: WorkloadPeerAuthentication,
 }
 
@@ -301,6 +304,9 @@ struct Inner {
     store: Arc<CertStore>,
     router: MeshRouter,
     authz: PolicyHandle,
+    authn: AuthnHandle,
+    /// Key sets of RequestAuthentication, kept across reloads.
+    jwks: JwksCache,
     peer_auth: Arc<ArcSwap<WorkloadPeerAuthentication>>,
     active: Arc<ArcSwap<Active>>,
     destinations: Destinations,
@@ -395,7 +401,8 @@ impl MeshBuilder {
             Some(c) => c,
             None => load(&self.sources, &self.workload, &self.listener, &self.options)?,
         };
-        let compiled = compile(&config, &self.workload, &self.listener)?;
+        let jwks = JwksCache::default();
+        let compiled = compile(&config, &self.workload, &self.listener, &jwks)?;
         let identity = self
             .workload
             .identity()
@@ -465,6 +472,8 @@ impl MeshBuilder {
                 store,
                 router,
                 authz: PolicyHandle::new(compiled.policies),
+                authn: AuthnHandle::new(compiled.authn),
+                jwks,
                 peer_auth: Arc::new(ArcSwap::from_pointee(compiled.peer_auth)),
                 destinations,
                 hooks: Mutex::default(),
@@ -510,6 +519,7 @@ fn compile(
     config: &MeshConfig,
     workload: &Workload,
     listener: &Listener,
+    jwks: &JwksCache,
 ) -> Result<Compiled, ConfigError> {
     let diagnostics = |errs: Vec<String>| ConfigError { diagnostics: errs };
     let options = CompileOptions {
@@ -525,11 +535,14 @@ fn compile(
         .map_err(|errs| diagnostics(errs.iter().map(ToString::to_string).collect()))?;
     let policies = PolicySet::from_config(config, &workload.namespace, &workload.labels)
         .map_err(|e| diagnostics(vec![e.to_string()]))?;
+    let authn = Authenticator::from_config(config, &workload.namespace, &workload.labels, jwks)
+        .map_err(|e| diagnostics(vec![e.to_string()]))?;
     let peer_auth =
         PeerAuthentication::from_config(config).for_workload(&workload.namespace, &workload.labels);
     Ok(Compiled {
         routing,
         policies,
+        authn,
         peer_auth,
     })
 }
@@ -654,6 +667,7 @@ impl Mesh {
             &self.inner.telemetry,
             &self.inner.workload.service_host(),
             self.inner.authz.clone(),
+            self.inner.authn.clone(),
             self.inner.options.path_normalization,
             app,
         )
@@ -743,7 +757,12 @@ impl Mesh {
             return Ok(version);
         }
         let metrics = self.inner.telemetry.metrics().proxy();
-        let compiled = match compile(&config, &self.inner.workload, &self.inner.listener) {
+        let compiled = match compile(
+            &config,
+            &self.inner.workload,
+            &self.inner.listener,
+            &self.inner.jwks,
+        ) {
             Ok(c) => c,
             Err(e) => {
                 metrics.config_reload_failed();
@@ -755,6 +774,7 @@ impl Mesh {
         };
         self.inner.router.update(compiled.routing);
         self.inner.authz.store(compiled.policies);
+        self.inner.authn.store(compiled.authn);
         self.inner.peer_auth.store(Arc::new(compiled.peer_auth));
         for hook in self
             .inner
@@ -861,7 +881,12 @@ impl Mesh {
     /// `redirect_hosts` covers are redirected to HTTPS, the rest routed by the
     /// Gateway's VirtualServices.
     pub fn gateway(&self, redirect_hosts: Arc<ArcSwap<Vec<String>>>) -> HttpService {
-        crate::stack::gateway::service(&self.inner.router, &self.inner.telemetry, redirect_hosts)
+        crate::stack::gateway::service(
+            &self.inner.router,
+            &self.inner.telemetry,
+            redirect_hosts,
+            self.inner.authn.clone(),
+        )
     }
 
     /// Starts the graceful shutdown of what this mesh serves.

@@ -21,6 +21,8 @@
 //! - [`store`]: the certificate store behind the rustls resolvers, fed by a watched
 //!   directory or the built-in issuer, with forced rotation.
 //! - [`ca`]: a small certificate authority for development and tests.
+//! - [`authn`]: the RequestAuthentication layer (JWT validation, key sets fetched and
+//!   refreshed by the proxy, the validated token for authorization).
 //! - [`authz`]: the AuthorizationPolicy layer (Istio's evaluation rules, path
 //!   canonicalization safe against known bypasses).
 //!
@@ -58,6 +60,7 @@
 //! # }
 //! ```
 
+pub mod authn;
 pub mod authz;
 pub mod ca;
 pub mod client;

@@ -106,6 +106,7 @@ impl Fixture {
             connection: Some(&self.info),
             remote_ip: None,
             server_name: ServerName::Unknown,
+            request_auth: None,
         }
     }
 }

@@ -74,6 +74,7 @@ fn decide(policies: &[Policy], req: &Req) -> (bool, Option<String>, Option<Strin
         connection: req.connection.then_some(&info),
         remote_ip: req.xff_client.map(|ip| ip.parse::<IpAddr>().unwrap()),
         server_name: req.sni,
+        request_auth: None,
     };
     let d = set.evaluate(&attrs);
     (
@@ -502,9 +503,9 @@ fn cases() -> Vec<Case> {
             r(),
             true,
         ),
-        // --- JWT attributes are unknown: fail closed both ways
+        // --- JWT attributes of a request without a token (tests/authz_jwt.rs has tokens)
         case(
-            "ALLOW requestPrincipals never matches",
+            "ALLOW requestPrincipals [*] refuses a request without a token",
             vec![policy(
                 "p",
                 Allow,
@@ -517,7 +518,7 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
-            "ALLOW notRequestPrincipals never matches",
+            "ALLOW notRequestPrincipals admits a request without a token",
             vec![policy(
                 "p",
                 Allow,
@@ -527,10 +528,10 @@ fn cases() -> Vec<Case> {
                 })],
             )],
             r(),
-            false,
+            true,
         ),
         case(
-            "DENY notRequestPrincipals [*] denies (no verified JWT)",
+            "DENY notRequestPrincipals [*] denies a request without a token",
             vec![policy(
                 "d",
                 Deny,
@@ -543,7 +544,7 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
-            "DENY requestPrincipals scoped to a path denies that path",
+            "DENY requestPrincipals on a path spares a request without a token",
             vec![policy(
                 "d",
                 Deny,
@@ -560,7 +561,7 @@ fn cases() -> Vec<Case> {
                 path: "/admin",
                 ..r()
             },
-            false,
+            true,
         ),
         case(
             "DENY requestPrincipals scoped to a path spares other paths",
@@ -599,7 +600,7 @@ fn cases() -> Vec<Case> {
             true,
         ),
         case(
-            "ALLOW with request.auth.claims never matches",
+            "ALLOW on request.auth.claims refuses a request without a token",
             vec![policy(
                 "p",
                 Allow,
@@ -1394,6 +1395,7 @@ fn dry_run_policies_are_reported_but_not_enforced() {
         connection: None,
         remote_ip: None,
         server_name: ServerName::Unknown,
+        request_auth: None,
     });
     assert!(d.allowed);
     let shadow = d.dry_run.expect("dry-run result");
@@ -1545,21 +1547,6 @@ fn invalid_policies_are_rejected_with_the_field() {
 }
 
 #[test]
-fn jwt_attributes_produce_a_warning() {
-    let p = policy(
-        "jwt",
-        Action::Allow,
-        vec![from(Source {
-            request_principals: s(&["*"]),
-            ..Default::default()
-        })],
-    );
-    let set = PolicySet::compile([&p]).unwrap();
-    assert_eq!(set.warnings().len(), 1);
-    assert!(set.warnings()[0].contains("RequestAuthentication"));
-}
-
-#[test]
 fn workload_scope_follows_namespace_root_and_selector() {
     let workload = Workload {
         namespace: "production".into(),
@@ -1638,6 +1625,7 @@ fn trust_domain_aliases_make_principals_equivalent() {
             connection: None,
             remote_ip: None,
             server_name: ServerName::Unknown,
+            request_auth: None,
         })
         .allowed
     };

@@ -3,8 +3,8 @@
 //!
 //! This module owns the configuration model of the workspace: serde types for
 //! `VirtualService`, `DestinationRule`, `Gateway`, `ServiceEntry` (with inline
-//! `endpoints`), `WorkloadEntry`, `Sidecar`, `PeerAuthentication` and
-//! `AuthorizationPolicy`, the loader for files and
+//! `endpoints`), `WorkloadEntry`, `Sidecar`, `PeerAuthentication`, `AuthorizationPolicy`
+//! and `RequestAuthentication`, the loader for files and
 //! directories of multi-document YAML, validation, and [`MeshConfig`], the indexed snapshot
 //! of one load that the behaviour crates compile their runtime tables from (each with a
 //! `TryFrom` next to its own policy type).
@@ -19,8 +19,7 @@
 //!   silently widen access. Standard Kubernetes metadata (`uid`, `resourceVersion`, ...) and
 //!   a top-level `status` are tolerated.
 //! - Documents of other kinds (a `Deployment` next to a DestinationRule) are skipped with a
-//!   note; other Istio kinds (`RequestAuthentication`, `EnvoyFilter`, ...) are skipped with
-//!   a warning.
+//!   note; other Istio kinds (`Telemetry`, `EnvoyFilter`, ...) are skipped with a warning.
 //! - A ServiceEntry with a `workloadSelector` has as endpoints the WorkloadEntries of its
 //!   namespace that it selects ([`MeshConfig`]); pods are selected only by the Kubernetes
 //!   registry of `discovery`, for Services.
@@ -73,8 +72,11 @@
 //!   string, but anything else can never match a peer, which silently breaks ALLOW rules
 //!   and, worse, DENY rules. `spiffe://` in a principal is rejected with the fix.
 //! - Condition keys must be attributes Istio knows (Istio ignores unknown keys, which
-//!   would silently widen a DENY); `request.auth.*` keys load with a warning because
-//!   request authentication (JWT) is not supported.
+//!   would silently widen a DENY).
+//! - A RequestAuthentication `jwtRules[].jwks` must be a JSON Web Key Set with at least
+//!   one key at load time (Istio's webhook only checks the size; a set that cannot be
+//!   parsed would reject every token); `targetRef`/`targetRefs` load with a warning and
+//!   do not select workloads (as for AuthorizationPolicy).
 //! - An empty `StringMatch` (`{}`) is only accepted where Istio gives it a meaning
 //!   (presence of a header or query parameter); elsewhere (`uri: {}`) it is an error.
 //! - A Gateway server's `credentialName` (and each `credentialNames` entry) must name a
@@ -135,6 +137,7 @@ mod gateway;
 mod load;
 mod locate;
 mod peer_authentication;
+mod request_authentication;
 mod resource;
 mod service_entry;
 mod sidecar;
@@ -150,10 +153,11 @@ pub use duration::{Duration, DurationError};
 pub use gateway::*;
 pub use load::{LoadOptions, LoadReport, load_paths, load_str};
 pub use peer_authentication::*;
+pub use request_authentication::*;
 pub use resource::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, Metadata, Origin,
-    PeerAuthentication, Percent, PortSelector, Resource, ServiceEntry, Spec, StringMatch,
-    VirtualService, WorkloadEntryResource, WorkloadSelector, qualify_host,
+    PeerAuthentication, Percent, PortSelector, RequestAuthentication, Resource, ServiceEntry, Spec,
+    StringMatch, VirtualService, WorkloadEntryResource, WorkloadSelector, qualify_host,
 };
 pub use service_entry::*;
 pub use sidecar::*;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
-    ServiceEntrySpec, SidecarSpec, VirtualServiceSpec, WorkloadEntry as WorkloadEntrySpec,
+    RequestAuthenticationSpec, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec,
+    WorkloadEntry as WorkloadEntrySpec,
 };
 
 /// Labels (or any string-to-string map) in a stable order.
@@ -36,6 +37,8 @@ pub enum Kind {
     PeerAuthentication,
     /// `security.istio.io` AuthorizationPolicy.
     AuthorizationPolicy,
+    /// `security.istio.io` RequestAuthentication.
+    RequestAuthentication,
 }
 
 const NETWORKING_VERSIONS: &[&str] = &[
@@ -56,7 +59,7 @@ const OTHER_ISTIO_GROUPS: &[&str] = &[
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -65,6 +68,7 @@ impl Kind {
         Kind::Sidecar,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
+        Kind::RequestAuthentication,
     ];
 
     /// The kind's name as written in YAML.
@@ -78,6 +82,7 @@ impl Kind {
             Kind::Sidecar => "Sidecar",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -89,7 +94,9 @@ impl Kind {
     /// The `apiVersion`s Istio serves for this kind.
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy => SECURITY_VERSIONS,
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
+                SECURITY_VERSIONS
+            }
             _ => NETWORKING_VERSIONS,
         }
     }
@@ -309,6 +316,8 @@ pub type WorkloadEntryResource = Resource<WorkloadEntrySpec>;
 pub type PeerAuthentication = Resource<PeerAuthenticationSpec>;
 /// An AuthorizationPolicy resource.
 pub type AuthorizationPolicy = Resource<AuthorizationPolicySpec>;
+/// A RequestAuthentication resource.
+pub type RequestAuthentication = Resource<RequestAuthenticationSpec>;
 
 /// Any of the supported resources.
 #[derive(Debug, Clone, PartialEq)]
@@ -330,6 +339,8 @@ pub enum AnyResource {
     PeerAuthentication(PeerAuthentication),
     /// An AuthorizationPolicy.
     AuthorizationPolicy(AuthorizationPolicy),
+    /// A RequestAuthentication.
+    RequestAuthentication(RequestAuthentication),
 }
 
 macro_rules! each {
@@ -343,6 +354,7 @@ macro_rules! each {
             AnyResource::Sidecar($r) => $e,
             AnyResource::PeerAuthentication($r) => $e,
             AnyResource::AuthorizationPolicy($r) => $e,
+            AnyResource::RequestAuthentication($r) => $e,
         }
     };
 }
@@ -359,6 +371,7 @@ impl AnyResource {
             AnyResource::Sidecar(_) => Kind::Sidecar,
             AnyResource::PeerAuthentication(_) => Kind::PeerAuthentication,
             AnyResource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            AnyResource::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -459,6 +472,17 @@ impl AnyResource {
                 let action = format!("{:?}", r.spec.action.unwrap_or_default()).to_uppercase();
                 format!("{action}, {}", plural(r.spec.rules.len(), "rule"))
             }
+            AnyResource::RequestAuthentication(r) => {
+                let scope = if r.spec.selector.is_some() {
+                    "workload"
+                } else {
+                    "namespace"
+                };
+                format!(
+                    "{}, {scope} scope",
+                    plural(r.spec.jwt_rules.len(), "JWT rule")
+                )
+            }
         };
         format!("{} {}/{}: {}", self.kind(), m.namespace, m.name, detail)
     }
@@ -493,6 +517,9 @@ impl Spec for PeerAuthenticationSpec {
 }
 impl Spec for AuthorizationPolicySpec {
     const KIND: Kind = Kind::AuthorizationPolicy;
+}
+impl Spec for RequestAuthenticationSpec {
+    const KIND: Kind = Kind::RequestAuthentication;
 }
 
 /// Serializes as the Kubernetes resource (`apiVersion`, `kind`, `metadata`, `spec`).
@@ -653,6 +680,7 @@ enum Parsed {
     Sc(SidecarSpec),
     Pa(PeerAuthenticationSpec),
     Ap(AuthorizationPolicySpec),
+    Ra(RequestAuthenticationSpec),
 }
 
 impl<'de> Visitor<'de> for DocumentVisitor {
@@ -730,6 +758,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                         Kind::Sidecar => Parsed::Sc(map.next_value()?),
                         Kind::PeerAuthentication => Parsed::Pa(map.next_value()?),
                         Kind::AuthorizationPolicy => Parsed::Ap(map.next_value()?),
+                        Kind::RequestAuthentication => Parsed::Ra(map.next_value()?),
                     });
                 }
                 "status" => {
@@ -778,6 +807,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Kind::Sidecar => Parsed::Sc(Default::default()),
             Kind::PeerAuthentication => Parsed::Pa(Default::default()),
             Kind::AuthorizationPolicy => Parsed::Ap(Default::default()),
+            Kind::RequestAuthentication => Parsed::Ra(Default::default()),
         });
         fn r<S>(api_version: String, metadata: Metadata, spec: S) -> Resource<S> {
             Resource {
@@ -796,6 +826,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Parsed::Sc(s) => AnyResource::Sidecar(r(api_version, metadata, s)),
             Parsed::Pa(s) => AnyResource::PeerAuthentication(r(api_version, metadata, s)),
             Parsed::Ap(s) => AnyResource::AuthorizationPolicy(r(api_version, metadata, s)),
+            Parsed::Ra(s) => AnyResource::RequestAuthentication(r(api_version, metadata, s)),
         }))
     }
 }

@@ -7,7 +7,8 @@ use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
-    ServiceEntry, Sidecar, Subset, VirtualService, WorkloadEntryResource, select_sidecar,
+    RequestAuthentication, ServiceEntry, Sidecar, Subset, VirtualService, WorkloadEntryResource,
+    select_sidecar,
 };
 
 /// All resources of one successful load, indexed by host, by namespace and by workload
@@ -34,6 +35,7 @@ pub struct MeshConfig {
     /// Oldest first (creation timestamp, then load order).
     peer_authentications: Vec<PeerAuthentication>,
     authorization_policies: Vec<AuthorizationPolicy>,
+    request_authentications: Vec<RequestAuthentication>,
     vs_by_host: HostIndex,
     dr_by_host: HostIndex,
     se_by_host: HostIndex,
@@ -93,6 +95,7 @@ struct NamespaceIndex {
     sidecars: Vec<usize>,
     peer_authentications: Vec<usize>,
     authorization_policies: Vec<usize>,
+    request_authentications: Vec<usize>,
 }
 
 impl MeshConfig {
@@ -177,6 +180,7 @@ impl MeshConfig {
                 AnyResource::Sidecar(v) => c.sidecars.push(v),
                 AnyResource::PeerAuthentication(v) => c.peer_authentications.push(v),
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
+                AnyResource::RequestAuthentication(v) => c.request_authentications.push(v),
             }
         }
         c.version = version.unwrap_or_else(|| hash.finish());
@@ -282,6 +286,13 @@ impl MeshConfig {
                 .authorization_policies
                 .push(i);
         }
+        for (i, p) in self.request_authentications.iter().enumerate() {
+            self.by_namespace
+                .entry(p.metadata.namespace.clone())
+                .or_default()
+                .request_authentications
+                .push(i);
+        }
     }
 
     /// Every resource as it was written (ServiceEntries without the endpoints selected
@@ -328,6 +339,12 @@ impl MeshConfig {
                 .cloned()
                 .map(AnyResource::AuthorizationPolicy),
         );
+        all.extend(
+            self.request_authentications
+                .iter()
+                .cloned()
+                .map(AnyResource::RequestAuthentication),
+        );
         all
     }
 
@@ -368,6 +385,7 @@ impl MeshConfig {
         push(&mut out, &self.sidecars)?;
         push(&mut out, &self.peer_authentications)?;
         push(&mut out, &self.authorization_policies)?;
+        push(&mut out, &self.request_authentications)?;
         Ok(out)
     }
 
@@ -449,6 +467,11 @@ impl MeshConfig {
     /// All AuthorizationPolicies, in load order.
     pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
         &self.authorization_policies
+    }
+
+    /// All RequestAuthentications, in load order.
+    pub fn request_authentications(&self) -> &[RequestAuthentication] {
+        &self.request_authentications
     }
 
     /// Namespaces that have at least one resource.
@@ -608,6 +631,35 @@ impl MeshConfig {
         out
     }
 
+    /// RequestAuthentications that apply to a workload in `namespace` with `labels`
+    /// (ISTIO.md RA-01), in load order: those of that namespace without selector or whose
+    /// selector matches, and those of the root namespace (mesh-wide, or selecting by labels
+    /// in every namespace). Policies bound with `targetRefs` are not included.
+    pub fn request_authentications_for(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+    ) -> Vec<&RequestAuthentication> {
+        let mut out = Vec::new();
+        let mut scan = |ns: &str| {
+            if let Some(idx) = self.by_namespace.get(ns) {
+                for &i in &idx.request_authentications {
+                    let p = &self.request_authentications[i];
+                    let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
+                    let selected = p.spec.selector.as_ref().is_none_or(|s| s.matches(labels));
+                    if !targeted && selected {
+                        out.push(p);
+                    }
+                }
+            }
+        };
+        scan(namespace);
+        if namespace != self.root_namespace {
+            scan(&self.root_namespace);
+        }
+        out
+    }
+
     /// Resources of `namespace`, by kind.
     pub fn count_in_namespace(&self, namespace: &str, kind: Kind) -> usize {
         self.by_namespace.get(namespace).map_or(0, |n| match kind {
@@ -619,6 +671,7 @@ impl MeshConfig {
             Kind::Sidecar => n.sidecars.len(),
             Kind::PeerAuthentication => n.peer_authentications.len(),
             Kind::AuthorizationPolicy => n.authorization_policies.len(),
+            Kind::RequestAuthentication => n.request_authentications.len(),
         })
     }
 

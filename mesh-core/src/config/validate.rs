@@ -93,6 +93,7 @@ pub(crate) fn validate_resource(r: &AnyResource, source: &SourceMap, out: &mut V
         AnyResource::Sidecar(v) => sidecar(&mut ctx, v),
         AnyResource::PeerAuthentication(v) => peer_authentication(&mut ctx, v),
         AnyResource::AuthorizationPolicy(v) => authorization_policy(&mut ctx, v),
+        AnyResource::RequestAuthentication(v) => request_authentication(&mut ctx, v),
     }
     for (path, message) in not_enforced_warnings(r.kind(), source) {
         ctx.warn(&path, message);
@@ -2057,6 +2058,168 @@ fn peer_authentication(ctx: &mut Ctx<'_>, pa: &PeerAuthentication) {
     }
 }
 
+/// The claim names of `[a][b]...` (ISTIO.md RA-10): one or more non-empty bracketed
+/// names, nothing between or after them.
+pub(crate) fn claim_path(mut rest: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        let Some(inner) = rest.strip_prefix('[') else {
+            return Err("claims are written `[name]`, nested claims `[outer][inner]`".into());
+        };
+        let Some(end) = inner.find(']') else {
+            return Err("a `[` is not closed".into());
+        };
+        if end == 0 {
+            return Err("claim names must not be empty".into());
+        }
+        names.push(&inner[..end]);
+        rest = &inner[end + 1..];
+    }
+    if names.is_empty() {
+        return Err("a claim name is required, e.g. `request.auth.claims[groups]`".into());
+    }
+    Ok(names)
+}
+
+/// The most JWT rules a RequestAuthentication may hold (istio/api).
+const MAX_JWT_RULES: usize = 4096;
+
+fn request_authentication(ctx: &mut Ctx<'_>, ra: &RequestAuthentication) {
+    let s = &ra.spec;
+    if let Some(sel) = &s.selector {
+        selector(ctx, "spec.selector", sel);
+        if !s.target_refs.is_empty() || s.target_ref.is_some() {
+            ctx.error(
+                "spec.selector",
+                "set either selector or targetRefs, not both",
+            );
+        }
+    }
+    if s.target_ref.is_some() && !s.target_refs.is_empty() {
+        ctx.error_at_key(
+            "spec.targetRef",
+            "set either targetRef or targetRefs, not both",
+        );
+    }
+    if s.target_refs.len() > 16 {
+        ctx.error(
+            "spec.targetRefs",
+            format!(
+                "targetRefs holds at most 16 references, not {}",
+                s.target_refs.len()
+            ),
+        );
+    }
+    if s.jwt_rules.len() > MAX_JWT_RULES {
+        ctx.error(
+            "spec.jwtRules",
+            format!(
+                "jwtRules holds at most {MAX_JWT_RULES} rules, not {}",
+                s.jwt_rules.len()
+            ),
+        );
+    }
+    let header_name = |v: &str| {
+        http::HeaderName::from_bytes(v.as_bytes())
+            .map(|_| ())
+            .map_err(|_| format!("`{v}` is not a valid header name"))
+    };
+    for (i, rule) in s.jwt_rules.iter().enumerate() {
+        let rp = pi("spec", "jwtRules", i);
+        if rule.issuer.is_empty() {
+            ctx.error(&rp, "issuer is required");
+        }
+        if let (Some(_), Some(_)) = (&rule.jwks_uri, &rule.jwks) {
+            ctx.error_at_key(&p(&rp, "jwks"), "set either jwksUri or jwks, not both");
+        }
+        if let Some(uri) = &rule.jwks_uri
+            && let Err(e) = check_jwks_uri(uri)
+        {
+            ctx.error(&p(&rp, "jwksUri"), e);
+        }
+        if let Some(jwks) = &rule.jwks
+            && let Err(e) = check_jwks(jwks)
+        {
+            ctx.error(&p(&rp, "jwks"), e);
+        }
+        for (j, h) in rule.from_headers.iter().enumerate() {
+            let hp = pi(&rp, "fromHeaders", j);
+            if h.name.is_empty() {
+                ctx.error(&hp, "fromHeaders entries need a name");
+            } else if let Err(e) = header_name(&h.name) {
+                ctx.error(&p(&hp, "name"), e);
+            }
+        }
+        values(ctx, &rp, "fromParams", &rule.from_params, |_| Ok(()));
+        values(ctx, &rp, "fromCookies", &rule.from_cookies, |_| Ok(()));
+        values(ctx, &rp, "audiences", &rule.audiences, |_| Ok(()));
+        values(
+            ctx,
+            &rp,
+            "spaceDelimitedClaims",
+            &rule.space_delimited_claims,
+            |_| Ok(()),
+        );
+        if let Some(h) = &rule.output_payload_to_header
+            && let Err(e) = header_name(h)
+        {
+            ctx.error(&p(&rp, "outputPayloadToHeader"), e);
+        }
+        for (j, c) in rule.output_claim_to_headers.iter().enumerate() {
+            let cp = pi(&rp, "outputClaimToHeaders", j);
+            if let Err(e) = header_name(&c.header) {
+                ctx.error(&p(&cp, "header"), e);
+            }
+            if c.claim.is_empty() {
+                ctx.error(&cp, "outputClaimToHeaders entries need a claim");
+            }
+        }
+        if let Some(t) = rule.timeout
+            && t.as_std().is_zero()
+        {
+            ctx.error(&p(&rp, "timeout"), "timeout must be greater than 0");
+        }
+    }
+}
+
+/// A `jwksUri`: an absolute `http` or `https` URL of at most 2048 characters.
+fn check_jwks_uri(uri: &str) -> Result<(), String> {
+    if uri.len() > 2048 {
+        return Err(format!(
+            "jwksUri is {} characters long; at most 2048 are allowed",
+            uri.len()
+        ));
+    }
+    let parsed: http::Uri = uri
+        .parse()
+        .map_err(|e| format!("`{uri}` is not a URL: {e}"))?;
+    match parsed.scheme_str() {
+        Some("http" | "https") if parsed.host().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Some("http" | "https") => Err(format!("`{uri}` has no host")),
+        _ => Err(format!(
+            "`{uri}` is not an http or https URL; the key set is fetched over HTTP"
+        )),
+    }
+}
+
+/// An inline `jwks`: a JSON Web Key Set with at least one key that has a `kty`.
+fn check_jwks(jwks: &str) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Set {
+        keys: Vec<BTreeMap<String, serde::de::IgnoredAny>>,
+    }
+    // JSON is YAML: the loader's parser reads the set without another dependency.
+    let set: Set = serde_saphyr::from_str(jwks)
+        .map_err(|e| format!("jwks is not a JSON Web Key Set (`{{\"keys\": [...]}}`): {e}"))?;
+    if set.keys.is_empty() {
+        return Err("jwks has no keys; every token would be rejected".into());
+    }
+    if let Some(i) = set.keys.iter().position(|k| !k.contains_key("kty")) {
+        return Err(format!("jwks key {i} has no `kty`"));
+    }
+    Ok(())
+}
+
 fn selector(ctx: &mut Ctx<'_>, path: &str, sel: &WorkloadSelector) {
     if sel.match_labels.is_empty() {
         ctx.error(
@@ -2463,11 +2626,10 @@ fn condition(ctx: &mut Ctx<'_>, path: &str, c: &Condition) {
                 CONDITION_KEYS.join(", ")
             ),
         );
-    } else if key.starts_with("request.auth.") {
-        ctx.warn(
-            &p(path, "key"),
-            format!("`{key}` is not enforced: request (JWT) authentication is not supported, so this condition never matches"),
-        );
+    } else if key.starts_with("request.auth.claims")
+        && let Err(e) = claim_path(&key["request.auth.claims".len()..])
+    {
+        ctx.error(&p(path, "key"), format!("`{key}`: {e}"));
     } else if key.starts_with("experimental.") {
         ctx.warn(&p(path, "key"), format!("`{key}` is not enforced"));
     }

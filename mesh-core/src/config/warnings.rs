@@ -29,8 +29,8 @@ const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnfor
 }
 
 use Kind::{
-    AuthorizationPolicy as AP, DestinationRule as DR, Gateway as GW, ServiceEntry as SE,
-    Sidecar as SC, VirtualService as VS, WorkloadEntry as WE,
+    AuthorizationPolicy as AP, DestinationRule as DR, Gateway as GW, RequestAuthentication as RA,
+    ServiceEntry as SE, Sidecar as SC, VirtualService as VS, WorkloadEntry as WE,
 };
 
 /// Fields parsed but not enforced by the proxy.
@@ -207,16 +207,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         AP,
-        "spec.rules[].from[].source.requestPrincipals",
-        "JWT authentication is not supported: this never matches",
-    ),
-    ne(
-        AP,
-        "spec.rules[].from[].source.notRequestPrincipals",
-        "JWT authentication is not supported: every request lacks a request principal",
-    ),
-    ne(
-        AP,
         "spec.rules[].from[].source.remoteIpBlocks",
         "the original client address is not known; this never matches",
     ),
@@ -232,6 +222,16 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         AP,
+        "spec.targetRefs",
+        "target references are not supported; the policy selects no workload",
+    ),
+    ne(
+        RA,
+        "spec.targetRef",
+        "target references are not supported; the policy selects no workload",
+    ),
+    ne(
+        RA,
         "spec.targetRefs",
         "target references are not supported; the policy selects no workload",
     ),

@@ -304,6 +304,9 @@ pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) ->
         AnyResource::AuthorizationPolicy(r) => {
             r.namespace() == namespace || r.namespace() == root_namespace
         }
+        AnyResource::RequestAuthentication(r) => {
+            r.namespace() == namespace || r.namespace() == root_namespace
+        }
     }
 }
 

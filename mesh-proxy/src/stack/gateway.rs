@@ -8,6 +8,7 @@
 //!   -> sanitize (identity/internal headers from the client removed, `_` names refused)
 //!   -> telemetry (reporter=source, destination_service = the routed service's host,
 //!      else the authority) -> respond
+//!   -> RequestAuthentication (JWT, [`mesh_tls::authn`]; an invalid token: 401)
 //!   -> prepare (absolute-form authority becomes Host, hop-by-hop headers go)
 //!   -> host outside the chosen server: 421 (another server of the port owns it) or
 //!      404 `NR` (none does)
@@ -177,6 +178,7 @@ pub fn service(
     router: &MeshRouter,
     telemetry: &Telemetry,
     redirect_hosts: Arc<ArcSwap<Vec<String>>>,
+    authn: mesh_tls::authn::AuthnHandle,
 ) -> HttpService {
     tower::util::BoxCloneSyncService::new(Sanitize::new(
         ServiceBuilder::new()
@@ -190,7 +192,12 @@ pub fn service(
                     .with_metadata_exchange(true),
             )
             .map_request(boxed_request)
-            .service(Respond::new(GatewayRoutes::new(router, redirect_hosts))),
+            .service(Respond::new(
+                ServiceBuilder::new()
+                    .map_response(boxed_response)
+                    .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
+                    .service(GatewayRoutes::new(router, redirect_hosts)),
+            )),
         true,
     ))
 }

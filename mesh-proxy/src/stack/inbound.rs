@@ -10,7 +10,8 @@
 //!   -> sanitize (identity/internal headers from the client removed, `_` names refused;
 //!      the peer's Istio metadata kept as an extension when its mTLS identity vouches for it)
 //!   -> telemetry (reporter=destination; `source_*` labels from that metadata; answers
-//!      with this workload's metadata) -> respond -> AuthorizationPolicy -> application
+//!      with this workload's metadata) -> respond -> RequestAuthentication (JWT)
+//!   -> AuthorizationPolicy -> application
 //! ```
 //!
 //! A plaintext connection to a STRICT port is closed before any HTTP is read; a failed
@@ -80,6 +81,7 @@ pub fn service<S, B>(
     telemetry: &Telemetry,
     service_host: &str,
     authz: PolicyHandle,
+    authn: mesh_tls::authn::AuthnHandle,
     normalization: PathNormalization,
     app: S,
 ) -> HttpService
@@ -88,6 +90,8 @@ where
     B: ApplicationBody,
 {
     let authorized = ServiceBuilder::new()
+        .map_response(boxed_response)
+        .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
         .map_response(boxed_response)
         .layer(AuthzLayer::from_handle(authz).normalization(NormalizeOptions::new(normalization)))
         .service(app.map_response(boxed_response).map_err(Into::into));

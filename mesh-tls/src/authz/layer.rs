@@ -208,6 +208,7 @@ impl<S> Authz<S> {
             connection,
             remote_ip: forwarded_client(req.headers(), self.settings.trusted_proxies),
             server_name,
+            request_auth: req.extensions().get::<crate::authn::RequestAuth>(),
         };
         let decision = self.policies.0.load().evaluate(&attrs);
         if decision.allowed {

@@ -4,8 +4,8 @@
 //! turns Istio's string forms into [`StrMatch`]es, so a decision does no parsing, no regex
 //! and no allocation (except for joining a header that was sent more than once).
 //!
-//! Evaluation uses three-valued logic: an attribute the proxy cannot know (JWT-based
-//! attributes, connection facts absent from the request, the TLS server name, a header
+//! Evaluation uses three-valued logic: an attribute the proxy cannot know (HTTP and JWT
+//! attributes on a TCP connection, connection facts absent from the request, the TLS server name, a header
 //! value that is not valid text) is *unknown*, and a predicate on it is unknown too; `and`,
 //! `or` and `not` follow Kleene's rules. An ALLOW rule matches only when it is *true*;
 //! a DENY or AUDIT rule matches when it is true *or unknown*. So an unknowable attribute
@@ -34,6 +34,7 @@ use mesh_core::Identity;
 use mesh_core::extensions::{AuthzDecision, ConnectionInfo, DryRunDecision, MatchedPolicy};
 
 use super::policy::{Action, Condition, Operation, Policy, Rule, Source, Workload};
+use crate::authn::RequestAuth;
 
 /// The TLS server name (SNI) of the connection, for `connection.sni` conditions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,6 +66,9 @@ pub struct RequestAttributes<'a> {
     pub remote_ip: Option<IpAddr>,
     /// The TLS server name.
     pub server_name: ServerName<'a>,
+    /// The request's validated JWT (set by [`AuthnLayer`](crate::authn::AuthnLayer));
+    /// `None` when the request carried none.
+    pub request_auth: Option<&'a RequestAuth>,
 }
 
 /// An AuthorizationPolicy that cannot be compiled; the whole policy set is rejected.
@@ -303,8 +307,14 @@ enum Field {
     Path(Box<[PathMatch]>),
     Header(HeaderName, Box<[StrMatch]>),
     Sni(Box<[StrMatch]>),
-    /// An attribute this proxy cannot evaluate (JWT-based).
-    Unknowable,
+    /// `requestPrincipals`: (issuer, subject) matchers, from a value split at its last
+    /// `/` (RA-09).
+    RequestPrincipal(Box<[(StrMatch, StrMatch)]>),
+    /// `request.auth.principal`: the whole `<iss>/<sub>`.
+    AuthPrincipal(Box<[StrMatch]>),
+    /// `request.auth.audiences`, `.presenter`, `.claims[...]`: the string values of a
+    /// claim (RA-10).
+    Claim(Box<[Box<str>]>, Box<[StrMatch]>),
 }
 
 #[derive(Clone, Debug)]
@@ -501,7 +511,7 @@ impl Field {
             Field::Namespace(_) => 7,
             Field::Host(_) | Field::Sni(_) => 8,
             Field::Header(..) => 9,
-            Field::Unknowable => 10,
+            Field::RequestPrincipal(_) | Field::AuthPrincipal(_) | Field::Claim(..) => 10,
         }
     }
 }
@@ -511,7 +521,13 @@ impl Pred {
         let a = f.a;
         let http_only = matches!(
             self.field,
-            Field::Host(_) | Field::Method(_) | Field::Path(_) | Field::Header(..)
+            Field::Host(_)
+                | Field::Method(_)
+                | Field::Path(_)
+                | Field::Header(..)
+                | Field::RequestPrincipal(_)
+                | Field::AuthPrincipal(_)
+                | Field::Claim(..)
         );
         if http_only && !f.http {
             return Tri::Unknown;
@@ -560,7 +576,32 @@ impl Pred {
                 ServerName::Known(None) => Tri::False,
                 ServerName::Unknown => Tri::Unknown,
             },
-            Field::Unknowable => Tri::Unknown,
+            Field::RequestPrincipal(ms) => {
+                match a
+                    .request_auth
+                    .and_then(|r| Some((r.issuer()?, r.subject()?)))
+                {
+                    Some((iss, sub)) => {
+                        Tri::from_bool(ms.iter().any(|(mi, ms)| mi.matches(iss) && ms.matches(sub)))
+                    }
+                    None => Tri::False,
+                }
+            }
+            Field::AuthPrincipal(ms) => match a.request_auth.and_then(RequestAuth::principal) {
+                Some(p) => Tri::from_bool(ms.iter().any(|m| m.matches(p))),
+                None => Tri::False,
+            },
+            Field::Claim(path, ms) => match a.request_auth {
+                Some(r) => {
+                    let path: Vec<&str> = path.iter().map(|p| &**p).collect();
+                    Tri::from_bool(
+                        r.claim_strings(&path)
+                            .iter()
+                            .any(|v| ms.iter().any(|m| m.matches(v))),
+                    )
+                }
+                None => Tri::False,
+            },
         };
         if self.negate { hit.not() } else { hit }
     }
@@ -1047,7 +1088,6 @@ impl Engine {
 pub struct PolicySet {
     enforced: Engine,
     dry_run: Engine,
-    warnings: Vec<String>,
 }
 
 impl PolicySet {
@@ -1075,15 +1115,12 @@ impl PolicySet {
     ) -> Result<Self, PolicyError> {
         let mut set = Self::default();
         for policy in policies {
-            let compiled = compile_policy(policy, domains, &mut set.warnings)?;
+            let compiled = compile_policy(policy, domains)?;
             if policy.dry_run {
                 set.dry_run.push(policy.action, compiled);
             } else {
                 set.enforced.push(policy.action, compiled);
             }
-        }
-        for w in &set.warnings {
-            tracing::warn!("{w}");
         }
         Ok(set)
     }
@@ -1107,11 +1144,6 @@ impl PolicySet {
             policies.into_iter().filter(|p| workload.is_selected_by(p)),
             &domains,
         )
-    }
-
-    /// Warnings from compilation (JWT-based attributes that are evaluated as unknown).
-    pub fn warnings(&self) -> &[String] {
-        &self.warnings
     }
 
     /// Number of enforced policies (dry-run ones excluded).
@@ -1169,6 +1201,7 @@ impl PolicySet {
             connection: Some(connection),
             remote_ip: None,
             server_name,
+            request_auth: None,
         };
         let mut facts = Facts::new(&attrs, false);
         facts.linear = linear;
@@ -1232,11 +1265,7 @@ impl Ctx<'_> {
     }
 }
 
-fn compile_policy(
-    policy: &Policy,
-    domains: &[String],
-    warnings: &mut Vec<String>,
-) -> Result<CompiledPolicy, PolicyError> {
+fn compile_policy(policy: &Policy, domains: &[String]) -> Result<CompiledPolicy, PolicyError> {
     let cx = Ctx {
         policy,
         name: policy.full_name(),
@@ -1263,7 +1292,7 @@ fn compile_policy(
     }
     let mut compiled = Vec::with_capacity(rules.len());
     for (i, rule) in rules.iter().enumerate() {
-        compiled.push(compile_rule(&cx, rule, &format!("rules[{i}]"), warnings)?);
+        compiled.push(compile_rule(&cx, rule, &format!("rules[{i}]"))?);
     }
     Ok(CompiledPolicy {
         name: cx.name.clone().into(),
@@ -1271,12 +1300,7 @@ fn compile_policy(
     })
 }
 
-fn compile_rule(
-    cx: &Ctx<'_>,
-    rule: &Rule,
-    at: &str,
-    warnings: &mut Vec<String>,
-) -> Result<CompiledRule, PolicyError> {
+fn compile_rule(cx: &Ctx<'_>, rule: &Rule, at: &str) -> Result<CompiledRule, PolicyError> {
     let from = match &rule.from {
         None => Vec::new(),
         Some(v) if v.is_empty() => {
@@ -1288,7 +1312,7 @@ fn compile_rule(
         Some(v) => v
             .iter()
             .enumerate()
-            .map(|(i, s)| compile_source(cx, s, &format!("{at}.from[{i}].source"), warnings))
+            .map(|(i, s)| compile_source(cx, s, &format!("{at}.from[{i}].source")))
             .collect::<Result<_, _>>()?,
     };
     let to = match &rule.to {
@@ -1307,7 +1331,7 @@ fn compile_rule(
     };
     let mut when = Vec::new();
     for (i, c) in rule.when.iter().enumerate() {
-        compile_condition(cx, c, &format!("{at}.when[{i}]"), &mut when, warnings)?;
+        compile_condition(cx, c, &format!("{at}.when[{i}]"), &mut when)?;
     }
     when.sort_by_key(|p| p.field.cost());
     Ok(CompiledRule {
@@ -1384,20 +1408,43 @@ impl PredBuilder<'_, '_> {
     }
 }
 
-fn jwt_warning(cx: &Ctx<'_>, at: &str, warnings: &mut Vec<String>) {
-    warnings.push(format!(
-        "AuthorizationPolicy {}: {at}: JWT-based attributes need RequestAuthentication, which this proxy does not support; \
-         they are treated as unknown (an ALLOW rule never matches through them, a DENY rule matches as if they did)",
-        cx.name
-    ));
+/// A `requestPrincipals` value as issuer and subject matchers (RA-09, Istio's
+/// `requestPrincipalGenerator`): split at the last `/`; `*` is a non-empty issuer and
+/// subject; `*x/sub` a suffix of the issuer (`*/sub` any issuer) with an exact subject;
+/// `iss/x*` an exact issuer with a subject prefix (`iss/*` any subject); without a `/`,
+/// `*x` is a subject suffix with any issuer and `x*` an issuer prefix with any subject.
+fn request_principal(v: &str) -> Result<(StrMatch, StrMatch), String> {
+    let any = || StrMatch::Presence;
+    let split = v.rfind('/').map(|i| (&v[..i], &v[i + 1..]));
+    Ok(if v == "*" {
+        (any(), any())
+    } else if let Some(rest) = v.strip_prefix('*') {
+        match split {
+            Some(("*", sub)) => (any(), StrMatch::Exact(sub.into())),
+            Some((iss, sub)) => (
+                StrMatch::Suffix(iss[1..].into()),
+                StrMatch::Exact(sub.into()),
+            ),
+            None => (any(), StrMatch::Suffix(rest.into())),
+        }
+    } else if let Some(rest) = v.strip_suffix('*') {
+        match split {
+            Some((iss, "*")) => (StrMatch::Exact(iss.into()), any()),
+            Some((iss, sub)) => (
+                StrMatch::Exact(iss.into()),
+                StrMatch::Prefix(sub[..sub.len() - 1].into()),
+            ),
+            None => (StrMatch::Prefix(rest.into()), any()),
+        }
+    } else {
+        match split {
+            Some((iss, sub)) => (StrMatch::Exact(iss.into()), StrMatch::Exact(sub.into())),
+            None => (StrMatch::Exact(v.into()), StrMatch::Exact("".into())),
+        }
+    })
 }
 
-fn compile_source(
-    cx: &Ctx<'_>,
-    s: &Source,
-    at: &str,
-    warnings: &mut Vec<String>,
-) -> Result<Box<[Pred]>, PolicyError> {
+fn compile_source(cx: &Ctx<'_>, s: &Source, at: &str) -> Result<Box<[Pred]>, PolicyError> {
     if (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty())
         && (!s.principals.is_empty()
             || !s.not_principals.is_empty()
@@ -1448,12 +1495,9 @@ fn compile_source(
         "requestPrincipals",
         &s.request_principals,
         &s.not_request_principals,
-        |_| Ok(()),
-        |_| Field::Unknowable,
+        request_principal,
+        Field::RequestPrincipal,
     )?;
-    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
-        jwt_warning(cx, &format!("{at}.requestPrincipals"), warnings);
-    }
     add_pair(
         &mut b,
         "namespaces",
@@ -1551,12 +1595,31 @@ fn compile_operation(cx: &Ctx<'_>, o: &Operation, at: &str) -> Result<Box<[Pred]
     Ok(b.preds.into())
 }
 
+/// The names of `[a][b]...` (RA-10).
+fn claim_path(mut rest: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        let inner = rest
+            .strip_prefix('[')
+            .ok_or("claims are written `[name]`, nested claims `[outer][inner]`")?;
+        let end = inner.find(']').ok_or("a `[` is not closed")?;
+        if end == 0 {
+            return Err("claim names must not be empty".into());
+        }
+        names.push(&inner[..end]);
+        rest = &inner[end + 1..];
+    }
+    if names.is_empty() {
+        return Err("a claim name is required, e.g. `request.auth.claims[groups]`".into());
+    }
+    Ok(names)
+}
+
 fn compile_condition(
     cx: &Ctx<'_>,
     c: &Condition,
     at: &str,
     out: &mut Vec<Pred>,
-    warnings: &mut Vec<String>,
 ) -> Result<(), PolicyError> {
     if c.values.is_empty() && c.not_values.is_empty() {
         return Err(cx.err(
@@ -1584,9 +1647,41 @@ fn compile_condition(
         add_pair(&mut b, "values", v, nv, str_match, move |m| {
             Field::Header(header.clone(), m)
         })?;
+    } else if let Some(rest) = key.strip_prefix("request.auth.claims") {
+        let path: Box<[Box<str>]> = claim_path(rest)
+            .map_err(|m| cx.err(format!("{at}.key"), format!("`{key}`: {m}")))?
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        add_pair(&mut b, "values", v, nv, str_match, move |m| {
+            Field::Claim(path.clone(), m)
+        })?;
     } else if key.starts_with("request.auth.") {
-        add_pair(&mut b, "values", v, nv, |_| Ok(()), |_| Field::Unknowable)?;
-        jwt_warning(cx, &format!("{at} ({key})"), warnings);
+        match key {
+            "request.auth.principal" => {
+                add_pair(&mut b, "values", v, nv, str_match, Field::AuthPrincipal)?;
+            }
+            "request.auth.audiences" | "request.auth.presenter" => {
+                let claim: Box<str> = if key.ends_with("audiences") {
+                    "aud"
+                } else {
+                    "azp"
+                }
+                .into();
+                add_pair(&mut b, "values", v, nv, str_match, move |m| {
+                    Field::Claim(Box::new([claim.clone()]), m)
+                })?;
+            }
+            _ => {
+                return Err(cx.err(
+                    format!("{at}.key"),
+                    format!(
+                        "unsupported condition key `{key}`; the JWT attributes are request.auth.principal, \
+                         request.auth.audiences, request.auth.presenter and request.auth.claims[<name>]"
+                    ),
+                ));
+            }
+        }
     } else {
         match key {
             "source.ip" => add_pair(&mut b, "values", v, nv, ip_net, Field::SourceIp)?,
@@ -1974,6 +2069,7 @@ mod tests {
                     connection: connection.then_some(&info),
                     remote_ip: None,
                     server_name: ServerName::Unknown,
+                    request_auth: None,
                 };
                 prop_assert_eq!(set.evaluate(&attrs), set.evaluate_linear(&attrs));
                 prop_assert_eq!(

@@ -43,17 +43,22 @@
 //!
 //! # Choices that differ from Istio
 //!
-//! - **JWT attributes.** There is no RequestAuthentication, so `requestPrincipals`,
-//!   `notRequestPrincipals` and `request.auth.*` conditions are *unknown*, not absent.
-//!   Evaluation is three-valued: an ALLOW rule matches only if it matches whatever the
-//!   unknown values are, a DENY/AUDIT rule matches unless it fails whatever they are.
-//!   So `ALLOW requestPrincipals: [x]` never matches, `DENY notRequestPrincipals: ["*"]`
-//!   denies every request in its scope (no request carries a verified JWT), and neither
-//!   `ALLOW notRequestPrincipals` nor `DENY requestPrincipals` can open access to a JWT
-//!   holder that Istio would have refused. Compilation records a warning for each.
-//!   The same rule covers a missing [`ConnectionInfo`] (IP and port fields), a
-//!   `connection.sni` condition on a TLS connection (the SNI is not carried in the
-//!   request) and header values that are not valid text (obs-text, CVE-2026-73552).
+//! - **JWT attributes** (RA-09, RA-10, AP-30) come from the [`RequestAuth`] that
+//!   [`AuthnLayer`] puts in the request extensions: `requestPrincipals` split at the last
+//!   `/` into issuer and subject matchers as Istio does (`*` needs a token with a
+//!   non-empty `iss` and `sub`); `request.auth.principal` matches `<iss>/<sub>`;
+//!   `request.auth.audiences` (`aud`), `request.auth.presenter` (`azp`) and
+//!   `request.auth.claims[a][b]` match a string claim or any string of a list claim,
+//!   `scope`, `permission` and `spaceDelimitedClaims` split on spaces. A request without
+//!   a validated token has none of them (`notRequestPrincipals: ["*"]` matches it). On
+//!   TCP connections they are unknown: an ALLOW rule never matches through them, a DENY
+//!   rule applies as if they matched (AP-30).
+//! - **Unknowable attributes.** Evaluation is three-valued: an attribute the layer
+//!   cannot know (a missing [`ConnectionInfo`] for IP and port fields, a
+//!   `connection.sni` condition on a TLS connection, since the SNI is not carried in the
+//!   request, header values that are not valid text, obs-text, CVE-2026-73552) is
+//!   *unknown*: an ALLOW rule matches only if it matches whatever the unknown values
+//!   are, a DENY/AUDIT rule matches unless it fails whatever they are.
 //! - **Unknown condition keys** (including `experimental.envoy.filters.*`) are rejected
 //!   instead of ignored: an unsupported field fails closed (CVE-2022-21679).
 //! - **`;` path parameters** are rejected with 400 by default; [`PathParameters::Strip`]
@@ -71,7 +76,8 @@
 //! # Layer placement
 //!
 //! Inbound, inside the per-connection service that inserts [`PeerIdentity`] and
-//! [`ConnectionInfo`], outside telemetry's inner parts and the application. The decision
+//! [`ConnectionInfo`], after [`AuthnLayer`] (RequestAuthentication), outside telemetry's
+//! inner parts and the application. The decision
 //! is inserted into the request extensions (for inner layers) and the response
 //! extensions (for telemetry and the access log) as [`AuthzDecision`].
 //!
@@ -117,6 +123,8 @@
 //! # let _ = (service, handle);
 //! ```
 //!
+//! [`RequestAuth`]: crate::authn::RequestAuth
+//! [`AuthnLayer`]: crate::authn::AuthnLayer
 //! [`PeerIdentity`]: mesh_core::PeerIdentity
 //! [`ConnectionInfo`]: mesh_core::ConnectionInfo
 //! [`AuthzDecision`]: mesh_core::AuthzDecision
