@@ -2,9 +2,8 @@
 //!
 //! Watches every namespace for Istio's resources (`networking.istio.io/v1`:
 //! VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, Sidecar;
-//! `security.istio.io/v1`:
-//! PeerAuthentication, AuthorizationPolicy), and for Services, EndpointSlices, Pods and
-//! Namespaces, and publishes a [`ClusterState`] after every settled change: the valid
+//! `security.istio.io/v1`: PeerAuthentication, AuthorizationPolicy,
+//! RequestAuthentication), and for Services, EndpointSlices, Pods and Namespaces, and publishes a [`ClusterState`] after every settled change: the valid
 //! Istio objects plus one ServiceEntry per Service made by the [`registry`] module.
 //!
 //! # Behaviour
@@ -276,7 +275,7 @@ pub fn validate_object(
 }
 
 /// The watched Istio kinds: (kind, group, plural).
-const ISTIO_KINDS: [(Kind, &str, &str); 8] = [
+const ISTIO_KINDS: [(Kind, &str, &str); 9] = [
     (
         Kind::VirtualService,
         "networking.istio.io",
@@ -304,6 +303,11 @@ const ISTIO_KINDS: [(Kind, &str, &str); 8] = [
         Kind::AuthorizationPolicy,
         "security.istio.io",
         "authorizationpolicies",
+    ),
+    (
+        Kind::RequestAuthentication,
+        "security.istio.io",
+        "requestauthentications",
     ),
 ];
 
