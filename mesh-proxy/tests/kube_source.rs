@@ -96,6 +96,21 @@ fn addresses(s: &ClusterState, host: &str) -> Vec<String> {
         .collect()
 }
 
+/// A RequestAuthentication, read like the other security kinds.
+const JWT: &str = "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: payment-jwt
+  namespace: production
+spec:
+  selector:
+    matchLabels:
+      app: payment-service
+  jwtRules:
+  - issuer: https://issuer.example.com
+    jwksUri: https://issuer.example.com/jwks.json
+";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_one() {
     let Some(server) = ApiServer::start() else {
@@ -116,12 +131,13 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
 
     server.install_istio_crds();
     server.kubectl(&["create", "namespace", "production"], "");
-    for yaml in [CANARY, RESILIENCE, AUTHZ, STRICT, GATEWAY] {
+    for yaml in [CANARY, RESILIENCE, AUTHZ, STRICT, GATEWAY, JWT] {
         server.apply(yaml);
     }
     let state = wait_for_state(&mut rx, "the article's resources", |s| {
         weights(s, "default", "order-service") == Some(vec![Some(95), Some(5)])
-            && s.resources.len() >= 8
+            && s.resources.len() >= 9
+            && s.resources.iter().any(|r| r.metadata().name == "payment-jwt")
     })
     .await;
     let mut kinds: Vec<String> = state
@@ -143,6 +159,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         "DestinationRule/default/payment-service",
         "Gateway/default/api-gateway",
         "PeerAuthentication/production/default",
+        "RequestAuthentication/production/payment-jwt",
         "VirtualService/default/order-service",
         "VirtualService/default/payment-service",
     ] {
