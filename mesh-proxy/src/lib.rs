@@ -76,13 +76,16 @@
 //!   says; plaintext and TLS-originated upstreams get HTTP/1.1.
 //! - Upstream TLS ([`stack::upstream`]): `SIMPLE`/`MUTUAL` need `caCertificates` (no
 //!   system trust store), take SNI and the automatic SAN check from the destination
-//!   host rather than the request's authority, and never read `credentialName`
+//!   host rather than the request's authority, and read `credentialName` only where
+//!   [`mesh::Options::credentials_dir`] is set (the gateway's `gateway.credentialsDir`;
+//!   sidecars use the certificate files, as Istio's do without a `workloadSelector`)
 //!   (ISTIO.md §8.12, DR-51..DR-54, SR-23..SR-25).
 
 #[cfg(feature = "proxy")]
 pub mod capture;
 #[cfg(feature = "xds")]
 pub mod control;
+pub mod credentials;
 #[cfg(feature = "discovery")]
 pub mod discovery;
 #[cfg(feature = "discovery")]

@@ -235,6 +235,11 @@ pub struct Options {
     /// The longest time between two resolutions of a DNS destination (Istio's
     /// `dnsRefreshRate`); shorter when the answer's TTL is.
     pub dns_refresh_rate: std::time::Duration,
+    /// Where the Secrets that DestinationRule `tls.credentialName` names are read
+    /// ([`crate::credentials`]; a gateway's `gateway.credentialsDir`). `None` (sidecars):
+    /// `credentialName` is not read and the certificate files apply, as on Istio's
+    /// sidecars without a `workloadSelector`.
+    pub credentials_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -247,6 +252,7 @@ impl Default for Options {
             app_port: None,
             dns_servers: Vec::new(),
             dns_refresh_rate: std::time::Duration::from_secs(60),
+            credentials_dir: None,
         }
     }
 }
@@ -434,6 +440,7 @@ impl MeshBuilder {
             replay_limit: limits.max_retry_body_bytes,
             idle_timeout: limits.idle_timeout.as_std(),
             destinations: destinations.clone(),
+            credentials: self.options.credentials_dir.clone().map(Arc::from),
         };
         // What is loaded now is generation 1 of `mesh_config_generation`.
         telemetry.metrics().proxy().config_loaded();

@@ -137,7 +137,9 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
     let state = wait_for_state(&mut rx, "the article's resources", |s| {
         weights(s, "default", "order-service") == Some(vec![Some(95), Some(5)])
             && s.resources.len() >= 9
-            && s.resources.iter().any(|r| r.metadata().name == "payment-jwt")
+            && s.resources
+                .iter()
+                .any(|r| r.metadata().name == "payment-jwt")
     })
     .await;
     let mut kinds: Vec<String> = state

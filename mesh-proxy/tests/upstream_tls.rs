@@ -346,6 +346,100 @@ async fn mutual_tls_origination_presents_the_client_certificate() {
     order.wait().await;
 }
 
+/// A gateway originating TLS with the Secret a DestinationRule's `credentialName` names,
+/// from its credentials directory: `MUTUAL` presents the Secret's certificate and trusts
+/// its `ca.crt`; a Secret that is missing, or a name that leaves the directory, fails
+/// the connection rather than sending plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_originates_tls_with_the_credential_name_secret() {
+    let world = World::new();
+    let (ca, leaf, _) = external_pki(&world);
+    let upstream = TlsUpstream::start(&leaf, Some(&ca)).await;
+    let client = ca
+        .issue_with(&LeafSpec::workload(
+            "example.com",
+            "istio-system",
+            "ingress",
+        ))
+        .unwrap();
+    let creds = world.path("credentials");
+    let secret = creds.join("api-client");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("tls.crt"), client.cert_chain_pem()).unwrap();
+    std::fs::write(secret.join("tls.key"), client.key_pem()).unwrap();
+    std::fs::write(secret.join("ca.crt"), ca.root_pem()).unwrap();
+    // A Secret without a client certificate, for the refusal.
+    std::fs::create_dir_all(creds.join("roots-only")).unwrap();
+    std::fs::write(creds.join("roots-only/ca.crt"), ca.root_pem()).unwrap();
+    let route = |host: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}, namespace: production}}\n\
+             spec:\n  hosts: [{host}]\n  gateways: [edge]\n  http:\n  - route:\n    - destination: {{host: {host}}}\n"
+        )
+    };
+    let mut yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: production}\n\
+         spec:\n  selector: {istio: ingress}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n"
+        .to_owned();
+    for (host, credential) in [
+        ("api.example.com", "kubernetes://api-client"),
+        ("nocert.example.com", "roots-only"),
+        ("missing.example.com", "no-such-secret"),
+    ] {
+        yaml += &format!(
+            "---\n{}---\n{}---\n{}",
+            entry(host, "MESH_EXTERNAL", upstream.addr, ""),
+            rule(
+                host,
+                &format!(
+                    "    tls: {{mode: MUTUAL, credentialName: \"{credential}\", sni: api.example.com, \
+                     subjectAltNames: [api.example.com]}}\n"
+                ),
+            ),
+            route(host),
+        );
+    }
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let ports = Ports::new();
+    let http = free_port();
+    let settings = format!(
+        "workload: {{namespace: production, serviceAccount: ingress, labels: {{istio: ingress}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
+         listeners: {{admin: 127.0.0.1:{admin}}}\n\
+         gateway:\n  name: edge\n  credentialsDir: {creds}\n  ports:\n    80: 127.0.0.1:{http}\n",
+        config = config.display(),
+        ca = world.ca_dir.display(),
+        admin = ports.admin,
+        creds = creds.display(),
+    );
+    let gateway = Proxy::start(&world, "gateway", "gateway", &settings, ports).await;
+    let get = |host: &'static str| async move {
+        let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+        send(addr, "GET", host, "/", &[]).await.unwrap()
+    };
+    assert_eq!(get("api.example.com").await, (200, "tls ok".to_owned()));
+    assert_eq!(*upstream.client_certs.lock().unwrap(), vec![true]);
+    assert_eq!(
+        upstream
+            .sni
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("api.example.com")
+    );
+    // MUTUAL without the Secret's certificate, and a Secret that does not exist: the
+    // connection fails (503), nothing reaches the server in plaintext.
+    for host in ["nocert.example.com", "missing.example.com"] {
+        let (status, body) = get(host).await;
+        assert_eq!(status, 503, "{host}: {body}");
+    }
+    assert_eq!(upstream.client_certs.lock().unwrap().len(), 1);
+    let log = std::fs::read_to_string(&gateway.log).unwrap();
+    assert!(log.contains("credential no-such-secret"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_the_expected_subject_alt_name_is_refused_with_uf() {
     let world = World::new();

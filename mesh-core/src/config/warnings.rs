@@ -88,12 +88,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.**.tls.credentialName",
-        "the secret is not read; the clientCertificate, privateKey and caCertificates files are used \
-         (Istio's sidecars also read it only for a rule with a workloadSelector, which is not enforced)",
-    ),
-    ne(
-        DR,
         "spec.**.tunnel",
         "traffic is not tunnelled (no HTTP CONNECT or POST tunnel to an egress proxy is built)",
     ),

@@ -80,6 +80,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::runtime::{Process, StartError};
 use super::shutdown::ProxyHandle;
+use crate::credentials::{CredentialError, CredentialFiles};
 use crate::mesh::Active;
 use crate::serve;
 use crate::settings::Settings;
@@ -121,58 +122,9 @@ fn select(servers: &TlsServers, sni: Option<&str>) -> Option<usize> {
     }
 }
 
-/// The files of one Secret in the credentials directory: `<credentialsDir>/<name>/`.
-///
-/// The directory holds the Secrets of the Gateway's own namespace (the layout is
-/// unchanged from one directory per `credentialName`). The path is built only from a
-/// validated [`SecretRef`] name, which is one path component and never `.` or `..`; each
-/// file is then resolved through its symlinks (Kubernetes' `..data` swaps) and refused
-/// when it ends up outside the credentials directory.
-struct CredentialFiles {
-    /// The credentials directory, canonical.
-    root: std::path::PathBuf,
-    /// `<root>/<name>`.
-    dir: std::path::PathBuf,
-    name: String,
-}
-
-impl CredentialFiles {
-    fn open(credentials: &Path, secret: &SecretRef) -> Result<Self, StartError> {
-        let err =
-            |what: String| StartError::Certificate(format!("credential {}: {what}", secret.name));
-        let mut parts = Path::new(&secret.name).components();
-        if !matches!(
-            (parts.next(), parts.next()),
-            (Some(std::path::Component::Normal(_)), None)
-        ) {
-            return Err(err("not a Secret name".to_owned()));
-        }
-        let root = credentials
-            .canonicalize()
-            .map_err(|e| err(format!("credentials directory: {e}")))?;
-        Ok(Self {
-            dir: root.join(&secret.name),
-            root,
-            name: secret.name.clone(),
-        })
-    }
-
-    /// The canonical path of `file` of the Secret.
-    fn join(&self, file: &str) -> Result<std::path::PathBuf, StartError> {
-        let err =
-            |what: String| StartError::Certificate(format!("credential {}: {what}", self.name));
-        let real = self
-            .dir
-            .join(file)
-            .canonicalize()
-            .map_err(|e| err(format!("{file}: {e}")))?;
-        if !real.starts_with(&self.root) {
-            return Err(err(format!(
-                "{file} resolves outside the credentials directory"
-            )));
-        }
-        Ok(real)
-    }
+/// A credential that cannot be read stops the start (or the reload).
+fn cred(e: CredentialError) -> StartError {
+    StartError::Certificate(e.to_string())
 }
 
 fn credential_config(
@@ -182,12 +134,13 @@ fn credential_config(
 ) -> Result<Arc<ServerConfig>, StartError> {
     let name = &secret.name;
     let err = |what: String| StartError::Certificate(format!("credential {name}: {what}"));
-    let base = CredentialFiles::open(dir, secret)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(base.join("tls.crt")?)
-        .map_err(|e| err(format!("tls.crt: {e}")))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(format!("tls.crt: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(base.join("tls.key")?)
+    let base = CredentialFiles::open(dir, secret).map_err(cred)?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(base.join("tls.crt").map_err(cred)?)
+            .map_err(|e| err(format!("tls.crt: {e}")))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(format!("tls.crt: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(base.join("tls.key").map_err(cred)?)
         .map_err(|e| err(format!("tls.key: {e}")))?;
     let provider = mesh_tls::provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -195,7 +148,7 @@ fn credential_config(
         .map_err(|e| err(e.to_string()))?;
     let builder = if mutual {
         let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(base.join("ca.crt")?)
+        for ca in CertificateDer::pem_file_iter(base.join("ca.crt").map_err(cred)?)
             .map_err(|e| err(format!("ca.crt: {e}")))?
         {
             roots

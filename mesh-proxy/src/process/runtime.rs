@@ -267,6 +267,11 @@ pub fn options(settings: &Settings) -> Options {
         app_port: (!settings.listeners.capture).then(|| settings.listeners.app.port()),
         dns_servers: settings.dns.servers.clone(),
         dns_refresh_rate: settings.dns.refresh_rate.as_std(),
+        credentials_dir: settings
+            .gateway
+            .as_ref()
+            .and_then(|g| g.credentials_dir.as_ref())
+            .map(|dir| settings.resolve(dir)),
     }
 }
 

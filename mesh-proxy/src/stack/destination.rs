@@ -99,6 +99,9 @@ pub struct MakeDest {
     pub idle_timeout: Duration,
     /// Where the destinations are listed for the admin view.
     pub destinations: Destinations,
+    /// The credentials directory DestinationRule `tls.credentialName` is read from
+    /// (gateways); `None`: not read.
+    pub credentials: Option<Arc<std::path::Path>>,
 }
 
 /// One destination: pool limits around the balancer.
@@ -266,7 +269,8 @@ impl MakeDest {
         };
         let tcp = TcpPool::of(&policy);
         let connecting = Arc::new(Connecting {
-            tls: UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone()),
+            tls: UpstreamTls::new(policy.tls.as_ref(), &target.key.host, self.tls.clone())
+                .credentials(policy.tls.as_ref(), self.credentials.as_deref()),
             connect_timeout: tcp.connect_timeout.unwrap_or(self.connect_timeout),
             tcp,
         });

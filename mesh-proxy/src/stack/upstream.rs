@@ -19,6 +19,14 @@
 //! else against the endpoint's identities (SR-22); SNI is `tls.sni` when set, else the
 //! destination host.
 //!
+//! `credentialName` (`SIMPLE`, `MUTUAL`) is read where a credentials directory is given
+//! ([`UpstreamTls::credentials`]; the gateway's `gateway.credentialsDir`, through
+//! [`crate::credentials`]): the Secret's `tls.crt` and `tls.key` are the client
+//! certificate and key (`MUTUAL`), its `ca.crt`, when present, the roots. The Secret is
+//! named by its name or `kubernetes://<name>`, and must be in the directory, which holds
+//! the proxy's own namespace. Without a credentials directory (sidecars) the certificate
+//! files apply, as on Istio's sidecars for rules without a `workloadSelector`.
+//!
 //! # Errors
 //!
 //! TLS origination settings that cannot be used (no `caCertificates`, an unreadable
@@ -32,10 +40,12 @@
 
 use std::sync::Arc;
 
-use mesh_core::config::{ClientTlsMode, ClientTlsSettings};
+use mesh_core::config::{ClientTlsMode, ClientTlsSettings, SecretRef};
 use mesh_core::{Endpoint, Identity, TlsMode};
 use mesh_tls::{ClientTls, Origination, SecureNaming, UpstreamSecurity};
 use rustls_pki_types::ServerName;
+
+use crate::credentials::CredentialFiles;
 
 /// The transport choice of one destination.
 #[derive(Clone, Debug)]
@@ -94,6 +104,40 @@ impl UpstreamTls {
             tls,
             server_name: ServerName::try_from(sni.to_owned()).ok(),
         }
+    }
+
+    /// With `credentials` (a credentials directory), `settings`' `credentialName`
+    /// replaces its certificate files (see the module docs); a Secret that cannot be
+    /// read makes every connection fail, as unusable files do.
+    #[must_use]
+    pub fn credentials(
+        mut self,
+        settings: Option<&ClientTlsSettings>,
+        credentials: Option<&std::path::Path>,
+    ) -> Self {
+        let (Some(settings), Some(dir)) = (settings, credentials) else {
+            return self;
+        };
+        let Some(name) = settings.credential_name.as_deref() else {
+            return self;
+        };
+        if !matches!(
+            settings.mode,
+            Some(ClientTlsMode::Simple | ClientTlsMode::Mutual)
+        ) {
+            return self;
+        }
+        self.choice = match from_secret(settings, name, dir) {
+            Ok(o) => Choice::Originate(Arc::new(o)),
+            Err(e) => {
+                tracing::warn!(
+                    credential = name,
+                    "DestinationRule tls cannot be used, connections will fail: {e}"
+                );
+                Choice::Refuse(Arc::from(format!("DestinationRule tls: {e}")))
+            }
+        };
+        self
     }
 
     /// The transport to `ep`.
@@ -169,6 +213,32 @@ impl TcpPool {
             max_connection_duration: std(tcp.max_connection_duration),
         }
     }
+}
+
+/// The origination of `settings` with the files of Secret `name` in `dir`.
+fn from_secret(
+    settings: &ClientTlsSettings,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<Origination, String> {
+    let secret = SecretRef::parse(name, "").map_err(|e| e.to_string())?;
+    let files = CredentialFiles::open(dir, &secret).map_err(|e| e.to_string())?;
+    let path = |file: &str| {
+        files
+            .join(file)
+            .map(|p| p.display().to_string())
+            .map_err(|e| e.to_string())
+    };
+    let mut resolved = settings.clone();
+    resolved.credential_name = None;
+    if files.has("ca.crt") {
+        resolved.ca_certificates = Some(path("ca.crt")?);
+    }
+    if settings.mode == Some(ClientTlsMode::Mutual) {
+        resolved.client_certificate = Some(path("tls.crt")?);
+        resolved.private_key = Some(path("tls.key")?);
+    }
+    Origination::from_settings(&resolved).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
