@@ -1,7 +1,8 @@
 //! Every upstream a mesh has, through an in-process sidecar: plaintext services without
 //! a sidecar (DestinationRule `tls: DISABLE` and auto-mTLS), Istio mTLS to a labelled
 //! sidecar, TLS origination (`SIMPLE` with SNI and `subjectAltNames`, `MUTUAL` with a
-//! client certificate), block-wise `tls` merging for a subset, and
+//! client certificate, to rustls servers and to `openssl s_server` checking SNI and the
+//! client certificate; a gateway's `MUTUAL` with `credentialName`), block-wise `tls` merging for a subset, and
 //! `maxRequestsPerConnection` counted at a real upstream.
 
 // Test code: helpers outside #[test] functions unwrap too.
@@ -342,6 +343,99 @@ async fn mutual_tls_origination_presents_the_client_certificate() {
         Ok((200, "tls ok".to_owned()))
     );
     assert_eq!(*upstream.client_certs.lock().unwrap(), vec![true]);
+    order.shutdown();
+    order.wait().await;
+}
+
+/// `MUTUAL` origination to `openssl s_server`, which refuses a ClientHello without the
+/// SNI it serves (`-servername_fatal`) or without a client certificate from its CA
+/// (`-Verify`), and shows the client certificate it verified on its status page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_origination_to_openssl_s_server_checks_sni_and_the_client_certificate() {
+    if !tool_available("openssl") {
+        return;
+    }
+    let world = World::new();
+    let (ca, leaf, ca_file) = external_pki(&world);
+    let client = ca
+        .issue_with(&LeafSpec::workload(
+            "example.com",
+            "production",
+            "order-service",
+        ))
+        .unwrap();
+    let file = |name: &str, pem: &str| {
+        let path = world.path(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let (server_cert, server_key) = (
+        file("server.pem", leaf.cert_chain_pem()),
+        file("server-key.pem", leaf.key_pem()),
+    );
+    let (cert, key) = (
+        file("client.pem", client.cert_chain_pem()),
+        file("client-key.pem", client.key_pem()),
+    );
+    let port = free_port();
+    let _server = KillOnDrop(
+        std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+            .args(["-cert", &server_cert, "-key", &server_key])
+            .args(["-cert2", &server_cert, "-key2", &server_key])
+            .args(["-servername", "api.example.com", "-servername_fatal"])
+            .args(["-CAfile", &ca_file, "-Verify", "1", "-verify_return_error"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let tls = |sni: &str, client: bool| {
+        let files = if client {
+            format!(", clientCertificate: {cert}, privateKey: {key}")
+        } else {
+            String::new()
+        };
+        format!(
+            "    tls: {{mode: MUTUAL, caCertificates: {ca_file}, sni: {sni}, \
+             subjectAltNames: [api.example.com]{files}}}\n"
+        )
+    };
+    let mut yaml = String::new();
+    for (host, sni, client) in [
+        ("api.example.com", "api.example.com", true),
+        ("wrong-sni.example.com", "other.example.com", true),
+    ] {
+        yaml += &format!(
+            "{}---\n{}---\n",
+            entry(host, "MESH_EXTERNAL", addr, ""),
+            rule(host, &tls(sni, client)),
+        );
+    }
+    let (order, outbound) = caller(&world, &yaml).await;
+    // s_server may still be starting: the first attempts can be refused.
+    let mut answer = Err(String::new());
+    for _ in 0..50 {
+        answer = send(outbound, "GET", "api.example.com", "/", &[]).await;
+        if matches!(&answer, Ok((200, _))) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, page) = answer.unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Client certificate"), "{page}");
+    assert!(
+        page.contains("spiffe://example.com/ns/production/sa/order-service"),
+        "the server verified the sidecar's client certificate: {page}"
+    );
+    // The server refuses another SNI: the request fails, nothing is sent in plaintext.
+    let (status, body) = send(outbound, "GET", "wrong-sni.example.com", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
     order.shutdown();
     order.wait().await;
 }
