@@ -1,6 +1,6 @@
 //! `Sidecar` and `WorkloadEntry` from a real API server: both kinds watched, validated
 //! like files (an invalid Sidecar rejected with the object and field named), ServiceEntries
-//! (and Services) selecting WorkloadEntries by label, and the xDS view of each proxy
+//! (and Services) selecting WorkloadEntries, and ServiceEntries ready pods, by label, and the xDS view of each proxy
 //! narrowed to what the Sidecar that applies to it imports (ISTIO.md SR-32, SR-33).
 
 #![allow(clippy::unwrap_used)]
@@ -265,4 +265,97 @@ async fn sidecars_and_workload_entries_are_watched_and_scope_each_proxys_view() 
     .await;
     let config = state.config(&LoadOptions::default());
     assert!(endpoint_addresses(&config, "vms.shop.internal").is_empty());
+}
+
+/// A pod of the `shop` namespace with `labels`; its status is set apart (no kubelet
+/// runs here).
+fn pod(name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {labels}}}\n\
+         spec:\n  serviceAccountName: vms\n  containers: [{{name: app, image: vms:1}}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_entry_selects_the_ready_pods_of_its_namespace() {
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    server.install_istio_crds();
+    for ns in ["shop", "bank", ROOT] {
+        server.kubectl(&["create", "namespace", ns], "");
+    }
+    server.apply(OBJECTS);
+    server.apply(&pod(
+        "vm-pod-a",
+        "{app: vms, security.istio.io/tlsMode: istio}",
+    ));
+    server.apply(&pod("vm-pod-b", "{app: vms}"));
+    server.apply(&pod("other", "{app: reviews}"));
+    let status = |name: &str, ip: &str, ready: &str| {
+        let patch = format!(
+            "{{\"status\": {{\"podIP\": \"{ip}\", \"podIPs\": [{{\"ip\": \"{ip}\"}}], \
+             \"conditions\": [{{\"type\": \"Ready\", \"status\": \"{ready}\"}}]}}}}"
+        );
+        server.kubectl(
+            &[
+                "patch",
+                "pod",
+                name,
+                "-n",
+                "shop",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch,
+            ],
+            "",
+        );
+    };
+    status("vm-pod-a", "10.244.1.5", "True");
+    status("vm-pod-b", "10.244.1.6", "False");
+    status("other", "10.244.1.7", "True");
+    let source = KubeSource::start(server.client().await, options())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), source.ready())
+        .await
+        .expect("ready");
+    let mut rx = source.subscribe();
+    let state = wait_for_state(&mut rx, "the selected pod", |s| {
+        has(s, "WorkloadEntry/shop/kubernetes-pod.vm-pod-a")
+    })
+    .await;
+    // Only the ready pod the selector matches; not the unready one, not another app.
+    assert!(!has(&state, "WorkloadEntry/shop/kubernetes-pod.vm-pod-b"));
+    assert!(!has(&state, "WorkloadEntry/shop/kubernetes-pod.other"));
+    let config = state.config(&LoadOptions::default());
+    let mut addresses = endpoint_addresses(&config, "vms.shop.internal");
+    addresses.sort();
+    assert_eq!(addresses, ["10.0.0.9", "10.244.1.5"]);
+    let entry = &config.service_entries_for_host("vms.shop.internal")[0];
+    let pod = entry
+        .spec
+        .endpoints
+        .iter()
+        .find(|e| e.address.as_deref() == Some("10.244.1.5"))
+        .unwrap();
+    assert_eq!(pod.service_account.as_deref(), Some("vms"));
+    assert_eq!(pod.labels["security.istio.io/tlsMode"], "istio");
+
+    // The pod becomes ready: it joins; it is deleted: it leaves.
+    status("vm-pod-b", "10.244.1.6", "True");
+    wait_for_state(&mut rx, "the second pod ready", |s| {
+        has(s, "WorkloadEntry/shop/kubernetes-pod.vm-pod-b")
+    })
+    .await;
+    server.kubectl(
+        &["delete", "pod", "vm-pod-a", "-n", "shop", "--wait=false"],
+        "",
+    );
+    wait_for_state(&mut rx, "the first pod gone", |s| {
+        !has(s, "WorkloadEntry/shop/kubernetes-pod.vm-pod-a")
+            && has(s, "WorkloadEntry/shop/kubernetes-pod.vm-pod-b")
+    })
+    .await;
 }

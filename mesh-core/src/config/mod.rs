@@ -21,8 +21,8 @@
 //! - Documents of other kinds (a `Deployment` next to a DestinationRule) are skipped with a
 //!   note; other Istio kinds (`Telemetry`, `EnvoyFilter`, ...) are skipped with a warning.
 //! - A ServiceEntry with a `workloadSelector` has as endpoints the WorkloadEntries of its
-//!   namespace that it selects ([`MeshConfig`]); pods are selected only by the Kubernetes
-//!   registry of `discovery`, for Services.
+//!   namespace that it selects ([`MeshConfig`]); in Kubernetes, `discovery` sends the
+//!   ready pods such a selector matches as WorkloadEntries too.
 //! - [`MeshConfig::sidecar_for`] finds the `Sidecar` of a workload (ISTIO.md SR-33); its
 //!   egress hosts ([`Sidecar::imports`](Resource::imports), SR-32) scope what `discovery`
 //!   sends to the workload's proxy. A configuration loaded from files is not scoped.

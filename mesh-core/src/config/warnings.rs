@@ -144,11 +144,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         SE,
-        "spec.workloadSelector",
-        "WorkloadEntries are selected as endpoints, pods are not",
-    ),
-    ne(
-        SE,
         "spec.endpoints[].network",
         "all endpoints are treated as reachable",
     ),

@@ -34,11 +34,12 @@
 //!
 //! # Choices that differ from Istio
 //!
-//! - A ServiceEntry's `workloadSelector` selects the WorkloadEntries of its namespace
-//!   (each proxy's snapshot does the selecting, see [`MeshConfig`]), and so does the
-//!   selector of a Service without endpoints; pods are not selected by ServiceEntries,
-//!   which istiod does (a pod's address, readiness and labels would become an endpoint
-//!   of the entry). A Service's pods reach it through its EndpointSlices, as in Istio.
+//! - A ServiceEntry's `workloadSelector` selects the WorkloadEntries and the ready pods
+//!   of its namespace, as in istiod: each selected pod is sent as a WorkloadEntry
+//!   (`kubernetes-pod.<name>`, [`registry::selected_pods`]) and each proxy's snapshot
+//!   does the selecting (see [`MeshConfig`]). The selector of a Service without
+//!   endpoints selects WorkloadEntries only; a Service's pods reach it through its
+//!   EndpointSlices, as in Istio.
 //! - istiod skips an invalid object that reached the API server (its webhook off or
 //!   bypassed) and keeps nothing of it; here the object's last valid version keeps
 //!   serving, so a bad `kubectl patch` cannot take a route away.
@@ -915,6 +916,15 @@ fn build(shared: &Shared) -> ClusterState {
         &store.pods,
         &shared.options.registry(),
     );
+    // Pods that users' ServiceEntries select, as WorkloadEntries.
+    let selected = registry::selected_pods(
+        resources.iter().filter_map(|r| match r {
+            AnyResource::ServiceEntry(se) => Some(se),
+            _ => None,
+        }),
+        &store.pods,
+    );
+    resources.extend(selected.into_iter().map(AnyResource::WorkloadEntry));
     resources.extend(entries.into_iter().map(AnyResource::ServiceEntry));
     ClusterState {
         generation: 0,

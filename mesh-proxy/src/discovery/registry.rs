@@ -79,7 +79,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_core::TLS_MODE_LABEL;
 use mesh_core::config::{
     EntryWorkloadSelector, GatewayPort, Labels, Location, Metadata, Origin, Resolution,
-    ServiceEntry, ServiceEntrySpec, WorkloadEntry,
+    ServiceEntry, ServiceEntrySpec, WorkloadEntry, WorkloadEntryResource,
 };
 
 /// The label that ties an EndpointSlice to its Service.
@@ -93,6 +93,9 @@ pub const KUBERNETES_SA_ANNOTATION: &str = "alpha.istio.io/kubernetes-serviceacc
 pub const CANONICAL_SA_ANNOTATION: &str = "alpha.istio.io/canonical-serviceaccounts";
 /// The prefix of the names of the ServiceEntries made from Services.
 pub const ENTRY_NAME_PREFIX: &str = "kubernetes.";
+/// The prefix of the names of the WorkloadEntries made from pods that ServiceEntries
+/// select.
+pub const POD_ENTRY_NAME_PREFIX: &str = "kubernetes-pod.";
 
 /// What the registry needs to know about the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,17 +115,26 @@ impl Default for RegistryOptions {
     }
 }
 
-/// What the registry keeps of a Pod: its labels and its service account.
+/// What the registry keeps of a Pod: its labels, its service account, and what a
+/// ServiceEntry that selects it needs (its address and readiness).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PodInfo {
     /// The pod's labels.
     pub labels: Labels,
     /// `spec.serviceAccountName`, `default` when unset.
     pub service_account: String,
+    /// `status.podIP` (the primary address), when assigned.
+    pub ip: Option<String>,
+    /// Condition `Ready` is `True` and the pod is not being deleted.
+    pub ready: bool,
 }
 
 impl From<&Pod> for PodInfo {
     fn from(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         PodInfo {
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             service_account: pod
@@ -131,8 +143,78 @@ impl From<&Pod> for PodInfo {
                 .and_then(|s| s.service_account_name.clone())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".to_owned()),
+            ip: status
+                .and_then(|s| s.pod_ip.clone())
+                .filter(|ip| !ip.is_empty()),
+            ready: ready && pod.metadata.deletion_timestamp.is_none(),
         }
     }
+}
+
+/// The pods that ServiceEntries written by users select with `workloadSelector`, as
+/// WorkloadEntries of their namespace (in Istio's ServiceEntry reference the selector
+/// takes Kubernetes pods as well as WorkloadEntries): a ready pod with an address whose
+/// labels match a non-empty selector of a ServiceEntry in its namespace. The proxy's
+/// snapshot then selects them like any WorkloadEntry; the ServiceEntry's port number (or
+/// `targetPort`) is the pod's port. The pod's service account is its identity and its
+/// `security.istio.io/tlsMode` label (else `disabled`) decides auto-mTLS, as for the
+/// endpoints of Services.
+pub fn selected_pods<'a>(
+    entries: impl IntoIterator<Item = &'a ServiceEntry>,
+    pods: &Pods,
+) -> Vec<WorkloadEntryResource> {
+    let mut selectors: HashMap<&str, Vec<&Labels>> = HashMap::new();
+    for entry in entries {
+        if let Some(selector) = &entry.spec.workload_selector
+            && !selector.labels.is_empty()
+        {
+            selectors
+                .entry(entry.metadata.namespace.as_str())
+                .or_default()
+                .push(&selector.labels);
+        }
+    }
+    let mut out: Vec<WorkloadEntryResource> = pods
+        .iter()
+        .filter_map(|((namespace, name), pod)| {
+            let ip = pod.ip.as_ref().filter(|_| pod.ready)?;
+            let selected = selectors.get(namespace.as_str())?.iter().any(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| pod.labels.get(k).is_some_and(|l| l == v))
+            });
+            if !selected {
+                return None;
+            }
+            let mut labels = pod.labels.clone();
+            labels
+                .entry(TLS_MODE_LABEL.to_owned())
+                .or_insert_with(|| "disabled".to_owned());
+            Some(WorkloadEntryResource {
+                api_version: "networking.istio.io/v1".to_owned(),
+                metadata: Metadata {
+                    name: format!("{POD_ENTRY_NAME_PREFIX}{name}"),
+                    namespace: namespace.clone(),
+                    ..Metadata::default()
+                },
+                spec: WorkloadEntry {
+                    address: Some(ip.clone()),
+                    labels,
+                    service_account: Some(pod.service_account.clone()),
+                    ..WorkloadEntry::default()
+                },
+                origin: Origin {
+                    file: format!("Pod/{namespace}/{name}").into(),
+                    document: 1,
+                    seq: 0,
+                },
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    out
 }
 
 /// Pods by `(namespace, name)`.
