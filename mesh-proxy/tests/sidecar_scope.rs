@@ -1,7 +1,8 @@
 //! `Sidecar` and `WorkloadEntry` from a real API server: both kinds watched, validated
 //! like files (an invalid Sidecar rejected with the object and field named), ServiceEntries
-//! (and Services) selecting WorkloadEntries, and ServiceEntries ready pods, by label, and the xDS view of each proxy
-//! narrowed to what the Sidecar that applies to it imports (ISTIO.md SR-32, SR-33).
+//! (and Services) selecting WorkloadEntries by label, ServiceEntries selecting ready pods,
+//! and the xDS view of each proxy narrowed to what the Sidecar that applies to it imports
+//! (ISTIO.md SR-32, SR-33).
 
 #![allow(clippy::unwrap_used)]
 
