@@ -165,10 +165,10 @@ fuzz_target!(|input: Input| {
         connection: input.connection.then_some(&info),
         remote_ip: None,
         server_name: match &input.sni {
-        request_auth: None,
             Some(s) => ServerName::Known(s.as_deref()),
             None => ServerName::Unknown,
         },
+        request_auth: None,
     };
     let allowed = allow.evaluate(&attrs);
     let denied = deny.evaluate(&attrs);
