@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
+use pin_project::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -87,9 +88,42 @@ pub struct Authn<S> {
 /// The response body of [`Authn`]: the inner service's, or a local `401`.
 pub type AuthnBody<B> = Either<B, Full<Bytes>>;
 
-/// The future of [`Authn`].
-pub type AuthnFuture<B, E> =
+/// The boxed token check and call of [`AuthnFuture::Checked`].
+pub type CheckedFuture<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<AuthnBody<B>>, E>> + Send>>;
+
+/// The future of [`Authn`]: the inner service's own future when no rule applies to the
+/// workload (no allocation on that path), else the token check before it.
+#[pin_project(project = AuthnFutureProj)]
+pub enum AuthnFuture<F, B, E> {
+    /// No RequestAuthentication applies: the inner service's future.
+    Direct {
+        /// The inner future.
+        #[pin]
+        inner: F,
+    },
+    /// Tokens are checked before the inner service is called.
+    Checked {
+        /// The check, then the call.
+        fut: CheckedFuture<B, E>,
+    },
+}
+
+impl<F, B, E> Future for AuthnFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<AuthnBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AuthnFutureProj::Direct { inner } => {
+                inner.poll(cx).map(|r| r.map(|res| res.map(Either::Left)))
+            }
+            AuthnFutureProj::Checked { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
 
 /// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`
 /// (RA-06 `bypass_cors_preflight`).
@@ -149,7 +183,7 @@ where
 {
     type Response = Response<AuthnBody<ResBody>>;
     type Error = S::Error;
-    type Future = AuthnFuture<ResBody, S::Error>;
+    type Future = AuthnFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -157,18 +191,23 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let auth = self.handle.load();
+        if auth.is_empty() {
+            // No rule: nothing to check, and no output header to strip from a preflight.
+            return AuthnFuture::Direct {
+                inner: self.inner.call(req),
+            };
+        }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        let fut = Box::pin(async move {
             if is_cors_preflight(&req) {
                 auth.strip_outputs(req.headers_mut());
-            } else if !auth.is_empty()
-                && let Err(e) = auth.authenticate(&mut req).await
-            {
+            } else if let Err(e) = auth.authenticate(&mut req).await {
                 tracing::debug!(error = %e, "request rejected by RequestAuthentication");
                 return Ok(unauthorized(&realm(&req), e.body()));
             }
             inner.call(req).await.map(|r| r.map(Either::Left))
-        })
+        });
+        AuthnFuture::Checked { fut }
     }
 }
