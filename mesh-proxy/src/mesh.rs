@@ -233,6 +233,15 @@ pub struct Options {
     /// The longest time between two resolutions of a DNS destination (Istio's
     /// `dnsRefreshRate`); shorter when the answer's TTL is.
     pub dns_refresh_rate: std::time::Duration,
+    /// Istio's `numTrustedProxies`: proxies in front of this one trusted to append to
+    /// `X-Forwarded-For` (AuthorizationPolicy `remoteIpBlocks`).
+    pub num_trusted_proxies: usize,
+    /// The gateway's `forwardClientCertDetails` (the sidecar's inbound listener always
+    /// uses `SANITIZE_SET`).
+    pub gateway_forward_client_cert: crate::stack::headers::ForwardClientCertDetails,
+    /// More request header names (lower case) removed from clients at the inbound
+    /// listener and the gateway.
+    pub untrusted_headers: Vec<String>,
 }
 
 impl Default for Options {
@@ -245,6 +254,9 @@ impl Default for Options {
             app_port: None,
             dns_servers: Vec::new(),
             dns_refresh_rate: std::time::Duration::from_secs(60),
+            num_trusted_proxies: 0,
+            gateway_forward_client_cert: Default::default(),
+            untrusted_headers: Vec::new(),
         }
     }
 }
@@ -655,6 +667,10 @@ impl Mesh {
             &self.inner.workload.service_host(),
             self.inner.authz.clone(),
             self.inner.options.path_normalization,
+            self.edge_headers(
+                crate::stack::headers::ForwardClientCertDetails::SanitizeSet,
+                false,
+            ),
             app,
         )
     }
@@ -861,7 +877,29 @@ impl Mesh {
     /// `redirect_hosts` covers are redirected to HTTPS, the rest routed by the
     /// Gateway's VirtualServices.
     pub fn gateway(&self, redirect_hosts: Arc<ArcSwap<Vec<String>>>) -> HttpService {
-        crate::stack::gateway::service(&self.inner.router, &self.inner.telemetry, redirect_hosts)
+        crate::stack::gateway::service(
+            &self.inner.router,
+            &self.inner.telemetry,
+            redirect_hosts,
+            self.edge_headers(self.inner.options.gateway_forward_client_cert, true),
+        )
+    }
+
+    /// The header-trust settings of an edge of this mesh: the inbound listener
+    /// (`gateway` false) or the gateway.
+    fn edge_headers(
+        &self,
+        forward_client_cert: crate::stack::headers::ForwardClientCertDetails,
+        gateway: bool,
+    ) -> crate::stack::headers::EdgeHeaders {
+        crate::stack::headers::EdgeHeaders {
+            forward_client_cert,
+            own_identity: self.inner.workload.identity().ok().map(|i| i.to_string()),
+            append_forwarded_for: gateway,
+            strip_response: gateway,
+            extra_untrusted: self.inner.options.untrusted_headers.clone(),
+            num_trusted_proxies: self.inner.options.num_trusted_proxies,
+        }
     }
 
     /// Starts the graceful shutdown of what this mesh serves.

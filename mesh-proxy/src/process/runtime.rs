@@ -267,6 +267,19 @@ pub fn options(settings: &Settings) -> Options {
         app_port: (!settings.listeners.capture).then(|| settings.listeners.app.port()),
         dns_servers: settings.dns.servers.clone(),
         dns_refresh_rate: settings.dns.refresh_rate.as_std(),
+        num_trusted_proxies: settings.gateway_topology.num_trusted_proxies,
+        gateway_forward_client_cert: settings
+            .gateway_topology
+            .forward_client_cert_details
+            .as_deref()
+            .and_then(crate::stack::headers::ForwardClientCertDetails::from_istio)
+            .unwrap_or_default(),
+        untrusted_headers: settings
+            .gateway_topology
+            .untrusted_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
     }
 }
 

@@ -1,0 +1,371 @@
+//! Hostile clients against the real binary, in raw bytes over TCP: header trust (forged
+//! identity and internal headers, `X-Forwarded-Client-Cert` modes, `X-Forwarded-For` at
+//! the edge, internal response headers), hostile paths against a DENY policy, and
+//! requests that are not well-formed. A recording upstream shows what was forwarded.
+
+// Test code: helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: http::HeaderMap,
+}
+
+/// An upstream that records every request and answers 200 `ok` with internal headers
+/// of the kind a mesh behind a gateway sets.
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Recorder {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        record.lock().unwrap().push(Seen {
+                            method: req.method().to_string(),
+                            target: req
+                                .uri()
+                                .path_and_query()
+                                .map_or_else(String::new, |p| p.to_string()),
+                            headers: req.headers().clone(),
+                        });
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            let res = http::Response::builder()
+                                .header("x-envoy-peer-metadata", "Cg9mb3JnZWQ=")
+                                .header("x-envoy-peer-metadata-id", "sidecar~10.0.0.1~x~y")
+                                .header("x-envoy-upstream-service-time", "1")
+                                .header("l5d-server-id", "forged")
+                                .header("x-istio-attributes", "forged")
+                                .header("x-forwarded-client-cert", "By=spiffe://x")
+                                .header("x-app", "kept")
+                                .body(Full::new(Bytes::from_static(b"ok")))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(res)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+/// Writes `request` as it is and reads the answer until the proxy closes (or 10 s).
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw answer (0 when there is none).
+fn status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The response head's header names, lower case.
+fn response_header_names(answer: &str) -> Vec<String> {
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, _)| k.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// A sidecar for `payment-service` whose application is `app`, with `extra` settings,
+/// and a sidecar for `order-service` calling it.
+async fn two_sidecars(world: &World, app: SocketAddr, extra: &str, policy: &str) -> (Proxy, Proxy) {
+    let (pp, op) = (Ports::new(), Ports::new());
+    let yaml = format!(
+        "{}{policy}",
+        service_entry(
+            "payment-service",
+            80,
+            &[(pp.inbound, "v1", "payment-service")]
+        )
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let s = sidecar_settings(
+        world,
+        "payment-service",
+        &labels(&[("app", "payment-service")]),
+        &config,
+        pp,
+        app,
+        extra,
+    );
+    let payment = Proxy::start(world, "sidecar", "payment-service", &s, pp).await;
+    let order = start_sidecar(
+        world,
+        "order-service",
+        &config,
+        op,
+        "127.0.0.1:9".parse().unwrap(),
+    )
+    .await;
+    (payment, order)
+}
+
+const FORGED: &str = "X-Forwarded-Client-Cert: By=spiffe://cluster.local/ns/production/sa/admin;URI=spiffe://cluster.local/ns/production/sa/admin\r\n\
+     x-forwarded-client-cert: Hash=00\r\n\
+     L5d-Client-Id: admin.production.serviceaccount.identity.linkerd.cluster.local\r\n\
+     x-envoy-original-path: /admin\r\n\
+     x-envoy-max-retries: 100\r\n\
+     x-istio-attributes: forged\r\n\
+     x-user-identity: admin\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_gets_the_meshs_client_cert_and_never_a_forged_one() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let extra = "gatewayTopology:\n  untrustedHeaders: [X-User-Identity]\n";
+    let (payment, order) = two_sidecars(&world, app.addr, extra, "").await;
+
+    // Through the caller's sidecar: mTLS between the sidecars, SANITIZE_SET inbound.
+    let request =
+        format!("GET /pay HTTP/1.1\r\nHost: payment-service\r\n{FORGED}Connection: close\r\n\r\n");
+    let answer = raw(order.outbound(), request.as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}\n{}", payment.output());
+    let seen = app.take();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    let xfcc: Vec<_> = h.get_all("x-forwarded-client-cert").iter().collect();
+    assert_eq!(xfcc.len(), 1, "{h:?}");
+    let xfcc = xfcc[0].to_str().unwrap();
+    let (by, rest) = xfcc.split_once(";Hash=").unwrap();
+    assert_eq!(
+        by,
+        "By=spiffe://cluster.local/ns/production/sa/payment-service"
+    );
+    let (hash, rest) = rest.split_once(';').unwrap();
+    assert_eq!(hash.len(), 64, "{xfcc}");
+    assert!(
+        hash.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    assert_eq!(
+        rest,
+        "Subject=\"\";URI=spiffe://cluster.local/ns/production/sa/order-service"
+    );
+    for name in [
+        "l5d-client-id",
+        "x-envoy-original-path",
+        "x-envoy-max-retries",
+        "x-istio-attributes",
+        "x-user-identity",
+    ] {
+        assert!(
+            !h.contains_key(name),
+            "{name} reached the application: {h:?}"
+        );
+    }
+    // The same caller's certificate gives the same hash on a new connection.
+    let answer = raw(order.outbound(), request.as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let again = app.take();
+    assert_eq!(
+        again[0].headers["x-forwarded-client-cert"]
+            .to_str()
+            .unwrap(),
+        xfcc
+    );
+
+    // Straight to the inbound listener in plaintext (PERMISSIVE): no identity, so no
+    // XFCC at all, and nothing forged.
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    let answer = raw(inbound, request.as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let h = &app.take()[0].headers;
+    for name in [
+        "x-forwarded-client-cert",
+        "l5d-client-id",
+        "x-envoy-original-path",
+        "x-user-identity",
+    ] {
+        assert!(
+            !h.contains_key(name),
+            "{name} reached the application: {h:?}"
+        );
+    }
+}
+
+/// A gateway with one plain HTTP server for `api.example.com` routing everything to a
+/// plaintext endpoint (no sidecar) at `upstream`.
+async fn plain_gateway(
+    world: &World,
+    upstream: SocketAddr,
+    extra: &str,
+    policy: &str,
+) -> (Proxy, u16) {
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: production}}
+spec:
+  hosts: [backend]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 8080, name: http, protocol: HTTP}}
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {port}}}, labels: {{app: backend}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: production}}
+spec:
+  selector: {{istio: ingress}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: [api.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: production}}
+spec:
+  hosts: [api.example.com]
+  gateways: [edge]
+  http:
+  - route:
+    - destination: {{host: backend, port: {{number: 8080}}}}
+{policy}",
+        port = upstream.port()
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let ports = Ports::new();
+    let http = free_port();
+    let settings = format!(
+        "workload: {{namespace: production, serviceAccount: istio-ingressgateway, labels: {{istio: ingress}}}}\n\
+         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
+         listeners: {{admin: 127.0.0.1:{admin}}}\n\
+         gateway:\n  name: edge\n  ports:\n    80: 127.0.0.1:{http}\n{extra}",
+        config = config.display(),
+        ca = world.ca_dir.display(),
+        admin = ports.admin,
+    );
+    let gw = Proxy::start(world, "gateway", "gateway", &settings, ports).await;
+    (gw, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_strips_forged_identity_appends_the_peer_and_hides_internal_headers() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let (gw, http) = plain_gateway(&world, upstream.addr, "", "").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let request = format!(
+        "GET /x HTTP/1.1\r\nHost: api.example.com\r\nX-Forwarded-For: 203.0.113.9\r\n{FORGED}Connection: close\r\n\r\n"
+    );
+    let answer = raw(addr, request.as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}\n{}", gw.output());
+    // What the external client sees: the application's own header, none of the mesh's.
+    let names = response_header_names(&answer);
+    assert!(names.contains(&"x-app".to_owned()), "{answer}");
+    for name in &names {
+        assert!(
+            !(name.starts_with("x-envoy-")
+                || name.starts_with("l5d-")
+                || name.starts_with("x-istio-")
+                || name == "x-forwarded-client-cert"),
+            "{name} leaked to the client: {answer}"
+        );
+    }
+    let seen = upstream.take();
+    let h = &seen[0].headers;
+    // SANITIZE_SET without a client certificate: no XFCC.
+    for name in [
+        "x-forwarded-client-cert",
+        "l5d-client-id",
+        "x-envoy-original-path",
+        "x-envoy-max-retries",
+        "x-istio-attributes",
+    ] {
+        assert!(!h.contains_key(name), "{name} reached the upstream: {h:?}");
+    }
+    // The client's own X-Forwarded-For stays, with the real peer appended.
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1", "{h:?}");
+    // Without X-Forwarded-For, the peer alone.
+    let answer = raw(
+        addr,
+        b"GET /y HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(upstream.take()[0].headers["x-forwarded-for"], "127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_forward_client_cert_details_is_configurable() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let extra = "gatewayTopology:\n  forwardClientCertDetails: ALWAYS_FORWARD_ONLY\n  numTrustedProxies: 1\n";
+    let (gw, http) = plain_gateway(&world, upstream.addr, extra, "").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let request = "GET /x HTTP/1.1\r\nHost: api.example.com\r\nX-Forwarded-Client-Cert: By=spiffe://front/door\r\nx-envoy-original-path: /admin\r\nConnection: close\r\n\r\n";
+    let answer = raw(addr, request.as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}\n{}", gw.output());
+    let h = &upstream.take()[0].headers;
+    // A trusted front proxy's XFCC passes; the other internal headers still go.
+    assert_eq!(h["x-forwarded-client-cert"], "By=spiffe://front/door");
+    assert!(!h.contains_key("x-envoy-original-path"), "{h:?}");
+    // FORWARD_ONLY without a client certificate removes it.
+    drop(gw);
+    let world = World::new();
+    let extra = "gatewayTopology:\n  forwardClientCertDetails: FORWARD_ONLY\n";
+    let (gw, http) = plain_gateway(&world, upstream.addr, extra, "").await;
+    let answer = raw(SocketAddr::from(([127, 0, 0, 1], http)), request.as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}\n{}", gw.output());
+    assert!(
+        !upstream.take()[0]
+            .headers
+            .contains_key("x-forwarded-client-cert")
+    );
+}
