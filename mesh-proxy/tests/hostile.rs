@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One request as the upstream received it.
 #[derive(Clone, Debug)]
+#[allow(dead_code)]
 struct Seen {
     method: String,
     target: String,
@@ -368,4 +369,109 @@ async fn the_gateways_forward_client_cert_details_is_configurable() {
             .headers
             .contains_key("x-forwarded-client-cert")
     );
+}
+
+const DENY_ADMIN: &str = "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: production}
+spec:
+  selector: {matchLabels: {app: payment-service}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: [/admin, /admin/*]}
+  - to:
+    - operation: {hosts: [secret.example]}
+  - when:
+    - key: request.headers[x-user]
+      values: ['*admin']
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_paths_against_a_deny_policy_are_denied_or_refused_and_never_forwarded_raw() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let (payment, _order) = two_sidecars(&world, app.addr, "", DENY_ADMIN).await;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    // (request target, status, what the upstream received: None = nothing).
+    let table: &[(&str, u16, Option<&str>)] = &[
+        ("/admin", 403, None),
+        ("/admin?x=1", 403, None),
+        ("/admin#x", 403, None),
+        ("//admin", 403, None),
+        ("/a//..//admin", 403, None),
+        ("/public/../admin", 403, None),
+        ("/info/../admin/x", 403, None),
+        ("/%61dmin", 403, None),
+        ("/admin/*x", 403, None),
+        ("/admin%2fx", 400, None),
+        ("/admin%2Fx", 400, None),
+        ("/x%2F..%2Fadmin", 400, None),
+        ("/x/..%2fadmin", 400, None),
+        ("/x%5C..%5Cadmin", 400, None),
+        ("/x%5c..%5cadmin", 400, None),
+        ("/x%252F..%252Fadmin", 400, None),
+        ("/%252e%252e/admin", 400, None),
+        ("/admin;x=y/action", 400, None),
+        ("/admin;jsessionid=1", 400, None),
+        ("/..;x/admin", 400, None),
+        ("/admin%3Bx", 400, None),
+        ("/x/..%c0%afadmin", 400, None),
+        ("/%80admin", 400, None),
+        ("/a%zz", 400, None),
+        ("/a%00", 400, None),
+        // Allowed, and forwarded in the one form the policy saw.
+        ("/public//x?q=1", 200, Some("/public/x?q=1")),
+        ("/public/./a/../b#frag", 200, Some("/public/b")),
+        ("/caf%c3%a9", 200, Some("/caf%C3%A9")),
+        ("/ADMIN", 200, Some("/ADMIN")),
+        ("/administrator", 200, Some("/administrator")),
+    ];
+    let mut failures = Vec::new();
+    for (target, want, forwarded) in table {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: payment-service\r\nConnection: close\r\n\r\n");
+        let answer = raw(inbound, request.as_bytes()).await;
+        let seen = app.take();
+        let got_forwarded = seen.first().map(|s| s.target.as_str());
+        if status(&answer) != *want || got_forwarded != *forwarded || seen.len() > 1 {
+            failures.push(format!(
+                "{target}: {} (want {want}), upstream got {got_forwarded:?} (want {forwarded:?})",
+                status(&answer)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}\n{}", payment.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_with_ports_and_non_utf8_header_values_meet_the_deny_policy() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let (payment, _order) = two_sidecars(&world, app.addr, "", DENY_ADMIN).await;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    for (head, want) in [
+        (&b"Host: secret.example"[..], 403),
+        (b"Host: Secret.Example:8080", 403),
+        (b"Host: secret.example.:80", 403),
+        (b"Host: payment-service\r\nx-user: boss-admin", 403),
+        // obs-text (RFC 9110 §5.5): matching fails closed, so a DENY rule on the header
+        // denies any value that is not UTF-8.
+        (b"Host: payment-service\r\nx-user: \xff-admin", 403),
+        (b"Host: payment-service\r\nx-user: \xffguest", 403),
+        (b"Host: payment-service\r\nx-user: guest", 200),
+    ] {
+        let mut request = b"GET /x HTTP/1.1\r\n".to_vec();
+        request.extend_from_slice(head);
+        request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        let answer = raw(inbound, &request).await;
+        assert_eq!(
+            status(&answer),
+            want,
+            "{}: {answer}",
+            String::from_utf8_lossy(head)
+        );
+        assert_eq!(app.take().len(), usize::from(want == 200));
+    }
 }
