@@ -21,7 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One request as the upstream received it.
 #[derive(Clone, Debug)]
-#[allow(dead_code)]
 struct Seen {
     method: String,
     target: String,
@@ -474,4 +473,107 @@ async fn hosts_with_ports_and_non_utf8_header_values_meet_the_deny_policy() {
         );
         assert_eq!(app.take().len(), usize::from(want == 200));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_are_not_well_formed_get_400_and_reach_no_one() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let (payment, order) = two_sidecars(&world, app.addr, "", DENY_ADMIN).await;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    let bad: &[&[u8]] = &[
+        b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: payment-service\r\nHost: other\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: admin@payment-service\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: payment service\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: payment-service:\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: payment-service:http\r\nConnection: close\r\n\r\n",
+        b"GET http://admin@payment-service/x HTTP/1.1\r\nHost: payment-service\r\nConnection: close\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: payment-service\r\nConnection: close\r\n\r\n",
+    ];
+    for listener in [inbound, order.outbound()] {
+        for request in bad {
+            let answer = raw(listener, request).await;
+            assert_eq!(
+                status(&answer),
+                400,
+                "{listener} {}: {answer}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+    assert_eq!(app.take().len(), 0);
+
+    // HTTP/1.0 needs no Host.
+    let answer = raw(inbound, b"GET /x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    app.take();
+
+    // Absolute form: the target's authority wins over Host, for authorization too.
+    let answer = raw(
+        inbound,
+        b"GET http://secret.example/x HTTP/1.1\r\nHost: payment-service\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 403, "{answer}");
+    assert_eq!(app.take().len(), 0);
+    let answer = raw(
+        inbound,
+        b"GET http://payment-service/x HTTP/1.1\r\nHost: secret.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let seen = app.take();
+    assert_eq!(seen[0].headers["host"], "payment-service");
+    assert_eq!(seen[0].method, "GET");
+
+    // OPTIONS * is answered by the proxy, at every listener.
+    for listener in [inbound, order.outbound()] {
+        let answer = raw(
+            listener,
+            b"OPTIONS * HTTP/1.1\r\nHost: payment-service\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status(&answer), 200, "{listener}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("\r\nallow: "),
+            "{answer}"
+        );
+    }
+    assert_eq!(app.take().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continue_is_sent_only_after_authorization_allowed_the_request() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let (payment, _order) = two_sidecars(&world, app.addr, "", DENY_ADMIN).await;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    // Denied: the answer is the 403, never a 100 first; no body was asked for.
+    let answer = raw(
+        inbound,
+        b"POST /admin HTTP/1.1\r\nHost: payment-service\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert_eq!(app.take().len(), 0);
+    // Allowed: 100 Continue, then the body is sent and forwarded.
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    tcp.write_all(b"POST /pay HTTP/1.1\r\nHost: payment-service\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 100 Continue\r\n"), "{head}");
+    tcp.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("HTTP/1.1 200 "), "{head}{rest}");
+    assert_eq!(app.take().len(), 1);
 }

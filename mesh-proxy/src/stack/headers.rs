@@ -270,13 +270,82 @@ pub struct EdgeHeaders {
     pub num_trusted_proxies: usize,
 }
 
+/// Why a request line or `Host` is not well-formed (RFC 9112 §3.2, RFC 9110 §7.2), or
+/// `None`. An absolute-form target's authority replaces `Host` (§3.2.2: the recipient
+/// ignores `Host` then), so routing and authorization see one authority.
+fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
+    if req.uri().path() == "*"
+        && req.uri().authority().is_none()
+        && req.method() != http::Method::OPTIONS
+    {
+        return Some("asterisk-form target outside OPTIONS");
+    }
+    if req.version() > http::Version::HTTP_11 {
+        return None;
+    }
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Some("duplicate Host");
+    }
+    if hosts == 0 && req.version() == http::Version::HTTP_11 {
+        return Some("missing Host");
+    }
+    if let Some(host) = req.headers().get(header::HOST)
+        && !valid_authority(host.as_bytes())
+    {
+        return Some("invalid Host");
+    }
+    if let Some(authority) = req.uri().authority().cloned() {
+        if !valid_authority(authority.as_str().as_bytes()) {
+            return Some("invalid authority in the request target");
+        }
+        if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    None
+}
+
+/// `uri-host [ ":" port ]` without userinfo or whitespace.
+fn valid_authority(value: &[u8]) -> bool {
+    !value.is_empty()
+        && !value
+            .iter()
+            .any(|&b| b == b'@' || b.is_ascii_whitespace() || !(0x21..0x7f).contains(&b))
+        && std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| {
+                // A `:` after the host (outside IPv6 brackets) must start a decimal port.
+                let after_host = a.as_str().rsplit_once(']').map_or(a.as_str(), |(_, p)| p);
+                !after_host.contains(':') || a.port_u16().is_some()
+            })
+}
+
+/// The answer to `OPTIONS *` (RFC 9110 §9.3.7, a question about the server rather than
+/// a resource): 200 with the methods the proxy forwards, given locally at every edge.
+fn options_asterisk() -> http::Response<mesh_core::body::BoxBody> {
+    let mut res = http::Response::new(mesh_core::body::empty());
+    res.headers_mut().insert(
+        header::ALLOW,
+        http::HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
+    );
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
+    res
+}
+
 /// Rejects header names containing `_` (SECURITY.md: upstreams treat `_` as `-`).
 pub fn has_underscore_header(headers: &HeaderMap) -> bool {
     headers.keys().any(|k| k.as_str().contains('_'))
 }
 
 /// Checks and cleans request headers before the rest of the stack: header names with
-/// `_` are refused (400), `CONNECT` requests get 404 `NR` (no route allows them), and, at
+/// `_` are refused (400); an HTTP/1.1 request without `Host`, with two, or with a `Host`
+/// or absolute-form authority carrying userinfo, whitespace or anything that is not
+/// `host[:port]` is refused (400); an absolute-form target's authority becomes `Host`;
+/// `OPTIONS *` is answered here (200 with `Allow`); `CONNECT` requests get 404 `NR` (no
+/// route allows them), and, at
 /// the edges that face untrusted clients, identity and internal headers are removed.
 #[derive(Clone, Debug)]
 pub struct Sanitize<S> {
@@ -349,6 +418,15 @@ where
             return Either::Left(std::future::ready(Ok(crate::respond::bad_request(
                 "header name with underscore",
             ))));
+        }
+        if let Some(why) = malformed_target(&mut req) {
+            return Either::Left(std::future::ready(Ok(crate::respond::bad_request(why))));
+        }
+        if req.method() == http::Method::OPTIONS
+            && req.uri().path() == "*"
+            && req.uri().authority().is_none()
+        {
+            return Either::Left(std::future::ready(Ok(options_asterisk())));
         }
         if req.method() == http::Method::CONNECT {
             // No route allows CONNECT (Istio enables only WebSocket upgrades): Envoy's
