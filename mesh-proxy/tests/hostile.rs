@@ -577,3 +577,66 @@ async fn continue_is_sent_only_after_authorization_allowed_the_request() {
     assert!(rest.contains("HTTP/1.1 200 "), "{head}{rest}");
     assert_eq!(app.take().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn obfuscated_transfer_encodings_get_400_and_nothing_reaches_the_upstream() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let (payment, order) = two_sidecars(&world, app.addr, "", "").await;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    let mut failures = Vec::new();
+    for listener in [inbound, order.outbound()] {
+        for te in [
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: x",
+            "Transfer-Encoding: x, chunked, identity",
+            "Transfer-Encoding: identity, chunked",
+            "Transfer-Encoding: chunked, chunked",
+            "Transfer-Encoding: gzip, chunked",
+            "Transfer-Encoding: \x0bchunked",
+            "Transfer-Encoding : chunked",
+            "Transfer-Encoding:\r\n chunked",
+        ] {
+            let request = format!(
+                "POST /pay HTTP/1.1\r\nHost: payment-service\r\n{te}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            );
+            let answer = raw(listener, request.as_bytes()).await;
+            let seen = app.take();
+            if status(&answer) != 400 || !seen.is_empty() {
+                failures.push(format!(
+                    "{listener} {te:?}: {} upstream saw {}",
+                    status(&answer),
+                    seen.len()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // The well-formed one passes, re-framed.
+    let answer = raw(
+        inbound,
+        b"POST /pay HTTP/1.1\r\nHost: payment-service\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(app.take().len(), 1);
+    // Content-Length with chunked: the chunked framing wins and the upstream never
+    // receives both.
+    let answer = raw(
+        inbound,
+        b"POST /pay HTTP/1.1\r\nHost: payment-service\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    let seen = app.take();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert!(
+        !(h.contains_key("content-length") && h.contains_key("transfer-encoding")),
+        "{h:?}"
+    );
+    assert_ne!(
+        h.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"3"[..]),
+        "{h:?}"
+    );
+}

@@ -105,7 +105,7 @@ pub fn is_internal(name: &str) -> bool {
 /// Removes identity and proxy-internal headers a client must not be able to set
 /// (SECURITY.md §2.2, [`is_internal`]).
 pub fn strip_untrusted(headers: &mut HeaderMap) {
-    strip_where(headers, |k| is_internal(k));
+    strip_where(headers, is_internal);
 }
 
 fn strip_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
@@ -282,6 +282,20 @@ fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
     }
     if req.version() > http::Version::HTTP_11 {
         return None;
+    }
+    // RFC 9112 §6.1: `chunked` is the only transfer coding accepted, once (anything else
+    // in the list is a smuggling attempt or a coding no upstream is sent). With
+    // Content-Length as well, hyper has already dropped Content-Length and reads the
+    // chunked body, which is forwarded re-framed (SECURITY.md §2.3: never both).
+    let codings: Vec<&[u8]> = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    if !codings.is_empty() && (codings.len() != 1 || !codings[0].eq_ignore_ascii_case(b"chunked")) {
+        return Some("unsupported Transfer-Encoding");
     }
     let hosts = req.headers().get_all(header::HOST).iter().count();
     if hosts > 1 {
