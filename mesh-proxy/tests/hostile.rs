@@ -32,6 +32,8 @@ struct Seen {
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// The bodies that arrived whole.
+    bodies: Arc<Mutex<Vec<Bytes>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,15 +48,19 @@ impl Recorder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let bodies = Arc::new(Mutex::new(Vec::new()));
         let record = seen.clone();
+        let whole = bodies.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let record = record.clone();
+                let whole = whole.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        let whole = whole.clone();
                         record.lock().unwrap().push(Seen {
                             method: req.method().to_string(),
                             target: req
@@ -64,7 +70,9 @@ impl Recorder {
                             headers: req.headers().clone(),
                         });
                         async move {
-                            let _ = req.into_body().collect().await;
+                            if let Ok(body) = req.into_body().collect().await {
+                                whole.lock().unwrap().push(body.to_bytes());
+                            }
                             let res = http::Response::builder()
                                 .header("x-envoy-peer-metadata", "Cg9mb3JnZWQ=")
                                 .header("x-envoy-peer-metadata-id", "sidecar~10.0.0.1~x~y")
@@ -84,7 +92,12 @@ impl Recorder {
                 });
             }
         });
-        Self { addr, seen, task }
+        Self {
+            addr,
+            seen,
+            bodies,
+            task,
+        }
     }
 
     fn take(&self) -> Vec<Seen> {
@@ -639,4 +652,48 @@ async fn obfuscated_transfer_encodings_get_400_and_nothing_reaches_the_upstream(
         Some(&b"3"[..]),
         "{h:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chunked_framing_gets_400_and_no_whole_request_reaches_the_upstream() {
+    let world = World::new();
+    let app = Recorder::start().await;
+    let (payment, order) = two_sidecars(&world, app.addr, "", "").await;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], payment.ports.inbound));
+    let head = "POST /pay HTTP/1.1\r\nHost: payment-service\r\nTransfer-Encoding: chunked\r\n";
+    let bodies: &[&str] = &[
+        "5\nhello\r\n0\r\n\r\n",
+        "5\r\nhello\n0\r\n\r\n",
+        "5;a=b\rc\r\nhello\r\n0\r\n\r\n",
+        "5;\nhello\r\n0\r\n\r\n",
+        "+5\r\nhello\r\n0\r\n\r\n",
+        "-5\r\nhello\r\n0\r\n\r\n",
+        "0x5\r\nhello\r\n0\r\n\r\n",
+        "5g\r\nhello\r\n0\r\n\r\n",
+        "ffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
+        "5\r\nhelloXX\r\n0\r\n\r\n",
+        "5\r\nhel",
+        "5\r\nhello\r\n0\r\n",
+    ];
+    let mut failures = Vec::new();
+    for listener in [inbound, order.outbound()] {
+        for body in bodies {
+            let request = format!("{head}\r\n{body}");
+            let mut tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let _ = tcp.shutdown().await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+            let answer = String::from_utf8_lossy(&out).into_owned();
+            app.take();
+            let whole = std::mem::take(&mut *app.bodies.lock().unwrap());
+            if status(&answer) != 400 || !whole.is_empty() {
+                failures.push(format!(
+                    "{listener} {body:?}: {} upstream got whole bodies {whole:?}",
+                    status(&answer)
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

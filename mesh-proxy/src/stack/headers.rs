@@ -407,10 +407,12 @@ impl<S> Sanitize<S> {
 impl<S, B> tower::Service<http::Request<B>> for Sanitize<S>
 where
     S: tower::Service<
-            http::Request<B>,
+            http::Request<mesh_core::body::BoxBody>,
             Response = http::Response<mesh_core::body::BoxBody>,
             Error = BoxError,
         >,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = http::Response<mesh_core::body::BoxBody>;
     type Error = BoxError;
@@ -469,6 +471,16 @@ where
         if self.edge.append_forwarded_for {
             append_forwarded_for(&mut req);
         }
+        // A body the client frames badly (a bad chunk line, a truncated chunk, data past
+        // the chunk size) fails while it is forwarded: the answer is then 400 `DPE`,
+        // as for every other malformed request, not an upstream failure.
+        let req = req.map(|body| {
+            mesh_core::body::boxed(http_body_util::BodyExt::map_err(body, |e| {
+                let e: BoxError = e.into();
+                tracing::debug!(error = %e, "malformed request body");
+                crate::respond::BadRequest("malformed request body")
+            }))
+        });
         Either::Right(StripResponse {
             inner: self.inner.call(req),
             strip: self.edge.strip_response,
