@@ -240,6 +240,15 @@ pub struct Options {
     /// `credentialName` is not read and the certificate files apply, as on Istio's
     /// sidecars without a `workloadSelector`.
     pub credentials_dir: Option<std::path::PathBuf>,
+    /// Istio's `numTrustedProxies`: proxies in front of this one trusted to append to
+    /// `X-Forwarded-For` (AuthorizationPolicy `remoteIpBlocks`).
+    pub num_trusted_proxies: usize,
+    /// The gateway's `forwardClientCertDetails` (the sidecar's inbound listener always
+    /// uses `SANITIZE_SET`).
+    pub gateway_forward_client_cert: crate::stack::headers::ForwardClientCertDetails,
+    /// More request header names (lower case) removed from clients at the inbound
+    /// listener and the gateway.
+    pub untrusted_headers: Vec<String>,
 }
 
 impl Default for Options {
@@ -253,6 +262,9 @@ impl Default for Options {
             dns_servers: Vec::new(),
             dns_refresh_rate: std::time::Duration::from_secs(60),
             credentials_dir: None,
+            num_trusted_proxies: 0,
+            gateway_forward_client_cert: Default::default(),
+            untrusted_headers: Vec::new(),
         }
     }
 }
@@ -676,6 +688,10 @@ impl Mesh {
             self.inner.authz.clone(),
             self.inner.authn.clone(),
             self.inner.options.path_normalization,
+            self.edge_headers(
+                crate::stack::headers::ForwardClientCertDetails::SanitizeSet,
+                false,
+            ),
             app,
         )
     }
@@ -893,7 +909,25 @@ impl Mesh {
             &self.inner.telemetry,
             redirect_hosts,
             self.inner.authn.clone(),
+            self.edge_headers(self.inner.options.gateway_forward_client_cert, true),
         )
+    }
+
+    /// The header-trust settings of an edge of this mesh: the inbound listener
+    /// (`gateway` false) or the gateway.
+    fn edge_headers(
+        &self,
+        forward_client_cert: crate::stack::headers::ForwardClientCertDetails,
+        gateway: bool,
+    ) -> crate::stack::headers::EdgeHeaders {
+        crate::stack::headers::EdgeHeaders {
+            forward_client_cert,
+            own_identity: self.inner.workload.identity().ok().map(|i| i.to_string()),
+            append_forwarded_for: gateway,
+            strip_response: gateway,
+            extra_untrusted: self.inner.options.untrusted_headers.clone(),
+            num_trusted_proxies: self.inner.options.num_trusted_proxies,
+        }
     }
 
     /// Starts the graceful shutdown of what this mesh serves.

@@ -36,7 +36,10 @@
 //! | `tracing.otlp` / `tracing.zipkin` | – | collector URL (one of them) |
 //! | `accessLog.path` | – (off) | `-` for stdout, or a file to append to |
 //! | `accessLog.format` | `TEXT` | `TEXT` (Envoy's default format) or `JSON` |
-//! | `pathNormalization` | `BASE` | `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES` |
+//! | `pathNormalization` | `DEFAULT` | `DEFAULT` (merge slashes; 400 for `%2F`, `%5C`, `%3B`, double-encoded slashes and dots, percent-escapes that are not UTF-8, `;` parameters), or Istio's `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES` |
+//! | `gatewayTopology.numTrustedProxies` | `0` | Istio's `numTrustedProxies` (Envoy `xff_num_trusted_hops`): how many proxies in front of this one append to `X-Forwarded-For`; the client address (`remoteIpBlocks`) is the entry that many places from the right, the connection's peer with `0`. The gateway always appends its peer to `X-Forwarded-For` |
+//! | `gatewayTopology.forwardClientCertDetails` | `SANITIZE_SET` | the gateway's `X-Forwarded-Client-Cert`: `SANITIZE`, `FORWARD_ONLY`, `APPEND_FORWARD`, `SANITIZE_SET`, `ALWAYS_FORWARD_ONLY` (Envoy's meanings). The sidecar's inbound listener always uses `SANITIZE_SET`, as Istio |
+//! | `gatewayTopology.untrustedHeaders` | `[]` | more request header names removed from clients at the inbound listener and the gateway, besides `x-forwarded-client-cert`, `x-envoy-*`, `x-istio-*`, `l5d-*` |
 //! | `limits.maxRequestHeaderBytes` | `61440` | request head size; 431 above |
 //! | `limits.maxHeaders` | `100` | request header count; 431 above |
 //! | `limits.headerReadTimeout` | `10s` | time to read a request head (and the TLS handshake) |
@@ -109,13 +112,16 @@ pub struct Settings {
     /// Access log.
     #[serde(default)]
     pub access_log: AccessLogSettings,
-    /// Path normalization before routing and authorization: `BASE` (default), `NONE`,
+    /// Path normalization before routing and authorization: `DEFAULT` (default), `BASE`, `NONE`,
     /// `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`.
     #[serde(default = "default_normalization")]
     pub path_normalization: String,
     /// Limits (SECURITY.md defaults).
     #[serde(default)]
     pub limits: Limits,
+    /// Istio's `proxyConfig.gatewayTopology`: trusted proxies and XFCC handling.
+    #[serde(default)]
+    pub gateway_topology: GatewayTopology,
     /// What happens to hosts the registry does not know.
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
@@ -332,6 +338,19 @@ pub struct AccessLogSettings {
     pub format: Option<String>,
 }
 
+/// `gatewayTopology` (Istio's `ProxyConfig.GatewayTopology`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct GatewayTopology {
+    /// Proxies in front of this one trusted to append to `X-Forwarded-For`.
+    pub num_trusted_proxies: usize,
+    /// The gateway's `X-Forwarded-Client-Cert` mode (Istio's names); `SANITIZE_SET`
+    /// when absent.
+    pub forward_client_cert_details: Option<String>,
+    /// More identity header names removed from clients.
+    pub untrusted_headers: Vec<String>,
+}
+
 /// `limits`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -414,7 +433,7 @@ fn default_cluster_id() -> String {
 }
 
 fn default_normalization() -> String {
-    "BASE".into()
+    "DEFAULT".into()
 }
 
 /// A settings error, located.
@@ -616,9 +635,30 @@ impl Settings {
             p.push((
                 "pathNormalization",
                 format!(
-                    "{:?}: expected BASE, NONE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES",
+                    "{:?}: expected DEFAULT, BASE, NONE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES",
                     self.path_normalization
                 ),
+            ));
+        }
+        if let Some(m) = &self.gateway_topology.forward_client_cert_details
+            && crate::stack::headers::ForwardClientCertDetails::from_istio(m).is_none()
+        {
+            p.push((
+                "gatewayTopology.forwardClientCertDetails",
+                format!(
+                    "{m:?}: expected SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or ALWAYS_FORWARD_ONLY"
+                ),
+            ));
+        }
+        if let Some(h) = self
+            .gateway_topology
+            .untrusted_headers
+            .iter()
+            .find(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            p.push((
+                "gatewayTopology.untrustedHeaders",
+                format!("{h:?} is not a header name"),
             ));
         }
         if self.limits.max_headers == 0 {
@@ -727,7 +767,7 @@ mod tests {
             shown,
             vec![
                 "s.yaml:6:3: error: tracing.sampling: 150 is not a percentage (0 to 100)",
-                "s.yaml:7:1: error: pathNormalization: \"WEIRD\": expected BASE, NONE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES",
+                "s.yaml:7:1: error: pathNormalization: \"WEIRD\": expected DEFAULT, BASE, NONE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES",
             ]
         );
     }

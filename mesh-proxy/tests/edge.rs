@@ -155,7 +155,7 @@ async fn oversized_headers_get_431_and_underscore_names_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peers_speak_h2_and_forged_identity_headers_never_reach_the_app() {
+async fn peers_speak_h2_and_the_app_gets_the_meshs_client_cert_not_a_forged_one() {
     let world = World::new();
     let payment_app = App::start(Behaviour::Ok("paid")).await;
     let (pp, op) = (Ports::new(), Ports::new());
@@ -195,11 +195,18 @@ async fn peers_speak_h2_and_forged_identity_headers_never_reach_the_app() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "paid\n2");
     let seen = payment_app.last_headers.lock().unwrap().pop().unwrap();
-    for h in [
-        "x-forwarded-client-cert",
-        "x-envoy-original-path",
-        "x-istio-attributes",
-    ] {
+    // The XFCC the application gets is the mesh's (SANITIZE_SET), never the forged one.
+    let xfcc = seen["x-forwarded-client-cert"].to_str().unwrap();
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/production/sa/payment-service;Hash="),
+        "{xfcc}"
+    );
+    assert!(
+        xfcc.ends_with(";Subject=\"\";URI=spiffe://cluster.local/ns/production/sa/order-service"),
+        "{xfcc}"
+    );
+    assert!(!xfcc.contains("sa/admin"), "{xfcc}");
+    for h in ["x-envoy-original-path", "x-istio-attributes"] {
         assert!(
             !seen.contains_key(h),
             "{h} reached the application: {seen:?}"

@@ -70,7 +70,16 @@ fn payment_app(
     let flaky = Arc::new(AtomicUsize::new(0));
     service_fn(move |req: Request<BoxBody>| {
         hits.fetch_add(1, Ordering::SeqCst);
-        let xfcc = req.headers().contains_key("x-forwarded-client-cert");
+        // The XFCC's `By` and `URI`: the mesh's own (SANITIZE_SET), never a forged one.
+        let xfcc = req
+            .headers()
+            .get("x-forwarded-client-cert")
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(String::new, |v| {
+                let by = v.split(';').next().unwrap_or_default();
+                let uri = v.rsplit_once(";URI=").map_or("", |(_, u)| u);
+                format!("{by}|{uri}")
+            });
         let peer = req
             .extensions()
             .get::<PeerIdentity>()
@@ -147,7 +156,7 @@ async fn the_whole_mesh_embeds_in_a_few_lines()
     assert_eq!(paid.0, 200);
     assert_eq!(
         paid.1,
-        "xfcc=false peer=spiffe://cluster.local/ns/production/sa/order-service"
+        "xfcc=By=spiffe://cluster.local/ns/production/sa/payment-service|spiffe://cluster.local/ns/production/sa/order-service peer=spiffe://cluster.local/ns/production/sa/order-service"
     );
     assert_eq!(denied.0, 403);
     assert_eq!(retried.0, 200, "a 503 is retried");
@@ -386,9 +395,12 @@ async fn embedded_and_sidecar_answer_the_same_yaml_the_same_way() {
     .await;
 
     assert_eq!(embedded, sidecar);
-    // The forged header never reached the application.
+    // The forged header never reached the application: the XFCC it got is the mesh's.
     assert_eq!(embedded[0][0].status, 200);
-    assert_eq!(embedded[0][0].body, "xfcc=false");
+    assert_eq!(
+        embedded[0][0].body,
+        "xfcc=By=spiffe://cluster.local/ns/production/sa/payment-service|spiffe://cluster.local/ns/production/sa/order-service"
+    );
     assert_eq!(embedded[1][0].status, 403);
     assert_eq!(embedded[2][0].status, 200, "the 503 was retried");
     let overflow: Vec<(u16, bool)> = embedded[3]

@@ -93,7 +93,8 @@ pub use peer_auth::{
 };
 pub use server::{
     AcceptError, AcceptedConnection, ConnectionContext, ConnectionExtensions,
-    ConnectionExtensionsLayer, InboundAcceptor, MeshStream, ServerTls, serve_connection,
+    ConnectionExtensionsLayer, InboundAcceptor, MeshStream, PeerCertificateHash, ServerTls,
+    serve_connection,
 };
 pub use store::{BuiltInIssuer, CertStore, SourceHandle, StoreError, StoreEvent};
 pub use svid::{PeerRole, Serial, SvidError, SvidFiles, SvidLeaf};

@@ -259,11 +259,13 @@ impl InboundAcceptor {
         }
         let (stream, leaf) = self.tls.accept(tcp).await.map_err(AcceptError::Handshake)?;
         let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let peer_cert_hash = PeerCertificateHash::of_connection(stream.get_ref().1);
         Ok(AcceptedConnection {
             io: MeshStream::Tls(Box::new(stream)),
             context: ConnectionContext {
                 peer: Some(PeerIdentity(leaf.identity)),
                 peer_serial: Some(leaf.serial),
+                peer_cert_hash,
                 info: ConnectionInfo {
                     remote,
                     local,
@@ -287,6 +289,37 @@ async fn starts_with_tls_handshake(tcp: &TcpStream) -> Result<bool, AcceptError>
     }
 }
 
+/// The SHA-256 digest of the DER of the client's leaf certificate (Envoy's XFCC
+/// `Hash`), for connections whose client presented one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerCertificateHash(pub [u8; 32]);
+
+impl PeerCertificateHash {
+    /// The digest of `der`.
+    pub fn of(der: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        Self(out)
+    }
+
+    /// The digest of the leaf certificate the client of `conn` presented, if any.
+    pub fn of_connection(conn: &rustls::ServerConnection) -> Option<Self> {
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .map(|der| Self::of(der.as_ref()))
+    }
+
+    /// Lower-case hex, as Envoy writes it.
+    pub fn to_hex(&self) -> String {
+        use std::fmt::Write;
+        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+}
+
 /// What the accept path learned about a connection, once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionContext {
@@ -294,6 +327,8 @@ pub struct ConnectionContext {
     pub peer: Option<PeerIdentity>,
     /// The client certificate's serial (mTLS only).
     pub peer_serial: Option<Serial>,
+    /// The SHA-256 of the client's leaf certificate (mTLS only).
+    pub peer_cert_hash: Option<PeerCertificateHash>,
     /// Addresses and security of the connection.
     pub info: ConnectionInfo,
     /// The negotiated ALPN protocol (TLS only).
@@ -306,6 +341,7 @@ impl ConnectionContext {
         Self {
             peer: None,
             peer_serial: None,
+            peer_cert_hash: None,
             info: ConnectionInfo {
                 remote,
                 local,
@@ -449,6 +485,14 @@ where
                 ext.remove::<PeerIdentity>();
             }
         }
+        match self.context.peer_cert_hash {
+            Some(hash) => {
+                ext.insert(hash);
+            }
+            None => {
+                ext.remove::<PeerCertificateHash>();
+            }
+        }
         ext.insert(self.context.info.security);
         ext.insert(self.context.info);
         self.inner.call(req)
@@ -502,6 +546,7 @@ mod tests {
         ConnectionContext {
             peer: Some(PeerIdentity(id)),
             peer_serial: None,
+            peer_cert_hash: None,
             info: ConnectionInfo {
                 remote: "10.0.0.1:1234".parse().unwrap(),
                 local: "10.0.0.2:80".parse().unwrap(),

@@ -444,6 +444,8 @@ impl Gateway {
                         let mut ctx = ConnectionContext::plaintext(remote, local);
                         ctx.info.security = ConnectionSecurity::Unknown;
                         ctx.alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                        ctx.peer_cert_hash =
+                            mesh_tls::PeerCertificateHash::of_connection(stream.get_ref().1);
                         // An ISTIO_MUTUAL server's client proved a SPIFFE identity (its
                         // chain was verified during the handshake).
                         if let Some(leaf) = stream

@@ -272,6 +272,19 @@ pub fn options(settings: &Settings) -> Options {
             .as_ref()
             .and_then(|g| g.credentials_dir.as_ref())
             .map(|dir| settings.resolve(dir)),
+        num_trusted_proxies: settings.gateway_topology.num_trusted_proxies,
+        gateway_forward_client_cert: settings
+            .gateway_topology
+            .forward_client_cert_details
+            .as_deref()
+            .and_then(crate::stack::headers::ForwardClientCertDetails::from_istio)
+            .unwrap_or_default(),
+        untrusted_headers: settings
+            .gateway_topology
+            .untrusted_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
     }
 }
 

@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! [TLS server chosen by SNI: ChosenServer in the request extensions]
-//!   -> sanitize (identity/internal headers from the client removed, `_` names refused)
+//!   -> sanitize (identity/internal headers from the client removed, `_` names refused;
+//!      `X-Forwarded-Client-Cert` per `gatewayTopology.forwardClientCertDetails`; the
+//!      peer appended to `X-Forwarded-For`; internal headers removed from responses)
 //!   -> telemetry (reporter=source, destination_service = the routed service's host,
 //!      else the authority) -> respond
 //!   -> RequestAuthentication (JWT, [`mesh_tls::authn`]; an invalid token: 401)
@@ -35,7 +37,7 @@ use mesh_telemetry::{Telemetry, TelemetryLayer};
 use tower::{Service, ServiceBuilder};
 
 use super::destination::RouteService;
-use super::headers::Sanitize;
+use super::headers::{EdgeHeaders, Sanitize};
 use super::outbound::{MeshRouter, prepare, request_host};
 use super::{HttpService, RouteFuture, boxed_request, boxed_response};
 use crate::respond::{self, Respond};
@@ -179,27 +181,31 @@ pub fn service(
     telemetry: &Telemetry,
     redirect_hosts: Arc<ArcSwap<Vec<String>>>,
     authn: mesh_tls::authn::AuthnHandle,
+    edge: EdgeHeaders,
 ) -> HttpService {
-    tower::util::BoxCloneSyncService::new(Sanitize::new(
-        ServiceBuilder::new()
-            .map_response(boxed_response)
-            .layer(
-                // Labelled by the service each request was routed to (Istio's
-                // `destination_service` at a gateway), else by its authority. Every
-                // route leads to a mesh endpoint over mTLS: requests carry the gateway's
-                // metadata; the mesh's answer never reaches the client.
-                TelemetryLayer::outbound_by_route(telemetry, AUTHORITY_LIMIT)
-                    .with_metadata_exchange(true),
-            )
-            .map_request(boxed_request)
-            .service(Respond::new(
-                ServiceBuilder::new()
-                    .map_response(boxed_response)
-                    .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
-                    .service(GatewayRoutes::new(router, redirect_hosts)),
-            )),
-        true,
-    ))
+    tower::util::BoxCloneSyncService::new(
+        Sanitize::new(
+            ServiceBuilder::new()
+                .map_response(boxed_response)
+                .layer(
+                    // Labelled by the service each request was routed to (Istio's
+                    // `destination_service` at a gateway), else by its authority. Every
+                    // route leads to a mesh endpoint over mTLS: requests carry the gateway's
+                    // metadata; the mesh's answer never reaches the client.
+                    TelemetryLayer::outbound_by_route(telemetry, AUTHORITY_LIMIT)
+                        .with_metadata_exchange(true),
+                )
+                .map_request(boxed_request)
+                .service(Respond::new(
+                    ServiceBuilder::new()
+                        .map_response(boxed_response)
+                        .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
+                        .service(GatewayRoutes::new(router, redirect_hosts)),
+                )),
+            true,
+        )
+        .edge(edge),
+    )
 }
 
 #[cfg(test)]

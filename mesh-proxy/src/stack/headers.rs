@@ -1,6 +1,33 @@
 //! Request and response headers at the stacks' edges: hop-by-hop removal (RFC 9110
-//! §7.6.1), identity and proxy-internal headers a client must not set, and header names
-//! with `_`.
+//! §7.6.1), identity and proxy-internal headers a client must not set, header names
+//! with `_`, `X-Forwarded-Client-Cert` ([`ForwardClientCertDetails`]), `X-Forwarded-For`
+//! at the edge, and internal headers an upstream must not show an external client.
+//!
+//! # Header trust
+//!
+//! - Identity and proxy-internal request headers from a client (`x-forwarded-client-cert`,
+//!   `x-envoy-*`, `x-istio-*`, `l5d-*`, and every name in `extra_untrusted`) are removed at
+//!   the inbound listener and the gateway before any other layer runs; the ones the proxy
+//!   sets are set after that, from the verified connection only.
+//! - `X-Forwarded-Client-Cert` follows Envoy's `forward_client_cert_details`: the sidecar's
+//!   inbound listener uses `SANITIZE_SET` (as Istio configures it), so the application
+//!   sees exactly `By=<own SPIFFE ID>;Hash=<hex SHA-256 of the caller's leaf
+//!   certificate>;Subject="";URI=<caller's SPIFFE ID>` for an mTLS caller and no XFCC at
+//!   all otherwise. Mesh SVIDs have an empty subject, hence `Subject=""`; a non-SPIFFE
+//!   client certificate at a MUTUAL gateway server yields `By` and `Hash` only. The
+//!   gateway's mode is `gatewayTopology.forwardClientCertDetails` (default
+//!   `SANITIZE_SET`, as Istio).
+//! - `X-Forwarded-For`: the gateway appends the address of the peer it accepted the
+//!   connection from (Envoy `use_remote_address: true` at the edge); what a client wrote
+//!   before stays, and `numTrustedProxies` (Envoy `xff_num_trusted_hops`) decides how
+//!   many of the rightmost entries are believed when the client's address is taken from
+//!   it (`remoteIpBlocks`).
+//! - `TE` (RFC 9110 §10.1.4): a hop-by-hop field; only the `trailers` member is
+//!   forwarded (as `TE: trailers`, which gRPC needs); transfer codings a client asks
+//!   for are this hop's business and are never passed on.
+//! - Responses at the gateway lose `x-envoy-*`, `x-istio-*`, `l5d-*` and
+//!   `x-forwarded-client-cert` set by the mesh behind it: an external client never sees
+//!   peer metadata or identities.
 //!
 //! # Layer placement
 //!
@@ -65,25 +92,261 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is an identity or proxy-internal header: `x-forwarded-client-cert`,
+/// `x-envoy-*` (the metadata exchange's `x-envoy-peer-metadata` and
+/// `x-envoy-peer-metadata-id` among them), `x-istio-*`, `l5d-*`.
+pub fn is_internal(name: &str) -> bool {
+    name == "x-forwarded-client-cert"
+        || name.starts_with("x-envoy-")
+        || name.starts_with("x-istio-")
+        || name.starts_with("l5d-")
+}
+
 /// Removes identity and proxy-internal headers a client must not be able to set
-/// (SECURITY.md §2.2): `x-forwarded-client-cert`, `x-envoy-*` (the metadata exchange's
-/// `x-envoy-peer-metadata` and `x-envoy-peer-metadata-id` among them), `x-istio-*`,
-/// `l5d-client-id`.
+/// (SECURITY.md §2.2, [`is_internal`]).
 pub fn strip_untrusted(headers: &mut HeaderMap) {
+    strip_where(headers, is_internal);
+}
+
+fn strip_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            k == "x-forwarded-client-cert"
-                || k == "l5d-client-id"
-                || k.starts_with("x-envoy-")
-                || k.starts_with("x-istio-")
-        })
+        .filter(|k| doomed(k.as_str()))
         .cloned()
         .collect();
     for k in doomed {
         headers.remove(k);
     }
+}
+
+/// Envoy's `forward_client_cert_details` (Istio's `forwardClientCertDetails`): what
+/// happens to `X-Forwarded-Client-Cert`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ForwardClientCertDetails {
+    /// Never forwarded.
+    Sanitize,
+    /// Forwarded as the client sent it, on mTLS connections only.
+    ForwardOnly,
+    /// On mTLS connections, this hop's element is appended; otherwise removed.
+    AppendForward,
+    /// On mTLS connections, replaced by this hop's element; otherwise removed.
+    #[default]
+    SanitizeSet,
+    /// Always forwarded as the client sent it.
+    AlwaysForwardOnly,
+}
+
+impl ForwardClientCertDetails {
+    /// Parses Istio's names (`SANITIZE`, `FORWARD_ONLY`, `APPEND_FORWARD`,
+    /// `SANITIZE_SET`, `ALWAYS_FORWARD_ONLY`).
+    pub fn from_istio(name: &str) -> Option<Self> {
+        Some(match name {
+            "SANITIZE" => Self::Sanitize,
+            "FORWARD_ONLY" => Self::ForwardOnly,
+            "APPEND_FORWARD" => Self::AppendForward,
+            "SANITIZE_SET" => Self::SanitizeSet,
+            "ALWAYS_FORWARD_ONLY" => Self::AlwaysForwardOnly,
+            _ => return None,
+        })
+    }
+}
+
+/// The XFCC element for the client of `req`'s connection, built only from what the
+/// handshake verified; `None` when the client presented no certificate.
+fn xfcc_element<B>(req: &http::Request<B>, by: Option<&str>) -> Option<String> {
+    let hash = req
+        .extensions()
+        .get::<mesh_tls::PeerCertificateHash>()?
+        .to_hex();
+    let mut out = String::new();
+    if let Some(by) = by {
+        out.push_str("By=");
+        out.push_str(by);
+        out.push(';');
+    }
+    out.push_str("Hash=");
+    out.push_str(&hash);
+    if let Some(peer) = req
+        .extensions()
+        .get::<mesh_core::extensions::PeerIdentity>()
+    {
+        // SPIFFE IDs are URIs of visible ASCII without `;`, `,` or `"`: nothing to quote.
+        out.push_str(";Subject=\"\";URI=");
+        out.push_str(&peer.0.to_string());
+    }
+    Some(out)
+}
+
+/// Applies `mode` to the `X-Forwarded-Client-Cert` of `req`.
+fn forward_client_cert<B>(
+    req: &mut http::Request<B>,
+    mode: ForwardClientCertDetails,
+    by: Option<&str>,
+) {
+    use ForwardClientCertDetails as M;
+    let element = xfcc_element(req, by);
+    let mtls = element.is_some();
+    let name = HeaderName::from_static("x-forwarded-client-cert");
+    match mode {
+        M::AlwaysForwardOnly => {}
+        M::ForwardOnly if mtls => {}
+        M::AppendForward if mtls => {
+            let mut value = req
+                .headers()
+                .get_all(&name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(",");
+            if !value.is_empty() {
+                value.push(',');
+            }
+            value.push_str(element.as_deref().unwrap_or_default());
+            set(req.headers_mut(), name, &value);
+        }
+        M::SanitizeSet if mtls => set(
+            req.headers_mut(),
+            name,
+            element.as_deref().unwrap_or_default(),
+        ),
+        _ => {
+            req.headers_mut().remove(name);
+        }
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    match http::HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name, v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Appends the connection's peer address to `X-Forwarded-For` (one field, entries
+/// joined with `, `).
+fn append_forwarded_for<B>(req: &mut http::Request<B>) {
+    let Some(info) = req
+        .extensions()
+        .get::<mesh_core::extensions::ConnectionInfo>()
+    else {
+        return;
+    };
+    let peer = info.remote.ip().to_canonical().to_string();
+    let name = HeaderName::from_static("x-forwarded-for");
+    let mut value = req
+        .headers()
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    value.push_str(&peer);
+    set(req.headers_mut(), name, &value);
+}
+
+/// What an edge does with the headers of trust, beyond removing the internal ones.
+#[derive(Clone, Debug, Default)]
+pub struct EdgeHeaders {
+    /// `forwardClientCertDetails`.
+    pub forward_client_cert: ForwardClientCertDetails,
+    /// This proxy's SPIFFE ID (XFCC `By`).
+    pub own_identity: Option<String>,
+    /// Append the peer address to `X-Forwarded-For` (the gateway).
+    pub append_forwarded_for: bool,
+    /// Remove internal headers from responses (the gateway, facing external clients).
+    pub strip_response: bool,
+    /// More request header names (lower case) that are identity headers here.
+    pub extra_untrusted: Vec<String>,
+    /// Istio's `numTrustedProxies` (for `remoteIpBlocks` behind this edge).
+    pub num_trusted_proxies: usize,
+}
+
+/// Why a request line or `Host` is not well-formed (RFC 9112 §3.2, RFC 9110 §7.2), or
+/// `None`. An absolute-form target's authority replaces `Host` (§3.2.2: the recipient
+/// ignores `Host` then), so routing and authorization see one authority.
+fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
+    if req.uri().path() == "*"
+        && req.uri().authority().is_none()
+        && req.method() != http::Method::OPTIONS
+    {
+        return Some("asterisk-form target outside OPTIONS");
+    }
+    if req.version() > http::Version::HTTP_11 {
+        return None;
+    }
+    // RFC 9112 §6.1: `chunked` is the only transfer coding accepted, once (anything else
+    // in the list is a smuggling attempt or a coding no upstream is sent). With
+    // Content-Length as well, hyper has already dropped Content-Length and reads the
+    // chunked body, which is forwarded re-framed (SECURITY.md §2.3: never both).
+    let codings: Vec<&[u8]> = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    if !codings.is_empty() && (codings.len() != 1 || !codings[0].eq_ignore_ascii_case(b"chunked")) {
+        return Some("unsupported Transfer-Encoding");
+    }
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Some("duplicate Host");
+    }
+    if hosts == 0 && req.version() == http::Version::HTTP_11 {
+        return Some("missing Host");
+    }
+    if let Some(host) = req.headers().get(header::HOST)
+        && !valid_authority(host.as_bytes())
+    {
+        return Some("invalid Host");
+    }
+    if let Some(authority) = req.uri().authority().cloned() {
+        if !valid_authority(authority.as_str().as_bytes()) {
+            return Some("invalid authority in the request target");
+        }
+        if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    None
+}
+
+/// `uri-host [ ":" port ]` without userinfo or whitespace.
+fn valid_authority(value: &[u8]) -> bool {
+    !value.is_empty()
+        && !value
+            .iter()
+            .any(|&b| b == b'@' || b.is_ascii_whitespace() || !(0x21..0x7f).contains(&b))
+        && std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| {
+                // A `:` after the host (outside IPv6 brackets) must start a decimal port.
+                let after_host = a.as_str().rsplit_once(']').map_or(a.as_str(), |(_, p)| p);
+                !after_host.contains(':') || a.port_u16().is_some()
+            })
+}
+
+/// The answer to `OPTIONS *` (RFC 9110 §9.3.7, a question about the server rather than
+/// a resource): 200 with the methods the proxy forwards, given locally at every edge.
+fn options_asterisk() -> http::Response<mesh_core::body::BoxBody> {
+    let mut res = http::Response::new(mesh_core::body::empty());
+    res.headers_mut().insert(
+        header::ALLOW,
+        http::HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
+    );
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
+    res
 }
 
 /// Rejects header names containing `_` (SECURITY.md: upstreams treat `_` as `-`).
@@ -92,13 +355,18 @@ pub fn has_underscore_header(headers: &HeaderMap) -> bool {
 }
 
 /// Checks and cleans request headers before the rest of the stack: header names with
-/// `_` are refused (400), `CONNECT` requests get 404 `NR` (no route allows them), and, at
+/// `_` are refused (400); an HTTP/1.1 request without `Host`, with two, or with a `Host`
+/// or absolute-form authority carrying userinfo, whitespace or anything that is not
+/// `host[:port]` is refused (400); an absolute-form target's authority becomes `Host`;
+/// `OPTIONS *` is answered here (200 with `Allow`); `CONNECT` requests get 404 `NR` (no
+/// route allows them), and, at
 /// the edges that face untrusted clients, identity and internal headers are removed.
 #[derive(Clone, Debug)]
 pub struct Sanitize<S> {
     inner: S,
     strip_untrusted: bool,
     peer_metadata: bool,
+    edge: std::sync::Arc<EdgeHeaders>,
 }
 
 impl<S> Sanitize<S> {
@@ -109,7 +377,17 @@ impl<S> Sanitize<S> {
             inner,
             strip_untrusted,
             peer_metadata: false,
+            edge: std::sync::Arc::new(EdgeHeaders {
+                forward_client_cert: ForwardClientCertDetails::Sanitize,
+                ..EdgeHeaders::default()
+            }),
         }
+    }
+
+    /// Sets what happens to XFCC, `X-Forwarded-For` and response headers at this edge.
+    pub fn edge(mut self, edge: EdgeHeaders) -> Self {
+        self.edge = std::sync::Arc::new(edge);
+        self
     }
 
     /// The inbound listener's sanitizing: before the untrusted headers go, the peer's
@@ -121,6 +399,7 @@ impl<S> Sanitize<S> {
             inner,
             strip_untrusted: true,
             peer_metadata: true,
+            edge: std::sync::Arc::new(EdgeHeaders::default()),
         }
     }
 }
@@ -128,16 +407,18 @@ impl<S> Sanitize<S> {
 impl<S, B> tower::Service<http::Request<B>> for Sanitize<S>
 where
     S: tower::Service<
-            http::Request<B>,
+            http::Request<mesh_core::body::BoxBody>,
             Response = http::Response<mesh_core::body::BoxBody>,
             Error = BoxError,
         >,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = http::Response<mesh_core::body::BoxBody>;
     type Error = BoxError;
     type Future = futures_util::future::Either<
         std::future::Ready<Result<Self::Response, BoxError>>,
-        S::Future,
+        StripResponse<S::Future>,
     >;
 
     fn poll_ready(
@@ -154,6 +435,15 @@ where
                 "header name with underscore",
             ))));
         }
+        if let Some(why) = malformed_target(&mut req) {
+            return Either::Left(std::future::ready(Ok(crate::respond::bad_request(why))));
+        }
+        if req.method() == http::Method::OPTIONS
+            && req.uri().path() == "*"
+            && req.uri().authority().is_none()
+        {
+            return Either::Left(std::future::ready(Ok(options_asterisk())));
+        }
         if req.method() == http::Method::CONNECT {
             // No route allows CONNECT (Istio enables only WebSocket upgrades): Envoy's
             // answer is 404 `NR`; nothing is forwarded.
@@ -166,9 +456,65 @@ where
             mesh_telemetry::exchange::take_request(&mut req);
         }
         if self.strip_untrusted {
-            strip_untrusted(req.headers_mut());
+            let extra = &self.edge.extra_untrusted;
+            let keep_xfcc = self.edge.forward_client_cert != ForwardClientCertDetails::Sanitize;
+            strip_where(req.headers_mut(), |k| {
+                (is_internal(k) && !(keep_xfcc && k == "x-forwarded-client-cert"))
+                    || extra.iter().any(|e| e == k)
+            });
+            forward_client_cert(
+                &mut req,
+                self.edge.forward_client_cert,
+                self.edge.own_identity.as_deref(),
+            );
         }
-        Either::Right(self.inner.call(req))
+        if self.edge.append_forwarded_for {
+            append_forwarded_for(&mut req);
+        }
+        // A body the client frames badly (a bad chunk line, a truncated chunk, data past
+        // the chunk size) fails while it is forwarded: the answer is then 400 `DPE`,
+        // as for every other malformed request, not an upstream failure.
+        let req = req.map(|body| {
+            mesh_core::body::boxed(http_body_util::BodyExt::map_err(body, |e| {
+                let e: BoxError = e.into();
+                tracing::debug!(error = %e, "malformed request body");
+                crate::respond::BadRequest("malformed request body")
+            }))
+        });
+        Either::Right(StripResponse {
+            inner: self.inner.call(req),
+            strip: self.edge.strip_response,
+        })
+    }
+}
+
+/// The response future of [`Sanitize`]: removes internal headers from the response
+/// when the edge faces external clients.
+#[pin_project::pin_project]
+pub struct StripResponse<F> {
+    #[pin]
+    inner: F,
+    strip: bool,
+}
+
+impl<F> std::future::Future for StripResponse<F>
+where
+    F: std::future::Future<Output = Result<http::Response<mesh_core::body::BoxBody>, BoxError>>,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let strip = *this.strip;
+        this.inner.poll(cx).map_ok(|mut res| {
+            if strip {
+                strip_untrusted(res.headers_mut());
+            }
+            res
+        })
     }
 }
 
@@ -236,5 +582,81 @@ mod tests {
     fn underscore_headers_are_detected() {
         assert!(has_underscore_header(&map(&[("x_envoy_path", "/")])));
         assert!(!has_underscore_header(&map(&[("x-envoy-path", "/")])));
+    }
+
+    fn mtls_request(xfcc: &[&str]) -> http::Request<()> {
+        let mut req = http::Request::new(());
+        for v in xfcc {
+            req.headers_mut()
+                .append("x-forwarded-client-cert", HeaderValue::from_str(v).unwrap());
+        }
+        req.extensions_mut()
+            .insert(mesh_tls::PeerCertificateHash::of(b"abc"));
+        req.extensions_mut()
+            .insert(mesh_core::extensions::PeerIdentity(
+                mesh_core::Identity::parse("spiffe://cluster.local/ns/a/sa/caller").unwrap(),
+            ));
+        req
+    }
+
+    #[test]
+    fn forward_client_cert_details_modes_follow_envoy() {
+        use ForwardClientCertDetails as M;
+        // SHA-256("abc"), lower-case hex as Envoy writes it.
+        let own = "By=spiffe://cluster.local/ns/a/sa/me;Hash=ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad;Subject=\"\";URI=spiffe://cluster.local/ns/a/sa/caller";
+        let by = Some("spiffe://cluster.local/ns/a/sa/me");
+        let xfcc = |mode, mtls: bool| {
+            let mut req = mtls_request(&["By=x", "By=y"]);
+            if !mtls {
+                req.extensions_mut().clear();
+            }
+            forward_client_cert(&mut req, mode, by);
+            let v: Vec<String> = req
+                .headers()
+                .get_all("x-forwarded-client-cert")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            v.join(" | ")
+        };
+        assert_eq!(xfcc(M::SanitizeSet, true), own);
+        assert_eq!(xfcc(M::SanitizeSet, false), "");
+        assert_eq!(xfcc(M::AppendForward, true), format!("By=x,By=y,{own}"));
+        assert_eq!(xfcc(M::AppendForward, false), "");
+        assert_eq!(xfcc(M::ForwardOnly, true), "By=x | By=y");
+        assert_eq!(xfcc(M::ForwardOnly, false), "");
+        assert_eq!(xfcc(M::AlwaysForwardOnly, false), "By=x | By=y");
+        assert_eq!(xfcc(M::Sanitize, true), "");
+        for name in [
+            "SANITIZE",
+            "FORWARD_ONLY",
+            "APPEND_FORWARD",
+            "SANITIZE_SET",
+            "ALWAYS_FORWARD_ONLY",
+        ] {
+            assert!(ForwardClientCertDetails::from_istio(name).is_some());
+        }
+        assert!(ForwardClientCertDetails::from_istio("sanitize").is_none());
+    }
+
+    #[test]
+    fn forwarded_for_gets_the_peer_appended() {
+        let mut req = http::Request::new(());
+        req.headers_mut()
+            .append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        req.headers_mut()
+            .append("x-forwarded-for", HeaderValue::from_static(" 2.2.2.2 "));
+        req.extensions_mut()
+            .insert(mesh_core::extensions::ConnectionInfo {
+                remote: "[::ffff:10.0.0.9]:5".parse().unwrap(),
+                local: "10.0.0.1:80".parse().unwrap(),
+                security: mesh_core::extensions::ConnectionSecurity::None,
+            });
+        append_forwarded_for(&mut req);
+        assert_eq!(
+            req.headers()["x-forwarded-for"],
+            "1.1.1.1, 2.2.2.2, 10.0.0.9"
+        );
+        assert_eq!(req.headers().get_all("x-forwarded-for").iter().count(), 1);
     }
 }

@@ -8,7 +8,8 @@
 //!   PERMISSIVE takes TLS or plaintext; DISABLE plaintext)
 //!   -> connection extensions (PeerIdentity, ConnectionInfo) ([`per_connection`])
 //!   -> sanitize (identity/internal headers from the client removed, `_` names refused;
-//!      the peer's Istio metadata kept as an extension when its mTLS identity vouches for it)
+//!      the peer's Istio metadata kept as an extension when its mTLS identity vouches for it;
+//!      `X-Forwarded-Client-Cert` set from the verified caller, `SANITIZE_SET`)
 //!   -> telemetry (reporter=destination; `source_*` labels from that metadata; answers
 //!      with this workload's metadata) -> respond -> RequestAuthentication (JWT)
 //!   -> AuthorizationPolicy -> application
@@ -35,7 +36,7 @@ use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
-use super::headers::Sanitize;
+use super::headers::{EdgeHeaders, Sanitize};
 use super::{HttpService, boxed_request, boxed_response};
 use crate::respond::Respond;
 
@@ -83,6 +84,7 @@ pub fn service<S, B>(
     authz: PolicyHandle,
     authn: mesh_tls::authn::AuthnHandle,
     normalization: PathNormalization,
+    edge: EdgeHeaders,
     app: S,
 ) -> HttpService
 where
@@ -93,7 +95,11 @@ where
         .map_response(boxed_response)
         .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
         .map_response(boxed_response)
-        .layer(AuthzLayer::from_handle(authz).normalization(NormalizeOptions::new(normalization)))
+        .layer(
+            AuthzLayer::from_handle(authz)
+                .normalization(NormalizeOptions::new(normalization))
+                .trusted_proxies(edge.num_trusted_proxies),
+        )
         .service(app.map_response(boxed_response).map_err(Into::into));
     let recorded = ServiceBuilder::new()
         .map_response(boxed_response)
@@ -103,7 +109,7 @@ where
         ))
         .map_request(boxed_request)
         .service(Respond::new(authorized));
-    BoxCloneSyncService::new(Sanitize::inbound(recorded))
+    BoxCloneSyncService::new(Sanitize::inbound(recorded).edge(edge))
 }
 
 /// The per-connection service over `svc` for a connection with `context`.

@@ -26,10 +26,15 @@
 //!
 //! `NONE` performs only steps 1, 2 and 4 (the validations), as Envoy with
 //! `normalize_path: false`; it is offered for compatibility and is not safe with
-//! path-based DENY policies. With the default `BASE`, `//admin` and `/a%2Fb` are kept as
-//! they are (as in Istio): a backend that merges slashes or decodes `%2F` can then see a
-//! different path than the policy did; choose `MERGE_SLASHES` or
-//! `DECODE_AND_MERGE_SLASHES` for such backends.
+//! path-based DENY policies.
+//!
+//! The default, `DEFAULT` ([`PathNormalization::Default`]), is the mesh's own choice:
+//! `MERGE_SLASHES`, and 400 for `%2F`/`%5C`/`%3B` (any case), for double-encoded `%252F`,
+//! `%255C`, `%252E`, and for percent-escapes that are not valid UTF-8 (overlong
+//! `%C0%AF`, lone continuation bytes, truncated sequences). Whatever a backend decodes,
+//! it then sees the path the policy matched. Istio's `BASE` (its `DEFAULT`) is available
+//! by name: with it, `//admin` and `/a%2Fb` are kept as they are, and a backend that
+//! merges slashes or decodes `%2F` can see a different path than the policy did.
 //!
 //! Canonicalization is idempotent, and an already-canonical target is returned borrowed,
 //! without allocating.
@@ -40,11 +45,18 @@ use std::fmt;
 /// MeshConfig `pathNormalization.normalization`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PathNormalization {
+    /// `DEFAULT`, the mesh's own (ISTIO.md §8.7, SECURITY.md): `MERGE_SLASHES`, plus a
+    /// 400 for every form a backend could decode into a different path than the one the
+    /// policy matched: escaped slashes and backslashes (`%2F`, `%5C`, any case),
+    /// double-encoded slashes, backslashes and dots (`%252F`, `%255C`, `%252E`), and
+    /// percent-escapes that are not valid UTF-8 (overlong forms such as `%C0%AF`,
+    /// stray continuation bytes, truncated sequences). Istio's `DEFAULT` is `BASE`;
+    /// `BASE` stays available by name.
+    #[default]
+    Default,
     /// No normalization (validation only). Unsafe with path-based DENY policies.
     None,
     /// RFC 3986 normalization: unreserved escapes decoded, `\` → `/`, dot segments resolved.
-    /// Istio's `DEFAULT`.
-    #[default]
     Base,
     /// `BASE` plus merging of `//` into `/`.
     MergeSlashes,
@@ -56,7 +68,8 @@ impl PathNormalization {
     /// Parses Istio's names: `DEFAULT`, `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`.
     pub fn from_istio(name: &str) -> Option<Self> {
         Some(match name {
-            "DEFAULT" | "BASE" => Self::Base,
+            "DEFAULT" => Self::Default,
+            "BASE" => Self::Base,
             "NONE" => Self::None,
             "MERGE_SLASHES" => Self::MergeSlashes,
             "DECODE_AND_MERGE_SLASHES" => Self::DecodeAndMergeSlashes,
@@ -64,9 +77,18 @@ impl PathNormalization {
         })
     }
 
+    /// Whether runs of `/` collapse to one.
+    pub fn merges_slashes(self) -> bool {
+        matches!(
+            self,
+            Self::Default | Self::MergeSlashes | Self::DecodeAndMergeSlashes
+        )
+    }
+
     /// The Istio name of this mode.
     pub fn as_istio(self) -> &'static str {
         match self {
+            Self::Default => "DEFAULT",
             Self::None => "NONE",
             Self::Base => "BASE",
             Self::MergeSlashes => "MERGE_SLASHES",
@@ -122,6 +144,13 @@ pub enum PathError {
     /// `%2F` or `%5C` while escaped slashes are rejected.
     #[error("request path contains an escaped slash (%2F or %5C)")]
     EscapedSlash,
+    /// `%252F`, `%255C` or `%252E` under `DEFAULT`.
+    #[error("request path contains a double-encoded slash, backslash or dot")]
+    DoubleEncoded,
+    /// Percent-escapes that do not decode to UTF-8 (overlong forms among them) under
+    /// `DEFAULT`.
+    #[error("request path contains percent-escapes that are not valid UTF-8")]
+    InvalidUtf8,
     /// A `;` path parameter while they are rejected.
     #[error("request path contains a `;` path parameter")]
     PathParameter,
@@ -191,10 +220,7 @@ const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Whether `path` is already canonical under `opts`, checked without allocating.
 fn is_canonical(path: &[u8], opts: &NormalizeOptions) -> bool {
-    let merge = matches!(
-        opts.normalization,
-        PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes
-    );
+    let merge = opts.normalization.merges_slashes();
     let normalize = opts.normalization != PathNormalization::None;
     let mut segment_start = 1;
     for (i, &b) in path.iter().enumerate() {
@@ -294,10 +320,10 @@ pub fn canonicalize<'a>(
 fn canonical_path(path: &str, opts: &NormalizeOptions) -> Result<String, PathError> {
     let normalize = opts.normalization != PathNormalization::None;
     let decode_slashes = opts.normalization == PathNormalization::DecodeAndMergeSlashes;
-    let merge = matches!(
-        opts.normalization,
-        PathNormalization::MergeSlashes | PathNormalization::DecodeAndMergeSlashes
-    );
+    let merge = opts.normalization.merges_slashes();
+    let strict = opts.normalization == PathNormalization::Default;
+    // Consecutive escaped bytes of 0x80 and above, checked as UTF-8 under `DEFAULT`.
+    let mut high: Vec<u8> = Vec::new();
 
     // Decoding pass: every byte is ASCII afterwards, so the String stays valid UTF-8.
     let bytes = path.as_bytes();
@@ -307,6 +333,19 @@ fn canonical_path(path: &str, opts: &NormalizeOptions) -> Result<String, PathErr
         let b = bytes[i];
         if !is_visible(b) {
             return Err(PathError::InvalidByte(b));
+        }
+        if strict
+            && !(b == b'%'
+                && bytes
+                    .get(i + 1)
+                    .copied()
+                    .and_then(hex)
+                    .is_some_and(|h| h >= 8))
+        {
+            if std::str::from_utf8(&high).is_err() {
+                return Err(PathError::InvalidUtf8);
+            }
+            high.clear();
         }
         match b {
             b'%' => {
@@ -321,8 +360,25 @@ fn canonical_path(path: &str, opts: &NormalizeOptions) -> Result<String, PathErr
                     return Err(PathError::EncodedNul);
                 }
                 let slash = v == b'/' || v == b'\\';
-                if slash && opts.reject_escaped_slashes {
+                if slash && (opts.reject_escaped_slashes || strict) {
                     return Err(PathError::EscapedSlash);
+                }
+                if strict && v == b'%' {
+                    let next = |k: usize| bytes.get(i + k).map(u8::to_ascii_uppercase);
+                    if matches!(
+                        (next(3), next(4)),
+                        (Some(b'2'), Some(b'F' | b'E')) | (Some(b'5'), Some(b'C'))
+                    ) {
+                        return Err(PathError::DoubleEncoded);
+                    }
+                }
+                if strict && v == b';' {
+                    // An escaped `;` becomes a path parameter in a backend that decodes
+                    // before it strips parameters.
+                    return Err(PathError::PathParameter);
+                }
+                if strict && v >= 0x80 {
+                    high.push(v);
                 }
                 if normalize && is_unreserved(v) {
                     decoded.push(char::from(v));
@@ -346,6 +402,10 @@ fn canonical_path(path: &str, opts: &NormalizeOptions) -> Result<String, PathErr
                 i += 1;
             }
         }
+    }
+
+    if std::str::from_utf8(&high).is_err() {
+        return Err(PathError::InvalidUtf8);
     }
 
     // Segment pass: path parameters, dot segments, merged slashes.
@@ -501,5 +561,46 @@ mod tests {
         let c = canonicalize("/api/./v1", &opts).unwrap();
         assert!(c.is_rewritten());
         assert_eq!(c.query(), Option::None);
+    }
+
+    #[test]
+    fn the_default_merges_and_rejects_every_form_a_backend_could_decode_differently() {
+        use PathNormalization::Default as D;
+        assert_eq!(PathNormalization::default(), D);
+        assert_eq!(canon("//admin", D).unwrap(), "/admin");
+        assert_eq!(canon("/a//..//admin", D).unwrap(), "/admin");
+        assert_eq!(canon("/a\\..\\admin", D).unwrap(), "/admin");
+        assert_eq!(canon("/admin#x", D).unwrap(), "/admin");
+        assert_eq!(canon("/%61dmin", D).unwrap(), "/admin");
+        assert_eq!(canon("/caf%C3%A9", D).unwrap(), "/caf%C3%A9");
+        assert_eq!(canon("/a*b/c", D).unwrap(), "/a*b/c");
+        for (input, err) in [
+            ("/admin%2fx", PathError::EscapedSlash),
+            ("/x%2F..%2Fadmin", PathError::EscapedSlash),
+            ("/x%5cadmin", PathError::EscapedSlash),
+            ("/x%5C..%5Cadmin", PathError::EscapedSlash),
+            ("/x%252F..%252Fadmin", PathError::DoubleEncoded),
+            ("/x%255c..%255cadmin", PathError::DoubleEncoded),
+            ("/%252e%252e/admin", PathError::DoubleEncoded),
+            ("/x/..%c0%afadmin", PathError::InvalidUtf8),
+            ("/%e0%80%af", PathError::InvalidUtf8),
+            ("/%80admin", PathError::InvalidUtf8),
+            ("/%C3", PathError::InvalidUtf8),
+            ("/%C3/x", PathError::InvalidUtf8),
+            ("/admin;x=y", PathError::PathParameter),
+            ("/..;x/admin", PathError::PathParameter),
+            ("/admin%3Bx", PathError::PathParameter),
+            ("/admin%3b", PathError::PathParameter),
+            ("/a%zz", PathError::MalformedEscape),
+            ("/a%00", PathError::EncodedNul),
+        ] {
+            assert_eq!(canon(input, D), Err(err), "{input}");
+        }
+        // Named modes keep Istio's meaning.
+        assert_eq!(
+            PathNormalization::from_istio("BASE"),
+            Some(PathNormalization::Base)
+        );
+        assert_eq!(PathNormalization::from_istio("DEFAULT"), Some(D));
     }
 }
