@@ -173,11 +173,11 @@ fn listen_in(ns: &str, addr: &str) -> tokio::net::TcpListener {
     tokio::net::TcpListener::from_std(std).expect("tokio listener")
 }
 
-/// The requests an application saw: `METHOD path from remote`.
+/// The requests an application saw: `METHOD path from remote xfcc=<X-Forwarded-Client-Cert>`.
 type Seen = Arc<Mutex<Vec<String>>>;
 
 /// An HTTP application on `listener` answering `METHOD path from <remote>` and
-/// recording the same line.
+/// recording the same line with the `X-Forwarded-Client-Cert` the mesh gave it.
 fn http_app(listener: tokio::net::TcpListener) -> Seen {
     let seen: Seen = Arc::default();
     let log = seen.clone();
@@ -187,7 +187,11 @@ fn http_app(listener: tokio::net::TcpListener) -> Seen {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                     let line = format!("{} {} from {remote}", req.method(), req.uri().path());
-                    log.lock().unwrap().push(line.clone());
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map_or("-".into(), |v| String::from_utf8_lossy(v.as_bytes()));
+                    log.lock().unwrap().push(format!("{line} xfcc={xfcc}"));
                     async move {
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                             line,
@@ -512,6 +516,17 @@ async fn captured_curl_reaches_payment_with_mtls_authorization_and_metrics() {
     // the sidecars (whose own connections, as UID 1337, are never captured).
     let seen = payment_app.lock().unwrap().clone();
     assert_eq!(seen.len(), 4, "{seen:?}");
+    // Each came over mTLS from order-service's sidecar: the application is told the
+    // caller's verified identity (Istio's SANITIZE_SET X-Forwarded-Client-Cert).
+    for line in &seen {
+        assert!(
+            line.contains(";URI=spiffe://cluster.local/ns/production/sa/order-service")
+                && line.contains(
+                    "xfcc=By=spiffe://cluster.local/ns/production/sa/payment-service;Hash="
+                ),
+            "{line}"
+        );
+    }
 
     // Istio's metrics on both proxies, with both workloads and the mTLS identity.
     let src: &[(&str, &str)] = &[
