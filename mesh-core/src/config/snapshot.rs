@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use super::WorkloadSelector;
 use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
@@ -611,24 +612,16 @@ impl MeshConfig {
         namespace: &str,
         labels: &Labels,
     ) -> Vec<&AuthorizationPolicy> {
-        let mut out = Vec::new();
-        let mut scan = |ns: &str| {
-            if let Some(idx) = self.by_namespace.get(ns) {
-                for &i in &idx.authorization_policies {
-                    let p = &self.authorization_policies[i];
-                    let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
-                    let selected = p.spec.selector.as_ref().is_none_or(|s| s.matches(labels));
-                    if !targeted && selected {
-                        out.push(p);
-                    }
-                }
-            }
-        };
-        scan(namespace);
-        if namespace != self.root_namespace {
-            scan(&self.root_namespace);
-        }
-        out
+        self.selected_for(
+            namespace,
+            labels,
+            |idx| &idx.authorization_policies,
+            &self.authorization_policies,
+            |p| {
+                let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
+                (!targeted).then_some(p.spec.selector.as_ref())
+            },
+        )
     }
 
     /// RequestAuthentications that apply to a workload in `namespace` with `labels`
@@ -640,14 +633,36 @@ impl MeshConfig {
         namespace: &str,
         labels: &Labels,
     ) -> Vec<&RequestAuthentication> {
+        self.selected_for(
+            namespace,
+            labels,
+            |idx| &idx.request_authentications,
+            &self.request_authentications,
+            |p| {
+                let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
+                (!targeted).then_some(p.spec.selector.as_ref())
+            },
+        )
+    }
+
+    /// The policies of `items` (indexed per namespace by `index`) that apply to a
+    /// workload in `namespace` with `labels`: those of its namespace and of the root
+    /// namespace whose `scope` is a selector that matches, or none (every workload).
+    /// `scope` is `None` for a policy that selects no workload (bound by `targetRefs`).
+    fn selected_for<'a, T>(
+        &'a self,
+        namespace: &str,
+        labels: &Labels,
+        index: impl Fn(&NamespaceIndex) -> &Vec<usize>,
+        items: &'a [T],
+        scope: impl Fn(&T) -> Option<Option<&WorkloadSelector>>,
+    ) -> Vec<&'a T> {
         let mut out = Vec::new();
         let mut scan = |ns: &str| {
             if let Some(idx) = self.by_namespace.get(ns) {
-                for &i in &idx.request_authentications {
-                    let p = &self.request_authentications[i];
-                    let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
-                    let selected = p.spec.selector.as_ref().is_none_or(|s| s.matches(labels));
-                    if !targeted && selected {
+                for &i in index(idx) {
+                    let p = &items[i];
+                    if scope(p).is_some_and(|s| s.is_none_or(|s| s.matches(labels))) {
                         out.push(p);
                     }
                 }
