@@ -2086,21 +2086,12 @@ const MAX_JWT_RULES: usize = 4096;
 
 fn request_authentication(ctx: &mut Ctx<'_>, ra: &RequestAuthentication) {
     let s = &ra.spec;
-    if let Some(sel) = &s.selector {
-        selector(ctx, "spec.selector", sel);
-        if !s.target_refs.is_empty() || s.target_ref.is_some() {
-            ctx.error(
-                "spec.selector",
-                "set either selector or targetRefs, not both",
-            );
-        }
-    }
-    if s.target_ref.is_some() && !s.target_refs.is_empty() {
-        ctx.error_at_key(
-            "spec.targetRef",
-            "set either targetRef or targetRefs, not both",
-        );
-    }
+    policy_scope(
+        ctx,
+        s.selector.as_ref(),
+        s.target_ref.is_some(),
+        !s.target_refs.is_empty(),
+    );
     if s.target_refs.len() > 16 {
         ctx.error(
             "spec.targetRefs",
@@ -2220,6 +2211,31 @@ fn check_jwks(jwks: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A security policy's scope: a valid selector, and only one of `selector`, `targetRef`
+/// and `targetRefs`.
+fn policy_scope(
+    ctx: &mut Ctx<'_>,
+    sel: Option<&WorkloadSelector>,
+    target_ref: bool,
+    target_refs: bool,
+) {
+    if let Some(sel) = sel {
+        selector(ctx, "spec.selector", sel);
+        if target_refs || target_ref {
+            ctx.error(
+                "spec.selector",
+                "set either selector or targetRefs, not both",
+            );
+        }
+    }
+    if target_ref && target_refs {
+        ctx.error_at_key(
+            "spec.targetRef",
+            "set either targetRef or targetRefs, not both",
+        );
+    }
+}
+
 fn selector(ctx: &mut Ctx<'_>, path: &str, sel: &WorkloadSelector) {
     if sel.match_labels.is_empty() {
         ctx.error(
@@ -2265,21 +2281,12 @@ fn authorization_policy(ctx: &mut Ctx<'_>, ap: &AuthorizationPolicy) {
             ),
         );
     }
-    if let Some(sel) = &s.selector {
-        selector(ctx, "spec.selector", sel);
-        if !s.target_refs.is_empty() || s.target_ref.is_some() {
-            ctx.error(
-                "spec.selector",
-                "set either selector or targetRefs, not both",
-            );
-        }
-    }
-    if s.target_ref.is_some() && !s.target_refs.is_empty() {
-        ctx.error_at_key(
-            "spec.targetRef",
-            "set either targetRef or targetRefs, not both",
-        );
-    }
+    policy_scope(
+        ctx,
+        s.selector.as_ref(),
+        s.target_ref.is_some(),
+        !s.target_refs.is_empty(),
+    );
     for (i, rule) in s.rules.iter().enumerate() {
         let rp = pi("spec", "rules", i);
         if let Some(from) = &rule.from {
