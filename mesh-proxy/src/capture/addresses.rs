@@ -86,16 +86,8 @@ impl Addresses {
 
     /// The service whose address is `destination`'s IP and which has its port.
     pub fn owner(&self, destination: SocketAddr) -> Option<Owner> {
-        let ip = destination.ip().to_canonical();
         let port = destination.port();
-        let exact = self.exact.get(&ip).into_iter().flatten();
-        let ranges = self
-            .ranges
-            .iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .map(|(_, id)| id);
-        exact.chain(ranges).find_map(|id| {
-            let entry = self.entries.get(*id)?;
+        self.claimants(destination.ip()).find_map(|entry| {
             let protocol = *entry.ports.get(&port)?;
             Some(Owner {
                 host: entry.host.clone(),
@@ -107,16 +99,19 @@ impl Addresses {
     /// The service that owns `ip` at all (whatever the port), for HTTP requests whose
     /// Host names nothing.
     pub fn host_of(&self, ip: IpAddr) -> Option<Arc<str>> {
+        self.claimants(ip).next().map(|e| e.host.clone())
+    }
+
+    /// The entries that claim `ip`, in precedence order: exact addresses, then ranges.
+    fn claimants(&self, ip: IpAddr) -> impl Iterator<Item = &Entry> {
         let ip = ip.to_canonical();
         let exact = self.exact.get(&ip).into_iter().flatten();
         let ranges = self
             .ranges
             .iter()
-            .filter(|(net, _)| net.contains(&ip))
+            .filter(move |(net, _)| net.contains(&ip))
             .map(|(_, id)| id);
-        exact
-            .chain(ranges)
-            .find_map(|id| self.entries.get(*id).map(|e| e.host.clone()))
+        exact.chain(ranges).filter_map(|id| self.entries.get(*id))
     }
 
     /// Whether some service serves `port` over HTTP or with an undeclared protocol: a
