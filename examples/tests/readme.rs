@@ -117,6 +117,10 @@ accessLog:
   path: \"-\"
   format: TEXT
 pathNormalization: BASE
+gatewayTopology:
+  numTrustedProxies: 1
+  forwardClientCertDetails: SANITIZE_SET
+  untrustedHeaders: [x-user-id]
 limits:
   maxRequestHeaderBytes: 61440
   maxHeaders: 100
