@@ -310,13 +310,20 @@ impl PeerCertificateHash {
             .map(|der| Self::of(der.as_ref()))
     }
 
+    /// Appends the digest in lower-case hex (64 characters) to `out`.
+    pub fn write_hex(&self, out: &mut String) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            out.push(char::from(DIGITS[usize::from(b >> 4)]));
+            out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        }
+    }
+
     /// Lower-case hex, as Envoy writes it.
     pub fn to_hex(&self) -> String {
-        use std::fmt::Write;
-        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+        let mut s = String::with_capacity(64);
+        self.write_hex(&mut s);
+        s
     }
 }
 

@@ -154,30 +154,32 @@ impl ForwardClientCertDetails {
 /// The XFCC element for the client of `req`'s connection, built only from what the
 /// handshake verified; `None` when the client presented no certificate.
 fn xfcc_element<B>(req: &http::Request<B>, by: Option<&str>) -> Option<String> {
-    let hash = req
+    let hash = req.extensions().get::<mesh_tls::PeerCertificateHash>()?;
+    let peer = req
         .extensions()
-        .get::<mesh_tls::PeerCertificateHash>()?
-        .to_hex();
-    let mut out = String::new();
+        .get::<mesh_core::extensions::PeerIdentity>()
+        .map(|p| p.0.as_str());
+    const SUBJECT_URI: &str = ";Subject=\"\";URI=";
+    // Sized exactly, so that the header value takes the buffer without copying it.
+    let len = by.map_or(0, |b| "By=".len() + b.len() + 1)
+        + "Hash=".len()
+        + 64
+        + peer.map_or(0, |p| SUBJECT_URI.len() + p.len());
+    let mut out = String::with_capacity(len);
     if let Some(by) = by {
         out.push_str("By=");
         out.push_str(by);
         out.push(';');
     }
     out.push_str("Hash=");
-    out.push_str(&hash);
-    if let Some(peer) = req
-        .extensions()
-        .get::<mesh_core::extensions::PeerIdentity>()
-    {
-        // SPIFFE IDs are URIs of visible ASCII without `;`, `,` or `"`: nothing to quote.
-        out.push_str(";Subject=\"\";URI=");
-        out.push_str(&peer.0.to_string());
+    hash.write_hex(&mut out);
+    if let Some(peer) = peer {
+        out.push_str(SUBJECT_URI);
+        out.push_str(peer);
     }
     Some(out)
 }
 
-/// Applies `mode` to the `X-Forwarded-Client-Cert` of `req`.
 fn forward_client_cert<B>(
     req: &mut http::Request<B>,
     mode: ForwardClientCertDetails,
@@ -204,13 +206,22 @@ fn forward_client_cert<B>(
             value.push_str(element.as_deref().unwrap_or_default());
             set(req.headers_mut(), name, &value);
         }
-        M::SanitizeSet if mtls => set(
-            req.headers_mut(),
-            name,
-            element.as_deref().unwrap_or_default(),
-        ),
+        M::SanitizeSet if mtls => set_owned(req.headers_mut(), name, element.unwrap_or_default()),
         _ => {
             req.headers_mut().remove(name);
+        }
+    }
+}
+
+/// [`set`] taking the buffer: a string whose capacity is its length becomes the header
+/// value without a copy.
+fn set_owned(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    match http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        Ok(v) => {
+            headers.insert(name, v);
+        }
+        Err(_) => {
+            headers.remove(name);
         }
     }
 }
