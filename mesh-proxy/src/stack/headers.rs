@@ -320,11 +320,17 @@ fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
     {
         return Some("invalid Host");
     }
-    if let Some(authority) = req.uri().authority().cloned() {
-        if !valid_authority(authority.as_str().as_bytes()) {
+    if let Some(authority) = req.uri().authority() {
+        // Parsed already with the request target: only the characters and the port
+        // are left to check.
+        if !authority_chars(authority.as_str().as_bytes()) || !has_valid_port(authority) {
             return Some("invalid authority in the request target");
         }
-        if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
+        // The authority wins over Host; a Host that says the same stays as it is.
+        let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+        if host != Some(authority.as_str().as_bytes())
+            && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+        {
             req.headers_mut().insert(header::HOST, v);
         }
     }
@@ -333,18 +339,25 @@ fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
 
 /// `uri-host [ ":" port ]` without userinfo or whitespace.
 fn valid_authority(value: &[u8]) -> bool {
+    authority_chars(value)
+        && std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| has_valid_port(&a))
+}
+
+/// Not empty, printable ASCII, no whitespace and no userinfo (`@`).
+fn authority_chars(value: &[u8]) -> bool {
     !value.is_empty()
         && !value
             .iter()
             .any(|&b| b == b'@' || b.is_ascii_whitespace() || !(0x21..0x7f).contains(&b))
-        && std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.parse::<http::uri::Authority>().ok())
-            .is_some_and(|a| {
-                // A `:` after the host (outside IPv6 brackets) must start a decimal port.
-                let after_host = a.as_str().rsplit_once(']').map_or(a.as_str(), |(_, p)| p);
-                !after_host.contains(':') || a.port_u16().is_some()
-            })
+}
+
+/// A `:` after the host (outside IPv6 brackets) must start a decimal port.
+fn has_valid_port(a: &http::uri::Authority) -> bool {
+    let after_host = a.as_str().rsplit_once(']').map_or(a.as_str(), |(_, p)| p);
+    !after_host.contains(':') || a.port_u16().is_some()
 }
 
 /// The answer to `OPTIONS *` (RFC 9110 §9.3.7, a question about the server rather than
