@@ -79,8 +79,8 @@ use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
 use mesh_tls::authn::{Authenticator, AuthnHandle, JwksCache};
 use mesh_tls::authz::{PathNormalization, PolicyHandle, PolicySet};
 use mesh_tls::{
-    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor, PeerAuthentication,
-    WorkloadPeerAuthentication,
+    BuiltInIssuer, CertStore, CertificateAuthority, ClientTls, InboundAcceptor, PeerAuthMode,
+    PeerAuthentication, WorkloadPeerAuthentication,
 };
 use std::net::SocketAddr;
 
@@ -550,14 +550,20 @@ fn compile(
         trust_domain: workload.trust_domain.clone(),
         workload_labels: workload.labels.clone(),
     };
-    let routing = Routing::compile(config, &options)
+    let mut routing = Routing::compile(config, &options)
         .map_err(|errs| diagnostics(errs.iter().map(ToString::to_string).collect()))?;
+    let peer_auths = PeerAuthentication::from_config(config);
+    // Auto-mTLS sends plaintext to servers whose PeerAuthentication is DISABLE (SR-24).
+    routing
+        .registry
+        .mark_plaintext_servers(|namespace, labels, port| {
+            peer_auths.for_workload(namespace, labels).mode(port) == PeerAuthMode::Disable
+        });
     let policies = PolicySet::from_config(config, &workload.namespace, &workload.labels)
         .map_err(|e| diagnostics(vec![e.to_string()]))?;
     let authn = Authenticator::from_config(config, &workload.namespace, &workload.labels, jwks)
         .map_err(|e| diagnostics(vec![e.to_string()]))?;
-    let peer_auth =
-        PeerAuthentication::from_config(config).for_workload(&workload.namespace, &workload.labels);
+    let peer_auth = peer_auths.for_workload(&workload.namespace, &workload.labels);
     Ok(Compiled {
         routing,
         policies,

@@ -4,6 +4,10 @@
 //! plaintext for endpoints without the sidecar mark. The 95/5 split (chi-square), the
 //! header canary, retries under the 5 s deadline, outlier ejection capped at 50 % and pool
 //! overflow (503 `UO`) are all observed at the recording servers.
+//!
+//! Auto-mTLS also reads the server's side (SR-24): endpoints that would get Istio mTLS
+//! (they carry a service account) get plaintext when their service is `MESH_EXTERNAL` or
+//! their PeerAuthentication is `DISABLE`, for the workload or for its port.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -264,4 +268,65 @@ async fn resilience_with_plain_servers_behind_tls_disable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resilience_with_plain_servers_by_auto_mtls() {
     resilience(Plain::AutoMtls).await;
+}
+
+/// One request to `payment-service` whose endpoint (a plain server) carries a service
+/// account, with `extra` resources: the status and the requests the server received.
+async fn one_call(location: &str, extra: &str) -> (u16, usize) {
+    let world = World::new();
+    let app = App::start(Behaviour::Ok("paid")).await;
+    let yaml = format!(
+        "{}{extra}",
+        entry(&[(app.addr, "v1")], Plain::TlsDisable).replace("MESH_INTERNAL", location),
+    )
+    .replace("{port}", &app.addr.port().to_string());
+    let (_proxy, client) = caller(&world, &yaml).await;
+    let (status, _) = client
+        .request("POST", "payment-service", "/pay", &[])
+        .await
+        .unwrap();
+    (status, app.hits())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mtls_sends_plaintext_where_the_server_takes_only_plaintext() {
+    let disable = |spec: &str| {
+        format!(
+            "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: payment-service, namespace: production}}
+spec:
+  selector: {{matchLabels: {{app: payment-service}}}}
+  {spec}
+"
+        )
+    };
+    // The endpoint carries a service account: Istio mTLS, which a plain server fails.
+    assert_eq!(one_call("MESH_INTERNAL", "").await, (503, 0));
+    // Outside the mesh: plaintext.
+    assert_eq!(one_call("MESH_EXTERNAL", "").await, (200, 1));
+    // The server's PeerAuthentication disables mTLS for the workload.
+    assert_eq!(
+        one_call("MESH_INTERNAL", &disable("mtls: {mode: DISABLE}")).await,
+        (200, 1)
+    );
+    // ... or for the port it listens on.
+    assert_eq!(
+        one_call(
+            "MESH_INTERNAL",
+            &disable("mtls: {mode: STRICT}\n  portLevelMtls: {{port}: {mode: DISABLE}}")
+        )
+        .await,
+        (200, 1)
+    );
+    // DISABLE on another port leaves this one to Istio mTLS.
+    assert_eq!(
+        one_call(
+            "MESH_INTERNAL",
+            &disable("mtls: {mode: PERMISSIVE}\n  portLevelMtls: {1: {mode: DISABLE}}"),
+        )
+        .await,
+        (503, 0)
+    );
 }

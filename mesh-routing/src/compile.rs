@@ -782,6 +782,8 @@ pub fn registry(config: &MeshConfig, options: &CompileOptions) -> Registry {
             ports,
             endpoints,
             resolution,
+            namespace: ns.to_owned(),
+            mesh_external: se.spec.location == Some(config::Location::MeshExternal),
         });
     }
     registry

@@ -138,6 +138,10 @@ pub struct WorkloadEntry {
     pub labels: Labels,
     /// The identities the instance presents (from `serviceAccount`).
     pub identities: Vec<Identity>,
+    /// The instance's ports whose server takes plaintext only (its PeerAuthentication
+    /// mode is `DISABLE`): auto-mTLS sends plaintext there (SR-24); see
+    /// [`Registry::mark_plaintext_servers`].
+    pub plaintext_ports: Vec<u16>,
 }
 
 impl WorkloadEntry {
@@ -148,6 +152,7 @@ impl WorkloadEntry {
             ports: BTreeMap::new(),
             labels: Labels::new(),
             identities: Vec::new(),
+            plaintext_ports: Vec::new(),
         }
     }
 
@@ -186,19 +191,25 @@ impl WorkloadEntry {
             .unwrap_or(port.number)
     }
 
-    fn endpoint(&self, ip: IpAddr, port: &ServicePort) -> Endpoint {
-        let mut ep = Endpoint::new(SocketAddr::new(ip, self.port_for(port)))
-            .with_labels(self.labels.clone());
+    /// The endpoint at `ip` on `port`; `external`: the service is `MESH_EXTERNAL`.
+    fn endpoint(&self, ip: IpAddr, port: &ServicePort, external: bool) -> Endpoint {
+        let number = self.port_for(port);
+        let mut ep = Endpoint::new(SocketAddr::new(ip, number)).with_labels(self.labels.clone());
         ep.identities = Arc::from(self.identities.clone());
         // Istio's rule for ServiceEntry and WorkloadEntry endpoints (SR-25): the
         // `security.istio.io/tlsMode` label when written, else Istio mTLS exactly when
-        // the entry names a `serviceAccount`.
+        // the entry names a `serviceAccount`. Auto-mTLS never applies to a mesh-external
+        // service nor to a server whose PeerAuthentication disables mTLS (SR-24).
         let fallback = if self.identities.is_empty() {
             TlsMode::Disabled
         } else {
             TlsMode::Istio
         };
-        ep.tls_mode = TlsMode::from_labels(&self.labels, fallback);
+        ep.tls_mode = if external || self.plaintext_ports.contains(&number) {
+            TlsMode::Disabled
+        } else {
+            TlsMode::from_labels(&self.labels, fallback)
+        };
         ep
     }
 }
@@ -214,6 +225,10 @@ pub struct Service {
     pub endpoints: Vec<WorkloadEntry>,
     /// How instances are found.
     pub resolution: Resolution,
+    /// The namespace of the resource that declared the service (a ServiceEntry's).
+    pub namespace: String,
+    /// `location: MESH_EXTERNAL`: outside the mesh, so never sent Istio mTLS by auto-mTLS.
+    pub mesh_external: bool,
 }
 
 impl Service {
@@ -231,7 +246,7 @@ impl Service {
             .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
             .filter_map(|w| {
                 let ip: IpAddr = w.address.parse().ok()?;
-                Some(w.endpoint(ip, port))
+                Some(w.endpoint(ip, port, self.mesh_external))
             })
             .collect()
     }
@@ -266,7 +281,7 @@ impl Service {
         };
         for w in selected.into_iter().chain(fallback.iter()) {
             if let Ok(ip) = w.address.parse::<IpAddr>() {
-                out.push(w.endpoint(ip, port));
+                out.push(w.endpoint(ip, port, self.mesh_external));
                 continue;
             }
             match dns.lookup(&w.address).await {
@@ -278,7 +293,7 @@ impl Service {
                         usize::MAX
                     };
                     for ip in ips.into_iter().take(take) {
-                        let ep = w.endpoint(ip, port);
+                        let ep = w.endpoint(ip, port, self.mesh_external);
                         if !out.contains(&ep) {
                             out.push(ep);
                         }
@@ -325,6 +340,7 @@ impl Registry {
             ports: vec![port],
             endpoints,
             resolution: Resolution::Static,
+            ..Service::default()
         });
     }
 
@@ -341,6 +357,42 @@ impl Registry {
             rest = tail;
         }
         self.services.get("*")
+    }
+
+    /// Marks, on the instances of services inside the mesh, the ports whose server takes
+    /// plaintext only: `disabled(namespace, labels, port)` says whether the
+    /// PeerAuthentication of the instance with `labels` in the service's `namespace`
+    /// is `DISABLE` on its `port` (SR-24). Istio's control plane makes the same check
+    /// for each endpoint it sends.
+    pub fn mark_plaintext_servers(&mut self, disabled: impl Fn(&str, &Labels, u16) -> bool) {
+        let mut marked: HashMap<*const Service, Arc<Service>> = HashMap::new();
+        for service in self.services.values_mut() {
+            if service.mesh_external {
+                continue;
+            }
+            let key = Arc::as_ptr(service);
+            if let Some(done) = marked.get(&key) {
+                *service = Arc::clone(done);
+                continue;
+            }
+            let mut copy = Service::clone(service);
+            let Service {
+                ports,
+                endpoints,
+                namespace,
+                ..
+            } = &mut copy;
+            for w in endpoints.iter_mut() {
+                w.plaintext_ports = ports
+                    .iter()
+                    .map(|p| w.port_for(p))
+                    .filter(|&port| disabled(namespace, &w.labels, port))
+                    .collect();
+            }
+            let copy = Arc::new(copy);
+            marked.insert(key, Arc::clone(&copy));
+            *service = copy;
+        }
     }
 
     /// Whether `host` is known.
@@ -395,15 +447,49 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let sa = Identity::parse("spiffe://cluster.local/ns/prod/sa/payment").unwrap();
         let with_sa = WorkloadEntry::new("10.0.0.1").with_identity(sa);
-        assert_eq!(with_sa.endpoint(ip, &port).tls_mode, TlsMode::Istio);
+        assert_eq!(with_sa.endpoint(ip, &port, false).tls_mode, TlsMode::Istio);
         let opted_out = with_sa
             .clone()
             .with_labels([(mesh_core::TLS_MODE_LABEL, "disabled")]);
-        assert_eq!(opted_out.endpoint(ip, &port).tls_mode, TlsMode::Disabled);
+        assert_eq!(
+            opted_out.endpoint(ip, &port, false).tls_mode,
+            TlsMode::Disabled
+        );
         let bare = WorkloadEntry::new("10.0.0.1");
-        assert_eq!(bare.endpoint(ip, &port).tls_mode, TlsMode::Disabled);
+        assert_eq!(bare.endpoint(ip, &port, false).tls_mode, TlsMode::Disabled);
         let labelled = bare.with_labels([(mesh_core::TLS_MODE_LABEL, "istio")]);
-        assert_eq!(labelled.endpoint(ip, &port).tls_mode, TlsMode::Istio);
+        assert_eq!(labelled.endpoint(ip, &port, false).tls_mode, TlsMode::Istio);
+        // Never to a mesh-external service (SR-24).
+        assert_eq!(
+            labelled.endpoint(ip, &port, true).tls_mode,
+            TlsMode::Disabled
+        );
+    }
+
+    #[test]
+    fn servers_that_disable_mtls_are_marked_per_port() {
+        let mut reg = Registry::new();
+        let mut svc = order_service();
+        svc.namespace = "default".into();
+        reg.insert(svc);
+        // v2 (port 9090) takes plaintext only.
+        reg.mark_plaintext_servers(|ns, labels, port| {
+            ns == "default"
+                && labels.get("version").map(String::as_str) == Some("v2")
+                && port == 9090
+        });
+        let svc = reg
+            .service("order-service.default.svc.cluster.local")
+            .unwrap();
+        let eps = svc.static_endpoints(svc.port(8080).unwrap(), &Labels::new());
+        let modes: Vec<(u16, TlsMode)> =
+            eps.iter().map(|e| (e.address.port(), e.tls_mode)).collect();
+        assert_eq!(
+            modes,
+            [(8080, TlsMode::Disabled), (9090, TlsMode::Disabled)]
+        );
+        assert_eq!(svc.endpoints[1].plaintext_ports, [9090]);
+        assert!(svc.endpoints[0].plaintext_ports.is_empty());
     }
 
     fn order_service() -> Service {
@@ -420,6 +506,7 @@ mod tests {
                     ),
             ],
             resolution: Resolution::Static,
+            ..Service::default()
         }
     }
 
@@ -469,6 +556,7 @@ mod tests {
                 WorkloadEntry::new("no-such-host.invalid"),
             ],
             resolution: Resolution::Dns,
+            ..Service::default()
         };
         let (eps, _) = svc
             .resolve_endpoints(

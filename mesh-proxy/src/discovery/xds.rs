@@ -13,9 +13,10 @@
 //! - **What it may see** (ISTIO.md SR-30, SR-34): VirtualServices, DestinationRules and
 //!   ServiceEntries (the Kubernetes Services among them) exported to the proxy's
 //!   namespace (`exportTo` unset or `*`: everywhere; `.`: their own namespace; names:
-//!   those namespaces); PeerAuthentications and AuthorizationPolicies of its namespace
-//!   and of the root namespace; every Gateway (gateway workloads select theirs by
-//!   label); WorkloadEntries selected by a ServiceEntry it receives; Sidecars of its
+//!   those namespaces); every PeerAuthentication (a client's auto-mTLS reads the
+//!   server's mode, SR-24; istiod marks the endpoints it sends instead);
+//!   AuthorizationPolicies of its namespace and of the root namespace; every Gateway
+//!   (gateway workloads select theirs by label); WorkloadEntries selected by a ServiceEntry it receives; Sidecars of its
 //!   namespace and the selector-less ones of the root namespace. The proxy itself then
 //!   applies Istio's lookup rules (SR-31) and selectors.
 //! - **What it imports** (SR-32, SR-33): the `Sidecar` that applies to the proxy's
@@ -298,9 +299,9 @@ pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) ->
                 || (r.namespace() == root_namespace && r.spec.workload_selector.is_none())
         }
         AnyResource::Gateway(_) => true,
-        AnyResource::PeerAuthentication(r) => {
-            r.namespace() == namespace || r.namespace() == root_namespace
-        }
+        // Every namespace's: a client's auto-mTLS sends plaintext to a server whose
+        // mode is DISABLE (SR-24), which it reads from the server's policies.
+        AnyResource::PeerAuthentication(_) => true,
         AnyResource::AuthorizationPolicy(r) => {
             r.namespace() == namespace || r.namespace() == root_namespace
         }

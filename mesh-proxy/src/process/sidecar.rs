@@ -1,4 +1,4 @@
-//! The sidecar: the outbound and inbound stacks of a [`Mesh`](crate::Mesh) on their
+//! The sidecar: the outbound and inbound stacks of a [`Mesh`] on their
 //! listeners, plus the admin server, configuration reload and graceful drain.
 //!
 //! # Transparent capture

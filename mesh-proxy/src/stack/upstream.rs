@@ -10,7 +10,7 @@
 //!
 //! | DestinationRule `tls` | transport |
 //! |---|---|
-//! | none (auto-mTLS, DR-50, SR-24) | Istio mTLS to an endpoint whose `tls_mode` is `istio` (label `security.istio.io/tlsMode: istio`, or a ServiceEntry endpoint with a `serviceAccount`, SR-23, SR-25), plaintext to the others |
+//! | none (auto-mTLS, DR-50, SR-24) | Istio mTLS to an endpoint whose `tls_mode` is `istio` (label `security.istio.io/tlsMode: istio`, or a ServiceEntry endpoint with a `serviceAccount`, SR-23, SR-25), plaintext to the others; an endpoint of a `MESH_EXTERNAL` service, or whose PeerAuthentication is `DISABLE` on its port, is never marked `istio` ([`mesh_routing::Registry::mark_plaintext_servers`]) |
 //! | `DISABLE` (also a `tls` block without `mode`, DR-51) | plaintext |
 //! | `SIMPLE`, `MUTUAL` | TLS origination ([`Origination`], DR-52..DR-54) to every endpoint |
 //! | `ISTIO_MUTUAL` | Istio mTLS to every endpoint |
@@ -32,11 +32,6 @@
 //! TLS origination settings that cannot be used (no `caCertificates`, an unreadable
 //! file, `MUTUAL` without certificate files) are logged when the destination is built, and
 //! every connection to it fails (503 `UF`) rather than falling back to plaintext.
-//!
-//! # Not done
-//!
-//! Auto-mTLS does not look at the destination's PeerAuthentication (Istio sends
-//! plaintext when the server's mode is `DISABLE`) nor at `MESH_EXTERNAL` (SR-24).
 
 use std::sync::Arc;
 
