@@ -541,6 +541,9 @@ fn compile(
     jwks: &JwksCache,
 ) -> Result<Compiled, ConfigError> {
     let diagnostics = |errs: Vec<String>| ConfigError { diagnostics: errs };
+    // What the workload's namespace may see (exportTo); a configuration from the
+    // control plane holds only that already.
+    let config = &config.exported_to(&workload.namespace);
     let options = CompileOptions {
         naming: Naming {
             namespace: workload.namespace.clone(),

@@ -41,7 +41,8 @@
 //!   still named by some route; a changed DestinationRule policy is published to the
 //!   kept service through its [`Target`] rather than by rebuilding it.
 //! - When several VirtualServices claim the same host on one listener, the first loaded
-//!   keeps it (Istio merges them on gateways); `exportTo` is not applied.
+//!   keeps it (Istio merges them on gateways). `exportTo` is applied before compiling
+//!   ([`MeshConfig::exported_to`](mesh_core::config::MeshConfig::exported_to)).
 //! - Not routed here: `delegate` (rejected at compilation), `tcp`/`tls` routes (no HTTP
 //!   routes result), `corsPolicy`, JWT-claim matches (`@request.auth.claims.*`, ignored).
 //! - Mirrored requests keep their trace headers as they are.

@@ -157,7 +157,7 @@ pub use request_authentication::*;
 pub use resource::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, Metadata, Origin,
     PeerAuthentication, Percent, PortSelector, RequestAuthentication, Resource, ServiceEntry, Spec,
-    StringMatch, VirtualService, WorkloadEntryResource, WorkloadSelector, qualify_host,
+    StringMatch, VirtualService, WorkloadEntryResource, WorkloadSelector, exported, qualify_host,
 };
 pub use service_entry::*;
 pub use sidecar::*;

@@ -543,6 +543,16 @@ impl Serialize for AnyResource {
     }
 }
 
+/// Whether a resource of namespace `own` whose `exportTo` is `export_to` is visible in
+/// `namespace` (SR-30): unset or `*`, everywhere; `.`, its own namespace; names, those
+/// namespaces.
+pub fn exported(export_to: &[String], own: &str, namespace: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || (e == "." && own == namespace) || (e != "." && e == namespace))
+}
+
 /// Qualifies a short host with a namespace, the way Istio reads hosts in Kubernetes:
 /// a name without dots (`reviews`) becomes `reviews.<namespace>.svc.cluster.local`;
 /// names with dots, wildcards (`*`, `*.example.com`) and IP addresses stay as written.

@@ -37,11 +37,6 @@ use Kind::{
 pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         VS,
-        "spec.exportTo",
-        "visibility is not restricted; every namespace sees it",
-    ),
-    ne(
-        VS,
         "spec.tcp[].match[].destinationSubnets",
         "TCP connections are matched by port only (a TCP listener serves one service port; \
          destination addresses are not compared)",
@@ -70,11 +65,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         VS,
         "spec.http[].retries.retryRemoteLocalities",
         "localities are not considered",
-    ),
-    ne(
-        DR,
-        "spec.exportTo",
-        "visibility is not restricted; every namespace sees it",
     ),
     ne(
         DR,
@@ -136,11 +126,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         GW,
         "spec.servers[].tls.caCrl",
         "revocation lists are not checked",
-    ),
-    ne(
-        SE,
-        "spec.exportTo",
-        "visibility is not restricted; every namespace sees it",
     ),
     ne(
         SE,

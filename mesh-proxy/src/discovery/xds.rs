@@ -281,12 +281,8 @@ pub struct View {
 
 /// Whether `resource` is visible to a proxy in `namespace`.
 pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) -> bool {
-    let exported = |export_to: &[String], own: &str| {
-        export_to.is_empty()
-            || export_to
-                .iter()
-                .any(|e| e == "*" || (e == "." && own == namespace) || (e != "." && e == namespace))
-    };
+    let exported =
+        |export_to: &[String], own: &str| mesh_core::config::exported(export_to, own, namespace);
     match resource {
         AnyResource::VirtualService(r) => exported(&r.spec.export_to, r.namespace()),
         AnyResource::DestinationRule(r) => exported(&r.spec.export_to, r.namespace()),
