@@ -1,6 +1,8 @@
 //! `exportTo` on a sidecar that reads its configuration from files (SR-30): a
 //! VirtualService, DestinationRule or ServiceEntry that is not exported to the sidecar's
-//! namespace does not apply to it, exactly as when the control plane leaves it out.
+//! namespace does not apply to it, exactly as when the control plane leaves it out. A
+//! DestinationRule with a `workloadSelector` applies only to the clients it selects
+//! (DR-06).
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -154,4 +156,57 @@ spec:
     );
     assert_eq!(answer(&entry("['.']"), "ledger.internal").await, None);
     assert_eq!(ledger.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rule_with_a_workload_selector_applies_to_the_clients_it_selects() {
+    let (v1, v2) = (
+        App::start(Behaviour::Ok("v1")).await,
+        App::start(Behaviour::Ok("v2")).await,
+    );
+    // Both rules define subset `pick`; the selecting one makes it v2.
+    let yaml = |selector: &str| {
+        format!(
+            "{}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: everyone, namespace: production}}
+spec:
+  host: payment-service
+  subsets:
+  - {{name: pick, labels: {{version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: selected, namespace: production}}
+spec:
+  host: payment-service
+  workloadSelector: {{matchLabels: {{app: {selector}}}}}
+  subsets:
+  - {{name: pick, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: payment-service, namespace: production}}
+spec:
+  hosts: [payment-service]
+  http:
+  - route:
+    - destination: {{host: payment-service, subset: pick}}
+",
+            payment(v1.addr, v2.addr)
+        )
+    };
+    assert_eq!(
+        answer(&yaml("order-service"), "payment-service")
+            .await
+            .as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        answer(&yaml("report-service"), "payment-service")
+            .await
+            .as_deref(),
+        Some("v1")
+    );
 }

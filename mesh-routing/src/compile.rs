@@ -800,7 +800,11 @@ pub fn destination_rules(config: &MeshConfig, options: &CompileOptions) -> Desti
         if seen.insert(host.clone(), ()).is_some() {
             continue;
         }
-        if let Some(chosen) = config.destination_rule_for(&host, &options.naming.namespace) {
+        if let Some(chosen) = config.destination_rule_for_workload(
+            &host,
+            &options.naming.namespace,
+            Some(&options.workload_labels),
+        ) {
             rules.insert(host, DestinationRule::from(&chosen.spec));
         }
     }

@@ -546,13 +546,47 @@ impl MeshConfig {
     /// The DestinationRule that applies to traffic from `client_namespace` to `host`:
     /// among rules for the host (exact before wildcard, most specific wildcard first), one in
     /// the client's namespace wins, then one in the host's own namespace, then one in the
-    /// root namespace, then the first loaded.
+    /// root namespace, then the first loaded. Rules with a `workloadSelector` are left
+    /// out (see [`destination_rule_for_workload`](Self::destination_rule_for_workload)).
     pub fn destination_rule_for(
         &self,
         host: &str,
         client_namespace: &str,
     ) -> Option<&DestinationRule> {
+        self.destination_rule_for_workload(host, client_namespace, None)
+    }
+
+    /// [`destination_rule_for`](Self::destination_rule_for) for a client whose labels
+    /// are `client_labels`: a rule of the client's namespace whose `workloadSelector`
+    /// selects them comes first (DR-06); rules with a selector apply to no other client,
+    /// nor to any client when the labels are not known (`None`).
+    pub fn destination_rule_for_workload(
+        &self,
+        host: &str,
+        client_namespace: &str,
+        client_labels: Option<&Labels>,
+    ) -> Option<&DestinationRule> {
         let candidates = self.lookup_host(&self.dr_by_host, host);
+        let selected = candidates.iter().copied().find(|&i| {
+            let dr = &self.destination_rules[i];
+            dr.metadata.namespace == client_namespace
+                && dr.spec.workload_selector.as_ref().is_some_and(|sel| {
+                    !sel.match_labels.is_empty() && client_labels.is_some_and(|l| sel.matches(l))
+                })
+        });
+        if let Some(i) = selected {
+            return Some(&self.destination_rules[i]);
+        }
+        let candidates: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&i| {
+                self.destination_rules[i]
+                    .spec
+                    .workload_selector
+                    .as_ref()
+                    .is_none_or(|sel| sel.match_labels.is_empty())
+            })
+            .collect();
         let host_ns = host_namespace(host);
         let pick = |ns: &str| {
             candidates

@@ -68,11 +68,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         DR,
-        "spec.workloadSelector",
-        "the rule applies to every client",
-    ),
-    ne(
-        DR,
         "spec.**.loadBalancer.localityLbSetting",
         "localities are not considered",
     ),
