@@ -92,7 +92,8 @@ use crate::settings::Limits;
 use crate::stack::inbound::{Application, ApplicationBody};
 use crate::stack::tcp::{TcpInbound, TcpOutbound};
 use crate::stack::{
-    Destinations, HttpService, MakeDest, MeshRouter, Outbound, OutboundMode, inbound,
+    Destinations, HttpService, MakeDest, MeshRouter, Outbound, OutboundMode, OutboundPolicy,
+    inbound,
 };
 
 /// Who the workload is: what PeerAuthentication, AuthorizationPolicy, DestinationRule
@@ -308,6 +309,8 @@ struct Compiled {
     policies: PolicySet,
     authn: Authenticator,
     peer_auth: WorkloadPeerAuthentication,
+    /// The workload's Sidecar resource's `outboundTrafficPolicy.mode`, if it sets one.
+    outbound_mode: Option<OutboundMode>,
 }
 
 /// A function run with the new configuration after a successful update.
@@ -326,6 +329,7 @@ struct Inner {
     /// Key sets of RequestAuthentication, kept across reloads.
     jwks: JwksCache,
     peer_auth: Arc<ArcSwap<WorkloadPeerAuthentication>>,
+    outbound_policy: OutboundPolicy,
     active: Arc<ArcSwap<Active>>,
     destinations: Destinations,
     hooks: Mutex<Vec<Hook>>,
@@ -476,6 +480,8 @@ impl MeshBuilder {
                 refresh.abort();
             });
         }
+        let outbound_policy =
+            OutboundPolicy::new(compiled.outbound_mode.unwrap_or(self.options.outbound_mode));
         Ok(Mesh {
             inner: Arc::new(Inner {
                 active: Arc::new(ArcSwap::from_pointee(Active {
@@ -494,6 +500,7 @@ impl MeshBuilder {
                 authn: AuthnHandle::new(compiled.authn),
                 jwks,
                 peer_auth: Arc::new(ArcSwap::from_pointee(compiled.peer_auth)),
+                outbound_policy,
                 destinations,
                 hooks: Mutex::default(),
                 shutdown,
@@ -567,11 +574,27 @@ fn compile(
     let authn = Authenticator::from_config(config, &workload.namespace, &workload.labels, jwks)
         .map_err(|e| diagnostics(vec![e.to_string()]))?;
     let peer_auth = peer_auths.for_workload(&workload.namespace, &workload.labels);
+    // Sidecar resources apply to sidecars only (SR-33).
+    let outbound_mode = match listener {
+        Listener::Mesh => config
+            .sidecar_for(
+                &workload.namespace,
+                &workload.labels,
+                config.root_namespace(),
+            )
+            .and_then(|s| s.spec.outbound_traffic_policy.as_ref()?.mode)
+            .map(|m| match m {
+                mesh_core::config::OutboundMode::AllowAny => OutboundMode::AllowAny,
+                mesh_core::config::OutboundMode::RegistryOnly => OutboundMode::RegistryOnly,
+            }),
+        Listener::Gateway { .. } => None,
+    };
     Ok(Compiled {
         routing,
         policies,
         authn,
         peer_auth,
+        outbound_mode,
     })
 }
 
@@ -623,6 +646,12 @@ impl Mesh {
         }
     }
 
+    /// The `outboundTrafficPolicy.mode` in force: the workload's Sidecar resource's, else
+    /// [`Options::outbound_mode`].
+    pub fn outbound_mode(&self) -> OutboundMode {
+        self.inner.outbound_policy.mode()
+    }
+
     /// The outbound stack: send requests with an authority the configuration knows
     /// (`http://payment-service:8080/...`, or origin-form with a `Host`).
     pub fn outbound(&self) -> Outbound {
@@ -630,7 +659,7 @@ impl Mesh {
         Outbound::new(
             &self.inner.router,
             &self.inner.telemetry,
-            self.inner.options.outbound_mode,
+            self.inner.outbound_policy.clone(),
             limits.connect_timeout.as_std(),
             limits.idle_timeout.as_std(),
         )
@@ -808,6 +837,11 @@ impl Mesh {
         self.inner.authz.store(compiled.policies);
         self.inner.authn.store(compiled.authn);
         self.inner.peer_auth.store(Arc::new(compiled.peer_auth));
+        self.inner.outbound_policy.set(
+            compiled
+                .outbound_mode
+                .unwrap_or(self.inner.options.outbound_mode),
+        );
         for hook in self
             .inner
             .hooks

@@ -2,7 +2,8 @@
 //! VirtualService, DestinationRule or ServiceEntry that is not exported to the sidecar's
 //! namespace does not apply to it, exactly as when the control plane leaves it out. A
 //! DestinationRule with a `workloadSelector` applies only to the clients it selects
-//! (DR-06).
+//! (DR-06). The workload's `Sidecar` resource sets `outboundTrafficPolicy` over the
+//! proxy's setting, and a new configuration changes it without a restart.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -209,4 +210,45 @@ spec:
             .as_deref(),
         Some("v1")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_resource_sets_the_outbound_traffic_policy() {
+    let world = World::new();
+    let external = App::start(Behaviour::Ok("external")).await;
+    let sidecar = |namespace: &str, mode: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: {namespace}}}
+spec:
+  outboundTrafficPolicy: {{mode: {mode}}}
+"
+        )
+    };
+    let config = world.write_config(
+        "istio",
+        "mesh.yaml",
+        &sidecar("production", "REGISTRY_ONLY"),
+    );
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = start_sidecar(&world, "order-service", &config, Ports::new(), nowhere).await;
+    let client = Client::new(proxy.outbound());
+    let host = external.addr.to_string();
+    // The proxy's setting is ALLOW_ANY; its namespace's Sidecar says REGISTRY_ONLY.
+    assert_eq!(client.request("GET", &host, "/", &[]).await.unwrap().0, 502);
+    assert_eq!(external.hits(), 0);
+    // A Sidecar of another namespace does not apply: the setting is back in force once
+    // the configuration changes, with no restart.
+    world.write_config("istio", "mesh.yaml", &sidecar("finance", "REGISTRY_ONLY"));
+    let mut status = 0;
+    for _ in 0..400 {
+        status = client.request("GET", &host, "/", &[]).await.unwrap().0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, 200, "{}", proxy.output());
+    assert_eq!(external.hits(), 1);
 }

@@ -171,8 +171,8 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         SC,
-        "spec.outboundTrafficPolicy",
-        "the proxy's setting `outboundTrafficPolicy.mode` applies",
+        "spec.outboundTrafficPolicy.egressProxy",
+        "unknown destinations pass through to the address they were sent to",
     ),
     ne(
         AP,

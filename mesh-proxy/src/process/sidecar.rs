@@ -180,7 +180,6 @@ fn serve_outbound(
         Ok(address) => mesh.outbound().on_listener(address).boxed(),
         Err(_) => mesh.outbound().boxed(),
     };
-    let mode = settings.outbound_traffic_policy.mode;
     let connect_timeout = settings.limits.connect_timeout.as_std();
     let detection: Option<std::time::Duration> = settings
         .listeners
@@ -224,7 +223,7 @@ fn serve_outbound(
                 }
             }
             if owner.is_none() && !addresses.is_http_port(original.port()) {
-                match mode {
+                match mesh.outbound_mode() {
                     OutboundMode::AllowAny => {
                         let telemetry = mesh.telemetry().clone();
                         tokio::spawn(async move {

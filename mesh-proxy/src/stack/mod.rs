@@ -38,7 +38,7 @@ use tower::util::BoxCloneSyncService;
 
 pub use client::HttpClient;
 pub use destination::{DestinationState, Destinations, MakeDest, RouteService};
-pub use outbound::{MeshRouter, Outbound, OutboundMode};
+pub use outbound::{MeshRouter, Outbound, OutboundMode, OutboundPolicy};
 
 /// The HTTP service type listeners serve (after the per-connection layers).
 pub type HttpService = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;

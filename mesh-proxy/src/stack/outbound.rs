@@ -69,6 +69,44 @@ pub enum OutboundMode {
     RegistryOnly,
 }
 
+/// The `outboundTrafficPolicy.mode` in force, shared by the stacks that read it: the
+/// workload's `Sidecar` resource sets it, and may change it on an update, over the
+/// proxy's own setting. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub struct OutboundPolicy(Arc<std::sync::atomic::AtomicBool>);
+
+impl OutboundPolicy {
+    /// A policy starting at `mode`.
+    pub fn new(mode: OutboundMode) -> Self {
+        let policy = Self::default();
+        policy.set(mode);
+        policy
+    }
+
+    /// The mode in force.
+    pub fn mode(&self) -> OutboundMode {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            OutboundMode::RegistryOnly
+        } else {
+            OutboundMode::AllowAny
+        }
+    }
+
+    /// Puts `mode` in force for every holder.
+    pub fn set(&self, mode: OutboundMode) {
+        self.0.store(
+            mode == OutboundMode::RegistryOnly,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl From<OutboundMode> for OutboundPolicy {
+    fn from(mode: OutboundMode) -> Self {
+        Self::new(mode)
+    }
+}
+
 /// Where a captured connection was addressed before it was redirected to the outbound
 /// listener (transparent capture), as a request extension.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,17 +187,19 @@ pub struct Outbound {
 impl std::fmt::Debug for Outbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbound")
-            .field("mode", &self.forward.mode)
+            .field("mode", &self.forward.mode.mode())
             .finish_non_exhaustive()
     }
 }
 
 impl Outbound {
-    /// The outbound stack over `router`, reporting to `telemetry`.
+    /// The outbound stack over `router`, reporting to `telemetry`; unknown hosts are
+    /// handled as `mode` says (an [`OutboundMode`], or an [`OutboundPolicy`] that can
+    /// change).
     pub fn new(
         router: &MeshRouter,
         telemetry: &Telemetry,
-        mode: OutboundMode,
+        mode: impl Into<OutboundPolicy>,
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
@@ -172,7 +212,7 @@ impl Outbound {
                     idle_timeout,
                     Protocol::Downstream,
                 ),
-                mode,
+                mode: mode.into(),
                 resolved: None,
                 listener: None,
             },
@@ -330,7 +370,7 @@ impl Future for ResponseFuture {
 struct Forward {
     router: Router<RouteService>,
     passthrough: HttpClient<HttpConnector>,
-    mode: OutboundMode,
+    mode: OutboundPolicy,
     /// The snapshot the host was resolved on and its virtual host, when known.
     resolved: Option<(Arc<Snapshot<RouteService>>, usize)>,
     /// The listener this stack serves, when it has one: passthrough to it would loop.
@@ -396,7 +436,7 @@ impl Service<Request<BoxBody>> for Forward {
             .extensions()
             .get::<OriginalDestination>()
             .map(|o| o.address);
-        match self.mode {
+        match self.mode.mode() {
             OutboundMode::RegistryOnly => {
                 tracing::debug!("REGISTRY_ONLY: host not in the registry");
                 RouteFuture::local(Ok(respond::registry_only()))
