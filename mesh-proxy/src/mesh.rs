@@ -952,6 +952,8 @@ impl Mesh {
             &self.inner.telemetry,
             redirect_hosts,
             self.inner.authn.clone(),
+            self.inner.authz.clone(),
+            self.inner.options.path_normalization,
             self.edge_headers(self.inner.options.gateway_forward_client_cert, true),
         )
     }

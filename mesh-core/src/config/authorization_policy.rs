@@ -63,6 +63,44 @@ pub struct PolicyTargetReference {
     pub namespace: Option<String>,
 }
 
+/// The label Istio puts on the pods of a Gateway API `Gateway`: its name.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The label Istio puts on the pods of a Gateway API `Gateway`: its class.
+pub const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-name";
+const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
+impl PolicyTargetReference {
+    /// Whether the policy of `policy_namespace` holding this reference applies to a
+    /// workload of `namespace` with `labels` (ISTIO.md AP-50): a `Gateway` of the Gateway
+    /// API selects the pods of that Gateway in the policy's namespace (label
+    /// [`GATEWAY_NAME_LABEL`]); a `GatewayClass`, from the root namespace only, the
+    /// pods of every Gateway of the class ([`GATEWAY_CLASS_LABEL`]). A `Service` or
+    /// `ServiceEntry` binds the policy to a waypoint, which this mesh does not run: it
+    /// selects no workload, as on Istio's sidecars.
+    pub fn selects(
+        &self,
+        policy_namespace: &str,
+        root_namespace: &str,
+        namespace: &str,
+        labels: &super::Labels,
+    ) -> bool {
+        if self.group.as_deref() != Some(GATEWAY_API_GROUP)
+            || self
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| !ns.is_empty() && ns != policy_namespace)
+        {
+            return false;
+        }
+        let label = |key: &str| labels.get(key).is_some_and(|v| *v == self.name);
+        match self.kind.as_str() {
+            "Gateway" => namespace == policy_namespace && label(GATEWAY_NAME_LABEL),
+            "GatewayClass" => policy_namespace == root_namespace && label(GATEWAY_CLASS_LABEL),
+            _ => false,
+        }
+    }
+}
+
 /// The extension provider of a CUSTOM policy.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]

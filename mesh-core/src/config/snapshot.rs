@@ -7,7 +7,7 @@ use super::WorkloadSelector;
 use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
-    AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
+    AnyResource, AuthorizationPolicy, PolicyTargetReference, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
     RequestAuthentication, ServiceEntry, Sidecar, Subset, VirtualService, WorkloadEntryResource,
     select_sidecar,
 };
@@ -97,6 +97,25 @@ struct NamespaceIndex {
     peer_authentications: Vec<usize>,
     authorization_policies: Vec<usize>,
     request_authentications: Vec<usize>,
+}
+
+/// Which workloads a policy applies to: its `selector` (none: every workload of its
+/// namespace, or of the mesh from the root namespace), or its target references, which
+/// replace the selector (validation refuses both).
+struct Scope<'a, R> {
+    selector: Option<&'a WorkloadSelector>,
+    refs: R,
+    namespace: &'a str,
+}
+
+impl<'a, R: Iterator<Item = &'a PolicyTargetReference>> Scope<'a, R> {
+    fn takes(self, root_namespace: &str, namespace: &str, labels: &Labels) -> bool {
+        let mut refs = self.refs.peekable();
+        if refs.peek().is_some() {
+            return refs.any(|r| r.selects(self.namespace, root_namespace, namespace, labels));
+        }
+        self.selector.is_none_or(|s| s.matches(labels))
+    }
 }
 
 impl MeshConfig {
@@ -667,7 +686,8 @@ impl MeshConfig {
     /// AuthorizationPolicies that apply to a workload in `namespace` with `labels`:
     /// policies of that namespace without selector or whose selector matches, and policies
     /// of the root namespace (mesh-wide, or selecting by labels in every namespace).
-    /// Policies bound with `targetRefs` are not included.
+    /// A policy with `targetRef`/`targetRefs` applies to the Gateway API gateways they
+    /// name ([`PolicyTargetReference::selects`]).
     pub fn authorization_policies_for(
         &self,
         namespace: &str,
@@ -678,9 +698,10 @@ impl MeshConfig {
             labels,
             |idx| &idx.authorization_policies,
             &self.authorization_policies,
-            |p| {
-                let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
-                (!targeted).then_some(p.spec.selector.as_ref())
+            |p| Scope {
+                selector: p.spec.selector.as_ref(),
+                refs: p.spec.target_ref.iter().chain(&p.spec.target_refs),
+                namespace: &p.metadata.namespace,
             },
         )
     }
@@ -688,7 +709,8 @@ impl MeshConfig {
     /// RequestAuthentications that apply to a workload in `namespace` with `labels`
     /// (ISTIO.md RA-01), in load order: those of that namespace without selector or whose
     /// selector matches, and those of the root namespace (mesh-wide, or selecting by labels
-    /// in every namespace). Policies bound with `targetRefs` are not included.
+    /// in every namespace). A policy with `targetRef`/`targetRefs` applies to the Gateway
+    /// API gateways they name ([`PolicyTargetReference::selects`]).
     pub fn request_authentications_for(
         &self,
         namespace: &str,
@@ -699,31 +721,34 @@ impl MeshConfig {
             labels,
             |idx| &idx.request_authentications,
             &self.request_authentications,
-            |p| {
-                let targeted = !p.spec.target_refs.is_empty() || p.spec.target_ref.is_some();
-                (!targeted).then_some(p.spec.selector.as_ref())
+            |p| Scope {
+                selector: p.spec.selector.as_ref(),
+                refs: p.spec.target_ref.iter().chain(&p.spec.target_refs),
+                namespace: &p.metadata.namespace,
             },
         )
     }
 
     /// The policies of `items` (indexed per namespace by `index`) that apply to a
     /// workload in `namespace` with `labels`: those of its namespace and of the root
-    /// namespace whose `scope` is a selector that matches, or none (every workload).
-    /// `scope` is `None` for a policy that selects no workload (bound by `targetRefs`).
-    fn selected_for<'a, T>(
+    /// namespace whose [`Scope`] takes it.
+    fn selected_for<'a, 'r, T, R>(
         &'a self,
         namespace: &str,
         labels: &Labels,
         index: impl Fn(&NamespaceIndex) -> &Vec<usize>,
         items: &'a [T],
-        scope: impl Fn(&T) -> Option<Option<&WorkloadSelector>>,
-    ) -> Vec<&'a T> {
+        scope: impl Fn(&'a T) -> Scope<'a, R>,
+    ) -> Vec<&'a T>
+    where
+        R: Iterator<Item = &'a PolicyTargetReference>,
+    {
         let mut out = Vec::new();
         let mut scan = |ns: &str| {
             if let Some(idx) = self.by_namespace.get(ns) {
                 for &i in index(idx) {
                     let p = &items[i];
-                    if scope(p).is_some_and(|s| s.is_none_or(|s| s.matches(labels))) {
+                    if scope(p).takes(&self.root_namespace, namespace, labels) {
                         out.push(p);
                     }
                 }

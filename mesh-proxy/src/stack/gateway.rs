@@ -11,6 +11,9 @@
 //!   -> telemetry (reporter=source, destination_service = the routed service's host,
 //!      else the authority) -> respond
 //!   -> RequestAuthentication (JWT, [`mesh_tls::authn`]; an invalid token: 401)
+//!   -> AuthorizationPolicy (the policies that select the gateway's workload,
+//!      [`mesh_tls::authz`]; `remoteIpBlocks` reads the client from `X-Forwarded-For`
+//!      past `numTrustedProxies`; a denied request: 403 `RBAC: access denied`)
 //!   -> prepare (absolute-form authority becomes Host, hop-by-hop headers go)
 //!   -> host outside the chosen server: 421 (another server of the port owns it) or
 //!      404 `NR` (none does)
@@ -181,8 +184,13 @@ pub fn service(
     telemetry: &Telemetry,
     redirect_hosts: Arc<ArcSwap<Vec<String>>>,
     authn: mesh_tls::authn::AuthnHandle,
+    authz: mesh_tls::authz::PolicyHandle,
+    normalization: mesh_tls::authz::PathNormalization,
     edge: EdgeHeaders,
 ) -> HttpService {
+    let authorize = mesh_tls::authz::AuthzLayer::from_handle(authz)
+        .normalization(mesh_tls::authz::NormalizeOptions::new(normalization))
+        .trusted_proxies(edge.num_trusted_proxies);
     tower::util::BoxCloneSyncService::new(
         Sanitize::new(
             ServiceBuilder::new()
@@ -200,6 +208,8 @@ pub fn service(
                     ServiceBuilder::new()
                         .map_response(boxed_response)
                         .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
+                        .map_response(boxed_response)
+                        .layer(authorize)
                         .service(GatewayRoutes::new(router, redirect_hosts)),
                 )),
             true,
