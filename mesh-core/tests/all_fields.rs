@@ -220,8 +220,22 @@ fn destination_rule_fields_parse_to_their_values() {
             .map(String::as_str),
         Some("web")
     );
+    // The rule selects clients labelled `app: web`: theirs, no one else's.
+    let host = qualify_host("reviews", "shop");
+    let web = mesh_core::Labels::from([("app".to_owned(), "web".to_owned())]);
+    assert!(config.subset(&host, "shop", "v1").is_none());
+    assert!(
+        config
+            .destination_rule_for_workload(&host, "shop", Some(&mesh_core::Labels::new()))
+            .is_none()
+    );
     let v1 = config
-        .subset(&qualify_host("reviews", "shop"), "shop", "v1")
+        .destination_rule_for_workload(&host, "shop", Some(&web))
+        .unwrap()
+        .spec
+        .subsets
+        .iter()
+        .find(|s| s.name == "v1")
         .unwrap();
     let maglev = v1
         .traffic_policy

@@ -189,9 +189,9 @@ spec:
     );
     // Unenforced fields load with a warning where they are written.
     assert!(report.warnings().any(|w| {
-        w.path.as_deref() == Some("spec.outboundTrafficPolicy")
+        w.path.as_deref() == Some("spec.outboundTrafficPolicy.egressProxy")
             && w.message
-                .starts_with("`outboundTrafficPolicy` is parsed but not enforced")
+                .starts_with("`egressProxy` is parsed but not enforced")
     }));
 }
 

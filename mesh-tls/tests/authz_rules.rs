@@ -1563,8 +1563,31 @@ fn workload_scope_follows_namespace_root_and_selector() {
     let selector_miss = Policy::new("production", "other", Action::Allow, vec![])
         .with_selector([("app", "orders")]);
     let other_ns = Policy::new("staging", "ns", Action::Allow, vec![]);
+    // A policy bound to a waypoint (a Service) or to another gateway is not this
+    // workload's; one naming the Gateway API gateway whose pods carry its name label is.
+    let target = |kind: &str, name: &str| mesh_core::config::PolicyTargetReference {
+        group: Some(
+            if kind == "Service" {
+                ""
+            } else {
+                "gateway.networking.k8s.io"
+            }
+            .into(),
+        ),
+        kind: kind.into(),
+        name: name.into(),
+        namespace: None,
+    };
     let mut targeted = Policy::new("production", "gw", Action::Allow, vec![]);
-    targeted.has_target_refs = true;
+    targeted.target_refs = vec![target("Service", "payment"), target("Gateway", "edge")];
+    let mut gateway = workload.clone();
+    gateway
+        .labels
+        .insert(mesh_core::config::GATEWAY_NAME_LABEL.into(), "edge".into());
+    assert!(gateway.is_selected_by(&targeted));
+    let mut elsewhere = gateway.clone();
+    elsewhere.namespace = "staging".into();
+    assert!(!elsewhere.is_selected_by(&targeted));
     assert!(workload.is_selected_by(&mesh_wide));
     assert!(workload.is_selected_by(&root_selector));
     assert!(workload.is_selected_by(&same_ns));

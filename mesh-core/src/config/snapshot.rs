@@ -7,9 +7,9 @@ use super::WorkloadSelector;
 use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
-    AnyResource, AuthorizationPolicy, PolicyTargetReference, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
-    RequestAuthentication, ServiceEntry, Sidecar, Subset, VirtualService, WorkloadEntryResource,
-    select_sidecar,
+    AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
+    PolicyTargetReference, RequestAuthentication, ServiceEntry, Sidecar, Subset, VirtualService,
+    WorkloadEntryResource, select_sidecar,
 };
 
 /// All resources of one successful load, indexed by host, by namespace and by workload

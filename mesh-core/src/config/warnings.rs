@@ -29,8 +29,8 @@ const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnfor
 }
 
 use Kind::{
-    AuthorizationPolicy as AP, DestinationRule as DR, Gateway as GW, RequestAuthentication as RA,
-    ServiceEntry as SE, Sidecar as SC, VirtualService as VS, WorkloadEntry as WE,
+    DestinationRule as DR, Gateway as GW, ServiceEntry as SE, Sidecar as SC, VirtualService as VS,
+    WorkloadEntry as WE,
 };
 
 /// Fields parsed but not enforced by the proxy.
@@ -173,36 +173,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         SC,
         "spec.outboundTrafficPolicy.egressProxy",
         "unknown destinations pass through to the address they were sent to",
-    ),
-    ne(
-        AP,
-        "spec.rules[].from[].source.remoteIpBlocks",
-        "the original client address is not known; this never matches",
-    ),
-    ne(
-        AP,
-        "spec.rules[].from[].source.notRemoteIpBlocks",
-        "the original client address is not known",
-    ),
-    ne(
-        AP,
-        "spec.targetRef",
-        "target references are not supported; the policy selects no workload",
-    ),
-    ne(
-        AP,
-        "spec.targetRefs",
-        "target references are not supported; the policy selects no workload",
-    ),
-    ne(
-        RA,
-        "spec.targetRef",
-        "target references are not supported; the policy selects no workload",
-    ),
-    ne(
-        RA,
-        "spec.targetRefs",
-        "target references are not supported; the policy selects no workload",
     ),
 ];
 

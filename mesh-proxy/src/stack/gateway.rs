@@ -190,7 +190,9 @@ pub fn service(
 ) -> HttpService {
     let authorize = mesh_tls::authz::AuthzLayer::from_handle(authz)
         .normalization(mesh_tls::authz::NormalizeOptions::new(normalization))
-        .trusted_proxies(edge.num_trusted_proxies);
+        // The gateway has appended its peer to X-Forwarded-For: the client is that
+        // entry, or the one `numTrustedProxies` further left.
+        .trusted_proxies(edge.num_trusted_proxies + 1);
     tower::util::BoxCloneSyncService::new(
         Sanitize::new(
             ServiceBuilder::new()

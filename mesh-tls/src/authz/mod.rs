@@ -68,7 +68,8 @@
 //! - **Duplicate headers** are joined with `", "` (RFC 9110) before matching; when one
 //!   line alone would match but the joined field does not, the result is unknown (a DENY
 //!   applies, an ALLOW does not), since a backend may read only one of the lines.
-//! - Policies with `targetRefs` are not applied to workloads. TCP (non-HTTP)
+//! - Policies with `targetRefs` apply to the Gateway API gateways they name (AP-50 in
+//!   this crate's ISTIO.md), never to sidecars. TCP (non-HTTP)
 //!   connections are decided with [`PolicySet::evaluate_connection`] (AP-30, with the
 //!   same three-valued rule; the layer itself is HTTP only). Trust-domain aliases (AP-24) apply
 //!   when the [`Workload`] names them ([`PolicySet::for_workload`]).

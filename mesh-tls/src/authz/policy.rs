@@ -66,9 +66,9 @@ pub struct Policy {
     pub rules: Option<Vec<Rule>>,
     /// The `istio.io/dry-run: "true"` annotation: evaluated, reported, never enforced.
     pub dry_run: bool,
-    /// Whether `spec.targetRefs` is set; such policies target gateways and services and
-    /// are not applied to workloads by [`Workload`] scope.
-    pub has_target_refs: bool,
+    /// `spec.targetRef` and `spec.targetRefs`: when any is set, they select the
+    /// workloads (Gateway API gateways, AP-50) instead of `selector`.
+    pub target_refs: Vec<config::PolicyTargetReference>,
 }
 
 impl Policy {
@@ -199,11 +199,18 @@ impl Workload {
     /// Whether `policy` applies to this workload (AP-03): a root-namespace policy without
     /// selector applies mesh-wide, a root-namespace policy with selector to matching
     /// workloads of every namespace, any other policy to its own namespace's workloads
-    /// (all of them, or those its selector matches). Policies with `targetRefs` target
-    /// gateways and services, not workloads, and never apply here.
+    /// (all of them, or those its selector matches). A policy with `targetRefs` applies
+    /// to the pods of the Gateway API gateways they name (AP-50), never otherwise.
     pub fn is_selected_by(&self, policy: &Policy) -> bool {
-        if policy.has_target_refs {
-            return false;
+        if !policy.target_refs.is_empty() {
+            return policy.target_refs.iter().any(|r| {
+                r.selects(
+                    &policy.namespace,
+                    &self.root_namespace,
+                    &self.namespace,
+                    &self.labels,
+                )
+            });
         }
         let namespace_ok =
             policy.namespace == self.root_namespace || policy.namespace == self.namespace;
@@ -341,7 +348,13 @@ impl TryFrom<&config::AuthorizationPolicy> for Policy {
                 .annotations
                 .get(DRY_RUN_ANNOTATION)
                 .is_some_and(|v| v.eq_ignore_ascii_case("true")),
-            has_target_refs: !r.spec.target_refs.is_empty() || r.spec.target_ref.is_some(),
+            target_refs: r
+                .spec
+                .target_ref
+                .iter()
+                .chain(&r.spec.target_refs)
+                .cloned()
+                .collect(),
         })
     }
 }
@@ -365,7 +378,7 @@ impl Workload {
 impl PolicySet {
     /// Compiles the AuthorizationPolicies of a loaded configuration that apply to the
     /// workload in `namespace` with `labels` (root-namespace, namespace and selector
-    /// scope; `targetRefs` policies excluded).
+    /// scope; `targetRefs` for Gateway API gateways).
     pub fn from_config(
         config: &config::MeshConfig,
         namespace: &str,
