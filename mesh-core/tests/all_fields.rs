@@ -53,13 +53,14 @@ fn warnings_point_at_the_field_not_its_children() {
         &[dir().join("virtual-service.yaml")],
         &LoadOptions::default(),
     );
-    let cors: Vec<&Diagnostic> = report
+    // `delegate` has children (`name`, `namespace`): one warning, at the field.
+    let delegate: Vec<&Diagnostic> = report
         .warnings()
-        .filter(|w| w.message.starts_with("`corsPolicy`"))
+        .filter(|w| w.message.starts_with("`delegate`"))
         .collect();
-    assert_eq!(cors.len(), 1);
-    assert_eq!(cors[0].path.as_deref(), Some("spec.http[0].corsPolicy"));
-    assert_eq!(cors[0].line_column(), Some((77, 5)));
+    assert_eq!(delegate.len(), 1);
+    assert_eq!(delegate[0].path.as_deref(), Some("spec.http[7].delegate"));
+    assert_eq!(delegate[0].line_column(), Some((137, 5)));
 }
 
 #[test]

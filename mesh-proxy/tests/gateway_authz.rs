@@ -10,68 +10,8 @@ mod support;
 
 use std::net::SocketAddr;
 
+use support::gateway::plain_gateway;
 use support::*;
-
-/// A plain-HTTP gateway `edge` (labels `istio: ingress` and the Gateway API name label
-/// `edge`) routing `api.example.com` to `backend`, with `policy` and `extra` settings;
-/// the gateway and the address of its HTTP port.
-async fn gateway(
-    world: &World,
-    backend: SocketAddr,
-    policy: &str,
-    extra: &str,
-) -> (Proxy, SocketAddr) {
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: backend, namespace: production}}
-spec:
-  hosts: [backend]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - {{number: 8080, name: http, protocol: HTTP}}
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: production}}
-spec:
-  selector: {{istio: ingress}}
-  servers:
-  - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: [api.example.com]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: api, namespace: production}}
-spec:
-  hosts: [api.example.com]
-  gateways: [edge]
-  http:
-  - route:
-    - destination: {{host: backend, port: {{number: 8080}}}}
----
-{policy}",
-        port = backend.port()
-    );
-    let config = world.write_config("istio", "mesh.yaml", &yaml);
-    let ports = Ports::new();
-    let http = free_port();
-    let settings = format!(
-        "workload: {{namespace: production, serviceAccount: istio-ingressgateway, \
-         labels: {{istio: ingress, gateway.networking.k8s.io/gateway-name: edge}}}}\n\
-         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
-         listeners: {{admin: 127.0.0.1:{admin}}}\n\
-         gateway:\n  name: edge\n  ports:\n    80: 127.0.0.1:{http}\n{extra}",
-        config = config.display(),
-        ca = world.ca_dir.display(),
-        admin = ports.admin,
-    );
-    let gw = Proxy::start(world, "gateway", "gateway", &settings, ports).await;
-    (gw, SocketAddr::from(([127, 0, 0, 1], http)))
-}
 
 /// The status of `GET path` for `api.example.com` with `X-Forwarded-For: xff`.
 async fn status(gw: SocketAddr, path: &str, xff: Option<&str>) -> u16 {
@@ -99,9 +39,10 @@ async fn remote_ip_blocks_read_the_client_behind_trusted_proxies() {
     let world = World::new();
     let backend = App::start(Behaviour::Ok("backend")).await;
     // One trusted proxy in front: the client is the last X-Forwarded-For entry it wrote.
-    let (_gw, addr) = gateway(
+    let (_gw, addr) = plain_gateway(
         &world,
         backend.addr,
+        "",
         DENY_RANGE,
         "gatewayTopology: {numTrustedProxies: 1}\n",
     )
@@ -121,14 +62,14 @@ async fn remote_ip_blocks_read_the_client_behind_trusted_proxies() {
 
     // Trusting no proxy, a client cannot name its address: the peer is the client.
     let world = World::new();
-    let (_gw, addr) = gateway(&world, backend.addr, DENY_RANGE, "").await;
+    let (_gw, addr) = plain_gateway(&world, backend.addr, "", DENY_RANGE, "").await;
     assert_eq!(status(addr, "/", Some("203.0.113.7")).await, 200);
     let not_range = DENY_RANGE.replace(
         "remoteIpBlocks: [203.0.113.0/24]",
         "notRemoteIpBlocks: [203.0.113.0/24]",
     );
     let world = World::new();
-    let (_gw, addr) = gateway(&world, backend.addr, &not_range, "").await;
+    let (_gw, addr) = plain_gateway(&world, backend.addr, "", &not_range, "").await;
     assert_eq!(status(addr, "/", None).await, 403);
 }
 
@@ -164,7 +105,7 @@ spec:
     ];
     for (target, expected) in cases {
         let world = World::new();
-        let (gw, addr) = gateway(&world, backend.addr, &policy(target), "").await;
+        let (gw, addr) = plain_gateway(&world, backend.addr, "", &policy(target), "").await;
         assert_eq!(
             status(addr, "/admin", None).await,
             expected,

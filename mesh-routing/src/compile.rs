@@ -59,6 +59,7 @@ use mesh_core::Identity;
 use mesh_core::config::{self, HttpMatchRequest, HttpRoute, MeshConfig, VirtualService};
 use mesh_core::extensions::RoutePolicy;
 
+use crate::cors::CorsPolicy;
 use crate::fault::{AbortStatus, FaultPolicy, Percent, grpc_code};
 use crate::headers::{HeaderOps, Headers};
 use crate::matcher::{HeaderMatch, MatchError, QueryParamMatch, RouteMatch, StringMatch, UriMatch};
@@ -614,6 +615,27 @@ impl Ctx<'_> {
                     .map_or(Percent::ALL, |p| Percent::from_percent(p.value)),
             });
         }
+        let cors = match &r.cors_policy {
+            Some(c) => {
+                let mut origins: Vec<StringMatch> = c
+                    .allow_origin
+                    .iter()
+                    .cloned()
+                    .map(StringMatch::Exact)
+                    .collect();
+                for m in &c.allow_origins {
+                    // A presence match allows every origin.
+                    origins.push(
+                        self.string_match(m)?
+                            .unwrap_or_else(|| StringMatch::Prefix(String::new())),
+                    );
+                }
+                Some(Arc::new(
+                    CorsPolicy::new(origins, c).map_err(|e| self.invalid(e.to_string()))?,
+                ))
+            }
+            None => None,
+        };
         Ok(Route {
             name: r.name.clone(),
             matches,
@@ -627,6 +649,7 @@ impl Ctx<'_> {
                 retries: r.retries.clone().map(Arc::new),
                 route_name: r.name.as_deref().map(Arc::from),
             }),
+            cors,
         })
     }
 }

@@ -43,8 +43,10 @@
 //! - When several VirtualServices claim the same host on one listener, the first loaded
 //!   keeps it (Istio merges them on gateways). `exportTo` is applied before compiling
 //!   ([`MeshConfig::exported_to`](mesh_core::config::MeshConfig::exported_to)).
+//! - `corsPolicy` is applied first on a selected route ([`cors`]): allowed preflights
+//!   are answered by the proxy, allowed requests' responses decorated.
 //! - Not routed here: `delegate` (rejected at compilation), `tcp`/`tls` routes (no HTTP
-//!   routes result), `corsPolicy`, JWT-claim matches (`@request.auth.claims.*`, ignored).
+//!   routes result), JWT-claim matches (`@request.auth.claims.*`, ignored).
 //! - Mirrored requests keep their trace headers as they are.
 //!
 //! # Example
@@ -88,6 +90,7 @@
 //! ```
 
 pub mod compile;
+pub mod cors;
 pub mod dns;
 pub mod fault;
 pub mod headers;

@@ -58,7 +58,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use mesh_core::body::BoxBody;
 use mesh_core::error::{BoxError, ClusterNotFound, NoHealthyUpstream, NoRoute};
@@ -70,6 +70,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tower_service::Service;
 
+use crate::cors::{CorsCheck, CorsPolicy};
 use crate::dns::DnsResolver;
 use crate::fault::abort_response;
 use crate::headers::Headers;
@@ -625,6 +626,8 @@ pub struct ResponseFuture<S: Service<Request<BoxBody>>> {
     flags: ResponseFlags,
     route_headers: Option<Arc<Headers>>,
     target_headers: Option<Arc<Headers>>,
+    /// The route's CORS policy and the allowed origin of this request.
+    cors: Option<(Arc<CorsPolicy>, HeaderValue)>,
 }
 
 impl<S: Service<Request<BoxBody>>> std::fmt::Debug for ResponseFuture<S> {
@@ -640,7 +643,13 @@ impl<S: Service<Request<BoxBody>>> ResponseFuture<S> {
             flags: ResponseFlags::NONE,
             route_headers,
             target_headers: None,
+            cors: None,
         }
+    }
+
+    fn with_cors(mut self, cors: Option<(Arc<CorsPolicy>, HeaderValue)>) -> Self {
+        self.cors = cors;
+        self
     }
 
     fn error(err: impl Into<BoxError>) -> Self {
@@ -696,6 +705,9 @@ where
             }
             if let Some(h) = this.target_headers.as_deref() {
                 h.response.apply(res.headers_mut());
+            }
+            if let Some((policy, origin)) = this.cors.take() {
+                policy.decorate(origin, res.headers_mut());
             }
             if !this.flags.is_empty() {
                 add_response_flags(res.extensions_mut(), *this.flags);
@@ -768,14 +780,23 @@ where
             return ResponseFuture::error(NoRoute);
         };
         let route = selected.route;
+        // CORS comes before everything else the route does (Istio's filter order).
+        let cors = match &route.cors {
+            Some(policy) => match policy.check(req.method(), req.headers()) {
+                CorsCheck::Pass => None,
+                CorsCheck::Answer(res) => return ResponseFuture::reply(Ok(res), None),
+                CorsCheck::Allowed(origin) => Some((Arc::clone(policy), origin)),
+            },
+            None => None,
+        };
         let route_headers = non_empty(&route.headers);
         let weighted = match &route.action {
             RouteAction::Redirect(redirect) => {
                 let res = redirect.response(&view, selected.matched.and_then(|m| m.uri.as_ref()));
-                return ResponseFuture::reply(Ok(res), route_headers);
+                return ResponseFuture::reply(Ok(res), route_headers).with_cors(cors);
             }
             RouteAction::Direct(direct) => {
-                return ResponseFuture::reply(Ok(direct.response()), route_headers);
+                return ResponseFuture::reply(Ok(direct.response()), route_headers).with_cors(cors);
             }
             RouteAction::Forward(weighted) => weighted,
         };
@@ -853,6 +874,7 @@ where
             flags,
             route_headers,
             target_headers: non_empty(&target.headers),
+            cors,
         }
     }
 }
@@ -872,6 +894,7 @@ where
             flags: ResponseFlags::NONE,
             route_headers: None,
             target_headers: None,
+            cors: None,
         },
         draining: None,
     });

@@ -144,6 +144,8 @@ pub struct Route {
     pub mirrors: Vec<Mirror>,
     /// The route's policies for the resilience layers.
     pub policy: Arc<mesh_core::extensions::RoutePolicy>,
+    /// `corsPolicy`.
+    pub cors: Option<Arc<crate::cors::CorsPolicy>>,
 }
 
 impl Route {
@@ -577,6 +579,7 @@ pub fn default_route(destination: usize) -> Route {
         headers: Arc::default(),
         mirrors: Vec::new(),
         policy: Arc::default(),
+        cors: None,
     }
 }
 

@@ -53,11 +53,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         VS,
-        "spec.http[].corsPolicy",
-        "CORS headers are not added and preflights are forwarded",
-    ),
-    ne(
-        VS,
         "spec.http[].match[].statPrefix",
         "no separate statistics are kept",
     ),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod gateway;
 pub mod peers;
 
 use std::collections::BTreeMap;
