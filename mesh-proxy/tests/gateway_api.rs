@@ -276,6 +276,66 @@ async fn mesh_httproute_with_a_service_parent_splits_sidecar_traffic() {
     )
     .await;
     assert_eq!(a + b, 100);
+
+    // A consumer route of `staging` (GA-11): the staging client reaches v2 only, through
+    // a backend of `production` that a ReferenceGrant allows; the production client
+    // above keeps the producer's 90/10.
+    let before = caller.admin("/config_dump").await;
+    world.write_config(
+        "istio",
+        "mesh-consumer.yaml",
+        &std::fs::read_to_string(testdata("mesh-consumer.yaml")).unwrap(),
+    );
+    let staging_ports = Ports::new();
+    let s = sidecar_settings(
+        &world,
+        "web",
+        &labels(&[("app", "web")]),
+        &config,
+        staging_ports,
+        "127.0.0.1:9".parse().unwrap(),
+        "randomSeed: 5\n",
+    )
+    .replace("namespace: production", "namespace: staging");
+    let staging = Proxy::start(&world, "sidecar", "web", &s, staging_ports).await;
+    let staging_client = Client::new(staging.outbound());
+    let fqdn = "order-service.production.svc.cluster.local:80";
+    wait_for_reload(&caller, &before).await;
+    assert_eq!(split(&staging_client, fqdn, "/orders", 50).await, (0, 50));
+    let (a, b) = split(&client, "order-service:80", "/orders", 400).await;
+    assert_ninety_ten(a, b);
+
+    // Without the grant the backend cannot be resolved: 500 for staging only.
+    let yaml = std::fs::read_to_string(testdata("mesh-consumer.yaml")).unwrap();
+    let without_grant = &yaml[..yaml.find("---\n").unwrap()];
+    let before = staging.admin("/config_dump").await;
+    world.write_config("istio", "mesh-consumer.yaml", without_grant);
+    wait_for_reload(&staging, &before).await;
+    let (status, _) = staging_client
+        .request("GET", fqdn, "/orders", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 500, "{}", staging.output());
+    let (status, _) = client
+        .request("GET", "order-service:80", "/orders", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+/// Waits until `proxy` has loaded a configuration other than the one `before` dumps.
+async fn wait_for_reload(proxy: &Proxy, before: &str) {
+    let version = |dump: &str| {
+        let v: serde_json::Value = serde_json::from_str(dump).unwrap();
+        v["version"].as_str().unwrap().to_owned()
+    };
+    for _ in 0..200 {
+        if version(&proxy.admin("/config_dump").await) != version(before) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the configuration was not reloaded:\n{}", proxy.output());
 }
 
 /// A gRPC server (h2c) whose every unary method answers `"<name> <path>"`.

@@ -2024,18 +2024,60 @@ fn merged_virtual_service(
         {
             consumers.push(ns.clone());
         }
-        let action = &route.rules[e.rule].1;
+    }
+    // GA-11: a client's own-namespace (consumer) routes are chosen over the producer's:
+    // their rules come first, restricted to that namespace, and end in a 404 for it.
+    // The producer's rules (or the Service itself) serve every other client.
+    let port = match key {
+        ParentKey::Mesh(_, _, port) => port.parse::<u32>().ok(),
+        ParentKey::Gateway(..) => None,
+    };
+    let push = |e: &Entry<'_>, http: &mut Vec<HttpRoute>| {
+        let action = &e.route.rules[e.rule].1;
         for matches in matches_for(e) {
             let uri = matches.first().and_then(|m| m.uri.clone());
             http.push(vs_route(
                 input,
-                route,
+                e.route,
                 e.rule,
                 action,
                 matches,
                 uri.as_ref(),
             ));
         }
+    };
+    for ns in &consumers {
+        for e in entries.iter().filter(|e| e.consumer.as_ref() == Some(ns)) {
+            push(e, &mut http);
+        }
+        http.push(HttpRoute {
+            matches: vec![HttpMatchRequest {
+                source_namespace: Some(ns.clone()),
+                port,
+                ..HttpMatchRequest::default()
+            }],
+            direct_response: Some(direct(404)),
+            ..HttpRoute::default()
+        });
+    }
+    let mut producers = 0;
+    for e in entries.iter().filter(|e| e.consumer.is_none()) {
+        push(e, &mut http);
+        producers += 1;
+    }
+    if producers == 0 && !consumers.is_empty() {
+        http.push(HttpRoute {
+            route: vec![HttpRouteDestination {
+                destination: Destination {
+                    host: host.to_owned(),
+                    subset: None,
+                    port: port.map(|number| PortSelector { number }),
+                },
+                weight: None,
+                headers: None,
+            }],
+            ..HttpRoute::default()
+        });
     }
     let (namespace, name, gateways) = match key {
         ParentKey::Gateway(ns, name) => (
@@ -2059,35 +2101,6 @@ fn merged_virtual_service(
             Vec::new(),
         ),
     };
-    // Consumer routes (GA-11): their clients get 404 for what no rule matches; every
-    // other client reaches the Service as if there were no route.
-    if let ParentKey::Mesh(_, _, port) = key {
-        for ns in &consumers {
-            http.push(HttpRoute {
-                matches: vec![HttpMatchRequest {
-                    source_namespace: Some(ns.clone()),
-                    port: port.parse().ok(),
-                    ..HttpMatchRequest::default()
-                }],
-                direct_response: Some(direct(404)),
-                ..HttpRoute::default()
-            });
-        }
-        if !consumers.is_empty() {
-            http.push(HttpRoute {
-                route: vec![HttpRouteDestination {
-                    destination: Destination {
-                        host: host.to_owned(),
-                        subset: None,
-                        port: port.parse().ok().map(|number| PortSelector { number }),
-                    },
-                    weight: None,
-                    headers: None,
-                }],
-                ..HttpRoute::default()
-            });
-        }
-    }
     let first = entries.first().map(|e| e.route);
     let mut metadata = Metadata {
         name,
