@@ -2426,6 +2426,185 @@ mod tests {
         assert_eq!(prefix_replacement("/", Some(&prefix)), "/");
     }
 
+    use crate::config::{LoadOptions, MeshConfig};
+
+    fn load(yaml: &str) -> MeshConfig {
+        let (config, _) =
+            MeshConfig::from_yaml_str("routes.yaml", yaml, &LoadOptions::default()).unwrap();
+        config
+    }
+
+    const SERVICES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: svc, namespace: prod}
+spec:
+  hosts: [a, b, c]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: prod}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP, hostname: x.example.com}
+";
+
+    #[test]
+    fn rules_of_all_routes_for_a_host_merge_in_gateway_api_precedence() {
+        let yaml = format!(
+            "{SERVICES}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: old, namespace: prod, creationTimestamp: \"2024-01-01T00:00:00Z\"}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - backendRefs: [{{name: a, port: 80}}]
+  - matches: [{{path: {{type: RegularExpression, value: /r/.*}}}}]
+    backendRefs: [{{name: a, port: 80}}]
+  - matches: [{{path: {{value: /p}}}}]
+    backendRefs: [{{name: a, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: new, namespace: prod, creationTimestamp: \"2024-02-01T00:00:00Z\"}}
+spec:
+  parentRefs: [{{name: edge}}]
+  hostnames: [x.example.com]
+  rules:
+  - matches:
+    - path: {{value: /p}}
+      headers: [{{name: X-A, value: \"1\"}}]
+    backendRefs: [{{name: b, port: 80}}]
+  - matches: [{{path: {{type: Exact, value: /p}}}}]
+    backendRefs: [{{name: c, port: 80, weight: 0}}]
+  - matches: [{{path: {{value: /p/longer}}, method: POST}}]
+    backendRefs: [{{name: b, port: 80}}]
+"
+        );
+        let config = load(&yaml);
+        let vs: Vec<_> = config
+            .virtual_services()
+            .iter()
+            .filter(|v| v.spec.gateways == ["prod/edge"])
+            .collect();
+        assert_eq!(vs.len(), 1, "one VirtualService per parent and host");
+        assert_eq!(vs[0].spec.hosts, ["x.example.com"]);
+        let order: Vec<String> = vs[0]
+            .spec
+            .http
+            .iter()
+            .map(|r| {
+                let uri = r.matches.first().and_then(|m| m.uri.clone());
+                format!("{} {uri:?}", r.name.clone().unwrap_or_default())
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                // Exact first, then longer prefixes, then more headers; regex; no match.
+                "prod.new.1 Some(Exact(\"/p\"))",
+                "prod.new.2 Some(Exact(\"/p/longer\"))",
+                "prod.new.2 Some(Prefix(\"/p/longer/\"))",
+                "prod.new.0 Some(Exact(\"/p\"))",
+                "prod.new.0 Some(Prefix(\"/p/\"))",
+                "prod.old.2 Some(Exact(\"/p\"))",
+                "prod.old.2 Some(Prefix(\"/p/\"))",
+                "prod.old.1 Some(Regex(\"/r/.*\"))",
+                "prod.old.0 None",
+            ]
+        );
+        let http = &vs[0].spec.http;
+        // All weights 0: a direct 500 (GA-06); header names are lowercased.
+        assert_eq!(
+            http[0].direct_response.as_ref().map(|d| d.status),
+            Some(500)
+        );
+        assert!(http[3].matches[0].headers.contains_key("x-a"));
+        assert_eq!(
+            http[1].matches[0].method,
+            Some(StringMatch::Exact("POST".into()))
+        );
+        assert_eq!(
+            http[8].route[0].destination.host,
+            "a.prod.svc.cluster.local"
+        );
+        assert_eq!(http[8].route[0].weight, Some(1));
+    }
+
+    #[test]
+    fn grpc_methods_become_paths_and_timeouts_follow_retries() {
+        let yaml = format!(
+            "{SERVICES}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: g, namespace: prod}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: a}}]
+  rules:
+  - matches:
+    - method: {{service: pkg.Svc, method: Get}}
+    - method: {{service: pkg.Svc}}
+    - method: {{method: Get}}
+    backendRefs: [{{name: b, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: t, namespace: prod}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: b}}]
+  rules:
+  - timeouts: {{request: 10s, backendRequest: 2s}}
+    retry: {{attempts: 3, codes: [503]}}
+    backendRefs: [{{name: b, port: 80}}]
+  - matches: [{{path: {{value: /no-retry}}}}]
+    timeouts: {{request: 10s, backendRequest: 2s}}
+    backendRefs: [{{name: b, port: 80}}]
+"
+        );
+        let config = load(&yaml);
+        let vs = config.virtual_services_for_host("a.prod.svc.cluster.local");
+        let uris: Vec<_> = vs[0]
+            .spec
+            .http
+            .iter()
+            .map(|r| r.matches[0].uri.clone())
+            .collect();
+        assert_eq!(
+            uris,
+            [
+                Some(StringMatch::Exact("/pkg.Svc/Get".into())),
+                Some(StringMatch::Regex("/pkg\\.Svc/[^/]+".into())),
+                Some(StringMatch::Regex("/[^/]+/Get".into())),
+            ]
+        );
+        let vs = config.virtual_services_for_host("b.prod.svc.cluster.local");
+        let http = &vs[0].spec.http;
+        // /no-retry (a path match) sorts before the rule without matches.
+        assert_eq!(
+            http[0].timeout.map(|d| d.to_string()).as_deref(),
+            Some("2s")
+        );
+        let last = http.last().unwrap();
+        let retries = last.retries.as_ref().unwrap();
+        assert_eq!(last.timeout.map(|d| d.to_string()).as_deref(), Some("10s"));
+        assert_eq!(retries.attempts, 3);
+        assert_eq!(
+            retries.per_try_timeout.map(|d| d.to_string()).as_deref(),
+            Some("2s")
+        );
+        assert_eq!(
+            retries.retry_on.as_deref(),
+            Some("connect-failure,refused-stream,unavailable,cancelled,503")
+        );
+        // The dump has the routes as written, not what they became.
+        let dump = config.to_yaml().unwrap();
+        assert!(dump.contains("kind: GRPCRoute"), "{dump}");
+        assert!(!dump.contains("autogenerated"), "{dump}");
+    }
+
     #[test]
     fn listener_hosts_intersect() {
         let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
