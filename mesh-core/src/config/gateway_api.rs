@@ -1041,7 +1041,7 @@ fn check_backend_kind(
     port: Option<u32>,
 ) {
     let (group, kind) = (group.unwrap_or(""), kind.unwrap_or("Service"));
-    if group != "" || kind != "Service" {
+    if !group.is_empty() || kind != "Service" {
         out(
             Severity::Error,
             at(path, "kind"),
@@ -1161,7 +1161,7 @@ pub(crate) fn validate_gateway(gw: &KubernetesGateway, out: Sink<'_>) {
                 }
                 for (j, c) in tls.certificate_refs.iter().enumerate() {
                     let cp = at_i(&at(&path, "tls"), "certificateRefs", j);
-                    if c.group.as_deref().unwrap_or("") != ""
+                    if c.group.as_ref().is_some_and(|g| !g.is_empty())
                         || c.kind.as_deref().unwrap_or("Secret") != "Secret"
                     {
                         out(
@@ -1915,7 +1915,8 @@ fn resolve_backend(
     route: &RouteRef<'_>,
     b: &BackendObjectRef,
 ) -> Option<Destination> {
-    if b.group.as_deref().unwrap_or("") != "" || b.kind.as_deref().unwrap_or("Service") != "Service"
+    if b.group.as_ref().is_some_and(|g| !g.is_empty())
+        || b.kind.as_deref().unwrap_or("Service") != "Service"
     {
         return None;
     }
