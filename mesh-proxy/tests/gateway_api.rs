@@ -508,3 +508,107 @@ async fn unsupported_filter_is_rejected_with_file_line_and_field() {
         "{log}"
     );
 }
+
+/// The Gateway API's definitions, reduced to what the API server needs to serve them
+/// (the upstream ones carry the full schemas; `discovery` validates the objects itself).
+fn gateway_api_crds() -> String {
+    [
+        ("Gateway", "gateways", "v1"),
+        ("HTTPRoute", "httproutes", "v1"),
+        ("GRPCRoute", "grpcroutes", "v1"),
+        ("ReferenceGrant", "referencegrants", "v1beta1"),
+    ]
+    .iter()
+    .map(|(kind, plural, version)| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: {plural}.gateway.networking.k8s.io
+  # As the upstream definitions: the group is a protected *.k8s.io group.
+  annotations: {{api-approved.kubernetes.io: \"https://github.com/kubernetes-sigs/gateway-api/pull/3328\"}}
+spec:
+  group: gateway.networking.k8s.io
+  scope: Namespaced
+  names: {{kind: {kind}, plural: {plural}, singular: {singular}, listKind: {kind}List}}
+  versions:
+  - name: {version}
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+",
+            singular = kind.to_ascii_lowercase()
+        )
+    })
+    .collect::<Vec<_>>()
+    .join("---\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_watches_gateway_api_objects_and_rejects_an_unsupported_filter() {
+    use mesh_core::config::{AnyResource, LoadOptions};
+    use mesh_proxy::discovery::kube::{KubeSource, SourceOptions};
+    use support::peers::{ApiServer, wait_for_state};
+
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    let options = SourceOptions {
+        max_backoff: std::time::Duration::from_secs(2),
+        instance: Some("gateway-api-test".to_owned()),
+        ..SourceOptions::default()
+    };
+    // Started before the definitions exist: those kinds are listed as empty.
+    let source = KubeSource::start(server.client().await, options)
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), source.ready())
+        .await
+        .expect("the source is ready without the Gateway API's definitions");
+    let mut rx = source.subscribe();
+    server.apply(&gateway_api_crds());
+    server.kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
+        "",
+    );
+    server.kubectl(&["create", "namespace", "production"], "");
+    server.apply(&std::fs::read_to_string(testdata("edge.yaml")).unwrap());
+    let state = wait_for_state(&mut rx, "the Gateway and the HTTPRoute", |s| {
+        s.resources
+            .iter()
+            .any(|r| matches!(r, AnyResource::HttpRoute(h) if h.metadata.name == "orders"))
+            && s.resources
+                .iter()
+                .any(|r| matches!(r, AnyResource::KubernetesGateway(_)))
+    })
+    .await;
+    let config = state.config(&LoadOptions::default());
+    let gateway = config
+        .gateway("production", "edge")
+        .expect("internal gateway");
+    assert_eq!(gateway.spec.servers.len(), 1);
+    let vs = config.virtual_services_for_gateway("production", "edge");
+    assert_eq!(vs.len(), 1);
+    assert_eq!(vs[0].spec.hosts, ["api.example.com"]);
+
+    // An unsupported filter: left out with the located message, the last good version kept.
+    let bad = std::fs::read_to_string(testdata("invalid-filter.yaml")).unwrap();
+    server.apply(&bad);
+    let state = wait_for_state(&mut rx, "the rejection", |s| !s.rejected.is_empty()).await;
+    let rejected = format!("{:?}", state.rejected);
+    assert!(
+        rejected.contains("spec.rules[0].filters[1].type")
+            && rejected.contains("unsupported filter type `ExtensionRef`"),
+        "{rejected}"
+    );
+    assert!(state.rejected[0].kept_last_good, "{rejected}");
+}
