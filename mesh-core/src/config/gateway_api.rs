@@ -2607,6 +2607,43 @@ spec:
     }
 
     #[test]
+    fn load_warns_of_a_virtual_service_for_the_same_mesh_host_and_unresolved_backends() {
+        let yaml = format!(
+            "{SERVICES}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: a, namespace: prod}}
+spec:
+  hosts: [a]
+  http: [{{route: [{{destination: {{host: a}}}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: prod}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: a}}]
+  rules:
+  - backendRefs: [{{name: b, namespace: other, port: 80}}]
+"
+        );
+        let (_, report) =
+            MeshConfig::from_yaml_str("routes.yaml", &yaml, &LoadOptions::default()).unwrap();
+        let warnings: Vec<String> = report.warnings().map(ToString::to_string).collect();
+        assert!(
+            warnings.iter().any(|w| w.contains("spec.parentRefs[0]")
+                && w.contains("VirtualService/prod/a also routes mesh traffic")),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("spec.rules[0].backendRefs[0]")
+                    && w.contains("no ReferenceGrant in other allows HTTPRoute of prod")),
+            "{warnings:#?}"
+        );
+    }
+
+    #[test]
     fn listener_hosts_intersect() {
         let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
