@@ -357,16 +357,16 @@ fn every_kind_loads_under_every_api_version_istio_serves_and_no_other() {
 }
 
 #[test]
-fn other_istio_kinds_and_gateway_api_kinds_are_skipped_with_a_diagnostic() {
+fn other_istio_kinds_and_other_gateway_api_kinds_are_skipped_with_a_diagnostic() {
     let yaml = "apiVersion: networking.istio.io/v1
 kind: EnvoyFilter
 metadata: {name: default}
 spec: {configPatches: []}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: k8s-gateway}
-spec: {gatewayClassName: istio}
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: k8s-route}
+spec: {parentRefs: [{name: edge}]}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -380,7 +380,7 @@ data: {a: b}
         d,
         [
             "mixed.yaml:2:7: warning: document 1: skipped EnvoyFilter networking.istio.io/v1 default: this Istio kind is not supported and has no effect",
-            "mixed.yaml:7:7: note: document 2: skipped Gateway gateway.networking.k8s.io/v1 k8s-gateway: not an Istio resource",
+            "mixed.yaml:7:7: warning: document 2: skipped TCPRoute gateway.networking.k8s.io/v1alpha2 k8s-route: this Gateway API kind is not supported and has no effect",
             "mixed.yaml:12:7: note: document 3: skipped ConfigMap v1 settings: not an Istio resource",
         ]
     );

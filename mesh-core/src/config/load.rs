@@ -294,6 +294,10 @@ impl<'a> Loader<'a> {
                 name,
             }) => {
                 let istio = is_other_istio(api_version.as_deref());
+                let gateway_api = api_version
+                    .as_deref()
+                    .is_some_and(super::resource::is_gateway_api);
+                let class = gateway_api && kind.as_deref() == Some("GatewayClass");
                 let what = format!(
                     "{} {}{}",
                     kind.as_deref().unwrap_or("?"),
@@ -302,14 +306,24 @@ impl<'a> Loader<'a> {
                 );
                 let pos = source.value("kind");
                 self.report.diagnostics.push(Diagnostic {
-                    severity: if istio {
+                    severity: if istio && !class {
                         Severity::Warning
                     } else {
                         Severity::Note
                     },
                     line: pos.map(|p| p.line),
                     column: pos.map(|p| p.column),
-                    message: if istio {
+                    message: if class {
+                        format!(
+                            "skipped {what}: Gateways of class `{}` are served without it",
+                            super::GATEWAY_CLASS
+                        )
+                    } else if gateway_api {
+                        format!(
+                            "skipped {what}: this Gateway API kind is not supported and has no \
+                             effect"
+                        )
+                    } else if istio {
                         format!(
                             "skipped {what}: this Istio kind is not supported and has no effect"
                         )

@@ -20,6 +20,10 @@
 //!   a top-level `status` are tolerated.
 //! - Documents of other kinds (a `Deployment` next to a DestinationRule) are skipped with a
 //!   note; other Istio kinds (`Telemetry`, `EnvoyFilter`, ...) are skipped with a warning.
+//! - The Kubernetes Gateway API's `Gateway`, `HTTPRoute`, `GRPCRoute` and `ReferenceGrant`
+//!   (`gateway.networking.k8s.io`) load too and become internal Istio Gateways and
+//!   VirtualServices in [`MeshConfig`] (see [`KubernetesGatewaySpec`] and the module
+//!   `gateway_api`'s rules); its other kinds are skipped with a warning.
 //! - A ServiceEntry with a `workloadSelector` has as endpoints the WorkloadEntries of its
 //!   namespace that it selects ([`MeshConfig`]); in Kubernetes, `discovery` sends the
 //!   ready pods such a selector matches as WorkloadEntries too.
@@ -134,6 +138,7 @@ mod destination_rule;
 mod diagnostic;
 mod duration;
 mod gateway;
+mod gateway_api;
 mod load;
 mod locate;
 mod peer_authentication;
@@ -151,6 +156,7 @@ pub use destination_rule::*;
 pub use diagnostic::{Diagnostic, InObject, Severity};
 pub use duration::{Duration, DurationError};
 pub use gateway::*;
+pub use gateway_api::*;
 pub use load::{LoadOptions, LoadReport, load_paths, load_str};
 pub use peer_authentication::*;
 pub use request_authentication::*;

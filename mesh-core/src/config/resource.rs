@@ -9,6 +9,9 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::gateway_api::{
+    GATEWAY_API_GROUP, GrpcRouteSpec, HttpRouteSpec, KubernetesGatewaySpec, ReferenceGrantSpec,
+};
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
     RequestAuthenticationSpec, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec,
@@ -39,6 +42,14 @@ pub enum Kind {
     AuthorizationPolicy,
     /// `security.istio.io` RequestAuthentication.
     RequestAuthentication,
+    /// `gateway.networking.k8s.io` Gateway (Kubernetes Gateway API).
+    KubernetesGateway,
+    /// `gateway.networking.k8s.io` HTTPRoute.
+    HttpRoute,
+    /// `gateway.networking.k8s.io` GRPCRoute.
+    GrpcRoute,
+    /// `gateway.networking.k8s.io` ReferenceGrant.
+    ReferenceGrant,
 }
 
 const NETWORKING_VERSIONS: &[&str] = &[
@@ -47,6 +58,18 @@ const NETWORKING_VERSIONS: &[&str] = &[
     "networking.istio.io/v1alpha3",
 ];
 const SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+const GATEWAY_API_VERSIONS: &[&str] = &[
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1beta1",
+];
+const GRPC_ROUTE_VERSIONS: &[&str] = &[
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1alpha2",
+];
+const REFERENCE_GRANT_VERSIONS: &[&str] = &[
+    "gateway.networking.k8s.io/v1beta1",
+    "gateway.networking.k8s.io/v1alpha2",
+];
 
 /// Istio kinds that exist but that this crate does not load (skipped with a warning).
 const OTHER_ISTIO_GROUPS: &[&str] = &[
@@ -55,11 +78,12 @@ const OTHER_ISTIO_GROUPS: &[&str] = &[
     "telemetry.istio.io/",
     "extensions.istio.io/",
     "install.istio.io/",
+    "gateway.networking.k8s.io/",
 ];
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 13] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -69,6 +93,10 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::RequestAuthentication,
+        Kind::KubernetesGateway,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::ReferenceGrant,
     ];
 
     /// The kind's name as written in YAML.
@@ -83,12 +111,34 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::KubernetesGateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 
-    /// Parses a kind name.
+    /// Parses a kind name (`Gateway` is Istio's; see [`Kind::resolve`]).
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The kind named `name` under `api_version`: `Gateway` of
+    /// `gateway.networking.k8s.io` is the Gateway API's, not Istio's.
+    pub fn resolve(name: &str, api_version: Option<&str>) -> Option<Kind> {
+        let gateway_api = api_version.is_some_and(is_gateway_api);
+        match Kind::from_name(name)? {
+            Kind::Gateway if gateway_api => Some(Kind::KubernetesGateway),
+            k => Some(k),
+        }
+    }
+
+    /// True for the Kubernetes Gateway API kinds.
+    pub fn is_gateway_api(self) -> bool {
+        matches!(
+            self,
+            Kind::KubernetesGateway | Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant
+        )
     }
 
     /// The `apiVersion`s Istio serves for this kind.
@@ -97,6 +147,9 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
                 SECURITY_VERSIONS
             }
+            Kind::KubernetesGateway | Kind::HttpRoute => GATEWAY_API_VERSIONS,
+            Kind::GrpcRoute => GRPC_ROUTE_VERSIONS,
+            Kind::ReferenceGrant => REFERENCE_GRANT_VERSIONS,
             _ => NETWORKING_VERSIONS,
         }
     }
@@ -318,6 +371,9 @@ pub type PeerAuthentication = Resource<PeerAuthenticationSpec>;
 pub type AuthorizationPolicy = Resource<AuthorizationPolicySpec>;
 /// A RequestAuthentication resource.
 pub type RequestAuthentication = Resource<RequestAuthenticationSpec>;
+pub use super::gateway_api::{
+    GrpcRouteResource, HttpRouteResource, KubernetesGateway, ReferenceGrant,
+};
 
 /// Any of the supported resources.
 #[derive(Debug, Clone, PartialEq)]
@@ -341,6 +397,14 @@ pub enum AnyResource {
     AuthorizationPolicy(AuthorizationPolicy),
     /// A RequestAuthentication.
     RequestAuthentication(RequestAuthentication),
+    /// A Gateway API Gateway.
+    KubernetesGateway(KubernetesGateway),
+    /// A Gateway API HTTPRoute.
+    HttpRoute(HttpRouteResource),
+    /// A Gateway API GRPCRoute.
+    GrpcRoute(GrpcRouteResource),
+    /// A Gateway API ReferenceGrant.
+    ReferenceGrant(ReferenceGrant),
 }
 
 macro_rules! each {
@@ -355,6 +419,10 @@ macro_rules! each {
             AnyResource::PeerAuthentication($r) => $e,
             AnyResource::AuthorizationPolicy($r) => $e,
             AnyResource::RequestAuthentication($r) => $e,
+            AnyResource::KubernetesGateway($r) => $e,
+            AnyResource::HttpRoute($r) => $e,
+            AnyResource::GrpcRoute($r) => $e,
+            AnyResource::ReferenceGrant($r) => $e,
         }
     };
 }
@@ -372,6 +440,10 @@ impl AnyResource {
             AnyResource::PeerAuthentication(_) => Kind::PeerAuthentication,
             AnyResource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             AnyResource::RequestAuthentication(_) => Kind::RequestAuthentication,
+            AnyResource::KubernetesGateway(_) => Kind::KubernetesGateway,
+            AnyResource::HttpRoute(_) => Kind::HttpRoute,
+            AnyResource::GrpcRoute(_) => Kind::GrpcRoute,
+            AnyResource::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -403,6 +475,10 @@ impl AnyResource {
     /// `Kind/namespace/name`, the way diagnostics name a resource.
     pub fn display_name(&self) -> String {
         let m = self.metadata();
+        if self.kind() == Kind::KubernetesGateway {
+            // Not to be confused with an Istio Gateway of the same name.
+            return format!("Gateway.{GATEWAY_API_GROUP}/{}/{}", m.namespace, m.name);
+        }
         format!("{}/{}/{}", self.kind(), m.namespace, m.name)
     }
 
@@ -483,6 +559,22 @@ impl AnyResource {
                     plural(r.spec.jwt_rules.len(), "JWT rule")
                 )
             }
+            AnyResource::KubernetesGateway(r) => format!(
+                "class {}, {}",
+                r.spec.gateway_class_name,
+                plural(r.spec.listeners.len(), "listener")
+            ),
+            AnyResource::HttpRoute(r) => format!(
+                "{}, {}",
+                plural(r.spec.parent_refs.len(), "parent"),
+                plural(r.spec.rules.len(), "rule")
+            ),
+            AnyResource::GrpcRoute(r) => format!(
+                "{}, {}",
+                plural(r.spec.parent_refs.len(), "parent"),
+                plural(r.spec.rules.len(), "rule")
+            ),
+            AnyResource::ReferenceGrant(r) => plural(r.spec.from.len(), "grant"),
         };
         format!("{} {}/{}: {}", self.kind(), m.namespace, m.name, detail)
     }
@@ -520,6 +612,18 @@ impl Spec for AuthorizationPolicySpec {
 }
 impl Spec for RequestAuthenticationSpec {
     const KIND: Kind = Kind::RequestAuthentication;
+}
+impl Spec for KubernetesGatewaySpec {
+    const KIND: Kind = Kind::KubernetesGateway;
+}
+impl Spec for HttpRouteSpec {
+    const KIND: Kind = Kind::HttpRoute;
+}
+impl Spec for GrpcRouteSpec {
+    const KIND: Kind = Kind::GrpcRoute;
+}
+impl Spec for ReferenceGrantSpec {
+    const KIND: Kind = Kind::ReferenceGrant;
 }
 
 /// Serializes as the Kubernetes resource (`apiVersion`, `kind`, `metadata`, `spec`).
@@ -691,6 +795,10 @@ enum Parsed {
     Pa(PeerAuthenticationSpec),
     Ap(AuthorizationPolicySpec),
     Ra(RequestAuthenticationSpec),
+    Kg(KubernetesGatewaySpec),
+    Hr(HttpRouteSpec),
+    Gr(GrpcRouteSpec),
+    Rg(ReferenceGrantSpec),
 }
 
 impl<'de> Visitor<'de> for DocumentVisitor {
@@ -713,11 +821,14 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             match key.as_str() {
                 "apiVersion" => {
                     let v: String = map.next_value()?;
+                    if let (Some(_), Some(name)) = (kind, &kind_name) {
+                        kind = Kind::resolve(name, Some(&v));
+                    }
                     if let Some(k) = kind {
                         if is_istio_group(&v) {
                             check_api_version(k, &v).map_err(de::Error::custom)?;
                         } else {
-                            // e.g. a Gateway API `Gateway`: not ours.
+                            // e.g. a `Gateway` of another API: not ours.
                             kind = None;
                             foreign = true;
                         }
@@ -726,11 +837,11 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                 }
                 "kind" => {
                     let v: String = map.next_value()?;
-                    kind = Kind::from_name(&v);
+                    kind = Kind::resolve(&v, api_version.as_deref());
                     match (kind, &api_version) {
                         (Some(k), Some(av)) => {
-                            // A kind name of ours under a foreign group (e.g. a Gateway
-                            // API `Gateway`) is not ours.
+                            // A kind name of ours under a foreign group (e.g. a
+                            // `Gateway` of another API) is not ours.
                             if is_istio_group(av) {
                                 check_api_version(k, av).map_err(de::Error::custom)?;
                             } else {
@@ -769,6 +880,10 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                         Kind::PeerAuthentication => Parsed::Pa(map.next_value()?),
                         Kind::AuthorizationPolicy => Parsed::Ap(map.next_value()?),
                         Kind::RequestAuthentication => Parsed::Ra(map.next_value()?),
+                        Kind::KubernetesGateway => Parsed::Kg(map.next_value()?),
+                        Kind::HttpRoute => Parsed::Hr(map.next_value()?),
+                        Kind::GrpcRoute => Parsed::Gr(map.next_value()?),
+                        Kind::ReferenceGrant => Parsed::Rg(map.next_value()?),
                     });
                 }
                 "status" => {
@@ -818,6 +933,10 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Kind::PeerAuthentication => Parsed::Pa(Default::default()),
             Kind::AuthorizationPolicy => Parsed::Ap(Default::default()),
             Kind::RequestAuthentication => Parsed::Ra(Default::default()),
+            Kind::KubernetesGateway => Parsed::Kg(Default::default()),
+            Kind::HttpRoute => Parsed::Hr(Default::default()),
+            Kind::GrpcRoute => Parsed::Gr(Default::default()),
+            Kind::ReferenceGrant => Parsed::Rg(Default::default()),
         });
         fn r<S>(api_version: String, metadata: Metadata, spec: S) -> Resource<S> {
             Resource {
@@ -837,6 +956,10 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Parsed::Pa(s) => AnyResource::PeerAuthentication(r(api_version, metadata, s)),
             Parsed::Ap(s) => AnyResource::AuthorizationPolicy(r(api_version, metadata, s)),
             Parsed::Ra(s) => AnyResource::RequestAuthentication(r(api_version, metadata, s)),
+            Parsed::Kg(s) => AnyResource::KubernetesGateway(r(api_version, metadata, s)),
+            Parsed::Hr(s) => AnyResource::HttpRoute(r(api_version, metadata, s)),
+            Parsed::Gr(s) => AnyResource::GrpcRoute(r(api_version, metadata, s)),
+            Parsed::Rg(s) => AnyResource::ReferenceGrant(r(api_version, metadata, s)),
         }))
     }
 }
@@ -849,6 +972,13 @@ fn is_istio_group(api_version: &str) -> bool {
 
 pub(crate) fn is_other_istio(api_version: Option<&str>) -> bool {
     api_version.is_some_and(is_istio_group)
+}
+
+/// True for `gateway.networking.k8s.io/...`.
+pub(crate) fn is_gateway_api(api_version: &str) -> bool {
+    api_version
+        .strip_prefix(GATEWAY_API_GROUP)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn check_api_version(kind: Kind, api_version: &str) -> Result<(), String> {

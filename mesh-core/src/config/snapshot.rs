@@ -37,10 +37,26 @@ pub struct MeshConfig {
     peer_authentications: Vec<PeerAuthentication>,
     authorization_policies: Vec<AuthorizationPolicy>,
     request_authentications: Vec<RequestAuthentication>,
+    /// Gateway API resources as written; the Istio Gateways and VirtualServices generated
+    /// from them are in `gateways` and `virtual_services`.
+    gateway_api: GatewayApiResources,
     vs_by_host: HostIndex,
     dr_by_host: HostIndex,
     se_by_host: HostIndex,
     by_namespace: BTreeMap<String, NamespaceIndex>,
+}
+
+/// The Kubernetes Gateway API resources of a snapshot.
+#[derive(Debug, Clone, Default)]
+struct GatewayApiResources {
+    gateways: Vec<super::KubernetesGateway>,
+    http_routes: Vec<super::HttpRouteResource>,
+    grpc_routes: Vec<super::GrpcRouteResource>,
+    reference_grants: Vec<super::ReferenceGrant>,
+    /// How many of the snapshot's Gateways and VirtualServices were written (the rest
+    /// are generated from the resources above).
+    written_gateways: usize,
+    written_virtual_services: usize,
 }
 
 /// Resources by qualified host: exact names in a map, wildcard patterns (`*`,
@@ -201,13 +217,64 @@ impl MeshConfig {
                 AnyResource::PeerAuthentication(v) => c.peer_authentications.push(v),
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
                 AnyResource::RequestAuthentication(v) => c.request_authentications.push(v),
+                AnyResource::KubernetesGateway(v) => c.gateway_api.gateways.push(v),
+                AnyResource::HttpRoute(v) => c.gateway_api.http_routes.push(v),
+                AnyResource::GrpcRoute(v) => c.gateway_api.grpc_routes.push(v),
+                AnyResource::ReferenceGrant(v) => c.gateway_api.reference_grants.push(v),
             }
         }
         c.version = version.unwrap_or_else(|| hash.finish());
         c.peer_authentications.sort_by_key(|p| p.age_key());
         c.select_workload_entries();
+        c.translate_gateway_api();
         c.index();
         c
+    }
+
+    /// Adds the Istio Gateways and VirtualServices the Gateway API resources stand for,
+    /// after the written ones (so a written VirtualService for the same mesh host comes
+    /// first; the load warns about it).
+    fn translate_gateway_api(&mut self) {
+        self.gateway_api.written_gateways = self.gateways.len();
+        self.gateway_api.written_virtual_services = self.virtual_services.len();
+        let g = &self.gateway_api;
+        if g.gateways.is_empty() && g.http_routes.is_empty() && g.grpc_routes.is_empty() {
+            return;
+        }
+        let services: std::collections::HashSet<String> = self
+            .service_entries
+            .iter()
+            .flat_map(|se| se.spec.hosts.iter().map(|h| se.qualify(h)))
+            .collect();
+        let out = super::gateway_api::translate(&super::gateway_api::Input {
+            gateways: &g.gateways,
+            http_routes: &g.http_routes,
+            grpc_routes: &g.grpc_routes,
+            grants: &g.reference_grants,
+            services: &services,
+        });
+        self.gateways.extend(out.gateways);
+        self.virtual_services.extend(out.virtual_services);
+    }
+
+    /// The Gateway API Gateways, as written.
+    pub fn kubernetes_gateways(&self) -> &[super::KubernetesGateway] {
+        &self.gateway_api.gateways
+    }
+
+    /// The HTTPRoutes, as written.
+    pub fn http_routes(&self) -> &[super::HttpRouteResource] {
+        &self.gateway_api.http_routes
+    }
+
+    /// The GRPCRoutes, as written.
+    pub fn grpc_routes(&self) -> &[super::GrpcRouteResource] {
+        &self.gateway_api.grpc_routes
+    }
+
+    /// The ReferenceGrants, as written.
+    pub fn reference_grants(&self) -> &[super::ReferenceGrant] {
+        &self.gateway_api.reference_grants
     }
 
     /// Gives each ServiceEntry with a `workloadSelector` the WorkloadEntries of its
@@ -348,7 +415,7 @@ impl MeshConfig {
     pub fn resources(&self) -> Vec<AnyResource> {
         let mut all: Vec<AnyResource> = Vec::new();
         all.extend(
-            self.virtual_services
+            self.written_virtual_services()
                 .iter()
                 .cloned()
                 .map(AnyResource::VirtualService),
@@ -359,7 +426,12 @@ impl MeshConfig {
                 .cloned()
                 .map(AnyResource::DestinationRule),
         );
-        all.extend(self.gateways.iter().cloned().map(AnyResource::Gateway));
+        all.extend(
+            self.written_gateways()
+                .iter()
+                .cloned()
+                .map(AnyResource::Gateway),
+        );
         all.extend(self.service_entries.iter().map(|se| {
             let mut se = se.clone();
             if se.spec.workload_selector.is_some() {
@@ -392,7 +464,34 @@ impl MeshConfig {
                 .cloned()
                 .map(AnyResource::RequestAuthentication),
         );
+        let g = &self.gateway_api;
+        all.extend(
+            g.gateways
+                .iter()
+                .cloned()
+                .map(AnyResource::KubernetesGateway),
+        );
+        all.extend(g.http_routes.iter().cloned().map(AnyResource::HttpRoute));
+        all.extend(g.grpc_routes.iter().cloned().map(AnyResource::GrpcRoute));
+        all.extend(
+            g.reference_grants
+                .iter()
+                .cloned()
+                .map(AnyResource::ReferenceGrant),
+        );
         all
+    }
+
+    /// The Gateways written as Istio Gateways (without those generated from the Gateway
+    /// API).
+    fn written_gateways(&self) -> &[Gateway] {
+        &self.gateways[..self.gateway_api.written_gateways.min(self.gateways.len())]
+    }
+
+    /// The VirtualServices written as such (without those generated from routes).
+    fn written_virtual_services(&self) -> &[VirtualService] {
+        let n = self.gateway_api.written_virtual_services;
+        &self.virtual_services[..n.min(self.virtual_services.len())]
     }
 
     /// Every resource as a multi-document Istio YAML stream (for `/config_dump`); loading
@@ -411,8 +510,8 @@ impl MeshConfig {
             Ok(())
         }
         let mut out = String::new();
-        push(&mut out, &self.gateways)?;
-        push(&mut out, &self.virtual_services)?;
+        push(&mut out, self.written_gateways())?;
+        push(&mut out, self.written_virtual_services())?;
         push(&mut out, &self.destination_rules)?;
         // Endpoints selected from WorkloadEntries are not written: the entry is dumped as
         // written, and the WorkloadEntries after it.
@@ -433,6 +532,10 @@ impl MeshConfig {
         push(&mut out, &self.peer_authentications)?;
         push(&mut out, &self.authorization_policies)?;
         push(&mut out, &self.request_authentications)?;
+        push(&mut out, &self.gateway_api.gateways)?;
+        push(&mut out, &self.gateway_api.http_routes)?;
+        push(&mut out, &self.gateway_api.grpc_routes)?;
+        push(&mut out, &self.gateway_api.reference_grants)?;
         Ok(out)
     }
 
@@ -763,6 +866,20 @@ impl MeshConfig {
 
     /// Resources of `namespace`, by kind.
     pub fn count_in_namespace(&self, namespace: &str, kind: Kind) -> usize {
+        fn count<S>(items: &[super::Resource<S>], namespace: &str) -> usize {
+            items
+                .iter()
+                .filter(|r| r.metadata.namespace == namespace)
+                .count()
+        }
+        let g = &self.gateway_api;
+        match kind {
+            Kind::KubernetesGateway => return count(&g.gateways, namespace),
+            Kind::HttpRoute => return count(&g.http_routes, namespace),
+            Kind::GrpcRoute => return count(&g.grpc_routes, namespace),
+            Kind::ReferenceGrant => return count(&g.reference_grants, namespace),
+            _ => {}
+        }
         self.by_namespace.get(namespace).map_or(0, |n| match kind {
             Kind::VirtualService => n.virtual_services.len(),
             Kind::DestinationRule => n.destination_rules.len(),
@@ -773,6 +890,7 @@ impl MeshConfig {
             Kind::PeerAuthentication => n.peer_authentications.len(),
             Kind::AuthorizationPolicy => n.authorization_policies.len(),
             Kind::RequestAuthentication => n.request_authentications.len(),
+            _ => 0,
         })
     }
 

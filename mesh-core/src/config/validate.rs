@@ -94,6 +94,25 @@ pub(crate) fn validate_resource(r: &AnyResource, source: &SourceMap, out: &mut V
         AnyResource::PeerAuthentication(v) => peer_authentication(&mut ctx, v),
         AnyResource::AuthorizationPolicy(v) => authorization_policy(&mut ctx, v),
         AnyResource::RequestAuthentication(v) => request_authentication(&mut ctx, v),
+        AnyResource::KubernetesGateway(_)
+        | AnyResource::HttpRoute(_)
+        | AnyResource::GrpcRoute(_)
+        | AnyResource::ReferenceGrant(_) => {
+            let mut sink = |severity, path: String, message| {
+                ctx.push(severity, &path, severity == Severity::Warning, message);
+            };
+            match r {
+                AnyResource::KubernetesGateway(v) => {
+                    super::gateway_api::validate_gateway(v, &mut sink)
+                }
+                AnyResource::HttpRoute(v) => super::gateway_api::validate_http_route(v, &mut sink),
+                AnyResource::GrpcRoute(v) => super::gateway_api::validate_grpc_route(v, &mut sink),
+                AnyResource::ReferenceGrant(v) => {
+                    super::gateway_api::validate_reference_grant(v, &mut sink)
+                }
+                _ => {}
+            }
+        }
     }
     for (path, message) in not_enforced_warnings(r.kind(), source) {
         ctx.warn(&path, message);
@@ -126,6 +145,13 @@ pub(crate) fn validate_all(report: &mut LoadReport) {
             });
         }
         seen.insert(name, i);
+    }
+    // Gateway API: parents, backends, and hosts shared with VirtualServices.
+    for (i, path, severity, message) in super::gateway_api::cross_check(&report.resources) {
+        if let Some(mut d) = report.error_at(i, &path, message) {
+            d.severity = severity;
+            out.push(d);
+        }
     }
     // Subsets referenced by routes must be defined by a DestinationRule of that host.
     let mut subsets: HashMap<String, BTreeSet<&str>> = HashMap::new();

@@ -312,6 +312,16 @@ const ISTIO_KINDS: [(Kind, &str, &str); 9] = [
     ),
 ];
 
+/// The watched Kubernetes Gateway API kinds (`gateway.networking.k8s.io`): (kind,
+/// version, plural). Like Istio's, a kind whose definition is not installed is listed as
+/// empty and retried.
+const GATEWAY_API_KINDS: [(Kind, &str, &str); 4] = [
+    (Kind::KubernetesGateway, "v1", "gateways"),
+    (Kind::HttpRoute, "v1", "httproutes"),
+    (Kind::GrpcRoute, "v1", "grpcroutes"),
+    (Kind::ReferenceGrant, "v1beta1", "referencegrants"),
+];
+
 /// The metrics of a source.
 #[derive(Debug, Clone, Default)]
 struct Metrics {
@@ -406,7 +416,7 @@ impl KubeSource {
             controller: "mesh-discovery".to_owned(),
             instance: options.instance.clone(),
         };
-        let watches = ISTIO_KINDS.len() + 4;
+        let watches = ISTIO_KINDS.len() + GATEWAY_API_KINDS.len() + 4;
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             changed: Notify::new(),
@@ -423,6 +433,19 @@ impl KubeSource {
         let mut index = 0;
         for (kind, group, plural) in ISTIO_KINDS {
             let gvk = GroupVersionKind::gvk(group, "v1", kind.as_str());
+            let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let sink = IstioSink {
+                kind,
+                resource: ar,
+                seen: None,
+            };
+            spawn_watch(&stop, shared.clone(), index, api, sink);
+            index += 1;
+        }
+        for (kind, version, plural) in GATEWAY_API_KINDS {
+            let gvk =
+                GroupVersionKind::gvk(mesh_core::config::GATEWAY_API_GROUP, version, kind.as_str());
             let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let sink = IstioSink {
@@ -937,6 +960,9 @@ fn build(shared: &Shared) -> ClusterState {
 fn update_gauges(metrics: &Metrics, state: &ClusterState) {
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
     for (kind, _, _) in ISTIO_KINDS {
+        counts.insert(kind.as_str(), 0);
+    }
+    for (kind, _, _) in GATEWAY_API_KINDS {
         counts.insert(kind.as_str(), 0);
     }
     for r in &state.rejected {

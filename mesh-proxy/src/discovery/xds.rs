@@ -304,6 +304,12 @@ pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) ->
         AnyResource::RequestAuthentication(r) => {
             r.namespace() == namespace || r.namespace() == root_namespace
         }
+        // Translated on the proxy into Gateways and VirtualServices, which are visible
+        // everywhere as those without `exportTo` are.
+        AnyResource::KubernetesGateway(_)
+        | AnyResource::HttpRoute(_)
+        | AnyResource::GrpcRoute(_)
+        | AnyResource::ReferenceGrant(_) => true,
     }
 }
 
