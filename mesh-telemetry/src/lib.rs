@@ -110,6 +110,7 @@ pub mod grpc;
 pub mod latency;
 pub mod layer;
 pub mod metrics;
+pub mod policy;
 pub mod trace;
 
 pub use latency::{LatencyHandle, LatencyStats, LatencySummary};

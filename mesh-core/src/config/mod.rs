@@ -19,7 +19,7 @@
 //!   silently widen access. Standard Kubernetes metadata (`uid`, `resourceVersion`, ...) and
 //!   a top-level `status` are tolerated.
 //! - Documents of other kinds (a `Deployment` next to a DestinationRule) are skipped with a
-//!   note; other Istio kinds (`Telemetry`, `EnvoyFilter`, ...) are skipped with a warning.
+//!   note; other Istio kinds (`EnvoyFilter`, `WasmPlugin`, ...) are skipped with a warning.
 //! - A ServiceEntry with a `workloadSelector` has as endpoints the WorkloadEntries of its
 //!   namespace that it selects ([`MeshConfig`]); in Kubernetes, `discovery` sends the
 //!   ready pods such a selector matches as WorkloadEntries too.
@@ -142,6 +142,7 @@ mod resource;
 mod service_entry;
 mod sidecar;
 mod snapshot;
+mod telemetry;
 mod validate;
 mod virtual_service;
 mod warnings;
@@ -162,5 +163,6 @@ pub use resource::{
 pub use service_entry::*;
 pub use sidecar::*;
 pub use snapshot::MeshConfig;
+pub use telemetry::*;
 pub use virtual_service::*;
 pub use warnings::{NOT_ENFORCED, NotEnforced};

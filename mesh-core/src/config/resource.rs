@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
-    RequestAuthenticationSpec, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec,
+    RequestAuthenticationSpec, ServiceEntrySpec, SidecarSpec, TelemetrySpec, VirtualServiceSpec,
     WorkloadEntry as WorkloadEntrySpec,
 };
 
@@ -39,6 +39,8 @@ pub enum Kind {
     AuthorizationPolicy,
     /// `security.istio.io` RequestAuthentication.
     RequestAuthentication,
+    /// `telemetry.istio.io` Telemetry.
+    Telemetry,
 }
 
 const NETWORKING_VERSIONS: &[&str] = &[
@@ -47,6 +49,7 @@ const NETWORKING_VERSIONS: &[&str] = &[
     "networking.istio.io/v1alpha3",
 ];
 const SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+const TELEMETRY_VERSIONS: &[&str] = &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"];
 
 /// Istio kinds that exist but that this crate does not load (skipped with a warning).
 const OTHER_ISTIO_GROUPS: &[&str] = &[
@@ -59,7 +62,7 @@ const OTHER_ISTIO_GROUPS: &[&str] = &[
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -69,6 +72,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::RequestAuthentication,
+        Kind::Telemetry,
     ];
 
     /// The kind's name as written in YAML.
@@ -83,6 +87,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -97,6 +102,7 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
                 SECURITY_VERSIONS
             }
+            Kind::Telemetry => TELEMETRY_VERSIONS,
             _ => NETWORKING_VERSIONS,
         }
     }
@@ -341,6 +347,8 @@ pub enum AnyResource {
     AuthorizationPolicy(AuthorizationPolicy),
     /// A RequestAuthentication.
     RequestAuthentication(RequestAuthentication),
+    /// A Telemetry.
+    Telemetry(super::Telemetry),
 }
 
 macro_rules! each {
@@ -355,6 +363,7 @@ macro_rules! each {
             AnyResource::PeerAuthentication($r) => $e,
             AnyResource::AuthorizationPolicy($r) => $e,
             AnyResource::RequestAuthentication($r) => $e,
+            AnyResource::Telemetry($r) => $e,
         }
     };
 }
@@ -372,6 +381,7 @@ impl AnyResource {
             AnyResource::PeerAuthentication(_) => Kind::PeerAuthentication,
             AnyResource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             AnyResource::RequestAuthentication(_) => Kind::RequestAuthentication,
+            AnyResource::Telemetry(_) => Kind::Telemetry,
         }
     }
 
@@ -483,6 +493,21 @@ impl AnyResource {
                     plural(r.spec.jwt_rules.len(), "JWT rule")
                 )
             }
+            AnyResource::Telemetry(r) => {
+                let scope = if r.spec.selector.is_some() {
+                    "workload"
+                } else if r.spec.is_targeted() {
+                    "targeted"
+                } else {
+                    "namespace"
+                };
+                format!(
+                    "{}, {}, {}, {scope} scope",
+                    plural(r.spec.tracing.len(), "tracing rule"),
+                    plural(r.spec.access_logging.len(), "access-logging rule"),
+                    plural(r.spec.metrics.len(), "metrics rule")
+                )
+            }
         };
         format!("{} {}/{}: {}", self.kind(), m.namespace, m.name, detail)
     }
@@ -520,6 +545,9 @@ impl Spec for AuthorizationPolicySpec {
 }
 impl Spec for RequestAuthenticationSpec {
     const KIND: Kind = Kind::RequestAuthentication;
+}
+impl Spec for TelemetrySpec {
+    const KIND: Kind = Kind::Telemetry;
 }
 
 /// Serializes as the Kubernetes resource (`apiVersion`, `kind`, `metadata`, `spec`).
@@ -681,6 +709,7 @@ enum Parsed {
     Pa(PeerAuthenticationSpec),
     Ap(AuthorizationPolicySpec),
     Ra(RequestAuthenticationSpec),
+    Te(TelemetrySpec),
 }
 
 impl<'de> Visitor<'de> for DocumentVisitor {
@@ -759,6 +788,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                         Kind::PeerAuthentication => Parsed::Pa(map.next_value()?),
                         Kind::AuthorizationPolicy => Parsed::Ap(map.next_value()?),
                         Kind::RequestAuthentication => Parsed::Ra(map.next_value()?),
+                        Kind::Telemetry => Parsed::Te(map.next_value()?),
                     });
                 }
                 "status" => {
@@ -808,6 +838,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Kind::PeerAuthentication => Parsed::Pa(Default::default()),
             Kind::AuthorizationPolicy => Parsed::Ap(Default::default()),
             Kind::RequestAuthentication => Parsed::Ra(Default::default()),
+            Kind::Telemetry => Parsed::Te(Default::default()),
         });
         fn r<S>(api_version: String, metadata: Metadata, spec: S) -> Resource<S> {
             Resource {
@@ -827,6 +858,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Parsed::Pa(s) => AnyResource::PeerAuthentication(r(api_version, metadata, s)),
             Parsed::Ap(s) => AnyResource::AuthorizationPolicy(r(api_version, metadata, s)),
             Parsed::Ra(s) => AnyResource::RequestAuthentication(r(api_version, metadata, s)),
+            Parsed::Te(s) => AnyResource::Telemetry(r(api_version, metadata, s)),
         }))
     }
 }

@@ -8,8 +8,8 @@ use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
-    RequestAuthentication, ServiceEntry, Sidecar, Subset, VirtualService, WorkloadEntryResource,
-    select_sidecar,
+    RequestAuthentication, ServiceEntry, Sidecar, Subset, Telemetry, VirtualService,
+    WorkloadEntryResource, select_sidecar,
 };
 
 /// All resources of one successful load, indexed by host, by namespace and by workload
@@ -37,6 +37,7 @@ pub struct MeshConfig {
     peer_authentications: Vec<PeerAuthentication>,
     authorization_policies: Vec<AuthorizationPolicy>,
     request_authentications: Vec<RequestAuthentication>,
+    telemetries: Vec<Telemetry>,
     vs_by_host: HostIndex,
     dr_by_host: HostIndex,
     se_by_host: HostIndex,
@@ -182,6 +183,7 @@ impl MeshConfig {
                 AnyResource::PeerAuthentication(v) => c.peer_authentications.push(v),
                 AnyResource::AuthorizationPolicy(v) => c.authorization_policies.push(v),
                 AnyResource::RequestAuthentication(v) => c.request_authentications.push(v),
+                AnyResource::Telemetry(v) => c.telemetries.push(v),
             }
         }
         c.version = version.unwrap_or_else(|| hash.finish());
@@ -346,6 +348,7 @@ impl MeshConfig {
                 .cloned()
                 .map(AnyResource::RequestAuthentication),
         );
+        all.extend(self.telemetries.iter().cloned().map(AnyResource::Telemetry));
         all
     }
 
@@ -387,6 +390,7 @@ impl MeshConfig {
         push(&mut out, &self.peer_authentications)?;
         push(&mut out, &self.authorization_policies)?;
         push(&mut out, &self.request_authentications)?;
+        push(&mut out, &self.telemetries)?;
         Ok(out)
     }
 
@@ -468,6 +472,11 @@ impl MeshConfig {
     /// All AuthorizationPolicies, in load order.
     pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
         &self.authorization_policies
+    }
+
+    /// All Telemetry resources, in load order.
+    pub fn telemetries(&self) -> &[Telemetry] {
+        &self.telemetries
     }
 
     /// All RequestAuthentications, in load order.
@@ -687,6 +696,11 @@ impl MeshConfig {
             Kind::PeerAuthentication => n.peer_authentications.len(),
             Kind::AuthorizationPolicy => n.authorization_policies.len(),
             Kind::RequestAuthentication => n.request_authentications.len(),
+            Kind::Telemetry => self
+                .telemetries
+                .iter()
+                .filter(|t| t.metadata.namespace == namespace)
+                .count(),
         })
     }
 

@@ -94,6 +94,9 @@ pub(crate) fn validate_resource(r: &AnyResource, source: &SourceMap, out: &mut V
         AnyResource::PeerAuthentication(v) => peer_authentication(&mut ctx, v),
         AnyResource::AuthorizationPolicy(v) => authorization_policy(&mut ctx, v),
         AnyResource::RequestAuthentication(v) => request_authentication(&mut ctx, v),
+        // Telemetry's CEL expressions are checked where they are compiled
+        // (`mesh-telemetry`), and reported through `LoadReport::error_at`.
+        AnyResource::Telemetry(_) => {}
     }
     for (path, message) in not_enforced_warnings(r.kind(), source) {
         ctx.warn(&path, message);
