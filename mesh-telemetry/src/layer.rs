@@ -88,8 +88,8 @@ use crate::metrics::{
     DestinationService, MetricsHandle, MetricsRegistry, Reporter, RequestFacts, Workload,
     classify_error,
 };
-use crate::trace::export::{ExportCounters, SpanKind, SpanQueue, SpanRecord};
 use crate::policy::{Attributes, TagSource, TelemetryPolicy};
+use crate::trace::export::{ExportCounters, SpanKind, SpanQueue, SpanRecord};
 use crate::trace::{self, Formats, HopContext, Propagator, Sampler};
 use arc_swap::ArcSwapOption;
 
@@ -233,9 +233,9 @@ impl Telemetry {
     /// the settings alone), for requests that start from now on.
     pub fn set_policy(&self, policy: Option<TelemetryPolicy>) {
         let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.shared.policy.store(
-            policy.map(|policy| Arc::new(ActivePolicy { generation, policy })),
-        );
+        self.shared
+            .policy
+            .store(policy.map(|policy| Arc::new(ActivePolicy { generation, policy })));
     }
 
     /// This proxy's metadata for the exchange with peers, when it sends any.
@@ -931,8 +931,8 @@ where
             None => telemetry.access_log.is_some(),
             Some(on) => on,
         };
-        let spans = telemetry.spans.is_some()
-            && !dir.is_some_and(|d| d.tracing.disable_span_reporting);
+        let spans =
+            telemetry.spans.is_some() && !dir.is_some_and(|d| d.tracing.disable_span_reporting);
         let captured = (logs || (hop.sampled && spans) || needs_headers).then(|| {
             let get = |n: &str| parts.headers.get(n).cloned();
             Box::new(Captured {

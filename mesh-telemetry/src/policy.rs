@@ -43,9 +43,7 @@ use cel_interpreter::objects::{Key, Map};
 use cel_interpreter::{Context, Program, Value as CelValue};
 use cel_parser::ast::{Expr, IdedExpr};
 use http::HeaderMap;
-use mesh_core::config::{
-    IstioMetric, Telemetry as TelemetryResource, TagOperation, WorkloadMode,
-};
+use mesh_core::config::{IstioMetric, TagOperation, Telemetry as TelemetryResource, WorkloadMode};
 
 use crate::trace::Sampler;
 
@@ -191,7 +189,11 @@ impl Expression {
             }
             // A header the sample does not carry.
             Err(cel_interpreter::ExecutionError::NoSuchKey(_)) => {}
-            Err(e) => return Err(ExpressionError(format!("`{text}` cannot be evaluated: {e}"))),
+            Err(e) => {
+                return Err(ExpressionError(format!(
+                    "`{text}` cannot be evaluated: {e}"
+                )));
+            }
         }
         Ok(this)
     }
@@ -631,10 +633,7 @@ impl TelemetryPolicy {
                         let action = match (tag.operation, &tag.value) {
                             (TagOperation::Remove, Some(v)) if !v.is_empty() => {
                                 if first {
-                                    err(
-                                        format!("{tat}.value"),
-                                        "REMOVE takes no value".into(),
-                                    );
+                                    err(format!("{tat}.value"), "REMOVE takes no value".into());
                                 }
                                 continue;
                             }
@@ -705,9 +704,19 @@ mod tests {
         let cases = [
             ("response.code >= 400", 404, "GET", true),
             ("response.code >= 400", 200, "GET", false),
-            ("response.code == 200 && request.method == 'POST'", 200, "POST", true),
+            (
+                "response.code == 200 && request.method == 'POST'",
+                200,
+                "POST",
+                true,
+            ),
             ("request.url_path == '/api/v1' || false", 500, "GET", true),
-            ("connection.mtls && request.host == 'orders'", 200, "GET", true),
+            (
+                "connection.mtls && request.host == 'orders'",
+                200,
+                "GET",
+                true,
+            ),
             ("request.headers['x-missing'] == 'a'", 200, "GET", false),
         ];
         for (text, code, method, want) in cases {

@@ -290,8 +290,7 @@ pub fn telemetries_for<'a>(
         out.push(t);
     }
     if namespace != root
-        && let Some(t) =
-            oldest(&|t| t.metadata.namespace == namespace && t.spec.selector.is_none())
+        && let Some(t) = oldest(&|t| t.metadata.namespace == namespace && t.spec.selector.is_none())
     {
         out.push(t);
     }

@@ -307,6 +307,7 @@ pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) ->
         AnyResource::RequestAuthentication(r) => {
             r.namespace() == namespace || r.namespace() == root_namespace
         }
+        AnyResource::Telemetry(r) => r.namespace() == namespace || r.namespace() == root_namespace,
     }
 }
 

@@ -1137,14 +1137,22 @@ impl MetricsHandle {
         mut values: Vec<Arc<str>>,
     ) -> Arc<OverriddenSeries> {
         {
-            let cache = self.inner.overridden.read().unwrap_or_else(|e| e.into_inner());
+            let cache = self
+                .inner
+                .overridden
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
             if cache.0 == generation
                 && let Some(s) = cache.1.get(&(key, values.clone()))
             {
                 return s.clone();
             }
         }
-        let mut cache = self.inner.overridden.write().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self
+            .inner
+            .overridden
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if cache.0 != generation {
             // A new policy: series of the old one are not looked up again.
             *cache = (generation, HashMap::new());
@@ -1192,7 +1200,10 @@ impl MetricsHandle {
                             if let Some(j) = HTTP_LABEL_NAMES.iter().position(|n| **n == **name) {
                                 o.removed &= !(1 << j);
                             }
-                            let v = values.get(*i).cloned().unwrap_or_else(|| Arc::from(UNKNOWN));
+                            let v = values
+                                .get(*i)
+                                .cloned()
+                                .unwrap_or_else(|| Arc::from(UNKNOWN));
                             o.upserts.push((name.clone(), v));
                         }
                     }
@@ -1207,10 +1218,14 @@ impl MetricsHandle {
                 .then(|| m.requests.get_or_create_owned(&labels(Metric::Requests))),
             duration: on(Metric::Duration)
                 .then(|| m.duration.get_or_create_owned(&labels(Metric::Duration))),
-            request_bytes: on(Metric::RequestBytes)
-                .then(|| m.request_bytes.get_or_create_owned(&labels(Metric::RequestBytes))),
-            response_bytes: on(Metric::ResponseBytes)
-                .then(|| m.response_bytes.get_or_create_owned(&labels(Metric::ResponseBytes))),
+            request_bytes: on(Metric::RequestBytes).then(|| {
+                m.request_bytes
+                    .get_or_create_owned(&labels(Metric::RequestBytes))
+            }),
+            response_bytes: on(Metric::ResponseBytes).then(|| {
+                m.response_bytes
+                    .get_or_create_owned(&labels(Metric::ResponseBytes))
+            }),
             request_messages: (key.grpc && on(Metric::RequestMessages)).then(|| {
                 m.request_messages
                     .get_or_create_owned(&labels(Metric::RequestMessages))
