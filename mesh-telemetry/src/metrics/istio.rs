@@ -873,8 +873,11 @@ struct HandleInner {
     overflow: OnceLock<Series>,
     /// Series under a Telemetry policy: its generation and, per key and evaluated tag
     /// values, the series of each metric.
-    overridden: RwLock<(u64, HashMap<(Key, Vec<Arc<str>>), Arc<OverriddenSeries>>)>,
+    overridden: RwLock<(u64, OverriddenCache)>,
 }
+
+/// Overridden series by key and evaluated tag values.
+type OverriddenCache = HashMap<(Key, Vec<Arc<str>>), Arc<OverriddenSeries>>;
 
 /// The series of one request under metric overrides; a disabled metric has none.
 #[derive(Debug)]
