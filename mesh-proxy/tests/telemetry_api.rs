@@ -61,6 +61,10 @@ struct Mesh {
 }
 
 async fn mesh(payment_app: &App, telemetry: &str) -> Mesh {
+    mesh_with(payment_app, telemetry, "").await
+}
+
+async fn mesh_with(payment_app: &App, telemetry: &str, extra: &str) -> Mesh {
     let world = World::new();
     let payment_ports = Ports::new();
     let order_ports = Ports::new();
@@ -78,7 +82,7 @@ async fn mesh(payment_app: &App, telemetry: &str) -> Mesh {
             &config,
             ports,
             app,
-            "",
+            extra,
         )
     };
     let payment_settings = settings("payment-service", payment_ports, payment_app.addr);
@@ -267,4 +271,135 @@ async fn an_expression_that_cannot_be_evaluated_is_a_located_load_error() {
         "{text}"
     );
     assert!(text.contains("unknown attribute `request.nope`"), "{text}");
+}
+
+/// A Zipkin v2 collector on 127.0.0.1:0 keeping the spans it receives.
+async fn zipkin_collector() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/v2/spans", listener.local_addr().unwrap());
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = spans.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let keep = keep.clone();
+                        async move {
+                            let bytes = req.into_body().collect().await?.to_bytes();
+                            if let Ok(serde_json::Value::Array(batch)) =
+                                serde_json::from_slice(&bytes)
+                            {
+                                keep.lock().unwrap().extend(batch);
+                            }
+                            let mut res =
+                                http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                            *res.status_mut() = http::StatusCode::ACCEPTED;
+                            Ok::<_, hyper::Error>(res)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (url, spans)
+}
+
+/// The settings sample every trace (100 %); the namespace's Telemetry samples none, and
+/// payment-service's own samples all of its inbound traffic with custom tags.
+const TRACING: &str = r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: namespace-default, namespace: production}
+spec:
+  tracing:
+  - randomSamplingPercentage: 0
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: payment, namespace: production}
+spec:
+  selector:
+    matchLabels: {app: payment-service}
+  tracing:
+  - match: {mode: SERVER}
+    randomSamplingPercentage: 100
+    customTags:
+      tenant: {header: {name: x-tenant, defaultValue: none}}
+      team: {literal: {value: payments}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_percentage_and_custom_tags_follow_the_workload_telemetry() {
+    let (zipkin, spans) = zipkin_collector().await;
+    let app = App::start(Behaviour::Ok("paid")).await;
+    let m = mesh_with(
+        &app,
+        TRACING,
+        &format!("tracing:\n  sampling: 100\n  zipkin: {zipkin}\n"),
+    )
+    .await;
+
+    // Through order-service: its client side samples 0 %, and payment-service respects
+    // the decision that travels with the request (TA-04): no span anywhere.
+    let proxy = format!("http://{}", m.order.outbound());
+    let (code, out, _) = curl(&[
+        "-s",
+        "-x",
+        &proxy,
+        "-H",
+        "x-tenant: acme",
+        "http://payment-service/through-order",
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "paid"));
+    // Straight to payment-service's inbound listener (plaintext, PERMISSIVE): a new
+    // trace, sampled at 100 % by the workload's resource, with its custom tags.
+    let inbound = format!("http://127.0.0.1:{}/direct", m.payment.ports.inbound);
+    let (code, out, _) = curl(&[
+        "-s",
+        "-H",
+        "x-tenant: acme",
+        "-H",
+        "host: payment-service",
+        &inbound,
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "paid"));
+    let (code, out, _) = curl(&["-s", "-H", "host: payment-service", &inbound]).await;
+    assert_eq!((code, out.as_str()), (0, "paid"));
+
+    // Stopping the proxies flushes their span queues.
+    m.order.terminate();
+    m.payment.terminate();
+    let (mut order, mut payment) = (m.order, m.payment);
+    let _ = order.child.wait().await;
+    let _ = payment.child.wait().await;
+    let spans = spans.lock().unwrap().clone();
+    let urls: Vec<&str> = spans
+        .iter()
+        .filter_map(|s| s["tags"]["http.url"].as_str())
+        .collect();
+    assert_eq!(urls.len(), 2, "{spans:#?}");
+    assert!(
+        urls.iter().all(|u| !u.contains("through-order")),
+        "{urls:?}"
+    );
+    let tenants: Vec<&str> = spans
+        .iter()
+        .filter_map(|s| s["tags"]["tenant"].as_str())
+        .collect();
+    assert_eq!(tenants, ["acme", "none"], "{spans:#?}");
+    assert!(
+        spans
+            .iter()
+            .all(|s| s["tags"]["team"] == "payments" && s["kind"] == "SERVER"),
+        "{spans:#?}"
+    );
 }
