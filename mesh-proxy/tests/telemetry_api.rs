@@ -271,6 +271,22 @@ async fn an_expression_that_cannot_be_evaluated_is_a_located_load_error() {
         "{text}"
     );
     assert!(text.contains("unknown attribute `request.nope`"), "{text}");
+
+    // `mesh-proxy validate` reports it the same way.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("telemetry.yaml:7")
+            && text.contains("spec.accessLogging[0].filter.expression")
+            && text.contains("unknown attribute `request.nope`"),
+        "{text}"
+    );
 }
 
 /// A Zipkin v2 collector on 127.0.0.1:0 keeping the spans it receives.
@@ -402,4 +418,51 @@ async fn sampling_percentage_and_custom_tags_follow_the_workload_telemetry() {
             .all(|s| s["tags"]["team"] == "payments" && s["kind"] == "SERVER"),
         "{spans:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telemetry_added_on_sighup_applies_to_new_requests() {
+    let app = App::start(Behaviour::Ok("paid")).await;
+    let m = mesh(&app, "").await;
+    assert_eq!(call(&m, "GET", "/before").await, "paid\n200");
+    let before = m
+        .order
+        .metrics_when(|t| t.contains("istio_requests_total{"))
+        .await;
+    assert!(!before.contains("level="), "{before}");
+
+    let reload = |telemetry: &'static str| {
+        let se = service_entry(
+            "payment-service",
+            80,
+            &[(m.payment.ports.inbound, "v1", "payment-service")],
+        );
+        m.world
+            .write_config("istio", "mesh.yaml", &format!("{se}---\n{telemetry}"));
+        let pid = m.order.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let tagged = |text: &str| {
+        series(text, "istio_requests_total")
+            .iter()
+            .any(|l| l.contains("level=\"reloaded\""))
+    };
+    reload(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\n\
+         spec:\n  metrics:\n  - overrides:\n    - tagOverrides:\n        level: {value: \"'reloaded'\"}\n",
+    );
+    let mut text = String::new();
+    for _ in 0..100 {
+        call(&m, "GET", "/after").await;
+        text = m.order.admin("/stats/prometheus").await;
+        if tagged(&text) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(tagged(&text), "{text}\n{}", m.order.output());
 }
