@@ -30,7 +30,7 @@ const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnfor
 
 use Kind::{
     AuthorizationPolicy as AP, DestinationRule as DR, Gateway as GW, RequestAuthentication as RA,
-    ServiceEntry as SE, Sidecar as SC, VirtualService as VS, WorkloadEntry as WE,
+    ServiceEntry as SE, Sidecar as SC, Telemetry as TE, VirtualService as VS, WorkloadEntry as WE,
 };
 
 /// Fields parsed but not enforced by the proxy.
@@ -223,6 +223,61 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         RA,
         "spec.targetRefs",
         "target references are not supported; the policy selects no workload",
+    ),
+    ne(
+        TE,
+        "spec.targetRef",
+        "target references are not supported; the resource applies to no workload",
+    ),
+    ne(
+        TE,
+        "spec.targetRefs",
+        "target references are not supported; the resource applies to no workload",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].providers",
+        "spans go to the exporter the proxy's settings name",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].useRequestIdForTraceSampling",
+        "new traces are sampled at random, not from the request id",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].enableIstioTags",
+        "Istio's span tags are always added",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].disableContextPropagation",
+        "trace headers are always forwarded",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].customTags.**.formatter",
+        "the tag is not added",
+    ),
+    ne(
+        TE,
+        "spec.accessLogging[].providers",
+        "the access log goes where the proxy's settings say (standard output when they name none)",
+    ),
+    ne(
+        TE,
+        "spec.metrics[].providers",
+        "metrics are served on /metrics in the Prometheus format",
+    ),
+    ne(
+        TE,
+        "spec.metrics[].reportingInterval",
+        "TCP metrics are recorded as they happen",
+    ),
+    ne(
+        TE,
+        "spec.metrics[].overrides[].match.customMetric",
+        "the override applies to no metric",
     ),
 ];
 
