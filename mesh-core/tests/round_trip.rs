@@ -28,7 +28,7 @@ fn every_fixture_resource_survives_serialize_then_load() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 34 + 8 + 19);
+    assert_eq!(checked, 34 + 8 + 21);
 }
 
 #[test]

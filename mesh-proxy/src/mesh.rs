@@ -75,6 +75,7 @@ use mesh_core::config::{LoadOptions, MeshConfig};
 use mesh_core::{Identity, IdentityError};
 use mesh_routing::{CompileOptions, Listener, Naming, RouterHandle, Routing};
 use mesh_telemetry::exchange::{LocalMetadata, NodeMetadata};
+use mesh_telemetry::policy::TelemetryPolicy;
 use mesh_telemetry::{Telemetry, Workload as TelemetryWorkload};
 use mesh_tls::authn::{Authenticator, AuthnHandle, JwksCache};
 use mesh_tls::authz::{PathNormalization, PolicyHandle, PolicySet};
@@ -311,6 +312,8 @@ struct Compiled {
     peer_auth: WorkloadPeerAuthentication,
     /// The workload's Sidecar resource's `outboundTrafficPolicy.mode`, if it sets one.
     outbound_mode: Option<OutboundMode>,
+    /// The workload's effective Telemetry API policy; `None` when no Telemetry applies.
+    telemetry: Option<TelemetryPolicy>,
 }
 
 /// A function run with the new configuration after a successful update.
@@ -460,6 +463,7 @@ impl MeshBuilder {
         };
         // What is loaded now is generation 1 of `mesh_config_generation`.
         telemetry.metrics().proxy().config_loaded();
+        telemetry.set_policy(compiled.telemetry);
         let router = match self.options.random_seed {
             Some(seed) => RouterHandle::with_seed(make, compiled.routing, seed),
             None => RouterHandle::new(make, compiled.routing),
@@ -531,6 +535,22 @@ fn load(
     for w in report.warnings() {
         tracing::warn!("{w}");
     }
+    // Telemetry expressions are checked in every resource, located like load errors.
+    let mut telemetry_errors = Vec::new();
+    for (i, r) in report.resources.iter().enumerate() {
+        if let mesh_core::config::AnyResource::Telemetry(t) = r {
+            for e in mesh_telemetry::policy::check(t) {
+                if let Some(d) = report.error_at(i, &e.path, e.message) {
+                    telemetry_errors.push(d.to_string());
+                }
+            }
+        }
+    }
+    if !telemetry_errors.is_empty() {
+        return Err(ConfigError {
+            diagnostics: telemetry_errors,
+        });
+    }
     if let (Listener::Mesh, Some(port)) = (listener, options.app_port) {
         let policies = config.authorization_policies_for(&workload.namespace, &workload.labels);
         for w in report.unserved_deny_ports(policies, &[port]) {
@@ -589,12 +609,30 @@ fn compile(
             }),
         Listener::Gateway { .. } => None,
     };
+    let telemetries =
+        mesh_core::config::telemetries_for(config, &workload.namespace, &workload.labels);
+    let telemetry = if telemetries.is_empty() {
+        None
+    } else {
+        let resources: Vec<_> = telemetries
+            .iter()
+            .map(|t| format!("Telemetry/{}/{}", t.metadata.namespace, t.metadata.name))
+            .collect();
+        Some(TelemetryPolicy::compile(telemetries).map_err(|errs| {
+            diagnostics(
+                errs.into_iter()
+                    .map(|e| format!("{}: {}: {}", resources.join(", "), e.path, e.message))
+                    .collect(),
+            )
+        })?)
+    };
     Ok(Compiled {
         routing,
         policies,
         authn,
         peer_auth,
         outbound_mode,
+        telemetry,
     })
 }
 
@@ -842,6 +880,7 @@ impl Mesh {
                 .outbound_mode
                 .unwrap_or(self.inner.options.outbound_mode),
         );
+        self.inner.telemetry.set_policy(compiled.telemetry);
         for hook in self
             .inner
             .hooks

@@ -52,6 +52,19 @@ pub fn run(args: &Args, out: &mut impl Write) -> std::io::Result<ExitCode> {
         let warnings = report.unserved_deny_ports(policies, &args.workload_ports);
         report.diagnostics.extend(warnings);
     }
+    // Telemetry's CEL expressions are checked where they are compiled.
+    let telemetry: Vec<_> = report
+        .resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            AnyResource::Telemetry(t) => Some((i, mesh_telemetry::policy::check(t))),
+            _ => None,
+        })
+        .flat_map(|(i, errs)| errs.into_iter().map(move |e| (i, e)))
+        .filter_map(|(i, e)| report.error_at(i, &e.path, e.message))
+        .collect();
+    report.diagnostics.extend(telemetry);
     let errors = report.errors().count();
     let warnings = report.warnings().count();
     if errors == 0 {

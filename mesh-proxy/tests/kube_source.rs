@@ -97,6 +97,17 @@ fn addresses(s: &ClusterState, host: &str) -> Vec<String> {
 }
 
 /// A RequestAuthentication, read like the other security kinds.
+const TELEMETRY: &str = "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata:
+  name: errors-only
+  namespace: production
+spec:
+  accessLogging:
+  - filter:
+      expression: response.code >= 400
+";
+
 const JWT: &str = "apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata:
@@ -131,7 +142,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
 
     server.install_istio_crds();
     server.kubectl(&["create", "namespace", "production"], "");
-    for yaml in [CANARY, RESILIENCE, AUTHZ, STRICT, GATEWAY, JWT] {
+    for yaml in [CANARY, RESILIENCE, AUTHZ, STRICT, GATEWAY, JWT, TELEMETRY] {
         server.apply(yaml);
     }
     let state = wait_for_state(&mut rx, "the article's resources", |s| {
@@ -140,6 +151,9 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
             && s.resources
                 .iter()
                 .any(|r| r.metadata().name == "payment-jwt")
+            && s.resources
+                .iter()
+                .any(|r| r.metadata().name == "errors-only")
     })
     .await;
     let mut kinds: Vec<String> = state
@@ -162,6 +176,7 @@ async fn istio_objects_follow_kubectl_and_invalid_versions_keep_the_last_good_on
         "Gateway/default/api-gateway",
         "PeerAuthentication/production/default",
         "RequestAuthentication/production/payment-jwt",
+        "Telemetry/production/errors-only",
         "VirtualService/default/order-service",
         "VirtualService/default/payment-service",
     ] {
@@ -634,7 +649,7 @@ webhooks:
     url: https://127.0.0.1:{port}/validate
     caBundle: {ca}
   rules:
-  - apiGroups: [networking.istio.io, security.istio.io]
+  - apiGroups: [networking.istio.io, security.istio.io, telemetry.istio.io]
     apiVersions: ["*"]
     operations: [CREATE, UPDATE]
     resources: ["*"]
@@ -677,6 +692,19 @@ webhooks:
         "{stderr}"
     );
     server.kubectl(&["get", "vs", "reviews"], "");
+
+    // A Telemetry filter the proxy cannot evaluate is refused at its field.
+    let bad = TELEMETRY
+        .replace("response.code >= 400", "response.nope >= 400")
+        .replace("namespace: production", "namespace: default");
+    let out = server.kubectl_output(&["apply", "-f", "-"], &bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Telemetry/default/errors-only, spec.accessLogging[0].filter.expression")
+            && stderr.contains("unknown attribute `response.nope`"),
+        "{stderr}"
+    );
     shutdown.cancel();
     serving.await.unwrap();
 }

@@ -88,8 +88,10 @@ use crate::metrics::{
     DestinationService, MetricsHandle, MetricsRegistry, Reporter, RequestFacts, Workload,
     classify_error,
 };
+use crate::policy::{Attributes, TagSource, TelemetryPolicy};
 use crate::trace::export::{ExportCounters, SpanKind, SpanQueue, SpanRecord};
 use crate::trace::{self, Formats, HopContext, Propagator, Sampler};
+use arc_swap::ArcSwapOption;
 
 struct Shared {
     workload: Workload,
@@ -99,6 +101,18 @@ struct Shared {
     propagator: Propagator,
     spans: Option<SpanQueue>,
     access_log: Option<AccessLog>,
+    /// Where a Telemetry resource that turns access logging on writes when `access_log`
+    /// is not set (Istio's `envoy` provider: standard output).
+    standby_log: Option<AccessLog>,
+    /// The Telemetry API policy in force; `None`: the settings alone.
+    policy: ArcSwapOption<ActivePolicy>,
+    generation: AtomicU64,
+}
+
+/// A policy and its generation (series caches keyed by it start over when it changes).
+struct ActivePolicy {
+    generation: u64,
+    policy: TelemetryPolicy,
 }
 
 /// The telemetry of one proxy (or one embedding application): metric registry, latency
@@ -126,6 +140,7 @@ pub struct TelemetryBuilder {
     propagator: Propagator,
     spans: Option<SpanQueue>,
     access_log: Option<AccessLog>,
+    standby_log: Option<AccessLog>,
 }
 
 impl TelemetryBuilder {
@@ -173,6 +188,14 @@ impl TelemetryBuilder {
         self
     }
 
+    /// The access log a Telemetry resource that turns access logging on writes to when
+    /// no [`access_log`](Self::access_log) is set.
+    #[must_use]
+    pub fn standby_access_log(mut self, log: AccessLog) -> Self {
+        self.standby_log = Some(log);
+        self
+    }
+
     /// Finishes.
     pub fn build(self) -> Telemetry {
         Telemetry {
@@ -184,6 +207,9 @@ impl TelemetryBuilder {
                 propagator: self.propagator,
                 spans: self.spans,
                 access_log: self.access_log,
+                standby_log: self.standby_log,
+                policy: ArcSwapOption::empty(),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -199,7 +225,17 @@ impl Telemetry {
             propagator: Propagator::default(),
             spans: None,
             access_log: None,
+            standby_log: None,
         }
+    }
+
+    /// Puts the effective Telemetry API policy of this workload in force (`None`: none,
+    /// the settings alone), for requests that start from now on.
+    pub fn set_policy(&self, policy: Option<TelemetryPolicy>) {
+        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared
+            .policy
+            .store(policy.map(|policy| Arc::new(ActivePolicy { generation, policy })));
     }
 
     /// This proxy's metadata for the exchange with peers, when it sends any.
@@ -543,6 +579,8 @@ struct Captured {
     authority: Option<String>,
     user_agent: Option<HeaderValue>,
     forwarded_for: Option<HeaderValue>,
+    /// The request headers, when a Telemetry policy reads them.
+    headers: Option<HeaderMap>,
 }
 
 struct Pending {
@@ -564,6 +602,8 @@ struct Pending {
     /// Where the router sent the request, when the target follows the route.
     routed: Option<RoutedService>,
     captured: Option<Box<Captured>>,
+    /// The Telemetry policy in force when the request started.
+    policy: Option<Arc<ActivePolicy>>,
     // Set when the response head arrives.
     status: u16,
     grpc_status: Option<u16>,
@@ -575,6 +615,32 @@ struct Pending {
 }
 
 impl Pending {
+    /// Records the request's metrics without a Telemetry policy (the default path).
+    fn record_metrics(
+        &self,
+        facts: &RequestFacts<'_>,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        match &self.response_messages {
+            Some(sent) if self.grpc => self.target.metrics.record_grpc(
+                facts,
+                duration_ms,
+                request_bytes,
+                response_bytes,
+                (
+                    self.request_body.messages.load(Ordering::Relaxed),
+                    sent.count(),
+                ),
+            ),
+            _ => self
+                .target
+                .metrics
+                .record(facts, duration_ms, request_bytes, response_bytes),
+        }
+    }
+
     fn finish(mut self, response_body_bytes: u64) {
         let elapsed = self.start.elapsed();
         if let Some(host) = self.routed.as_ref().and_then(RoutedService::get)
@@ -603,28 +669,84 @@ impl Pending {
         };
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let request_bytes = self.request_header_bytes + request_body;
-        match self.response_messages {
-            Some(sent) if self.grpc => self.target.metrics.record_grpc(
+        let telemetry = &self.layer.telemetry.shared;
+        let client = self.layer.kind == SpanKind::Client;
+        let dir = self.policy.as_deref().map(|p| p.policy.direction(client));
+        // The request's attributes, for the policy's expressions (policy path only).
+        let cel = match (dir, self.captured.as_deref()) {
+            (Some(d), Some(c)) if d.needs_attributes() => {
+                let port = self
+                    .upstream_host
+                    .map(|a| a.port())
+                    .or_else(|| {
+                        c.authority
+                            .as_deref()
+                            .and_then(|a| a.rsplit_once(':'))
+                            .and_then(|(_, p)| p.parse().ok())
+                    })
+                    .unwrap_or(0);
+                let protocol = format!("{:?}", c.version);
+                let attributes = Attributes {
+                    method: c.method.as_str(),
+                    path: &c.path,
+                    host: c.authority.as_deref().unwrap_or_default(),
+                    scheme: "http",
+                    headers: c.headers.as_ref(),
+                    protocol: &protocol,
+                    code: self.status,
+                    flags: self.flags.to_string(),
+                    grpc_status: self.grpc_status,
+                    mtls: self.security == ConnectionSecurity::MutualTls,
+                    principal: facts.peer.map_or("", |p| p.as_str()),
+                    port,
+                };
+                Some(attributes.context())
+            }
+            _ => None,
+        };
+        if let (Some(d), Some(active)) = (dir, self.policy.as_deref())
+            && !d.metrics.is_empty()
+        {
+            let values = match &cel {
+                Some(ctx) => d.metrics.exprs.iter().map(|e| e.value(ctx)).collect(),
+                None => Vec::new(),
+            };
+            let messages = self.response_messages.as_ref().map(|sent| {
+                (
+                    self.request_body.messages.load(Ordering::Relaxed),
+                    sent.count(),
+                )
+            });
+            self.target.metrics.record_overridden(
                 &facts,
                 duration_ms,
                 request_bytes,
                 response_bytes,
-                (
-                    self.request_body.messages.load(Ordering::Relaxed),
-                    sent.count(),
-                ),
-            ),
-            _ => self
-                .target
-                .metrics
-                .record(&facts, duration_ms, request_bytes, response_bytes),
+                messages,
+                &d.metrics,
+                active.generation,
+                values,
+            );
+        } else {
+            self.record_metrics(&facts, duration_ms, request_bytes, response_bytes);
         }
         self.target.latency.record(elapsed);
-        let telemetry = &self.layer.telemetry.shared;
         let Some(c) = self.captured.as_deref() else {
             return;
         };
-        if let Some(log) = &telemetry.access_log {
+        let log = match dir.and_then(|d| d.access_log.enabled) {
+            None => telemetry.access_log.as_ref(),
+            Some(false) => None,
+            Some(true) => telemetry
+                .access_log
+                .as_ref()
+                .or(telemetry.standby_log.as_ref()),
+        };
+        let filtered_out = match (dir.and_then(|d| d.access_log.filter.as_ref()), &cel) {
+            (Some(filter), Some(ctx)) => !filter.matches(ctx),
+            _ => false,
+        };
+        if let Some(log) = log.filter(|_| !filtered_out) {
             log.log(&AccessEntry {
                 start: c.start_wall,
                 method: c.method.clone(),
@@ -645,7 +767,11 @@ impl Pending {
                 upstream_peer_uri_san: self.upstream_peer.clone(),
             });
         }
-        if let (true, Some(spans)) = (self.hop.sampled, &telemetry.spans) {
+        let spans = telemetry
+            .spans
+            .as_ref()
+            .filter(|_| !dir.is_some_and(|d| d.tracing.disable_span_reporting));
+        if let (true, Some(spans)) = (self.hop.sampled, spans) {
             let host = c.authority.as_deref().unwrap_or("unknown");
             let w = &telemetry.workload;
             let mut attributes = vec![
@@ -680,6 +806,21 @@ impl Pending {
             if let Some(g) = self.grpc_status {
                 attributes.push(("grpc.status_code", g.to_string()));
             }
+            let mut custom = Vec::new();
+            for (name, source) in dir.map_or(&[][..], |d| &d.tracing.custom_tags[..]) {
+                let value = match source {
+                    TagSource::Literal(v) => Some(v.clone()),
+                    TagSource::Header { name, default } => c
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .or_else(|| default.clone()),
+                };
+                if let Some(v) = value {
+                    custom.push((name.clone(), v));
+                }
+            }
             spans.submit(SpanRecord {
                 trace_id: self.hop.trace_id,
                 trace_id_64: self.hop.trace_id_64,
@@ -690,6 +831,7 @@ impl Pending {
                 start: c.start_wall,
                 duration: elapsed,
                 attributes,
+                custom_tags: custom,
                 error: self.status >= 500 || self.status == 0,
                 debug: self.hop.debug,
             });
@@ -732,9 +874,20 @@ where
             + 12) as u64
             + header_block_len(&parts.headers);
         let request_id = trace::ensure_request_id(&mut parts.headers, &mut self.rng);
-        let hop = telemetry
-            .propagator
-            .propagate(&mut parts.headers, &mut self.rng);
+        let policy = telemetry.policy.load_full();
+        let dir = policy
+            .as_deref()
+            .map(|p| p.policy.direction(shared.kind == SpanKind::Client));
+        let hop = match dir.and_then(|d| d.tracing.sampler) {
+            Some(sampler) => Propagator {
+                sampler,
+                ..telemetry.propagator
+            }
+            .propagate(&mut parts.headers, &mut self.rng),
+            None => telemetry
+                .propagator
+                .propagate(&mut parts.headers, &mut self.rng),
+        };
         let probe = Request::from_parts(parts, ());
         let target = match &shared.targets {
             Targets::Fixed(t) => t.clone(),
@@ -773,9 +926,14 @@ where
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let captured = (telemetry.access_log.is_some()
-            || (hop.sampled && telemetry.spans.is_some()))
-        .then(|| {
+        let needs_headers = dir.is_some_and(|d| d.needs_attributes());
+        let logs = match dir.and_then(|d| d.access_log.enabled) {
+            None => telemetry.access_log.is_some(),
+            Some(on) => on,
+        };
+        let spans =
+            telemetry.spans.is_some() && !dir.is_some_and(|d| d.tracing.disable_span_reporting);
+        let captured = (logs || (hop.sampled && spans) || needs_headers).then(|| {
             let get = |n: &str| parts.headers.get(n).cloned();
             Box::new(Captured {
                 // Wall time only for the log line and the span; durations use `start`.
@@ -795,6 +953,7 @@ where
                     }),
                 user_agent: get("user-agent"),
                 forwarded_for: get("x-forwarded-for"),
+                headers: needs_headers.then(|| parts.headers.clone()),
             })
         });
         let counter = Arc::new(BodyCounts::default());
@@ -821,6 +980,7 @@ where
             response_messages: grpc.then(MessageCounter::default),
             routed,
             captured,
+            policy,
             status: 0,
             grpc_status: None,
             flags: ResponseFlags::NONE,

@@ -27,6 +27,11 @@
 //! [`trace::forward_trace_headers`] is the helper applications use to carry the trace
 //! headers from an incoming request onto their outgoing calls.
 //!
+//! Istio's `Telemetry` API ([`policy`]) changes this per direction once a policy is set
+//! with [`Telemetry::set_policy`]: sampling, span reporting and custom tags, access-log
+//! enablement and CEL filters, metrics disabled and labels removed or upserted. Without
+//! a policy nothing of it runs per request.
+//!
 //! # Layer placement
 //!
 //! Outbound: outermost, before routing, so local replies (no route, fault aborts,
@@ -110,6 +115,7 @@ pub mod grpc;
 pub mod latency;
 pub mod layer;
 pub mod metrics;
+pub mod policy;
 pub mod trace;
 
 pub use latency::{LatencyHandle, LatencyStats, LatencySummary};

@@ -19,7 +19,7 @@
 //!   silently widen access. Standard Kubernetes metadata (`uid`, `resourceVersion`, ...) and
 //!   a top-level `status` are tolerated.
 //! - Documents of other kinds (a `Deployment` next to a DestinationRule) are skipped with a
-//!   note; other Istio kinds (`Telemetry`, `EnvoyFilter`, ...) are skipped with a warning.
+//!   note; other Istio kinds (`EnvoyFilter`, `WasmPlugin`, ...) are skipped with a warning.
 //! - The Kubernetes Gateway API's `Gateway`, `HTTPRoute`, `GRPCRoute` and `ReferenceGrant`
 //!   (`gateway.networking.k8s.io`) load too and become internal Istio Gateways and
 //!   VirtualServices in [`MeshConfig`] (see [`KubernetesGatewaySpec`] and the module
@@ -147,6 +147,7 @@ mod resource;
 mod service_entry;
 mod sidecar;
 mod snapshot;
+mod telemetry;
 mod validate;
 mod virtual_service;
 mod warnings;
@@ -168,5 +169,6 @@ pub use resource::{
 pub use service_entry::*;
 pub use sidecar::*;
 pub use snapshot::MeshConfig;
+pub use telemetry::*;
 pub use virtual_service::*;
 pub use warnings::{NOT_ENFORCED, NotEnforced};

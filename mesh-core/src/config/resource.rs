@@ -14,7 +14,7 @@ use super::gateway_api::{
 };
 use super::{
     AuthorizationPolicySpec, DestinationRuleSpec, GatewaySpec, PeerAuthenticationSpec,
-    RequestAuthenticationSpec, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec,
+    RequestAuthenticationSpec, ServiceEntrySpec, SidecarSpec, TelemetrySpec, VirtualServiceSpec,
     WorkloadEntry as WorkloadEntrySpec,
 };
 
@@ -50,6 +50,8 @@ pub enum Kind {
     GrpcRoute,
     /// `gateway.networking.k8s.io` ReferenceGrant.
     ReferenceGrant,
+    /// `telemetry.istio.io` Telemetry.
+    Telemetry,
 }
 
 const NETWORKING_VERSIONS: &[&str] = &[
@@ -70,6 +72,7 @@ const REFERENCE_GRANT_VERSIONS: &[&str] = &[
     "gateway.networking.k8s.io/v1beta1",
     "gateway.networking.k8s.io/v1alpha2",
 ];
+const TELEMETRY_VERSIONS: &[&str] = &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"];
 
 /// Istio kinds that exist but that this crate does not load (skipped with a warning).
 const OTHER_ISTIO_GROUPS: &[&str] = &[
@@ -83,7 +86,7 @@ const OTHER_ISTIO_GROUPS: &[&str] = &[
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -97,6 +100,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::ReferenceGrant,
+        Kind::Telemetry,
     ];
 
     /// The kind's name as written in YAML.
@@ -115,6 +119,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -150,6 +155,7 @@ impl Kind {
             Kind::KubernetesGateway | Kind::HttpRoute => GATEWAY_API_VERSIONS,
             Kind::GrpcRoute => GRPC_ROUTE_VERSIONS,
             Kind::ReferenceGrant => REFERENCE_GRANT_VERSIONS,
+            Kind::Telemetry => TELEMETRY_VERSIONS,
             _ => NETWORKING_VERSIONS,
         }
     }
@@ -405,6 +411,8 @@ pub enum AnyResource {
     GrpcRoute(GrpcRouteResource),
     /// A Gateway API ReferenceGrant.
     ReferenceGrant(ReferenceGrant),
+    /// A Telemetry.
+    Telemetry(super::Telemetry),
 }
 
 macro_rules! each {
@@ -423,6 +431,7 @@ macro_rules! each {
             AnyResource::HttpRoute($r) => $e,
             AnyResource::GrpcRoute($r) => $e,
             AnyResource::ReferenceGrant($r) => $e,
+            AnyResource::Telemetry($r) => $e,
         }
     };
 }
@@ -444,6 +453,7 @@ impl AnyResource {
             AnyResource::HttpRoute(_) => Kind::HttpRoute,
             AnyResource::GrpcRoute(_) => Kind::GrpcRoute,
             AnyResource::ReferenceGrant(_) => Kind::ReferenceGrant,
+            AnyResource::Telemetry(_) => Kind::Telemetry,
         }
     }
 
@@ -575,6 +585,21 @@ impl AnyResource {
                 plural(r.spec.rules.len(), "rule")
             ),
             AnyResource::ReferenceGrant(r) => plural(r.spec.from.len(), "grant"),
+            AnyResource::Telemetry(r) => {
+                let scope = if r.spec.selector.is_some() {
+                    "workload"
+                } else if r.spec.is_targeted() {
+                    "targeted"
+                } else {
+                    "namespace"
+                };
+                format!(
+                    "{}, {}, {}, {scope} scope",
+                    plural(r.spec.tracing.len(), "tracing rule"),
+                    plural(r.spec.access_logging.len(), "access-logging rule"),
+                    plural(r.spec.metrics.len(), "metrics rule")
+                )
+            }
         };
         format!("{} {}/{}: {}", self.kind(), m.namespace, m.name, detail)
     }
@@ -624,6 +649,9 @@ impl Spec for GrpcRouteSpec {
 }
 impl Spec for ReferenceGrantSpec {
     const KIND: Kind = Kind::ReferenceGrant;
+}
+impl Spec for TelemetrySpec {
+    const KIND: Kind = Kind::Telemetry;
 }
 
 /// Serializes as the Kubernetes resource (`apiVersion`, `kind`, `metadata`, `spec`).
@@ -799,6 +827,7 @@ enum Parsed {
     Hr(HttpRouteSpec),
     Gr(GrpcRouteSpec),
     Rg(ReferenceGrantSpec),
+    Te(TelemetrySpec),
 }
 
 impl<'de> Visitor<'de> for DocumentVisitor {
@@ -884,6 +913,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                         Kind::HttpRoute => Parsed::Hr(map.next_value()?),
                         Kind::GrpcRoute => Parsed::Gr(map.next_value()?),
                         Kind::ReferenceGrant => Parsed::Rg(map.next_value()?),
+                        Kind::Telemetry => Parsed::Te(map.next_value()?),
                     });
                 }
                 "status" => {
@@ -937,6 +967,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Kind::HttpRoute => Parsed::Hr(Default::default()),
             Kind::GrpcRoute => Parsed::Gr(Default::default()),
             Kind::ReferenceGrant => Parsed::Rg(Default::default()),
+            Kind::Telemetry => Parsed::Te(Default::default()),
         });
         fn r<S>(api_version: String, metadata: Metadata, spec: S) -> Resource<S> {
             Resource {
@@ -960,6 +991,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             Parsed::Hr(s) => AnyResource::HttpRoute(r(api_version, metadata, s)),
             Parsed::Gr(s) => AnyResource::GrpcRoute(r(api_version, metadata, s)),
             Parsed::Rg(s) => AnyResource::ReferenceGrant(r(api_version, metadata, s)),
+            Parsed::Te(s) => AnyResource::Telemetry(r(api_version, metadata, s)),
         }))
     }
 }

@@ -8,8 +8,8 @@ use super::diagnostic::Diagnostic;
 use super::load::{Fnv, LoadOptions, LoadReport, load_paths, load_str};
 use super::{
     AnyResource, AuthorizationPolicy, DestinationRule, Gateway, Kind, Labels, PeerAuthentication,
-    PolicyTargetReference, RequestAuthentication, ServiceEntry, Sidecar, Subset, VirtualService,
-    WorkloadEntryResource, select_sidecar,
+    PolicyTargetReference, RequestAuthentication, ServiceEntry, Sidecar, Subset, Telemetry,
+    VirtualService, WorkloadEntryResource, select_sidecar,
 };
 
 /// All resources of one successful load, indexed by host, by namespace and by workload
@@ -40,6 +40,7 @@ pub struct MeshConfig {
     /// Gateway API resources as written; the Istio Gateways and VirtualServices generated
     /// from them are in `gateways` and `virtual_services`.
     gateway_api: GatewayApiResources,
+    telemetries: Vec<Telemetry>,
     vs_by_host: HostIndex,
     dr_by_host: HostIndex,
     se_by_host: HostIndex,
@@ -221,6 +222,7 @@ impl MeshConfig {
                 AnyResource::HttpRoute(v) => c.gateway_api.http_routes.push(v),
                 AnyResource::GrpcRoute(v) => c.gateway_api.grpc_routes.push(v),
                 AnyResource::ReferenceGrant(v) => c.gateway_api.reference_grants.push(v),
+                AnyResource::Telemetry(v) => c.telemetries.push(v),
             }
         }
         c.version = version.unwrap_or_else(|| hash.finish());
@@ -479,6 +481,7 @@ impl MeshConfig {
                 .cloned()
                 .map(AnyResource::ReferenceGrant),
         );
+        all.extend(self.telemetries.iter().cloned().map(AnyResource::Telemetry));
         all
     }
 
@@ -536,6 +539,7 @@ impl MeshConfig {
         push(&mut out, &self.gateway_api.http_routes)?;
         push(&mut out, &self.gateway_api.grpc_routes)?;
         push(&mut out, &self.gateway_api.reference_grants)?;
+        push(&mut out, &self.telemetries)?;
         Ok(out)
     }
 
@@ -617,6 +621,11 @@ impl MeshConfig {
     /// All AuthorizationPolicies, in load order.
     pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
         &self.authorization_policies
+    }
+
+    /// All Telemetry resources, in load order.
+    pub fn telemetries(&self) -> &[Telemetry] {
+        &self.telemetries
     }
 
     /// All RequestAuthentications, in load order.
@@ -890,6 +899,11 @@ impl MeshConfig {
             Kind::PeerAuthentication => n.peer_authentications.len(),
             Kind::AuthorizationPolicy => n.authorization_policies.len(),
             Kind::RequestAuthentication => n.request_authentications.len(),
+            Kind::Telemetry => self
+                .telemetries
+                .iter()
+                .filter(|t| t.metadata.namespace == namespace)
+                .count(),
             _ => 0,
         })
     }

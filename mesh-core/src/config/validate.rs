@@ -113,6 +113,9 @@ pub(crate) fn validate_resource(r: &AnyResource, source: &SourceMap, out: &mut V
                 _ => {}
             }
         }
+        // Telemetry's CEL expressions are checked where they are compiled
+        // (`mesh-telemetry`), and reported through `LoadReport::error_at`.
+        AnyResource::Telemetry(_) => {}
     }
     for (path, message) in not_enforced_warnings(r.kind(), source) {
         ctx.warn(&path, message);

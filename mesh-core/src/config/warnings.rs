@@ -29,8 +29,8 @@ const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnfor
 }
 
 use Kind::{
-    DestinationRule as DR, Gateway as GW, ServiceEntry as SE, Sidecar as SC, VirtualService as VS,
-    WorkloadEntry as WE,
+    DestinationRule as DR, Gateway as GW, ServiceEntry as SE, Sidecar as SC, Telemetry as TE,
+    VirtualService as VS, WorkloadEntry as WE,
 };
 
 /// Fields parsed but not enforced by the proxy.
@@ -168,6 +168,51 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         SC,
         "spec.outboundTrafficPolicy.egressProxy",
         "unknown destinations pass through to the address they were sent to",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].providers",
+        "spans go to the exporter the proxy's settings name",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].useRequestIdForTraceSampling",
+        "new traces are sampled at random, not from the request id",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].enableIstioTags",
+        "Istio's span tags are always added",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].disableContextPropagation",
+        "trace headers are always forwarded",
+    ),
+    ne(
+        TE,
+        "spec.tracing[].customTags.**.formatter",
+        "the tag is not added",
+    ),
+    ne(
+        TE,
+        "spec.accessLogging[].providers",
+        "the access log goes where the proxy's settings say (standard output when they name none)",
+    ),
+    ne(
+        TE,
+        "spec.metrics[].providers",
+        "metrics are served on /metrics in the Prometheus format",
+    ),
+    ne(
+        TE,
+        "spec.metrics[].reportingInterval",
+        "TCP metrics are recorded as they happen",
+    ),
+    ne(
+        TE,
+        "spec.metrics[].overrides[].match.customMetric",
+        "the override applies to no metric",
     ),
 ];
 

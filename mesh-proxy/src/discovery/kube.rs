@@ -3,7 +3,7 @@
 //! Watches every namespace for Istio's resources (`networking.istio.io/v1`:
 //! VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, Sidecar;
 //! `security.istio.io/v1`: PeerAuthentication, AuthorizationPolicy,
-//! RequestAuthentication), and for Services, EndpointSlices, Pods and Namespaces, and publishes a [`ClusterState`] after every settled change: the valid
+//! RequestAuthentication; `telemetry.istio.io/v1`: Telemetry), and for Services, EndpointSlices, Pods and Namespaces, and publishes a [`ClusterState`] after every settled change: the valid
 //! Istio objects plus one ServiceEntry per Service made by the [`registry`] module.
 //!
 //! # Behaviour
@@ -256,6 +256,16 @@ pub fn validate_object(
     if !errors.is_empty() {
         return Err(errors);
     }
+    // Telemetry's CEL expressions are checked where they are compiled.
+    if let Some(AnyResource::Telemetry(t)) = report.resources.first() {
+        let errors: Vec<Diagnostic> = mesh_telemetry::policy::check(t)
+            .into_iter()
+            .filter_map(|e| report.error_at(0, &e.path, e.message))
+            .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+    }
     match report.resources.into_iter().next() {
         Some(r) => Ok((r, warnings)),
         None => Err(vec![Diagnostic {
@@ -276,7 +286,7 @@ pub fn validate_object(
 }
 
 /// The watched Istio kinds: (kind, group, plural).
-const ISTIO_KINDS: [(Kind, &str, &str); 9] = [
+const ISTIO_KINDS: [(Kind, &str, &str); 10] = [
     (
         Kind::VirtualService,
         "networking.istio.io",
@@ -310,6 +320,7 @@ const ISTIO_KINDS: [(Kind, &str, &str); 9] = [
         "security.istio.io",
         "requestauthentications",
     ),
+    (Kind::Telemetry, "telemetry.istio.io", "telemetries"),
 ];
 
 /// The watched Kubernetes Gateway API kinds (`gateway.networking.k8s.io`): (kind,

@@ -310,6 +310,7 @@ pub fn visible(resource: &AnyResource, namespace: &str, root_namespace: &str) ->
         | AnyResource::HttpRoute(_)
         | AnyResource::GrpcRoute(_)
         | AnyResource::ReferenceGrant(_) => true,
+        AnyResource::Telemetry(r) => r.namespace() == namespace || r.namespace() == root_namespace,
     }
 }
 

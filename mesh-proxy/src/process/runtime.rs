@@ -407,6 +407,12 @@ async fn telemetry(
         };
         builder = builder.access_log(log.clone());
         flush.push(Box::pin(async move { log.flush().await }));
+    } else {
+        // A Telemetry resource that turns access logging on writes here (Istio's `envoy`
+        // provider: standard output, Envoy's text format).
+        let log = AccessLog::stdout(Format::Text, dropped);
+        builder = builder.standby_access_log(log.clone());
+        flush.push(Box::pin(async move { log.flush().await }));
     }
     Ok((builder.build(), flush))
 }

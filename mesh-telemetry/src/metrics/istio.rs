@@ -31,6 +31,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use crate::policy::{Metric, MetricsPolicy, TagAction};
+
 /// Envoy's default histogram boundaries, used by every Istio histogram (TM-07).
 pub const DEFAULT_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -203,7 +205,7 @@ impl DestinationService {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct HttpLabels {
     reporter: Value,
     source_workload: Value,
@@ -230,6 +232,101 @@ struct HttpLabels {
     grpc_response_status: Value,
     response_flags: Value,
     connection_security_policy: Value,
+    /// Telemetry API tag overrides (`None` on the default path).
+    overrides: Option<Arc<LabelOverrides>>,
+}
+
+/// Label changes of a Telemetry metrics override: labels removed (bits in the order of
+/// [`HTTP_LABEL_NAMES`]) and labels set, replacing a standard one or added after them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct LabelOverrides {
+    removed: u32,
+    upserts: Vec<(Arc<str>, Arc<str>)>,
+}
+
+const HTTP_LABEL_NAMES: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+impl HttpLabels {
+    fn values(&self) -> [&Value; 25] {
+        [
+            &self.reporter,
+            &self.source_workload,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            &self.source_app,
+            &self.source_version,
+            &self.source_canonical_service,
+            &self.source_canonical_revision,
+            &self.source_cluster,
+            &self.destination_workload,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            &self.destination_app,
+            &self.destination_version,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+            &self.destination_canonical_service,
+            &self.destination_canonical_revision,
+            &self.destination_cluster,
+            &self.request_protocol,
+            &self.response_code,
+            &self.grpc_response_status,
+            &self.response_flags,
+            &self.connection_security_policy,
+        ]
+    }
+}
+
+impl EncodeLabelSet for HttpLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        let o = self.overrides.as_deref();
+        for (i, (name, value)) in HTTP_LABEL_NAMES.iter().zip(self.values()).enumerate() {
+            if o.is_some_and(|o| o.removed & (1 << i) != 0) {
+                continue;
+            }
+            let value = o
+                .and_then(|o| o.upserts.iter().find(|(n, _)| &**n == *name))
+                .map_or(&*value.0, |(_, v)| &**v);
+            (*name, value).encode(encoder.encode_label())?;
+        }
+        for (name, value) in o.map_or(&[][..], |o| &o.upserts[..]) {
+            if !HTTP_LABEL_NAMES.contains(&&**name) {
+                (&**name, &**value).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -526,6 +623,7 @@ impl IstioMetrics {
             grpc_response_status: Value::new(""),
             response_flags: Value::new("-"),
             connection_security_policy: Value::new(UNKNOWN),
+            overrides: None,
         };
         MetricsHandle {
             inner: Arc::new(HandleInner {
@@ -538,6 +636,7 @@ impl IstioMetrics {
                 peer_count: AtomicU64::new(0),
                 hot_peer: OnceLock::new(),
                 overflow: OnceLock::new(),
+                overridden: RwLock::default(),
             }),
         }
     }
@@ -772,6 +871,23 @@ struct HandleInner {
     /// The first peer interned, found without the peers' lock.
     hot_peer: OnceLock<(Identity, Option<Arc<Workload>>, u32)>,
     overflow: OnceLock<Series>,
+    /// Series under a Telemetry policy: its generation and, per key and evaluated tag
+    /// values, the series of each metric.
+    overridden: RwLock<(u64, OverriddenCache)>,
+}
+
+/// Overridden series by key and evaluated tag values.
+type OverriddenCache = HashMap<(Key, Vec<Arc<str>>), Arc<OverriddenSeries>>;
+
+/// The series of one request under metric overrides; a disabled metric has none.
+#[derive(Debug)]
+struct OverriddenSeries {
+    requests: Option<Counter>,
+    duration: Option<EnvoyHistogram>,
+    request_bytes: Option<EnvoyHistogram>,
+    response_bytes: Option<EnvoyHistogram>,
+    request_messages: Option<Counter>,
+    response_messages: Option<Counter>,
 }
 
 /// The pre-resolved metrics of one route or endpoint; cheap to clone.
@@ -915,6 +1031,15 @@ impl MetricsHandle {
                 .get_or_init(|| self.resolve(&self.overflow_labels(), false))
                 .clone();
         }
+        let labels = self.labels_for(key, facts);
+        let series = self.resolve(&labels, key.grpc);
+        cache.insert(key, series.clone());
+        let _ = self.inner.hot.set((key, series.clone()));
+        series
+    }
+
+    /// The labels of the series `key` selects.
+    fn labels_for(&self, key: Key, facts: &RequestFacts<'_>) -> HttpLabels {
         let mut labels = self.inner.base.clone();
         let mut code = String::with_capacity(3);
         let _ = write!(code, "{}", key.code);
@@ -964,9 +1089,156 @@ impl MetricsHandle {
                 }
             }
         }
-        let series = self.resolve(&labels, key.grpc);
-        cache.insert(key, series.clone());
-        let _ = self.inner.hot.set((key, series.clone()));
+        labels
+    }
+
+    /// Records one finished request under the Telemetry metric overrides `policy` of
+    /// generation `generation`, with `values` the evaluated UPSERT expressions
+    /// (`policy.exprs` order). `messages` for gRPC requests.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_overridden(
+        &self,
+        facts: &RequestFacts<'_>,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+        messages: Option<(u64, u64)>,
+        policy: &MetricsPolicy,
+        generation: u64,
+        values: Vec<Arc<str>>,
+    ) {
+        let key = self.key(facts);
+        let series = self.overridden(key, facts, policy, generation, values);
+        if let Some(c) = &series.requests {
+            c.inc();
+        }
+        if let Some(h) = &series.duration {
+            h.observe(duration_ms);
+        }
+        if let Some(h) = &series.request_bytes {
+            h.observe(request_bytes as f64);
+        }
+        if let Some(h) = &series.response_bytes {
+            h.observe(response_bytes as f64);
+        }
+        if let Some((req, res)) = messages.filter(|_| facts.grpc) {
+            if let Some(c) = &series.request_messages {
+                c.inc_by(req);
+            }
+            if let Some(c) = &series.response_messages {
+                c.inc_by(res);
+            }
+        }
+    }
+
+    fn overridden(
+        &self,
+        key: Key,
+        facts: &RequestFacts<'_>,
+        policy: &MetricsPolicy,
+        generation: u64,
+        mut values: Vec<Arc<str>>,
+    ) -> Arc<OverriddenSeries> {
+        {
+            let cache = self
+                .inner
+                .overridden
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            if cache.0 == generation
+                && let Some(s) = cache.1.get(&(key, values.clone()))
+            {
+                return s.clone();
+            }
+        }
+        let mut cache = self
+            .inner
+            .overridden
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.0 != generation {
+            // A new policy: series of the old one are not looked up again.
+            *cache = (generation, HashMap::new());
+        }
+        let mut key = key;
+        let mut base = if cache.1.len() >= self.inner.metrics.series_limit {
+            // Past the bound, request-derived values collapse into one overflow series.
+            for v in &mut values {
+                *v = Arc::from(UNKNOWN);
+            }
+            key = Key {
+                code: 0,
+                grpc_status: None,
+                flags: ResponseFlags::NONE,
+                security: ConnectionSecurity::Unknown,
+                grpc: key.grpc,
+                peer: u32::MAX,
+            };
+            self.overflow_labels()
+        } else {
+            self.labels_for(key, facts)
+        };
+        if let Some(s) = cache.1.get(&(key, values.clone())) {
+            return s.clone();
+        }
+        base.overrides = None;
+        let m = &self.inner.metrics;
+        let labels = |metric: Metric| {
+            let tags = &policy.tags[metric as usize];
+            let mut l = base.clone();
+            if !tags.is_empty() {
+                let mut o = LabelOverrides {
+                    removed: 0,
+                    upserts: Vec::new(),
+                };
+                for (name, action) in tags {
+                    match action {
+                        TagAction::Remove => {
+                            if let Some(i) = HTTP_LABEL_NAMES.iter().position(|n| **n == **name) {
+                                o.removed |= 1 << i;
+                            }
+                            o.upserts.retain(|(n, _)| n != name);
+                        }
+                        TagAction::Upsert(i) => {
+                            if let Some(j) = HTTP_LABEL_NAMES.iter().position(|n| **n == **name) {
+                                o.removed &= !(1 << j);
+                            }
+                            let v = values
+                                .get(*i)
+                                .cloned()
+                                .unwrap_or_else(|| Arc::from(UNKNOWN));
+                            o.upserts.push((name.clone(), v));
+                        }
+                    }
+                }
+                l.overrides = Some(Arc::new(o));
+            }
+            l
+        };
+        let on = |metric: Metric| policy.enabled(metric);
+        let series = Arc::new(OverriddenSeries {
+            requests: on(Metric::Requests)
+                .then(|| m.requests.get_or_create_owned(&labels(Metric::Requests))),
+            duration: on(Metric::Duration)
+                .then(|| m.duration.get_or_create_owned(&labels(Metric::Duration))),
+            request_bytes: on(Metric::RequestBytes).then(|| {
+                m.request_bytes
+                    .get_or_create_owned(&labels(Metric::RequestBytes))
+            }),
+            response_bytes: on(Metric::ResponseBytes).then(|| {
+                m.response_bytes
+                    .get_or_create_owned(&labels(Metric::ResponseBytes))
+            }),
+            request_messages: (key.grpc && on(Metric::RequestMessages)).then(|| {
+                m.request_messages
+                    .get_or_create_owned(&labels(Metric::RequestMessages))
+            }),
+            response_messages: (key.grpc && on(Metric::ResponseMessages)).then(|| {
+                m.response_messages
+                    .get_or_create_owned(&labels(Metric::ResponseMessages))
+            }),
+        });
+        cache.1.insert((key, values), series.clone());
         series
     }
 

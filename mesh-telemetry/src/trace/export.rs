@@ -81,6 +81,8 @@ pub struct SpanRecord {
     pub duration: Duration,
     /// Tags (`http.method`, `http.status_code`, `response_flags`, …).
     pub attributes: Vec<(&'static str, String)>,
+    /// Telemetry API custom tags, after the attributes.
+    pub custom_tags: Vec<(String, String)>,
     /// Whether the request failed (5xx or a local error).
     pub error: bool,
     /// Debug-sampled.
@@ -335,6 +337,11 @@ pub fn to_span_data(span: SpanRecord) -> opentelemetry_sdk::trace::SpanData {
             .attributes
             .into_iter()
             .map(|(k, v)| opentelemetry::KeyValue::new(k, v))
+            .chain(
+                span.custom_tags
+                    .into_iter()
+                    .map(|(k, v)| opentelemetry::KeyValue::new(k, v)),
+            )
             .collect(),
         dropped_attributes_count: 0,
         events: Default::default(),
@@ -408,6 +415,9 @@ impl ZipkinExporter {
                 let mut tags = serde_json::Map::new();
                 for (k, v) in &s.attributes {
                     tags.insert((*k).to_owned(), serde_json::Value::String(v.clone()));
+                }
+                for (k, v) in &s.custom_tags {
+                    tags.insert(k.clone(), serde_json::Value::String(v.clone()));
                 }
                 if s.error {
                     tags.insert("error".into(), serde_json::Value::String("true".into()));
