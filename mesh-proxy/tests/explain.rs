@@ -370,14 +370,14 @@ fn text_output_names_route_policies_and_decision_with_positions() {
             "no line with {needle:?} in\n{text}"
         )
     };
-    has(&format!("VirtualService production/payment-service ("));
-    has(&format!("http[0] ("));
+    has("VirtualService production/payment-service (");
+    has("http[0] (");
     has(&format!("{RESILIENCE}:10)"));
     has(
         "retries      3 on gateway-error,connect-failure,retriable-4xx; each try at most 2s, all within 5s",
     );
     has(&format!("{RESILIENCE}:31)"));
-    has(&format!("tls server   STRICT ("));
+    has("tls server   STRICT (");
     has(&format!("{STRICT}:10)"));
     has("ALLOWED (200): allowed by rules[0] of ALLOW policy production/payment-service-authz");
     has(&format!("{AUTHZ}:12)"));
@@ -385,13 +385,14 @@ fn text_output_names_route_policies_and_decision_with_positions() {
 
 /// A copy of the article's directory with `extra` files added.
 fn article_with(extra: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(article()).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for entry in std::fs::read_dir(article()).expect("the article's directory") {
+        let path = entry.expect("a directory entry").path();
+        let name = path.file_name().expect("a file name");
+        std::fs::copy(&path, dir.path().join(name)).expect("copied");
     }
     for (name, text) in extra {
-        std::fs::write(dir.path().join(name), text).unwrap();
+        std::fs::write(dir.path().join(name), text).expect("written");
     }
     dir
 }

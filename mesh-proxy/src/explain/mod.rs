@@ -838,7 +838,8 @@ pub fn explain(
             ..d
         });
     }
-    notes.dedup();
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
     answer.notes = notes;
     Ok(answer)
 }
@@ -992,7 +993,7 @@ fn destination(
             ("AUTO".to_owned(), transport)
         }
         Some(tls) => {
-            let mode = tls.mode.clone().unwrap_or(config::ClientTlsMode::Disable);
+            let mode = tls.mode.unwrap_or(config::ClientTlsMode::Disable);
             let transport = match mode {
                 config::ClientTlsMode::Disable => "plaintext",
                 config::ClientTlsMode::Simple | config::ClientTlsMode::Mutual => "TLS origination",
@@ -1206,7 +1207,7 @@ fn authorize(
         .into_iter()
         .map(|p| AppliedPolicy {
             name: format!("{}/{}", p.metadata.namespace, p.metadata.name),
-            action: istio_name(&p.spec.action.clone().unwrap_or_default()),
+            action: istio_name(&p.spec.action.unwrap_or_default()),
             dry_run: p
                 .metadata
                 .annotations
