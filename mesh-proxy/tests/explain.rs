@@ -602,3 +602,36 @@ fn a_request_without_a_sender_is_refused() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("--from"), "{stderr}");
 }
+
+#[test]
+fn the_readme_example_is_the_real_output() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    let start = "$ mesh-proxy explain . --namespace production --from order-service \\\n    \
+                 --to payment-service:8080 -X POST --path /api/v1/payments\n";
+    let at = readme.find(start).expect("the README's explain example") + start.len();
+    let shown = &readme[at..at + readme[at..].find("```").expect("end of the example")];
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .current_dir(article())
+        .args([
+            "explain",
+            ".",
+            "--namespace",
+            "production",
+            "--from",
+            "order-service",
+        ])
+        .args([
+            "--to",
+            "payment-service:8080",
+            "-X",
+            "POST",
+            "--path",
+            "/api/v1/payments",
+        ])
+        .output()
+        .expect("mesh-proxy runs");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), shown);
+}

@@ -101,7 +101,7 @@ pub fn text(e: &Explanation) -> String {
         let deadline = route.timeout.as_deref().unwrap_or("none");
         let _ = writeln!(
             out,
-            "timeout      {deadline} (outer deadline){}",
+            "timeout      {deadline}, the outer deadline{}",
             at(route.timeout_at.as_ref())
         );
         let rt = &route.retries;
@@ -233,7 +233,11 @@ fn destination(out: &mut String, d: &DestinationSummary) {
     let _ = writeln!(
         out,
         "  tls client   {} → {}{}",
-        t.client,
+        if t.client == "AUTO" {
+            "auto-mTLS (no DestinationRule tls)"
+        } else {
+            t.client.as_str()
+        },
         t.client_transport,
         at(t.client_at.as_ref())
     );
