@@ -560,18 +560,42 @@ spec:
 }
 
 #[test]
-fn an_unknown_host_is_no_route() {
+fn an_unknown_host_passes_through_the_sidecar_and_is_no_route_at_the_gateway() {
     let e = explain(
         &article(),
         &["--from", "order-service", "--to", "inventory"],
     );
     assert_eq!(e["route"], Value::Null);
-    assert!(
-        e["outcome"].as_str().unwrap().starts_with("404 NR"),
-        "{}",
-        e["outcome"]
-    );
+    let outcome = e["outcome"].as_str().unwrap();
+    assert!(outcome.starts_with("passthrough"), "{outcome}");
     assert_eq!(e["destinations"].as_array().unwrap().len(), 0);
+
+    // At the gateway, a host no server owns, and a path no rule of the bound
+    // VirtualService matches.
+    let gateway = ["--gateway", "production/api-gateway"];
+    let e = explain(
+        &article(),
+        &[&gateway[..], &["--to", "www.example.com"]].concat(),
+    );
+    let outcome = e["outcome"].as_str().unwrap();
+    assert!(
+        outcome.starts_with("404 NR: no server of Gateway"),
+        "{outcome}"
+    );
+    assert_eq!(e["listener"]["server"], Value::Null);
+    let e = explain(
+        &article(),
+        &[
+            &gateway[..],
+            &["--to", "api.example.com", "--path", "/admin"],
+        ]
+        .concat(),
+    );
+    let outcome = e["outcome"].as_str().unwrap();
+    assert_eq!(
+        outcome,
+        "404 NR: no route of production/api-routing matches the request"
+    );
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! [`explain`](super::explain).
 //!
 //! The files are loaded as `mesh-proxy validate` loads them; a configuration with errors
-//! is not explained: its diagnostics go to standard error and the exit code is 1.
+//! is not explained: its diagnostics go to standard error and the exit code is 1. A
+//! request that is explained exits 0, whether it is allowed, denied or not routed; a
+//! command line that does not describe a request (no sender, a malformed header, a
+//! Gateway the files do not hold) exits 2.
 //! Warnings of the load go to standard error too, so that `--output json` writes nothing
 //! but the JSON document to standard output.
 

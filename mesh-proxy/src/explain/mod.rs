@@ -384,8 +384,15 @@ pub fn explain(
         Err(_) => {
             answer.outcome = match routing.table.virtual_host(&host) {
                 Some(vh) => format!("404 NR: no route of {} matches the request", vh.name),
+                None if query.gateway.is_some() => {
+                    format!("404 NR: no VirtualService bound to the Gateway answers {host}")
+                }
+                // The sidecar's outbound stack, for a host outside its route table.
                 None => format!(
-                    "404 NR: no VirtualService on this listener and no service of the files answers {host}"
+                    "passthrough: no VirtualService and no service of the files answers {host}; \
+                     with outboundTrafficPolicy ALLOW_ANY (the default) the request goes to \
+                     {host} itself in plaintext, without mesh policies; with REGISTRY_ONLY it \
+                     is answered 502"
                 ),
             };
             answer.notes = notes;
