@@ -487,8 +487,9 @@ spec:
 
 #[test]
 fn auto_mtls_follows_the_endpoints_and_strict_refuses_plaintext() {
-    // An endpoint without a serviceAccount has no sidecar: auto-mTLS sends plaintext,
-    // which the destination's STRICT PeerAuthentication refuses.
+    // An endpoint without a serviceAccount has no sidecar (the article's plain replica):
+    // auto-mTLS sends it plaintext and the application answers, with neither
+    // PeerAuthentication nor AuthorizationPolicy in the way.
     let dir = article_with(&[("zz-entry.yaml", PAYMENT_ENTRY)]);
     let args = [
         "--from",
@@ -507,10 +508,12 @@ fn auto_mtls_follows_the_endpoints_and_strict_refuses_plaintext() {
     assert_eq!(d["port"], 8080);
     assert_eq!(d["tls"]["client"], "AUTO");
     assert_eq!(d["tls"]["clientTransport"], "plaintext");
-    let connection = d["tls"]["connection"].as_str().unwrap();
-    assert!(connection.starts_with("refused"), "{connection}");
+    assert_eq!(d["tls"]["server"], "NONE");
+    assert_eq!(d["tls"]["connection"], "plaintext");
     assert_eq!(d["authorization"]["principal"], Value::Null);
-    assert_eq!(d["authorization"]["allowed"], false);
+    assert_eq!(d["authorization"]["allowed"], true);
+    let reason = d["authorization"]["reason"].as_str().unwrap();
+    assert!(reason.contains("no sidecar"), "{reason}");
     // The workload's labels are the endpoint's.
     assert_eq!(d["authorization"]["labels"]["version"], "v1");
     assert!(
@@ -529,8 +532,40 @@ fn auto_mtls_follows_the_endpoints_and_strict_refuses_plaintext() {
     let e = explain(dir.path(), &args);
     let d = &e["destinations"][0];
     assert_eq!(d["tls"]["clientTransport"], "Istio mTLS");
+    assert_eq!(d["tls"]["server"], "STRICT");
     assert_eq!(d["tls"]["connection"], "mTLS");
     assert_eq!(d["authorization"]["allowed"], true);
+    assert_eq!(d["authorization"]["rule"], 0);
+    // A GET to it is denied by the policy, as on any sidecar of the workload.
+    let get: Vec<&str> = args
+        .iter()
+        .map(|a| if *a == "POST" { "GET" } else { a })
+        .collect();
+    let e = explain(dir.path(), &get);
+    assert_eq!(e["destinations"][0]["authorization"]["allowed"], false);
+    // Both replicas: a note for the one without a sidecar, the decision for the other.
+    let two = with_sa.replace(
+        "  - address: 127.0.0.1\n",
+        "  - address: 127.0.0.2\n    labels: {app: payment-service, version: v1}\n  - address: 127.0.0.1\n",
+    );
+    let dir2 = article_with(&[("zz-entry.yaml", &two)]);
+    let e = explain(dir2.path(), &args);
+    let d = &e["destinations"][0];
+    assert_eq!(d["endpoints"], 2);
+    assert_eq!(
+        d["tls"]["clientTransport"],
+        "Istio mTLS to 1 of 2 endpoints (those with a sidecar), plaintext to the others"
+    );
+    assert_eq!(d["tls"]["connection"], "mTLS");
+    assert!(
+        e["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with("1 of 2 endpoints")),
+        "{:#}",
+        e["notes"]
+    );
     // A DestinationRule `tls` replaces auto-mTLS, and is located.
     let disable = "\
 apiVersion: networking.istio.io/v1
@@ -557,6 +592,37 @@ spec:
             .unwrap()
             .starts_with("refused")
     );
+}
+
+#[test]
+fn an_external_dns_service_gets_plaintext_and_no_mesh_policy() {
+    let entry = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: httpbin
+spec:
+  hosts: [httpbin.org]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+";
+    let dir = article_with(&[("zz-external.yaml", entry)]);
+    let e = explain(
+        dir.path(),
+        &["--from", "order-service", "--to", "httpbin.org"],
+    );
+    // The service's default route (no VirtualService).
+    assert_eq!(e["route"]["virtualHost"], "httpbin.org");
+    assert_eq!(e["route"]["virtualService"], Value::Null);
+    let d = &e["destinations"][0];
+    assert_eq!(d["registered"], true);
+    assert_eq!(d["port"], 80);
+    assert_eq!(d["tls"]["clientTransport"], "plaintext");
+    assert_eq!(d["tls"]["server"], "NONE");
+    assert_eq!(d["tls"]["connection"], "plaintext");
+    assert_eq!(d["authorization"]["allowed"], true);
 }
 
 #[test]

@@ -190,16 +190,21 @@ impl WorkloadEntry {
         let mut ep = Endpoint::new(SocketAddr::new(ip, self.port_for(port)))
             .with_labels(self.labels.clone());
         ep.identities = Arc::from(self.identities.clone());
-        // Istio's rule for ServiceEntry and WorkloadEntry endpoints (SR-25): the
-        // `security.istio.io/tlsMode` label when written, else Istio mTLS exactly when
-        // the entry names a `serviceAccount`.
+        ep.tls_mode = self.tls_mode();
+        ep
+    }
+
+    /// Whether the instance takes Istio mTLS under auto-mTLS, by Istio's rule for
+    /// ServiceEntry and WorkloadEntry endpoints (SR-25): the `security.istio.io/tlsMode`
+    /// label when written, else Istio mTLS exactly when the entry names a
+    /// `serviceAccount`.
+    pub fn tls_mode(&self) -> TlsMode {
         let fallback = if self.identities.is_empty() {
             TlsMode::Disabled
         } else {
             TlsMode::Istio
         };
-        ep.tls_mode = TlsMode::from_labels(&self.labels, fallback);
-        ep
+        TlsMode::from_labels(&self.labels, fallback)
     }
 }
 

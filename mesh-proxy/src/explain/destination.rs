@@ -8,7 +8,9 @@ use mesh_core::{Identity, Labels, TlsMode};
 use mesh_resilience::balance::{LbConfig, LbPolicy};
 use mesh_resilience::limit::PoolLimits;
 use mesh_resilience::outlier::OutlierConfig;
-use mesh_routing::{DestinationKey, Naming, RequestView, ResolvedPolicy, Routing};
+use mesh_routing::{
+    DestinationKey, Naming, RequestView, ResolvedDestination, ResolvedPolicy, Routing,
+};
 use mesh_tls::PeerAuthentication;
 use mesh_tls::authz::{NormalizeOptions, PolicySet, RequestAttributes, ServerName, canonicalize};
 use mesh_tls::peer_auth::PeerAuthMode;
@@ -42,8 +44,7 @@ pub(super) fn destination(
     let resolved = routing.resolve(key);
     let (port, target_port, policy, selector, endpoints) = match &resolved {
         Ok(r) => {
-            let endpoints = matches!(r.service.resolution, mesh_routing::Resolution::Static)
-                .then(|| r.service.static_endpoints(&r.port, &r.selector));
+            let endpoints = Some(instances(r));
             (
                 Some(r.port.number),
                 r.port.target_port.unwrap_or(r.port.number),
@@ -142,7 +143,8 @@ pub(super) fn destination(
     let workload_port = endpoints
         .as_ref()
         .and_then(|e| e.first())
-        .map_or(target_port, |e| e.address.port());
+        .and_then(|e| e.port)
+        .unwrap_or(target_port);
 
     // TLS: the client's choice, the server's mode, and what the connection becomes.
     let (client, client_transport) = match policy.tls.as_ref() {
@@ -175,46 +177,72 @@ pub(super) fn destination(
             (istio_name(&mode), transport.to_owned())
         }
     };
-    let server_mode = peer_auth
-        .for_workload(&dest_ns, &labels)
-        .mode(workload_port);
-    let server_at = peer_auth
-        .deciding_policy(&dest_ns, &labels, workload_port)
-        .and_then(|p| {
-            let r = config
-                .peer_authentications()
-                .iter()
-                .find(|r| r.metadata.namespace == p.namespace && r.metadata.name == p.name)?;
-            let port_key = u32::from(workload_port);
-            let field = if r.spec.port_level_mtls.contains_key(&port_key) {
-                format!("spec.portLevelMtls[\"{workload_port}\"].mode")
-            } else {
-                "spec.mtls.mode".to_owned()
-            };
-            Some(locate(report, "PeerAuthentication", r, &field))
-        });
-    let mtls = client_transport.starts_with("Istio mTLS");
-    let connection = match (mtls, client_transport.as_str(), server_mode) {
-        (true, _, PeerAuthMode::Strict | PeerAuthMode::Permissive) => "mTLS".to_owned(),
-        (true, _, PeerAuthMode::Disable) => "refused: the client sends Istio mTLS and the \
-             destination's PeerAuthentication DISABLE accepts plaintext only"
-            .to_owned(),
-        (false, "plaintext", PeerAuthMode::Strict) => {
-            "refused: the destination's PeerAuthentication STRICT accepts mTLS only and the \
-             client sends plaintext"
-                .to_owned()
-        }
-        (false, "plaintext", _) => "plaintext".to_owned(),
-        (false, _, PeerAuthMode::Strict) => "refused: the destination's PeerAuthentication \
-             STRICT accepts Istio mTLS only and the client originates TLS of its own"
-            .to_owned(),
-        (false, other, _) => other.to_owned(),
+    // The server side is the destination's sidecar, when its endpoints have one (assumed
+    // when the files do not list them); without one, the application itself answers and
+    // neither PeerAuthentication nor AuthorizationPolicy applies.
+    let (known, with_sidecar) = endpoints.as_ref().map_or((0, 0), |e| {
+        let n = e.iter().filter(|i| i.tls_mode == TlsMode::Istio).count();
+        (e.len(), n)
+    });
+    let sidecar = known == 0 || with_sidecar > 0;
+    if with_sidecar > 0 && with_sidecar < known {
+        notes.push(format!(
+            "{} of {known} endpoints of {key} have no sidecar: they get what the client sends \
+             (plaintext under auto-mTLS), and no PeerAuthentication or AuthorizationPolicy \
+             applies to them; what follows is for the endpoints with a sidecar",
+            known - with_sidecar
+        ));
+    }
+    let (server, server_at, connection) = if sidecar {
+        let server_mode = peer_auth
+            .for_workload(&dest_ns, &labels)
+            .mode(workload_port);
+        let server_at = peer_auth
+            .deciding_policy(&dest_ns, &labels, workload_port)
+            .and_then(|p| {
+                let r = config
+                    .peer_authentications()
+                    .iter()
+                    .find(|r| r.metadata.namespace == p.namespace && r.metadata.name == p.name)?;
+                let port_key = u32::from(workload_port);
+                let field = if r.spec.port_level_mtls.contains_key(&port_key) {
+                    format!("spec.portLevelMtls[\"{workload_port}\"].mode")
+                } else {
+                    "spec.mtls.mode".to_owned()
+                };
+                Some(locate(report, "PeerAuthentication", r, &field))
+            });
+        let mtls = client_transport.starts_with("Istio mTLS");
+        let connection = match (mtls, client_transport.as_str(), server_mode) {
+            (true, _, PeerAuthMode::Strict | PeerAuthMode::Permissive) => "mTLS".to_owned(),
+            (true, _, PeerAuthMode::Disable) => "refused: the client sends Istio mTLS and the \
+                 destination's PeerAuthentication DISABLE accepts plaintext only"
+                .to_owned(),
+            (false, "plaintext", PeerAuthMode::Strict) => {
+                "refused: the destination's PeerAuthentication STRICT accepts mTLS only and the \
+                 client sends plaintext"
+                    .to_owned()
+            }
+            (false, "plaintext", _) => "plaintext".to_owned(),
+            (false, _, PeerAuthMode::Strict) => "refused: the destination's PeerAuthentication \
+                 STRICT accepts Istio mTLS only and the client originates TLS of its own"
+                .to_owned(),
+            (false, other, _) => other.to_owned(),
+        };
+        (server_mode.to_string(), server_at, connection)
+    } else {
+        let connection = if client_transport == "Istio mTLS" {
+            "refused: the endpoints have no sidecar to accept Istio mTLS".to_owned()
+        } else {
+            client_transport.clone()
+        };
+        ("NONE".to_owned(), None, connection)
     };
     let tls = TlsSummary {
         client,
         client_transport,
         client_at: tls_at,
-        server: server_mode.to_string(),
+        server,
         server_at,
         connection: connection.clone(),
     };
@@ -229,6 +257,7 @@ pub(super) fn destination(
         labels,
         labels_from,
         &connection,
+        sidecar,
         notes,
     );
     DestinationSummary {
@@ -321,13 +350,69 @@ fn policy_summary(
     }
 }
 
+/// An instance of the destination known from the files (a ServiceEntry endpoint or a
+/// selected WorkloadEntry).
+struct Instance {
+    /// Its address (an IP, or a DNS name).
+    address: String,
+    /// The port it serves the destination's port on; `None` until resolved by DNS.
+    port: Option<u16>,
+    labels: Labels,
+    /// Whether auto-mTLS sends it Istio mTLS.
+    tls_mode: TlsMode,
+}
+
+/// The instances of a resolved destination, as the router finds them: static endpoints
+/// with their addresses, or for DNS services the entries (the service's own hosts when it
+/// has none), which get addresses only at run time.
+fn instances(r: &ResolvedDestination) -> Vec<Instance> {
+    if matches!(r.service.resolution, mesh_routing::Resolution::Static) {
+        return r
+            .service
+            .static_endpoints(&r.port, &r.selector)
+            .into_iter()
+            .map(|e| Instance {
+                address: e.address.ip().to_string(),
+                port: Some(e.address.port()),
+                labels: (*e.labels).clone(),
+                tls_mode: e.tls_mode,
+            })
+            .collect();
+    }
+    let selected: Vec<Instance> = r
+        .service
+        .endpoints
+        .iter()
+        .filter(|w| r.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .map(|w| Instance {
+            address: w.address.clone(),
+            port: None,
+            labels: w.labels.clone(),
+            tls_mode: w.tls_mode(),
+        })
+        .collect();
+    if !selected.is_empty() || !r.service.endpoints.is_empty() || !r.selector.is_empty() {
+        return selected;
+    }
+    r.service
+        .hosts
+        .iter()
+        .map(|h| Instance {
+            address: h.clone(),
+            port: None,
+            labels: Labels::new(),
+            tls_mode: mesh_routing::WorkloadEntry::new(h.clone()).tls_mode(),
+        })
+        .collect()
+}
+
 /// The destination workload's namespace and labels, and where the labels come from.
 fn destination_workload(
     query: &Query,
     host: &str,
     domain: &str,
     selector: Option<&Labels>,
-    endpoints: Option<&[mesh_core::Endpoint]>,
+    endpoints: Option<&[Instance]>,
 ) -> (String, Labels, String) {
     let (name, namespace) = match host_namespace(host, domain) {
         Some((name, ns)) => (name.to_owned(), ns.to_owned()),
@@ -339,8 +424,15 @@ fn destination_workload(
     if let Some(labels) = &query.destination_labels {
         return (namespace, labels.clone(), "given".into());
     }
-    if let Some(ep) = endpoints.and_then(|e| e.iter().find(|e| !e.labels.is_empty())) {
-        let labels: Labels = (*ep.labels).clone();
+    let labelled = |e: &&Instance| !e.labels.is_empty();
+    let chosen = endpoints.and_then(|e| {
+        e.iter()
+            .filter(|i| i.tls_mode == TlsMode::Istio)
+            .find(labelled)
+            .or_else(|| e.iter().find(labelled))
+    });
+    if let Some(ep) = chosen {
+        let labels: Labels = ep.labels.clone();
         return (
             namespace,
             labels,
@@ -373,6 +465,7 @@ fn authorize(
     labels: Labels,
     labels_from: String,
     connection: &str,
+    sidecar: bool,
     notes: &mut Vec<String>,
 ) -> AuthzSummary {
     let applied: Vec<AppliedPolicy> = config
@@ -414,6 +507,15 @@ fn authorize(
         reason: String::new(),
         policies: applied,
     };
+    if !sidecar {
+        out.allowed = true;
+        out.status = 200;
+        out.principal = None;
+        out.reason = "the endpoints have no sidecar: no AuthorizationPolicy is enforced and \
+                      the application itself answers"
+            .into();
+        return out;
+    }
     if connection.starts_with("refused") {
         out.status = 503;
         out.reason = "the connection is refused before any request is read".into();

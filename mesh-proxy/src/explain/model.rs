@@ -190,7 +190,8 @@ pub struct DestinationSummary {
     pub destination_rule: Option<Located>,
     /// Whether a service of these files declares the host.
     pub registered: bool,
-    /// Endpoints known from the files (`None`: unknown).
+    /// Instances known from the files: endpoints, or for a DNS service its entries'
+    /// names (`None`: unknown).
     pub endpoints: Option<usize>,
     /// The traffic policy after the merge.
     pub policy: PolicySummary,
@@ -269,7 +270,8 @@ pub struct TlsSummary {
     pub client_transport: String,
     /// Where `tls` comes from.
     pub client_at: Option<Located>,
-    /// The PeerAuthentication mode at the destination workload.
+    /// The PeerAuthentication mode at the destination workload (`STRICT`, `PERMISSIVE`,
+    /// `DISABLE`), or `NONE` when its endpoints have no sidecar.
     pub server: String,
     /// The PeerAuthentication that set it; `None`: the default (PERMISSIVE).
     pub server_at: Option<Located>,
