@@ -441,13 +441,11 @@ fn destination_workload(
     }
     let mut labels = Labels::from([("app".to_owned(), name.clone())]);
     let mut from = format!("assumed: app={name}");
-    if let Some(sel) = selector {
-        for (k, v) in sel {
+    if let Some(sel) = selector.filter(|s| !s.is_empty()) {
+        from.push_str(", plus the subset's");
+        for (i, (k, v)) in sel.iter().enumerate() {
             labels.insert(k.clone(), v.clone());
-            let _ = write!(from, ", {k}={v}");
-        }
-        if !sel.is_empty() {
-            from.push_str(" (the subset's labels)");
+            let _ = write!(from, "{} {k}={v}", if i == 0 { "" } else { "," });
         }
     }
     (namespace, labels, from)

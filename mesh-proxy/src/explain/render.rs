@@ -98,10 +98,13 @@ pub fn text(e: &Explanation) -> String {
                 );
             }
         }
-        let deadline = route.timeout.as_deref().unwrap_or("none");
+        let deadline = match route.timeout.as_deref() {
+            Some(t) => format!("{t}, the outer deadline"),
+            None => "none (no outer deadline)".into(),
+        };
         let _ = writeln!(
             out,
-            "timeout      {deadline}, the outer deadline{}",
+            "timeout      {deadline}{}",
             at(route.timeout_at.as_ref())
         );
         let rt = &route.retries;
