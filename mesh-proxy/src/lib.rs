@@ -88,6 +88,7 @@ pub mod control;
 pub mod credentials;
 #[cfg(feature = "discovery")]
 pub mod discovery;
+pub mod explain;
 #[cfg(feature = "discovery")]
 pub mod inject;
 pub mod mesh;

@@ -39,6 +39,8 @@ enum Command {
     },
     /// Load and validate Istio configuration files or directories.
     Validate(validate::Args),
+    /// Explain what the mesh does with one request: route, policies, TLS, authorization.
+    Explain(Box<mesh_proxy::explain::cli::Args>),
     /// Development certificate authority: create a root, issue and rotate workload SVIDs.
     Ca(ca::CaCommand),
     /// Run the control plane: configuration to sidecars over xDS, workload certificates.
@@ -129,6 +131,15 @@ fn main() -> ExitCode {
                 eprintln!("mesh-proxy: {e}");
                 ExitCode::FAILURE
             }),
+        Command::Explain(args) => mesh_proxy::explain::cli::run(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+        .unwrap_or_else(|e| {
+            eprintln!("mesh-proxy: {e}");
+            ExitCode::FAILURE
+        }),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Discovery(args) => control_plane::run(*args),
         Command::Init(args) => init::run(&args),

@@ -560,6 +560,23 @@ fn load(
     Ok(config)
 }
 
+/// The routing of `config` for `options`, the endpoints of servers whose
+/// PeerAuthentication (in `peer_auths`) is `DISABLE` on their port marked for plaintext:
+/// auto-mTLS sends them none (SR-24).
+pub(crate) fn routing(
+    config: &MeshConfig,
+    options: &CompileOptions,
+    peer_auths: &PeerAuthentication,
+) -> Result<Routing, Vec<mesh_routing::CompileError>> {
+    let mut routing = Routing::compile(config, options)?;
+    routing
+        .registry
+        .mark_plaintext_servers(|namespace, labels, port| {
+            peer_auths.for_workload(namespace, labels).mode(port) == PeerAuthMode::Disable
+        });
+    Ok(routing)
+}
+
 /// Compiles `config` for `workload` on `listener`.
 fn compile(
     config: &MeshConfig,
@@ -580,15 +597,9 @@ fn compile(
         trust_domain: workload.trust_domain.clone(),
         workload_labels: workload.labels.clone(),
     };
-    let mut routing = Routing::compile(config, &options)
-        .map_err(|errs| diagnostics(errs.iter().map(ToString::to_string).collect()))?;
     let peer_auths = PeerAuthentication::from_config(config);
-    // Auto-mTLS sends plaintext to servers whose PeerAuthentication is DISABLE (SR-24).
-    routing
-        .registry
-        .mark_plaintext_servers(|namespace, labels, port| {
-            peer_auths.for_workload(namespace, labels).mode(port) == PeerAuthMode::Disable
-        });
+    let routing = routing(config, &options, &peer_auths)
+        .map_err(|errs| diagnostics(errs.iter().map(ToString::to_string).collect()))?;
     let policies = PolicySet::from_config(config, &workload.namespace, &workload.labels)
         .map_err(|e| diagnostics(vec![e.to_string()]))?;
     let authn = Authenticator::from_config(config, &workload.namespace, &workload.labels, jwks)

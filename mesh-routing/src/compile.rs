@@ -665,6 +665,53 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
     engine.decode(s.trim()).ok()
 }
 
+/// Whether the HTTP match block `m` of a VirtualService in `namespace` applies on
+/// `options.listener`: its own `gateways` name the listener (VS-06, overriding the
+/// top-level list), and on the mesh listener its `sourceLabels` and `sourceNamespace`
+/// describe this proxy's workload.
+fn block_applies(m: &HttpMatchRequest, namespace: &str, options: &CompileOptions) -> bool {
+    if !m.gateways.is_empty() && !binds(&m.gateways, namespace, &options.listener) {
+        return false;
+    }
+    // VS-06: source selectors choose proxies, and only on the mesh listener.
+    !(options.listener == Listener::Mesh
+        && (!m
+            .source_labels
+            .iter()
+            .all(|(k, v)| options.workload_labels.get(k) == Some(v))
+            || m.source_namespace
+                .as_ref()
+                .is_some_and(|ns| *ns != options.naming.namespace)))
+}
+
+/// Where the compiled HTTP routes of `vs` on `options.listener` come from: one entry per
+/// [`Route`] of its [`VirtualHost`], in order, holding the index of the `spec.http` entry
+/// it was compiled from and, for each of its match blocks, the index of the
+/// `spec.http[i].match` entry (blocks and routes that do not apply to the listener are
+/// left out of the table, so table positions and YAML positions differ). For tools that
+/// point a user at the YAML behind a routing decision.
+pub fn http_route_sources(
+    vs: &VirtualService,
+    options: &CompileOptions,
+) -> Vec<(usize, Vec<usize>)> {
+    let namespace = vs.metadata.namespace.as_str();
+    let mut out = Vec::with_capacity(vs.spec.http.len());
+    for (i, r) in vs.spec.http.iter().enumerate() {
+        let kept: Vec<usize> = r
+            .matches
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| block_applies(m, namespace, options))
+            .map(|(j, _)| j)
+            .collect();
+        if !r.matches.is_empty() && kept.is_empty() {
+            continue;
+        }
+        out.push((i, kept));
+    }
+    out
+}
+
 /// Compiles the VirtualService `vs` into `builder` for `options.listener`.
 fn compile_virtual_service(
     builder: &mut TableBuilder,
@@ -704,23 +751,9 @@ fn compile_virtual_service(
     for r in &vs.spec.http {
         let mut matches = Vec::with_capacity(r.matches.len());
         for m in &r.matches {
-            // VS-06: a block's own `gateways` overrides the top-level list.
-            if !m.gateways.is_empty() && !binds(&m.gateways, namespace, &options.listener) {
-                continue;
+            if block_applies(m, namespace, options) {
+                matches.push(ctx.route_match(m)?);
             }
-            // VS-06: source selectors choose proxies, and only on the mesh listener.
-            if options.listener == Listener::Mesh
-                && (!m
-                    .source_labels
-                    .iter()
-                    .all(|(k, v)| options.workload_labels.get(k) == Some(v))
-                    || m.source_namespace
-                        .as_ref()
-                        .is_some_and(|ns| *ns != options.naming.namespace))
-            {
-                continue;
-            }
-            matches.push(ctx.route_match(m)?);
         }
         if !r.matches.is_empty() && matches.is_empty() {
             continue;

@@ -110,7 +110,8 @@ pub use matcher::{HeaderMatch, QueryParamMatch, RequestView, RouteMatch, StringM
 pub use registry::{PortProtocol, Registry, Resolution, Service, ServicePort, WorkloadEntry};
 pub use rewrite::{DirectResponse, Redirect, RedirectPort, Rewrite};
 pub use router::{
-    MakeDestination, ResponseFuture, Router, RouterHandle, Routing, Snapshot, Target,
+    MakeDestination, ResolvedDestination, ResponseFuture, Router, RouterHandle, Routing, Snapshot,
+    Target,
 };
 pub use subset::{DestinationRule, DestinationRules, ResolvedPolicy, Subset};
 pub use table::{

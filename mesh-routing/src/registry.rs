@@ -196,21 +196,28 @@ impl WorkloadEntry {
         let number = self.port_for(port);
         let mut ep = Endpoint::new(SocketAddr::new(ip, number)).with_labels(self.labels.clone());
         ep.identities = Arc::from(self.identities.clone());
-        // Istio's rule for ServiceEntry and WorkloadEntry endpoints (SR-25): the
-        // `security.istio.io/tlsMode` label when written, else Istio mTLS exactly when
-        // the entry names a `serviceAccount`. Auto-mTLS never applies to a mesh-external
-        // service nor to a server whose PeerAuthentication disables mTLS (SR-24).
+        // Auto-mTLS never applies to a mesh-external service nor to a server whose
+        // PeerAuthentication disables mTLS (SR-24).
+        ep.tls_mode = if external || self.plaintext_ports.contains(&number) {
+            TlsMode::Disabled
+        } else {
+            self.tls_mode()
+        };
+        ep
+    }
+
+    /// Whether the instance takes Istio mTLS under auto-mTLS, by Istio's rule for
+    /// ServiceEntry and WorkloadEntry endpoints (SR-25): the `security.istio.io/tlsMode`
+    /// label when written, else Istio mTLS exactly when the entry names a
+    /// `serviceAccount`. (An endpoint also needs its service inside the mesh and its
+    /// server accepting mTLS on the port, SR-24: see [`Registry::mark_plaintext_servers`].)
+    pub fn tls_mode(&self) -> TlsMode {
         let fallback = if self.identities.is_empty() {
             TlsMode::Disabled
         } else {
             TlsMode::Istio
         };
-        ep.tls_mode = if external || self.plaintext_ports.contains(&number) {
-            TlsMode::Disabled
-        } else {
-            TlsMode::from_labels(&self.labels, fallback)
-        };
-        ep
+        TlsMode::from_labels(&self.labels, fallback)
     }
 }
 

@@ -296,47 +296,61 @@ impl<M: MakeDestination> std::fmt::Debug for RouterHandle<M> {
     }
 }
 
-/// Resolves the destination `key` against the registry and the rules.
-fn resolve(
-    routing: &Routing,
-    key: &DestinationKey,
-) -> Result<
-    (
-        DestinationKey,
-        Arc<crate::registry::Service>,
-        ServicePort,
-        Labels,
-        ResolvedPolicy,
-    ),
-    ClusterNotFound,
-> {
-    let missing = || ClusterNotFound(key.to_string());
-    let service = routing.registry.service(&key.host).ok_or_else(missing)?;
-    let port = match key.port {
-        Some(p) => match service.port(p) {
-            Some(sp) => sp.clone(),
-            None if service.ports.is_empty() => ServicePort::new(p, ""),
-            None => return Err(missing()),
-        },
-        None => service.ports.first().cloned().ok_or_else(missing)?,
-    };
-    let rule = routing.rules.get(&key.host);
-    let selector = match &key.subset {
-        Some(name) => rule
-            .and_then(|r| r.subset(name))
-            .map(|s| s.labels.clone())
-            .ok_or_else(missing)?,
-        None => Labels::new(),
-    };
-    let policy = rule
-        .map(|r| r.resolve(key.subset.as_deref(), port.number))
-        .unwrap_or_default();
-    let resolved = DestinationKey {
-        host: Arc::clone(&key.host),
-        subset: key.subset.clone(),
-        port: Some(port.number),
-    };
-    Ok((resolved, Arc::clone(service), port, selector, policy))
+/// A destination of a route resolved against the registry and the DestinationRules, as
+/// the router resolves it when a configuration is applied ([`Routing::resolve`]).
+#[derive(Clone, Debug)]
+pub struct ResolvedDestination {
+    /// The destination with its port resolved.
+    pub key: DestinationKey,
+    /// The registry service of the host.
+    pub service: Arc<crate::registry::Service>,
+    /// The service port: the destination's, else the service's first.
+    pub port: ServicePort,
+    /// The subset's labels (empty without a subset).
+    pub selector: Labels,
+    /// The DestinationRule policy merged for this subset and port (DR-02..DR-04).
+    pub policy: ResolvedPolicy,
+}
+
+impl Routing {
+    /// Resolves a destination a route names: its registry service and port, its
+    /// subset's selector and its merged traffic policy. `Err` when the host, the port or
+    /// the subset is unknown (the router then answers 503 `NC`).
+    pub fn resolve(&self, key: &DestinationKey) -> Result<ResolvedDestination, ClusterNotFound> {
+        let missing = || ClusterNotFound(key.to_string());
+        let service = self.registry.service(&key.host).ok_or_else(missing)?;
+        let port = match key.port {
+            Some(p) => match service.port(p) {
+                Some(sp) => sp.clone(),
+                None if service.ports.is_empty() => ServicePort::new(p, ""),
+                None => return Err(missing()),
+            },
+            None => service.ports.first().cloned().ok_or_else(missing)?,
+        };
+        let rule = self.rules.get(&key.host);
+        let selector = match &key.subset {
+            Some(name) => rule
+                .and_then(|r| r.subset(name))
+                .map(|s| s.labels.clone())
+                .ok_or_else(missing)?,
+            None => Labels::new(),
+        };
+        let policy = rule
+            .map(|r| r.resolve(key.subset.as_deref(), port.number))
+            .unwrap_or_default();
+        let resolved = DestinationKey {
+            host: Arc::clone(&key.host),
+            subset: key.subset.clone(),
+            port: Some(port.number),
+        };
+        Ok(ResolvedDestination {
+            key: resolved,
+            service: Arc::clone(service),
+            port,
+            selector,
+            policy,
+        })
+    }
 }
 
 impl<M> RouterHandle<M>
@@ -374,9 +388,15 @@ where
         let mut keep: HashMap<DestinationKey, (M::Service, Arc<Target>)> = HashMap::new();
         let mut dns = Vec::new();
         for key in routing.table.destinations() {
-            let slot = match resolve(&routing, key) {
+            let slot = match routing.resolve(key) {
                 Err(missing) => Slot::Missing(missing),
-                Ok((resolved, service, port, selector, policy)) => {
+                Ok(ResolvedDestination {
+                    key: resolved,
+                    service,
+                    port,
+                    selector,
+                    policy,
+                }) => {
                     let (svc, target) =
                         match keep.get(&resolved).or_else(|| cache.entries.get(&resolved)) {
                             Some((svc, target)) => {

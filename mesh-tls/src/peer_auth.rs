@@ -219,22 +219,66 @@ impl PeerAuthentication {
 
     /// Resolves the modes for the workload in `namespace` with `labels`.
     pub fn for_workload(&self, namespace: &str, labels: &Labels) -> WorkloadPeerAuthentication {
+        let (mesh, ns, workload) = self.levels(namespace, labels);
         let mut mode = PeerAuthMode::Permissive;
+        for policy in [mesh, ns, workload].into_iter().flatten() {
+            if let Some(m) = policy.mode.resolved() {
+                mode = m;
+            }
+        }
+        let mut ports = HashMap::new();
+        if let Some(policy) = workload {
+            for (port, port_mode) in &policy.port_level {
+                ports.insert(*port, port_mode.resolved().unwrap_or(mode));
+            }
+        }
+        WorkloadPeerAuthentication { mode, ports }
+    }
+
+    /// The policy whose mode is in force for connections to `port` of the workload in
+    /// `namespace` with `labels` (the narrowest level that sets a mode, PA-03, PA-05);
+    /// `None` when no policy sets one (PERMISSIVE, PA-06). For tools that explain a
+    /// [`for_workload`](Self::for_workload) result.
+    pub fn deciding_policy(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+        port: u16,
+    ) -> Option<&PeerAuthenticationPolicy> {
+        let (mesh, ns, workload) = self.levels(namespace, labels);
+        if let Some(w) = workload
+            && w.port_level
+                .get(&port)
+                .is_some_and(|m| m.resolved().is_some())
+        {
+            return Some(w);
+        }
+        [workload, ns, mesh]
+            .into_iter()
+            .flatten()
+            .find(|p| p.mode.resolved().is_some())
+    }
+
+    /// The mesh-wide, namespace-wide and workload policies that apply to the workload
+    /// in `namespace` with `labels`, the oldest at each level (PA-02, PA-04).
+    #[allow(clippy::type_complexity)]
+    fn levels(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+    ) -> (
+        Option<&PeerAuthenticationPolicy>,
+        Option<&PeerAuthenticationPolicy>,
+        Option<&PeerAuthenticationPolicy>,
+    ) {
         let mesh = self
             .namespaces
             .get(&self.root_namespace)
             .and_then(|n| n.wide.as_ref());
-        if let Some(m) = mesh.and_then(|p| p.mode.resolved()) {
-            mode = m;
-        }
         let ns = self.namespaces.get(namespace);
-        if namespace != self.root_namespace
-            && let Some(m) = ns
-                .and_then(|n| n.wide.as_ref())
-                .and_then(|p| p.mode.resolved())
-        {
-            mode = m;
-        }
+        let wide = ns
+            .filter(|_| namespace != self.root_namespace)
+            .and_then(|n| n.wide.as_ref());
         let workload = ns.and_then(|n| {
             n.workload.iter().find(|p| {
                 p.selector
@@ -242,16 +286,7 @@ impl PeerAuthentication {
                     .is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
             })
         });
-        let mut ports = HashMap::new();
-        if let Some(policy) = workload {
-            if let Some(m) = policy.mode.resolved() {
-                mode = m;
-            }
-            for (port, port_mode) in &policy.port_level {
-                ports.insert(*port, port_mode.resolved().unwrap_or(mode));
-            }
-        }
-        WorkloadPeerAuthentication { mode, ports }
+        (mesh, wide, workload)
     }
 }
 
@@ -453,5 +488,30 @@ mod tests {
             vec![PeerAuthenticationPolicy::new("prod", "ns", Strict).with_port(8080, Disable)];
         let w = resolve(policies, "prod", &labels(&[]));
         assert_eq!(w.mode(8080), PeerAuthMode::Strict);
+    }
+
+    #[test]
+    fn deciding_policy_names_the_narrowest_level_that_sets_the_mode() {
+        let app = labels(&[("app", "orders")]);
+        let compiled = PeerAuthentication::compile(
+            ROOT,
+            vec![
+                PeerAuthenticationPolicy::new(ROOT, "mesh", Strict),
+                PeerAuthenticationPolicy::new("prod", "ns", Unset),
+                PeerAuthenticationPolicy::new("prod", "wl", Unset)
+                    .with_selector(app.clone())
+                    .with_port(8080, Disable),
+            ],
+        );
+        let name = |ns: &str, l: &Labels, port: u16| {
+            compiled
+                .deciding_policy(ns, l, port)
+                .map(|p| p.name.clone())
+        };
+        assert_eq!(name("prod", &app, 8080).as_deref(), Some("wl"));
+        assert_eq!(name("prod", &app, 9090).as_deref(), Some("mesh"));
+        assert_eq!(name("prod", &labels(&[]), 8080).as_deref(), Some("mesh"));
+        let none = PeerAuthentication::compile(ROOT, Vec::new());
+        assert!(none.deciding_policy("prod", &app, 8080).is_none());
     }
 }

@@ -74,6 +74,15 @@ impl LoadReport {
         Some((pos.line, pos.column))
     }
 
+    /// `line:column` of the key of `path` (`timeout` in `timeout: 5s`) in the document of
+    /// `resources[index]`; for a sequence item or the document itself, where its value
+    /// starts; for a path that is not written, its nearest written ancestor. For tools
+    /// that point a user at the field that decided something.
+    pub fn key_location_of(&self, index: usize, path: &str) -> Option<(usize, usize)> {
+        let pos = self.sources.get(index)?.key(path)?;
+        Some((pos.line, pos.column))
+    }
+
     /// A located error about `path` of `resources[index]`, for checks made outside this
     /// crate (for example a behaviour crate's `TryFrom` of a spec), so that they report
     /// like the loader does.
