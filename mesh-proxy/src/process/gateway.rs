@@ -315,18 +315,16 @@ fn server_config(
         let chosen = server_options::cipher_suites(&tls.cipher_suites, &provider);
         for (name, why) in &chosen.ignored {
             if *why != IgnoredReason::Tls13 {
-                tracing::warn!(server = at, cipher_suite = %name, "tls.cipherSuites: {why}");
+                tracing::warn!("{at}: tls.cipherSuites `{name}`: {why}");
             }
         }
         if chosen.defaults {
             tracing::warn!(
-                server = at,
-                "tls.cipherSuites names no usable suite; the default TLS 1.2 suites apply"
+                "{at}: tls.cipherSuites names no usable suite; the default TLS 1.2 suites apply"
             );
         } else if !chosen.has_tls12() {
             tracing::warn!(
-                server = at,
-                "tls.cipherSuites leaves no TLS 1.2 suite; only TLS 1.3 is served"
+                "{at}: tls.cipherSuites leaves no TLS 1.2 suite; only TLS 1.3 is served"
             );
         }
         provider.cipher_suites = chosen.suites;
