@@ -6,15 +6,32 @@
 //! # Behaviour
 //!
 //! - The Gateway resource is `gateway.namespace/gateway.name` of the settings. Its
-//!   servers are grouped by port; each port gets one listener (address from
-//!   `gateway.ports`, else `0.0.0.0:<port>`).
+//!   servers are grouped by listen address; each address gets one listener: the port's
+//!   entry of `gateway.ports` when there is one (it overrides `bind`, so all servers of
+//!   that port share it), else the server's `bind` IP with the port, else
+//!   `0.0.0.0:<port>`. Servers of one port with different `bind`s get separate
+//!   listeners, as Istio's do.
 //! - HTTPS: the TLS ClientHello's SNI selects the server whose `hosts` cover it most
 //!   specifically (an exact name, then the longest `*.example.com` wildcard covering one
 //!   or more labels, then `*`; a `namespace/` prefix is ignored; ties go to the first
 //!   server). An SNI no server covers, or no SNI without a `*` server, fails the
-//!   handshake. Credentials come from `gateway.credentialsDir/<name>/` (`tls.crt`,
-//!   `tls.key`, and `ca.crt` for `MUTUAL`, which then requires a client certificate
-//!   chaining to it).
+//!   handshake.
+//! - `SIMPLE` and `MUTUAL` certificates (GW-20..GW-29 of mesh-tls's `ISTIO.md`) come
+//!   from `credentialName` or `credentialNames` (Secrets under
+//!   `gateway.credentialsDir/<name>/`: `tls.crt` or `cert`, `tls.key` or `key`), else
+//!   from `tlsCertificates`, else from the files `serverCertificate` and `privateKey`.
+//!   With two certificates (RSA and ECDSA) the ECDSA one serves clients whose signature
+//!   algorithms allow it, the other the rest ([`mesh_tls::server_options::ByKeyType`]).
+//!   `MUTUAL` requires a client certificate chaining to the CA: the first Secret's
+//!   `ca.crt` (or `cacert`), else that of the Secret `<name>-cacert`; with files,
+//!   `caCertificates` (else the first `tlsCertificates[].caCertificates`). Revocation
+//!   lists from `caCrl` and from the CA's Secret (`ca.crl` or `crl`) both apply; pins
+//!   (`verifyCertificateSpki`, `verifyCertificateHash`) and `subjectAltNames` are checked
+//!   after the chain. `minProtocolVersion`, `maxProtocolVersion` and `cipherSuites` shape
+//!   the handshake ([`mesh_tls::server_options`]: TLS 1.2 and 1.3 only; unknown suite
+//!   names are logged and ignored). A setting that cannot be used (a file, a CRL, a pin,
+//!   a version) is an error naming the Gateway, the server (`servers[i]` and its name)
+//!   and the field: the start fails, or a reload keeps the previous servers.
 //! - A connection stays on the server its SNI selected. Every request's host
 //!   (`:authority`, or the absolute-form target, or `Host`) is looked up among the port's
 //!   servers with the same rule as the SNI: when it selects another server the answer is
@@ -50,7 +67,12 @@
 //! Listening ports are fixed at start: a reload updates routes, server hosts, TLS modes
 //! and credentials (also when the credential files change), but a new port needs a
 //! restart.
-//! `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL` are refused at start. `ISTIO_MUTUAL` servers
+//! `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL` are refused at start. A `bind` of
+//! `unix://…` is refused at start: the gateway listens on TCP only. Certificate files
+//! named by path (`serverCertificate`, `caCrl`, ...) are read again on every
+//! configuration update and credentials-directory change, but are not watched
+//! themselves. `SIMPLE` servers ask for no client certificate, so `caCrl`, pins and
+//! `subjectAltNames` do not apply to them; `ISTIO_MUTUAL` servers keep the mesh's protocol versions and cipher suites. `ISTIO_MUTUAL` servers
 //! (protocol `HTTPS`) present the gateway's own SVID and require a client SVID from the
 //! mesh's trust bundle; the client's SPIFFE identity travels with its requests.
 //! `PASSTHROUGH` servers (protocol `TLS` or `HTTPS`) are served: the ClientHello's SNI,
