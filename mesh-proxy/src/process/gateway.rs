@@ -214,10 +214,10 @@ fn secret_material(
         }
         return Ok(());
     }
-    Err(err(
-        "MUTUAL needs a CA: ca.crt (or cacert) in the Secret or in the Secret <name>-cacert"
-            .to_owned(),
-    ))
+    Err(err(format!(
+        "MUTUAL needs a CA: ca.crt (or cacert) in the Secret or in the Secret {}",
+        separate.name
+    )))
 }
 
 /// Reads a certificate and key given by file paths into `material`.
@@ -446,6 +446,8 @@ fn listen_address(
 /// What one port serves: HTTPS servers (selected by SNI) or plain HTTP with the hosts
 /// that are redirected to HTTPS.
 struct PortPlan {
+    /// The Gateway's port number (routes match it; the listener may be elsewhere).
+    port: u16,
     tls: TlsServers,
     redirect: Vec<String>,
     /// Host patterns of the `PASSTHROUGH` servers: TLS passed through by SNI.
@@ -472,7 +474,7 @@ fn plan(
         "Gateway {}/{}",
         resource.metadata.namespace, resource.metadata.name
     );
-    let mut by_addr: BTreeMap<SocketAddr, Vec<(String, &Server)>> = BTreeMap::new();
+    let mut by_addr: BTreeMap<SocketAddr, (u16, Vec<(String, &Server)>)> = BTreeMap::new();
     for (i, server) in resource.spec.servers.iter().enumerate() {
         let at = match &server.name {
             Some(name) => format!("{gw} servers[{i}] ({name})"),
@@ -484,12 +486,19 @@ fn plan(
             .and_then(|p| u16::try_from(p.number).ok())
         {
             let addr = listen_address(&at, server, port, ports)?;
-            by_addr.entry(addr).or_default().push((at, server));
+            let (first, servers) = by_addr.entry(addr).or_insert((port, Vec::new()));
+            if *first != port {
+                return Err(StartError::Other(format!(
+                    "{at}: port {port} would listen on {addr}, which port {first} already uses"
+                )));
+            }
+            servers.push((at, server));
         }
     }
     let mut plans = BTreeMap::new();
-    for (addr, servers) in by_addr {
+    for (addr, (port, servers)) in by_addr {
         let mut plan = PortPlan {
+            port,
             tls: TlsServers::default(),
             redirect: Vec::new(),
             passthrough: Vec::new(),
@@ -639,7 +648,7 @@ impl Gateway {
         let handshake_timeout = settings.limits.header_read_timeout.as_std();
         let mut ports: BTreeMap<SocketAddr, PortState> = BTreeMap::new();
         for (addr, plan) in plans {
-            let port = addr.port();
+            let port = plan.port;
             let state = PortState {
                 tls: Arc::new(ArcSwap::from_pointee(plan.tls)),
                 redirect: Arc::new(ArcSwap::from_pointee(plan.redirect)),
@@ -813,6 +822,110 @@ mod tests {
         std::fs::write(dir.join("tls.crt"), key.cert.pem()).unwrap();
         std::fs::write(dir.join("tls.key"), key.signing_key.serialize_pem()).unwrap();
         std::fs::write(dir.join("ca.crt"), key.cert.pem()).unwrap();
+    }
+
+    #[test]
+    fn the_listen_address_is_the_settings_port_else_bind_else_any() {
+        let mut server = Server {
+            bind: Some("127.0.0.2".to_owned()),
+            ..Default::default()
+        };
+        let mut ports = HashMap::new();
+        let addr = |s: &Server, p: &HashMap<u16, SocketAddr>| listen_address("gw", s, 8443, p);
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "127.0.0.2:8443".parse().unwrap()
+        );
+        server.bind = Some("::1".to_owned());
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "[::1]:8443".parse().unwrap()
+        );
+        ports.insert(8443, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "127.0.0.1:9443".parse().unwrap()
+        );
+        ports.clear();
+        server.bind = None;
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "0.0.0.0:8443".parse().unwrap()
+        );
+        for bad in ["unix:///var/run/gw.sock", "gateway.local"] {
+            server.bind = Some(bad.to_owned());
+            let e = addr(&server, &ports).unwrap_err().to_string();
+            assert!(e.contains("gw: bind") && e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_ca_and_its_list_come_from_the_secret_or_its_cacert_secret() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = mesh_tls::CertificateAuthority::new("cluster.local").unwrap();
+        let crl = ca
+            .revocation_list_pem(&[], 1, std::time::Duration::from_secs(60))
+            .unwrap();
+        write_secret(&tmp.path().join("api"), "api.example.com");
+        std::fs::remove_file(tmp.path().join("api/ca.crt")).unwrap();
+        let tls = ServerTlsSettings {
+            credential_name: Some("api".to_owned()),
+            ..Default::default()
+        };
+        let e = material("gw", &tls, "edge", tmp.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("api-cacert"), "{e}");
+        let cacert = tmp.path().join("api-cacert");
+        std::fs::create_dir_all(&cacert).unwrap();
+        std::fs::write(cacert.join("cacert"), ca.root_pem()).unwrap();
+        std::fs::write(cacert.join("crl"), &crl).unwrap();
+        let m = material("gw", &tls, "edge", tmp.path(), true).unwrap();
+        assert_eq!(m.roots.as_deref(), Some(ca.roots_der()));
+        assert_eq!(m.crls.len(), 1);
+        // A `ca.crl` that holds no list names the file.
+        std::fs::write(cacert.join("crl"), ca.root_pem()).unwrap();
+        let e = material("gw", &tls, "edge", tmp.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("credential api-cacert") && e.contains("no X509 CRL"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_certificates_give_two_keys_and_their_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut entries = Vec::new();
+        for name in ["a", "b"] {
+            write_secret(&tmp.path().join(name), "api.example.com");
+            let file = |f: &str| Some(tmp.path().join(name).join(f).display().to_string());
+            entries.push(mesh_core::config::TlsCertificate {
+                server_certificate: file("tls.crt"),
+                private_key: file("tls.key"),
+                ca_certificates: file("ca.crt"),
+            });
+        }
+        let mut tls = ServerTlsSettings {
+            mode: Some(ServerTlsMode::Mutual),
+            tls_certificates: entries,
+            ..Default::default()
+        };
+        let m = material("gw", &tls, "edge", tmp.path(), true).unwrap();
+        assert_eq!((m.keys.len(), m.roots.map(|r| r.len())), (2, Some(1)));
+        assert!(server_config("gw", &tls, "edge", tmp.path(), true).is_ok());
+        tls.tls_certificates[1].private_key = Some("/nonexistent/key.pem".to_owned());
+        let e = material("gw", &tls, "edge", tmp.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("gw: tls.tlsCertificates[1].privateKey (/nonexistent/key.pem)"),
+            "{e}"
+        );
     }
 
     fn gateway(credential_name: &str) -> mesh_core::config::Gateway {
