@@ -474,7 +474,9 @@ fn plan(
         "Gateway {}/{}",
         resource.metadata.namespace, resource.metadata.name
     );
-    let mut by_addr: BTreeMap<SocketAddr, (u16, Vec<(String, &Server)>)> = BTreeMap::new();
+    // Per listen address: the Gateway port, and the servers with where they are.
+    type Located<'a> = Vec<(String, &'a Server)>;
+    let mut by_addr: BTreeMap<SocketAddr, (u16, Located<'_>)> = BTreeMap::new();
     for (i, server) in resource.spec.servers.iter().enumerate() {
         let at = match &server.name {
             Some(name) => format!("{gw} servers[{i}] ({name})"),
