@@ -1,7 +1,7 @@
 //! Kubernetes Secrets named by `credentialName`, read from a credentials directory
 //! (`gateway.credentialsDir`): one directory per Secret of the proxy's namespace, holding
-//! `tls.crt`, `tls.key` and `ca.crt` as a `kubernetes.io/tls` Secret mounted as a volume
-//! does.
+//! `tls.crt`, `tls.key`, `ca.crt` and `ca.crl` as a `kubernetes.io/tls` Secret mounted as
+//! a volume does (or an Opaque Secret's `cert`, `key`, `cacert` and `crl`).
 //!
 //! A path is built only from a validated [`SecretRef`] name, which is one path component
 //! and never `.` or `..`; each file is then resolved through its symlinks (Kubernetes'
@@ -77,5 +77,21 @@ impl CredentialFiles {
     /// Whether the Secret has `file` (inside the credentials directory).
     pub fn has(&self, file: &str) -> bool {
         self.join(file).is_ok()
+    }
+
+    /// The canonical path of the first of `files` the Secret holds (a key and its
+    /// Opaque-Secret alias, such as `tls.crt` and `cert`); `None` when it holds none. A
+    /// file that is there but resolves outside the credentials directory is an error,
+    /// never skipped.
+    pub fn find(&self, files: &[&str]) -> Option<Result<PathBuf, CredentialError>> {
+        files
+            .iter()
+            .find(|f| self.dir.join(f).symlink_metadata().is_ok())
+            .map(|f| self.join(f))
+    }
+
+    /// The Secret's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }

@@ -16,6 +16,9 @@
 //!   and [`ConnectionSecurity`](mesh_core::ConnectionSecurity) into every request's
 //!   extensions, and the outbound connectors ([`connect`]: Istio mTLS, TLS origination
 //!   from DestinationRule `tls` ([`origin`]) or plaintext, per endpoint).
+//! - [`server_options`]: the pieces of an Istio Gateway server's `tls` (revocation
+//!   lists, cipher suites, protocol versions, client certificate pins and names, RSA
+//!   and ECDSA certificates side by side) for a rustls server config.
 //! - [`peer_auth`]: PeerAuthentication (STRICT / PERMISSIVE / DISABLE, mesh,
 //!   namespace and workload scope, `portLevelMtls`) compiled once per snapshot.
 //! - [`store`]: the certificate store behind the rustls resolvers, fed by a watched
@@ -69,6 +72,7 @@ pub mod origin;
 pub mod peer_auth;
 pub mod peer_auth_istio;
 pub mod server;
+pub mod server_options;
 pub mod sni;
 pub mod store;
 pub mod svid;
@@ -96,6 +100,7 @@ pub use server::{
     ConnectionExtensionsLayer, InboundAcceptor, MeshStream, PeerCertificateHash, ServerTls,
     serve_connection,
 };
+pub use server_options::{ByKeyType, CertificatePins, ClientChecks, ServerOptionError};
 pub use store::{BuiltInIssuer, CertStore, SourceHandle, StoreError, StoreEvent};
 pub use svid::{PeerRole, Serial, SvidError, SvidFiles, SvidLeaf};
 pub use verify::{SecureNaming, TrustBundle, svid_error};

@@ -35,7 +35,6 @@
 //! A handshake that fails verification fails the connection attempt (the HTTP client
 //! reports 503 `UF`).
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -47,8 +46,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::connect::Alpn;
 use crate::svid::{SvidError, read_certs, read_key};
@@ -195,12 +193,7 @@ fn revocation_verifier(
         path: path.to_owned(),
         reason,
     };
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .and_then(|lists| lists.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| crl_error(e.to_string()))?;
-    if crls.is_empty() {
-        return Err(crl_error("no X509 CRL in the file".to_owned()));
-    }
+    let crls = crate::server_options::read_crls(Path::new(path)).map_err(crl_error)?;
     WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls)
         .build()
@@ -269,7 +262,10 @@ impl ServerCertVerifier for OriginVerifier {
         }
         if self.subject_alt_names.is_empty() {
             rustls::client::verify_server_name(&parsed, server_name)?;
-        } else if !carries_one_of(end_entity, &self.subject_alt_names) {
+        } else if !crate::server_options::carries_subject_alt_name(
+            end_entity,
+            &self.subject_alt_names,
+        ) {
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName,
             ));
@@ -310,30 +306,6 @@ impl ServerCertVerifier for OriginVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// Whether the certificate carries one of `names` as a DNS (any case), URI or IP SAN.
-fn carries_one_of(der: &CertificateDer<'_>, names: &[String]) -> bool {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
-        return false;
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return false;
-    };
-    san.value.general_names.iter().any(|g| match g {
-        GeneralName::DNSName(d) => names.iter().any(|n| n.eq_ignore_ascii_case(d)),
-        GeneralName::URI(u) => names.iter().any(|n| n == u),
-        GeneralName::IPAddress(bytes) => {
-            let ip = match bytes.len() {
-                4 => <[u8; 4]>::try_from(*bytes).ok().map(IpAddr::from),
-                16 => <[u8; 16]>::try_from(*bytes).ok().map(IpAddr::from),
-                _ => None,
-            };
-            ip.is_some_and(|ip| names.iter().any(|n| n.parse::<IpAddr>() == Ok(ip)))
-        }
-        _ => false,
-    })
 }
 
 #[cfg(test)]

@@ -89,33 +89,9 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         GW,
-        "spec.servers[].bind",
-        "the server listens on all addresses",
-    ),
-    ne(
-        GW,
         "spec.servers[].defaultEndpoint",
-        "traffic is routed by VirtualServices only",
-    ),
-    ne(
-        GW,
-        "spec.servers[].tls.verifyCertificateSpki",
-        "client certificates are not pinned",
-    ),
-    ne(
-        GW,
-        "spec.servers[].tls.verifyCertificateHash",
-        "client certificates are not pinned",
-    ),
-    ne(
-        GW,
-        "spec.servers[].tls.cipherSuites",
-        "the TLS library's default cipher suites apply",
-    ),
-    ne(
-        GW,
-        "spec.servers[].tls.caCrl",
-        "revocation lists are not checked",
+        "traffic is routed by VirtualServices only (Istio's API marks this field not \
+         implemented)",
     ),
     ne(
         SE,

@@ -6,15 +6,32 @@
 //! # Behaviour
 //!
 //! - The Gateway resource is `gateway.namespace/gateway.name` of the settings. Its
-//!   servers are grouped by port; each port gets one listener (address from
-//!   `gateway.ports`, else `0.0.0.0:<port>`).
+//!   servers are grouped by listen address; each address gets one listener: the port's
+//!   entry of `gateway.ports` when there is one (it overrides `bind`, so all servers of
+//!   that port share it), else the server's `bind` IP with the port, else
+//!   `0.0.0.0:<port>`. Servers of one port with different `bind`s get separate
+//!   listeners, as Istio's do.
 //! - HTTPS: the TLS ClientHello's SNI selects the server whose `hosts` cover it most
 //!   specifically (an exact name, then the longest `*.example.com` wildcard covering one
 //!   or more labels, then `*`; a `namespace/` prefix is ignored; ties go to the first
 //!   server). An SNI no server covers, or no SNI without a `*` server, fails the
-//!   handshake. Credentials come from `gateway.credentialsDir/<name>/` (`tls.crt`,
-//!   `tls.key`, and `ca.crt` for `MUTUAL`, which then requires a client certificate
-//!   chaining to it).
+//!   handshake.
+//! - `SIMPLE` and `MUTUAL` certificates (GW-20..GW-29 of mesh-tls's `ISTIO.md`) come
+//!   from `credentialName` or `credentialNames` (Secrets under
+//!   `gateway.credentialsDir/<name>/`: `tls.crt` or `cert`, `tls.key` or `key`), else
+//!   from `tlsCertificates`, else from the files `serverCertificate` and `privateKey`.
+//!   With two certificates (RSA and ECDSA) the ECDSA one serves clients whose signature
+//!   algorithms allow it, the other the rest ([`mesh_tls::server_options::ByKeyType`]).
+//!   `MUTUAL` requires a client certificate chaining to the CA: the first Secret's
+//!   `ca.crt` (or `cacert`), else that of the Secret `<name>-cacert`; with files,
+//!   `caCertificates` (else the first `tlsCertificates[].caCertificates`). Revocation
+//!   lists from `caCrl` and from the CA's Secret (`ca.crl` or `crl`) both apply; pins
+//!   (`verifyCertificateSpki`, `verifyCertificateHash`) and `subjectAltNames` are checked
+//!   after the chain. `minProtocolVersion`, `maxProtocolVersion` and `cipherSuites` shape
+//!   the handshake ([`mesh_tls::server_options`]: TLS 1.2 and 1.3 only; unknown suite
+//!   names are logged and ignored). A setting that cannot be used (a file, a CRL, a pin,
+//!   a version) is an error naming the Gateway, the server (`servers[i]` and its name)
+//!   and the field: the start fails, or a reload keeps the previous servers.
 //! - A connection stays on the server its SNI selected. Every request's host
 //!   (`:authority`, or the absolute-form target, or `Host`) is looked up among the port's
 //!   servers with the same rule as the SNI: when it selects another server the answer is
@@ -50,7 +67,12 @@
 //! Listening ports are fixed at start: a reload updates routes, server hosts, TLS modes
 //! and credentials (also when the credential files change), but a new port needs a
 //! restart.
-//! `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL` are refused at start. `ISTIO_MUTUAL` servers
+//! `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL` are refused at start. A `bind` of
+//! `unix://…` is refused at start: the gateway listens on TCP only. Certificate files
+//! named by path (`serverCertificate`, `caCrl`, ...) are read again on every
+//! configuration update and credentials-directory change, but are not watched
+//! themselves. `SIMPLE` servers ask for no client certificate, so `caCrl`, pins and
+//! `subjectAltNames` do not apply to them; `ISTIO_MUTUAL` servers keep the mesh's protocol versions and cipher suites. `ISTIO_MUTUAL` servers
 //! (protocol `HTTPS`) present the gateway's own SVID and require a client SVID from the
 //! mesh's trust bundle; the client's SPIFFE identity travels with its requests.
 //! `PASSTHROUGH` servers (protocol `TLS` or `HTTPS`) are served: the ClientHello's SNI,
@@ -63,18 +85,18 @@
 //! more specific server both cover through either filter chain; here the most specific
 //! server owns it and the `*` server's connections get 421 for it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use mesh_core::config::{MeshConfig, SecretRef, Server, ServerTlsMode};
+use mesh_core::config::{MeshConfig, SecretRef, Server, ServerTlsMode, ServerTlsSettings};
 use mesh_core::extensions::ConnectionSecurity;
 use mesh_tls::ConnectionContext;
 use rustls::ServerConfig;
 use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -123,48 +145,269 @@ fn select(servers: &TlsServers, sni: Option<&str>) -> Option<usize> {
 }
 
 /// A credential that cannot be read stops the start (or the reload).
-fn cred(e: CredentialError) -> StartError {
-    StartError::Certificate(e.to_string())
+fn cred(at: &str) -> impl Fn(CredentialError) -> StartError + '_ {
+    move |e| StartError::Certificate(format!("{at}: {e}"))
 }
 
-fn credential_config(
+/// Key material of one server: its certificates (one per key type at most two), the
+/// client CA for `MUTUAL`, and revocation lists.
+#[derive(Default)]
+struct Material {
+    keys: Vec<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    roots: Option<Vec<CertificateDer<'static>>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+/// Reads a Secret's certificate and key (and, with `ca`, its CA and revocation lists,
+/// from the Secret or from `<name>-cacert`) into `material`.
+fn secret_material(
+    at: &str,
     dir: &Path,
     secret: &SecretRef,
+    ca: bool,
+    material: &mut Material,
+) -> Result<(), StartError> {
+    let base = CredentialFiles::open(dir, secret).map_err(cred(at))?;
+    let err =
+        |what: String| StartError::Certificate(format!("{at}: credential {}: {what}", secret.name));
+    let required = |files: &[&str]| {
+        base.find(files)
+            .unwrap_or_else(|| base.join(files[0]))
+            .map_err(cred(at))
+    };
+    let certs = mesh_tls::svid::read_certs(&required(&["tls.crt", "cert"])?)
+        .map_err(|e| err(e.to_string()))?;
+    let key = mesh_tls::svid::read_key(&required(&["tls.key", "key"])?)
+        .map_err(|e| err(e.to_string()))?;
+    material.keys.push((certs, key));
+    if !ca {
+        return Ok(());
+    }
+    // The CA (and its lists) come from the Secret, or from the Secret `<name>-cacert`.
+    let separate = SecretRef {
+        namespace: secret.namespace.clone(),
+        name: format!("{}-cacert", secret.name),
+    };
+    let mut holders = vec![base.clone()];
+    if let Ok(other) = CredentialFiles::open(dir, &separate) {
+        holders.push(other);
+    }
+    for holder in holders {
+        let Some(ca_file) = holder.find(&["ca.crt", "cacert"]) else {
+            continue;
+        };
+        let ca_file = ca_file.map_err(cred(at))?;
+        let roots = mesh_tls::svid::read_certs(&ca_file).map_err(|e| {
+            StartError::Certificate(format!("{at}: credential {}: {e}", holder.name()))
+        })?;
+        material.roots = Some(roots);
+        if let Some(crl) = holder.find(&["ca.crl", "crl"]) {
+            let crl = crl.map_err(cred(at))?;
+            let lists = mesh_tls::server_options::read_crls(&crl).map_err(|e| {
+                StartError::Certificate(format!(
+                    "{at}: credential {}: {}: {e}",
+                    holder.name(),
+                    crl.display()
+                ))
+            })?;
+            material.crls.extend(lists);
+        }
+        return Ok(());
+    }
+    Err(err(format!(
+        "MUTUAL needs a CA: ca.crt (or cacert) in the Secret or in the Secret {}",
+        separate.name
+    )))
+}
+
+/// Reads a certificate and key given by file paths into `material`.
+fn file_material(
+    at: &str,
+    fields: (&str, &str),
+    cert: Option<&String>,
+    key: Option<&String>,
+    material: &mut Material,
+) -> Result<(), StartError> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(StartError::Certificate(format!(
+            "{at}: tls.{} and tls.{} are both required without credentialName",
+            fields.0, fields.1
+        )));
+    };
+    let read_err = |field: &str, path: &str, e: mesh_tls::SvidError| {
+        StartError::Certificate(format!("{at}: tls.{field} ({path}): {e}"))
+    };
+    let certs =
+        mesh_tls::svid::read_certs(Path::new(cert)).map_err(|e| read_err(fields.0, cert, e))?;
+    let key_der =
+        mesh_tls::svid::read_key(Path::new(key)).map_err(|e| read_err(fields.1, key, e))?;
+    material.keys.push((certs, key_der));
+    Ok(())
+}
+
+/// Reads the certificates a server's `tls` names, from Secrets (`credentialName`,
+/// `credentialNames`) or files (`tlsCertificates`, else `serverCertificate`,
+/// `privateKey`, `caCertificates`), and the revocation lists of `caCrl`.
+fn material(
+    at: &str,
+    tls: &ServerTlsSettings,
+    namespace: &str,
+    credentials: &Path,
+    mutual: bool,
+) -> Result<Material, StartError> {
+    let mut m = Material::default();
+    let names: Vec<&String> = tls
+        .credential_name
+        .iter()
+        .chain(&tls.credential_names)
+        .collect();
+    if !names.is_empty() {
+        for (i, name) in names.iter().enumerate() {
+            let secret = SecretRef::parse(name, namespace)
+                .map_err(|e| StartError::Other(format!("{at}: {e}")))?;
+            // The first Secret carries the client CA.
+            secret_material(at, credentials, &secret, mutual && i == 0, &mut m)?;
+        }
+    } else {
+        let mut ca = tls.ca_certificates.as_ref().map(|p| ("caCertificates", p));
+        if tls.tls_certificates.is_empty() {
+            file_material(
+                at,
+                ("serverCertificate", "privateKey"),
+                tls.server_certificate.as_ref(),
+                tls.private_key.as_ref(),
+                &mut m,
+            )?;
+        } else {
+            for (i, c) in tls.tls_certificates.iter().enumerate() {
+                let (cert, key) = (
+                    format!("tlsCertificates[{i}].serverCertificate"),
+                    format!("tlsCertificates[{i}].privateKey"),
+                );
+                file_material(
+                    at,
+                    (&cert, &key),
+                    c.server_certificate.as_ref(),
+                    c.private_key.as_ref(),
+                    &mut m,
+                )?;
+            }
+            if ca.is_none() {
+                ca = tls
+                    .tls_certificates
+                    .iter()
+                    .find_map(|c| c.ca_certificates.as_ref())
+                    .map(|p| ("tlsCertificates[].caCertificates", p));
+            }
+        }
+        if mutual {
+            let Some((field, path)) = ca else {
+                return Err(StartError::Certificate(format!(
+                    "{at}: MUTUAL needs tls.caCertificates to verify clients"
+                )));
+            };
+            m.roots = Some(mesh_tls::svid::read_certs(Path::new(path)).map_err(|e| {
+                StartError::Certificate(format!("{at}: tls.{field} ({path}): {e}"))
+            })?);
+        }
+    }
+    if mutual && let Some(path) = tls.ca_crl.as_ref().filter(|p| !p.is_empty()) {
+        let lists = mesh_tls::server_options::read_ca_crl(path)
+            .map_err(|e| StartError::Certificate(format!("{at}: {e}")))?;
+        m.crls.extend(lists);
+    }
+    Ok(m)
+}
+
+/// The rustls config of a `SIMPLE` or `MUTUAL` server: its certificates, the client
+/// verification of `MUTUAL` (CA, revocation lists, pins, `subjectAltNames`), protocol
+/// versions and cipher suites.
+fn server_config(
+    at: &str,
+    tls: &ServerTlsSettings,
+    namespace: &str,
+    credentials: &Path,
     mutual: bool,
 ) -> Result<Arc<ServerConfig>, StartError> {
-    let name = &secret.name;
-    let err = |what: String| StartError::Certificate(format!("credential {name}: {what}"));
-    let base = CredentialFiles::open(dir, secret).map_err(cred)?;
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(base.join("tls.crt").map_err(cred)?)
-            .map_err(|e| err(format!("tls.crt: {e}")))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| err(format!("tls.crt: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(base.join("tls.key").map_err(cred)?)
-        .map_err(|e| err(format!("tls.key: {e}")))?;
-    let provider = mesh_tls::provider();
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(mesh_tls::PROTOCOL_VERSIONS)
-        .map_err(|e| err(e.to_string()))?;
-    let builder = if mutual {
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(base.join("ca.crt").map_err(cred)?)
-            .map_err(|e| err(format!("ca.crt: {e}")))?
-        {
-            roots
-                .add(ca.map_err(|e| err(format!("ca.crt: {e}")))?)
-                .map_err(|e| err(format!("ca.crt: {e}")))?;
+    use mesh_tls::server_options::{self, IgnoredReason};
+    let err = |what: String| StartError::Certificate(format!("{at}: {what}"));
+    let m = material(at, tls, namespace, credentials, mutual)?;
+    let mut provider = (*mesh_tls::provider()).clone();
+    if !tls.cipher_suites.is_empty() {
+        let chosen = server_options::cipher_suites(&tls.cipher_suites, &provider);
+        for (name, why) in &chosen.ignored {
+            if *why != IgnoredReason::Tls13 {
+                tracing::warn!("{at}: tls.cipherSuites `{name}`: {why}");
+            }
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
+        if chosen.defaults {
+            tracing::warn!(
+                "{at}: tls.cipherSuites names no usable suite; the default TLS 1.2 suites apply"
+            );
+        } else if !chosen.has_tls12() {
+            tracing::warn!(
+                "{at}: tls.cipherSuites leaves no TLS 1.2 suite; only TLS 1.3 is served"
+            );
+        }
+        provider.cipher_suites = chosen.suites;
+    }
+    let versions =
+        server_options::protocol_versions(tls.min_protocol_version, tls.max_protocol_version)
             .map_err(|e| err(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
+    if versions == [&rustls::version::TLS12]
+        && !provider
+            .cipher_suites
+            .iter()
+            .any(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
+    {
+        return Err(err(
+            "tls.cipherSuites leaves no suite for maxProtocolVersion TLSV1_2".to_owned(),
+        ));
+    }
+    let provider = Arc::new(provider);
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
         .map_err(|e| err(e.to_string()))?;
+    let builder = match (&m.roots, mutual) {
+        (Some(roots), true) => {
+            let mut store = rustls::RootCertStore::empty();
+            for ca in roots {
+                store
+                    .add(ca.clone())
+                    .map_err(|e| err(format!("client CA: {e}")))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
+                    .with_crls(m.crls.clone())
+                    .build()
+                    .map_err(|e| err(format!("client verification: {e}")))?;
+            let pins = server_options::CertificatePins::parse(
+                &tls.verify_certificate_spki,
+                &tls.verify_certificate_hash,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            if pins.is_empty() && tls.subject_alt_names.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(server_options::ClientChecks::new(
+                    verifier,
+                    pins,
+                    tls.subject_alt_names.clone(),
+                )))
+            }
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let keys = m
+        .keys
+        .into_iter()
+        .map(|(certs, key)| {
+            rustls::sign::CertifiedKey::from_der(certs, key, &provider)
+                .map(Arc::new)
+                .map_err(|e| err(format!("server certificate: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = builder.with_cert_resolver(Arc::new(server_options::ByKeyType::new(keys)));
     config.alpn_protocols = mesh_tls::ALPN.iter().map(|p| p.to_vec()).collect();
     // One session cache per server and per load: a session is only resumed on the server
     // (and under the client-certificate rule) that established it.
@@ -172,9 +415,39 @@ fn credential_config(
     Ok(Arc::new(config))
 }
 
+/// Where a gateway server's listener is: `gateway.ports` when it names the port, else
+/// the server's `bind` address (an IP), else `0.0.0.0`.
+fn listen_address(
+    at: &str,
+    server: &Server,
+    port: u16,
+    ports: &HashMap<u16, SocketAddr>,
+) -> Result<SocketAddr, StartError> {
+    if let Some(addr) = ports.get(&port) {
+        return Ok(*addr);
+    }
+    match server
+        .bind
+        .as_deref()
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        None => Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+        Some(b) if b.starts_with("unix://") => Err(StartError::Other(format!(
+            "{at}: bind `{b}`: Unix domain sockets are not supported; the gateway listens on TCP only"
+        ))),
+        Some(b) => b
+            .parse::<IpAddr>()
+            .map(|ip| SocketAddr::new(ip, port))
+            .map_err(|_| StartError::Other(format!("{at}: bind `{b}` is not an IP address"))),
+    }
+}
+
 /// What one port serves: HTTPS servers (selected by SNI) or plain HTTP with the hosts
 /// that are redirected to HTTPS.
 struct PortPlan {
+    /// The Gateway's port number (routes match it; the listener may be elsewhere).
+    port: u16,
     tls: TlsServers,
     redirect: Vec<String>,
     /// Host patterns of the `PASSTHROUGH` servers: TLS passed through by SNI.
@@ -189,34 +462,50 @@ struct PortState {
     passthrough: Arc<ArcSwap<Vec<String>>>,
 }
 
-/// Builds the per-port plan of a Gateway resource, loading its credentials.
+/// Builds the per-listener plan of a Gateway resource, loading its credentials: servers
+/// are grouped by the address they listen on ([`listen_address`]).
 fn plan(
     resource: &mesh_core::config::Gateway,
     credentials: &Path,
     mesh_tls: &mesh_tls::ServerTls,
-) -> Result<BTreeMap<u16, PortPlan>, StartError> {
+    ports: &HashMap<u16, SocketAddr>,
+) -> Result<BTreeMap<SocketAddr, PortPlan>, StartError> {
     let gw = format!(
         "Gateway {}/{}",
         resource.metadata.namespace, resource.metadata.name
     );
-    let mut by_port: BTreeMap<u16, Vec<&Server>> = BTreeMap::new();
-    for server in &resource.spec.servers {
+    // Per listen address: the Gateway port, and the servers with where they are.
+    type Located<'a> = Vec<(String, &'a Server)>;
+    let mut by_addr: BTreeMap<SocketAddr, (u16, Located<'_>)> = BTreeMap::new();
+    for (i, server) in resource.spec.servers.iter().enumerate() {
+        let at = match &server.name {
+            Some(name) => format!("{gw} servers[{i}] ({name})"),
+            None => format!("{gw} servers[{i}]"),
+        };
         if let Some(port) = server
             .port
             .as_ref()
             .and_then(|p| u16::try_from(p.number).ok())
         {
-            by_port.entry(port).or_default().push(server);
+            let addr = listen_address(&at, server, port, ports)?;
+            let (first, servers) = by_addr.entry(addr).or_insert((port, Vec::new()));
+            if *first != port {
+                return Err(StartError::Other(format!(
+                    "{at}: port {port} would listen on {addr}, which port {first} already uses"
+                )));
+            }
+            servers.push((at, server));
         }
     }
     let mut plans = BTreeMap::new();
-    for (port, servers) in by_port {
+    for (addr, (port, servers)) in by_addr {
         let mut plan = PortPlan {
+            port,
             tls: TlsServers::default(),
             redirect: Vec::new(),
             passthrough: Vec::new(),
         };
-        for s in servers {
+        for (at, s) in servers {
             let protocol = s
                 .port
                 .as_ref()
@@ -249,26 +538,19 @@ fn plan(
                         ServerTlsMode::Mutual => true,
                         other => {
                             return Err(StartError::Other(format!(
-                                "{gw}: TLS mode {other:?} is not supported"
+                                "{at}: TLS mode {other:?} is not supported"
                             )));
                         }
                     };
-                    let name = tls.credential_name.clone().ok_or_else(|| {
-                        StartError::Other(format!(
-                            "{gw}: HTTPS server on port {port} needs credentialName"
-                        ))
-                    })?;
-                    let secret = SecretRef::parse(&name, &resource.metadata.namespace)
-                        .map_err(|e| StartError::Other(format!("{gw}: {e}")))?;
                     plan.tls.push(
                         s.hosts.clone(),
-                        credential_config(credentials, &secret, mutual)?,
+                        server_config(&at, tls, &resource.metadata.namespace, credentials, mutual)?,
                     );
                 }
                 _ => {}
             }
         }
-        plans.insert(port, plan);
+        plans.insert(addr, plan);
     }
     Ok(plans)
 }
@@ -280,7 +562,9 @@ struct Rebuild {
     name: String,
     credentials: std::path::PathBuf,
     mesh_tls: mesh_tls::ServerTls,
-    ports: Arc<BTreeMap<u16, PortState>>,
+    /// `gateway.ports` of the settings.
+    listen: Arc<HashMap<u16, SocketAddr>>,
+    ports: Arc<BTreeMap<SocketAddr, PortState>>,
 }
 
 impl Rebuild {
@@ -289,16 +573,18 @@ impl Rebuild {
             tracing::error!(gateway = %self.name, "Gateway removed from the configuration; keeping its servers");
             return;
         };
-        match plan(resource, &self.credentials, &self.mesh_tls) {
+        match plan(resource, &self.credentials, &self.mesh_tls, &self.listen) {
             Ok(plans) => {
-                for (port, plan) in plans {
-                    match self.ports.get(&port) {
+                for (addr, plan) in plans {
+                    match self.ports.get(&addr) {
                         Some(state) => {
                             state.tls.store(Arc::new(plan.tls));
                             state.redirect.store(Arc::new(plan.redirect));
                             state.passthrough.store(Arc::new(plan.passthrough));
                         }
-                        None => tracing::warn!(port, "new Gateway port needs a restart to listen"),
+                        None => {
+                            tracing::warn!(%addr, "new Gateway listener address needs a restart to listen")
+                        }
                     }
                 }
                 tracing::info!(gateway = %self.name, "gateway servers and credentials reloaded");
@@ -360,21 +646,17 @@ impl Gateway {
             .map(|d| settings.resolve(d))
             .unwrap_or_default();
         let mesh_tls = mesh_tls::ServerTls::new(mesh.certificates().clone());
-        let plans = plan(&resource, &credentials, &mesh_tls)?;
+        let plans = plan(&resource, &credentials, &mesh_tls, &gw.ports)?;
         let handshake_timeout = settings.limits.header_read_timeout.as_std();
-        let mut ports: BTreeMap<u16, PortState> = BTreeMap::new();
-        for (port, plan) in plans {
+        let mut ports: BTreeMap<SocketAddr, PortState> = BTreeMap::new();
+        for (addr, plan) in plans {
+            let port = plan.port;
             let state = PortState {
                 tls: Arc::new(ArcSwap::from_pointee(plan.tls)),
                 redirect: Arc::new(ArcSwap::from_pointee(plan.redirect)),
                 passthrough: Arc::new(ArcSwap::from_pointee(plan.passthrough)),
             };
-            ports.insert(port, state.clone());
-            let addr = gw
-                .ports
-                .get(&port)
-                .copied()
-                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+            ports.insert(addr, state.clone());
             let tcp = process.bind(&format!("gateway:{port}"), addr).await?;
             let svc = mesh.gateway(state.redirect.clone());
             let tls = state.tls.clone();
@@ -481,6 +763,7 @@ impl Gateway {
             name: gw.name.clone(),
             credentials: credentials.clone(),
             mesh_tls,
+            listen: Arc::new(gw.ports.clone()),
             ports: Arc::new(ports),
         };
         {
@@ -512,8 +795,11 @@ mod tests {
     fn servers(hosts: &[&[&str]]) -> TlsServers {
         let tmp = tempfile::tempdir().unwrap();
         write_secret(&tmp.path().join("c"), "x.example.com");
-        let secret = SecretRef::parse("c", "edge").unwrap();
-        let config = credential_config(tmp.path(), &secret, false).unwrap();
+        let tls = ServerTlsSettings {
+            credential_name: Some("c".to_owned()),
+            ..Default::default()
+        };
+        let config = server_config("test", &tls, "edge", tmp.path(), false).unwrap();
         let mut servers = TlsServers::default();
         for h in hosts {
             servers.push(h.iter().map(|s| (*s).to_owned()).collect(), config.clone());
@@ -538,6 +824,110 @@ mod tests {
         std::fs::write(dir.join("tls.crt"), key.cert.pem()).unwrap();
         std::fs::write(dir.join("tls.key"), key.signing_key.serialize_pem()).unwrap();
         std::fs::write(dir.join("ca.crt"), key.cert.pem()).unwrap();
+    }
+
+    #[test]
+    fn the_listen_address_is_the_settings_port_else_bind_else_any() {
+        let mut server = Server {
+            bind: Some("127.0.0.2".to_owned()),
+            ..Default::default()
+        };
+        let mut ports = HashMap::new();
+        let addr = |s: &Server, p: &HashMap<u16, SocketAddr>| listen_address("gw", s, 8443, p);
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "127.0.0.2:8443".parse().unwrap()
+        );
+        server.bind = Some("::1".to_owned());
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "[::1]:8443".parse().unwrap()
+        );
+        ports.insert(8443, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "127.0.0.1:9443".parse().unwrap()
+        );
+        ports.clear();
+        server.bind = None;
+        assert_eq!(
+            addr(&server, &ports).unwrap(),
+            "0.0.0.0:8443".parse().unwrap()
+        );
+        for bad in ["unix:///var/run/gw.sock", "gateway.local"] {
+            server.bind = Some(bad.to_owned());
+            let e = addr(&server, &ports).unwrap_err().to_string();
+            assert!(e.contains("gw: bind") && e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_ca_and_its_list_come_from_the_secret_or_its_cacert_secret() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = mesh_tls::CertificateAuthority::new("cluster.local").unwrap();
+        let crl = ca
+            .revocation_list_pem(&[], 1, std::time::Duration::from_secs(60))
+            .unwrap();
+        write_secret(&tmp.path().join("api"), "api.example.com");
+        std::fs::remove_file(tmp.path().join("api/ca.crt")).unwrap();
+        let tls = ServerTlsSettings {
+            credential_name: Some("api".to_owned()),
+            ..Default::default()
+        };
+        let e = material("gw", &tls, "edge", tmp.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("api-cacert"), "{e}");
+        let cacert = tmp.path().join("api-cacert");
+        std::fs::create_dir_all(&cacert).unwrap();
+        std::fs::write(cacert.join("cacert"), ca.root_pem()).unwrap();
+        std::fs::write(cacert.join("crl"), &crl).unwrap();
+        let m = material("gw", &tls, "edge", tmp.path(), true).unwrap();
+        assert_eq!(m.roots.as_deref(), Some(ca.roots_der()));
+        assert_eq!(m.crls.len(), 1);
+        // A `ca.crl` that holds no list names the file.
+        std::fs::write(cacert.join("crl"), ca.root_pem()).unwrap();
+        let e = material("gw", &tls, "edge", tmp.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("credential api-cacert") && e.contains("no X509 CRL"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_certificates_give_two_keys_and_their_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut entries = Vec::new();
+        for name in ["a", "b"] {
+            write_secret(&tmp.path().join(name), "api.example.com");
+            let file = |f: &str| Some(tmp.path().join(name).join(f).display().to_string());
+            entries.push(mesh_core::config::TlsCertificate {
+                server_certificate: file("tls.crt"),
+                private_key: file("tls.key"),
+                ca_certificates: file("ca.crt"),
+            });
+        }
+        let mut tls = ServerTlsSettings {
+            mode: Some(ServerTlsMode::Mutual),
+            tls_certificates: entries,
+            ..Default::default()
+        };
+        let m = material("gw", &tls, "edge", tmp.path(), true).unwrap();
+        assert_eq!((m.keys.len(), m.roots.map(|r| r.len())), (2, Some(1)));
+        assert!(server_config("gw", &tls, "edge", tmp.path(), true).is_ok());
+        tls.tls_certificates[1].private_key = Some("/nonexistent/key.pem".to_owned());
+        let e = material("gw", &tls, "edge", tmp.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("gw: tls.tlsCertificates[1].privateKey (/nonexistent/key.pem)"),
+            "{e}"
+        );
     }
 
     fn gateway(credential_name: &str) -> mesh_core::config::Gateway {
@@ -600,7 +990,7 @@ mod tests {
             "kube-cert",
         ] {
             assert!(
-                plan(&gateway(name), &creds, &mesh_tls).is_ok(),
+                plan(&gateway(name), &creds, &mesh_tls, &HashMap::new()).is_ok(),
                 "{name} did not load"
             );
         }
@@ -627,7 +1017,7 @@ mod tests {
             "half",
             "builtin://",
         ] {
-            let err = match plan(&gateway(name), &creds, &mesh_tls) {
+            let err = match plan(&gateway(name), &creds, &mesh_tls, &HashMap::new()) {
                 Ok(_) => panic!("{name:?} loaded a credential"),
                 Err(e) => e.to_string(),
             };
