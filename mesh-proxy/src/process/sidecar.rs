@@ -127,8 +127,7 @@ impl Sidecar {
             let detection = settings.listeners.protocol_detection_timeout;
             let egress = crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok())
                 .detection_timeout(detection.map(Into::into));
-            let options =
-                mesh.serve_options(mesh.telemetry().metrics().proxy().active_connections("tcp"));
+            let options = mesh.serve_options("tcp");
             process.serve(serve::run(listener, options, move |tcp, remote| {
                 egress.clone().accept(tcp, remote)
             }));
@@ -171,11 +170,6 @@ fn serve_outbound(
     listener: TcpListener,
     addresses: Option<Arc<ArcSwap<Addresses>>>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let active = mesh
-        .telemetry()
-        .metrics()
-        .proxy()
-        .active_connections("outbound");
     let svc: HttpService = match listener.local_addr() {
         Ok(address) => mesh.outbound().on_listener(address).boxed(),
         Err(_) => mesh.outbound().boxed(),
@@ -188,71 +182,75 @@ fn serve_outbound(
         .map(Into::into)
         .filter(|t: &std::time::Duration| !t.is_zero());
     let mesh = mesh.clone();
-    serve::run(listener, mesh.serve_options(active), move |tcp, remote| {
-        let svc = svc.clone();
-        let addresses = addresses.clone();
-        let mesh = mesh.clone();
-        async move {
-            let local = tcp.local_addr().ok()?;
-            let original = addresses
-                .as_ref()
-                .and_then(|_| capture::original_destination(&tcp));
-            let (Some(original), Some(addresses)) = (original, addresses) else {
-                let ctx = mesh_tls::ConnectionContext::plaintext(remote, local);
-                return Some((tcp, inbound::per_connection(svc, ctx)));
-            };
-            let addresses = addresses.load();
-            let owner = addresses.owner(original);
-            if let Some(owner) = &owner {
-                // The port's declared protocol, else the first bytes (PS-01, PS-10).
-                let detected = match sniff::declared(Some(owner.protocol), original.port()) {
-                    Some(declared) => declared,
-                    None => sniff::detect(&tcp, detection).await,
+    serve::run(
+        listener,
+        mesh.serve_options("outbound"),
+        move |tcp, remote| {
+            let svc = svc.clone();
+            let addresses = addresses.clone();
+            let mesh = mesh.clone();
+            async move {
+                let local = tcp.local_addr().ok()?;
+                let original = addresses
+                    .as_ref()
+                    .and_then(|_| capture::original_destination(&tcp));
+                let (Some(original), Some(addresses)) = (original, addresses) else {
+                    let ctx = mesh_tls::ConnectionContext::plaintext(remote, local);
+                    return Some((tcp, inbound::per_connection(svc, ctx)));
                 };
-                match detected {
-                    Detected::Http => {}
-                    Detected::Tls => {
-                        let outbound = mesh.tcp_outbound(&owner.host, original.port());
-                        tokio::spawn(sniff::proxy_by_sni(outbound, tcp));
-                        return None;
-                    }
-                    Detected::Opaque => {
-                        let outbound = mesh.tcp_outbound(&owner.host, original.port());
-                        tokio::spawn(async move { outbound.proxy(tcp).await });
-                        return None;
-                    }
-                }
-            }
-            if owner.is_none() && !addresses.is_http_port(original.port()) {
-                match mode {
-                    OutboundMode::AllowAny => {
-                        let telemetry = mesh.telemetry().clone();
-                        tokio::spawn(async move {
-                            tcp::passthrough(tcp, original, &telemetry, connect_timeout).await;
-                        });
-                    }
-                    OutboundMode::RegistryOnly => {
-                        tracing::debug!(%original, "REGISTRY_ONLY: no service owns the address");
+                let addresses = addresses.load();
+                let owner = addresses.owner(original);
+                if let Some(owner) = &owner {
+                    // The port's declared protocol, else the first bytes (PS-01, PS-10).
+                    let detected = match sniff::declared(Some(owner.protocol), original.port()) {
+                        Some(declared) => declared,
+                        None => sniff::detect(&tcp, detection).await,
+                    };
+                    match detected {
+                        Detected::Http => {}
+                        Detected::Tls => {
+                            let outbound = mesh.tcp_outbound(&owner.host, original.port());
+                            tokio::spawn(sniff::proxy_by_sni(outbound, tcp));
+                            return None;
+                        }
+                        Detected::Opaque => {
+                            let outbound = mesh.tcp_outbound(&owner.host, original.port());
+                            tokio::spawn(async move { outbound.proxy(tcp).await });
+                            return None;
+                        }
                     }
                 }
-                return None;
+                if owner.is_none() && !addresses.is_http_port(original.port()) {
+                    match mode {
+                        OutboundMode::AllowAny => {
+                            let telemetry = mesh.telemetry().clone();
+                            tokio::spawn(async move {
+                                tcp::passthrough(tcp, original, &telemetry, connect_timeout).await;
+                            });
+                        }
+                        OutboundMode::RegistryOnly => {
+                            tracing::debug!(%original, "REGISTRY_ONLY: no service owns the address");
+                        }
+                    }
+                    return None;
+                }
+                let destination = OriginalDestination {
+                    address: original,
+                    service: owner
+                        .map(|o| o.host)
+                        .or_else(|| addresses.host_of(original.ip())),
+                };
+                let svc: HttpService = tower::util::BoxCloneSyncService::new(svc.map_request(
+                    move |mut req: http::Request<mesh_core::body::BoxBody>| {
+                        req.extensions_mut().insert(destination.clone());
+                        req
+                    },
+                ));
+                let ctx = mesh_tls::ConnectionContext::plaintext(remote, original);
+                Some((tcp, inbound::per_connection(svc, ctx)))
             }
-            let destination = OriginalDestination {
-                address: original,
-                service: owner
-                    .map(|o| o.host)
-                    .or_else(|| addresses.host_of(original.ip())),
-            };
-            let svc: HttpService = tower::util::BoxCloneSyncService::new(svc.map_request(
-                move |mut req: http::Request<mesh_core::body::BoxBody>| {
-                    req.extensions_mut().insert(destination.clone());
-                    req
-                },
-            ));
-            let ctx = mesh_tls::ConnectionContext::plaintext(remote, original);
-            Some((tcp, inbound::per_connection(svc, ctx)))
-        }
-    })
+        },
+    )
 }
 
 /// The inbound listener's serve loop under capture (see the module docs).
@@ -264,11 +262,6 @@ fn serve_captured_inbound(
     let acceptor = mesh_tls::InboundAcceptor::new(mesh.certificates().clone())
         .with_handshake_timeout(settings.limits.header_read_timeout.as_std());
     let modes = mesh.peer_authentication();
-    let active = mesh
-        .telemetry()
-        .metrics()
-        .proxy()
-        .active_connections("inbound");
     let app = settings.listeners.app;
     let h2 = settings.listeners.app_protocol == AppProtocol::Http2;
     let l = &settings.listeners;
@@ -280,7 +273,7 @@ fn serve_captured_inbound(
     let mesh = mesh.clone();
     serve::run(
         listener,
-        mesh.serve_options(active),
+        mesh.serve_options("inbound"),
         move |tcp_stream, remote| {
             let acceptor = acceptor.clone();
             let modes = modes.clone();
