@@ -11,9 +11,13 @@
 //! | `Overflow` (+ `x-envoy-overloaded: true`)| 503    | `upstream connect error or disconnect/reset before headers. reset reason: overflow` | UO |
 //! | `ConnectFailure`                         | 503    | `… reset reason: connection failure`   | UF   |
 //! | `UpstreamReset`                          | 503    | `… reset reason: <reason>`             | UC/UR|
+//! | `UpstreamReset` (malformed response)     | 502    | `… reset reason: protocol error`       | UPE  |
 //! | host unknown under `REGISTRY_ONLY`       | 502    | empty                                  | NR   |
 //! | malformed request                        | 400    | `Bad Request`                          | DPE  |
 //! | anything else                            | 500    | empty                                  | -    |
+//!
+//! When the retries of the route ran out on the error (`RetriesExhausted`), `URX` is
+//! added to the flag, as Envoy does (`UF,URX`).
 //!
 //! Authorization denials (403 `RBAC: access denied`) are answered by the authorization
 //! layer itself with the same body. Oversized heads (431) and bodies (413) are answered
@@ -34,7 +38,8 @@
 use http::{HeaderValue, Response, StatusCode, header};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{
-    BoxError, ClusterNotFound, ConnectFailure, NoRoute, UpstreamReset, find_cause, is_caused_by,
+    BoxError, ClusterNotFound, ConnectFailure, NoRoute, ResetReason, UpstreamReset, find_cause,
+    is_caused_by,
 };
 use mesh_core::extensions::{LocalReply, add_response_flags};
 use mesh_core::{Outcome, ResponseFlags};
@@ -137,7 +142,11 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
         return bad_request(bad.0);
     }
     let outcome = Outcome::from_error(err);
-    let flags = outcome.response_flags();
+    let mut flags = outcome.response_flags();
+    // The retries ran out on this error: Envoy adds `URX` to the last attempt's flag.
+    if is_caused_by::<mesh_resilience::retry::RetriesExhausted>(e) {
+        flags.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+    }
     match outcome {
         Outcome::Overflow => {
             let mut res = reply(
@@ -164,11 +173,17 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
                 .map_or_else(|| ConnectFailure::bare().to_string(), ToString::to_string);
             reply(StatusCode::SERVICE_UNAVAILABLE, text, flags)
         }
-        Outcome::Reset { .. } => {
+        Outcome::Reset { reason, .. } => {
             let text = find_cause::<UpstreamReset>(e)
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            reply(StatusCode::SERVICE_UNAVAILABLE, text, flags)
+            // Envoy answers an upstream codec protocol error with 502, other resets 503.
+            let status = if reason == ResetReason::ProtocolError {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, text, flags)
         }
         Outcome::Response { .. } | Outcome::LocalError => {
             tracing::debug!(error = %err, "local error");
@@ -359,9 +374,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use mesh_core::error::{
-        DeadlineExceeded, NoHealthyUpstream, Overflow, PerTryTimeout, ResetReason,
-    };
+    use mesh_core::error::{DeadlineExceeded, NoHealthyUpstream, Overflow, PerTryTimeout};
 
     async fn text(res: Response<BoxBody>) -> String {
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
@@ -482,6 +495,12 @@ mod tests {
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
                 "UC",
+            ),
+            (
+                Box::new(UpstreamReset::new(ResetReason::ProtocolError, true, None)),
+                502,
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+                "UPE",
             ),
             (
                 Box::new(BadRequest("missing host")),

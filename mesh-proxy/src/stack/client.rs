@@ -16,7 +16,12 @@
 //! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
 //!   when) the answer is `101`, the two connections are spliced together;
 //! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
-//!   (503 `UF`), anything else after it [`UpstreamReset`] (503 `UC`);
+//!   (503 `UF`); a malformed response (a status line or header hyper cannot parse, a NUL
+//!   in a header, more headers than hyper's limit, two differing `Content-Length`, or
+//!   `Content-Length` with `Transfer-Encoding`) is [`UpstreamReset`] with
+//!   [`ResetReason::ProtocolError`] (502 `UPE`, as Envoy's codec error), and the
+//!   connection is not reused; anything else after the connect [`UpstreamReset`]
+//!   (503 `UC`);
 //! - with a per-connection request limit (DestinationRule
 //!   `connectionPool.http.maxRequestsPerConnection`, [`HttpClient::max_requests_per_connection`]),
 //!   a connection is retired once it has answered that many requests;
@@ -385,14 +390,34 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Maps a hyper client error to mesh-core's leaf errors.
 pub(crate) fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
     if e.is_connect() {
-        Box::new(ConnectFailure::new(e))
-    } else {
-        Box::new(UpstreamReset::new(
-            ResetReason::ConnectionTermination,
-            true,
-            Some(Box::new(e)),
-        ))
+        return Box::new(ConnectFailure::new(e));
     }
+    let parse = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_parse);
+    let reason = if parse {
+        ResetReason::ProtocolError
+    } else {
+        ResetReason::ConnectionTermination
+    };
+    Box::new(UpstreamReset::new(reason, true, Some(Box::new(e))))
+}
+
+/// A response head hyper accepted but a proxy must not pass on (RFC 9112 §6.1, §6.3):
+/// `Content-Length` together with `Transfer-Encoding`, or `Content-Length` fields that
+/// disagree (hyper refuses most of these itself; this is the same rule, checked again).
+fn malformed_framing(res: &Response<hyper::body::Incoming>) -> bool {
+    if res.version() >= Version::HTTP_2 {
+        return false;
+    }
+    let headers = res.headers();
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return false;
+    };
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || lengths.any(|other| other != first)
+        || first.as_bytes().contains(&b',')
 }
 
 /// Rewrites the request URI to `http://<authority><path>`: `fixed` when given, else the
@@ -487,6 +512,14 @@ where
         };
         Box::pin(async move {
             let mut res = fut.await.map_err(upstream_error)?;
+            if malformed_framing(&res) {
+                // Dropping the response unread closes its connection.
+                return Err(Box::new(UpstreamReset::new(
+                    ResetReason::ProtocolError,
+                    true,
+                    Some("response with conflicting Content-Length / Transfer-Encoding".into()),
+                )) as BoxError);
+            }
             let requests = res.extensions_mut().remove::<ConnectionRequests>();
             let opened = res.extensions_mut().remove::<ConnectionOpened>();
             let spent = requests.is_some_and(|r| limit > 0 && r.answered() >= limit);
