@@ -451,6 +451,7 @@ impl MeshBuilder {
             connect_timeout: limits.connect_timeout.as_std(),
             replay_limit: limits.max_retry_body_bytes,
             idle_timeout: limits.idle_timeout.as_std(),
+            stream_limits: crate::stack::client::StreamLimits::of(limits),
             destinations: destinations.clone(),
             credentials: self.options.credentials_dir.clone().map(Arc::from),
         };
@@ -625,6 +626,7 @@ impl Mesh {
             limits.connect_timeout.as_std(),
             limits.idle_timeout.as_std(),
         )
+        .stream_limits(crate::stack::client::StreamLimits::of(limits))
     }
 
     /// Connections to the TCP port `port` of `host` (as routes name it: short,

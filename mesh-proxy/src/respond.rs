@@ -14,6 +14,10 @@
 //! | `UpstreamReset` (malformed response)     | 502    | `… reset reason: protocol error`       | UPE  |
 //! | host unknown under `REGISTRY_ONLY`       | 502    | empty                                  | NR   |
 //! | malformed request                        | 400    | `Bad Request`                          | DPE  |
+//! | `RequestBodyTooLarge` (`maxRequestBodyBytes`) | 413 | `Payload Too Large`                  | -    |
+//! | `StreamIdleTimeout` (`streamIdleTimeout`) | 408   | `stream timeout`                       | SI   |
+//! | `RequestTimeout` (`requestTimeout`)      | 408    | `request timeout`                      | -    |
+//! | `ResponseBodyTooLarge` (`maxResponseBodyBytes`) | 502 | `response body too large`          | -    |
 //! | anything else                            | 500    | empty                                  | -    |
 //!
 //! When the retries of the route ran out on the error (`RetriesExhausted`), `URX` is
@@ -43,6 +47,10 @@ use mesh_core::error::{
 };
 use mesh_core::extensions::{LocalReply, add_response_flags};
 use mesh_core::{Outcome, ResponseFlags};
+
+use crate::stack::client::{
+    RequestBodyTooLarge, RequestTimeout, ResponseBodyTooLarge, StreamIdleTimeout,
+};
 
 /// Body of an overflow (`UO`) answer.
 pub const OVERFLOW_BODY: &str =
@@ -140,6 +148,30 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
     }
     if let Some(bad) = find_cause::<BadRequest>(e) {
         return bad_request(bad.0);
+    }
+    if is_caused_by::<RequestBodyTooLarge>(e) {
+        return payload_too_large();
+    }
+    if is_caused_by::<StreamIdleTimeout>(e) {
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "stream timeout".into(),
+            ResponseFlags::STREAM_IDLE_TIMEOUT,
+        );
+    }
+    if is_caused_by::<RequestTimeout>(e) {
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "request timeout".into(),
+            ResponseFlags::NONE,
+        );
+    }
+    if is_caused_by::<ResponseBodyTooLarge>(e) {
+        return reply(
+            StatusCode::BAD_GATEWAY,
+            "response body too large".into(),
+            ResponseFlags::NONE,
+        );
     }
     let outcome = Outcome::from_error(err);
     let mut flags = outcome.response_flags();

@@ -156,6 +156,8 @@ pub struct Options {
     pub first_byte_timeout: Duration,
     /// Exact request-head limits.
     pub checks: Checks,
+    /// Body sizes and stream timers for the request bodies of this listener.
+    pub stream: crate::stack::client::StreamLimits,
 }
 
 impl Options {
@@ -176,6 +178,7 @@ impl Options {
             idle_timeout: Duration::from_secs(3600),
             first_byte_timeout: Duration::from_secs(10),
             checks: Checks::default(),
+            stream: crate::stack::client::StreamLimits::default(),
         }
     }
 
@@ -196,6 +199,7 @@ impl Options {
             idle_timeout: limits.idle_timeout.as_std(),
             first_byte_timeout: limits.header_read_timeout.as_std(),
             checks: Checks::of(limits),
+            stream: crate::stack::client::StreamLimits::of(limits),
         }
     }
 }
@@ -226,6 +230,7 @@ where
         idle_timeout,
         first_byte_timeout,
         checks,
+        stream,
     } = options;
     let mut tasks = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
@@ -269,6 +274,7 @@ where
                             inner: svc,
                             activity: Arc::new(activity),
                             checks,
+                            stream,
                         };
                         // The HTTP connection, dropped (its IO with it) when it ends.
                         let served = async {
@@ -558,6 +564,7 @@ struct Tracked<S> {
     inner: S,
     activity: Arc<watch::Sender<Activity>>,
     checks: Checks,
+    stream: crate::stack::client::StreamLimits,
 }
 
 impl<S, R, B> tower::Service<http::Request<R>> for Tracked<S>
@@ -599,7 +606,10 @@ where
             );
             return Box::pin(async move { Ok(res) });
         }
-        let fut = self.inner.call(req);
+        // The stacks box the request body inside this call; the listener's stream limits
+        // go with it from there.
+        let inner = &mut self.inner;
+        let fut = crate::stack::client::DOWNSTREAM.sync_scope(self.stream, || inner.call(req));
         Box::pin(async move {
             let res = fut.await?;
             Ok(res.map(|inner| TrackedBody {
@@ -686,6 +696,7 @@ mod tests {
             idle_timeout: limits.idle_timeout.as_std(),
             first_byte_timeout: limits.header_read_timeout.as_std(),
             checks: Checks::of(limits),
+            stream: Default::default(),
         };
         let svc = tower::service_fn(|req: http::Request<Incoming>| async move {
             if req.uri().path() == "/slow" {

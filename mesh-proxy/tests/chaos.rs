@@ -192,9 +192,24 @@ spec:
 
 /// A sidecar (order-service) on `yaml`.
 async fn caller(world: &World, yaml: &str) -> Proxy {
+    caller_with(world, yaml, "").await
+}
+
+/// A sidecar (order-service) on `yaml` with more `limits` lines (indented by two).
+async fn caller_with(world: &World, yaml: &str, limits: &str) -> Proxy {
     let config = world.write_config("istio", "mesh.yaml", yaml);
     let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    start_sidecar(world, "order-service", &config, Ports::new(), nowhere).await
+    let ports = Ports::new();
+    let settings = sidecar_settings(
+        world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        ports,
+        nowhere,
+        limits,
+    );
+    Proxy::start(world, "sidecar", "order-service", &settings, ports).await
 }
 
 /// Writes `request` and reads until the proxy closes (or 20 s).
@@ -475,3 +490,140 @@ spec:
         "{metrics}"
     );
 }
+
+/// Writes `head` and the first `sent` bytes of a body, then stalls; returns the answer
+/// (read until the proxy closes, or 30 s).
+async fn stalled_upload(addr: SocketAddr, head: &str, sent: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(sent).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_and_silent_upstreams_meet_the_stream_idle_timeout() {
+    let world = World::new();
+    let ok = Upstream::start(Fault::Ok).await;
+    let hang = Upstream::start(Fault::Hang).await;
+    let yaml = [
+        destination("ok", &[ok.addr.port()], ""),
+        destination("hang", &[hang.addr.port()], ""),
+    ]
+    .concat();
+    let proxy = caller_with(&world, &yaml, "  streamIdleTimeout: 500ms\n").await;
+    let out = proxy.outbound();
+    // A body that stops half-way: 408, and the upstream never gets a whole request.
+    let answer = stalled_upload(
+        out,
+        "POST /x HTTP/1.1\r\nHost: ok\r\nContent-Length: 10\r\n\r\n",
+        b"12345",
+    )
+    .await;
+    assert_eq!(status(&answer), 408, "{answer}\n{}", proxy.output());
+    assert!(answer.ends_with("stream timeout"), "{answer}");
+    assert!(logged(&world, "\"ok\"", 408, "SI").await);
+    assert_eq!(ok.requests(), 0);
+    // An upstream that never answers, with no route timeout: 408 SI as well.
+    let answer = raw(out, &get("hang")).await;
+    assert_eq!(status(&answer), 408, "{answer}");
+    assert!(logged(&world, "\"hang\"", 408, "SI").await);
+    assert_eq!(hang.requests(), 1);
+    // A request that keeps moving is served.
+    let answer = raw(out, &get("ok")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_still_arriving_at_the_request_timeout_gets_408() {
+    let world = World::new();
+    let ok = Upstream::start(Fault::Ok).await;
+    let proxy = caller_with(
+        &world,
+        &destination("ok", &[ok.addr.port()], ""),
+        "  requestTimeout: 1s\n",
+    )
+    .await;
+    // One byte every 100 ms, never idle, never done in time.
+    let mut tcp = TcpStream::connect(proxy.outbound()).await.unwrap();
+    tcp.write_all(b"POST /x HTTP/1.1\r\nHost: ok\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if wr.write_all(b"a").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut out)).await;
+    trickle.abort();
+    let answer = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(status(&answer), 408, "{answer}\n{}", proxy.output());
+    assert!(answer.ends_with("request timeout"), "{answer}");
+    assert_eq!(ok.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_size_limits_get_413_or_502_or_are_cut() {
+    let world = World::new();
+    let ok = Upstream::start(Fault::Ok).await;
+    let declared = Upstream::start(Fault::Respond(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+    ))
+    .await;
+    let chunked = Upstream::start(Fault::Respond(CHUNKED_100)).await;
+    let yaml = [
+        destination("ok", &[ok.addr.port()], ""),
+        destination("declared", &[declared.addr.port()], ""),
+        destination("chunked", &[chunked.addr.port()], ""),
+    ]
+    .concat();
+    let proxy = caller_with(
+        &world,
+        &yaml,
+        "  maxRequestBodyBytes: 1000\n  maxResponseBodyBytes: 50\n",
+    )
+    .await;
+    let out = proxy.outbound();
+    let post = |length: usize, chunked: bool| {
+        let body = "b".repeat(length);
+        if chunked {
+            format!(
+                "POST /x HTTP/1.1\r\nHost: ok\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{length:x}\r\n{body}\r\n0\r\n\r\n"
+            )
+        } else {
+            format!(
+                "POST /x HTTP/1.1\r\nHost: ok\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+            )
+        }
+    };
+    // At the limit: forwarded.
+    let answer = raw(out, post(1000, false).as_bytes()).await;
+    assert_eq!(status(&answer), 200, "{answer}\n{}", proxy.output());
+    assert_eq!(ok.requests(), 1);
+    // Over it, declared or chunked: 413 and nothing forwarded whole.
+    for chunked in [false, true] {
+        let answer = raw(out, post(1001, chunked).as_bytes()).await;
+        assert_eq!(status(&answer), 413, "chunked {chunked}: {answer}");
+        assert_eq!(ok.requests(), 1, "chunked {chunked}");
+    }
+    // A response declaring more than the limit: 502 before its head goes out.
+    let answer = raw(out, &get("declared")).await;
+    assert_eq!(status(&answer), 502, "{answer}");
+    // A chunked response crossing the limit: its head went out, the body is cut before
+    // its end (no last chunk).
+    let answer = raw(out, &get("chunked")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(!answer.ends_with("0\r\n\r\n"), "{answer}");
+    assert!(answer.len() < CHUNKED_100.len() + 200, "{answer}");
+}
+
+/// A chunked response of 100 bytes in 10-byte chunks.
+const CHUNKED_100: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+a\r\n0123456789\r\na\r\n0123456789\r\na\r\n0123456789\r\na\r\n0123456789\r\na\r\n0123456789\r\n\
+a\r\n0123456789\r\na\r\n0123456789\r\na\r\n0123456789\r\na\r\n0123456789\r\na\r\n0123456789\r\n0\r\n\r\n";

@@ -884,3 +884,42 @@ async fn a_second_sigterm_during_the_drain_ends_the_process_at_once() {
     assert!(gw.output().contains("second signal"), "{}", gw.output());
     hold.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_byte_chunked_megabyte_upload_passes_the_gateway_whole() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let (gw, http) = plain_gateway(&world, upstream.addr, "", "").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    const SIZE: usize = 1 << 20;
+    let mut request = b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for i in 0..SIZE {
+        request.extend_from_slice(b"1\r\n");
+        request.push(b'a' + (i % 26) as u8);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let upload = tokio::spawn(async move {
+        wr.write_all(&request).await.unwrap();
+        wr
+    });
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut out))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let _wr = upload.await.unwrap();
+    let answer = String::from_utf8_lossy(&out);
+    assert_eq!(status(&answer), 200, "{answer}\n{}", gw.output());
+    let bodies = upstream.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(bodies[0].len(), SIZE);
+    assert!(
+        bodies[0]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == b'a' + (i % 26) as u8)
+    );
+}

@@ -48,6 +48,7 @@ use crate::mesh::Mesh;
 use crate::serve;
 use crate::settings::{AppProtocol, Listeners, Settings};
 use crate::sniff::{self, Detected};
+use crate::stack::client::StreamLimits;
 use crate::stack::outbound::OriginalDestination;
 use crate::stack::{HttpClient, HttpService, OutboundMode, inbound, tcp};
 
@@ -150,7 +151,8 @@ impl Sidecar {
             let app = HttpClient::application(
                 settings.listeners.app,
                 settings.listeners.app_protocol == AppProtocol::Http2,
-            );
+            )
+            .stream_limits(StreamLimits::of(&settings.limits));
             process.serve(mesh.run_inbound(
                 inbound,
                 mesh.inbound(app),
@@ -270,6 +272,7 @@ fn serve_captured_inbound(
     let own_ports: Arc<[u16]> = own_ports.into();
     // One inbound stack per application port, made on its first connection.
     let stacks: Arc<Mutex<HashMap<u16, HttpService>>> = Arc::default();
+    let limits = StreamLimits::of(&settings.limits);
     let mesh = mesh.clone();
     serve::run(
         listener,
@@ -306,7 +309,9 @@ fn serve_captured_inbound(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .entry(port)
-                    .or_insert_with(|| mesh.inbound(HttpClient::application(target, h2)))
+                    .or_insert_with(|| {
+                        mesh.inbound(HttpClient::application(target, h2).stream_limits(limits))
+                    })
                     .clone();
                 Some((io, inbound::per_connection(svc, ctx)))
             }
