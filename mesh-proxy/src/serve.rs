@@ -40,8 +40,26 @@
 //! flight from the moment hyper hands it to the service until its response body has been
 //! sent or dropped, so long downloads and slow upstreams are never cut. `0s` disables it.
 //!
-//! Limits: header bytes (431 above, by hyper), header count, header read timeout
-//! (slowloris), HTTP/2 concurrent streams and windows.
+//! Limits (settings `limits`, Envoy's names where Envoy has the knob):
+//!
+//! - the request target (`maxRequestTargetBytes`, 414) and the header section
+//!   (`maxRequestHeaderBytes`, 431) are measured exactly ([`Checks`]) before a request
+//!   reaches the service, so a head one byte over is answered here, with
+//!   `Connection: close`, and forwarded to no one; the codecs' own limits sit above these
+//!   (with room for separators and HPACK overhead) and answer only far larger heads;
+//! - the header count (`maxHeaders`, 431, by hyper);
+//! - the request-headers timeout (`requestHeadersTimeout`): hyper's header read timeout
+//!   for each head, and, before it, a connection that sends no byte at all within it is
+//!   closed (hyper-util's protocol detection would otherwise wait forever);
+//! - the connection limit (`maxConnections`): one connection over it is accepted and
+//!   closed at once and counted in [`Options::overflow`] (Envoy's
+//!   `downstream_cx_overflow`), rather than left in the backlog where a client cannot tell
+//!   a full proxy from a slow one;
+//! - the stream limits (`streamIdleTimeout`, `requestTimeout`, body sizes): set around
+//!   each call of the connection's service, so the request body is bounded where the
+//!   stacks box it ([`boxed_request`](crate::stack::boxed_request)), before any layer
+//!   buffers it; the rest is the client's ([`client`](crate::stack::client));
+//! - HTTP/2 concurrent streams and windows.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -823,6 +841,64 @@ mod tests {
             idle_for >= Duration::from_secs(30) && idle_for < Duration::from_secs(31),
             "closed after {idle_for:?} idle"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_request_headers_timeout() {
+        let addr = serve(&Limits::default()).await;
+        let start = tokio::time::Instant::now();
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let silent_for = closed_at(&mut conn).await - start;
+        assert!(
+            silent_for >= Duration::from_secs(10) && silent_for < Duration::from_secs(11),
+            "closed after {silent_for:?}"
+        );
+        // One byte, then silence: the head's own timeout (hyper's) is what ends it, and
+        // a connection that did send is not cut by the first-byte timer.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut conn, b"G")
+            .await
+            .unwrap();
+        get_after_g(&mut conn).await;
+    }
+
+    /// Completes a `GET /` whose first byte was sent 5 s ago and reads the answer.
+    async fn get_after_g(conn: &mut TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        conn.write_all(b"ET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "{:?}", &buf[..n]);
+    }
+
+    #[test]
+    fn request_heads_are_measured_exactly() {
+        let checks = Checks {
+            max_target: 10,
+            max_head: 40,
+        };
+        let req = |target: &str, pad: usize| {
+            http::Request::get(target)
+                .header("x-pad", "p".repeat(pad))
+                .body(())
+                .unwrap()
+        };
+        // "GET" 3 + target + "x-pad" 5 + pad.
+        assert!(checks.refuse(&req("/123456789", 22)).is_none());
+        assert_eq!(
+            checks.refuse(&req("/1234567890", 0)).map(|r| r.0),
+            Some(http::StatusCode::URI_TOO_LONG)
+        );
+        assert_eq!(
+            checks.refuse(&req("/123456789", 23)).map(|r| r.0),
+            Some(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // Absolute form counts the scheme and authority.
+        assert!(checks.refuse(&req("http://a/b", 0)).is_none());
+        assert!(checks.refuse(&req("http://ab/b", 0)).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -805,6 +805,44 @@ mod tests {
     }
 
     #[test]
+    fn limits_have_envoys_defaults_and_the_old_timeout_name_is_read() {
+        let s = Settings::from_yaml("s.yaml", MIN).unwrap();
+        let l = &s.limits;
+        assert_eq!(l.max_request_target_bytes, 8192);
+        assert_eq!(l.header_read_timeout.as_std(), Duration::from_secs(10));
+        assert_eq!(l.stream_idle_timeout.as_std(), Duration::from_secs(300));
+        assert_eq!(l.request_timeout.as_std(), Duration::ZERO);
+        assert_eq!(
+            (l.max_request_body_bytes, l.max_response_body_bytes),
+            (0, 0)
+        );
+        for key in ["requestHeadersTimeout", "headerReadTimeout"] {
+            let text = format!(
+                "{MIN}limits: {{{key}: 2s, streamIdleTimeout: 1m, requestTimeout: 30s, maxRequestBodyBytes: 10, maxResponseBodyBytes: 20, maxRequestTargetBytes: 300}}\n"
+            );
+            let l = Settings::from_yaml("s.yaml", &text).unwrap().limits;
+            assert_eq!(
+                l.header_read_timeout.as_std(),
+                Duration::from_secs(2),
+                "{key}"
+            );
+            assert_eq!(l.stream_idle_timeout.as_std(), Duration::from_secs(60));
+            assert_eq!(l.request_timeout.as_std(), Duration::from_secs(30));
+            assert_eq!(
+                (l.max_request_body_bytes, l.max_response_body_bytes),
+                (10, 20)
+            );
+            assert_eq!(l.max_request_target_bytes, 300);
+        }
+        let text = format!("{MIN}limits:\n  maxRequestTargetBytes: 10\n");
+        let errs = Settings::from_yaml("s.yaml", &text).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "s.yaml:4:3: error: limits.maxRequestTargetBytes: must be at least 256"
+        );
+    }
+
+    #[test]
     fn unknown_field_is_located() {
         let text = "workload:\n  namespace: default\n  serviceAccount: a\nconfigDir: x\nlisteners:\n  outbund: 127.0.0.1:1\n";
         let errs = Settings::from_yaml("s.yaml", text).unwrap_err();

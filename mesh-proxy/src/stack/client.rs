@@ -186,8 +186,9 @@ pub struct StreamIdleTimeout;
 #[error("request timeout")]
 pub struct RequestTimeout;
 
-/// A body under [`StreamLimits`]: counts its bytes against `max` and times out when a
-/// frame takes longer than `idle`, or the body has not ended by `deadline`.
+/// A body under [`StreamLimits`]: counts its bytes against `max` and fails when a
+/// frame takes longer than `idle`, or the body has not ended by `deadline`. The timers
+/// live in the body (it is boxed where it is used), so bounding a body allocates nothing.
 #[pin_project::pin_project]
 pub struct Bounded<B> {
     #[pin]
@@ -195,15 +196,13 @@ pub struct Bounded<B> {
     max: u64,
     seen: u64,
     idle: Option<Duration>,
-    deadline: Option<tokio::time::Instant>,
-    /// Armed while a frame is waited for; made on the first wait.
-    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    deadline_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Armed while a frame is waited for.
+    #[pin]
+    idle_timer: Option<tokio::time::Sleep>,
+    #[pin]
+    deadline: Option<tokio::time::Sleep>,
     /// The error when `max` is crossed.
     too_large: fn(u64) -> BoxError,
-    /// When a frame last arrived, in milliseconds after `started`, for the wait for the
-    /// response head (shared only while a request body is still to come).
-    activity: Option<(Arc<std::sync::atomic::AtomicU64>, tokio::time::Instant)>,
 }
 
 impl<B> std::fmt::Debug for Bounded<B> {
@@ -220,7 +219,7 @@ impl<B> Bounded<B> {
         inner: B,
         max: u64,
         idle: Option<Duration>,
-        deadline: Option<tokio::time::Instant>,
+        deadline: Option<Duration>,
         too_large: fn(u64) -> BoxError,
     ) -> Self {
         Self {
@@ -228,31 +227,10 @@ impl<B> Bounded<B> {
             max,
             seen: 0,
             idle,
-            deadline,
             idle_timer: None,
-            deadline_timer: None,
+            deadline: deadline.map(tokio::time::sleep),
             too_large,
-            activity: None,
         }
-    }
-
-    /// A request body under `limits`, for a request that began at `started`; each frame
-    /// is noted in `activity`.
-    fn request(
-        inner: B,
-        limits: &StreamLimits,
-        started: tokio::time::Instant,
-        activity: Option<Arc<std::sync::atomic::AtomicU64>>,
-    ) -> Self {
-        let mut body = Self::new(
-            inner,
-            limits.max_request_body,
-            limits.stream_idle,
-            limits.request_timeout.map(|t| started + t),
-            |max| Box::new(RequestBodyTooLarge(max)),
-        );
-        body.activity = activity.map(|a| (a, started));
-        body
     }
 
     /// A downstream request body under `limits`, from now on (the request head is in).
@@ -261,9 +239,7 @@ impl<B> Bounded<B> {
             inner,
             limits.max_request_body,
             limits.stream_idle,
-            limits
-                .request_timeout
-                .map(|t| tokio::time::Instant::now() + t),
+            limits.request_timeout,
             |max| Box::new(RequestBodyTooLarge(max)),
         )
     }
@@ -300,11 +276,7 @@ where
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
                 // Something arrived: the idle clock starts again at the next wait.
-                *this.idle_timer = None;
-                if let Some((activity, started)) = this.activity {
-                    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    activity.store(millis, Ordering::Relaxed);
-                }
+                this.idle_timer.set(None);
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
                     Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
@@ -320,20 +292,19 @@ where
             }
             Poll::Pending => {
                 if let Some(idle) = *this.idle {
-                    let timer = this
-                        .idle_timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    if timer.as_mut().poll(cx).is_ready() {
+                    if this.idle_timer.is_none() {
+                        this.idle_timer.set(Some(tokio::time::sleep(idle)));
+                    }
+                    if let Some(timer) = this.idle_timer.as_mut().as_pin_mut()
+                        && timer.poll(cx).is_ready()
+                    {
                         return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
                     }
                 }
-                if let Some(deadline) = *this.deadline {
-                    let timer = this
-                        .deadline_timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Some(Err(Box::new(RequestTimeout))));
-                    }
+                if let Some(deadline) = this.deadline.as_mut().as_pin_mut()
+                    && deadline.poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(Box::new(RequestTimeout))));
                 }
                 Poll::Pending
             }
@@ -349,8 +320,57 @@ where
     }
 }
 
+/// A request body on its way to the upstream: bounded in size, and noting when each
+/// frame goes so that the wait for the response head counts from the last one. Its
+/// timers are the edge's ([`Bounded`], where the listener boxed the body).
+#[pin_project::pin_project]
+#[derive(Debug)]
+pub struct Sent {
+    #[pin]
+    inner: BoxBody,
+    max: u64,
+    seen: u64,
+    /// When a frame last went, in milliseconds after the request started (shared only
+    /// while a body is still to come).
+    activity: Option<(Arc<std::sync::atomic::AtomicU64>, tokio::time::Instant)>,
+}
+
+impl http_body::Body for Sent {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some((activity, started)) = this.activity {
+            let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            activity.store(millis, Ordering::Relaxed);
+        }
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            *this.seen += data.len() as u64;
+            if *this.max > 0 && *this.seen > *this.max {
+                return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge(*this.max)))));
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The body type the client's pools send.
-type Outgoing = Bounded<BoxBody>;
+type Outgoing = Sent;
 
 /// Pooled connections from one connector, with an HTTP/1.1-only pool for upgrades.
 #[derive(Clone, Debug)]
@@ -771,12 +791,21 @@ where
         };
         let started = tokio::time::Instant::now();
         // Only a request body still to come can keep the stream alive while the head is
-        // waited for; a request that is complete shares nothing (no allocation).
-        let activity = (limits.stream_idle.is_some()
-            && !http_body::Body::is_end_stream(req.body()))
-        .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-        let body_activity = activity.clone();
-        let req = req.map(|b| Bounded::request(b, &limits, started, body_activity));
+        // waited for; an empty or ended one shares nothing (no allocation).
+        let pending = {
+            let body = req.body();
+            !(http_body::Body::is_end_stream(body)
+                || http_body::Body::size_hint(body).exact() == Some(0))
+        };
+        let activity = (limits.stream_idle.is_some() && pending)
+            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let body_activity = activity.clone().map(|a| (a, started));
+        let req = req.map(|inner| Sent {
+            inner,
+            max: limits.max_request_body,
+            seen: 0,
+            activity: body_activity,
+        });
         let limit = self.max_requests_per_connection;
         let max_age = self.max_connection_duration;
         let mut req = req;

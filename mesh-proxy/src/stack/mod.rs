@@ -51,8 +51,11 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
+    // A body boxed already was bounded where it was boxed first (and boxing it again
+    // would cost an allocation per request).
+    let boxed = std::any::TypeId::of::<B>() == std::any::TypeId::of::<BoxBody>();
     match client::downstream_limits() {
-        Some(limits) if limits.bounds_requests() => {
+        Some(limits) if limits.bounds_requests() && !boxed => {
             req.map(|b| body::boxed(client::Bounded::downstream(b, &limits)))
         }
         _ => req.map(body::boxed),
