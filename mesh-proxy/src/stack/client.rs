@@ -32,8 +32,10 @@
 //!
 //! # Stream limits
 //!
-//! [`StreamLimits`] (settings `limits`, [`HttpClient::stream_limits`]) bound each
-//! request's bodies, in the client because every HTTP path ends in it:
+//! [`StreamLimits`] (settings `limits`) bound each request's bodies and waits. A
+//! listener ([`serve`](crate::serve)) bounds the request body where the stacks box it
+//! ([`Bounded`]), before any layer (the retry buffer) reads it; the client
+//! ([`HttpClient::stream_limits`]) bounds the rest, because every HTTP path ends in it:
 //!
 //! - a request body over `maxRequestBodyBytes` gets 413: at once, forwarding nothing, when
 //!   its `Content-Length` says so, else when the limit is crossed (the upstream request
@@ -42,13 +44,15 @@
 //!   else the response is cut where the limit is crossed (the head went out already:
 //!   the client sees a reset stream or a short body, never a complete-looking one);
 //! - `streamIdleTimeout` (Envoy's `stream_idle_timeout`): no request body bytes, no
-//!   response head or no response body bytes for that long end the request: 408
-//!   `stream timeout` with flag `SI` while the response has not begun, a reset after;
+//!   response head (counted from the request's start or its last body frame) or no
+//!   response body bytes for that long end the request: 408 `stream timeout` with flag
+//!   `SI` while the response has not begun, a reset after;
 //! - `requestTimeout` (Envoy's `request_timeout`): a request body still arriving that
-//!   long after the request began gets 408 `request timeout`.
+//!   long after the request head came in gets 408 `request timeout` (at the listener).
 //!
-//! The timers are made only when a body is waited for, so a request whose bodies are
-//! ready at once allocates nothing more.
+//! The timers live inside the boxed bodies and the response future, so bounding costs no
+//! allocation; a request whose body is still to come when it reaches the client shares
+//! one counter with the wait for the response head.
 //!
 //! # Retiring connections after N requests
 //!
