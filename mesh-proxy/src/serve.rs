@@ -605,9 +605,11 @@ where
     fn call(&mut self, req: http::Request<R>) -> Self::Future {
         let in_flight = InFlight::start(self.activity.clone());
         if let Some((status, text)) = self.checks.refuse(&req) {
-            // Refused before any layer sees it: nothing is forwarded, and the connection
-            // closes after the answer (the body, if any, is never read).
+            // Refused before any layer sees it: nothing is forwarded, and an HTTP/1
+            // connection closes after the answer (the body, if any, is never read; an
+            // HTTP/2 stream ends on its own).
             tracing::debug!(%status, "request head over a limit");
+            let close = req.version() < http::Version::HTTP_2;
             let mut res = http::Response::new(TrackedBody {
                 inner: Reply::Local(Some(Bytes::from_static(text.as_bytes()))),
                 _in_flight: in_flight,
@@ -618,10 +620,12 @@ where
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain"),
             );
-            headers.insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
+            if close {
+                headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             return Box::pin(async move { Ok(res) });
         }
         // The stacks box the request body inside this call; the listener's stream limits

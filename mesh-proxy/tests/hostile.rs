@@ -744,6 +744,23 @@ async fn request_heads_over_the_exact_limits_get_414_or_431_and_reach_no_one() {
     let answer = raw(addr, &sized_request("/h", 64 * 1024)).await;
     assert_eq!(status(&answer), 431, "{answer}");
     assert!(upstream.take().is_empty());
+    // HTTP/2 (h2c prior knowledge), counted the same way: "GET" 3, ":path" "/h" 2,
+    // x-pad 5 + pad; the authority travels as `:authority`, not counted.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (pad, want) in [(4096 - 10, 200), (4096 - 10 + 1, 431)] {
+        let req = http::Request::get("http://api.example.com/h")
+            .header("x-pad", "p".repeat(pad))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let res = h2.send_request(req).await.unwrap();
+        assert_eq!(res.status(), want, "h2 pad {pad}");
+    }
+    assert_eq!(upstream.take().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
