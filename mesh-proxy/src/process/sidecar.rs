@@ -184,75 +184,72 @@ fn serve_outbound(
         .map(Into::into)
         .filter(|t: &std::time::Duration| !t.is_zero());
     let mesh = mesh.clone();
-    serve::run(
-        listener,
-        mesh.serve_options("outbound"),
-        move |tcp, remote| {
-            let svc = svc.clone();
-            let addresses = addresses.clone();
-            let mesh = mesh.clone();
-            async move {
-                let local = tcp.local_addr().ok()?;
-                let original = addresses
-                    .as_ref()
-                    .and_then(|_| capture::original_destination(&tcp));
-                let (Some(original), Some(addresses)) = (original, addresses) else {
-                    let ctx = mesh_tls::ConnectionContext::plaintext(remote, local);
-                    return Some((tcp, inbound::per_connection(svc, ctx)));
+    let options = mesh.serve_options("outbound");
+    serve::run(listener, options, move |tcp, remote| {
+        let svc = svc.clone();
+        let addresses = addresses.clone();
+        let mesh = mesh.clone();
+        async move {
+            let local = tcp.local_addr().ok()?;
+            let original = addresses
+                .as_ref()
+                .and_then(|_| capture::original_destination(&tcp));
+            let (Some(original), Some(addresses)) = (original, addresses) else {
+                let ctx = mesh_tls::ConnectionContext::plaintext(remote, local);
+                return Some((tcp, inbound::per_connection(svc, ctx)));
+            };
+            let addresses = addresses.load();
+            let owner = addresses.owner(original);
+            if let Some(owner) = &owner {
+                // The port's declared protocol, else the first bytes (PS-01, PS-10).
+                let detected = match sniff::declared(Some(owner.protocol), original.port()) {
+                    Some(declared) => declared,
+                    None => sniff::detect(&tcp, detection).await,
                 };
-                let addresses = addresses.load();
-                let owner = addresses.owner(original);
-                if let Some(owner) = &owner {
-                    // The port's declared protocol, else the first bytes (PS-01, PS-10).
-                    let detected = match sniff::declared(Some(owner.protocol), original.port()) {
-                        Some(declared) => declared,
-                        None => sniff::detect(&tcp, detection).await,
-                    };
-                    match detected {
-                        Detected::Http => {}
-                        Detected::Tls => {
-                            let outbound = mesh.tcp_outbound(&owner.host, original.port());
-                            tokio::spawn(sniff::proxy_by_sni(outbound, tcp));
-                            return None;
-                        }
-                        Detected::Opaque => {
-                            let outbound = mesh.tcp_outbound(&owner.host, original.port());
-                            tokio::spawn(async move { outbound.proxy(tcp).await });
-                            return None;
-                        }
+                match detected {
+                    Detected::Http => {}
+                    Detected::Tls => {
+                        let outbound = mesh.tcp_outbound(&owner.host, original.port());
+                        tokio::spawn(sniff::proxy_by_sni(outbound, tcp));
+                        return None;
+                    }
+                    Detected::Opaque => {
+                        let outbound = mesh.tcp_outbound(&owner.host, original.port());
+                        tokio::spawn(async move { outbound.proxy(tcp).await });
+                        return None;
                     }
                 }
-                if owner.is_none() && !addresses.is_http_port(original.port()) {
-                    match mode {
-                        OutboundMode::AllowAny => {
-                            let telemetry = mesh.telemetry().clone();
-                            tokio::spawn(async move {
-                                tcp::passthrough(tcp, original, &telemetry, connect_timeout).await;
-                            });
-                        }
-                        OutboundMode::RegistryOnly => {
-                            tracing::debug!(%original, "REGISTRY_ONLY: no service owns the address");
-                        }
-                    }
-                    return None;
-                }
-                let destination = OriginalDestination {
-                    address: original,
-                    service: owner
-                        .map(|o| o.host)
-                        .or_else(|| addresses.host_of(original.ip())),
-                };
-                let svc: HttpService = tower::util::BoxCloneSyncService::new(svc.map_request(
-                    move |mut req: http::Request<mesh_core::body::BoxBody>| {
-                        req.extensions_mut().insert(destination.clone());
-                        req
-                    },
-                ));
-                let ctx = mesh_tls::ConnectionContext::plaintext(remote, original);
-                Some((tcp, inbound::per_connection(svc, ctx)))
             }
-        },
-    )
+            if owner.is_none() && !addresses.is_http_port(original.port()) {
+                match mode {
+                    OutboundMode::AllowAny => {
+                        let telemetry = mesh.telemetry().clone();
+                        tokio::spawn(async move {
+                            tcp::passthrough(tcp, original, &telemetry, connect_timeout).await;
+                        });
+                    }
+                    OutboundMode::RegistryOnly => {
+                        tracing::debug!(%original, "REGISTRY_ONLY: no service owns the address");
+                    }
+                }
+                return None;
+            }
+            let destination = OriginalDestination {
+                address: original,
+                service: owner
+                    .map(|o| o.host)
+                    .or_else(|| addresses.host_of(original.ip())),
+            };
+            let svc: HttpService = tower::util::BoxCloneSyncService::new(svc.map_request(
+                move |mut req: http::Request<mesh_core::body::BoxBody>| {
+                    req.extensions_mut().insert(destination.clone());
+                    req
+                },
+            ));
+            let ctx = mesh_tls::ConnectionContext::plaintext(remote, original);
+            Some((tcp, inbound::per_connection(svc, ctx)))
+        }
+    })
 }
 
 /// The inbound listener's serve loop under capture (see the module docs).
