@@ -122,9 +122,14 @@ gatewayTopology:
   forwardClientCertDetails: SANITIZE_SET
   untrustedHeaders: [x-user-id]
 limits:
+  maxRequestTargetBytes: 8192
   maxRequestHeaderBytes: 61440
   maxHeaders: 100
-  headerReadTimeout: 10s
+  requestHeadersTimeout: 10s
+  streamIdleTimeout: 5m
+  requestTimeout: 0s
+  maxRequestBodyBytes: 0
+  maxResponseBodyBytes: 0
   idleTimeout: 1h
   http2MaxConcurrentStreams: 100
   drainTimeout: 5s

@@ -95,6 +95,10 @@ pub enum ResetReason {
     ConnectionTermination,
     /// The proxy reset the stream itself (`LR`).
     LocalReset,
+    /// The upstream's response was malformed (bad status line, conflicting framing,
+    /// invalid header bytes, too many headers): 502 `UPE`, as Envoy answers a codec
+    /// protocol error.
+    ProtocolError,
 }
 
 impl std::fmt::Display for ResetReason {
@@ -104,6 +108,7 @@ impl std::fmt::Display for ResetReason {
             Self::RefusedStream => "remote refused stream reset",
             Self::ConnectionTermination => "connection termination",
             Self::LocalReset => "local reset",
+            Self::ProtocolError => "protocol error",
         })
     }
 }

@@ -140,6 +140,7 @@ impl Outcome {
                     ResponseFlags::UPSTREAM_CONNECTION_TERMINATION
                 }
                 ResetReason::LocalReset => ResponseFlags::LOCAL_RESET,
+                ResetReason::ProtocolError => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             },
             Self::PerTryTimeout | Self::DeadlineExceeded => ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
             Self::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,

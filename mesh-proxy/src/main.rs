@@ -116,7 +116,10 @@ fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode
         }
         mesh_proxy::process::shutdown::signal().await;
         proxy.shutdown();
-        proxy.wait().await;
+        if !mesh_proxy::process::shutdown::drain_unless_signalled(proxy).await {
+            // Without waiting for the runtime's tasks and blocking threads to wind down.
+            std::process::exit(1);
+        }
         ExitCode::SUCCESS
     })
 }

@@ -458,6 +458,7 @@ impl MeshBuilder {
             connect_timeout: limits.connect_timeout.as_std(),
             replay_limit: limits.max_retry_body_bytes,
             idle_timeout: limits.idle_timeout.as_std(),
+            stream_limits: crate::stack::client::StreamLimits::of(limits),
             destinations: destinations.clone(),
             credentials: self.options.credentials_dir.clone().map(Arc::from),
         };
@@ -712,6 +713,7 @@ impl Mesh {
             limits.connect_timeout.as_std(),
             limits.idle_timeout.as_std(),
         )
+        .stream_limits(crate::stack::client::StreamLimits::of(limits))
     }
 
     /// Connections to the TCP port `port` of `host` (as routes name it: short,
@@ -811,13 +813,7 @@ impl Mesh {
         let acceptor = InboundAcceptor::new(self.inner.store.clone())
             .with_handshake_timeout(self.inner.options.limits.header_read_timeout.as_std());
         let modes = self.inner.peer_auth.clone();
-        let options = self.serve_options(
-            self.inner
-                .telemetry
-                .metrics()
-                .proxy()
-                .active_connections("inbound"),
-        );
+        let options = self.serve_options("inbound");
         serve::run(listener, options, move |tcp_stream, _remote| {
             let svc = svc.clone();
             let acceptor = acceptor.clone();
@@ -841,19 +837,14 @@ impl Mesh {
     }
 
     /// How this mesh's listeners serve (limits, drain, shutdown token).
-    pub(crate) fn serve_options(
-        &self,
-        active: prometheus_client::metrics::gauge::Gauge,
-    ) -> serve::Options {
-        let limits = &self.inner.options.limits;
-        serve::Options {
-            builder: Arc::new(serve::builder(limits)),
-            shutdown: self.inner.shutdown.clone(),
-            drain: limits.drain_timeout.as_std(),
-            max_connections: limits.max_connections,
-            active,
-            idle_timeout: limits.idle_timeout.as_std(),
-        }
+    pub(crate) fn serve_options(&self, listener: &str) -> serve::Options {
+        let metrics = self.inner.telemetry.metrics().proxy();
+        serve::Options::of(
+            &self.inner.options.limits,
+            self.inner.shutdown.clone(),
+            metrics.active_connections(listener),
+            metrics.downstream_cx_overflow(listener),
+        )
     }
 
     /// Swaps in `config`, compiled for this workload, atomically: routes (destinations

@@ -11,9 +11,17 @@
 //! | `Overflow` (+ `x-envoy-overloaded: true`)| 503    | `upstream connect error or disconnect/reset before headers. reset reason: overflow` | UO |
 //! | `ConnectFailure`                         | 503    | `… reset reason: connection failure`   | UF   |
 //! | `UpstreamReset`                          | 503    | `… reset reason: <reason>`             | UC/UR|
+//! | `UpstreamReset` (malformed response)     | 502    | `… reset reason: protocol error`       | UPE  |
 //! | host unknown under `REGISTRY_ONLY`       | 502    | empty                                  | NR   |
 //! | malformed request                        | 400    | `Bad Request`                          | DPE  |
+//! | `RequestBodyTooLarge` (`maxRequestBodyBytes`) | 413 | `Payload Too Large`                  | -    |
+//! | `StreamIdleTimeout` (`streamIdleTimeout`) | 408   | `stream timeout`                       | SI   |
+//! | `RequestTimeout` (`requestTimeout`)      | 408    | `request timeout`                      | -    |
+//! | `ResponseBodyTooLarge` (`maxResponseBodyBytes`) | 502 | `response body too large`          | -    |
 //! | anything else                            | 500    | empty                                  | -    |
+//!
+//! When the retries of the route ran out on the error (`RetriesExhausted`), `URX` is
+//! added to the flag, as Envoy does (`UF,URX`).
 //!
 //! Authorization denials (403 `RBAC: access denied`) are answered by the authorization
 //! layer itself with the same body. Oversized heads (431) and bodies (413) are answered
@@ -34,10 +42,15 @@
 use http::{HeaderValue, Response, StatusCode, header};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{
-    BoxError, ClusterNotFound, ConnectFailure, NoRoute, UpstreamReset, find_cause, is_caused_by,
+    BoxError, ClusterNotFound, ConnectFailure, NoRoute, ResetReason, UpstreamReset, find_cause,
+    is_caused_by,
 };
 use mesh_core::extensions::{LocalReply, add_response_flags};
 use mesh_core::{Outcome, ResponseFlags};
+
+use crate::stack::client::{
+    RequestBodyTooLarge, RequestTimeout, ResponseBodyTooLarge, StreamIdleTimeout,
+};
 
 /// Body of an overflow (`UO`) answer.
 pub const OVERFLOW_BODY: &str =
@@ -136,8 +149,36 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
     if let Some(bad) = find_cause::<BadRequest>(e) {
         return bad_request(bad.0);
     }
+    if is_caused_by::<RequestBodyTooLarge>(e) {
+        return payload_too_large();
+    }
+    if is_caused_by::<StreamIdleTimeout>(e) {
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "stream timeout".into(),
+            ResponseFlags::STREAM_IDLE_TIMEOUT,
+        );
+    }
+    if is_caused_by::<RequestTimeout>(e) {
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "request timeout".into(),
+            ResponseFlags::NONE,
+        );
+    }
+    if is_caused_by::<ResponseBodyTooLarge>(e) {
+        return reply(
+            StatusCode::BAD_GATEWAY,
+            "response body too large".into(),
+            ResponseFlags::NONE,
+        );
+    }
     let outcome = Outcome::from_error(err);
-    let flags = outcome.response_flags();
+    let mut flags = outcome.response_flags();
+    // The retries ran out on this error: Envoy adds `URX` to the last attempt's flag.
+    if is_caused_by::<mesh_resilience::retry::RetriesExhausted>(e) {
+        flags.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+    }
     match outcome {
         Outcome::Overflow => {
             let mut res = reply(
@@ -164,11 +205,17 @@ pub fn error_response(err: &BoxError) -> Response<BoxBody> {
                 .map_or_else(|| ConnectFailure::bare().to_string(), ToString::to_string);
             reply(StatusCode::SERVICE_UNAVAILABLE, text, flags)
         }
-        Outcome::Reset { .. } => {
+        Outcome::Reset { reason, .. } => {
             let text = find_cause::<UpstreamReset>(e)
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            reply(StatusCode::SERVICE_UNAVAILABLE, text, flags)
+            // Envoy answers an upstream codec protocol error with 502, other resets 503.
+            let status = if reason == ResetReason::ProtocolError {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, text, flags)
         }
         Outcome::Response { .. } | Outcome::LocalError => {
             tracing::debug!(error = %err, "local error");
@@ -359,9 +406,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use mesh_core::error::{
-        DeadlineExceeded, NoHealthyUpstream, Overflow, PerTryTimeout, ResetReason,
-    };
+    use mesh_core::error::{DeadlineExceeded, NoHealthyUpstream, Overflow, PerTryTimeout};
 
     async fn text(res: Response<BoxBody>) -> String {
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
@@ -482,6 +527,12 @@ mod tests {
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
                 "UC",
+            ),
+            (
+                Box::new(UpstreamReset::new(ResetReason::ProtocolError, true, None)),
+                502,
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+                "UPE",
             ),
             (
                 Box::new(BadRequest("missing host")),

@@ -40,8 +40,26 @@
 //! flight from the moment hyper hands it to the service until its response body has been
 //! sent or dropped, so long downloads and slow upstreams are never cut. `0s` disables it.
 //!
-//! Limits: header bytes (431 above, by hyper), header count, header read timeout
-//! (slowloris), HTTP/2 concurrent streams and windows.
+//! Limits (settings `limits`, Envoy's names where Envoy has the knob):
+//!
+//! - the request target (`maxRequestTargetBytes`, 414) and the header section
+//!   (`maxRequestHeaderBytes`, 431) are measured exactly ([`Checks`]) before a request
+//!   reaches the service, so a head one byte over is answered here, with
+//!   `Connection: close`, and forwarded to no one; the codecs' own limits sit above these
+//!   (with room for separators and HPACK overhead) and answer only far larger heads;
+//! - the header count (`maxHeaders`, 431, by hyper);
+//! - the request-headers timeout (`requestHeadersTimeout`): hyper's header read timeout
+//!   for each head, and, before it, a connection that sends no byte at all within it is
+//!   closed (hyper-util's protocol detection would otherwise wait forever);
+//! - the connection limit (`maxConnections`): one connection over it is accepted and
+//!   closed at once and counted in [`Options::overflow`] (Envoy's
+//!   `downstream_cx_overflow`), rather than left in the backlog where a client cannot tell
+//!   a full proxy from a slow one;
+//! - the stream limits (`streamIdleTimeout`, `requestTimeout`, body sizes): set around
+//!   each call of the connection's service, so the request body is bounded where the
+//!   stacks box it ([`boxed_request`](crate::stack::boxed_request)), before any layer
+//!   buffers it; the rest is the client's ([`client`](crate::stack::client));
+//! - HTTP/2 concurrent streams and windows.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -65,19 +83,72 @@ use crate::settings::Limits;
 /// The HTTP server builder for `limits`.
 pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // The codecs' own limits leave room for the separators they count and the exact
+    // check does not (`Checks`): the exact limit is the one that answers.
+    let head = limits.max_request_header_bytes + limits.max_request_target_bytes;
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout.as_std())
         .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_request_header_bytes.max(8192));
+        .max_buf_size((head + 4 * limits.max_headers + 1024).max(8192));
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .initial_stream_window_size(64 * 1024)
         .initial_connection_window_size(1024 * 1024)
-        .max_header_list_size(u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(
+            u32::try_from(head + 32 * (limits.max_headers + 4)).unwrap_or(u32::MAX),
+        )
         .max_pending_accept_reset_streams(Some(100));
     b
+}
+
+/// The exact request-head limits checked before a request reaches the service.
+#[derive(Clone, Copy, Debug)]
+pub struct Checks {
+    /// Request-target bytes; 414 above.
+    pub max_target: usize,
+    /// Method, target, header names and values; 431 above.
+    pub max_head: usize,
+}
+
+impl Checks {
+    /// The checks of `limits`.
+    pub fn of(limits: &Limits) -> Self {
+        Self {
+            max_target: limits.max_request_target_bytes,
+            max_head: limits.max_request_header_bytes,
+        }
+    }
+
+    /// The local reply for a request head over a limit, if it is.
+    fn refuse<R>(&self, req: &http::Request<R>) -> Option<(http::StatusCode, &'static str)> {
+        let uri = req.uri();
+        let path = uri.path_and_query().map_or(0, |p| p.as_str().len());
+        // HTTP/1 absolute form carries the scheme and authority in the target; HTTP/2
+        // carries them in pseudo-headers of their own.
+        let target = match (req.version(), uri.authority()) {
+            (http::Version::HTTP_2 | http::Version::HTTP_3, _) | (_, None) => path,
+            (_, Some(a)) => uri.scheme_str().map_or(0, |s| s.len() + 3) + a.as_str().len() + path,
+        };
+        if target > self.max_target {
+            return Some((http::StatusCode::URI_TOO_LONG, "URI Too Long"));
+        }
+        let mut head = req.method().as_str().len() + target;
+        for (name, value) in req.headers() {
+            head += name.as_str().len() + value.len();
+        }
+        (head > self.max_head).then_some((
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request Header Fields Too Large",
+        ))
+    }
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Self::of(&Limits::default())
+    }
 }
 
 /// How a listener serves.
@@ -89,12 +160,22 @@ pub struct Options {
     pub shutdown: CancellationToken,
     /// Drain deadline.
     pub drain: Duration,
-    /// Connections served at once; further ones wait in the kernel's backlog.
+    /// Connections served at once; one more is accepted and closed at once.
     pub max_connections: usize,
     /// `mesh_active_connections{listener}`.
     pub active: prometheus_client::metrics::gauge::Gauge,
+    /// `mesh_downstream_cx_overflow_total{listener}`: connections closed at once because
+    /// `max_connections` were open.
+    pub overflow: prometheus_client::metrics::counter::Counter,
     /// Connections with no request in flight for this long are closed; zero disables.
     pub idle_timeout: Duration,
+    /// A connection that sends no byte for this long after it is accepted (and its TLS
+    /// handshake done) is closed; zero disables.
+    pub first_byte_timeout: Duration,
+    /// Exact request-head limits.
+    pub checks: Checks,
+    /// Body sizes and stream timers for the request bodies of this listener.
+    pub stream: crate::stack::client::StreamLimits,
 }
 
 impl Options {
@@ -111,7 +192,32 @@ impl Options {
             drain: Duration::from_millis(100),
             max_connections: 64,
             active: Default::default(),
+            overflow: Default::default(),
             idle_timeout: Duration::from_secs(3600),
+            first_byte_timeout: Duration::from_secs(10),
+            checks: Checks::default(),
+            stream: crate::stack::client::StreamLimits::default(),
+        }
+    }
+
+    /// Options of a listener under `limits`, with its gauge and overflow counter.
+    pub fn of(
+        limits: &Limits,
+        shutdown: CancellationToken,
+        active: prometheus_client::metrics::gauge::Gauge,
+        overflow: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        Self {
+            builder: Arc::new(builder(limits)),
+            shutdown,
+            drain: limits.drain_timeout.as_std(),
+            max_connections: limits.max_connections,
+            active,
+            overflow,
+            idle_timeout: limits.idle_timeout.as_std(),
+            first_byte_timeout: limits.header_read_timeout.as_std(),
+            checks: Checks::of(limits),
+            stream: crate::stack::client::StreamLimits::of(limits),
         }
     }
 }
@@ -138,25 +244,30 @@ where
         drain,
         max_connections,
         active,
+        overflow,
         idle_timeout,
+        first_byte_timeout,
+        checks,
+        stream,
     } = options;
     let mut tasks = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
         // Reap finished connection tasks so the set stays small.
         while tasks.try_join_next().is_some() {}
-        // At the connection cap, stop accepting until a connection ends.
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-        };
         tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
+                    // At the connection cap a new connection is closed at once (Envoy's
+                    // `downstream_cx_overflow`) rather than left waiting in the backlog,
+                    // where its client could not tell a full proxy from a slow one.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        overflow.inc();
+                        tracing::debug!(%remote, max_connections, "connection limit reached; closing");
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let shutdown = shutdown.clone();
                     let accept = accept.clone();
@@ -180,6 +291,8 @@ where
                         let svc = Tracked {
                             inner: svc,
                             activity: Arc::new(activity),
+                            checks,
+                            stream,
                         };
                         // The HTTP connection, dropped (its IO with it) when it ends.
                         let served = async {
@@ -189,10 +302,22 @@ where
                             );
                             let mut conn = std::pin::pin!(conn);
                             let mut idle = std::pin::pin!(idle(idle_rx, idle_timeout));
+                            // Armed until the first byte: a connection that never sends
+                            // one is closed after the request-headers timeout.
+                            let mut silent = !first_byte_timeout.is_zero();
+                            let first_byte = tokio::time::sleep(first_byte_timeout);
+                            let mut first_byte = std::pin::pin!(first_byte);
                             let mut closing = false;
                             loop {
                                 tokio::select! {
                                     ended = conn.as_mut() => break ended,
+                                    () = &mut first_byte, if silent => {
+                                        silent = false;
+                                        if !released.has_read() {
+                                            tracing::debug!(%remote, "no request within the request-headers timeout; closing");
+                                            break Ok(());
+                                        }
+                                    }
                                     () = shutdown.cancelled(), if !closing => {
                                         closing = true;
                                         conn.as_mut().graceful_shutdown();
@@ -315,25 +440,33 @@ async fn delayed_close(Socket(socket): Socket) {
 
 /// Wraps a connection's IO to tell, once the HTTP connection has ended, whether the IO
 /// was dropped with it or handed over to an upgrade (which then owns the socket).
+/// The flag tells whether a byte was ever read from it.
 struct Released<IO> {
     io: IO,
-    _alive: Arc<()>,
+    alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Tells whether the wrapped IO is gone.
-struct ReleasedWatch(std::sync::Weak<()>);
+/// Tells whether the wrapped IO is gone, and whether it was ever read from.
+struct ReleasedWatch(std::sync::Weak<std::sync::atomic::AtomicBool>);
 
 impl ReleasedWatch {
     fn is_released(&self) -> bool {
         self.0.strong_count() == 0
     }
+
+    /// Whether the client has sent a byte (a released IO counts as having read).
+    fn has_read(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_none_or(|read| read.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl<IO> Released<IO> {
     fn new(io: IO) -> (Self, ReleasedWatch) {
-        let alive = Arc::new(());
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watch = ReleasedWatch(Arc::downgrade(&alive));
-        (Self { io, _alive: alive }, watch)
+        (Self { io, alive }, watch)
     }
 }
 
@@ -343,7 +476,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Released<IO> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.alive.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
     }
 }
 
@@ -443,11 +581,14 @@ async fn idle(mut activity: watch::Receiver<Activity>, timeout: Duration) {
 struct Tracked<S> {
     inner: S,
     activity: Arc<watch::Sender<Activity>>,
+    checks: Checks,
+    stream: crate::stack::client::StreamLimits,
 }
 
 impl<S, R, B> tower::Service<http::Request<R>> for Tracked<S>
 where
     S: tower::Service<http::Request<R>, Response = http::Response<B>>,
+    B: Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = http::Response<TrackedBody<B>>;
@@ -463,11 +604,38 @@ where
 
     fn call(&mut self, req: http::Request<R>) -> Self::Future {
         let in_flight = InFlight::start(self.activity.clone());
-        let fut = self.inner.call(req);
+        if let Some((status, text)) = self.checks.refuse(&req) {
+            // Refused before any layer sees it: nothing is forwarded, and an HTTP/1
+            // connection closes after the answer (the body, if any, is never read; an
+            // HTTP/2 stream ends on its own).
+            tracing::debug!(%status, "request head over a limit");
+            let close = req.version() < http::Version::HTTP_2;
+            let mut res = http::Response::new(TrackedBody {
+                inner: Reply::Local(Some(Bytes::from_static(text.as_bytes()))),
+                _in_flight: in_flight,
+            });
+            *res.status_mut() = status;
+            let headers = res.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain"),
+            );
+            if close {
+                headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            return Box::pin(async move { Ok(res) });
+        }
+        // The stacks box the request body inside this call; the listener's stream limits
+        // go with it from there.
+        let inner = &mut self.inner;
+        let fut = crate::stack::client::DOWNSTREAM.sync_scope(self.stream, || inner.call(req));
         Box::pin(async move {
             let res = fut.await?;
             Ok(res.map(|inner| TrackedBody {
-                inner,
+                inner: Reply::Served(inner),
                 _in_flight: in_flight,
             }))
         })
@@ -478,27 +646,47 @@ where
 #[pin_project::pin_project]
 struct TrackedBody<B> {
     #[pin]
-    inner: B,
+    inner: Reply<B>,
     _in_flight: InFlight,
 }
 
-impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
-    type Data = B::Data;
+/// The service's response body, or the text of a reply of this layer's own.
+#[pin_project::pin_project(project = ReplyProj)]
+enum Reply<B> {
+    Served(#[pin] B),
+    Local(Option<Bytes>),
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for TrackedBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        match self.project().inner.project() {
+            ReplyProj::Served(inner) => inner.poll_frame(cx),
+            ReplyProj::Local(text) => {
+                std::task::Poll::Ready(text.take().map(|t| Ok(http_body::Frame::data(t))))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Reply::Served(inner) => inner.is_end_stream(),
+            Reply::Local(text) => text.is_none(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Reply::Served(inner) => inner.size_hint(),
+            Reply::Local(text) => {
+                http_body::SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
+            }
+        }
     }
 }
 
@@ -526,7 +714,11 @@ mod tests {
             drain: Duration::from_secs(1),
             max_connections: 8,
             active: Default::default(),
+            overflow: Default::default(),
             idle_timeout: limits.idle_timeout.as_std(),
+            first_byte_timeout: limits.header_read_timeout.as_std(),
+            checks: Checks::of(limits),
+            stream: Default::default(),
         };
         let svc = tower::service_fn(|req: http::Request<Incoming>| async move {
             if req.uri().path() == "/slow" {
@@ -653,6 +845,64 @@ mod tests {
             idle_for >= Duration::from_secs(30) && idle_for < Duration::from_secs(31),
             "closed after {idle_for:?} idle"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_request_headers_timeout() {
+        let addr = serve(&Limits::default()).await;
+        let start = tokio::time::Instant::now();
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let silent_for = closed_at(&mut conn).await - start;
+        assert!(
+            silent_for >= Duration::from_secs(10) && silent_for < Duration::from_secs(11),
+            "closed after {silent_for:?}"
+        );
+        // One byte, then silence: the head's own timeout (hyper's) is what ends it, and
+        // a connection that did send is not cut by the first-byte timer.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut conn, b"G")
+            .await
+            .unwrap();
+        get_after_g(&mut conn).await;
+    }
+
+    /// Completes a `GET /` whose first byte was sent 5 s ago and reads the answer.
+    async fn get_after_g(conn: &mut TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        conn.write_all(b"ET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "{:?}", &buf[..n]);
+    }
+
+    #[test]
+    fn request_heads_are_measured_exactly() {
+        let checks = Checks {
+            max_target: 10,
+            max_head: 40,
+        };
+        let req = |target: &str, pad: usize| {
+            http::Request::get(target)
+                .header("x-pad", "p".repeat(pad))
+                .body(())
+                .unwrap()
+        };
+        // "GET" 3 + target + "x-pad" 5 + pad.
+        assert!(checks.refuse(&req("/123456789", 22)).is_none());
+        assert_eq!(
+            checks.refuse(&req("/1234567890", 0)).map(|r| r.0),
+            Some(http::StatusCode::URI_TOO_LONG)
+        );
+        assert_eq!(
+            checks.refuse(&req("/123456789", 23)).map(|r| r.0),
+            Some(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // Absolute form counts the scheme and authority.
+        assert!(checks.refuse(&req("http://a/b", 0)).is_none());
+        assert!(checks.refuse(&req("http://ab/b", 0)).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,15 +40,20 @@
 //! | `gatewayTopology.numTrustedProxies` | `0` | Istio's `numTrustedProxies` (Envoy `xff_num_trusted_hops`): how many proxies in front of this one append to `X-Forwarded-For`; the client address (`remoteIpBlocks`) is the entry that many places from the right, the connection's peer with `0`. The gateway always appends its peer to `X-Forwarded-For` |
 //! | `gatewayTopology.forwardClientCertDetails` | `SANITIZE_SET` | the gateway's `X-Forwarded-Client-Cert`: `SANITIZE`, `FORWARD_ONLY`, `APPEND_FORWARD`, `SANITIZE_SET`, `ALWAYS_FORWARD_ONLY` (Envoy's meanings). The sidecar's inbound listener always uses `SANITIZE_SET`, as Istio |
 //! | `gatewayTopology.untrustedHeaders` | `[]` | more request header names removed from clients at the inbound listener and the gateway, besides `x-forwarded-client-cert`, `x-envoy-*`, `x-istio-*`, `l5d-*` |
-//! | `limits.maxRequestHeaderBytes` | `61440` | request head size; 431 above |
+//! | `limits.maxRequestTargetBytes` | `8192` | request-target size; 414 above |
+//! | `limits.maxRequestHeaderBytes` | `61440` | request head size (method, target, names and values, as Envoy's `max_request_headers_kb` counts); 431 above |
 //! | `limits.maxHeaders` | `100` | request header count; 431 above |
-//! | `limits.headerReadTimeout` | `10s` | time to read a request head (and the TLS handshake) |
+//! | `limits.requestHeadersTimeout` | `10s` | time to read a request head (and the TLS handshake); a connection that sends nothing is closed after it too (formerly `headerReadTimeout`) |
+//! | `limits.streamIdleTimeout` | `5m` | Envoy's `stream_idle_timeout`: a request with no bytes either way for this long gets 408 (`SI`), or is reset once its response began; `0s` disables |
+//! | `limits.requestTimeout` | `0s` (off) | Envoy's `request_timeout`: the whole request must arrive within it, else 408 |
+//! | `limits.maxRequestBodyBytes` | `0` (off) | larger request bodies get 413 |
+//! | `limits.maxResponseBodyBytes` | `0` (off) | larger response bodies get 502, or a reset once the head went out |
 //! | `limits.idleTimeout` | `1h` | downstream connections with no request in flight, and idle pooled upstream connections (unless a DestinationRule sets `idleTimeout`), are closed after this; `0s` disables the downstream one |
 //! | `limits.http2MaxConcurrentStreams` | `100` | per downstream HTTP/2 connection |
-//! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM |
+//! | `limits.drainTimeout` | `5s` | drain deadline on SIGTERM (a second SIGTERM ends the process at once) |
 //! | `limits.maxRetryBodyBytes` | `65536` | request bodies up to this size are kept for retries |
 //! | `limits.connectTimeout` | `10s` | upstream connect + handshake |
-//! | `limits.maxConnections` | `10000` | downstream connections served at once per listener; more wait in the accept backlog |
+//! | `limits.maxConnections` | `10000` | downstream connections served at once per listener; one more is closed at once and counted (`mesh_downstream_cx_overflow_total`) |
 //! | `outboundTrafficPolicy.mode` | `ALLOW_ANY` | `ALLOW_ANY` passes unknown hosts (and, under capture, unknown addresses) through in plaintext; `REGISTRY_ONLY` answers 502 (closes captured connections to unknown addresses) |
 //! | `randomSeed` | random | seed of weighted route picks (reproducible demos and tests) |
 //! | `gateway.name` | required for `gateway` | the Gateway resource to serve |
@@ -351,16 +356,56 @@ pub struct GatewayTopology {
     pub untrusted_headers: Vec<String>,
 }
 
-/// `limits`.
+/// `limits`: bounds on what one client can make the proxy hold, with Envoy's names where
+/// Envoy has the knob (`http_connection_manager` fields in brackets).
+///
+/// | field | default | Envoy |
+/// |---|---|---|
+/// | `maxRequestTargetBytes` | 8192 (414 above) | – (Envoy counts the path in the header limit) |
+/// | `maxRequestHeaderBytes` | 61440 (431 above) | `max_request_headers_kb` (60 KiB) |
+/// | `maxHeaders` | 100 (431 above) | `common_http_protocol_options.max_headers_count` |
+/// | `requestHeadersTimeout` | 10s | `request_headers_timeout` (Envoy: disabled) |
+/// | `streamIdleTimeout` | 5m (408 `SI`) | `stream_idle_timeout` (5 min) |
+/// | `requestTimeout` | disabled (408) | `request_timeout` (disabled) |
+/// | `maxRequestBodyBytes` | disabled (413) | the buffer filter's `max_request_bytes` |
+/// | `maxResponseBodyBytes` | disabled (502, or reset once headers went out) | – |
+/// | `maxConnections` | 10000 (refused above) | listener `max_connections` / `downstream_cx_overflow` |
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Limits {
-    /// Maximum request header bytes (default 61440 = 60 KiB; 431 above).
+    /// Maximum request-target bytes (the path and query of origin form, the whole URI of
+    /// absolute form, HTTP/2 `:path`; default 8192, RFC 9112's recommended minimum
+    /// support). 414 above, before anything is forwarded.
+    pub max_request_target_bytes: usize,
+    /// Maximum request header bytes (default 61440 = 60 KiB, Envoy's
+    /// `max_request_headers_kb`), counted as Envoy counts its header map: the method,
+    /// the request target, and every header's name and value. 431 above, exactly: a head
+    /// one byte over is refused and forwarded to no one.
     pub max_request_header_bytes: usize,
     /// Maximum number of request headers (default 100; 431 above).
     pub max_headers: usize,
-    /// Time to read a request head (default 10s).
+    /// Time to read a request head, and the TLS handshake (default 10s; Envoy's
+    /// `request_headers_timeout`). A connection that sends no byte at all within it is
+    /// closed too. The earlier name `headerReadTimeout` is still read.
+    #[serde(rename = "requestHeadersTimeout", alias = "headerReadTimeout")]
     pub header_read_timeout: IstioDuration,
+    /// A request with no byte received from the client (request body) or from the
+    /// upstream (response head and body) for this long ends (Envoy's
+    /// `stream_idle_timeout`, default 5 min): 408 `stream timeout`, flag `SI`, when the
+    /// response has not begun, else the stream is reset. `0s` disables it.
+    pub stream_idle_timeout: IstioDuration,
+    /// The whole request (head and body) must be received within this (Envoy's
+    /// `request_timeout`, default disabled): 408 `request timeout` otherwise. `0s`
+    /// (the default) disables it.
+    pub request_timeout: IstioDuration,
+    /// Request bodies over this many bytes are refused: 413 (at once when a
+    /// `Content-Length` says so, else when the limit is crossed; the upstream request is
+    /// cut). `0` (the default) disables it.
+    pub max_request_body_bytes: u64,
+    /// Response bodies over this many bytes are refused: 502 when a `Content-Length` says
+    /// so before the head goes out, else the stream is reset when the limit is crossed.
+    /// `0` (the default) disables it.
+    pub max_response_body_bytes: u64,
     /// Downstream connections with no request in flight are closed after this (`0s`:
     /// never), and so are idle pooled upstream connections unless a DestinationRule sets
     /// `connectionPool` `idleTimeout` (default 1h).
@@ -373,17 +418,24 @@ pub struct Limits {
     pub max_retry_body_bytes: usize,
     /// Upstream connect timeout (default 10s, Envoy's).
     pub connect_timeout: IstioDuration,
-    /// Downstream connections served at once per listener (default 10000); further
-    /// ones wait in the kernel's accept backlog. The admin server has its own budget.
+    /// Downstream connections served at once per listener (default 10000). A connection
+    /// over the limit is accepted and closed at once, and counted in
+    /// `mesh_downstream_cx_overflow_total{listener}` (Envoy's `downstream_cx_overflow`);
+    /// it never waits in the kernel's backlog. The admin server has its own budget.
     pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            max_request_target_bytes: 8192,
             max_request_header_bytes: 60 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10).into(),
+            stream_idle_timeout: Duration::from_secs(300).into(),
+            request_timeout: Duration::ZERO.into(),
+            max_request_body_bytes: 0,
+            max_response_body_bytes: 0,
             idle_timeout: Duration::from_secs(3600).into(),
             http2_max_concurrent_streams: 100,
             drain_timeout: Duration::from_secs(5).into(),
@@ -670,6 +722,12 @@ impl Settings {
                 "must be at least 1024".into(),
             ));
         }
+        if self.limits.max_request_target_bytes < 256 {
+            p.push((
+                "limits.maxRequestTargetBytes",
+                "must be at least 256".into(),
+            ));
+        }
         if self.limits.max_connections == 0 {
             p.push(("limits.maxConnections", "must be at least 1".into()));
         }
@@ -744,6 +802,44 @@ mod tests {
         assert_eq!(s.limits.drain_timeout.as_std(), Duration::from_secs(5));
         assert_eq!(s.outbound_traffic_policy.mode, OutboundMode::AllowAny);
         assert_eq!(s.tracing.sampling, 1.0);
+    }
+
+    #[test]
+    fn limits_have_envoys_defaults_and_the_old_timeout_name_is_read() {
+        let s = Settings::from_yaml("s.yaml", MIN).unwrap();
+        let l = &s.limits;
+        assert_eq!(l.max_request_target_bytes, 8192);
+        assert_eq!(l.header_read_timeout.as_std(), Duration::from_secs(10));
+        assert_eq!(l.stream_idle_timeout.as_std(), Duration::from_secs(300));
+        assert_eq!(l.request_timeout.as_std(), Duration::ZERO);
+        assert_eq!(
+            (l.max_request_body_bytes, l.max_response_body_bytes),
+            (0, 0)
+        );
+        for key in ["requestHeadersTimeout", "headerReadTimeout"] {
+            let text = format!(
+                "{MIN}limits: {{{key}: 2s, streamIdleTimeout: 1m, requestTimeout: 30s, maxRequestBodyBytes: 10, maxResponseBodyBytes: 20, maxRequestTargetBytes: 300}}\n"
+            );
+            let l = Settings::from_yaml("s.yaml", &text).unwrap().limits;
+            assert_eq!(
+                l.header_read_timeout.as_std(),
+                Duration::from_secs(2),
+                "{key}"
+            );
+            assert_eq!(l.stream_idle_timeout.as_std(), Duration::from_secs(60));
+            assert_eq!(l.request_timeout.as_std(), Duration::from_secs(30));
+            assert_eq!(
+                (l.max_request_body_bytes, l.max_response_body_bytes),
+                (10, 20)
+            );
+            assert_eq!(l.max_request_target_bytes, 300);
+        }
+        let text = format!("{MIN}limits:\n  maxRequestTargetBytes: 10\n");
+        let errs = Settings::from_yaml("s.yaml", &text).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "s.yaml:4:3: error: limits.maxRequestTargetBytes: must be at least 256"
+        );
     }
 
     #[test]

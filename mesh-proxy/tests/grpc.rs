@@ -313,7 +313,8 @@ spec:
         ("request_protocol", "grpc"),
         ("response_code", "200"),
         ("grpc_response_status", "14"),
-        ("response_flags", "UF"),
+        // Istio's default retries (connect-failure, 2 attempts) ran out: Envoy adds URX.
+        ("response_flags", "UF,URX"),
     ];
     let text = orders
         .metrics_when(|t| series_value(t, "istio_requests_total", &uf).is_some())

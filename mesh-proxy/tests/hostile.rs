@@ -697,3 +697,246 @@ async fn bad_chunked_framing_gets_400_and_no_whole_request_reaches_the_upstream(
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// `GET <target>` on a kept-open connection, with `pad` bytes of one extra header value.
+fn sized_request(target: &str, pad: usize) -> Vec<u8> {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(pad)
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_over_the_exact_limits_get_414_or_431_and_reach_no_one() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let (gw, http) = plain_gateway(
+        &world,
+        upstream.addr,
+        "limits: {maxRequestTargetBytes: 1000, maxRequestHeaderBytes: 4096}\n",
+        "",
+    )
+    .await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    // The target: 1000 bytes pass, 1001 do not.
+    let at = format!("/{}", "a".repeat(999));
+    let over = format!("/{}", "a".repeat(1000));
+    let answer = raw(addr, &sized_request(&at, 0)).await;
+    assert_eq!(status(&answer), 200, "{answer}\n{}", gw.output());
+    assert_eq!(upstream.take()[0].target, at);
+    let answer = raw(addr, &sized_request(&over, 0)).await;
+    assert_eq!(status(&answer), 414, "{answer}");
+    assert!(upstream.take().is_empty());
+    // The head, counted as Envoy counts it (method, target, names and values): "GET" 3,
+    // "/h" 2, host 4 + 15, connection 10 + 5, x-pad 5 + pad = 44 + pad.
+    let answer = raw(addr, &sized_request("/h", 4096 - 44)).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(upstream.take().len(), 1);
+    let answer = raw(addr, &sized_request("/h", 4096 - 44 + 1)).await;
+    assert_eq!(status(&answer), 431, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(upstream.take().is_empty());
+    // A head far over the limit is refused by the codec, still with 431.
+    let answer = raw(addr, &sized_request("/h", 64 * 1024)).await;
+    assert_eq!(status(&answer), 431, "{answer}");
+    assert!(upstream.take().is_empty());
+    // HTTP/2 (h2c prior knowledge), counted the same way: "GET" 3, ":path" "/h" 2,
+    // x-pad 5 + pad; the authority travels as `:authority`, not counted.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (pad, want) in [(4096 - 10, 200), (4096 - 10 + 1, 431)] {
+        let req = http::Request::get("http://api.example.com/h")
+            .header("x-pad", "p".repeat(pad))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let res = h2.send_request(req).await.unwrap();
+        assert_eq!(res.status(), want, "h2 pad {pad}");
+    }
+    assert_eq!(upstream.take().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_sends_a_byte_is_closed_by_the_request_headers_timeout() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let (gw, http) = plain_gateway(
+        &world,
+        upstream.addr,
+        "limits: {requestHeadersTimeout: 500ms}\n",
+        "",
+    )
+    .await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    // Closed without an answer (a bound far above the timeout, not a measurement).
+    let read = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buf))
+        .await
+        .expect("the silent connection was not closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}\n{}", gw.output());
+    // A client that does send is served.
+    let answer = raw(
+        addr,
+        b"GET /x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed_at_once_and_counted() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let (gw, http) = plain_gateway(
+        &world,
+        upstream.addr,
+        "limits: {maxConnections: 3, requestHeadersTimeout: 1h}\n",
+        "",
+    )
+    .await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    // Three connections held open with half a request head each.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /x HTTP/1.1\r\n").await.unwrap();
+        held.push(tcp);
+    }
+    let active = gw
+        .metrics_when(|t| {
+            series_value(t, "mesh_active_connections", &[("listener", "gateway")]) == Some(3.0)
+        })
+        .await;
+    assert_eq!(
+        series_value(
+            &active,
+            "mesh_active_connections",
+            &[("listener", "gateway")]
+        ),
+        Some(3.0),
+        "{active}"
+    );
+    // The fourth is closed at once: no answer, and nothing forwarded.
+    let answer = raw(addr, b"GET /x HTTP/1.1\r\nHost: api.example.com\r\n\r\n").await;
+    assert_eq!(answer, "");
+    assert!(upstream.take().is_empty());
+    let metrics = gw
+        .metrics_when(|t| t.contains("mesh_downstream_cx_overflow_total{"))
+        .await;
+    assert_eq!(
+        series_value(
+            &metrics,
+            "mesh_downstream_cx_overflow_total",
+            &[("listener", "gateway")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // One held connection finishes its request; then a new connection is served.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"Host: api.example.com\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    first.read_to_end(&mut out).await.unwrap();
+    assert_eq!(status(&String::from_utf8_lossy(&out)), 200);
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = raw(
+            addr,
+            b"GET /x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if status(&answer) == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_the_drain_ends_the_process_at_once() {
+    let world = World::new();
+    // An upstream that accepts and never answers: the request stays in flight.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            conns.push(tcp);
+        }
+    });
+    let (mut gw, http) = plain_gateway(&world, upstream, "limits: {drainTimeout: 1h}\n", "").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /x HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    // The request is in flight once the gateway counts the connection.
+    gw.metrics_when(|t| {
+        series_value(t, "mesh_active_connections", &[("listener", "gateway")]) == Some(1.0)
+    })
+    .await;
+    gw.terminate();
+    // Draining: the in-flight request holds the process (for up to an hour).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(gw.child.try_wait().unwrap().is_none(), "{}", gw.output());
+    gw.terminate();
+    let status = tokio::time::timeout(Duration::from_secs(30), gw.child.wait())
+        .await
+        .expect("a second SIGTERM did not end the process")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{}", gw.output());
+    assert!(gw.output().contains("second signal"), "{}", gw.output());
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_byte_chunked_megabyte_upload_passes_the_gateway_whole() {
+    let world = World::new();
+    let upstream = Recorder::start().await;
+    let (gw, http) = plain_gateway(&world, upstream.addr, "", "").await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    const SIZE: usize = 1 << 20;
+    let mut request = b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for i in 0..SIZE {
+        request.extend_from_slice(b"1\r\n");
+        request.push(b'a' + (i % 26) as u8);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let upload = tokio::spawn(async move {
+        wr.write_all(&request).await.unwrap();
+        wr
+    });
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut out))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let _wr = upload.await.unwrap();
+    let answer = String::from_utf8_lossy(&out);
+    assert_eq!(status(&answer), 200, "{answer}\n{}", gw.output());
+    let bodies = upstream.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(bodies[0].len(), SIZE);
+    assert!(
+        bodies[0]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == b'a' + (i % 26) as u8)
+    );
+}

@@ -664,12 +664,7 @@ impl Gateway {
             let forward = mesh.tls_passthrough(port);
             process.serve(serve::run(
                 tcp,
-                mesh.serve_options(
-                    mesh.telemetry()
-                        .metrics()
-                        .proxy()
-                        .active_connections("gateway"),
-                ),
+                mesh.serve_options("gateway"),
                 move |tcp, remote| {
                     let svc = svc.clone();
                     let servers = tls.load_full();

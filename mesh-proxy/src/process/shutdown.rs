@@ -5,6 +5,11 @@
 //! connections still open (see [`serve`](crate::serve) for what is finished and what is
 //! cut), flushes the span export queue and the access log, and then
 //! [`ProxyHandle::wait`] returns.
+//!
+//! A second SIGTERM or SIGINT during the drain ends the drain at once
+//! ([`drain_unless_signalled`]): the binary then exits with status 1 without waiting for
+//! the requests still in flight (their connections are reset by the kernel as the
+//! process ends), as an operator who signals twice asks.
 
 use std::net::SocketAddr;
 
@@ -61,6 +66,18 @@ impl ProxyHandle {
             task.abort();
         }
         drop(self.keep);
+    }
+}
+
+/// Waits for `proxy` to drain (after [`ProxyHandle::shutdown`]) unless another SIGTERM
+/// or SIGINT arrives first; returns whether the drain finished.
+pub async fn drain_unless_signalled(proxy: ProxyHandle) -> bool {
+    tokio::select! {
+        () = proxy.wait() => true,
+        () = signal() => {
+            tracing::warn!("second signal during the drain: exiting at once");
+            false
+        }
     }
 }
 

@@ -48,6 +48,7 @@ use crate::mesh::Mesh;
 use crate::serve;
 use crate::settings::{AppProtocol, Listeners, Settings};
 use crate::sniff::{self, Detected};
+use crate::stack::client::StreamLimits;
 use crate::stack::outbound::OriginalDestination;
 use crate::stack::{HttpClient, HttpService, OutboundMode, inbound, tcp};
 
@@ -127,8 +128,7 @@ impl Sidecar {
             let detection = settings.listeners.protocol_detection_timeout;
             let egress = crate::sniff::Egress::new(&mesh, host, port, listener.local_addr().ok())
                 .detection_timeout(detection.map(Into::into));
-            let options =
-                mesh.serve_options(mesh.telemetry().metrics().proxy().active_connections("tcp"));
+            let options = mesh.serve_options("tcp");
             process.serve(serve::run(listener, options, move |tcp, remote| {
                 egress.clone().accept(tcp, remote)
             }));
@@ -151,7 +151,8 @@ impl Sidecar {
             let app = HttpClient::application(
                 settings.listeners.app,
                 settings.listeners.app_protocol == AppProtocol::Http2,
-            );
+            )
+            .stream_limits(StreamLimits::of(&settings.limits));
             process.serve(mesh.run_inbound(
                 inbound,
                 mesh.inbound(app),
@@ -171,11 +172,6 @@ fn serve_outbound(
     listener: TcpListener,
     addresses: Option<Arc<ArcSwap<Addresses>>>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let active = mesh
-        .telemetry()
-        .metrics()
-        .proxy()
-        .active_connections("outbound");
     let svc: HttpService = match listener.local_addr() {
         Ok(address) => mesh.outbound().on_listener(address).boxed(),
         Err(_) => mesh.outbound().boxed(),
@@ -187,7 +183,8 @@ fn serve_outbound(
         .map(Into::into)
         .filter(|t: &std::time::Duration| !t.is_zero());
     let mesh = mesh.clone();
-    serve::run(listener, mesh.serve_options(active), move |tcp, remote| {
+    let options = mesh.serve_options("outbound");
+    serve::run(listener, options, move |tcp, remote| {
         let svc = svc.clone();
         let addresses = addresses.clone();
         let mesh = mesh.clone();
@@ -263,11 +260,6 @@ fn serve_captured_inbound(
     let acceptor = mesh_tls::InboundAcceptor::new(mesh.certificates().clone())
         .with_handshake_timeout(settings.limits.header_read_timeout.as_std());
     let modes = mesh.peer_authentication();
-    let active = mesh
-        .telemetry()
-        .metrics()
-        .proxy()
-        .active_connections("inbound");
     let app = settings.listeners.app;
     let h2 = settings.listeners.app_protocol == AppProtocol::Http2;
     let l = &settings.listeners;
@@ -276,10 +268,11 @@ fn serve_captured_inbound(
     let own_ports: Arc<[u16]> = own_ports.into();
     // One inbound stack per application port, made on its first connection.
     let stacks: Arc<Mutex<HashMap<u16, HttpService>>> = Arc::default();
+    let limits = StreamLimits::of(&settings.limits);
     let mesh = mesh.clone();
     serve::run(
         listener,
-        mesh.serve_options(active),
+        mesh.serve_options("inbound"),
         move |tcp_stream, remote| {
             let acceptor = acceptor.clone();
             let modes = modes.clone();
@@ -312,7 +305,9 @@ fn serve_captured_inbound(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .entry(port)
-                    .or_insert_with(|| mesh.inbound(HttpClient::application(target, h2)))
+                    .or_insert_with(|| {
+                        mesh.inbound(HttpClient::application(target, h2).stream_limits(limits))
+                    })
                     .clone();
                 Some((io, inbound::per_connection(svc, ctx)))
             }

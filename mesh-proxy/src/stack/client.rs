@@ -16,7 +16,12 @@
 //! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
 //!   when) the answer is `101`, the two connections are spliced together;
 //! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
-//!   (503 `UF`), anything else after it [`UpstreamReset`] (503 `UC`);
+//!   (503 `UF`); a malformed response (a status line or header hyper cannot parse, a NUL
+//!   in a header, more headers than hyper's limit, two differing `Content-Length`, or
+//!   `Content-Length` with `Transfer-Encoding`) is [`UpstreamReset`] with
+//!   [`ResetReason::ProtocolError`] (502 `UPE`, as Envoy's codec error), and the
+//!   connection is not reused; anything else after the connect [`UpstreamReset`]
+//!   (503 `UC`);
 //! - with a per-connection request limit (DestinationRule
 //!   `connectionPool.http.maxRequestsPerConnection`, [`HttpClient::max_requests_per_connection`]),
 //!   a connection is retired once it has answered that many requests;
@@ -24,6 +29,30 @@
 //!   [`HttpClient::max_concurrent_streams`]), an HTTP/2 connection carries at most that
 //!   many requests at once and a request that finds every connection full opens another
 //!   (Envoy's `max_concurrent_streams` of the upstream HTTP/2 options).
+//!
+//! # Stream limits
+//!
+//! [`StreamLimits`] (settings `limits`) bound each request's bodies and waits. A
+//! listener ([`serve`](crate::serve)) bounds the request body where the stacks box it
+//! ([`Bounded`]), before any layer (the retry buffer) reads it; the client
+//! ([`HttpClient::stream_limits`]) bounds the rest, because every HTTP path ends in it:
+//!
+//! - a request body over `maxRequestBodyBytes` gets 413: at once, forwarding nothing, when
+//!   its `Content-Length` says so, else when the limit is crossed (the upstream request
+//!   is cut, so the upstream never receives a whole request);
+//! - a response over `maxResponseBodyBytes` gets 502 when its `Content-Length` says so,
+//!   else the response is cut where the limit is crossed (the head went out already:
+//!   the client sees a reset stream or a short body, never a complete-looking one);
+//! - `streamIdleTimeout` (Envoy's `stream_idle_timeout`): no request body bytes, no
+//!   response head (counted from the request's start or its last body frame) or no
+//!   response body bytes for that long end the request: 408 `stream timeout` with flag
+//!   `SI` while the response has not begun, a reset after;
+//! - `requestTimeout` (Envoy's `request_timeout`): a request body still arriving that
+//!   long after the request head came in gets 408 `request timeout` (at the listener).
+//!
+//! The timers live inside the boxed bodies and the response future, so bounding costs no
+//! allocation; a request whose body is still to come when it reaches the client shares
+//! one counter with the wait for the response head.
 //!
 //! # Retiring connections after N requests
 //!
@@ -86,13 +115,274 @@ pub enum Protocol {
     Downstream,
 }
 
+/// Per-request bounds on the bodies the client carries (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Request body bytes; 0 is unlimited.
+    pub max_request_body: u64,
+    /// Response body bytes; 0 is unlimited.
+    pub max_response_body: u64,
+    /// Longest wait for a request body frame, the response head or a response body frame.
+    pub stream_idle: Option<Duration>,
+    /// Longest time from the start of a request to the end of its body.
+    pub request_timeout: Option<Duration>,
+}
+
+impl StreamLimits {
+    /// The stream limits of the settings' `limits` (zero durations and sizes: none).
+    pub fn of(limits: &crate::settings::Limits) -> Self {
+        let some = |d: Duration| (!d.is_zero()).then_some(d);
+        Self {
+            max_request_body: limits.max_request_body_bytes,
+            max_response_body: limits.max_response_body_bytes,
+            stream_idle: some(limits.stream_idle_timeout.as_std()),
+            request_timeout: some(limits.request_timeout.as_std()),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The stream limits of the listener whose service is being called: set by
+    /// [`serve`](crate::serve) around each call of a connection's service, read where
+    /// the request body is boxed ([`boxed_request`](super::boxed_request)), so the
+    /// client's body is bounded from the edge on, before any layer buffers it.
+    pub(crate) static DOWNSTREAM: StreamLimits;
+}
+
+/// The stream limits of the listener now calling its service, if any.
+pub(crate) fn downstream_limits() -> Option<StreamLimits> {
+    DOWNSTREAM.try_with(|l| *l).ok()
+}
+
+impl StreamLimits {
+    /// Whether any bound applies to request bodies.
+    pub fn bounds_requests(&self) -> bool {
+        self.max_request_body > 0 || self.stream_idle.is_some() || self.request_timeout.is_some()
+    }
+}
+
+/// Whether `e` is a request body's stream limit (size, idle, request timeout), which has
+/// an answer of its own.
+pub fn is_stream_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    use mesh_core::error::is_caused_by;
+    is_caused_by::<RequestBodyTooLarge>(e)
+        || is_caused_by::<StreamIdleTimeout>(e)
+        || is_caused_by::<RequestTimeout>(e)
+}
+
+/// A request body over `maxRequestBodyBytes`: 413.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("request body larger than the limit of {0} bytes")]
+pub struct RequestBodyTooLarge(pub u64);
+
+/// A response body over `maxResponseBodyBytes`: 502 before the head, a reset after.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("response body larger than the limit of {0} bytes")]
+pub struct ResponseBodyTooLarge(pub u64);
+
+/// Nothing moved on the stream for `streamIdleTimeout`: 408 `SI`, or a reset.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("stream timeout")]
+pub struct StreamIdleTimeout;
+
+/// The request body did not end within `requestTimeout`: 408.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("request timeout")]
+pub struct RequestTimeout;
+
+/// A body under [`StreamLimits`]: counts its bytes against `max` and fails when a
+/// frame takes longer than `idle`, or the body has not ended by `deadline`. The timers
+/// live in the body (it is boxed where it is used), so bounding a body allocates nothing.
+#[pin_project::pin_project]
+pub struct Bounded<B> {
+    #[pin]
+    inner: B,
+    max: u64,
+    seen: u64,
+    idle: Option<Duration>,
+    /// Armed while a frame is waited for.
+    #[pin]
+    idle_timer: Option<tokio::time::Sleep>,
+    #[pin]
+    deadline: Option<tokio::time::Sleep>,
+    /// The error when `max` is crossed.
+    too_large: fn(u64) -> BoxError,
+}
+
+impl<B> std::fmt::Debug for Bounded<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field("max", &self.max)
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Bounded<B> {
+    fn new(
+        inner: B,
+        max: u64,
+        idle: Option<Duration>,
+        deadline: Option<Duration>,
+        too_large: fn(u64) -> BoxError,
+    ) -> Self {
+        Self {
+            inner,
+            max,
+            seen: 0,
+            idle,
+            idle_timer: None,
+            deadline: deadline.map(tokio::time::sleep),
+            too_large,
+        }
+    }
+
+    /// A downstream request body under `limits`, from now on (the request head is in).
+    pub fn downstream(inner: B, limits: &StreamLimits) -> Self {
+        Self::new(
+            inner,
+            limits.max_request_body,
+            limits.stream_idle,
+            limits.request_timeout,
+            |max| Box::new(RequestBodyTooLarge(max)),
+        )
+    }
+
+    /// A response body under `limits`.
+    fn response(inner: B, limits: &StreamLimits) -> Self {
+        Self::new(
+            inner,
+            limits.max_response_body,
+            limits.stream_idle,
+            None,
+            |max| Box::new(ResponseBodyTooLarge(max)),
+        )
+    }
+}
+
+impl<B> http_body::Body for Bounded<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.seen == 0 && *this.max > 0 && this.inner.as_ref().size_hint().lower() > *this.max {
+            // The declared length is over the limit already.
+            return Poll::Ready(Some(Err((this.too_large)(*this.max))));
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => {
+                // Something arrived: the idle clock starts again at the next wait.
+                this.idle_timer.set(None);
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    None => return Poll::Ready(None),
+                };
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.max > 0 && *this.seen > *this.max {
+                        return Poll::Ready(Some(Err((this.too_large)(*this.max))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                if let Some(idle) = *this.idle {
+                    if this.idle_timer.is_none() {
+                        this.idle_timer.set(Some(tokio::time::sleep(idle)));
+                    }
+                    if let Some(timer) = this.idle_timer.as_mut().as_pin_mut()
+                        && timer.poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
+                    }
+                }
+                if let Some(deadline) = this.deadline.as_mut().as_pin_mut()
+                    && deadline.poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(Box::new(RequestTimeout))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body on its way to the upstream: bounded in size, and noting when each
+/// frame goes so that the wait for the response head counts from the last one. Its
+/// timers are the edge's ([`Bounded`], where the listener boxed the body).
+#[pin_project::pin_project]
+#[derive(Debug)]
+pub struct Sent {
+    #[pin]
+    inner: BoxBody,
+    max: u64,
+    seen: u64,
+    /// When a frame last went, in milliseconds after the request started (shared only
+    /// while a body is still to come).
+    activity: Option<(Arc<std::sync::atomic::AtomicU64>, tokio::time::Instant)>,
+}
+
+impl http_body::Body for Sent {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some((activity, started)) = this.activity {
+            let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            activity.store(millis, Ordering::Relaxed);
+        }
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            *this.seen += data.len() as u64;
+            if *this.max > 0 && *this.seen > *this.max {
+                return Poll::Ready(Some(Err(Box::new(RequestBodyTooLarge(*this.max)))));
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body type the client's pools send.
+type Outgoing = Sent;
+
 /// Pooled connections from one connector, with an HTTP/1.1-only pool for upgrades.
 #[derive(Clone, Debug)]
 pub struct HttpClient<C> {
-    client: Client<C, BoxBody>,
-    upgrades: Client<C, BoxBody>,
+    client: Client<C, Outgoing>,
+    upgrades: Client<C, Outgoing>,
     /// HTTP/2 connections for HTTP/2 requests under [`Protocol::Downstream`].
-    h2: Option<Client<C, BoxBody>>,
+    h2: Option<Client<C, Outgoing>>,
     /// The address the connector dials (for [`UpstreamHost`]); `None` when it depends
     /// on the request (passthrough).
     address: Option<SocketAddr>,
@@ -113,6 +403,8 @@ pub struct HttpClient<C> {
     streams: Option<Arc<StreamLimit<C>>>,
     /// Streams per HTTP/2 connection, for `h2`.
     h2_streams: Option<Arc<StreamLimit<C>>>,
+    /// Body sizes and stream timers.
+    limits: StreamLimits,
 }
 
 /// Pools of one client whose HTTP/2 connections carry at most `max` streams at once.
@@ -121,11 +413,11 @@ struct StreamLimit<C> {
     /// The first is the client's own pool; more are made when all are full.
     shards: Mutex<Vec<Shard<C>>>,
     /// Makes the pool of a new shard.
-    make: Box<dyn Fn() -> Client<C, BoxBody> + Send + Sync>,
+    make: Box<dyn Fn() -> Client<C, Outgoing> + Send + Sync>,
 }
 
 struct Shard<C> {
-    client: Client<C, BoxBody>,
+    client: Client<C, Outgoing>,
     open: Arc<AtomicU32>,
 }
 
@@ -152,8 +444,8 @@ impl<C> std::fmt::Debug for StreamLimit<C> {
 impl<C: Clone> StreamLimit<C> {
     fn new(
         max: u32,
-        first: Client<C, BoxBody>,
-        make: impl Fn() -> Client<C, BoxBody> + Send + Sync + 'static,
+        first: Client<C, Outgoing>,
+        make: impl Fn() -> Client<C, Outgoing> + Send + Sync + 'static,
     ) -> Self {
         Self {
             max,
@@ -166,7 +458,7 @@ impl<C: Clone> StreamLimit<C> {
     }
 
     /// The pool of the first shard with room, and the place taken in it.
-    fn take(&self) -> (Client<C, BoxBody>, OpenStream) {
+    fn take(&self) -> (Client<C, Outgoing>, OpenStream) {
         let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
         let room = shards
             .iter()
@@ -189,7 +481,7 @@ impl<C: Clone> StreamLimit<C> {
 }
 
 /// A pool of `connector`'s connections.
-fn pool<C>(connector: C, idle_timeout: Duration, http2_only: bool) -> Client<C, BoxBody>
+fn pool<C>(connector: C, idle_timeout: Duration, http2_only: bool) -> Client<C, Outgoing>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
@@ -233,7 +525,15 @@ where
             idle_timeout,
             streams: None,
             h2_streams: None,
+            limits: StreamLimits::default(),
         }
+    }
+
+    /// Bounds every request's bodies and waits by `limits` (none by default).
+    #[must_use]
+    pub fn stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Caps the streams of each HTTP/2 connection at `n` (0: no cap), opening another
@@ -245,7 +545,7 @@ where
             self.h2_streams = None;
             return self;
         }
-        let limit = |first: &Client<C, BoxBody>, http2_only: bool| {
+        let limit = |first: &Client<C, Outgoing>, http2_only: bool| {
             let (connector, idle) = (self.connector.clone(), self.idle_timeout);
             Arc::new(StreamLimit::new(n, first.clone(), move || {
                 pool(connector.clone(), idle, http2_only)
@@ -385,14 +685,34 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Maps a hyper client error to mesh-core's leaf errors.
 pub(crate) fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
     if e.is_connect() {
-        Box::new(ConnectFailure::new(e))
-    } else {
-        Box::new(UpstreamReset::new(
-            ResetReason::ConnectionTermination,
-            true,
-            Some(Box::new(e)),
-        ))
+        return Box::new(ConnectFailure::new(e));
     }
+    let parse = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_parse);
+    let reason = if parse {
+        ResetReason::ProtocolError
+    } else {
+        ResetReason::ConnectionTermination
+    };
+    Box::new(UpstreamReset::new(reason, true, Some(Box::new(e))))
+}
+
+/// A response head hyper accepted but a proxy must not pass on (RFC 9112 §6.1, §6.3):
+/// `Content-Length` together with `Transfer-Encoding`, or `Content-Length` fields that
+/// disagree (hyper refuses most of these itself; this is the same rule, checked again).
+fn malformed_framing(res: &Response<hyper::body::Incoming>) -> bool {
+    if res.version() >= Version::HTTP_2 {
+        return false;
+    }
+    let headers = res.headers();
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return false;
+    };
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || lengths.any(|other| other != first)
+        || first.as_bytes().contains(&b',')
 }
 
 /// Rewrites the request URI to `http://<authority><path>`: `fixed` when given, else the
@@ -437,6 +757,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> ResponseFuture {
+        let limits = self.limits;
+        if limits.max_request_body > 0
+            && http_body::Body::size_hint(req.body()).lower() > limits.max_request_body
+        {
+            // The declared length is over the limit: refused before anything is sent.
+            let err: BoxError = Box::new(RequestBodyTooLarge(limits.max_request_body));
+            return Box::pin(std::future::ready(Err(err)));
+        }
         strip_hop_by_hop(req.headers_mut());
         if !self.mesh_peer {
             // A plaintext or TLS-originated upstream has no sidecar to read the
@@ -465,8 +793,26 @@ where
         } else {
             None
         };
+        let started = tokio::time::Instant::now();
+        // Only a request body still to come can keep the stream alive while the head is
+        // waited for; an empty or ended one shares nothing (no allocation).
+        let pending = {
+            let body = req.body();
+            !(http_body::Body::is_end_stream(body)
+                || http_body::Body::size_hint(body).exact() == Some(0))
+        };
+        let activity = (limits.stream_idle.is_some() && pending)
+            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let body_activity = activity.clone().map(|a| (a, started));
+        let req = req.map(|inner| Sent {
+            inner,
+            max: limits.max_request_body,
+            seen: 0,
+            activity: body_activity,
+        });
         let limit = self.max_requests_per_connection;
         let max_age = self.max_connection_duration;
+        let mut req = req;
         let captured =
             ((limit > 0 || max_age.is_some()) && !upgrade).then(|| capture_connection(&mut req));
         let h2 = self.h2.is_some() && req.version() == Version::HTTP_2;
@@ -486,7 +832,24 @@ where
             },
         };
         Box::pin(async move {
-            let mut res = fut.await.map_err(upstream_error)?;
+            let res = match limits.stream_idle {
+                Some(idle) => head_within(fut, idle, started, activity).await?,
+                None => fut.await,
+            };
+            let mut res = res.map_err(upstream_error)?;
+            if limits.max_response_body > 0
+                && http_body::Body::size_hint(res.body()).lower() > limits.max_response_body
+            {
+                return Err(Box::new(ResponseBodyTooLarge(limits.max_response_body)) as BoxError);
+            }
+            if malformed_framing(&res) {
+                // Dropping the response unread closes its connection.
+                return Err(Box::new(UpstreamReset::new(
+                    ResetReason::ProtocolError,
+                    true,
+                    Some("response with conflicting Content-Length / Transfer-Encoding".into()),
+                )) as BoxError);
+            }
             let requests = res.extensions_mut().remove::<ConnectionRequests>();
             let opened = res.extensions_mut().remove::<ConnectionOpened>();
             let spent = requests.is_some_and(|r| limit > 0 && r.answered() >= limit);
@@ -511,12 +874,39 @@ where
             }
             // The stream stays open, and its place taken, until the body ends.
             Ok(match stream {
-                Some(stream) => {
-                    res.map(|b| body::boxed(mesh_resilience::body::GuardBody::new(b, Some(stream))))
-                }
-                None => res.map(body::boxed),
+                Some(stream) => res.map(|b| {
+                    body::boxed(Bounded::response(
+                        mesh_resilience::body::GuardBody::new(b, Some(stream)),
+                        &limits,
+                    ))
+                }),
+                None => res.map(|b| body::boxed(Bounded::response(b, &limits))),
             })
         })
+    }
+}
+
+/// Waits for `fut` (the response head) while the stream is not idle for `idle`: since
+/// `started`, or since the last request body frame noted in `activity`.
+async fn head_within<F: std::future::Future>(
+    fut: F,
+    idle: Duration,
+    started: tokio::time::Instant,
+    activity: Option<Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<F::Output, BoxError> {
+    let mut fut = std::pin::pin!(fut);
+    let mut deadline = started + idle;
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
+            return Ok(out);
+        }
+        let last = activity
+            .as_ref()
+            .map(|a| started + Duration::from_millis(a.load(Ordering::Relaxed)) + idle);
+        match last {
+            Some(later) if later > deadline => deadline = later,
+            _ => return Err(Box::new(StreamIdleTimeout)),
+        }
     }
 }
 

@@ -97,6 +97,8 @@ pub struct MakeDest {
     pub replay_limit: usize,
     /// Idle timeout of pooled upstream connections when no DestinationRule sets one.
     pub idle_timeout: Duration,
+    /// Body sizes and stream timers of every request (settings `limits`).
+    pub stream_limits: super::client::StreamLimits,
     /// Where the destinations are listed for the admin view.
     pub destinations: Destinations,
     /// The credentials directory DestinationRule `tls.credentialName` is read from
@@ -286,8 +288,10 @@ impl MakeDest {
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0);
         let for_endpoints = Arc::clone(&connecting);
+        let stream_limits = self.stream_limits;
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
             HttpClient::upstream(for_endpoints.connector(ep), idle, protocol)
+                .stream_limits(stream_limits)
                 .max_requests_per_connection(per_connection)
                 .max_connection_duration(for_endpoints.tcp.max_connection_duration)
                 .max_concurrent_streams(streams)

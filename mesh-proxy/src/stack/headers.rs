@@ -497,12 +497,16 @@ where
         }
         // A body the client frames badly (a bad chunk line, a truncated chunk, data past
         // the chunk size) fails while it is forwarded: the answer is then 400 `DPE`,
-        // as for every other malformed request, not an upstream failure.
+        // as for every other malformed request, not an upstream failure. A body over a
+        // stream limit keeps its own answer (413, 408).
         let req = req.map(|body| {
             mesh_core::body::boxed(http_body_util::BodyExt::map_err(body, |e| {
                 let e: BoxError = e.into();
+                if crate::stack::client::is_stream_limit(e.as_ref()) {
+                    return e;
+                }
                 tracing::debug!(error = %e, "malformed request body");
-                crate::respond::BadRequest("malformed request body")
+                Box::new(crate::respond::BadRequest("malformed request body")) as BoxError
             }))
         });
         Either::Right(StripResponse {

@@ -43,13 +43,23 @@ pub use outbound::{MeshRouter, Outbound, OutboundMode, OutboundPolicy};
 /// The HTTP service type listeners serve (after the per-connection layers).
 pub type HttpService = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
 
-/// Boxes any request body into [`BoxBody`].
+/// Boxes any request body into [`BoxBody`]; called by a listener's service, the body
+/// gets the listener's stream limits ([`client::Bounded`]: body size, stream idle and
+/// request timeouts) on the way.
 pub fn boxed_request<B>(req: Request<B>) -> Request<BoxBody>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    req.map(body::boxed)
+    // A body boxed already was bounded where it was boxed first (and boxing it again
+    // would cost an allocation per request).
+    let boxed = std::any::TypeId::of::<B>() == std::any::TypeId::of::<BoxBody>();
+    match client::downstream_limits() {
+        Some(limits) if limits.bounds_requests() && !boxed => {
+            req.map(|b| body::boxed(client::Bounded::downstream(b, &limits)))
+        }
+        _ => req.map(body::boxed),
+    }
 }
 
 /// Boxes any response body into [`BoxBody`].

@@ -222,6 +222,13 @@ impl Outbound {
         }
     }
 
+    /// Bounds the bodies and waits of passthrough requests by `limits`.
+    #[must_use]
+    pub fn stream_limits(mut self, limits: super::client::StreamLimits) -> Self {
+        self.forward.passthrough = self.forward.passthrough.stream_limits(limits);
+        self
+    }
+
     /// Serving the listener at `address`: a passthrough request addressed to it is
     /// answered 508 instead of being sent back to the listener.
     #[must_use]

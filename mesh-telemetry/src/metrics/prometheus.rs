@@ -106,6 +106,7 @@ struct ListenerLabel {
 /// | `mesh_pool_overflows_total` | counter | `destination` |
 /// | `mesh_retries_total` | counter | `destination` |
 /// | `mesh_active_connections` | gauge | `listener` |
+/// | `mesh_downstream_cx_overflow_total` | counter | `listener` |
 /// | `mesh_trace_spans_exported_total` | counter | |
 /// | `mesh_trace_spans_dropped_total` | counter | |
 /// | `mesh_access_log_dropped_total` | counter | |
@@ -121,6 +122,7 @@ pub struct ProxyMetrics {
     pool_overflows: Family<DestinationLabel, Counter>,
     retries: Family<DestinationLabel, Counter>,
     active_connections: Family<ListenerLabel, Gauge>,
+    downstream_cx_overflow: Family<ListenerLabel, Counter>,
     /// Spans handed to an exporter that accepted them.
     pub spans_exported: Counter,
     /// Spans dropped: queue full, exporter failed or timed out.
@@ -143,6 +145,7 @@ impl ProxyMetrics {
             pool_overflows: Family::default(),
             retries: Family::default(),
             active_connections: Family::default(),
+            downstream_cx_overflow: Family::default(),
             spans_exported: Counter::default(),
             spans_dropped: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -193,6 +196,11 @@ impl ProxyMetrics {
             "mesh_active_connections",
             "Open downstream connections",
             this.active_connections.clone(),
+        );
+        registry.register(
+            "mesh_downstream_cx_overflow",
+            "Downstream connections closed at once because the listener's maxConnections were open (Envoy's downstream_cx_overflow)",
+            this.downstream_cx_overflow.clone(),
         );
         registry.register(
             "mesh_trace_spans_exported",
@@ -253,6 +261,15 @@ impl ProxyMetrics {
             pool_overflows: self.pool_overflows.get_or_create_owned(&l),
             retries: self.retries.get_or_create_owned(&l),
         }
+    }
+
+    /// The counter of connections a listener closed at once for being over its
+    /// connection limit.
+    pub fn downstream_cx_overflow(&self, listener: &str) -> Counter {
+        self.downstream_cx_overflow
+            .get_or_create_owned(&ListenerLabel {
+                listener: listener.to_owned(),
+            })
     }
 
     /// The active-connection gauge of a listener (`inbound`, `outbound`, `gateway`, …).
