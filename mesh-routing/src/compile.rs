@@ -16,14 +16,17 @@
 //!   (VS-83: `host`/`:authority` become an authority rewrite, other pseudo-headers are
 //!   dropped), rewrites, redirects, direct responses and mirrors (VS-84, absent percentage =
 //!   100 %) are translated to the runtime types of this crate.
+//! - Delegation (VS-86): a route with `delegate` is replaced by the delegate
+//!   VirtualService's routes merged with it (see the `delegate` module: one level,
+//!   conflicting delegate routes dropped, a missing delegate drops the route); delegate
+//!   destinations are qualified with the delegate's namespace.
 //! - On the mesh listener every registry host without a VirtualService gets a default
 //!   route to itself.
 //!
 //! # Errors
 //!
 //! Every translation problem is collected as a [`CompileError`] naming the VirtualService;
-//! configuration that passed `mesh-core` validation compiles. `delegate` routes are not
-//! supported and are reported as errors.
+//! configuration that passed `mesh-core` validation compiles.
 //!
 //! # Example
 //!
@@ -501,9 +504,6 @@ impl Ctx<'_> {
         r: &HttpRoute,
         matches: Vec<RouteMatch>,
     ) -> Result<Route, CompileError> {
-        if r.delegate.is_some() {
-            return Err(self.invalid("delegate VirtualServices are not supported"));
-        }
         let mut authority = None;
         let headers = self.headers(r.headers.as_ref(), &mut authority)?;
         let action = if let Some(red) = &r.redirect {
@@ -689,14 +689,33 @@ fn block_applies(m: &HttpMatchRequest, namespace: &str, options: &CompileOptions
 /// it was compiled from and, for each of its match blocks, the index of the
 /// `spec.http[i].match` entry (blocks and routes that do not apply to the listener are
 /// left out of the table, so table positions and YAML positions differ). For tools that
-/// point a user at the YAML behind a routing decision.
+/// point a user at the YAML behind a routing decision. A route merged from a delegate
+/// (VS-86) points at the root's delegating `spec.http` entry, with no block indexes.
 pub fn http_route_sources(
+    config: &MeshConfig,
     vs: &VirtualService,
     options: &CompileOptions,
 ) -> Vec<(usize, Vec<usize>)> {
     let namespace = vs.metadata.namespace.as_str();
     let mut out = Vec::with_capacity(vs.spec.http.len());
     for (i, r) in vs.spec.http.iter().enumerate() {
+        if let Some(d) = &r.delegate {
+            let Some(delegate) = crate::delegate::find(config, d, namespace) else {
+                continue;
+            };
+            for leaf in delegate.spec.http.iter().filter(|l| l.delegate.is_none()) {
+                if let Some(merged) = crate::delegate::merge_route(r, leaf)
+                    && (merged.matches.is_empty()
+                        || merged
+                            .matches
+                            .iter()
+                            .any(|m| block_applies(m, namespace, options)))
+                {
+                    out.push((i, Vec::new()));
+                }
+            }
+            continue;
+        }
         let kept: Vec<usize> = r
             .matches
             .iter()
@@ -710,6 +729,27 @@ pub fn http_route_sources(
         out.push((i, kept));
     }
     out
+}
+
+/// The HTTP route `r` (of a VirtualService in `namespace`) for `options.listener`, or
+/// `None` when it has match blocks and none applies there.
+fn compile_http_route(
+    builder: &mut TableBuilder,
+    ctx: &Ctx<'_>,
+    r: &HttpRoute,
+    namespace: &str,
+    options: &CompileOptions,
+) -> Result<Option<Route>, CompileError> {
+    let mut matches = Vec::with_capacity(r.matches.len());
+    for m in &r.matches {
+        if block_applies(m, namespace, options) {
+            matches.push(ctx.route_match(m)?);
+        }
+    }
+    if !r.matches.is_empty() && matches.is_empty() {
+        return Ok(None);
+    }
+    ctx.route(builder, r, matches).map(Some)
 }
 
 /// Compiles the VirtualService `vs` into `builder` for `options.listener`.
@@ -749,16 +789,34 @@ fn compile_virtual_service(
     }
     let mut routes = Vec::with_capacity(vs.spec.http.len());
     for r in &vs.spec.http {
-        let mut matches = Vec::with_capacity(r.matches.len());
-        for m in &r.matches {
-            if block_applies(m, namespace, options) {
-                matches.push(ctx.route_match(m)?);
+        let Some(d) = &r.delegate else {
+            routes.extend(compile_http_route(builder, &ctx, r, namespace, options)?);
+            continue;
+        };
+        // VS-86: the delegate's routes, each merged with this one; a missing delegate
+        // drops the route (validation warns at it).
+        let Some(delegate) = crate::delegate::find(config, d, namespace) else {
+            continue;
+        };
+        let dctx = Ctx {
+            resource: format!(
+                "VirtualService/{}/{} (delegate of {})",
+                delegate.metadata.namespace, delegate.metadata.name, ctx.resource
+            ),
+            namespace: &delegate.metadata.namespace,
+            naming: &options.naming,
+        };
+        for leaf in &delegate.spec.http {
+            if leaf.delegate.is_some() {
+                // One level only: a delegate's own delegation is dropped.
+                continue;
+            }
+            if let Some(merged) = crate::delegate::merge_route(r, leaf) {
+                routes.extend(compile_http_route(
+                    builder, &dctx, &merged, namespace, options,
+                )?);
             }
         }
-        if !r.matches.is_empty() && matches.is_empty() {
-            continue;
-        }
-        routes.push(ctx.route(builder, r, matches)?);
     }
     let (listener, labels) = (&options.listener, &options.workload_labels);
     let mut tcp = Vec::new();

@@ -48,11 +48,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ),
     ne(
         VS,
-        "spec.http[].delegate",
-        "delegation is not supported; the route matches nothing",
-    ),
-    ne(
-        VS,
         "spec.http[].match[].statPrefix",
         "no separate statistics are kept",
     ),
