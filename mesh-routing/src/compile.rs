@@ -83,6 +83,8 @@ struct L4Block<'a> {
     source_namespace: Option<&'a String>,
     port: Option<u32>,
     sni_hosts: &'a [String],
+    destination_subnets: &'a [String],
+    source_subnet: Option<&'a String>,
 }
 
 impl<'a> L4Block<'a> {
@@ -93,6 +95,8 @@ impl<'a> L4Block<'a> {
             source_namespace: m.source_namespace.as_ref(),
             port: m.port,
             sni_hosts: &[],
+            destination_subnets: &m.destination_subnets,
+            source_subnet: m.source_subnet.as_ref(),
         }
     }
 
@@ -103,6 +107,9 @@ impl<'a> L4Block<'a> {
             source_namespace: m.source_namespace.as_ref(),
             port: m.port,
             sni_hosts: &m.sni_hosts,
+            // TLS routes are chosen by SNI before any address is looked at.
+            destination_subnets: &[],
+            source_subnet: None,
         }
     }
 }
@@ -430,9 +437,20 @@ impl Ctx<'_> {
                     u16::try_from(p).map_err(|_| self.invalid(format!("port {p} out of range")))
                 })
                 .transpose()?;
+            let subnet = |s: &String| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| self.invalid(format!("`{s}` is not an IP address or CIDR")))
+            };
             matches.push(L4Match {
                 port,
                 sni_hosts: m.sni_hosts.to_vec(),
+                destination_subnets: m
+                    .destination_subnets
+                    .iter()
+                    .map(subnet)
+                    .collect::<Result<_, _>>()?,
+                source_subnet: m.source_subnet.map(subnet).transpose()?,
             });
         }
         if had_blocks && matches.is_empty() {

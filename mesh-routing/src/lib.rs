@@ -116,7 +116,7 @@ pub use router::{
 };
 pub use subset::{DestinationRule, DestinationRules, ResolvedPolicy, Subset};
 pub use table::{
-    CompileError, DestinationKey, Naming, Route, RouteAction, RouteStack, RouteTable, Selected,
-    VirtualHost,
+    CompileError, DestinationKey, L4Addresses, Naming, Route, RouteAction, RouteStack, RouteTable,
+    Selected, VirtualHost,
 };
 pub use weighted::{WeightError, Weighted};

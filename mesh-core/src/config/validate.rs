@@ -656,6 +656,11 @@ fn virtual_service(ctx: &mut Ctx<'_>, vs: &VirtualService) {
                     ctx.error(&pi(&mp, "destinationSubnets", k), e);
                 }
             }
+            if let Some(subnet) = &m.source_subnet
+                && let Err(e) = check_ip_or_cidr(subnet)
+            {
+                ctx.error(&p(&mp, "sourceSubnet"), e);
+            }
             for (k, g) in m.gateways.iter().enumerate() {
                 check_gateway_ref(ctx, &pi(&mp, "gateways", k), g);
             }
