@@ -69,6 +69,7 @@ use crate::matcher::{HeaderMatch, MatchError, QueryParamMatch, RouteMatch, Strin
 use crate::registry::{PortProtocol, Registry, Resolution, Service, ServicePort, WorkloadEntry};
 use crate::rewrite::{DirectResponse, Redirect, RedirectPort, RegexRewrite, Rewrite};
 use crate::router::Routing;
+use crate::stats::RouteStats;
 use crate::subset::{DestinationRule, DestinationRules};
 use crate::table::{
     CompileError, DestinationKey, L4Match, Mirror, Naming, Route, RouteAction, RouteTable,
@@ -332,6 +333,7 @@ impl Ctx<'_> {
             headers,
             query_params,
             port,
+            stats: None,
         })
     }
 
@@ -756,12 +758,19 @@ fn compile_http_route(
     ctx: &Ctx<'_>,
     r: &HttpRoute,
     namespace: &str,
+    virtual_host: &str,
     options: &CompileOptions,
 ) -> Result<Option<Route>, CompileError> {
     let mut matches = Vec::with_capacity(r.matches.len());
     for m in &r.matches {
         if block_applies(m, namespace, options) {
-            matches.push(ctx.route_match(m)?);
+            let mut block = ctx.route_match(m)?;
+            block.stats = m
+                .stat_prefix
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .map(|p| RouteStats::get(virtual_host, p));
+            matches.push(block);
         }
     }
     if !r.matches.is_empty() && matches.is_empty() {
@@ -805,10 +814,13 @@ fn compile_virtual_service(
     if hosts.is_empty() {
         return Ok(());
     }
+    let vh_name = format!("{namespace}/{}", vs.metadata.name);
     let mut routes = Vec::with_capacity(vs.spec.http.len());
     for r in &vs.spec.http {
         let Some(d) = &r.delegate else {
-            routes.extend(compile_http_route(builder, &ctx, r, namespace, options)?);
+            routes.extend(compile_http_route(
+                builder, &ctx, r, namespace, &vh_name, options,
+            )?);
             continue;
         };
         // VS-86: the delegate's routes, each merged with this one; a missing delegate
@@ -831,7 +843,7 @@ fn compile_virtual_service(
             }
             if let Some(merged) = crate::delegate::merge_route(r, leaf) {
                 routes.extend(compile_http_route(
-                    builder, &dctx, &merged, namespace, options,
+                    builder, &dctx, &merged, namespace, &vh_name, options,
                 )?);
             }
         }
@@ -851,7 +863,7 @@ fn compile_virtual_service(
         tls.extend(ctx.l4_route(builder, blocks, &r.route, listener, labels)?);
     }
     builder.virtual_host(VirtualHost {
-        name: format!("{namespace}/{}", vs.metadata.name),
+        name: vh_name,
         hosts,
         routes,
         tcp,

@@ -100,6 +100,7 @@ pub mod mirror;
 pub mod registry;
 pub mod rewrite;
 pub mod router;
+pub mod stats;
 pub mod subset;
 pub mod table;
 pub mod weighted;

@@ -37,11 +37,6 @@ use Kind::{
 pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         VS,
-        "spec.http[].match[].statPrefix",
-        "no separate statistics are kept",
-    ),
-    ne(
-        VS,
         "spec.http[].retries.retryRemoteLocalities",
         "localities are not considered",
     ),
