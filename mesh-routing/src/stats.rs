@@ -143,8 +143,11 @@ impl PartialEq for RouteStats {
     }
 }
 
-fn registry() -> &'static Mutex<BTreeMap<(String, String), Arc<RouteStats>>> {
-    static REGISTRY: OnceLock<Mutex<BTreeMap<(String, String), Arc<RouteStats>>>> = OnceLock::new();
+/// Counters by (virtual host, prefix).
+type Registry = Mutex<BTreeMap<(String, String), Arc<RouteStats>>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(Mutex::default)
 }
 
