@@ -49,18 +49,15 @@ fn every_not_enforced_field_is_reported_where_it_is_written() {
 
 #[test]
 fn warnings_point_at_the_field_not_its_children() {
-    let report = load_paths(
-        &[dir().join("virtual-service.yaml")],
-        &LoadOptions::default(),
-    );
-    // `delegate` has children (`name`, `namespace`): one warning, at the field.
-    let delegate: Vec<&Diagnostic> = report
+    let report = load_paths(&[dir().join("sidecar.yaml")], &LoadOptions::default());
+    // `egress[].port` has children (`number`, `protocol`, `name`): one warning, at the field.
+    let port: Vec<&Diagnostic> = report
         .warnings()
-        .filter(|w| w.message.starts_with("`delegate`"))
+        .filter(|w| w.message.starts_with("`port`"))
         .collect();
-    assert_eq!(delegate.len(), 1);
-    assert_eq!(delegate[0].path.as_deref(), Some("spec.http[7].delegate"));
-    assert_eq!(delegate[0].line_column(), Some((137, 5)));
+    assert_eq!(port.len(), 1);
+    assert_eq!(port[0].path.as_deref(), Some("spec.egress[0].port"));
+    assert_eq!(port[0].line_column(), Some((18, 5)));
 }
 
 #[test]

@@ -16,14 +16,17 @@
 //!   (VS-83: `host`/`:authority` become an authority rewrite, other pseudo-headers are
 //!   dropped), rewrites, redirects, direct responses and mirrors (VS-84, absent percentage =
 //!   100 %) are translated to the runtime types of this crate.
+//! - Delegation (VS-86): a route with `delegate` is replaced by the delegate
+//!   VirtualService's routes merged with it (see the `delegate` module: one level,
+//!   conflicting delegate routes dropped, a missing delegate drops the route); delegate
+//!   destinations are qualified with the delegate's namespace.
 //! - On the mesh listener every registry host without a VirtualService gets a default
 //!   route to itself.
 //!
 //! # Errors
 //!
 //! Every translation problem is collected as a [`CompileError`] naming the VirtualService;
-//! configuration that passed `mesh-core` validation compiles. `delegate` routes are not
-//! supported and are reported as errors.
+//! configuration that passed `mesh-core` validation compiles.
 //!
 //! # Example
 //!
@@ -66,6 +69,7 @@ use crate::matcher::{HeaderMatch, MatchError, QueryParamMatch, RouteMatch, Strin
 use crate::registry::{PortProtocol, Registry, Resolution, Service, ServicePort, WorkloadEntry};
 use crate::rewrite::{DirectResponse, Redirect, RedirectPort, RegexRewrite, Rewrite};
 use crate::router::Routing;
+use crate::stats::RouteStats;
 use crate::subset::{DestinationRule, DestinationRules};
 use crate::table::{
     CompileError, DestinationKey, L4Match, Mirror, Naming, Route, RouteAction, RouteTable,
@@ -80,6 +84,8 @@ struct L4Block<'a> {
     source_namespace: Option<&'a String>,
     port: Option<u32>,
     sni_hosts: &'a [String],
+    destination_subnets: &'a [String],
+    source_subnet: Option<&'a String>,
 }
 
 impl<'a> L4Block<'a> {
@@ -90,6 +96,8 @@ impl<'a> L4Block<'a> {
             source_namespace: m.source_namespace.as_ref(),
             port: m.port,
             sni_hosts: &[],
+            destination_subnets: &m.destination_subnets,
+            source_subnet: m.source_subnet.as_ref(),
         }
     }
 
@@ -100,6 +108,9 @@ impl<'a> L4Block<'a> {
             source_namespace: m.source_namespace.as_ref(),
             port: m.port,
             sni_hosts: &m.sni_hosts,
+            // TLS routes are chosen by SNI before any address is looked at.
+            destination_subnets: &[],
+            source_subnet: None,
         }
     }
 }
@@ -322,6 +333,7 @@ impl Ctx<'_> {
             headers,
             query_params,
             port,
+            stats: None,
         })
     }
 
@@ -427,9 +439,20 @@ impl Ctx<'_> {
                     u16::try_from(p).map_err(|_| self.invalid(format!("port {p} out of range")))
                 })
                 .transpose()?;
+            let subnet = |s: &String| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| self.invalid(format!("`{s}` is not an IP address or CIDR")))
+            };
             matches.push(L4Match {
                 port,
                 sni_hosts: m.sni_hosts.to_vec(),
+                destination_subnets: m
+                    .destination_subnets
+                    .iter()
+                    .map(subnet)
+                    .collect::<Result<_, _>>()?,
+                source_subnet: m.source_subnet.map(subnet).transpose()?,
             });
         }
         if had_blocks && matches.is_empty() {
@@ -501,9 +524,6 @@ impl Ctx<'_> {
         r: &HttpRoute,
         matches: Vec<RouteMatch>,
     ) -> Result<Route, CompileError> {
-        if r.delegate.is_some() {
-            return Err(self.invalid("delegate VirtualServices are not supported"));
-        }
         let mut authority = None;
         let headers = self.headers(r.headers.as_ref(), &mut authority)?;
         let action = if let Some(red) = &r.redirect {
@@ -689,14 +709,33 @@ fn block_applies(m: &HttpMatchRequest, namespace: &str, options: &CompileOptions
 /// it was compiled from and, for each of its match blocks, the index of the
 /// `spec.http[i].match` entry (blocks and routes that do not apply to the listener are
 /// left out of the table, so table positions and YAML positions differ). For tools that
-/// point a user at the YAML behind a routing decision.
+/// point a user at the YAML behind a routing decision. A route merged from a delegate
+/// (VS-86) points at the root's delegating `spec.http` entry, with no block indexes.
 pub fn http_route_sources(
+    config: &MeshConfig,
     vs: &VirtualService,
     options: &CompileOptions,
 ) -> Vec<(usize, Vec<usize>)> {
     let namespace = vs.metadata.namespace.as_str();
     let mut out = Vec::with_capacity(vs.spec.http.len());
     for (i, r) in vs.spec.http.iter().enumerate() {
+        if let Some(d) = &r.delegate {
+            let Some(delegate) = crate::delegate::find(config, d, namespace) else {
+                continue;
+            };
+            for leaf in delegate.spec.http.iter().filter(|l| l.delegate.is_none()) {
+                if let Some(merged) = crate::delegate::merge_route(r, leaf)
+                    && (merged.matches.is_empty()
+                        || merged
+                            .matches
+                            .iter()
+                            .any(|m| block_applies(m, namespace, options)))
+                {
+                    out.push((i, Vec::new()));
+                }
+            }
+            continue;
+        }
         let kept: Vec<usize> = r
             .matches
             .iter()
@@ -710,6 +749,34 @@ pub fn http_route_sources(
         out.push((i, kept));
     }
     out
+}
+
+/// The HTTP route `r` (of a VirtualService in `namespace`) for `options.listener`, or
+/// `None` when it has match blocks and none applies there.
+fn compile_http_route(
+    builder: &mut TableBuilder,
+    ctx: &Ctx<'_>,
+    r: &HttpRoute,
+    namespace: &str,
+    virtual_host: &str,
+    options: &CompileOptions,
+) -> Result<Option<Route>, CompileError> {
+    let mut matches = Vec::with_capacity(r.matches.len());
+    for m in &r.matches {
+        if block_applies(m, namespace, options) {
+            let mut block = ctx.route_match(m)?;
+            block.stats = m
+                .stat_prefix
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .map(|p| RouteStats::get(virtual_host, p));
+            matches.push(block);
+        }
+    }
+    if !r.matches.is_empty() && matches.is_empty() {
+        return Ok(None);
+    }
+    ctx.route(builder, r, matches).map(Some)
 }
 
 /// Compiles the VirtualService `vs` into `builder` for `options.listener`.
@@ -747,18 +814,39 @@ fn compile_virtual_service(
     if hosts.is_empty() {
         return Ok(());
     }
+    let vh_name = format!("{namespace}/{}", vs.metadata.name);
     let mut routes = Vec::with_capacity(vs.spec.http.len());
     for r in &vs.spec.http {
-        let mut matches = Vec::with_capacity(r.matches.len());
-        for m in &r.matches {
-            if block_applies(m, namespace, options) {
-                matches.push(ctx.route_match(m)?);
+        let Some(d) = &r.delegate else {
+            routes.extend(compile_http_route(
+                builder, &ctx, r, namespace, &vh_name, options,
+            )?);
+            continue;
+        };
+        // VS-86: the delegate's routes, each merged with this one; a missing delegate
+        // drops the route (validation warns at it).
+        let Some(delegate) = crate::delegate::find(config, d, namespace) else {
+            continue;
+        };
+        let dctx = Ctx {
+            resource: format!(
+                "VirtualService/{}/{} (delegate of {})",
+                delegate.metadata.namespace, delegate.metadata.name, ctx.resource
+            ),
+            namespace: &delegate.metadata.namespace,
+            naming: &options.naming,
+        };
+        for leaf in &delegate.spec.http {
+            if leaf.delegate.is_some() {
+                // One level only: a delegate's own delegation is dropped.
+                continue;
+            }
+            if let Some(merged) = crate::delegate::merge_route(r, leaf) {
+                routes.extend(compile_http_route(
+                    builder, &dctx, &merged, namespace, &vh_name, options,
+                )?);
             }
         }
-        if !r.matches.is_empty() && matches.is_empty() {
-            continue;
-        }
-        routes.push(ctx.route(builder, r, matches)?);
     }
     let (listener, labels) = (&options.listener, &options.workload_labels);
     let mut tcp = Vec::new();
@@ -775,7 +863,7 @@ fn compile_virtual_service(
         tls.extend(ctx.l4_route(builder, blocks, &r.route, listener, labels)?);
     }
     builder.virtual_host(VirtualHost {
-        name: format!("{namespace}/{}", vs.metadata.name),
+        name: vh_name,
         hosts,
         routes,
         tcp,

@@ -45,7 +45,7 @@
 //!   ([`MeshConfig::exported_to`](mesh_core::config::MeshConfig::exported_to)).
 //! - `corsPolicy` is applied first on a selected route ([`cors`]): allowed preflights
 //!   are answered by the proxy, allowed requests' responses decorated.
-//! - Not routed here: `delegate` (rejected at compilation), `tcp`/`tls` routes (no HTTP
+//! - Not routed here: `tcp`/`tls` routes (no HTTP
 //!   routes result), JWT-claim matches (`@request.auth.claims.*`, ignored).
 //! - Mirrored requests keep their trace headers as they are.
 //!
@@ -91,6 +91,7 @@
 
 pub mod compile;
 pub mod cors;
+mod delegate;
 pub mod dns;
 pub mod fault;
 pub mod headers;
@@ -99,6 +100,7 @@ pub mod mirror;
 pub mod registry;
 pub mod rewrite;
 pub mod router;
+pub mod stats;
 pub mod subset;
 pub mod table;
 pub mod weighted;
@@ -115,7 +117,7 @@ pub use router::{
 };
 pub use subset::{DestinationRule, DestinationRules, ResolvedPolicy, Subset};
 pub use table::{
-    CompileError, DestinationKey, Naming, Route, RouteAction, RouteStack, RouteTable, Selected,
-    VirtualHost,
+    CompileError, DestinationKey, L4Addresses, Naming, Route, RouteAction, RouteStack, RouteTable,
+    Selected, VirtualHost,
 };
 pub use weighted::{WeightError, Weighted};

@@ -324,6 +324,9 @@ pub struct RouteMatch {
     pub query_params: Vec<QueryParamMatch>,
     /// `port`.
     pub port: Option<u16>,
+    /// The counters of the block's `statPrefix` (see [`crate::stats`]); `None` keeps no
+    /// per-route statistics.
+    pub stats: Option<std::sync::Arc<crate::stats::RouteStats>>,
 }
 
 impl RouteMatch {

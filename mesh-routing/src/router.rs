@@ -61,7 +61,9 @@ use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use mesh_core::body::BoxBody;
-use mesh_core::error::{BoxError, ClusterNotFound, NoHealthyUpstream, NoRoute};
+use mesh_core::error::{
+    BoxError, ClusterNotFound, DeadlineExceeded, NoHealthyUpstream, NoRoute, PerTryTimeout,
+};
 use mesh_core::extensions::{ConnectionInfo, RoutePolicy, add_response_flags};
 use mesh_core::flags::ResponseFlags;
 use mesh_core::{Endpoint, Labels};
@@ -77,6 +79,7 @@ use crate::headers::Headers;
 use crate::matcher::RequestView;
 use crate::mirror;
 use crate::registry::{PortProtocol, Registry, Resolution, ServicePort};
+use crate::stats::RouteStats;
 use crate::subset::{DestinationRules, ResolvedPolicy};
 use crate::table::{DestinationKey, RouteAction, RouteTable};
 
@@ -648,6 +651,9 @@ pub struct ResponseFuture<S: Service<Request<BoxBody>>> {
     target_headers: Option<Arc<Headers>>,
     /// The route's CORS policy and the allowed origin of this request.
     cors: Option<(Arc<CorsPolicy>, HeaderValue)>,
+    /// The matched block's `statPrefix` counters, and when the upstream call started.
+    stats: Option<Arc<RouteStats>>,
+    started: Option<tokio::time::Instant>,
 }
 
 impl<S: Service<Request<BoxBody>>> std::fmt::Debug for ResponseFuture<S> {
@@ -664,6 +670,8 @@ impl<S: Service<Request<BoxBody>>> ResponseFuture<S> {
             route_headers,
             target_headers: None,
             cors: None,
+            stats: None,
+            started: None,
         }
     }
 
@@ -713,12 +721,27 @@ where
                         break Err("polled after completion".into());
                     };
                     let future = service.call(req);
+                    if this.stats.is_some() {
+                        *this.started = Some(tokio::time::Instant::now());
+                    }
                     this.state.set(State::Call { future });
                 }
                 StateProj::Call { future } => break ready!(future.poll(cx)),
             }
         };
         this.state.set(State::Done(None));
+        if let (Some(stats), Some(started)) = (this.stats.take(), this.started.take()) {
+            let elapsed = started.elapsed();
+            match &reply {
+                Ok(res) => stats.record(res.status().as_u16(), elapsed),
+                Err(e) => {
+                    let e: &(dyn std::error::Error + 'static) = e.as_ref();
+                    let timed_out = mesh_core::error::is_caused_by::<DeadlineExceeded>(e)
+                        || mesh_core::error::is_caused_by::<PerTryTimeout>(e);
+                    stats.record_failure(timed_out, elapsed);
+                }
+            }
+        }
         Poll::Ready(reply.map(|mut res| {
             if let Some(h) = this.route_headers.as_deref() {
                 h.response.apply(res.headers_mut());
@@ -878,6 +901,11 @@ where
                 }
             }
         };
+        // Only blocks with a `statPrefix` hold counters: nothing is cloned otherwise.
+        let stats = match &next {
+            Next::Dispatch { .. } => selected.matched.and_then(|m| m.stats.clone()),
+            Next::Reply(_) => None,
+        };
         let state = match (fault.delay, next) {
             (Some(delay), next) => State::Delay {
                 sleep: tokio::time::sleep(delay),
@@ -895,6 +923,8 @@ where
             route_headers,
             target_headers: non_empty(&target.headers),
             cors,
+            stats,
+            started: None,
         }
     }
 }
@@ -915,6 +945,8 @@ where
             route_headers: None,
             target_headers: None,
             cors: None,
+            stats: None,
+            started: None,
         },
         draining: None,
     });

@@ -190,13 +190,48 @@ pub struct L4Match {
     pub port: Option<u16>,
     /// The SNI names (`sniHosts`, `*.suffix` allowed); empty: any SNI.
     pub sni_hosts: Vec<String>,
+    /// The destination addresses (`destinationSubnets`); empty: any address.
+    pub destination_subnets: Vec<ipnet::IpNet>,
+    /// The client's addresses (`sourceSubnet`); `None`: any client.
+    pub source_subnet: Option<ipnet::IpNet>,
+}
+
+/// The addresses of a TCP connection a TCP route's `destinationSubnets` and
+/// `sourceSubnet` are compared with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L4Addresses {
+    /// Where the client sent the connection: the original destination under
+    /// transparent capture, else the listener's address.
+    pub destination: Option<std::net::IpAddr>,
+    /// The client's address.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl L4Match {
-    fn takes(&self, port: u16, sni: Option<&str>) -> bool {
+    fn takes(&self, port: u16, sni: Option<&str>, addresses: &L4Addresses) -> bool {
+        let within = |net: &ipnet::IpNet, ip: Option<std::net::IpAddr>| {
+            ip.is_some_and(|ip| net.contains(&ip.to_canonical()))
+        };
         self.port.is_none_or(|p| p == port)
             && (self.sni_hosts.is_empty()
                 || sni.is_some_and(|sni| self.sni_hosts.iter().any(|h| sni_covers(h, sni))))
+            && (self.destination_subnets.is_empty()
+                || self
+                    .destination_subnets
+                    .iter()
+                    .any(|n| within(n, addresses.destination)))
+            && self
+                .source_subnet
+                .as_ref()
+                .is_none_or(|n| within(n, addresses.source))
+    }
+
+    /// Whether the block takes every connection to `port`, whatever its addresses and SNI.
+    fn takes_every(&self, port: u16) -> bool {
+        self.port.is_none_or(|p| p == port)
+            && self.sni_hosts.is_empty()
+            && self.destination_subnets.is_empty()
+            && self.source_subnet.is_none()
     }
 }
 
@@ -216,14 +251,25 @@ fn sni_covers(pattern: &str, sni: &str) -> bool {
 }
 
 impl TcpRule {
-    /// Whether a connection to `port` takes this rule.
+    /// Whether a connection to `port`, of unknown addresses, takes this rule.
     pub fn matches(&self, port: u16) -> bool {
         self.takes(port, None)
     }
 
     /// Whether a connection to `port` with TLS server name `sni` takes this rule.
     pub fn takes(&self, port: u16, sni: Option<&str>) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.takes(port, sni))
+        self.takes_connection(port, sni, &L4Addresses::default())
+    }
+
+    /// Whether a connection to `port` with TLS server name `sni`, between `addresses`,
+    /// takes this rule.
+    pub fn takes_connection(&self, port: u16, sni: Option<&str>, addresses: &L4Addresses) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.takes(port, sni, addresses))
+    }
+
+    /// Whether every connection to `port` takes this rule.
+    fn takes_every(&self, port: u16) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.takes_every(port))
     }
 }
 
@@ -359,10 +405,17 @@ impl RouteTable {
     /// The TCP rule for a connection to `host` on `port`: the first rule of the host's
     /// virtual host that matches the port.
     pub fn tcp_rule(&self, host: &str, port: u16) -> Option<&TcpRule> {
+        self.tcp_rule_for(host, port, &L4Addresses::default())
+    }
+
+    /// The TCP rule for a connection to `host` on `port` between `addresses`: the first
+    /// rule of the host's virtual host that takes it (port, `destinationSubnets`,
+    /// `sourceSubnet`).
+    pub fn tcp_rule_for(&self, host: &str, port: u16, addresses: &L4Addresses) -> Option<&TcpRule> {
         self.virtual_host(host)?
             .tcp
             .iter()
-            .find(|rule| rule.matches(port))
+            .find(|rule| rule.takes_connection(port, None, addresses))
     }
 
     /// The TLS rule for a connection to `port` whose ClientHello names `sni`: the first
@@ -473,8 +526,9 @@ impl TableBuilder {
     }
 
     /// Gives `host`'s virtual host a TCP rule to `(host, port)` unless one of its rules
-    /// already matches `port` (the service's own TCP port, under a VirtualService without
-    /// a `tcp` route for it).
+    /// already takes every connection to `port` (the service's own TCP port, under a
+    /// VirtualService without a `tcp` route for it, or whose routes for it match only
+    /// some addresses).
     pub fn default_tcp(&mut self, host: &str, port: u16) {
         let Some(&vh) = self.table.exact.get(host) else {
             return;
@@ -482,7 +536,7 @@ impl TableBuilder {
         if self.table.virtual_hosts[vh]
             .tcp
             .iter()
-            .any(|r| r.matches(port))
+            .any(|r| r.takes_every(port))
         {
             return;
         }
@@ -490,7 +544,7 @@ impl TableBuilder {
         self.table.virtual_hosts[vh].tcp.push(TcpRule {
             matches: vec![L4Match {
                 port: Some(port),
-                sni_hosts: Vec::new(),
+                ..L4Match::default()
             }],
             destinations: Weighted::single(dest),
         });

@@ -221,6 +221,48 @@ pub(crate) fn validate_all(report: &mut LoadReport) {
                 );
             }
         }
+        for (i, h) in vs.spec.http.iter().enumerate() {
+            let Some(d) = &h.delegate else { continue };
+            if vs.spec.hosts.is_empty() {
+                continue;
+            }
+            let ns = d
+                .namespace
+                .as_deref()
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or(&vs.metadata.namespace);
+            let found = report.resources.iter().find_map(|r| match r {
+                AnyResource::VirtualService(d2)
+                    if d2.metadata.name == d.name && d2.metadata.namespace == ns =>
+                {
+                    Some(d2)
+                }
+                _ => None,
+            });
+            let problem = match found {
+                None => Some(format!(
+                    "delegate VirtualService {ns}/{} is not defined in this configuration; \
+                     this route is dropped",
+                    d.name
+                )),
+                Some(d2) if !d2.spec.hosts.is_empty() => Some(format!(
+                    "VirtualService {ns}/{} has hosts, so it is not a delegate; this route is \
+                     dropped",
+                    d.name
+                )),
+                Some(d2) if !super::exported(&d2.spec.export_to, ns, &vs.metadata.namespace) => {
+                    Some(format!(
+                        "delegate VirtualService {ns}/{} is not exported to namespace {}; this \
+                         route is dropped",
+                        d.name, vs.metadata.namespace
+                    ))
+                }
+                Some(_) => None,
+            };
+            if let Some(message) = problem {
+                ctx.warn(&p(&pi("spec", "http", i), "delegate"), message);
+            }
+        }
         for (i, g) in vs.spec.gateways.iter().enumerate() {
             if g == "mesh" {
                 continue;
@@ -560,10 +602,22 @@ fn virtual_service(ctx: &mut Ctx<'_>, vs: &VirtualService) {
     let s = &vs.spec;
     let applies_to_mesh = s.gateways.is_empty() || s.gateways.iter().any(|g| g == "mesh");
     if s.hosts.is_empty() {
-        ctx.warn(
-            "spec",
-            "no hosts: this is a delegate VirtualService, and delegation is not supported, so it has no effect",
-        );
+        // A delegate (VS-86): its HTTP routes serve only through a root's `delegate`.
+        for (i, r) in s.http.iter().enumerate() {
+            if r.delegate.is_some() {
+                ctx.warn(
+                    &p(&pi("spec", "http", i), "delegate"),
+                    "a delegate VirtualService (no hosts) cannot delegate again; this route is dropped",
+                );
+            }
+        }
+        if !s.tcp.is_empty() || !s.tls.is_empty() {
+            ctx.warn(
+                "spec",
+                "no hosts: this is a delegate VirtualService; only its http routes are used, \
+                 through a root's delegate",
+            );
+        }
     }
     for (i, h) in s.hosts.iter().enumerate() {
         let path = pi("spec", "hosts", i);
@@ -601,6 +655,11 @@ fn virtual_service(ctx: &mut Ctx<'_>, vs: &VirtualService) {
                 if let Err(e) = check_ip_or_cidr(subnet) {
                     ctx.error(&pi(&mp, "destinationSubnets", k), e);
                 }
+            }
+            if let Some(subnet) = &m.source_subnet
+                && let Err(e) = check_ip_or_cidr(subnet)
+            {
+                ctx.error(&p(&mp, "sourceSubnet"), e);
             }
             for (k, g) in m.gateways.iter().enumerate() {
                 check_gateway_ref(ctx, &pi(&mp, "gateways", k), g);

@@ -37,27 +37,6 @@ use Kind::{
 pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         VS,
-        "spec.tcp[].match[].destinationSubnets",
-        "TCP connections are matched by port only (a TCP listener serves one service port; \
-         destination addresses are not compared)",
-    ),
-    ne(
-        VS,
-        "spec.tcp[].match[].sourceSubnet",
-        "TCP connections are matched by port only (the client's address is not compared)",
-    ),
-    ne(
-        VS,
-        "spec.http[].delegate",
-        "delegation is not supported; the route matches nothing",
-    ),
-    ne(
-        VS,
-        "spec.http[].match[].statPrefix",
-        "no separate statistics are kept",
-    ),
-    ne(
-        VS,
         "spec.http[].retries.retryRemoteLocalities",
         "localities are not considered",
     ),

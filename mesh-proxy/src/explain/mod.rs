@@ -419,7 +419,7 @@ pub fn explain(
         .iter()
         .position(|r| std::ptr::eq(r, selected.route));
     let source_of = vs.and_then(|vs| {
-        let sources = http_route_sources(vs, &options);
+        let sources = http_route_sources(config, vs, &options);
         position.and_then(|p| sources.get(p).cloned())
     });
     let rule_index = source_of.as_ref().map(|(i, _)| *i);

@@ -2,8 +2,8 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `GET /stats/prometheus`, `GET /metrics` | Prometheus text: Istio standard metrics and the proxy's own |
-//! | `GET /stats` | latency percentiles per destination (`?format=json` for JSON) |
+//! | `GET /stats/prometheus`, `GET /metrics` | Prometheus text: Istio standard metrics, the proxy's own, and Envoy's per-route `envoy_vhost_route_*` for `statPrefix` blocks |
+//! | `GET /stats` | latency percentiles per destination (`?format=json` for JSON), then `vhost.<vh>.route.<statPrefix>.*` counters |
 //! | `GET /healthz/ready` | 200 `LIVE` while serving, 503 `DRAINING` during shutdown |
 //! | `GET /config_dump` | JSON: active config version, load time and resources |
 //! | `GET /clusters` | per destination and endpoint: health, ejection, requests in flight (`?format=json`) |
@@ -245,11 +245,9 @@ impl Admin {
         let res = match (req.method(), req.uri().path()) {
             (&Method::GET, "/stats/prometheus" | "/metrics") => {
                 self.refresh_metrics(self.telemetry.metrics());
-                reply(
-                    StatusCode::OK,
-                    MetricsRegistry::CONTENT_TYPE,
-                    self.telemetry.encode_metrics(),
-                )
+                let mut text = self.telemetry.encode_metrics();
+                text.push_str(&mesh_routing::stats::render_prometheus());
+                reply(StatusCode::OK, MetricsRegistry::CONTENT_TYPE, text)
             }
             (&Method::GET, "/stats") => {
                 if json_format {
@@ -259,11 +257,9 @@ impl Admin {
                         self.telemetry.latency().render_json(),
                     )
                 } else {
-                    reply(
-                        StatusCode::OK,
-                        "text/plain",
-                        self.telemetry.latency().render_text(),
-                    )
+                    let mut text = self.telemetry.latency().render_text();
+                    text.push_str(&mesh_routing::stats::render_text());
+                    reply(StatusCode::OK, "text/plain", text)
                 }
             }
             (&Method::GET, "/healthz/ready" | "/ready") => {

@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! connection to host:port -> the host's TCP rule (VirtualService `tcp` route matching
-//!   the port, weighted; else the service's own TCP port) -> an endpoint (the
+//!   the port, `destinationSubnets` (the original destination under capture, else the
+//!   listener's address) and `sourceSubnet` (the client's address), weighted; else the
+//!   service's own TCP port) -> an endpoint (the
 //!   destination's load balancer, skipping ejected endpoints)
 //!   -> connect as the DestinationRule `tls` and auto-mTLS decide (Istio mTLS offers
 //!      ALPN `istio-peer-exchange`, `istio`) -> metadata exchange when the server chose
@@ -53,7 +55,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use mesh_core::{ConnectionSecurity, Identity};
-use mesh_routing::Router;
+use mesh_routing::{L4Addresses, Router};
 use mesh_telemetry::exchange::{self, TCP_EXCHANGE_ALPN};
 use mesh_telemetry::{DestinationService, Reporter, TcpMetrics, Telemetry, Workload};
 use mesh_tls::authz::{PolicyHandle, ServerName};
@@ -160,7 +162,7 @@ impl TcpOutbound {
         let table = snapshot.table();
         let rule = match sni {
             Some(sni) => table.tls_rule(sni, self.port),
-            None => table.tcp_rule(&self.host, self.port),
+            None => table.tcp_rule_for(&self.host, self.port, &addresses(&downstream)),
         }
         .ok_or_else(|| io::Error::other("no TCP or TLS route"))?;
         let index = *rule.destinations.pick(&mut rand::rng());
@@ -217,6 +219,22 @@ impl TcpOutbound {
             service.max_connection_duration(),
         )
         .await
+    }
+}
+
+/// The addresses a `tcp` route's `destinationSubnets` and `sourceSubnet` see for
+/// `downstream`: the original destination of a captured connection (else the address
+/// the listener accepted it on) and the client's address.
+fn addresses(downstream: &TcpStream) -> L4Addresses {
+    #[cfg(feature = "proxy")]
+    let original = crate::capture::original_destination(downstream);
+    #[cfg(not(feature = "proxy"))]
+    let original: Option<SocketAddr> = None;
+    L4Addresses {
+        destination: original
+            .or_else(|| downstream.local_addr().ok())
+            .map(|a| a.ip()),
+        source: downstream.peer_addr().ok().map(|a| a.ip()),
     }
 }
 
