@@ -227,10 +227,20 @@ mod tests {
     #[test]
     fn localities_parse_and_match_patterns() {
         let l = Locality::parse("us-east/1a/rack-3");
-        assert_eq!((l.region.as_str(), l.zone.as_str(), l.subzone.as_str()), ("us-east", "1a", "rack-3"));
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
+            ("us-east", "1a", "rack-3")
+        );
         assert_eq!(Locality::parse("eu").zone, "");
         assert!(Locality::parse("").is_empty());
-        for yes in ["*", "us-east", "us-east/*", "us-east/1a", "us-east/1a/rack-3", "*/1a/*"] {
+        for yes in [
+            "*",
+            "us-east",
+            "us-east/*",
+            "us-east/1a",
+            "us-east/1a/rack-3",
+            "*/1a/*",
+        ] {
             assert!(l.matches(yes), "{yes}");
         }
         for no in ["eu", "us-east/1b", "us-east/1a/rack-4"] {

@@ -26,8 +26,8 @@ pub mod outcome;
 
 pub use body::BoxBody;
 pub use endpoint::{
-    Endpoint, Labels, Locality, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, TLS_MODE_LABEL, TlsMode,
-    ZONE_LABEL,
+    Endpoint, Labels, Locality, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, TLS_MODE_LABEL,
+    TlsMode, ZONE_LABEL,
 };
 pub use error::{BoxError, find_cause, is_caused_by};
 pub use extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};

@@ -55,9 +55,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use mesh_core::{Identity, Locality};
 use mesh_core::config::{self, HttpMatchRequest, HttpRoute, MeshConfig, VirtualService};
 use mesh_core::extensions::RoutePolicy;
+use mesh_core::{Identity, Locality};
 
 use crate::cors::CorsPolicy;
 use crate::fault::{AbortStatus, FaultPolicy, Percent, grpc_code};

@@ -25,7 +25,9 @@
 
 use std::collections::BTreeMap;
 
-use mesh_core::{Endpoint, Labels, Locality, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
+use mesh_core::{
+    Endpoint, Labels, Locality, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL,
+};
 use rand::Rng;
 
 /// Envoy's overprovisioning factor, in percent: a level or locality with at least
@@ -191,10 +193,9 @@ impl Placement {
                 let total = (0..*levels).map(health).sum::<u64>().min(100);
                 if total == 0 {
                     // Every level skipped or down: Envoy resets the retry's exclusions.
-                    return (0..*levels).find(|p| {
-                        level.iter().enumerate().any(|(i, l)| l == p && healthy(i))
-                    })
-                    .map(Scope::Level);
+                    return (0..*levels)
+                        .find(|p| level.iter().enumerate().any(|(i, l)| l == p && healthy(i)))
+                        .map(Scope::Level);
                 }
                 let draw = rng.random_range(0..100u64);
                 let (mut left, mut at) = (100u64, 0u64);
@@ -353,8 +354,8 @@ fn distribute(lb: &LocalityLb, origin: &Origin, endpoints: &[&Endpoint]) -> Plac
     let mut localities: Vec<(&Locality, u64)> = Vec::new();
     let group: Vec<usize> = endpoints
         .iter()
-        .map(|ep| {
-            match localities.iter().position(|(l, _)| **l == *ep.locality) {
+        .map(
+            |ep| match localities.iter().position(|(l, _)| **l == *ep.locality) {
                 Some(g) => {
                     localities[g].1 += u64::from(ep.weight);
                     g
@@ -363,8 +364,8 @@ fn distribute(lb: &LocalityLb, origin: &Origin, endpoints: &[&Endpoint]) -> Plac
                     localities.push((&ep.locality, u64::from(ep.weight)));
                     localities.len() - 1
                 }
-            }
-        })
+            },
+        )
         .collect();
     let mut weight: Vec<Option<u32>> = vec![None; localities.len()];
     for (pattern, share) in &rule.to {
@@ -447,8 +448,7 @@ mod tests {
         let mut mine = origin("a/1");
         mine.labels.insert("tier".into(), "gold".into());
         let gold = |i, l| ep(i, l).with_labels(Labels::from([("tier".into(), "gold".into())]));
-        let silver =
-            ep(3, "a/1").with_labels(Labels::from([("tier".into(), "silver".into())]));
+        let silver = ep(3, "a/1").with_labels(Labels::from([("tier".into(), "silver".into())]));
         let eps = [gold(1, "a/1"), gold(2, "b/1"), silver, ep(4, "b/1")];
         let refs: Vec<&Endpoint> = eps.iter().collect();
         let lb = LocalityLb {

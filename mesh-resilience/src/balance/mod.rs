@@ -161,8 +161,8 @@ use crate::deadline::{AttemptDeadline, RequestDeadline};
 use crate::outlier::{HostHealth, OutlierConfig, OutlierDetector};
 
 pub use hash::{ConsistentHash, HashAlgorithm, HashCookie, HashKey, InvalidHashTable};
-pub use locality::{Distribute, Failover, LocalityLb, Origin};
 use locality::Placement;
+pub use locality::{Distribute, Failover, LocalityLb, Origin};
 pub use slow_start::SlowStart;
 use table::Table;
 
@@ -1001,3 +1001,6 @@ fn timeout_error(request_deadline: bool) -> BoxError {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod locality_tests;
