@@ -1,5 +1,5 @@
-//! Locality-aware balancing (DestinationRule `localityLbSetting`, ISTIO.md LB-1..LB-12 in
-//! this crate's ISTIO.md): priorities for failover, locality weights for `distribute`.
+//! Locality-aware balancing (DestinationRule `localityLbSetting`, LB-1..LB-13 of this
+//! crate's ISTIO.md): priorities for failover, locality weights for `distribute`.
 //!
 //! Each endpoint set is placed once, when it is updated:
 //!

@@ -7,12 +7,17 @@
 //! [`OutlierDetector`]. Per request it:
 //!
 //! 1. runs the outlier sweeps that fell due;
-//! 2. picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
+//! 2. with locality balancing ([`LocalityLb`], from where the proxy runs, [`Origin`]),
+//!    draws a priority (failover, only with outlier detection) or a locality
+//!    (`distribute`) by the healthy shares, as Envoy does (see the `locality` module);
+//!    then picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
 //!    the default; `ROUND_ROBIN`; `RANDOM`; `consistentHash` = ring hash or Maglev over
 //!    a request key, [`ConsistentHash`]) among the endpoints that are not ejected (all
 //!    of them in panic mode) and, for a retry, not already tried ([`PreviousHosts`])
 //!    when another is available; while an endpoint is in its slow-start window
-//!    ([`SlowStart`]), `ROUND_ROBIN` and `LEAST_REQUEST` weigh the endpoints by it;
+//!    ([`SlowStart`]), `ROUND_ROBIN` and `LEAST_REQUEST` weigh the endpoints by it, and
+//!    endpoint weights (`Endpoint::weight`) weigh `ROUND_ROBIN`, `LEAST_REQUEST` and
+//!    `RANDOM` (only when some weight is not 1: the unweighted picks stay as they are);
 //! 3. waits for that endpoint's service to be ready, calls it, and races the call
 //!    against the attempt's deadline ([`AttemptDeadline`], [`RequestDeadline`]);
 //! 4. classifies the result once ([`Outcome`]) and records it for outlier detection;
@@ -20,7 +25,8 @@
 //!    `Set-Cookie`) and errors with [`EndpointFailed`], and keeps the endpoint's
 //!    in-flight count until the response body ends.
 //!
-//! Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
+//! Endpoints of another network than the proxy's are left out at update (no east-west
+//! gateway). Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
 //! would, ECOSYSTEM.md §5.3). Endpoints are replaced at runtime with
 //! [`Balance::update`]; endpoints that stay keep their service, in-flight count, outlier
 //! state and slow-start start. The balancer picks per request in `call` (it must see the
