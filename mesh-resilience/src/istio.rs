@@ -24,6 +24,8 @@
 //!   [`LbConfig`] adds slow start: `warmup` (`minimumPercent` default 10, `aggression`
 //!   default 1.0), else the deprecated `warmupDurationSecs` with those defaults, only for
 //!   `ROUND_ROBIN` and `LEAST_REQUEST` (Istio sets no slow start for the others).
+//!   It also carries `localityLbSetting` ([`LocalityLb`]; absent: Istio's mesh default,
+//!   enabled with no rules); the proxy adds where it runs ([`Origin`]).
 //!
 //! # Errors
 //!
