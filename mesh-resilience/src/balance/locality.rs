@@ -184,11 +184,9 @@ impl Placement {
                             up += u64::from(healthy(i));
                         }
                     }
-                    if all == 0 {
-                        0
-                    } else {
-                        (OVERPROVISIONING * up / all).min(100)
-                    }
+                    (OVERPROVISIONING * up)
+                        .checked_div(all)
+                        .map_or(0, |h| h.min(100))
                 };
                 let total = (0..*levels).map(health).sum::<u64>().min(100);
                 if total == 0 {
@@ -224,11 +222,10 @@ impl Placement {
                             up += u64::from(healthy(i));
                         }
                     }
-                    if all == 0 {
-                        return 0;
-                    }
                     // weight × min(1, 1.4 × healthy / total), in hundredths.
-                    u64::from(weight[g]) * (OVERPROVISIONING * up / all).min(100)
+                    (OVERPROVISIONING * up)
+                        .checked_div(all)
+                        .map_or(0, |h| u64::from(weight[g]) * h.min(100))
                 };
                 let total: u64 = (0..weight.len()).map(effective).sum();
                 if total == 0 {
