@@ -718,6 +718,23 @@ mod tests {
         "workload: {namespace: default, serviceAccount: order-service}\nconfigDir: istio\n";
 
     #[test]
+    fn workload_locality_and_network_are_read() {
+        let yaml = "workload: {namespace: default, serviceAccount: a, locality: us-east/1a/r1, network: net-1}\nconfigDir: istio\n";
+        let s = Settings::from_yaml("s.yaml", yaml).unwrap();
+        assert_eq!(s.workload.locality.as_deref(), Some("us-east/1a/r1"));
+        assert_eq!(s.workload.network.as_deref(), Some("net-1"));
+        let w = crate::process::runtime::workload(&s);
+        assert_eq!(w.locality.zone, "1a");
+        assert_eq!(w.network.as_deref(), Some("net-1"));
+        let unset = Settings::from_yaml("s.yaml", MIN).unwrap();
+        assert!(
+            crate::process::runtime::workload(&unset)
+                .locality
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn tcp_egress_names_a_service_port() {
         let ok = format!("{MIN}listeners:\n  tcp:\n    127.0.0.1:6379: redis.data:6379\n");
         let s = Settings::from_yaml("s.yaml", &ok).unwrap();
