@@ -25,7 +25,10 @@ pub mod identity;
 pub mod outcome;
 
 pub use body::BoxBody;
-pub use endpoint::{Endpoint, Labels, TLS_MODE_LABEL, TlsMode};
+pub use endpoint::{
+    Endpoint, Labels, Locality, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, TLS_MODE_LABEL,
+    TlsMode, ZONE_LABEL,
+};
 pub use error::{BoxError, find_cause, is_caused_by};
 pub use extensions::{AuthzDecision, DryRunDecision, MatchedPolicy};
 pub use extensions::{

@@ -116,6 +116,10 @@ pub struct Workload {
     /// The cluster the workload runs in (Istio's `CLUSTER_ID`, `Kubernetes` by
     /// default): the `source_cluster`/`destination_cluster` of its metrics.
     pub cluster_id: String,
+    /// Where it runs (`region/zone/subzone`), for locality-aware balancing.
+    pub locality: mesh_core::Locality,
+    /// Its network; endpoints of other networks are left out.
+    pub network: Option<String>,
 }
 
 impl Workload {
@@ -130,6 +134,8 @@ impl Workload {
             service_host: None,
             trust_domain: "cluster.local".into(),
             cluster_id: mesh_telemetry::exchange::DEFAULT_CLUSTER_ID.into(),
+            locality: mesh_core::Locality::default(),
+            network: None,
         }
     }
 
@@ -461,6 +467,11 @@ impl MeshBuilder {
             stream_limits: crate::stack::client::StreamLimits::of(limits),
             destinations: destinations.clone(),
             credentials: self.options.credentials_dir.clone().map(Arc::from),
+            origin: mesh_resilience::Origin {
+                locality: self.workload.locality.clone(),
+                network: self.workload.network.clone(),
+                labels: self.workload.labels.clone(),
+            },
         };
         // What is loaded now is generation 1 of `mesh_config_generation`.
         telemetry.metrics().proxy().config_loaded();

@@ -15,6 +15,8 @@
 //! | `workload.labels` | `{}` | pod labels: select PeerAuthentication, AuthorizationPolicy, `sourceLabels`; `app`/`version` fill metric labels |
 //! | `workload.name` | `app` label, else the service account | `*_workload` metric labels |
 //! | `workload.serviceHost` | `<app>.<namespace>.svc.cluster.local` | `destination_service` of inbound metrics |
+//! | `workload.locality` | none | `region/zone/subzone` the workload runs in: DestinationRule `localityLbSetting` failover and `distribute` start from it |
+//! | `workload.network` | none | the workload's network: endpoints whose `network` is another one are left out (no east-west gateway) |
 //! | `trustDomain` | `cluster.local` | SPIFFE trust domain |
 //! | `clusterId` | `Kubernetes` | the cluster the workload runs in: `source_cluster`/`destination_cluster` metric labels, sent to peers in the metadata exchange |
 //! | `configDir` | required without `discovery` | directory of Istio YAML, watched; relative to the settings file |
@@ -226,6 +228,13 @@ pub struct WorkloadSettings {
     pub labels: BTreeMap<String, String>,
     /// The local service's host for inbound metrics; default `<app>.<ns>.svc.cluster.local`.
     pub service_host: Option<String>,
+    /// Where the workload runs, `region/zone/subzone` (Istio reads it from the node's
+    /// `topology.kubernetes.io/region`/`zone` labels and the pod's
+    /// `topology.istio.io/subzone`): the origin of locality-aware balancing.
+    pub locality: Option<String>,
+    /// The workload's network (Istio's `topology.istio.io/network`); endpoints of other
+    /// networks are left out.
+    pub network: Option<String>,
 }
 
 /// `svid`: either `certDir` or `caDir`.
@@ -765,6 +774,23 @@ mod tests {
 
     const MIN: &str =
         "workload: {namespace: default, serviceAccount: order-service}\nconfigDir: istio\n";
+
+    #[test]
+    fn workload_locality_and_network_are_read() {
+        let yaml = "workload: {namespace: default, serviceAccount: a, locality: us-east/1a/r1, network: net-1}\nconfigDir: istio\n";
+        let s = Settings::from_yaml("s.yaml", yaml).unwrap();
+        assert_eq!(s.workload.locality.as_deref(), Some("us-east/1a/r1"));
+        assert_eq!(s.workload.network.as_deref(), Some("net-1"));
+        let w = crate::process::runtime::workload(&s);
+        assert_eq!(w.locality.zone, "1a");
+        assert_eq!(w.network.as_deref(), Some("net-1"));
+        let unset = Settings::from_yaml("s.yaml", MIN).unwrap();
+        assert!(
+            crate::process::runtime::workload(&unset)
+                .locality
+                .is_empty()
+        );
+    }
 
     #[test]
     fn tcp_egress_names_a_service_port() {

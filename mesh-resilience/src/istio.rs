@@ -24,6 +24,8 @@
 //!   [`LbConfig`] adds slow start: `warmup` (`minimumPercent` default 10, `aggression`
 //!   default 1.0), else the deprecated `warmupDurationSecs` with those defaults, only for
 //!   `ROUND_ROBIN` and `LEAST_REQUEST` (Istio sets no slow start for the others).
+//!   It also carries `localityLbSetting` ([`LocalityLb`]; absent: Istio's mesh default,
+//!   enabled with no rules); the proxy adds where it runs ([`Origin`]).
 //!
 //! # Errors
 //!
@@ -50,7 +52,8 @@ use mesh_core::config::{
 };
 
 use crate::balance::{
-    ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, SlowStart,
+    ConsistentHash, Distribute, Failover, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy,
+    LocalityLb, Origin, SlowStart,
 };
 use crate::limit::PoolLimits;
 use crate::outlier::OutlierConfig;
@@ -260,7 +263,43 @@ impl TryFrom<&LoadBalancerSettings> for LbConfig {
             LbPolicy::LeastRequest | LbPolicy::RoundRobin => slow_start(lb),
             _ => None,
         };
-        Ok(LbConfig { policy, slow_start })
+        let locality = lb
+            .locality_lb_setting
+            .as_ref()
+            .map(LocalityLb::from)
+            .unwrap_or_default();
+        Ok(LbConfig {
+            policy,
+            slow_start,
+            locality,
+            origin: Origin::default(),
+        })
+    }
+}
+
+/// `localityLbSetting`; an unset `enabled` is Istio's mesh default (on).
+impl From<&mesh_core::config::LocalityLbSetting> for LocalityLb {
+    fn from(s: &mesh_core::config::LocalityLbSetting) -> Self {
+        LocalityLb {
+            enabled: s.enabled.unwrap_or(true),
+            distribute: s
+                .distribute
+                .iter()
+                .map(|d| Distribute {
+                    from: d.from.clone(),
+                    to: d.to.clone(),
+                })
+                .collect(),
+            failover: s
+                .failover
+                .iter()
+                .map(|f| Failover {
+                    from: f.from.clone(),
+                    to: f.to.clone(),
+                })
+                .collect(),
+            failover_priority: s.failover_priority.clone(),
+        }
     }
 }
 

@@ -81,8 +81,8 @@ pub mod outlier;
 pub mod retry;
 
 pub use balance::{
-    Balance, ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, PreviousHosts,
-    SlowStart,
+    Balance, ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, LocalityLb,
+    Origin, PreviousHosts, RetryRemoteLocalities, SlowStart,
 };
 pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
 pub use istio::UnsupportedLb;

@@ -58,9 +58,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use mesh_core::Identity;
 use mesh_core::config::{self, HttpMatchRequest, HttpRoute, MeshConfig, VirtualService};
 use mesh_core::extensions::RoutePolicy;
+use mesh_core::{Identity, Locality};
 
 use crate::cors::CorsPolicy;
 use crate::fault::{AbortStatus, FaultPolicy, Percent, grpc_code};
@@ -908,6 +908,9 @@ pub fn registry(config: &MeshConfig, options: &CompileOptions) -> Registry {
                     .filter_map(|(k, v)| Some((k.clone(), u16::try_from(*v).ok()?)))
                     .collect();
                 w.labels = e.labels.clone();
+                w.locality = Locality::parse(e.locality.as_deref().unwrap_or_default());
+                w.network = e.network.clone().filter(|n| !n.is_empty());
+                w.weight = e.weight.unwrap_or(1).max(1);
                 if let Some(sa) = &e.service_account
                     && let Ok(id) = Identity::from_istio(&options.trust_domain, ns, sa)
                 {

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_core::{Endpoint, Identity, Labels, TlsMode};
+use mesh_core::{Endpoint, Identity, Labels, Locality, TlsMode};
 
 /// How a service's endpoints are found (`ServiceEntry.resolution`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,6 +142,12 @@ pub struct WorkloadEntry {
     /// mode is `DISABLE`): auto-mTLS sends plaintext there (SR-24); see
     /// [`Registry::mark_plaintext_servers`].
     pub plaintext_ports: Vec<u16>,
+    /// Where the instance runs (`locality`, `region/zone/subzone`).
+    pub locality: Locality,
+    /// The instance's network (`network`); `None`: the proxy's own.
+    pub network: Option<String>,
+    /// Load-balancing weight (`weight`; unset or 0 is 1).
+    pub weight: u32,
 }
 
 impl WorkloadEntry {
@@ -153,7 +159,31 @@ impl WorkloadEntry {
             labels: Labels::new(),
             identities: Vec::new(),
             plaintext_ports: Vec::new(),
+            locality: Locality::default(),
+            network: None,
+            weight: 1,
         }
+    }
+
+    /// Sets the locality (`region/zone/subzone`).
+    #[must_use]
+    pub fn with_locality(mut self, locality: &str) -> Self {
+        self.locality = Locality::parse(locality);
+        self
+    }
+
+    /// Sets the network.
+    #[must_use]
+    pub fn with_network(mut self, network: impl Into<String>) -> Self {
+        self.network = Some(network.into());
+        self
+    }
+
+    /// Sets the load-balancing weight (0 counts as 1).
+    #[must_use]
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
     }
 
     /// Sets the labels.
@@ -194,7 +224,11 @@ impl WorkloadEntry {
     /// The endpoint at `ip` on `port`; `external`: the service is `MESH_EXTERNAL`.
     fn endpoint(&self, ip: IpAddr, port: &ServicePort, external: bool) -> Endpoint {
         let number = self.port_for(port);
-        let mut ep = Endpoint::new(SocketAddr::new(ip, number)).with_labels(self.labels.clone());
+        let mut ep = Endpoint::new(SocketAddr::new(ip, number))
+            .with_labels(self.labels.clone())
+            .with_locality(self.locality.clone())
+            .with_weight(self.weight);
+        ep.network = self.network.as_deref().map(Arc::from);
         ep.identities = Arc::from(self.identities.clone());
         // Auto-mTLS never applies to a mesh-external service nor to a server whose
         // PeerAuthentication disables mTLS (SR-24).

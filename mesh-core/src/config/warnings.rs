@@ -28,23 +28,10 @@ const fn ne(kind: Kind, pattern: &'static str, effect: &'static str) -> NotEnfor
     }
 }
 
-use Kind::{
-    DestinationRule as DR, Gateway as GW, ServiceEntry as SE, Sidecar as SC, Telemetry as TE,
-    VirtualService as VS, WorkloadEntry as WE,
-};
+use Kind::{DestinationRule as DR, Gateway as GW, Sidecar as SC, Telemetry as TE};
 
 /// Fields parsed but not enforced by the proxy.
 pub const NOT_ENFORCED: &[NotEnforced] = &[
-    ne(
-        VS,
-        "spec.http[].retries.retryRemoteLocalities",
-        "localities are not considered",
-    ),
-    ne(
-        DR,
-        "spec.**.loadBalancer.localityLbSetting",
-        "localities are not considered",
-    ),
     ne(
         DR,
         "spec.**.tunnel",
@@ -72,28 +59,6 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
         "traffic is routed by VirtualServices only (Istio's API marks this field not \
          implemented)",
     ),
-    ne(
-        SE,
-        "spec.endpoints[].network",
-        "all endpoints are treated as reachable",
-    ),
-    ne(
-        SE,
-        "spec.endpoints[].locality",
-        "localities are not considered",
-    ),
-    ne(
-        SE,
-        "spec.endpoints[].weight",
-        "endpoints are balanced with equal weight",
-    ),
-    ne(WE, "spec.network", "all endpoints are treated as reachable"),
-    ne(
-        WE,
-        "spec.weight",
-        "endpoints are balanced with equal weight",
-    ),
-    ne(WE, "spec.locality", "localities are not considered"),
     ne(
         SC,
         "spec.egress[].port",

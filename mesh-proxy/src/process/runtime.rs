@@ -249,6 +249,10 @@ pub fn workload(settings: &Settings) -> Workload {
         service_host: settings.workload.service_host.clone(),
         trust_domain: settings.trust_domain.clone(),
         cluster_id: settings.cluster_id.clone(),
+        locality: mesh_core::Locality::parse(
+            settings.workload.locality.as_deref().unwrap_or_default(),
+        ),
+        network: settings.workload.network.clone().filter(|n| !n.is_empty()),
     }
 }
 

@@ -104,6 +104,8 @@ pub struct MakeDest {
     /// The credentials directory DestinationRule `tls.credentialName` is read from
     /// (gateways); `None`: not read.
     pub credentials: Option<Arc<std::path::Path>>,
+    /// Where the proxy runs (locality-aware balancing, networks).
+    pub origin: mesh_resilience::Origin,
 }
 
 /// One destination: pool limits around the balancer.
@@ -178,6 +180,8 @@ impl Service<Request<BoxBody>> for DestService {
 pub struct RouteService {
     destination: DestService,
     stack: Deadline<Retry<DestService>>,
+    /// The route's `retries.retryRemoteLocalities`.
+    remote_retries: bool,
 }
 
 impl RouteService {
@@ -212,12 +216,16 @@ impl RouteService {
                 .replay_limit(replay_limit),
         };
         let retry = RetryLayer::new(retry).with_retry_gate(destination.gate.clone());
+        let remote_retries = policy
+            .and_then(|p| p.retries.as_deref())
+            .is_some_and(|r| r.retry_remote_localities == Some(true));
         Self {
             stack: Deadline::new(
                 retry.layer(destination.clone()),
                 policy.and_then(|p| p.timeout),
             ),
             destination,
+            remote_retries,
         }
     }
 }
@@ -231,9 +239,14 @@ impl Service<Request<BoxBody>> for RouteService {
         self.stack.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
         if let Some(slot) = req.extensions().get::<RoutedService>() {
             slot.set(&self.destination.target.key.host);
+        }
+        if self.remote_retries {
+            // Every attempt carries it; the balancer reads it on retries only.
+            req.extensions_mut()
+                .insert(mesh_resilience::RetryRemoteLocalities);
         }
         self.stack.call(req)
     }
@@ -253,7 +266,8 @@ impl MakeDest {
                     None
                 }
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .with_origin(self.origin.clone());
         let outlier = policy.outlier_detection.as_ref().map(OutlierConfig::from);
         let limits = policy
             .connection_pool

@@ -7,12 +7,17 @@
 //! [`OutlierDetector`]. Per request it:
 //!
 //! 1. runs the outlier sweeps that fell due;
-//! 2. picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
+//! 2. with locality balancing ([`LocalityLb`], from where the proxy runs, [`Origin`]),
+//!    draws a priority (failover, only with outlier detection) or a locality
+//!    (`distribute`) by the healthy shares, as Envoy does (see the `locality` module);
+//!    then picks an endpoint with the [`LbPolicy`] (`LEAST_REQUEST` = power of two choices,
 //!    the default; `ROUND_ROBIN`; `RANDOM`; `consistentHash` = ring hash or Maglev over
 //!    a request key, [`ConsistentHash`]) among the endpoints that are not ejected (all
 //!    of them in panic mode) and, for a retry, not already tried ([`PreviousHosts`])
 //!    when another is available; while an endpoint is in its slow-start window
-//!    ([`SlowStart`]), `ROUND_ROBIN` and `LEAST_REQUEST` weigh the endpoints by it;
+//!    ([`SlowStart`]), `ROUND_ROBIN` and `LEAST_REQUEST` weigh the endpoints by it, and
+//!    endpoint weights (`Endpoint::weight`) weigh `ROUND_ROBIN`, `LEAST_REQUEST` and
+//!    `RANDOM` (only when some weight is not 1: the unweighted picks stay as they are);
 //! 3. waits for that endpoint's service to be ready, calls it, and races the call
 //!    against the attempt's deadline ([`AttemptDeadline`], [`RequestDeadline`]);
 //! 4. classifies the result once ([`Outcome`]) and records it for outlier detection;
@@ -20,7 +25,8 @@
 //!    `Set-Cookie`) and errors with [`EndpointFailed`], and keeps the endpoint's
 //!    in-flight count until the response body ends.
 //!
-//! Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
+//! Endpoints of another network than the proxy's are left out at update (no east-west
+//! gateway). Ejection only makes an endpoint ineligible; it never removes it (a `poll_ready` error
 //! would, ECOSYSTEM.md §5.3). Endpoints are replaced at runtime with
 //! [`Balance::update`]; endpoints that stay keep their service, in-flight count, outlier
 //! state and slow-start start. The balancer picks per request in `call` (it must see the
@@ -130,6 +136,7 @@
 //! ```
 
 mod hash;
+mod locality;
 mod p2c;
 mod round_robin;
 mod slow_start;
@@ -160,6 +167,8 @@ use crate::deadline::{AttemptDeadline, RequestDeadline};
 use crate::outlier::{HostHealth, OutlierConfig, OutlierDetector};
 
 pub use hash::{ConsistentHash, HashAlgorithm, HashCookie, HashKey, InvalidHashTable};
+use locality::Placement;
+pub use locality::{Distribute, Failover, LocalityLb, Origin};
 pub use slow_start::SlowStart;
 use table::Table;
 
@@ -179,7 +188,8 @@ pub enum LbPolicy {
     ConsistentHash(ConsistentHash),
 }
 
-/// Everything the balancer takes from `loadBalancer`: the policy and slow start.
+/// Everything the balancer takes from `loadBalancer`: the policy, slow start and
+/// locality balancing, with where the proxy runs.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LbConfig {
     /// The algorithm.
@@ -187,13 +197,17 @@ pub struct LbConfig {
     /// Slow start (`warmup`); applies to `ROUND_ROBIN` and `LEAST_REQUEST` only, and is
     /// ignored for the others, as in Istio.
     pub slow_start: Option<SlowStart>,
+    /// `localityLbSetting` (Istio's mesh default when the rule has none).
+    pub locality: LocalityLb,
+    /// Where the proxy runs.
+    pub origin: Origin,
 }
 
 impl From<LbPolicy> for LbConfig {
     fn from(policy: LbPolicy) -> Self {
         Self {
             policy,
-            slow_start: None,
+            ..Self::default()
         }
     }
 }
@@ -205,7 +219,27 @@ impl LbConfig {
         self.slow_start = Some(slow_start);
         self
     }
+
+    /// `self` for a proxy at `origin`.
+    #[must_use]
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
+        self
+    }
+
+    /// `self` with `localityLbSetting`.
+    #[must_use]
+    pub fn with_locality(mut self, locality: LocalityLb) -> Self {
+        self.locality = locality;
+        self
+    }
 }
+
+/// Marks a retried request whose route sets `retryRemoteLocalities`: the balancer then
+/// treats the priorities its earlier attempts went to as down (Envoy's
+/// `previous_priorities` retry predicate), so the retry goes to the next locality.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryRemoteLocalities;
 
 /// The endpoints earlier attempts of this request went to; the retry layer sets it and
 /// the balancer avoids them when another endpoint is available (VS-63).
@@ -289,6 +323,10 @@ struct Set<S> {
     warm_at: Option<Instant>,
     /// Set once `warm_at` has passed, so later picks read no clock.
     warm: AtomicBool,
+    /// Priorities or locality weights of `entries`.
+    placement: Placement,
+    /// Whether some endpoint's weight is not 1.
+    weighted: bool,
 }
 
 impl<S> Set<S> {
@@ -298,6 +336,8 @@ impl<S> Set<S> {
             table: None,
             warm_at: None,
             warm: AtomicBool::new(true),
+            placement: Placement::Flat,
+            weighted: false,
         }
     }
 
@@ -337,6 +377,9 @@ struct Shared<S> {
     set: ArcSwap<Set<S>>,
     update: Mutex<()>,
     detector: Option<Arc<OutlierDetector>>,
+    /// `localityLbSetting`, where the proxy runs, and whether failover applies.
+    locality: LocalityLb,
+    origin: Origin,
     cursor: AtomicUsize,
     /// Seeds the random generator of each clone, so clones never share a sequence.
     clones: AtomicU64,
@@ -382,7 +425,12 @@ impl<S> Balance<S> {
         outlier: Option<OutlierConfig>,
         make: impl Fn(&Endpoint) -> S + Send + Sync + 'static,
     ) -> Self {
-        let LbConfig { policy, slow_start } = lb.into();
+        let LbConfig {
+            policy,
+            slow_start,
+            locality,
+            origin,
+        } = lb.into();
         let slow_start = slow_start.filter(|s| {
             s.is_enabled() && matches!(policy, LbPolicy::LeastRequest | LbPolicy::RoundRobin)
         });
@@ -403,6 +451,8 @@ impl<S> Balance<S> {
                 set: ArcSwap::from_pointee(Set::empty()),
                 update: Mutex::new(()),
                 detector: outlier.map(|c| Arc::new(OutlierDetector::new(c))),
+                locality,
+                origin,
                 cursor: AtomicUsize::new(0),
                 clones: AtomicU64::new(1),
             }),
@@ -493,6 +543,12 @@ impl<S> Balance<S> {
         let now = Instant::now();
         let mut next: Vec<Arc<Entry<S>>> = Vec::new();
         for ep in endpoints {
+            // Another network is reached only through its east-west gateway, which is
+            // not configured here: such endpoints are left out (as Istio leaves out
+            // endpoints of networks without a gateway).
+            if !self.shared.origin.reaches(&ep) {
+                continue;
+            }
             if next.iter().any(|e| e.endpoint.address == ep.address) {
                 continue;
             }
@@ -535,11 +591,23 @@ impl<S> Balance<S> {
                 .max()
                 .filter(|at| *at > now)
         });
+        let placement = {
+            let eps: Vec<&Endpoint> = next.iter().map(|e| &e.endpoint).collect();
+            Placement::new(
+                &self.shared.locality,
+                &self.shared.origin,
+                self.shared.detector.is_some(),
+                &eps,
+            )
+        };
+        let weighted = next.iter().any(|e| e.endpoint.weight > 1);
         self.shared.set.store(Arc::new(Set {
             entries: next,
             table,
             warm_at,
             warm: AtomicBool::new(warm_at.is_none()),
+            placement,
+            weighted,
         }));
     }
 
@@ -551,7 +619,7 @@ impl<S> Balance<S> {
     /// [`choose_for`](Self::choose_for).
     pub fn choose(&mut self, previous: Option<&PreviousHosts>) -> Option<SocketAddr> {
         let set = self.shared.set.load();
-        self.pick(&set, previous, None)
+        self.pick(&set, previous, None, false)
             .map(|i| set[i].endpoint.address)
     }
 
@@ -575,7 +643,8 @@ impl<S> Balance<S> {
     pub fn choose_for<B>(&mut self, req: &http::Request<B>) -> Option<SocketAddr> {
         let hash = self.request_hash(req).hash;
         let set = self.shared.set.load();
-        self.pick(&set, req.extensions().get::<PreviousHosts>(), hash)
+        let remote = req.extensions().get::<RetryRemoteLocalities>().is_some();
+        self.pick(&set, req.extensions().get::<PreviousHosts>(), hash, remote)
             .map(|i| set[i].endpoint.address)
     }
 
@@ -598,17 +667,23 @@ impl<S> Balance<S> {
     /// read no clock, and every pick is still the one a timer-driven sweep would give.
     ///
     /// `hash` is the request's consistent hash; a consistent-hash pick without one draws
-    /// a random hash (Envoy).
+    /// a random hash (Envoy). `remote`: the priorities of `previous` count as down.
     fn pick(
         &mut self,
         set: &Set<S>,
         previous: Option<&PreviousHosts>,
         hash: Option<u64>,
+        remote: bool,
     ) -> Option<usize> {
         let Self { shared, rng, .. } = self;
         let how = match &shared.lb {
             LbPolicy::ConsistentHash(_) => How::Hash(hash.unwrap_or_else(|| rng.next_u64())),
-            _ if shared.slow_start.is_some() => set.ramping().map_or(How::Plain, How::Ramp),
+            _ if shared.slow_start.is_some() => match set.ramping() {
+                Some(now) => How::Weighted(Some(now)),
+                None if set.weighted => How::Weighted(None),
+                None => How::Plain,
+            },
+            _ if set.weighted => How::Weighted(None),
             _ => How::Plain,
         };
         let detector = shared.detector.as_deref();
@@ -635,6 +710,9 @@ impl<S> Balance<S> {
                 })
         };
         let previous = previous.map(|p| p.0.as_slice()).unwrap_or_default();
+        if !set.placement.is_flat() {
+            return pick_placed(shared, rng, set, how, &healthy, previous, remote);
+        }
         if !previous.is_empty() {
             let fresh = |i: usize| healthy(i) && !previous.contains(&set[i].endpoint.address);
             if let Some(i) = pick_among(shared, rng, set, how, &fresh) {
@@ -645,13 +723,44 @@ impl<S> Balance<S> {
     }
 }
 
+/// Picks in a priority or locality drawn by the healthy shares, then with the policy
+/// among its endpoints (avoiding `previous` when another is available there).
+fn pick_placed<S>(
+    shared: &Shared<S>,
+    rng: &mut SmallRng,
+    set: &Set<S>,
+    how: How,
+    healthy: &impl Fn(usize) -> bool,
+    previous: &[SocketAddr],
+    remote: bool,
+) -> Option<usize> {
+    let placement = &set.placement;
+    let tried = |level: u16| {
+        remote
+            && previous.iter().any(|a| {
+                set.iter()
+                    .position(|e| e.endpoint.address == *a)
+                    .is_some_and(|i| placement.level(i) == level)
+            })
+    };
+    let scope = placement.scope(rng, healthy, &tried)?;
+    let in_scope = |i: usize| placement.contains(scope, i) && healthy(i);
+    if !previous.is_empty() {
+        let fresh = |i: usize| in_scope(i) && !previous.contains(&set[i].endpoint.address);
+        if let Some(i) = pick_among(shared, rng, set, how, &fresh) {
+            return Some(i);
+        }
+    }
+    pick_among(shared, rng, set, how, &in_scope)
+}
+
 /// How one pick goes, decided once per request.
 #[derive(Clone, Copy)]
 enum How {
     /// The policy's own pick.
     Plain,
-    /// Weighted by slow start at this moment.
-    Ramp(Instant),
+    /// Weighted by the endpoints' weights, and by slow start at this moment if given.
+    Weighted(Option<Instant>),
     /// Consistent hashing with this hash.
     Hash(u64),
 }
@@ -668,19 +777,30 @@ fn pick_among<S>(
     let in_flight = |i: usize| set[i].in_flight.load(Ordering::Relaxed);
     match (how, &shared.lb) {
         (How::Hash(h), _) => set.table.as_ref()?.pick(h, n, eligible),
-        (How::Ramp(now), policy) => {
-            let ramp = shared.slow_start?;
-            let factor = |i: usize| ramp.weight_at(now.saturating_duration_since(set[i].added));
-            if matches!(policy, LbPolicy::RoundRobin) {
-                let u = slow_start::next_fraction(&shared.cursor);
-                slow_start::pick_weighted(n, u, eligible, &factor)
-            } else {
-                // Envoy's least-request weight: the endpoint's weight over its requests
-                // in flight plus one.
-                let u = rng.random::<f64>();
-                slow_start::pick_weighted(n, u, eligible, &|i| {
-                    factor(i) / (in_flight(i) as f64 + 1.0)
-                })
+        (How::Weighted(now), policy) => {
+            let factor = |i: usize| {
+                let weight = f64::from(set[i].endpoint.weight);
+                match (now, shared.slow_start) {
+                    (Some(now), Some(ramp)) => {
+                        weight * ramp.weight_at(now.saturating_duration_since(set[i].added))
+                    }
+                    _ => weight,
+                }
+            };
+            match policy {
+                LbPolicy::RoundRobin => {
+                    let u = slow_start::next_fraction(&shared.cursor);
+                    slow_start::pick_weighted(n, u, eligible, &factor)
+                }
+                LbPolicy::LeastRequest => {
+                    // Envoy's least-request weight: the endpoint's weight over its
+                    // requests in flight plus one.
+                    let u = rng.random::<f64>();
+                    slow_start::pick_weighted(n, u, eligible, &|i| {
+                        factor(i) / (in_flight(i) as f64 + 1.0)
+                    })
+                }
+                _ => slow_start::pick_weighted(n, rng.random::<f64>(), eligible, &factor),
             }
         }
         (How::Plain, LbPolicy::LeastRequest) => p2c::pick(n, rng, eligible, &in_flight),
@@ -711,7 +831,9 @@ where
         let detector = self.shared.detector.clone();
         let key = self.request_hash(&req);
         let set = self.shared.set.load();
-        let Some(i) = self.pick(&set, req.extensions().get::<PreviousHosts>(), key.hash) else {
+        let remote = req.extensions().get::<RetryRemoteLocalities>().is_some();
+        let previous = req.extensions().get::<PreviousHosts>();
+        let Some(i) = self.pick(&set, previous, key.hash, remote) else {
             return ResponseFuture::failed(Box::new(NoHealthyUpstream));
         };
         let entry = &set[i];
@@ -885,3 +1007,6 @@ fn timeout_error(request_deadline: bool) -> BoxError {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod locality_tests;
