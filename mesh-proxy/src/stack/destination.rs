@@ -44,7 +44,7 @@ use mesh_core::error::BoxError;
 use mesh_core::extensions::{RoutePolicy, RoutedService};
 use mesh_resilience::deadline::Deadline;
 use mesh_resilience::limit::PoolLimit;
-use mesh_resilience::retry::Retry;
+use mesh_resilience::retry::{ConcurrentRetryBudget, Retry};
 use mesh_resilience::{
     Balance, LbConfig, OutlierConfig, PoolLimitLayer, PoolLimits, RetryGate, RetryLayer,
     RetryPolicy,
@@ -112,6 +112,8 @@ pub struct MakeDest {
 pub struct DestService {
     inner: PoolLimit<Balance<Upstream>>,
     gate: RetryGate,
+    /// DestinationRule `retryBudget`, which replaces `gate` when set.
+    budget: Option<ConcurrentRetryBudget>,
     target: Arc<Target>,
     balance: Balance<Upstream>,
     synced: Arc<ArcSwap<Vec<Endpoint>>>,
@@ -209,7 +211,11 @@ impl RouteService {
                 })
                 .replay_limit(replay_limit),
         };
-        let retry = RetryLayer::new(retry).with_retry_gate(destination.gate.clone());
+        let retry = RetryLayer::new(retry);
+        let retry = match &destination.budget {
+            Some(budget) => retry.with_concurrent_budget(budget.clone()),
+            None => retry.with_retry_gate(destination.gate.clone()),
+        };
         Self {
             stack: Deadline::new(
                 retry.layer(destination.clone()),
@@ -295,6 +301,15 @@ impl MakeDest {
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());
         let pool = PoolLimitLayer::new(limits);
+        let budget = policy.retry_budget.as_ref().map(|rb| {
+            let active = pool.clone();
+            ConcurrentRetryBudget::new(
+                rb.percent.unwrap_or(ConcurrentRetryBudget::DEFAULT_PERCENT),
+                rb.min_retry_concurrency
+                    .unwrap_or(ConcurrentRetryBudget::DEFAULT_MIN_CONCURRENCY),
+                move || active.in_flight() + active.pending(),
+            )
+        });
         self.destinations
             .0
             .lock()
@@ -311,6 +326,7 @@ impl MakeDest {
         DestService {
             inner: pool.layer(balance.clone()),
             gate: pool.retry_gate(),
+            budget,
             target: Arc::clone(target),
             balance,
             synced: Arc::new(ArcSwap::new(endpoints)),
