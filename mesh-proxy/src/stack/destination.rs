@@ -32,6 +32,7 @@
 //! retires a connection after that many requests (see [`super::client`]).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,6 +41,7 @@ use arc_swap::ArcSwap;
 use http::{Request, Response};
 use mesh_core::Endpoint;
 use mesh_core::body::{self, BoxBody};
+use mesh_core::config::ProxyProtocolVersion as ProxyVersion_;
 use mesh_core::error::BoxError;
 use mesh_core::extensions::{RoutePolicy, RoutedService};
 use mesh_resilience::deadline::Deadline;
@@ -50,7 +52,7 @@ use mesh_resilience::{
     RetryPolicy,
 };
 use mesh_routing::{DestinationKey, MakeDestination, Target};
-use mesh_tls::{ClientTls, UpstreamConnector};
+use mesh_tls::{ClientTls, ProxyHeader, ProxyVersion, Tunnel, TunnelMethod, UpstreamConnector};
 use tower::{Layer, Service};
 
 use super::client::HttpClient;
@@ -126,15 +128,50 @@ struct Connecting {
     tls: UpstreamTls,
     connect_timeout: Duration,
     tcp: TcpPool,
+    /// `proxyProtocol.version`: each connection starts with a PROXY header.
+    proxy_protocol: Option<ProxyVersion>,
+    /// `tunnel`: each connection is an HTTP tunnel through the endpoint.
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 impl Connecting {
-    /// A connector to `ep` with its transport, connect timeout and keep-alive.
+    /// A connector to `ep` with its transport, connect timeout, keep-alive and tunnel.
     fn connector(&self, ep: &Endpoint) -> UpstreamConnector {
         UpstreamConnector::new(ep.address, self.tls.security(ep))
             .connect_timeout(self.connect_timeout)
             .keepalive(self.tcp.keepalive)
+            .tunnel(self.tunnel.clone())
     }
+
+    /// The PROXY header of connections made for a downstream connection from `client`
+    /// to `local`, when the rule asks for one.
+    fn proxy_header(&self, downstream: Option<(SocketAddr, SocketAddr)>) -> Option<ProxyHeader> {
+        let version = self.proxy_protocol?;
+        let (source, destination) = downstream?;
+        Some(ProxyHeader {
+            version,
+            source,
+            destination,
+        })
+    }
+}
+
+/// DestinationRule `tunnel` as the connector's [`Tunnel`] (validation refuses a rule
+/// without `targetHost` or with a bad port or protocol).
+fn tunnel_of(t: &mesh_core::config::TunnelSettings) -> Option<Arc<Tunnel>> {
+    let method = match t.protocol.as_deref() {
+        None | Some("CONNECT") => TunnelMethod::Connect,
+        Some("POST") => TunnelMethod::Post,
+        Some(_) => return None,
+    };
+    let port = u16::try_from(t.target_port).ok().filter(|p| *p != 0)?;
+    (!t.target_host.is_empty()).then(|| {
+        Arc::new(Tunnel {
+            method,
+            host: t.target_host.clone(),
+            port,
+        })
+    })
 }
 
 impl DestService {
@@ -190,8 +227,17 @@ impl RouteService {
 
     /// A connector to `ep` as the destination's rule says (transport, connect timeout,
     /// keep-alive), for traffic that connects by itself (TCP).
-    pub(crate) fn connector(&self, ep: &Endpoint) -> UpstreamConnector {
-        self.destination.connecting.connector(ep)
+    /// `downstream` is the (client, local) address pair of the connection carried, for
+    /// the PROXY header of DestinationRule `proxyProtocol`.
+    pub(crate) fn connector(
+        &self,
+        ep: &Endpoint,
+        downstream: Option<(SocketAddr, SocketAddr)>,
+    ) -> UpstreamConnector {
+        let connecting = &self.destination.connecting;
+        connecting
+            .connector(ep)
+            .proxy_header(connecting.proxy_header(downstream))
     }
 
     /// The destination's `maxConnectionDuration`.
@@ -279,6 +325,11 @@ impl MakeDest {
                 .credentials(policy.tls.as_ref(), self.credentials.as_deref()),
             connect_timeout: tcp.connect_timeout.unwrap_or(self.connect_timeout),
             tcp,
+            proxy_protocol: policy.proxy_protocol.as_ref().map(|pp| match pp.version {
+                Some(ProxyVersion_::V2) => ProxyVersion::V2,
+                Some(ProxyVersion_::V1) | None => ProxyVersion::V1,
+            }),
+            tunnel: policy.tunnel.as_ref().and_then(tunnel_of),
         });
         let per_connection = limits.max_requests_per_connection;
         let http = policy
@@ -293,10 +344,28 @@ impl MakeDest {
             .unwrap_or(0);
         let for_endpoints = Arc::clone(&connecting);
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
-            HttpClient::upstream(for_endpoints.connector(ep), idle, protocol)
-                .max_requests_per_connection(per_connection)
-                .max_connection_duration(for_endpoints.tcp.max_connection_duration)
-                .max_concurrent_streams(streams)
+            let connecting = Arc::clone(&for_endpoints);
+            let client = move |connector: UpstreamConnector| {
+                HttpClient::upstream(connector, idle, protocol)
+                    .max_requests_per_connection(per_connection)
+                    .max_connection_duration(connecting.tcp.max_connection_duration)
+                    .max_concurrent_streams(streams)
+            };
+            let connector = for_endpoints.connector(ep);
+            match for_endpoints.proxy_protocol {
+                // Pools per downstream connection, each connection with its header.
+                Some(version) => {
+                    let base = connector.clone();
+                    client(connector).per_downstream(idle, move |source, destination| {
+                        client(base.clone().proxy_header(Some(ProxyHeader {
+                            version,
+                            source,
+                            destination,
+                        })))
+                    })
+                }
+                None => client(connector),
+            }
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());

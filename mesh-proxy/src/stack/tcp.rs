@@ -176,7 +176,11 @@ impl TcpOutbound {
             .choose(None)
             .and_then(|a| endpoints.iter().find(|e| e.address == a))
             .ok_or_else(|| io::Error::other(format!("no healthy endpoint for {}", target.key)))?;
-        let mut connector = service.connector(endpoint).alpn(Alpn::Tcp);
+        let addresses = downstream
+            .peer_addr()
+            .ok()
+            .zip(downstream.local_addr().ok());
+        let mut connector = service.connector(endpoint, addresses).alpn(Alpn::Tcp);
         let conn = match connector.call(http::Uri::default()).await {
             Ok(conn) => conn,
             Err(e) => {
