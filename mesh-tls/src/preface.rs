@@ -15,12 +15,16 @@
 //!
 //! # Tunnel
 //!
-//! [`Tunnel`] opens an HTTP/1.1 tunnel on the connection: `CONNECT host:port HTTP/1.1`
-//! (or `POST` with Envoy's default path `/`), and then waits for the proxy's response
-//! head. A 2xx opens the tunnel; any other status, or a head over 16 KiB, fails the
+//! [`Tunnel`] opens an HTTP/1.1 tunnel on the connection: `CONNECT host:port HTTP/1.1`,
+//! and then waits for the proxy's response head. A 2xx opens the tunnel; any other status, or a head over 16 KiB, fails the
 //! connection. Bytes the proxy sends after its head are not expected before the client
 //! speaks (TLS and HTTP/1.1 start from the client) and fail the connection, so nothing
 //! read is ever lost.
+//!
+//! A `POST` tunnel is refused: over HTTP/1.1 the tunnelled bytes would have to travel as
+//! a chunked request body and a chunked response body, which this connector does not
+//! frame; the connection fails with an error saying so rather than send bytes a proxy
+//! would misread.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -110,7 +114,7 @@ pub enum TunnelMethod {
     /// `CONNECT host:port` (the default).
     #[default]
     Connect,
-    /// `POST /` with the target in `Host`.
+    /// `POST` (refused, see the module docs).
     Post,
 }
 
@@ -137,19 +141,20 @@ impl Tunnel {
         }
     }
 
-    /// The request head that opens the tunnel.
+    /// The request head that opens a CONNECT tunnel.
     pub fn request(&self) -> String {
         let authority = self.authority();
-        match self.method {
-            TunnelMethod::Connect => {
-                format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n")
-            }
-            TunnelMethod::Post => format!("POST / HTTP/1.1\r\nhost: {authority}\r\n\r\n"),
-        }
+        format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n")
     }
 
     /// Opens the tunnel on `io`: sends the request and reads the response head.
     pub async fn open<IO: AsyncRead + AsyncWrite + Unpin>(&self, io: &mut IO) -> io::Result<()> {
+        if self.method == TunnelMethod::Post {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "tunnel protocol POST is not supported (use CONNECT)",
+            ));
+        }
         io.write_all(self.request().as_bytes()).await?;
         io.flush().await?;
         let mut head = Vec::with_capacity(256);
@@ -265,14 +270,30 @@ mod tests {
             "CONNECT api.example.com:443 HTTP/1.1\r\nhost: api.example.com:443\r\n\r\n"
         );
         let t = Tunnel {
-            method: TunnelMethod::Post,
+            method: TunnelMethod::Connect,
             host: "2001:db8::1".into(),
             port: 8443,
         };
         assert_eq!(
             t.request(),
-            "POST / HTTP/1.1\r\nhost: [2001:db8::1]:8443\r\n\r\n"
+            "CONNECT [2001:db8::1]:8443 HTTP/1.1\r\nhost: [2001:db8::1]:8443\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_post_tunnel_is_refused_before_anything_is_sent() {
+        let t = Tunnel {
+            method: TunnelMethod::Post,
+            host: "target".into(),
+            port: 80,
+        };
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let err = t.open(&mut client).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        drop(client);
+        let mut sent = Vec::new();
+        server.read_to_end(&mut sent).await.unwrap();
+        assert!(sent.is_empty());
     }
 
     #[tokio::test]

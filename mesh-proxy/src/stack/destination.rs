@@ -30,6 +30,14 @@
 //! the endpoint's identities (ServiceEntry `serviceAccount`); an endpoint without any
 //! accepts any identity of a trusted domain. `connectionPool.http.maxRequestsPerConnection`
 //! retires a connection after that many requests (see [`super::client`]).
+//!
+//! The rule's `trafficPolicy.retryBudget` replaces the destination's `maxRetries` gate in
+//! every route's retry layer: retries in flight stay under the budget's share of the
+//! destination's active (in-flight plus waiting) requests, with its floor.
+//! `proxyProtocol` starts every connection with a PROXY header naming the downstream
+//! connection (HTTP clients are then kept per downstream connection, see
+//! [`HttpClient::per_downstream`]); `tunnel` opens an HTTP CONNECT tunnel through each
+//! endpoint to the target before the connection's own protocol (mesh-tls `preface`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -161,7 +169,13 @@ impl Connecting {
 fn tunnel_of(t: &mesh_core::config::TunnelSettings) -> Option<Arc<Tunnel>> {
     let method = match t.protocol.as_deref() {
         None | Some("CONNECT") => TunnelMethod::Connect,
-        Some("POST") => TunnelMethod::Post,
+        Some("POST") => {
+            tracing::warn!(
+                target_host = %t.target_host,
+                "tunnel protocol POST is not supported; connections through it fail (use CONNECT)"
+            );
+            TunnelMethod::Post
+        }
         Some(_) => return None,
     };
     let port = u16::try_from(t.target_port).ok().filter(|p| *p != 0)?;

@@ -7,9 +7,13 @@
 //! cluster `circuit_breakers.thresholds.retry_budget`): retries in flight to one
 //! destination may not exceed `max(percent × active requests, minRetryConcurrency)`,
 //! where the active requests are the destination's requests in flight and waiting
-//! (ISTIO.md DR-RB). A retry over the budget is not attempted: the caller gets the last
+//! (ISTIO.md DR-71..DR-74). A retry over the budget is not attempted: the caller gets the last
 //! response, flagged `UO`. It takes the place of the destination's `maxRetries` gate, as
 //! Envoy's budget overrides the retry circuit breaker.
+//!
+//! Our choice: a retry holds its place from the decision to retry until the next
+//! decision or the end of the request, as the `maxRetries` gate counts; Envoy counts a
+//! retry from scheduling it to its back-off timer firing.
 
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -501,7 +501,7 @@ fn decide<RB>(
             Some(permit) => *retry_permit = Some(permit),
             None => {
                 // maxRetries or the retry budget reached: the retry is skipped and
-                // flagged UO (VS-64, DR-RB).
+                // flagged UO (VS-64, DR-74).
                 if let Ok(res) = &mut result {
                     add_response_flags(res.extensions_mut(), ResponseFlags::UPSTREAM_OVERFLOW);
                 }
