@@ -422,3 +422,85 @@ spec:
     assert_eq!(target.hits(), 3);
     assert!(asked_refusing.lock().unwrap().contains(&want));
 }
+
+/// A rustls HTTP/1.1 upstream for `api.example.com` (certificate from a fresh CA written
+/// to `<world>/external-ca.pem`); answers `tls ok` and records each handshake's SNI.
+async fn tls_upstream(world: &World) -> (SocketAddr, String, Arc<Mutex<Vec<Option<String>>>>) {
+    use mesh_tls::{CertificateAuthority, LeafSpec};
+    let ca = CertificateAuthority::new("example.com").unwrap();
+    let leaf = ca
+        .issue_with(
+            &LeafSpec::workload("example.com", "external", "api").with_dns("api.example.com"),
+        )
+        .unwrap();
+    let ca_file = world.path("external-ca.pem");
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(mesh_tls::provider())
+        .with_protocol_versions(mesh_tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain_der().to_vec(), leaf.key_der())
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sni = Arc::new(Mutex::new(Vec::new()));
+    let record = sni.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            record
+                .lock()
+                .unwrap()
+                .push(tls.get_ref().1.server_name().map(str::to_owned));
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while read_head(&mut tls, &mut buf).await.is_some() {
+                    let res = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ntls ok";
+                    if tls.write_all(res).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, ca_file.display().to_string(), sni)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_runs_inside_the_tunnel() {
+    let world = World::new();
+    let (target, ca_file, sni) = tls_upstream(&world).await;
+    let (proxy_addr, asked) = connect_proxy(200).await;
+    let yaml = format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: production}}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tunnel: {{targetHost: 127.0.0.1, targetPort: {port}}}
+    tls: {{mode: SIMPLE, caCertificates: {ca_file}, sni: api.example.com}}
+",
+        external("api.example.com", &[proxy_addr]),
+        port = target.port(),
+    );
+    let (_proxy, client) = caller(&world, &yaml).await;
+    let (status, body) = client
+        .request("GET", "api.example.com", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "tls ok"));
+    // The proxy saw only the CONNECT; the TLS handshake (with SNI) reached the target.
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![format!("CONNECT 127.0.0.1:{} HTTP/1.1", target.port())]
+    );
+    assert_eq!(
+        *sni.lock().unwrap(),
+        vec![Some("api.example.com".to_owned())]
+    );
+}
