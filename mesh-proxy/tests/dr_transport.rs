@@ -1,8 +1,10 @@
 //! DestinationRule fields that shape the upstream connection and its retries, through
 //! the real binary: `retryBudget` bounds the retries in flight to an always-503
 //! destination, `proxyProtocol` puts a PROXY protocol header (v1 text, v2 binary) at the
-//! start of each upstream connection, read by a raw TCP upstream, and `tunnel` carries
-//! the traffic through an HTTP CONNECT proxy to the target.
+//! start of each upstream connection (HTTP, pooled per downstream connection, and TCP),
+//! read by raw TCP upstreams, and `tunnel` carries the traffic, TLS origination
+//! included, through an HTTP CONNECT proxy to the target; a proxy refusing the tunnel
+//! fails the request with 503.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -503,4 +505,67 @@ spec:
         *sni.lock().unwrap(),
         vec![Some("api.example.com".to_owned())]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_carry_the_proxy_header_too() {
+    let world = World::new();
+    // A raw TCP server: reads the PROXY header, then reports the source it names.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let db = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let seen = read_proxy_header(&mut tcp).await;
+                let line = format!("v{} {} {}\n", seen.version, seen.source, seen.destination);
+                let _ = tcp.write_all(line.as_bytes()).await;
+            });
+        }
+    });
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: production}}
+spec:
+  hosts: [db.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 5432, name: tcp-db, protocol: TCP}}
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{tcp-db: {port}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: production}}
+spec:
+  host: db.example.com
+  trafficPolicy:
+    proxyProtocol: {{version: V2}}
+",
+        port = db.port()
+    );
+    let config = world.write_config("istio", "mesh.yaml", &yaml);
+    let ports = Ports::new();
+    let tcp_port = free_port();
+    let s = sidecar_settings(
+        &world,
+        "order-service",
+        &labels(&[("app", "order-service")]),
+        &config,
+        ports,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    )
+    .replacen(
+        "listeners:\n",
+        &format!("listeners:\n  tcp:\n    127.0.0.1:{tcp_port}: db.example.com:5432\n"),
+        1,
+    );
+    let _proxy = Proxy::start(&world, "sidecar", "order-service", &s, ports).await;
+    let mut tcp = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let mut line = String::new();
+    tcp.read_to_string(&mut line).await.unwrap();
+    assert_eq!(line, format!("v2 {local} 127.0.0.1:{tcp_port}\n"));
 }
