@@ -14,6 +14,10 @@
 //! - TLS origination ([`Origination`]) or plaintext, chosen per endpoint from the
 //!   DestinationRule `tls` and auto-mTLS (DR-50, SR-23..SR-25).
 //!
+//! A connection may first carry a PROXY protocol header and open an HTTP tunnel
+//! ([`preface`](crate::preface); DestinationRule `proxyProtocol` and `tunnel`): both
+//! happen on the TCP connection, before the TLS handshake, within the connect timeout.
+//!
 //! Every variant yields one connection type, [`UpstreamConn`], which tells hyper whether
 //! `h2` was negotiated. [`Alpn::Http1`] offers only `http/1.1`: the connection for an
 //! HTTP Upgrade, which h2 cannot carry. The choice is made once, when the connector is
@@ -67,12 +71,14 @@ use hyper_util::rt::TokioIo;
 use mesh_core::error::BoxError;
 use mesh_core::extensions::UpstreamPeerIdentity;
 use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::client::ClientTls;
 use crate::origin::Origination;
+use crate::preface::{ProxyHeader, Tunnel};
 use crate::verify::{HandshakeError, SecureNaming};
 
 /// The ALPN protocols a connector offers.
@@ -197,6 +203,10 @@ pub struct UpstreamConnector {
     connect_timeout: Duration,
     alpn: Alpn,
     keepalive: Option<Keepalive>,
+    /// Written first on every connection (DestinationRule `proxyProtocol`).
+    proxy_header: Option<ProxyHeader>,
+    /// Opened on every connection before TLS (DestinationRule `tunnel`).
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 impl UpstreamConnector {
@@ -208,6 +218,8 @@ impl UpstreamConnector {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             alpn: Alpn::Negotiate,
             keepalive: None,
+            proxy_header: None,
+            tunnel: None,
         }
     }
 
@@ -241,6 +253,26 @@ impl UpstreamConnector {
     /// Turns on TCP keep-alive with `keepalive` on every connection.
     pub fn keepalive(mut self, keepalive: Option<Keepalive>) -> Self {
         self.keepalive = keepalive;
+        self
+    }
+
+    /// Starts every connection with `header` (PROXY protocol), before anything else.
+    #[must_use]
+    pub fn proxy_header(mut self, header: Option<ProxyHeader>) -> Self {
+        self.proxy_header = header;
+        self
+    }
+
+    /// The PROXY protocol header every connection starts with.
+    pub fn proxy_header_of(&self) -> Option<&ProxyHeader> {
+        self.proxy_header.as_ref()
+    }
+
+    /// Opens `tunnel` on every connection (after the PROXY header, before TLS): the
+    /// endpoint is an HTTP proxy and the connection's protocol runs inside the tunnel.
+    #[must_use]
+    pub fn tunnel(mut self, tunnel: Option<Arc<Tunnel>>) -> Self {
+        self.tunnel = tunnel;
         self
     }
 
@@ -278,10 +310,16 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 return Err(std::io::Error::other(reason.to_string()).into());
             }
             let connect = async {
-                let tcp = TcpStream::connect(inner.address).await?;
+                let mut tcp = TcpStream::connect(inner.address).await?;
                 let _ = tcp.set_nodelay(true);
                 if let Some(keepalive) = &inner.keepalive {
                     keepalive.apply(&tcp)?;
+                }
+                if let Some(header) = &inner.proxy_header {
+                    tcp.write_all(&header.encode()).await?;
+                }
+                if let Some(tunnel) = &inner.tunnel {
+                    tunnel.open(&mut tcp).await?;
                 }
                 let (io, peer) = match &inner.security {
                     UpstreamSecurity::Plaintext | UpstreamSecurity::Refuse(_) => {

@@ -71,6 +71,7 @@ pub mod connect;
 pub mod origin;
 pub mod peer_auth;
 pub mod peer_auth_istio;
+pub mod preface;
 pub mod server;
 pub mod server_options;
 pub mod sni;
@@ -95,6 +96,7 @@ pub use peer_auth::{
     MtlsMode, PeerAuthMode, PeerAuthentication, PeerAuthenticationPolicy,
     WorkloadPeerAuthentication,
 };
+pub use preface::{ProxyHeader, ProxyVersion, Tunnel, TunnelMethod};
 pub use server::{
     AcceptError, AcceptedConnection, ConnectionContext, ConnectionExtensions,
     ConnectionExtensionsLayer, InboundAcceptor, MeshStream, PeerCertificateHash, ServerTls,

@@ -34,24 +34,9 @@ use Kind::{DestinationRule as DR, Gateway as GW, Sidecar as SC, Telemetry as TE}
 pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         DR,
-        "spec.**.tunnel",
-        "traffic is not tunnelled (no HTTP CONNECT or POST tunnel to an egress proxy is built)",
-    ),
-    ne(
-        DR,
-        "spec.**.proxyProtocol",
-        "no PROXY protocol header is sent (upstream connections carry no client address header)",
-    ),
-    ne(
-        DR,
-        "spec.**.retryBudget",
-        "retries are limited by attempts only",
-    ),
-    ne(
-        DR,
         "spec.**.outlierDetection.outlierDetectionHttpErrorCodes",
-        "only 5xx responses count as errors (responses are classified once, before outlier \
-         detection, with no per-rule status list)",
+        "only 5xx responses count as errors (the field is proposed for Istio's API, not part \
+         of a released one, and its meaning is not settled)",
     ),
     ne(
         GW,

@@ -29,6 +29,10 @@
 //!   [`HttpClient::max_concurrent_streams`]), an HTTP/2 connection carries at most that
 //!   many requests at once and a request that finds every connection full opens another
 //!   (Envoy's `max_concurrent_streams` of the upstream HTTP/2 options).
+//! - with a PROXY protocol header (DestinationRule `proxyProtocol`,
+//!   [`HttpClient::per_downstream`]), each downstream connection gets clients of its
+//!   own, whose connections start with its header: a pooled connection never carries
+//!   another client's requests under a header naming someone else.
 //!
 //! # Stream limits
 //!
@@ -81,6 +85,7 @@
 //! The innermost service: per endpoint under the balancer (outbound, gateway), after
 //! authorization (inbound), or straight after routing for unknown hosts.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,8 +99,9 @@ use hyper_util::client::legacy::connect::{Connect, HttpConnector, capture_connec
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
-use mesh_core::extensions::UpstreamHost;
+use mesh_core::extensions::{ConnectionInfo, UpstreamHost};
 use mesh_tls::{Alpn, ConnectionOpened, ConnectionRequests, UpstreamConnector, UpstreamSecurity};
+use tokio::time::Instant;
 
 use super::headers::strip_hop_by_hop;
 
@@ -405,6 +411,46 @@ pub struct HttpClient<C> {
     h2_streams: Option<Arc<StreamLimit<C>>>,
     /// Body sizes and stream timers.
     limits: StreamLimits,
+    /// Pools per downstream connection (DestinationRule `proxyProtocol`).
+    by_downstream: Option<Arc<ByDownstream<C>>>,
+}
+
+/// The (client, local) addresses of a downstream connection.
+type DownstreamKey = (SocketAddr, SocketAddr);
+
+/// Clients per downstream connection: each connection of one carries that downstream
+/// connection's PROXY header, so connections are never shared between clients (Envoy
+/// keys its upstream pools by the downstream addresses when the header is on).
+struct ByDownstream<C> {
+    clients: Mutex<HashMap<DownstreamKey, (HttpClient<C>, Instant)>>,
+    /// A client unused this long is forgotten (its pooled connections have closed).
+    idle: Duration,
+    make: Box<dyn Fn(SocketAddr, SocketAddr) -> HttpClient<C> + Send + Sync>,
+}
+
+impl<C: Clone> ByDownstream<C> {
+    /// The client of the downstream connection `key`, made on first use.
+    fn client(&self, key: DownstreamKey) -> HttpClient<C> {
+        let now = Instant::now();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((client, used)) = clients.get_mut(&key) {
+            *used = now;
+            return client.clone();
+        }
+        // Forget clients left idle: requests in flight keep their own clone.
+        let idle = self.idle;
+        clients.retain(|_, (_, used)| now.saturating_duration_since(*used) < idle);
+        let client = (self.make)(key.0, key.1);
+        clients.insert(key, (client.clone(), now));
+        client
+    }
+}
+
+impl<C> std::fmt::Debug for ByDownstream<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.clients.lock().map(|c| c.len()).unwrap_or_default();
+        f.debug_struct("ByDownstream").field("clients", &n).finish()
+    }
 }
 
 /// Pools of one client whose HTTP/2 connections carry at most `max` streams at once.
@@ -526,6 +572,7 @@ where
             streams: None,
             h2_streams: None,
             limits: StreamLimits::default(),
+            by_downstream: None,
         }
     }
 
@@ -533,6 +580,23 @@ where
     #[must_use]
     pub fn stream_limits(mut self, limits: StreamLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sends each request through a client of its own downstream connection (by the
+    /// request's [`ConnectionInfo`]), made by `make(client address, local address)` and
+    /// forgotten after `idle` unused; a request without one uses this client.
+    #[must_use]
+    pub fn per_downstream(
+        mut self,
+        idle: Duration,
+        make: impl Fn(SocketAddr, SocketAddr) -> HttpClient<C> + Send + Sync + 'static,
+    ) -> Self {
+        self.by_downstream = Some(Arc::new(ByDownstream {
+            clients: Mutex::new(HashMap::new()),
+            idle,
+            make: Box::new(make),
+        }));
         self
     }
 
@@ -757,6 +821,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> ResponseFuture {
+        if let Some(by) = &self.by_downstream
+            && let Some(info) = req.extensions().get::<ConnectionInfo>()
+        {
+            return by.client((info.remote, info.local)).call(req);
+        }
         let limits = self.limits;
         if limits.max_request_body > 0
             && http_body::Body::size_hint(req.body()).lower() > limits.max_request_body

@@ -30,8 +30,17 @@
 //! the endpoint's identities (ServiceEntry `serviceAccount`); an endpoint without any
 //! accepts any identity of a trusted domain. `connectionPool.http.maxRequestsPerConnection`
 //! retires a connection after that many requests (see [`super::client`]).
+//!
+//! The rule's `trafficPolicy.retryBudget` replaces the destination's `maxRetries` gate in
+//! every route's retry layer: retries in flight stay under the budget's share of the
+//! destination's active (in-flight plus waiting) requests, with its floor.
+//! `proxyProtocol` starts every connection with a PROXY header naming the downstream
+//! connection (HTTP clients are then kept per downstream connection, see
+//! [`HttpClient::per_downstream`]); `tunnel` opens an HTTP CONNECT tunnel through each
+//! endpoint to the target before the connection's own protocol (mesh-tls `preface`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,17 +49,18 @@ use arc_swap::ArcSwap;
 use http::{Request, Response};
 use mesh_core::Endpoint;
 use mesh_core::body::{self, BoxBody};
+use mesh_core::config::ProxyProtocolVersion as ProxyVersion_;
 use mesh_core::error::BoxError;
 use mesh_core::extensions::{RoutePolicy, RoutedService};
 use mesh_resilience::deadline::Deadline;
 use mesh_resilience::limit::PoolLimit;
-use mesh_resilience::retry::Retry;
+use mesh_resilience::retry::{ConcurrentRetryBudget, Retry};
 use mesh_resilience::{
     Balance, LbConfig, OutlierConfig, PoolLimitLayer, PoolLimits, RetryGate, RetryLayer,
     RetryPolicy,
 };
 use mesh_routing::{DestinationKey, MakeDestination, Target};
-use mesh_tls::{ClientTls, UpstreamConnector};
+use mesh_tls::{ClientTls, ProxyHeader, ProxyVersion, Tunnel, TunnelMethod, UpstreamConnector};
 use tower::{Layer, Service};
 
 use super::client::HttpClient;
@@ -116,6 +126,8 @@ pub struct MakeDest {
 pub struct DestService {
     inner: PoolLimit<Balance<Upstream>>,
     gate: RetryGate,
+    /// DestinationRule `retryBudget`, which replaces `gate` when set.
+    budget: Option<ConcurrentRetryBudget>,
     target: Arc<Target>,
     balance: Balance<Upstream>,
     synced: Arc<ArcSwap<Vec<Endpoint>>>,
@@ -128,15 +140,56 @@ struct Connecting {
     tls: UpstreamTls,
     connect_timeout: Duration,
     tcp: TcpPool,
+    /// `proxyProtocol.version`: each connection starts with a PROXY header.
+    proxy_protocol: Option<ProxyVersion>,
+    /// `tunnel`: each connection is an HTTP tunnel through the endpoint.
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 impl Connecting {
-    /// A connector to `ep` with its transport, connect timeout and keep-alive.
+    /// A connector to `ep` with its transport, connect timeout, keep-alive and tunnel.
     fn connector(&self, ep: &Endpoint) -> UpstreamConnector {
         UpstreamConnector::new(ep.address, self.tls.security(ep))
             .connect_timeout(self.connect_timeout)
             .keepalive(self.tcp.keepalive)
+            .tunnel(self.tunnel.clone())
     }
+
+    /// The PROXY header of connections made for a downstream connection from `client`
+    /// to `local`, when the rule asks for one.
+    fn proxy_header(&self, downstream: Option<(SocketAddr, SocketAddr)>) -> Option<ProxyHeader> {
+        let version = self.proxy_protocol?;
+        let (source, destination) = downstream?;
+        Some(ProxyHeader {
+            version,
+            source,
+            destination,
+        })
+    }
+}
+
+/// DestinationRule `tunnel` as the connector's [`Tunnel`] (validation refuses a rule
+/// without `targetHost` or with a bad port or protocol).
+fn tunnel_of(t: &mesh_core::config::TunnelSettings) -> Option<Arc<Tunnel>> {
+    let method = match t.protocol.as_deref() {
+        None | Some("CONNECT") => TunnelMethod::Connect,
+        Some("POST") => {
+            tracing::warn!(
+                target_host = %t.target_host,
+                "tunnel protocol POST is not supported; connections through it fail (use CONNECT)"
+            );
+            TunnelMethod::Post
+        }
+        Some(_) => return None,
+    };
+    let port = u16::try_from(t.target_port).ok().filter(|p| *p != 0)?;
+    (!t.target_host.is_empty()).then(|| {
+        Arc::new(Tunnel {
+            method,
+            host: t.target_host.clone(),
+            port,
+        })
+    })
 }
 
 impl DestService {
@@ -194,8 +247,17 @@ impl RouteService {
 
     /// A connector to `ep` as the destination's rule says (transport, connect timeout,
     /// keep-alive), for traffic that connects by itself (TCP).
-    pub(crate) fn connector(&self, ep: &Endpoint) -> UpstreamConnector {
-        self.destination.connecting.connector(ep)
+    /// `downstream` is the (client, local) address pair of the connection carried, for
+    /// the PROXY header of DestinationRule `proxyProtocol`.
+    pub(crate) fn connector(
+        &self,
+        ep: &Endpoint,
+        downstream: Option<(SocketAddr, SocketAddr)>,
+    ) -> UpstreamConnector {
+        let connecting = &self.destination.connecting;
+        connecting
+            .connector(ep)
+            .proxy_header(connecting.proxy_header(downstream))
     }
 
     /// The destination's `maxConnectionDuration`.
@@ -215,7 +277,11 @@ impl RouteService {
                 })
                 .replay_limit(replay_limit),
         };
-        let retry = RetryLayer::new(retry).with_retry_gate(destination.gate.clone());
+        let retry = RetryLayer::new(retry);
+        let retry = match &destination.budget {
+            Some(budget) => retry.with_concurrent_budget(budget.clone()),
+            None => retry.with_retry_gate(destination.gate.clone()),
+        };
         let remote_retries = policy
             .and_then(|p| p.retries.as_deref())
             .is_some_and(|r| r.retry_remote_localities == Some(true));
@@ -289,6 +355,11 @@ impl MakeDest {
                 .credentials(policy.tls.as_ref(), self.credentials.as_deref()),
             connect_timeout: tcp.connect_timeout.unwrap_or(self.connect_timeout),
             tcp,
+            proxy_protocol: policy.proxy_protocol.as_ref().map(|pp| match pp.version {
+                Some(ProxyVersion_::V2) => ProxyVersion::V2,
+                Some(ProxyVersion_::V1) | None => ProxyVersion::V1,
+            }),
+            tunnel: policy.tunnel.as_ref().and_then(tunnel_of),
         });
         let per_connection = limits.max_requests_per_connection;
         let http = policy
@@ -304,15 +375,42 @@ impl MakeDest {
         let for_endpoints = Arc::clone(&connecting);
         let stream_limits = self.stream_limits;
         let balance = Balance::new(lb, outlier, move |ep: &Endpoint| {
-            HttpClient::upstream(for_endpoints.connector(ep), idle, protocol)
-                .stream_limits(stream_limits)
-                .max_requests_per_connection(per_connection)
-                .max_connection_duration(for_endpoints.tcp.max_connection_duration)
-                .max_concurrent_streams(streams)
+            let connecting = Arc::clone(&for_endpoints);
+            let client = move |connector: UpstreamConnector| {
+                HttpClient::upstream(connector, idle, protocol)
+                    .stream_limits(stream_limits)
+                    .max_requests_per_connection(per_connection)
+                    .max_connection_duration(connecting.tcp.max_connection_duration)
+                    .max_concurrent_streams(streams)
+            };
+            let connector = for_endpoints.connector(ep);
+            match for_endpoints.proxy_protocol {
+                // Pools per downstream connection, each connection with its header.
+                Some(version) => {
+                    let base = connector.clone();
+                    client(connector).per_downstream(idle, move |source, destination| {
+                        client(base.clone().proxy_header(Some(ProxyHeader {
+                            version,
+                            source,
+                            destination,
+                        })))
+                    })
+                }
+                None => client(connector),
+            }
         });
         let endpoints = target.endpoints();
         balance.update(endpoints.iter().cloned());
         let pool = PoolLimitLayer::new(limits);
+        let budget = policy.retry_budget.as_ref().map(|rb| {
+            let active = pool.clone();
+            ConcurrentRetryBudget::new(
+                rb.percent.unwrap_or(ConcurrentRetryBudget::DEFAULT_PERCENT),
+                rb.min_retry_concurrency
+                    .unwrap_or(ConcurrentRetryBudget::DEFAULT_MIN_CONCURRENCY),
+                move || active.in_flight() + active.pending(),
+            )
+        });
         self.destinations
             .0
             .lock()
@@ -329,6 +427,7 @@ impl MakeDest {
         DestService {
             inner: pool.layer(balance.clone()),
             gate: pool.retry_gate(),
+            budget,
             target: Arc::clone(target),
             balance,
             synced: Arc::new(ArcSwap::new(endpoints)),

@@ -178,7 +178,15 @@ impl TcpOutbound {
             .choose(None)
             .and_then(|a| endpoints.iter().find(|e| e.address == a))
             .ok_or_else(|| io::Error::other(format!("no healthy endpoint for {}", target.key)))?;
-        let mut connector = service.connector(endpoint).alpn(Alpn::Tcp);
+        // The client and the address it connected to (the original destination when
+        // captured), for DestinationRule `proxyProtocol`.
+        #[cfg(feature = "proxy")]
+        let original = crate::capture::original_destination(&downstream);
+        #[cfg(not(feature = "proxy"))]
+        let original = None;
+        let to = original.or_else(|| downstream.local_addr().ok());
+        let addresses = downstream.peer_addr().ok().zip(to);
+        let mut connector = service.connector(endpoint, addresses).alpn(Alpn::Tcp);
         let conn = match connector.call(http::Uri::default()).await {
             Ok(conn) => conn,
             Err(e) => {

@@ -18,7 +18,7 @@ use rand::rngs::SmallRng;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
-use super::budget::RetryBudget;
+use super::budget::{BudgetPermit, ConcurrentRetryBudget, RetryBudget};
 use super::head::ReplayHead;
 use super::policy::RetryPolicy;
 use super::replay::{Buffering, Prepared, Replay, Start};
@@ -109,8 +109,8 @@ pub struct Attempts<S, F> {
     service_ready: bool,
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<RetryBudget>>,
-    gate: Option<RetryGate>,
-    retry_permit: Option<RetryPermit>,
+    gate: Option<RetryLimit>,
+    retry_permit: Option<RetryHold>,
     /// The caller's head, sent with the first attempt.
     first: Option<http::request::Parts>,
     /// A copy of it for later attempts, made only when the body can be replayed.
@@ -139,7 +139,7 @@ impl<S, F> Attempts<S, F> {
         req: http::Request<BoxBody>,
         policy: Arc<RetryPolicy>,
         budget: Option<Arc<RetryBudget>>,
-        gate: Option<RetryGate>,
+        gate: Option<RetryLimit>,
         seed: u64,
     ) -> Self {
         let (mut head, body) = req.into_parts();
@@ -431,6 +431,31 @@ where
     }
 }
 
+/// What bounds the retries in flight to a destination: its `maxRetries` gate or, when
+/// the DestinationRule sets one, its `retryBudget`, which replaces the gate.
+#[derive(Clone, Debug)]
+pub(crate) enum RetryLimit {
+    Gate(RetryGate),
+    Budget(ConcurrentRetryBudget),
+}
+
+/// A retry's place under its [`RetryLimit`], released when dropped.
+#[derive(Debug)]
+#[allow(dead_code)] // Held for its `Drop`.
+pub(crate) enum RetryHold {
+    Gate(RetryPermit),
+    Budget(BudgetPermit),
+}
+
+impl RetryLimit {
+    fn try_acquire(&self) -> Option<RetryHold> {
+        match self {
+            Self::Gate(g) => g.try_acquire().map(RetryHold::Gate),
+            Self::Budget(b) => b.try_acquire().map(RetryHold::Budget),
+        }
+    }
+}
+
 /// Decides what to do with the result of attempt number `attempt`.
 #[allow(clippy::too_many_arguments)]
 fn decide<RB>(
@@ -439,8 +464,8 @@ fn decide<RB>(
     body: &Body,
     attempt: u32,
     budget: Option<&RetryBudget>,
-    gate: Option<&RetryGate>,
-    retry_permit: &mut Option<RetryPermit>,
+    gate: Option<&RetryLimit>,
+    retry_permit: &mut Option<RetryHold>,
     tried: &mut Vec<SocketAddr>,
 ) -> Decision<Result<http::Response<RB>, BoxError>> {
     let outcome = match &result {
@@ -475,7 +500,8 @@ fn decide<RB>(
         match gate.try_acquire() {
             Some(permit) => *retry_permit = Some(permit),
             None => {
-                // maxRetries reached: the retry is skipped and flagged UO (VS-64).
+                // maxRetries or the retry budget reached: the retry is skipped and
+                // flagged UO (VS-64, DR-74).
                 if let Ok(res) = &mut result {
                     add_response_flags(res.extensions_mut(), ResponseFlags::UPSTREAM_OVERFLOW);
                 }

@@ -12,8 +12,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::ATTEMPT_COUNT;
-use super::budget::RetryBudget;
-use super::future::{Attempts, ResponseFuture};
+use super::budget::{ConcurrentRetryBudget, RetryBudget};
+use super::future::{Attempts, ResponseFuture, RetryLimit};
 use super::policy::RetryPolicy;
 use crate::limit::RetryGate;
 
@@ -22,7 +22,7 @@ use crate::limit::RetryGate;
 pub struct RetryLayer {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<RetryBudget>>,
-    gate: Option<RetryGate>,
+    gate: Option<RetryLimit>,
     seed: Option<u64>,
 }
 
@@ -47,7 +47,15 @@ impl RetryLayer {
     /// Bounds concurrent retries with the destination's `maxRetries` gate.
     #[must_use]
     pub fn with_retry_gate(mut self, gate: RetryGate) -> Self {
-        self.gate = Some(gate);
+        self.gate = Some(RetryLimit::Gate(gate));
+        self
+    }
+
+    /// Bounds concurrent retries with the destination's DestinationRule `retryBudget`
+    /// instead of its `maxRetries` gate.
+    #[must_use]
+    pub fn with_concurrent_budget(mut self, budget: ConcurrentRetryBudget) -> Self {
+        self.gate = Some(RetryLimit::Budget(budget));
         self
     }
 
@@ -87,7 +95,7 @@ pub struct Retry<S> {
     inner: S,
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<RetryBudget>>,
-    gate: Option<RetryGate>,
+    gate: Option<RetryLimit>,
     seed: u64,
     /// Seeds each clone's generator, so clones never share a jitter sequence.
     clones: Arc<AtomicU64>,

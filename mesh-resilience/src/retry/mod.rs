@@ -26,7 +26,8 @@
 //!   [`replay_limit`](RetryPolicy::replay_limit) (64 KiB); larger bodies go once,
 //!   unretried (VS-67).
 //! - A shared [`RetryBudget`] and the destination's `maxRetries`
-//!   [`RetryGate`](crate::limit::RetryGate) bound retry amplification (VS-64).
+//!   [`RetryGate`](crate::limit::RetryGate) bound retry amplification (VS-64); a
+//!   DestinationRule `retryBudget` ([`ConcurrentRetryBudget`]) takes the gate's place.
 //!
 //! Our choices: request headers `x-envoy-retry-on`, `x-envoy-max-retries`,
 //! `x-envoy-retriable-status-codes` and friends are not honoured (VS-66; the edge must
@@ -84,7 +85,7 @@ use std::fmt;
 use mesh_core::BoxError;
 
 pub use backoff::Backoff;
-pub use budget::RetryBudget;
+pub use budget::{ConcurrentRetryBudget, RetryBudget};
 pub use future::{Attempts, ResponseFuture};
 pub use layer::{Retry, RetryLayer};
 pub use policy::{RetryOn, RetryOnError, RetryPolicy};
