@@ -83,6 +83,8 @@ workload:
   serviceAccount: payment-service
   labels: {app: payment-service, version: v1}
   serviceHost: payment-service.production.svc.cluster.local
+  locality: us-east1/us-east1-b
+  network: network-1
 trustDomain: cluster.local
 clusterId: Kubernetes
 configDir: istio

@@ -47,77 +47,96 @@ pub const NOT_ENFORCED: &[NotEnforced] = &[
     ne(
         SC,
         "spec.egress[].port",
-        "egress hosts apply to every port; no listener is made per port",
+        "egress hosts apply to every port; no listener is made per port (the proxy's \
+         listeners come from its settings, `listeners.outbound` and `listeners.tcp`, not \
+         from Sidecar resources)",
     ),
     ne(
         SC,
         "spec.egress[].bind",
-        "the proxy's own outbound listener is used",
+        "the proxy's own outbound listener is used (listeners come from the proxy's \
+         settings; `listeners.tcp` binds a local address per service port)",
     ),
     ne(
         SC,
         "spec.egress[].captureMode",
-        "the proxy's own outbound listener is used",
+        "the proxy's own outbound listener is used (capture is the proxy's setting \
+         `listeners.capture` with the rules of `mesh-proxy init`, not a per-listener \
+         choice)",
     ),
     ne(
         SC,
         "spec.ingress",
-        "inbound traffic is served by the proxy's own inbound listener",
+        "inbound traffic is served by the proxy's own inbound listener and sent to \
+         `listeners.app` (listeners come from the proxy's settings, not from Sidecar \
+         resources)",
     ),
     ne(
         SC,
         "spec.inboundConnectionPool",
-        "inbound connections are not limited",
+        "inbound connections are limited by the setting `limits.maxConnections` only \
+         (connection-pool limits are kept per upstream destination, and the application \
+         behind the inbound listener is not one)",
     ),
     ne(
         SC,
         "spec.outboundTrafficPolicy.egressProxy",
-        "unknown destinations pass through to the address they were sent to",
+        "unknown destinations pass through to the address they were sent to (an egress \
+         proxy would be a destination outside every route table, which the router does not \
+         hold)",
     ),
     ne(
         TE,
         "spec.tracing[].providers",
-        "spans go to the exporter the proxy's settings name",
+        "spans go to the exporter the proxy's settings name (providers are defined in \
+         Istio's MeshConfig `extensionProviders`, which the proxy does not read)",
     ),
     ne(
         TE,
         "spec.tracing[].useRequestIdForTraceSampling",
-        "new traces are sampled at random, not from the request id",
+        "new traces are sampled at random, not from the request id (the proxy samples at \
+         random by design, see `mesh_telemetry::trace`)",
     ),
     ne(
         TE,
         "spec.tracing[].enableIstioTags",
-        "Istio's span tags are always added",
+        "Istio's span tags are always added (Kiali and Jaeger views rely on them, so they \
+         are not made optional)",
     ),
     ne(
         TE,
         "spec.tracing[].disableContextPropagation",
-        "trace headers are always forwarded",
+        "trace headers are always forwarded (the propagation step has no per-workload switch yet)",
     ),
     ne(
         TE,
         "spec.tracing[].customTags.**.formatter",
-        "the tag is not added",
+        "the tag is not added (formatter values are Envoy substitution format strings, \
+         which the proxy does not evaluate)",
     ),
     ne(
         TE,
         "spec.accessLogging[].providers",
-        "the access log goes where the proxy's settings say (standard output when they name none)",
+        "the access log goes where the proxy's settings say (standard output when they name \
+         none; providers are defined in Istio's MeshConfig, which the proxy does not read)",
     ),
     ne(
         TE,
         "spec.metrics[].providers",
-        "metrics are served on /metrics in the Prometheus format",
+        "metrics are served on /metrics in the Prometheus format (providers are defined in \
+         Istio's MeshConfig, which the proxy does not read)",
     ),
     ne(
         TE,
         "spec.metrics[].reportingInterval",
-        "TCP metrics are recorded as they happen",
+        "TCP metrics are recorded as they happen (so no interval applies: they are never \
+         older than the scrape)",
     ),
     ne(
         TE,
         "spec.metrics[].overrides[].match.customMetric",
-        "the override applies to no metric",
+        "the override applies to no metric (custom metrics come from Envoy stats or Wasm \
+         plugins, which the proxy does not run)",
     ),
 ];
 
