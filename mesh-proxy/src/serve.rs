@@ -287,6 +287,7 @@ where
                         // deadline, or the runtime going away) resets the connection.
                         let reset = socket.map(ResetOnDrop::new);
                         let (io, released) = Released::new(io);
+                        let io = Opened::new(io, checks.max_target + OPENING_SLACK);
                         let (activity, idle_rx) = watch::channel(Activity::default());
                         let svc = Tracked {
                             inner: svc,
@@ -486,6 +487,146 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Released<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Released<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Room in the first line for the method, the version and separators, beyond the
+/// request target.
+const OPENING_SLACK: usize = 64;
+
+/// GOAWAY (last stream 0, PROTOCOL_ERROR): the answer to an invalid connection preface.
+const GOAWAY_PROTOCOL_ERROR: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// A connection's IO until its opening is decided ([`sniff::opening`](crate::sniff::opening)):
+/// the first bytes are held back until they are an HTTP/1 request line or the exact
+/// HTTP/2 preface, then handed to the HTTP server as they came. Anything else is an
+/// invalid preface (RFC 9113 §3.4): the client gets GOAWAY(PROTOCOL_ERROR) and the
+/// server an end of input, so the connection closes without an HTTP/1 answer
+/// (hyper-util's protocol detection alone reads every such opening as HTTP/1.1).
+struct Opened<IO> {
+    io: IO,
+    state: Opening,
+    max_line: usize,
+}
+
+enum Opening {
+    /// Reading the first bytes.
+    Deciding(Vec<u8>),
+    /// Decided: these bytes go to the reader first, from the offset.
+    Replay(Vec<u8>, usize),
+    /// An invalid preface: writing the GOAWAY from the offset, then end of input.
+    Refusing(usize),
+    /// The GOAWAY is written; reads end.
+    Refused,
+    /// Reads go straight through.
+    Open,
+}
+
+impl<IO> Opened<IO> {
+    fn new(io: IO, max_line: usize) -> Self {
+        Self {
+            io,
+            state: Opening::Deciding(Vec::new()),
+            max_line,
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Opened<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{Poll, ready};
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                Opening::Open => return std::pin::Pin::new(&mut this.io).poll_read(cx, buf),
+                Opening::Replay(held, at) => {
+                    let n = buf.remaining().min(held.len() - *at);
+                    buf.put_slice(&held[*at..*at + n]);
+                    *at += n;
+                    if *at == held.len() {
+                        this.state = Opening::Open;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Opening::Refused => return Poll::Ready(Ok(())),
+                Opening::Refusing(at) => {
+                    while *at < GOAWAY_PROTOCOL_ERROR.len() {
+                        let n = ready!(
+                            std::pin::Pin::new(&mut this.io)
+                                .poll_write(cx, &GOAWAY_PROTOCOL_ERROR[*at..])
+                        )?;
+                        if n == 0 {
+                            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                        }
+                        *at += n;
+                    }
+                    ready!(std::pin::Pin::new(&mut this.io).poll_flush(cx))?;
+                    this.state = Opening::Refused;
+                }
+                Opening::Deciding(held) => {
+                    let mut chunk = [0u8; 1024];
+                    let mut read = tokio::io::ReadBuf::new(&mut chunk);
+                    ready!(std::pin::Pin::new(&mut this.io).poll_read(cx, &mut read))?;
+                    let ended = read.filled().is_empty();
+                    held.extend_from_slice(read.filled());
+                    let decided = crate::sniff::opening(held, this.max_line);
+                    this.state = match decided {
+                        Some(crate::sniff::Opening::InvalidPreface) => {
+                            tracing::debug!("invalid connection preface; GOAWAY");
+                            Opening::Refusing(0)
+                        }
+                        // What came so far goes to the server, which decides the rest
+                        // (an input that ends undecided included).
+                        Some(crate::sniff::Opening::Http) => {
+                            Opening::Replay(std::mem::take(held), 0)
+                        }
+                        None if ended && held.is_empty() => Opening::Open,
+                        None if ended => Opening::Replay(std::mem::take(held), 0),
+                        None => continue,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Opened<IO> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
