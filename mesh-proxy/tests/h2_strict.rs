@@ -292,13 +292,17 @@ async fn malformed_h2_requests_are_refused_and_reach_no_one() {
         ("te: gzip", head("GET", "http", a, "/x", &[("te", "gzip")])),
         ("te: trailers, gzip", head("GET", "http", a, "/x", &[("te", "trailers, gzip")])),
     ];
+    let mut wrong = Vec::new();
     for (name, fields) in cases {
         let outcome =
             exchange(addr, &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&fields))]).await;
-        assert!(refused(&outcome), "{name}: {outcome:?}\n{}", proxy.output());
         let seen = upstream.take();
-        assert!(seen.is_empty(), "{name} reached the upstream: {seen:?}");
+        println!("{name}: {outcome:?}, {} forwarded", seen.len());
+        if !refused(&outcome) || !seen.is_empty() {
+            wrong.push(format!("{name}: {outcome:?}, forwarded {seen:?}"));
+        }
     }
+    assert!(wrong.is_empty(), "{wrong:#?}\n{}", proxy.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
