@@ -400,42 +400,90 @@ async fn an_invalid_preface_gets_goaway_and_http1_still_works() {
     assert_eq!(upstream.take().len(), 1);
 }
 
+/// An mTLS connection (a mesh SVID, ALPN `h2`) to the inbound listener of the
+/// order-service sidecar at `inbound`.
+async fn mtls(
+    world: &World,
+    inbound: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use mesh_tls::{CertStore, CertificateAuthority, ClientTls, SecureNaming};
+    let ca = CertificateAuthority::load_dir(&world.ca_dir).unwrap();
+    let svid = ca.issue("production", "payment-service").unwrap();
+    let client = ClientTls::new(CertStore::from_issued(&svid).unwrap());
+    let naming = SecureNaming::only(
+        mesh_core::Identity::parse("spiffe://cluster.local/ns/production/sa/order-service")
+            .unwrap(),
+    );
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("order-service").unwrap();
+    client
+        .connect_to(tcp, name, &naming, &[b"h2"])
+        .await
+        .unwrap()
+        .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_settings_flood_leaves_other_connections_served() {
+async fn a_settings_flood_on_a_tls_listener_leaves_other_connections_served() {
     let world = World::new();
     let upstream = Recorder::start().await;
     let proxy = sidecar(&world, upstream.addr).await;
-    let addr = proxy.outbound();
-    let authority = format!("localhost:{}", addr.port());
-    // One connection sends SETTINGS as fast as it can and never reads.
+    let inbound = SocketAddr::from(([127, 0, 0, 1], proxy.ports.inbound));
+    // One connection sends SETTINGS frames as fast as it can and reads the ACKs as fast
+    // as they come, so no back-pressure slows it down.
+    let tls = mtls(&world, inbound).await;
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let stop = tokio_util::sync::CancellationToken::new();
     let flood = {
-        let mut tcp = connect(addr).await;
+        let stop = stop.clone();
         tokio::spawn(async move {
+            let mut hello = PREFACE.to_vec();
+            hello.extend(frame(SETTINGS, 0, 0, &[]));
+            tx.write_all(&hello).await.unwrap();
             let one = frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]);
-            let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
-            let mut sent = 0usize;
-            while tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&burst))
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                sent += 4096;
-                if sent > 2_000_000 {
-                    break;
-                }
+            let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1024).collect();
+            let mut frames = 0usize;
+            while !stop.is_cancelled() && tx.write_all(&burst).await.is_ok() {
+                frames += 1024;
             }
-            sent
+            frames
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Meanwhile requests on other connections are answered.
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0usize;
+        while let Ok(n) = rx.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        read
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile requests on another connection to the same listener are answered.
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(mtls(&world, inbound).await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
     for i in 0..5 {
-        let path = format!("/during-flood-{i}");
-        let fields = head("GET", "http", &authority, &path, &[]);
-        let outcome =
-            exchange(addr, &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&fields))]).await;
-        assert_eq!(outcome, Outcome::Status(200), "{}", proxy.output());
+        let req = http::Request::get(format!("http://order-service/during-flood-{i}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+            .await
+            .expect("no answer during the flood")
+            .unwrap();
+        assert_eq!(res.status(), 200, "{}", proxy.output());
     }
-    flood.abort();
+    stop.cancel();
+    let flooded = flood.await.unwrap();
+    drain.abort();
+    println!("{flooded} SETTINGS frames sent during the requests");
+    assert!(flooded > 0);
     assert_eq!(upstream.take().len(), 5);
 }
 
