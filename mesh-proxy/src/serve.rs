@@ -34,6 +34,23 @@
 //! HTTP/1.0 body would if the connection ended with FIN). Upgraded connections
 //! (WebSocket) have left the listener and are not part of its drain.
 //!
+//! Opening: hyper-util's protocol detection reads everything that is not the exact HTTP/2
+//! preface as HTTP/1.1. The listener first holds the connection's first line back
+//! ([`sniff::opening`](crate::sniff::opening)): an HTTP/1 request line or the exact
+//! preface goes to hyper as it came; anything else (bytes that start like the preface
+//! but are not it, a first line without an `HTTP/1.x` version) is an invalid preface
+//! (RFC 9113 §3.4) and gets GOAWAY(PROTOCOL_ERROR) and a close, never an HTTP/1 answer.
+//!
+//! HTTP/2 connection errors are h2's: it sends `FLOW_CONTROL_ERROR` for a window
+//! overflow and `FRAME_SIZE_ERROR` for DATA over the frame size, but `PROTOCOL_ERROR`
+//! for control frames of a bad length, undecodable HPACK and an out-of-range
+//! `SETTINGS_INITIAL_WINDOW_SIZE`, where RFC 9113 names `FRAME_SIZE_ERROR`,
+//! `COMPRESSION_ERROR` and `FLOW_CONTROL_ERROR` (its frame reader maps every load
+//! failure to `PROTOCOL_ERROR`). The connection ends either way; the codes are h2's to
+//! change. A SETTINGS flood is bounded by h2 itself: it acknowledges each SETTINGS frame
+//! before it reads the next, so a flooding connection holds at most one pending ACK and
+//! slows only itself.
+//!
 //! Idle timeout (`limits.idleTimeout`, Envoy's downstream `idle_timeout`): a connection
 //! with no request in flight for that long is closed the same graceful way (GOAWAY for
 //! HTTP/2, a plain close for an idle HTTP/1.1 keep-alive connection). A request is in
