@@ -22,17 +22,13 @@ use support::*;
 /// Cases that fail today, and why; `always` when the case fails on every run. A case
 /// failing outside this list fails the test, and so does an `always` case that starts to
 /// pass (the list must then shrink).
-const KNOWN_FAILURES: &[(&str, &str, bool, &str)] = &[(
-    "http2/8.1.2.1",
-    "Sends a HEADERS frame that contains a pseudo-header field as trailers",
-    false,
-    "the h2 crate (0.4) decodes the pseudo-header fields of a trailer block and then drops \
-     them (`Recv::recv_trailers` keeps only the regular fields), so no layer above it can \
-     tell such trailers from valid ones; the case passes only when the answer is sent \
-     before the trailers are read. The fix belongs in h2: treat a trailer block with \
-     pseudo-header fields as malformed (RFC 9113 §8.1), as it does trailers without \
-     END_STREAM",
-)];
+///
+/// Empty: every case passes on every listener. `http2/3.5` (an invalid preface) is
+/// answered with GOAWAY by the listeners' opening check (`serve`), and `http2/8.1.2.1`
+/// (a trailer block with a pseudo-header field, sent without END_STREAM) is reset by h2
+/// for the missing END_STREAM. With END_STREAM, h2 would drop the pseudo-header field
+/// instead of resetting the stream (h2_strict.rs and the `headers` module docs).
+const KNOWN_FAILURES: &[(&str, &str, bool, &str)] = &[];
 
 /// The `(section, case)` pairs that failed in an h2spec JUnit report, or were skipped
 /// (every case is meant to run).
