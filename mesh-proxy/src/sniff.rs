@@ -125,9 +125,7 @@ pub fn opening(prefix: &[u8], max_line: usize) -> Option<Opening> {
     let line = p[..end].strip_suffix(b"\r").unwrap_or(&p[..end]);
     let http1 = line.len() >= 9 && {
         let (head, version) = line.split_at(line.len() - 9);
-        !head.is_empty()
-            && version.starts_with(b" HTTP/1.")
-            && version[8].is_ascii_digit()
+        !head.is_empty() && version.starts_with(b" HTTP/1.") && version[8].is_ascii_digit()
     };
     Some(if http1 {
         Opening::Http
@@ -390,7 +388,10 @@ mod tests {
     fn an_http_listener_takes_http1_lines_and_the_exact_preface_only() {
         let max = 64;
         assert_eq!(opening(b"GET / HTTP/1.1\r\n", max), Some(Opening::Http));
-        assert_eq!(opening(b"\r\nget /a b HTTP/1.0\n", max), Some(Opening::Http));
+        assert_eq!(
+            opening(b"\r\nget /a b HTTP/1.0\n", max),
+            Some(Opening::Http)
+        );
         assert_eq!(opening(b"GET / HTTP/1.1", max), None);
         assert_eq!(opening(H2_PREFACE, max), Some(Opening::Http));
         assert_eq!(opening(&H2_PREFACE[..23], max), None);
@@ -402,8 +403,14 @@ mod tests {
             opening(b"INVALID CONNECTION PREFACE\r\n\r\n", max),
             Some(Opening::InvalidPreface)
         );
-        assert_eq!(opening(b"GET / HTTP/2.0\r\n", max), Some(Opening::InvalidPreface));
-        assert_eq!(opening(b"\x00\x00\x00\x04\n", max), Some(Opening::InvalidPreface));
+        assert_eq!(
+            opening(b"GET / HTTP/2.0\r\n", max),
+            Some(Opening::InvalidPreface)
+        );
+        assert_eq!(
+            opening(b"\x00\x00\x00\x04\n", max),
+            Some(Opening::InvalidPreface)
+        );
         // A line too long to judge is the HTTP server's (414).
         assert_eq!(opening(&[b'a'; 65], max), Some(Opening::Http));
         assert_eq!(opening(b"\r\n", max), None);

@@ -265,8 +265,18 @@ async fn malformed_h2_requests_are_refused_and_reach_no_one() {
     let userinfo = format!("user:pw@{a}");
 
     // Well-formed, with a `host` that agrees and `te: trailers`: forwarded.
-    let ok = head("GET", "http", a, "/fine", &[("host", a), ("te", "trailers")]);
-    let outcome = exchange(addr, &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&ok))]).await;
+    let ok = head(
+        "GET",
+        "http",
+        a,
+        "/fine",
+        &[("host", a), ("te", "trailers")],
+    );
+    let outcome = exchange(
+        addr,
+        &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&ok))],
+    )
+    .await;
     assert_eq!(outcome, Outcome::Status(200), "{}", proxy.output());
     let seen = upstream.take();
     assert_eq!(seen.len(), 1);
@@ -274,28 +284,52 @@ async fn malformed_h2_requests_are_refused_and_reach_no_one() {
 
     let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
         ("empty :path", head("GET", "http", a, "", &[])),
-        ("userinfo in :authority", head("GET", "http", &userinfo, "/x", &[])),
+        (
+            "userinfo in :authority",
+            head("GET", "http", &userinfo, "/x", &[]),
+        ),
         ("unknown :scheme", head("GET", "ftp", a, "/x", &[])),
-        ("leading whitespace", head("GET", "http", a, "/x", &[("x-a", " v")])),
-        ("trailing whitespace", head("GET", "http", a, "/x", &[("x-a", "v\t")])),
+        (
+            "leading whitespace",
+            head("GET", "http", a, "/x", &[("x-a", " v")]),
+        ),
+        (
+            "trailing whitespace",
+            head("GET", "http", a, "/x", &[("x-a", "v\t")]),
+        ),
         (
             "host disagreeing with :authority",
             head("GET", "http", a, "/x", &[("host", "admin.internal")]),
         ),
-        ("connection", head("GET", "http", a, "/x", &[("connection", "close")])),
-        ("keep-alive", head("GET", "http", a, "/x", &[("keep-alive", "1")])),
+        (
+            "connection",
+            head("GET", "http", a, "/x", &[("connection", "close")]),
+        ),
+        (
+            "keep-alive",
+            head("GET", "http", a, "/x", &[("keep-alive", "1")]),
+        ),
         (
             "transfer-encoding",
             head("GET", "http", a, "/x", &[("transfer-encoding", "chunked")]),
         ),
-        ("upgrade", head("GET", "http", a, "/x", &[("upgrade", "websocket")])),
+        (
+            "upgrade",
+            head("GET", "http", a, "/x", &[("upgrade", "websocket")]),
+        ),
         ("te: gzip", head("GET", "http", a, "/x", &[("te", "gzip")])),
-        ("te: trailers, gzip", head("GET", "http", a, "/x", &[("te", "trailers, gzip")])),
+        (
+            "te: trailers, gzip",
+            head("GET", "http", a, "/x", &[("te", "trailers, gzip")]),
+        ),
     ];
     let mut wrong = Vec::new();
     for (name, fields) in cases {
-        let outcome =
-            exchange(addr, &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&fields))]).await;
+        let outcome = exchange(
+            addr,
+            &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&fields))],
+        )
+        .await;
         let seen = upstream.take();
         println!("{name}: {outcome:?}, {} forwarded", seen.len());
         if !refused(&outcome) || !seen.is_empty() {
@@ -396,16 +430,17 @@ async fn an_invalid_preface_gets_goaway_and_http1_still_works() {
         .await
         .unwrap()
         .unwrap();
-    assert!(got.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     assert_eq!(upstream.take().len(), 1);
 }
 
 /// An mTLS connection (a mesh SVID, ALPN `h2`) to the inbound listener of the
 /// order-service sidecar at `inbound`.
-async fn mtls(
-    world: &World,
-    inbound: SocketAddr,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
+async fn mtls(world: &World, inbound: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
     use mesh_tls::{CertStore, CertificateAuthority, ClientTls, SecureNaming};
     let ca = CertificateAuthority::load_dir(&world.ca_dir).unwrap();
     let svid = ca.issue("production", "payment-service").unwrap();
@@ -561,7 +596,12 @@ async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
         ),
         (
             "§4.3 a header block referring past the tables",
-            vec![frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff, 0xf0, 0x7f])],
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[0xff, 0xf0, 0x7f],
+            )],
             Outcome::GoAway(COMPRESSION_ERROR),
         ),
         (
@@ -623,7 +663,10 @@ async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
     assert!(wrong.is_empty(), "{wrong:#?}");
     // The proxy goes on serving.
     let fields = head("GET", "http", &authority, "/after", &[]);
-    let outcome =
-        exchange(addr, &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&fields))]).await;
+    let outcome = exchange(
+        addr,
+        &[frame(HEADERS, END_STREAM | END_HEADERS, 1, &block(&fields))],
+    )
+    .await;
     assert_eq!(outcome, Outcome::Status(200), "{}", proxy.output());
 }

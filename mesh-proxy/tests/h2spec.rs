@@ -37,8 +37,11 @@ fn failures(junit: &str) -> Vec<(String, String)> {
     doc.descendants()
         .filter(|n| n.has_tag_name("testcase"))
         .filter(|case| {
-            case.children()
-                .any(|c| ["failure", "error", "skipped"].iter().any(|t| c.has_tag_name(*t)))
+            case.children().any(|c| {
+                ["failure", "error", "skipped"]
+                    .iter()
+                    .any(|t| c.has_tag_name(*t))
+            })
         })
         .map(|case| {
             let attr = |name| case.attribute(name).unwrap_or("").to_owned();
@@ -116,8 +119,7 @@ async fn mtls_relay(world: &World, inbound: std::net::SocketAddr) -> (u16, KillT
             tokio::spawn(async move {
                 let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
                 let name = rustls_pki_types::ServerName::try_from("order-service").unwrap();
-                let Ok((mut tls, _)) = client.connect_to(tcp, name, &naming, &[b"h2"]).await
-                else {
+                let Ok((mut tls, _)) = client.connect_to(tcp, name, &naming, &[b"h2"]).await else {
                     return;
                 };
                 let _ = tokio::io::copy_bidirectional(&mut plain, &mut tls).await;
@@ -140,8 +142,8 @@ impl Drop for KillTask {
 /// `localhost`) and a plain HTTP server; the gateway and the two ports.
 async fn gateway(world: &World, backend: std::net::SocketAddr) -> (Proxy, u16, u16) {
     let ca = mesh_tls::CertificateAuthority::new("cluster.local").unwrap();
-    let mut spec = mesh_tls::LeafSpec::workload("cluster.local", "edge", "gateway")
-        .with_dns("localhost");
+    let mut spec =
+        mesh_tls::LeafSpec::workload("cluster.local", "edge", "gateway").with_dns("localhost");
     spec.uri_sans.clear();
     let server = ca.issue_with(&spec).unwrap();
     let creds = world.path("credentials");
