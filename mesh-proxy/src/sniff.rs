@@ -60,7 +60,7 @@ const SERVER_FIRST_PORTS: [u16; 4] = [25, 53, 3306, 27017];
 const MAX_REQUEST_LINE: usize = 8 * 1024;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The handling of port `port` whose class is `protocol` (`None`: no such port in the
 /// registry); `None` when it is detected.
