@@ -34,6 +34,25 @@
 //! HTTP/1.0 body would if the connection ended with FIN). Upgraded connections
 //! (WebSocket) have left the listener and are not part of its drain.
 //!
+//! Opening: hyper-util's protocol detection reads everything that is not the exact HTTP/2
+//! preface as HTTP/1.1. The listener first holds the connection's first line back
+//! ([`sniff::opening`](crate::sniff::opening)): an HTTP/1 request line or the exact
+//! preface goes to hyper as it came; anything else (bytes that start like the preface
+//! but are not it, a first line without an `HTTP/1.x` version) is an invalid preface
+//! (RFC 9113 §3.4) and gets GOAWAY(PROTOCOL_ERROR) and a close, never an HTTP/1 answer.
+//!
+//! HTTP/2 connection errors are h2's: it sends `FLOW_CONTROL_ERROR` for a window
+//! overflow and `FRAME_SIZE_ERROR` for DATA over the frame size, but `PROTOCOL_ERROR`
+//! for control frames of a bad length, undecodable HPACK and an out-of-range
+//! `SETTINGS_INITIAL_WINDOW_SIZE`, where RFC 9113 names `FRAME_SIZE_ERROR`,
+//! `COMPRESSION_ERROR` and `FLOW_CONTROL_ERROR` (its frame reader maps every load
+//! failure to `PROTOCOL_ERROR`). The connection ends either way; the codes are h2's to
+//! change. A SETTINGS flood (CVE-2019-9515) is bounded in memory by h2, which
+//! acknowledges each SETTINGS frame before it reads the next, but not in time: a client
+//! that reads its ACKs keeps a connection task busy for as long as it likes. The
+//! listener follows the HTTP/2 frame headers of each connection and answers a client's
+//! 1001st SETTINGS frame with GOAWAY(ENHANCE_YOUR_CALM) and a close.
+//!
 //! Idle timeout (`limits.idleTimeout`, Envoy's downstream `idle_timeout`): a connection
 //! with no request in flight for that long is closed the same graceful way (GOAWAY for
 //! HTTP/2, a plain close for an idle HTTP/1.1 keep-alive connection). A request is in
@@ -287,6 +306,7 @@ where
                         // deadline, or the runtime going away) resets the connection.
                         let reset = socket.map(ResetOnDrop::new);
                         let (io, released) = Released::new(io);
+                        let io = Opened::new(io, checks.max_target + OPENING_SLACK);
                         let (activity, idle_rx) = watch::channel(Activity::default());
                         let svc = Tracked {
                             inner: svc,
@@ -500,6 +520,308 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Released<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Room in the first line for the method, the version and separators, beyond the
+/// request target.
+const OPENING_SLACK: usize = 64;
+
+/// GOAWAY (last stream 0, PROTOCOL_ERROR): the answer to an invalid connection preface.
+const GOAWAY_PROTOCOL_ERROR: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// GOAWAY (last stream to fill in, ENHANCE_YOUR_CALM): the answer to a control-frame flood.
+const GOAWAY_ENHANCE_YOUR_CALM: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xb];
+
+/// SETTINGS frames (not ACKs) a client may send on one HTTP/2 connection. A client sends
+/// one when it connects and rarely another (a window it grows); thousands are a flood
+/// (CVE-2019-9515), which h2 answers only with back-pressure.
+const MAX_SETTINGS_FRAMES: usize = 1000;
+
+/// A connection's IO until its opening is decided ([`sniff::opening`](crate::sniff::opening)):
+/// the first bytes are held back until they are an HTTP/1 request line or the exact
+/// HTTP/2 preface, then handed to the HTTP server as they came. Anything else is an
+/// invalid preface (RFC 9113 §3.4): the client gets GOAWAY(PROTOCOL_ERROR) and the
+/// server an end of input, so the connection closes without an HTTP/1 answer
+/// (hyper-util's protocol detection alone reads every such opening as HTTP/1.1).
+///
+/// On an HTTP/2 connection it then follows the frame headers both ways
+/// ([`FrameScanner`]): a client past [`MAX_SETTINGS_FRAMES`] gets
+/// GOAWAY(ENHANCE_YOUR_CALM), written between two of the server's frames, and the server
+/// a read error that ends the connection (when the server is in the middle of a frame,
+/// the connection just ends).
+struct Opened<IO> {
+    io: IO,
+    state: Opening,
+    max_line: usize,
+    h2: Option<H2Guard>,
+}
+
+/// What [`Opened`] follows on an HTTP/2 connection.
+struct H2Guard {
+    input: FrameScanner,
+    output: FrameScanner,
+    settings: usize,
+    last_stream: u32,
+}
+
+impl H2Guard {
+    fn new() -> Self {
+        Self {
+            // The client's preface comes before its first frame.
+            input: FrameScanner {
+                skip: crate::sniff::H2_PREFACE.len(),
+                ..FrameScanner::default()
+            },
+            output: FrameScanner::default(),
+            settings: 0,
+            last_stream: 0,
+        }
+    }
+
+    /// Follows bytes from the client; whether it is flooding now.
+    fn read(&mut self, bytes: &[u8]) -> bool {
+        let (settings, last_stream) = (&mut self.settings, &mut self.last_stream);
+        self.input.feed(bytes, |head| {
+            let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
+            match head[3] {
+                // SETTINGS without ACK.
+                4 if head[4] & 1 == 0 => *settings += 1,
+                // HEADERS opening a stream.
+                1 => *last_stream = (*last_stream).max(stream),
+                _ => {}
+            }
+        });
+        self.settings > MAX_SETTINGS_FRAMES
+    }
+
+    /// The GOAWAY for a flood, naming the last stream the client opened.
+    fn goaway(&self) -> [u8; 17] {
+        let mut goaway = GOAWAY_ENHANCE_YOUR_CALM;
+        goaway[9..13].copy_from_slice(&self.last_stream.to_be_bytes());
+        goaway
+    }
+}
+
+/// Follows HTTP/2 frame boundaries in a byte stream from the 9-octet frame headers.
+#[derive(Default)]
+struct FrameScanner {
+    head: [u8; 9],
+    have: usize,
+    skip: usize,
+}
+
+impl FrameScanner {
+    /// Follows `bytes`, calling `on_frame` with each frame header as it completes.
+    fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(&[u8; 9])) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (self.head.len() - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == self.head.len() {
+                self.have = 0;
+                self.skip = usize::from(self.head[0]) << 16
+                    | usize::from(self.head[1]) << 8
+                    | usize::from(self.head[2]);
+                on_frame(&self.head);
+            }
+        }
+    }
+
+    /// Between two frames.
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.skip == 0
+    }
+}
+
+enum Opening {
+    /// Reading the first bytes.
+    Deciding(Vec<u8>),
+    /// Decided: these bytes go to the reader first, from the offset.
+    Replay(Vec<u8>, usize),
+    /// An invalid preface: writing the GOAWAY from the offset, then end of input.
+    Refusing(usize),
+    /// The GOAWAY is written; reads end.
+    Refused,
+    /// Reads go straight through.
+    Open,
+    /// A flood: writing this GOAWAY from the offset, then a read error.
+    Calming([u8; 17], usize),
+    /// Reads fail.
+    Calmed,
+}
+
+impl<IO> Opened<IO> {
+    fn new(io: IO, max_line: usize) -> Self {
+        Self {
+            io,
+            state: Opening::Deciding(Vec::new()),
+            max_line,
+            h2: None,
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Opened<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{Poll, ready};
+        let this = &mut *self;
+        let before = buf.filled().len();
+        loop {
+            match &mut this.state {
+                Opening::Open => {
+                    ready!(std::pin::Pin::new(&mut this.io).poll_read(cx, buf))?;
+                    break;
+                }
+                Opening::Replay(held, at) => {
+                    let n = buf.remaining().min(held.len() - *at);
+                    buf.put_slice(&held[*at..*at + n]);
+                    *at += n;
+                    if *at == held.len() {
+                        this.state = Opening::Open;
+                    }
+                    break;
+                }
+                Opening::Refused => return Poll::Ready(Ok(())),
+                Opening::Calmed => {
+                    return Poll::Ready(Err(std::io::Error::other(
+                        "HTTP/2 SETTINGS flood; connection closed",
+                    )));
+                }
+                Opening::Refusing(at) => {
+                    ready!(write_all(&mut this.io, cx, &GOAWAY_PROTOCOL_ERROR, at))?;
+                    this.state = Opening::Refused;
+                }
+                Opening::Calming(goaway, at) => {
+                    ready!(write_all(&mut this.io, cx, &goaway[..], at))?;
+                    this.state = Opening::Calmed;
+                }
+                Opening::Deciding(held) => {
+                    let mut chunk = [0u8; 1024];
+                    let mut read = tokio::io::ReadBuf::new(&mut chunk);
+                    ready!(std::pin::Pin::new(&mut this.io).poll_read(cx, &mut read))?;
+                    let ended = read.filled().is_empty();
+                    held.extend_from_slice(read.filled());
+                    let decided = crate::sniff::opening(held, this.max_line);
+                    this.state = match decided {
+                        Some(crate::sniff::Opening::InvalidPreface) => {
+                            tracing::debug!("invalid connection preface; GOAWAY");
+                            Opening::Refusing(0)
+                        }
+                        // What came so far goes to the server, which decides the rest
+                        // (an input that ends undecided included).
+                        Some(crate::sniff::Opening::Http) => {
+                            if held.starts_with(crate::sniff::H2_PREFACE) {
+                                this.h2 = Some(H2Guard::new());
+                            }
+                            Opening::Replay(std::mem::take(held), 0)
+                        }
+                        None if ended && held.is_empty() => Opening::Open,
+                        None if ended => Opening::Replay(std::mem::take(held), 0),
+                        None => continue,
+                    };
+                }
+            }
+        }
+        if let Some(guard) = &mut this.h2
+            && guard.read(&buf.filled()[before..])
+        {
+            tracing::debug!(
+                frames = guard.settings,
+                "HTTP/2 SETTINGS flood; GOAWAY(ENHANCE_YOUR_CALM)"
+            );
+            this.state = if guard.output.at_boundary() {
+                Opening::Calming(guard.goaway(), 0)
+            } else {
+                Opening::Calmed
+            };
+            this.h2 = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes `bytes` from `*at` on, then flushes.
+fn write_all<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    cx: &mut std::task::Context<'_>,
+    bytes: &[u8],
+    at: &mut usize,
+) -> std::task::Poll<std::io::Result<()>> {
+    use std::task::ready;
+    while *at < bytes.len() {
+        let n = ready!(std::pin::Pin::new(&mut *io).poll_write(cx, &bytes[*at..]))?;
+        if n == 0 {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        *at += n;
+    }
+    std::pin::Pin::new(io).poll_flush(cx)
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Opened<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = std::task::ready!(std::pin::Pin::new(&mut this.io).poll_write(cx, buf))?;
+        if let Some(guard) = &mut this.h2 {
+            guard.output.feed(&buf[..written], |_| {});
+        }
+        std::task::Poll::Ready(Ok(written))
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written =
+            std::task::ready!(std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        if let Some(guard) = &mut this.h2 {
+            let mut left = written;
+            for b in bufs {
+                let n = left.min(b.len());
+                guard.output.feed(&b[..n], |_| {});
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        std::task::Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -876,6 +1198,33 @@ mod tests {
         let mut buf = [0u8; 256];
         let n = conn.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "{:?}", &buf[..n]);
+    }
+
+    #[test]
+    fn frame_boundaries_are_followed_across_split_writes() {
+        let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0xff, 0xff];
+        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+        let headers = [0, 0, 1, 1, 5, 0, 0, 0, 7, 0x82];
+        let mut guard = H2Guard::new();
+        let mut input = crate::sniff::H2_PREFACE.to_vec();
+        for _ in 0..MAX_SETTINGS_FRAMES {
+            input.extend_from_slice(&settings);
+        }
+        input.extend_from_slice(&ack);
+        input.extend_from_slice(&headers);
+        // Fed in pieces that cut frame headers and payloads.
+        for piece in input.chunks(7) {
+            assert!(!guard.read(piece));
+        }
+        assert_eq!(guard.settings, MAX_SETTINGS_FRAMES);
+        assert_eq!(guard.last_stream, 7);
+        assert_eq!(&guard.goaway()[9..], &[0, 0, 0, 7, 0, 0, 0, 0xb]);
+        assert!(guard.read(&settings[..9]), "one more SETTINGS is a flood");
+        let mut out = FrameScanner::default();
+        out.feed(&settings[..4], |_| {});
+        assert!(!out.at_boundary());
+        out.feed(&settings[4..], |_| {});
+        assert!(out.at_boundary());
     }
 
     #[test]

@@ -60,7 +60,7 @@ const SERVER_FIRST_PORTS: [u16; 4] = [25, 53, 3306, 27017];
 const MAX_REQUEST_LINE: usize = 8 * 1024;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The handling of port `port` whose class is `protocol` (`None`: no such port in the
 /// registry); `None` when it is detected.
@@ -87,6 +87,51 @@ pub fn classify(prefix: &[u8]) -> Option<Detected> {
         return (prefix.len() >= H2_PREFACE.len()).then_some(Detected::Http);
     }
     http1_request_line(prefix)
+}
+
+/// How an HTTP listener's connection opens ([`opening`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// An HTTP/1 request line or the exact HTTP/2 connection preface: the HTTP server
+    /// takes it from here (and answers a malformed HTTP/1 request with 400).
+    Http,
+    /// Neither: an invalid HTTP/2 connection preface (RFC 9113 §3.4), a connection
+    /// error of type PROTOCOL_ERROR.
+    InvalidPreface,
+}
+
+/// What the first bytes of a connection to an HTTP listener (HTTP/1.1 and h2 with prior
+/// knowledge on one port) say; `None` while they do not decide yet.
+///
+/// Bytes that start like the preface (`PRI `) must be the whole preface. Otherwise the
+/// first line (after the empty lines RFC 9112 §2.2 lets a server skip) must end in an
+/// HTTP/1 version (`HTTP/1.` and a digit): a line that does not is no HTTP/1 request,
+/// and the only other protocol such a listener speaks is HTTP/2, so it is read as an
+/// invalid preface. A first line longer than `max_line` is left to the HTTP server
+/// (which answers 414 or 400).
+pub fn opening(prefix: &[u8], max_line: usize) -> Option<Opening> {
+    let start = prefix.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let p = &prefix[start..];
+    let n = p.len().min(H2_PREFACE.len());
+    if p[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Opening::Http);
+    }
+    if p.starts_with(b"PRI ") {
+        return Some(Opening::InvalidPreface);
+    }
+    let Some(end) = p.iter().position(|&b| b == b'\n') else {
+        return (p.len() > max_line).then_some(Opening::Http);
+    };
+    let line = p[..end].strip_suffix(b"\r").unwrap_or(&p[..end]);
+    let http1 = line.len() >= 9 && {
+        let (head, version) = line.split_at(line.len() - 9);
+        !head.is_empty() && version.starts_with(b" HTTP/1.") && version[8].is_ascii_digit()
+    };
+    Some(if http1 {
+        Opening::Http
+    } else {
+        Opening::InvalidPreface
+    })
 }
 
 /// A TLS record header (`16 03 0x`, length) and the handshake type ClientHello (1).
@@ -337,6 +382,38 @@ mod tests {
         let mut bytes = H2_PREFACE.to_vec();
         bytes.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
         decides(&bytes, H2_PREFACE.len(), Detected::Http);
+    }
+
+    #[test]
+    fn an_http_listener_takes_http1_lines_and_the_exact_preface_only() {
+        let max = 64;
+        assert_eq!(opening(b"GET / HTTP/1.1\r\n", max), Some(Opening::Http));
+        assert_eq!(
+            opening(b"\r\nget /a b HTTP/1.0\n", max),
+            Some(Opening::Http)
+        );
+        assert_eq!(opening(b"GET / HTTP/1.1", max), None);
+        assert_eq!(opening(H2_PREFACE, max), Some(Opening::Http));
+        assert_eq!(opening(&H2_PREFACE[..23], max), None);
+        assert_eq!(
+            opening(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", max),
+            Some(Opening::InvalidPreface)
+        );
+        assert_eq!(
+            opening(b"INVALID CONNECTION PREFACE\r\n\r\n", max),
+            Some(Opening::InvalidPreface)
+        );
+        assert_eq!(
+            opening(b"GET / HTTP/2.0\r\n", max),
+            Some(Opening::InvalidPreface)
+        );
+        assert_eq!(
+            opening(b"\x00\x00\x00\x04\n", max),
+            Some(Opening::InvalidPreface)
+        );
+        // A line too long to judge is the HTTP server's (414).
+        assert_eq!(opening(&[b'a'; 65], max), Some(Opening::Http));
+        assert_eq!(opening(b"\r\n", max), None);
     }
 
     #[test]

@@ -29,6 +29,20 @@
 //!   `x-forwarded-client-cert` set by the mesh behind it: an external client never sees
 //!   peer metadata or identities.
 //!
+//! # Well-formed HTTP/2 requests (RFC 9113 §8.1-8.3)
+//!
+//! The h2 codec already resets a stream (PROTOCOL_ERROR) for a missing or empty
+//! `:path`, a missing `:scheme`, connection-specific fields, `te` other than `trailers`
+//! and trailers without END_STREAM. [`Sanitize`] refuses the rest with 400 before any
+//! layer runs: an `:authority` with userinfo or not `host[:port]`, a `:scheme` other than
+//! `http`/`https`, a `host` field that disagrees with `:authority`, a field value with
+//! leading or trailing whitespace (and, for a codec that lets them through,
+//! connection-specific fields and `te`). [`CheckedTrailers`] ends a request body whose
+//! trailers carry `content-length`, `host`, `te`, connection-specific fields or padded
+//! values, so they are never forwarded. Two gaps are h2's: it discards pseudo-header
+//! fields in a trailer block (so they can neither be seen here nor forwarded) instead of
+//! resetting the stream, and it drops `:scheme` when a request has no `:authority`.
+//!
 //! # Layer placement
 //!
 //! [`Sanitize`] is the outermost layer of every stack that faces a client (outbound,
@@ -292,7 +306,7 @@ fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
         return Some("asterisk-form target outside OPTIONS");
     }
     if req.version() > http::Version::HTTP_11 {
-        return None;
+        return malformed_h2(req);
     }
     // RFC 9112 §6.1: `chunked` is the only transfer coding accepted, once (anything else
     // in the list is a smuggling attempt or a coding no upstream is sent). With
@@ -335,6 +349,143 @@ fn malformed_target<B>(req: &mut http::Request<B>) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// Why an HTTP/2 (or HTTP/3) request is not well-formed (RFC 9113 §8.1-8.3), or
+/// `None`: the checks the codec leaves to the application. An `:authority` with
+/// userinfo or anything but `host[:port]`, a `:scheme` other than `http`/`https`, a
+/// `host` field that disagrees with `:authority` (§8.3.1), a field value with leading
+/// or trailing whitespace (§8.2.1), and, should the codec let them through,
+/// connection-specific fields and `te` other than `trailers` (§8.2.2). A request
+/// without `:authority` has its `host` checked as in HTTP/1.1.
+fn malformed_h2<B>(req: &http::Request<B>) -> Option<&'static str> {
+    let connect = req.method() == http::Method::CONNECT;
+    match req.uri().scheme_str() {
+        None | Some("http" | "https") => {}
+        Some(_) if connect => {}
+        Some(_) => return Some("unknown :scheme"),
+    }
+    let headers = req.headers();
+    if let Some(authority) = req.uri().authority() {
+        if !authority_chars(authority.as_str().as_bytes()) || !has_valid_port(authority) {
+            return Some("invalid :authority");
+        }
+        // §8.3.1: a `host` field that differs from `:authority` makes the request
+        // malformed; the comparison is the case-insensitive one of the host name.
+        if headers.get_all(header::HOST).iter().any(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        }) {
+            return Some("host disagrees with :authority");
+        }
+    } else {
+        let hosts = headers.get_all(header::HOST).iter().count();
+        if hosts > 1 {
+            return Some("duplicate Host");
+        }
+        if let Some(host) = headers.get(header::HOST)
+            && !valid_authority(host.as_bytes())
+        {
+            return Some("invalid Host");
+        }
+    }
+    for (name, value) in headers {
+        let v = value.as_bytes();
+        if edge_whitespace(v) {
+            return Some("field value with leading or trailing whitespace");
+        }
+        if is_connection_specific(name) {
+            return Some("connection-specific header field");
+        }
+        if name == header::TE && v != b"trailers" {
+            return Some("te other than trailers");
+        }
+    }
+    None
+}
+
+/// A field value that starts or ends with SP or HTAB (RFC 9113 §8.2.1 makes it
+/// malformed; HTTP/1 parsers trim it).
+fn edge_whitespace(v: &[u8]) -> bool {
+    let ws = |b: &u8| *b == b' ' || *b == b'\t';
+    v.first().is_some_and(ws) || v.last().is_some_and(ws)
+}
+
+/// Fields that are meaningful only on one HTTP/1 connection and make an HTTP/2 message
+/// malformed (RFC 9113 §8.2.2).
+fn is_connection_specific(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
+/// Why a trailer section may not be forwarded, or `None`: fields that frame or route a
+/// message (`content-length`, `transfer-encoding`, `host`, RFC 9110 §6.5.1),
+/// connection-specific fields, and values with leading or trailing whitespace
+/// (RFC 9113 §8.1, §8.2.1).
+fn bad_trailers(trailers: &HeaderMap) -> Option<&'static str> {
+    trailers.iter().find_map(|(name, value)| {
+        let v = value.as_bytes();
+        if name == header::CONTENT_LENGTH || name == header::HOST || name == header::TE {
+            Some("framing or routing field in trailers")
+        } else if is_connection_specific(name) {
+            Some("connection-specific field in trailers")
+        } else if edge_whitespace(v) {
+            Some("trailer value with leading or trailing whitespace")
+        } else {
+            None
+        }
+    })
+}
+
+/// A request body whose trailers are checked before they go on ([`bad_trailers`]): a
+/// trailer section that may not be forwarded ends the body with
+/// [`BadRequest`](crate::respond::BadRequest) instead, so the upstream's stream is
+/// reset (or its HTTP/1 body cut) and never sees those trailers, and the client gets a
+/// 400 if it has no answer yet.
+#[pin_project::pin_project]
+pub struct CheckedTrailers<B> {
+    #[pin]
+    inner: B,
+}
+
+impl<B> CheckedTrailers<B> {
+    /// Checks the trailers of `inner`.
+    pub fn new(inner: B) -> Self {
+        Self { inner }
+    }
+}
+
+impl<B> http_body::Body for CheckedTrailers<B>
+where
+    B: http_body::Body<Error = BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>> {
+        let polled = std::task::ready!(self.project().inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &polled
+            && let Some(why) = frame.trailers_ref().and_then(bad_trailers)
+        {
+            tracing::debug!(reason = why, "malformed request trailers");
+            return std::task::Poll::Ready(Some(Err(Box::new(crate::respond::BadRequest(why)))));
+        }
+        std::task::Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// `uri-host [ ":" port ]` without userinfo or whitespace.
@@ -499,15 +650,19 @@ where
         // the chunk size) fails while it is forwarded: the answer is then 400 `DPE`,
         // as for every other malformed request, not an upstream failure. A body over a
         // stream limit keeps its own answer (413, 408).
+        // Trailers that may not be forwarded end the body the same way.
         let req = req.map(|body| {
-            mesh_core::body::boxed(http_body_util::BodyExt::map_err(body, |e| {
-                let e: BoxError = e.into();
-                if crate::stack::client::is_stream_limit(e.as_ref()) {
-                    return e;
-                }
-                tracing::debug!(error = %e, "malformed request body");
-                Box::new(crate::respond::BadRequest("malformed request body")) as BoxError
-            }))
+            mesh_core::body::boxed(CheckedTrailers::new(http_body_util::BodyExt::map_err(
+                body,
+                |e| {
+                    let e: BoxError = e.into();
+                    if crate::stack::client::is_stream_limit(e.as_ref()) {
+                        return e;
+                    }
+                    tracing::debug!(error = %e, "malformed request body");
+                    Box::new(crate::respond::BadRequest("malformed request body")) as BoxError
+                },
+            )))
         });
         Either::Right(StripResponse {
             inner: self.inner.call(req),
