@@ -11,6 +11,19 @@ mod init;
 mod kube_inject;
 mod validate;
 
+// The binary's allocator, chosen at build time (see the `jemalloc` and `mimalloc` features and
+// BENCHMARKS.md, "Memory"); without either the system allocator is used.
+#[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
+compile_error!("features `jemalloc` and `mimalloc` each set the global allocator: enable one");
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The mesh proxy.
 #[derive(Parser, Debug)]
 #[command(name = "mesh-proxy", version, about)]
