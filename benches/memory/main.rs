@@ -25,6 +25,10 @@
 //!    to their count before the burst (the proxy dropped them);
 //! 6. **after**: `--settle-secs` later: does the RSS come back?
 //!
+//! `VmRSS` counts the pages of the binary mapped in (`RssFile`, shared with the page cache
+//! and every other process running the same file) as well as the process's own memory
+//! (`RssAnon`: heap, stacks, allocator caches); both are shown.
+//!
 //! Prints one line per run and a table of medians and ranges per binary. Give the same binary
 //! several labels with different environments by wrapping it in a script that `exec`s it (the
 //! proxy is found by name among the child's descendants, so a profiler wrapper such as
@@ -110,6 +114,7 @@ struct Sample {
     idle_rss: u64,
     idle_anon: u64,
     load_peak: u64,
+    load_peak_anon: u64,
     load_rps: f64,
     load_cpu_us: f64,
     before_rss: u64,
@@ -187,10 +192,11 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
         args.runs, args.conns, args.load_secs, args.settle_secs
     );
     let conns = args.conns;
-    let rows: [(&str, Box<dyn Fn(&Sample) -> f64>, usize); 13] = [
+    let rows: [(&str, Box<dyn Fn(&Sample) -> f64>, usize); 14] = [
         ("(a) idle VmRSS", Box::new(|s| mib(s.idle_rss)), 1),
         ("(a) idle RssAnon", Box::new(|s| mib(s.idle_anon)), 1),
         ("(d) peak VmHWM, 32 conns under load", Box::new(|s| mib(s.load_peak)), 1),
+        ("(d) peak RssAnon (sampled), under load", Box::new(|s| mib(s.load_peak_anon)), 1),
         ("(d) req/s", Box::new(|s| s.load_rps), 0),
         ("(d) proxy CPU µs/request", Box::new(|s| s.load_cpu_us), 1),
         ("before the burst VmRSS", Box::new(|s| mib(s.before_rss)), 1),
@@ -440,8 +446,12 @@ async fn get(tx: &mut SendRequest<Empty<Bytes>>, host: &str) -> Result<usize, St
         .await
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    if !status.is_success() {
-        return Err(format!("{host}: status {status}: {}", String::from_utf8_lossy(&body)));
+    if !status.is_success() || body.len() != 1024 {
+        return Err(format!(
+            "{host}: status {status}, {} bytes (the backend sends 1024): {}",
+            body.len(),
+            String::from_utf8_lossy(&body)
+        ));
     }
     Ok(body.len())
 }
@@ -453,9 +463,12 @@ struct Proxy {
 
 impl Proxy {
     /// SIGTERM to the proxy (a profiler around it then writes its file), then wait.
+    /// `MEMORY_STOP_SIGNAL=KILL` ends it at once instead, so that what a heap profiler
+    /// reports as never freed is what was live after the last measurement.
     async fn stop(mut self) {
+        let signal = std::env::var("MEMORY_STOP_SIGNAL").unwrap_or_else(|_| "TERM".into());
         let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
+            .args([format!("-{signal}"), self.pid.to_string()])
             .status();
         for _ in 0..300 {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -571,7 +584,12 @@ async fn measure(
             cpu_ticks(pid),
             tokio::time::Instant::now(),
         );
-        sleep(Duration::from_secs(args.load_secs)).await;
+        // RssAnon sampled every 100 ms: the peak of the process's own (not file-backed) pages.
+        let t_end = t0 + Duration::from_secs(args.load_secs);
+        while tokio::time::Instant::now() < t_end {
+            s.load_peak_anon = s.load_peak_anon.max(field(&status(pid), "RssAnon"));
+            sleep(Duration::from_millis(100)).await;
+        }
         let (n1, c1, elapsed) = (done.load(Ordering::Relaxed), cpu_ticks(pid), t0.elapsed());
         stop.store(true, Ordering::Relaxed);
         while let Some(r) = set.join_next().await {
