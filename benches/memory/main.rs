@@ -24,6 +24,8 @@
 //! 5. **closed**: the driver closes them all and waits until the proxy's descriptors are back
 //!    to their count before the burst (the proxy dropped them);
 //! 6. **after**: `--settle-secs` later: does the RSS come back?
+//! 7. **after one more connection** to each listener and `--settle-secs` again (a listener
+//!    frees its finished connections' tasks when it accepts the next connection).
 //!
 //! `VmRSS` counts the pages of the binary mapped in (`RssFile`, shared with the page cache
 //! and every other process running the same file) as well as the process's own memory
@@ -124,6 +126,8 @@ struct Sample {
     closed_rss: u64,
     after_rss: u64,
     after_anon: u64,
+    next_rss: u64,
+    next_anon: u64,
     threads: u64,
     close_wait_ms: u64,
     fds_left: usize,
@@ -192,7 +196,7 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
         args.runs, args.conns, args.load_secs, args.settle_secs
     );
     let conns = args.conns;
-    let rows: [(&str, Box<dyn Fn(&Sample) -> f64>, usize); 14] = [
+    let rows: [(&str, Box<dyn Fn(&Sample) -> f64>, usize); 16] = [
         ("(a) idle VmRSS", Box::new(|s| mib(s.idle_rss)), 1),
         ("(a) idle RssAnon", Box::new(|s| mib(s.idle_anon)), 1),
         ("(d) peak VmHWM, 32 conns under load", Box::new(|s| mib(s.load_peak)), 1),
@@ -207,6 +211,8 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
         ("(c) VmRSS when dropped", Box::new(|s| mib(s.closed_rss)), 1),
         ("(c) VmRSS after settle", Box::new(|s| mib(s.after_rss)), 1),
         ("(c) RssAnon after settle", Box::new(|s| mib(s.after_anon)), 1),
+        ("(c') VmRSS, one more conn per listener", Box::new(|s| mib(s.next_rss)), 1),
+        ("(c') RssAnon, one more conn per listener", Box::new(|s| mib(s.next_anon)), 1),
     ];
     let mut header = String::from("| figure |");
     let mut rule = String::from("|---|");
@@ -662,5 +668,18 @@ async fn measure(
     let st = status(pid);
     s.after_rss = field(&st, "VmRSS");
     s.after_anon = field(&st, "RssAnon");
+
+    // (c') one more connection to each listener, then settle again: a listener frees the
+    // tasks of its finished connections when it accepts the next one.
+    for (addr, host) in [(outbound, SELF_HOST), (inbound, "order-service")] {
+        let (mut tx, task) = connect(addr).await?;
+        get(&mut tx, host).await?;
+        drop(tx);
+        task.abort();
+    }
+    sleep(Duration::from_secs(args.settle_secs)).await;
+    let st = status(pid);
+    s.next_rss = field(&st, "VmRSS");
+    s.next_anon = field(&st, "RssAnon");
     Ok(s)
 }
