@@ -96,16 +96,21 @@ fn parse_args() -> Result<Args, String> {
             s => {
                 let (label, path) = match s.split_once('=') {
                     Some((l, p)) => (l.to_string(), PathBuf::from(p)),
-                    None => (s.rsplit('/').next().unwrap_or(s).to_string(), PathBuf::from(s)),
+                    None => (
+                        s.rsplit('/').next().unwrap_or(s).to_string(),
+                        PathBuf::from(s),
+                    ),
                 };
                 a.bins.push((label, path));
             }
         }
     }
     if a.bins.is_empty() {
-        return Err("usage: memory [--conns N] [--load-secs S] [--settle-secs S] [--runs R] \
+        return Err(
+            "usage: memory [--conns N] [--load-secs S] [--settle-secs S] [--runs R] \
                     [--workers W] [LABEL=]MESH_PROXY_BIN ..."
-            .into());
+                .into(),
+        );
     }
     Ok(a)
 }
@@ -184,7 +189,11 @@ fn stat(samples: &[Sample], f: impl Fn(&Sample) -> f64, digits: usize) -> String
     if v.len() == 1 {
         format!("{med:.digits$}")
     } else {
-        format!("{med:.digits$} [{:.digits$}–{:.digits$}]", v[0], v[v.len() - 1])
+        format!(
+            "{med:.digits$} [{:.digits$}–{:.digits$}]",
+            v[0],
+            v[v.len() - 1]
+        )
     }
 }
 
@@ -199,20 +208,52 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
     let rows: [(&str, Box<dyn Fn(&Sample) -> f64>, usize); 16] = [
         ("(a) idle VmRSS", Box::new(|s| mib(s.idle_rss)), 1),
         ("(a) idle RssAnon", Box::new(|s| mib(s.idle_anon)), 1),
-        ("(d) peak VmHWM, 32 conns under load", Box::new(|s| mib(s.load_peak)), 1),
-        ("(d) peak RssAnon (sampled), under load", Box::new(|s| mib(s.load_peak_anon)), 1),
+        (
+            "(d) peak VmHWM, 32 conns under load",
+            Box::new(|s| mib(s.load_peak)),
+            1,
+        ),
+        (
+            "(d) peak RssAnon (sampled), under load",
+            Box::new(|s| mib(s.load_peak_anon)),
+            1,
+        ),
         ("(d) req/s", Box::new(|s| s.load_rps), 0),
         ("(d) proxy CPU µs/request", Box::new(|s| s.load_cpu_us), 1),
         ("before the burst VmRSS", Box::new(|s| mib(s.before_rss)), 1),
-        ("(b) VmRSS, idle conns open", Box::new(|s| mib(s.burst_rss)), 1),
-        ("(b) RssAnon, idle conns open", Box::new(|s| mib(s.burst_anon)), 1),
+        (
+            "(b) VmRSS, idle conns open",
+            Box::new(|s| mib(s.burst_rss)),
+            1,
+        ),
+        (
+            "(b) RssAnon, idle conns open",
+            Box::new(|s| mib(s.burst_anon)),
+            1,
+        ),
         ("(b) VmHWM", Box::new(|s| mib(s.burst_hwm)), 1),
-        ("(b) KiB per connection", Box::new(move |s| per_conn(s, conns)), 1),
+        (
+            "(b) KiB per connection",
+            Box::new(move |s| per_conn(s, conns)),
+            1,
+        ),
         ("(c) VmRSS when dropped", Box::new(|s| mib(s.closed_rss)), 1),
         ("(c) VmRSS after settle", Box::new(|s| mib(s.after_rss)), 1),
-        ("(c) RssAnon after settle", Box::new(|s| mib(s.after_anon)), 1),
-        ("(c') VmRSS, one more conn per listener", Box::new(|s| mib(s.next_rss)), 1),
-        ("(c') RssAnon, one more conn per listener", Box::new(|s| mib(s.next_anon)), 1),
+        (
+            "(c) RssAnon after settle",
+            Box::new(|s| mib(s.after_anon)),
+            1,
+        ),
+        (
+            "(c') VmRSS, one more conn per listener",
+            Box::new(|s| mib(s.next_rss)),
+            1,
+        ),
+        (
+            "(c') RssAnon, one more conn per listener",
+            Box::new(|s| mib(s.next_anon)),
+            1,
+        ),
     ];
     let mut header = String::from("| figure |");
     let mut rule = String::from("|---|");
@@ -271,15 +312,11 @@ fn write_world(
     admin: u16,
     app: SocketAddr,
 ) -> Result<PathBuf, String> {
-    let base = std::env::temp_dir().join(format!(
-        "mesh-memory-{}-{inbound}",
-        std::process::id()
-    ));
+    let base = std::env::temp_dir().join(format!("mesh-memory-{}-{inbound}", std::process::id()));
     let config = base.join("config");
     std::fs::create_dir_all(&config).map_err(|e| format!("{}: {e}", config.display()))?;
     let article = repo_root().join("examples/sidecar/config");
-    let entries =
-        std::fs::read_dir(&article).map_err(|e| format!("{}: {e}", article.display()))?;
+    let entries = std::fs::read_dir(&article).map_err(|e| format!("{}: {e}", article.display()))?;
     for e in entries.flatten() {
         let name = e.file_name();
         // STRICT is replaced by PERMISSIVE below so the load can speak plaintext.
@@ -424,7 +461,9 @@ fn find_proxy(child: u32) -> Option<u32> {
     })
 }
 
-async fn connect(addr: SocketAddr) -> Result<(SendRequest<Empty<Bytes>>, tokio::task::JoinHandle<()>), String> {
+async fn connect(
+    addr: SocketAddr,
+) -> Result<(SendRequest<Empty<Bytes>>, tokio::task::JoinHandle<()>), String> {
     let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
@@ -444,7 +483,10 @@ async fn get(tx: &mut SendRequest<Empty<Bytes>>, host: &str) -> Result<usize, St
         .header("host", host)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
-    let resp = tx.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let resp = tx
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     let status = resp.status();
     let body = resp
         .into_body()

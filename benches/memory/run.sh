@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds mesh-proxy once per allocator (system malloc, jemalloc, mimalloc) and the `memory`
-# driver, all release, then measures one sidecar of each (benches/memory/main.rs):
+# Builds mesh-proxy once per allocator (system malloc, jemalloc — the default — and mimalloc)
+# and the `memory` driver, all release, then measures one sidecar of each
+# (benches/memory/main.rs):
 #
 #   benches/memory/run.sh [--runs R] [--conns N] [--load-secs S] [--settle-secs S] [--workers W]
 #
@@ -18,8 +19,8 @@ ulimit -n 20000 2>/dev/null || true
 cd "$root"
 cargo build --release -p benches --bin memory
 for alloc in system jemalloc mimalloc; do
-  features=()
-  [[ $alloc == system ]] || features=(--features "$alloc")
+  features=(--no-default-features --features proxy)
+  [[ $alloc == system ]] || features=(--no-default-features --features "$alloc")
   cargo build --release -p mesh-proxy --bin mesh-proxy "${features[@]}"
   cp "$target/release/mesh-proxy" "$out/mesh-proxy-$alloc"
 done

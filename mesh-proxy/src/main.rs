@@ -11,16 +11,14 @@ mod init;
 mod kube_inject;
 mod validate;
 
-// The binary's allocator, chosen at build time (see the `jemalloc` and `mimalloc` features and
-// BENCHMARKS.md, "Memory"); without either the system allocator is used.
-#[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
-compile_error!("features `jemalloc` and `mimalloc` each set the global allocator: enable one");
-
+// The binary's allocator, chosen at build time: jemalloc by default (its background thread
+// returns freed memory to the system while the proxy idles), mimalloc when that feature is
+// on, the system allocator with neither (BENCHMARKS.md, "Memory").
 #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
