@@ -197,6 +197,9 @@ fn stat(samples: &[Sample], f: impl Fn(&Sample) -> f64, digits: usize) -> String
     }
 }
 
+/// One row of the table: its name, the figure of a sample, the digits shown.
+type Row = (&'static str, Box<dyn Fn(&Sample) -> f64>, usize);
+
 fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
     println!();
     println!(
@@ -205,7 +208,7 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
         args.runs, args.conns, args.load_secs, args.settle_secs
     );
     let conns = args.conns;
-    let rows: [(&str, Box<dyn Fn(&Sample) -> f64>, usize); 16] = [
+    let rows: [Row; 16] = [
         ("(a) idle VmRSS", Box::new(|s| mib(s.idle_rss)), 1),
         ("(a) idle RssAnon", Box::new(|s| mib(s.idle_anon)), 1),
         (
