@@ -11,6 +11,17 @@ mod init;
 mod kube_inject;
 mod validate;
 
+// The binary's allocator, chosen at build time: jemalloc by default (its background thread
+// returns freed memory to the system while the proxy idles), mimalloc when that feature is
+// on, the system allocator with neither (BENCHMARKS.md, "Memory").
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The mesh proxy.
 #[derive(Parser, Debug)]
 #[command(name = "mesh-proxy", version, about)]
