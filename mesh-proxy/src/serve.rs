@@ -276,6 +276,9 @@ where
         while tasks.try_join_next().is_some() {}
         tokio::select! {
             () = shutdown.cancelled() => break,
+            // Finished connections are reaped as they end, not at the next accept: after a
+            // burst their task memory goes back at once.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
                     // At the connection cap a new connection is closed at once (Envoy's
