@@ -250,62 +250,16 @@ async fn the_application_gets_the_meshs_client_cert_and_never_a_forged_one() {
     }
 }
 
-/// A gateway with one plain HTTP server for `api.example.com` routing everything to a
-/// plaintext endpoint (no sidecar) at `upstream`.
+/// A plain-HTTP gateway in front of `upstream` (see `support::gateway`), with `extra`
+/// settings and `policy` resources; the gateway and its HTTP port.
 async fn plain_gateway(
     world: &World,
     upstream: SocketAddr,
     extra: &str,
     policy: &str,
 ) -> (Proxy, u16) {
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: backend, namespace: production}}
-spec:
-  hosts: [backend]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - {{number: 8080, name: http, protocol: HTTP}}
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}, labels: {{app: backend}}}}
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: production}}
-spec:
-  selector: {{istio: ingress}}
-  servers:
-  - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: [api.example.com]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: api, namespace: production}}
-spec:
-  hosts: [api.example.com]
-  gateways: [edge]
-  http:
-  - route:
-    - destination: {{host: backend, port: {{number: 8080}}}}
-{policy}",
-        port = upstream.port()
-    );
-    let config = world.write_config("istio", "mesh.yaml", &yaml);
-    let ports = Ports::new();
-    let http = free_port();
-    let settings = format!(
-        "workload: {{namespace: production, serviceAccount: istio-ingressgateway, labels: {{istio: ingress}}}}\n\
-         configDir: {config}\nsvid: {{caDir: {ca}}}\n\
-         listeners: {{admin: 127.0.0.1:{admin}}}\n\
-         gateway:\n  name: edge\n  ports:\n    80: 127.0.0.1:{http}\n{extra}",
-        config = config.display(),
-        ca = world.ca_dir.display(),
-        admin = ports.admin,
-    );
-    let gw = Proxy::start(world, "gateway", "gateway", &settings, ports).await;
-    (gw, http)
+    let (gw, addr) = support::gateway::plain_gateway(world, upstream, "", policy, extra).await;
+    (gw, addr.port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
