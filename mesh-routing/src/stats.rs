@@ -46,6 +46,7 @@ pub struct RouteStats {
     total: AtomicU64,
     timeout: AtomicU64,
     codes: Box<[AtomicU64]>,
+    /// Requests per bucket (not cumulative: the export adds them up).
     buckets: [AtomicU64; BUCKETS.len()],
     time_count: AtomicU64,
     /// Sum of the recorded times, in microseconds.
@@ -86,11 +87,14 @@ impl RouteStats {
         {
             c.fetch_add(1, Ordering::Relaxed);
         }
+        // One count in the first bucket that holds the time; the export sums them up.
         let ms = elapsed.as_secs_f64() * 1000.0;
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            if ms <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(bucket) = BUCKETS
+            .iter()
+            .position(|bound| ms <= *bound)
+            .and_then(|i| self.buckets.get(i))
+        {
+            bucket.fetch_add(1, Ordering::Relaxed);
         }
         self.time_count.fetch_add(1, Ordering::Relaxed);
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
@@ -260,11 +264,12 @@ pub fn render_prometheus() -> String {
     out.push_str("# TYPE envoy_vhost_route_upstream_rq_time histogram\n");
     for s in &stats {
         let t = tags(s);
+        let mut cumulative = 0;
         for (bound, bucket) in BUCKETS.iter().zip(&s.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "envoy_vhost_route_upstream_rq_time_bucket{{{t},le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
+                "envoy_vhost_route_upstream_rq_time_bucket{{{t},le=\"{bound}\"}} {cumulative}"
             );
         }
         let count = s.time_count.load(Ordering::Relaxed);
@@ -305,6 +310,9 @@ mod tests {
         ));
         assert!(prom.contains(
             "envoy_vhost_route_upstream_rq_time_bucket{envoy_virtual_host=\"test/unit-vh\",envoy_route=\"unit\",le=\"5\"} 2\n"
+        ));
+        assert!(prom.contains(
+            "envoy_vhost_route_upstream_rq_time_bucket{envoy_virtual_host=\"test/unit-vh\",envoy_route=\"unit\",le=\"50\"} 3\n"
         ));
         // The same key is the same counters.
         assert_eq!(RouteStats::get("test/unit-vh", "unit").total(), 4);
