@@ -310,29 +310,38 @@ impl MeshConfig {
 
     /// The snapshot as a proxy in `namespace` sees it (SR-30): the VirtualServices,
     /// DestinationRules and ServiceEntries not exported to `namespace` are left out
-    /// (see [`exported`](super::exported)). The version stays.
-    #[must_use]
-    pub fn exported_to(&self, namespace: &str) -> MeshConfig {
-        let mut c = self.clone();
+    /// (see [`exported`](super::exported)). The version stays; when every resource is
+    /// exported there, this snapshot itself.
+    pub fn exported_to(&self, namespace: &str) -> std::borrow::Cow<'_, MeshConfig> {
         let to = |export_to: &[String], own: &str| super::exported(export_to, own, namespace);
+        let hidden = self
+            .virtual_services
+            .iter()
+            .any(|r| !to(&r.spec.export_to, &r.metadata.namespace))
+            || self
+                .destination_rules
+                .iter()
+                .any(|r| !to(&r.spec.export_to, &r.metadata.namespace))
+            || self
+                .service_entries
+                .iter()
+                .any(|r| !to(&r.spec.export_to, &r.metadata.namespace));
+        if !hidden {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut c = self.clone();
         c.virtual_services
             .retain(|r| to(&r.spec.export_to, &r.metadata.namespace));
         c.destination_rules
             .retain(|r| to(&r.spec.export_to, &r.metadata.namespace));
         c.service_entries
             .retain(|r| to(&r.spec.export_to, &r.metadata.namespace));
-        if c.virtual_services.len() == self.virtual_services.len()
-            && c.destination_rules.len() == self.destination_rules.len()
-            && c.service_entries.len() == self.service_entries.len()
-        {
-            return c;
-        }
         c.vs_by_host = HostIndex::default();
         c.dr_by_host = HostIndex::default();
         c.se_by_host = HostIndex::default();
         c.by_namespace = BTreeMap::new();
         c.index();
-        c
+        std::borrow::Cow::Owned(c)
     }
 
     fn index(&mut self) {
