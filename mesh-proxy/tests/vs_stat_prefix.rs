@@ -153,4 +153,48 @@ spec:
         prom.matches("envoy_vhost_route_upstream_rq_total{").count(),
         2
     );
+
+    // The whole page, Istio's families and these together, parses as Prometheus text.
+    if tool_available("promtool") {
+        promtool_parses(&prom).await;
+    }
+}
+
+/// Runs `promtool check metrics` on `text`: it must parse. promtool's naming lints are
+/// findings too; the ones Envoy's and Istio's own expositions get are allowed (a counter
+/// without `_total`, a unit other than seconds, Envoy's families without `# HELP`), any
+/// other line fails.
+async fn promtool_parses(text: &str) {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unexpected: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            !(l.contains("counter metrics should have \"_total\" suffix")
+                || l.contains("use base unit \"seconds\"")
+                || (l.starts_with("envoy_") && l.ends_with(" no help text")))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "promtool check metrics:\n{report}\n---\n{text}"
+    );
 }

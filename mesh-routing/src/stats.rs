@@ -22,6 +22,13 @@
 //! with `envoy_virtual_host` and `envoy_route`; per code and class as
 //! `envoy_vhost_route_upstream_rq` with `envoy_response_code` or
 //! `envoy_response_code_class`; `envoy_vhost_route_upstream_rq_time` histogram).
+//!
+//! The Prometheus text is written here rather than by `prometheus-client`, which the
+//! Istio metrics use: that crate appends `_total` to every counter it encodes, and
+//! Envoy's per-code counter is `envoy_vhost_route_upstream_rq`, the name dashboards
+//! built on Envoy's statistics query. Label values are escaped as the text format 0.0.4
+//! requires; `promtool check metrics` reads the whole `/stats/prometheus` page in the
+//! `vs_stat_prefix` test.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

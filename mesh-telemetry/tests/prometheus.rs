@@ -28,12 +28,22 @@ use tower::{Layer, ServiceExt};
 
 type Req = Request<RequestBody<BoxBody>>;
 
+/// The tool `name` from `PATH`. When it is missing the test fails under CI (env `CI`
+/// set) and otherwise says that it skipped.
 fn binary(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
+    let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join(name))
             .find(|p| p.is_file())
-    })
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required under CI (Debian's `prometheus` package) but is not on PATH"
+        );
+        eprintln!("SKIPPED: {name} not found on PATH (install Debian's `prometheus` package)");
+    }
+    found
 }
 
 /// Sends a mix of outcomes (200, 418 FI, 503 UO) through an outbound layer and fills
@@ -96,7 +106,6 @@ async fn traffic(t: &Telemetry, ok: usize) {
 #[tokio::test]
 async fn promtool_accepts_the_exposition() {
     let Some(promtool) = binary("promtool") else {
-        eprintln!("SKIPPED: promtool not found on PATH (install Debian's `prometheus` package)");
         return;
     };
     let t = Telemetry::builder(productpage()).build();
@@ -164,7 +173,6 @@ async fn promtool_accepts_the_exposition() {
 async fn promtool_rejects_a_broken_exposition() {
     // Guards the test above: promtool really reads what we feed it.
     let Some(promtool) = binary("promtool") else {
-        eprintln!("SKIPPED: promtool not found on PATH (install Debian's `prometheus` package)");
         return;
     };
     let mut child = tokio::process::Command::new(promtool)
@@ -200,7 +208,6 @@ async fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_server_scrapes_istio_requests_total() {
     let Some(prometheus) = binary("prometheus") else {
-        eprintln!("SKIPPED: prometheus not found on PATH (install Debian's `prometheus` package)");
         return;
     };
     let t = Telemetry::builder(productpage())
