@@ -854,6 +854,7 @@ impl Mesh {
             &self.inner.options.limits,
             self.inner.shutdown.clone(),
             metrics.active_connections(listener),
+            metrics.downstream_cx(listener),
             metrics.downstream_cx_overflow(listener),
         )
     }

@@ -183,6 +183,8 @@ pub struct Options {
     pub max_connections: usize,
     /// `mesh_active_connections{listener}`.
     pub active: prometheus_client::metrics::gauge::Gauge,
+    /// `mesh_downstream_cx_total{listener}`: connections accepted and served.
+    pub accepted: prometheus_client::metrics::counter::Counter,
     /// `mesh_downstream_cx_overflow_total{listener}`: connections closed at once because
     /// `max_connections` were open.
     pub overflow: prometheus_client::metrics::counter::Counter,
@@ -211,6 +213,7 @@ impl Options {
             drain: Duration::from_millis(100),
             max_connections: 64,
             active: Default::default(),
+            accepted: Default::default(),
             overflow: Default::default(),
             idle_timeout: Duration::from_secs(3600),
             first_byte_timeout: Duration::from_secs(10),
@@ -219,11 +222,12 @@ impl Options {
         }
     }
 
-    /// Options of a listener under `limits`, with its gauge and overflow counter.
+    /// Options of a listener under `limits`, with its gauge and connection counters.
     pub fn of(
         limits: &Limits,
         shutdown: CancellationToken,
         active: prometheus_client::metrics::gauge::Gauge,
+        accepted: prometheus_client::metrics::counter::Counter,
         overflow: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         Self {
@@ -232,6 +236,7 @@ impl Options {
             drain: limits.drain_timeout.as_std(),
             max_connections: limits.max_connections,
             active,
+            accepted,
             overflow,
             idle_timeout: limits.idle_timeout.as_std(),
             first_byte_timeout: limits.header_read_timeout.as_std(),
@@ -263,6 +268,7 @@ where
         drain,
         max_connections,
         active,
+        accepted: served,
         overflow,
         idle_timeout,
         first_byte_timeout,
@@ -290,6 +296,7 @@ where
                         drop(tcp);
                         continue;
                     };
+                    served.inc();
                     let _ = tcp.set_nodelay(true);
                     let shutdown = shutdown.clone();
                     let accept = accept.clone();
@@ -1039,6 +1046,7 @@ mod tests {
             drain: Duration::from_secs(1),
             max_connections: 8,
             active: Default::default(),
+            accepted: Default::default(),
             overflow: Default::default(),
             idle_timeout: limits.idle_timeout.as_std(),
             first_byte_timeout: limits.header_read_timeout.as_std(),

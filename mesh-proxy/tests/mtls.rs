@@ -157,6 +157,37 @@ async fn order_calls_payment_over_mtls_with_both_identities_recorded() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_reuse_one_mtls_connection_for_many_clients() {
+    let m = mesh().await;
+    let accepted = |text: &str, listener: &str| {
+        series_value(text, "mesh_downstream_cx_total", &[("listener", listener)]).unwrap_or(0.0)
+    };
+    let before = accepted(&m.payment.admin("/stats/prometheus").await, "inbound");
+    // Twenty application connections, one request each, to order-service's sidecar.
+    let proxy = format!("http://{}", m.order.outbound());
+    for _ in 0..20 {
+        let (code, out, err) = curl(&[
+            "-x",
+            &proxy,
+            "-X",
+            "POST",
+            "http://payment-service/api/v1/payments",
+        ])
+        .await;
+        assert_eq!((code, out.as_str()), (0, "paid"), "{err}");
+    }
+    assert_eq!(m.payment_app.hits(), 20);
+    let order = m
+        .order
+        .metrics_when(|t| accepted(t, "outbound") >= 20.0)
+        .await;
+    assert_eq!(accepted(&order, "outbound"), 20.0, "{order}");
+    // Between the sidecars they shared one pooled connection: one mTLS handshake.
+    let payment = m.payment.admin("/stats/prometheus").await;
+    assert_eq!(accepted(&payment, "inbound") - before, 1.0, "{payment}");
+}
+
 /// The access-log line of `sa`'s sidecar for `path`, once it is written (lines are written
 /// at stream end, a moment after the client has its response).
 async fn access_log_line(world: &World, sa: &str, path: &str) -> String {

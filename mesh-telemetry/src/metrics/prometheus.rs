@@ -106,6 +106,7 @@ struct ListenerLabel {
 /// | `mesh_pool_overflows_total` | counter | `destination` |
 /// | `mesh_retries_total` | counter | `destination` |
 /// | `mesh_active_connections` | gauge | `listener` |
+/// | `mesh_downstream_cx_total` | counter | `listener` |
 /// | `mesh_downstream_cx_overflow_total` | counter | `listener` |
 /// | `mesh_trace_spans_exported_total` | counter | |
 /// | `mesh_trace_spans_dropped_total` | counter | |
@@ -122,6 +123,7 @@ pub struct ProxyMetrics {
     pool_overflows: Family<DestinationLabel, Counter>,
     retries: Family<DestinationLabel, Counter>,
     active_connections: Family<ListenerLabel, Gauge>,
+    downstream_cx: Family<ListenerLabel, Counter>,
     downstream_cx_overflow: Family<ListenerLabel, Counter>,
     /// Spans handed to an exporter that accepted them.
     pub spans_exported: Counter,
@@ -145,6 +147,7 @@ impl ProxyMetrics {
             pool_overflows: Family::default(),
             retries: Family::default(),
             active_connections: Family::default(),
+            downstream_cx: Family::default(),
             downstream_cx_overflow: Family::default(),
             spans_exported: Counter::default(),
             spans_dropped: Counter::default(),
@@ -196,6 +199,11 @@ impl ProxyMetrics {
             "mesh_active_connections",
             "Open downstream connections",
             this.active_connections.clone(),
+        );
+        registry.register(
+            "mesh_downstream_cx",
+            "Downstream connections accepted and served, TLS or not (Envoy's downstream_cx_total)",
+            this.downstream_cx.clone(),
         );
         registry.register(
             "mesh_downstream_cx_overflow",
@@ -261,6 +269,15 @@ impl ProxyMetrics {
             pool_overflows: self.pool_overflows.get_or_create_owned(&l),
             retries: self.retries.get_or_create_owned(&l),
         }
+    }
+
+    /// The counter of connections a listener accepted and served (Envoy's
+    /// `downstream_cx_total`). Between sidecars, the server's count is the number of
+    /// connections, hence mTLS handshakes, its clients opened.
+    pub fn downstream_cx(&self, listener: &str) -> Counter {
+        self.downstream_cx.get_or_create_owned(&ListenerLabel {
+            listener: listener.to_owned(),
+        })
     }
 
     /// The counter of connections a listener closed at once for being over its
