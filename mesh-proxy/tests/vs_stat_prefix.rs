@@ -165,25 +165,16 @@ spec:
 /// without `_total`, a unit other than seconds, Envoy's families without `# HELP`), any
 /// other line fails.
 async fn promtool_parses(text: &str) {
-    use std::process::Stdio;
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("promtool")
+    let page = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(page.path(), text).unwrap();
+    let out = tokio::process::Command::new("promtool")
         .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+        .stdin(std::fs::File::open(page.path()).unwrap())
+        .output()
+        .await
         .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(text.as_bytes()).await.unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().await.unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = String::from_utf8_lossy(&out.stderr).into_owned()
+        + &String::from_utf8_lossy(&out.stdout);
     let unexpected: Vec<&str> = report
         .lines()
         .filter(|l| !l.trim().is_empty())
