@@ -173,8 +173,8 @@ async fn promtool_parses(text: &str) {
         .output()
         .await
         .unwrap();
-    let report = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let report =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     let unexpected: Vec<&str> = report
         .lines()
         .filter(|l| !l.trim().is_empty())
