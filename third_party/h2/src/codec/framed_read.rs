@@ -221,7 +221,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
                 },
                 Err(e) => {
                     proto_err!(conn: "failed HPACK decoding; err={:?}", e);
-                    return Err(Error::library_go_away(Reason::PROTOCOL_ERROR));
+                    return Err(Error::library_go_away(hpack_error_reason(&e)));
                 }
             }
 
@@ -247,7 +247,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
 
             res.map_err(|e| {
                 proto_err!(conn: "failed to load SETTINGS frame; err={:?}", e);
-                Error::library_go_away(Reason::PROTOCOL_ERROR)
+                Error::library_go_away(load_error_reason(&e))
             })?
             .into()
         }
@@ -256,7 +256,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
 
             res.map_err(|e| {
                 proto_err!(conn: "failed to load PING frame; err={:?}", e);
-                Error::library_go_away(Reason::PROTOCOL_ERROR)
+                Error::library_go_away(load_error_reason(&e))
             })?
             .into()
         }
@@ -265,7 +265,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
 
             res.map_err(|e| {
                 proto_err!(conn: "failed to load WINDOW_UPDATE frame; err={:?}", e);
-                Error::library_go_away(Reason::PROTOCOL_ERROR)
+                Error::library_go_away(load_error_reason(&e))
             })?
             .into()
         }
@@ -285,7 +285,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             let res = frame::Reset::load(head, &bytes[frame::HEADER_LEN..]);
             res.map_err(|e| {
                 proto_err!(conn: "failed to load RESET frame; err={:?}", e);
-                Error::library_go_away(Reason::PROTOCOL_ERROR)
+                Error::library_go_away(load_error_reason(&e))
             })?
             .into()
         }
@@ -293,7 +293,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             let res = frame::GoAway::load(head, &bytes[frame::HEADER_LEN..]);
             res.map_err(|e| {
                 proto_err!(conn: "failed to load GO_AWAY frame; err={:?}", e);
-                Error::library_go_away(Reason::PROTOCOL_ERROR)
+                Error::library_go_away(load_error_reason(&e))
             })?
             .into()
         }
@@ -314,6 +314,14 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
                     let id = head.stream_id();
                     proto_err!(stream: "PRIORITY invalid dependency ID; stream={:?}", id);
                     return Err(Error::library_reset(id, Reason::PROTOCOL_ERROR));
+                }
+                Err(frame::Error::InvalidPayloadLength) => {
+                    // A PRIORITY frame with a length other than 5 octets MUST be
+                    // treated as a stream error (Section 5.4.2) of type
+                    // FRAME_SIZE_ERROR (RFC 9113, Section 6.3).
+                    let id = head.stream_id();
+                    proto_err!(stream: "PRIORITY invalid length; stream={:?}", id);
+                    return Err(Error::library_reset(id, Reason::FRAME_SIZE_ERROR));
                 }
                 Err(e) => {
                     proto_err!(conn: "failed to load PRIORITY frame; err={:?};", e);
@@ -404,7 +412,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
                 }
                 Err(e) => {
                     proto_err!(conn: "failed HPACK decoding; err={:?}", e);
-                    return Err(Error::library_go_away(Reason::PROTOCOL_ERROR));
+                    return Err(Error::library_go_away(hpack_error_reason(&e)));
                 }
             }
 
@@ -451,6 +459,46 @@ where
                 return Poll::Ready(Some(Ok(frame)));
             }
         }
+    }
+}
+
+/// The connection error code for a frame that failed to load.
+///
+/// A frame whose length is wrong for its type (SETTINGS, PING, GOAWAY,
+/// WINDOW_UPDATE, RST_STREAM) is a `FRAME_SIZE_ERROR` (RFC 9113, Sections 4.2,
+/// 6.4, 6.5, 6.7, 6.8, 6.9), and an initial window size above 2^31-1 a
+/// `FLOW_CONTROL_ERROR` (Section 6.5.2); anything else a `PROTOCOL_ERROR`.
+fn load_error_reason(err: &frame::Error) -> Reason {
+    match err {
+        frame::Error::BadFrameSize
+        | frame::Error::InvalidPayloadLength
+        | frame::Error::InvalidPayloadAckSettings => Reason::FRAME_SIZE_ERROR,
+        frame::Error::InvalidInitialWindowSize => Reason::FLOW_CONTROL_ERROR,
+        _ => Reason::PROTOCOL_ERROR,
+    }
+}
+
+/// The connection error code for a field block that failed to load.
+///
+/// A block the HPACK decoder cannot decompress (a bad representation, integer,
+/// index, Huffman code or table size update, or a block cut short) is a
+/// `COMPRESSION_ERROR` (RFC 9113, Section 4.3). A field that decompresses but is
+/// not a valid HTTP field (its name, value, method or status, an unknown
+/// pseudo-header) stays a `PROTOCOL_ERROR`.
+fn hpack_error_reason(err: &frame::Error) -> Reason {
+    use hpack::DecoderError::*;
+
+    match err {
+        frame::Error::Hpack(
+            InvalidRepresentation
+            | InvalidIntegerPrefix
+            | InvalidTableIndex
+            | InvalidHuffmanCode
+            | InvalidMaxDynamicSize
+            | IntegerOverflow
+            | NeedMore(_),
+        ) => Reason::COMPRESSION_ERROR,
+        _ => Reason::PROTOCOL_ERROR,
     }
 }
 
@@ -557,5 +605,135 @@ mod tests {
             decode_fields(&mut decoder, id, 1000);
         }
         assert_eq!(decoder.fields_hint, MAX_FIELDS_HINT);
+    }
+
+    fn raw_frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> BytesMut {
+        let mut frame = BytesMut::new();
+        frame.put_uint(payload.len() as u64, 3);
+        frame.put_u8(kind);
+        frame.put_u8(flags);
+        frame.put_u32(stream_id);
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// The error a frame decodes to on a fresh decoder.
+    fn decode_error(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Error {
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE as usize);
+        match decode_frame(&mut decoder, raw_frame(kind, flags, stream_id, payload)) {
+            Err(err) => err,
+            Ok(frame) => panic!("decoded {frame:?}"),
+        }
+    }
+
+    fn go_away_reason(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Reason {
+        match decode_error(kind, flags, stream_id, payload) {
+            Error::GoAway(_, reason, crate::proto::Initiator::Library) => reason,
+            other => panic!("not a connection error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_frames_of_the_wrong_length_are_frame_size_errors() {
+        // SETTINGS, not a multiple of 6; SETTINGS ACK with a payload (RFC 9113 §6.5).
+        assert_eq!(
+            go_away_reason(0x4, 0, 0, &[0, 3, 0, 0, 0]),
+            Reason::FRAME_SIZE_ERROR
+        );
+        assert_eq!(
+            go_away_reason(0x4, 0x1, 0, &[0, 3, 0, 0, 0, 1]),
+            Reason::FRAME_SIZE_ERROR
+        );
+        // PING of 7 octets (§6.7).
+        assert_eq!(go_away_reason(0x6, 0, 0, &[0; 7]), Reason::FRAME_SIZE_ERROR);
+        // WINDOW_UPDATE of 3 octets, on the connection and on a stream (§6.9).
+        assert_eq!(
+            go_away_reason(0x8, 0, 0, &[0, 0, 1]),
+            Reason::FRAME_SIZE_ERROR
+        );
+        assert_eq!(
+            go_away_reason(0x8, 0, 1, &[0, 0, 1]),
+            Reason::FRAME_SIZE_ERROR
+        );
+        // RST_STREAM of 3 octets (§6.4).
+        assert_eq!(
+            go_away_reason(0x3, 0, 1, &[0, 0, 8]),
+            Reason::FRAME_SIZE_ERROR
+        );
+        // GOAWAY shorter than 8 octets (§4.2).
+        assert_eq!(go_away_reason(0x7, 0, 0, &[0; 7]), Reason::FRAME_SIZE_ERROR);
+        // PRIORITY of 4 octets is a stream error (§6.3).
+        match decode_error(0x2, 0, 1, &[0, 0, 0, 3]) {
+            Error::Reset(id, Reason::FRAME_SIZE_ERROR, _) => assert_eq!(u32::from(id), 1),
+            other => panic!("not a FRAME_SIZE_ERROR stream error: {other:?}"),
+        }
+        // Other malformations keep PROTOCOL_ERROR: a PING on a stream (§6.7), a
+        // WINDOW_UPDATE increment of 0 on the connection (§6.9).
+        assert_eq!(go_away_reason(0x6, 0, 1, &[0; 8]), Reason::PROTOCOL_ERROR);
+        assert_eq!(go_away_reason(0x8, 0, 0, &[0; 4]), Reason::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn an_initial_window_size_over_the_maximum_is_a_flow_control_error() {
+        // SETTINGS_INITIAL_WINDOW_SIZE = 2^31 (RFC 9113 §6.5.2).
+        assert_eq!(
+            go_away_reason(0x4, 0, 0, &[0, 4, 0x80, 0, 0, 0]),
+            Reason::FLOW_CONTROL_ERROR
+        );
+        // 2^31-1 is accepted.
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE as usize);
+        let max = raw_frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            decode_frame(&mut decoder, max),
+            Ok(Some(Frame::Settings(_)))
+        ));
+        // Other values out of range stay PROTOCOL_ERROR: SETTINGS_MAX_FRAME_SIZE
+        // below 2^14, SETTINGS_ENABLE_PUSH of 2.
+        assert_eq!(
+            go_away_reason(0x4, 0, 0, &[0, 5, 0, 0, 0, 1]),
+            Reason::PROTOCOL_ERROR
+        );
+        assert_eq!(
+            go_away_reason(0x4, 0, 0, &[0, 2, 0, 0, 0, 2]),
+            Reason::PROTOCOL_ERROR
+        );
+    }
+
+    #[test]
+    fn undecodable_field_blocks_are_compression_errors() {
+        const END_HEADERS: u8 = 0x4;
+        for block in [
+            // An indexed field with index 0 (RFC 7541 §6.1).
+            &[0x80][..],
+            // An index past the static and dynamic tables.
+            &[0xff, 0xf0, 0x7f],
+            // A literal cut short.
+            &[0x00, 0x05, b'x'],
+            // A Huffman string that ends in EOS (RFC 7541 §5.2).
+            &[0x00, 0x84, 0xff, 0xff, 0xff, 0xff, 0x01, b'v'],
+            // A table size update over the limit (RFC 7541 §4.2, §6.3).
+            &[0x3f, 0xe1, 0xff, 0x03],
+            // An integer that overflows.
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        ] {
+            assert_eq!(
+                go_away_reason(0x1, END_HEADERS, 1, block),
+                Reason::COMPRESSION_ERROR,
+                "{block:x?}"
+            );
+        }
+        // Blocks that decode to invalid fields are malformed, not undecodable:
+        // an upper-case name, an empty name, an unknown pseudo-header.
+        for block in [
+            &[0x00, 0x01, b'X', 0x01, b'v'][..],
+            &[0x00, 0x00, 0x01, b'v'],
+            &[0x00, 0x02, b':', b'x', 0x01, b'v'],
+        ] {
+            assert_eq!(
+                go_away_reason(0x1, END_HEADERS, 1, block),
+                Reason::PROTOCOL_ERROR,
+                "{block:x?}"
+            );
+        }
     }
 }

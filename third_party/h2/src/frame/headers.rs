@@ -637,6 +637,16 @@ impl Pseudo {
         self.authority = Some(authority);
     }
 
+    /// Whether no pseudo-header field is set.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.method.is_none()
+            && self.scheme.is_none()
+            && self.authority.is_none()
+            && self.path.is_none()
+            && self.protocol.is_none()
+            && self.status.is_none()
+    }
+
     /// Whether it has status 1xx
     pub(crate) fn is_informational(&self) -> bool {
         self.status

@@ -141,6 +141,10 @@ pub enum Error {
     /// An invalid setting value was provided
     InvalidSettingValue,
 
+    /// SETTINGS_INITIAL_WINDOW_SIZE above the maximum flow-control window size
+    /// (2^31-1), a `FLOW_CONTROL_ERROR` (RFC 9113, Section 6.5.2).
+    InvalidInitialWindowSize,
+
     /// An invalid window update value
     InvalidWindowUpdateValue,
 

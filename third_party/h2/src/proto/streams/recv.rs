@@ -432,6 +432,14 @@ impl Recv {
             return Err(Error::library_reset(stream.id, Reason::PROTOCOL_ERROR));
         }
 
+        // Pseudo-header fields MUST NOT appear in a trailer section; a request
+        // or response that has them is malformed, a stream error of type
+        // PROTOCOL_ERROR (RFC 9113, Section 8.1).
+        if !frame.pseudo().is_empty() {
+            proto_err!(stream: "recv_trailers: pseudo-header fields in trailers; stream={:?};", stream.id);
+            return Err(Error::library_reset(stream.id, Reason::PROTOCOL_ERROR));
+        }
+
         let trailers = frame.into_fields();
 
         // Push the frame onto the stream's recv buffer
