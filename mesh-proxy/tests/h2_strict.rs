@@ -2,9 +2,9 @@
 //! TCP to the outbound listener (h2c): each is refused with a stream error or 400 and
 //! reaches no one, which a recording upstream (itself h2c, so trailers travel) shows;
 //! an invalid connection preface gets GOAWAY(PROTOCOL_ERROR) instead of an HTTP/1
-//! answer; connection errors carry the RFC's codes where h2 sends them; and a SETTINGS
-//! flood on one TLS connection gets GOAWAY(ENHANCE_YOUR_CALM) while another connection
-//! is served.
+//! answer; connection and stream errors carry the codes RFC 9113 names (the workspace
+//! pins a patched h2 for them, `third_party/h2/PATCHES.md`); and a SETTINGS flood on one
+//! TLS connection gets GOAWAY(ENHANCE_YOUR_CALM) while another connection is served.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -370,20 +370,39 @@ async fn trailers_that_may_not_be_forwarded_reset_the_stream() {
         "900150983cd24fb0"
     );
 
-    for (name, trailers) in [
-        ("content-length", vec![("content-length", "3")]),
-        ("host", vec![("host", "admin.internal")]),
-        ("connection-specific", vec![("connection", "close")]),
-        ("trailing whitespace", vec![("x-checksum", "abc ")]),
+    for (name, trailers, want) in [
+        ("content-length", vec![("content-length", "3")], None),
+        ("host", vec![("host", "admin.internal")], None),
+        ("connection-specific", vec![("connection", "close")], None),
+        ("trailing whitespace", vec![("x-checksum", "abc ")], None),
+        // A trailer section must not contain pseudo-header fields (RFC 9113 §8.1): the
+        // request is malformed, a stream error of type PROTOCOL_ERROR.
+        (":path", vec![(":path", "/admin")], Some(PROTOCOL_ERROR)),
+        (":method", vec![(":method", "DELETE")], Some(PROTOCOL_ERROR)),
+        (":status", vec![(":status", "200")], Some(PROTOCOL_ERROR)),
+        (
+            ":authority",
+            vec![(":authority", "admin.internal")],
+            Some(PROTOCOL_ERROR),
+        ),
+        (
+            ":path after a regular field",
+            vec![("x-checksum", "900150983cd24fb0"), (":path", "/admin")],
+            Some(PROTOCOL_ERROR),
+        ),
     ] {
         let outcome = exchange(addr, &with_trailers(&trailers)).await;
         // The request head may already be on its way: the client's answer is a 400 or a
-        // reset, and the upstream never gets a whole body or those trailers.
-        assert!(
-            refused(&outcome) || matches!(outcome, Outcome::Reset(_)),
-            "{name}: {outcome:?}\n{}",
-            proxy.output()
-        );
+        // reset (with the RFC's code where it names one), and the upstream never gets a
+        // whole body or those trailers.
+        match want {
+            Some(code) => assert_eq!(outcome, Outcome::Reset(code), "{name}\n{}", proxy.output()),
+            None => assert!(
+                refused(&outcome) || matches!(outcome, Outcome::Reset(_)),
+                "{name}: {outcome:?}\n{}",
+                proxy.output()
+            ),
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
         for seen in upstream.take() {
             assert!(
@@ -392,6 +411,11 @@ async fn trailers_that_may_not_be_forwarded_reset_the_stream() {
             );
         }
     }
+    // The connection-level state is intact: the next request on a new connection is
+    // served, trailers and all.
+    let outcome = exchange(addr, &with_trailers(&[("x-checksum", "1")])).await;
+    assert_eq!(outcome, Outcome::Status(200), "{}", proxy.output());
+    assert_eq!(upstream.take().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,24 +593,8 @@ const FRAME_SIZE_ERROR: u32 = 6;
 const COMPRESSION_ERROR: u32 = 9;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-/// Cases where the h2 crate (0.4) ends the connection with PROTOCOL_ERROR rather than
-/// the code RFC 9113 names: its frame reader turns every frame that fails to load (a
-/// bad length included) and every HPACK decoding failure into PROTOCOL_ERROR, and a
-/// SETTINGS value out of range too. The connection ends all the same; the code is
-/// h2's to change (`codec/framed_read.rs`, `proto/settings.rs`).
-const H2_PROTOCOL_ERROR_INSTEAD: &[&str] = &[
-    "§4.3 an undecodable header block (index 0)",
-    "§4.3 a header block referring past the tables",
-    "§6.5 SETTINGS of a length not a multiple of 6",
-    "§6.7 PING of 7 octets",
-    "§6.9 WINDOW_UPDATE of 3 octets",
-    "§6.4 RST_STREAM of 3 octets",
-    "§6.3 PRIORITY of 4 octets (a stream error)",
-    "§6.5.2 SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1",
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
+async fn connection_and_stream_errors_carry_the_code_the_rfc_names() {
     let world = World::new();
     let upstream = Recorder::start().await;
     let proxy = sidecar(&world, upstream.addr).await;
@@ -615,6 +623,46 @@ async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
             Outcome::GoAway(COMPRESSION_ERROR),
         ),
         (
+            "§4.3 a header block cut short in a literal",
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[0x00, 0x05, b'x'],
+            )],
+            Outcome::GoAway(COMPRESSION_ERROR),
+        ),
+        (
+            "§4.3 a Huffman string containing EOS",
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[0x00, 0x84, 0xff, 0xff, 0xff, 0xff, 0x01, b'v'],
+            )],
+            Outcome::GoAway(COMPRESSION_ERROR),
+        ),
+        (
+            "§4.3 a table size update above SETTINGS_HEADER_TABLE_SIZE",
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[0x3f, 0xe1, 0xff, 0x03],
+            )],
+            Outcome::GoAway(COMPRESSION_ERROR),
+        ),
+        (
+            "§8.2.1 an upper-case field name (it decodes: malformed, not a compression error)",
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &block(&head("GET", "http", &authority, "/x", &[("X-Up", "v")])),
+            )],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
             "§4.2 DATA over SETTINGS_MAX_FRAME_SIZE",
             vec![open.clone(), frame(DATA, 0, 1, &[b'x'; 16385])],
             Outcome::GoAway(FRAME_SIZE_ERROR),
@@ -625,6 +673,11 @@ async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
             Outcome::GoAway(FRAME_SIZE_ERROR),
         ),
         (
+            "§6.5 SETTINGS ACK with a payload",
+            vec![frame(SETTINGS, ACK, 0, &[0, 3, 0, 0, 0, 1])],
+            Outcome::GoAway(FRAME_SIZE_ERROR),
+        ),
+        (
             "§6.7 PING of 7 octets",
             vec![frame(PING, 0, 0, &[0; 7])],
             Outcome::GoAway(FRAME_SIZE_ERROR),
@@ -632,6 +685,16 @@ async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
         (
             "§6.9 WINDOW_UPDATE of 3 octets",
             vec![frame(WINDOW_UPDATE, 0, 0, &[0, 0, 1])],
+            Outcome::GoAway(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§6.9 WINDOW_UPDATE of 3 octets on a stream (still a connection error)",
+            vec![open.clone(), frame(WINDOW_UPDATE, 0, 1, &[0, 0, 1])],
+            Outcome::GoAway(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§4.2 GOAWAY of 7 octets",
+            vec![frame(GOAWAY, 0, 0, &[0; 7])],
             Outcome::GoAway(FRAME_SIZE_ERROR),
         ),
         (
@@ -654,23 +717,25 @@ async fn connection_errors_carry_the_code_the_rfc_names_where_h2_does() {
             vec![frame(SETTINGS, 0, 0, &[0, 4, 0x80, 0, 0, 0])],
             Outcome::GoAway(FLOW_CONTROL_ERROR),
         ),
+        (
+            "§6.5.2 SETTINGS_MAX_FRAME_SIZE below 2^14 (PROTOCOL_ERROR, not FLOW_CONTROL_ERROR)",
+            vec![frame(SETTINGS, 0, 0, &[0, 5, 0, 0, 0x3f, 0xff])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
     ];
     let mut wrong = Vec::new();
     for (name, frames, want) in cases {
         let got = error_for(addr, &frames).await;
         println!("{name}: {got:?}");
-        let h2_gap = H2_PROTOCOL_ERROR_INSTEAD.contains(&name);
-        match (&got, h2_gap) {
-            (got, false) if *got == want => {}
-            // The connection (or the stream) still ends, with the generic code.
-            (Outcome::GoAway(PROTOCOL_ERROR), true) => {}
-            (got, true) if *got == want => wrong.push(format!(
-                "{name}: the RFC's code now; remove it from H2_PROTOCOL_ERROR_INSTEAD"
-            )),
-            (got, _) => wrong.push(format!("{name}: {got:?}, the RFC names {want:?}")),
+        if got != want {
+            wrong.push(format!("{name}: {got:?}, the RFC names {want:?}"));
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+    // None of those requests reached the upstream whole.
+    for seen in upstream.take() {
+        assert!(!seen.whole, "{seen:?}");
+    }
     // The proxy goes on serving.
     let fields = head("GET", "http", &authority, "/after", &[]);
     let outcome = exchange(
