@@ -26,8 +26,8 @@ use support::*;
 /// Empty: every case passes on every listener. `http2/3.5` (an invalid preface) is
 /// answered with GOAWAY by the listeners' opening check (`serve`), and `http2/8.1.2.1`
 /// (a trailer block with a pseudo-header field, sent without END_STREAM) is reset by h2
-/// for the missing END_STREAM. With END_STREAM, h2 would drop the pseudo-header field
-/// instead of resetting the stream (h2_strict.rs and the `headers` module docs).
+/// for the missing END_STREAM. With END_STREAM the pinned h2 resets it too, with
+/// `PROTOCOL_ERROR` (h2_strict.rs; `third_party/h2/PATCHES.md`).
 const KNOWN_FAILURES: &[(&str, &str, bool, &str)] = &[];
 
 /// The `(section, case)` pairs that failed in an h2spec JUnit report, or were skipped

@@ -32,16 +32,16 @@
 //! # Well-formed HTTP/2 requests (RFC 9113 §8.1-8.3)
 //!
 //! The h2 codec already resets a stream (PROTOCOL_ERROR) for a missing or empty
-//! `:path`, a missing `:scheme`, connection-specific fields, `te` other than `trailers`
-//! and trailers without END_STREAM. [`Sanitize`] refuses the rest with 400 before any
+//! `:path`, a missing `:scheme`, connection-specific fields, `te` other than `trailers`,
+//! trailers without END_STREAM and (with the workspace's pinned patch,
+//! `third_party/h2`) trailers carrying pseudo-header fields. [`Sanitize`] refuses the rest with 400 before any
 //! layer runs: an `:authority` with userinfo or not `host[:port]`, a `:scheme` other than
 //! `http`/`https`, a `host` field that disagrees with `:authority`, a field value with
 //! leading or trailing whitespace (and, for a codec that lets them through,
 //! connection-specific fields and `te`). [`CheckedTrailers`] ends a request body whose
 //! trailers carry `content-length`, `host`, `te`, connection-specific fields or padded
-//! values, so they are never forwarded. Two gaps are h2's: it discards pseudo-header
-//! fields in a trailer block (so they can neither be seen here nor forwarded) instead of
-//! resetting the stream, and it drops `:scheme` when a request has no `:authority`.
+//! values, so they are never forwarded. One gap is h2's: it drops `:scheme` when a
+//! request has no `:authority`.
 //!
 //! # Layer placement
 //!
