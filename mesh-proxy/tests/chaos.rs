@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the fault upstream does with each connection.
@@ -35,7 +35,8 @@ enum Fault {
     /// Reads the request, writes the first bytes, waits a moment, writes the rest and
     /// closes.
     RespondInTwo(&'static [u8], &'static [u8]),
-    /// Accepts and never reads.
+    /// Accepts and never reads; notes when the proxy ends the connection (a reset, or a
+    /// FIN with nothing unread before it: what a peer that never reads can see).
     NeverRead,
 }
 
@@ -44,6 +45,8 @@ struct Upstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// Connections the proxy ended while the upstream held them ([`Fault::NeverRead`]).
+    ended: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -87,14 +90,15 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (c, r) = (connections.clone(), requests.clone());
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (c, r, e) = (connections.clone(), requests.clone(), ended.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut tcp, _)) = listener.accept().await else {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let r = r.clone();
+                let (r, e) = (r.clone(), e.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     match fault {
@@ -103,8 +107,18 @@ impl Upstream {
                             drop(tcp);
                         }
                         Fault::NeverRead => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                            drop(tcp);
+                            // Readiness is only looked at, never cleared by a read: it
+                            // stays readable once bytes arrived, and gains "read closed"
+                            // when the proxy ends the connection.
+                            loop {
+                                match tcp.ready(Interest::READABLE | Interest::ERROR).await {
+                                    Ok(r) if !(r.is_read_closed() || r.is_error()) => {
+                                        tokio::time::sleep(Duration::from_millis(20)).await;
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            e.fetch_add(1, Ordering::SeqCst);
                         }
                         Fault::Ok => {
                             while read_request(&mut tcp, &mut buf).await {
@@ -163,8 +177,21 @@ impl Upstream {
             addr,
             connections,
             requests,
+            ended,
             task,
         }
+    }
+
+    /// Waits until the proxy has ended `n` connections (20 s at most: a guard against
+    /// hanging, not a time limit on the proxy); the count reached.
+    async fn ended(&self, n: usize) -> usize {
+        for _ in 0..2000 {
+            if self.ended.load(Ordering::SeqCst) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.ended.load(Ordering::SeqCst)
     }
 
     fn requests(&self) -> usize {
@@ -360,7 +387,6 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
     let reset = Upstream::start(Fault::Reset).await;
     let hang = Upstream::start(Fault::Hang).await;
     let mid = Upstream::start(Fault::MidBody).await;
-    let deaf = Upstream::start(Fault::NeverRead).await;
     let refused = free_port();
     let yaml = [
         destination(
@@ -370,7 +396,6 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
         ),
         destination("hang", &[hang.addr.port()], "    timeout: 1s\n"),
         destination("mid", &[mid.addr.port()], ""),
-        destination("deaf", &[deaf.addr.port()], "    timeout: 1s\n"),
         destination(
             "refused",
             &[refused],
@@ -409,40 +434,6 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
     assert!(logged(&world, "hang", 504, "UT").await);
     assert_eq!(hang.requests(), 1);
 
-    // Accept-and-never-read, with a body larger than the socket buffers can hold: the
-    // route timeout ends it too.
-    let body = vec![b'a'; 16 << 20];
-    let head = format!(
-        "POST /x HTTP/1.1\r\nHost: deaf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let tcp = TcpStream::connect(out).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    // The upload goes on while the answer is read: the proxy stops reading it.
-    let upload = tokio::spawn(async move {
-        let _ = wr.write_all(head.as_bytes()).await;
-        let _ = wr.write_all(&body).await;
-        wr
-    });
-    // Read the answer (not to the end: the connection stays open while the proxy still
-    // holds the unread upload).
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(20), async {
-        while !got.ends_with(b"upstream request timeout") {
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    upload.abort();
-    let answer = String::from_utf8_lossy(&got).into_owned();
-    assert_eq!(status(&answer), 504, "{}", &answer[..answer.len().min(300)]);
-    assert!(logged(&world, "deaf", 504, "UT").await);
-    assert_eq!(deaf.connections(), 1);
-
     // Closed mid-body: the head went out, so the client gets it and a body that ends
     // early (never a complete-looking response).
     let answer = raw(out, &get("mid")).await;
@@ -466,6 +457,83 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
         "{}",
         proxy.output()
     );
+}
+
+/// Sends a 16 MiB POST to `host` (with `Connection: close` when `close`) and reads the
+/// answer while the upload goes on; the answer, and whether the proxy then closed the
+/// connection (read to its end or reset; the 20 s are a guard against hanging).
+async fn upload_to(addr: SocketAddr, host: &str, close: bool) -> (String, bool) {
+    let body = vec![b'a'; 16 << 20];
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    let head = format!(
+        "POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{connection}\r\n",
+        body.len()
+    );
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    // The upload goes on while the answer is read: the proxy stops reading it.
+    let upload = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&body).await;
+        // Held open: the proxy, not the client, must end the connection.
+        std::future::pending::<()>().await;
+    });
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    upload.abort();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_reads_is_cut_off_at_the_timeout_and_nothing_stays_open() {
+    let world = World::new();
+    let deaf = Upstream::start(Fault::NeverRead).await;
+    let ok = Upstream::start(Fault::Ok).await;
+    let yaml = [
+        destination("deaf", &[deaf.addr.port()], "    timeout: 1s\n"),
+        destination("ok", &[ok.addr.port()], ""),
+    ]
+    .concat();
+    let proxy = caller(&world, &yaml).await;
+    let out = proxy.outbound();
+    // Accept-and-never-read, with a body larger than the socket buffers hold: the route
+    // timeout answers 504 UT while the request is still being written. The proxy then
+    // resets the upstream connection and lets go of the body, so the client's
+    // connection closes after the answer: asked to (`Connection: close`), or because the
+    // rest of the body is not going to be read. Twice: each request had a connection of
+    // its own, and none is left open at the upstream.
+    for round in 1..=2 {
+        let (answer, closed) = upload_to(out, "deaf", round == 1).await;
+        let head = &answer[..answer.len().min(300)];
+        assert_eq!(status(&answer), 504, "round {round}: {head}");
+        assert!(answer.ends_with("upstream request timeout"), "{head}");
+        assert!(
+            closed,
+            "round {round}: the client's connection stayed open after the 504"
+        );
+        assert!(logged(&world, "deaf", 504, "UT").await);
+        assert_eq!(
+            deaf.ended(round).await,
+            round,
+            "round {round}: the upstream connection was not ended\n{}",
+            proxy.output()
+        );
+        assert_eq!(deaf.connections(), round);
+    }
+    // Another route on a fresh connection is served as ever.
+    let answer = raw(out, &get("ok")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(ok.requests(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
