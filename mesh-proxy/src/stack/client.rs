@@ -364,11 +364,9 @@ impl http_body::Body for Sent {
             && link.connection.get().is_none()
         {
             // Polled by an HTTP/1.1 connection's task: this request is that connection's.
-            let _ = CONNECTION.try_with(|c| {
-                if let Some(connection) = c.borrow().as_ref() {
-                    let _ = link.connection.set(connection.clone());
-                }
-            });
+            if let Some(connection) = scoped_connection() {
+                let _ = link.connection.set(connection);
+            }
         }
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(link) = this.link {
@@ -404,10 +402,11 @@ type Outgoing = Sent;
 /// A pool of the client's connections: `C`'s, aborted when their request is abandoned.
 type Pool<C> = Client<Abortable<C>, Outgoing>;
 
-tokio::task_local! {
-    /// The HTTP/1.1 connection whose task is running: made known by the connection's
-    /// I/O when the task polls it, read by the request body the same task polls.
-    static CONNECTION: std::cell::RefCell<Option<Arc<Abort>>>;
+thread_local! {
+    /// While a pool's task is polled ([`Scoped`]): the HTTP/1.1 connection the task
+    /// runs, once its I/O made itself known; read by the request body the task polls.
+    static CONNECTION: std::cell::RefCell<Option<Option<Arc<Abort>>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Runs the pools' background tasks (connections, HTTP/2 streams) on tokio, each in a
@@ -421,8 +420,61 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::spawn(CONNECTION.scope(std::cell::RefCell::new(None), fut));
+        tokio::spawn(Scoped {
+            fut,
+            connection: None,
+        });
     }
+}
+
+/// A pool task with the connection it runs (8 bytes beside the task's future: tokio
+/// aligns task cells, and every HTTP/2 request spawns a task).
+#[pin_project::pin_project]
+struct Scoped<F> {
+    #[pin]
+    fut: F,
+    connection: Option<Arc<Abort>>,
+}
+
+impl<F: std::future::Future> std::future::Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Ends the scope even if the task panics.
+        struct Leave<'a>(&'a mut Option<Arc<Abort>>, Option<Option<Arc<Abort>>>);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let outer = self.1.take();
+                *self.0 = CONNECTION
+                    .with(|c| std::mem::replace(&mut *c.borrow_mut(), outer))
+                    .flatten();
+            }
+        }
+        let this = self.project();
+        let mine = this.connection.take();
+        let outer = CONNECTION.with(|c| c.borrow_mut().replace(mine));
+        let _leave = Leave(this.connection, outer);
+        this.fut.poll(cx)
+    }
+}
+
+/// The connection of the pool task being polled, if it made itself known.
+fn scoped_connection() -> Option<Arc<Abort>> {
+    CONNECTION.with(|c| c.borrow().as_ref().and_then(Clone::clone))
+}
+
+/// Makes `connection` known in the scope of the pool task being polled; whether a pool
+/// task is being polled.
+fn make_known(connection: &Arc<Abort>) -> bool {
+    CONNECTION.with(|c| match &mut *c.borrow_mut() {
+        Some(slot) => {
+            if slot.is_none() {
+                *slot = Some(connection.clone());
+            }
+            true
+        }
+        None => false,
+    })
 }
 
 /// What a request whose body is still to come shares with the connection carrying it.
@@ -576,14 +628,7 @@ impl<T: UpstreamSocket> AbortableIo<T> {
             return Ok(());
         };
         if !self.known {
-            self.known = CONNECTION
-                .try_with(|c| {
-                    let mut c = c.borrow_mut();
-                    if c.is_none() {
-                        *c = Some(abort.clone());
-                    }
-                })
-                .is_ok();
+            self.known = make_known(abort);
         }
         if abort.aborted.load(Ordering::Acquire) {
             // A reset: a FIN would wait behind the bytes an upstream that does not
