@@ -536,6 +536,152 @@ async fn an_upstream_that_never_reads_is_cut_off_at_the_timeout_and_nothing_stay
     assert_eq!(ok.requests(), 1);
 }
 
+/// An HTTP/2 upstream (h2c, prior knowledge) in raw frames: on each connection it never
+/// answers the first stream nor grants it more than the initial 65,535-byte window, and
+/// answers every later stream with an empty `200`. It records the RST_STREAM frames it
+/// receives (stream, error code) and counts connections.
+struct H2Upstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    resets: Arc<std::sync::Mutex<Vec<(u32, u32)>>>,
+    answered: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes one HTTP/2 frame.
+async fn write_frame(tcp: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    let _ = tcp.write_all(&out).await;
+}
+
+impl H2Upstream {
+    async fn start() -> Self {
+        const HEADERS: u8 = 1;
+        const RST_STREAM: u8 = 3;
+        const SETTINGS: u8 = 4;
+        const PING: u8 = 6;
+        const GOAWAY: u8 = 7;
+        const ACK: u8 = 1;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (c, r, a) = (connections.clone(), resets.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, a) = (r.clone(), a.clone());
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    if tcp.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    write_frame(&mut tcp, SETTINGS, 0, 0, &[]).await;
+                    let mut first = None;
+                    loop {
+                        let mut head = [0u8; 9];
+                        if tcp.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream =
+                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                        let mut payload = vec![0u8; len];
+                        if tcp.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        match kind {
+                            SETTINGS if flags & ACK == 0 => {
+                                write_frame(&mut tcp, SETTINGS, ACK, 0, &[]).await;
+                            }
+                            PING if flags & ACK == 0 => {
+                                write_frame(&mut tcp, PING, ACK, 0, &payload).await;
+                            }
+                            HEADERS if first.is_none() => first = Some(stream),
+                            HEADERS => {
+                                // `:status: 200` (static table index 8), END_HEADERS and
+                                // END_STREAM.
+                                write_frame(&mut tcp, HEADERS, 0x4 | 0x1, stream, &[0x88]).await;
+                                a.fetch_add(1, Ordering::SeqCst);
+                            }
+                            RST_STREAM if payload.len() == 4 => {
+                                let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                                r.lock().unwrap().push((stream, code));
+                            }
+                            GOAWAY => return,
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            resets,
+            answered,
+            task,
+        }
+    }
+
+    /// The RST_STREAM frames received so far, once there are `n` (or after 20 s: a
+    /// guard against hanging).
+    async fn resets(&self, n: usize) -> Vec<(u32, u32)> {
+        for _ in 0..2000 {
+            if self.resets.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.resets.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_that_is_never_read_is_cancelled_and_its_connection_kept() {
+    let world = World::new();
+    let up = H2Upstream::start().await;
+    // An `HTTP2` port: requests go as HTTP/2 with prior knowledge.
+    let yaml = destination("h2deaf", &[up.addr.port()], "    timeout: 1s\n")
+        .replace(
+            "{number: 80, name: http, protocol: HTTP}",
+            "{number: 80, name: http2, protocol: HTTP2}",
+        )
+        .replace("ports: {http:", "ports: {http2:");
+    let proxy = caller(&world, &yaml).await;
+    let out = proxy.outbound();
+    // The first stream is never read: the upload stops at the window, the route timeout
+    // answers 504 UT, the stream is reset with CANCEL and the body let go, so the
+    // client's connection closes.
+    let (answer, closed) = upload_to(out, "h2deaf", true).await;
+    let head = &answer[..answer.len().min(300)];
+    assert_eq!(status(&answer), 504, "{head}\n{}", proxy.output());
+    assert!(answer.ends_with("upstream request timeout"), "{head}");
+    assert!(closed, "the client's connection stayed open after the 504");
+    assert!(logged(&world, "h2deaf", 504, "UT").await);
+    // RST_STREAM on stream 1 with CANCEL (0x8).
+    assert_eq!(up.resets(1).await, vec![(1, 0x8)]);
+    // The connection stays for other streams: the next request is stream 3 on it.
+    let answer = raw(out, &get("h2deaf")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(up.answered.load(Ordering::SeqCst), 1);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_endpoint_is_ejected_and_every_request_is_answered_once() {
     let world = World::new();
