@@ -682,6 +682,88 @@ async fn an_http2_stream_that_is_never_read_is_cancelled_and_its_connection_kept
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
 
+/// A listener with a backlog of 1 that never accepts, its accept queue filled: a further
+/// connect does not complete (Linux drops the SYN); the listener and the connections
+/// that filled it.
+async fn full_backlog() -> (TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // On loopback a connect the queue has room for completes at once; one that has not
+    // completed in 500 ms had its SYN dropped (the first retransmission is after 1 s).
+    while let Ok(tcp) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    {
+        queued.push(tcp.unwrap());
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    (listener, queued)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listen_backlog_is_a_connect_timeout_503_uf_retried_then_ejected() {
+    let world = World::new();
+    let (listener, queued) = full_backlog().await;
+    let port = listener.local_addr().unwrap().port();
+    // No retry policy on the route: Istio's default (2 retries on connect-failure, …).
+    // Local-origin failures counted on their own, three eject the endpoint.
+    let mut yaml = destination("backlog", &[port], "");
+    yaml.push_str(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backlog, namespace: production}
+spec:
+  host: backlog
+  trafficPolicy:
+    connectionPool: {tcp: {connectTimeout: 200ms}}
+    outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 3, consecutive5xxErrors: 0, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
+",
+    );
+    let proxy = caller(&world, &yaml).await;
+    // Each attempt's connect times out: a connection failure, 503 UF with Envoy's reset
+    // reason, retried twice, then URX.
+    let answer = raw(proxy.outbound(), &get("backlog")).await;
+    assert_eq!(status(&answer), 503, "{answer}\n{}", proxy.output());
+    assert!(
+        answer.ends_with(
+            "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+        ),
+        "{answer}"
+    );
+    assert!(
+        logged(&world, "backlog", 503, "UF,URX").await,
+        "{}",
+        std::fs::read_to_string(world.path("order-service-access.log")).unwrap_or_default()
+    );
+    // The three timeouts were local-origin failures: the endpoint is ejected, and the
+    // next request finds no healthy upstream.
+    let answer = raw(proxy.outbound(), &get("backlog")).await;
+    assert_eq!(status(&answer), 503, "{answer}");
+    assert!(answer.ends_with("no healthy upstream"), "{answer}");
+    assert!(logged(&world, "backlog", 503, "UH").await);
+    // Nothing of the proxy's reached the upstream: its queue holds only the connections
+    // that filled it, and none of them carried a byte.
+    let fillers: Vec<SocketAddr> = queued.iter().map(|t| t.local_addr().unwrap()).collect();
+    let mut accepted = Vec::new();
+    while let Ok(Ok((mut tcp, peer))) =
+        tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
+    {
+        let mut byte = [0u8; 1];
+        let sent = matches!(
+            tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut byte)).await,
+            Ok(Ok(n)) if n > 0
+        );
+        accepted.push((peer, sent));
+    }
+    assert_eq!(
+        accepted,
+        fillers.iter().map(|a| (*a, false)).collect::<Vec<_>>(),
+        "connections accepted after the requests (fillers: {fillers:?})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_endpoint_is_ejected_and_every_request_is_answered_once() {
     let world = World::new();

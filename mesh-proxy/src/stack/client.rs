@@ -16,7 +16,8 @@
 //! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
 //!   when) the answer is `101`, the two connections are spliced together;
 //! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
-//!   (503 `UF`); a malformed response (a status line or header hyper cannot parse, a NUL
+//!   (503 `UF`; reset reason `connection timeout` when the connect timeout passed, as
+//!   Envoy's, else `connection failure`); a malformed response (a status line or header hyper cannot parse, a NUL
 //!   in a header, more headers than hyper's limit, two differing `Content-Length`, or
 //!   `Content-Length` with `Transfer-Encoding`) is [`UpstreamReset`] with
 //!   [`ResetReason::ProtocolError`] (502 `UPE`, as Envoy's codec error), and the
@@ -1107,7 +1108,14 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Maps a hyper client error to mesh-core's leaf errors.
 pub(crate) fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
     if e.is_connect() {
-        return Box::new(ConnectFailure::new(e));
+        // The connector's own timeout, or the system's on unanswered SYNs.
+        let timed_out = mesh_core::error::find_cause::<std::io::Error>(&e)
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        return Box::new(if timed_out {
+            ConnectFailure::timed_out(e)
+        } else {
+            ConnectFailure::new(e)
+        });
     }
     let parse = std::error::Error::source(&e)
         .and_then(|s| s.downcast_ref::<hyper::Error>())
