@@ -1,9 +1,10 @@
 //! Broken upstreams behind the real binary: a fault-injecting TCP upstream (reset after
 //! accept, hang, close mid-body, garbage and malformed responses, accept-and-never-read),
-//! a refused port and a flapping endpoint, each met with Envoy's answer and flag (502
-//! `UPE`, 503 `UF`/`URX`/`UC`, 504 `UT`) in the response and the access log. Every
-//! upstream counts what reached it, so nothing is lost or sent more often than the
-//! retry policy allows.
+//! an HTTP/2 upstream that never reads a stream, a refused port, a full listen backlog
+//! and a flapping endpoint, each met with Envoy's answer and flag (502 `UPE`, 503
+//! `UF`/`URX`/`UC`/`UH`, 504 `UT`) in the response and the access log. Every upstream
+//! counts what reached it, so nothing is lost or sent more often than the retry policy
+//! allows, and a request the proxy gives up on leaves no connection open behind it.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]

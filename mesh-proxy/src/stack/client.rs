@@ -59,6 +59,35 @@
 //! allocation; a request whose body is still to come when it reaches the client shares
 //! one counter with the wait for the response head.
 //!
+//! # Abandoned requests
+//!
+//! When the proxy stops waiting for a response (route or per-try timeout, stream idle
+//! timeout, the downstream gone: the response future is dropped) while the request is
+//! still being written, the upstream connection is ended at once and the request body
+//! let go, as Envoy resets the upstream stream. Left to itself, hyper's HTTP/1.1
+//! connection task closes a cancelled connection only after flushing what it buffered,
+//! which an upstream that does not read never lets it do: the task, the body it owns and
+//! the downstream connection feeding that body would wait until the upstream closed.
+//!
+//! So every HTTP/1.1 connection of the pools carries an [`Abort`] switch ([`Abortable`]
+//! wraps the connector, [`AbortableIo`] the connection). The pools run their tasks through
+//! [`ConnectionExecutor`], which marks each poll of a task with a thread-local scope: the
+//! connection's I/O makes itself known in its task's scope, and a request body polled
+//! in that scope links its request to the connection. A response future dropped before
+//! the response head, with its body unfinished or the connection's writes stalled,
+//! throws the switch: the connection's next I/O call fails, hyper's task ends and drops
+//! the body, and the socket is closed with a reset (`SO_LINGER` 0), which a peer that
+//! never reads sees at once where a FIN would wait behind the bytes it has not read.
+//! An h1 connection busy with a request is never idle in the pool, so the switch never
+//! ends another request's connection. An HTTP/2 stream needs none of this: hyper resets
+//! an abandoned stream with `RST_STREAM` `CANCEL`, freeing its window, and the
+//! connection carries on.
+//!
+//! The link is the record a request with a body still to come already shares with the
+//! wait for its response head (the stream idle timer's): one allocation for such a
+//! request (none more under the default `streamIdleTimeout`), one per HTTP/1.1
+//! connection, none for a request without a body.
+//!
 //! # Retiring connections after N requests
 //!
 //! hyper-util's pool has no such limit. Each connection of an [`UpstreamConnector`]
