@@ -766,6 +766,51 @@ spec:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_with_a_full_backlog_is_retried_around_and_ejected() {
+    let world = World::new();
+    let good = Upstream::start(Fault::Ok).await;
+    let (listener, _queued) = full_backlog().await;
+    let full = listener.local_addr().unwrap().port();
+    // Istio's default retries (connect-failure) go to another endpoint; one local-origin
+    // failure ejects.
+    let mut yaml = destination("pair", &[good.addr.port(), full], "");
+    yaml.push_str(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pair, namespace: production}
+spec:
+  host: pair
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {connectTimeout: 200ms}}
+    outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 1, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
+",
+    );
+    let proxy = caller(&world, &yaml).await;
+    for i in 0..10 {
+        let answer = raw(proxy.outbound(), &get("pair")).await;
+        assert_eq!(
+            status(&answer),
+            200,
+            "request {i}: {answer}\n{}",
+            proxy.output()
+        );
+    }
+    // Every request reached the good endpoint once; the full one was ejected after its
+    // one connect timeout.
+    assert_eq!(good.requests(), 10);
+    let metrics = proxy
+        .metrics_when(|t| t.contains("mesh_outlier_ejections_total"))
+        .await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_outlier_ejections_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_endpoint_is_ejected_and_every_request_is_answered_once() {
     let world = World::new();
     let good = Upstream::start(Fault::Ok).await;
