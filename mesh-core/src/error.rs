@@ -49,13 +49,17 @@ pub struct Overflow;
 pub struct NoHealthyUpstream;
 
 /// Connecting to the upstream failed (refused, timed out, TLS handshake failed): 503 `UF`.
+/// Envoy's reset reason is `connection timeout` when the connect timeout passed (a full
+/// listen backlog, an address that drops SYNs), `connection failure` otherwise.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    "upstream connect error or disconnect/reset before headers. reset reason: {}",
+    if *.timed_out { "connection timeout" } else { "connection failure" }
 )]
 pub struct ConnectFailure {
     #[source]
     source: Option<BoxError>,
+    timed_out: bool,
 }
 
 impl ConnectFailure {
@@ -63,12 +67,29 @@ impl ConnectFailure {
     pub fn new(source: impl Into<BoxError>) -> Self {
         Self {
             source: Some(source.into()),
+            timed_out: false,
+        }
+    }
+
+    /// A connect timeout (connect plus any handshake) caused by `source`.
+    pub fn timed_out(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: Some(source.into()),
+            timed_out: true,
         }
     }
 
     /// A connect failure with no further detail.
     pub fn bare() -> Self {
-        Self { source: None }
+        Self {
+            source: None,
+            timed_out: false,
+        }
+    }
+
+    /// Whether the connect timeout passed.
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
     }
 }
 

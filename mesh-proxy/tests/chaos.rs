@@ -1,9 +1,10 @@
 //! Broken upstreams behind the real binary: a fault-injecting TCP upstream (reset after
 //! accept, hang, close mid-body, garbage and malformed responses, accept-and-never-read),
-//! a refused port and a flapping endpoint, each met with Envoy's answer and flag (502
-//! `UPE`, 503 `UF`/`URX`/`UC`, 504 `UT`) in the response and the access log. Every
-//! upstream counts what reached it, so nothing is lost or sent more often than the
-//! retry policy allows.
+//! an HTTP/2 upstream that never reads a stream, a refused port, a full listen backlog
+//! and a flapping endpoint, each met with Envoy's answer and flag (502 `UPE`, 503
+//! `UF`/`URX`/`UC`/`UH`, 504 `UT`) in the response and the access log. Every upstream
+//! counts what reached it, so nothing is lost or sent more often than the retry policy
+//! allows, and a request the proxy gives up on leaves no connection open behind it.
 
 // Test code: helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the fault upstream does with each connection.
@@ -35,7 +36,8 @@ enum Fault {
     /// Reads the request, writes the first bytes, waits a moment, writes the rest and
     /// closes.
     RespondInTwo(&'static [u8], &'static [u8]),
-    /// Accepts and never reads.
+    /// Accepts and never reads; notes when the proxy ends the connection (a reset, or a
+    /// FIN with nothing unread before it: what a peer that never reads can see).
     NeverRead,
 }
 
@@ -44,6 +46,8 @@ struct Upstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// Connections the proxy ended while the upstream held them ([`Fault::NeverRead`]).
+    ended: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -87,14 +91,15 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (c, r) = (connections.clone(), requests.clone());
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (c, r, e) = (connections.clone(), requests.clone(), ended.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut tcp, _)) = listener.accept().await else {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let r = r.clone();
+                let (r, e) = (r.clone(), e.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     match fault {
@@ -103,8 +108,18 @@ impl Upstream {
                             drop(tcp);
                         }
                         Fault::NeverRead => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                            drop(tcp);
+                            // Readiness is only looked at, never cleared by a read: it
+                            // stays readable once bytes arrived, and gains "read closed"
+                            // when the proxy ends the connection.
+                            loop {
+                                match tcp.ready(Interest::READABLE | Interest::ERROR).await {
+                                    Ok(r) if !(r.is_read_closed() || r.is_error()) => {
+                                        tokio::time::sleep(Duration::from_millis(20)).await;
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            e.fetch_add(1, Ordering::SeqCst);
                         }
                         Fault::Ok => {
                             while read_request(&mut tcp, &mut buf).await {
@@ -163,8 +178,21 @@ impl Upstream {
             addr,
             connections,
             requests,
+            ended,
             task,
         }
+    }
+
+    /// Waits until the proxy has ended `n` connections (20 s at most: a guard against
+    /// hanging, not a time limit on the proxy); the count reached.
+    async fn ended(&self, n: usize) -> usize {
+        for _ in 0..2000 {
+            if self.ended.load(Ordering::SeqCst) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.ended.load(Ordering::SeqCst)
     }
 
     fn requests(&self) -> usize {
@@ -360,7 +388,6 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
     let reset = Upstream::start(Fault::Reset).await;
     let hang = Upstream::start(Fault::Hang).await;
     let mid = Upstream::start(Fault::MidBody).await;
-    let deaf = Upstream::start(Fault::NeverRead).await;
     let refused = free_port();
     let yaml = [
         destination(
@@ -370,7 +397,6 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
         ),
         destination("hang", &[hang.addr.port()], "    timeout: 1s\n"),
         destination("mid", &[mid.addr.port()], ""),
-        destination("deaf", &[deaf.addr.port()], "    timeout: 1s\n"),
         destination(
             "refused",
             &[refused],
@@ -409,40 +435,6 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
     assert!(logged(&world, "hang", 504, "UT").await);
     assert_eq!(hang.requests(), 1);
 
-    // Accept-and-never-read, with a body larger than the socket buffers can hold: the
-    // route timeout ends it too.
-    let body = vec![b'a'; 16 << 20];
-    let head = format!(
-        "POST /x HTTP/1.1\r\nHost: deaf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let tcp = TcpStream::connect(out).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    // The upload goes on while the answer is read: the proxy stops reading it.
-    let upload = tokio::spawn(async move {
-        let _ = wr.write_all(head.as_bytes()).await;
-        let _ = wr.write_all(&body).await;
-        wr
-    });
-    // Read the answer (not to the end: the connection stays open while the proxy still
-    // holds the unread upload).
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(20), async {
-        while !got.ends_with(b"upstream request timeout") {
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    upload.abort();
-    let answer = String::from_utf8_lossy(&got).into_owned();
-    assert_eq!(status(&answer), 504, "{}", &answer[..answer.len().min(300)]);
-    assert!(logged(&world, "deaf", 504, "UT").await);
-    assert_eq!(deaf.connections(), 1);
-
     // Closed mid-body: the head went out, so the client gets it and a body that ends
     // early (never a complete-looking response).
     let answer = raw(out, &get("mid")).await;
@@ -465,6 +457,356 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
         logged(&world, "refused", 503, "UF,URX").await,
         "{}",
         proxy.output()
+    );
+}
+
+/// Sends a 16 MiB POST to `host` (with `Connection: close` when `close`) and reads the
+/// answer while the upload goes on; the answer, and whether the proxy then closed the
+/// connection (read to its end or reset; the 20 s are a guard against hanging).
+async fn upload_to(addr: SocketAddr, host: &str, close: bool) -> (String, bool) {
+    let body = vec![b'a'; 16 << 20];
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    let head = format!(
+        "POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{connection}\r\n",
+        body.len()
+    );
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    // The upload goes on while the answer is read: the proxy stops reading it.
+    let upload = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&body).await;
+        // Held open: the proxy, not the client, must end the connection.
+        std::future::pending::<()>().await;
+    });
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    upload.abort();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_reads_is_cut_off_at_the_timeout_and_nothing_stays_open() {
+    let world = World::new();
+    let deaf = Upstream::start(Fault::NeverRead).await;
+    let ok = Upstream::start(Fault::Ok).await;
+    let yaml = [
+        destination("deaf", &[deaf.addr.port()], "    timeout: 1s\n"),
+        destination("ok", &[ok.addr.port()], ""),
+    ]
+    .concat();
+    let proxy = caller(&world, &yaml).await;
+    let out = proxy.outbound();
+    // Accept-and-never-read, with a body larger than the socket buffers hold: the route
+    // timeout answers 504 UT while the request is still being written. The proxy then
+    // resets the upstream connection and lets go of the body, so the client's
+    // connection closes after the answer: asked to (`Connection: close`), or because the
+    // rest of the body is not going to be read. Twice: each request had a connection of
+    // its own, and none is left open at the upstream.
+    for round in 1..=2 {
+        let (answer, closed) = upload_to(out, "deaf", round == 1).await;
+        let head = &answer[..answer.len().min(300)];
+        assert_eq!(status(&answer), 504, "round {round}: {head}");
+        assert!(answer.ends_with("upstream request timeout"), "{head}");
+        assert!(
+            closed,
+            "round {round}: the client's connection stayed open after the 504"
+        );
+        assert!(logged(&world, "deaf", 504, "UT").await);
+        assert_eq!(
+            deaf.ended(round).await,
+            round,
+            "round {round}: the upstream connection was not ended\n{}",
+            proxy.output()
+        );
+        assert_eq!(deaf.connections(), round);
+    }
+    // Another route on a fresh connection is served as ever.
+    let answer = raw(out, &get("ok")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(ok.requests(), 1);
+}
+
+/// An HTTP/2 upstream (h2c, prior knowledge) in raw frames: on each connection it never
+/// answers the first stream nor grants it more than the initial 65,535-byte window, and
+/// answers every later stream with an empty `200`. It records the RST_STREAM frames it
+/// receives (stream, error code) and counts connections.
+struct H2Upstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    resets: Arc<std::sync::Mutex<Vec<(u32, u32)>>>,
+    answered: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes one HTTP/2 frame.
+async fn write_frame(tcp: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    let _ = tcp.write_all(&out).await;
+}
+
+impl H2Upstream {
+    async fn start() -> Self {
+        const HEADERS: u8 = 1;
+        const RST_STREAM: u8 = 3;
+        const SETTINGS: u8 = 4;
+        const PING: u8 = 6;
+        const GOAWAY: u8 = 7;
+        const ACK: u8 = 1;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (c, r, a) = (connections.clone(), resets.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, a) = (r.clone(), a.clone());
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    if tcp.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    write_frame(&mut tcp, SETTINGS, 0, 0, &[]).await;
+                    let mut first = None;
+                    loop {
+                        let mut head = [0u8; 9];
+                        if tcp.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream =
+                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                        let mut payload = vec![0u8; len];
+                        if tcp.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        match kind {
+                            SETTINGS if flags & ACK == 0 => {
+                                write_frame(&mut tcp, SETTINGS, ACK, 0, &[]).await;
+                            }
+                            PING if flags & ACK == 0 => {
+                                write_frame(&mut tcp, PING, ACK, 0, &payload).await;
+                            }
+                            HEADERS if first.is_none() => first = Some(stream),
+                            HEADERS => {
+                                // `:status: 200` (static table index 8), END_HEADERS and
+                                // END_STREAM.
+                                write_frame(&mut tcp, HEADERS, 0x4 | 0x1, stream, &[0x88]).await;
+                                a.fetch_add(1, Ordering::SeqCst);
+                            }
+                            RST_STREAM if payload.len() == 4 => {
+                                let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                                r.lock().unwrap().push((stream, code));
+                            }
+                            GOAWAY => return,
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            resets,
+            answered,
+            task,
+        }
+    }
+
+    /// The RST_STREAM frames received so far, once there are `n` (or after 20 s: a
+    /// guard against hanging).
+    async fn resets(&self, n: usize) -> Vec<(u32, u32)> {
+        for _ in 0..2000 {
+            if self.resets.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.resets.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_that_is_never_read_is_cancelled_and_its_connection_kept() {
+    let world = World::new();
+    let up = H2Upstream::start().await;
+    // An `HTTP2` port: requests go as HTTP/2 with prior knowledge.
+    let yaml = destination("h2deaf", &[up.addr.port()], "    timeout: 1s\n")
+        .replace(
+            "{number: 80, name: http, protocol: HTTP}",
+            "{number: 80, name: http2, protocol: HTTP2}",
+        )
+        .replace("ports: {http:", "ports: {http2:");
+    let proxy = caller(&world, &yaml).await;
+    let out = proxy.outbound();
+    // The first stream is never read: the upload stops at the window, the route timeout
+    // answers 504 UT, the stream is reset with CANCEL and the body let go, so the
+    // client's connection closes.
+    let (answer, closed) = upload_to(out, "h2deaf", true).await;
+    let head = &answer[..answer.len().min(300)];
+    assert_eq!(status(&answer), 504, "{head}\n{}", proxy.output());
+    assert!(answer.ends_with("upstream request timeout"), "{head}");
+    assert!(closed, "the client's connection stayed open after the 504");
+    assert!(logged(&world, "h2deaf", 504, "UT").await);
+    // RST_STREAM on stream 1 with CANCEL (0x8).
+    assert_eq!(up.resets(1).await, vec![(1, 0x8)]);
+    // The connection stays for other streams: the next request is stream 3 on it.
+    let answer = raw(out, &get("h2deaf")).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert_eq!(up.answered.load(Ordering::SeqCst), 1);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+/// A listener with a backlog of 1 that never accepts, its accept queue filled: a further
+/// connect does not complete (Linux drops the SYN); the listener and the connections
+/// that filled it.
+async fn full_backlog() -> (TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // On loopback a connect the queue has room for completes at once; one that has not
+    // completed in 500 ms had its SYN dropped (the first retransmission is after 1 s).
+    while let Ok(tcp) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    {
+        queued.push(tcp.unwrap());
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    (listener, queued)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listen_backlog_is_a_connect_timeout_503_uf_retried_then_ejected() {
+    let world = World::new();
+    let (listener, queued) = full_backlog().await;
+    let port = listener.local_addr().unwrap().port();
+    // No retry policy on the route: Istio's default (2 retries on connect-failure, …).
+    // Local-origin failures counted on their own, three eject the endpoint.
+    let mut yaml = destination("backlog", &[port], "");
+    yaml.push_str(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backlog, namespace: production}
+spec:
+  host: backlog
+  trafficPolicy:
+    connectionPool: {tcp: {connectTimeout: 200ms}}
+    outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 3, consecutive5xxErrors: 0, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
+",
+    );
+    let proxy = caller(&world, &yaml).await;
+    // Each attempt's connect times out: a connection failure, 503 UF with Envoy's reset
+    // reason, retried twice, then URX.
+    let answer = raw(proxy.outbound(), &get("backlog")).await;
+    assert_eq!(status(&answer), 503, "{answer}\n{}", proxy.output());
+    assert!(
+        answer.ends_with(
+            "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+        ),
+        "{answer}"
+    );
+    assert!(
+        logged(&world, "backlog", 503, "UF,URX").await,
+        "{}",
+        std::fs::read_to_string(world.path("order-service-access.log")).unwrap_or_default()
+    );
+    // The three timeouts were local-origin failures: the endpoint is ejected, and the
+    // next request finds no healthy upstream.
+    let answer = raw(proxy.outbound(), &get("backlog")).await;
+    assert_eq!(status(&answer), 503, "{answer}");
+    assert!(answer.ends_with("no healthy upstream"), "{answer}");
+    assert!(logged(&world, "backlog", 503, "UH").await);
+    // Nothing of the proxy's reached the upstream: its queue holds only the connections
+    // that filled it, and none of them carried a byte.
+    let fillers: Vec<SocketAddr> = queued.iter().map(|t| t.local_addr().unwrap()).collect();
+    let mut accepted = Vec::new();
+    while let Ok(Ok((mut tcp, peer))) =
+        tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
+    {
+        let mut byte = [0u8; 1];
+        let sent = matches!(
+            tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut byte)).await,
+            Ok(Ok(n)) if n > 0
+        );
+        accepted.push((peer, sent));
+    }
+    assert_eq!(
+        accepted,
+        fillers.iter().map(|a| (*a, false)).collect::<Vec<_>>(),
+        "connections accepted after the requests (fillers: {fillers:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_with_a_full_backlog_is_retried_around_and_ejected() {
+    let world = World::new();
+    let good = Upstream::start(Fault::Ok).await;
+    let (listener, _queued) = full_backlog().await;
+    let full = listener.local_addr().unwrap().port();
+    // Istio's default retries (connect-failure) go to another endpoint; one local-origin
+    // failure ejects.
+    let mut yaml = destination("pair", &[good.addr.port(), full], "");
+    yaml.push_str(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pair, namespace: production}
+spec:
+  host: pair
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {connectTimeout: 200ms}}
+    outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 1, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
+",
+    );
+    let proxy = caller(&world, &yaml).await;
+    for i in 0..10 {
+        let answer = raw(proxy.outbound(), &get("pair")).await;
+        assert_eq!(
+            status(&answer),
+            200,
+            "request {i}: {answer}\n{}",
+            proxy.output()
+        );
+    }
+    // Every request reached the good endpoint once; the full one was ejected after its
+    // one connect timeout.
+    assert_eq!(good.requests(), 10);
+    let metrics = proxy
+        .metrics_when(|t| t.contains("mesh_outlier_ejections_total"))
+        .await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_outlier_ejections_total{") && l.ends_with(" 1")),
+        "{metrics}"
     );
 }
 

@@ -438,6 +438,20 @@ impl UpstreamConn {
     pub fn is_mutual(&self) -> bool {
         self.peer.is_some()
     }
+
+    /// Whether the server chose `h2`.
+    pub fn is_h2(&self) -> bool {
+        self.h2
+    }
+
+    /// The TCP connection underneath (under TLS, if any): for socket options such as a
+    /// reset on close when a client abandons the connection mid-request.
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            UpstreamIo::Plain(io) => io.inner(),
+            UpstreamIo::Tls(io) => io.inner().get_ref().0,
+        }
+    }
 }
 
 impl Connection for UpstreamConn {

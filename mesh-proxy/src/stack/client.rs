@@ -16,7 +16,8 @@
 //! - a WebSocket upgrade goes on a dedicated HTTP/1.1 connection and, when (and only
 //!   when) the answer is `101`, the two connections are spliced together;
 //! - errors become mesh-core's leaf errors: a failed connect is [`ConnectFailure`]
-//!   (503 `UF`); a malformed response (a status line or header hyper cannot parse, a NUL
+//!   (503 `UF`; reset reason `connection timeout` when the connect timeout passed, as
+//!   Envoy's, else `connection failure`); a malformed response (a status line or header hyper cannot parse, a NUL
 //!   in a header, more headers than hyper's limit, two differing `Content-Length`, or
 //!   `Content-Length` with `Transfer-Encoding`) is [`UpstreamReset`] with
 //!   [`ResetReason::ProtocolError`] (502 `UPE`, as Envoy's codec error), and the
@@ -58,6 +59,35 @@
 //! allocation; a request whose body is still to come when it reaches the client shares
 //! one counter with the wait for the response head.
 //!
+//! # Abandoned requests
+//!
+//! When the proxy stops waiting for a response (route or per-try timeout, stream idle
+//! timeout, the downstream gone: the response future is dropped) while the request is
+//! still being written, the upstream connection is ended at once and the request body
+//! let go, as Envoy resets the upstream stream. Left to itself, hyper's HTTP/1.1
+//! connection task closes a cancelled connection only after flushing what it buffered,
+//! which an upstream that does not read never lets it do: the task, the body it owns and
+//! the downstream connection feeding that body would wait until the upstream closed.
+//!
+//! So every HTTP/1.1 connection of the pools carries an [`Abort`] switch ([`Abortable`]
+//! wraps the connector, [`AbortableIo`] the connection). The pools run their tasks through
+//! [`ConnectionExecutor`], which marks each poll of a task with a thread-local scope: the
+//! connection's I/O makes itself known in its task's scope, and a request body polled
+//! in that scope links its request to the connection. A response future dropped before
+//! the response head, with its body unfinished or the connection's writes stalled,
+//! throws the switch: the connection's next I/O call fails, hyper's task ends and drops
+//! the body, and the socket is closed with a reset (`SO_LINGER` 0), which a peer that
+//! never reads sees at once where a FIN would wait behind the bytes it has not read.
+//! An h1 connection busy with a request is never idle in the pool, so the switch never
+//! ends another request's connection. An HTTP/2 stream needs none of this: hyper resets
+//! an abandoned stream with `RST_STREAM` `CANCEL`, freeing its window, and the
+//! connection carries on.
+//!
+//! The link is the record a request with a body still to come already shares with the
+//! wait for its response head (the stream idle timer's): one allocation for such a
+//! request (none more under the default `streamIdleTimeout`), one per HTTP/1.1
+//! connection, none for a request without a body.
+//!
 //! # Retiring connections after N requests
 //!
 //! hyper-util's pool has no such limit. Each connection of an [`UpstreamConnector`]
@@ -87,7 +117,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -95,12 +125,17 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connect, HttpConnector, capture_connection};
+use hyper_util::client::legacy::connect::{
+    Connect, Connected, Connection, HttpConnector, capture_connection,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::body::{self, BoxBody};
 use mesh_core::error::{BoxError, ConnectFailure, ResetReason, UpstreamReset};
 use mesh_core::extensions::{ConnectionInfo, UpstreamHost};
-use mesh_tls::{Alpn, ConnectionOpened, ConnectionRequests, UpstreamConnector, UpstreamSecurity};
+use mesh_tls::{
+    Alpn, ConnectionOpened, ConnectionRequests, UpstreamConn, UpstreamConnector, UpstreamSecurity,
+};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::headers::strip_hop_by_hop;
@@ -340,9 +375,10 @@ pub struct Sent {
     inner: BoxBody,
     max: u64,
     seen: u64,
-    /// When a frame last went, in milliseconds after the request started (shared only
-    /// while a body is still to come).
-    activity: Option<(Arc<std::sync::atomic::AtomicU64>, tokio::time::Instant)>,
+    /// Shared with the request's response future while a body is still to come.
+    link: Option<Arc<RequestLink>>,
+    /// When the request started.
+    started: tokio::time::Instant,
 }
 
 impl http_body::Body for Sent {
@@ -353,11 +389,22 @@ impl http_body::Body for Sent {
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if let Some((activity, started)) = this.activity {
-            let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            activity.store(millis, Ordering::Relaxed);
+        let mut this = self.project();
+        if let Some(link) = this.link.as_ref()
+            && link.connection.get().is_none()
+        {
+            // Polled by an HTTP/1.1 connection's task: this request is that connection's.
+            if let Some(connection) = scoped_connection() {
+                let _ = link.connection.set(connection);
+            }
+        }
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(link) = this.link {
+            let millis = u64::try_from(this.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            link.activity.store(millis, Ordering::Relaxed);
+            if frame.is_none() || this.inner.is_end_stream() {
+                link.body_done.store(true, Ordering::Release);
+            }
         }
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
@@ -382,13 +429,354 @@ impl http_body::Body for Sent {
 /// The body type the client's pools send.
 type Outgoing = Sent;
 
+/// A pool of the client's connections: `C`'s, aborted when their request is abandoned.
+type Pool<C> = Client<Abortable<C>, Outgoing>;
+
+thread_local! {
+    /// While a pool's task is polled ([`Scoped`]): the HTTP/1.1 connection the task
+    /// runs, once its I/O made itself known; read by the request body the task polls.
+    static CONNECTION: std::cell::RefCell<Option<Option<Arc<Abort>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs the pools' background tasks (connections, HTTP/2 streams) on tokio, each in a
+/// scope where a connection makes itself known to the request body it sends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectionExecutor;
+
+impl<F> hyper::rt::Executor<F> for ConnectionExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Scoped {
+            fut,
+            connection: None,
+        });
+    }
+}
+
+/// A pool task with the connection it runs (8 bytes beside the task's future: tokio
+/// aligns task cells, and every HTTP/2 request spawns a task).
+#[pin_project::pin_project]
+struct Scoped<F> {
+    #[pin]
+    fut: F,
+    connection: Option<Arc<Abort>>,
+}
+
+impl<F: std::future::Future> std::future::Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Ends the scope even if the task panics.
+        struct Leave<'a>(&'a mut Option<Arc<Abort>>, Option<Option<Arc<Abort>>>);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let outer = self.1.take();
+                *self.0 = CONNECTION
+                    .with(|c| std::mem::replace(&mut *c.borrow_mut(), outer))
+                    .flatten();
+            }
+        }
+        let this = self.project();
+        let mine = this.connection.take();
+        let outer = CONNECTION.with(|c| c.borrow_mut().replace(mine));
+        let _leave = Leave(this.connection, outer);
+        this.fut.poll(cx)
+    }
+}
+
+/// The connection of the pool task being polled, if it made itself known.
+fn scoped_connection() -> Option<Arc<Abort>> {
+    CONNECTION.with(|c| c.borrow().as_ref().and_then(Clone::clone))
+}
+
+/// Makes `connection` known in the scope of the pool task being polled; whether a pool
+/// task is being polled.
+fn make_known(connection: &Arc<Abort>) -> bool {
+    CONNECTION.with(|c| match &mut *c.borrow_mut() {
+        Some(slot) => {
+            if slot.is_none() {
+                *slot = Some(connection.clone());
+            }
+            true
+        }
+        None => false,
+    })
+}
+
+/// What a request whose body is still to come shares with the connection carrying it.
+#[derive(Debug, Default)]
+struct RequestLink {
+    /// When a body frame last went, in milliseconds after the request started.
+    activity: std::sync::atomic::AtomicU64,
+    /// The body has ended.
+    body_done: AtomicBool,
+    /// The HTTP/1.1 connection, once its task polled the body.
+    connection: std::sync::OnceLock<Arc<Abort>>,
+}
+
+/// The abort switch of one HTTP/1.1 connection.
+#[derive(Debug, Default)]
+pub struct Abort {
+    aborted: AtomicBool,
+    /// The last write or flush could not complete: the upstream is not reading.
+    stalled: AtomicBool,
+    /// The connection's task, woken by an abort.
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Abort {
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Aborts the connection of a request given up before its response head (dropped
+/// while it is armed) if the request is still being written.
+struct Abandon(Option<Arc<RequestLink>>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take()
+            && let Some(connection) = link.connection.get()
+            && (!link.body_done.load(Ordering::Acquire)
+                || connection.stalled.load(Ordering::Acquire))
+        {
+            connection.abort();
+        }
+    }
+}
+
+/// A connection the client can reset, and tell whether it speaks HTTP/2.
+pub trait UpstreamSocket {
+    /// The TCP connection underneath.
+    fn socket(&self) -> &TcpStream;
+    /// Whether ALPN chose `h2`.
+    fn is_h2(&self) -> bool;
+}
+
+impl UpstreamSocket for TokioIo<TcpStream> {
+    fn socket(&self) -> &TcpStream {
+        self.inner()
+    }
+
+    fn is_h2(&self) -> bool {
+        false
+    }
+}
+
+impl UpstreamSocket for UpstreamConn {
+    fn socket(&self) -> &TcpStream {
+        self.tcp()
+    }
+
+    fn is_h2(&self) -> bool {
+        UpstreamConn::is_h2(self)
+    }
+}
+
+/// A connector whose HTTP/1.1 connections can be aborted (see the module docs); `h2`
+/// when the pool speaks only HTTP/2 (prior knowledge).
+#[derive(Clone, Debug)]
+pub struct Abortable<C> {
+    inner: C,
+    h2: bool,
+}
+
+impl<C> tower::Service<Uri> for Abortable<C>
+where
+    C: tower::Service<Uri>,
+    C::Future: Unpin,
+    C::Response: UpstreamSocket,
+{
+    type Response = AbortableIo<C::Response>;
+    type Error = C::Error;
+    type Future = Connecting<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Connecting {
+            inner: self.inner.call(uri),
+            h2: self.h2,
+        }
+    }
+}
+
+/// A connection attempt of [`Abortable`].
+#[derive(Debug)]
+pub struct Connecting<F> {
+    inner: F,
+    h2: bool,
+}
+
+impl<F, T, E> std::future::Future for Connecting<F>
+where
+    F: std::future::Future<Output = Result<T, E>> + Unpin,
+    T: UpstreamSocket,
+{
+    type Output = Result<AbortableIo<T>, E>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let h2 = self.h2;
+        std::pin::Pin::new(&mut self.inner)
+            .poll(cx)
+            .map(|r| r.map(|io| AbortableIo::new(io, h2)))
+    }
+}
+
+/// A connection of [`Abortable`]: an HTTP/1.1 one carries its [`Abort`] switch; once
+/// thrown, every I/O call fails and the socket closes with a reset.
+#[derive(Debug)]
+pub struct AbortableIo<T> {
+    inner: T,
+    abort: Option<Arc<Abort>>,
+    /// Made known in its task's scope.
+    known: bool,
+}
+
+impl<T: UpstreamSocket> AbortableIo<T> {
+    fn new(inner: T, h2: bool) -> Self {
+        // An HTTP/2 connection carries other streams: hyper resets an abandoned one.
+        let abort = (!h2 && !inner.is_h2()).then(|| Arc::new(Abort::default()));
+        Self {
+            inner,
+            abort,
+            known: false,
+        }
+    }
+
+    /// Makes the connection known to the body its task polls; fails once aborted.
+    fn check(&mut self) -> std::io::Result<()> {
+        let Some(abort) = &self.abort else {
+            return Ok(());
+        };
+        if !self.known {
+            self.known = make_known(abort);
+        }
+        if abort.aborted.load(Ordering::Acquire) {
+            // A reset: a FIN would wait behind the bytes an upstream that does not
+            // read has left in the socket, and the upstream would never see it.
+            let _ = self.inner.socket().set_zero_linger();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "request abandoned by the client",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Notes the outcome of a write or flush (`write`) or read, and on `Pending` waits
+    /// for an abort as well.
+    fn after<R>(
+        &self,
+        cx: &mut Context<'_>,
+        write: bool,
+        poll: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        let Some(abort) = &self.abort else {
+            return poll;
+        };
+        if write {
+            abort.stalled.store(poll.is_pending(), Ordering::Release);
+        }
+        if poll.is_pending() {
+            abort.task.register(cx.waker());
+            if abort.aborted.load(Ordering::Acquire) {
+                // Thrown meanwhile: the next call fails.
+                cx.waker().wake_by_ref();
+            }
+        }
+        poll
+    }
+}
+
+impl<T: Connection> Connection for AbortableIo<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+impl<T> hyper::rt::Read for AbortableIo<T>
+where
+    T: hyper::rt::Read + UpstreamSocket + Unpin,
+{
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.after(cx, false, poll)
+    }
+}
+
+impl<T> hyper::rt::Write for AbortableIo<T>
+where
+    T: hyper::rt::Write + UpstreamSocket + Unpin,
+{
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after(cx, true, poll)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after(cx, true, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.after(cx, true, poll)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.after(cx, true, poll)
+    }
+}
+
 /// Pooled connections from one connector, with an HTTP/1.1-only pool for upgrades.
 #[derive(Clone, Debug)]
 pub struct HttpClient<C> {
-    client: Client<C, Outgoing>,
+    client: Pool<C>,
     upgrades: Client<C, Outgoing>,
     /// HTTP/2 connections for HTTP/2 requests under [`Protocol::Downstream`].
-    h2: Option<Client<C, Outgoing>>,
+    h2: Option<Pool<C>>,
     /// The address the connector dials (for [`UpstreamHost`]); `None` when it depends
     /// on the request (passthrough).
     address: Option<SocketAddr>,
@@ -459,11 +847,11 @@ struct StreamLimit<C> {
     /// The first is the client's own pool; more are made when all are full.
     shards: Mutex<Vec<Shard<C>>>,
     /// Makes the pool of a new shard.
-    make: Box<dyn Fn() -> Client<C, Outgoing> + Send + Sync>,
+    make: Box<dyn Fn() -> Pool<C> + Send + Sync>,
 }
 
 struct Shard<C> {
-    client: Client<C, Outgoing>,
+    client: Pool<C>,
     open: Arc<AtomicU32>,
 }
 
@@ -488,11 +876,7 @@ impl<C> std::fmt::Debug for StreamLimit<C> {
 }
 
 impl<C: Clone> StreamLimit<C> {
-    fn new(
-        max: u32,
-        first: Client<C, Outgoing>,
-        make: impl Fn() -> Client<C, Outgoing> + Send + Sync + 'static,
-    ) -> Self {
+    fn new(max: u32, first: Pool<C>, make: impl Fn() -> Pool<C> + Send + Sync + 'static) -> Self {
         Self {
             max,
             shards: Mutex::new(vec![Shard {
@@ -504,7 +888,7 @@ impl<C: Clone> StreamLimit<C> {
     }
 
     /// The pool of the first shard with room, and the place taken in it.
-    fn take(&self) -> (Client<C, Outgoing>, OpenStream) {
+    fn take(&self) -> (Pool<C>, OpenStream) {
         let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
         let room = shards
             .iter()
@@ -527,21 +911,25 @@ impl<C: Clone> StreamLimit<C> {
 }
 
 /// A pool of `connector`'s connections.
-fn pool<C>(connector: C, idle_timeout: Duration, http2_only: bool) -> Client<C, Outgoing>
+fn pool<C>(connector: C, idle_timeout: Duration, http2_only: bool) -> Pool<C>
 where
-    C: Connect + Clone + Send + Sync + 'static,
+    Abortable<C>: Connect + Clone + Send + Sync + 'static,
 {
-    Client::builder(TokioExecutor::new())
+    Client::builder(ConnectionExecutor)
         .pool_idle_timeout(idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .http2_only(http2_only)
-        .build(connector)
+        .build(Abortable {
+            inner: connector,
+            h2: http2_only,
+        })
 }
 
 impl<C> HttpClient<C>
 where
     C: Connect + Clone + Send + Sync + 'static,
+    Abortable<C>: Connect + Clone + Send + Sync + 'static,
 {
     /// A client over `connector` (and `upgrade_connector` for WebSocket upgrades);
     /// idle pooled connections close after `idle_timeout`.
@@ -609,7 +997,7 @@ where
             self.h2_streams = None;
             return self;
         }
-        let limit = |first: &Client<C, Outgoing>, http2_only: bool| {
+        let limit = |first: &Pool<C>, http2_only: bool| {
             let (connector, idle) = (self.connector.clone(), self.idle_timeout);
             Arc::new(StreamLimit::new(n, first.clone(), move || {
                 pool(connector.clone(), idle, http2_only)
@@ -749,7 +1137,14 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Maps a hyper client error to mesh-core's leaf errors.
 pub(crate) fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
     if e.is_connect() {
-        return Box::new(ConnectFailure::new(e));
+        // The connector's own timeout, or the system's on unanswered SYNs.
+        let timed_out = mesh_core::error::find_cause::<std::io::Error>(&e)
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        return Box::new(if timed_out {
+            ConnectFailure::timed_out(e)
+        } else {
+            ConnectFailure::new(e)
+        });
     }
     let parse = std::error::Error::source(&e)
         .and_then(|s| s.downcast_ref::<hyper::Error>())
@@ -810,6 +1205,7 @@ pub type ResponseFuture =
 impl<C> tower::Service<Request<BoxBody>> for HttpClient<C>
 where
     C: Connect + Clone + Send + Sync + 'static,
+    Abortable<C>: Connect + Clone + Send + Sync + 'static,
 {
     type Response = Response<BoxBody>;
     type Error = BoxError;
@@ -870,14 +1266,13 @@ where
             !(http_body::Body::is_end_stream(body)
                 || http_body::Body::size_hint(body).exact() == Some(0))
         };
-        let activity = (limits.stream_idle.is_some() && pending)
-            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-        let body_activity = activity.clone().map(|a| (a, started));
+        let link = pending.then(|| Arc::new(RequestLink::default()));
         let req = req.map(|inner| Sent {
             inner,
             max: limits.max_request_body,
             seen: 0,
-            activity: body_activity,
+            link: link.clone(),
+            started,
         });
         let limit = self.max_requests_per_connection;
         let max_age = self.max_connection_duration;
@@ -901,10 +1296,15 @@ where
             },
         };
         Box::pin(async move {
+            // Dropped before hyper answers (a timeout, the client gone): the request is
+            // abandoned.
+            let mut abandon = Abandon(link);
             let res = match limits.stream_idle {
-                Some(idle) => head_within(fut, idle, started, activity).await?,
+                Some(idle) => head_within(fut, idle, started, abandon.0.as_deref()).await?,
                 None => fut.await,
             };
+            // Answered or failed: hyper is done with the request or ends the connection.
+            abandon.0 = None;
             let mut res = res.map_err(upstream_error)?;
             if limits.max_response_body > 0
                 && http_body::Body::size_hint(res.body()).lower() > limits.max_response_body
@@ -956,12 +1356,12 @@ where
 }
 
 /// Waits for `fut` (the response head) while the stream is not idle for `idle`: since
-/// `started`, or since the last request body frame noted in `activity`.
+/// `started`, or since the last request body frame noted in `link`.
 async fn head_within<F: std::future::Future>(
     fut: F,
     idle: Duration,
     started: tokio::time::Instant,
-    activity: Option<Arc<std::sync::atomic::AtomicU64>>,
+    link: Option<&RequestLink>,
 ) -> Result<F::Output, BoxError> {
     let mut fut = std::pin::pin!(fut);
     let mut deadline = started + idle;
@@ -969,9 +1369,8 @@ async fn head_within<F: std::future::Future>(
         if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
             return Ok(out);
         }
-        let last = activity
-            .as_ref()
-            .map(|a| started + Duration::from_millis(a.load(Ordering::Relaxed)) + idle);
+        let last = link
+            .map(|l| started + Duration::from_millis(l.activity.load(Ordering::Relaxed)) + idle);
         match last {
             Some(later) if later > deadline => deadline = later,
             _ => return Err(Box::new(StreamIdleTimeout)),
