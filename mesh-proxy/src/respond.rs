@@ -9,7 +9,7 @@
 //! | `NoHealthyUpstream`                      | 503    | `no healthy upstream`                  | UH   |
 //! | `DeadlineExceeded`, `PerTryTimeout`      | 504    | `upstream request timeout`             | UT   |
 //! | `Overflow` (+ `x-envoy-overloaded: true`)| 503    | `upstream connect error or disconnect/reset before headers. reset reason: overflow` | UO |
-//! | `ConnectFailure`                         | 503    | `… reset reason: connection failure`   | UF   |
+//! | `ConnectFailure`                         | 503    | `… reset reason: connection failure`, or `connection timeout` after the connect timeout | UF |
 //! | `UpstreamReset`                          | 503    | `… reset reason: <reason>`             | UC/UR|
 //! | `UpstreamReset` (malformed response)     | 502    | `… reset reason: protocol error`       | UPE  |
 //! | host unknown under `REGISTRY_ONLY`       | 502    | empty                                  | NR   |
