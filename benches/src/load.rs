@@ -137,12 +137,18 @@ pub fn context_switches(pids: &[u32]) -> u64 {
 }
 
 /// Peak resident set (`VmHWM`) summed over the processes, in KiB. Pages shared between
-/// them (nginx's master and worker) are counted once per process.
+/// them (nginx's master and worker, the binary's pages of two sidecars) are counted once
+/// per process.
 pub fn peak_rss_kib(pids: &[u32]) -> u64 {
+    status_sum(pids, "VmHWM")
+}
+
+/// A `/proc/<pid>/status` field (in KiB for the memory ones) summed over the processes.
+pub fn status_sum(pids: &[u32], field: &str) -> u64 {
     pids.iter()
         .map(|p| {
             status(&format!("/proc/{p}/status"))
-                .get("VmHWM")
+                .get(field)
                 .copied()
                 .unwrap_or(0)
         })

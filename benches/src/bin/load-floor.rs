@@ -88,9 +88,8 @@ fn main() -> ExitCode {
             let _ = tcp.set_nodelay(true);
             let client = client.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    forward(client.clone(), upstream, req)
-                });
+                let svc =
+                    hyper::service::service_fn(move |req| forward(client.clone(), upstream, req));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;

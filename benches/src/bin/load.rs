@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use benches::load::{
     context_switches, cpu_jiffies, cpu_micros, free_port, parse_pairs, parse_perf_csv,
-    parse_strace_summary, parse_wrk, peak_rss_kib, process_tree,
+    parse_strace_summary, parse_wrk, peak_rss_kib, process_tree, status_sum,
 };
 use clap::{ArgAction, Parser};
 use tokio::sync::mpsc;
@@ -120,6 +120,7 @@ struct Sample {
     sat_backend_cpu: Option<f64>,
     sat_rps: Option<f64>,
     rss_mib: Option<f64>,
+    anon_mib: Option<f64>,
     syscalls: Option<f64>,
     switches: Option<f64>,
     connects: Option<f64>,
@@ -641,8 +642,16 @@ async fn syscalls(
                 .collect::<Vec<_>>()
                 .join(",");
             let mut all = Command::new("perf");
-            all.args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", &list, "-o"])
-                .arg(dir.join("perf-all.csv"));
+            all.args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter",
+                "-p",
+                &list,
+                "-o",
+            ])
+            .arg(dir.join("perf-all.csv"));
             tracers.push(Proc::spawn("perf", all, &dir.join("perf.log"))?);
             if two {
                 let mut connects = Command::new("perf");
@@ -827,7 +836,9 @@ async fn measure_running(
         (s.syscalls, s.connects) = syscalls(args, tools, setup, *rate, dir).await?;
     }
     (s.sat_cpu, s.sat_backend_cpu, s.sat_rps) = saturation(args, tools, setup).await?;
-    s.rss_mib = Some(peak_rss_kib(&setup.measured()) as f64 / 1024.0);
+    let measured = setup.measured();
+    s.rss_mib = Some(peak_rss_kib(&measured) as f64 / 1024.0);
+    s.anon_mib = Some(status_sum(&measured, "RssAnon") as f64 / 1024.0);
     s.upstream_open = setup.server_inbound.map(|p| connections_to(p) as f64);
     Ok(s)
 }
@@ -979,7 +990,9 @@ async fn run(args: Args) -> Result<(), String> {
         }
         let direct = this.get("direct").and_then(|s| s.rtt_p50);
         for (target, mut s) in this {
-            s.rtt_added = s.rtt_p50.zip(direct).map(|(p, d)| p - d);
+            if target != "direct" {
+                s.rtt_added = s.rtt_p50.zip(direct).map(|(p, d)| p - d);
+            }
             results.entry(target).or_default().push(s);
         }
     }
@@ -1035,6 +1048,12 @@ fn rows(args: &Args, pairs: bool) -> Vec<Row> {
         1,
         true,
     ));
+    rows.push((
+        "of which anonymous (RssAnon at the end: heap, stacks), MiB".into(),
+        Box::new(|s| s.anon_mib),
+        1,
+        false,
+    ));
     if let Some(rate) = args.rates.first() {
         rows.push((
             format!("system calls per request @{rate} req/s"),
@@ -1051,7 +1070,7 @@ fn rows(args: &Args, pairs: bool) -> Vec<Row> {
     }
     if pairs {
         rows.push((
-            "new connections client → server sidecar per request".into(),
+            "new connections client → server sidecar per request (reuse = 1 − this)".into(),
             Box::new(|s| s.connects),
             4,
             false,
@@ -1121,7 +1140,9 @@ fn tables(args: &Args, results: &BTreeMap<String, Vec<Sample>>) -> String {
         ("direct", "direct"),
     ];
     if results.contains_key("mesh") {
-        out.push_str("### One hop: the sidecar's inbound listener (PERMISSIVE), default policies\n\n");
+        out.push_str(
+            "### One hop: the sidecar's inbound listener (PERMISSIVE), default policies\n\n",
+        );
         out.push_str(&table(args, results, &one, false));
     }
     if results.contains_key("mesh-mtls") || results.contains_key("mesh-plain") {
@@ -1200,7 +1221,11 @@ fn table(
             if ratios {
                 let mut against = Vec::new();
                 let refs: &[(&str, &str)] = if *key == "mesh-mtls" {
-                    &[("mesh-plain", "plaintext"), ("floor", "floor"), ("nginx", "nginx")]
+                    &[
+                        ("mesh-plain", "plaintext"),
+                        ("floor", "floor"),
+                        ("nginx", "nginx"),
+                    ]
                 } else if key.starts_with("mesh") {
                     &[("floor", "floor"), ("nginx", "nginx")]
                 } else {
