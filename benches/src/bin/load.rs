@@ -1123,6 +1123,15 @@ fn fmt(v: f64, digits: usize) -> String {
     }
 }
 
+/// A latency in µs, in ms from 10 ms on.
+fn micros(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0} ms", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 fn tables(args: &Args, results: &BTreeMap<String, Vec<Sample>>) -> String {
     let mut out = String::new();
     let one = [
@@ -1212,13 +1221,13 @@ fn table(
                         .get(*key)
                         .map(|s| s.iter().filter_map(|s| g(s.rates.get(i)?)).collect())
                         .unwrap_or_default();
-                    mean(&v).map_or("–".into(), |m| fmt(m, 0))
+                    mean(&v).map_or("–".into(), micros)
                 };
                 format!("{} / {} / {}", of(|r| r.p50), of(|r| r.p99), of(|r| r.p999))
             } else {
                 fmt(m, digits)
             };
-            if ratios {
+            if ratios && *key != "direct" {
                 let mut against = Vec::new();
                 let refs: &[(&str, &str)] = if *key == "mesh-mtls" {
                     &[
