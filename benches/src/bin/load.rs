@@ -1198,7 +1198,7 @@ fn table(
         let values = |k: &str| -> Vec<f64> {
             results
                 .get(k)
-                .map(|v| v.iter().filter_map(|s| f(s)).collect())
+                .map(|v| v.iter().filter_map(&f).collect())
                 .unwrap_or_default()
         };
         let latency = name.starts_with("latency");
