@@ -181,6 +181,24 @@ struct Tools {
     haproxy: bool,
     wrk: bool,
     syscalls: Syscalls,
+    /// The idle spinners' PIDs.
+    spinners: Vec<u32>,
+}
+
+/// Pauses the idle spinners while it lives.
+struct Paused<'a>(&'a [u32]);
+
+impl<'a> Paused<'a> {
+    fn new(pids: &'a [u32]) -> Self {
+        signal("-STOP", pids);
+        Self(pids)
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +268,7 @@ fn tools(args: &Args) -> Result<Tools, String> {
             _ => installed("wrk", "-v"),
         },
         syscalls,
+        spinners: Vec::new(),
     })
 }
 
@@ -735,6 +754,8 @@ async fn saturation(
     tools: &Tools,
     setup: &Setup,
 ) -> Result<(Option<f64>, Option<f64>, Option<f64>), String> {
+    // A busy core does not halt: the spinners would only take turns with the servers.
+    let _paused = Paused::new(&tools.spinners);
     let (before, after, requests, rps);
     if tools.wrk {
         let url = format!("http://{}/", setup.target);
@@ -902,7 +923,7 @@ fn machine() -> String {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let tools = tools(&args)?;
+    let mut tools = tools(&args)?;
     let mut targets: Vec<String> = Vec::new();
     for t in &args.targets {
         match t.as_str() {
@@ -926,6 +947,7 @@ async fn run(args: Args) -> Result<(), String> {
             )?);
         }
     }
+    tools.spinners = spinners.iter().map(|p| p.pid).collect();
     let mut report = String::new();
     let _ = writeln!(
         report,
