@@ -36,6 +36,7 @@ use benches::load::{
     context_switches, cpu_jiffies, cpu_micros, free_port, parse_pairs, parse_perf_csv,
     parse_strace_summary, parse_wrk, peak_rss_kib, process_tree, status_sum,
 };
+use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
 use tokio::sync::mpsc;
 use tokio::time::sleep;
@@ -91,7 +92,8 @@ struct Args {
     #[arg(long, env = "RT_PRIO", default_value_t = 10)]
     rt_prio: u32,
     /// One SCHED_IDLE busy loop per CPU during the run (keeps the vCPUs from halting).
-    #[arg(long, env = "KEEP_AWAKE", default_value_t = true, action = ArgAction::Set)]
+    #[arg(long, env = "KEEP_AWAKE", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
     keep_awake: bool,
     /// `auto` (perf if it works, else strace), `perf`, `strace` or `off`.
     #[arg(long, env = "SYSCALLS", default_value = "auto")]
