@@ -5,20 +5,22 @@
 #                                            # listener (PERMISSIVE) -> backend as the app
 #   run.sh mtls PROXY_ADDR BACKEND_ADDR      # two sidecars: client outbound -> mTLS (STRICT)
 #                                            # -> server inbound -> backend
+#   run.sh plain PROXY_ADDR BACKEND_ADDR     # the same two sidecars in plaintext between
+#                                            # them (DestinationRule tls DISABLE, PERMISSIVE)
 #
 # Environment: MESH_PROXY_BIN (default: target/release/mesh-proxy of this repository),
 # PROXY_WORKERS (tokio worker threads per proxy, default 1), LOAD_DIR (where the
 # settings, Istio YAML and a development CA are written; default a fresh temporary
-# directory), SERVER_INBOUND_PORT (mtls only: the server sidecar's inbound port,
+# directory), SERVER_INBOUND_PORT (mtls and plain: the server sidecar's inbound port,
 # default PROXY_ADDR's port + 100).
 #
-# The script execs the proxy, so its PID is the proxy's. In `mtls` mode the server
+# The script execs the proxy, so its PID is the proxy's. In `mtls` and `plain` modes the server
 # sidecar is started first as a child of that PID: a harness that sums CPU and memory
 # over the PID and its children, and ends them, measures and stops both sidecars.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mode=${1:?usage: run.sh inbound|mtls PROXY_ADDR BACKEND_ADDR}
+mode=${1:?usage: run.sh inbound|mtls|plain PROXY_ADDR BACKEND_ADDR}
 proxy_addr=${2:?PROXY_ADDR}
 backend_addr=${3:?BACKEND_ADDR}
 bin=${MESH_PROXY_BIN:-$here/../../target/release/mesh-proxy}
@@ -42,18 +44,19 @@ case "$mode" in
     settings backend backend backend istio-inbound "$proxy_addr" "$backend_addr" 127.0.0.1:0
     exec "$bin" sidecar --settings "$dir/backend.yaml" --worker-threads "$workers"
     ;;
-  mtls)
+  mtls | plain)
     server_port=${SERVER_INBOUND_PORT:-$(( ${proxy_addr##*:} + 100 ))}
-    mkdir -p "$dir/istio-mtls"
-    sed -e "s#@SERVER_INBOUND_PORT@#$server_port#" "$here/istio-mtls/mesh.yaml.tmpl" \
-      >"$dir/istio-mtls/mesh.yaml"
-    settings backend backend backend istio-mtls "127.0.0.1:$server_port" "$backend_addr" 127.0.0.1:0
-    settings client client client istio-mtls 127.0.0.1:0 127.0.0.1:9 "$proxy_addr"
+    config="istio-$mode"
+    mkdir -p "$dir/$config"
+    sed -e "s#@SERVER_INBOUND_PORT@#$server_port#" "$here/$config/mesh.yaml.tmpl" \
+      >"$dir/$config/mesh.yaml"
+    settings backend backend backend "$config" "127.0.0.1:$server_port" "$backend_addr" 127.0.0.1:0
+    settings client client client "$config" 127.0.0.1:0 127.0.0.1:9 "$proxy_addr"
     "$bin" sidecar --settings "$dir/backend.yaml" --worker-threads "$workers" &
     exec "$bin" sidecar --settings "$dir/client.yaml" --worker-threads "$workers"
     ;;
   *)
-    echo "run.sh: unknown mode $mode (inbound|mtls)" >&2
+    echo "run.sh: unknown mode $mode (inbound|mtls|plain)" >&2
     exit 2
     ;;
 esac

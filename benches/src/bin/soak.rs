@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use benches::load::{free_port, serve_body};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -67,12 +67,6 @@ fn options() -> Result<Options, String> {
         return Err("--rate must be above 0".into());
     }
     Ok(o)
-}
-
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The mesh configuration: STRICT mTLS, the backend behind the server sidecar, and a
@@ -266,20 +260,7 @@ async fn run() -> Result<u64, String> {
         .await
         .map_err(|e| e.to_string())?;
     let backend_addr = backend.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = backend.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"ok",
-                    ))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(serve_body(backend, Bytes::from_static(b"ok")));
     let (server_inbound, client_outbound) = (
         free_port().map_err(|e| e.to_string())?,
         free_port().map_err(|e| e.to_string())?,
