@@ -6,12 +6,11 @@
 #
 #   benches/memory/profiles.sh [driver options, e.g. --runs 3 --conns 0 --settle-secs 2]
 #
-# A candidate is NAME or NAME:VAR=VALUE,VAR=VALUE with Cargo's profile variables
-# (CARGO_PROFILE_RELEASE_LTO, CARGO_PROFILE_RELEASE_CODEGEN_UNITS, ...) overriding the
-# workspace's [profile.release]; the list is MEMORY_PROFILES (default below; `current` is the
-# workspace's profile as it is). Binaries, build logs and times are kept in
-# $CARGO_TARGET_DIR/memory-profiles/ (default target/memory-profiles/); an existing binary is
-# reused (delete it to rebuild).
+# A candidate is NAME, or NAME|KEY=VALUE|KEY=VALUE... with Cargo `--config` settings applied
+# over the workspace's [profile.release] (e.g. profile.release.lto="thin"); the list, one
+# candidate a line, is MEMORY_PROFILES (default below; `current` is the workspace's profile
+# as it is). Binaries, build logs and times are kept in $CARGO_TARGET_DIR/memory-profiles/
+# (default target/memory-profiles/); an existing binary is reused (delete it to rebuild).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,35 +20,43 @@ out="$target/memory-profiles"
 mkdir -p "$out"
 ulimit -n 20000 2>/dev/null || true
 
+# Crates the sidecar runs only at start-up or never (command line, YAML, certificate
+# parsing and issuing, the Kubernetes client and the xDS types of the control plane, DNS).
+cold="clap clap_builder clap_lex serde-saphyr granit-parser x509-parser asn1-rs der-parser rcgen yasna kube kube-client kube-core kube-runtime k8s-openapi envoy-types prost-types hickory-resolver hickory-proto hickory-net notify jsonpath-rust json-patch"
+cold_s=""
+for c in $cold; do cold_s+="|profile.release.package.$c.opt-level=\"s\""; done
 default_profiles="current
-lto-off:CARGO_PROFILE_RELEASE_LTO=false,CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
-thin:CARGO_PROFILE_RELEASE_LTO=thin,CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
-fat-cgu1:CARGO_PROFILE_RELEASE_LTO=fat,CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1"
+no-lto|profile.release.lto=false|profile.release.codegen-units=16
+thin|profile.release.lto=\"thin\"|profile.release.codegen-units=16
+fat-cgu1|profile.release.lto=\"fat\"|profile.release.codegen-units=1
+fat-cgu1-cold-s|profile.release.lto=\"fat\"|profile.release.codegen-units=1$cold_s"
 profiles=${MEMORY_PROFILES:-$default_profiles}
 
 cd "$root"
 cargo build --release -p benches --bin memory
 bins=()
-for spec in $profiles; do
-  name=${spec%%:*}
-  vars=()
-  [[ $spec == *:* ]] && IFS=, read -r -a vars <<<"${spec#*:}"
+while IFS= read -r spec; do
+  [[ -n $spec ]] || continue
+  IFS='|' read -r -a parts <<<"$spec"
+  name=${parts[0]}
+  config=()
+  for kv in "${parts[@]:1}"; do config+=(--config "$kv"); done
   bin="$out/mesh-proxy-$name"
   if [[ ! -x $bin ]]; then
     dir="$out/target-$name"
     start=$(date +%s)
-    env "${vars[@]}" CARGO_TARGET_DIR="$dir" \
-      cargo build --release -p mesh-proxy --bin mesh-proxy >"$out/build-$name.log" 2>&1
+    CARGO_TARGET_DIR="$dir" cargo "${config[@]}" build --release -p mesh-proxy --bin mesh-proxy \
+      >"$out/build-$name.log" 2>&1
     secs=$(($(date +%s) - start))
     cp "$dir/release/mesh-proxy" "$bin"
-    echo "$name: clean build ${secs} s (load average at the end $(cut -d' ' -f1-3 /proc/loadavg)) ${vars[*]}" \
+    echo "$name: clean build ${secs} s (load average at the end $(cut -d' ' -f1-3 /proc/loadavg))" \
       >>"$out/build-times.txt"
   fi
   text=$(size -A "$bin" | awk '$1 == ".text" {print $2}')
   relro=$(size -A "$bin" | awk '$1 == ".data.rel.ro" {print $2}')
   echo "$name: file $(stat -c %s "$bin") bytes, .text $text, .data.rel.ro $relro"
   bins+=("$name=$bin")
-done
+done <<<"$profiles"
 cat "$out/build-times.txt" 2>/dev/null || true
 
 exec "$target/release/memory" "$@" "${bins[@]}"
