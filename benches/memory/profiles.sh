@@ -20,16 +20,9 @@ out="$target/memory-profiles"
 mkdir -p "$out"
 ulimit -n 20000 2>/dev/null || true
 
-# Crates the sidecar runs only at start-up or never (command line, YAML, certificate
-# parsing and issuing, the Kubernetes client and the xDS types of the control plane, DNS).
-cold="clap clap_builder clap_lex serde-saphyr granit-parser x509-parser asn1-rs der-parser rcgen yasna kube kube-client kube-core kube-runtime k8s-openapi envoy-types prost-types hickory-resolver hickory-proto hickory-net notify jsonpath-rust json-patch"
-cold_s=""
-for c in $cold; do cold_s+="|profile.release.package.$c.opt-level=\"s\""; done
 default_profiles="current
 no-lto|profile.release.lto=false|profile.release.codegen-units=16
-thin|profile.release.lto=\"thin\"|profile.release.codegen-units=16
-fat-cgu1|profile.release.lto=\"fat\"|profile.release.codegen-units=1
-fat-cgu1-cold-s|profile.release.lto=\"fat\"|profile.release.codegen-units=1$cold_s"
+thin|profile.release.lto=\"thin\"|profile.release.codegen-units=16"
 profiles=${MEMORY_PROFILES:-$default_profiles}
 
 cd "$root"
