@@ -29,7 +29,9 @@
 //!
 //! `VmRSS` counts the pages of the binary mapped in (`RssFile`, shared with the page cache
 //! and every other process running the same file) as well as the process's own memory
-//! (`RssAnon`: heap, stacks, allocator caches); both are shown.
+//! (`RssAnon`: heap, stacks, allocator caches, and the binary's relocated read-only data); all
+//! three are shown. `MEMORY_SMAPS_DIR=<dir>` also keeps `/proc/<pid>/smaps` at idle and at the
+//! end of the load, for the resident set per mapping.
 //!
 //! Prints one line per run and a table of medians and ranges per binary. Give the same binary
 //! several labels with different environments by wrapping it in a script that `exec`s it (the
@@ -120,8 +122,10 @@ fn parse_args() -> Result<Args, String> {
 struct Sample {
     idle_rss: u64,
     idle_anon: u64,
+    idle_file: u64,
     load_peak: u64,
     load_peak_anon: u64,
+    load_peak_file: u64,
     load_rps: f64,
     load_cpu_us: f64,
     before_rss: u64,
@@ -208,9 +212,10 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
         args.runs, args.conns, args.load_secs, args.settle_secs
     );
     let conns = args.conns;
-    let rows: [Row; 16] = [
+    let rows: [Row; 18] = [
         ("(a) idle VmRSS", Box::new(|s| mib(s.idle_rss)), 1),
         ("(a) idle RssAnon", Box::new(|s| mib(s.idle_anon)), 1),
+        ("(a) idle RssFile", Box::new(|s| mib(s.idle_file)), 1),
         (
             "(d) peak VmHWM, 32 conns under load",
             Box::new(|s| mib(s.load_peak)),
@@ -219,6 +224,11 @@ fn print_table(args: &Args, results: &BTreeMap<usize, Vec<Sample>>) {
         (
             "(d) peak RssAnon (sampled), under load",
             Box::new(|s| mib(s.load_peak_anon)),
+            1,
+        ),
+        (
+            "(d) peak RssFile (sampled), under load",
+            Box::new(|s| mib(s.load_peak_file)),
             1,
         ),
         ("(d) req/s", Box::new(|s| s.load_rps), 0),
@@ -397,6 +407,18 @@ fn status(pid: u32) -> BTreeMap<String, u64> {
             Some((k.to_string(), n))
         })
         .collect()
+}
+
+/// With `MEMORY_SMAPS_DIR` set, copies `/proc/<pid>/smaps` there as `smaps-<pid>-<phase>`
+/// (which mappings the resident pages belong to: the binary's text, its relocated data, the
+/// heap, the thread stacks).
+fn save_smaps(pid: u32, phase: &str) {
+    if let Some(dir) = std::env::var_os("MEMORY_SMAPS_DIR") {
+        let to = Path::new(&dir).join(format!("smaps-{pid}-{phase}"));
+        if let Err(e) = std::fs::copy(format!("/proc/{pid}/smaps"), &to) {
+            eprintln!("memory: {}: {e}", to.display());
+        }
+    }
 }
 
 fn field(s: &BTreeMap<String, u64>, k: &str) -> u64 {
@@ -608,6 +630,8 @@ async fn measure(
     let st = status(pid);
     s.idle_rss = field(&st, "VmRSS");
     s.idle_anon = field(&st, "RssAnon");
+    s.idle_file = field(&st, "RssFile");
+    save_smaps(pid, "idle");
 
     // (d) 32 keep-alive connections under load; the peak is VmHWM after a reset.
     if args.load_secs > 0 {
@@ -638,9 +662,12 @@ async fn measure(
         // RssAnon sampled every 100 ms: the peak of the process's own (not file-backed) pages.
         let t_end = t0 + Duration::from_secs(args.load_secs);
         while tokio::time::Instant::now() < t_end {
-            s.load_peak_anon = s.load_peak_anon.max(field(&status(pid), "RssAnon"));
+            let st = status(pid);
+            s.load_peak_anon = s.load_peak_anon.max(field(&st, "RssAnon"));
+            s.load_peak_file = s.load_peak_file.max(field(&st, "RssFile"));
             sleep(Duration::from_millis(100)).await;
         }
+        save_smaps(pid, "load");
         let (n1, c1, elapsed) = (done.load(Ordering::Relaxed), cpu_ticks(pid), t0.elapsed());
         stop.store(true, Ordering::Relaxed);
         while let Some(r) = set.join_next().await {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -104,14 +104,21 @@ pub trait FetchJwks: Send + Sync + 'static {
     fn fetch(&self, uri: &Uri, timeout: Duration) -> FetchFuture;
 }
 
+/// The client the default fetcher uses.
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<Bytes>,
+>;
+
 /// The default fetcher: a hyper client over HTTP, or over HTTPS verified against the
 /// operating system's trust store (issuers are usually outside the mesh).
-#[derive(Clone)]
+///
+/// The trust store is read, and the client built, on the first fetch, not when the fetcher
+/// is made: a proxy with no RequestAuthentication naming a remote key set never reads or
+/// holds them. Clones share the one client.
+#[derive(Clone, Default)]
 pub struct HttpFetch {
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Empty<Bytes>,
-    >,
+    client: Arc<OnceLock<HttpsClient>>,
 }
 
 impl std::fmt::Debug for HttpFetch {
@@ -120,43 +127,42 @@ impl std::fmt::Debug for HttpFetch {
     }
 }
 
-impl Default for HttpFetch {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl HttpFetch {
-    /// A fetcher with the system's trust roots (HTTPS fails when none can be read).
+    /// A fetcher with the system's trust roots (HTTPS fails when none can be read); they are
+    /// read on its first fetch.
     pub fn new() -> Self {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let connector = match builder.with_native_roots() {
-            Ok(b) => b.https_or_http().enable_http1().build(),
-            Err(e) => {
-                tracing::warn!(error = %e, "no system trust roots: JWKS can only be fetched over http");
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(
-                        rustls::ClientConfig::builder()
-                            .with_root_certificates(rustls::RootCertStore::empty())
-                            .with_no_client_auth(),
-                    )
-                    .https_or_http()
-                    .enable_http1()
-                    .build()
-            }
-        };
-        let client =
+        Self::default()
+    }
+
+    fn client(&self) -> &HttpsClient {
+        self.client.get_or_init(|| {
+            let builder = hyper_rustls::HttpsConnectorBuilder::new();
+            let connector = match builder.with_native_roots() {
+                Ok(b) => b.https_or_http().enable_http1().build(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no system trust roots: JWKS can only be fetched over http");
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(
+                            rustls::ClientConfig::builder()
+                                .with_root_certificates(rustls::RootCertStore::empty())
+                                .with_no_client_auth(),
+                        )
+                        .https_or_http()
+                        .enable_http1()
+                        .build()
+                }
+            };
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .pool_timer(hyper_util::rt::TokioTimer::new())
-                .build(connector);
-        Self { client }
+                .build(connector)
+        })
     }
 }
 
 impl FetchJwks for HttpFetch {
     fn fetch(&self, uri: &Uri, timeout: Duration) -> FetchFuture {
-        let client = self.client.clone();
+        let client = self.client().clone();
         let uri = uri.clone();
         Box::pin(async move {
             let get = async {
