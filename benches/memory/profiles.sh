@@ -8,8 +8,8 @@
 #
 # A candidate is NAME, or NAME|KEY=VALUE|KEY=VALUE... with Cargo `--config` settings applied
 # over the workspace's [profile.release] (e.g. profile.release.lto="thin"); the list, one
-# candidate a line, is MEMORY_PROFILES (default below; `current` is the workspace's profile
-# as it is). Binaries, build logs and times are kept in $CARGO_TARGET_DIR/memory-profiles/
+# candidate a line, is MEMORY_PROFILES (default below: `release` is the workspace's release
+# profile as it is, `fat` the settings of its [profile.dist], the binary to ship). Binaries, build logs and times are kept in $CARGO_TARGET_DIR/memory-profiles/
 # (default target/memory-profiles/); an existing binary is reused (delete it to rebuild).
 set -euo pipefail
 
@@ -20,8 +20,8 @@ out="$target/memory-profiles"
 mkdir -p "$out"
 ulimit -n 20000 2>/dev/null || true
 
-default_profiles="current
-no-lto|profile.release.lto=false|profile.release.codegen-units=16
+default_profiles="release
+fat|profile.release.lto=\"fat\"|profile.release.codegen-units=1
 thin|profile.release.lto=\"thin\"|profile.release.codegen-units=16"
 profiles=${MEMORY_PROFILES:-$default_profiles}
 
