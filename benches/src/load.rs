@@ -20,6 +20,38 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// Runs `serve` on a listener bound to `addr`, on a current-thread runtime (one thread,
+/// as every server of the harness); `name` prefixes the error printed when the runtime or
+/// the listener cannot be made.
+pub fn serve_on<F, Fut>(name: &str, addr: std::net::SocketAddr, serve: F) -> std::process::ExitCode
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                serve(listener).await;
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{name}: {addr}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 /// Serves every connection accepted on `listener` (HTTP/1.1 or HTTP/2 with prior
 /// knowledge, `TCP_NODELAY`): every request is answered `200` with `body`.
 pub async fn serve_body(listener: TcpListener, body: Bytes) {

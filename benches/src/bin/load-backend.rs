@@ -25,25 +25,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("load-backend: runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("load-backend: {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        benches::load::serve_body(listener, Bytes::from(vec![b'x'; args.body_bytes])).await;
-        ExitCode::SUCCESS
+    let body = Bytes::from(vec![b'x'; args.body_bytes]);
+    benches::load::serve_on("load-backend", args.listen, |listener| {
+        benches::load::serve_body(listener, body)
     })
 }

@@ -61,29 +61,12 @@ fn status(code: StatusCode) -> Response<Body> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("load-floor: runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("load-floor: {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
-        };
+    let upstream = args.upstream;
+    benches::load::serve_on("load-floor", args.listen, |listener| async move {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client: Client<HttpConnector, Incoming> =
             Client::builder(TokioExecutor::new()).build(connector);
-        let upstream = args.upstream;
         while let Ok((tcp, _)) = listener.accept().await {
             let _ = tcp.set_nodelay(true);
             let client = client.clone();
@@ -95,6 +78,5 @@ fn main() -> ExitCode {
                     .await;
             });
         }
-        ExitCode::SUCCESS
     })
 }
