@@ -350,7 +350,14 @@ async fn fixed_rate(
     tokio::time::sleep_until(to).await;
     say("done");
     drop(queues);
-    // Requests still queued finish (or the target is stuck: give up after 10 s).
+    finish(tasks, &tally, true).await;
+    Ok(())
+}
+
+/// Lets the connections' requests still in flight finish (or gives up after 10 s, a
+/// target that is stuck), then prints the window's result line, with the latency
+/// percentiles when `latency`.
+async fn finish(tasks: Vec<tokio::task::JoinHandle<()>>, tally: &RefCell<Tally>, latency: bool) {
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         for t in tasks {
             let _ = t.await;
@@ -358,16 +365,17 @@ async fn fixed_rate(
     })
     .await;
     let t = tally.borrow();
-    let secs = to.duration_since(from).as_secs_f64();
-    say(&format!(
-        "result requests={} rps={:.1} errors={} due={} {}",
+    let secs = t.to.duration_since(t.from).as_secs_f64();
+    let mut line = format!(
+        "result requests={} rps={:.1} errors={}",
         t.completed,
         t.completed as f64 / secs,
-        t.errors,
-        t.latency.len(),
-        percentiles(&t.latency)
-    ));
-    Ok(())
+        t.errors
+    );
+    if latency {
+        line += &format!(" due={} {}", t.latency.len(), percentiles(&t.latency));
+    }
+    say(&line);
 }
 
 async fn closed(target: SocketAddr, window: Window, conns: usize) -> Result<(), String> {
@@ -402,19 +410,6 @@ async fn closed(target: SocketAddr, window: Window, conns: usize) -> Result<(), 
     say("measuring");
     tokio::time::sleep_until(to).await;
     say("done");
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        for t in tasks {
-            let _ = t.await;
-        }
-    })
-    .await;
-    let t = tally.borrow();
-    let secs = to.duration_since(from).as_secs_f64();
-    say(&format!(
-        "result requests={} rps={:.1} errors={}",
-        t.completed,
-        t.completed as f64 / secs,
-        t.errors
-    ));
+    finish(tasks, &tally, false).await;
     Ok(())
 }
