@@ -236,14 +236,14 @@ spec:
     )
 }
 
-/// A sidecar (order-service) on `yaml`.
-async fn caller(world: &World, yaml: &str) -> Proxy {
+/// A sidecar (order-service) on the configuration `yaml`, written in one file.
+async fn caller(world: &World, yaml: &[String]) -> Proxy {
     caller_with(world, yaml, "").await
 }
 
 /// A sidecar (order-service) on `yaml` with more `limits` lines (indented by two).
-async fn caller_with(world: &World, yaml: &str, limits: &str) -> Proxy {
-    let config = world.write_config("istio", "mesh.yaml", yaml);
+async fn caller_with(world: &World, yaml: &[String], limits: &str) -> Proxy {
+    let config = world.write_config("istio", "mesh.yaml", &yaml.concat());
     let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let ports = Ports::new();
     let settings = sidecar_settings(
@@ -324,7 +324,7 @@ async fn malformed_upstream_responses_are_502_upe_and_retried_only_as_the_policy
         ));
         upstreams.push(up);
     }
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(&world, &[yaml]).await;
     let mut failures = Vec::new();
     for ((name, _), up) in cases.iter().zip(&upstreams) {
         let answer = raw(proxy.outbound(), &get(name)).await;
@@ -389,22 +389,24 @@ async fn resets_hangs_cut_bodies_and_refused_ports_get_envoys_answers() {
     let hang = Upstream::start(Fault::Hang).await;
     let mid = Upstream::start(Fault::MidBody).await;
     let refused = free_port();
-    let yaml = [
-        destination(
-            "reset",
-            &[reset.addr.port()],
-            "    retries: {attempts: 2, retryOn: reset}\n",
-        ),
-        destination("hang", &[hang.addr.port()], "    timeout: 1s\n"),
-        destination("mid", &[mid.addr.port()], ""),
-        destination(
-            "refused",
-            &[refused],
-            "    retries: {attempts: 2, retryOn: connect-failure}\n",
-        ),
-    ]
-    .concat();
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(
+        &world,
+        &[
+            destination(
+                "reset",
+                &[reset.addr.port()],
+                "    retries: {attempts: 2, retryOn: reset}\n",
+            ),
+            destination("hang", &[hang.addr.port()], "    timeout: 1s\n"),
+            destination("mid", &[mid.addr.port()], ""),
+            destination(
+                "refused",
+                &[refused],
+                "    retries: {attempts: 2, retryOn: connect-failure}\n",
+            ),
+        ],
+    )
+    .await;
     let out = proxy.outbound();
 
     // Reset after accept: each attempt is a new connection, reset; 1 + 2 retries. The
@@ -500,12 +502,14 @@ async fn an_upstream_that_never_reads_is_cut_off_at_the_timeout_and_nothing_stay
     let world = World::new();
     let deaf = Upstream::start(Fault::NeverRead).await;
     let ok = Upstream::start(Fault::Ok).await;
-    let yaml = [
-        destination("deaf", &[deaf.addr.port()], "    timeout: 1s\n"),
-        destination("ok", &[ok.addr.port()], ""),
-    ]
-    .concat();
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(
+        &world,
+        &[
+            destination("deaf", &[deaf.addr.port()], "    timeout: 1s\n"),
+            destination("ok", &[ok.addr.port()], ""),
+        ],
+    )
+    .await;
     let out = proxy.outbound();
     // Accept-and-never-read, with a body larger than the socket buffers hold: the route
     // timeout answers 504 UT while the request is still being written. The proxy then
@@ -663,7 +667,7 @@ async fn an_http2_stream_that_is_never_read_is_cancelled_and_its_connection_kept
             "{number: 80, name: http2, protocol: HTTP2}",
         )
         .replace("ports: {http:", "ports: {http2:");
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(&world, &[yaml]).await;
     let out = proxy.outbound();
     // The first stream is never read: the upload stops at the window, the route timeout
     // answers 504 UT, the stream is reset with CANCEL and the body let go, so the
@@ -722,7 +726,7 @@ spec:
     outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 3, consecutive5xxErrors: 0, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
 ",
     );
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(&world, &[yaml]).await;
     // Each attempt's connect times out: a connection failure, 503 UF with Envoy's reset
     // reason, retried twice, then URX.
     let answer = raw(proxy.outbound(), &get("backlog")).await;
@@ -786,7 +790,7 @@ spec:
     outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 1, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
 ",
     );
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(&world, &[yaml]).await;
     for i in 0..10 {
         let answer = raw(proxy.outbound(), &get("pair")).await;
         assert_eq!(
@@ -834,7 +838,7 @@ spec:
     outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 10m, maxEjectionPercent: 100}
 ",
     );
-    let proxy = caller(&world, &yaml).await;
+    let proxy = caller(&world, &[yaml]).await;
     for i in 0..20 {
         let request = format!(
             "POST /pay/{i} HTTP/1.1\r\nHost: flaky\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
@@ -878,12 +882,15 @@ async fn stalled_bodies_and_silent_upstreams_meet_the_stream_idle_timeout() {
     let world = World::new();
     let ok = Upstream::start(Fault::Ok).await;
     let hang = Upstream::start(Fault::Hang).await;
-    let yaml = [
-        destination("ok", &[ok.addr.port()], ""),
-        destination("hang", &[hang.addr.port()], ""),
-    ]
-    .concat();
-    let proxy = caller_with(&world, &yaml, "  streamIdleTimeout: 500ms\n").await;
+    let proxy = caller_with(
+        &world,
+        &[
+            destination("ok", &[ok.addr.port()], ""),
+            destination("hang", &[hang.addr.port()], ""),
+        ],
+        "  streamIdleTimeout: 500ms\n",
+    )
+    .await;
     let out = proxy.outbound();
     // A body that stops half-way: 408, and the upstream never gets a whole request.
     let answer = stalled_upload(
@@ -912,7 +919,7 @@ async fn a_request_body_still_arriving_at_the_request_timeout_gets_408() {
     let ok = Upstream::start(Fault::Ok).await;
     let proxy = caller_with(
         &world,
-        &destination("ok", &[ok.addr.port()], ""),
+        &[destination("ok", &[ok.addr.port()], "")],
         "  requestTimeout: 1s\n",
     )
     .await;
@@ -949,15 +956,13 @@ async fn bodies_over_the_size_limits_get_413_or_502_or_are_cut() {
     .await;
     let (first, rest) = CHUNKED_100.split_at(CHUNKED_100.len() / 2);
     let chunked = Upstream::start(Fault::RespondInTwo(first, rest)).await;
-    let yaml = [
-        destination("ok", &[ok.addr.port()], ""),
-        destination("declared", &[declared.addr.port()], ""),
-        destination("chunked", &[chunked.addr.port()], ""),
-    ]
-    .concat();
     let proxy = caller_with(
         &world,
-        &yaml,
+        &[
+            destination("ok", &[ok.addr.port()], ""),
+            destination("declared", &[declared.addr.port()], ""),
+            destination("chunked", &[chunked.addr.port()], ""),
+        ],
         "  maxRequestBodyBytes: 1000\n  maxResponseBodyBytes: 50\n",
     )
     .await;
