@@ -561,21 +561,16 @@ impl Drop for H2Upstream {
 
 /// Writes one HTTP/2 frame.
 async fn write_frame(tcp: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut out = vec![len[1], len[2], len[3], kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    let _ = tcp.write_all(&out).await;
+    let _ = tcp
+        .write_all(&support::frames::frame(kind, flags, stream, payload))
+        .await;
 }
 
 impl H2Upstream {
     async fn start() -> Self {
-        const HEADERS: u8 = 1;
-        const RST_STREAM: u8 = 3;
-        const SETTINGS: u8 = 4;
-        const PING: u8 = 6;
-        const GOAWAY: u8 = 7;
-        const ACK: u8 = 1;
+        use support::frames::{
+            ACK, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -620,7 +615,14 @@ impl H2Upstream {
                             HEADERS => {
                                 // `:status: 200` (static table index 8), END_HEADERS and
                                 // END_STREAM.
-                                write_frame(&mut tcp, HEADERS, 0x4 | 0x1, stream, &[0x88]).await;
+                                write_frame(
+                                    &mut tcp,
+                                    HEADERS,
+                                    END_HEADERS | END_STREAM,
+                                    stream,
+                                    &[0x88],
+                                )
+                                .await;
                                 a.fetch_add(1, Ordering::SeqCst);
                             }
                             RST_STREAM if payload.len() == 4 => {

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::frames::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -120,23 +121,6 @@ spec:
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const GOAWAY: u8 = 7;
-const END_STREAM: u8 = 1;
-const END_HEADERS: u8 = 4;
-const ACK: u8 = 1;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut f = vec![len[1], len[2], len[3], kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// An HPACK header block of literal fields without indexing and without Huffman
 /// coding: every byte the test chooses reaches the proxy's decoder as written.
 fn block(fields: &[(&str, &str)]) -> Vec<u8> {
@@ -554,10 +538,6 @@ async fn a_settings_flood_on_a_tls_listener_leaves_other_connections_served() {
     assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{}", proxy.output());
     assert!(acks <= 1001, "{acks} SETTINGS acknowledged");
 }
-
-const PRIORITY: u8 = 2;
-const PING: u8 = 6;
-const WINDOW_UPDATE: u8 = 8;
 
 /// Sends `frames` on a new connection and reads until the proxy ends it; the GOAWAY or
 /// reset it sent, or `Closed` (within 10 s).

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod frames;
 pub mod gateway;
 pub mod peers;
 
