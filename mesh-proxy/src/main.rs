@@ -66,7 +66,8 @@ enum Command {
 /// Runtime sizing shared by `sidecar` and `gateway`.
 #[derive(clap::Args, Debug)]
 struct RuntimeArgs {
-    /// Number of tokio worker threads (default: one per CPU).
+    /// Number of tokio worker threads (default: one per CPU). With 1, the proxy runs
+    /// on a single thread (tokio's current-thread runtime).
     #[arg(long, env = "MESH_PROXY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
 }
@@ -99,10 +100,17 @@ fn run_proxy(kind: Kind, path: &std::path::Path, args: &RuntimeArgs) -> ExitCode
             return ExitCode::FAILURE;
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(usize::from(n));
-    }
+    let mut builder = match args.worker_threads {
+        // One thread serves everything, without the work-stealing scheduler's hand-offs
+        // between the thread that accepts and a worker.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

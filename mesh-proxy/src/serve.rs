@@ -83,17 +83,17 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use mesh_core::BoxError;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -317,10 +317,10 @@ where
                         let reset = socket.map(ResetOnDrop::new);
                         let (io, released) = Released::new(io);
                         let io = Opened::new(io, checks.max_target + OPENING_SLACK);
-                        let (activity, idle_rx) = watch::channel(Activity::default());
+                        let activity = Arc::new(Activity::new());
                         let svc = Tracked {
                             inner: svc,
-                            activity: Arc::new(activity),
+                            activity: activity.clone(),
                             checks,
                             stream,
                         };
@@ -328,10 +328,10 @@ where
                         let served = async {
                             let conn = builder.serve_connection_with_upgrades(
                                 TokioIo::new(io),
-                                TowerToHyperService::new(svc),
+                                InPlace(std::sync::Mutex::new(svc)),
                             );
                             let mut conn = std::pin::pin!(conn);
-                            let mut idle = std::pin::pin!(idle(idle_rx, idle_timeout));
+                            let mut idle = std::pin::pin!(idle(activity, idle_timeout));
                             // Armed until the first byte: a connection that never sends
                             // one is closed after the request-headers timeout.
                             let mut silent = !first_byte_timeout.is_zero();
@@ -853,57 +853,114 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Opened<IO> {
     }
 }
 
-/// Requests in flight on one connection, and how many were ever started (so a request
-/// that starts and ends between two looks still counts as activity).
-#[derive(Clone, Copy, Debug, Default)]
+/// Requests in flight on one connection, and when the last one ended, for the idle
+/// timeout. A request costs two atomic updates and a clock read; the idle timer reads
+/// them when it fires instead of being woken for every request.
 struct Activity {
-    in_flight: usize,
-    started: u64,
+    in_flight: AtomicUsize,
+    /// When a request last ended, in nanoseconds after `opened` (0: none has).
+    last_end: AtomicU64,
+    opened: tokio::time::Instant,
+    /// The idle timer, while it waits for the requests in flight to end.
+    idle_timer: AtomicWaker,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
+            idle_timer: AtomicWaker::new(),
+        }
+    }
+
+    /// When the connection has been idle for `timeout`, if no request starts before.
+    fn idle_deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        self.opened + Duration::from_nanos(self.last_end.load(Ordering::Acquire)) + timeout
+    }
 }
 
 /// One request in flight; ends when dropped (with the response body, or with the
 /// service future if the request is abandoned).
-struct InFlight(Arc<watch::Sender<Activity>>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: Arc<watch::Sender<Activity>>) -> Self {
-        activity.send_modify(|a| {
-            a.in_flight += 1;
-            a.started += 1;
-        });
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(activity)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0
-            .send_modify(|a| a.in_flight = a.in_flight.saturating_sub(1));
+        let activity = &self.0;
+        // The end time first: a timer that sees no request in flight sees it too.
+        let ended = u64::try_from(activity.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        activity.last_end.fetch_max(ended, Ordering::AcqRel);
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.idle_timer.wake();
+        }
     }
 }
 
 /// Resolves once the connection has had no request in flight for `timeout`; never when
 /// `timeout` is zero.
-async fn idle(mut activity: watch::Receiver<Activity>, timeout: Duration) {
+async fn idle(activity: Arc<Activity>, timeout: Duration) {
     if timeout.is_zero() {
         return std::future::pending().await;
     }
+    let timer = tokio::time::sleep(timeout);
+    let mut timer = std::pin::pin!(timer);
     loop {
-        let Ok(seen) = activity
-            .wait_for(|a| a.in_flight == 0)
-            .await
-            .map(|a| a.started)
-        else {
-            // The connection's service is gone: the connection is ending anyway.
-            return std::future::pending().await;
-        };
-        let busy = tokio::time::timeout(
-            timeout,
-            activity.wait_for(|a| a.in_flight > 0 || a.started != seen),
-        )
+        std::future::poll_fn(|cx| {
+            if activity.in_flight.load(Ordering::Acquire) == 0 {
+                return std::task::Poll::Ready(());
+            }
+            activity.idle_timer.register(cx.waker());
+            if activity.in_flight.load(Ordering::Acquire) == 0 {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
         .await;
-        if busy.is_err() {
+        let deadline = activity.idle_deadline(timeout);
+        if deadline <= tokio::time::Instant::now() {
             return;
+        }
+        // Requests that start and end before it fires only move the deadline on.
+        timer.as_mut().reset(deadline);
+        timer.as_mut().await;
+    }
+}
+
+/// The connection's stack as hyper's service, called in place for each request. (The
+/// adapter hyper-util offers clones the whole stack for every request, since hyper's
+/// `call` takes `&self`.) A stack that is not ready at once is cloned and driven to
+/// readiness, as that adapter does. The lock is only ever taken by the connection's own
+/// task, so it is never contended.
+struct InPlace<S>(std::sync::Mutex<S>);
+
+impl<S, R> hyper::service::Service<http::Request<R>> for InPlace<S>
+where
+    S: tower::Service<http::Request<R>> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures_util::future::Either<S::Future, tower::util::Oneshot<S, http::Request<R>>>;
+
+    fn call(&self, req: http::Request<R>) -> Self::Future {
+        use tower::ServiceExt as _;
+        let mut svc = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            std::task::Poll::Ready(Ok(())) => futures_util::future::Either::Left(svc.call(req)),
+            _ => futures_util::future::Either::Right(svc.clone().oneshot(req)),
         }
     }
 }
@@ -912,7 +969,7 @@ async fn idle(mut activity: watch::Receiver<Activity>, timeout: Duration) {
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
-    activity: Arc<watch::Sender<Activity>>,
+    activity: Arc<Activity>,
     checks: Checks,
     stream: crate::stack::client::StreamLimits,
 }

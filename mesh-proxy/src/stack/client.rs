@@ -1231,6 +1231,7 @@ where
             return Box::pin(std::future::ready(Err(err)));
         }
         strip_hop_by_hop(req.headers_mut());
+        mesh_telemetry::trace::never_index_per_request_ids(req.headers_mut());
         if !self.mesh_peer {
             // A plaintext or TLS-originated upstream has no sidecar to read the
             // workload's metadata: it does not leave the mesh.

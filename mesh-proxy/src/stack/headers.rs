@@ -53,7 +53,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use mesh_core::BoxError;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies must not forward.
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -63,10 +63,31 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`] or `upgrade`.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`. `Upgrade` is kept
 /// (and `Connection: upgrade` re-added) only for a WebSocket upgrade request; `Upgrade:
 /// h2c` is never forwarded (h2c smuggling). `TE: trailers` survives.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names (no hashing) decides,
+    // instead of a lookup for each hop-by-hop name. A name listed in `Connection` needs
+    // `Connection` itself to be present.
+    if !headers.keys().any(|k| is_hop_by_hop(k.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -732,6 +753,28 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = map(&[("x-keep", "yes"), (name, "gzip")]);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+            assert_eq!(h["x-keep"], "yes");
+        }
+        let mut plain = map(&[("x-keep", "yes"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2, "{plain:?}");
     }
 
     #[test]

@@ -526,6 +526,35 @@ fn encode(ctx: &HopContext, i: usize) -> HeaderValue {
     }
 }
 
+/// Whether `name` carries a value new with every request or trace: `x-request-id`,
+/// `x-client-trace-id`, `b3`, `x-b3-traceid`, `x-b3-spanid`, `x-b3-parentspanid`,
+/// `traceparent`.
+pub fn is_per_request_id(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-request-id"
+            | "x-client-trace-id"
+            | "b3"
+            | "x-b3-traceid"
+            | "x-b3-spanid"
+            | "x-b3-parentspanid"
+            | "traceparent"
+    )
+}
+
+/// Marks the per-request ids ([`is_per_request_id`]) so that HTTP/2's HPACK sends them
+/// as literals never indexed (RFC 7541 §6.2.3) instead of adding them to the
+/// connection's dynamic table. A value that never repeats would only evict the fields
+/// that do (the peer metadata, the authority, the user agent), which then travel in
+/// full again; both ends also skip the table updates. One pass over the names.
+pub fn never_index_per_request_ids(headers: &mut HeaderMap) {
+    for (name, value) in headers.iter_mut() {
+        if is_per_request_id(name) {
+            value.set_sensitive(true);
+        }
+    }
+}
+
 /// Returns the request's `x-request-id`, inserting a new UUID v4 when absent or empty.
 pub fn ensure_request_id<R: Rng + ?Sized>(headers: &mut HeaderMap, rng: &mut R) -> HeaderValue {
     if let Some(v) = headers.get(&REQUEST_ID).filter(|v| !v.is_empty()) {
@@ -709,6 +738,48 @@ pub(crate) fn write_hex(v: u128, buf: &mut [u8; 32]) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn per_request_ids_are_marked_never_indexed_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-request-id",
+            "x-client-trace-id",
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "traceparent",
+            "x-b3-sampled",
+            "tracestate",
+            "x-envoy-peer-metadata",
+            ":authority-like",
+            "user-agent",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.trim_start_matches(':').as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        never_index_per_request_ids(&mut h);
+        let marked: Vec<&str> = h
+            .iter()
+            .filter(|(_, v)| v.is_sensitive())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(
+            marked,
+            [
+                "x-request-id",
+                "x-client-trace-id",
+                "b3",
+                "x-b3-traceid",
+                "x-b3-spanid",
+                "x-b3-parentspanid",
+                "traceparent"
+            ]
+        );
+    }
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
