@@ -24,7 +24,7 @@ use super::policy::RetryPolicy;
 use super::replay::{Buffering, Prepared, Replay, Start};
 use super::{ATTEMPT_COUNT, RetriesExhausted};
 use crate::balance::{EndpointFailed, PreviousHosts};
-use crate::deadline::{AttemptDeadline, RequestDeadline};
+use crate::deadline::{AttemptDeadline, CallDeadlines, RequestDeadline};
 use crate::limit::{RetryGate, RetryPermit};
 
 /// Response future of [`Retry`](super::Retry).
@@ -148,7 +148,8 @@ impl<S, F> Attempts<S, F> {
             head.headers
                 .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
         }
-        let deadline = head.extensions.get::<RequestDeadline>().copied();
+        // Set around this call by the deadline layer, or carried by the request.
+        let deadline = CallDeadlines::of_parts(&head).request;
         let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
         let (body, phase) = match Buffering::start(body, policy.replay_limit) {
             Start::Done(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
@@ -304,8 +305,12 @@ where
                             }
                             http::Request::from_parts(head, body)
                         }
-                        None => match this.replay {
-                            Some(head) => head.request(body, *this.deadline),
+                        None => match this.replay.as_ref().map(ReplayHead::request) {
+                            Some(Ok(head)) => http::Request::from_parts(head, body),
+                            Some(Err(e)) => {
+                                *this.phase = Phase::Done;
+                                return Poll::Ready(Err(e));
+                            }
                             None => {
                                 *this.phase = Phase::Done;
                                 return Poll::Ready(Err(
@@ -324,10 +329,8 @@ where
                     }
                     // The clock is read only when a per-try timeout applies.
                     let per_try_end = this.per_try.map(|p| Instant::now() + p);
-                    if let Some(end) = per_try_end {
-                        let clipped = this.deadline.map_or(end, |d| d.clip(end));
-                        req.extensions_mut().insert(AttemptDeadline(clipped));
-                    }
+                    let attempt_deadline = per_try_end
+                        .map(|end| AttemptDeadline(this.deadline.map_or(end, |d| d.clip(end))));
                     // The attempt's timer: per-try timeout clipped to the deadline.
                     let timer = match (per_try_end, *this.deadline) {
                         (Some(p), Some(d)) if d.at <= p => Some((d.at, Timer::Deadline)),
@@ -342,7 +345,13 @@ where
                         }
                         None => disarm(this.timer_at, this.timer.as_mut()),
                     }
-                    let fut = this.service.call(req);
+                    // The layers inside (the balancer) read both deadlines in their `call`.
+                    let deadlines = CallDeadlines {
+                        request: *this.deadline,
+                        attempt: attempt_deadline,
+                    };
+                    let service = &mut *this.service;
+                    let fut = deadlines.scope(|| service.call(req));
                     this.call.set(Some(fut));
                     *this.phase = Phase::Calling;
                 }

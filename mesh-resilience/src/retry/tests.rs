@@ -79,6 +79,8 @@ fn upstream(acts: &[Act]) -> (Arc<Upstream>, Svc) {
     let state = up.clone();
     let svc = service_fn(move |req: http::Request<BoxBody>| {
         let up = state.clone();
+        // The deadlines are those of the call (the retry layer sets them around it).
+        let attempt_deadline = AttemptDeadline::of(&req);
         async move {
             let act = {
                 let mut script = up.script.lock().unwrap();
@@ -98,7 +100,7 @@ fn upstream(acts: &[Act]) -> (Arc<Upstream>, Svc) {
                     .unwrap_or_default(),
                 at: Instant::now(),
                 previous: parts.extensions.get::<PreviousHosts>().cloned(),
-                attempt_deadline: parts.extensions.get::<AttemptDeadline>().copied(),
+                attempt_deadline,
                 body,
             });
             let status = |code: u16| {
@@ -656,4 +658,115 @@ async fn attempt_count_can_be_turned_off() {
     let (up, res) = run(p, &[Act::Status(503), Act::Status(200)]).await;
     assert_eq!(res.unwrap().status(), 200);
     assert_eq!(up.attempt_headers(), ["", ""]);
+}
+
+/// A balancer over one endpoint that never answers and is ejected on its first failure.
+fn hanging_balance() -> Balance<Svc> {
+    let cfg = crate::outlier::OutlierConfig {
+        consecutive_5xx_errors: 1,
+        max_ejection_percent: 100,
+        ..crate::outlier::OutlierConfig::default()
+    };
+    let balance = Balance::new(LbPolicy::LeastRequest, Some(cfg), |_ep: &Endpoint| {
+        Svc::new(service_fn(|_req: http::Request<BoxBody>| {
+            std::future::pending::<Result<http::Response<BoxBody>, BoxError>>()
+        }))
+    });
+    balance.update([Endpoint::new(UPSTREAM)]);
+    balance
+}
+
+/// The endpoint was charged by the balancer: its timer fired, not only an outer one.
+fn charged_by_the_balancer(balance: &Balance<Svc>, err: &BoxError) {
+    assert!(
+        mesh_core::find_cause::<crate::balance::EndpointFailed>(err.as_ref()).is_some(),
+        "the balancer's timer ended the attempt: {err}"
+    );
+    assert!(balance.is_ejected(UPSTREAM), "the endpoint was charged");
+    assert_eq!(balance.in_flight(UPSTREAM), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_balancer_enforces_the_attempt_deadline_of_the_retry_layer() {
+    let balance = hanging_balance();
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
+        .layer(RetryLayer::new(
+            RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(1))),
+        ))
+        .service(balance.clone());
+    let start = Instant::now();
+    let err = svc.oneshot(get()).await.unwrap_err();
+    assert!(is_caused_by::<PerTryTimeout>(err.as_ref()));
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    charged_by_the_balancer(&balance, &err);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_balancer_enforces_the_route_deadline_with_and_without_retries() {
+    for retry in [RetryPolicy::disabled(), RetryPolicy::istio_default()] {
+        let balance = hanging_balance();
+        let svc = ServiceBuilder::new()
+            .layer(DeadlineLayer::new(Some(Duration::from_secs(2))))
+            .layer(RetryLayer::new(retry))
+            .service(balance.clone());
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(Instant::now() - start, Duration::from_secs(2));
+        charged_by_the_balancer(&balance, &err);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_embedders_deadline_extension_bounds_every_layer_when_earlier() {
+    let balance = hanging_balance();
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
+        .layer(RetryLayer::new(
+            RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(3))),
+        ))
+        .service(balance.clone());
+    let start = Instant::now();
+    let mut req = get();
+    req.extensions_mut()
+        .insert(RequestDeadline::after(Duration::from_millis(1500)));
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+    assert_eq!(Instant::now() - start, Duration::from_millis(1500));
+    charged_by_the_balancer(&balance, &err);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_set_around_one_call_does_not_reach_the_next_call() {
+    use tower::Service;
+    let balance = hanging_balance();
+    let mut bounded = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Some(Duration::from_secs(1))))
+        .layer(RetryLayer::new(
+            RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_millis(500))),
+        ))
+        .service(balance.clone());
+    let mut unbounded = RetryLayer::new(RetryPolicy::istio_default()).layer(balance.clone());
+    futures_util::future::poll_fn(|cx| bounded.poll_ready(cx))
+        .await
+        .unwrap();
+    let mut first = tokio_test::task::spawn(bounded.call(get()));
+    assert_pending!(first.poll());
+    // The next request on this thread, through layers that set no deadline.
+    futures_util::future::poll_fn(|cx| unbounded.poll_ready(cx))
+        .await
+        .unwrap();
+    let mut next = tokio_test::task::spawn(unbounded.call(get()));
+    assert_pending!(next.poll());
+    assert_eq!(crate::deadline::CallDeadlines::current().request, None);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let err = first.poll().map(|r| r.unwrap_err());
+    match err {
+        std::task::Poll::Ready(err) => assert!(is_caused_by::<PerTryTimeout>(err.as_ref())),
+        std::task::Poll::Pending => panic!("the first request has a 500 ms attempt deadline"),
+    }
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_pending!(next.poll());
+    assert_eq!(balance.in_flight(UPSTREAM), 1, "still waiting, unbounded");
 }
