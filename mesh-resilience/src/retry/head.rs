@@ -4,27 +4,27 @@
 //! attempts that may follow. The copy keeps the headers as raw bytes (every name and
 //! value in order, with the values' sensitivity) in storage taken from a small
 //! per-thread pool and given back when the request ends, so in steady state keeping the
-//! copy allocates nothing. Copying bytes rather than cloning `HeaderName`s and
-//! `HeaderValue`s matters for headers parsed off the wire: their first clone makes the
-//! `bytes` crate move their bytes into shared storage, one allocation per name or value.
-//! The names and values are rebuilt only when a retry is actually sent. Method and URI
-//! are cloned (their storage is already shared), and the extensions are cloned when the
-//! request has any.
+//! copy allocates nothing, and the retry future holds only a pointer to it. Copying bytes
+//! rather than cloning `HeaderName`s and `HeaderValue`s matters for headers parsed off
+//! the wire: their first clone makes the `bytes` crate move their bytes into shared
+//! storage, one allocation per name or value. The names and values are rebuilt only when
+//! a retry is actually sent. Method and URI are cloned (their storage is already
+//! shared), and the extensions are cloned when the request has any.
 
 use std::cell::RefCell;
 
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 use mesh_core::BoxError;
 
-/// Header copies kept per thread for reuse.
-const POOLED_LISTS: usize = 32;
+/// Copies kept per thread for reuse.
+const POOLED_COPIES: usize = 32;
 /// Copies of more headers than this are freed rather than pooled, so one huge request
 /// does not pin memory.
 const POOLED_HEADERS: usize = 64;
 /// Likewise for the bytes of the names and values.
 const POOLED_BYTES: usize = 16 * 1024;
 
-/// One header of a [`RawHeaders`]: its name's and value's lengths in `bytes`.
+/// One header of a copy: its name's and value's lengths in `bytes`.
 #[derive(Clone, Copy)]
 struct Entry {
     value_len: usize,
@@ -32,120 +32,114 @@ struct Entry {
     sensitive: bool,
 }
 
-/// Headers as raw bytes: the names and values back to back, and their lengths.
+/// A copy of a head; its storage is reused through the per-thread pool.
 #[derive(Default)]
-struct RawHeaders {
+struct Stored {
+    /// Method, URI, version and extensions; `None` while pooled, so that nothing they
+    /// share (a read buffer behind the URI) is kept alive by the pool.
+    fields: Option<(Method, Uri, Version, Extensions)>,
+    /// The header names and values back to back.
     bytes: Vec<u8>,
     entries: Vec<Entry>,
 }
 
 thread_local! {
-    static POOL: RefCell<Vec<RawHeaders>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<Box<Stored>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A copy of a request's headers in storage that returns to the per-thread pool when
-/// dropped.
-struct PooledHeaders(RawHeaders);
+/// The head of a request, kept to build the attempts after the first.
+pub(crate) struct ReplayHead(Option<Box<Stored>>);
 
-impl PooledHeaders {
-    /// A copy of `src`, every value in order.
-    fn copy(src: &HeaderMap) -> Self {
-        let mut raw = POOL
+impl ReplayHead {
+    /// A copy of `head` for later attempts.
+    pub(crate) fn copy(head: &http::request::Parts) -> Self {
+        let mut stored = POOL
             .try_with(|p| p.borrow_mut().pop())
             .ok()
             .flatten()
             .unwrap_or_default();
-        raw.entries.reserve(src.len());
-        for (name, value) in src {
+        let extensions = if head.extensions.is_empty() {
+            Extensions::new()
+        } else {
+            head.extensions.clone()
+        };
+        stored.fields = Some((
+            head.method.clone(),
+            head.uri.clone(),
+            head.version,
+            extensions,
+        ));
+        stored.entries.reserve(head.headers.len());
+        for (name, value) in &head.headers {
             let name = name.as_str().as_bytes();
             let value_bytes = value.as_bytes();
-            raw.bytes.extend_from_slice(name);
-            raw.bytes.extend_from_slice(value_bytes);
-            raw.entries.push(Entry {
+            stored.bytes.extend_from_slice(name);
+            stored.bytes.extend_from_slice(value_bytes);
+            stored.entries.push(Entry {
                 value_len: value_bytes.len(),
                 // A header name is at most 65 535 bytes long (`http`'s limit).
                 name_len: u16::try_from(name.len()).unwrap_or(u16::MAX),
                 sensitive: value.is_sensitive(),
             });
         }
-        Self(raw)
-    }
-
-    /// The headers as a map again.
-    fn to_map(&self) -> Result<HeaderMap, BoxError> {
-        let mut map = HeaderMap::with_capacity(self.0.entries.len());
-        let mut rest = self.0.bytes.as_slice();
-        for e in &self.0.entries {
-            let (name, tail) = rest.split_at(usize::from(e.name_len));
-            let (value, tail) = tail.split_at(e.value_len);
-            rest = tail;
-            let mut value = HeaderValue::from_bytes(value)?;
-            value.set_sensitive(e.sensitive);
-            map.append(HeaderName::from_bytes(name)?, value);
-        }
-        Ok(map)
-    }
-
-    /// How many headers were copied.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.0.entries.len()
-    }
-}
-
-impl Drop for PooledHeaders {
-    fn drop(&mut self) {
-        let mut raw = std::mem::take(&mut self.0);
-        if raw.entries.capacity() > POOLED_HEADERS || raw.bytes.capacity() > POOLED_BYTES {
-            return;
-        }
-        raw.entries.clear();
-        raw.bytes.clear();
-        // During thread teardown the pool may be gone: the storage is simply freed.
-        let _ = POOL.try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOLED_LISTS {
-                p.push(raw);
-            }
-        });
-    }
-}
-
-/// The head of a request, kept to build the attempts after the first.
-pub(crate) struct ReplayHead {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: PooledHeaders,
-    extensions: Extensions,
-}
-
-impl ReplayHead {
-    /// A copy of `head` for later attempts.
-    pub(crate) fn copy(head: &http::request::Parts) -> Self {
-        Self {
-            method: head.method.clone(),
-            uri: head.uri.clone(),
-            version: head.version,
-            headers: PooledHeaders::copy(&head.headers),
-            extensions: if head.extensions.is_empty() {
-                Extensions::new()
-            } else {
-                head.extensions.clone()
-            },
-        }
+        Self(Some(stored))
     }
 
     /// The head of one more attempt. Fails only if a copied header no longer parses,
     /// which the copy of a valid head cannot do.
     pub(crate) fn request(&self) -> Result<http::request::Parts, BoxError> {
+        let Some(Stored {
+            fields: Some((method, uri, version, extensions)),
+            bytes,
+            entries,
+        }) = self.0.as_deref()
+        else {
+            return Err("the request head kept for a retry is gone".into());
+        };
+        let mut headers = HeaderMap::with_capacity(entries.len());
+        let mut rest = bytes.as_slice();
+        for e in entries {
+            let (name, tail) = rest.split_at(usize::from(e.name_len));
+            let (value, tail) = tail.split_at(e.value_len);
+            rest = tail;
+            let mut value = HeaderValue::from_bytes(value)?;
+            value.set_sensitive(e.sensitive);
+            headers.append(HeaderName::from_bytes(name)?, value);
+        }
         let (mut head, ()) = http::Request::new(()).into_parts();
-        head.method = self.method.clone();
-        head.uri = self.uri.clone();
-        head.version = self.version;
-        head.headers = self.headers.to_map()?;
-        head.extensions = self.extensions.clone();
+        head.method = method.clone();
+        head.uri = uri.clone();
+        head.version = *version;
+        head.headers = headers;
+        head.extensions = extensions.clone();
         Ok(head)
+    }
+
+    /// How many headers were copied.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.entries.len())
+    }
+}
+
+impl Drop for ReplayHead {
+    fn drop(&mut self) {
+        let Some(mut stored) = self.0.take() else {
+            return;
+        };
+        if stored.entries.capacity() > POOLED_HEADERS || stored.bytes.capacity() > POOLED_BYTES {
+            return;
+        }
+        stored.fields = None;
+        stored.entries.clear();
+        stored.bytes.clear();
+        // During thread teardown the pool may be gone: the storage is simply freed.
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOLED_COPIES {
+                p.push(stored);
+            }
+        });
     }
 }
 
@@ -206,14 +200,13 @@ mod tests {
         let mut original = head();
         original.extensions = Extensions::new();
         let kept = ReplayHead::copy(&original);
-        assert!(kept.extensions.is_empty());
         let replayed = kept.request().unwrap();
         same(&replayed, &original);
         assert!(replayed.extensions.is_empty());
     }
 
     #[test]
-    fn header_storage_is_reused_and_comes_back_empty() {
+    fn storage_is_reused_and_comes_back_empty() {
         let original = head();
         drop(ReplayHead::copy(&original));
         let pooled = POOL.with_borrow(Vec::len);
@@ -224,9 +217,12 @@ mod tests {
             pooled - 1,
             "taken from the pool"
         );
-        assert_eq!(kept.headers.len(), original.headers.len());
+        assert_eq!(kept.len(), original.headers.len());
         drop(kept);
-        assert!(POOL.with_borrow(|p| p.iter().all(|r| r.entries.is_empty() && r.bytes.is_empty())));
+        assert!(POOL.with_borrow(|p| {
+            p.iter()
+                .all(|s| s.fields.is_none() && s.entries.is_empty() && s.bytes.is_empty())
+        }));
     }
 
     #[test]
@@ -251,10 +247,10 @@ mod tests {
             assert!(POOL.with_borrow(Vec::len) <= before, "not pooled");
         }
         let small = head();
-        let many: Vec<_> = (0..POOLED_LISTS + 5)
+        let many: Vec<_> = (0..POOLED_COPIES + 5)
             .map(|_| ReplayHead::copy(&small))
             .collect();
         drop(many);
-        assert_eq!(POOL.with_borrow(Vec::len), POOLED_LISTS);
+        assert_eq!(POOL.with_borrow(Vec::len), POOLED_COPIES);
     }
 }
