@@ -279,32 +279,44 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
-        // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
-        let timeout = match (self.timeout, grpc_timeout(&req)) {
-            (Some(route), Some(grpc)) => Some(route.min(grpc)),
-            (route, grpc) => route.or(grpc),
-        };
-        let Some(timeout) = timeout else {
+        let Some((deadlines, at, _)) = deadlines_for(self.timeout, &req) else {
             return ResponseFuture::Passthrough {
                 fut: self.inner.call(req),
             };
         };
-        let mut deadlines = CallDeadlines::of(&req);
-        let mut deadline = RequestDeadline::after(timeout);
-        if let Some(outer) = deadlines.request {
-            // The request is already bounded more tightly: keep that deadline.
-            if outer.at <= deadline.at {
-                deadline = outer;
-            }
-        }
-        deadlines.request = Some(deadline);
         ResponseFuture::Timed {
             fut: deadlines.scope(|| self.inner.call(req)),
-            at: deadline.at,
+            at,
             sleep: None,
         }
     }
+}
+
+/// The deadlines a deadline layer with route timeout `timeout` sets around the inner
+/// call of `req`, the instant its request deadline ends, and the instant it was taken
+/// at; `None` when neither the route nor a `grpc-timeout` bounds the request.
+pub(crate) fn deadlines_for<B>(
+    timeout: Option<Duration>,
+    req: &http::Request<B>,
+) -> Option<(CallDeadlines, Instant, Instant)> {
+    // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
+    // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
+    let timeout = match (timeout, grpc_timeout(req)) {
+        (Some(route), Some(grpc)) => Some(route.min(grpc)),
+        (route, grpc) => route.or(grpc),
+    }?;
+    let now = Instant::now();
+    let mut deadlines = CallDeadlines::of(req);
+    let deadline = match deadlines.request {
+        // The request is already bounded more tightly: keep that deadline.
+        Some(outer) if outer.at <= now + timeout => outer,
+        _ => RequestDeadline {
+            at: now + timeout,
+            timeout,
+        },
+    };
+    deadlines.request = Some(deadline);
+    Some((deadlines, deadline.at, now))
 }
 
 /// The `grpc-timeout` of a gRPC request (`content-type: application/grpc…`): an

@@ -106,7 +106,14 @@ fn deadline_and_retry_add_no_allocation_with_or_without_a_per_try_timeout() {
         RetryLayer::new(RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(2))))
             .with_rng_seed(1);
     assert_eq!(
-        per_request(deadline().layer(per_try.layer(ok_service()))),
+        per_request(deadline().layer(per_try.clone().layer(ok_service()))),
         0.0
     );
+    // The retry layer applying the deadline itself (the proxy's route stack).
+    assert_eq!(
+        per_request(per_try.with_deadline(deadline()).layer(ok_service())),
+        0.0
+    );
+    let disabled = RetryLayer::new(RetryPolicy::disabled()).with_deadline(deadline());
+    assert_eq!(per_request(disabled.layer(ok_service())), 0.0);
 }

@@ -34,11 +34,12 @@ use crate::limit::{RetryGate, RetryPermit};
     reason = "the attempts live inline so a request costs no extra allocation"
 )]
 pub enum ResponseFuture<S, F> {
-    /// Retries disabled: the inner future as is.
+    /// Retries disabled: the inner future as is, or raced against the route deadline
+    /// when the layer applies it.
     Passthrough {
         /// The inner future.
         #[pin]
-        fut: F,
+        fut: crate::deadline::ResponseFuture<F>,
     },
     /// Attempts under the retry policy.
     Retrying {
@@ -70,7 +71,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::Passthrough { fut } => fut.poll(cx).map_err(Into::into),
+            ResponseFutureProj::Passthrough { fut } => fut.poll(cx),
             ResponseFutureProj::Retrying { inner } => inner.poll(cx),
         }
     }
@@ -161,6 +162,7 @@ impl<S, F> Attempts<S, F> {
         budget: Option<Arc<RetryBudget>>,
         gate: Option<RetryLimit>,
         seed: u64,
+        bounded: Option<(RequestDeadline, Instant)>,
     ) -> Self
     where
         S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Future = F, Error = E>,
@@ -171,8 +173,12 @@ impl<S, F> Attempts<S, F> {
             head.headers
                 .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
         }
-        // Set around this call by the deadline layer, or carried by the request.
-        let deadline = CallDeadlines::of_parts(&head).request;
+        // Applied by the layer (and then taken now), or set around this call by the
+        // deadline layer, or carried by the request.
+        let (deadline, now) = match bounded {
+            Some((deadline, now)) => (Some(deadline), Some(now)),
+            None => (CallDeadlines::of_parts(&head).request, None),
+        };
         let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
         let start = Buffering::start(body, policy.replay_limit);
         let mut state = State {
@@ -194,7 +200,7 @@ impl<S, F> Attempts<S, F> {
             timer_kind: Timer::PerTry,
         };
         let call = match start {
-            Start::Done(prepared) => Some(state.first_attempt(head, prepared)),
+            Start::Done(prepared) => Some(state.first_attempt(head, prepared, now)),
             Start::Read(buffering) => {
                 state.body = Body::Buffering(Box::new(Reading { buffering, head }));
                 state.phase = Phase::Buffering;
@@ -212,7 +218,13 @@ impl<S, F> Attempts<S, F> {
 impl<S> State<S> {
     /// Calls the first attempt with the caller's `head` and its prepared body, keeping a
     /// copy of the head when the body can be replayed.
-    fn first_attempt<RB, E>(&mut self, head: http::request::Parts, prepared: Prepared) -> S::Future
+    /// `now`, when given, is the current instant (read by the caller).
+    fn first_attempt<RB, E>(
+        &mut self,
+        head: http::request::Parts,
+        prepared: Prepared,
+        now: Option<Instant>,
+    ) -> S::Future
     where
         S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Error = E>,
     {
@@ -228,14 +240,18 @@ impl<S> State<S> {
                 body
             }
         };
-        self.call_attempt(http::Request::from_parts(head, body))
+        self.call_attempt(http::Request::from_parts(head, body), now)
     }
 
     /// Calls the next attempt with `req` on the ready service: numbers it, names the
     /// hosts already tried, sets its timer (the per-try timeout clipped to the deadline)
     /// and makes its deadlines current for the layers inside. Whoever holds the `Sleep`
     /// must drop it, as `timer_at` changed.
-    fn call_attempt<RB, E>(&mut self, mut req: http::Request<BoxBody>) -> S::Future
+    fn call_attempt<RB, E>(
+        &mut self,
+        mut req: http::Request<BoxBody>,
+        now: Option<Instant>,
+    ) -> S::Future
     where
         S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Error = E>,
     {
@@ -250,7 +266,7 @@ impl<S> State<S> {
                 .insert(PreviousHosts(self.tried.clone()));
         }
         // The clock is read only when a per-try timeout applies.
-        let per_try_end = self.per_try.map(|p| Instant::now() + p);
+        let per_try_end = self.per_try.map(|p| now.unwrap_or_else(Instant::now) + p);
         let attempt_deadline =
             per_try_end.map(|end| AttemptDeadline(self.deadline.map_or(end, |d| d.clip(end))));
         (self.timer_at, self.timer_kind) = match (per_try_end, self.deadline) {
@@ -364,7 +380,7 @@ where
                     match prepared {
                         Ok(prepared) => {
                             // The service was ready when the request came: first attempt.
-                            let fut = state.first_attempt(reading.head, prepared);
+                            let fut = state.first_attempt(reading.head, prepared, None);
                             call.set(Some(fut));
                             drop_sleep(timer.as_mut());
                         }
@@ -406,7 +422,7 @@ where
                             return Poll::Ready(Err(e));
                         }
                     };
-                    let fut = state.call_attempt(req);
+                    let fut = state.call_attempt(req, None);
                     call.set(Some(fut));
                     drop_sleep(timer.as_mut());
                 }

@@ -155,36 +155,70 @@ async fn run(
     (up, res)
 }
 
+type Stack<RB> =
+    tower::util::BoxCloneSyncService<http::Request<BoxBody>, http::Response<RB>, BoxError>;
+
+/// A route's stack, composed one of the two ways: a deadline layer around the retry
+/// layer (`fold` false), or the retry layer applying the deadline itself.
+fn route_stack<S, RB>(
+    fold: bool,
+    timeout: Option<Duration>,
+    retry: RetryLayer,
+    inner: S,
+) -> Stack<RB>
+where
+    S: tower::Service<http::Request<BoxBody>, Response = http::Response<RB>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    RB: Send + 'static,
+{
+    if fold {
+        Stack::new(
+            retry
+                .with_deadline(DeadlineLayer::new(timeout))
+                .layer(inner),
+        )
+    } else {
+        Stack::new(DeadlineLayer::new(timeout).layer(retry.layer(inner)))
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn article_example_caller_never_waits_more_than_the_route_timeout() {
-    // timeout 5 s, 3 retries of at most 2 s each, an upstream that never answers.
-    let (up, upstream) = upstream(&[Act::Hang]);
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
-        .layer(
+    for fold in [false, true] {
+        // timeout 5 s, 3 retries of at most 2 s each, an upstream that never answers.
+        let (up, upstream) = upstream(&[Act::Hang]);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
             RetryLayer::new(policy(3, "5xx").per_try_timeout(Some(Duration::from_secs(2))))
                 .with_rng_seed(3),
-        )
-        .service(upstream);
-    let start = Instant::now();
-    let err = svc.oneshot(get()).await.unwrap_err();
-    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-    assert_eq!(
-        Instant::now() - start,
-        Duration::from_secs(5),
-        "exactly the route timeout"
-    );
-    // Attempts at 0 s, ~2 s and ~4 s; the third was cut by the deadline, not by its 2 s.
-    assert_eq!(up.attempt_headers(), ["1", "2", "3"]);
-    let seen = up.seen.lock().unwrap();
-    assert_eq!(
-        seen[2].attempt_deadline,
-        Some(AttemptDeadline(start + Duration::from_secs(5)))
-    );
-    assert!(
-        seen[1].at - start >= Duration::from_secs(2)
-            && seen[1].at - start < Duration::from_millis(2025)
-    );
+            upstream,
+        );
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(
+            Instant::now() - start,
+            Duration::from_secs(5),
+            "exactly the route timeout"
+        );
+        // Attempts at 0 s, ~2 s and ~4 s; the third was cut by the deadline, not by its 2 s.
+        assert_eq!(up.attempt_headers(), ["1", "2", "3"]);
+        let seen = up.seen.lock().unwrap();
+        assert_eq!(
+            seen[2].attempt_deadline,
+            Some(AttemptDeadline(start + Duration::from_secs(5)))
+        );
+        assert!(
+            seen[1].at - start >= Duration::from_secs(2)
+                && seen[1].at - start < Duration::from_millis(2025)
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -215,17 +249,19 @@ async fn per_try_timeout_is_not_retried_under_istio_default() {
 
 #[tokio::test(start_paused = true)]
 async fn per_try_timeout_at_least_the_route_timeout_is_ignored() {
-    let (up, svc) = upstream(&[Act::Hang]);
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_secs(2))))
-        .layer(RetryLayer::new(
-            policy(3, "5xx").per_try_timeout(Some(Duration::from_secs(2))),
-        ))
-        .service(svc);
-    let err = svc.oneshot(get()).await.unwrap_err();
-    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-    assert_eq!(up.attempts(), 1);
-    assert_eq!(up.seen.lock().unwrap()[0].attempt_deadline, None);
+    for fold in [false, true] {
+        let (up, svc) = upstream(&[Act::Hang]);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(2)),
+            RetryLayer::new(policy(3, "5xx").per_try_timeout(Some(Duration::from_secs(2)))),
+            svc,
+        );
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(up.attempts(), 1);
+        assert_eq!(up.seen.lock().unwrap()[0].attempt_deadline, None);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -568,22 +604,24 @@ async fn with_a_single_endpoint_the_retry_goes_back_to_it() {
 #[tokio::test(start_paused = true)]
 async fn request_deadline_bounds_the_backoff() {
     // A 50 ms route timeout and a 100 ms back-off base: the back-off is cut at the deadline.
-    let (up, svc) = upstream(&[Act::Status(503)]);
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_millis(50))))
-        .layer(
+    for fold in [false, true] {
+        let (up, svc) = upstream(&[Act::Status(503)]);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_millis(50)),
             RetryLayer::new(policy(5, "503").backoff_base(Duration::from_millis(100)))
                 .with_rng_seed(4),
-        )
-        .service(svc);
-    let start = Instant::now();
-    let res = svc.oneshot(get()).await;
-    assert!(Instant::now() - start <= Duration::from_millis(50));
-    match res {
-        Err(e) => assert!(is_caused_by::<DeadlineExceeded>(e.as_ref())),
-        Ok(r) => panic!("expected the deadline, got {}", r.status()),
+            svc,
+        );
+        let start = Instant::now();
+        let res = svc.oneshot(get()).await;
+        assert!(Instant::now() - start <= Duration::from_millis(50));
+        match res {
+            Err(e) => assert!(is_caused_by::<DeadlineExceeded>(e.as_ref())),
+            Ok(r) => panic!("expected the deadline, got {}", r.status()),
+        }
+        assert!(up.attempts() >= 1);
     }
-    assert!(up.attempts() >= 1);
 }
 
 proptest! {
@@ -688,28 +726,39 @@ fn charged_by_the_balancer(balance: &Balance<Svc>, err: &BoxError) {
 
 #[tokio::test(start_paused = true)]
 async fn the_balancer_enforces_the_attempt_deadline_of_the_retry_layer() {
-    let balance = hanging_balance();
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
-        .layer(RetryLayer::new(
-            RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(1))),
-        ))
-        .service(balance.clone());
-    let start = Instant::now();
-    let err = svc.oneshot(get()).await.unwrap_err();
-    assert!(is_caused_by::<PerTryTimeout>(err.as_ref()));
-    assert_eq!(Instant::now() - start, Duration::from_secs(1));
-    charged_by_the_balancer(&balance, &err);
+    for fold in [false, true] {
+        let balance = hanging_balance();
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
+            RetryLayer::new(
+                RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(1))),
+            ),
+            balance.clone(),
+        );
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<PerTryTimeout>(err.as_ref()));
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+        charged_by_the_balancer(&balance, &err);
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_balancer_enforces_the_route_deadline_with_and_without_retries() {
-    for retry in [RetryPolicy::disabled(), RetryPolicy::istio_default()] {
+    for (retry, fold) in [
+        (RetryPolicy::disabled(), false),
+        (RetryPolicy::disabled(), true),
+        (RetryPolicy::istio_default(), false),
+        (RetryPolicy::istio_default(), true),
+    ] {
         let balance = hanging_balance();
-        let svc = ServiceBuilder::new()
-            .layer(DeadlineLayer::new(Some(Duration::from_secs(2))))
-            .layer(RetryLayer::new(retry))
-            .service(balance.clone());
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(2)),
+            RetryLayer::new(retry),
+            balance.clone(),
+        );
         let start = Instant::now();
         let err = svc.oneshot(get()).await.unwrap_err();
         assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
@@ -720,21 +769,78 @@ async fn the_balancer_enforces_the_route_deadline_with_and_without_retries() {
 
 #[tokio::test(start_paused = true)]
 async fn an_embedders_deadline_extension_bounds_every_layer_when_earlier() {
-    let balance = hanging_balance();
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
-        .layer(RetryLayer::new(
-            RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(3))),
-        ))
-        .service(balance.clone());
-    let start = Instant::now();
-    let mut req = get();
-    req.extensions_mut()
-        .insert(RequestDeadline::after(Duration::from_millis(1500)));
-    let err = svc.oneshot(req).await.unwrap_err();
-    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-    assert_eq!(Instant::now() - start, Duration::from_millis(1500));
-    charged_by_the_balancer(&balance, &err);
+    for fold in [false, true] {
+        let balance = hanging_balance();
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
+            RetryLayer::new(
+                RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(3))),
+            ),
+            balance.clone(),
+        );
+        let start = Instant::now();
+        let mut req = get();
+        req.extensions_mut()
+            .insert(RequestDeadline::after(Duration::from_millis(1500)));
+        let err = svc.oneshot(req).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(Instant::now() - start, Duration::from_millis(1500));
+        charged_by_the_balancer(&balance, &err);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_layer_applies_grpc_timeout_like_the_deadline_layer() {
+    let grpc = || {
+        let mut req = get();
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("300m"));
+        req
+    };
+    for (route, want) in [
+        (None, Duration::from_millis(300)),
+        (Some(Duration::from_secs(5)), Duration::from_millis(300)),
+        (Some(Duration::from_millis(200)), Duration::from_millis(200)),
+    ] {
+        for (retry, fold) in [
+            (RetryPolicy::disabled(), false),
+            (RetryPolicy::disabled(), true),
+            (RetryPolicy::istio_default(), false),
+            (RetryPolicy::istio_default(), true),
+        ] {
+            let balance = hanging_balance();
+            let svc = route_stack(fold, route, RetryLayer::new(retry), balance.clone());
+            let start = Instant::now();
+            let err = svc.oneshot(grpc()).await.unwrap_err();
+            assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+            assert_eq!(Instant::now() - start, want);
+            charged_by_the_balancer(&balance, &err);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_layer_without_a_route_timeout_sets_no_deadline() {
+    use tower::Service;
+    for retry in [RetryPolicy::disabled(), RetryPolicy::istio_default()] {
+        let balance = hanging_balance();
+        let mut svc = RetryLayer::new(retry)
+            .with_deadline(DeadlineLayer::new(None))
+            .layer(balance.clone());
+        futures_util::future::poll_fn(|cx| svc.poll_ready(cx))
+            .await
+            .unwrap();
+        let mut fut = tokio_test::task::spawn(svc.call(get()));
+        assert_pending!(fut.poll());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_pending!(fut.poll());
+        assert_eq!(balance.in_flight(UPSTREAM), 1);
+    }
 }
 
 #[tokio::test(start_paused = true)]
