@@ -155,6 +155,7 @@ struct State<S> {
 impl<S, F> Attempts<S, F> {
     /// Starts the attempts of `req` on `service`, which must be ready: the first attempt
     /// is called at once unless the body has to be read first.
+    #[inline]
     pub(crate) fn new<RB, E>(
         service: S,
         req: http::Request<BoxBody>,
@@ -219,6 +220,7 @@ impl<S> State<S> {
     /// Calls the first attempt with the caller's `head` and its prepared body, keeping a
     /// copy of the head when the body can be replayed.
     /// `now`, when given, is the current instant (read by the caller).
+    #[inline]
     fn first_attempt<RB, E>(
         &mut self,
         head: http::request::Parts,
