@@ -989,7 +989,11 @@ where
             }
             return Poll::Ready(match result {
                 Ok(mut res) => {
-                    res.extensions_mut().insert(UpstreamHost(address));
+                    // An endpoint client that tagged the response already (the proxy's
+                    // does) is not tagged again: inserting boxes the value anew.
+                    if res.extensions().get::<UpstreamHost>().map(|h| h.0) != Some(address) {
+                        res.extensions_mut().insert(UpstreamHost(address));
+                    }
                     if let Some(cookie) = this.set_cookie.take() {
                         res.headers_mut().append(http::header::SET_COOKIE, cookie);
                     }

@@ -44,6 +44,8 @@ struct Stored {
 }
 
 thread_local! {
+    /// Boxed: the retry future holds a pointer, and a pooled copy keeps its box.
+    #[allow(clippy::vec_box)]
     static POOL: RefCell<Vec<Box<Stored>>> = const { RefCell::new(Vec::new()) };
 }
 
