@@ -19,12 +19,14 @@ use mesh_core::{BoxBody, Endpoint};
 use mesh_resilience::{Balance, DeadlineLayer, LbPolicy, OutlierConfig, RetryLayer, RetryPolicy};
 use tower::{Layer, Service, service_fn};
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 9] = [
     "bare",
     "deadline",
     "retry",
     "deadline+retry",
+    "retry with deadline",
     "deadline+retry disabled",
+    "retry with deadline, disabled",
     "p2c_pick",
     "clock_read",
 ];
@@ -82,6 +84,21 @@ fn scenario(name: &str) -> Box<dyn FnMut()> {
                 .with_rng_seed(1)
                 .layer(ok_service()),
             ),
+        ),
+        // The route stack as the proxy builds it: the retry layer applies the deadline.
+        "retry with deadline" => drive(
+            RetryLayer::new(
+                RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(2))),
+            )
+            .with_rng_seed(1)
+            .with_deadline(DeadlineLayer::new(Some(Duration::from_secs(5))))
+            .layer(ok_service()),
+        ),
+        "retry with deadline, disabled" => drive(
+            RetryLayer::new(RetryPolicy::disabled())
+                .with_rng_seed(1)
+                .with_deadline(DeadlineLayer::new(None))
+                .layer(ok_service()),
         ),
         "deadline+retry disabled" => drive(
             DeadlineLayer::new(None).layer(

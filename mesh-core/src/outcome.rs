@@ -52,8 +52,10 @@ impl Outcome {
 
     /// Classifies a status and headers.
     pub fn from_parts(status: http::StatusCode, headers: &http::HeaderMap) -> Self {
+        // A `HeaderName` key is hashed as it is; a `&str` would be parsed first.
+        const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
         let grpc_status = headers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
         Self::Response {

@@ -1,19 +1,44 @@
 //! The route's outer deadline (VirtualService `timeout`, ISTIO.md VS-40, VS-41).
 //!
-//! [`DeadlineLayer`] turns the route timeout into an absolute [`RequestDeadline`] set once
-//! per request as a request extension. It covers every attempt and every back-off sleep
-//! of the retry layer inside it, which clips its own timers to it. When the deadline
-//! passes, the in-flight attempt is dropped (the upstream stream is reset) and the caller
-//! gets [`DeadlineExceeded`]; the proxy answers 504 `upstream request timeout` with flag `UT`.
+//! [`DeadlineLayer`] turns the route timeout into an absolute [`RequestDeadline`] once per
+//! request. It covers every attempt and every back-off sleep of the retry layer inside
+//! it, which clips its own timers to it. When the deadline passes, the in-flight attempt
+//! is dropped (the upstream stream is reset) and the caller gets [`DeadlineExceeded`];
+//! the proxy answers 504 `upstream request timeout` with flag `UT`.
 //!
 //! No timeout configured (`None` or zero) means no deadline at all, as in Istio: there is
-//! no hidden default. If the request already carries an earlier deadline (set by an
-//! outer layer), the earlier one is kept. A gRPC request's `grpc-timeout` is a deadline
-//! as well, capped by the route timeout when one is set (ISTIO.md VS-42).
+//! no hidden default. If the request is already bounded by an earlier deadline (an outer
+//! deadline layer, or a [`RequestDeadline`] extension the embedder inserted), the earlier
+//! one is kept. A gRPC request's `grpc-timeout` is a deadline as well, capped by the
+//! route timeout when one is set (ISTIO.md VS-42).
+//!
+//! # How the inner layers learn the deadlines
+//!
+//! The deadlines are *call-scoped*: the deadline layer makes its [`RequestDeadline`] the
+//! current one on its thread for exactly the synchronous duration of the inner
+//! service's `call` ([`CallDeadlines::scope`]); the retry layer does the same around each
+//! attempt's `call`, adding the attempt's [`AttemptDeadline`]. An inner layer reads them
+//! in its own `call` with [`CallDeadlines::of`], which also honours deadlines the request
+//! carries as extensions (the earlier of each wins). Leaving the scope restores what was
+//! current before, so a deadline never leaks into another call on the same thread, even
+//! when `call` panics.
+//!
+//! Why not request extensions: `http::Extensions` boxes every value and a request
+//! without extensions gets a map and a table as well, three allocations per request
+//! just to pass two instants one frame down the stack. The scope costs two thread-local
+//! writes and allocates nothing.
+//!
+//! The limit: a layer that hands the request to another task before calling its inner
+//! service (a buffer, a spawned worker) calls it outside the scope, so the layers past it
+//! do not see the deadlines (the deadline layer's own timer still bounds the request).
+//! To carry a deadline across such a boundary, insert a [`RequestDeadline`] (and, per
+//! attempt, an [`AttemptDeadline`]) as a request extension: extensions travel with the
+//! request, and every layer here honours them.
 //!
 //! # Layer placement
 //!
-//! Outside the retry layer, per route: `deadline -> retry -> balancer -> endpoint`.
+//! Outside the retry layer, per route: `deadline -> retry -> balancer -> endpoint`, with
+//! nothing between them that defers `call` to another task (see above).
 //!
 //! # Errors
 //!
@@ -24,22 +49,23 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use mesh_resilience::deadline::{DeadlineLayer, RequestDeadline};
+//! use mesh_resilience::deadline::{CallDeadlines, DeadlineLayer};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let svc = ServiceBuilder::new()
 //!     .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
-//!     .service(service_fn(|req: http::Request<()>| async move {
-//!         // Every layer inside sees the absolute deadline.
-//!         let deadline = req.extensions().get::<RequestDeadline>().copied();
-//!         Ok::<_, std::convert::Infallible>(deadline.map(|d| d.timeout))
+//!     .service(service_fn(|req: http::Request<()>| {
+//!         // Every layer inside sees the absolute deadline in its `call`.
+//!         let deadline = CallDeadlines::of(&req).request;
+//!         async move { Ok::<_, std::convert::Infallible>(deadline.map(|d| d.timeout)) }
 //!     }));
 //! let seen = svc.oneshot(http::Request::new(())).await.unwrap();
 //! assert_eq!(seen, Some(Duration::from_secs(5)));
 //! # }
 //! ```
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -52,7 +78,8 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// The absolute deadline of a request, carried as a request extension.
+/// The absolute deadline of a request: set around the inner calls by [`DeadlineLayer`]
+/// (see [`CallDeadlines`]), or carried as a request extension by an embedder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestDeadline {
     /// When the request's time is up.
@@ -71,9 +98,10 @@ impl RequestDeadline {
         }
     }
 
-    /// The deadline carried by `req`, if any.
+    /// The deadline that bounds `req` in the call being made: the earlier of the current
+    /// one ([`CallDeadlines::current`]) and the one `req` carries as an extension.
     pub fn of<B>(req: &http::Request<B>) -> Option<Self> {
-        req.extensions().get::<Self>().copied()
+        CallDeadlines::of(req).request
     }
 
     /// `t`, clipped so that it never lies after the deadline.
@@ -85,13 +113,112 @@ impl RequestDeadline {
     pub fn expired(&self, now: Instant) -> bool {
         now >= self.at
     }
+
+    /// The earlier of two optional deadlines.
+    fn earliest(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b.at < a.at { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// The deadline of one upstream attempt: `perTryTimeout` from the attempt's start,
-/// already clipped to the [`RequestDeadline`]. The retry layer sets it on each attempt;
-/// the balancer enforces it so the endpoint that timed out is charged (DR-31).
+/// already clipped to the [`RequestDeadline`]. The retry layer sets it around each
+/// attempt's call (see [`CallDeadlines`]); the balancer enforces it so the endpoint that
+/// timed out is charged (DR-31).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttemptDeadline(pub Instant);
+
+impl AttemptDeadline {
+    /// The attempt deadline that bounds `req` in the call being made: the earlier of the
+    /// current one ([`CallDeadlines::current`]) and the one `req` carries as an extension.
+    pub fn of<B>(req: &http::Request<B>) -> Option<Self> {
+        CallDeadlines::of(req).attempt
+    }
+
+    fn earliest(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Self(a.0.min(b.0))),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+thread_local! {
+    /// The deadlines of the `call` in progress on this thread (module docs).
+    static CURRENT: Cell<CallDeadlines> = const { Cell::new(CallDeadlines::NONE) };
+}
+
+/// The deadlines in force for a `call`: the request's and the current attempt's.
+///
+/// [`DeadlineLayer`] and the retry layer make them current for exactly the synchronous
+/// duration of their inner service's `call` ([`scope`](Self::scope)); a layer inside
+/// reads them in its own `call` ([`of`](Self::of)). See the module docs for the
+/// contract and its limit (a layer that defers `call` to another task).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallDeadlines {
+    /// The request's deadline (route timeout, `grpc-timeout`).
+    pub request: Option<RequestDeadline>,
+    /// The current attempt's deadline (`perTryTimeout`, clipped to `request`).
+    pub attempt: Option<AttemptDeadline>,
+}
+
+impl CallDeadlines {
+    /// No deadline.
+    pub const NONE: Self = Self {
+        request: None,
+        attempt: None,
+    };
+
+    /// The deadlines made current on this thread by an enclosing [`scope`](Self::scope);
+    /// [`NONE`](Self::NONE) outside any.
+    pub fn current() -> Self {
+        CURRENT.try_with(Cell::get).unwrap_or(Self::NONE)
+    }
+
+    /// The deadlines that bound `req` in the call being made: the current ones and those
+    /// `req` carries as [`RequestDeadline`] / [`AttemptDeadline`] extensions, the earlier
+    /// of each.
+    pub fn of<B>(req: &http::Request<B>) -> Self {
+        Self::with_extensions(req.extensions())
+    }
+
+    /// [`of`](Self::of) for a request taken apart.
+    pub fn of_parts(head: &http::request::Parts) -> Self {
+        Self::with_extensions(&head.extensions)
+    }
+
+    fn with_extensions(ext: &http::Extensions) -> Self {
+        let current = Self::current();
+        if ext.is_empty() {
+            return current;
+        }
+        Self {
+            request: RequestDeadline::earliest(
+                current.request,
+                ext.get::<RequestDeadline>().copied(),
+            ),
+            attempt: AttemptDeadline::earliest(
+                current.attempt,
+                ext.get::<AttemptDeadline>().copied(),
+            ),
+        }
+    }
+
+    /// Runs `f` with these deadlines current on this thread, then restores the ones that
+    /// were current before (also when `f` panics).
+    pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(CallDeadlines);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = CURRENT.try_with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT.try_with(|c| c.replace(self)).unwrap_or(Self::NONE));
+        f()
+    }
+}
 
 /// Applies the route timeout as an absolute deadline. Cheap to clone.
 #[derive(Clone, Copy, Debug, Default)]
@@ -151,32 +278,45 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
-        // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
-        let timeout = match (self.timeout, grpc_timeout(&req)) {
-            (Some(route), Some(grpc)) => Some(route.min(grpc)),
-            (route, grpc) => route.or(grpc),
-        };
-        let Some(timeout) = timeout else {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let Some((deadlines, at, _)) = deadlines_for(self.timeout, &req) else {
             return ResponseFuture::Passthrough {
                 fut: self.inner.call(req),
             };
         };
-        let mut deadline = RequestDeadline::after(timeout);
-        if let Some(outer) = RequestDeadline::of(&req) {
-            // An outer layer already bounded the request more tightly: keep its deadline.
-            if outer.at <= deadline.at {
-                deadline = outer;
-            }
-        }
-        req.extensions_mut().insert(deadline);
         ResponseFuture::Timed {
-            fut: self.inner.call(req),
-            at: deadline.at,
+            fut: deadlines.scope(|| self.inner.call(req)),
+            at,
             sleep: None,
         }
     }
+}
+
+/// The deadlines a deadline layer with route timeout `timeout` sets around the inner
+/// call of `req`, the instant its request deadline ends, and the instant it was taken
+/// at; `None` when neither the route nor a `grpc-timeout` bounds the request.
+pub(crate) fn deadlines_for<B>(
+    timeout: Option<Duration>,
+    req: &http::Request<B>,
+) -> Option<(CallDeadlines, Instant, Instant)> {
+    // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
+    // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
+    let timeout = match (timeout, grpc_timeout(req)) {
+        (Some(route), Some(grpc)) => Some(route.min(grpc)),
+        (route, grpc) => route.or(grpc),
+    }?;
+    let now = Instant::now();
+    let mut deadlines = CallDeadlines::of(req);
+    let deadline = match deadlines.request {
+        // The request is already bounded more tightly: keep that deadline.
+        Some(outer) if outer.at <= now + timeout => outer,
+        _ => RequestDeadline {
+            at: now + timeout,
+            timeout,
+        },
+    };
+    deadlines.request = Some(deadline);
+    Some((deadlines, deadline.at, now))
 }
 
 /// The `grpc-timeout` of a gRPC request (`content-type: application/grpc…`): an
@@ -260,6 +400,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
     use mesh_core::is_caused_by;
     use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
@@ -267,9 +409,55 @@ mod tests {
 
     type Req = http::Request<()>;
 
+    /// Records the deadlines its inner service is called under, in `call`.
+    #[derive(Clone)]
+    struct Record<S> {
+        inner: S,
+        seen: Arc<Mutex<Vec<CallDeadlines>>>,
+    }
+
+    impl<S: Service<Req>> Service<Req> for Record<S> {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, req: Req) -> Self::Future {
+            self.seen.lock().unwrap().push(CallDeadlines::of(&req));
+            self.inner.call(req)
+        }
+    }
+
+    /// `layer` around a recording mock: the service, the mock's handle and what the
+    /// mock was called under.
+    #[allow(clippy::type_complexity)]
+    fn spawn_recorded(
+        layer: DeadlineLayer,
+    ) -> (
+        mock::Spawn<Deadline<Record<mock::Mock<Req, &'static str>>>>,
+        mock::Handle<Req, &'static str>,
+        Arc<Mutex<Vec<CallDeadlines>>>,
+    ) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let (svc, handle) = mock::spawn_with(move |inner| {
+            layer.layer(Record {
+                inner,
+                seen: record.clone(),
+            })
+        });
+        (svc, handle, seen)
+    }
+
+    fn last(seen: &Mutex<Vec<CallDeadlines>>) -> CallDeadlines {
+        *seen.lock().unwrap().last().unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn deadline_fires_at_the_route_timeout_and_drops_the_attempt() {
-        use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
 
         struct DropFlag(Arc<AtomicBool>);
@@ -279,7 +467,7 @@ mod tests {
             }
         }
         let dropped = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(std::sync::Mutex::new(None));
+        let seen = Arc::new(Mutex::new(None));
         let (flag, seen2) = (dropped.clone(), seen.clone());
         let inner = tower::service_fn(move |req: Req| {
             *seen2.lock().unwrap() = RequestDeadline::of(&req);
@@ -352,13 +540,12 @@ mod tests {
             ),
             (Some(Duration::from_secs(1)), "10S", Duration::from_secs(1)),
         ] {
-            let (mut svc, mut handle) =
-                mock::spawn_layer::<Req, &'static str, _>(DeadlineLayer::new(route));
+            let (mut svc, mut handle, seen) = spawn_recorded(DeadlineLayer::new(route));
             assert_ready_ok!(svc.poll_ready());
             let start = Instant::now();
             let mut fut = tokio_test::task::spawn(svc.call(grpc(header)));
-            let (req, _send) = handle.next_request().await.unwrap();
-            assert_eq!(RequestDeadline::of(&req).unwrap().at, start + want);
+            let (_req, _send) = handle.next_request().await.unwrap();
+            assert_eq!(last(&seen).request.unwrap().at, start + want);
             tokio::time::advance(want).await;
             let err = assert_ready_err!(fut.poll());
             assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
@@ -371,11 +558,11 @@ mod tests {
             DeadlineLayer::new(None),
             DeadlineLayer::new(Some(Duration::ZERO)),
         ] {
-            let (mut svc, mut handle) = mock::spawn_layer::<Req, &'static str, _>(layer);
+            let (mut svc, mut handle, seen) = spawn_recorded(layer);
             assert_ready_ok!(svc.poll_ready());
             let mut fut = tokio_test::task::spawn(svc.call(http::Request::new(())));
-            let (req, send) = handle.next_request().await.unwrap();
-            assert!(RequestDeadline::of(&req).is_none());
+            let (_req, send) = handle.next_request().await.unwrap();
+            assert_eq!(last(&seen), CallDeadlines::NONE);
             tokio::time::advance(Duration::from_secs(3600)).await;
             assert_pending!(fut.poll());
             send.send_response("late but fine");
@@ -384,17 +571,146 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_earlier_outer_deadline_is_kept() {
-        let (mut svc, mut handle) = mock::spawn_layer::<Req, &'static str, _>(DeadlineLayer::new(
-            Some(Duration::from_secs(10)),
-        ));
+    async fn an_earlier_deadline_of_the_embedder_is_kept_and_enforced() {
+        let (mut svc, mut handle, seen) =
+            spawn_recorded(DeadlineLayer::new(Some(Duration::from_secs(10))));
         assert_ready_ok!(svc.poll_ready());
         let outer = RequestDeadline::after(Duration::from_secs(1));
         let mut req = http::Request::new(());
         req.extensions_mut().insert(outer);
+        let mut fut = tokio_test::task::spawn(svc.call(req));
+        let (_req, _send) = handle.next_request().await.unwrap();
+        assert_eq!(last(&seen).request, Some(outer));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let err = assert_ready_err!(fut.poll());
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_deadline_of_the_embedder_gives_way_to_the_route_timeout() {
+        let (mut svc, mut handle, seen) =
+            spawn_recorded(DeadlineLayer::new(Some(Duration::from_secs(1))));
+        assert_ready_ok!(svc.poll_ready());
+        let start = Instant::now();
+        let mut req = http::Request::new(());
+        req.extensions_mut()
+            .insert(RequestDeadline::after(Duration::from_secs(10)));
         let _fut = svc.call(req);
-        let (seen, _send) = handle.next_request().await.unwrap();
-        assert_eq!(RequestDeadline::of(&seen), Some(outer));
+        let (_req, _send) = handle.next_request().await.unwrap();
+        assert_eq!(
+            last(&seen).request,
+            Some(RequestDeadline {
+                at: start + Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nested_deadline_layers_keep_the_earlier_deadline() {
+        let start = Instant::now();
+        for (outer, inner, want) in [(1, 10, 1), (10, 1, 1)] {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let record = seen.clone();
+            let (mut svc, mut handle) = mock::spawn_with(move |m: mock::Mock<Req, ()>| {
+                DeadlineLayer::new(Some(Duration::from_secs(outer))).layer(
+                    DeadlineLayer::new(Some(Duration::from_secs(inner))).layer(Record {
+                        inner: m,
+                        seen: record.clone(),
+                    }),
+                )
+            });
+            assert_ready_ok!(svc.poll_ready());
+            let _fut = svc.call(http::Request::new(()));
+            let (_req, _send) = handle.next_request().await.unwrap();
+            let got = last(&seen).request.unwrap();
+            assert_eq!(got.at, start + Duration::from_secs(want), "{outer} {inner}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_are_current_only_for_the_duration_of_the_inner_call() {
+        let (mut svc, mut handle, seen) =
+            spawn_recorded(DeadlineLayer::new(Some(Duration::from_secs(5))));
+        assert_eq!(CallDeadlines::current(), CallDeadlines::NONE);
+        assert_ready_ok!(svc.poll_ready());
+        let _timed = svc.call(http::Request::new(()));
+        assert!(last(&seen).request.is_some(), "set during the call");
+        assert_eq!(
+            CallDeadlines::current(),
+            CallDeadlines::NONE,
+            "gone after it"
+        );
+        let (_req, _send) = handle.next_request().await.unwrap();
+
+        // The next call on the same thread, through a service without a deadline, sees none.
+        let (mut plain, mut plain_handle, plain_seen) = spawn_recorded(DeadlineLayer::new(None));
+        assert_ready_ok!(plain.poll_ready());
+        let _fut = plain.call(http::Request::new(()));
+        let (_req, _send) = plain_handle.next_request().await.unwrap();
+        assert_eq!(last(&plain_seen), CallDeadlines::NONE);
+    }
+
+    #[test]
+    fn scopes_nest_and_restore_even_when_the_call_panics() {
+        let at = Instant::now();
+        let outer = CallDeadlines {
+            request: Some(RequestDeadline {
+                at,
+                timeout: Duration::from_secs(1),
+            }),
+            attempt: None,
+        };
+        let inner = CallDeadlines {
+            attempt: Some(AttemptDeadline(at)),
+            ..outer
+        };
+        outer.scope(|| {
+            assert_eq!(CallDeadlines::current(), outer);
+            inner.scope(|| assert_eq!(CallDeadlines::current(), inner));
+            assert_eq!(CallDeadlines::current(), outer);
+            let panicked = std::panic::catch_unwind(|| inner.scope(|| panic!("inner call")));
+            assert!(panicked.is_err());
+            assert_eq!(CallDeadlines::current(), outer);
+        });
+        assert_eq!(CallDeadlines::current(), CallDeadlines::NONE);
+    }
+
+    #[test]
+    fn extensions_and_current_deadlines_combine_earliest_first() {
+        let t0 = Instant::now();
+        let d = |s: u64| RequestDeadline {
+            at: t0 + Duration::from_secs(s),
+            timeout: Duration::from_secs(s),
+        };
+        let a = |s: u64| AttemptDeadline(t0 + Duration::from_secs(s));
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(d(2));
+        req.extensions_mut().insert(a(3));
+        assert_eq!(
+            CallDeadlines::of(&req),
+            CallDeadlines {
+                request: Some(d(2)),
+                attempt: Some(a(3)),
+            }
+        );
+        let current = CallDeadlines {
+            request: Some(d(1)),
+            attempt: Some(a(4)),
+        };
+        current.scope(|| {
+            assert_eq!(
+                CallDeadlines::of(&req),
+                CallDeadlines {
+                    request: Some(d(1)),
+                    attempt: Some(a(3)),
+                }
+            );
+            assert_eq!(RequestDeadline::of(&req), Some(d(1)));
+            assert_eq!(AttemptDeadline::of(&req), Some(a(3)));
+            // A request without extensions gets the current ones as they are.
+            assert_eq!(CallDeadlines::of(&http::Request::new(())), current);
+        });
     }
 
     #[tokio::test(start_paused = true)]

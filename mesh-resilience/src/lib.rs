@@ -5,7 +5,7 @@
 //! A typical outbound stack, outermost first:
 //!
 //! ```text
-//! DeadlineLayer (route timeout)            deadline::RequestDeadline set once per request
+//! DeadlineLayer (route timeout)            the request's deadline, current during the inner calls
 //!   -> RetryLayer (route retries)          attempts, perTryTimeout, retryOn, back-off, budget
 //!     -> PoolLimitLayer (destination)      maxConnections / pending / maxRequests -> Overflow
 //!       -> Balance (destination)           LEAST_REQUEST / ROUND_ROBIN / RANDOM / consistent hash,
@@ -13,11 +13,21 @@
 //!         -> endpoint service              made per mesh_core::Endpoint by the caller
 //! ```
 //!
-//! The layers talk through request and response extensions: the deadline
-//! ([`deadline::RequestDeadline`]), the per-attempt deadline
-//! ([`deadline::AttemptDeadline`]), the hosts already tried
-//! ([`balance::PreviousHosts`]), the host that answered ([`mesh_core::UpstreamHost`])
-//! and the response flags (`URX`, `UO`). Every layer classifies outcomes with the one
+//! [`RetryLayer::with_deadline`] folds the first two into one layer (one future and one
+//! timer per request, the same behaviour); the proxy's route stack uses it.
+//!
+//! The deadlines travel *call-scoped* (see [`deadline`]): the deadline layer and the retry
+//! layer make the request's deadline ([`deadline::RequestDeadline`]) and the attempt's
+//! ([`deadline::AttemptDeadline`]) current on their thread for exactly the synchronous
+//! duration of their inner service's `call`, and the balancer reads them in its `call`
+//! ([`deadline::CallDeadlines`]). Request extensions box every value (three allocations
+//! on a request without any), which the success path of these layers cannot afford; a
+//! deadline an embedder inserts as an extension is still honoured (the earlier wins), and
+//! is the way to carry one past a layer that defers `call` to another task (a buffer),
+//! which the call-scoped deadlines do not cross. The other contracts between the layers
+//! are request and response extensions: the hosts already tried
+//! ([`balance::PreviousHosts`]), the host that answered ([`mesh_core::UpstreamHost`]) and
+//! the response flags (`URX`, `UO`). Every layer classifies outcomes with the one
 //! [`mesh_core::Outcome`] and returns the leaf errors of [`mesh_core::error`]
 //! (`DeadlineExceeded`, `PerTryTimeout`, `Overflow`, `NoHealthyUpstream`); turning them
 //! into HTTP responses is the proxy's job.
@@ -38,8 +48,10 @@
 //!   [`Balance::is_ejected`] replays every sweep that fell due, at its own time on the
 //!   interval grid. Sweeps only un-eject and decay, so every pick and every ejection is
 //!   the one a timer would give, and most picks read no clock.
-//! - The retry layer sends the first attempt with the caller's own request head and keeps
-//!   a copy for replay in pooled storage (see [`retry`]).
+//! - The retry layer sends the first attempt with the caller's own request head, from its
+//!   `call`, and keeps a copy for replay as raw bytes in pooled storage (see [`retry`]).
+//! - Deadlines reach the inner layers call-scoped rather than as request extensions (see
+//!   above and [`deadline`]).
 //! - Pool limits are counted per proxy per destination (DR-21); connection-level settings
 //!   (`maxRequestsPerConnection`, `idleTimeout`, `maxConnections` over HTTP/2) are carried
 //!   in [`limit::PoolLimits`] for the connector to apply.
@@ -84,7 +96,7 @@ pub use balance::{
     Balance, ConsistentHash, HashAlgorithm, HashCookie, HashKey, LbConfig, LbPolicy, LocalityLb,
     Origin, PreviousHosts, RetryRemoteLocalities, SlowStart,
 };
-pub use deadline::{AttemptDeadline, DeadlineLayer, RequestDeadline};
+pub use deadline::{AttemptDeadline, CallDeadlines, DeadlineLayer, RequestDeadline};
 pub use istio::UnsupportedLb;
 pub use limit::{PoolLimitLayer, PoolLimits, RetryGate};
 pub use outlier::{OutlierConfig, OutlierDetector};

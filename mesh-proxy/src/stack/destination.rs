@@ -4,8 +4,8 @@
 //! # Layer placement
 //!
 //! ```text
-//! router -> per (route, destination) [RouteService]: deadline (route timeout)
-//!   -> retry (route retries, gated by the destination's maxRetries)
+//! router -> per (route, destination) [RouteService]: retry (route retries, gated by
+//!   the destination's maxRetries, and the route timeout as the deadline over them all)
 //!     -> per destination [DestService]: pool limits (DestinationRule connectionPool)
 //!       -> balancer (loadBalancer, outlierDetection) -> per endpoint: HttpClient over
 //!          Istio mTLS, TLS or plaintext (DestinationRule tls, auto-mTLS: [`super::upstream`])
@@ -52,7 +52,7 @@ use mesh_core::body::{self, BoxBody};
 use mesh_core::config::ProxyProtocolVersion as ProxyVersion_;
 use mesh_core::error::BoxError;
 use mesh_core::extensions::{RoutePolicy, RoutedService};
-use mesh_resilience::deadline::Deadline;
+use mesh_resilience::deadline::DeadlineLayer;
 use mesh_resilience::limit::PoolLimit;
 use mesh_resilience::retry::{ConcurrentRetryBudget, Retry};
 use mesh_resilience::{
@@ -232,7 +232,9 @@ impl Service<Request<BoxBody>> for DestService {
 #[derive(Clone)]
 pub struct RouteService {
     destination: DestService,
-    stack: Deadline<Retry<DestService>>,
+    /// The retry layer applies the route's deadline itself: one future and one timer
+    /// per request instead of a deadline layer's around it.
+    stack: Retry<DestService>,
     /// The route's `retries.retryRemoteLocalities`.
     remote_retries: bool,
 }
@@ -285,11 +287,9 @@ impl RouteService {
         let remote_retries = policy
             .and_then(|p| p.retries.as_deref())
             .is_some_and(|r| r.retry_remote_localities == Some(true));
+        let deadline = DeadlineLayer::new(policy.and_then(|p| p.timeout));
         Self {
-            stack: Deadline::new(
-                retry.layer(destination.clone()),
-                policy.and_then(|p| p.timeout),
-            ),
+            stack: retry.with_deadline(deadline).layer(destination.clone()),
             destination,
             remote_retries,
         }
@@ -299,7 +299,7 @@ impl RouteService {
 impl Service<Request<BoxBody>> for RouteService {
     type Response = Response<BoxBody>;
     type Error = BoxError;
-    type Future = <Deadline<Retry<DestService>> as Service<Request<BoxBody>>>::Future;
+    type Future = <Retry<DestService> as Service<Request<BoxBody>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.stack.poll_ready(cx)

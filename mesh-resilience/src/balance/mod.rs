@@ -19,7 +19,9 @@
 //!    endpoint weights (`Endpoint::weight`) weigh `ROUND_ROBIN`, `LEAST_REQUEST` and
 //!    `RANDOM` (only when some weight is not 1: the unweighted picks stay as they are);
 //! 3. waits for that endpoint's service to be ready, calls it, and races the call
-//!    against the attempt's deadline ([`AttemptDeadline`], [`RequestDeadline`]);
+//!    against the attempt's deadline ([`AttemptDeadline`](crate::AttemptDeadline),
+//!    [`RequestDeadline`](crate::RequestDeadline)), read in `call` from the deadline
+//!    and retry layers around it or from the request's extensions ([`CallDeadlines`]);
 //! 4. classifies the result once ([`Outcome`]) and records it for outlier detection;
 //! 5. tags the response with [`UpstreamHost`] (and a generated hash cookie's
 //!    `Set-Cookie`) and errors with [`EndpointFailed`], and keeps the endpoint's
@@ -163,7 +165,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
 use crate::body::{GuardBody, guard_response};
-use crate::deadline::{AttemptDeadline, RequestDeadline};
+use crate::deadline::CallDeadlines;
 use crate::outlier::{HostHealth, OutlierConfig, OutlierDetector};
 
 pub use hash::{ConsistentHash, HashAlgorithm, HashCookie, HashKey, InvalidHashTable};
@@ -837,8 +839,10 @@ where
             return ResponseFuture::failed(Box::new(NoHealthyUpstream));
         };
         let entry = &set[i];
-        let request_deadline = RequestDeadline::of(&req).map(|d| d.at);
-        let attempt_deadline = req.extensions().get::<AttemptDeadline>().map(|d| d.0);
+        // Set around this call by the deadline and retry layers, or carried by the request.
+        let deadlines = CallDeadlines::of(&req);
+        let request_deadline = deadlines.request.map(|d| d.at);
+        let attempt_deadline = deadlines.attempt.map(|d| d.0);
         let (timer, timer_is_request_deadline) = match (attempt_deadline, request_deadline) {
             (Some(a), Some(r)) => (Some(a.min(r)), r <= a),
             (Some(a), None) => (Some(a), false),
@@ -985,7 +989,11 @@ where
             }
             return Poll::Ready(match result {
                 Ok(mut res) => {
-                    res.extensions_mut().insert(UpstreamHost(address));
+                    // An endpoint client that tagged the response already (the proxy's
+                    // does) is not tagged again: inserting boxes the value anew.
+                    if res.extensions().get::<UpstreamHost>().map(|h| h.0) != Some(address) {
+                        res.extensions_mut().insert(UpstreamHost(address));
+                    }
                     if let Some(cookie) = this.set_cookie.take() {
                         res.headers_mut().append(http::header::SET_COOKIE, cookie);
                     }

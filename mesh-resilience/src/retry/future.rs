@@ -24,7 +24,7 @@ use super::policy::RetryPolicy;
 use super::replay::{Buffering, Prepared, Replay, Start};
 use super::{ATTEMPT_COUNT, RetriesExhausted};
 use crate::balance::{EndpointFailed, PreviousHosts};
-use crate::deadline::{AttemptDeadline, RequestDeadline};
+use crate::deadline::{AttemptDeadline, CallDeadlines, RequestDeadline};
 use crate::limit::{RetryGate, RetryPermit};
 
 /// Response future of [`Retry`](super::Retry).
@@ -34,11 +34,12 @@ use crate::limit::{RetryGate, RetryPermit};
     reason = "the attempts live inline so a request costs no extra allocation"
 )]
 pub enum ResponseFuture<S, F> {
-    /// Retries disabled: the inner future as is.
+    /// Retries disabled: the inner future as is, or raced against the route deadline
+    /// when the layer applies it.
     Passthrough {
         /// The inner future.
         #[pin]
-        fut: F,
+        fut: crate::deadline::ResponseFuture<F>,
     },
     /// Attempts under the retry policy.
     Retrying {
@@ -54,7 +55,7 @@ impl<S, F> fmt::Debug for ResponseFuture<S, F> {
             Self::Passthrough { .. } => f.write_str("ResponseFuture::Passthrough"),
             Self::Retrying { inner } => f
                 .debug_struct("ResponseFuture::Retrying")
-                .field("attempt", &inner.attempt)
+                .field("attempt", &inner.state.attempt)
                 .finish_non_exhaustive(),
         }
     }
@@ -70,17 +71,26 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::Passthrough { fut } => fut.poll(cx).map_err(Into::into),
+            ResponseFutureProj::Passthrough { fut } => fut.poll(cx),
             ResponseFutureProj::Retrying { inner } => inner.poll(cx),
         }
     }
 }
 
 enum Body {
-    /// Boxed: only bodies that must be read pay for the buffering state.
-    Buffering(Box<Buffering>),
+    /// Being read, with the caller's head that the first attempt waits for. Boxed: only
+    /// requests whose body must be read pay for this state.
+    Buffering(Box<Reading>),
+    /// Buffered whole: every attempt gets a copy.
     Replay(Replay),
-    Once(Option<BoxBody>),
+    /// Too large to keep: the first attempt took it, nothing can be replayed.
+    Once,
+}
+
+/// A body being buffered, and the head of the request it belongs to.
+struct Reading {
+    buffering: Buffering,
+    head: http::request::Parts,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,17 +113,31 @@ enum Timer {
 }
 
 /// The attempts of one request.
+///
+/// The first attempt is made in the retry service's `call` when the body needs no
+/// reading (the inner service is ready then), so the caller's head goes straight to it
+/// and is never stored here; only the copy kept for retries is.
 #[pin_project]
 pub struct Attempts<S, F> {
+    state: State<S>,
+    #[pin]
+    call: Option<F>,
+    /// Created from `state.timer_at` only once something has to wait, so an attempt
+    /// answered at once costs no timer; dropped whenever `timer_at` changes.
+    #[pin]
+    timer: Option<Sleep>,
+}
+
+/// Everything of [`Attempts`] but the pinned futures.
+struct State<S> {
     service: S,
     service_ready: bool,
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<RetryBudget>>,
     gate: Option<RetryLimit>,
     retry_permit: Option<RetryHold>,
-    /// The caller's head, sent with the first attempt.
-    first: Option<http::request::Parts>,
-    /// A copy of it for later attempts, made only when the body can be replayed.
+    /// A copy of the caller's head for later attempts, made only when the body can be
+    /// replayed.
     replay: Option<ReplayHead>,
     body: Body,
     phase: Phase,
@@ -123,73 +147,162 @@ pub struct Attempts<S, F> {
     per_try: Option<Duration>,
     tried: Vec<SocketAddr>,
     seed: u64,
-    #[pin]
-    call: Option<F>,
-    /// When the current timer fires; the `Sleep` itself is armed only once something
-    /// has to wait, so an attempt answered at once costs no timer.
+    /// When the current timer fires.
     timer_at: Option<Instant>,
-    #[pin]
-    timer: Option<Sleep>,
     timer_kind: Timer,
 }
 
 impl<S, F> Attempts<S, F> {
-    pub(crate) fn new(
+    /// Starts the attempts of `req` on `service`, which must be ready: the first attempt
+    /// is called at once unless the body has to be read first.
+    #[inline]
+    pub(crate) fn new<RB, E>(
         service: S,
         req: http::Request<BoxBody>,
         policy: Arc<RetryPolicy>,
         budget: Option<Arc<RetryBudget>>,
         gate: Option<RetryLimit>,
         seed: u64,
-    ) -> Self {
+        bounded: Option<(RequestDeadline, Instant)>,
+    ) -> Self
+    where
+        S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Future = F, Error = E>,
+    {
         let (mut head, body) = req.into_parts();
         if policy.include_attempt_count {
             // Present before the head is copied, so later attempts replace it in place.
             head.headers
                 .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
         }
-        let deadline = head.extensions.get::<RequestDeadline>().copied();
-        let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
-        let (body, phase) = match Buffering::start(body, policy.replay_limit) {
-            Start::Done(Prepared::Replayable(r)) => (Body::Replay(r), Phase::Dispatch),
-            Start::Done(Prepared::Once(b)) => (Body::Once(Some(b)), Phase::Dispatch),
-            Start::Read(buffering) => (Body::Buffering(Box::new(buffering)), Phase::Buffering),
+        // Applied by the layer (and then taken now), or set around this call by the
+        // deadline layer, or carried by the request.
+        let (deadline, now) = match bounded {
+            Some((deadline, now)) => (Some(deadline), Some(now)),
+            None => (CallDeadlines::of_parts(&head).request, None),
         };
-        Self {
+        let per_try = policy.effective_per_try_timeout(deadline.map(|d| d.timeout));
+        let start = Buffering::start(body, policy.replay_limit);
+        let mut state = State {
             service,
             service_ready: true,
             policy,
             budget,
             gate,
             retry_permit: None,
-            first: Some(head),
             replay: None,
-            body,
-            phase,
+            body: Body::Once,
+            phase: Phase::Dispatch,
             attempt: 0,
             deadline,
             per_try,
             tried: Vec::new(),
             seed,
-            call: None,
             timer_at: None,
-            timer: None,
             timer_kind: Timer::PerTry,
+        };
+        let call = match start {
+            Start::Done(prepared) => Some(state.first_attempt(head, prepared, now)),
+            Start::Read(buffering) => {
+                state.body = Body::Buffering(Box::new(Reading { buffering, head }));
+                state.phase = Phase::Buffering;
+                None
+            }
+        };
+        Self {
+            state,
+            call,
+            timer: None,
         }
     }
 }
 
-/// Sets the timer to fire at `at` (the `Sleep` is created when first polled).
-fn arm(timer_at: &mut Option<Instant>, mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
-    *timer_at = Some(at);
-    if timer.is_some() {
-        timer.set(None);
+impl<S> State<S> {
+    /// Calls the first attempt with the caller's `head` and its prepared body, keeping a
+    /// copy of the head when the body can be replayed.
+    /// `now`, when given, is the current instant (read by the caller).
+    #[inline]
+    fn first_attempt<RB, E>(
+        &mut self,
+        head: http::request::Parts,
+        prepared: Prepared,
+        now: Option<Instant>,
+    ) -> S::Future
+    where
+        S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Error = E>,
+    {
+        let body = match prepared {
+            Prepared::Replayable(replay) => {
+                self.replay = Some(ReplayHead::copy(&head));
+                let body = replay.body();
+                self.body = Body::Replay(replay);
+                body
+            }
+            Prepared::Once(body) => {
+                self.body = Body::Once;
+                body
+            }
+        };
+        self.call_attempt(http::Request::from_parts(head, body), now)
+    }
+
+    /// Calls the next attempt with `req` on the ready service: numbers it, names the
+    /// hosts already tried, sets its timer (the per-try timeout clipped to the deadline)
+    /// and makes its deadlines current for the layers inside. Whoever holds the `Sleep`
+    /// must drop it, as `timer_at` changed.
+    fn call_attempt<RB, E>(
+        &mut self,
+        mut req: http::Request<BoxBody>,
+        now: Option<Instant>,
+    ) -> S::Future
+    where
+        S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Error = E>,
+    {
+        self.service_ready = false;
+        self.attempt += 1;
+        if self.policy.include_attempt_count && self.attempt > 1 {
+            req.headers_mut()
+                .insert(ATTEMPT_COUNT, attempt_header(self.attempt));
+        }
+        if self.policy.retry_ignore_previous_hosts && !self.tried.is_empty() {
+            req.extensions_mut()
+                .insert(PreviousHosts(self.tried.clone()));
+        }
+        // The clock is read only when a per-try timeout applies.
+        let per_try_end = self.per_try.map(|p| now.unwrap_or_else(Instant::now) + p);
+        let attempt_deadline =
+            per_try_end.map(|end| AttemptDeadline(self.deadline.map_or(end, |d| d.clip(end))));
+        (self.timer_at, self.timer_kind) = match (per_try_end, self.deadline) {
+            (Some(p), Some(d)) if d.at <= p => (Some(d.at), Timer::Deadline),
+            (Some(p), _) => (Some(p), Timer::PerTry),
+            (None, Some(d)) => (Some(d.at), Timer::Deadline),
+            (None, None) => (None, Timer::PerTry),
+        };
+        self.phase = Phase::Calling;
+        // The layers inside (the balancer) read both deadlines in their `call`.
+        let deadlines = CallDeadlines {
+            request: self.deadline,
+            attempt: attempt_deadline,
+        };
+        let service = &mut self.service;
+        deadlines.scope(|| service.call(req))
+    }
+
+    /// Sets the timer to fire at `at`.
+    fn arm(&mut self, timer: Pin<&mut Option<Sleep>>, at: Instant, kind: Timer) {
+        self.timer_at = Some(at);
+        self.timer_kind = kind;
+        drop_sleep(timer);
+    }
+
+    /// Removes the timer.
+    fn disarm(&mut self, timer: Pin<&mut Option<Sleep>>) {
+        self.timer_at = None;
+        drop_sleep(timer);
     }
 }
 
-/// Removes the timer.
-fn disarm(timer_at: &mut Option<Instant>, mut timer: Pin<&mut Option<Sleep>>) {
-    *timer_at = None;
+/// Drops the `Sleep`, if one was created: the timer changed.
+fn drop_sleep(mut timer: Pin<&mut Option<Sleep>>) {
     if timer.is_some() {
         timer.set(None);
     }
@@ -232,196 +345,161 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<http::Response<RB>, BoxError>> {
-        let mut this = self.project();
+        let this = self.project();
+        let state = this.state;
+        let mut call = this.call;
+        let mut timer = this.timer;
         loop {
-            match *this.phase {
+            match state.phase {
                 Phase::Buffering => {
-                    let Body::Buffering(b) = this.body else {
-                        *this.phase = Phase::Dispatch;
-                        continue;
+                    let Body::Buffering(reading) = &mut state.body else {
+                        state.phase = Phase::Done;
+                        return Poll::Ready(Err("retry future lost its request".into()));
                     };
-                    let prepared = match b.poll_prepare(cx) {
+                    let prepared = match reading.buffering.poll_prepare(cx) {
                         Poll::Ready(r) => r,
                         Poll::Pending => {
                             // Reading the request body counts against the deadline too.
-                            if let Some(d) = this.deadline
-                                && this.timer_at.is_none()
+                            if let Some(d) = state.deadline
+                                && state.timer_at.is_none()
                             {
-                                arm(this.timer_at, this.timer.as_mut(), d.at);
-                                *this.timer_kind = Timer::Deadline;
+                                state.arm(timer.as_mut(), d.at, Timer::Deadline);
                             }
-                            if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                            if let Some(t) = poll_timer(state.timer_at, timer.as_mut(), cx) {
                                 ready!(t);
-                                *this.phase = Phase::Done;
+                                state.phase = Phase::Done;
                                 return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                             }
                             return Poll::Pending;
                         }
                     };
-                    disarm(this.timer_at, this.timer.as_mut());
-                    *this.body = match prepared {
-                        Ok(Prepared::Replayable(r)) => Body::Replay(r),
-                        Ok(Prepared::Once(b)) => Body::Once(Some(b)),
+                    state.disarm(timer.as_mut());
+                    let Body::Buffering(reading) = std::mem::replace(&mut state.body, Body::Once)
+                    else {
+                        state.phase = Phase::Done;
+                        return Poll::Ready(Err("retry future lost its request".into()));
+                    };
+                    match prepared {
+                        Ok(prepared) => {
+                            // The service was ready when the request came: first attempt.
+                            let fut = state.first_attempt(reading.head, prepared, None);
+                            call.set(Some(fut));
+                            drop_sleep(timer.as_mut());
+                        }
                         Err(e) => {
-                            *this.phase = Phase::Done;
+                            state.phase = Phase::Done;
                             return Poll::Ready(Err(e));
                         }
-                    };
-                    *this.phase = Phase::Dispatch;
+                    }
                 }
                 Phase::Dispatch => {
-                    if !*this.service_ready {
+                    if !state.service_ready {
                         // Waiting for readiness is bounded by the deadline.
-                        match this.service.poll_ready(cx) {
+                        match state.service.poll_ready(cx) {
                             Poll::Ready(Ok(())) => {}
                             Poll::Ready(Err(e)) => {
-                                *this.phase = Phase::Done;
+                                state.phase = Phase::Done;
                                 return Poll::Ready(Err(e.into()));
                             }
                             Poll::Pending => {
-                                if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx)
-                                {
+                                if let Some(t) = poll_timer(state.timer_at, timer.as_mut(), cx) {
                                     ready!(t);
-                                    *this.phase = Phase::Done;
+                                    state.phase = Phase::Done;
                                     return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                                 }
                                 return Poll::Pending;
                             }
                         }
+                        state.service_ready = true;
                     }
-                    *this.service_ready = false;
-                    *this.attempt += 1;
-                    let body = match this.body {
-                        Body::Replay(r) => r.body(),
-                        Body::Once(b) => b.take().unwrap_or_else(mesh_core::body::empty),
-                        Body::Buffering(_) => mesh_core::body::empty(),
+                    let (Body::Replay(replay), Some(head)) = (&state.body, &state.replay) else {
+                        state.phase = Phase::Done;
+                        return Poll::Ready(Err("retry without a replayable request".into()));
                     };
-                    let mut req = match this.first.take() {
-                        Some(head) => {
-                            if matches!(this.body, Body::Replay(_)) {
-                                // Kept only when a retry could send it again.
-                                *this.replay = Some(ReplayHead::copy(&head));
-                            }
-                            http::Request::from_parts(head, body)
+                    let body = replay.body();
+                    let req = match head.request() {
+                        Ok(head) => http::Request::from_parts(head, body),
+                        Err(e) => {
+                            state.phase = Phase::Done;
+                            return Poll::Ready(Err(e));
                         }
-                        None => match this.replay {
-                            Some(head) => head.request(body, *this.deadline),
-                            None => {
-                                *this.phase = Phase::Done;
-                                return Poll::Ready(Err(
-                                    "retry without a replayable request".into()
-                                ));
-                            }
-                        },
                     };
-                    if this.policy.include_attempt_count && *this.attempt > 1 {
-                        req.headers_mut()
-                            .insert(ATTEMPT_COUNT, attempt_header(*this.attempt));
-                    }
-                    if this.policy.retry_ignore_previous_hosts && !this.tried.is_empty() {
-                        req.extensions_mut()
-                            .insert(PreviousHosts(this.tried.clone()));
-                    }
-                    // The clock is read only when a per-try timeout applies.
-                    let per_try_end = this.per_try.map(|p| Instant::now() + p);
-                    if let Some(end) = per_try_end {
-                        let clipped = this.deadline.map_or(end, |d| d.clip(end));
-                        req.extensions_mut().insert(AttemptDeadline(clipped));
-                    }
-                    // The attempt's timer: per-try timeout clipped to the deadline.
-                    let timer = match (per_try_end, *this.deadline) {
-                        (Some(p), Some(d)) if d.at <= p => Some((d.at, Timer::Deadline)),
-                        (Some(p), _) => Some((p, Timer::PerTry)),
-                        (None, Some(d)) => Some((d.at, Timer::Deadline)),
-                        (None, None) => None,
-                    };
-                    match timer {
-                        Some((at, kind)) => {
-                            arm(this.timer_at, this.timer.as_mut(), at);
-                            *this.timer_kind = kind;
-                        }
-                        None => disarm(this.timer_at, this.timer.as_mut()),
-                    }
-                    let fut = this.service.call(req);
-                    this.call.set(Some(fut));
-                    *this.phase = Phase::Calling;
+                    let fut = state.call_attempt(req, None);
+                    call.set(Some(fut));
+                    drop_sleep(timer.as_mut());
                 }
                 Phase::Calling => {
-                    let Some(fut) = this.call.as_mut().as_pin_mut() else {
-                        *this.phase = Phase::Done;
+                    let Some(fut) = call.as_mut().as_pin_mut() else {
+                        state.phase = Phase::Done;
                         continue;
                     };
                     let result = match fut.poll(cx) {
                         // The attempt goes first: an answer ready at the deadline wins.
                         Poll::Ready(r) => r.map_err(Into::into),
-                        Poll::Pending => {
-                            match poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
-                                Some(t) => {
-                                    ready!(t);
-                                    // Dropping the attempt resets the upstream stream.
-                                    this.call.set(None);
-                                    if *this.timer_kind == Timer::Deadline {
-                                        *this.phase = Phase::Done;
-                                        return Poll::Ready(Err(Box::new(DeadlineExceeded)));
-                                    }
-                                    Err(Box::new(PerTryTimeout) as BoxError)
+                        Poll::Pending => match poll_timer(state.timer_at, timer.as_mut(), cx) {
+                            Some(t) => {
+                                ready!(t);
+                                // Dropping the attempt resets the upstream stream.
+                                call.set(None);
+                                if state.timer_kind == Timer::Deadline {
+                                    state.phase = Phase::Done;
+                                    return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                                 }
-                                None => return Poll::Pending,
+                                Err(Box::new(PerTryTimeout) as BoxError)
                             }
-                        }
+                            None => return Poll::Pending,
+                        },
                     };
-                    this.call.set(None);
-                    disarm(this.timer_at, this.timer.as_mut());
+                    call.set(None);
+                    state.disarm(timer.as_mut());
                     let decision = decide(
                         result,
-                        this.policy,
-                        this.body,
-                        *this.attempt,
-                        this.budget.as_deref(),
-                        this.gate.as_ref(),
-                        this.retry_permit,
-                        this.tried,
+                        &state.policy,
+                        &state.body,
+                        state.attempt,
+                        state.budget.as_deref(),
+                        state.gate.as_ref(),
+                        &mut state.retry_permit,
+                        &mut state.tried,
                     );
                     match decision {
                         Decision::Return(r) => {
-                            *this.phase = Phase::Done;
+                            state.phase = Phase::Done;
                             return Poll::Ready(r);
                         }
                         Decision::Retry => {
                             let mut rng =
-                                SmallRng::seed_from_u64(*this.seed ^ u64::from(*this.attempt));
-                            let wait = this.policy.backoff.delay(*this.attempt, &mut rng);
-                            if wait.is_zero() && this.deadline.is_none() {
+                                SmallRng::seed_from_u64(state.seed ^ u64::from(state.attempt));
+                            let wait = state.policy.backoff.delay(state.attempt, &mut rng);
+                            if wait.is_zero() && state.deadline.is_none() {
                                 // No wait drawn: retry at once.
-                                *this.phase = Phase::Dispatch;
+                                state.phase = Phase::Dispatch;
                                 continue;
                             }
                             let end = Instant::now() + wait;
-                            let (at, kind) = match this.deadline {
+                            let (at, kind) = match state.deadline {
                                 Some(d) if d.at <= end => (d.at, Timer::Deadline),
                                 _ => (end, Timer::Backoff),
                             };
-                            arm(this.timer_at, this.timer.as_mut(), at);
-                            *this.timer_kind = kind;
-                            *this.phase = Phase::Backoff;
+                            state.arm(timer.as_mut(), at, kind);
+                            state.phase = Phase::Backoff;
                         }
                     }
                 }
                 Phase::Backoff => {
-                    if let Some(t) = poll_timer(*this.timer_at, this.timer.as_mut(), cx) {
+                    if let Some(t) = poll_timer(state.timer_at, timer.as_mut(), cx) {
                         ready!(t);
                     }
-                    disarm(this.timer_at, this.timer.as_mut());
-                    if *this.timer_kind == Timer::Deadline {
-                        *this.phase = Phase::Done;
+                    state.disarm(timer.as_mut());
+                    if state.timer_kind == Timer::Deadline {
+                        state.phase = Phase::Done;
                         return Poll::Ready(Err(Box::new(DeadlineExceeded)));
                     }
-                    if let Some(d) = this.deadline {
+                    if let Some(d) = state.deadline {
                         // Keep the deadline armed while waiting for readiness.
-                        arm(this.timer_at, this.timer.as_mut(), d.at);
-                        *this.timer_kind = Timer::Deadline;
+                        state.arm(timer.as_mut(), d.at, Timer::Deadline);
                     }
-                    *this.phase = Phase::Dispatch;
+                    state.phase = Phase::Dispatch;
                 }
                 Phase::Done => {
                     return Poll::Ready(Err("retry future polled after completion".into()));

@@ -1,121 +1,147 @@
 //! The request head kept for replay.
 //!
 //! The first attempt goes upstream with the caller's own head; a copy is kept for the
-//! attempts that may follow. The copy's header storage comes from a small per-thread
-//! pool and goes back to it when the request ends, so in steady state keeping the copy
-//! allocates nothing for the header storage itself (a custom header name's bytes may still
-//! be shared on their first copy, which is the `bytes` crate's doing). The request's
-//! [`RequestDeadline`] is not copied when it is the only extension: the retry future
-//! carries it and puts it back on each later attempt.
+//! attempts that may follow. The copy keeps the headers as raw bytes (every name and
+//! value in order, with the values' sensitivity) in storage taken from a small
+//! per-thread pool and given back when the request ends, so in steady state keeping the
+//! copy allocates nothing, and the retry future holds only a pointer to it. Copying bytes
+//! rather than cloning `HeaderName`s and `HeaderValue`s matters for headers parsed off
+//! the wire: their first clone makes the `bytes` crate move their bytes into shared
+//! storage, one allocation per name or value. The names and values are rebuilt only when
+//! a retry is actually sent. Method and URI are cloned (their storage is already
+//! shared), and the extensions are cloned when the request has any.
 
 use std::cell::RefCell;
 
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
-use mesh_core::BoxBody;
+use mesh_core::BoxError;
 
-use crate::deadline::RequestDeadline;
+/// Copies kept per thread for reuse.
+const POOLED_COPIES: usize = 32;
+/// Copies of more headers than this are freed rather than pooled, so one huge request
+/// does not pin memory.
+const POOLED_HEADERS: usize = 64;
+/// Likewise for the bytes of the names and values.
+const POOLED_BYTES: usize = 16 * 1024;
 
-/// Header lists kept per thread for reuse.
-const POOLED_LISTS: usize = 32;
-/// Longer lists are freed rather than pooled, so one huge request does not pin memory.
-const POOLED_CAPACITY: usize = 64;
+/// One header of a copy: its name's and value's lengths in `bytes`.
+#[derive(Clone, Copy)]
+struct Entry {
+    value_len: usize,
+    name_len: u16,
+    sensitive: bool,
+}
 
-type HeaderList = Vec<(HeaderName, HeaderValue)>;
+/// A copy of a head; its storage is reused through the per-thread pool.
+#[derive(Default)]
+struct Stored {
+    /// Method, URI, version and extensions; `None` while pooled, so that nothing they
+    /// share (a read buffer behind the URI) is kept alive by the pool.
+    fields: Option<(Method, Uri, Version, Extensions)>,
+    /// The header names and values back to back.
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+}
 
 thread_local! {
-    static POOL: RefCell<Vec<HeaderList>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The headers as a flat list (copying needs no hashing, unlike a `HeaderMap`), in
-/// storage that returns to the per-thread pool when dropped.
-struct PooledHeaders(HeaderList);
-
-impl PooledHeaders {
-    /// A copy of `src`, every value in order.
-    fn copy(src: &HeaderMap) -> Self {
-        let mut list = POOL
-            .try_with(|p| p.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        list.extend(src.iter().map(|(k, v)| (k.clone(), v.clone())));
-        Self(list)
-    }
-
-    /// The headers as a map again.
-    fn to_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.0.len());
-        for (name, value) in &self.0 {
-            map.append(name.clone(), value.clone());
-        }
-        map
-    }
-}
-
-impl Drop for PooledHeaders {
-    fn drop(&mut self) {
-        let mut list = std::mem::take(&mut self.0);
-        if list.capacity() > POOLED_CAPACITY {
-            return;
-        }
-        list.clear();
-        // During thread teardown the pool may be gone: the list is simply freed.
-        let _ = POOL.try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOLED_LISTS {
-                p.push(list);
-            }
-        });
-    }
+    /// Boxed: the retry future holds a pointer, and a pooled copy keeps its box.
+    #[allow(clippy::vec_box)]
+    static POOL: RefCell<Vec<Box<Stored>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The head of a request, kept to build the attempts after the first.
-pub(crate) struct ReplayHead {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: PooledHeaders,
-    /// The extensions, without the [`RequestDeadline`] when that is the only one.
-    extensions: Extensions,
-}
+pub(crate) struct ReplayHead(Option<Box<Stored>>);
 
 impl ReplayHead {
     /// A copy of `head` for later attempts.
     pub(crate) fn copy(head: &http::request::Parts) -> Self {
-        let only_deadline =
-            head.extensions.len() == 1 && head.extensions.get::<RequestDeadline>().is_some();
-        Self {
-            method: head.method.clone(),
-            uri: head.uri.clone(),
-            version: head.version,
-            headers: PooledHeaders::copy(&head.headers),
-            extensions: if only_deadline {
-                Extensions::new()
-            } else {
-                head.extensions.clone()
-            },
+        let mut stored = POOL
+            .try_with(|p| p.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let extensions = if head.extensions.is_empty() {
+            Extensions::new()
+        } else {
+            head.extensions.clone()
+        };
+        stored.fields = Some((
+            head.method.clone(),
+            head.uri.clone(),
+            head.version,
+            extensions,
+        ));
+        stored.entries.reserve(head.headers.len());
+        for (name, value) in &head.headers {
+            let name = name.as_str().as_bytes();
+            let value_bytes = value.as_bytes();
+            stored.bytes.extend_from_slice(name);
+            stored.bytes.extend_from_slice(value_bytes);
+            stored.entries.push(Entry {
+                value_len: value_bytes.len(),
+                // A header name is at most 65 535 bytes long (`http`'s limit).
+                name_len: u16::try_from(name.len()).unwrap_or(u16::MAX),
+                sensitive: value.is_sensitive(),
+            });
         }
+        Self(Some(stored))
     }
 
-    /// A request for one more attempt, with `deadline` (the one the original request
-    /// carried) put back if the copy left it out.
-    pub(crate) fn request(
-        &self,
-        body: BoxBody,
-        deadline: Option<RequestDeadline>,
-    ) -> http::Request<BoxBody> {
-        let mut req = http::Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.to_map();
-        *req.extensions_mut() = self.extensions.clone();
-        if let Some(d) = deadline
-            && req.extensions().get::<RequestDeadline>().is_none()
-        {
-            req.extensions_mut().insert(d);
+    /// The head of one more attempt. Fails only if a copied header no longer parses,
+    /// which the copy of a valid head cannot do.
+    pub(crate) fn request(&self) -> Result<http::request::Parts, BoxError> {
+        let Some(Stored {
+            fields: Some((method, uri, version, extensions)),
+            bytes,
+            entries,
+        }) = self.0.as_deref()
+        else {
+            return Err("the request head kept for a retry is gone".into());
+        };
+        let mut headers = HeaderMap::with_capacity(entries.len());
+        let mut rest = bytes.as_slice();
+        for e in entries {
+            let (name, tail) = rest.split_at(usize::from(e.name_len));
+            let (value, tail) = tail.split_at(e.value_len);
+            rest = tail;
+            let mut value = HeaderValue::from_bytes(value)?;
+            value.set_sensitive(e.sensitive);
+            headers.append(HeaderName::from_bytes(name)?, value);
         }
-        req
+        let (mut head, ()) = http::Request::new(()).into_parts();
+        head.method = method.clone();
+        head.uri = uri.clone();
+        head.version = *version;
+        head.headers = headers;
+        head.extensions = extensions.clone();
+        Ok(head)
+    }
+
+    /// How many headers were copied.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.entries.len())
+    }
+}
+
+impl Drop for ReplayHead {
+    fn drop(&mut self) {
+        let Some(mut stored) = self.0.take() else {
+            return;
+        };
+        if stored.entries.capacity() > POOLED_HEADERS || stored.bytes.capacity() > POOLED_BYTES {
+            return;
+        }
+        stored.fields = None;
+        stored.entries.clear();
+        stored.bytes.clear();
+        // During thread teardown the pool may be gone: the storage is simply freed.
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOLED_COPIES {
+                p.push(stored);
+            }
+        });
     }
 }
 
@@ -124,6 +150,8 @@ mod tests {
     use super::*;
 
     fn head() -> http::request::Parts {
+        let mut secret = HeaderValue::from_static("Bearer x");
+        secret.set_sensitive(true);
         let mut req = http::Request::builder()
             .method(Method::PUT)
             .uri("http://a.example/x?y=1")
@@ -132,22 +160,26 @@ mod tests {
             .header("x-a", "2")
             .header("x-b", "3")
             .header(http::header::ACCEPT, "*/*")
+            .header("x-empty", "")
+            .header(http::header::AUTHORIZATION, secret)
+            .header("x-obs", HeaderValue::from_bytes(b"caf\xc3\xa9\t!").unwrap())
             .body(())
             .unwrap();
         req.extensions_mut().insert(7u32);
         req.into_parts().0
     }
 
-    fn same(a: &http::Request<BoxBody>, b: &http::request::Parts) {
-        assert_eq!(a.method(), b.method);
-        assert_eq!(a.uri(), &b.uri);
-        assert_eq!(a.version(), b.version);
-        let pairs = |h: &HeaderMap| {
-            h.iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(pairs(a.headers()), pairs(&b.headers));
+    fn pairs(h: &HeaderMap) -> Vec<(HeaderName, HeaderValue, bool)> {
+        h.iter()
+            .map(|(k, v)| (k.clone(), v.clone(), v.is_sensitive()))
+            .collect()
+    }
+
+    fn same(a: &http::request::Parts, b: &http::request::Parts) {
+        assert_eq!(a.method, b.method);
+        assert_eq!(a.uri, b.uri);
+        assert_eq!(a.version, b.version);
+        assert_eq!(pairs(&a.headers), pairs(&b.headers));
     }
 
     #[test]
@@ -155,37 +187,28 @@ mod tests {
         let original = head();
         let kept = ReplayHead::copy(&original);
         for _ in 0..3 {
-            let req = kept.request(mesh_core::body::empty(), None);
-            same(&req, &original);
-            assert_eq!(req.extensions().get::<u32>(), Some(&7));
+            let replayed = kept.request().unwrap();
+            same(&replayed, &original);
+            assert_eq!(replayed.extensions.get::<u32>(), Some(&7));
         }
+        // Standard names come back as the standard ones.
+        let replayed = kept.request().unwrap();
+        let accept = replayed.headers.keys().find(|k| *k == http::header::ACCEPT);
+        assert_eq!(accept.map(HeaderName::as_str), Some("accept"));
     }
 
     #[test]
-    fn the_deadline_alone_is_carried_aside_and_put_back() {
+    fn a_head_without_extensions_is_copied_without_any() {
         let mut original = head();
         original.extensions = Extensions::new();
-        let deadline = RequestDeadline {
-            at: tokio::time::Instant::now(),
-            timeout: std::time::Duration::from_secs(5),
-        };
-        original.extensions.insert(deadline);
         let kept = ReplayHead::copy(&original);
-        assert!(kept.extensions.is_empty());
-        let req = kept.request(mesh_core::body::empty(), Some(deadline));
-        same(&req, &original);
-        assert_eq!(RequestDeadline::of(&req), Some(deadline));
-        assert_eq!(req.extensions().len(), 1);
-        // With other extensions, everything is copied and the deadline not doubled.
-        original.extensions.insert(9u8);
-        let kept = ReplayHead::copy(&original);
-        let req = kept.request(mesh_core::body::empty(), Some(deadline));
-        assert_eq!(RequestDeadline::of(&req), Some(deadline));
-        assert_eq!(req.extensions().get::<u8>(), Some(&9));
+        let replayed = kept.request().unwrap();
+        same(&replayed, &original);
+        assert!(replayed.extensions.is_empty());
     }
 
     #[test]
-    fn header_maps_are_reused_and_come_back_empty() {
+    fn storage_is_reused_and_comes_back_empty() {
         let original = head();
         drop(ReplayHead::copy(&original));
         let pooled = POOL.with_borrow(Vec::len);
@@ -196,28 +219,40 @@ mod tests {
             pooled - 1,
             "taken from the pool"
         );
-        assert_eq!(kept.headers.0.len(), original.headers.len());
+        assert_eq!(kept.len(), original.headers.len());
         drop(kept);
-        assert!(POOL.with_borrow(|p| p.iter().all(Vec::is_empty)));
+        assert!(POOL.with_borrow(|p| {
+            p.iter()
+                .all(|s| s.fields.is_none() && s.entries.is_empty() && s.bytes.is_empty())
+        }));
     }
 
     #[test]
-    fn huge_header_lists_are_freed_and_the_pool_is_bounded() {
-        let mut big = head();
-        for i in 0..POOLED_CAPACITY + 1 {
-            big.headers.append(
+    fn huge_header_copies_are_freed_and_the_pool_is_bounded() {
+        let mut many_headers = head();
+        for i in 0..POOLED_HEADERS + 1 {
+            many_headers.headers.append(
                 HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
                 HeaderValue::from_static("v"),
             );
         }
-        let before = POOL.with_borrow(Vec::len);
-        drop(ReplayHead::copy(&big));
-        assert!(POOL.with_borrow(Vec::len) <= before, "not pooled");
+        let mut long_value = head();
+        long_value.headers.insert(
+            http::header::COOKIE,
+            HeaderValue::from_bytes(&vec![b'c'; POOLED_BYTES + 1]).unwrap(),
+        );
+        for big in [many_headers, long_value] {
+            let before = POOL.with_borrow(Vec::len);
+            let kept = ReplayHead::copy(&big);
+            same(&kept.request().unwrap(), &big);
+            drop(kept);
+            assert!(POOL.with_borrow(Vec::len) <= before, "not pooled");
+        }
         let small = head();
-        let many: Vec<_> = (0..POOLED_LISTS + 5)
+        let many: Vec<_> = (0..POOLED_COPIES + 5)
             .map(|_| ReplayHead::copy(&small))
             .collect();
         drop(many);
-        assert_eq!(POOL.with_borrow(Vec::len), POOLED_LISTS);
+        assert_eq!(POOL.with_borrow(Vec::len), POOLED_COPIES);
     }
 }

@@ -15,6 +15,7 @@ use super::ATTEMPT_COUNT;
 use super::budget::{ConcurrentRetryBudget, RetryBudget};
 use super::future::{Attempts, ResponseFuture, RetryLimit};
 use super::policy::RetryPolicy;
+use crate::deadline::{self, DeadlineLayer};
 use crate::limit::RetryGate;
 
 /// Retries requests per a [`RetryPolicy`]. Cheap to clone (the policy is in an `Arc`).
@@ -24,6 +25,7 @@ pub struct RetryLayer {
     budget: Option<Arc<RetryBudget>>,
     gate: Option<RetryLimit>,
     seed: Option<u64>,
+    deadline: Option<DeadlineLayer>,
 }
 
 impl RetryLayer {
@@ -34,7 +36,20 @@ impl RetryLayer {
             budget: None,
             gate: None,
             seed: None,
+            deadline: None,
         }
+    }
+
+    /// Applies the route timeout (and a gRPC caller's `grpc-timeout`) itself, exactly as
+    /// `deadline` would right outside this layer: the deadline covers every attempt and
+    /// back-off, per-try timeouts are clipped to it (or ignored when at least the route
+    /// timeout), the layers inside see it, and a request that reaches it ends in
+    /// [`DeadlineExceeded`](mesh_core::error::DeadlineExceeded). One future and one timer
+    /// per request instead of two; with retries disabled the layer is a plain deadline.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: DeadlineLayer) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// Draws retries from a shared budget.
@@ -85,6 +100,7 @@ impl<S> Layer<S> for RetryLayer {
             seed,
             clones: Arc::new(AtomicU64::new(1)),
             rng: SmallRng::seed_from_u64(seed),
+            deadline: self.deadline.map(|d| d.timeout()),
         }
     }
 }
@@ -100,6 +116,9 @@ pub struct Retry<S> {
     /// Seeds each clone's generator, so clones never share a jitter sequence.
     clones: Arc<AtomicU64>,
     rng: SmallRng,
+    /// The route timeout applied here (`Some(None)`: only a `grpc-timeout`), when the
+    /// layer was given one with [`RetryLayer::with_deadline`].
+    deadline: Option<Option<std::time::Duration>>,
 }
 
 impl<S: Clone> Clone for Retry<S> {
@@ -114,6 +133,7 @@ impl<S: Clone> Clone for Retry<S> {
             seed: self.seed,
             clones: self.clones.clone(),
             rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
+            deadline: self.deadline,
         }
     }
 }
@@ -132,14 +152,26 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<BoxBody>) -> Self::Future {
+        // The route's deadline, when this layer applies it.
+        let bounded = self
+            .deadline
+            .and_then(|timeout| deadline::deadlines_for(timeout, &req));
         if !self.policy.is_enabled() {
             if self.policy.include_attempt_count {
                 req.headers_mut()
                     .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
             }
-            return ResponseFuture::Passthrough {
-                fut: self.inner.call(req),
+            let fut = match bounded {
+                None => deadline::ResponseFuture::Passthrough {
+                    fut: self.inner.call(req),
+                },
+                Some((deadlines, at, _)) => deadline::ResponseFuture::Timed {
+                    fut: deadlines.scope(|| self.inner.call(req)),
+                    at,
+                    sleep: None,
+                },
             };
+            return ResponseFuture::Passthrough { fut };
         }
         if let Some(budget) = &self.budget {
             budget.deposit();
@@ -155,6 +187,7 @@ where
                 self.budget.clone(),
                 self.gate.clone(),
                 self.rng.next_u64(),
+                bounded.and_then(|(d, _, now)| Some((d.request?, now))),
             ),
         }
     }

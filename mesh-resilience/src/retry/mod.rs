@@ -12,16 +12,27 @@
 //! - `perTryTimeout` bounds each attempt up to its response head; it is clipped to the
 //!   request's [`RequestDeadline`](crate::deadline::RequestDeadline) and ignored when at
 //!   least the route timeout (VS-58). The deadline also bounds every back-off sleep.
+//! - The request's deadline is the one current during this layer's `call` (set by a
+//!   [`DeadlineLayer`](crate::deadline::DeadlineLayer) outside), or carried by the
+//!   request as an extension, or, with [`RetryLayer::with_deadline`], the route timeout
+//!   this layer applies itself (the same semantics, including `grpc-timeout`, in one
+//!   future with one timer). Around each attempt's `call` the layer makes the request's
+//!   and the attempt's deadlines current ([`CallDeadlines`](crate::deadline::CallDeadlines)),
+//!   so the balancer inside enforces them and charges the endpoint that timed out; the
+//!   contract and its limit (a layer that defers `call` to another task) are in
+//!   [`deadline`](crate::deadline).
 //! - Back-off is fully jittered exponential ([`Backoff`], VS-59).
 //! - When retries are exhausted the caller gets the last upstream response with flag
 //!   `URX` (VS-62), or the last error wrapped in [`RetriesExhausted`].
-//! - The first attempt goes with the caller's own request head; a copy is kept for later
-//!   attempts only when the body is replayable, as a flat header list in per-thread
-//!   pooled storage, leaving out the [`RequestDeadline`](crate::deadline::RequestDeadline)
-//!   when it is the only extension (it is put back on each retry). A bodiless request
-//!   answered at once thus costs no allocation in this layer, except that the first
-//!   copy of a header name parsed from the wire shares its bytes (one allocation per
-//!   such name, made by the `bytes` crate), and other extensions are cloned.
+//! - The first attempt is called from this layer's `call` (the inner service is ready
+//!   then) with the caller's own request head, unless the body must be read first. A
+//!   copy of the head is kept for later attempts only when the body is replayable: the
+//!   header names and values as raw bytes, with method, URI and extensions, in storage
+//!   from a per-thread pool; names and values are rebuilt only when a retry is sent.
+//!   Copying bytes rather than cloning matters: the first clone of a name or value
+//!   parsed off the wire makes the `bytes` crate share its bytes, one allocation each.
+//!   A bodiless request answered at once thus costs no allocation in this layer, with or
+//!   without a deadline; only a request's own extensions, when it has any, are cloned.
 //! - Request bodies are buffered eagerly up to
 //!   [`replay_limit`](RetryPolicy::replay_limit) (64 KiB); larger bodies go once,
 //!   unretried (VS-67).
@@ -35,8 +46,11 @@
 //!
 //! # Layer placement
 //!
-//! Per route, inside the deadline: `deadline -> retry -> pool limit -> balancer -> endpoint`.
-//! The inner service must be `Clone` (a ready clone is used per request).
+//! Per route, inside the deadline: `deadline -> retry -> pool limit -> balancer -> endpoint`,
+//! or `retry (with_deadline) -> pool limit -> balancer -> endpoint`. Nothing between the
+//! deadline and the balancer may defer `call` to another task (see
+//! [`deadline`](crate::deadline)). The inner service must be `Clone` (a ready clone is
+//! used per request).
 //!
 //! # Errors
 //!
@@ -69,6 +83,28 @@
 //!     }));
 //! let res = svc.oneshot(http::Request::new(mesh_core::body::empty())).await.unwrap();
 //! assert_eq!((res.status().as_u16(), res.body().as_str()), (200, "3"));
+//! # }
+//! ```
+//!
+//! The same route with the retry layer applying the route timeout itself:
+//!
+//! ```
+//! use std::time::Duration;
+//! use mesh_core::BoxBody;
+//! use mesh_resilience::deadline::{CallDeadlines, DeadlineLayer};
+//! use mesh_resilience::retry::{RetryLayer, RetryPolicy};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let svc = RetryLayer::new(RetryPolicy::istio_default())
+//!     .with_deadline(DeadlineLayer::new(Some(Duration::from_secs(5))))
+//!     .layer(service_fn(|req: http::Request<BoxBody>| {
+//!         // The layers inside see the route's deadline in their `call`.
+//!         let timeout = CallDeadlines::of(&req).request.map(|d| d.timeout);
+//!         async move { Ok::<_, std::convert::Infallible>(http::Response::new(timeout)) }
+//!     }));
+//! let res = svc.oneshot(http::Request::new(mesh_core::body::empty())).await.unwrap();
+//! assert_eq!(*res.body(), Some(Duration::from_secs(5)));
 //! # }
 //! ```
 

@@ -155,9 +155,8 @@ impl RetryOn {
                 status,
                 grpc_status,
             } => {
-                let empty = http::HeaderMap::new();
-                let headers = headers.unwrap_or(&empty);
-                let rate_limited = || headers.contains_key(&RATELIMITED);
+                let has = |name: &HeaderName| headers.is_some_and(|h| h.contains_key(name));
+                let rate_limited = || has(&RATELIMITED);
                 if self.any(Self::ENVOY_RATELIMITED) && rate_limited() {
                     return true;
                 }
@@ -166,8 +165,7 @@ impl RetryOn {
                     || (self.any(Self::RETRIABLE_4XX) && status == 409)
                     || (self.any(Self::RETRIABLE_STATUS_CODES)
                         && self.status_codes.contains(&status))
-                    || (self.any(Self::RETRIABLE_HEADERS)
-                        && retriable_headers.iter().any(|h| headers.contains_key(h)))
+                    || (self.any(Self::RETRIABLE_HEADERS) && retriable_headers.iter().any(has))
                     || grpc_status.is_some_and(|g| self.matches_grpc(g));
                 // A rate-limited response is retried only under `envoy-ratelimited`; the
                 // header is looked up only when something else would retry.

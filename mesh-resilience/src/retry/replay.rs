@@ -34,7 +34,9 @@ pub(crate) enum Start {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Replay {
     data: Bytes,
-    trailers: Option<HeaderMap>,
+    /// Boxed: request trailers are rare, and the retry future that holds this is moved
+    /// a few times per request.
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl Replay {
@@ -45,7 +47,7 @@ impl Replay {
         }
         mesh_core::body::boxed(ReplayBody {
             data: Some(self.data.clone()).filter(|d| !d.is_empty()),
-            trailers: self.trailers.clone(),
+            trailers: self.trailers.as_deref().cloned(),
         })
     }
 }
@@ -91,7 +93,7 @@ impl Buffering {
                     self.body = None;
                     return Poll::Ready(Ok(Prepared::Replayable(Replay {
                         data: std::mem::take(&mut self.buf).freeze(),
-                        trailers: self.trailers.take(),
+                        trailers: self.trailers.take().map(Box::new),
                     })));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e)),

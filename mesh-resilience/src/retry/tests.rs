@@ -79,6 +79,8 @@ fn upstream(acts: &[Act]) -> (Arc<Upstream>, Svc) {
     let state = up.clone();
     let svc = service_fn(move |req: http::Request<BoxBody>| {
         let up = state.clone();
+        // The deadlines are those of the call (the retry layer sets them around it).
+        let attempt_deadline = AttemptDeadline::of(&req);
         async move {
             let act = {
                 let mut script = up.script.lock().unwrap();
@@ -98,7 +100,7 @@ fn upstream(acts: &[Act]) -> (Arc<Upstream>, Svc) {
                     .unwrap_or_default(),
                 at: Instant::now(),
                 previous: parts.extensions.get::<PreviousHosts>().cloned(),
-                attempt_deadline: parts.extensions.get::<AttemptDeadline>().copied(),
+                attempt_deadline,
                 body,
             });
             let status = |code: u16| {
@@ -153,36 +155,70 @@ async fn run(
     (up, res)
 }
 
+type Stack<RB> =
+    tower::util::BoxCloneSyncService<http::Request<BoxBody>, http::Response<RB>, BoxError>;
+
+/// A route's stack, composed one of the two ways: a deadline layer around the retry
+/// layer (`fold` false), or the retry layer applying the deadline itself.
+fn route_stack<S, RB>(
+    fold: bool,
+    timeout: Option<Duration>,
+    retry: RetryLayer,
+    inner: S,
+) -> Stack<RB>
+where
+    S: tower::Service<http::Request<BoxBody>, Response = http::Response<RB>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    RB: Send + 'static,
+{
+    if fold {
+        Stack::new(
+            retry
+                .with_deadline(DeadlineLayer::new(timeout))
+                .layer(inner),
+        )
+    } else {
+        Stack::new(DeadlineLayer::new(timeout).layer(retry.layer(inner)))
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn article_example_caller_never_waits_more_than_the_route_timeout() {
-    // timeout 5 s, 3 retries of at most 2 s each, an upstream that never answers.
-    let (up, upstream) = upstream(&[Act::Hang]);
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_secs(5))))
-        .layer(
+    for fold in [false, true] {
+        // timeout 5 s, 3 retries of at most 2 s each, an upstream that never answers.
+        let (up, upstream) = upstream(&[Act::Hang]);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
             RetryLayer::new(policy(3, "5xx").per_try_timeout(Some(Duration::from_secs(2))))
                 .with_rng_seed(3),
-        )
-        .service(upstream);
-    let start = Instant::now();
-    let err = svc.oneshot(get()).await.unwrap_err();
-    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-    assert_eq!(
-        Instant::now() - start,
-        Duration::from_secs(5),
-        "exactly the route timeout"
-    );
-    // Attempts at 0 s, ~2 s and ~4 s; the third was cut by the deadline, not by its 2 s.
-    assert_eq!(up.attempt_headers(), ["1", "2", "3"]);
-    let seen = up.seen.lock().unwrap();
-    assert_eq!(
-        seen[2].attempt_deadline,
-        Some(AttemptDeadline(start + Duration::from_secs(5)))
-    );
-    assert!(
-        seen[1].at - start >= Duration::from_secs(2)
-            && seen[1].at - start < Duration::from_millis(2025)
-    );
+            upstream,
+        );
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(
+            Instant::now() - start,
+            Duration::from_secs(5),
+            "exactly the route timeout"
+        );
+        // Attempts at 0 s, ~2 s and ~4 s; the third was cut by the deadline, not by its 2 s.
+        assert_eq!(up.attempt_headers(), ["1", "2", "3"]);
+        let seen = up.seen.lock().unwrap();
+        assert_eq!(
+            seen[2].attempt_deadline,
+            Some(AttemptDeadline(start + Duration::from_secs(5)))
+        );
+        assert!(
+            seen[1].at - start >= Duration::from_secs(2)
+                && seen[1].at - start < Duration::from_millis(2025)
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -213,17 +249,19 @@ async fn per_try_timeout_is_not_retried_under_istio_default() {
 
 #[tokio::test(start_paused = true)]
 async fn per_try_timeout_at_least_the_route_timeout_is_ignored() {
-    let (up, svc) = upstream(&[Act::Hang]);
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_secs(2))))
-        .layer(RetryLayer::new(
-            policy(3, "5xx").per_try_timeout(Some(Duration::from_secs(2))),
-        ))
-        .service(svc);
-    let err = svc.oneshot(get()).await.unwrap_err();
-    assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-    assert_eq!(up.attempts(), 1);
-    assert_eq!(up.seen.lock().unwrap()[0].attempt_deadline, None);
+    for fold in [false, true] {
+        let (up, svc) = upstream(&[Act::Hang]);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(2)),
+            RetryLayer::new(policy(3, "5xx").per_try_timeout(Some(Duration::from_secs(2)))),
+            svc,
+        );
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(up.attempts(), 1);
+        assert_eq!(up.seen.lock().unwrap()[0].attempt_deadline, None);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -566,22 +604,24 @@ async fn with_a_single_endpoint_the_retry_goes_back_to_it() {
 #[tokio::test(start_paused = true)]
 async fn request_deadline_bounds_the_backoff() {
     // A 50 ms route timeout and a 100 ms back-off base: the back-off is cut at the deadline.
-    let (up, svc) = upstream(&[Act::Status(503)]);
-    let svc = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Some(Duration::from_millis(50))))
-        .layer(
+    for fold in [false, true] {
+        let (up, svc) = upstream(&[Act::Status(503)]);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_millis(50)),
             RetryLayer::new(policy(5, "503").backoff_base(Duration::from_millis(100)))
                 .with_rng_seed(4),
-        )
-        .service(svc);
-    let start = Instant::now();
-    let res = svc.oneshot(get()).await;
-    assert!(Instant::now() - start <= Duration::from_millis(50));
-    match res {
-        Err(e) => assert!(is_caused_by::<DeadlineExceeded>(e.as_ref())),
-        Ok(r) => panic!("expected the deadline, got {}", r.status()),
+            svc,
+        );
+        let start = Instant::now();
+        let res = svc.oneshot(get()).await;
+        assert!(Instant::now() - start <= Duration::from_millis(50));
+        match res {
+            Err(e) => assert!(is_caused_by::<DeadlineExceeded>(e.as_ref())),
+            Ok(r) => panic!("expected the deadline, got {}", r.status()),
+        }
+        assert!(up.attempts() >= 1);
     }
-    assert!(up.attempts() >= 1);
 }
 
 proptest! {
@@ -656,4 +696,183 @@ async fn attempt_count_can_be_turned_off() {
     let (up, res) = run(p, &[Act::Status(503), Act::Status(200)]).await;
     assert_eq!(res.unwrap().status(), 200);
     assert_eq!(up.attempt_headers(), ["", ""]);
+}
+
+/// A balancer over one endpoint that never answers and is ejected on its first failure.
+fn hanging_balance() -> Balance<Svc> {
+    let cfg = crate::outlier::OutlierConfig {
+        consecutive_5xx_errors: 1,
+        max_ejection_percent: 100,
+        ..crate::outlier::OutlierConfig::default()
+    };
+    let balance = Balance::new(LbPolicy::LeastRequest, Some(cfg), |_ep: &Endpoint| {
+        Svc::new(service_fn(|_req: http::Request<BoxBody>| {
+            std::future::pending::<Result<http::Response<BoxBody>, BoxError>>()
+        }))
+    });
+    balance.update([Endpoint::new(UPSTREAM)]);
+    balance
+}
+
+/// The endpoint was charged by the balancer: its timer fired, not only an outer one.
+fn charged_by_the_balancer(balance: &Balance<Svc>, err: &BoxError) {
+    assert!(
+        mesh_core::find_cause::<crate::balance::EndpointFailed>(err.as_ref()).is_some(),
+        "the balancer's timer ended the attempt: {err}"
+    );
+    assert!(balance.is_ejected(UPSTREAM), "the endpoint was charged");
+    assert_eq!(balance.in_flight(UPSTREAM), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_balancer_enforces_the_attempt_deadline_of_the_retry_layer() {
+    for fold in [false, true] {
+        let balance = hanging_balance();
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
+            RetryLayer::new(
+                RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(1))),
+            ),
+            balance.clone(),
+        );
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<PerTryTimeout>(err.as_ref()));
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+        charged_by_the_balancer(&balance, &err);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_balancer_enforces_the_route_deadline_with_and_without_retries() {
+    for (retry, fold) in [
+        (RetryPolicy::disabled(), false),
+        (RetryPolicy::disabled(), true),
+        (RetryPolicy::istio_default(), false),
+        (RetryPolicy::istio_default(), true),
+    ] {
+        let balance = hanging_balance();
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(2)),
+            RetryLayer::new(retry),
+            balance.clone(),
+        );
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(Instant::now() - start, Duration::from_secs(2));
+        charged_by_the_balancer(&balance, &err);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_embedders_deadline_extension_bounds_every_layer_when_earlier() {
+    for fold in [false, true] {
+        let balance = hanging_balance();
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
+            RetryLayer::new(
+                RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(3))),
+            ),
+            balance.clone(),
+        );
+        let start = Instant::now();
+        let mut req = get();
+        req.extensions_mut()
+            .insert(RequestDeadline::after(Duration::from_millis(1500)));
+        let err = svc.oneshot(req).await.unwrap_err();
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+        assert_eq!(Instant::now() - start, Duration::from_millis(1500));
+        charged_by_the_balancer(&balance, &err);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_layer_applies_grpc_timeout_like_the_deadline_layer() {
+    let grpc = || {
+        let mut req = get();
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("300m"));
+        req
+    };
+    for (route, want) in [
+        (None, Duration::from_millis(300)),
+        (Some(Duration::from_secs(5)), Duration::from_millis(300)),
+        (Some(Duration::from_millis(200)), Duration::from_millis(200)),
+    ] {
+        for (retry, fold) in [
+            (RetryPolicy::disabled(), false),
+            (RetryPolicy::disabled(), true),
+            (RetryPolicy::istio_default(), false),
+            (RetryPolicy::istio_default(), true),
+        ] {
+            let balance = hanging_balance();
+            let svc = route_stack(fold, route, RetryLayer::new(retry), balance.clone());
+            let start = Instant::now();
+            let err = svc.oneshot(grpc()).await.unwrap_err();
+            assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
+            assert_eq!(Instant::now() - start, want);
+            charged_by_the_balancer(&balance, &err);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_layer_without_a_route_timeout_sets_no_deadline() {
+    use tower::Service;
+    for retry in [RetryPolicy::disabled(), RetryPolicy::istio_default()] {
+        let balance = hanging_balance();
+        let mut svc = RetryLayer::new(retry)
+            .with_deadline(DeadlineLayer::new(None))
+            .layer(balance.clone());
+        futures_util::future::poll_fn(|cx| svc.poll_ready(cx))
+            .await
+            .unwrap();
+        let mut fut = tokio_test::task::spawn(svc.call(get()));
+        assert_pending!(fut.poll());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_pending!(fut.poll());
+        assert_eq!(balance.in_flight(UPSTREAM), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_set_around_one_call_does_not_reach_the_next_call() {
+    use tower::Service;
+    let balance = hanging_balance();
+    let mut bounded = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Some(Duration::from_secs(1))))
+        .layer(RetryLayer::new(
+            RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_millis(500))),
+        ))
+        .service(balance.clone());
+    let mut unbounded = RetryLayer::new(RetryPolicy::istio_default()).layer(balance.clone());
+    futures_util::future::poll_fn(|cx| bounded.poll_ready(cx))
+        .await
+        .unwrap();
+    let mut first = tokio_test::task::spawn(bounded.call(get()));
+    assert_pending!(first.poll());
+    // The next request on this thread, through layers that set no deadline.
+    futures_util::future::poll_fn(|cx| unbounded.poll_ready(cx))
+        .await
+        .unwrap();
+    let mut next = tokio_test::task::spawn(unbounded.call(get()));
+    assert_pending!(next.poll());
+    assert_eq!(crate::deadline::CallDeadlines::current().request, None);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let err = first.poll().map(|r| r.unwrap_err());
+    match err {
+        std::task::Poll::Ready(err) => assert!(is_caused_by::<PerTryTimeout>(err.as_ref())),
+        std::task::Poll::Pending => panic!("the first request has a 500 ms attempt deadline"),
+    }
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_pending!(next.poll());
+    assert_eq!(balance.in_flight(UPSTREAM), 1, "still waiting, unbounded");
 }
