@@ -54,16 +54,23 @@ profile() { # profile MODE: start-up and the requests through benches/load/run.s
   local proxy=$!
   local ready=
   for _ in $(seq 600); do
-    if curl -s -o /dev/null "http://127.0.0.1:$port/"; then ready=1; break; fi
+    if curl -sf -o /dev/null "http://127.0.0.1:$port/"; then ready=1; break; fi
     sleep 0.2
   done
   [[ -n $ready ]] || { cat "$work/$1.log" >&2; echo "symbol-order.sh: $1 never answered" >&2; exit 1; }
   curl -s -K "$work/requests.cfg"
   # The proxy's children (the second sidecar) first, then the proxy; callgrind writes its
   # profile as each process exits.
-  pkill -TERM -P "$proxy" || true
+  local children
+  children=$(pgrep -P "$proxy" || true)
+  # shellcheck disable=SC2086 # one PID a word
+  [[ -z $children ]] || kill -TERM $children || true
   kill -TERM "$proxy" || true
   wait "$proxy" || true
+  # The second sidecar is the first one's child, not this shell's: wait for it by polling.
+  for pid in $children; do
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  done
   kill "$backend" || true
   wait "$backend" || true
 }

@@ -781,15 +781,19 @@ mod tests {
         let s = Settings::from_yaml("s.yaml", yaml).unwrap();
         assert_eq!(s.workload.locality.as_deref(), Some("us-east/1a/r1"));
         assert_eq!(s.workload.network.as_deref(), Some("net-1"));
-        let w = crate::process::runtime::workload(&s);
-        assert_eq!(w.locality.zone, "1a");
-        assert_eq!(w.network.as_deref(), Some("net-1"));
-        let unset = Settings::from_yaml("s.yaml", MIN).unwrap();
-        assert!(
-            crate::process::runtime::workload(&unset)
-                .locality
-                .is_empty()
-        );
+        // The workload the proxy runs as (the `proxy` feature's process code).
+        #[cfg(feature = "proxy")]
+        {
+            let w = crate::process::runtime::workload(&s);
+            assert_eq!(w.locality.zone, "1a");
+            assert_eq!(w.network.as_deref(), Some("net-1"));
+            let unset = Settings::from_yaml("s.yaml", MIN).unwrap();
+            assert!(
+                crate::process::runtime::workload(&unset)
+                    .locality
+                    .is_empty()
+            );
+        }
     }
 
     #[test]
