@@ -23,7 +23,6 @@ target=${CARGO_TARGET_DIR:-$root/target}
 bin="$(realpath "${1:-$target/dist/mesh-proxy}")"
 requests=${SYMBOL_ORDER_REQUESTS:-1000}
 port=${SYMBOL_ORDER_PORT:-18301}
-backend_port=$((port + 1))
 out="$root/mesh-proxy/symbol-order.txt"
 
 for tool in valgrind callgrind_annotate curl; do
@@ -34,51 +33,14 @@ done
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/symbol-order.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-cat >"$work/profiled.sh" <<EOF
-#!/usr/bin/env bash
-exec valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.%p" "$bin" "\$@"
-EOF
-chmod +x "$work/profiled.sh"
-
-for i in $(seq "$requests"); do
-  echo "url = \"http://127.0.0.1:$port/api/v1/payments\""
-  echo 'output = "/dev/null"'
-done >"$work/requests.cfg"
-
-profile() { # profile MODE: start-up and the requests through benches/load/run.sh MODE
-  "$target/release/load-backend" --listen "127.0.0.1:$backend_port" &
-  local backend=$!
-  MESH_PROXY_BIN="$work/profiled.sh" LOAD_DIR="$work/$1" \
-    "$root/benches/load/run.sh" "$1" "127.0.0.1:$port" "127.0.0.1:$backend_port" \
-    >"$work/$1.log" 2>&1 &
-  local proxy=$!
-  local ready=
-  for _ in $(seq 600); do
-    if curl -sf -o /dev/null "http://127.0.0.1:$port/"; then ready=1; break; fi
-    sleep 0.2
-  done
-  [[ -n $ready ]] || { cat "$work/$1.log" >&2; echo "symbol-order.sh: $1 never answered" >&2; exit 1; }
-  curl -s -K "$work/requests.cfg"
-  # The proxy's children (the second sidecar) first, then the proxy; callgrind writes its
-  # profile as each process exits.
-  local children
-  children=$(pgrep -P "$proxy" || true)
-  # shellcheck disable=SC2086 # one PID a word
-  [[ -z $children ]] || kill -TERM $children || true
-  kill -TERM "$proxy" || true
-  wait "$proxy" || true
-  # The second sidecar is the first one's child, not this shell's: wait for it by polling.
-  for pid in $children; do
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-  done
-  kill "$backend" || true
-  wait "$backend" || true
-}
-profile inbound
-profile mtls
+# shellcheck source=benches/load/callgrind.sh
+source "$root/benches/load/callgrind.sh"
+for mode in inbound mtls; do
+  profile_mode "$mode" "$requests" "$work/$mode" "$work/config" "$bin" "$port" --demangle=no
+done
 
 # Self cost of every function of the binary, summed over the processes, hottest first.
-for f in "$work"/callgrind.*; do
+for f in "$work"/*/callgrind.*; do
   callgrind_annotate --threshold=100 --inclusive=no "$f"
 done | awk -v bin="[$bin]" '
   $NF == bin {

@@ -714,6 +714,16 @@ fn hanging_balance() -> Balance<Svc> {
     balance
 }
 
+/// Sends `req` through `svc`; the error, which must come exactly `after` the send.
+async fn fails_after<RB>(svc: Stack<RB>, req: http::Request<BoxBody>, after: Duration) -> BoxError {
+    let start = Instant::now();
+    let Err(err) = svc.oneshot(req).await else {
+        panic!("the request succeeded");
+    };
+    assert_eq!(Instant::now() - start, after, "{err}");
+    err
+}
+
 /// The endpoint was charged by the balancer: its timer fired, not only an outer one.
 fn charged_by_the_balancer(balance: &Balance<Svc>, err: &BoxError) {
     assert!(
@@ -736,10 +746,8 @@ async fn the_balancer_enforces_the_attempt_deadline_of_the_retry_layer() {
             ),
             balance.clone(),
         );
-        let start = Instant::now();
-        let err = svc.oneshot(get()).await.unwrap_err();
+        let err = fails_after(svc, get(), Duration::from_secs(1)).await;
         assert!(is_caused_by::<PerTryTimeout>(err.as_ref()));
-        assert_eq!(Instant::now() - start, Duration::from_secs(1));
         charged_by_the_balancer(&balance, &err);
     }
 }
@@ -759,10 +767,8 @@ async fn the_balancer_enforces_the_route_deadline_with_and_without_retries() {
             RetryLayer::new(retry),
             balance.clone(),
         );
-        let start = Instant::now();
-        let err = svc.oneshot(get()).await.unwrap_err();
+        let err = fails_after(svc, get(), Duration::from_secs(2)).await;
         assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-        assert_eq!(Instant::now() - start, Duration::from_secs(2));
         charged_by_the_balancer(&balance, &err);
     }
 }
@@ -779,13 +785,11 @@ async fn an_embedders_deadline_extension_bounds_every_layer_when_earlier() {
             ),
             balance.clone(),
         );
-        let start = Instant::now();
         let mut req = get();
         req.extensions_mut()
             .insert(RequestDeadline::after(Duration::from_millis(1500)));
-        let err = svc.oneshot(req).await.unwrap_err();
+        let err = fails_after(svc, req, Duration::from_millis(1500)).await;
         assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()));
-        assert_eq!(Instant::now() - start, Duration::from_millis(1500));
         charged_by_the_balancer(&balance, &err);
     }
 }

@@ -741,8 +741,7 @@ mod tests {
 
     #[test]
     fn per_request_ids_are_marked_never_indexed_and_nothing_else() {
-        let mut h = HeaderMap::new();
-        for name in [
+        let ids = [
             "x-request-id",
             "x-client-trace-id",
             "b3",
@@ -750,16 +749,16 @@ mod tests {
             "x-b3-spanid",
             "x-b3-parentspanid",
             "traceparent",
+        ];
+        let others = [
             "x-b3-sampled",
             "tracestate",
             "x-envoy-peer-metadata",
-            ":authority-like",
             "user-agent",
-        ] {
-            h.append(
-                HeaderName::from_bytes(name.trim_start_matches(':').as_bytes()).unwrap(),
-                HeaderValue::from_static("v"),
-            );
+        ];
+        let mut h = HeaderMap::new();
+        for name in ids.iter().chain(&others) {
+            h.append(*name, HeaderValue::from_static("v"));
         }
         never_index_per_request_ids(&mut h);
         let marked: Vec<&str> = h
@@ -767,18 +766,7 @@ mod tests {
             .filter(|(_, v)| v.is_sensitive())
             .map(|(k, _)| k.as_str())
             .collect();
-        assert_eq!(
-            marked,
-            [
-                "x-request-id",
-                "x-client-trace-id",
-                "b3",
-                "x-b3-traceid",
-                "x-b3-spanid",
-                "x-b3-parentspanid",
-                "traceparent"
-            ]
-        );
+        assert_eq!(marked, ids);
     }
     use super::*;
     use rand::SeedableRng;
