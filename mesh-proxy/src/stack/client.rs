@@ -771,8 +771,16 @@ where
 }
 
 /// Pooled connections from one connector, with an HTTP/1.1-only pool for upgrades.
+///
+/// A handle: clones share the pools and settings behind one reference count, so the
+/// balancer's copy of an endpoint's client for each request costs one atomic increment
+/// (the parts themselves hold a dozen reference-counted pieces).
 #[derive(Clone, Debug)]
-pub struct HttpClient<C> {
+pub struct HttpClient<C>(Arc<Parts<C>>);
+
+/// What an [`HttpClient`] is made of.
+#[derive(Clone, Debug)]
+struct Parts<C> {
     client: Pool<C>,
     upgrades: Client<C, Outgoing>,
     /// HTTP/2 connections for HTTP/2 requests under [`Protocol::Downstream`].
@@ -945,7 +953,7 @@ where
             .build(upgrade_connector);
         let h2 =
             (protocol == Protocol::Downstream).then(|| pool(connector.clone(), idle_timeout, true));
-        Self {
+        Self(Arc::new(Parts {
             client,
             upgrades,
             h2,
@@ -961,13 +969,18 @@ where
             h2_streams: None,
             limits: StreamLimits::default(),
             by_downstream: None,
-        }
+        }))
+    }
+
+    /// The parts, to set while the client is built (not yet shared: no copy is made).
+    fn parts(&mut self) -> &mut Parts<C> {
+        Arc::make_mut(&mut self.0)
     }
 
     /// Bounds every request's bodies and waits by `limits` (none by default).
     #[must_use]
     pub fn stream_limits(mut self, limits: StreamLimits) -> Self {
-        self.limits = limits;
+        self.parts().limits = limits;
         self
     }
 
@@ -980,7 +993,7 @@ where
         idle: Duration,
         make: impl Fn(SocketAddr, SocketAddr) -> HttpClient<C> + Send + Sync + 'static,
     ) -> Self {
-        self.by_downstream = Some(Arc::new(ByDownstream {
+        self.parts().by_downstream = Some(Arc::new(ByDownstream {
             clients: Mutex::new(HashMap::new()),
             idle,
             make: Box::new(make),
@@ -992,24 +1005,27 @@ where
     /// connection when every one is full. Requests sent as HTTP/1.1 are not affected.
     #[must_use]
     pub fn max_concurrent_streams(mut self, n: u32) -> Self {
+        let parts = self.parts();
         if n == 0 {
-            self.streams = None;
-            self.h2_streams = None;
+            parts.streams = None;
+            parts.h2_streams = None;
             return self;
         }
         let limit = |first: &Pool<C>, http2_only: bool| {
-            let (connector, idle) = (self.connector.clone(), self.idle_timeout);
+            let (connector, idle) = (parts.connector.clone(), parts.idle_timeout);
             Arc::new(StreamLimit::new(n, first.clone(), move || {
                 pool(connector.clone(), idle, http2_only)
             }))
         };
         // An HTTP/1.1-only pool has no streams to cap.
-        self.streams = match self.protocol {
+        let streams = match parts.protocol {
             Protocol::Http1 | Protocol::Downstream => None,
-            Protocol::Http2 => Some(limit(&self.client, true)),
-            Protocol::Negotiated => Some(limit(&self.client, false)),
+            Protocol::Http2 => Some(limit(&parts.client, true)),
+            Protocol::Negotiated => Some(limit(&parts.client, false)),
         };
-        self.h2_streams = self.h2.as_ref().map(|h2| limit(h2, true));
+        let h2_streams = parts.h2.as_ref().map(|h2| limit(h2, true));
+        parts.streams = streams;
+        parts.h2_streams = h2_streams;
         self
     }
 
@@ -1018,7 +1034,7 @@ where
     /// with others it has no effect.
     #[must_use]
     pub fn max_requests_per_connection(mut self, n: u32) -> Self {
-        self.max_requests_per_connection = n;
+        self.parts().max_requests_per_connection = n;
         self
     }
 
@@ -1027,14 +1043,14 @@ where
     /// [`ConnectionOpened`], as [`UpstreamConnector`]'s do).
     #[must_use]
     pub fn max_connection_duration(mut self, max: Option<Duration>) -> Self {
-        self.max_connection_duration = max;
+        self.parts().max_connection_duration = max;
         self
     }
 
     /// Records `address` as the upstream host of every response.
     #[must_use]
     pub fn at(mut self, address: SocketAddr) -> Self {
-        self.address = Some(address);
+        self.parts().address = Some(address);
         self
     }
 
@@ -1042,8 +1058,9 @@ where
     /// `Host`).
     #[must_use]
     pub fn to_authority(mut self, address: SocketAddr) -> Self {
-        self.authority = Authority::try_from(address.to_string()).ok();
-        self.address = Some(address);
+        let parts = self.parts();
+        parts.authority = Authority::try_from(address.to_string()).ok();
+        parts.address = Some(address);
         self
     }
 }
@@ -1071,7 +1088,7 @@ impl HttpClient<UpstreamConnector> {
         };
         let upgrades = connector.clone().alpn(Alpn::Http1);
         let mut client = Self::new(connector, upgrades, idle_timeout, protocol).at(address);
-        client.mesh_peer = mesh_peer;
+        client.parts().mesh_peer = mesh_peer;
         client
     }
 }
@@ -1217,12 +1234,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> ResponseFuture {
-        if let Some(by) = &self.by_downstream
+        let this = &*self.0;
+        if let Some(by) = &this.by_downstream
             && let Some(info) = req.extensions().get::<ConnectionInfo>()
         {
             return by.client((info.remote, info.local)).call(req);
         }
-        let limits = self.limits;
+        let limits = this.limits;
         if limits.max_request_body > 0
             && http_body::Body::size_hint(req.body()).lower() > limits.max_request_body
         {
@@ -1232,7 +1250,7 @@ where
         }
         strip_hop_by_hop(req.headers_mut());
         mesh_telemetry::trace::never_index_per_request_ids(req.headers_mut());
-        if !self.mesh_peer {
+        if !this.mesh_peer {
             // A plaintext or TLS-originated upstream has no sidecar to read the
             // workload's metadata: it does not leave the mesh.
             req.headers_mut()
@@ -1240,13 +1258,13 @@ where
             req.headers_mut()
                 .remove(mesh_telemetry::exchange::PEER_METADATA_ID);
         }
-        absolute(&mut req, self.authority.as_ref());
-        let address = self.address;
+        absolute(&mut req, this.authority.as_ref());
+        let address = this.address;
         let upgrade = is_upgrade(&req);
         if upgrade {
             *req.version_mut() = Version::HTTP_11;
         } else {
-            match self.protocol {
+            match this.protocol {
                 Protocol::Negotiated => {}
                 Protocol::Http1 => *req.version_mut() = Version::HTTP_11,
                 Protocol::Http2 => *req.version_mut() = Version::HTTP_2,
@@ -1275,14 +1293,14 @@ where
             link: link.clone(),
             started,
         });
-        let limit = self.max_requests_per_connection;
-        let max_age = self.max_connection_duration;
+        let limit = this.max_requests_per_connection;
+        let max_age = this.max_connection_duration;
         let mut req = req;
         let captured =
             ((limit > 0 || max_age.is_some()) && !upgrade).then(|| capture_connection(&mut req));
-        let h2 = self.h2.is_some() && req.version() == Version::HTTP_2;
-        let (fut, stream) = match (&self.streams, &self.h2_streams) {
-            _ if upgrade => (self.upgrades.request(req), None),
+        let h2 = this.h2.is_some() && req.version() == Version::HTTP_2;
+        let (fut, stream) = match (&this.streams, &this.h2_streams) {
+            _ if upgrade => (this.upgrades.request(req), None),
             (_, Some(limit)) if h2 => {
                 let (client, stream) = limit.take();
                 (client.request(req), Some(stream))
@@ -1291,9 +1309,9 @@ where
                 let (client, stream) = limit.take();
                 (client.request(req), Some(stream))
             }
-            _ => match &self.h2 {
+            _ => match &this.h2 {
                 Some(h2_client) if h2 => (h2_client.request(req), None),
-                _ => (self.client.request(req), None),
+                _ => (this.client.request(req), None),
             },
         };
         Box::pin(async move {
