@@ -937,9 +937,10 @@ async fn idle(activity: Arc<Activity>, timeout: Duration) {
 
 /// The connection's stack as hyper's service, called in place for each request. (The
 /// adapter hyper-util offers clones the whole stack for every request, since hyper's
-/// `call` takes `&self`.) A stack that is not ready at once is cloned and driven to
-/// readiness, as that adapter does. The lock is only ever taken by the connection's own
-/// task, so it is never contended.
+/// `call` takes `&self`.) The lock is only ever taken by the connection's own task, so it
+/// is never contended. The stacks served here are ready at once (their limits act per
+/// destination, below the router); one that is not is cloned and driven to readiness, as
+/// that adapter does, and what its readiness check registered here wakes nobody.
 struct InPlace<S>(std::sync::Mutex<S>);
 
 impl<S, R> hyper::service::Service<http::Request<R>> for InPlace<S>
