@@ -90,6 +90,18 @@ fn serial(certs: &str) -> String {
     v["serial"].as_str().unwrap().to_owned()
 }
 
+/// Whether `sent` reaches `from + by` within 20 s (a guard against a stall, not a time
+/// limit on the proxy: on a busy machine the load only needs to keep moving).
+async fn progressed(sent: &AtomicUsize, from: usize, by: usize) -> bool {
+    for _ in 0..2000 {
+        if sent.load(Ordering::SeqCst) >= from + by {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_load_fails_no_request() {
     let world = World::new();
@@ -116,8 +128,14 @@ async fn certificate_rotation_under_load_fails_no_request() {
             }
         }));
     }
+    // The load is running before the first rotation, and goes on across each one.
+    assert!(
+        progressed(&sent, 0, 10).await,
+        "no load before the rotations"
+    );
     for round in 0..3 {
         for proxy in [&payment, &order] {
+            let at_rotation = sent.load(Ordering::SeqCst);
             let before = serial(&proxy.admin("/certs").await);
             let admin = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.ports.admin));
             let (status, _) = send(admin, "POST", "localhost", "/rotate", &[])
@@ -138,6 +156,10 @@ async fn certificate_rotation_under_load_fails_no_request() {
                 .await
                 .unwrap();
             assert_eq!(status, 200);
+            assert!(
+                progressed(&sent, at_rotation, 5).await,
+                "round {round}: the load stalled across the rotation"
+            );
         }
     }
     stop.store(true, Ordering::SeqCst);
