@@ -756,6 +756,33 @@ mod tests {
     }
 
     #[test]
+    fn host_values_are_checked_as_authorities() {
+        let valid = [
+            "example.com",
+            "payment-service:8080",
+            "127.0.0.1:80",
+            "[::1]:443",
+            "[::1]",
+        ];
+        let invalid = [
+            "",
+            "user@example.com",
+            "exa mple.com",
+            "example.com:http",
+            "example.com:",
+            "example.com:99999",
+            "[::1",
+            "example.com/path",
+            "example.com\t",
+        ];
+        for (values, expected) in [(&valid[..], true), (&invalid[..], false)] {
+            for v in values {
+                assert_eq!(valid_authority(v.as_bytes()), expected, "{v:?}");
+            }
+        }
+    }
+
+    #[test]
     fn each_hop_by_hop_header_alone_is_removed() {
         for name in [
             "connection",
