@@ -262,6 +262,19 @@ struct Tally {
 }
 
 impl Tally {
+    /// An empty tally of `window` (after its warm-up) from `start`, shared by the
+    /// connections' tasks.
+    fn shared(window: Window, start: Instant) -> Result<Rc<RefCell<Self>>, String> {
+        let from = start + Duration::from_secs_f64(window.warmup_secs.max(0.0));
+        Ok(Rc::new(RefCell::new(Self {
+            from,
+            to: from + Duration::from_secs_f64(window.secs.max(0.001)),
+            latency: histogram()?,
+            completed: 0,
+            errors: 0,
+        })))
+    }
+
     fn done(&mut self, due: Instant, ok: bool) {
         let now = Instant::now();
         if !ok {
@@ -277,11 +290,6 @@ impl Tally {
     }
 }
 
-fn window_of(window: Window, start: Instant) -> (Instant, Instant) {
-    let from = start + Duration::from_secs_f64(window.warmup_secs.max(0.0));
-    (from, from + Duration::from_secs_f64(window.secs.max(0.001)))
-}
-
 async fn fixed_rate(
     target: SocketAddr,
     rate: f64,
@@ -293,14 +301,11 @@ async fn fixed_rate(
         return Err("--rate and --conns must be above 0".into());
     }
     let start = Instant::now() + Duration::from_millis(20);
-    let (from, to) = window_of(window, start);
-    let tally = Rc::new(RefCell::new(Tally {
-        from,
-        to,
-        latency: histogram()?,
-        completed: 0,
-        errors: 0,
-    }));
+    let tally = Tally::shared(window, start)?;
+    let (from, to) = {
+        let t = tally.borrow();
+        (t.from, t.to)
+    };
     let mut queues = Vec::with_capacity(conns);
     let mut tasks = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -380,14 +385,11 @@ async fn finish(tasks: Vec<tokio::task::JoinHandle<()>>, tally: &RefCell<Tally>,
 
 async fn closed(target: SocketAddr, window: Window, conns: usize) -> Result<(), String> {
     let start = Instant::now();
-    let (from, to) = window_of(window, start);
-    let tally = Rc::new(RefCell::new(Tally {
-        from,
-        to,
-        latency: histogram()?,
-        completed: 0,
-        errors: 0,
-    }));
+    let tally = Tally::shared(window, start)?;
+    let (from, to) = {
+        let t = tally.borrow();
+        (t.from, t.to)
+    };
     let mut tasks = Vec::with_capacity(conns);
     for _ in 0..conns {
         let mut conn = connect(target).await?;
