@@ -672,6 +672,22 @@ impl<T: UpstreamSocket> AbortableIo<T> {
         Ok(())
     }
 
+    /// One I/O call on the inner connection (`write`: a write, flush or shutdown), failed
+    /// at once when aborted and, on `Pending`, waiting for an abort as well.
+    fn guarded<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: bool,
+        io: impl FnOnce(std::pin::Pin<&mut T>, &mut Context<'_>) -> Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>>
+    where
+        T: Unpin,
+    {
+        self.check()?;
+        let poll = io(std::pin::Pin::new(&mut self.inner), cx);
+        self.after(cx, write, poll)
+    }
+
     /// Notes the outcome of a write or flush (`write`) or read, and on `Pending` waits
     /// for an abort as well.
     fn after<R>(
@@ -712,10 +728,8 @@ where
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.check()?;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.after(cx, false, poll)
+        self.get_mut()
+            .guarded(cx, false, |io, cx| io.poll_read(cx, buf))
     }
 }
 
@@ -728,10 +742,8 @@ where
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.check()?;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.after(cx, true, poll)
+        self.get_mut()
+            .guarded(cx, true, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -739,10 +751,8 @@ where
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.check()?;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.after(cx, true, poll)
+        self.get_mut()
+            .guarded(cx, true, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -753,20 +763,15 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.check()?;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
-        this.after(cx, true, poll)
+        self.get_mut().guarded(cx, true, |io, cx| io.poll_flush(cx))
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.check()?;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.after(cx, true, poll)
+        self.get_mut()
+            .guarded(cx, true, |io, cx| io.poll_shutdown(cx))
     }
 }
 
