@@ -1254,7 +1254,6 @@ where
             return Box::pin(std::future::ready(Err(err)));
         }
         strip_hop_by_hop(req.headers_mut());
-        mesh_telemetry::trace::never_index_per_request_ids(req.headers_mut());
         if !this.mesh_peer {
             // A plaintext or TLS-originated upstream has no sidecar to read the
             // workload's metadata: it does not leave the mesh.
@@ -1275,6 +1274,10 @@ where
                 Protocol::Http2 => *req.version_mut() = Version::HTTP_2,
                 Protocol::Downstream if req.version() == Version::HTTP_2 => {}
                 Protocol::Downstream => *req.version_mut() = Version::HTTP_11,
+            }
+            // Only HPACK reads the mark (an ALPN-negotiated connection may be HTTP/2).
+            if this.protocol == Protocol::Negotiated || req.version() == Version::HTTP_2 {
+                mesh_telemetry::trace::never_index_per_request_ids(req.headers_mut());
             }
         }
         let downstream = if upgrade {
