@@ -189,6 +189,25 @@ async fn connect(target: SocketAddr) -> Result<Conn, String> {
 }
 
 /// One `GET /`, its body read: (status, body length).
+/// One request due at `due`, counted in `tally`; after a failure the connection is
+/// replaced. False when no new connection can be made.
+async fn tallied(
+    conn: &mut Conn,
+    target: SocketAddr,
+    tally: &RefCell<Tally>,
+    due: Instant,
+) -> bool {
+    let ok = matches!(get(conn, target).await, Ok((200, _)));
+    tally.borrow_mut().done(due, ok);
+    if !ok {
+        match connect(target).await {
+            Ok(c) => *conn = c,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 async fn get(conn: &mut Conn, target: SocketAddr) -> Result<(u16, usize), String> {
     conn.ready().await.map_err(|e| e.to_string())?;
     let req = Request::get("/")
@@ -315,13 +334,8 @@ async fn fixed_rate(
         let tally = tally.clone();
         tasks.push(tokio::task::spawn_local(async move {
             while let Some(due) = rx.recv().await {
-                let ok = matches!(get(&mut conn, target).await, Ok((200, _)));
-                tally.borrow_mut().done(due, ok);
-                if !ok {
-                    match connect(target).await {
-                        Ok(c) => conn = c,
-                        Err(_) => return,
-                    }
+                if !tallied(&mut conn, target, &tally, due).await {
+                    return;
                 }
             }
         }));
@@ -396,14 +410,8 @@ async fn closed(target: SocketAddr, window: Window, conns: usize) -> Result<(), 
         let tally = tally.clone();
         tasks.push(tokio::task::spawn_local(async move {
             while Instant::now() < to {
-                let due = Instant::now();
-                let ok = matches!(get(&mut conn, target).await, Ok((200, _)));
-                tally.borrow_mut().done(due, ok);
-                if !ok {
-                    match connect(target).await {
-                        Ok(c) => conn = c,
-                        Err(_) => return,
-                    }
+                if !tallied(&mut conn, target, &tally, Instant::now()).await {
+                    return;
                 }
             }
         }));
