@@ -5,4 +5,5 @@
 
 pub mod load;
 pub mod proxy;
+pub mod stack;
 pub mod tls;
