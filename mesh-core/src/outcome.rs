@@ -44,6 +44,16 @@ pub enum Outcome {
     LocalError,
 }
 
+/// The `grpc-status` of a response's headers or trailers, when present and numeric.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    // A `HeaderName` key is hashed as it is; a `&str` would be parsed first.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    headers
+        .get(&GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 impl Outcome {
     /// Classifies a response by its head.
     pub fn from_response<B>(res: &http::Response<B>) -> Self {
@@ -52,15 +62,9 @@ impl Outcome {
 
     /// Classifies a status and headers.
     pub fn from_parts(status: http::StatusCode, headers: &http::HeaderMap) -> Self {
-        // A `HeaderName` key is hashed as it is; a `&str` would be parsed first.
-        const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-        let grpc_status = headers
-            .get(&GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
         Self::Response {
             status: status.as_u16(),
-            grpc_status,
+            grpc_status: grpc_status(headers),
         }
     }
 

@@ -93,6 +93,11 @@ use crate::trace::export::{ExportCounters, SpanKind, SpanQueue, SpanRecord};
 use crate::trace::{self, Formats, HopContext, Propagator, Sampler};
 use arc_swap::ArcSwapOption;
 
+/// `x-envoy-upstream-service-time`, looked up by a constant name (a `&str` is parsed
+/// first).
+const UPSTREAM_SERVICE_TIME: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-upstream-service-time");
+
 struct Shared {
     workload: Workload,
     exchange: Option<LocalMetadata>,
@@ -1109,19 +1114,14 @@ where
                 }
                 let status = res.status();
                 pending.status = status.as_u16();
-                pending.grpc_status = res
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse().ok());
+                pending.grpc_status = mesh_core::outcome::grpc_status(res.headers());
                 pending.flags |= response_flags(res.extensions());
                 pending.upstream_host = res.extensions().get::<UpstreamHost>().map(|u| u.0);
                 pending.upstream_peer = res
                     .extensions()
                     .get::<UpstreamPeerIdentity>()
                     .map(|p| p.0.clone());
-                pending.upstream_service_time =
-                    res.headers().get("x-envoy-upstream-service-time").cloned();
+                pending.upstream_service_time = res.headers().get(&UPSTREAM_SERVICE_TIME).cloned();
                 // `HTTP/1.1 200 OK\r\n`
                 pending.response_header_bytes = (15 + status.canonical_reason().map_or(0, str::len))
                     as u64
@@ -1214,10 +1214,7 @@ where
                     }
                 } else if let Some(trailers) = frame.trailers_ref()
                     && let Some(p) = this.pending.as_mut()
-                    && let Some(g) = trailers
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse().ok())
+                    && let Some(g) = mesh_core::outcome::grpc_status(trailers)
                 {
                     p.grpc_status = Some(g);
                 }

@@ -511,11 +511,34 @@ where
 
 /// `uri-host [ ":" port ]` without userinfo or whitespace.
 fn valid_authority(value: &[u8]) -> bool {
+    if plain_host_port(value) {
+        return true;
+    }
     authority_chars(value)
         && std::str::from_utf8(value)
             .ok()
             .and_then(|v| v.parse::<http::uri::Authority>().ok())
             .is_some_and(|a| has_valid_port(&a))
+}
+
+/// A DNS name or IPv4 address with an optional decimal port (`payment-service:8080`),
+/// which is how nearly every `Host` looks: a valid authority, recognised without
+/// [`http::uri::Authority`]'s parse, which copies the value. Anything else (brackets,
+/// percent-encoding, other characters) is left to that parse.
+fn plain_host_port(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(i) => (&value[..i], Some(&value[i + 1..])),
+        None => (value, None),
+    };
+    !host.is_empty()
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.is_none_or(|p| {
+            (1..=5).contains(&p.len())
+                && p.iter().all(u8::is_ascii_digit)
+                && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
+        })
 }
 
 /// Not empty, printable ASCII, no whitespace and no userinfo (`@`).
@@ -780,6 +803,29 @@ mod tests {
                 assert_eq!(valid_authority(v.as_bytes()), expected, "{v:?}");
             }
         }
+    }
+
+    #[test]
+    fn plain_host_port_accepts_only_what_the_full_parse_accepts() {
+        let full = |v: &str| {
+            authority_chars(v.as_bytes())
+                && v.parse::<http::uri::Authority>()
+                    .is_ok_and(|a| has_valid_port(&a))
+        };
+        let values = [
+            "a", "a.b-c", "-", ".", "127.0.0.1", "payment-service:8080", "a:0", "a:00080",
+            "a:65535", "a:65536", "a:99999", "a:123456", "a:", ":80", "a:8a", "a::80", "a_b",
+            "[::1]:80", "a%20b", "a@b",
+        ];
+        let mut fast = 0;
+        for v in values {
+            if plain_host_port(v.as_bytes()) {
+                fast += 1;
+                assert!(full(v), "{v:?} passes the fast check only");
+            }
+            assert_eq!(valid_authority(v.as_bytes()), full(v), "{v:?}");
+        }
+        assert_eq!(fast, 9, "the values the fast check recognises");
     }
 
     #[test]
