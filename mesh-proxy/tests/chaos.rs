@@ -559,17 +559,11 @@ impl Drop for H2Upstream {
     }
 }
 
-/// Writes one HTTP/2 frame.
-async fn write_frame(tcp: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    let _ = tcp
-        .write_all(&support::frames::frame(kind, flags, stream, payload))
-        .await;
-}
-
 impl H2Upstream {
     async fn start() -> Self {
         use support::frames::{
-            ACK, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+            ACK, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS, read_frame,
+            write_frame,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -591,19 +585,7 @@ impl H2Upstream {
                     }
                     write_frame(&mut tcp, SETTINGS, 0, 0, &[]).await;
                     let mut first = None;
-                    loop {
-                        let mut head = [0u8; 9];
-                        if tcp.read_exact(&mut head).await.is_err() {
-                            return;
-                        }
-                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                        let (kind, flags) = (head[3], head[4]);
-                        let stream =
-                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                        let mut payload = vec![0u8; len];
-                        if tcp.read_exact(&mut payload).await.is_err() {
-                            return;
-                        }
+                    while let Some((kind, flags, stream, payload)) = read_frame(&mut tcp).await {
                         match kind {
                             SETTINGS if flags & ACK == 0 => {
                                 write_frame(&mut tcp, SETTINGS, ACK, 0, &[]).await;

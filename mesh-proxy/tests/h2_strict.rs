@@ -120,7 +120,6 @@ spec:
     start_sidecar(world, "order-service", &config, ports, upstream).await
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An HPACK header block of literal fields without indexing and without Huffman
 /// coding: every byte the test chooses reaches the proxy's decoder as written.
 fn block(fields: &[(&str, &str)]) -> Vec<u8> {
@@ -166,19 +165,6 @@ fn status_of(block: &[u8]) -> u16 {
         }
         _ => 0,
     }
-}
-
-/// Reads one frame: (type, flags, stream, payload); `None` at the end of input.
-async fn read_frame(
-    tcp: &mut (impl tokio::io::AsyncRead + Unpin),
-) -> Option<(u8, u8, u32, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    tcp.read_exact(&mut head).await.ok()?;
-    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-    let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
-    let mut payload = vec![0u8; len];
-    tcp.read_exact(&mut payload).await.ok()?;
-    Some((head[3], head[4], stream, payload))
 }
 
 /// Opens an h2c connection (preface, empty SETTINGS).
