@@ -42,7 +42,9 @@ use tower::{Service, ServiceBuilder};
 use super::destination::RouteService;
 use super::headers::{EdgeHeaders, Sanitize};
 use super::outbound::{MeshRouter, prepare, request_host};
-use super::{HttpService, RouteFuture, boxed_request, boxed_response};
+use super::{
+    HttpService, RouteFuture, authn_response, authz_response, boxed_request, boxed_response,
+};
 use crate::respond::{self, Respond};
 
 /// Bound on distinct authorities in the gateway's metrics.
@@ -208,9 +210,9 @@ pub fn service(
                 .map_request(boxed_request)
                 .service(Respond::new(
                     ServiceBuilder::new()
-                        .map_response(boxed_response)
+                        .map_response(authn_response)
                         .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
-                        .map_response(boxed_response)
+                        .map_response(authz_response)
                         .layer(authorize)
                         .service(GatewayRoutes::new(router, redirect_hosts)),
                 )),

@@ -37,7 +37,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use super::headers::{EdgeHeaders, Sanitize};
-use super::{HttpService, boxed_request, boxed_response};
+use super::{HttpService, authn_response, authz_response, boxed_request, boxed_response};
 use crate::respond::Respond;
 
 /// An application the inbound stack can wrap: a cloneable tower service of
@@ -92,9 +92,9 @@ where
     B: ApplicationBody,
 {
     let authorized = ServiceBuilder::new()
-        .map_response(boxed_response)
+        .map_response(authn_response)
         .layer(mesh_tls::authn::AuthnLayer::from_handle(authn))
-        .map_response(boxed_response)
+        .map_response(authz_response)
         .layer(
             AuthzLayer::from_handle(authz)
                 .normalization(NormalizeOptions::new(normalization))

@@ -71,6 +71,21 @@ where
     res.map(body::boxed)
 }
 
+/// [`boxed_response`] after the AuthorizationPolicy layer: an allowed request's body is
+/// the inner service's box, passed on as it is; only a local reply is boxed.
+pub fn authz_response(res: Response<mesh_tls::authz::AuthzBody<BoxBody>>) -> Response<BoxBody> {
+    res.map(|b| b.into_inner().unwrap_or_else(body::boxed))
+}
+
+/// [`boxed_response`] after the RequestAuthentication layer: the inner service's box
+/// passes as it is; only a local `401` is boxed.
+pub fn authn_response(res: Response<mesh_tls::authn::AuthnBody<BoxBody>>) -> Response<BoxBody> {
+    res.map(|b| match b {
+        http_body_util::Either::Left(inner) => inner,
+        http_body_util::Either::Right(local) => body::boxed(local),
+    })
+}
+
 /// The response future of the services that end in the router (outbound and gateway):
 /// routed, passed through to a host outside the mesh, or answered locally. Routed
 /// requests, the common case, are kept inline rather than boxed: a large future moved

@@ -324,6 +324,15 @@ impl<B> AuthzBody<B> {
             data: Some(Bytes::from_static(text.as_bytes())),
         }
     }
+
+    /// The inner service's body, or `Err` with the local reply. A caller that boxes
+    /// bodies can then pass the inner one on as it is instead of boxing this wrapper.
+    pub fn into_inner(self) -> Result<B, Self> {
+        match self {
+            Self::Inner { body } => Ok(body),
+            local @ Self::Local { .. } => Err(local),
+        }
+    }
 }
 
 impl<B> Body for AuthzBody<B>
