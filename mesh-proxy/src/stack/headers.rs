@@ -215,16 +215,20 @@ fn xfcc_element<B>(req: &http::Request<B>, by: Option<&str>) -> Option<String> {
     Some(out)
 }
 
+/// `X-Forwarded-Client-Cert`, a constant: `from_static` called at run time checks the
+/// name each time.
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Applies `mode` to `req`'s XFCC; `present` is false only when the request has none.
 fn forward_client_cert<B>(
     req: &mut http::Request<B>,
     mode: ForwardClientCertDetails,
     by: Option<&str>,
+    present: bool,
 ) {
     use ForwardClientCertDetails as M;
     let element = xfcc_element(req, by);
     let mtls = element.is_some();
-    // A constant: `from_static` called at run time checks the name on every request.
-    const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
     let name = XFCC;
     match mode {
         M::AlwaysForwardOnly => {}
@@ -244,9 +248,10 @@ fn forward_client_cert<B>(
             set(req.headers_mut(), name, &value);
         }
         M::SanitizeSet if mtls => set_owned(req.headers_mut(), name, element.unwrap_or_default()),
-        _ => {
+        _ if present => {
             req.headers_mut().remove(name);
         }
+        _ => {}
     }
 }
 
@@ -573,7 +578,38 @@ fn options_asterisk() -> http::Response<mesh_core::body::BoxBody> {
 
 /// Rejects header names containing `_` (SECURITY.md: upstreams treat `_` as `-`).
 pub fn has_underscore_header(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| k.as_str().contains('_'))
+    headers.keys().any(|k| has_underscore(k))
+}
+
+fn has_underscore(name: &HeaderName) -> bool {
+    name.as_str().contains('_')
+}
+
+/// What [`Sanitize`] needs to know about a request's header names, found in one pass
+/// over them (no hashing): most requests carry none of the headers it removes, and a
+/// hashed lookup or removal of an absent name costs as much as of a present one.
+#[derive(Clone, Copy, Debug, Default)]
+struct NameScan {
+    underscore: bool,
+    internal: bool,
+    xfcc: bool,
+    exchange: bool,
+}
+
+impl NameScan {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut scan = Self::default();
+        for name in headers.keys() {
+            scan.underscore |= has_underscore(name);
+            if is_internal(name.as_str()) {
+                scan.internal = true;
+                scan.xfcc |= name == XFCC;
+                scan.exchange |= name == mesh_telemetry::exchange::PEER_METADATA
+                    || name == mesh_telemetry::exchange::PEER_METADATA_ID;
+            }
+        }
+        scan
+    }
 }
 
 /// Checks and cleans request headers before the rest of the stack: header names with
@@ -652,7 +688,8 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         use futures_util::future::Either;
-        if has_underscore_header(req.headers()) {
+        let scan = NameScan::of(req.headers());
+        if scan.underscore {
             return Either::Left(std::future::ready(Ok(crate::respond::bad_request(
                 "header name with underscore",
             ))));
@@ -674,20 +711,22 @@ where
                 &no_route,
             ))));
         }
-        if self.peer_metadata {
+        if self.peer_metadata && scan.exchange {
             mesh_telemetry::exchange::take_request(&mut req);
         }
         if self.strip_untrusted {
             let extra = &self.edge.extra_untrusted;
             let keep_xfcc = self.edge.forward_client_cert != ForwardClientCertDetails::Sanitize;
-            strip_where(req.headers_mut(), |k| {
-                (is_internal(k) && !(keep_xfcc && k == "x-forwarded-client-cert"))
-                    || extra.iter().any(|e| e == k)
-            });
+            if scan.internal || !extra.is_empty() {
+                strip_where(req.headers_mut(), |k| {
+                    (is_internal(k) && !(keep_xfcc && k == XFCC)) || extra.iter().any(|e| e == k)
+                });
+            }
             forward_client_cert(
                 &mut req,
                 self.edge.forward_client_cert,
                 self.edge.own_identity.as_deref(),
+                scan.xfcc && keep_xfcc,
             );
         }
         if self.edge.append_forwarded_for {
@@ -898,6 +937,18 @@ mod tests {
     }
 
     #[test]
+    fn one_pass_over_the_names_finds_what_sanitize_removes() {
+        let scan = NameScan::of(&map(&[("host", "a"), ("x-request-id", "1")]));
+        assert!(!scan.underscore && !scan.internal && !scan.xfcc && !scan.exchange);
+        let scan = NameScan::of(&map(&[("x-envoy-peer-metadata-id", "x"), ("a_b", "1")]));
+        assert!(scan.underscore && scan.internal && scan.exchange && !scan.xfcc);
+        let scan = NameScan::of(&map(&[("x-forwarded-client-cert", "By=x")]));
+        assert!(scan.internal && scan.xfcc && !scan.exchange);
+        let scan = NameScan::of(&map(&[("x-envoy-peer-metadata", "x"), ("l5d-x", "1")]));
+        assert!(scan.internal && scan.exchange && !scan.underscore);
+    }
+
+    #[test]
     fn underscore_headers_are_detected() {
         assert!(has_underscore_header(&map(&[("x_envoy_path", "/")])));
         assert!(!has_underscore_header(&map(&[("x-envoy-path", "/")])));
@@ -929,7 +980,7 @@ mod tests {
             if !mtls {
                 req.extensions_mut().clear();
             }
-            forward_client_cert(&mut req, mode, by);
+            forward_client_cert(&mut req, mode, by, true);
             let v: Vec<String> = req
                 .headers()
                 .get_all("x-forwarded-client-cert")
