@@ -409,6 +409,9 @@ fn tcp_frame(node: &NodeMetadata) -> bytes::Bytes {
 /// after the first request a peer costs a lookup, no decoding or allocation. Istio's
 /// proxies keep decoded peer metadata by its id in the same way.
 pub fn take(headers: &mut HeaderMap, peer: Option<&Identity>) -> Option<Arc<Workload>> {
+    if !carries_metadata(headers) {
+        return None;
+    }
     let value = headers.remove(PEER_METADATA);
     headers.remove(PEER_METADATA_ID);
     let value = value?;
@@ -429,6 +432,16 @@ pub fn take(headers: &mut HeaderMap, peer: Option<&Identity>) -> Option<Arc<Work
         Arc::new(map)
     });
     verified
+}
+
+/// Whether `headers` has either metadata header. A request from outside the mesh, or
+/// one whose metadata an earlier layer took, has neither, and a hashed removal of an
+/// absent name costs as much as of a present one: one pass over the names (no
+/// hashing) answers first.
+pub fn carries_metadata(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|k| k == PEER_METADATA || k == PEER_METADATA_ID)
 }
 
 /// Bound on the (metadata value, peer identity) pairs [`take`] keeps.
@@ -464,8 +477,7 @@ pub struct PeerWorkload(pub Arc<Workload>);
 /// when the connection's verified [`PeerIdentity`] vouches for it; the headers are
 /// removed either way.
 pub fn take_request<B>(req: &mut http::Request<B>) {
-    if !req.headers().contains_key(PEER_METADATA) {
-        req.headers_mut().remove(PEER_METADATA_ID);
+    if !carries_metadata(req.headers()) {
         return;
     }
     let peer = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
@@ -563,6 +575,26 @@ mod tests {
         local.insert(&mut h);
         assert!(take(&mut h, None).is_none(), "plaintext");
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn either_header_alone_is_found_and_removed() {
+        let peer = id("spiffe://cluster.local/ns/a/sa/s");
+        let mut h = HeaderMap::new();
+        h.insert(http::header::HOST, HeaderValue::from_static("a"));
+        assert!(!carries_metadata(&h));
+        assert!(take(&mut h, Some(&peer)).is_none());
+        assert_eq!(h.len(), 1, "other headers stay");
+        h.insert(PEER_METADATA_ID, HeaderValue::from_static("x"));
+        assert!(carries_metadata(&h));
+        assert!(take(&mut h, Some(&peer)).is_none());
+        assert!(!carries_metadata(&h));
+        let mut req = http::Request::new(());
+        req.headers_mut()
+            .insert(PEER_METADATA_ID, HeaderValue::from_static("x"));
+        take_request(&mut req);
+        assert!(req.headers().is_empty());
+        assert!(req.extensions().get::<PeerWorkload>().is_none());
     }
 
     #[test]

@@ -1256,15 +1256,10 @@ where
         strip_hop_by_hop(req.headers_mut());
         if !this.mesh_peer {
             // A plaintext or TLS-originated upstream has no sidecar to read the
-            // workload's metadata: it does not leave the mesh. One pass over the names
-            // finds whether there is anything to remove (usually not: the inbound hop
-            // to the application removed it already).
-            use mesh_telemetry::exchange::{PEER_METADATA, PEER_METADATA_ID};
-            if req
-                .headers()
-                .keys()
-                .any(|k| k == PEER_METADATA || k == PEER_METADATA_ID)
-            {
+            // workload's metadata: it does not leave the mesh. Usually there is none to
+            // remove (the inbound hop to the application took it already).
+            use mesh_telemetry::exchange::{PEER_METADATA, PEER_METADATA_ID, carries_metadata};
+            if carries_metadata(req.headers()) {
                 req.headers_mut().remove(PEER_METADATA);
                 req.headers_mut().remove(PEER_METADATA_ID);
             }

@@ -593,7 +593,6 @@ struct NameScan {
     underscore: bool,
     internal: bool,
     xfcc: bool,
-    exchange: bool,
 }
 
 impl NameScan {
@@ -604,8 +603,6 @@ impl NameScan {
             if is_internal(name.as_str()) {
                 scan.internal = true;
                 scan.xfcc |= name == XFCC;
-                scan.exchange |= name == mesh_telemetry::exchange::PEER_METADATA
-                    || name == mesh_telemetry::exchange::PEER_METADATA_ID;
             }
         }
         scan
@@ -711,7 +708,7 @@ where
                 &no_route,
             ))));
         }
-        if self.peer_metadata && scan.exchange {
+        if self.peer_metadata {
             mesh_telemetry::exchange::take_request(&mut req);
         }
         if self.strip_untrusted {
@@ -939,13 +936,13 @@ mod tests {
     #[test]
     fn one_pass_over_the_names_finds_what_sanitize_removes() {
         let scan = NameScan::of(&map(&[("host", "a"), ("x-request-id", "1")]));
-        assert!(!scan.underscore && !scan.internal && !scan.xfcc && !scan.exchange);
+        assert!(!scan.underscore && !scan.internal && !scan.xfcc);
         let scan = NameScan::of(&map(&[("x-envoy-peer-metadata-id", "x"), ("a_b", "1")]));
-        assert!(scan.underscore && scan.internal && scan.exchange && !scan.xfcc);
+        assert!(scan.underscore && scan.internal && !scan.xfcc);
         let scan = NameScan::of(&map(&[("x-forwarded-client-cert", "By=x")]));
-        assert!(scan.internal && scan.xfcc && !scan.exchange);
-        let scan = NameScan::of(&map(&[("x-envoy-peer-metadata", "x"), ("l5d-x", "1")]));
-        assert!(scan.internal && scan.exchange && !scan.underscore);
+        assert!(scan.internal && scan.xfcc && !scan.underscore);
+        let scan = NameScan::of(&map(&[("l5d-x", "1")]));
+        assert!(scan.internal && !scan.xfcc);
     }
 
     #[test]
