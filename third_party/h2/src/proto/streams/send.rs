@@ -78,17 +78,18 @@ impl Send {
     }
 
     fn check_headers(fields: &http::HeaderMap) -> Result<(), UserError> {
-        // 8.1.2.2. Connection-Specific Header Fields
-        if fields.contains_key(http::header::CONNECTION)
-            || fields.contains_key(http::header::TRANSFER_ENCODING)
-            || fields.contains_key(http::header::UPGRADE)
-            || fields.contains_key("keep-alive")
-            || fields.contains_key("proxy-connection")
-        {
-            tracing::debug!("illegal connection-specific headers found");
-            return Err(UserError::MalformedHeaders);
-        } else if let Some(te) = fields.get(http::header::TE) {
-            if te != "trailers" {
+        // 8.1.2.2. Connection-Specific Header Fields. One pass over the names present:
+        // a hashed lookup for each forbidden name (two of them parsed from `&str`
+        // first) costs more than comparing the few names a message carries.
+        for name in fields.keys() {
+            let forbidden = name == http::header::CONNECTION
+                || name == http::header::TRANSFER_ENCODING
+                || name == http::header::UPGRADE
+                || name == "keep-alive"
+                || name == "proxy-connection"
+                || (name == http::header::TE
+                    && fields.get(http::header::TE).map_or(false, |te| te != "trailers"));
+            if forbidden {
                 tracing::debug!("illegal connection-specific headers found");
                 return Err(UserError::MalformedHeaders);
             }
@@ -663,5 +664,37 @@ impl Send {
 
     pub(crate) fn is_extended_connect_protocol_enabled(&self) -> bool {
         self.is_extended_connect_protocol_enabled
+    }
+}
+
+#[cfg(test)]
+mod check_headers_tests {
+    use super::Send;
+    use http::{HeaderMap, HeaderValue};
+
+    fn check(pairs: &[(&'static str, &'static str)]) -> bool {
+        let mut fields = HeaderMap::new();
+        for (name, value) in pairs {
+            fields.append(*name, HeaderValue::from_static(value));
+        }
+        Send::check_headers(&fields).is_ok()
+    }
+
+    #[test]
+    fn connection_specific_fields_are_refused_in_one_pass() {
+        assert!(check(&[]));
+        assert!(check(&[("x-request-id", "1"), ("content-type", "text/plain")]));
+        assert!(check(&[("te", "trailers"), ("accept", "*/*")]));
+        for name in [
+            "connection",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            assert!(!check(&[("accept", "*/*"), (name, "x")]), "{}", name);
+        }
+        assert!(!check(&[("te", "gzip")]));
+        assert!(!check(&[("x-a", "1"), ("te", "trailers, gzip")]));
     }
 }
