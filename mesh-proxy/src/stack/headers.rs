@@ -194,6 +194,57 @@ fn xfcc_element<B>(req: &http::Request<B>, by: Option<&str>) -> Option<String> {
         .extensions()
         .get::<mesh_core::extensions::PeerIdentity>()
         .map(|p| p.0.as_str());
+    Some(build_xfcc_element(hash, peer, by))
+}
+
+/// The last XFCC value this thread built and what it was built from. Every request of
+/// one connection has the same element (its certificate, its identity, this edge), so
+/// the requests of a connection share one value (a reference count each) instead of
+/// each building and hex-encoding its own; requests of other connections replace it.
+struct XfccMemo {
+    hash: mesh_tls::PeerCertificateHash,
+    peer: Option<mesh_core::Identity>,
+    by: Option<String>,
+    value: http::HeaderValue,
+}
+
+thread_local! {
+    static LAST_XFCC: std::cell::RefCell<Option<XfccMemo>> = const { std::cell::RefCell::new(None) };
+}
+
+/// [`xfcc_element`] as a header value, shared with the connection's earlier requests
+/// ([`XfccMemo`]).
+fn xfcc_value<B>(req: &http::Request<B>, by: Option<&str>) -> Option<http::HeaderValue> {
+    let hash = *req.extensions().get::<mesh_tls::PeerCertificateHash>()?;
+    let peer = req
+        .extensions()
+        .get::<mesh_core::extensions::PeerIdentity>()
+        .map(|p| &p.0);
+    LAST_XFCC.with_borrow_mut(|memo| {
+        if let Some(m) = memo
+            && m.hash == hash
+            && m.peer.as_ref() == peer
+            && m.by.as_deref() == by
+        {
+            return Some(m.value.clone());
+        }
+        let element = build_xfcc_element(&hash, peer.map(mesh_core::Identity::as_str), by);
+        let value = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(element)).ok()?;
+        *memo = Some(XfccMemo {
+            hash,
+            peer: peer.cloned(),
+            by: by.map(str::to_owned),
+            value: value.clone(),
+        });
+        Some(value)
+    })
+}
+
+fn build_xfcc_element(
+    hash: &mesh_tls::PeerCertificateHash,
+    peer: Option<&str>,
+    by: Option<&str>,
+) -> String {
     const SUBJECT_URI: &str = ";Subject=\"\";URI=";
     // Sized exactly, so that the header value takes the buffer without copying it.
     let len = by.map_or(0, |b| "By=".len() + b.len() + 1)
@@ -212,7 +263,7 @@ fn xfcc_element<B>(req: &http::Request<B>, by: Option<&str>) -> Option<String> {
         out.push_str(SUBJECT_URI);
         out.push_str(peer);
     }
-    Some(out)
+    out
 }
 
 /// `X-Forwarded-Client-Cert`, a constant: `from_static` called at run time checks the
@@ -227,13 +278,16 @@ fn forward_client_cert<B>(
     present: bool,
 ) {
     use ForwardClientCertDetails as M;
-    let element = xfcc_element(req, by);
-    let mtls = element.is_some();
+    let mtls = req
+        .extensions()
+        .get::<mesh_tls::PeerCertificateHash>()
+        .is_some();
     let name = XFCC;
     match mode {
         M::AlwaysForwardOnly => {}
         M::ForwardOnly if mtls => {}
         M::AppendForward if mtls => {
+            let element = xfcc_element(req, by);
             let mut value = req
                 .headers()
                 .get_all(&name)
@@ -247,24 +301,18 @@ fn forward_client_cert<B>(
             value.push_str(element.as_deref().unwrap_or_default());
             set(req.headers_mut(), name, &value);
         }
-        M::SanitizeSet if mtls => set_owned(req.headers_mut(), name, element.unwrap_or_default()),
+        M::SanitizeSet if mtls => match xfcc_value(req, by) {
+            Some(v) => {
+                req.headers_mut().insert(name, v);
+            }
+            None => {
+                req.headers_mut().remove(name);
+            }
+        },
         _ if present => {
             req.headers_mut().remove(name);
         }
         _ => {}
-    }
-}
-
-/// [`set`] taking the buffer: a string whose capacity is its length becomes the header
-/// value without a copy.
-fn set_owned(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    match http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
     }
 }
 
@@ -964,6 +1012,40 @@ mod tests {
                 mesh_core::Identity::parse("spiffe://cluster.local/ns/a/sa/caller").unwrap(),
             ));
         req
+    }
+
+    #[test]
+    fn the_shared_xfcc_value_follows_the_connection_it_is_for() {
+        let with = |peer: &str, cert: &[u8]| {
+            let mut req = http::Request::new(());
+            req.extensions_mut()
+                .insert(mesh_tls::PeerCertificateHash::of(cert));
+            req.extensions_mut()
+                .insert(mesh_core::extensions::PeerIdentity(
+                    mesh_core::Identity::parse(peer).unwrap(),
+                ));
+            req
+        };
+        let a = with("spiffe://cluster.local/ns/a/sa/one", b"one");
+        let b = with("spiffe://cluster.local/ns/a/sa/two", b"two");
+        let a_other_cert = with("spiffe://cluster.local/ns/a/sa/one", b"rotated");
+        let by = Some("spiffe://cluster.local/ns/a/sa/me");
+        // Alternating connections on one thread: each request gets its own element,
+        // whatever the previous request left in the memo.
+        for _ in 0..2 {
+            for (req, by) in [(&a, by), (&b, by), (&a_other_cert, by), (&a, None)] {
+                let value = xfcc_value(req, by).unwrap();
+                assert_eq!(value.to_str().unwrap(), xfcc_element(req, by).unwrap());
+            }
+        }
+        // The same connection again: the value shares the first one's bytes.
+        let first = xfcc_value(&a, by).unwrap();
+        let second = xfcc_value(&a, by).unwrap();
+        assert_eq!(first.as_bytes().as_ptr(), second.as_bytes().as_ptr());
+        assert!(
+            xfcc_value(&http::Request::new(()), by).is_none(),
+            "no certificate"
+        );
     }
 
     #[test]
