@@ -626,7 +626,7 @@ fn options_asterisk() -> http::Response<mesh_core::body::BoxBody> {
 
 /// Rejects header names containing `_` (SECURITY.md: upstreams treat `_` as `-`).
 pub fn has_underscore_header(headers: &HeaderMap) -> bool {
-    headers.keys().any(|k| has_underscore(k))
+    headers.keys().any(has_underscore)
 }
 
 fn has_underscore(name: &HeaderName) -> bool {
