@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::ATTEMPT_COUNT;
 use super::budget::{ConcurrentRetryBudget, RetryBudget};
-use super::future::{Attempts, ResponseFuture, RetryLimit};
+use super::future::{Attempts, ResponseFuture, RetryLimit, Shared};
 use super::policy::RetryPolicy;
 use crate::deadline::{self, DeadlineLayer};
 use crate::limit::RetryGate;
@@ -94,9 +94,11 @@ impl<S> Layer<S> for RetryLayer {
         let seed = self.seed.unwrap_or_else(|| rand::rng().next_u64());
         Retry {
             inner,
-            policy: self.policy.clone(),
-            budget: self.budget.clone(),
-            gate: self.gate.clone(),
+            shared: Arc::new(Shared {
+                policy: (*self.policy).clone(),
+                budget: self.budget.clone(),
+                gate: self.gate.clone(),
+            }),
             seed,
             clones: Arc::new(AtomicU64::new(1)),
             rng: SmallRng::seed_from_u64(seed),
@@ -109,9 +111,8 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Debug)]
 pub struct Retry<S> {
     inner: S,
-    policy: Arc<RetryPolicy>,
-    budget: Option<Arc<RetryBudget>>,
-    gate: Option<RetryLimit>,
+    /// The policy and the limits, shared with every request's future.
+    shared: Arc<Shared>,
     seed: u64,
     /// Seeds each clone's generator, so clones never share a jitter sequence.
     clones: Arc<AtomicU64>,
@@ -127,9 +128,7 @@ impl<S: Clone> Clone for Retry<S> {
         let n = self.clones.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: self.inner.clone(),
-            policy: self.policy.clone(),
-            budget: self.budget.clone(),
-            gate: self.gate.clone(),
+            shared: self.shared.clone(),
             seed: self.seed,
             clones: self.clones.clone(),
             rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
@@ -152,12 +151,13 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<BoxBody>) -> Self::Future {
-        // The route's deadline, when this layer applies it.
-        let bounded = self
-            .deadline
-            .and_then(|timeout| deadline::deadlines_for(timeout, &req));
-        if !self.policy.is_enabled() {
-            if self.policy.include_attempt_count {
+        let policy = &self.shared.policy;
+        if !policy.is_enabled() {
+            // The route's deadline, when this layer applies it.
+            let bounded = self
+                .deadline
+                .and_then(|timeout| deadline::deadlines_for(timeout, &req));
+            if policy.include_attempt_count {
                 req.headers_mut()
                     .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
             }
@@ -173,21 +173,19 @@ where
             };
             return ResponseFuture::Passthrough { fut };
         }
-        if let Some(budget) = &self.budget {
+        if let Some(budget) = &self.shared.budget {
             budget.deposit();
         }
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::Retrying {
-            inner: Attempts::new(
+            inner: Attempts::start(
                 service,
                 req,
-                self.policy.clone(),
-                self.budget.clone(),
-                self.gate.clone(),
+                self.shared.clone(),
                 self.rng.next_u64(),
-                bounded.and_then(|(d, _, now)| Some((d.request?, now))),
+                self.deadline,
             ),
         }
     }
