@@ -105,6 +105,7 @@ impl RequestDeadline {
     }
 
     /// `t`, clipped so that it never lies after the deadline.
+    #[inline]
     pub fn clip(&self, t: Instant) -> Instant {
         t.min(self.at)
     }
@@ -173,6 +174,7 @@ impl CallDeadlines {
 
     /// The deadlines made current on this thread by an enclosing [`scope`](Self::scope);
     /// [`NONE`](Self::NONE) outside any.
+    #[inline]
     pub fn current() -> Self {
         CURRENT.try_with(Cell::get).unwrap_or(Self::NONE)
     }
@@ -180,6 +182,7 @@ impl CallDeadlines {
     /// The deadlines that bound `req` in the call being made: the current ones and those
     /// `req` carries as [`RequestDeadline`] / [`AttemptDeadline`] extensions, the earlier
     /// of each.
+    #[inline]
     pub fn of<B>(req: &http::Request<B>) -> Self {
         Self::with_extensions(req.extensions())
     }
@@ -189,6 +192,7 @@ impl CallDeadlines {
         Self::with_extensions(&head.extensions)
     }
 
+    #[inline]
     fn with_extensions(ext: &http::Extensions) -> Self {
         let current = Self::current();
         if ext.is_empty() {

@@ -78,13 +78,18 @@ where
     }
 }
 
+#[derive(Default)]
 enum Body {
     /// Being read, with the caller's head that the first attempt waits for. Boxed: only
     /// requests whose body must be read pay for this state.
     Buffering(Box<Reading>),
+    /// Known to be empty (a request without a body): every attempt gets an empty one.
+    Empty,
     /// Buffered whole: every attempt gets a copy.
     Replay(Replay),
-    /// Too large to keep: the first attempt took it, nothing can be replayed.
+    /// Too large to keep: the first attempt took it, nothing can be replayed. Also what
+    /// pooled storage holds between requests.
+    #[default]
     Once,
 }
 
@@ -173,12 +178,6 @@ struct Kept {
     seed: u64,
 }
 
-impl Default for Body {
-    fn default() -> Self {
-        Self::Once
-    }
-}
-
 /// Storage kept per thread for reuse.
 const POOLED: usize = 32;
 /// Hosts-tried lists longer than this are not pooled.
@@ -211,7 +210,7 @@ impl Kept {
             k.timer.set(None);
         }
         k.head.clear();
-        if !matches!(k.body, Body::Once) {
+        if !matches!(k.body, Body::Once | Body::Empty) {
             *k.body = Body::Once;
         }
         k.tried.clear();
@@ -237,105 +236,131 @@ impl<S> Drop for State<S> {
 }
 
 impl<S, F> Attempts<S, F> {
-    /// Starts the attempts of `req` on `service`, which must be ready: the first attempt
-    /// is called at once unless the body has to be read first. `route` is the route
-    /// timeout when the retry layer applies the deadline itself (`Some(None)`: only a
-    /// `grpc-timeout`), `None` when the deadline is set outside.
+    /// The attempts of one request on `service`, which must be ready; nothing is sent
+    /// until [`start`](Self::start).
     #[inline]
-    pub(crate) fn start<RB, E>(
-        service: S,
-        mut req: http::Request<BoxBody>,
-        shared: Arc<Shared>,
-        seed: u64,
-        route: Option<Option<Duration>>,
-    ) -> Self
-    where
-        S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Future = F, Error = E>,
-    {
+    pub(crate) fn new(service: S, shared: Arc<Shared>, seed: u64) -> Self {
         let mut kept = Kept::take();
-        let k = kept.as_mut().project();
-        *k.seed = seed;
+        *kept.as_mut().project().seed = seed;
+        Self {
+            state: State {
+                service,
+                service_ready: true,
+                shared,
+                kept: Some(kept),
+                phase: Phase::Dispatch,
+                attempt: 0,
+                deadline: None,
+                per_try: None,
+                timer_at: None,
+                timer_kind: Timer::PerTry,
+            },
+            call: None,
+        }
+    }
+
+    /// Prepares the first attempt of `req`, and tells whether it can be called at once
+    /// (with the deadlines to make current around the call) or its body must be read
+    /// first ([`read_first`](Self::read_first)). `route` is the route timeout when the
+    /// retry layer applies the deadline itself (`Some(None)`: only a `grpc-timeout`),
+    /// `None` when the deadline is set outside.
+    ///
+    /// The caller calls the service itself, so the request is not moved on the way.
+    #[inline]
+    pub(crate) fn start(
+        &mut self,
+        req: &mut http::Request<BoxBody>,
+        route: Option<Option<Duration>>,
+    ) -> Option<CallDeadlines> {
+        let state = &mut self.state;
         // A body that has ended (a request without one) is replayable as it is: the head
         // is copied now, and its walk over the headers notes the gRPC deadline.
         let replayable = http_body::Body::is_end_stream(req.body());
-        let grpc = if replayable {
-            let noticed = k.head.copy(
-                req.method(),
-                req.uri(),
-                req.version(),
-                req.headers(),
-                req.extensions(),
-            );
-            *k.body = Body::Replay(Replay::default());
-            route.and_then(|_| noticed.grpc_timeout())
-        } else {
-            route.and_then(|_| crate::deadline::grpc_timeout(&req))
+        let grpc = match state.kept() {
+            Some(k) if replayable => {
+                let noticed = k.head.copy(
+                    req.method(),
+                    req.uri(),
+                    req.version(),
+                    req.headers(),
+                    req.extensions(),
+                );
+                *k.body = Body::Empty;
+                route.and_then(|_| noticed.grpc_timeout())
+            }
+            _ => route.and_then(|_| crate::deadline::grpc_timeout(req)),
         };
         // Applied by this layer (and then taken now), or set around this call by the
         // deadline layer, or carried by the request.
-        let outer = CallDeadlines::of(&req);
-        let (deadline, now) = match route {
+        let outer = CallDeadlines::of(req);
+        let mut now = None;
+        state.deadline = match route {
             Some(timeout) => match crate::deadline::bound(timeout, grpc, outer) {
-                Some((deadlines, _, now)) => (deadlines.request, Some(now)),
-                None => (outer.request, None),
+                Some((deadlines, _, at)) => {
+                    now = Some(at);
+                    deadlines.request
+                }
+                None => outer.request,
             },
-            None => (outer.request, None),
+            None => outer.request,
         };
-        let per_try = shared
+        state.per_try = state
+            .shared
             .policy
-            .effective_per_try_timeout(deadline.map(|d| d.timeout));
-        let mut state = State {
-            service,
-            service_ready: true,
-            shared,
-            kept: Some(kept),
-            phase: Phase::Dispatch,
-            attempt: 0,
-            deadline,
-            per_try,
-            timer_at: None,
-            timer_kind: Timer::PerTry,
-        };
-        if replayable {
-            // The first attempt gets an empty body of its own, as every retry does.
-            *req.body_mut() = mesh_core::body::empty();
-            let call = state.call_attempt(req, now);
-            return Self {
-                state,
-                call: Some(call),
-            };
+            .effective_per_try_timeout(state.deadline.map(|d| d.timeout));
+        if !replayable {
+            return None;
         }
+        // The first attempt gets an empty body of its own, as every retry does.
+        *req.body_mut() = mesh_core::body::empty();
+        Some(state.prepare_attempt(req, now))
+    }
+
+    /// Starts the first attempt of a `req` whose body is not known to be empty, once
+    /// [`start`](Self::start) has prepared it: at once when the body need not be read
+    /// (too large to keep), else once it has been.
+    pub(crate) fn read_first<RB, E>(&mut self, req: http::Request<BoxBody>)
+    where
+        S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Future = F, Error = E>,
+    {
+        let state = &mut self.state;
         let (head, body) = req.into_parts();
-        let call = match Buffering::start(body, state.shared.policy.replay_limit) {
-            Start::Done(prepared) => Some(state.first_attempt(head, prepared, now)),
+        match Buffering::start(body, state.shared.policy.replay_limit) {
+            Start::Done(prepared) => {
+                self.call = Some(state.first_attempt(head, prepared));
+            }
             Start::Read(buffering) => {
-                if let Some(k) = state.kept.as_mut() {
-                    *k.as_mut().project().body =
-                        Body::Buffering(Box::new(Reading { buffering, head }));
+                if let Some(k) = state.kept() {
+                    *k.body = Body::Buffering(Box::new(Reading { buffering, head }));
                 }
                 state.phase = Phase::Buffering;
-                None
             }
-        };
-        Self { state, call }
+        }
+    }
+
+    /// Sets the attempt in flight.
+    #[inline]
+    pub(crate) fn set_call(&mut self, call: F) {
+        self.call = Some(call);
+    }
+
+    /// The service of the attempts, ready for the attempt [`start`](Self::start) prepared.
+    #[inline]
+    pub(crate) fn service(&mut self) -> &mut S {
+        &mut self.state.service
     }
 }
 
 impl<S> State<S> {
     /// The pooled part.
+    #[inline]
     fn kept(&mut self) -> Option<KeptProj<'_>> {
         self.kept.as_mut().map(|k| k.as_mut().project())
     }
 
     /// Calls the first attempt with the caller's `head` and its prepared body, keeping a
     /// copy of the head when the body can be replayed.
-    /// `now`, when given, is the current instant (read by the caller).
-    fn first_attempt<RB, E>(
-        &mut self,
-        head: http::request::Parts,
-        prepared: Prepared,
-        now: Option<Instant>,
-    ) -> S::Future
+    fn first_attempt<RB, E>(&mut self, head: http::request::Parts, prepared: Prepared) -> S::Future
     where
         S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Error = E>,
     {
@@ -361,22 +386,23 @@ impl<S> State<S> {
                 body
             }
         };
-        self.call_attempt(http::Request::from_parts(head, body), now)
+        let mut req = http::Request::from_parts(head, body);
+        let deadlines = self.prepare_attempt(&mut req, None);
+        let _current = deadlines.enter();
+        self.service.call(req)
     }
 
-    /// Calls the next attempt with `req` on the ready service: numbers it, names the
-    /// hosts already tried, sets its timer (the per-try timeout clipped to the deadline)
-    /// and makes its deadlines current for the layers inside. Whoever holds the `Sleep`
-    /// must drop it, as `timer_at` changed.
+    /// Prepares the next attempt, `req`, to be called on the ready service: numbers it,
+    /// names the hosts already tried, sets its timer (the per-try timeout clipped to the
+    /// deadline), and returns the deadlines to make current around the call for the
+    /// layers inside. Whoever holds the `Sleep` must drop it, as `timer_at` changed.
+    /// `now`, when given, is the current instant (read by the caller).
     #[inline]
-    fn call_attempt<RB, E>(
+    fn prepare_attempt(
         &mut self,
-        mut req: http::Request<BoxBody>,
+        req: &mut http::Request<BoxBody>,
         now: Option<Instant>,
-    ) -> S::Future
-    where
-        S: Service<http::Request<BoxBody>, Response = http::Response<RB>, Error = E>,
-    {
+    ) -> CallDeadlines {
         self.service_ready = false;
         self.attempt += 1;
         let policy = &self.shared.policy;
@@ -406,12 +432,10 @@ impl<S> State<S> {
         };
         self.phase = Phase::Calling;
         // The layers inside (the balancer) read both deadlines in their `call`.
-        let _current = CallDeadlines {
+        CallDeadlines {
             request: self.deadline,
             attempt: attempt_deadline,
         }
-        .enter();
-        self.service.call(req)
     }
 
     /// Sets the timer to fire at `at`.
@@ -449,11 +473,17 @@ impl<S> State<S> {
     }
 }
 
+/// The value of `x-envoy-attempt-count` on attempt `n`.
+#[inline]
 fn attempt_header(n: u32) -> HeaderValue {
+    // Constants: `from_static` outside a constant checks its bytes at run time.
+    const ONE: HeaderValue = HeaderValue::from_static("1");
+    const TWO: HeaderValue = HeaderValue::from_static("2");
+    const THREE: HeaderValue = HeaderValue::from_static("3");
     match n {
-        1 => HeaderValue::from_static("1"),
-        2 => HeaderValue::from_static("2"),
-        3 => HeaderValue::from_static("3"),
+        1 => ONE,
+        2 => TWO,
+        3 => THREE,
         n => HeaderValue::from(n),
     }
 }
@@ -550,7 +580,7 @@ where
                     match prepared {
                         Ok(prepared) => {
                             // The service was ready when the request came: first attempt.
-                            let fut = state.first_attempt(reading.head, prepared, None);
+                            let fut = state.first_attempt(reading.head, prepared);
                             call.set(Some(fut));
                             state.drop_sleep();
                         }
@@ -586,18 +616,25 @@ where
                                 .head
                                 .request()
                                 .map(|head| http::Request::from_parts(head, replay.body())),
+                            (Body::Empty, true) => k.head.request().map(|head| {
+                                http::Request::from_parts(head, mesh_core::body::empty())
+                            }),
                             _ => Err("retry without a replayable request".into()),
                         },
                         None => Err("retry without a replayable request".into()),
                     };
-                    let req = match req {
+                    let mut req = match req {
                         Ok(req) => req,
                         Err(e) => {
                             state.phase = Phase::Done;
                             return Poll::Ready(Err(e));
                         }
                     };
-                    let fut = state.call_attempt(req, None);
+                    let deadlines = state.prepare_attempt(&mut req, None);
+                    let fut = {
+                        let _current = deadlines.enter();
+                        state.service.call(req)
+                    };
                     call.set(Some(fut));
                     state.drop_sleep();
                 }
@@ -645,7 +682,7 @@ impl<S> State<S> {
         let Some(k) = self.kept.as_mut().map(|k| k.as_mut().project()) else {
             return Decision::Return(result);
         };
-        if !matches!(k.body, Body::Replay(_)) {
+        if !matches!(k.body, Body::Replay(_) | Body::Empty) {
             // The body was too large to keep: the request cannot be replayed (VS-67).
             return Decision::Return(result);
         }

@@ -179,14 +179,18 @@ where
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::Retrying {
-            inner: Attempts::start(
-                service,
-                req,
-                self.shared.clone(),
-                self.rng.next_u64(),
-                self.deadline,
-            ),
+        let mut attempts = Attempts::new(service, self.shared.clone(), self.rng.next_u64());
+        match attempts.start(&mut req, self.deadline) {
+            // Called here, so the request goes to the inner service without a move.
+            Some(deadlines) => {
+                let call = {
+                    let _current = deadlines.enter();
+                    attempts.service().call(req)
+                };
+                attempts.set_call(call);
+            }
+            None => attempts.read_first(req),
         }
+        ResponseFuture::Retrying { inner: attempts }
     }
 }
