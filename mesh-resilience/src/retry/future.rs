@@ -174,8 +174,9 @@ struct Kept {
     body: Body,
     tried: Vec<SocketAddr>,
     retry_permit: Option<RetryHold>,
-    /// Seeds the back-off jitter of this request.
-    seed: u64,
+    /// Seeds the back-off jitter of this request: the service's seed and the request's
+    /// number there, mixed only when a retry waits.
+    seed: (u64, u64),
 }
 
 /// Storage kept per thread for reuse.
@@ -239,7 +240,7 @@ impl<S, F> Attempts<S, F> {
     /// The attempts of one request on `service`, which must be ready; nothing is sent
     /// until [`start`](Self::start).
     #[inline]
-    pub(crate) fn new(service: S, shared: Arc<Shared>, seed: u64) -> Self {
+    pub(crate) fn new(service: S, shared: Arc<Shared>, seed: (u64, u64)) -> Self {
         let mut kept = Kept::take();
         *kept.as_mut().project().seed = seed;
         Self {
@@ -734,7 +735,8 @@ impl<S> State<S> {
     /// Schedules the retry just decided: at once, or after a back-off (clipped to the
     /// deadline, which then ends the request).
     fn back_off(&mut self) {
-        let seed = self.kept().map_or(0, |k| *k.seed);
+        let (stream, request) = self.kept().map_or((0, 0), |k| *k.seed);
+        let seed = crate::mix_seed(stream, request);
         let mut rng = SmallRng::seed_from_u64(seed ^ u64::from(self.attempt));
         let wait = self.shared.policy.backoff.delay(self.attempt, &mut rng);
         if wait.is_zero() && self.deadline.is_none() {

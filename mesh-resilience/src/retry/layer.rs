@@ -6,8 +6,7 @@ use std::task::{Context, Poll};
 
 use http::HeaderValue;
 use mesh_core::{BoxBody, BoxError};
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
+use rand::RngCore;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -101,7 +100,8 @@ impl<S> Layer<S> for RetryLayer {
             }),
             seed,
             clones: Arc::new(AtomicU64::new(1)),
-            rng: SmallRng::seed_from_u64(seed),
+            stream: seed,
+            requests: 0,
             deadline: self.deadline.map(|d| d.timeout()),
         }
     }
@@ -114,16 +114,19 @@ pub struct Retry<S> {
     /// The policy and the limits, shared with every request's future.
     shared: Arc<Shared>,
     seed: u64,
-    /// Seeds each clone's generator, so clones never share a jitter sequence.
+    /// Numbers the clones, so clones never share a jitter sequence.
     clones: Arc<AtomicU64>,
-    rng: SmallRng,
+    /// This clone's jitter seed: each request's is drawn from it and the request's
+    /// number, only when the request is retried.
+    stream: u64,
+    requests: u64,
     /// The route timeout applied here (`Some(None)`: only a `grpc-timeout`), when the
     /// layer was given one with [`RetryLayer::with_deadline`].
     deadline: Option<Option<std::time::Duration>>,
 }
 
 impl<S: Clone> Clone for Retry<S> {
-    /// The clone gets its own, reseeded random generator.
+    /// The clone gets its own jitter seed.
     fn clone(&self) -> Self {
         let n = self.clones.fetch_add(1, Ordering::Relaxed);
         Self {
@@ -131,7 +134,8 @@ impl<S: Clone> Clone for Retry<S> {
             shared: self.shared.clone(),
             seed: self.seed,
             clones: self.clones.clone(),
-            rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
+            stream: crate::mix_seed(self.seed, n),
+            requests: 0,
             deadline: self.deadline,
         }
     }
@@ -179,7 +183,9 @@ where
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
-        let mut attempts = Attempts::new(service, self.shared.clone(), self.rng.next_u64());
+        self.requests = self.requests.wrapping_add(1);
+        let seed = (self.stream, self.requests);
+        let mut attempts = Attempts::new(service, self.shared.clone(), seed);
         match attempts.start(&mut req, self.deadline) {
             // Called here, so the request goes to the inner service without a move.
             Some(deadlines) => {
