@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use mesh_core::error::{DeadlineExceeded, PerTryTimeout};
 use mesh_core::extensions::add_response_flags;
 use mesh_core::{BoxBody, BoxError, Outcome, ResponseFlags, UpstreamHost, find_cause};
@@ -312,8 +312,8 @@ impl<S, F> Attempts<S, F> {
         if !replayable {
             return None;
         }
-        // The first attempt gets an empty body of its own, as every retry does.
-        *req.body_mut() = mesh_core::body::empty();
+        // The first attempt gets the caller's body, which has ended (every retry gets an
+        // empty one).
         Some(state.prepare_attempt(req, now))
     }
 
@@ -665,8 +665,23 @@ where
 /// Whether retryOn asks for a retry of `result` (attempts, body and limits aside).
 #[inline]
 fn wants_retry<RB>(policy: &RetryPolicy, result: &Result<http::Response<RB>, BoxError>) -> bool {
+    /// A static, so looking it up makes no temporary name.
+    static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
     match result {
-        Ok(res) => policy.should_retry(&Outcome::from_response(res), Some(res.headers())),
+        Ok(res) => {
+            let headers = res.headers();
+            // Most responses carry no `grpc-status` (a gRPC response sends it in its
+            // trailers unless it is trailers-only): then the status alone classifies it.
+            let outcome = if headers.contains_key(&GRPC_STATUS) {
+                Outcome::from_response(res)
+            } else {
+                Outcome::Response {
+                    status: res.status().as_u16(),
+                    grpc_status: None,
+                }
+            };
+            policy.should_retry(&outcome, Some(headers))
+        }
         Err(e) => policy.should_retry(&Outcome::from_error(e), None),
     }
 }

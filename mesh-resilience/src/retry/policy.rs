@@ -12,8 +12,9 @@ use super::backoff::Backoff;
 /// Default cap on the request body kept for replay (Linkerd's and our default: 64 KiB).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
-/// Envoy's header marking a response rate-limited by an Envoy.
-const RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+/// Envoy's header marking a response rate-limited by an Envoy (a static, so looking it
+/// up makes no temporary name).
+static RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 
 /// Istio's default `retryOn` (VS-51): no HTTP status is retried.
 pub const ISTIO_DEFAULT_RETRY_ON: &str =
@@ -202,12 +203,19 @@ impl RetryOn {
     /// `retriable-status-codes`).
     #[inline]
     fn matches_status(&self, status: u16) -> bool {
+        let listed = || {
+            self.any(Self::RETRIABLE_STATUS_CODES)
+                && !self.status_codes.is_empty()
+                && self.status_codes.contains(&status)
+        };
+        if status < 409 {
+            // Only a listed code can match (the usual answer: a 2xx).
+            return listed();
+        }
         (self.any(Self::FIVE_XX) && (500..600).contains(&status))
             || (self.any(Self::GATEWAY_ERROR) && matches!(status, 502..=504))
             || (self.any(Self::RETRIABLE_4XX) && status == 409)
-            || (self.any(Self::RETRIABLE_STATUS_CODES)
-                && !self.status_codes.is_empty()
-                && self.status_codes.contains(&status))
+            || listed()
     }
 
     fn matches_grpc(&self, grpc_status: u16) -> bool {
