@@ -93,6 +93,19 @@ enum Body {
     Once,
 }
 
+impl Body {
+    /// Makes this an [`Empty`](Self::Empty) body.
+    #[inline]
+    fn set_empty(&mut self) {
+        if matches!(self, Self::Once) {
+            // Nothing to drop: skip the drop code of the other variants.
+            std::mem::forget(std::mem::replace(self, Self::Empty));
+        } else {
+            *self = Self::Empty;
+        }
+    }
+}
+
 /// A body being buffered, and the head of the request it belongs to.
 struct Reading {
     buffering: Buffering,
@@ -286,7 +299,7 @@ impl<S, F> Attempts<S, F> {
                     req.headers(),
                     req.extensions(),
                 );
-                *k.body = Body::Empty;
+                k.body.set_empty();
                 route.and_then(|_| noticed.grpc_timeout())
             }
             _ => route.and_then(|_| crate::deadline::grpc_timeout(req)),
@@ -672,15 +685,12 @@ fn wants_retry<RB>(policy: &RetryPolicy, result: &Result<http::Response<RB>, Box
             let headers = res.headers();
             // Most responses carry no `grpc-status` (a gRPC response sends it in its
             // trailers unless it is trailers-only): then the status alone classifies it.
-            let outcome = if headers.contains_key(&GRPC_STATUS) {
-                Outcome::from_response(res)
+            let grpc_status = if headers.contains_key(&GRPC_STATUS) {
+                mesh_core::outcome::grpc_status(headers)
             } else {
-                Outcome::Response {
-                    status: res.status().as_u16(),
-                    grpc_status: None,
-                }
+                None
             };
-            policy.should_retry(&outcome, Some(headers))
+            policy.should_retry_response(res.status().as_u16(), grpc_status, headers)
         }
         Err(e) => policy.should_retry(&Outcome::from_error(e), None),
     }

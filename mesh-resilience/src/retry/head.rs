@@ -82,7 +82,13 @@ impl HeadCopy {
         } else {
             extensions.clone()
         };
-        self.fields = Some((method.clone(), uri.clone(), version, extensions));
+        let fields = (method.clone(), uri.clone(), version, extensions);
+        if self.fields.is_none() {
+            // Nothing to drop (pooled storage holds none): skip the drop code.
+            std::mem::forget(self.fields.replace(fields));
+        } else {
+            self.fields = Some(fields);
+        }
         self.bytes.clear();
         self.entries.clear();
         self.entries.reserve(headers.len());

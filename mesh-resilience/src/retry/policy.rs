@@ -156,23 +156,7 @@ impl RetryOn {
             Outcome::Response {
                 status,
                 grpc_status,
-            } => {
-                let has = |name: &HeaderName| headers.is_some_and(|h| h.contains_key(name));
-                let matched = self.matches_status(status)
-                    || (self.any(Self::RETRIABLE_HEADERS) && retriable_headers.iter().any(has))
-                    || grpc_status.is_some_and(|g| self.matches_grpc(g));
-                // A rate-limited response is retried under `envoy-ratelimited`, and under
-                // no other condition; the header is looked up only when it can change
-                // the answer.
-                if !matched && !self.any(Self::ENVOY_RATELIMITED) {
-                    return false;
-                }
-                if has(&RATELIMITED) {
-                    self.any(Self::ENVOY_RATELIMITED)
-                } else {
-                    matched
-                }
-            }
+            } => self.matches_response(status, grpc_status, headers, retriable_headers),
             // A per-try timeout is a local reset: only `5xx`, `gateway-error` and `reset`
             // retry it (VS-57).
             Outcome::PerTryTimeout => self.any(Self::FIVE_XX | Self::GATEWAY_ERROR | Self::RESET),
@@ -196,6 +180,31 @@ impl RetryOn {
             | Outcome::DeadlineExceeded
             | Outcome::NoHealthyUpstream
             | Outcome::LocalError => false,
+        }
+    }
+
+    /// [`matches`](Self::matches) for a response.
+    #[inline]
+    pub(crate) fn matches_response(
+        &self,
+        status: u16,
+        grpc_status: Option<u16>,
+        headers: Option<&http::HeaderMap>,
+        retriable_headers: &[HeaderName],
+    ) -> bool {
+        let has = |name: &HeaderName| headers.is_some_and(|h| h.contains_key(name));
+        let matched = self.matches_status(status)
+            || (self.any(Self::RETRIABLE_HEADERS) && retriable_headers.iter().any(has))
+            || grpc_status.is_some_and(|g| self.matches_grpc(g));
+        // A rate-limited response is retried under `envoy-ratelimited`, and under no
+        // other condition; the header is looked up only when it can change the answer.
+        if !matched && !self.any(Self::ENVOY_RATELIMITED) {
+            return false;
+        }
+        if has(&RATELIMITED) {
+            self.any(Self::ENVOY_RATELIMITED)
+        } else {
+            matched
         }
     }
 
@@ -370,6 +379,19 @@ impl RetryPolicy {
             (Some(per_try), Some(route)) if per_try >= route => None,
             (per_try, _) => per_try,
         }
+    }
+
+    /// Whether a response should be retried (attempts left aside): `should_retry` of its
+    /// outcome, `grpc_status` read from its headers.
+    #[inline]
+    pub(crate) fn should_retry_response(
+        &self,
+        status: u16,
+        grpc_status: Option<u16>,
+        headers: &http::HeaderMap,
+    ) -> bool {
+        self.retry_on
+            .matches_response(status, grpc_status, Some(headers), &self.retriable_headers)
     }
 
     /// Whether an attempt ending in `outcome` should be retried (attempts left aside).
