@@ -97,7 +97,7 @@ impl Body {
     /// Makes this an [`Empty`](Self::Empty) body.
     #[inline]
     fn set_empty(&mut self) {
-        if matches!(self, Self::Once) {
+        if matches!(self, Self::Once | Self::Empty) {
             // Nothing to drop: skip the drop code of the other variants.
             std::mem::forget(std::mem::replace(self, Self::Empty));
         } else {
