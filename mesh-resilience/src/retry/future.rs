@@ -1,6 +1,6 @@
 //! The retry state machine: buffer the body, then attempt, classify, back off, repeat.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -192,13 +192,17 @@ struct Kept {
     seed: (u64, u64),
 }
 
-/// Storage kept per thread for reuse.
+/// Storage kept per thread for reuse, besides the spare.
 const POOLED: usize = 32;
 /// Hosts-tried lists longer than this are not pooled.
 const POOLED_TRIED: usize = 16;
 
 thread_local! {
-    /// Boxed and pinned: the timer inside must not move, and the future holds a pointer.
+    /// The storage given back last, taken first (no pool bookkeeping for a thread that
+    /// serves one request at a time). Boxed and pinned: the timer inside must not move,
+    /// and the future holds a pointer.
+    static SPARE: Cell<Option<Pin<Box<Kept>>>> = const { Cell::new(None) };
+    /// More storage, for the requests in flight at the same time on this thread.
     static POOL: RefCell<Vec<Pin<Box<Kept>>>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -206,6 +210,9 @@ impl Kept {
     /// Storage from the pool, or new.
     #[inline]
     fn take() -> Pin<Box<Self>> {
+        if let Ok(Some(kept)) = SPARE.try_with(Cell::take) {
+            return kept;
+        }
         POOL.try_with(|p| p.borrow_mut().pop())
             .ok()
             .flatten()
@@ -232,10 +239,13 @@ impl Kept {
             *k.retry_permit = None;
         }
         // During thread teardown the pool may be gone: the storage is simply freed.
+        let Ok(Some(older)) = SPARE.try_with(|s| s.replace(Some(kept))) else {
+            return;
+        };
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < POOLED {
-                p.push(kept);
+                p.push(older);
             }
         });
     }
