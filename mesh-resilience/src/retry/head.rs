@@ -36,9 +36,13 @@ struct Entry {
 /// A copy of a request head, rebuilt for each attempt after the first.
 #[derive(Default)]
 pub(crate) struct HeadCopy {
-    /// Method, URI, version and extensions; `None` when nothing is kept, so that nothing
-    /// they share (a read buffer behind the URI) is kept alive by pooled storage.
-    fields: Option<(Method, Uri, Version, Extensions)>,
+    /// The URI; `None` when nothing is kept, so that nothing it shares (a read buffer)
+    /// is kept alive by pooled storage.
+    uri: Option<Uri>,
+    method: Method,
+    version: Version,
+    /// Empty when nothing is kept.
+    extensions: Extensions,
     /// The header names and values back to back.
     bytes: Vec<u8>,
     entries: Vec<Entry>,
@@ -77,17 +81,17 @@ impl HeadCopy {
         headers: &'a HeaderMap,
         extensions: &Extensions,
     ) -> Noticed<'a> {
-        let extensions = if extensions.is_empty() {
-            Extensions::new()
-        } else {
-            extensions.clone()
-        };
-        let fields = (method.clone(), uri.clone(), version, extensions);
-        if self.fields.is_none() {
+        let uri = uri.clone();
+        if self.uri.is_none() {
             // Nothing to drop (pooled storage holds none): skip the drop code.
-            std::mem::forget(self.fields.replace(fields));
+            std::mem::forget(self.uri.replace(uri));
         } else {
-            self.fields = Some(fields);
+            self.uri = Some(uri);
+        }
+        self.method = method.clone();
+        self.version = version;
+        if !extensions.is_empty() || !self.extensions.is_empty() {
+            self.extensions = extensions.clone();
         }
         self.bytes.clear();
         self.entries.clear();
@@ -120,13 +124,13 @@ impl HeadCopy {
 
     /// Whether a head is kept.
     pub(crate) fn is_kept(&self) -> bool {
-        self.fields.is_some()
+        self.uri.is_some()
     }
 
     /// The head of one more attempt. Fails only if no head is kept or a copied header no
     /// longer parses, which the copy of a valid head cannot do.
     pub(crate) fn request(&self) -> Result<http::request::Parts, BoxError> {
-        let Some((method, uri, version, extensions)) = &self.fields else {
+        let Some(uri) = &self.uri else {
             return Err("the request head kept for a retry is gone".into());
         };
         let mut headers = HeaderMap::with_capacity(self.entries.len());
@@ -140,19 +144,27 @@ impl HeadCopy {
             headers.append(HeaderName::from_bytes(name)?, value);
         }
         let (mut head, ()) = http::Request::new(()).into_parts();
-        head.method = method.clone();
+        head.method = self.method.clone();
         head.uri = uri.clone();
-        head.version = *version;
+        head.version = self.version;
         head.headers = headers;
-        head.extensions = extensions.clone();
+        if !self.extensions.is_empty() {
+            head.extensions = self.extensions.clone();
+        }
         Ok(head)
     }
 
     /// Forgets the kept head, keeping the storage for the next one.
     #[inline]
     pub(crate) fn clear(&mut self) {
-        if self.fields.is_some() {
-            self.fields = None;
+        if self.uri.is_some() {
+            self.uri = None;
+        }
+        if self.method != Method::GET {
+            self.method = Method::GET;
+        }
+        if !self.extensions.is_empty() {
+            self.extensions = Extensions::new();
         }
         self.entries.clear();
         self.bytes.clear();
