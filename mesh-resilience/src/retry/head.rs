@@ -61,6 +61,7 @@ pub(crate) struct Noticed<'a> {
 impl Noticed<'_> {
     /// The request's `grpc-timeout`, as [`grpc_timeout`](crate::deadline::grpc_timeout)
     /// reads it.
+    #[inline]
     pub(crate) fn grpc_timeout(&self) -> Option<std::time::Duration> {
         if !crate::deadline::is_grpc(self.content_type?) {
             return None;
@@ -100,12 +101,16 @@ impl HeadCopy {
         for (name, value) in headers {
             let name = name.as_str();
             // Both names the deadline needs are 12 bytes long: most names are passed by
-            // their length alone.
+            // their length alone, the others (`x-request-id`) by their first byte.
             if name.len() == 12 {
-                if name == "content-type" {
-                    noticed.content_type.get_or_insert(value);
-                } else if name == GRPC_TIMEOUT {
-                    noticed.grpc_timeout.get_or_insert(value);
+                match name.as_bytes()[0] {
+                    b'c' if name == "content-type" => {
+                        noticed.content_type.get_or_insert(value);
+                    }
+                    b'g' if name == GRPC_TIMEOUT => {
+                        noticed.grpc_timeout.get_or_insert(value);
+                    }
+                    _ => {}
                 }
             }
             let name = name.as_bytes();
