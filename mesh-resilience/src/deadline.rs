@@ -315,16 +315,17 @@ pub(crate) fn deadlines_for<B>(
     timeout: Option<Duration>,
     req: &http::Request<B>,
 ) -> Option<(CallDeadlines, Instant, Instant)> {
-    bound(timeout, grpc_timeout(req), CallDeadlines::of(req))
+    bound(timeout, grpc_timeout(req), || CallDeadlines::of(req))
 }
 
-/// [`deadlines_for`] with the request's `grpc-timeout` already read (`grpc`) and the
-/// deadlines that bound it so far (`outer`: the current ones and its extensions).
+/// [`deadlines_for`] with the request's `grpc-timeout` already read (`grpc`); `outer`
+/// gives the deadlines that bound it so far (the current ones and its extensions), read
+/// only when the request has a timeout.
 #[inline]
 pub(crate) fn bound(
     timeout: Option<Duration>,
     grpc: Option<Duration>,
-    mut outer: CallDeadlines,
+    outer: impl FnOnce() -> CallDeadlines,
 ) -> Option<(CallDeadlines, Instant, Instant)> {
     // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
     // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
@@ -332,6 +333,7 @@ pub(crate) fn bound(
         (Some(route), Some(grpc)) => Some(route.min(grpc)),
         (route, grpc) => route.or(grpc),
     }?;
+    let mut outer = outer();
     let now = Instant::now();
     let deadline = match outer.request {
         // The request is already bounded more tightly: keep that deadline.

@@ -319,7 +319,7 @@ impl<S, F> Attempts<S, F> {
         let outer = CallDeadlines::of(req);
         let mut now = None;
         state.deadline = match route {
-            Some(timeout) => match crate::deadline::bound(timeout, grpc, outer) {
+            Some(timeout) => match crate::deadline::bound(timeout, grpc, || outer) {
                 Some((deadlines, _, at)) => {
                     now = Some(at);
                     deadlines.request
