@@ -39,6 +39,7 @@ pub(crate) struct HeadCopy {
     /// The URI; `None` when nothing is kept, so that nothing it shares (a read buffer)
     /// is kept alive by pooled storage.
     uri: Option<Uri>,
+    /// The method (of the last request kept, once cleared).
     method: Method,
     version: Version,
     /// Empty when nothing is kept.
@@ -89,14 +90,16 @@ impl HeadCopy {
         } else {
             self.uri = Some(uri);
         }
-        self.method = method.clone();
+        if self.method != *method {
+            // Storage reused for a request of the same method (most of them) keeps it.
+            self.method = method.clone();
+        }
         self.version = version;
         if !extensions.is_empty() || !self.extensions.is_empty() {
             self.extensions = extensions.clone();
         }
         self.bytes.clear();
         self.entries.clear();
-        self.entries.reserve(headers.len());
         let mut noticed = Noticed::default();
         for (name, value) in headers {
             let name = name.as_str();
@@ -164,9 +167,6 @@ impl HeadCopy {
     pub(crate) fn clear(&mut self) {
         if self.uri.is_some() {
             self.uri = None;
-        }
-        if self.method != Method::GET {
-            self.method = Method::GET;
         }
         if !self.extensions.is_empty() {
             self.extensions = Extensions::new();
