@@ -315,27 +315,37 @@ pub(crate) fn deadlines_for<B>(
     timeout: Option<Duration>,
     req: &http::Request<B>,
 ) -> Option<(CallDeadlines, Instant, Instant)> {
-    bound(timeout, grpc_timeout(req), || CallDeadlines::of(req))
+    let timeout = effective_timeout(timeout, grpc_timeout(req))?;
+    let mut deadlines = CallDeadlines::of(req);
+    let (deadline, now) = request_deadline(timeout, deadlines.request);
+    deadlines.request = Some(deadline);
+    Some((deadlines, deadline.at, now))
 }
 
-/// [`deadlines_for`] with the request's `grpc-timeout` already read (`grpc`); `outer`
-/// gives the deadlines that bound it so far (the current ones and its extensions), read
-/// only when the request has a timeout.
+/// The timeout of a request on a route with timeout `route`, when it has a
+/// `grpc-timeout` of `grpc`.
 #[inline]
-pub(crate) fn bound(
-    timeout: Option<Duration>,
+pub(crate) fn effective_timeout(
+    route: Option<Duration>,
     grpc: Option<Duration>,
-    outer: impl FnOnce() -> CallDeadlines,
-) -> Option<(CallDeadlines, Instant, Instant)> {
+) -> Option<Duration> {
     // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
     // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
-    let timeout = match (timeout, grpc) {
+    match (route, grpc) {
         (Some(route), Some(grpc)) => Some(route.min(grpc)),
         (route, grpc) => route.or(grpc),
-    }?;
-    let mut outer = outer();
+    }
+}
+
+/// The deadline `timeout` from now of a request bounded so far by `outer`: the earlier
+/// of the two. Also the instant now.
+#[inline]
+pub(crate) fn request_deadline(
+    timeout: Duration,
+    outer: Option<RequestDeadline>,
+) -> (RequestDeadline, Instant) {
     let now = Instant::now();
-    let deadline = match outer.request {
+    let deadline = match outer {
         // The request is already bounded more tightly: keep that deadline.
         Some(outer) if outer.at <= now + timeout => outer,
         _ => RequestDeadline {
@@ -343,8 +353,7 @@ pub(crate) fn bound(
             timeout,
         },
     };
-    outer.request = Some(deadline);
-    Some((outer, deadline.at, now))
+    (deadline, now)
 }
 
 /// The `grpc-timeout` of a gRPC request (`content-type: application/grpc…`): an

@@ -25,7 +25,7 @@ use super::policy::RetryPolicy;
 use super::replay::{Buffering, Prepared, Replay, Start};
 use super::{ATTEMPT_COUNT, RetriesExhausted};
 use crate::balance::{EndpointFailed, PreviousHosts};
-use crate::deadline::{AttemptDeadline, CallDeadlines, RequestDeadline};
+use crate::deadline::{self, AttemptDeadline, CallDeadlines, RequestDeadline};
 use crate::limit::{RetryGate, RetryPermit};
 
 /// Response future of [`Retry`](super::Retry).
@@ -312,21 +312,19 @@ impl<S, F> Attempts<S, F> {
                 k.body.set_empty();
                 route.and_then(|_| noticed.grpc_timeout())
             }
-            _ => route.and_then(|_| crate::deadline::grpc_timeout(req)),
+            _ => route.and_then(|_| deadline::grpc_timeout(req)),
         };
         // Applied by this layer (and then taken now), or set around this call by the
         // deadline layer, or carried by the request.
-        let outer = CallDeadlines::of(req);
+        let outer = CallDeadlines::of(req).request;
         let mut now = None;
-        state.deadline = match route {
-            Some(timeout) => match crate::deadline::bound(timeout, grpc, || outer) {
-                Some((deadlines, _, at)) => {
-                    now = Some(at);
-                    deadlines.request
-                }
-                None => outer.request,
-            },
-            None => outer.request,
+        state.deadline = match route.and_then(|route| deadline::effective_timeout(route, grpc)) {
+            Some(timeout) => {
+                let (bound, at) = deadline::request_deadline(timeout, outer);
+                now = Some(at);
+                Some(bound)
+            }
+            None => outer,
         };
         state.per_try = state
             .shared
