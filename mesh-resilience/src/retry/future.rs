@@ -693,7 +693,8 @@ fn wants_retry<RB>(policy: &RetryPolicy, result: &Result<http::Response<RB>, Box
             let headers = res.headers();
             // Most responses carry no `grpc-status` (a gRPC response sends it in its
             // trailers unless it is trailers-only): then the status alone classifies it.
-            let grpc_status = if headers.contains_key(&GRPC_STATUS) {
+            // A response without headers (an in-process service's) is not even looked in.
+            let grpc_status = if !headers.is_empty() && headers.contains_key(&GRPC_STATUS) {
                 mesh_core::outcome::grpc_status(headers)
             } else {
                 None
