@@ -812,3 +812,109 @@ impl RetryLimit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pooled() -> usize {
+        POOL.with_borrow(Vec::len)
+    }
+
+    fn spare_is_set() -> bool {
+        let spare = SPARE.take();
+        let set = spare.is_some();
+        SPARE.set(spare);
+        set
+    }
+
+    /// Storage holding a bit of everything a request leaves in it.
+    fn used(gate: &RetryGate) -> Pin<Box<Kept>> {
+        let mut kept = Kept::take();
+        let k = kept.as_mut().project();
+        let mut req = http::Request::new(());
+        req.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("abc"));
+        k.head.copy(
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers(),
+            req.extensions(),
+        );
+        *k.body = Body::Replay(Replay::default());
+        k.tried.push(SocketAddr::from(([10, 0, 0, 1], 80)));
+        *k.retry_permit = gate.try_acquire().map(RetryHold::Gate);
+        *k.seed = (1, 2);
+        kept
+    }
+
+    fn is_empty(kept: &mut Pin<Box<Kept>>) -> bool {
+        let k = kept.as_mut().project();
+        k.timer.is_none()
+            && !k.head.is_kept()
+            && matches!(k.body, Body::Once | Body::Empty)
+            && k.tried.is_empty()
+            && k.retry_permit.is_none()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn storage_comes_back_empty_and_is_taken_again() {
+        let gate = RetryGate::new(5);
+        let mut kept = used(&gate);
+        kept.as_mut()
+            .project()
+            .timer
+            .set(Some(sleep_until(Instant::now() + Duration::from_secs(1))));
+        assert_eq!(gate.active(), 1);
+        let at = std::ptr::from_ref::<Kept>(&kept);
+        Kept::recycle(kept);
+        assert_eq!(gate.active(), 0, "the retry's place is released");
+        assert!(spare_is_set());
+        let mut again = Kept::take();
+        assert_eq!(std::ptr::from_ref::<Kept>(&again), at, "the same storage");
+        assert!(is_empty(&mut again), "nothing of the last request is kept");
+        assert!(!spare_is_set());
+    }
+
+    #[test]
+    fn storage_of_requests_in_flight_together_is_pooled_up_to_a_bound() {
+        let gate = RetryGate::new(100);
+        let many: Vec<_> = (0..POOLED + 5).map(|_| used(&gate)).collect();
+        assert_eq!(pooled(), 0);
+        for kept in many {
+            Kept::recycle(kept);
+        }
+        assert!(spare_is_set());
+        assert_eq!(pooled(), POOLED, "one spare, then the pool up to its bound");
+        assert_eq!(gate.active(), 0);
+        let mut taken: Vec<_> = (0..POOLED + 1).map(|_| Kept::take()).collect();
+        assert_eq!(pooled(), 0);
+        assert!(taken.iter_mut().all(is_empty));
+    }
+
+    #[test]
+    fn storage_grown_large_is_freed_not_pooled() {
+        let mut big = Kept::take();
+        let mut req = http::Request::new(());
+        let value = HeaderValue::from_bytes(&vec![b'v'; 64 * 1024]).unwrap();
+        req.headers_mut().insert("x-big", value);
+        big.as_mut().project().head.copy(
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers(),
+            req.extensions(),
+        );
+        let mut long = Kept::take();
+        long.as_mut()
+            .project()
+            .tried
+            .extend((0..=POOLED_TRIED as u8).map(|i| SocketAddr::from(([10, 0, 0, i], 80))));
+        for kept in [big, long] {
+            Kept::recycle(kept);
+            assert!(!spare_is_set());
+            assert_eq!(pooled(), 0);
+        }
+    }
+}
