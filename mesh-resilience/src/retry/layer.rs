@@ -73,7 +73,8 @@ impl RetryLayer {
         self
     }
 
-    /// Fixes the back-off jitter's random generator (tests, benches).
+    /// Fixes the seed of the back-off jitter (tests, benches): the waits of the n-th
+    /// request through the service are then always the same.
     #[must_use]
     pub fn with_rng_seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
