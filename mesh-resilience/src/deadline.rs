@@ -105,6 +105,7 @@ impl RequestDeadline {
     }
 
     /// `t`, clipped so that it never lies after the deadline.
+    #[inline]
     pub fn clip(&self, t: Instant) -> Instant {
         t.min(self.at)
     }
@@ -173,6 +174,7 @@ impl CallDeadlines {
 
     /// The deadlines made current on this thread by an enclosing [`scope`](Self::scope);
     /// [`NONE`](Self::NONE) outside any.
+    #[inline]
     pub fn current() -> Self {
         CURRENT.try_with(Cell::get).unwrap_or(Self::NONE)
     }
@@ -180,6 +182,7 @@ impl CallDeadlines {
     /// The deadlines that bound `req` in the call being made: the current ones and those
     /// `req` carries as [`RequestDeadline`] / [`AttemptDeadline`] extensions, the earlier
     /// of each.
+    #[inline]
     pub fn of<B>(req: &http::Request<B>) -> Self {
         Self::with_extensions(req.extensions())
     }
@@ -189,6 +192,7 @@ impl CallDeadlines {
         Self::with_extensions(&head.extensions)
     }
 
+    #[inline]
     fn with_extensions(ext: &http::Extensions) -> Self {
         let current = Self::current();
         if ext.is_empty() {
@@ -209,14 +213,26 @@ impl CallDeadlines {
     /// Runs `f` with these deadlines current on this thread, then restores the ones that
     /// were current before (also when `f` panics).
     pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(CallDeadlines);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                let _ = CURRENT.try_with(|c| c.set(self.0));
-            }
-        }
-        let _restore = Restore(CURRENT.try_with(|c| c.replace(self)).unwrap_or(Self::NONE));
+        let _current = self.enter();
         f()
+    }
+
+    /// Makes these deadlines current on this thread until the guard is dropped, which
+    /// restores the ones that were current before (also on a panic). [`scope`](Self::scope)
+    /// without a closure, so the request need not be moved into one.
+    #[inline]
+    pub(crate) fn enter(self) -> Entered {
+        Entered(CURRENT.try_with(|c| c.replace(self)).unwrap_or(Self::NONE))
+    }
+}
+
+/// The deadlines current before [`CallDeadlines::enter`], put back when dropped.
+pub(crate) struct Entered(CallDeadlines);
+
+impl Drop for Entered {
+    #[inline]
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|c| c.set(self.0));
     }
 }
 
@@ -299,15 +315,37 @@ pub(crate) fn deadlines_for<B>(
     timeout: Option<Duration>,
     req: &http::Request<B>,
 ) -> Option<(CallDeadlines, Instant, Instant)> {
+    let timeout = effective_timeout(timeout, grpc_timeout(req))?;
+    let mut deadlines = CallDeadlines::of(req);
+    let (deadline, now) = request_deadline(timeout, deadlines.request);
+    deadlines.request = Some(deadline);
+    Some((deadlines, deadline.at, now))
+}
+
+/// The timeout of a request on a route with timeout `route`, when it has a
+/// `grpc-timeout` of `grpc`.
+#[inline]
+pub(crate) fn effective_timeout(
+    route: Option<Duration>,
+    grpc: Option<Duration>,
+) -> Option<Duration> {
     // A gRPC caller's `grpc-timeout` bounds the request too, capped by the route
     // timeout when there is one (Istio's `max_grpc_timeout`, VS-42).
-    let timeout = match (timeout, grpc_timeout(req)) {
+    match (route, grpc) {
         (Some(route), Some(grpc)) => Some(route.min(grpc)),
         (route, grpc) => route.or(grpc),
-    }?;
+    }
+}
+
+/// The deadline `timeout` from now of a request bounded so far by `outer`: the earlier
+/// of the two. Also the instant now.
+#[inline]
+pub(crate) fn request_deadline(
+    timeout: Duration,
+    outer: Option<RequestDeadline>,
+) -> (RequestDeadline, Instant) {
     let now = Instant::now();
-    let mut deadlines = CallDeadlines::of(req);
-    let deadline = match deadlines.request {
+    let deadline = match outer {
         // The request is already bounded more tightly: keep that deadline.
         Some(outer) if outer.at <= now + timeout => outer,
         _ => RequestDeadline {
@@ -315,22 +353,32 @@ pub(crate) fn deadlines_for<B>(
             timeout,
         },
     };
-    deadlines.request = Some(deadline);
-    Some((deadlines, deadline.at, now))
+    (deadline, now)
 }
 
 /// The `grpc-timeout` of a gRPC request (`content-type: application/grpc…`): an
 /// integer of at most eight digits and a unit, `H`, `M`, `S`, `m`, `u` or `n` (gRPC over
 /// HTTP/2). Absent or malformed: `None`, as Envoy ignores a malformed header.
 pub fn grpc_timeout<B>(req: &http::Request<B>) -> Option<Duration> {
-    let grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc {
+    let headers = req.headers();
+    let content_type = headers.get(http::header::CONTENT_TYPE)?;
+    if !is_grpc(content_type) {
         return None;
     }
-    let value = req.headers().get("grpc-timeout")?.as_bytes();
+    parse_grpc_timeout(headers.get(GRPC_TIMEOUT)?)
+}
+
+/// The name of gRPC's deadline header.
+pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// Whether a `content-type` is gRPC's (`application/grpc`, `application/grpc+proto`, ...).
+pub(crate) fn is_grpc(content_type: &http::HeaderValue) -> bool {
+    content_type.as_bytes().starts_with(b"application/grpc")
+}
+
+/// The duration of a `grpc-timeout` value; `None` when malformed.
+pub(crate) fn parse_grpc_timeout(value: &http::HeaderValue) -> Option<Duration> {
+    let value = value.as_bytes();
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

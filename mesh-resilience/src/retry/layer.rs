@@ -6,14 +6,13 @@ use std::task::{Context, Poll};
 
 use http::HeaderValue;
 use mesh_core::{BoxBody, BoxError};
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
+use rand::RngCore;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::ATTEMPT_COUNT;
 use super::budget::{ConcurrentRetryBudget, RetryBudget};
-use super::future::{Attempts, ResponseFuture, RetryLimit};
+use super::future::{Attempts, ResponseFuture, RetryLimit, Shared};
 use super::policy::RetryPolicy;
 use crate::deadline::{self, DeadlineLayer};
 use crate::limit::RetryGate;
@@ -74,7 +73,8 @@ impl RetryLayer {
         self
     }
 
-    /// Fixes the back-off jitter's random generator (tests, benches).
+    /// Fixes the seed of the back-off jitter (tests, benches): the waits of the n-th
+    /// request through the service are then always the same.
     #[must_use]
     pub fn with_rng_seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -94,12 +94,15 @@ impl<S> Layer<S> for RetryLayer {
         let seed = self.seed.unwrap_or_else(|| rand::rng().next_u64());
         Retry {
             inner,
-            policy: self.policy.clone(),
-            budget: self.budget.clone(),
-            gate: self.gate.clone(),
+            shared: Arc::new(Shared {
+                policy: (*self.policy).clone(),
+                budget: self.budget.clone(),
+                gate: self.gate.clone(),
+            }),
             seed,
             clones: Arc::new(AtomicU64::new(1)),
-            rng: SmallRng::seed_from_u64(seed),
+            stream: seed,
+            requests: 0,
             deadline: self.deadline.map(|d| d.timeout()),
         }
     }
@@ -109,30 +112,31 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Debug)]
 pub struct Retry<S> {
     inner: S,
-    policy: Arc<RetryPolicy>,
-    budget: Option<Arc<RetryBudget>>,
-    gate: Option<RetryLimit>,
+    /// The policy and the limits, shared with every request's future.
+    shared: Arc<Shared>,
     seed: u64,
-    /// Seeds each clone's generator, so clones never share a jitter sequence.
+    /// Numbers the clones, so clones never share a jitter sequence.
     clones: Arc<AtomicU64>,
-    rng: SmallRng,
+    /// This clone's jitter seed: each request's is drawn from it and the request's
+    /// number, only when the request is retried.
+    stream: u64,
+    requests: u64,
     /// The route timeout applied here (`Some(None)`: only a `grpc-timeout`), when the
     /// layer was given one with [`RetryLayer::with_deadline`].
     deadline: Option<Option<std::time::Duration>>,
 }
 
 impl<S: Clone> Clone for Retry<S> {
-    /// The clone gets its own, reseeded random generator.
+    /// The clone gets its own jitter seed.
     fn clone(&self) -> Self {
         let n = self.clones.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: self.inner.clone(),
-            policy: self.policy.clone(),
-            budget: self.budget.clone(),
-            gate: self.gate.clone(),
+            shared: self.shared.clone(),
             seed: self.seed,
             clones: self.clones.clone(),
-            rng: SmallRng::seed_from_u64(crate::mix_seed(self.seed, n)),
+            stream: crate::mix_seed(self.seed, n),
+            requests: 0,
             deadline: self.deadline,
         }
     }
@@ -152,12 +156,13 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<BoxBody>) -> Self::Future {
-        // The route's deadline, when this layer applies it.
-        let bounded = self
-            .deadline
-            .and_then(|timeout| deadline::deadlines_for(timeout, &req));
-        if !self.policy.is_enabled() {
-            if self.policy.include_attempt_count {
+        let policy = &self.shared.policy;
+        if !policy.is_enabled() {
+            // The route's deadline, when this layer applies it.
+            let bounded = self
+                .deadline
+                .and_then(|timeout| deadline::deadlines_for(timeout, &req));
+            if policy.include_attempt_count {
                 req.headers_mut()
                     .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
             }
@@ -173,22 +178,26 @@ where
             };
             return ResponseFuture::Passthrough { fut };
         }
-        if let Some(budget) = &self.budget {
+        if let Some(budget) = &self.shared.budget {
             budget.deposit();
         }
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::Retrying {
-            inner: Attempts::new(
-                service,
-                req,
-                self.policy.clone(),
-                self.budget.clone(),
-                self.gate.clone(),
-                self.rng.next_u64(),
-                bounded.and_then(|(d, _, now)| Some((d.request?, now))),
-            ),
+        self.requests = self.requests.wrapping_add(1);
+        let seed = (self.stream, self.requests);
+        let mut attempts = Attempts::new(service, self.shared.clone(), seed);
+        match attempts.start(&mut req, self.deadline) {
+            // Called here, so the request goes to the inner service without a move.
+            Some(deadlines) => {
+                let call = {
+                    let _current = deadlines.enter();
+                    attempts.service().call(req)
+                };
+                attempts.set_call(call);
+            }
+            None => attempts.read_first(req),
         }
+        ResponseFuture::Retrying { inner: attempts }
     }
 }

@@ -21,18 +21,26 @@
 //!   so the balancer inside enforces them and charges the endpoint that timed out; the
 //!   contract and its limit (a layer that defers `call` to another task) are in
 //!   [`deadline`](crate::deadline).
-//! - Back-off is fully jittered exponential ([`Backoff`], VS-59).
+//! - Back-off is fully jittered exponential ([`Backoff`], VS-59). A request's jitter is
+//!   drawn from the service's seed (reseeded per clone) and the request's number there,
+//!   mixed only when a retry actually waits.
 //! - When retries are exhausted the caller gets the last upstream response with flag
 //!   `URX` (VS-62), or the last error wrapped in [`RetriesExhausted`].
 //! - The first attempt is called from this layer's `call` (the inner service is ready
-//!   then) with the caller's own request head, unless the body must be read first. A
-//!   copy of the head is kept for later attempts only when the body is replayable: the
-//!   header names and values as raw bytes, with method, URI and extensions, in storage
-//!   from a per-thread pool; names and values are rebuilt only when a retry is sent.
-//!   Copying bytes rather than cloning matters: the first clone of a name or value
-//!   parsed off the wire makes the `bytes` crate share its bytes, one allocation each.
-//!   A bodiless request answered at once thus costs no allocation in this layer, with or
-//!   without a deadline; only a request's own extensions, when it has any, are cloned.
+//!   then) with the caller's own request, unless the body must be read first. A copy of
+//!   the head is kept for later attempts only when the body is replayable: the header
+//!   names and values as raw bytes, with method, URI and extensions; names and values
+//!   are rebuilt only when a retry is sent. Copying bytes rather than cloning matters:
+//!   the first clone of a name or value parsed off the wire makes the `bytes` crate
+//!   share its bytes, one allocation each. The walk over the headers that copies them
+//!   also notes `content-type` and `grpc-timeout`, so the deadline of a bodiless
+//!   request needs no lookup of its own (VS-42). The copy, the body kept for replay,
+//!   the timer, the hosts tried and a retry's place under its limit, all of which
+//!   matter only once an attempt waits or is retried, live in storage taken from a
+//!   per-thread pool and given back when the request ends: the future itself holds the
+//!   attempt in flight and a few words, and is cheap to move. A bodiless request
+//!   answered at once thus costs no allocation in this layer, with or without a
+//!   deadline; only a request's own extensions, when it has any, are cloned.
 //! - Request bodies are buffered eagerly up to
 //!   [`replay_limit`](RetryPolicy::replay_limit) (64 KiB); larger bodies go once,
 //!   unretried (VS-67).

@@ -12,8 +12,9 @@ use super::backoff::Backoff;
 /// Default cap on the request body kept for replay (Linkerd's and our default: 64 KiB).
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
-/// Envoy's header marking a response rate-limited by an Envoy.
-const RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+/// Envoy's header marking a response rate-limited by an Envoy (a static, so looking it
+/// up makes no temporary name).
+static RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 
 /// Istio's default `retryOn` (VS-51): no HTTP status is retried.
 pub const ISTIO_DEFAULT_RETRY_ON: &str =
@@ -137,6 +138,7 @@ impl RetryOn {
         self
     }
 
+    #[inline]
     fn any(&self, conditions: u32) -> bool {
         self.conditions & conditions != 0
     }
@@ -154,23 +156,7 @@ impl RetryOn {
             Outcome::Response {
                 status,
                 grpc_status,
-            } => {
-                let has = |name: &HeaderName| headers.is_some_and(|h| h.contains_key(name));
-                let rate_limited = || has(&RATELIMITED);
-                if self.any(Self::ENVOY_RATELIMITED) && rate_limited() {
-                    return true;
-                }
-                let matched = (self.any(Self::FIVE_XX) && (500..600).contains(&status))
-                    || (self.any(Self::GATEWAY_ERROR) && matches!(status, 502..=504))
-                    || (self.any(Self::RETRIABLE_4XX) && status == 409)
-                    || (self.any(Self::RETRIABLE_STATUS_CODES)
-                        && self.status_codes.contains(&status))
-                    || (self.any(Self::RETRIABLE_HEADERS) && retriable_headers.iter().any(has))
-                    || grpc_status.is_some_and(|g| self.matches_grpc(g));
-                // A rate-limited response is retried only under `envoy-ratelimited`; the
-                // header is looked up only when something else would retry.
-                matched && !rate_limited()
-            }
+            } => self.matches_response(status, grpc_status, headers, retriable_headers),
             // A per-try timeout is a local reset: only `5xx`, `gateway-error` and `reset`
             // retry it (VS-57).
             Outcome::PerTryTimeout => self.any(Self::FIVE_XX | Self::GATEWAY_ERROR | Self::RESET),
@@ -195,6 +181,50 @@ impl RetryOn {
             | Outcome::NoHealthyUpstream
             | Outcome::LocalError => false,
         }
+    }
+
+    /// [`matches`](Self::matches) for a response.
+    #[inline]
+    pub(crate) fn matches_response(
+        &self,
+        status: u16,
+        grpc_status: Option<u16>,
+        headers: Option<&http::HeaderMap>,
+        retriable_headers: &[HeaderName],
+    ) -> bool {
+        let has = |name: &HeaderName| headers.is_some_and(|h| h.contains_key(name));
+        let matched = self.matches_status(status)
+            || (self.any(Self::RETRIABLE_HEADERS) && retriable_headers.iter().any(has))
+            || grpc_status.is_some_and(|g| self.matches_grpc(g));
+        // A rate-limited response is retried under `envoy-ratelimited`, and under no
+        // other condition; the header is looked up only when it can change the answer.
+        if !matched && !self.any(Self::ENVOY_RATELIMITED) {
+            return false;
+        }
+        if has(&RATELIMITED) {
+            self.any(Self::ENVOY_RATELIMITED)
+        } else {
+            matched
+        }
+    }
+
+    /// Whether a response status alone matches (`5xx`, `gateway-error`, `retriable-4xx`,
+    /// `retriable-status-codes`).
+    #[inline]
+    fn matches_status(&self, status: u16) -> bool {
+        let listed = || {
+            self.any(Self::RETRIABLE_STATUS_CODES)
+                && !self.status_codes.is_empty()
+                && self.status_codes.contains(&status)
+        };
+        if status < 409 {
+            // Only a listed code can match (the usual answer: a 2xx).
+            return listed();
+        }
+        (self.any(Self::FIVE_XX) && (500..600).contains(&status))
+            || (self.any(Self::GATEWAY_ERROR) && matches!(status, 502..=504))
+            || (self.any(Self::RETRIABLE_4XX) && status == 409)
+            || listed()
     }
 
     fn matches_grpc(&self, grpc_status: u16) -> bool {
@@ -351,7 +381,21 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether a response should be retried (attempts left aside): `should_retry` of its
+    /// outcome, `grpc_status` read from its headers.
+    #[inline]
+    pub(crate) fn should_retry_response(
+        &self,
+        status: u16,
+        grpc_status: Option<u16>,
+        headers: &http::HeaderMap,
+    ) -> bool {
+        self.retry_on
+            .matches_response(status, grpc_status, Some(headers), &self.retriable_headers)
+    }
+
     /// Whether an attempt ending in `outcome` should be retried (attempts left aside).
+    #[inline]
     pub fn should_retry(&self, outcome: &Outcome, headers: Option<&http::HeaderMap>) -> bool {
         self.retry_on
             .matches(outcome, headers, &self.retriable_headers)
@@ -509,6 +553,96 @@ mod tests {
         assert!(!on("5xx").matches(&resp(503), Some(&h), &[]));
         assert!(on("envoy-ratelimited").matches(&resp(429), Some(&h), &[]));
         assert!(!on("envoy-ratelimited").matches(&resp(429), None, &[]));
+    }
+
+    /// Envoy's rule for a response, written plainly: rate-limited responses are retried
+    /// under `envoy-ratelimited` and under nothing else; others under any matching
+    /// condition.
+    fn reference(
+        r: &RetryOn,
+        o: &Outcome,
+        h: Option<&http::HeaderMap>,
+        names: &[HeaderName],
+    ) -> bool {
+        let Outcome::Response {
+            status,
+            grpc_status,
+        } = *o
+        else {
+            unreachable!("responses only");
+        };
+        let has = |n: &HeaderName| h.is_some_and(|h| h.contains_key(n));
+        if has(&RATELIMITED) {
+            return r.contains(RetryOn::ENVOY_RATELIMITED);
+        }
+        (r.contains(RetryOn::FIVE_XX) && (500..600).contains(&status))
+            || (r.contains(RetryOn::GATEWAY_ERROR) && (502..=504).contains(&status))
+            || (r.contains(RetryOn::RETRIABLE_4XX) && status == 409)
+            || (r.contains(RetryOn::RETRIABLE_STATUS_CODES) && r.status_codes().contains(&status))
+            || (r.contains(RetryOn::RETRIABLE_HEADERS) && names.iter().any(has))
+            || grpc_status.is_some_and(|g| r.matches_grpc(g))
+    }
+
+    #[test]
+    fn responses_match_exactly_as_envoys_rule_for_every_combination() {
+        let names = [HeaderName::from_static("x-retry-me")];
+        let mut limited = http::HeaderMap::new();
+        limited.insert("x-envoy-ratelimited", "true".parse().unwrap());
+        let mut flagged = http::HeaderMap::new();
+        flagged.insert("x-retry-me", "1".parse().unwrap());
+        let mut both = limited.clone();
+        both.insert("x-retry-me", "1".parse().unwrap());
+        let heads = [
+            None,
+            Some(http::HeaderMap::new()),
+            Some(limited),
+            Some(flagged),
+            Some(both),
+        ];
+        let statuses = [200, 204, 409, 429, 500, 502, 503, 504, 599];
+        let grpc = [None, Some(0), Some(1), Some(4), Some(8), Some(13), Some(14)];
+        // The conditions a response can meet (the others concern errors only).
+        let relevant = [
+            RetryOn::FIVE_XX,
+            RetryOn::GATEWAY_ERROR,
+            RetryOn::RETRIABLE_4XX,
+            RetryOn::RETRIABLE_STATUS_CODES,
+            RetryOn::RETRIABLE_HEADERS,
+            RetryOn::ENVOY_RATELIMITED,
+            RetryOn::GRPC_CANCELLED,
+            RetryOn::GRPC_UNAVAILABLE,
+            RetryOn::GRPC_INTERNAL,
+        ];
+        let mut compared = 0;
+        // Every subset of them, with and without retriable codes.
+        for subset in 0u32..(1 << relevant.len()) {
+            let conditions = (0..relevant.len())
+                .filter(|i| subset & (1 << i) != 0)
+                .fold(RetryOn::RESET, |c, i| c | relevant[i]);
+            for codes in [&[][..], &[200, 503][..]] {
+                let r = RetryOn {
+                    conditions,
+                    status_codes: codes.to_vec(),
+                };
+                for h in &heads {
+                    for status in statuses {
+                        for grpc_status in grpc {
+                            let o = Outcome::Response {
+                                status,
+                                grpc_status,
+                            };
+                            assert_eq!(
+                                r.matches(&o, h.as_ref(), &names),
+                                reference(&r, &o, h.as_ref(), &names),
+                                "{r} {status} {grpc_status:?} {h:?}"
+                            );
+                            compared += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(compared > 100_000);
     }
 
     #[test]

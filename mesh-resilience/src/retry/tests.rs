@@ -829,6 +829,100 @@ async fn the_retry_layer_applies_grpc_timeout_like_the_deadline_layer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_retry_layer_applies_grpc_timeout_to_a_request_with_a_body_too() {
+    // A body is read before the first attempt: the deadline comes from looking the
+    // headers up, not from the walk of a copy made at once.
+    for (body, retry) in [
+        ("payload", RetryPolicy::istio_default()),
+        ("payload", RetryPolicy::istio_default().replay_limit(3)),
+        ("", RetryPolicy::istio_default()),
+    ] {
+        let balance = hanging_balance();
+        let svc = route_stack(true, None, RetryLayer::new(retry), balance.clone());
+        let mut req = http::Request::new(mesh_core::body::full(body));
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc+proto"),
+        );
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+        let err = fails_after(svc, req, Duration::from_millis(250)).await;
+        assert!(is_caused_by::<DeadlineExceeded>(err.as_ref()), "{body:?}");
+        charged_by_the_balancer(&balance, &err);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_timeout_is_ignored_on_a_request_that_is_not_grpc() {
+    let balance = hanging_balance();
+    let mut svc = RetryLayer::new(RetryPolicy::istio_default())
+        .with_deadline(DeadlineLayer::new(None))
+        .layer(balance.clone());
+    let mut req = get();
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+    futures_util::future::poll_fn(|cx| tower::Service::poll_ready(&mut svc, cx))
+        .await
+        .unwrap();
+    let mut fut = tokio_test::task::spawn(tower::Service::call(&mut svc, req));
+    assert_pending!(fut.poll());
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_pending!(fut.poll());
+    assert_eq!(balance.in_flight(UPSTREAM), 1, "still waiting, unbounded");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_incoming_attempt_count_is_replaced_where_the_caller_put_it() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = service_fn(move |req: http::Request<BoxBody>| {
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        record.lock().unwrap().push(headers);
+        let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let status = if n < 2 { 503 } else { 200 };
+        let res = http::Response::builder().status(status).body(()).unwrap();
+        std::future::ready(Ok::<_, BoxError>(res))
+    });
+    for fold in [false, true] {
+        seen.lock().unwrap().clear();
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        let svc = route_stack(
+            fold,
+            Some(Duration::from_secs(5)),
+            RetryLayer::new(policy(2, "503")).with_rng_seed(1),
+            svc.clone(),
+        );
+        let mut req = get();
+        req.headers_mut()
+            .insert("x-a", http::HeaderValue::from_static("1"));
+        req.headers_mut()
+            .append(ATTEMPT_COUNT, http::HeaderValue::from_static("7"));
+        req.headers_mut()
+            .append(ATTEMPT_COUNT, http::HeaderValue::from_static("8"));
+        req.headers_mut()
+            .insert("x-b", http::HeaderValue::from_static("2"));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let pairs = |n: &str| {
+            [("x-a", "1"), ("x-envoy-attempt-count", n), ("x-b", "2")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .to_vec()
+        };
+        assert_eq!(*seen.lock().unwrap(), [pairs("1"), pairs("2"), pairs("3")]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retry_layer_without_a_route_timeout_sets_no_deadline() {
     use tower::Service;
     for retry in [RetryPolicy::disabled(), RetryPolicy::istio_default()] {
