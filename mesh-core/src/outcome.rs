@@ -46,8 +46,9 @@ pub enum Outcome {
 
 /// The `grpc-status` of a response's headers or trailers, when present and numeric.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
-    // A `HeaderName` key is hashed as it is; a `&str` would be parsed first.
-    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    // A `HeaderName` key is hashed as it is; a `&str` would be parsed first. A `static`,
+    // as a `const` would build and drop a temporary name at each use.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
         .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())

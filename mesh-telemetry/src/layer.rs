@@ -95,7 +95,7 @@ use arc_swap::ArcSwapOption;
 
 /// `x-envoy-upstream-service-time`, looked up by a constant name (a `&str` is parsed
 /// first).
-const UPSTREAM_SERVICE_TIME: http::HeaderName =
+static UPSTREAM_SERVICE_TIME: http::HeaderName =
     http::HeaderName::from_static("x-envoy-upstream-service-time");
 
 struct Shared {
