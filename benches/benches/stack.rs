@@ -18,17 +18,13 @@
 
 use std::time::Duration;
 
-use benches::stack::{SCENARIOS, request, world};
+use benches::stack::{SCENARIOS, request, start};
 use criterion::Criterion;
 
 fn main() {
     // `cargo bench` adds `--bench`; `cargo test` runs the binary without it.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let w = rt.block_on(world());
+    let (rt, w) = start();
     if args.first().map(String::as_str) == Some("requests") {
         let name = args.get(1).map_or("inbound", String::as_str);
         let n: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000);

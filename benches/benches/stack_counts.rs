@@ -12,15 +12,11 @@
 
 use std::time::Duration;
 
-use benches::stack::{SCENARIOS, request, world};
+use benches::stack::{SCENARIOS, request, start};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let w = rt.block_on(world());
+    let (rt, w) = start();
     if args.first().map(String::as_str) == Some("allocations") {
         let n: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(2000);
         println!(

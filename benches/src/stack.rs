@@ -82,6 +82,17 @@ fn noop() -> impl tower::Service<
     service_fn(|_req: Request<BoxBody>| async { Ok(Response::new(body::full("paid"))) })
 }
 
+/// A current-thread runtime (a request's work, both stacks and their connection tasks,
+/// all on the calling thread) with [`world`] built on it.
+pub fn start() -> (tokio::runtime::Runtime, World) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let w = rt.block_on(world());
+    (rt, w)
+}
+
 /// Builds both meshes from the article's policy; payment-service listens on loopback.
 pub async fn world() -> World {
     let dir = tempfile::tempdir().expect("tempdir");
