@@ -42,6 +42,23 @@ fn request() -> http::Request<BoxBody> {
     req
 }
 
+/// Times one request through `svc`: readiness, then the call, polled to its answer.
+fn bench_success<S>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut svc: S,
+) where
+    S: Service<http::Request<BoxBody>, Response = http::Response<()>>,
+    S::Error: std::fmt::Debug,
+{
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            now(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
+            black_box(now(svc.call(request())).expect("ok"))
+        })
+    });
+}
+
 fn success_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -49,56 +66,35 @@ fn success_path(c: &mut Criterion) {
         .expect("runtime");
     let _guard = rt.enter();
     let mut g = c.benchmark_group("resilience/success_path");
+    let retry = |policy: RetryPolicy| RetryLayer::new(policy).with_rng_seed(1);
+    let per_try = || RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(2)));
+    let route_timeout = || DeadlineLayer::new(Some(Duration::from_secs(5)));
 
-    let mut bare = ok_service();
-    g.bench_function("bare", |b| {
-        b.iter(|| {
-            now(std::future::poll_fn(|cx| bare.poll_ready(cx))).expect("ready");
-            black_box(now(bare.call(request())).expect("ok"))
-        })
-    });
-
-    let mut deadline = DeadlineLayer::new(Some(Duration::from_secs(5))).layer(ok_service());
-    g.bench_function("deadline", |b| {
-        b.iter(|| {
-            now(std::future::poll_fn(|cx| deadline.poll_ready(cx))).expect("ready");
-            black_box(now(deadline.call(request())).expect("ok"))
-        })
-    });
-
-    let mut retry = RetryLayer::new(RetryPolicy::istio_default())
-        .with_rng_seed(1)
-        .layer(ok_service());
-    g.bench_function("retry", |b| {
-        b.iter(|| {
-            now(std::future::poll_fn(|cx| retry.poll_ready(cx))).expect("ready");
-            black_box(now(retry.call(request())).expect("ok"))
-        })
-    });
-
-    let mut both = DeadlineLayer::new(Some(Duration::from_secs(5))).layer(
-        RetryLayer::new(RetryPolicy::istio_default().per_try_timeout(Some(Duration::from_secs(2))))
-            .with_rng_seed(1)
+    bench_success(&mut g, "bare", ok_service());
+    bench_success(&mut g, "deadline", route_timeout().layer(ok_service()));
+    bench_success(
+        &mut g,
+        "retry",
+        retry(RetryPolicy::istio_default()).layer(ok_service()),
+    );
+    bench_success(
+        &mut g,
+        "deadline+retry",
+        route_timeout().layer(retry(per_try()).layer(ok_service())),
+    );
+    // The route stack as the proxy composes it: the retry layer applies the deadline.
+    bench_success(
+        &mut g,
+        "retry with deadline",
+        retry(per_try())
+            .with_deadline(route_timeout())
             .layer(ok_service()),
     );
-    g.bench_function("deadline+retry", |b| {
-        b.iter(|| {
-            now(std::future::poll_fn(|cx| both.poll_ready(cx))).expect("ready");
-            black_box(now(both.call(request())).expect("ok"))
-        })
-    });
-
-    let mut disabled = DeadlineLayer::new(None).layer(
-        RetryLayer::new(RetryPolicy::disabled())
-            .with_rng_seed(1)
-            .layer(ok_service()),
+    bench_success(
+        &mut g,
+        "deadline+retry disabled",
+        DeadlineLayer::new(None).layer(retry(RetryPolicy::disabled()).layer(ok_service())),
     );
-    g.bench_function("deadline+retry disabled", |b| {
-        b.iter(|| {
-            now(std::future::poll_fn(|cx| disabled.poll_ready(cx))).expect("ready");
-            black_box(now(disabled.call(request())).expect("ok"))
-        })
-    });
     g.finish();
 }
 
