@@ -49,6 +49,10 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
     // A `HeaderName` key is hashed as it is; a `&str` would be parsed first. A `static`,
     // as a `const` would build and drop a temporary name at each use.
     static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    if headers.is_empty() {
+        // `get` hashes the name before it finds the map empty.
+        return None;
+    }
     headers
         .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())

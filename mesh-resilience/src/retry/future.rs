@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use mesh_core::error::{DeadlineExceeded, PerTryTimeout};
 use mesh_core::extensions::add_response_flags;
 use mesh_core::{BoxBody, BoxError, Outcome, ResponseFlags, UpstreamHost, find_cause};
@@ -686,19 +686,10 @@ where
 /// Whether retryOn asks for a retry of `result` (attempts, body and limits aside).
 #[inline]
 fn wants_retry<RB>(policy: &RetryPolicy, result: &Result<http::Response<RB>, BoxError>) -> bool {
-    /// A static, so looking it up makes no temporary name.
-    static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
     match result {
         Ok(res) => {
             let headers = res.headers();
-            // Most responses carry no `grpc-status` (a gRPC response sends it in its
-            // trailers unless it is trailers-only): then the status alone classifies it.
-            // A response without headers (an in-process service's) is not even looked in.
-            let grpc_status = if !headers.is_empty() && headers.contains_key(&GRPC_STATUS) {
-                mesh_core::outcome::grpc_status(headers)
-            } else {
-                None
-            };
+            let grpc_status = mesh_core::outcome::grpc_status(headers);
             policy.should_retry_response(res.status().as_u16(), grpc_status, headers)
         }
         Err(e) => policy.should_retry(&Outcome::from_error(e), None),
